@@ -1,0 +1,275 @@
+"""Make the embedded default world: a seeded, deterministic local-service market.
+
+    querytune world make --out runs/world [--seed 0]
+
+Writes catalog.parquet, log.parquet, seed.jsonl, dev.jsonl, test.jsonl, stats.json and audit/ (hidden
+needs and the seed's label errors, for analysis only: no training stage reads audit/). The same seed gives
+byte-identical folders. Every column is documented in the README ("The world").
+
+The log: each row is a user (city, timestamp) typing a query for a hidden need. 62% of rows come from a
+pool of popular queries with Zipf popularity (the head: short, clean), the rest are fresh needs rendered
+with the full range of phrasings and typos (the tail). The logging ranker that chose the shown results is
+the legacy lexical system: BM25 over business texts (bm25s) in the user's city, or in a city whose name or
+alias appears as words in the query, plus 0.15 x rating; it never sees the need. Clicks follow a
+position-biased cascade: position i (0-based) is examined with probability 1/(i+1)^0.7; an examined result
+is clicked with probability 0.55 if it satisfies the need (grade 2), 0.2 if it nearly does (grade 1), 0.07
+otherwise; after a satisfying click the user stops with probability 0.6.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import bm25s
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from querytune.schema import load_schema, normalize_text
+from querytune.world.catalog import hours_array, make_catalog
+from querytune.world.queries import graded_relevance, named_need, render, sample_need
+from querytune.world.vocab import ATTRIBUTES, CITIES
+
+START = datetime(2026, 8, 31)  # a Monday
+DAYS_LOGGED, EARLY_DAYS = 56, 42  # 8 weeks; the first 6 are the "early" part that training reads
+HEAD_SHARE, POOL_SIZE, ZIPF_S = 0.62, 6000, 0.9
+SEED_ROWS, EVAL_ROWS, SEED_ERROR_RATE = 2000, 1200, 0.07
+EXAMINE_POWER, CLICK_P, STOP_P = 0.7, {2: 0.55, 1: 0.2, 0: 0.07}, 0.6
+
+
+def catalog_arrays(catalog: pd.DataFrame) -> dict:
+    cat = {c: catalog[c].to_numpy() for c in ("category", "neighborhood", "price_level", "rating", "city")}
+    cat["cuisine"] = catalog["cuisine"].fillna("").to_numpy()
+    cat["name_lower"] = catalog["name"].str.lower().to_numpy()
+    cat["hours"] = hours_array(catalog["hours"])
+    for a in ATTRIBUTES:
+        cat[a] = catalog[a].to_numpy(dtype=bool)
+    return cat
+
+
+class LoggingRanker:
+    """The legacy ranker whose results the log shows: BM25 in one city + a small rating prior."""
+
+    def __init__(self, catalog: pd.DataFrame, city_rows: dict):
+        self.bm25 = bm25s.BM25()
+        self.bm25.index(bm25s.tokenize(catalog["text"].tolist(), stopwords="en", show_progress=False), show_progress=False)
+        self.city_rows, self.rating = city_rows, catalog["rating"].to_numpy()
+        self.gazetteer = sorted(((f" {n} ", c) for c, (_, _, al) in CITIES.items() for n in [c, *al]), key=lambda x: -len(x[0]))
+        self.cache: dict = {}
+
+    def city_of(self, norm_query: str, user_city: str) -> str:
+        padded = f" {norm_query} "
+        for name, city in self.gazetteer:
+            if name in padded:
+                return city
+        return user_city
+
+    def shown(self, norm_query: str, user_city: str, k: int = 10) -> np.ndarray:
+        city = self.city_of(norm_query, user_city)
+        key = (norm_query, city)
+        if key not in self.cache:
+            idx = self.city_rows[city]
+            tokens = bm25s.tokenize([norm_query], stopwords="en", show_progress=False, return_ids=False)[0]
+            scores = self.bm25.get_scores(tokens)[idx] + 0.15 * self.rating[idx] if tokens else 0.15 * self.rating[idx]
+            order = np.lexsort((idx, -scores))[:k]
+            self.cache[key] = idx[order]
+        return self.cache[key]
+
+
+def _clicks(rng: random.Random, shown: np.ndarray, rel: dict[int, int]) -> list[int]:
+    out = []
+    for pos, b in enumerate(shown):
+        if rng.random() < 1.0 / (pos + 1) ** EXAMINE_POWER:
+            grade = rel.get(int(b), 0)
+            if rng.random() < CLICK_P[grade]:
+                out.append(int(b))
+                if grade == 2 and rng.random() < STOP_P:
+                    break
+    return out
+
+
+def _context(rng: random.Random, cities: list[str], weights: list[float]) -> tuple[str, datetime]:
+    city = rng.choices(cities, weights)[0]
+    day = rng.randrange(DAYS_LOGGED)
+    hour = rng.choices(range(24), [1, 0.6, 0.4, 0.3, 0.3, 0.5, 1, 2, 3, 3, 3, 4, 6, 5, 4, 4, 5, 7, 8, 8, 6, 4, 3, 2])[0]
+    return city, START + timedelta(days=day, hours=hour, minutes=rng.randrange(60))
+
+
+def make_world(out: str | Path, seed: int = 0, rows: int = 120_000, progress=None) -> dict:
+    """Build the world into `out` and return its stats. `progress(description)` is called per phase."""
+    out = Path(out)
+    (out / "audit").mkdir(parents=True, exist_ok=True)
+    say = progress or (lambda _msg: None)
+    schema = load_schema()
+    rng = random.Random(seed)
+    say("catalog")
+    catalog = make_catalog(np.random.default_rng(seed))
+    cat = catalog_arrays(catalog)
+    city_rows = {c: np.flatnonzero(cat["city"] == c) for c in CITIES}
+    by_city = {c: catalog.iloc[city_rows[c]][["name", "city", "neighborhood"]].to_dict("records") for c in CITIES}
+    cities, weights = list(CITIES), [CITIES[c][0] for c in CITIES]
+
+    def need_for(user_city: str, simple: bool) -> dict:
+        need = sample_need(rng, user_city, (0.55, 0.3, 0.12, 0.03) if simple else (0.3, 0.35, 0.23, 0.12))
+        if need["intent"] == "find_named_business":
+            home = user_city if rng.random() < 0.8 else rng.choices(cities, weights)[0]
+            need = named_need(rng, user_city, by_city[home][rng.randrange(len(by_city[home]))])
+        return need
+
+    say("popular queries")
+    # Popularity rank = how often the need prior produces a text (then Zipf): the head is what many people want.
+    pool: dict[str, list] = {}
+    while len(pool) < POOL_SIZE:
+        need = need_for(rng.choices(cities, weights)[0], simple=True)
+        if need["intent"] == "find_named_business" and "city" not in need["slots"]:
+            continue  # a popular named query without a city would mean different businesses per user
+        r = render(rng, need, seed_style=rng.random() < 0.5)
+        entry = pool.setdefault(normalize_text(r.text), [need, r, 0])
+        entry[2] += 0.05 if need["intent"] == "out_of_scope" else 1  # a local search box sees few of these
+    pool_items = sorted(pool.values(), key=lambda e: (-e[2], len(e[0]["slots"]), len(e[1].text)))
+    pool_items = [(need, r) for need, r, _ in pool_items]
+    zipf = 1.0 / np.arange(1, len(pool_items) + 1) ** ZIPF_S
+    zipf_cum = list(np.cumsum(zipf / zipf.sum()))
+
+    say("query log")
+    ranker = LoggingRanker(catalog, city_rows)
+    log, needs_audit, rels = [], [], []
+    ids = catalog["business_id"].to_numpy()
+    for i in range(rows):
+        user_city, ts = _context(rng, cities, weights)
+        if rng.random() < HEAD_SHARE:
+            need, r = pool_items[min(int(np.searchsorted(zipf_cum, rng.random())), len(pool_items) - 1)]
+        else:
+            need = need_for(user_city, simple=False)
+            r = render(rng, need, seed_style=rng.random() < 0.15, noise=0.3)
+        rel = graded_relevance(need, cat, city_rows, user_city, ts.weekday(), ts.hour * 60 + ts.minute)
+        shown = ranker.shown(normalize_text(r.text), user_city) if need["intent"] != "out_of_scope" or rng.random() < 0.5 else np.array([], dtype=int)
+        clicked = _clicks(rng, shown, rel)
+        qid = f"q{i:06d}"
+        log.append({"query_id": qid, "timestamp": ts, "user_city": user_city, "query": r.text,
+                    "shown": [str(ids[b]) for b in shown], "clicked": [str(ids[b]) for b in clicked],
+                    "period": "early" if ts < START + timedelta(days=EARLY_DAYS) else "late"})
+        needs_audit.append({"query_id": qid, "intent": need["intent"], "slots": json.dumps(need["slots"], sort_keys=True),
+                            "phrasing": r.family, "phrasing_in_seed": r.covered,
+                            "satisfying_clicks": sum(rel.get(int(b), 0) == 2 for b in clicked)})
+        rels.append(rel)
+    log_df = pd.DataFrame(log).sort_values(["timestamp", "query_id"], kind="stable").reset_index(drop=True)
+    audit_df = pd.DataFrame(needs_audit).set_index("query_id").loc[log_df["query_id"]].reset_index()
+    rels = [rels[int(q[1:])] for q in log_df["query_id"]]
+
+    say("labeled sets")
+    norm = log_df["query"].map(normalize_text)
+    freq = norm.value_counts()
+    order = freq.sort_values(ascending=False, kind="stable")
+    cum = order.cumsum() / order.sum()
+    bucket = pd.Series(np.where(cum <= 1 / 3, "head", np.where(cum <= 2 / 3, "torso", "tail")), index=order.index)
+    early_texts = set(norm[log_df["period"] == "early"])
+
+    def labeled_row(j: int) -> dict:
+        row, a = log_df.iloc[j], audit_df.iloc[j]
+        return {"id": row["query_id"], "text": row["query"], "intent": a["intent"], "slots": json.loads(a["slots"]),
+                "timestamp": row["timestamp"].isoformat(), "user_city": row["user_city"]}
+
+    early_idx = np.flatnonzero((log_df["period"] == "early").to_numpy())
+    late_idx = np.flatnonzero((log_df["period"] == "late").to_numpy())
+    seed_rows, seen = [], set()
+    for j in random.Random(seed + 1).sample(list(early_idx), len(early_idx)):
+        if audit_df.at[j, "phrasing_in_seed"] and norm.iat[j] not in seen and len(seed_rows) < SEED_ROWS:
+            seen.add(norm.iat[j])
+            seed_rows.append(labeled_row(j))
+    errors = _corrupt_labels(random.Random(seed + 2), seed_rows, schema)
+
+    eval_sets: dict[str, list] = {"dev": [], "test": []}
+    used: set[str] = set()
+    for n_pick, j in enumerate(random.Random(seed + 3).sample(list(late_idx), len(late_idx))):
+        name = "dev" if len(eval_sets["dev"]) <= len(eval_sets["test"]) else "test"
+        if len(eval_sets[name]) >= EVAL_ROWS or norm.iat[j] in used:
+            if all(len(v) >= EVAL_ROWS for v in eval_sets.values()):
+                break
+            continue
+        if audit_df.at[j, "intent"] != "out_of_scope" and not rels[j]:
+            continue  # nothing satisfies this need at that time and place: not gradable
+        used.add(norm.iat[j])
+        row = labeled_row(j)
+        row |= {"relevance": {str(ids[b]): g for b, g in sorted(rels[j].items())},
+                "seen_in_early_log": norm.iat[j] in early_texts, "traffic": bucket[norm.iat[j]],
+                "phrasing": audit_df.at[j, "phrasing"], "phrasing_in_seed": bool(audit_df.at[j, "phrasing_in_seed"])}
+        eval_sets[name].append(row)
+
+    say("writing")
+    _write_parquet(catalog, out / "catalog.parquet")
+    _write_parquet(log_df, out / "log.parquet")
+    _write_parquet(audit_df, out / "audit" / "needs.parquet")
+    _write_jsonl(seed_rows, out / "seed.jsonl")
+    _write_jsonl(errors, out / "audit" / "seed_label_errors.jsonl")
+    for name, rows_ in eval_sets.items():
+        _write_jsonl(rows_, out / f"{name}.jsonl")
+    stats = world_stats(catalog, log_df, audit_df, rels, seed_rows, errors, eval_sets, freq, ids)
+    stats["world_seed"] = seed
+    (out / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
+    return stats
+
+
+def _corrupt_labels(rng: random.Random, rows: list[dict], schema) -> list[dict]:
+    """Give SEED_ERROR_RATE of rows, chosen independently of their text, one random label error."""
+    intents = list(schema.intents)
+    errors = []
+    for row in rows:
+        if rng.random() >= SEED_ERROR_RATE:
+            continue
+        true = {"intent": row["intent"], "slots": dict(row["slots"])}
+        kind = rng.choice(["intent", "drop_slot", "value", "extra_slot"])
+        if kind == "drop_slot" and row["slots"]:
+            row["slots"].pop(rng.choice(sorted(row["slots"])))
+        elif kind == "value" and any(schema.slots[k].type == "categorical" for k in row["slots"]):
+            k = rng.choice(sorted(k for k in row["slots"] if schema.slots[k].type == "categorical"))
+            row["slots"][k] = rng.choice([v for v in schema.slots[k].values if v != row["slots"][k]])
+        elif kind == "extra_slot" and row["intent"] != "out_of_scope":
+            row["slots"][rng.choice(["near_me", "kid_friendly", "delivery", "outdoor_seating"])] = True
+        else:
+            kind = "intent"
+            row["intent"] = rng.choice([i for i in intents if i != row["intent"]])
+            if row["intent"] == "out_of_scope":
+                row["slots"] = {}
+        row["slots"] = dict(sorted(row["slots"].items()))
+        errors.append({"id": row["id"], "kind": kind, "true": true, "given": {"intent": row["intent"], "slots": row["slots"]}})
+    return errors
+
+
+def world_stats(catalog, log_df, audit_df, rels, seed_rows, errors, eval_sets, freq, ids) -> dict:
+    clicks = [(c, rels[j]) for j, cs in enumerate(log_df["clicked"]) for c in cs]
+    id_to_row = {b: i for i, b in enumerate(ids)}
+    unsatisfying = sum(r.get(id_to_row[c], 0) < 2 for c, r in clicks)
+    top = freq.iloc[: max(1, len(freq) // 100)].sum()
+    stat = lambda rows, key: round(float(np.mean([r[key] for r in rows])), 4)  # noqa: E731
+    return {
+        "catalog": {"businesses": len(catalog), "cities": catalog["city"].nunique(),
+                    "neighborhoods": int(catalog[["city", "neighborhood"]].drop_duplicates().shape[0]),
+                    "categories": catalog["category"].nunique(), "cuisines": catalog["cuisine"].nunique()},
+        "log": {"rows": len(log_df), "distinct_queries": int(len(freq)),
+                "share_rows_seen_once": round(float((freq == 1).sum() / len(log_df)), 4),
+                "share_traffic_top1pct_queries": round(float(top / len(log_df)), 4),
+                "clicks": len(clicks), "share_clicks_not_satisfying": round(unsatisfying / max(1, len(clicks)), 4),
+                "rows_early": int((log_df["period"] == "early").sum()), "rows_late": int((log_df["period"] == "late").sum()),
+                "intents": {k: int(v) for k, v in audit_df["intent"].value_counts().sort_index().items()},
+                "share_phrasing_in_seed_style": round(float(audit_df["phrasing_in_seed"].mean()), 4)},
+        "seed": {"rows": len(seed_rows), "label_errors": len(errors), "label_error_rate": round(len(errors) / max(1, len(seed_rows)), 4)},
+        **{name: {"rows": len(rows), "share_seen_in_early_log": stat(rows, "seen_in_early_log"),
+                  "share_phrasing_in_seed": stat(rows, "phrasing_in_seed"),
+                  "traffic": dict(sorted(Counter(r["traffic"] for r in rows).items()))} for name, rows in eval_sets.items()},
+    }
+
+
+def _write_parquet(df: pd.DataFrame, path: Path) -> None:
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), path, compression="zstd")
+
+
+def _write_jsonl(rows: list[dict], path: Path) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False, sort_keys=False) + "\n")

@@ -1,0 +1,307 @@
+"""Hidden user needs, the queries people type for them, and the graded relevance of a need.
+
+A need is a gold parse (intent + canonical slots, exactly what the query says). It is rendered into text
+by a phrasing family (word order and framing) with surface forms drawn per slot (synonyms, slang,
+abbreviations), then noise (typos, dropped words, casing). `covered` says whether the rendering stays
+inside what the seed annotators saw (their families and the first surfaces of each list): the seed set is
+drawn only from covered renderings, so the log holds phrasings the seed never shows.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+
+from querytune.world.catalog import MIN, always_open, open_at, open_on
+from querytune.world.vocab import (
+    ATTRIBUTES, CATEGORIES, CITIES, CUISINES, DAY_SURFACES, DAYS, NEAR_ME, OPEN, OUT_OF_SCOPE, PEOPLE, PRICES,
+    RATING, SONGS,
+)
+
+SEED_FAMILIES = ("keyword", "need_statement", "book_formal", "named_plain", "oos")
+ALL_FAMILIES = SEED_FAMILIES + ("reversed", "question", "slang", "telegraphic", "book_casual", "named_info")
+BOOKABLE = ("restaurant", "hair_salon", "barber", "nail_salon", "spa", "massage", "dentist", "optometrist",
+            "chiropractor", "veterinarian", "pet_groomer", "hotel", "escape_room", "yoga_studio", "auto_repair")
+_CATS = [c for c in CATEGORIES]
+_CAT_W = [CATEGORIES[c][1] if c != "restaurant" else 18.0 for c in _CATS]  # cuisines add restaurant demand
+_CUIS = list(CUISINES)
+_CUI_W = [CUISINES[c][0] for c in _CUIS]
+_CITY = list(CITIES)
+_CITY_W = [CITIES[c][0] for c in _CITY]
+
+
+@dataclass
+class Rendered:
+    text: str
+    family: str
+    covered: bool  # inside the seed annotators' phrasings
+
+
+class Surface:
+    """Draws surface forms and remembers whether every draw stayed in the covered (first) part of its list."""
+
+    def __init__(self, rng: random.Random, covered_only: bool):
+        self.rng, self.covered_only, self.covered = rng, covered_only, True
+
+    def pick(self, options: list[str], covered_n: int = 2) -> str:
+        n = covered_n if self.covered_only else len(options)
+        i = self.rng.randrange(n)
+        if i >= covered_n:
+            self.covered = False
+        return options[i]
+
+
+def sample_need(rng: random.Random, user_city: str, n_constraints_p=(0.35, 0.35, 0.2, 0.1)) -> dict:
+    """A hidden need for a user in `user_city`: {"intent", "slots"} with canonical values."""
+    u = rng.random()
+    if u < 0.09:
+        return {"intent": "out_of_scope", "slots": {}}
+    if u < 0.21:
+        return {"intent": "find_named_business", "slots": {}}  # name filled against the catalog by the caller
+    intent = "book" if u < 0.31 else "find_business"
+    slots: dict = {}
+    if intent == "book":
+        slots["category"] = rng.choice(BOOKABLE)
+    else:
+        slots["category"] = rng.choices(_CATS, _CAT_W)[0]
+    vertical = CATEGORIES[slots["category"]][0]
+    if slots["category"] == "restaurant" and rng.random() < 0.8:
+        slots["cuisine"] = rng.choices(_CUIS, _CUI_W)[0]
+    loc = rng.random()
+    if loc < 0.32:
+        slots["near_me"] = True
+    elif loc < 0.58:
+        slots["city"] = user_city if rng.random() < 0.45 else rng.choices(_CITY, _CITY_W)[0]
+        if rng.random() < 0.25:
+            slots["neighborhood"] = rng.choice(CITIES[slots["city"]][1])
+    elif loc < 0.72:
+        slots["neighborhood"] = rng.choice(CITIES[user_city][1])
+    if intent == "book":
+        if slots["category"] in ("restaurant", "escape_room") and rng.random() < 0.6:
+            slots["party_size"] = rng.choice([2, 2, 2, 3, 4, 4, 5, 6, 8])
+        if rng.random() < 0.7:
+            slots["day"] = rng.choice(DAYS + ["today", "tomorrow", "tomorrow", "weekend"])
+        return {"intent": intent, "slots": slots}
+    k = rng.choices(range(len(n_constraints_p)), n_constraints_p)[0]
+    options = ["open", "day", "min_rating"] + [a for a, (verts, *_r) in ATTRIBUTES.items() if vertical in verts]
+    if vertical in ("food", "lodging", "beauty", "home", "fitness"):
+        options += ["price", "price"]
+    if vertical == "food":
+        options += ["open"]
+    for _ in range(k):
+        opt = rng.choice(options)
+        if opt == "open" and "open" not in slots:
+            slots["open"] = rng.choices(["now", "late", "24h"], [0.55, 0.3, 0.15])[0]
+        elif opt == "day" and "day" not in slots and slots.get("open") != "now":
+            slots["day"] = rng.choice(DAYS + ["today", "tomorrow", "weekend", "weekend"])
+        elif opt == "price":
+            slots["price"] = rng.choices(list(PRICES), [0.6, 0.15, 0.25])[0]
+        elif opt == "min_rating":
+            slots["min_rating"] = rng.choice([4.5, 4.5, 4.0])
+        elif opt in ATTRIBUTES:
+            slots[opt] = True
+    return {"intent": intent, "slots": slots}
+
+
+def named_need(rng: random.Random, user_city: str, business: dict) -> dict:
+    slots = {"business_name": business["name"].lower()}
+    if business["city"] != user_city or rng.random() < 0.15:
+        slots["city"] = business["city"]
+    if rng.random() < 0.15:
+        slots["neighborhood"] = business["neighborhood"]
+    return {"intent": "find_named_business", "slots": slots}
+
+
+def _typo(rng: random.Random, word: str) -> str:
+    i = rng.randrange(1, len(word) - 1)
+    op = rng.randrange(4)
+    if op == 0:
+        return word[:i] + word[i + 1:]  # drop
+    if op == 1:
+        return word[:i] + word[i + 1] + word[i] + word[i + 2:]  # swap
+    if op == 2:
+        return word[:i] + word[i] + word[i:]  # double
+    return word[:i] + "aeiou"[rng.randrange(5)] + word[i + 1:]  # wrong vowel
+
+
+def render(rng: random.Random, need: dict, seed_style: bool = False, noise: float = 0.0) -> Rendered:
+    """Turn a need into the text a person types. `seed_style` keeps to the seed annotators' phrasings."""
+    s = need["slots"]
+    intent = need["intent"]
+    sf = Surface(rng, seed_style)
+    if intent == "out_of_scope":
+        template = rng.choice(OUT_OF_SCOPE)
+        text = template.format(
+            day=rng.choice(["today", "tomorrow", "this weekend"]), city=rng.choice(_CITY),
+            cuisine_word=rng.choice(sum((CUISINES[c][1][:1] + CUISINES[c][2][:1] for c in _CUIS), [])),
+            cat_word=rng.choice(sum((CATEGORIES[c][4][:1] for c in _CATS), [])), song=rng.choice(SONGS),
+            person=rng.choice(PEOPLE), n=rng.choice([3, 5, 10, 26, 100]),
+        )
+        return Rendered(_noise(rng, text, noise), "oos", True)
+    if intent == "find_named_business":
+        fam = "named_plain" if seed_style or rng.random() < 0.6 else "named_info"
+        parts = [s["business_name"]]
+        if "neighborhood" in s:
+            parts.append(s["neighborhood"])
+        if "city" in s:
+            parts.append(sf.pick([s["city"]] + CITIES[s["city"]][2], 1))
+        if fam == "named_info":
+            extra = rng.choice(["hours", "phone number", "menu", "reviews", "address", "directions to", "is open"])
+            parts = [extra] + parts if extra.startswith(("directions", "is")) else parts + [extra]
+        return Rendered(_noise(rng, " ".join(parts), noise), fam, fam == "named_plain" and sf.covered)
+
+    # what
+    slang = False
+    if "cuisine" in s:
+        surf_list = CUISINES[s["cuisine"]][1]
+        if not seed_style and rng.random() < 0.3:
+            what, slang = rng.choice(CUISINES[s["cuisine"]][2]), True
+        else:
+            what = sf.pick(surf_list, 1)
+            if rng.random() < 0.4:
+                what += sf.pick([" food", " restaurant", " place", " spot", " joint"], 3)
+    else:
+        what = sf.pick(CATEGORIES[s["category"]][4], 2)
+    pre, post = [], []
+    if "price" in s:
+        pre.append(sf.pick(PRICES[s["price"]][1], 2))
+    if "min_rating" in s:
+        pre.append(sf.pick(RATING[s["min_rating"]], 2))
+    for a in ATTRIBUTES:
+        if s.get(a):
+            (pre if rng.random() < 0.3 and len(ATTRIBUTES[a][2][0].split()) <= 2 else post).append(sf.pick(ATTRIBUTES[a][2], 2))
+    loc = []
+    if s.get("near_me"):
+        loc.append(sf.pick(NEAR_ME, 2))
+    if "neighborhood" in s:
+        loc.append(("in " if rng.random() < 0.5 else "") + s["neighborhood"])
+    if "city" in s:
+        city = sf.pick([s["city"]] + CITIES[s["city"]][2], 2)
+        loc.append(("in " if rng.random() < 0.5 and "neighborhood" not in s else "") + city)
+    when = []
+    if "open" in s:
+        when.append(sf.pick(OPEN[s["open"]], 2))
+    if "day" in s:
+        when.append(sf.pick(DAY_SURFACES[s["day"]], 2))
+
+    if intent == "book":
+        fam = "book_formal" if seed_style or rng.random() < 0.5 else "book_casual"
+        n = s.get("party_size")
+        if fam == "book_formal":
+            verb = rng.choice(["book", "reserve", "make a reservation at"] if s["category"] in ("restaurant", "escape_room", "hotel") else ["book an appointment at", "schedule an appointment with", "book"])
+            head = f"{verb} a {what}" + (f" for {n}" if n else "")
+            text = " ".join([head] + loc + when)
+        else:
+            head = rng.choice(["table for {n} {what}", "{what} for {n} ppl", "need a {what} appt", "{what} appointment", "get me in at a {what}", "{what} reservation"])
+            if "{n}" in head and not n:
+                head = "{what} reservation"
+            text = " ".join([head.format(n=n, what=what)] + when + loc)
+        return Rendered(_noise(rng, text, noise), fam, fam == "book_formal" and sf.covered and not slang)
+
+    if seed_style:
+        fam = rng.choice(["keyword", "keyword", "need_statement"])
+    else:
+        fam = rng.choices(["keyword", "need_statement", "reversed", "question", "slang", "telegraphic"], [0.34, 0.12, 0.16, 0.14, 0.1, 0.14])[0]
+    post_txt = [("that is " if fam == "need_statement" and rng.random() < 0.5 else "") + p for p in post]
+    if fam == "keyword":
+        words = pre + [what] + post_txt + loc + when
+    elif fam == "need_statement":
+        lead = rng.choice(["looking for a", "i need a", "need a", "find me a", "searching for"])
+        words = [lead] + pre + [what] + post_txt + loc + when
+    elif fam == "reversed":
+        words = [w.removeprefix("in ") for w in loc] + when + pre + [what] + post
+    elif fam == "question":
+        lead = rng.choice(["where can i get", "wheres a good", "any", "is there a", "who has the best", "what are some"])
+        words = [lead] + pre + [what] + post + loc + when
+        words[-1] += "?" if rng.random() < 0.5 else ""
+    elif fam == "slang":
+        words = pre + [what, rng.choice(["spot", "joint", "place", "grub"])] + post + loc + when
+        words = [w.replace("right now", "rn").replace("tomorrow", "tmrw") for w in words]
+    else:  # telegraphic: dropped words, abbreviations, no connectors
+        words = [w.removeprefix("in ").removeprefix("that ").replace("open ", "") for w in pre + [what] + post + loc + when]
+        rng.shuffle(words)
+    text = " ".join(w for w in words if w)
+    return Rendered(_noise(rng, text, noise), fam, fam in SEED_FAMILIES and sf.covered and not slang)
+
+
+def _noise(rng: random.Random, text: str, noise: float) -> str:
+    if noise and rng.random() < noise:
+        words = text.split()
+        long = [i for i, w in enumerate(words) if len(w) >= 4 and w.isalpha()]
+        if long:
+            i = rng.choice(long)
+            words[i] = _typo(rng, words[i])
+            text = " ".join(words)
+    if rng.random() < 0.06:
+        text = text.title() if rng.random() < 0.5 else text.capitalize()
+    return text
+
+
+def resolve_weekday(day: str, ts_weekday: int) -> list[int]:
+    if day == "today":
+        return [ts_weekday]
+    if day == "tomorrow":
+        return [(ts_weekday + 1) % 7]
+    if day == "weekend":
+        return [5, 6]
+    return [DAYS.index(day)]
+
+
+def constraint_masks(need: dict, cat: dict, idx: np.ndarray, user_city: str, weekday: int, minute: int):
+    """For the businesses `idx` (already in the right city): the "what"+"where" mask, and one mask per other
+    constraint. `cat` holds catalog columns as numpy arrays."""
+    s = need["slots"]
+    base = np.ones(len(idx), dtype=bool)
+    if "category" in s:
+        base &= cat["category"][idx] == s["category"]
+    if "cuisine" in s:
+        base &= cat["cuisine"][idx] == s["cuisine"]
+    if "neighborhood" in s:
+        base &= cat["neighborhood"][idx] == s["neighborhood"]
+    others = []
+    hours = cat["hours"][idx]
+    if "open" in s:
+        if s["open"] == "now":
+            others.append(open_at(hours, weekday, minute))
+        elif s["open"] == "late":
+            days = resolve_weekday(s["day"], weekday) if "day" in s else [weekday]
+            others.append(np.any([open_at(hours, d, 23 * MIN) | open_at(hours, (d + 1) % 7, 30) for d in days], axis=0))
+        else:
+            others.append(always_open(hours))
+    if "day" in s and s.get("open") not in ("late",):
+        others.append(np.any([open_on(hours, d) for d in resolve_weekday(s["day"], weekday)], axis=0))
+    if "price" in s:
+        others.append(np.isin(cat["price_level"][idx], PRICES[s["price"]][0]))
+    if "min_rating" in s:
+        others.append(cat["rating"][idx] >= s["min_rating"])
+    for a in ATTRIBUTES:
+        if s.get(a):
+            others.append(cat[a][idx])
+    return base, others
+
+
+def graded_relevance(need: dict, cat: dict, city_rows: dict, user_city: str, weekday: int, minute: int) -> dict[int, int]:
+    """Row index -> grade. 2: satisfies every constraint; 1: right kind and place, misses exactly one
+    other constraint; unlisted: 0. Named-business needs: the named business (grade 2)."""
+    s = need["slots"]
+    if need["intent"] == "out_of_scope":
+        return {}
+    city = s.get("city", user_city)
+    idx = city_rows[city]
+    if need["intent"] == "find_named_business":
+        hit = idx[cat["name_lower"][idx] == s["business_name"]]
+        return {int(i): 2 for i in hit}
+    base, others = constraint_masks(need, cat, idx, user_city, weekday, minute)
+    if others:
+        fails = np.sum([~m for m in others], axis=0)
+    else:
+        fails = np.zeros(len(idx), dtype=int)
+    rel = {}
+    for i, ok, f in zip(idx[base], base[base], fails[base]):
+        if f == 0:
+            rel[int(i)] = 2
+        elif f == 1:
+            rel[int(i)] = 1
+    return rel
