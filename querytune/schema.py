@@ -85,7 +85,7 @@ class Slot:
             raise ParseError(f"{where}: empty value")
         if self.type == "text":
             return text
-        text = self.aliases.get(text, text)
+        text = normalize_text(self.aliases.get(text, text))  # alias targets are canonical spellings
         for allowed in self.values:
             if normalize_text(allowed) == text:
                 return allowed
@@ -310,4 +310,6 @@ def load_schema(path: str | Path | None = None) -> Schema:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise SchemaError(f"{path}: not valid YAML: {e}") from None
+    except UnicodeDecodeError:
+        raise SchemaError(f"{path}: not UTF-8 text") from None
     return schema_from_dict(raw, str(path))

@@ -24,13 +24,13 @@ from collections import Counter
 from datetime import datetime, timedelta
 from pathlib import Path
 
-import bm25s
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from querytune.schema import load_schema, normalize_text
+from querytune.search import Bm25
 from querytune.world.catalog import hours_array, make_catalog
 from querytune.world.queries import graded_relevance, named_need, render, sample_need
 from querytune.world.vocab import ATTRIBUTES, CITIES
@@ -56,8 +56,7 @@ class LoggingRanker:
     """The legacy ranker whose results the log shows: BM25 in one city + a small rating prior."""
 
     def __init__(self, catalog: pd.DataFrame, city_rows: dict):
-        self.bm25 = bm25s.BM25()
-        self.bm25.index(bm25s.tokenize(catalog["text"].tolist(), stopwords="en", show_progress=False), show_progress=False)
+        self.bm25 = Bm25(catalog["text"].tolist())
         self.city_rows, self.rating = city_rows, catalog["rating"].to_numpy()
         self.gazetteer = sorted(((f" {n} ", c) for c, (_, _, al) in CITIES.items() for n in [c, *al]), key=lambda x: -len(x[0]))
         self.cache: dict = {}
@@ -74,10 +73,8 @@ class LoggingRanker:
         key = (norm_query, city)
         if key not in self.cache:
             idx = self.city_rows[city]
-            tokens = bm25s.tokenize([norm_query], stopwords="en", show_progress=False, return_ids=False)[0]
-            scores = self.bm25.get_scores(tokens)[idx] + 0.15 * self.rating[idx] if tokens else 0.15 * self.rating[idx]
-            order = np.lexsort((idx, -scores))[:k]
-            self.cache[key] = idx[order]
+            scores = self.bm25.scores(norm_query)[idx] + 0.15 * self.rating[idx]
+            self.cache[key] = idx[np.lexsort((idx, -scores))[:k]]
         return self.cache[key]
 
 
@@ -192,7 +189,7 @@ def make_world(out: str | Path, seed: int = 0, rows: int = 120_000, progress=Non
             if all(len(v) >= EVAL_ROWS for v in eval_sets.values()):
                 break
             continue
-        if audit_df.at[j, "intent"] != "out_of_scope" and not rels[j]:
+        if audit_df.at[j, "intent"] != "out_of_scope" and 2 not in rels[j].values():
             continue  # nothing satisfies this need at that time and place: not gradable
         used.add(norm.iat[j])
         row = labeled_row(j)

@@ -1,0 +1,65 @@
+"""`querytune data`: check a labeled file (JSONL, CSV, Parquet) against a schema before using it.
+
+    querytune data validate labels.jsonl [--schema data/schema.yaml] [--rejects rejects.jsonl] [--max-errors 20]
+
+Prints rows ok / rejected and the intent counts. Rejects go to stderr as ``FILE:LINE: reason`` (exit 1),
+or with ``--rejects`` to a JSONL file (exit 0 if any row is ok). A file or schema that cannot be used
+at all exits 2 with ``error: <message>``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from querytune.labeled import LabeledDataError, load_labeled, write_rejects
+from querytune.schema import SchemaError, load_schema
+
+app = typer.Typer(help="Labeled data: validate a labeled file against a schema.", no_args_is_help=True)
+
+
+@app.callback()
+def _group() -> None:
+    """Labeled data: validate a labeled file against a schema."""
+
+
+@app.command()
+def validate(
+    file: Path = typer.Argument(..., help="Labeled file: .jsonl/.json (one object a line), .csv or .parquet, "
+                                         "with columns text, intent, slots (and optionally id)."),
+    schema: Optional[Path] = typer.Option(None, "--schema", help="Schema YAML (default: data/schema.yaml)."),
+    rejects: Optional[Path] = typer.Option(None, "--rejects", help="Write every rejected row here as JSONL "
+                                           "(line, reason, raw) instead of failing."),
+    max_errors: int = typer.Option(20, "--max-errors", min=0, help="How many rejects to print when there is no --rejects."),
+) -> None:
+    """Load FILE, check every row against the schema, and summarise."""
+    try:
+        sch = load_schema(schema)
+        rows, bad = load_labeled(file, sch)
+    except (LabeledDataError, SchemaError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    console = Console(highlight=False)
+    console.print(f"{file}: {len(rows)} rows ok, {len(bad)} rejected (schema {sch.name} {sch.version})", markup=False)
+    table = Table("intent", "rows", title="intents")
+    for intent, n in Counter(r.intent for r in rows).most_common():
+        table.add_row(intent, str(n))
+    if rows:
+        console.print(table)
+    if not bad:
+        return
+    if rejects is None:
+        for r in bad[:max_errors]:
+            typer.echo(f"{file}:{r.where}: {r.reason}", err=True)
+        if len(bad) > max_errors:
+            typer.echo(f"... and {len(bad) - max_errors} more (--rejects FILE writes them all)", err=True)
+        raise typer.Exit(1)
+    write_rejects(bad, rejects)
+    console.print(f"wrote {len(bad)} rejects to {rejects}", markup=False)
+    if not rows:
+        raise typer.Exit(1)

@@ -1,0 +1,173 @@
+"""Labeled-data import: JSONL, CSV or Parquet rows of ``text``, ``intent``, ``slots``, checked against a schema.
+
+Each row is validated and canonicalised with ``Schema.parse``; a row that does not fit becomes a
+``Reject`` naming its line (JSONL, CSV: the physical line in the file, header = line 1) or row
+(Parquet, 1-based) and the reason. Columns besides ``id``/``text``/``intent``/``slots`` are kept as
+``extra``. In CSV (and Parquet string columns) ``slots`` is a JSON object string; an empty cell is ``{}``.
+
+    querytune data validate labels.jsonl [--schema data/schema.yaml] [--rejects rejects.jsonl]
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from querytune.schema import Parse, ParseError, Schema
+
+REQUIRED = ("text", "intent", "slots")
+FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+
+
+class LabeledDataError(ValueError):
+    """A labeled file that cannot be read at all (missing, empty, wrong format, missing column)."""
+
+
+@dataclass(frozen=True)
+class LabeledRow:
+    id: str
+    text: str
+    intent: str
+    slots: dict[str, Any]  # canonical values, as Schema.parse returns them
+    extra: dict[str, Any] = field(default_factory=dict)
+    line: int = 0  # line (JSONL, CSV) or row (Parquet) in the source file
+
+    @property
+    def parse(self) -> Parse:
+        return Parse(self.intent, self.slots)
+
+
+@dataclass(frozen=True)
+class Reject:
+    line: int  # 1-based line in the file (JSONL, CSV) or 1-based row (Parquet, see unit)
+    reason: str
+    raw: Any  # the line's text (JSONL) or the row's cells as a dict (CSV, Parquet)
+    unit: str = "line"
+
+    @property
+    def where(self) -> str:
+        """``12`` for a line, ``row 12`` for a Parquet row: what follows ``FILE:`` in messages."""
+        return str(self.line) if self.unit == "line" else f"{self.unit} {self.line}"
+
+
+def _jsonl(path: Path) -> Iterator[tuple[int, Any, str | None]]:
+    """(line, record or raw text, error) for each non-blank line."""
+    with path.open(encoding="utf-8-sig") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line), None
+            except json.JSONDecodeError as e:
+                yield n, line.rstrip("\r\n"), f"not valid JSON: {e.msg} at char {e.pos}"
+
+
+def _csv(path: Path) -> tuple[list[str], list[tuple[int, Any, str | None]]]:
+    """Header and (first physical line, cells by column, error) for each non-blank row."""
+    out = []
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None) or []
+        end = reader.line_num
+        for cells in reader:
+            start, end = end + 1, reader.line_num  # a quoted field may span several lines
+            if not cells:
+                continue
+            if len(cells) != len(header):
+                raw = dict(zip(header, cells)) if len(cells) < len(header) else cells
+                out.append((start, raw, f"{len(cells)} fields, the header has {len(header)}"))
+            else:
+                out.append((start, dict(zip(header, cells)), None))
+    return header, out
+
+
+def _parquet(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    import pyarrow.parquet as pq  # only Parquet input needs pyarrow
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for a file that is not Parquet
+        raise LabeledDataError(f"{path}: not a readable Parquet file: {e}") from None
+    return table.column_names, table.to_pylist()
+
+
+def _row(rec: Any, line: int, stem: str, schema: Schema, slots_as_json: bool) -> LabeledRow:
+    """One record -> LabeledRow, or ParseError with the reason."""
+    if not isinstance(rec, dict):
+        raise ParseError(f"expected an object, got {type(rec).__name__}")
+    text = rec.get("text")
+    if text is None or (isinstance(text, str) and not text.strip()):
+        raise ParseError("text: missing or empty")
+    if not isinstance(text, str):
+        raise ParseError(f"text: expected a string, got {text!r}")
+    slots = rec.get("slots")
+    if slots_as_json and isinstance(slots, str):
+        try:
+            slots = json.loads(slots) if slots.strip() else {}
+        except json.JSONDecodeError as e:
+            raise ParseError(f"slots: not valid JSON: {e.msg} at char {e.pos}") from None
+    if slots is not None and not isinstance(slots, dict):
+        raise ParseError(f"slots: expected an object, got {type(slots).__name__}")
+    parse = schema.parse({"intent": rec.get("intent"), "slots": slots or {}})
+    id_ = rec.get("id")
+    extra = {k: v for k, v in rec.items() if k not in ("id", *REQUIRED)}
+    return LabeledRow(str(id_) if id_ not in (None, "") else f"{stem}:{line}", text, parse.intent, parse.slots, extra, line)
+
+
+def load_labeled(path: str | Path, schema: Schema) -> tuple[list[LabeledRow], list[Reject]]:
+    """Read a labeled file; return the rows that fit the schema and the rejects, in file order."""
+    path = Path(path)
+    kind = FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise LabeledDataError(f"{path}: unknown format {path.suffix!r} (expected .jsonl, .json, .csv or .parquet)")
+    if not path.is_file():
+        raise LabeledDataError(f"{path}: file not found")
+    unit, columns = "line", None
+    try:
+        if kind == "jsonl":
+            records = list(_jsonl(path))
+            objects = [r for _, r, err in records if err is None and isinstance(r, dict)]
+            columns = {k for r in objects for k in r} if objects else None
+        elif kind == "csv":
+            header, records = _csv(path)
+            columns = set(header)
+        else:
+            header, table = _parquet(path)
+            records, columns, unit = [(n, r, None) for n, r in enumerate(table, 1)], set(header), "row"
+    except UnicodeDecodeError as e:
+        raise LabeledDataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except csv.Error as e:
+        raise LabeledDataError(f"{path}: not readable as CSV: {e}") from None
+    if not records:
+        raise LabeledDataError(f"{path}: no rows")
+    missing = [c for c in REQUIRED if columns is not None and c not in columns]
+    if missing:
+        raise LabeledDataError(f"{path}: missing required column(s) {', '.join(missing)} (need {', '.join(REQUIRED)})")
+    ok: list[LabeledRow] = []
+    rejects: list[Reject] = []
+    seen: dict[str, int] = {}
+    for n, rec, err in records:
+        try:
+            if err:
+                raise ParseError(err)
+            row = _row(rec, n, path.stem, schema, slots_as_json=kind != "jsonl")
+            if row.id in seen:
+                raise ParseError(f"id: {row.id!r} already used at {unit} {seen[row.id]}")
+        except ParseError as e:
+            rejects.append(Reject(n, str(e), rec, unit))
+            continue
+        seen[row.id] = n
+        ok.append(row)
+    return ok, rejects
+
+
+def write_rejects(rejects: list[Reject], path: str | Path) -> None:
+    """One JSON object per reject: ``{"line", "reason", "raw"}`` (``line`` is the row for Parquet)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for r in rejects:
+            f.write(json.dumps({"line": r.line, "reason": r.reason, "raw": r.raw}, ensure_ascii=False, default=str) + "\n")
