@@ -122,7 +122,7 @@ def load_labeled(path: str | Path, schema: Schema) -> tuple[list[LabeledRow], li
     path = Path(path)
     kind = FORMATS.get(path.suffix.lower())
     if kind is None:
-        raise LabeledDataError(f"{path}: unknown format {path.suffix!r} (expected .jsonl, .json, .csv or .parquet)")
+        raise LabeledDataError(f"{path}: unknown format {path.suffix!r} (expected {', '.join(FORMATS)})")
     if not path.is_file():
         raise LabeledDataError(f"{path}: file not found")
     unit, columns = "line", None

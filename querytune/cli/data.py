@@ -44,13 +44,13 @@ def validate(
     except (LabeledDataError, SchemaError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
-    console = Console(highlight=False)
-    console.print(f"{file}: {len(rows)} rows ok, {len(bad)} rejected (schema {sch.name} {sch.version})", markup=False)
-    table = Table("intent", "rows", title="intents")
+    typer.echo(f"{file}: {len(rows)} rows ok, {len(bad)} rejected (schema {sch.name} {sch.version})")
+    table = Table("intent", title="intents")
+    table.add_column("rows", justify="right")
     for intent, n in Counter(r.intent for r in rows).most_common():
         table.add_row(intent, str(n))
     if rows:
-        console.print(table)
+        Console().print(table)
     if not bad:
         return
     if rejects is None:
@@ -60,6 +60,6 @@ def validate(
             typer.echo(f"... and {len(bad) - max_errors} more (--rejects FILE writes them all)", err=True)
         raise typer.Exit(1)
     write_rejects(bad, rejects)
-    console.print(f"wrote {len(bad)} rejects to {rejects}", markup=False)
+    typer.echo(f"wrote {len(bad)} rejects to {rejects}")
     if not rows:
         raise typer.Exit(1)

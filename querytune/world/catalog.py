@@ -59,19 +59,23 @@ def always_open(hours: np.ndarray) -> np.ndarray:
     return np.all((hours[:, :, 0] == 0) & (hours[:, :, 1] >= 24 * MIN), axis=1)
 
 
+def _title(name: str) -> str:
+    return " ".join(w[:1].upper() + w[1:] for w in name.split())
+
+
 def _business_name(rng: np.random.Generator, category: str, cuisine: str | None) -> str:
     vertical = CATEGORIES[category][0]
     adjectives, nouns = NAME_PARTS[vertical]
     adj, noun = adjectives[rng.integers(len(adjectives))], nouns[rng.integers(len(nouns))]
     style = rng.integers(4)
     if style == 0 and cuisine:
-        return f"{adj} {noun} {cuisine.replace('_', ' ')}".title()
+        return _title(f"{adj} {noun} {cuisine.replace('_', ' ')}")
     if style == 1:
         owner = ["maria", "tony", "lee", "sam", "rosa", "nguyen", "patel", "kim", "joe", "ana", "omar", "chen"][rng.integers(12)]
-        return f"{owner}'s {noun if vertical != 'food' or not cuisine else cuisine.replace('_', ' ')}".title()
+        return _title(f"{owner}'s {noun if vertical != 'food' or not cuisine else cuisine.replace('_', ' ')}")
     if style == 2:
-        return f"the {adj} {noun}".title()
-    return f"{adj} {noun}".title()
+        return _title(f"the {adj} {noun}")
+    return _title(f"{adj} {noun}")
 
 
 def make_catalog(rng: np.random.Generator, per_city: int = 280) -> pd.DataFrame:

@@ -97,7 +97,7 @@ def _context(rng: random.Random, cities: list[str], weights: list[float]) -> tup
     return city, START + timedelta(days=day, hours=hour, minutes=rng.randrange(60))
 
 
-def make_world(out: str | Path, seed: int = 0, rows: int = 120_000, progress=None) -> dict:
+def make_world(out: str | Path, seed: int = 0, rows: int = 120_000, per_city: int = 280, progress=None) -> dict:
     """Build the world into `out` and return its stats. `progress(description)` is called per phase."""
     out = Path(out)
     (out / "audit").mkdir(parents=True, exist_ok=True)
@@ -105,7 +105,7 @@ def make_world(out: str | Path, seed: int = 0, rows: int = 120_000, progress=Non
     schema = load_schema()
     rng = random.Random(seed)
     say("catalog")
-    catalog = make_catalog(np.random.default_rng(seed))
+    catalog = make_catalog(np.random.default_rng(seed), per_city=per_city)
     cat = catalog_arrays(catalog)
     city_rows = {c: np.flatnonzero(cat["city"] == c) for c in CITIES}
     by_city = {c: catalog.iloc[city_rows[c]][["name", "city", "neighborhood"]].to_dict("records") for c in CITIES}

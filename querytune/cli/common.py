@@ -1,0 +1,48 @@
+"""Helpers shared by the command groups: user errors as one clear line, config files, resolved configs."""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import typer
+import yaml
+from rich.console import Console
+
+console = Console(stderr=True)
+
+
+class UserError(Exception):
+    """A mistake the user can fix: printed as one line, exit code 2."""
+
+
+@contextmanager
+def user_errors():
+    """Turn the errors a user can cause into `error: ...` and exit code 2, never a traceback."""
+    from querytune.schema import ParseError, SchemaError
+
+    try:
+        yield
+    except (UserError, SchemaError, ParseError, FileNotFoundError, NotADirectoryError, ValueError) as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def load_config(path: Path | None) -> dict[str, Any]:
+    """An optional `--config file.yaml`: option name -> value. The command line wins over it."""
+    if path is None:
+        return {}
+    if not path.is_file():
+        raise UserError(f"--config {path}: file not found")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path}: expected a mapping of option names to values")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def write_resolved(config: dict[str, Any], path: Path) -> None:
+    """The resolved config, written as JSON beside the outputs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in config.items()}, indent=2) + "\n")

@@ -1,0 +1,87 @@
+"""`querytune world ...`: make the simulated local-service world and look at it."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from querytune.cli.common import user_errors
+
+app = typer.Typer(help="Make and inspect the simulated local-service world (the embedded default data).", no_args_is_help=True)
+out_console = Console()
+
+# What the issue asks of the world; `world make` prints each figure next to its requirement.
+CHECKS = [
+    ("catalog.businesses", ">=", 5000), ("catalog.cities", ">=", 20), ("catalog.categories", ">=", 40),
+    ("catalog.cuisines", ">=", 15), ("log.rows", ">=", 100_000), ("log.distinct_queries", ">=", 25_000),
+    ("log.share_rows_seen_once", ">=", 0.20), ("log.share_traffic_top1pct_queries", ">=", 0.30),
+    ("log.share_clicks_not_satisfying", ">=", 0.15), ("seed.label_error_rate", "in", (0.05, 0.10)),
+    ("dev.rows", ">=", 1000), ("test.rows", ">=", 1000),
+]
+
+
+def _get(stats: dict, dotted: str):
+    for part in dotted.split("."):
+        stats = stats[part]
+    return stats
+
+
+@app.command()
+def make(
+    out: Path = typer.Option(..., "--out", help="Folder to write the world into (created if missing)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed: the same seed always gives byte-identical files."),
+    rows: int = typer.Option(120_000, "--rows", min=1000, help="Query-log rows to simulate."),
+    per_city: int = typer.Option(280, "--per-city", min=60, help="Businesses in an average city (big cities get more)."),
+) -> None:
+    """Make the world: catalog.parquet, log.parquet, seed/dev/test.jsonl, stats.json, audit/."""
+    from querytune.world.make import make_world
+
+    with user_errors(), out_console.status("making the world") as status:
+        stats = make_world(out, seed=seed, rows=rows, per_city=per_city, progress=lambda phase: status.update(f"making the world: {phase}"))
+    table = Table(title=f"world {out} (seed {seed})")
+    for col in ("figure", "value", "required", "ok"):
+        table.add_column(col)
+    for key, op, want in CHECKS:
+        value = _get(stats, key)
+        ok = value >= want if op == ">=" else want[0] <= value <= want[1]
+        table.add_row(key, f"{value:,}" if isinstance(value, int) else f"{value:.3f}", f"{op} {want}", "yes" if ok else "[red]NO[/red]")
+    for key in ("dev.share_seen_in_early_log", "dev.share_phrasing_in_seed", "test.share_seen_in_early_log", "test.share_phrasing_in_seed", "seed.rows", "log.clicks"):
+        value = _get(stats, key)
+        table.add_row(key, f"{value:,}" if isinstance(value, int) else f"{value:.3f}", "", "")
+    out_console.print(table)
+    out_console.print(f"intents in the log: {json.dumps(stats['log']['intents'])}")
+
+
+@app.command()
+def sample(
+    world: Path = typer.Option(..., "--world", help="A folder made by `querytune world make`."),
+    n: int = typer.Option(20, "-n", help="Rows to show from each file."),
+    seed: int = typer.Option(1, "--seed", help="Which random rows to show."),
+) -> None:
+    """Show random seed rows (with labels) and random log queries, to judge the world's realism."""
+    import pandas as pd
+
+    with user_errors():
+        if not (world / "seed.jsonl").is_file():
+            raise FileNotFoundError(f"{world}: no seed.jsonl here (run `querytune world make --out {world}`)")
+        seed_rows = [json.loads(line) for line in (world / "seed.jsonl").read_text().splitlines()]
+        log = pd.read_parquet(world / "log.parquet", columns=["query", "user_city", "timestamp", "clicked"])
+    rng = random.Random(seed)
+    table = Table(title=f"{n} random seed rows")
+    for col in ("text", "intent", "slots"):
+        table.add_column(col)
+    for row in rng.sample(seed_rows, min(n, len(seed_rows))):
+        table.add_row(row["text"], row["intent"], json.dumps(row["slots"]))
+    out_console.print(table)
+    table = Table(title=f"{n} random log rows")
+    for col in ("query", "user city", "time", "clicks"):
+        table.add_column(col)
+    for i in rng.sample(range(len(log)), min(n, len(log))):
+        r = log.iloc[i]
+        table.add_row(r["query"], r["user_city"], str(r["timestamp"]), str(len(r["clicked"])))
+    out_console.print(table)
