@@ -266,6 +266,9 @@ def _slot(d: Any, where: str) -> Slot:
 def schema_from_dict(raw: Any, source: str = "<schema>") -> Schema:
     if not isinstance(raw, dict):
         raise SchemaError(f"{source}: expected a mapping with 'intents' and 'slots'")
+    unknown = set(raw) - {"name", "description", "intents", "slots"}
+    if unknown:
+        raise SchemaError(f"{source}: unknown top-level field(s) {', '.join(sorted(map(str, unknown)))}")
     intents_raw = _req(raw, "intents", source, list)
     slots_raw = raw.get("slots") or []
     if not isinstance(slots_raw, list):

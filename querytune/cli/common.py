@@ -26,7 +26,7 @@ def user_errors():
     try:
         yield
     except (UserError, SchemaError, ParseError, FileNotFoundError, NotADirectoryError, ValueError) as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
+        console.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 

@@ -1,0 +1,33 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   create .venv, make the default world, build the index, print the retrieval baselines
+#   make test   create .venv, install the test dependencies, run the whole test suite (slow tests included)
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+RUN    ?= runs/demo
+
+.PHONY: demo test test-fast venv clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: the CPU wheel for 2.13.0 is served locally; anything else pulls CUDA builds
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+demo: venv
+	$(BIN)/querytune world make --out $(RUN)/world
+	$(BIN)/querytune index build --world $(RUN)/world --out $(RUN)/index
+	$(BIN)/querytune eval retrieval --world $(RUN)/world --index $(RUN)/index --out $(RUN)/retrieval.json
+
+test: venv
+	$(BIN)/python -m pytest -rA
+
+test-fast: venv
+	$(BIN)/python -m pytest -m "not slow"
+
+clean:
+	rm -rf $(VENV) runs

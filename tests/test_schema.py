@@ -1,0 +1,182 @@
+"""The label schema: loading, canonicalisation, errors that name the field, version, JSON schema, `schema show`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from querytune.cli import app
+
+import querytune
+from querytune.schema import DEFAULT_SCHEMA, ParseError, SchemaError, load_schema, normalize_text, schema_from_dict
+
+SGD_SCHEMA = Path(querytune.__file__).resolve().parent.parent / "data" / "schemas" / "sgd.yaml"
+
+
+@pytest.fixture(scope="module")
+def schema():
+    return load_schema()
+
+
+def test_default_schema_loads(schema):
+    assert schema.name == "local"
+    assert {"find_business", "find_named_business", "book", "out_of_scope"} == set(schema.intents)
+    assert schema.slots["city"].filter == "city"
+    assert schema.slots["kid_friendly"].filter == "attribute" and schema.slots["kid_friendly"].attribute == "kid_friendly"
+    assert schema.intents["out_of_scope"].slots == ()
+    assert len(schema.version) == 12 and int(schema.version, 16) >= 0
+
+
+def test_normalize_text():
+    assert normalize_text("  Cheap\u00a0THAI   food ") == "cheap thai food"
+    assert normalize_text("\uff34\uff28\uff21\uff29") == "thai"  # NFKC folds full-width letters
+
+
+@pytest.mark.parametrize("slots, expected", [
+    ({"city": "NYC"}, {"city": "new york"}),
+    ({"city": "  New   YORK "}, {"city": "new york"}),
+    ({"city": "philly"}, {"city": "philadelphia"}),
+    ({"cuisine": "Thai"}, {"cuisine": "thai"}),
+    ({"near_me": "yes"}, {"near_me": True}),
+    ({"near_me": "True"}, {"near_me": True}),
+    ({"near_me": "no"}, {"near_me": False}),
+    ({"near_me": True}, {"near_me": True}),
+    ({"min_rating": "4.5"}, {"min_rating": 4.5}),
+    ({"min_rating": "4"}, {"min_rating": 4}),
+    ({"party_size": 3.0}, {"party_size": 3}),
+    ({"neighborhood": " The  Loop"}, {"neighborhood": "the loop"}),
+    ({"price": None}, {}),  # an explicit null means "not said"
+])
+def test_parse_canonicalises(schema, slots, expected):
+    parse = schema.parse({"intent": "find_business", "slots": slots})
+    assert parse.slots == expected
+    assert type(parse.slots.get("min_rating", 0)) is type(expected.get("min_rating", 0))
+
+
+def test_parse_accepts_json_and_serialises_sorted(schema):
+    parse = schema.parse('{"intent": "book", "slots": {"party_size": "4", "city": "SF"}}')
+    assert parse.to_json() == '{"intent":"book","slots":{"city":"san francisco","party_size":4}}'
+
+
+@pytest.mark.parametrize("obj, field", [
+    ({"intent": "find_business", "slots": {"cuisine": "klingon"}}, "slots.cuisine"),
+    ({"intent": "find_business", "slots": {"city": "atlantis"}}, "slots.city"),
+    ({"intent": "find_business", "slots": {"near_me": "maybe"}}, "slots.near_me"),
+    ({"intent": "find_business", "slots": {"min_rating": "lots"}}, "slots.min_rating"),
+    ({"intent": "find_business", "slots": {"min_rating": "nan"}}, "slots.min_rating"),
+    ({"intent": "find_business", "slots": {"business_name": "  "}}, "slots.business_name"),
+    ({"intent": "find_business", "slots": {"colour": "red"}}, "slots.colour"),
+    ({"intent": "out_of_scope", "slots": {"city": "nyc"}}, "slots.city"),
+    ({"intent": "find_business", "slots": ["city"]}, "slots:"),
+    ({"intent": "order_pizza", "slots": {}}, "intent:"),
+    ({"slots": {}}, "intent:"),
+    ({"intent": "book", "slots": {}, "confidence": 1}, "confidence"),
+    ("not json", "not valid JSON"),
+])
+def test_parse_errors_name_the_field(schema, obj, field):
+    with pytest.raises(ParseError, match=field.replace(".", r"\.")):
+        schema.parse(obj)
+
+
+def test_alias_to_mixed_case_value():
+    schema = schema_from_dict({"intents": [{"name": "find"}], "slots": [
+        {"name": "city", "type": "categorical", "values": ["New York"], "aliases": {"NYC": "New York"}}]})
+    assert schema.parse({"intent": "find", "slots": {"city": "nyc"}}).slots == {"city": "New York"}
+    assert schema.parse({"intent": "find", "slots": {"city": "new york"}}).slots == {"city": "New York"}
+
+
+@pytest.mark.parametrize("text, field", [
+    ("intents: [{name: find}]\nslots: [{name: b}]\n", r"slots\[0\] \(b\): missing field 'type'"),
+    ("intents: [{name: find}]\nslots: [{name: b, type: colour}]\n", r"slots\[0\] \(b\)\.type: 'colour'"),
+    ("intents: [{name: find}]\nslots: [{name: b, type: categorical}]\n", r"slots\[0\] \(b\): missing field 'values'"),
+    ("intents: [{name: find}]\nslots: [{name: b, type: categorical, values: []}]\n", r"slots\[0\] \(b\)\.values"),
+    ("intents: [{name: find}]\nslots: [{name: b, type: text}, {name: b, type: number}]\n", r"slots\[1\]\.name: duplicate"),
+    ("intents: [{name: find}]\nslots: [{name: b, type: categorical, values: [x], aliases: {z: w}}]\n",
+     r"slots\[0\] \(b\)\.aliases\.z: 'w'"),
+    ("intents: [{name: find}]\nslots: [{name: b, type: text, filter: colour}]\n", r"slots\[0\] \(b\)\.filter: 'colour'"),
+    ("intents: [{name: find}]\nslots: [{name: b, type: categorical, values: [X, x]}]\n", r"\(b\)\.values: duplicate"),
+    ("intents: [{name: find}]\nslots: [{name: 2b, type: text}]\n", r"slots\[0\]\.name"),
+    ("intents: [{name: find, slots: [c]}]\nslots: [{name: b, type: text}]\n", r"intents\[0\] \(find\)\.slots: 'c'"),
+    ("intents: []\n", r"intents: at least one"),
+    ("slots: []\n", r"missing field 'intents'"),
+    ("intents: [{name: find}\n", r"not valid YAML"),
+])
+def test_bad_schema_names_the_field(tmp_path, text, field):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(SchemaError, match=field) as info:
+        load_schema(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_schema_file(tmp_path):
+    with pytest.raises(SchemaError, match="not found"):
+        load_schema(tmp_path / "nope.yaml")
+
+
+def test_version_tracks_content_not_layout(tmp_path):
+    original = DEFAULT_SCHEMA.read_text()
+    raw = yaml.safe_load(original)
+    reformatted = tmp_path / "reformatted.yaml"
+    reformatted.write_text("# the same schema, laid out differently\n" + yaml.safe_dump(raw, default_flow_style=True, width=60))
+    assert original != reformatted.read_text()
+    assert load_schema(reformatted).version == load_schema(DEFAULT_SCHEMA).version
+
+    cuisine = next(s for s in raw["slots"] if s["name"] == "cuisine")
+    cuisine["values"].append("ethiopian")
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(raw))
+    assert load_schema(changed).version != load_schema(DEFAULT_SCHEMA).version
+
+
+@pytest.mark.parametrize("path", [DEFAULT_SCHEMA, SGD_SCHEMA], ids=["default", "sgd"])
+def test_json_schema_is_valid_draft(path):
+    jsonschema.Draft202012Validator.check_schema(load_schema(path).json_schema())
+
+
+def test_json_schema_accepts_parses_and_rejects_bad_ones(schema):
+    spec = schema.json_schema()
+    good = schema.parse({"intent": "find_business", "slots": {
+        "cuisine": "Thai", "city": "NYC", "near_me": "yes", "min_rating": "4.5", "business_name": "Joe's"}})
+    jsonschema.validate(good.to_dict(), spec)
+    jsonschema.validate(schema.parse({"intent": "out_of_scope"}).to_dict(), spec)
+    for bad in (
+        {"intent": "find_business", "slots": {"cuisine": "klingon"}},
+        {"intent": "find_business", "slots": {"colour": "red"}},
+        {"intent": "find_business", "slots": {"near_me": "yes"}},  # not canonical: a string, not a boolean
+        {"intent": "find_business", "slots": {"business_name": ""}},
+        {"intent": "order_pizza", "slots": {}},
+        {"intent": "find_business"},
+        {"intent": "find_business", "slots": {}, "extra": 1},
+    ):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, spec)
+
+
+def test_cli_show_prints_schema():
+    result = CliRunner().invoke(app, ["schema", "show"])
+    assert result.exit_code == 0, result.output
+    schema = load_schema()
+    assert f"local (version {schema.version})" in result.stdout
+    for name in ("find_business", "out_of_scope", "kid_friendly", "attribute:kid_friendly"):
+        assert name in result.stdout
+
+
+def test_cli_show_json_schema_and_other_schema():
+    result = CliRunner().invoke(app, ["schema", "show", "--schema", str(SGD_SCHEMA), "--json-schema"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == load_schema(SGD_SCHEMA).json_schema()
+
+
+def test_cli_show_bad_schema_is_a_clear_error(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("intents: [{name: find}]\nslots: [{name: b}]\n")
+    result = CliRunner().invoke(app, ["schema", "show", "--schema", str(path)])
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: {path}: slots[0] (b): missing field 'type'")
+    assert "Traceback" not in result.output
