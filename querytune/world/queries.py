@@ -114,6 +114,16 @@ def named_need(rng: random.Random, user_city: str, business: dict) -> dict:
     return {"intent": "find_named_business", "slots": slots}
 
 
+def _article(phrase: str) -> str:
+    """The article a person would put before `phrase` ("a ", "an ", "the " or none for plurals)."""
+    first = phrase.split()[0] if phrase.split() else ""
+    if first in ("best", "top", "highest", "best rated"):
+        return "the "
+    if phrase.endswith("s") and not phrase.endswith(("ss", "us", "gas")):
+        return ""
+    return "an " if first[:1] in "aeio" else "a "
+
+
 def _typo(rng: random.Random, word: str) -> str:
     i = rng.randrange(1, len(word) - 1)
     op = rng.randrange(4)
@@ -191,13 +201,13 @@ def render(rng: random.Random, need: dict, seed_style: bool = False, noise: floa
         n = s.get("party_size")
         if fam == "book_formal":
             verb = rng.choice(["book", "reserve", "make a reservation at"] if s["category"] in ("restaurant", "escape_room", "hotel") else ["book an appointment at", "schedule an appointment with", "book"])
-            head = f"{verb} a {what}" + (f" for {n}" if n else "")
+            head = f"{verb} {_article(what)}{what}" + (f" for {n}" if n else "")
             text = " ".join([head] + loc + when)
         else:
-            head = rng.choice(["table for {n} {what}", "{what} for {n} ppl", "need a {what} appt", "{what} appointment", "get me in at a {what}", "{what} reservation"])
+            head = rng.choice(["table for {n} {what}", "{what} for {n} ppl", "need a {what} appt", "{what} appointment", "get me in at {a}{what}", "{what} reservation"])
             if "{n}" in head and not n:
                 head = "{what} reservation"
-            text = " ".join([head.format(n=n, what=what)] + when + loc)
+            text = " ".join([head.format(n=n, what=what, a=_article(what))] + when + loc)
         return Rendered(_noise(rng, text, noise), fam, fam == "book_formal" and sf.covered and not slang)
 
     if seed_style:
@@ -208,12 +218,12 @@ def render(rng: random.Random, need: dict, seed_style: bool = False, noise: floa
     if fam == "keyword":
         words = pre + [what] + post_txt + loc + when
     elif fam == "need_statement":
-        lead = rng.choice(["looking for a", "i need a", "need a", "find me a", "searching for"])
-        words = [lead] + pre + [what] + post_txt + loc + when
+        lead = rng.choice(["looking for", "i need", "need", "find me", "searching for"])
+        words = [lead + " " + _article(" ".join(pre + [what])).strip()] + pre + [what] + post_txt + loc + when
     elif fam == "reversed":
         words = [w.removeprefix("in ") for w in loc] + when + pre + [what] + post
     elif fam == "question":
-        lead = rng.choice(["where can i get", "wheres a good", "any", "is there a", "who has the best", "what are some"])
+        lead = rng.choice(["where can i get", "wheres a good", "any", "is there " + _article(what).strip(), "who has the best", "what are some"])
         words = [lead] + pre + [what] + post + loc + when
         words[-1] += "?" if rng.random() < 0.5 else ""
     elif fam == "slang":
