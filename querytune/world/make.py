@@ -226,8 +226,9 @@ def _corrupt_labels(rng: random.Random, rows: list[dict], schema) -> list[dict]:
         elif kind == "value" and any(schema.slots[k].type == "categorical" for k in row["slots"]):
             k = rng.choice(sorted(k for k in row["slots"] if schema.slots[k].type == "categorical"))
             row["slots"][k] = rng.choice([v for v in schema.slots[k].values if v != row["slots"][k]])
-        elif kind == "extra_slot" and row["intent"] != "out_of_scope":
-            row["slots"][rng.choice(["near_me", "kid_friendly", "delivery", "outdoor_seating"])] = True
+        elif kind == "extra_slot" and row["intent"] != "out_of_scope" and (
+                extra := [k for k in ("near_me", "kid_friendly", "delivery", "outdoor_seating") if k not in row["slots"]]):
+            row["slots"][rng.choice(extra)] = True
         else:
             kind = "intent"
             row["intent"] = rng.choice([i for i in intents if i != row["intent"]])
