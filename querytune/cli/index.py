@@ -57,6 +57,9 @@ def search(
         except ValueError:
             raise UserError(f"--at: {at!r} is not an ISO date-time like 2026-10-23T19:30") from None
         searcher = Searcher(index, load_schema(schema))
+        cities = sorted(set(searcher.city))
+        if city not in cities:
+            raise UserError(f"--city: {city!r} is not a city of this catalog ({', '.join(cities)})")
         if parse:
             hits = searcher.search(searcher.schema.parse(parse), ctx, k, fallback_text=query)
         else:
