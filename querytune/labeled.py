@@ -171,3 +171,21 @@ def write_rejects(rejects: list[Reject], path: str | Path) -> None:
     with path.open("w", encoding="utf-8") as f:
         for r in rejects:
             f.write(json.dumps({"line": r.line, "reason": r.reason, "raw": r.raw}, ensure_ascii=False, default=str) + "\n")
+
+
+def in_train_split(row_id: str, train_share: float = 0.8) -> bool:
+    """A split fixed by id: the same id always lands on the same side, whatever the file order.
+
+    >>> in_train_split("sgd:train:100_00000:t0:Events_1")
+    True
+    """
+    import hashlib
+
+    return int(hashlib.sha256(row_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < train_share
+
+
+def write_labeled(rows: list[LabeledRow], path: str | Path) -> None:
+    """JSONL with id, text, intent, slots and the extra columns."""
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps({"id": r.id, "text": r.text, "intent": r.intent, "slots": r.slots, **r.extra}, ensure_ascii=False) + "\n")

