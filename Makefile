@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   create .venv, make the default world, build the index, print the retrieval baselines
+#   make demo   create .venv, make the default world, build the index, SFT (quick), parse and retrieval tables
 #   make test   create .venv, install the test dependencies, run the whole test suite (slow tests included)
 PYTHON ?= python3
 VENV   := .venv
@@ -23,7 +23,9 @@ venv: $(BIN)/.installed
 demo: venv
 	$(BIN)/querytune world make --out $(RUN)/world
 	$(BIN)/querytune index build --world $(RUN)/world --out $(RUN)/index
-	$(BIN)/querytune eval retrieval --world $(RUN)/world --index $(RUN)/index --out $(RUN)/retrieval.json
+	$(BIN)/querytune train sft --data $(RUN)/world/seed.jsonl --out $(RUN)/sft --preset quick
+	$(BIN)/querytune eval parse --model $(RUN)/sft --data $(RUN)/world/test.jsonl --out $(RUN)/sft/parse_test.json --predictions $(RUN)/sft/predictions_test.jsonl
+	$(BIN)/querytune eval retrieval --world $(RUN)/world --index $(RUN)/index --out $(RUN)/retrieval.json --model sft=$(RUN)/sft/predictions_test.jsonl
 
 test: venv
 	$(BIN)/python -m pytest -rA

@@ -5,8 +5,7 @@ value shaped by its slot's type (a categorical value from its list, a quoted str
 `schema_regex` writes it as one regular expression; `JsonSchemaLogits` keeps, at each step, only the
 tokens among the model's `top_k` best that leave the output a prefix of that language (partial matching
 of the `regex` package), and allows end-of-turn only once the output is complete. Checking the top
-candidates rather than the whole vocabulary keeps it cheap on CPU; if none of them fits, the output is
-left unconstrained for that step and validation reports it.
+candidates first keeps it cheap on CPU; only when none of them fits is the rest of the vocabulary searched.
 """
 
 from __future__ import annotations
@@ -67,6 +66,16 @@ class JsonSchemaLogits(LogitsProcessor):
             self._pieces[token] = self.tokenizer.decode([token], skip_special_tokens=False)
         return self._pieces[token]
 
+    def _fits(self, text: str, tokens: list[int]) -> list[int]:
+        keep = []
+        for token in tokens:
+            if token == self.eos:
+                if self.pattern.fullmatch(text):
+                    keep.append(token)
+            elif self.pattern.fullmatch(text + self.piece(token), partial=True):
+                keep.append(token)
+        return keep
+
     def __call__(self, input_ids, scores):
         import torch
 
@@ -75,13 +84,12 @@ class JsonSchemaLogits(LogitsProcessor):
             if self.eos in generated:
                 continue  # finished rows only receive padding
             text = self.tokenizer.decode(generated, skip_special_tokens=True)
-            keep = []
-            for token in torch.topk(scores[row], min(self.top_k, scores.shape[-1])).indices.tolist():
-                if token == self.eos:
-                    if self.pattern.fullmatch(text):
-                        keep.append(token)
-                elif self.pattern.fullmatch(text + self.piece(token), partial=True):
-                    keep.append(token)
+            ranked = torch.argsort(scores[row], descending=True)
+            keep = self._fits(text, ranked[: self.top_k].tolist())
+            for start in range(self.top_k, len(ranked), 1024):  # rare: nothing in the top k fits; look further
+                if keep:
+                    break
+                keep = self._fits(text, ranked[start:start + 1024].tolist())
             if keep:
                 mask = torch.full_like(scores[row], float("-inf"))
                 mask[keep] = 0.0

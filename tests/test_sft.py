@@ -109,7 +109,7 @@ def test_bad_input_gets_a_clear_error(args, message, tmp_path):
 
 
 def test_presets_are_sized_for_a_laptop():
-    assert PRESETS["quick"]["max_steps"] * PRESETS["quick"]["batch_size"] <= 2000
+    assert PRESETS["quick"]["max_steps"] * PRESETS["quick"]["batch_size"] <= 2500  # ~1 pass over a seed set
 
 
 @pytest.mark.slow

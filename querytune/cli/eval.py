@@ -103,7 +103,7 @@ def parse(
     predictions: Path = typer.Option(None, "--predictions", help="Also write one JSONL line per row: id, text, gold, pred, valid, confidence."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Queries per generation batch."),
     limit: int = typer.Option(None, "--limit", min=1, help="Score only the first N rows (quick looks)."),
-    constrained: bool = typer.Option(False, "--constrained", help="Constrain decoding to the schema's JSON (use the same setting for every stage)."),
+    constrained: bool = typer.Option(True, "--constrained/--free", help="Decode constrained to the schema's JSON (default) or freely; use the same setting for every stage."),
 ) -> None:
     """Parse metrics: intent accuracy, slot P/R/F1, frame exact match, validity, queries/s, per intent and slot."""
     import time

@@ -14,7 +14,7 @@ def predict(
     queries: list[str] = typer.Argument(..., help="One or more queries (quote each)."),
     model: Path = typer.Option(..., "--model", help="Model folder made by `querytune train ...`."),
     schema: Path = typer.Option(None, "--schema", help="Schema YAML (default: the one stored in the model folder)."),
-    constrained: bool = typer.Option(False, "--constrained", help="Constrain decoding to the schema's JSON (slower; output always parses)."),
+    constrained: bool = typer.Option(True, "--constrained/--free", help="Decode constrained to the schema's JSON (default) or freely."),
 ) -> None:
     """Print one JSON line per query: text, parse, valid, confidence (and the error when invalid)."""
     from querytune.generate import Parser

@@ -29,6 +29,7 @@ def sft(
     lr: float = typer.Option(None, "--lr", help="Peak learning rate (cosine schedule with warm-up)."),
     lora_r: int = typer.Option(None, "--lora-r", help="LoRA rank: higher fits more, costs memory and time."),
     bf16: bool = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast (faster on CPUs with bf16 support and on GPUs)."),
+    max_minutes: float = typer.Option(None, "--max-minutes", help="Stop training after this many minutes (quick preset: 13; 0: no limit)."),
     eval_data: Path = typer.Option(None, "--eval-data", help="Labeled file to evaluate on after training (metrics go into the model card)."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
 ) -> None:
@@ -41,8 +42,10 @@ def sft(
         if preset not in PRESETS:
             raise UserError(f"--preset: {preset!r} is not one of {', '.join(PRESETS)}")
         file_cfg = load_config(config)
-        cli = {"max_steps": max_steps, "epochs": epochs, "batch_size": batch_size, "lr": lr, "lora_r": lora_r, "bf16": bf16}
-        resolved = PRESETS[preset] | {k: v for k, v in file_cfg.items() if k in PRESETS["quick"] or k == "bf16"} | {k: v for k, v in cli.items() if v is not None}
+        cli = {"max_steps": max_steps, "epochs": epochs, "batch_size": batch_size, "lr": lr, "lora_r": lora_r, "bf16": bf16,
+               "max_minutes": max_minutes}
+        resolved = PRESETS[preset] | {k: v for k, v in file_cfg.items() if k in PRESETS["quick"]} | {k: v for k, v in cli.items() if v is not None}
+        resolved["max_minutes"] = resolved.get("max_minutes") or None  # 0 means no limit
         if resolved.get("lora_r") and "lora_alpha" not in file_cfg:
             resolved["lora_alpha"] = 2 * resolved["lora_r"]
         schema_ = load_schema(schema)
