@@ -231,3 +231,19 @@ def test_sgd_local_loads_without_rejects():
     assert rows[0].slots == {"city": "san francisco", "event_type": "Music"}
     assert rows[0].extra == {"service": "Events_1", "vertical": "event"}
     assert {r.intent for r in rows} <= set(schema.intents)
+
+
+def test_split_is_fixed_by_id(tmp_path):
+    rows = [{"id": f"r{i}", "text": f"pizza {i}", "intent": "find_business", "slots": {"cuisine": "pizza"}} for i in range(400)]
+    path = write_jsonl(tmp_path / "all.jsonl", rows)
+    shuffled = write_jsonl(tmp_path / "shuffled.jsonl", rows[::-1])
+    for name, src in (("a", path), ("b", shuffled)):
+        result = CliRunner().invoke(app, ["data", "split", str(src), "--out", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+    ids = lambda p: sorted(json.loads(line)["id"] for line in p.read_text().splitlines())  # noqa: E731
+    assert ids(tmp_path / "a" / "train.jsonl") == ids(tmp_path / "b" / "train.jsonl")
+    n_train = len(ids(tmp_path / "a" / "train.jsonl"))
+    assert 280 < n_train < 360 and n_train + len(ids(tmp_path / "a" / "heldout.jsonl")) == 400
+    bad = write_jsonl(tmp_path / "bad.jsonl", rows[:3] + [{"id": "x", "text": "t", "intent": "nope", "slots": {}}])
+    result = CliRunner().invoke(app, ["data", "split", str(bad), "--out", str(tmp_path / "c")])
+    assert result.exit_code == 1 and "nope" in result.output

@@ -28,6 +28,17 @@ def _group() -> None:
     """Labeled data: validate a labeled file against a schema."""
 
 
+def _load(file: Path, schema: Optional[Path]):
+    """Schema and labeled rows, or `error: ...` and exit 2 for a file or schema that cannot be used."""
+    try:
+        sch = load_schema(schema)
+        rows, bad = load_labeled(file, sch)
+    except (LabeledDataError, SchemaError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    return sch, rows, bad
+
+
 @app.command()
 def validate(
     file: Path = typer.Argument(..., help="Labeled file: .jsonl/.json (one object a line), .csv or .parquet, "
@@ -38,12 +49,7 @@ def validate(
     max_errors: int = typer.Option(20, "--max-errors", min=0, help="How many rejects to print when there is no --rejects."),
 ) -> None:
     """Load FILE, check every row against the schema, and summarise."""
-    try:
-        sch = load_schema(schema)
-        rows, bad = load_labeled(file, sch)
-    except (LabeledDataError, SchemaError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
+    sch, rows, bad = _load(file, schema)
     typer.echo(f"{file}: {len(rows)} rows ok, {len(bad)} rejected (schema {sch.name} {sch.version})")
     table = Table("intent", title="intents")
     table.add_column("rows", justify="right")
@@ -73,12 +79,7 @@ def split(
     train_share: float = typer.Option(0.8, "--train-share", min=0.01, max=0.99, help="Share of rows for train.jsonl."),
 ) -> None:
     """Split a labeled file by a hash of each row's id: fixed, whatever the order or size of the file."""
-    try:
-        sch = load_schema(schema)
-        rows, bad = load_labeled(file, sch)
-    except (LabeledDataError, SchemaError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
+    sch, rows, bad = _load(file, schema)
     if bad:
         for r in bad[:20]:
             typer.echo(f"{file}:{r.where}: {r.reason}", err=True)
