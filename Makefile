@@ -1,12 +1,12 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   create .venv, make the default world, build the index, SFT (quick), parse and retrieval tables
+#   make demo   create .venv, make the default world, build the index, SFT -> DPO -> GRPO (quick), parse and retrieval tables
 #   make test   create .venv, install the test dependencies, run the whole test suite (slow tests included)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 RUN    ?= runs/demo
 
-.PHONY: demo test test-fast venv clean
+.PHONY: demo controls test test-fast venv clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,25 @@ demo: venv
 	$(BIN)/querytune world make --out $(RUN)/world
 	$(BIN)/querytune index build --world $(RUN)/world --out $(RUN)/index
 	$(BIN)/querytune train sft --data $(RUN)/world/seed.jsonl --out $(RUN)/sft --preset quick
-	$(BIN)/querytune eval parse --model $(RUN)/sft --data $(RUN)/world/test.jsonl --out $(RUN)/sft/parse_test.json --predictions $(RUN)/sft/predictions_test.jsonl
-	$(BIN)/querytune eval retrieval --world $(RUN)/world --index $(RUN)/index --out $(RUN)/retrieval.json --model sft=$(RUN)/sft/predictions_test.jsonl
+	$(BIN)/querytune train dpo --init $(RUN)/sft --world $(RUN)/world --index $(RUN)/index --out $(RUN)/dpo --preset quick
+	$(BIN)/querytune train grpo --init $(RUN)/sft --world $(RUN)/world --index $(RUN)/index --out $(RUN)/grpo --preset quick
+	for stage in sft dpo grpo; do \
+	  $(BIN)/querytune eval parse --model $(RUN)/$$stage --data $(RUN)/world/test.jsonl --out $(RUN)/$$stage/parse_test.json \
+	    --predictions $(RUN)/$$stage/predictions_test.jsonl || exit 1; done
+	$(BIN)/querytune eval retrieval --world $(RUN)/world --index $(RUN)/index --out $(RUN)/retrieval.json --baseline sft \
+	  --model sft=$(RUN)/sft/predictions_test.jsonl --model dpo=$(RUN)/dpo/predictions_test.jsonl --model grpo=$(RUN)/grpo/predictions_test.jsonl
+
+# the two controls of preference tuning (after `make demo`): SFT continued for DPO's number of steps, and DPO on
+# pairs scored against clicks shuffled across queries; both should gain nothing over SFT
+controls: venv
+	$(BIN)/querytune train sft --init $(RUN)/sft --data $(RUN)/world/seed.jsonl --out $(RUN)/sft_more --preset quick \
+	  --max-steps $$($(BIN)/python -c "import json; print(json.load(open('$(RUN)/dpo/summary.json'))['steps'])")
+	$(BIN)/querytune train dpo --init $(RUN)/sft --world $(RUN)/world --index $(RUN)/index --out $(RUN)/dpo_shuffled --preset quick --shuffle-clicks
+	for stage in sft_more dpo_shuffled; do \
+	  $(BIN)/querytune eval parse --model $(RUN)/$$stage --data $(RUN)/world/test.jsonl --out $(RUN)/$$stage/parse_test.json \
+	    --predictions $(RUN)/$$stage/predictions_test.jsonl || exit 1; done
+	$(BIN)/querytune eval retrieval --world $(RUN)/world --index $(RUN)/index --out $(RUN)/retrieval_controls.json --baseline sft \
+	  $(foreach s,sft dpo grpo sft_more dpo_shuffled,--model $(s)=$(RUN)/$(s)/predictions_test.jsonl)
 
 test: venv
 	$(BIN)/python -m pytest -rA

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from querytune.model import load_model_meta, prompt_messages
+from querytune.model import load_merged, load_model_meta, prompt_messages
 from querytune.schema import ParseError, Schema
 
 
@@ -34,7 +34,7 @@ class Parser:
     def __init__(self, model_dir: str | Path, schema: Schema | None = None, batch_size: int = 32, device: str = "cpu",
                  constrained: bool = False, constrain_top_k: int = 24):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         self.meta, stored = load_model_meta(model_dir)
         self.schema = schema or stored
@@ -43,14 +43,7 @@ class Parser:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        if self.meta.get("adapter"):
-            from peft import PeftModel
-
-            base = AutoModelForCausalLM.from_pretrained(self.meta["base"], dtype=torch.float32)
-            self.model = PeftModel.from_pretrained(base, str(model_dir)).merge_and_unload()
-        else:
-            self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        self.model.to(device).eval()
+        self.model = load_merged(model_dir, torch.float32).to(device).eval()
         self.device, self.batch_size, self.constrained, self.constrain_top_k = device, batch_size, constrained, constrain_top_k
         self.max_new_tokens = int(self.meta.get("max_new_tokens", 64))
 
@@ -96,6 +89,30 @@ class Parser:
             if progress:
                 progress(len(batch))
         return results  # type: ignore[return-value]
+
+    def sample(self, texts: list[str], k: int, temperature: float = 1.0, seed: int = 0, progress=None) -> list[list[str]]:
+        """`k` sampled completions per text (free decoding, as the policy would write them), raw strings."""
+        import torch
+
+        torch.manual_seed(seed)
+        prompts = self.prompts(texts)
+        lengths = [len(self.tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
+        order = sorted(range(len(texts)), key=lambda j: lengths[j])
+        results: list[list[str]] = [[] for _ in texts]
+        per_batch = max(1, self.batch_size // k)
+        for start in range(0, len(order), per_batch):
+            batch = order[start:start + per_batch]
+            enc = self.tokenizer([prompts[j] for j in batch], return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+            with torch.inference_mode():
+                out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=True, temperature=temperature,
+                                          top_k=0, top_p=1.0, num_return_sequences=k, eos_token_id=self.tokenizer.eos_token_id,
+                                          pad_token_id=self.tokenizer.pad_token_id)
+            new = out[:, enc["input_ids"].shape[1]:]
+            for row in range(new.shape[0]):
+                results[batch[row // k]].append(self.tokenizer.decode(new[row], skip_special_tokens=True).strip())
+            if progress:
+                progress(len(batch))
+        return results
 
     def _validate(self, text: str, raw: str, logprob: float, finished: bool) -> Prediction:
         import math

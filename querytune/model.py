@@ -90,3 +90,42 @@ def load_model_meta(model_dir: str | Path) -> tuple[dict[str, Any], Schema]:
     meta = json.loads((model_dir / "querytune.json").read_text())
     schema = schema_from_dict(yaml.safe_load((model_dir / "schema.yaml").read_text()), str(model_dir / "schema.yaml"))
     return meta, schema
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def load_merged(model_dir: str | Path, dtype=None):
+    """The model of a folder as one plain transformers model: the base with every adapter of its chain merged
+    in order (`init_adapters`, the stages it was tuned from, then its own adapter)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_dir = Path(model_dir)
+    meta, _ = load_model_meta(model_dir)
+    if not meta.get("adapter"):
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32)
+    from peft import PeftModel
+
+    model = AutoModelForCausalLM.from_pretrained(meta["base"], dtype=dtype or torch.float32)
+    for sub in [*meta.get("init_adapters", []), "."]:
+        model = PeftModel.from_pretrained(model, str(model_dir / sub)).merge_and_unload()
+    return model
+
+
+def copy_adapter_chain(init_dir: str | Path, out: str | Path) -> list[str]:
+    """Copy the adapters `init_dir` is made of into `out/init/<i>`, so a tuned folder is self-contained;
+    returns their paths relative to `out`, in merge order."""
+    import shutil
+
+    init_dir, out = Path(init_dir), Path(out)
+    meta, _ = load_model_meta(init_dir)
+    sources = [init_dir / s for s in meta.get("init_adapters", [])] + [init_dir]
+    chain = []
+    for i, src in enumerate(sources):
+        dest = out / "init" / str(i)
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in ADAPTER_FILES:
+            shutil.copy2(src / name, dest / name)
+        chain.append(f"init/{i}")
+    return chain

@@ -79,3 +79,25 @@ def parse_metrics(golds: list[dict[str, Any]], preds: list[dict[str, Any] | None
                        for k, v in sorted(per_intent.items())},
         "per_slot": {k: {"support": v[0] + v[2], **_prf(*v)} for k, v in sorted(per_slot.items())},
     }
+
+
+def ungrounded_share(texts: list[str], preds: list[dict[str, Any] | None], schema) -> float:
+    """Share of predicted free-text slot values (names, neighbourhoods) that do not occur in their query after
+    normalisation: values the model made up (or took from what users clicked) rather than read.
+
+    >>> from querytune.schema import load_schema
+    >>> ungrounded_share(["joe's pizza soho", "pizza"],
+    ...                  [{"intent": "find_named_business", "slots": {"business_name": "joe's pizza", "neighborhood": "soho"}},
+    ...                   {"intent": "find_named_business", "slots": {"business_name": "tony's"}}], load_schema())
+    0.3333
+    """
+    from querytune.schema import normalize_text
+
+    text_slots = {s.name for s in schema.slots.values() if s.type == "text"}
+    total = missing = 0
+    for text, pred in zip(texts, preds, strict=True):
+        for name, value in (pred or {}).get("slots", {}).items():
+            if name in text_slots:
+                total += 1
+                missing += normalize_text(str(value)) not in normalize_text(text)
+    return round(missing / total, 4) if total else 0.0

@@ -54,6 +54,7 @@ def evaluate(rows: list[dict], systems: dict[str, System], k: int = 10, progress
             for v in values
         }
     report["per_row"] = {"id": [r["id"] for r in rows], **{name: [m[f"ndcg@{k}"] for m in per_row[name]] for name in systems}}
+    report["per_row"]["phrasing_in_seed"] = [r.get("phrasing_in_seed") for r in rows]
     report["meta"] = {"n": len(rows), "k": k}
     return report
 
@@ -62,3 +63,24 @@ def _mean(metrics: list[dict]) -> dict[str, float]:
     if not metrics:
         return {}
     return {key: round(float(np.mean([m[key] for m in metrics])), 4) for key in metrics[0]}
+
+
+def compare_to(report: dict, baseline: str, k: int = 10, rows: list[dict] | None = None) -> dict:
+    """Every system against `baseline` on NDCG@k, paired by query: mean difference with a bootstrap 95%
+    interval, and the mean difference on rows whose phrasing the seed covers and on the rest."""
+    from querytune.metrics import paired_bootstrap
+
+    per_row = report["per_row"]
+    covered = per_row.get("phrasing_in_seed") or [None] * len(per_row["id"])
+    out = {"baseline": baseline, "metric": f"ndcg@{k}", "systems": {}}
+    base = np.asarray(per_row[baseline])
+    for name, values in per_row.items():
+        if name in ("id", "phrasing_in_seed", baseline):
+            continue
+        diff = np.asarray(values) - base
+        entry = {key: round(v, 4) for key, v in paired_bootstrap(base, values).items()}
+        for part, want in (("covered", True), ("uncovered", False)):
+            mask = np.array([c is want for c in covered])
+            entry[part] = round(float(diff[mask].mean()), 4) if mask.any() else float("nan")
+        out["systems"][name] = entry
+    return out

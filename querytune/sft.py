@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from querytune.labeled import LabeledRow
-from querytune.model import completion_text, prompt_messages, resolve_base, save_model_meta
+from querytune.model import completion_text, copy_adapter_chain, load_merged, load_model_meta, prompt_messages, resolve_base, save_model_meta
 from querytune.schema import Schema
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -45,11 +45,14 @@ def sft_examples(rows: list[LabeledRow], schema: Schema, tokenizer) -> list[dict
 class StepLog:
     """TrainerCallback body: one JSONL line and one dense progress line per optimisation step."""
 
-    def __init__(self, path: Path, say, max_minutes: float | None = None):
+    def __init__(self, path: Path, say, max_minutes: float | None = None, extra: dict[str, str] | None = None, watch=None):
+        """`extra`: column name -> trainer log key, logged and printed when present. `watch(row)` sees every
+        row (e.g. to warn about a trend) and may return a line to print."""
         from transformers import TrainerCallback
 
         self.path, self.say, self.t0, self.tokens = path, say, time.perf_counter(), 0
         self.start, self.max_seconds = self.t0, 60 * max_minutes if max_minutes else None
+        self.extra, self.watch = extra or {}, watch
         log = self
 
         class _Callback(TrainerCallback):
@@ -61,11 +64,15 @@ class StepLog:
                 row = {"step": state.global_step, "loss": round(float(logs["loss"]), 5),
                        "lr": float(logs.get("learning_rate", 0.0)), "seconds": round(now - log.t0, 2),
                        "tokens_per_s": round((tokens - log.tokens) / max(now - log.t0, 1e-9), 1)}
+                row |= {name: round(float(logs[key]), 5) for name, key in log.extra.items() if key in logs}
                 log.t0, log.tokens = now, tokens
                 with open(log.path, "a") as f:
                     f.write(json.dumps(row) + "\n")
-                log.say(f"step {row['step']}/{state.max_steps}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
+                shown = "".join(f"  {name} {row[name]:.3f}" for name in log.extra if name in row)
+                log.say(f"step {row['step']}/{state.max_steps}  loss {row['loss']:.4f}{shown}  lr {row['lr']:.2e}  "
                         f"{row['seconds']:.1f}s/step  {row['tokens_per_s']:.0f} tok/s")
+                if log.watch and (line := log.watch(row)):
+                    log.say(line)
                 if log.max_seconds and now - log.start > log.max_seconds:
                     log.say(f"time budget of {log.max_seconds / 60:.0f} min reached: stopping at step {state.global_step}")
                     control.should_training_stop = True
@@ -74,8 +81,9 @@ class StepLog:
 
 
 def train_sft(rows: list[LabeledRow], schema: Schema, out: Path, base: str | None, preset: dict[str, Any],
-              seed: int = 0, say=print) -> dict[str, Any]:
-    """Train and save; returns a summary (steps, seconds, final loss, token lengths)."""
+              seed: int = 0, say=print, init: Path | None = None) -> dict[str, Any]:
+    """Train and save; returns a summary (steps, seconds, final loss, token lengths). `init`: a model folder
+    to continue from (its adapters merged, a new LoRA on top) instead of the bare base."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -83,14 +91,14 @@ def train_sft(rows: list[LabeledRow], schema: Schema, out: Path, base: str | Non
     from trl import SFTConfig, SFTTrainer
 
     torch.manual_seed(seed)
-    base_path = resolve_base(base)
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    base_path = load_model_meta(init)[0]["base"] if init else resolve_base(base)
+    tokenizer = AutoTokenizer.from_pretrained(init or base_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     examples = sft_examples(rows, schema, tokenizer)
     lengths = [len(tokenizer(e["prompt"] + e["completion"]).input_ids) for e in examples]
     completion_lengths = [len(tokenizer(e["completion"], add_special_tokens=False).input_ids) for e in examples]
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    model = load_merged(init, torch.float32) if init else AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     out.mkdir(parents=True, exist_ok=True)
     (out / "steps.jsonl").unlink(missing_ok=True)
     step_log = StepLog(out / "steps.jsonl", say, preset.get("max_minutes"))
@@ -119,5 +127,8 @@ def train_sft(rows: list[LabeledRow], schema: Schema, out: Path, base: str | Non
                "tokens_mean": round(sum(lengths) / len(lengths), 1), "tokens_max": max(lengths),
                "completion_tokens_mean": round(sum(completion_lengths) / len(completion_lengths), 1),
                "max_new_tokens": max_new}
-    save_model_meta(out, schema, {"stage": "sft", "base": base_path, "adapter": True, "max_new_tokens": max_new})
+    meta = {"stage": "sft", "base": base_path, "adapter": True, "max_new_tokens": max_new}
+    if init:
+        meta |= {"init_adapters": copy_adapter_chain(init, out), "init": str(init)}
+    save_model_meta(out, schema, meta)
     return summary

@@ -25,9 +25,10 @@ def retrieval(
     k: int = typer.Option(10, "-k", min=1, help="Cut-off for NDCG@k and Recall@k."),
     schema: Path = typer.Option(None, "--schema", help="Schema YAML of the gold labels (default: the local-service schema)."),
     model: list[str] = typer.Option([], "--model", help="NAME=DIR or NAME=PREDICTIONS.jsonl: also score the structured search from this model's parses (repeatable). DIR parses the rows now; a predictions file from `eval parse --predictions` is reused as is. An invalid parse falls back to the raw query."),
+    baseline: str = typer.Option(None, "--baseline", help="Compare every other system with this one (e.g. sft): mean NDCG difference with a paired bootstrap 95% interval, overall and on queries whose phrasing the seed covers / does not."),
 ) -> None:
     """Score raw, bm25, oracle (gold-parse) and model retrieval: NDCG@k, Recall@k, MRR, sliced by traffic and intent."""
-    from querytune.retrieval_eval import baseline_systems, evaluate, load_rows
+    from querytune.retrieval_eval import baseline_systems, compare_to, evaluate, load_rows
     from querytune.schema import load_schema
     from querytune.search import Searcher
 
@@ -46,8 +47,12 @@ def retrieval(
             if not name or not model_dir:
                 raise UserError(f"--model: expected NAME=DIR, got {spec!r}")
             systems[name] = _model_system(Path(model_dir), [r for r in rows if r.get("relevance")], searcher, k)
+        if baseline and baseline not in systems:
+            raise UserError(f"--baseline {baseline}: not one of the systems ({', '.join(systems)})")
         report = evaluate(rows, systems, k=k,
                           progress=lambda it: track(it, description=f"searching {split}", console=out_console))
+        if baseline:
+            report["vs_baseline"] = compare_to(report, baseline, k)
     report["meta"] |= {"split": split, "world": world.name, "index": searcher.meta, "schema_version": schema_.version}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
@@ -84,13 +89,22 @@ def _model_system(source: Path, rows: list[dict], searcher, k: int):
 
 
 def _print_table(report: dict, title: str) -> None:
-    systems = [s for s in report if s not in ("slices", "per_row", "meta")]
+    systems = [s for s in report if s not in ("slices", "per_row", "meta", "vs_baseline")]
+    vs = report.get("vs_baseline")
     table = Table(title=title)
     table.add_column("system")
     for metric in report[systems[0]]:
         table.add_column(metric, justify="right")
+    if vs:
+        table.add_column(f"ndcg vs {vs['baseline']} [95% CI]", justify="right")
+        for part in ("covered", "uncovered"):
+            table.add_column(f"vs {vs['baseline']}, {part}", justify="right")
     for s in systems:
-        table.add_row(s, *(f"{v:.3f}" for v in report[s].values()))
+        cells = [f"{v:.3f}" for v in report[s].values()]
+        if vs:
+            d = vs["systems"].get(s)
+            cells += [f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]", f"{d['covered']:+.3f}", f"{d['uncovered']:+.3f}"] if d else ["", "", ""]
+        table.add_row(s, *cells)
     out_console.print(table)
 
 
@@ -110,7 +124,7 @@ def parse(
 
     from querytune.generate import Parser
     from querytune.labeled import load_labeled
-    from querytune.parse_eval import parse_metrics
+    from querytune.parse_eval import parse_metrics, ungrounded_share
     from querytune.schema import load_schema
 
     with user_errors():
@@ -130,7 +144,8 @@ def parse(
             seconds = time.perf_counter() - start
     golds = [{"intent": r.intent, "slots": r.slots} for r in rows]
     metrics = parse_metrics(golds, [p.parse for p in preds])
-    metrics |= {"queries_per_second": round(len(rows) / seconds, 2), "rejected_rows": len(rejects),
+    metrics |= {"ungrounded_text_values": ungrounded_share([r.text for r in rows], [p.parse for p in preds], parser.schema),
+                "queries_per_second": round(len(rows) / seconds, 2), "rejected_rows": len(rejects),
                 "model": str(model), "data": str(data), "schema_version": parser.schema.version,
                 "decoding": {"greedy": True, "constrained": constrained, "max_new_tokens": parser.max_new_tokens}}
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from querytune.cli.common import UserError, load_config, user_errors, write_resolved
 
-app = typer.Typer(help="Train query parsers: SFT with LoRA on labeled queries.", no_args_is_help=True)
+app = typer.Typer(help="Train query parsers: SFT on labeled queries, then DPO or GRPO on retrieval success from the click log.", no_args_is_help=True)
 out_console = Console()
 
 
@@ -30,6 +30,7 @@ def sft(
     lora_r: int = typer.Option(None, "--lora-r", help="LoRA rank: higher fits more, costs memory and time."),
     bf16: bool = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast (faster on CPUs with bf16 support and on GPUs)."),
     max_minutes: float = typer.Option(None, "--max-minutes", help="Stop training after this many minutes (quick preset: 13; 0: no limit)."),
+    init: Path = typer.Option(None, "--init", help="Continue from this model folder (its adapters merged, a new LoRA on top) instead of the base."),
     eval_data: Path = typer.Option(None, "--eval-data", help="Labeled file to evaluate on after training (metrics go into the model card)."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
 ) -> None:
@@ -48,6 +49,8 @@ def sft(
         resolved["max_minutes"] = resolved.get("max_minutes") or None  # 0 means no limit
         if resolved.get("lora_r") and "lora_alpha" not in file_cfg:
             resolved["lora_alpha"] = 2 * resolved["lora_r"]
+        if init:
+            _check_init(init)
         schema_ = load_schema(schema)
         rows, rejects = load_labeled(data, schema_)
         if rejects:
@@ -58,9 +61,9 @@ def sft(
             raise UserError(f"{data}: no usable labeled rows")
         write_resolved({"command": "train sft", "data": str(data), "schema": str(schema or "data/schema.yaml"),
                         "schema_version": schema_.version, "base": base or "smollm2-135m-instruct", "preset": preset,
-                        "seed": seed, **resolved}, out / "train_config.json")
+                        "init": str(init) if init else None, "seed": seed, **resolved}, out / "train_config.json")
         out_console.print(f"SFT on {len(rows):,} rows ({preset}: {json.dumps(resolved)})")
-        summary = train_sft(rows, schema_, out, base, resolved, seed=seed, say=out_console.print)
+        summary = train_sft(rows, schema_, out, base, resolved, seed=seed, say=out_console.print, init=init)
         metrics = None
         if eval_data:
             metrics = _evaluate(out, eval_data)
@@ -94,3 +97,133 @@ def _write_card(out: Path, summary: dict, data: Path, schema, resolved: dict, me
         lines += ["", "## Metrics", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys), "| " + " | ".join(str(metrics[k]) for k in keys) + " |"]
     (out / "README.md").write_text("\n".join(lines) + "\n")
     (out / "summary.json").write_text(json.dumps(summary | ({"metrics": metrics} if metrics else {}), indent=2) + "\n")
+
+
+def _preset(presets: dict, preset: str, config: Path | None, cli: dict) -> dict:
+    if preset not in presets:
+        raise UserError(f"--preset: {preset!r} is not one of {', '.join(presets)}")
+    file_cfg = load_config(config)
+    unknown = set(file_cfg) - set(presets[preset])
+    if unknown:
+        raise UserError(f"--config {config}: unknown option(s) {', '.join(sorted(unknown))} (known: {', '.join(presets[preset])})")
+    resolved = presets[preset] | file_cfg | {k: v for k, v in cli.items() if v is not None}
+    resolved["max_minutes"] = resolved.get("max_minutes") or None
+    return resolved
+
+
+def _check_init(init: Path) -> None:
+    from querytune.model import load_model_meta
+
+    load_model_meta(init)  # names the folder when it is not a model
+
+
+@app.command()
+def dpo(
+    init: Path = typer.Option(..., "--init", help="Model folder to start from (an SFT model); it is also the DPO reference."),
+    world: Path = typer.Option(..., "--world", help="World folder: training queries and clicks come from the early part of its log.parquet, minus seed.jsonl."),
+    index: Path = typer.Option(..., "--index", help="Index folder (`querytune index build`): the searches the reward scores."),
+    out: Path = typer.Option(..., "--out", help="Model folder to write (adapter + its init chain, pairs.parquet, config, step log, card)."),
+    preset: str = typer.Option("quick", "--preset", help="quick (<= 15 min on 2 CPU cores) or full."),
+    config: Path = typer.Option(None, "--config", help="YAML with any preset key (queries, k, temperature, min_gap, pairs_per_query, lr, beta, ...); the command line wins."),
+    queries: int = typer.Option(None, "--queries", help="Distinct logged queries to sample parses for."),
+    k: int = typer.Option(None, "-k", "--samples", help="Sampled parses per query (the greedy parse is added)."),
+    min_gap: float = typer.Option(None, "--min-gap", help="Keep a pair only when its rewards differ by at least this."),
+    lr: float = typer.Option(None, "--lr", help="Peak learning rate of the new LoRA."),
+    beta: float = typer.Option(None, "--beta", help="DPO beta: how far the policy may move from the reference."),
+    max_steps: int = typer.Option(None, "--max-steps", help="Optimizer steps (-1: use the preset's epochs)."),
+    pairs_file: Path = typer.Option(None, "--pairs", help="Train on this pair file (Parquet) instead of sampling and scoring."),
+    shuffle_clicks: bool = typer.Option(False, "--shuffle-clicks", help="Control run: score each query against another query's clicks."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (query choice, sampling, training)."),
+) -> None:
+    """DPO on retrieval success: sample parses from --init, score each by its search against the clicks, train on the pairs."""
+    from querytune.preference import DPO_PRESETS, build_pairs, click_targets, load_pairs, sample_candidates, train_dpo
+
+    with user_errors():
+        resolved = _preset(DPO_PRESETS, preset, config, {"queries": queries, "k": k, "min_gap": min_gap, "lr": lr, "beta": beta,
+                                                          "max_steps": max_steps})
+        _check_init(init)
+        out.mkdir(parents=True, exist_ok=True)
+        write_resolved({"command": "train dpo", "init": str(init), "world": str(world), "index": str(index), "preset": preset,
+                        "pairs": str(pairs_file) if pairs_file else None, "shuffle_clicks": shuffle_clicks, "seed": seed, **resolved},
+                       out / "train_config.json")
+        t0 = time.perf_counter()
+        if pairs_file:
+            pairs = load_pairs(pairs_file)
+            stats = {"pairs_from": str(pairs_file)}
+        else:
+            reward, schema = _reward(init, index)
+            targets = click_targets(world, resolved["queries"], seed=seed, shuffle_clicks=shuffle_clicks)
+            if not targets:
+                raise UserError(f"{world}: no clicked queries in the early log outside the seed set")
+            out_console.print(f"DPO: {len(targets):,} logged queries; sampling {resolved['k']} parses each from {init}")
+            candidates = sample_candidates(init, targets, resolved["k"], resolved["temperature"], seed, say=out_console.print)
+            pairs = build_pairs(targets, candidates, reward, resolved["min_gap"], resolved["pairs_per_query"])
+            pairs.to_parquet(out / "pairs.parquet", index=False)
+            stats = {"queries": len(targets), "candidates": sum(len(set(c)) for c in candidates),
+                     "queries_with_pairs": int(pairs["query"].nunique()) if len(pairs) else 0, "searches": reward.search_calls}
+            out_console.print(f"{len(pairs):,} pairs from {stats['queries_with_pairs']:,} queries (gap >= {resolved['min_gap']}); "
+                              f"{out / 'pairs.parquet'}")
+            pairs = load_pairs(out / "pairs.parquet")
+        summary = train_dpo(pairs, init, out, resolved, seed=seed, say=out_console.print) | stats
+        summary["total_seconds"] = round(time.perf_counter() - t0, 1)
+    _write_stage_card(out, summary, resolved, "DPO (LoRA on the merged init model, TRL DPOTrainer, retrieval-reward pairs)")
+    out_console.print(f"DPO: {summary['steps']} steps, margin {summary['margin_start']} -> {summary['margin_end']}, "
+                      f"{summary['total_seconds']:.0f}s in all; model in {out}")
+
+
+@app.command()
+def grpo(
+    init: Path = typer.Option(..., "--init", help="Model folder to start from (an SFT model); it is also the KL reference."),
+    world: Path = typer.Option(..., "--world", help="World folder: training queries and clicks come from the early part of its log.parquet, minus seed.jsonl."),
+    index: Path = typer.Option(..., "--index", help="Index folder (`querytune index build`): the searches the reward scores."),
+    out: Path = typer.Option(..., "--out", help="Model folder to write (adapter + its init chain, config, step log, card)."),
+    preset: str = typer.Option("quick", "--preset", help="quick (<= 20 min on 2 CPU cores) or full."),
+    config: Path = typer.Option(None, "--config", help="YAML with any preset key (queries, max_steps, num_generations, batch_size, lr, beta, use_vllm, ...)."),
+    queries: int = typer.Option(None, "--queries", help="Distinct logged queries to train on."),
+    max_steps: int = typer.Option(None, "--max-steps", help="Optimizer steps."),
+    num_generations: int = typer.Option(None, "--num-generations", help="Sampled parses per query (the group)."),
+    lr: float = typer.Option(None, "--lr", help="Learning rate of the new LoRA."),
+    beta: float = typer.Option(None, "--beta", help="KL coefficient towards the init model (0: no reference model)."),
+    use_vllm: bool = typer.Option(None, "--use-vllm/--no-vllm", help="Generate through vLLM (GPU machines with vllm installed; not on CPU)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+) -> None:
+    """GRPO with the retrieval reward online: groups of sampled parses per logged query, advantages within each group."""
+    from querytune.preference import GRPO_PRESETS, click_targets, train_grpo
+
+    with user_errors():
+        resolved = _preset(GRPO_PRESETS, preset, config, {"queries": queries, "max_steps": max_steps, "num_generations": num_generations,
+                                                           "lr": lr, "beta": beta, "use_vllm": use_vllm})
+        if resolved["batch_size"] % resolved["num_generations"]:
+            raise UserError(f"batch_size {resolved['batch_size']} must be a multiple of num_generations {resolved['num_generations']}")
+        _check_init(init)
+        out.mkdir(parents=True, exist_ok=True)
+        write_resolved({"command": "train grpo", "init": str(init), "world": str(world), "index": str(index), "preset": preset,
+                        "seed": seed, **resolved}, out / "train_config.json")
+        t0 = time.perf_counter()
+        reward, _ = _reward(init, index)
+        targets = click_targets(world, resolved["queries"], seed=seed)
+        if not targets:
+            raise UserError(f"{world}: no clicked queries in the early log outside the seed set")
+        out_console.print(f"GRPO: {len(targets):,} logged queries, {resolved['num_generations']} samples each, {resolved['max_steps']} steps")
+        summary = train_grpo(targets, reward, init, out, resolved, seed=seed, say=out_console.print)
+        summary["total_seconds"] = round(time.perf_counter() - t0, 1)
+    _write_stage_card(out, summary, resolved, "GRPO (LoRA on the merged init model, TRL GRPOTrainer, retrieval reward online)")
+    out_console.print(f"GRPO: {summary['steps']} steps, reward {summary['reward_start']} -> {summary['reward_end']}, "
+                      f"no-signal groups {summary['no_signal_start']} -> {summary['no_signal_end']}, {summary['total_seconds']:.0f}s; model in {out}")
+
+
+def _reward(init: Path, index: Path):
+    from querytune.model import load_model_meta
+    from querytune.reward import RetrievalReward
+    from querytune.search import Searcher
+
+    _, schema = load_model_meta(init)
+    return RetrievalReward(Searcher(index, schema), schema), schema
+
+
+def _write_stage_card(out: Path, summary: dict, resolved: dict, what: str) -> None:
+    lines = [f"# querytune model: {out.name}", "", f"- stage: {what}", f"- init: {summary['init']}",
+             f"- config: {json.dumps(resolved)}"]
+    lines += [f"- {k}: {v}" for k, v in summary.items() if k not in ("stage", "init")]
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -20,8 +20,10 @@ from querytune.world.vocab import (
     RATING, SONGS,
 )
 
-SEED_FAMILIES = ("keyword", "need_statement", "book_formal", "named_plain", "oos")
-ALL_FAMILIES = SEED_FAMILIES + ("reversed", "question", "slang", "telegraphic", "book_casual", "named_info")
+# The seed annotators saw every framing but two: slang ("pho spot rn") and telegraphic (shuffled, no connectors).
+SEED_FAMILIES = ("keyword", "need_statement", "reversed", "question", "book_formal", "book_casual", "named_plain", "named_info", "oos")
+ALL_FAMILIES = SEED_FAMILIES + ("slang", "telegraphic")
+SURFACE_ZIPF = 1.5  # people use a slot's common forms far more often than its rare ones
 BOOKABLE = ("restaurant", "hair_salon", "barber", "nail_salon", "spa", "massage", "dentist", "optometrist",
             "chiropractor", "veterinarian", "pet_groomer", "hotel", "escape_room", "yoga_studio", "auto_repair")
 _CATS = [c for c in CATEGORIES]
@@ -40,14 +42,19 @@ class Rendered:
 
 
 class Surface:
-    """Draws surface forms and remembers whether every draw stayed in the covered (first) part of its list."""
+    """Draws surface forms and remembers whether every draw stayed in the covered (first) part of its list.
+
+    Lists run from common to rare forms and draws follow a Zipf law over that order. The seed annotators
+    saw the first `covered_n` forms of a list, never the last one of a list of three or more.
+    """
 
     def __init__(self, rng: random.Random, covered_only: bool):
         self.rng, self.covered_only, self.covered = rng, covered_only, True
 
-    def pick(self, options: list[str], covered_n: int = 2) -> str:
+    def pick(self, options: list[str], covered_n: int = 3) -> str:
+        covered_n = min(covered_n, len(options) - 1 if len(options) >= 3 else len(options))
         n = covered_n if self.covered_only else len(options)
-        i = self.rng.randrange(n)
+        i = self.rng.choices(range(n), [1 / (k + 1) ** SURFACE_ZIPF for k in range(n)])[0]
         if i >= covered_n:
             self.covered = False
         return options[i]
@@ -151,7 +158,7 @@ def render(rng: random.Random, need: dict, seed_style: bool = False, noise: floa
         )
         return Rendered(_noise(rng, text, noise), "oos", True)
     if intent == "find_named_business":
-        fam = "named_plain" if seed_style or rng.random() < 0.6 else "named_info"
+        fam = "named_plain" if rng.random() < 0.6 else "named_info"
         parts = [s["business_name"]]
         if "neighborhood" in s:
             parts.append(s["neighborhood"])
@@ -160,44 +167,44 @@ def render(rng: random.Random, need: dict, seed_style: bool = False, noise: floa
         if fam == "named_info":
             extra = rng.choice(["hours", "phone number", "menu", "reviews", "address", "directions to", "is open"])
             parts = [extra] + parts if extra.startswith(("directions", "is")) else parts + [extra]
-        return Rendered(_noise(rng, " ".join(parts), noise), fam, fam == "named_plain" and sf.covered)
+        return Rendered(_noise(rng, " ".join(parts), noise), fam, sf.covered)
 
     # what
     slang = False
     if "cuisine" in s:
         surf_list = CUISINES[s["cuisine"]][1]
-        if not seed_style and rng.random() < 0.3:
+        if not seed_style and rng.random() < 0.15:
             what, slang = rng.choice(CUISINES[s["cuisine"]][2]), True
         else:
-            what = sf.pick(surf_list, 1)
+            what = sf.pick(surf_list)
             if rng.random() < 0.4:
                 what += sf.pick([" food", " restaurant", " place", " spot", " joint"], 3)
     else:
-        what = sf.pick(CATEGORIES[s["category"]][4], 2)
+        what = sf.pick(CATEGORIES[s["category"]][4])
     pre, post = [], []
     if "price" in s:
-        pre.append(sf.pick(PRICES[s["price"]][1], 2))
+        pre.append(sf.pick(PRICES[s["price"]][1]))
     if "min_rating" in s:
-        pre.append(sf.pick(RATING[s["min_rating"]], 2))
+        pre.append(sf.pick(RATING[s["min_rating"]]))
     for a in ATTRIBUTES:
         if s.get(a):
-            (pre if rng.random() < 0.3 and len(ATTRIBUTES[a][2][0].split()) <= 2 else post).append(sf.pick(ATTRIBUTES[a][2], 2))
+            (pre if rng.random() < 0.3 and len(ATTRIBUTES[a][2][0].split()) <= 2 else post).append(sf.pick(ATTRIBUTES[a][2]))
     loc = []
     if s.get("near_me"):
-        loc.append(sf.pick(NEAR_ME, 2))
+        loc.append(sf.pick(NEAR_ME))
     if "neighborhood" in s:
         loc.append(("in " if rng.random() < 0.5 else "") + s["neighborhood"])
     if "city" in s:
-        city = sf.pick([s["city"]] + CITIES[s["city"]][2], 2)
+        city = sf.pick([s["city"]] + CITIES[s["city"]][2])
         loc.append(("in " if rng.random() < 0.5 and "neighborhood" not in s else "") + city)
     when = []
     if "open" in s:
-        when.append(sf.pick(OPEN[s["open"]], 2))
+        when.append(sf.pick(OPEN[s["open"]]))
     if "day" in s:
-        when.append(sf.pick(DAY_SURFACES[s["day"]], 2))
+        when.append(sf.pick(DAY_SURFACES[s["day"]]))
 
     if intent == "book":
-        fam = "book_formal" if seed_style or rng.random() < 0.5 else "book_casual"
+        fam = "book_formal" if rng.random() < 0.5 else "book_casual"
         n = s.get("party_size")
         if fam == "book_formal":
             verb = rng.choice(["book", "reserve", "make a reservation at"] if s["category"] in ("restaurant", "escape_room", "hotel") else ["book an appointment at", "schedule an appointment with", "book"])
@@ -208,12 +215,12 @@ def render(rng: random.Random, need: dict, seed_style: bool = False, noise: floa
             if "{n}" in head and not n:
                 head = "{what} reservation"
             text = " ".join([head.format(n=n, what=what, a=_article(what))] + when + loc)
-        return Rendered(_noise(rng, text, noise), fam, fam == "book_formal" and sf.covered and not slang)
+        return Rendered(_noise(rng, text, noise), fam, sf.covered and not slang)
 
     if seed_style:
-        fam = rng.choice(["keyword", "keyword", "need_statement"])
+        fam = rng.choices(["keyword", "need_statement", "reversed", "question"], [0.4, 0.2, 0.2, 0.2])[0]
     else:
-        fam = rng.choices(["keyword", "need_statement", "reversed", "question", "slang", "telegraphic"], [0.34, 0.12, 0.16, 0.14, 0.1, 0.14])[0]
+        fam = rng.choices(["keyword", "need_statement", "reversed", "question", "slang", "telegraphic"], [0.36, 0.14, 0.16, 0.14, 0.1, 0.1])[0]
     post_txt = [("that is " if fam == "need_statement" and rng.random() < 0.5 else "") + p for p in post]
     if fam == "keyword":
         words = pre + [what] + post_txt + loc + when

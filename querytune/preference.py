@@ -1,0 +1,259 @@
+"""Preference tuning on retrieval success: DPO on scored samples, and GRPO with the reward online.
+
+Both start from a tuned model folder (SFT), merge its adapters into the base, and train a new LoRA on
+top, so the adapter-free model is the SFT policy and serves as the reference (KL anchor) of both losses.
+Training queries come from the earlier part of the click log, never from the labeled seed set: each is a
+distinct (query, user city) with its clicks summed over the log (`click_targets`).
+
+    querytune train dpo  --init runs/sft --world runs/world --index runs/index --out runs/dpo
+    querytune train grpo --init runs/sft --world runs/world --index runs/index --out runs/grpo
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from querytune.model import copy_adapter_chain, load_model_meta, prompt_messages
+from querytune.reward import RetrievalReward
+from querytune.schema import Schema, normalize_text
+from querytune.sft import LORA_TARGETS, StepLog
+
+DPO_PRESETS: dict[str, dict[str, Any]] = {
+    # quick: <= 15 minutes on 2 CPU cores (sampling ~5, scoring <1, training ~6)
+    "quick": {"queries": 900, "k": 6, "temperature": 1.0, "min_gap": 0.2, "pairs_per_query": 2, "epochs": 1.0,
+              "max_steps": -1, "batch_size": 8, "lr": 3e-4, "beta": 0.1, "lora_r": 16, "lora_alpha": 32, "warmup_steps": 5,
+              "bf16": True, "max_minutes": 7.0},
+    "full": {"queries": 4000, "k": 8, "temperature": 1.0, "min_gap": 0.2, "pairs_per_query": 3, "epochs": 2.0,
+             "max_steps": -1, "batch_size": 16, "lr": 2e-4, "beta": 0.1, "lora_r": 16, "lora_alpha": 32, "warmup_steps": 10,
+             "bf16": True, "max_minutes": None},
+}
+GRPO_PRESETS: dict[str, dict[str, Any]] = {
+    # quick: <= 20 minutes on 2 CPU cores; 4 queries x 8 samples per step
+    "quick": {"queries": 1200, "max_steps": 120, "num_generations": 8, "batch_size": 32, "temperature": 1.0, "lr": 3e-4,
+              "beta": 0.04, "lora_r": 16, "lora_alpha": 32, "warmup_steps": 5, "bf16": True, "max_minutes": 16.0},
+    "full": {"queries": 6000, "max_steps": 600, "num_generations": 8, "batch_size": 64, "temperature": 1.0, "lr": 2e-4,
+             "beta": 0.04, "lora_r": 16, "lora_alpha": 32, "warmup_steps": 10, "bf16": True, "max_minutes": None},
+}
+NO_SIGNAL_WARN = 0.6  # GRPO: warn when this share of groups, averaged over the last 10 steps, has all-equal rewards
+
+
+# -- training queries from the click log ---------------------------------------------------------------
+def click_targets(world: str | Path, n: int, seed: int = 0, exclude: set[str] | None = None,
+                  shuffle_clicks: bool = False) -> list[dict[str, Any]]:
+    """`n` distinct (query, user city) pairs from the early log that have clicks, with click counts per
+    business summed over their rows and the context of their latest row. `exclude`: normalised texts to
+    leave out (the labeled seed set). `shuffle_clicks`: a control; each query gets another's clicks."""
+    world = Path(world)
+    log = pd.read_parquet(world / "log.parquet", columns=["timestamp", "user_city", "query", "clicked", "period"])
+    log = log[(log["period"] == "early") & (log["clicked"].map(len) > 0)]
+    exclude = exclude if exclude is not None else {normalize_text(json.loads(line)["text"])
+                                                    for line in (world / "seed.jsonl").read_text().splitlines() if line.strip()}
+    groups: dict[tuple[str, str], dict[str, Any]] = {}
+    clicks: dict[tuple[str, str], Counter] = defaultdict(Counter)
+    for ts, city, query, clicked in zip(log["timestamp"], log["user_city"], log["query"], log["clicked"]):
+        key = (normalize_text(query), city)
+        if key[0] in exclude or not key[0]:
+            continue
+        clicks[key].update(clicked)
+        g = groups.setdefault(key, {"query": query, "user_city": city, "timestamp": ts, "rows": 0})
+        g["rows"] += 1
+        g["timestamp"] = max(g["timestamp"], ts)
+    keys = sorted(groups)
+    rng = random.Random(seed)
+    keys = rng.sample(keys, min(n, len(keys)))
+    targets = [groups[k] | {"timestamp": groups[k]["timestamp"].isoformat(), "clicks": dict(sorted(clicks[k].items()))} for k in keys]
+    if shuffle_clicks:
+        moved = [t["clicks"] for t in targets]
+        rng.shuffle(moved)
+        targets = [t | {"clicks": c} for t, c in zip(targets, moved)]
+    return targets
+
+
+# -- DPO pairs -----------------------------------------------------------------------------------------
+def build_pairs(targets: list[dict], candidates: list[list[str]], reward: RetrievalReward, min_gap: float,
+                per_query: int) -> pd.DataFrame:
+    """Score each query's distinct candidates; pair its best with its worst ones (up to `per_query` pairs)
+    whose scores differ by >= `min_gap`."""
+    rows = []
+    for t, cands in zip(targets, candidates, strict=True):
+        unique = list(dict.fromkeys(c for c in cands if c))
+        scored = sorted(((reward.score(t["query"], c, t["user_city"], t["timestamp"], t["clicks"]), c) for c in unique),
+                        key=lambda x: -x[0])
+        if len(scored) < 2:
+            continue
+        best_score, best = scored[0]
+        made = 0
+        for score, worse in reversed(scored[1:]):
+            if made >= per_query:
+                break
+            if best_score - score >= min_gap:
+                made += 1
+                rows.append({"query": t["query"], "user_city": t["user_city"], "timestamp": t["timestamp"],
+                             "chosen": best, "rejected": worse, "chosen_score": best_score, "rejected_score": score,
+                             "candidates": len(unique)})
+    return pd.DataFrame(rows, columns=["query", "user_city", "timestamp", "chosen", "rejected", "chosen_score",
+                                       "rejected_score", "candidates"])
+
+
+def load_pairs(path: str | Path) -> pd.DataFrame:
+    """A pair file (Parquet), checked: every chosen completion must score strictly above its rejected one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: pair file not found")
+    pairs = pd.read_parquet(path)
+    missing = {"query", "chosen", "rejected", "chosen_score", "rejected_score"} - set(pairs.columns)
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
+    if pairs.empty:
+        raise ValueError(f"{path}: no pairs")
+    bad = pairs.index[~(pairs["chosen_score"] > pairs["rejected_score"])]
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"{path}: row {i}: chosen_score {pairs.at[i, 'chosen_score']} is not above rejected_score "
+                         f"{pairs.at[i, 'rejected_score']} ({len(bad)} such rows): a pair needs a preference")
+    return pairs
+
+
+# -- shared set-up -------------------------------------------------------------------------------------
+def _policy(init: Path, preset: dict[str, Any]):
+    """Tokenizer, the init folder's merged model, a fresh LoRA config for it, its meta and schema."""
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoTokenizer
+
+    from querytune.model import load_merged
+
+    meta, schema = load_model_meta(init)
+    tokenizer = AutoTokenizer.from_pretrained(init)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = load_merged(init, torch.float32)
+    lora = LoraConfig(r=preset["lora_r"], lora_alpha=preset["lora_alpha"], lora_dropout=0.0, task_type="CAUSAL_LM",
+                      target_modules=[m for m in LORA_TARGETS if any(n.endswith(m) for n, _ in model.named_modules())] or "all-linear")
+    return tokenizer, model, lora, meta, schema
+
+
+def _prompt(tokenizer, schema: Schema, text: str) -> str:
+    return tokenizer.apply_chat_template(prompt_messages(schema, text), add_generation_prompt=True, tokenize=False)
+
+
+def _save(trainer, tokenizer, init: Path, out: Path, schema: Schema, meta: dict, stage: str) -> None:
+    from querytune.model import save_model_meta
+
+    trainer.model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    chain = copy_adapter_chain(init, out)
+    save_model_meta(out, schema, {"stage": stage, "base": meta["base"], "adapter": True, "init_adapters": chain,
+                                  "init": str(init), "max_new_tokens": meta.get("max_new_tokens", 64)})
+
+
+# -- DPO -----------------------------------------------------------------------------------------------
+def sample_candidates(init: Path, targets: list[dict], k: int, temperature: float, seed: int, say=print) -> list[list[str]]:
+    """The init model's greedy parse plus `k` samples per query (free decoding: the policy as it is)."""
+    from querytune.generate import Parser
+
+    parser = Parser(init, batch_size=48)
+    texts = [t["query"] for t in targets]
+    t0 = time.perf_counter()
+    greedy = [p.raw for p in parser.parse(texts)]
+    sampled = parser.sample(texts, k, temperature=temperature, seed=seed)
+    say(f"sampled {len(texts)} queries x ({k} + greedy) in {time.perf_counter() - t0:.0f}s")
+    return [[g, *s] for g, s in zip(greedy, sampled)]
+
+
+def train_dpo(pairs: pd.DataFrame, init: Path, out: Path, preset: dict[str, Any], seed: int = 0, say=print) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+    from transformers import PrinterCallback
+    from trl import DPOConfig, DPOTrainer
+
+    torch.manual_seed(seed)
+    tokenizer, model, lora, meta, schema = _policy(init, preset)
+    data = Dataset.from_list([{"prompt": _prompt(tokenizer, schema, q), "chosen": c, "rejected": r}
+                              for q, c, r in zip(pairs["query"], pairs["chosen"], pairs["rejected"])])
+    longest = max(len(tokenizer(p + max(c, r, key=len)).input_ids) for p, c, r in zip(data["prompt"], data["chosen"], data["rejected"]))
+    (out / "steps.jsonl").unlink(missing_ok=True)
+    log = StepLog(out / "steps.jsonl", say, preset.get("max_minutes"),
+                  extra={"margin": "rewards/margins", "accuracy": "rewards/accuracies", "logp_chosen": "logps/chosen",
+                         "logp_rejected": "logps/rejected"})
+    args = DPOConfig(
+        output_dir=str(out / "trainer"), max_steps=preset["max_steps"], num_train_epochs=preset["epochs"],
+        per_device_train_batch_size=preset["batch_size"], learning_rate=preset["lr"], lr_scheduler_type="cosine",
+        warmup_steps=preset["warmup_steps"], beta=preset["beta"], max_length=longest + 2, logging_steps=1,
+        save_strategy="no", report_to=[], seed=seed, use_cpu=not torch.cuda.is_available(), bf16=preset.get("bf16", False),
+        disable_tqdm=True, dataloader_num_workers=0,
+    )
+    trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=lora,
+                         callbacks=[log.callback])
+    trainer.remove_callback(PrinterCallback)
+    start = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - start
+    _save(trainer, tokenizer, init, out, schema, meta, "dpo")
+    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    return {"stage": "dpo", "init": str(init), "pairs": len(pairs), "steps": result.global_step, "train_seconds": round(seconds, 1),
+            "seconds_per_step": round(seconds / max(1, result.global_step), 2), "final_loss": steps[-1]["loss"] if steps else None,
+            "margin_start": steps[0].get("margin") if steps else None, "margin_end": steps[-1].get("margin") if steps else None}
+
+
+# -- GRPO ----------------------------------------------------------------------------------------------
+def train_grpo(targets: list[dict], reward: RetrievalReward, init: Path, out: Path, preset: dict[str, Any], seed: int = 0,
+               say=print) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+    from transformers import PrinterCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    torch.manual_seed(seed)
+    tokenizer, model, lora, meta, schema = _policy(init, preset)
+    data = Dataset.from_list([{"prompt": _prompt(tokenizer, schema, t["query"]), "query": t["query"], "user_city": t["user_city"],
+                               "timestamp": t["timestamp"], "clicks": json.dumps(t["clicks"])} for t in targets])
+    (out / "steps.jsonl").unlink(missing_ok=True)
+    recent: list[float] = []
+    warned: list[int] = []
+
+    def watch(row: dict) -> str | None:
+        if "no_signal" not in row:
+            return None
+        recent.append(row["no_signal"])
+        window = recent[-10:]
+        if len(recent) >= 10 and sum(window) / len(window) > NO_SIGNAL_WARN and not warned:
+            warned.append(row["step"])
+            return (f"warning: {sum(window) / len(window):.0%} of groups over the last 10 steps had equal rewards (no learning "
+                    f"signal): raise --temperature or --num-generations, or start from a weaker model")
+        return None
+
+    log = StepLog(out / "steps.jsonl", say, preset.get("max_minutes"),
+                  extra={"reward": "reward", "reward_std": "reward_std", "no_signal": "frac_reward_zero_std", "kl": "kl",
+                         "completion_len": "completions/mean_length"}, watch=watch)
+    args = GRPOConfig(
+        output_dir=str(out / "trainer"), max_steps=preset["max_steps"], per_device_train_batch_size=preset["batch_size"],
+        num_generations=preset["num_generations"], max_completion_length=int(meta.get("max_new_tokens", 64)),
+        temperature=preset["temperature"], top_k=0, top_p=1.0, learning_rate=preset["lr"], lr_scheduler_type="constant_with_warmup",
+        warmup_steps=preset["warmup_steps"], beta=preset["beta"], logging_steps=1, save_strategy="no", report_to=[], seed=seed,
+        use_cpu=not torch.cuda.is_available(), bf16=preset.get("bf16", False), disable_tqdm=True, dataloader_num_workers=0,
+        use_vllm=bool(preset.get("use_vllm", False)), vllm_mode="colocate",
+    )
+    trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=data, processing_class=tokenizer,
+                          peft_config=lora, callbacks=[log.callback])
+    trainer.remove_callback(PrinterCallback)
+    start = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - start
+    _save(trainer, tokenizer, init, out, schema, meta, "grpo")
+    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    head, tail = steps[: max(1, len(steps) // 10)], steps[-max(1, len(steps) // 10):]
+    mean = lambda rows, k: round(sum(r.get(k, 0.0) for r in rows) / len(rows), 4)  # noqa: E731
+    return {"stage": "grpo", "init": str(init), "queries": len(targets), "steps": result.global_step,
+            "train_seconds": round(seconds, 1), "seconds_per_step": round(seconds / max(1, result.global_step), 2),
+            "reward_start": mean(head, "reward"), "reward_end": mean(tail, "reward"),
+            "no_signal_start": mean(head, "no_signal"), "no_signal_end": mean(tail, "no_signal"),
+            "kl_end": mean(tail, "kl"), "no_signal_warning_at_step": warned[0] if warned else None,
+            "reward_calls": reward.calls, "searches": reward.search_calls}

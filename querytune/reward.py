@@ -1,0 +1,128 @@
+"""The retrieval-success reward: a parse is good when the search it produces finds what users clicked.
+
+`RetrievalReward` is a plain callable in TRL's reward-function shape
+(`reward(prompts=..., completions=..., **dataset_columns) -> list[float]`), used as is by GRPO and, through
+`score`, to rank the sampled parses that become DPO pairs.
+
+A completion earns:
+- `INVALID` (-1.0, below any valid parse) when it is not one strict JSON object `{"intent", "slots"}`
+  that fits the schema: broken JSON, repeated keys (two "intent"s, a slot twice), an intent or slot the
+  schema lacks, a value outside a slot's list, text after the object, or more than `max_chars` characters;
+- 0.0 for an intent that takes no slots (out of scope: no search runs), and when a name slot (a free-text slot that drives the "what" of the search, e.g. `business_name`)
+  holds a value that does not occur in the query: the model must not learn to emit the clicked
+  business's name;
+- otherwise NDCG@k of its structured search against the query's clicks, in [0, 1]. Clicks are graded:
+  a clicked business is grade 1, and grade 2 when it holds at least half the clicks of the query's most
+  clicked business (and two or more clicks): what many users picked counts most.
+
+Searches and scores are cached for the life of the object (one training run).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+from querytune.metrics import ndcg_at_k
+from querytune.schema import ParseError, Schema, normalize_text
+
+INVALID = -1.0
+
+
+def click_grades(clicks: dict[str, int]) -> dict[str, int]:
+    """Click counts per business -> relevance grades (1, or 2 for the query's most chosen businesses).
+
+    >>> click_grades({"b1": 6, "b2": 3, "b3": 1})
+    {'b1': 2, 'b2': 2, 'b3': 1}
+    >>> click_grades({"b1": 1})
+    {'b1': 1}
+    """
+    if not clicks:
+        return {}
+    top = max(clicks.values())
+    return {b: 2 if n >= max(2, top / 2) else 1 for b, n in clicks.items() if n > 0}
+
+
+def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ParseError(f"repeated key(s): {', '.join(sorted({k for k in keys if keys.count(k) > 1}))}")
+    return dict(pairs)
+
+
+def strict_parse(schema: Schema, completion: str, max_chars: int = 400):
+    """The schema parse of a completion, or ParseError saying why it is not one strict, in-schema object."""
+    text = completion.strip()
+    if len(text) > max_chars:
+        raise ParseError(f"over-long output ({len(text)} > {max_chars} characters)")
+    try:
+        obj = json.loads(text, object_pairs_hook=_no_repeats)
+    except json.JSONDecodeError as e:
+        raise ParseError(f"not one JSON object: {e.msg} at char {e.pos}") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("intent"), str) or not isinstance(obj.get("slots"), dict):
+        raise ParseError('expected {"intent": "<one intent>", "slots": {...}}')
+    return schema.parse(obj)
+
+
+def name_slots(schema: Schema) -> list[str]:
+    """Free-text slots that drive the "what" of the search: their values must come from the query."""
+    return [s.name for s in schema.slots.values() if s.type == "text" and s.filter == "what"]
+
+
+class RetrievalReward:
+    """Retrieval-success reward over a `Searcher`; see the module docstring.
+
+    >>> from querytune.schema import load_schema
+    >>> class Shelf:  # a two-business "index" that finds b1 for Thai food and b2 for anything else
+    ...     def search(self, parse, ctx, k=10, fallback_text=None):
+    ...         return ["b1", "b2"] if parse.slots.get("cuisine") == "thai" else ["b2", "b1"]
+    >>> reward = RetrievalReward(Shelf(), load_schema())
+    >>> ctx = {"user_city": "austin", "timestamp": "2026-09-01T19:00:00", "clicks": {"b1": 4}}
+    >>> good = '{"intent":"find_business","slots":{"category":"restaurant","cuisine":"thai"}}'
+    >>> worse = '{"intent":"find_business","slots":{"category":"restaurant"}}'
+    >>> reward(prompts=["p", "p"], completions=[good, worse], query=["thai food"] * 2,
+    ...        user_city=[ctx["user_city"]] * 2, timestamp=[ctx["timestamp"]] * 2, clicks=[ctx["clicks"]] * 2)
+    [1.0, 0.63093]
+    >>> reward.score("thai food", '{"intent":"find_business","intent":"book","slots":{}}', **ctx)
+    -1.0
+    """
+
+    __name__ = "retrieval_reward"  # TRL logs a reward function under its name
+
+    def __init__(self, searcher, schema: Schema, k: int = 10, max_chars: int = 400):
+        self.searcher, self.schema, self.k, self.max_chars = searcher, schema, k, max_chars
+        self.names = name_slots(schema)
+        self._searches: dict[tuple, list[str]] = {}
+        self.calls = self.search_calls = 0
+
+    def score(self, query: str, completion: str, user_city: str, timestamp: str | datetime, clicks: dict[str, int] | str) -> float:
+        """Reward of one completion for one logged query (see the module docstring)."""
+        from querytune.search import Context
+
+        self.calls += 1
+        try:
+            parse = strict_parse(self.schema, completion, self.max_chars)
+        except ParseError:
+            return INVALID
+        if self.schema.intents[parse.intent].slots == ():
+            return 0.0  # an intent that takes no slots (out of scope) runs no search
+        q = normalize_text(query)
+        if any(n in parse.slots and normalize_text(str(parse.slots[n])) not in q for n in self.names):
+            return 0.0
+        if isinstance(clicks, str):
+            clicks = json.loads(clicks)
+        grades = click_grades(clicks)
+        if not grades:
+            return 0.0
+        ts = timestamp if isinstance(timestamp, datetime) else datetime.fromisoformat(str(timestamp))
+        key = (parse.to_json(), user_city, ts.isoformat(timespec="minutes"))
+        ranked = self._searches.get(key)
+        if ranked is None:
+            self.search_calls += 1
+            ranked = self._searches[key] = self.searcher.search(parse, Context(user_city, ts), k=self.k)
+        return round(ndcg_at_k(ranked, grades, self.k), 5)
+
+    def __call__(self, prompts=None, completions=None, query=None, user_city=None, timestamp=None, clicks=None, **_) -> list[float]:
+        texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]  # plain or conversational
+        return [self.score(q, c, u, t, k) for q, c, u, t, k in zip(query, texts, user_city, timestamp, clicks, strict=True)]

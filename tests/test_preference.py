@@ -1,0 +1,131 @@
+"""DPO and GRPO plumbing on a tiny in-process model: training queries from the click log, pairs, the pair
+file check, and a policy that moves after a step (LoRA weights and log-probabilities of sampled parses)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from querytune.cli import app
+from querytune.generate import Parser
+from querytune.model import load_merged, load_model_meta
+from querytune.preference import build_pairs, click_targets, load_pairs, train_dpo, train_grpo
+from querytune.schema import load_schema, normalize_text
+from querytune.sft import train_sft
+from tests.test_sft import ROWS, TINY
+
+SCHEMA = load_schema()
+LORA = {"lora_r": 4, "lora_alpha": 8, "warmup_steps": 0, "bf16": False, "max_minutes": None}
+
+
+@pytest.fixture(scope="module")
+def tiny_sft(tiny_base, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sft")
+    train_sft(ROWS, SCHEMA, out, str(tiny_base), TINY | {"max_steps": 2}, say=lambda _: None)
+    return out
+
+
+def completion_logprob(model, tokenizer, prompt: str, completion: str) -> float:
+    ids = tokenizer(prompt + completion + tokenizer.eos_token, return_tensors="pt", add_special_tokens=False).input_ids
+    n_prompt = len(tokenizer(prompt, add_special_tokens=False).input_ids)
+    with torch.no_grad():
+        logits = model(ids).logits[0, :-1].float().log_softmax(-1)
+    target = ids[0, 1:]
+    return float(logits[n_prompt - 1:].gather(1, target[n_prompt - 1:, None]).sum())
+
+
+def lora_b_moved(folder: Path) -> bool:
+    weights = load_file(folder / "adapter_model.safetensors")
+    return any(w.abs().sum() > 0 for k, w in weights.items() if "lora_B" in k)
+
+
+def test_click_targets_come_from_the_early_log_outside_the_seed(small_world):
+    targets = click_targets(small_world, 50, seed=1)
+    seed_texts = {normalize_text(json.loads(line)["text"]) for line in (small_world / "seed.jsonl").read_text().splitlines()}
+    log = pd.read_parquet(small_world / "log.parquet")
+    early = set(log.loc[log["period"] == "early", "query"].map(normalize_text))
+    assert len(targets) == 50
+    assert all(normalize_text(t["query"]) in early and normalize_text(t["query"]) not in seed_texts for t in targets)
+    assert all(t["clicks"] and all(n >= 1 for n in t["clicks"].values()) for t in targets)
+    shuffled = click_targets(small_world, 50, seed=1, shuffle_clicks=True)
+    assert [t["query"] for t in shuffled] == [t["query"] for t in targets]
+    assert sorted(map(json.dumps, (t["clicks"] for t in shuffled))) == sorted(map(json.dumps, (t["clicks"] for t in targets)))
+    assert sum(a["clicks"] != b["clicks"] for a, b in zip(targets, shuffled)) > 40
+
+
+class ByLength:
+    """Scores a completion by its length, less for spaces (the edge of a unit test: any reward with spread will do)."""
+
+    __name__ = "by_length"
+    calls = search_calls = 0
+
+    def score(self, query, completion, user_city, timestamp, clicks):
+        return min(1.0, len(completion) / 100) - 0.05 * completion.count(" ")
+
+    def __call__(self, prompts=None, completions=None, query=None, user_city=None, timestamp=None, clicks=None, **_):
+        return [self.score(q, c, u, t, k) for q, c, u, t, k in zip(query, completions, user_city, timestamp, clicks)]
+
+
+def test_pairs_keep_only_clear_preferences():
+    targets = [{"query": "thai", "user_city": "austin", "timestamp": "2026-09-01T12:00:00", "clicks": {"b": 1}}] * 2
+    long_ = '{"intent":"find_business","slots":{"category":"restaurant","cuisine":"thai","price":"cheap"}}'
+    short = '{"intent":"find_business","slots":{}}'
+    pairs = build_pairs(targets, [[long_, short, "junk"], [short, short]], ByLength(), min_gap=0.2, per_query=2)
+    assert len(pairs) == 2  # the second query has one distinct candidate: no pair
+    assert (pairs["chosen"] == long_).all() and set(pairs["rejected"]) == {short, "junk"}
+    assert (pairs["chosen_score"] - pairs["rejected_score"] >= 0.2).all()
+
+
+def test_a_pair_file_with_equal_scores_is_rejected(tmp_path):
+    path = tmp_path / "pairs.parquet"
+    pd.DataFrame([{"query": "q", "chosen": "a", "rejected": "b", "chosen_score": 0.5, "rejected_score": 0.5}]).to_parquet(path)
+    with pytest.raises(ValueError, match=r"row 0: chosen_score 0.5 is not above rejected_score 0.5"):
+        load_pairs(path)
+    result = CliRunner().invoke(app, ["train", "dpo", "--init", "x", "--world", "w", "--index", "i", "--out", str(tmp_path / "o"),
+                                      "--pairs", str(path)])
+    assert result.exit_code == 2 and "not a querytune model folder" in result.output
+
+
+def test_dpo_step_moves_the_policy_towards_the_chosen(tiny_sft, tmp_path):
+    parser = Parser(tiny_sft)
+    chosen = '{"intent":"find_business","slots":{"category":"restaurant","cuisine":"thai"}}'
+    rejected = '{"intent":"out_of_scope","slots":{}}'
+    pairs = pd.DataFrame([{"query": "cheap thai near me", "chosen": chosen, "rejected": rejected, "chosen_score": 0.9, "rejected_score": 0.0}] * 8)
+    prompt = parser.prompts(["cheap thai near me"])[0]
+    before = completion_logprob(parser.model, parser.tokenizer, prompt, chosen) - completion_logprob(parser.model, parser.tokenizer, prompt, rejected)
+    out = tmp_path / "dpo"
+    summary = train_dpo(pairs, tiny_sft, out, LORA | {"max_steps": 3, "epochs": 1.0, "batch_size": 4, "lr": 5e-3, "beta": 0.1},
+                        say=lambda _: None)
+    assert summary["steps"] == 3 and lora_b_moved(out)
+    meta, _ = load_model_meta(out)
+    assert meta["stage"] == "dpo" and meta["init_adapters"] == ["init/0"]
+    tuned = load_merged(out)
+    after = completion_logprob(tuned, parser.tokenizer, prompt, chosen) - completion_logprob(tuned, parser.tokenizer, prompt, rejected)
+    assert after > before
+    logged = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    assert {"margin", "logp_chosen", "logp_rejected"} <= set(logged[-1])
+    Parser(out).parse(["cheap thai"])  # the tuned folder loads and parses like any model folder
+
+
+def test_grpo_step_changes_lora_and_sampled_logprobs(tiny_sft, small_world, tmp_path):
+    targets = click_targets(small_world, 8, seed=0)
+    parser = Parser(tiny_sft)
+    samples = parser.sample([t["query"] for t in targets[:2]], k=2, seed=0)
+    prompts = parser.prompts([t["query"] for t in targets[:2]])
+    before = [completion_logprob(parser.model, parser.tokenizer, p, s) for p, ss in zip(prompts, samples) for s in ss]
+    out = tmp_path / "grpo"
+    summary = train_grpo(targets, ByLength(), tiny_sft, out,
+                         LORA | {"max_steps": 2, "batch_size": 4, "num_generations": 4, "temperature": 1.0, "lr": 5e-3, "beta": 0.04},
+                         say=lambda _: None)
+    assert summary["steps"] == 2 and lora_b_moved(out)
+    tuned = load_merged(out)
+    after = [completion_logprob(tuned, parser.tokenizer, p, s) for p, ss in zip(prompts, samples) for s in ss]
+    assert max(abs(a - b) for a, b in zip(after, before)) > 1e-4
+    logged = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    assert {"reward", "reward_std", "no_signal", "completion_len"} <= set(logged[-1])
