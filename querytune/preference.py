@@ -28,17 +28,17 @@ from querytune.sft import LORA_TARGETS, StepLog
 DPO_PRESETS: dict[str, dict[str, Any]] = {
     # quick: <= 15 minutes on 2 CPU cores (sampling ~4, scoring <1, training <= 7)
     "quick": {"queries": 480, "k": 4, "temperature": 0.8, "sft_weight": 0.5, "min_gap": 0.2, "pairs_per_query": 2, "epochs": 1.0,
-              "max_steps": -1, "batch_size": 8, "lr": 3e-4, "beta": 0.1, "lora_r": 16, "lora_alpha": 32, "warmup_steps": 5,
+              "max_steps": -1, "batch_size": 8, "lr": 1e-4, "beta": 0.3, "lora_r": 16, "lora_alpha": 32, "warmup_steps": 5,
               "bf16": True, "max_minutes": 7.0},
     "full": {"queries": 4000, "k": 8, "temperature": 0.8, "sft_weight": 0.5, "min_gap": 0.2, "pairs_per_query": 3, "epochs": 2.0,
-             "max_steps": -1, "batch_size": 16, "lr": 2e-4, "beta": 0.1, "lora_r": 16, "lora_alpha": 32, "warmup_steps": 10,
+             "max_steps": -1, "batch_size": 16, "lr": 1e-4, "beta": 0.3, "lora_r": 16, "lora_alpha": 32, "warmup_steps": 10,
              "bf16": True, "max_minutes": None},
 }
 GRPO_PRESETS: dict[str, dict[str, Any]] = {
     # quick: <= 20 minutes on 2 CPU cores; 4 queries x 8 samples per step
-    "quick": {"queries": 1200, "max_steps": 120, "num_generations": 8, "batch_size": 32, "temperature": 1.0, "lr": 3e-4,
+    "quick": {"queries": 1200, "max_steps": 90, "num_generations": 8, "batch_size": 32, "temperature": 0.8, "lr": 2e-4,
               "beta": 0.04, "lora_r": 16, "lora_alpha": 32, "warmup_steps": 5, "bf16": True, "max_minutes": 16.0},
-    "full": {"queries": 6000, "max_steps": 600, "num_generations": 8, "batch_size": 64, "temperature": 1.0, "lr": 2e-4,
+    "full": {"queries": 6000, "max_steps": 600, "num_generations": 8, "batch_size": 64, "temperature": 0.8, "lr": 2e-4,
              "beta": 0.04, "lora_r": 16, "lora_alpha": 32, "warmup_steps": 10, "bf16": True, "max_minutes": None},
 }
 NO_SIGNAL_WARN = 0.6  # GRPO: warn when this share of groups, averaged over the last 10 steps, has all-equal rewards
