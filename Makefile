@@ -31,6 +31,8 @@ demo: venv
 	    --predictions $(RUN)/$$stage/predictions_test.jsonl || exit 1; done
 	$(BIN)/querytune eval retrieval --world $(RUN)/world --index $(RUN)/index --out $(RUN)/retrieval.json --baseline sft \
 	  --model sft=$(RUN)/sft/predictions_test.jsonl --model dpo=$(RUN)/dpo/predictions_test.jsonl --model grpo=$(RUN)/grpo/predictions_test.jsonl
+	$(BIN)/querytune eval stages --retrieval $(RUN)/retrieval.json --data $(RUN)/world/test.jsonl --out $(RUN)/stages.json \
+	  --stage sft=$(RUN)/sft --stage dpo=$(RUN)/dpo --stage grpo=$(RUN)/grpo
 
 # the two controls of preference tuning (after `make demo`): SFT continued for DPO's number of steps, and DPO on
 # pairs scored against clicks shuffled across queries; both should gain nothing over SFT
@@ -43,6 +45,8 @@ controls: venv
 	    --predictions $(RUN)/$$stage/predictions_test.jsonl || exit 1; done
 	$(BIN)/querytune eval retrieval --world $(RUN)/world --index $(RUN)/index --out $(RUN)/retrieval_controls.json --baseline sft \
 	  $(foreach s,sft dpo grpo sft_more dpo_shuffled,--model $(s)=$(RUN)/$(s)/predictions_test.jsonl)
+	$(BIN)/querytune eval stages --retrieval $(RUN)/retrieval_controls.json --data $(RUN)/world/test.jsonl --out $(RUN)/stages_controls.json \
+	  $(foreach s,sft dpo grpo sft_more dpo_shuffled,--stage $(s)=$(RUN)/$(s))
 
 test: venv
 	$(BIN)/python -m pytest -rA

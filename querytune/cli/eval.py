@@ -162,3 +162,52 @@ def parse(
     table.add_row(*(f"{metrics[k]:.3f}" if k != "queries_per_second" else f"{metrics[k]:.1f}" for k in keys))
     out_console.print(table)
     out_console.print(f"wrote {out}")
+
+
+@app.command()
+def stages(
+    retrieval_report: Path = typer.Option(..., "--retrieval", help="JSON from `eval retrieval --baseline ...` with every stage's predictions."),
+    stage: list[str] = typer.Option(..., "--stage", help="NAME=MODEL_DIR of a stage whose `parse_test.json` and `predictions_test.jsonl` exist (repeatable, in order)."),
+    data: Path = typer.Option(..., "--data", help="The labeled file the stages were scored on (its phrasing_in_seed flags split the table)."),
+    out: Path = typer.Option(None, "--out", help="Also write the table as JSON here."),
+) -> None:
+    """One table with every stage: parse metrics and retrieval, overall and split by whether the seed covers the phrasing."""
+    from querytune.parse_eval import parse_metrics, ungrounded_share
+    from querytune.retrieval_eval import load_rows
+    from querytune.schema import load_schema
+
+    with user_errors():
+        report = json.loads(retrieval_report.read_text())
+        flags = {r["id"]: r.get("phrasing_in_seed") for r in load_rows(data)}
+        vs = report.get("vs_baseline", {"systems": {}, "baseline": None})
+        table_rows = {}
+        for spec in stage:
+            name, _, folder = spec.partition("=")
+            folder = Path(folder)
+            if not (folder / "predictions_test.jsonl").is_file():
+                raise UserError(f"--stage {spec}: {folder / 'predictions_test.jsonl'} not found (run `eval parse --predictions` first)")
+            if name not in report:
+                raise UserError(f"--stage {name}: not a system of {retrieval_report}")
+            preds = [json.loads(line) for line in (folder / "predictions_test.jsonl").read_text().splitlines()]
+            schema = load_schema(folder / "schema.yaml")
+            row = {"ndcg@10": report[name]["ndcg@10"], "vs_baseline": vs["systems"].get(name)}
+            for part, want in (("all", None), ("covered", True), ("uncovered", False)):
+                sub = [p for p in preds if want is None or flags.get(p["id"]) is want]
+                m = parse_metrics([p["gold"] for p in sub], [p["pred"] if p["valid"] else None for p in sub])
+                row[part] = {"n": m["n"], "intent_accuracy": m["intent_accuracy"], "slot_f1": m["slot_f1"],
+                             "frame_exact_match": m["frame_exact_match"], "validity": m["validity"]}
+            row["ungrounded_text_values"] = ungrounded_share([p["text"] for p in preds], [p["pred"] for p in preds], schema)
+            table_rows[name] = row
+    table = Table(title=f"every stage on {data.name}" + (f" (NDCG difference vs {vs['baseline']}, paired bootstrap 95% CI)" if vs["baseline"] else ""))
+    for col in ("stage", "intent", "slot F1", "frame EM", "F1 covered", "F1 uncovered", "ungrounded", "NDCG@10", "vs baseline [95% CI]", "covered", "uncovered"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for name, r in table_rows.items():
+        d = r["vs_baseline"]
+        table.add_row(name, f"{r['all']['intent_accuracy']:.3f}", f"{r['all']['slot_f1']:.3f}", f"{r['all']['frame_exact_match']:.3f}",
+                      f"{r['covered']['slot_f1']:.3f}", f"{r['uncovered']['slot_f1']:.3f}", f"{r['ungrounded_text_values']:.3f}",
+                      f"{r['ndcg@10']:.3f}", f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" if d else "",
+                      f"{d['covered']:+.3f}" if d else "", f"{d['uncovered']:+.3f}" if d else "")
+    out_console.print(table)
+    if out:
+        out.write_text(json.dumps(table_rows, indent=2) + "\n")
+        out_console.print(f"wrote {out}")
