@@ -154,6 +154,18 @@ def _save(trainer, tokenizer, init: Path, out: Path, schema: Schema, meta: dict,
                                   "init": str(init), "max_new_tokens": meta.get("max_new_tokens", 64)})
 
 
+def _train_and_save(trainer, tokenizer, init: Path, out: Path, schema: Schema, meta: dict, stage: str):
+    """Train (StepLog prints instead of the default printer), save the folder; the result, seconds and step log."""
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    start = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - start
+    _save(trainer, tokenizer, init, out, schema, meta, stage)
+    return result, seconds, [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+
+
 # -- DPO -----------------------------------------------------------------------------------------------
 def sample_candidates(init: Path, targets: list[dict], k: int, temperature: float, seed: int, say=print) -> list[list[str]]:
     """The init model's greedy parse plus `k` samples per query (free decoding: the policy as it is)."""
@@ -176,7 +188,6 @@ def sample_candidates(init: Path, targets: list[dict], k: int, temperature: floa
 def train_dpo(pairs: pd.DataFrame, init: Path, out: Path, preset: dict[str, Any], seed: int = 0, say=print) -> dict[str, Any]:
     import torch
     from datasets import Dataset
-    from transformers import PrinterCallback
     from trl import DPOConfig, DPOTrainer
 
     torch.manual_seed(seed)
@@ -200,12 +211,7 @@ def train_dpo(pairs: pd.DataFrame, init: Path, out: Path, preset: dict[str, Any]
     )
     trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=lora,
                          callbacks=[log.callback])
-    trainer.remove_callback(PrinterCallback)
-    start = time.perf_counter()
-    result = trainer.train()
-    seconds = time.perf_counter() - start
-    _save(trainer, tokenizer, init, out, schema, meta, "dpo")
-    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    result, seconds, steps = _train_and_save(trainer, tokenizer, init, out, schema, meta, "dpo")
     return {"stage": "dpo", "init": str(init), "pairs": len(pairs), "steps": result.global_step, "train_seconds": round(seconds, 1),
             "seconds_per_step": round(seconds / max(1, result.global_step), 2), "final_loss": steps[-1]["loss"] if steps else None,
             "margin_start": steps[0].get("margin") if steps else None, "margin_end": steps[-1].get("margin") if steps else None}
@@ -216,7 +222,6 @@ def train_grpo(targets: list[dict], reward: RetrievalReward, init: Path, out: Pa
                say=print) -> dict[str, Any]:
     import torch
     from datasets import Dataset
-    from transformers import PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
 
     torch.manual_seed(seed)
@@ -251,12 +256,7 @@ def train_grpo(targets: list[dict], reward: RetrievalReward, init: Path, out: Pa
     )
     trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=data, processing_class=tokenizer,
                           peft_config=lora, callbacks=[log.callback])
-    trainer.remove_callback(PrinterCallback)
-    start = time.perf_counter()
-    result = trainer.train()
-    seconds = time.perf_counter() - start
-    _save(trainer, tokenizer, init, out, schema, meta, "grpo")
-    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    result, seconds, steps = _train_and_save(trainer, tokenizer, init, out, schema, meta, "grpo")
     head, tail = steps[: max(1, len(steps) // 10)], steps[-max(1, len(steps) // 10):]
     mean = lambda rows, k: round(sum(r.get(k, 0.0) for r in rows) / len(rows), 4)  # noqa: E731
     return {"stage": "grpo", "init": str(init), "queries": len(targets), "steps": result.global_step,
