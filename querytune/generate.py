@@ -4,7 +4,8 @@
 
 Left padding, KV cache, greedy decoding, batches sorted by prompt length; optionally constrained to the
 schema's JSON (`constrained=True`, see querytune/constrain.py). Every output is validated against
-the schema: an invalid output is returned as invalid (with the reason), never raised. The confidence of a
+the schema: an invalid output is returned as invalid (with the reason), never raised; values of the
+schema's `grounded` slots that the query does not write are dropped (and kept in `Prediction.ungrounded`). The confidence of a
 parse is the probability of the whole generated sequence, exp(sum of token log-probabilities).
 """
 
@@ -26,6 +27,7 @@ class Prediction:
     confidence: float
     raw: str  # what the model generated
     error: str | None = None
+    ungrounded: dict[str, Any] | None = None  # values of grounded slots the query does not write, dropped
 
 
 class Parser:
@@ -122,7 +124,7 @@ class Parser:
         if not finished:
             return Prediction(text, None, False, confidence, raw, f"output cut at {self.max_new_tokens} tokens")
         try:
-            parse = self.schema.parse(raw)
+            parse, dropped = self.schema.ground(self.schema.parse(raw), text)
         except ParseError as e:
             return Prediction(text, None, False, confidence, raw, str(e))
-        return Prediction(text, parse.to_dict(), True, confidence, raw)
+        return Prediction(text, parse.to_dict(), True, confidence, raw, ungrounded=dropped or None)

@@ -101,3 +101,12 @@ def ungrounded_share(texts: list[str], preds: list[dict[str, Any] | None], schem
                 total += 1
                 missing += normalize_text(str(value)) not in normalize_text(text)
     return round(missing / total, 4) if total else 0.0
+
+
+def grounding_dropped(preds, schema) -> dict[str, float]:
+    """How many values of the schema's grounded slots the model wrote that its query does not (dropped by
+    the parser, see `Schema.ground`), and their share of all grounded-slot values it wrote."""
+    grounded = {s.name for s in schema.slots.values() if s.grounded}
+    dropped = sum(len(p.ungrounded or {}) for p in preds)
+    kept = sum(k in grounded for p in preds if p.parse for k in p.parse["slots"])
+    return {"values": dropped, "share": round(dropped / (dropped + kept), 4) if dropped + kept else 0.0}

@@ -9,8 +9,9 @@ A completion earns:
   that fits the schema: broken JSON, repeated keys (two "intent"s, a slot twice), an intent or slot the
   schema lacks, a value outside a slot's list, text after the object, or more than `max_chars` characters;
 - 0.0 for an intent that takes no slots (out of scope: no search runs), and when a name slot (a free-text slot that drives the "what" of the search, e.g. `business_name`)
-  holds a value that does not occur in the query: the model must not learn to emit the clicked
-  business's name;
+  holds a value that the query does not write (up to typos, `querytune.schema.is_grounded`), and likewise
+  for the schema's `grounded` slots: the model must not learn to emit the clicked business's name or
+  a made-up neighbourhood;
 - otherwise NDCG@k of its structured search against the query's clicks, in [0, 1]. Clicks are graded:
   a clicked business is grade 1, and grade 2 when it holds at least half the clicks of the query's most
   clicked business (and two or more clicks): what many users picked counts most.
@@ -25,7 +26,7 @@ from datetime import datetime
 from typing import Any
 
 from querytune.metrics import ndcg_at_k
-from querytune.schema import ParseError, Schema, normalize_text
+from querytune.schema import ParseError, Schema, is_grounded
 
 INVALID = -1.0
 
@@ -107,9 +108,8 @@ class RetrievalReward:
             return INVALID
         if self.schema.intents[parse.intent].slots == ():
             return 0.0  # an intent that takes no slots (out of scope) runs no search
-        q = normalize_text(query)
-        if any(n in parse.slots and normalize_text(str(parse.slots[n])) not in q for n in self.names):
-            return 0.0
+        if self.schema.ground(parse, query)[1] or any(n in parse.slots and not is_grounded(str(parse.slots[n]), query) for n in self.names):
+            return 0.0  # a name (or grounded value) the query does not write: made up, or the clicked business's
         if isinstance(clicks, str):
             clicks = json.loads(clicks)
         grades = click_grades(clicks)

@@ -47,6 +47,39 @@ def normalize_text(text: str) -> str:
     return " ".join(unicodedata.normalize("NFKC", text).lower().split())
 
 
+_WORD = re.compile(r"[^\W_]+")
+
+
+def _typo_distance(a: str, b: str) -> int:
+    """Edit distance counting a swap of neighbours as one edit (optimal string alignment)."""
+    prev2, prev = [], list(range(len(b) + 1))
+    for i in range(1, len(a) + 1):
+        row = [i] + [0] * len(b)
+        for j in range(1, len(b) + 1):
+            row[j] = min(prev[j] + 1, row[j - 1] + 1, prev[j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                row[j] = min(row[j], prev2[j - 2] + 1)
+        prev2, prev = prev, row
+    return prev[-1]
+
+
+def is_grounded(value: str, text: str) -> bool:
+    """Whether the query writes `value`: each of its words is a word of the query, up to the typos people
+    make (one edit in words of 4-6 letters, two in longer ones; a swap of neighbours counts as one).
+
+    >>> is_grounded("la jolla", "thai in la joela"), is_grounded("the rustic fork", "the rustci fork hours")
+    (True, True)
+    >>> is_grounded("williamsburg", "wellness vision bos hours"), is_grounded("chelsea", "yoga appt today chi")
+    (False, False)
+    """
+    words = _WORD.findall(normalize_text(text))
+    for w in _WORD.findall(normalize_text(value)):
+        limit = 0 if len(w) <= 3 else 1 if len(w) <= 6 else 2
+        if not any(abs(len(w) - len(q)) <= limit and _typo_distance(w, q) <= limit for q in words):
+            return False
+    return True
+
+
 @dataclass(frozen=True)
 class Slot:
     name: str
@@ -56,6 +89,7 @@ class Slot:
     aliases: dict[str, str] = field(default_factory=dict)  # normalised alias -> canonical value
     filter: str | None = None  # which retrieval filter this slot drives, see FILTERS
     attribute: str | None = None  # for filter == "attribute": the catalog attribute column
+    grounded: bool = False  # the value must be written in the query (see `is_grounded`)
 
     def canonical(self, value: Any) -> Any:
         """Canonical form of one value, or ParseError."""
@@ -137,6 +171,8 @@ class Schema:
                 d["aliases"] = dict(sorted(s.aliases.items()))
             if s.filter:
                 d["filter"] = s.filter if s.filter != "attribute" else f"attribute:{s.attribute}"
+            if s.grounded:
+                d["grounded"] = True
             slots.append(d)
         intents = []
         for i in self.intents.values():
@@ -177,6 +213,22 @@ class Schema:
                 continue  # an explicit null means "not said"
             slots[name] = self.slots[name].canonical(value)
         return Parse(intent, dict(sorted(slots.items())))
+
+    def ground(self, parse: Parse, text: str) -> tuple[Parse, dict[str, Any]]:
+        """Drop the values of `grounded` slots that the query does not write (see `is_grounded`).
+
+        Returns the grounded parse and the dropped values. A model that reads "harmony care" as
+        neighbourhood "harmony" or invents "williamsburg" for "bos hours" loses that slot, not the parse.
+        """
+        kept, dropped = {}, {}
+        for name, value in parse.slots.items():
+            slot = self.slots[name]
+            forms = [str(value)] + [a for a, v in slot.aliases.items() if v == value]
+            if not slot.grounded or any(is_grounded(f, text) for f in forms):
+                kept[name] = value
+            else:
+                dropped[name] = value
+        return Parse(parse.intent, kept), dropped
 
     def json_schema(self) -> dict[str, Any]:
         """JSON schema of a parse, for constrained decoding."""
@@ -221,7 +273,7 @@ def _slot(d: Any, where: str) -> Slot:
         raise SchemaError(f"{where}: expected a mapping")
     name = _name(d, where)
     where = f"{where} ({name})"
-    unknown = set(d) - {"name", "type", "description", "values", "aliases", "filter"}
+    unknown = set(d) - {"name", "type", "description", "values", "aliases", "filter", "grounded"}
     if unknown:
         raise SchemaError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
     type_ = _req(d, "type", where)
@@ -257,9 +309,15 @@ def _slot(d: Any, where: str) -> Slot:
                 raise SchemaError(f"{where}.filter: 'attribute:' needs a column name")
         if filter_ not in FILTERS:
             raise SchemaError(f"{where}.filter: {filter_!r} is not one of {', '.join(FILTERS)}")
+    grounded = d.get("grounded", False)
+    if not isinstance(grounded, bool):
+        raise SchemaError(f"{where}.grounded: expected true or false, got {grounded!r}")
+    if grounded and type_ not in ("categorical", "text"):
+        raise SchemaError(f"{where}.grounded: only categorical and text slots can be grounded")
     return Slot(
         name=name, type=type_, description=str(d.get("description", "")), values=values,
         aliases={normalize_text(str(k)): str(v) for k, v in aliases.items()}, filter=filter_, attribute=attribute,
+        grounded=grounded,
     )
 
 

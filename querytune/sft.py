@@ -108,7 +108,9 @@ def train_sft(rows: list[LabeledRow], schema: Schema, out: Path, base: str | Non
         warmup_steps=preset["warmup_steps"], logging_steps=1, save_strategy="no", report_to=[], seed=seed,
         max_length=max(lengths) + 1, completion_only_loss=True, packing=False, use_cpu=not torch.cuda.is_available(),
         bf16=preset.get("bf16", False), include_num_input_tokens_seen="all", disable_tqdm=True, dataloader_num_workers=0,
-        train_sampling_strategy="group_by_length",  # batches of like lengths: little compute spent on padding
+        # not train_sampling_strategy="group_by_length": measured 13% faster per step, but batches of one length
+        # reweight the completion-only loss toward short parses and the model learned to stop after the
+        # first slot (world seed 0 test: slot F1 0.727 against 0.870, 2026-11-24)
     )
     lora = LoraConfig(r=preset["lora_r"], lora_alpha=preset["lora_alpha"], lora_dropout=0.05, task_type="CAUSAL_LM",
                       target_modules=[m for m in LORA_TARGETS if any(n.endswith(m) for n, _ in model.named_modules())] or "all-linear")

@@ -90,6 +90,27 @@ def test_alias_to_mixed_case_value():
     assert schema.parse({"intent": "find", "slots": {"city": "new york"}}).slots == {"city": "New York"}
 
 
+@pytest.mark.parametrize("slots, text, kept, dropped", [
+    ({"city": "new york", "neighborhood": "soho"}, "bars nyc soho", {"city": "new york", "neighborhood": "soho"}, {}),  # alias
+    ({"neighborhood": "la jolla"}, "restaurant in la joela", {"neighborhood": "la jolla"}, {}),  # one typo
+    ({"business_name": "the rustic fork"}, "the rustci fork hours", {"business_name": "the rustic fork"}, {}),  # swap
+    ({"city": "boston", "neighborhood": "williamsburg"}, "wellness vision bos hours", {"city": "boston"}, {"neighborhood": "williamsburg"}),
+    ({"neighborhood": "chelsea", "category": "yoga_studio"}, "need a yoga appt today chi", {"category": "yoga_studio"}, {"neighborhood": "chelsea"}),
+    ({"business_name": "tony's pizza"}, "pizza near me", {}, {"business_name": "tony's pizza"}),  # made-up name
+    ({"business_name": "joe"}, "joes bar", {}, {"business_name": "joe"}),  # short words must match exactly
+])
+def test_ground_drops_values_the_query_does_not_write(schema, slots, text, kept, dropped):
+    intent = "find_named_business" if "business_name" in slots else "find_business"
+    parse, got = schema.ground(schema.parse({"intent": intent, "slots": slots}), text)
+    assert (parse.intent, parse.slots, got) == (intent, kept, dropped)
+
+
+def test_ground_keeps_everything_in_ungrounded_schemas():
+    schema = schema_from_dict({"intents": [{"name": "find"}], "slots": [{"name": "b", "type": "text"}]})
+    parse = schema.parse({"intent": "find", "slots": {"b": "elsewhere"}})
+    assert schema.ground(parse, "a query") == (parse, {})
+
+
 @pytest.mark.parametrize("text, field", [
     ("intents: [{name: find}]\nslots: [{name: b}]\n", r"slots\[0\] \(b\): missing field 'type'"),
     ("intents: [{name: find}]\nslots: [{name: b, type: colour}]\n", r"slots\[0\] \(b\)\.type: 'colour'"),
@@ -101,6 +122,8 @@ def test_alias_to_mixed_case_value():
     ("intents: [{name: find}]\nslots: [{name: b, type: text, filter: colour}]\n", r"slots\[0\] \(b\)\.filter: 'colour'"),
     ("intents: [{name: find}]\nslots: [{name: b, type: categorical, values: [X, x]}]\n", r"\(b\)\.values: duplicate"),
     ("intents: [{name: find}]\nslots: [{name: 2b, type: text}]\n", r"slots\[0\]\.name"),
+    ("intents: [{name: find}]\nslots: [{name: b, type: boolean, grounded: true}]\n", r"\(b\)\.grounded: only categorical"),
+    ("intents: [{name: find}]\nslots: [{name: b, type: text, grounded: maybe}]\n", r"\(b\)\.grounded: expected true or false"),
     ("intents: [{name: find, slots: [c]}]\nslots: [{name: b, type: text}]\n", r"intents\[0\] \(find\)\.slots: 'c'"),
     ("intents: []\n", r"intents: at least one"),
     ("slots: []\n", r"missing field 'intents'"),

@@ -44,6 +44,17 @@ def test_every_labeled_row_fits_the_default_schema(small_world_master):
             assert row["user_city"] and datetime.fromisoformat(row["timestamp"])
 
 
+def test_default_schema_gazetteer_is_the_markets():
+    """Cities, their aliases and neighbourhoods in data/schema.yaml are exactly the world's: a value the
+    market can produce is never rejected, and constrained decoding cannot invent a place."""
+    from querytune.world.vocab import CITIES
+
+    slots = load_schema().slots
+    assert set(slots["city"].values) == set(CITIES)
+    assert set(slots["neighborhood"].values) == {h for _w, hoods, _a in CITIES.values() for h in hoods}
+    assert {a: c for c, (_w, _h, aliases) in CITIES.items() for a in aliases}.items() <= slots["city"].aliases.items()
+
+
 def test_time_split_and_flags(small_world_master):
     log = pd.read_parquet(small_world_master / "log.parquet")
     cut = START + pd.Timedelta(days=EARLY_DAYS)

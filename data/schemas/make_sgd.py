@@ -2,7 +2,9 @@
 
 Intents keep their description and slot list; categorical slots keep their closed values, free-text
 slots become ``type: text``. train.jsonl (read if present, next to schema.json) is used only to note
-intents without rows and to drop an intent's slot list if real rows use slots outside it. Slots that
+intents without rows, to drop an intent's slot list if real rows use slots outside it, and to mark a
+free-text slot `grounded` when its labels are written in the request (GROUNDED_SHARE of at least
+GROUNDED_MIN_ROWS rows). Slots that
 no intent takes and no row uses are left out. Anything adjusted is printed and noted in the header.
 
     python data/schemas/make_sgd.py [--source ../shared/datasets/sgd-local] [--out data/schemas/sgd.yaml]
@@ -21,12 +23,13 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-from querytune.schema import normalize_text  # noqa: E402
+from querytune.schema import is_grounded, normalize_text  # noqa: E402
 
 NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 WHAT = {"cuisine", "restaurant_name", "hotel_name", "attraction_name", "event_name", "movie_name",
         "theater_name", "provider_name"}  # names and kinds: embedded as the search's "what" text
 FILTERS = {"city": "city", **{s: "what" for s in WHAT}}  # price_range: SGD's levels are not our price's
+GROUNDED_SHARE, GROUNDED_MIN_ROWS = 0.98, 20
 HEADER = """\
 # querytune schema for sgd-local: first user turns of Google's Schema-Guided Dialogue dataset (SGD),
 # restricted to 11 local-service services (restaurants, salons, dentists, doctors, hotels, house rentals,
@@ -88,6 +91,11 @@ def build(source: dict, rows: list[dict] | None) -> tuple[dict, list[str]]:
         d = {"name": rename[s["name"]], "type": "categorical" if s["is_categorical"] else "text"}
         if s["name"] in FILTERS:
             d["filter"] = FILTERS[s["name"]]
+        labels = [(r["text"], str(r["slots"][s["name"]])) for r in rows or [] if s["name"] in r["slots"]]
+        written = sum(is_grounded(v, text) for text, v in labels)
+        if not s["is_categorical"] and len(labels) >= GROUNDED_MIN_ROWS and written >= GROUNDED_SHARE * len(labels):
+            d["grounded"] = True
+            notes.append(f"slot {s['name']!r} grounded: {written} of its {len(labels)} labels are written in the request")
         d["description"] = s["description"]
         if s["is_categorical"]:
             values, seen = [], {}

@@ -124,7 +124,7 @@ def parse(
 
     from querytune.generate import Parser
     from querytune.labeled import load_labeled
-    from querytune.parse_eval import parse_metrics, ungrounded_share
+    from querytune.parse_eval import grounding_dropped, parse_metrics, ungrounded_share
     from querytune.schema import load_schema
 
     with user_errors():
@@ -145,6 +145,7 @@ def parse(
     golds = [{"intent": r.intent, "slots": r.slots} for r in rows]
     metrics = parse_metrics(golds, [p.parse for p in preds])
     metrics |= {"ungrounded_text_values": ungrounded_share([r.text for r in rows], [p.parse for p in preds], parser.schema),
+                "grounding_dropped": grounding_dropped(preds, parser.schema),
                 "queries_per_second": round(len(rows) / seconds, 2), "rejected_rows": len(rejects),
                 "model": str(model), "data": str(data), "schema_version": parser.schema.version,
                 "decoding": {"greedy": True, "constrained": constrained, "max_new_tokens": parser.max_new_tokens}}
@@ -154,7 +155,8 @@ def parse(
         with open(predictions, "w", encoding="utf-8") as f:
             for r, g, p in zip(rows, golds, preds):
                 f.write(json.dumps({"id": r.id, "text": r.text, "gold": g, "pred": p.parse, "valid": p.valid,
-                                    "confidence": round(p.confidence, 5), **({"error": p.error, "raw": p.raw} if p.error else {})}, ensure_ascii=False) + "\n")
+                                    "confidence": round(p.confidence, 5), **({"error": p.error, "raw": p.raw} if p.error else {}),
+                                    **({"ungrounded": p.ungrounded} if p.ungrounded else {})}, ensure_ascii=False) + "\n")
     table = Table(title=f"parse metrics: {model.name} on {data.name} (n={metrics['n']})")
     keys = ("intent_accuracy", "slot_precision", "slot_recall", "slot_f1", "frame_exact_match", "validity", "queries_per_second")
     for key in keys:
