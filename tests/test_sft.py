@@ -63,6 +63,17 @@ def test_parser_returns_a_defined_result_for_every_input(tiny_base, tmp_path):
             assert p.error
 
 
+def test_parser_drops_values_the_query_does_not_write():
+    parser = Parser.__new__(Parser)  # only the validation step: no model needed
+    parser.schema, parser.max_new_tokens = SCHEMA, 64
+    raw = '{"intent":"find_business","slots":{"category":"yoga_studio","neighborhood":"chelsea"}}'
+    pred = parser._validate("need a yoga appt today chi", raw, 0.0, finished=True)
+    assert pred.valid and pred.parse == {"intent": "find_business", "slots": {"category": "yoga_studio"}}
+    assert pred.ungrounded == {"neighborhood": "chelsea"}
+    kept = parser._validate("yoga in chelsea", raw, 0.0, finished=True)
+    assert kept.parse["slots"]["neighborhood"] == "chelsea" and kept.ungrounded is None
+
+
 def test_train_predict_and_eval_through_the_cli(tiny_base, small_world_master, tmp_path):
     model = tmp_path / "sft"
     result = CliRunner().invoke(app, ["train", "sft", "--data", str(small_world_master / "seed.jsonl"), "--out", str(model),
