@@ -11,7 +11,9 @@ A completion earns:
 - 0.0 for an intent that takes no slots (out of scope: no search runs), and when a name slot (a free-text slot that drives the "what" of the search, e.g. `business_name`)
   holds a value that the query does not write (up to typos, `querytune.schema.is_grounded`), and likewise
   for the schema's `grounded` slots: the model must not learn to emit the clicked business's name or
-  a made-up neighbourhood;
+  a made-up neighbourhood; and when a name slot names no business of the index's catalog (up to typos):
+  copying the query into `business_name` ("escape room" as a business called "escape room") would
+  otherwise turn every category search into a name search that scores like the raw query;
 - otherwise NDCG@k of its structured search against the query's clicks, in [0, 1]. Clicks are graded:
   a clicked business is grade 1, and grade 2 when it holds at least half the clicks of the query's most
   clicked business (and two or more clicks): what many users picked counts most.
@@ -26,7 +28,7 @@ from datetime import datetime
 from typing import Any
 
 from querytune.metrics import ndcg_at_k
-from querytune.schema import ParseError, Schema, is_grounded
+from querytune.schema import ParseError, Schema, is_grounded, normalize_text
 
 INVALID = -1.0
 
@@ -71,6 +73,33 @@ def name_slots(schema: Schema) -> list[str]:
     return [s.name for s in schema.slots.values() if s.type == "text" and s.filter == "what"]
 
 
+class NameBook:
+    """The business names of a catalog, to tell a name from a query copied into a name slot.
+
+    >>> book = NameBook(["The Golden Collective", "Urban Escape Room"])
+    >>> book.has("the golden collective"), book.has("the goldn collective"), book.has("escape room")
+    (True, True, False)
+    """
+
+    def __init__(self, names):
+        self.names = {normalize_text(str(n)) for n in names}
+        self.by_word: dict[str, set[str]] = {}
+        for name in self.names:
+            for word in name.split():
+                self.by_word.setdefault(word, set()).add(name)
+        self._seen: dict[str, bool] = {}
+
+    def has(self, value: str) -> bool:
+        """Whether `value` is a catalog name, up to the typos `is_grounded` allows (both ways: every word
+        of the value is in the name and every word of the name in the value)."""
+        value = normalize_text(value)
+        if value not in self._seen:
+            candidates = set().union(*(self.by_word.get(w, set()) for w in value.split())) if value else set()
+            self._seen[value] = value in self.names or any(
+                is_grounded(value, name) and is_grounded(name, value) for name in candidates)
+        return self._seen[value]
+
+
 class RetrievalReward:
     """Retrieval-success reward over a `Searcher`; see the module docstring.
 
@@ -94,6 +123,8 @@ class RetrievalReward:
     def __init__(self, searcher, schema: Schema, k: int = 10, max_chars: int = 400):
         self.searcher, self.schema, self.k, self.max_chars = searcher, schema, k, max_chars
         self.names = name_slots(schema)
+        catalog = getattr(searcher, "catalog", None)  # a Searcher has one; a stand-in in a doctest may not
+        self.known = NameBook(catalog["name"]) if catalog is not None and "name" in catalog else None
         self._searches: dict[tuple, list[str]] = {}
         self.calls = self.search_calls = 0
 
@@ -110,6 +141,8 @@ class RetrievalReward:
             return 0.0  # an intent that takes no slots (out of scope) runs no search
         if self.schema.ground(parse, query)[1] or any(n in parse.slots and not is_grounded(str(parse.slots[n]), query) for n in self.names):
             return 0.0  # a name (or grounded value) the query does not write: made up, or the clicked business's
+        if self.known is not None and any(n in parse.slots and not self.known.has(str(parse.slots[n])) for n in self.names):
+            return 0.0  # a name no business has: the query copied into a name slot
         if isinstance(clicks, str):
             clicks = json.loads(clicks)
         grades = click_grades(clicks)

@@ -75,6 +75,9 @@ def test_a_name_must_come_from_the_query(reward, small_world):
     # people mistype names; the canonical name of a mistyped query still counts as written
     typo = name[:-2] + name[-1] + name[-2] if len(name.split()[-1]) >= 4 else name
     assert reward.score(f"{typo} hours", json.dumps(named), **ctx) == 1.0
+    # the query copied into the name slot names no business: a category search in disguise earns nothing
+    copied = {"intent": "find_named_business", "slots": {"business_name": "cheap thai food"}}
+    assert reward.score("cheap thai food", json.dumps(copied), **case(reward, copied, city=city)) == 0.0
     # so does every grounded slot: a neighbourhood the query never names earns nothing
     hood = {"intent": "find_named_business", "slots": {"business_name": name, "neighborhood": business["neighborhood"]}}
     assert reward.score(f"{name} hours", json.dumps(hood), **case(reward, hood, city=city)) == 0.0
