@@ -82,14 +82,14 @@ def parse_metrics(golds: list[dict[str, Any]], preds: list[dict[str, Any] | None
 
 
 def ungrounded_share(texts: list[str], preds: list[dict[str, Any] | None], schema) -> float:
-    """Share of predicted free-text slot values (names, neighbourhoods) that do not occur in their query after
-    normalisation: values the model made up (or took from what users clicked) rather than read.
+    """Share of predicted free-text slot values (in the default schema: business names) that do not occur in
+    their query after normalisation: values the model made up (or took from what users clicked) rather than read.
 
     >>> from querytune.schema import load_schema
     >>> ungrounded_share(["joe's pizza soho", "pizza"],
     ...                  [{"intent": "find_named_business", "slots": {"business_name": "joe's pizza", "neighborhood": "soho"}},
     ...                   {"intent": "find_named_business", "slots": {"business_name": "tony's"}}], load_schema())
-    0.3333
+    0.5
     """
     from querytune.schema import normalize_text
 

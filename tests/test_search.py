@@ -46,7 +46,7 @@ def test_where_comes_from_the_parse_or_the_context(searcher):
     assert set(rows(searcher, find(searcher, {"category": "plumber"}, city="miami"))["city"]) == {"miami"}
     got = rows(searcher, find(searcher, {"category": "bar", "neighborhood": "soho", "city": "new york"}))
     assert set(got["neighborhood"]) == {"soho"}
-    assert find(searcher, {"category": "bar", "neighborhood": "atlantis"}) == []
+    assert find(searcher, {"category": "bar", "neighborhood": "harlem", "city": "austin"}) == []  # a new york neighbourhood
 
 
 def test_filters_come_first_and_relax_when_nothing_is_left(searcher):

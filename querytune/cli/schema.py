@@ -47,7 +47,9 @@ def show(
     for i in sch.intents.values():
         taken = "any" if i.slots is None else ", ".join(i.slots) or "none"
         intents.add_row(Text(i.name), Text(i.description), Text(taken))
-    slots = Table("slot", "type", "filter", "values", "grounded", title="slots")
+    slots = Table(title="slots")
+    for col in ("slot", "type", "filter", "values", "grounded"):
+        slots.add_column(col, no_wrap=col != "values")
     for s in sch.slots.values():
         filter_ = f"attribute:{s.attribute}" if s.filter == "attribute" else (s.filter or "")
         slots.add_row(Text(s.name), Text(s.type), Text(filter_), str(len(s.values)) if s.values else "", "yes" if s.grounded else "")
