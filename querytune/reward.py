@@ -123,6 +123,7 @@ class RetrievalReward:
     def __init__(self, searcher, schema: Schema, k: int = 10, max_chars: int = 400):
         self.searcher, self.schema, self.k, self.max_chars = searcher, schema, k, max_chars
         self.names = name_slots(schema)
+        self.written = set(self.names) | {s.name for s in schema.slots.values() if s.grounded}  # values the query must write
         catalog = getattr(searcher, "catalog", None)  # a Searcher has one; a stand-in in a doctest may not
         self.known = NameBook(catalog["name"]) if catalog is not None and "name" in catalog else None
         self._searches: dict[tuple, list[str]] = {}
@@ -139,7 +140,7 @@ class RetrievalReward:
             return INVALID
         if self.schema.intents[parse.intent].slots == ():
             return 0.0  # an intent that takes no slots (out of scope) runs no search
-        if self.schema.ground(parse, query)[1] or any(n in parse.slots and not is_grounded(str(parse.slots[n]), query) for n in self.names):
+        if any(not self.schema.slots[n].written_in(v, query) for n, v in parse.slots.items() if n in self.written):
             return 0.0  # a name (or grounded value) the query does not write: made up, or the clicked business's
         if self.known is not None and any(n in parse.slots and not self.known.has(str(parse.slots[n])) for n in self.names):
             return 0.0  # a name no business has: the query copied into a name slot

@@ -91,6 +91,10 @@ class Slot:
     attribute: str | None = None  # for filter == "attribute": the catalog attribute column
     grounded: bool = False  # the value must be written in the query (see `is_grounded`)
 
+    def written_in(self, value: Any, text: str) -> bool:
+        """Whether `text` writes `value` or one of its aliases (see `is_grounded`)."""
+        return any(is_grounded(form, text) for form in [str(value)] + [a for a, v in self.aliases.items() if v == value])
+
     def canonical(self, value: Any) -> Any:
         """Canonical form of one value, or ParseError."""
         where = f"slots.{self.name}"
@@ -222,9 +226,7 @@ class Schema:
         """
         kept, dropped = {}, {}
         for name, value in parse.slots.items():
-            slot = self.slots[name]
-            forms = [str(value)] + [a for a, v in slot.aliases.items() if v == value]
-            if not slot.grounded or any(is_grounded(f, text) for f in forms):
+            if not self.slots[name].grounded or self.slots[name].written_in(value, text):
                 kept[name] = value
             else:
                 dropped[name] = value
