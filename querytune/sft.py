@@ -27,9 +27,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # max_minutes stops training early on a slow machine or long examples, so the preset keeps its promise.
     "quick": {"max_steps": 280, "epochs": 1.0, "batch_size": 8, "lr": 1.5e-3, "lora_r": 32, "lora_alpha": 64, "warmup_steps": 8, "bf16": True,
               "max_minutes": 13.0},
-    # full: two passes (about an hour on the 4,269-row SGD training split)
-    "full": {"max_steps": -1, "epochs": 2.0, "batch_size": 8, "lr": 1e-3, "lora_r": 32, "lora_alpha": 64, "warmup_steps": 20, "bf16": True,
-             "max_minutes": None},
+    # full: three passes, <= 90 minutes on the 4,269-row SGD training split (3.3 s/step; max_minutes keeps the
+    # promise on a slower machine). Two passes (59 min) reached intent 0.948 / slot F1 0.900 on its held-out 20%.
+    "full": {"max_steps": -1, "epochs": 3.0, "batch_size": 8, "lr": 1e-3, "lora_r": 32, "lora_alpha": 64, "warmup_steps": 20, "bf16": True,
+             "max_minutes": 87.0},
 }
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
