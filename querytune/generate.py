@@ -93,7 +93,10 @@ class Parser:
         return results  # type: ignore[return-value]
 
     def sample(self, texts: list[str], k: int, temperature: float = 1.0, seed: int = 0, progress=None) -> list[list[str]]:
-        """`k` sampled completions per text (free decoding, as the policy would write them), raw strings."""
+        """`k` sampled completions per text (free decoding, as the policy would write them), raw strings.
+        `temperature=0`: the greedy completion (k=1), in the same bf16 free decoding."""
+        if temperature <= 0 and k != 1:
+            raise ValueError("greedy decoding (temperature 0) gives one completion per text: k must be 1")
         import torch
 
         torch.manual_seed(seed)
@@ -107,9 +110,9 @@ class Parser:
             enc = self.tokenizer([prompts[j] for j in batch], return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
             autocast = torch.autocast("cpu", dtype=torch.bfloat16) if self.device == "cpu" else torch.autocast("cuda", dtype=torch.bfloat16)
             with torch.inference_mode(), autocast:  # samples need no fp32 exactness; bf16 is ~1.6x faster on CPU
-                out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=True, temperature=temperature,
-                                          top_k=0, top_p=1.0, num_return_sequences=k, eos_token_id=self.tokenizer.eos_token_id,
-                                          pad_token_id=self.tokenizer.pad_token_id)
+                how = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
+                out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, num_return_sequences=k, **how,
+                                          eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
             new = out[:, enc["input_ids"].shape[1]:]
             for row in range(new.shape[0]):
                 results[batch[row // k]].append(self.tokenizer.decode(new[row], skip_special_tokens=True).strip())

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from querytune.cli import app
 from querytune.generate import Parser
 from querytune.model import load_merged, load_model_meta
-from querytune.preference import build_pairs, click_targets, load_pairs, train_dpo, train_grpo
+from querytune.preference import build_pairs, click_targets, load_pairs, screen, train_dpo, train_grpo
 from querytune.schema import load_schema, normalize_text
 from querytune.sft import train_sft
 from tests.test_sft import ROWS, TINY
@@ -89,6 +89,13 @@ def test_pairs_fix_the_greedy_parse_and_skip_invalid_or_unclear_ones():
     assert pairs["rejected_is_greedy"].tolist() == [True, False]
 
 
+def test_screening_keeps_queries_whose_parses_earn_different_rewards():
+    a, b = '{"intent":"find_business","slots":{}}', '{"intent":"find_business","slots":{"category":"bar"}}'
+    targets = [{"query": q, "user_city": "austin", "timestamp": "2026-09-01T12:00:00", "clicks": {"b": 1}} for q in "wxyz"]
+    kept = screen(targets, [[a, a, a], [a, b], ["", a], [b, "junk"]], ByLength())
+    assert [t["query"] for t in kept] == ["x", "z"]  # w: one parse; y: an empty sample is no candidate
+
+
 def test_a_pair_file_with_equal_scores_is_rejected(tmp_path):
     path = tmp_path / "pairs.parquet"
     pd.DataFrame([{"query": "q", "chosen": "a", "rejected": "b", "chosen_score": 0.5, "rejected_score": 0.5}]).to_parquet(path)
@@ -136,3 +143,35 @@ def test_grpo_step_changes_lora_and_sampled_logprobs(tiny_sft, small_world, tmp_
     assert max(abs(a - b) for a, b in zip(after, before)) > 1e-4
     logged = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
     assert {"reward", "reward_std", "no_signal", "completion_len"} <= set(logged[-1])
+
+
+@pytest.mark.slow
+def test_dpo_and_grpo_train_through_the_cli(tiny_sft, small_world, real_index, tmp_path):
+    """The commands end to end on the small world and a real index: DPO from a pair file, GRPO with the retrieval
+    reward online, and GRPO screening that finds no query with a signal (a random model's parses are all
+    equally bad) stopping with a message instead of training on nothing."""
+    import yaml
+
+    tiny = {"lora_r": 4, "lora_alpha": 8, "bf16": False, "max_minutes": 0}
+    common = ["--init", str(tiny_sft), "--world", str(small_world), "--index", str(real_index)]
+    pairs = tmp_path / "pairs.parquet"
+    pd.DataFrame([{"query": "cheap thai near me", "chosen": '{"intent":"find_business","slots":{"cuisine":"thai"}}',
+                   "rejected": '{"intent":"out_of_scope","slots":{}}', "chosen_score": 0.9, "rejected_score": 0.0}] * 4).to_parquet(pairs)
+    (tmp_path / "dpo.yaml").write_text(yaml.safe_dump(tiny | {"max_steps": 1, "batch_size": 2}))
+    result = CliRunner().invoke(app, ["train", "dpo", *common, "--out", str(tmp_path / "dpo"), "--pairs", str(pairs),
+                                      "--config", str(tmp_path / "dpo.yaml")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "dpo" / "summary.json").read_text())["steps"] == 1
+    (tmp_path / "grpo.yaml").write_text(yaml.safe_dump(tiny | {"queries": 8, "screen_k": 0, "max_steps": 1, "batch_size": 4, "num_generations": 4}))
+    result = CliRunner().invoke(app, ["train", "grpo", *common, "--out", str(tmp_path / "grpo"), "--config", str(tmp_path / "grpo.yaml")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "grpo" / "summary.json").read_text())
+    assert summary["steps"] == 1 and summary["screened_queries"] is None and summary["searches"] >= 0
+    result = CliRunner().invoke(app, ["train", "grpo", *common, "--out", str(tmp_path / "grpo2"), "--config", str(tmp_path / "grpo.yaml"),
+                                      "--screen-k", "2"])
+    if result.exit_code == 2:
+        assert "nothing for GRPO to learn" in result.output
+    else:
+        assert result.exit_code == 0, result.output
+        summary = json.loads((tmp_path / "grpo2" / "summary.json").read_text())
+        assert summary["screened_queries"] == 8 and 0 < summary["queries_with_signal"] <= 8

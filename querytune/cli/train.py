@@ -179,7 +179,8 @@ def grpo(
     out: Path = typer.Option(..., "--out", help="Model folder to write (adapter + its init chain, config, step log, card)."),
     preset: str = typer.Option("quick", "--preset", help="quick (<= 20 min on 2 CPU cores) or full."),
     config: Path = typer.Option(None, "--config", help="YAML with any preset key (queries, max_steps, num_generations, batch_size, lr, beta, use_vllm, ...)."),
-    queries: int = typer.Option(None, "--queries", help="Distinct logged queries to train on."),
+    queries: int = typer.Option(None, "--queries", help="Distinct logged queries to draw (and screen, when screen_k > 0)."),
+    screen_k: int = typer.Option(None, "--screen-k", help="Screen the queries first with this many samples each (plus the greedy parse) and train only on those whose parses earn different rewards; 0: no screening."),
     max_steps: int = typer.Option(None, "--max-steps", help="Optimizer steps."),
     num_generations: int = typer.Option(None, "--num-generations", help="Sampled parses per query (the group)."),
     lr: float = typer.Option(None, "--lr", help="Learning rate of the new LoRA."),
@@ -188,10 +189,10 @@ def grpo(
     seed: int = typer.Option(0, "--seed", help="Random seed."),
 ) -> None:
     """GRPO with the retrieval reward online: groups of sampled parses per logged query, advantages within each group."""
-    from querytune.preference import GRPO_PRESETS, click_targets, train_grpo
+    from querytune.preference import GRPO_PRESETS, click_targets, sample_candidates, screen, train_grpo
 
     with user_errors():
-        resolved = _preset(GRPO_PRESETS, preset, config, {"queries": queries, "max_steps": max_steps, "num_generations": num_generations,
+        resolved = _preset(GRPO_PRESETS, preset, config, {"queries": queries, "screen_k": screen_k, "max_steps": max_steps, "num_generations": num_generations,
                                                            "lr": lr, "beta": beta, "use_vllm": use_vllm})
         if resolved["batch_size"] % resolved["num_generations"]:
             raise UserError(f"batch_size {resolved['batch_size']} must be a multiple of num_generations {resolved['num_generations']}")
@@ -204,8 +205,18 @@ def grpo(
         targets = click_targets(world, resolved["queries"], seed=seed)
         if not targets:
             raise UserError(f"{world}: no clicked queries in the early log outside the seed set")
+        screened = None
+        if resolved.get("screen_k"):
+            out_console.print(f"GRPO: screening {len(targets):,} logged queries with {resolved['screen_k']} samples each")
+            candidates = sample_candidates(init, targets, resolved["screen_k"], resolved["temperature"], seed, say=out_console.print)
+            screened = len(targets)
+            targets = screen(targets, candidates, reward)
+            out_console.print(f"GRPO: {len(targets):,} of {screened:,} queries have parses with different rewards; training on those")
+            if not targets:
+                raise UserError("no screened query has parses with different rewards: nothing for GRPO to learn (raise temperature or screen_k)")
         out_console.print(f"GRPO: {len(targets):,} logged queries, {resolved['num_generations']} samples each, {resolved['max_steps']} steps")
         summary = train_grpo(targets, reward, init, out, resolved, seed=seed, say=out_console.print)
+        summary |= {"screened_queries": screened, "queries_with_signal": len(targets) if screened else None}
         summary["total_seconds"] = round(time.perf_counter() - t0, 1)
     _write_stage_card(out, summary, resolved, "GRPO (LoRA on the merged init model, TRL GRPOTrainer, retrieval reward online)")
     out_console.print(f"GRPO: {summary['steps']} steps, reward {summary['reward_start']} -> {summary['reward_end']}, "
