@@ -21,8 +21,8 @@ from typing import Any
 import pandas as pd
 
 from querytune.model import copy_adapter_chain, load_model_meta, prompt_messages
-from querytune.reward import RetrievalReward
-from querytune.schema import Schema, normalize_text
+from querytune.reward import RetrievalReward, strict_parse
+from querytune.schema import ParseError, Schema, normalize_text
 from querytune.sft import LORA_TARGETS, StepLog
 
 DPO_PRESETS: dict[str, dict[str, Any]] = {
@@ -80,15 +80,34 @@ def click_targets(world: str | Path, n: int, seed: int = 0, exclude: set[str] | 
 
 
 # -- DPO pairs -----------------------------------------------------------------------------------------
+def reads_out_of_scope(schema: Schema, completion: str) -> bool:
+    """Whether a completion is a valid parse whose intent takes no slots (out of scope: no search runs)."""
+    try:
+        parse = strict_parse(schema, completion)
+    except ParseError:
+        return False
+    return schema.intents[parse.intent].slots == ()
+
+
+def _searchable(targets: list[dict], candidates: list[list[str]], schema: Schema | None):
+    """(target, candidates) of the queries whose greedy parse (the first candidate) runs a search. The init
+    model's out-of-scope calls are left as they are: clicks on such queries are mostly accidental (in the
+    world's log an out-of-scope query gets a click 12% of the time, others 60%), and preferring any search
+    to none would teach that nothing is out of scope (an early GRPO run fell from 0.78 to 0.36 on them)."""
+    for t, cands in zip(targets, candidates, strict=True):
+        if schema is None or not (cands and reads_out_of_scope(schema, cands[0])):
+            yield t, cands
+
+
 def build_pairs(targets: list[dict], candidates: list[list[str]], reward: RetrievalReward, min_gap: float,
-                per_query: int) -> pd.DataFrame:
+                per_query: int, schema: Schema | None = None) -> pd.DataFrame:
     """Score each query's distinct candidates (the first is the init model's greedy parse) and pair its best
     one, when it finds something clicked, with worse valid ones whose reward is lower by >= `min_gap`: the
     greedy parse first (the behaviour to fix), then the worst. Invalid candidates are counted, not paired:
     constrained decoding rules them out at inference, and pairing them would teach "say less" rather than
-    "retrieve better"."""
+    "retrieve better". With `schema`, queries whose greedy parse is out of scope are skipped (`_searchable`)."""
     rows = []
-    for t, cands in zip(targets, candidates, strict=True):
+    for t, cands in _searchable(targets, candidates, schema):
         scores = _scores(t, cands, reward)
         unique = list(scores)
         ranked = sorted(unique, key=lambda c: -scores[c])
@@ -111,12 +130,12 @@ def _scores(target: dict, candidates: list[str], reward: RetrievalReward) -> dic
     return {c: reward.score(target["query"], c, target["user_city"], target["timestamp"], target["clicks"]) for c in unique}
 
 
-def screen(targets: list[dict], candidates: list[list[str]], reward: RetrievalReward) -> list[dict]:
+def screen(targets: list[dict], candidates: list[list[str]], reward: RetrievalReward, schema: Schema | None = None) -> list[dict]:
     """The targets whose sampled parses earn different rewards. A group whose rewards are all equal gives GRPO
     no advantage to learn from (most groups, once the policy is decent): screening a larger pool with a few
     samples first spends the training steps on queries that carry a signal (DAPO's dynamic sampling, done
-    once before training)."""
-    return [t for t, cands in zip(targets, candidates, strict=True) if len(set(_scores(t, cands, reward).values())) > 1]
+    once before training). With `schema`, queries whose greedy parse is out of scope are left out (`_searchable`)."""
+    return [t for t, cands in _searchable(targets, candidates, schema) if len(set(_scores(t, cands, reward).values())) > 1]
 
 
 def load_pairs(path: str | Path) -> pd.DataFrame:

@@ -87,6 +87,9 @@ def test_pairs_fix_the_greedy_parse_and_skip_invalid_or_unclear_ones():
     assert (pairs["chosen"] == long_).all()
     assert pairs["rejected"].tolist() == [mid, short]  # the greedy parse (first) before the worst; "junk" never
     assert pairs["rejected_is_greedy"].tolist() == [True, False]
+    oos = '{"intent":"out_of_scope","slots":{}}'
+    with_schema = build_pairs(targets[:2], [[mid, long_, short], [oos, long_, short]], Scores(), min_gap=0.2, per_query=2, schema=SCHEMA)
+    assert with_schema["rejected"].tolist() == [mid, short]  # the query read as out of scope is left alone
 
 
 def test_screening_keeps_queries_whose_parses_earn_different_rewards():
@@ -94,6 +97,8 @@ def test_screening_keeps_queries_whose_parses_earn_different_rewards():
     targets = [{"query": q, "user_city": "austin", "timestamp": "2026-09-01T12:00:00", "clicks": {"b": 1}} for q in "wxyz"]
     kept = screen(targets, [[a, a, a], [a, b], ["", a], [b, "junk"]], ByLength())
     assert [t["query"] for t in kept] == ["x", "z"]  # w: one parse; y: an empty sample is no candidate
+    oos = '{"intent":"out_of_scope","slots":{}}'
+    assert [t["query"] for t in screen(targets[:2], [[a, b], [oos, b]], ByLength(), schema=SCHEMA)] == ["w"]
 
 
 def test_a_pair_file_with_equal_scores_is_rejected(tmp_path):

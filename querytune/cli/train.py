@@ -157,7 +157,7 @@ def dpo(
                 raise UserError(f"{world}: no clicked queries in the early log outside the seed set")
             out_console.print(f"DPO: {len(targets):,} logged queries; sampling {resolved['k']} parses each from {init}")
             candidates = sample_candidates(init, targets, resolved["k"], resolved["temperature"], seed, say=out_console.print)
-            pairs = build_pairs(targets, candidates, reward, resolved["min_gap"], resolved["pairs_per_query"])
+            pairs = build_pairs(targets, candidates, reward, resolved["min_gap"], resolved["pairs_per_query"], schema=schema)
             pairs.to_parquet(out / "pairs.parquet", index=False)
             stats = {"queries": len(targets), "candidates": sum(len(set(c)) for c in candidates),
                      "queries_with_pairs": int(pairs["query"].nunique()) if len(pairs) else 0, "searches": reward.search_calls}
@@ -201,7 +201,7 @@ def grpo(
         write_resolved({"command": "train grpo", "init": str(init), "world": str(world), "index": str(index), "preset": preset,
                         "seed": seed, **resolved}, out / "train_config.json")
         t0 = time.perf_counter()
-        reward, _ = _reward(init, index)
+        reward, schema = _reward(init, index)
         targets = click_targets(world, resolved["queries"], seed=seed)
         if not targets:
             raise UserError(f"{world}: no clicked queries in the early log outside the seed set")
@@ -210,7 +210,7 @@ def grpo(
             out_console.print(f"GRPO: screening {len(targets):,} logged queries with {resolved['screen_k']} samples each")
             candidates = sample_candidates(init, targets, resolved["screen_k"], resolved["temperature"], seed, say=out_console.print)
             screened = len(targets)
-            targets = screen(targets, candidates, reward)
+            targets = screen(targets, candidates, reward, schema=schema)
             out_console.print(f"GRPO: {len(targets):,} of {screened:,} queries have parses with different rewards; training on those")
             if not targets:
                 raise UserError("no screened query has parses with different rewards: nothing for GRPO to learn (raise temperature or screen_k)")
