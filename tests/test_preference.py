@@ -82,11 +82,18 @@ def test_pairs_fix_the_greedy_parse_and_skip_invalid_or_unclear_ones():
         def score(self, query, completion, user_city, timestamp, clicks):
             return {long_: 0.9, mid: 0.5, short: 0.1}.get(completion, -1.0)
 
+    class ScoresWithNamed(Scores):
+        def score(self, query, completion, user_city, timestamp, clicks):
+            return 0.0 if "find_named_business" in completion else super().score(query, completion, user_city, timestamp, clicks)
+
     pairs = build_pairs(targets, [[mid, long_, short, "junk"], [short, short], [short, "junk"]], Scores(), min_gap=0.2, per_query=2)
     assert len(pairs) == 2  # query 2: one distinct candidate; query 3: the best finds nothing clicked
     assert (pairs["chosen"] == long_).all()
     assert pairs["rejected"].tolist() == [mid, short]  # the greedy parse (first) before the worst; "junk" never
     assert pairs["rejected_is_greedy"].tolist() == [True, False]
+    named = '{"intent":"find_named_business","slots":{"business_name":"thai"}}'
+    other_intent = build_pairs(targets[:1], [[long_, named, mid]], ScoresWithNamed(), min_gap=0.2, per_query=2)
+    assert other_intent["rejected"].tolist() == [mid]  # a sampled parse of another intent is never a rejected one
     oos = '{"intent":"out_of_scope","slots":{}}'
     with_schema = build_pairs(targets[:2], [[mid, long_, short], [oos, long_, short]], Scores(), min_gap=0.2, per_query=2, schema=SCHEMA)
     assert with_schema["rejected"].tolist() == [mid, short]  # the query read as out of scope is left alone
