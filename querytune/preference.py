@@ -111,7 +111,7 @@ def build_pairs(targets: list[dict], candidates: list[list[str]], reward: Retrie
                 per_query: int, schema: Schema | None = None) -> pd.DataFrame:
     """Score each query's distinct candidates (the first is the init model's greedy parse) and pair its best
     one, when it finds something clicked, with worse valid ones whose reward is lower by >= `min_gap`: the
-    greedy parse first (the behaviour to fix), then the worst. Invalid candidates are counted, not paired:
+    greedy parse first (the behaviour to fix), then the worst sample. Invalid candidates are counted, not paired:
     constrained decoding rules them out at inference, and pairing them would teach "say less" rather than
     "retrieve better". A sampled (not greedy) candidate is paired only when its intent is the best one's:
     samples of another intent are mostly sampling accidents (the query copied into a business name), and
