@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from querytune.cli import app
 from querytune.generate import Parser
 from querytune.model import load_merged, load_model_meta
-from querytune.preference import build_pairs, click_targets, load_pairs, screen, train_dpo, train_grpo
+from querytune.preference import build_pairs, click_targets, load_pairs, sample_candidates, screen, train_dpo, train_grpo
 from querytune.schema import load_schema, normalize_text
 from querytune.sft import train_sft
 from tests.test_sft import ROWS, TINY
@@ -104,8 +104,23 @@ def test_screening_keeps_queries_whose_parses_earn_different_rewards():
     targets = [{"query": q, "user_city": "austin", "timestamp": "2026-09-01T12:00:00", "clicks": {"b": 1}} for q in "wxyz"]
     kept = screen(targets, [[a, a, a], [a, b], ["", a], [b, "junk"]], ByLength())
     assert [t["query"] for t in kept] == ["x", "z"]  # w: one parse; y: an empty sample is no candidate
+    improvable = screen(targets, [[a, a, a], [a, b], ["", a], [b, "junk"]], ByLength(), improvable=True)
+    assert [t["query"] for t in improvable] == ["x"]  # z: its greedy parse beats the sample
     oos = '{"intent":"out_of_scope","slots":{}}'
     assert [t["query"] for t in screen(targets[:2], [[a, b], [oos, b]], ByLength(), schema=SCHEMA)] == ["w"]
+
+
+def test_sampling_explores_only_the_queries_whose_greedy_parse_misses(tiny_sft, small_world):
+    targets = click_targets(small_world, 4, seed=0)
+
+    class MissesFirst:  # the first query's greedy parse finds nothing clicked; the others find everything
+        def score(self, query, completion, user_city, timestamp, clicks):
+            return 0.0 if query == targets[0]["query"] else 1.0
+
+    candidates = sample_candidates(tiny_sft, targets, 3, 1.0, seed=0, say=lambda _: None, reward=MissesFirst(), explore_below=0.5)
+    assert [len(c) for c in candidates] == [4, 1, 1, 1]  # greedy + 3 samples for the miss, the greedy parse alone elsewhere
+    everything = sample_candidates(tiny_sft, targets[:2], 2, 1.0, seed=0, say=lambda _: None)
+    assert [len(c) for c in everything] == [3, 3] and everything[1][0] == candidates[1][0]  # same greedy parse either way
 
 
 def test_a_pair_file_with_equal_scores_is_rejected(tmp_path):

@@ -128,6 +128,8 @@ def dpo(
     queries: int = typer.Option(None, "--queries", help="Distinct logged queries to sample parses for."),
     k: int = typer.Option(None, "-k", "--samples", help="Sampled parses per query (the greedy parse is added)."),
     min_gap: float = typer.Option(None, "--min-gap", help="Keep a pair only when its rewards differ by at least this."),
+    explore_below: float = typer.Option(None, "--explore-below", help="Sample only queries whose greedy parse scores below this reward (1.01: every query)."),
+    temperature: float = typer.Option(None, "--temperature", help="Sampling temperature of the candidate parses."),
     lr: float = typer.Option(None, "--lr", help="Peak learning rate of the new LoRA."),
     beta: float = typer.Option(None, "--beta", help="DPO beta: how far the policy may move from the reference."),
     max_steps: int = typer.Option(None, "--max-steps", help="Optimizer steps (-1: use the preset's epochs)."),
@@ -136,11 +138,11 @@ def dpo(
     seed: int = typer.Option(0, "--seed", help="Random seed (query choice, sampling, training)."),
 ) -> None:
     """DPO on retrieval success: sample parses from --init, score each by its search against the clicks, train on the pairs."""
-    from querytune.preference import DPO_PRESETS, build_pairs, click_targets, load_pairs, sample_candidates, train_dpo
+    from querytune.preference import DPO_PRESETS, build_pairs, click_targets, load_pairs, sample_candidates, scored_candidates, train_dpo
 
     with user_errors():
         resolved = _preset(DPO_PRESETS, preset, config, {"queries": queries, "k": k, "min_gap": min_gap, "lr": lr, "beta": beta,
-                                                          "max_steps": max_steps})
+                                                          "max_steps": max_steps, "explore_below": explore_below, "temperature": temperature})
         _check_init(init)
         out.mkdir(parents=True, exist_ok=True)
         write_resolved({"command": "train dpo", "init": str(init), "world": str(world), "index": str(index), "preset": preset,
@@ -156,9 +158,11 @@ def dpo(
             if not targets:
                 raise UserError(f"{world}: no clicked queries in the early log outside the seed set")
             out_console.print(f"DPO: {len(targets):,} logged queries; sampling {resolved['k']} parses each from {init}")
-            candidates = sample_candidates(init, targets, resolved["k"], resolved["temperature"], seed, say=out_console.print)
+            candidates = sample_candidates(init, targets, resolved["k"], resolved["temperature"], seed, say=out_console.print,
+                                           reward=reward, explore_below=resolved.get("explore_below"))
             pairs = build_pairs(targets, candidates, reward, resolved["min_gap"], resolved["pairs_per_query"], schema=schema)
             pairs.to_parquet(out / "pairs.parquet", index=False)
+            scored_candidates(targets, candidates, reward).to_parquet(out / "candidates.parquet", index=False)
             stats = {"queries": len(targets), "candidates": sum(len(set(c)) for c in candidates),
                      "queries_with_pairs": int(pairs["query"].nunique()) if len(pairs) else 0, "searches": reward.search_calls}
             out_console.print(f"{len(pairs):,} pairs from {stats['queries_with_pairs']:,} queries (gap >= {resolved['min_gap']}); "
@@ -181,6 +185,8 @@ def grpo(
     config: Path = typer.Option(None, "--config", help="YAML with any preset key (queries, max_steps, num_generations, batch_size, lr, beta, use_vllm, ...)."),
     queries: int = typer.Option(None, "--queries", help="Distinct logged queries to draw (and screen, when screen_k > 0)."),
     screen_k: int = typer.Option(None, "--screen-k", help="Screen the queries first with this many samples each (plus the greedy parse) and train only on those whose parses earn different rewards; 0: no screening."),
+    explore_below: float = typer.Option(None, "--explore-below", help="Screen only queries whose greedy parse scores below this reward (1.01: every query)."),
+    temperature: float = typer.Option(None, "--temperature", help="Sampling temperature (screening and training groups)."),
     max_steps: int = typer.Option(None, "--max-steps", help="Optimizer steps."),
     num_generations: int = typer.Option(None, "--num-generations", help="Sampled parses per query (the group)."),
     lr: float = typer.Option(None, "--lr", help="Learning rate of the new LoRA."),
@@ -189,11 +195,12 @@ def grpo(
     seed: int = typer.Option(0, "--seed", help="Random seed."),
 ) -> None:
     """GRPO with the retrieval reward online: groups of sampled parses per logged query, advantages within each group."""
-    from querytune.preference import GRPO_PRESETS, click_targets, sample_candidates, screen, train_grpo
+    from querytune.preference import GRPO_PRESETS, click_targets, sample_candidates, scored_candidates, screen, train_grpo
 
     with user_errors():
         resolved = _preset(GRPO_PRESETS, preset, config, {"queries": queries, "screen_k": screen_k, "max_steps": max_steps, "num_generations": num_generations,
-                                                           "lr": lr, "beta": beta, "use_vllm": use_vllm})
+                                                           "lr": lr, "beta": beta, "use_vllm": use_vllm, "explore_below": explore_below,
+                                                           "temperature": temperature})
         if resolved["batch_size"] % resolved["num_generations"]:
             raise UserError(f"batch_size {resolved['batch_size']} must be a multiple of num_generations {resolved['num_generations']}")
         _check_init(init)
@@ -208,12 +215,15 @@ def grpo(
         screened = None
         if resolved.get("screen_k"):
             out_console.print(f"GRPO: screening {len(targets):,} logged queries with {resolved['screen_k']} samples each")
-            candidates = sample_candidates(init, targets, resolved["screen_k"], resolved["temperature"], seed, say=out_console.print)
+            candidates = sample_candidates(init, targets, resolved["screen_k"], resolved["temperature"], seed, say=out_console.print,
+                                           reward=reward, explore_below=resolved.get("explore_below"))
             screened = len(targets)
-            targets = screen(targets, candidates, reward, schema=schema)
-            out_console.print(f"GRPO: {len(targets):,} of {screened:,} queries have parses with different rewards; training on those")
+            scored_candidates(targets, candidates, reward).to_parquet(out / "candidates.parquet", index=False)
+            targets = screen(targets, candidates, reward, schema=schema, improvable=bool(resolved.get("improvable")))
+            what = "a sample that beats the greedy parse" if resolved.get("improvable") else "parses with different rewards"
+            out_console.print(f"GRPO: {len(targets):,} of {screened:,} queries have {what}; training on those")
             if not targets:
-                raise UserError("no screened query has parses with different rewards: nothing for GRPO to learn (raise temperature or screen_k)")
+                raise UserError(f"no screened query has {what}: nothing for GRPO to learn (raise --queries, --temperature or --screen-k)")
         out_console.print(f"GRPO: {len(targets):,} logged queries, {resolved['num_generations']} samples each, {resolved['max_steps']} steps")
         summary = train_grpo(targets, reward, init, out, resolved, seed=seed, say=out_console.print)
         summary |= {"screened_queries": screened, "queries_with_signal": len(targets) if screened else None}
