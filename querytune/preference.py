@@ -26,15 +26,15 @@ from querytune.schema import ParseError, Schema, normalize_text
 from querytune.sft import LORA_TARGETS, StepLog
 
 DPO_PRESETS: dict[str, dict[str, Any]] = {
-    # quick: <= 15 minutes on 2 CPU cores: sampling greedy + 4 parses of 900 queries in bf16 (~9 min; ~1 query
-    # in 6 yields a pair), then one gentle pass. Measured from the world seed-0 SFT (test NDCG 0.864):
-    # lr 1e-4, beta 0.3, 1 pass on 93 pairs: -0.005; lr 5e-4, beta 0.1, 3 passes: -0.075 (169 pairs, intents
-    # collapsed into find_business) and -0.051 (the 135 pairs left by the same-intent rule, 25 steps).
-    "quick": {"queries": 1500, "explore_below": 0.5, "k": 8, "temperature": 1.0, "sft_weight": 0.5, "min_gap": 0.3, "pairs_per_query": 2,
+    # quick: <= 15 minutes on 2 CPU cores: the greedy parse of 1,100 logged queries, 4 samples (temperature 1) of the
+    # ~half whose greedy parse scores below 0.5 (~9 min in bf16), pairs the clicks can decide, two passes.
+    # Measured from the world seed-0 SFT (test NDCG 0.864) on the 137 such pairs of 1,500 queries x 8 samples:
+    # -0.011 [-0.023, +0.000]; with 6 pairs across intents -0.020, with all 220 pairs -0.029 (see README).
+    "quick": {"queries": 1100, "explore_below": 0.5, "k": 4, "temperature": 1.0, "sft_weight": 0.5, "min_gap": 0.3, "pairs_per_query": 2,
               "epochs": 2.0, "max_steps": -1, "batch_size": 8, "lr": 3e-4, "beta": 0.1, "lora_r": 16, "lora_alpha": 32, "warmup_steps": 5,
               "bf16": True, "max_minutes": 5.0},
-    "full": {"queries": 6000, "explore_below": 0.5, "k": 8, "temperature": 1.0, "sft_weight": 0.5, "min_gap": 0.3, "pairs_per_query": 3, "epochs": 1.0,
-             "max_steps": -1, "batch_size": 16, "lr": 1e-4, "beta": 0.3, "lora_r": 16, "lora_alpha": 32, "warmup_steps": 10,
+    "full": {"queries": 6000, "explore_below": 0.5, "k": 8, "temperature": 1.0, "sft_weight": 0.5, "min_gap": 0.3, "pairs_per_query": 2, "epochs": 2.0,
+             "max_steps": -1, "batch_size": 16, "lr": 3e-4, "beta": 0.1, "lora_r": 16, "lora_alpha": 32, "warmup_steps": 10,
              "bf16": True, "max_minutes": None},
 }
 GRPO_PRESETS: dict[str, dict[str, Any]] = {
@@ -149,10 +149,11 @@ def build_pairs(targets: list[dict], candidates: list[list[str]], reward: Retrie
     one, when it finds something clicked, with worse valid ones whose reward is lower by >= `min_gap`: the
     greedy parse first (the behaviour to fix), then the worst sample. Invalid candidates are counted, not paired:
     constrained decoding rules them out at inference, and pairing them would teach "say less" rather than
-    "retrieve better". A sampled (not greedy) candidate is paired only when its intent is the best one's:
-    samples of another intent are mostly sampling accidents (the query copied into a business name), and
-    pairs against them teach the model to avoid that intent everywhere (a run with them read 81 of 85
-    out-of-scope and 72 of 137 named-business test queries as find_business). With `schema`, queries whose
+    "retrieve better". Both parses of a pair have the same intent: the intent is the labeled seed's job. Pairs
+    across intents are few and shift whole classes: with samples of another intent as rejected ones (mostly
+    sampling accidents, the query copied into a business name) a run read 81 of 85 out-of-scope and 72 of 137
+    named-business test queries as find_business; with only 6 greedy parses of another intent rejected among
+    143 pairs, 31 named-business test queries still became find_business, and none without them. With `schema`, queries whose
     greedy parse is out of scope are skipped (`_searchable`) and a pair must be one the clicks can decide
     (`tells_apart`)."""
     rows = []
@@ -164,7 +165,7 @@ def build_pairs(targets: list[dict], candidates: list[list[str]], reward: Retrie
             continue
         best, greedy = ranked[0], cands[0]
         worse = [c for c in ranked[1:] if scores[c] >= 0 and scores[best] - scores[c] >= min_gap
-                 and (c == greedy or _intent(c) == _intent(best)) and tells_apart(schema, best, c)]
+                 and _intent(c) == _intent(best) and tells_apart(schema, best, c)]
         worse = sorted(worse, key=lambda c: (c != greedy, scores[c]))[:per_query]
         for c in worse:
             rows.append({"query": t["query"], "user_city": t["user_city"], "timestamp": t["timestamp"],

@@ -157,7 +157,8 @@ def dpo(
             targets = click_targets(world, resolved["queries"], seed=seed, shuffle_clicks=shuffle_clicks)
             if not targets:
                 raise UserError(f"{world}: no clicked queries in the early log outside the seed set")
-            out_console.print(f"DPO: {len(targets):,} logged queries; sampling {resolved['k']} parses each from {init}")
+            where = f" of those whose greedy parse scores below {resolved['explore_below']}" if resolved.get("explore_below") is not None else ""
+            out_console.print(f"DPO: {len(targets):,} logged queries; sampling {resolved['k']} parses each{where} from {init}")
             candidates = sample_candidates(init, targets, resolved["k"], resolved["temperature"], seed, say=out_console.print,
                                            reward=reward, explore_below=resolved.get("explore_below"))
             pairs = build_pairs(targets, candidates, reward, resolved["min_gap"], resolved["pairs_per_query"], schema=schema)
