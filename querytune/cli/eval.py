@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import typer
@@ -13,7 +14,8 @@ from rich.table import Table
 from querytune.cli.common import UserError, user_errors
 
 app = typer.Typer(help="Evaluate retrieval and parses on held-out data.", no_args_is_help=True)
-out_console = Console()
+# tables keep their full width when written to a file or pipe (rich would wrap them at 80 columns there)
+out_console = Console() if sys.stdout.isatty() else Console(width=200)
 
 
 @app.command()
