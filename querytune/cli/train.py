@@ -185,7 +185,7 @@ def grpo(
     preset: str = typer.Option("quick", "--preset", help="quick (<= 20 min on 2 CPU cores) or full."),
     config: Path = typer.Option(None, "--config", help="YAML with any preset key (queries, max_steps, num_generations, batch_size, lr, beta, use_vllm, ...)."),
     queries: int = typer.Option(None, "--queries", help="Distinct logged queries to draw (and screen, when screen_k > 0)."),
-    screen_k: int = typer.Option(None, "--screen-k", help="Screen the queries first with this many samples each (plus the greedy parse) and train only on those whose parses earn different rewards; 0: no screening."),
+    screen_k: int = typer.Option(None, "--screen-k", help="Screen the queries first with this many samples each (plus the greedy parse) and train only on those with a learning signal (preset key improvable: a sample beats the greedy parse in a way the clicks can decide; otherwise: parses earn different rewards); 0: no screening."),
     explore_below: float = typer.Option(None, "--explore-below", help="Screen only queries whose greedy parse scores below this reward (1.01: every query)."),
     temperature: float = typer.Option(None, "--temperature", help="Sampling temperature (screening and training groups)."),
     max_steps: int = typer.Option(None, "--max-steps", help="Optimizer steps."),
