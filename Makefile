@@ -39,14 +39,18 @@ demo: venv
 controls: venv
 	$(BIN)/querytune train sft --init $(RUN)/sft --data $(RUN)/world/seed.jsonl --out $(RUN)/sft_more --preset quick \
 	  --max-steps $$($(BIN)/python -c "import json; print(json.load(open('$(RUN)/dpo/summary.json'))['steps'])")
-	$(BIN)/querytune train dpo --init $(RUN)/sft --world $(RUN)/world --index $(RUN)/index --out $(RUN)/dpo_shuffled --preset quick --shuffle-clicks
-	for stage in sft_more dpo_shuffled; do \
+	# shuffled clicks may leave no pair at all: the command then stops with "no pairs" and the control has nothing to add
+	rm -rf $(RUN)/dpo_shuffled
+	$(BIN)/querytune train dpo --init $(RUN)/sft --world $(RUN)/world --index $(RUN)/index --out $(RUN)/dpo_shuffled --preset quick --shuffle-clicks \
+	  || test -f $(RUN)/dpo_shuffled/pairs.parquet
+	stages="sft dpo grpo sft_more"; test -f $(RUN)/dpo_shuffled/summary.json && stages="$$stages dpo_shuffled"; \
+	for stage in $${stages#sft dpo grpo }; do \
 	  $(BIN)/querytune eval parse --model $(RUN)/$$stage --data $(RUN)/world/test.jsonl --out $(RUN)/$$stage/parse_test.json \
-	    --predictions $(RUN)/$$stage/predictions_test.jsonl || exit 1; done
+	    --predictions $(RUN)/$$stage/predictions_test.jsonl || exit 1; done; \
 	$(BIN)/querytune eval retrieval --world $(RUN)/world --index $(RUN)/index --out $(RUN)/retrieval_controls.json --baseline sft \
-	  $(foreach s,sft dpo grpo sft_more dpo_shuffled,--model $(s)=$(RUN)/$(s)/predictions_test.jsonl)
+	  $$(for s in $$stages; do echo --model $$s=$(RUN)/$$s/predictions_test.jsonl; done) && \
 	$(BIN)/querytune eval stages --retrieval $(RUN)/retrieval_controls.json --data $(RUN)/world/test.jsonl --out $(RUN)/stages_controls.json \
-	  $(foreach s,sft dpo grpo sft_more dpo_shuffled,--stage $(s)=$(RUN)/$(s))
+	  $$(for s in $$stages; do echo --stage $$s=$(RUN)/$$s; done)
 
 test: venv
 	$(BIN)/python -m pytest -rA
