@@ -18,7 +18,7 @@ from collections import Counter
 
 import pandas as pd
 
-from querytune.preference import CORE_FILTERS, tells_apart
+from querytune.preference import pair_kind, tells_apart
 from querytune.schema import load_schema, normalize_text
 
 
@@ -27,16 +27,6 @@ def closeness(parse: dict, intent: str, slots: dict) -> float:
     pred = set(parse["slots"].items()) | {("intent", parse["intent"])}
     true = set(slots.items()) | {("intent", intent)}
     return 2 * len(pred & true) / (len(pred) + len(true))
-
-
-def kind(schema, chosen: dict, rejected: dict) -> str:
-    if chosen["intent"] != rejected["intent"]:
-        return "intent"
-    a, b = chosen["slots"], rejected["slots"]
-    if set(a.items()) < set(b.items()):
-        return "chosen only drops"
-    differ = {k for k in set(a) | set(b) if a.get(k) != b.get(k)}
-    return "what/where" if any(schema.slots[k].filter in CORE_FILTERS for k in differ if k in schema.slots) else "filters only"
 
 
 def audit(pairs: pd.DataFrame, world: str, schema) -> pd.DataFrame:
@@ -56,7 +46,7 @@ def audit(pairs: pd.DataFrame, world: str, schema) -> pd.DataFrame:
         c, w = closeness(chosen, intent, slots), closeness(rejected, intent, slots)
         rows.append({"query": r.query, "agrees": "agrees" if c > w else "disagrees" if c < w else "tie",
                      "rejects": "greedy" if getattr(r, "rejected_is_greedy", False) else "sample",
-                     "kind": kind(schema, chosen, rejected), "kept": tells_apart(schema, r.chosen, r.rejected)})
+                     "kind": pair_kind(schema, r.chosen, r.rejected), "kept": tells_apart(schema, r.chosen, r.rejected)})
     return pd.DataFrame(rows)
 
 

@@ -115,32 +115,38 @@ def _intent(completion: str) -> str | None:
 CORE_FILTERS = ("what", "city", "neighborhood", "near_me")  # slots that choose which businesses are candidates at all
 
 
-def tells_apart(schema: Schema | None, chosen: str, rejected: str) -> bool:
-    """Whether a single query's clicks can tell these two parses apart: they differ in the intent or in a slot that
-    chooses the candidates (`CORE_FILTERS`: the "what" and the "where"), and the chosen one does not merely say
-    less (its slots a strict subset of the rejected one's). Audited against the world's hidden needs (220 pairs
-    from 1,500 logged queries), the pairs this rule removes had the chosen parse closer to the truth 38 times
-    and farther 31 times: mostly one lucky click on a business that happens to lack a filter or a slot. The
-    pairs it keeps: 94 closer, 21 farther. Without a schema every pair is kept.
+def pair_kind(schema: Schema, chosen: str, rejected: str) -> str:
+    """How two parses of one query differ: "intent"; "chosen only drops" (the chosen parse's slots are a strict
+    subset of the rejected one's); "what/where" (they differ in a slot that chooses the candidates,
+    `CORE_FILTERS`); or "filters only" (rating, price, attributes).
 
     >>> from querytune.schema import load_schema
-    >>> s = load_schema()
-    >>> thai, bar = '{"intent":"find_business","slots":{"cuisine":"thai"}}', '{"intent":"find_business","slots":{"category":"bar"}}'
-    >>> tells_apart(s, thai, bar), tells_apart(s, '{"intent":"find_business","slots":{}}', bar)
-    (True, False)
-    >>> tells_apart(s, '{"intent":"find_business","slots":{"cuisine":"thai","min_rating":4.5}}', thai)
-    False
+    >>> s, thai = load_schema(), '{"intent":"find_business","slots":{"cuisine":"thai"}}'
+    >>> pair_kind(s, thai, '{"intent":"find_business","slots":{"category":"bar"}}')
+    'what/where'
+    >>> pair_kind(s, '{"intent":"find_business","slots":{}}', thai)
+    'chosen only drops'
+    >>> pair_kind(s, '{"intent":"find_business","slots":{"cuisine":"thai","min_rating":4.5}}', thai)
+    'filters only'
     """
-    if schema is None:
-        return True
     a, b = json.loads(chosen), json.loads(rejected)
     if a["intent"] != b["intent"]:
-        return True
+        return "intent"
     sa, sb = a["slots"], b["slots"]
     if set(sa.items()) < set(sb.items()):
-        return False
+        return "chosen only drops"
     differ = {k for k in set(sa) | set(sb) if sa.get(k) != sb.get(k)}
-    return any(k in schema.slots and schema.slots[k].filter in CORE_FILTERS for k in differ)
+    return "what/where" if any(k in schema.slots and schema.slots[k].filter in CORE_FILTERS for k in differ) else "filters only"
+
+
+def tells_apart(schema: Schema | None, chosen: str, rejected: str) -> bool:
+    """Whether a single query's clicks can tell these two parses apart (`pair_kind`): they differ in the intent
+    or in a slot that chooses the candidates (the "what" and the "where"), and the chosen one does not merely
+    say less. Audited against the world's hidden needs (220 pairs from 1,500 logged queries,
+    `eval/pair_audit.py`), the pairs this rule removes had the chosen parse closer to the truth 38 times and
+    farther 31 times: mostly one lucky click on a business that happens to lack a filter or a slot. The pairs
+    it keeps: 94 closer, 21 farther. Without a schema every pair is kept."""
+    return schema is None or pair_kind(schema, chosen, rejected) in ("intent", "what/where")
 
 
 def build_pairs(targets: list[dict], candidates: list[list[str]], reward: RetrievalReward, min_gap: float,
@@ -153,9 +159,9 @@ def build_pairs(targets: list[dict], candidates: list[list[str]], reward: Retrie
     across intents are few and shift whole classes: with samples of another intent as rejected ones (mostly
     sampling accidents, the query copied into a business name) a run read 81 of 85 out-of-scope and 72 of 137
     named-business test queries as find_business; with only 6 greedy parses of another intent rejected among
-    143 pairs, 31 named-business test queries still became find_business, and none without them. With `schema`, queries whose
-    greedy parse is out of scope are skipped (`_searchable`) and a pair must be one the clicks can decide
-    (`tells_apart`)."""
+    143 pairs, 31 named-business test queries still became find_business; without them, 1 test query
+    changed intent. With `schema`, queries whose greedy parse is out of scope are skipped (`_searchable`) and
+    a pair must be one the clicks can decide (`tells_apart`)."""
     rows = []
     for t, cands in _searchable(targets, candidates, schema):
         scores = _scores(t, cands, reward)
@@ -203,9 +209,8 @@ def screen(targets: list[dict], candidates: list[list[str]], reward: RetrievalRe
         scores = _scores(t, cands, reward)
         if len(set(scores.values())) < 2:
             continue
-        best = max(scores, key=scores.get)
-        if not improvable or (scores[best] > scores.get(cands[0], INVALID) and scores.get(cands[0], INVALID) >= 0
-                              and tells_apart(schema, best, cands[0])):
+        best, greedy = max(scores, key=scores.get), scores.get(cands[0], INVALID)
+        if not improvable or (scores[best] > greedy >= 0 and tells_apart(schema, best, cands[0])):
             kept.append(t)
     return kept
 
