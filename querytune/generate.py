@@ -92,9 +92,12 @@ class Parser:
                 progress(len(batch))
         return results  # type: ignore[return-value]
 
-    def sample(self, texts: list[str], k: int, temperature: float = 1.0, seed: int = 0, progress=None) -> list[list[str]]:
+    def sample(self, texts: list[str], k: int, temperature: float = 1.0, seed: int = 0, progress=None,
+               logprobs: bool = False) -> list[list[str]] | list[list[tuple[str, float]]]:
         """`k` sampled completions per text (free decoding, as the policy would write them), raw strings.
-        `temperature=0`: the greedy completion (k=1), in the same bf16 free decoding."""
+        `temperature=0`: the greedy completion (k=1), in the same bf16 free decoding. `logprobs`: each completion
+        comes with its log-probability under the model (the sum over its tokens up to the end of sequence), as
+        `(text, logprob)`: exp of it is the confidence `parse` reports."""
         if temperature <= 0 and k != 1:
             raise ValueError("greedy decoding (temperature 0) gives one completion per text: k must be 1")
         import torch
@@ -112,10 +115,69 @@ class Parser:
             with torch.inference_mode(), autocast:  # samples need no fp32 exactness; bf16 is ~1.6x faster on CPU
                 how = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
                 out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, num_return_sequences=k, **how,
-                                          eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
-            new = out[:, enc["input_ids"].shape[1]:]
+                                          eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                                          output_scores=logprobs, return_dict_in_generate=True)
+                if logprobs:  # of the tokens as chosen, under the untempered model
+                    scores = self.model.compute_transition_scores(out.sequences, [s * temperature if temperature > 0 else s for s in out.scores],
+                                                                  normalize_logits=True).float()
+            new = out.sequences[:, enc["input_ids"].shape[1]:]
             for row in range(new.shape[0]):
-                results[batch[row // k]].append(self.tokenizer.decode(new[row], skip_special_tokens=True).strip())
+                text = self.tokenizer.decode(new[row], skip_special_tokens=True).strip()
+                if logprobs:
+                    tokens = new[row].tolist()
+                    n = tokens.index(self.tokenizer.eos_token_id) + 1 if self.tokenizer.eos_token_id in tokens else len(tokens)
+                    text = (text, float(scores[row, :n].sum()))
+                results[batch[row // k]].append(text)
+            if progress:
+                progress(len(batch))
+        return results
+
+    def branch(self, texts: list[str], positions: int = 2, alternatives: int = 2, progress=None) -> list[list[str]]:
+        """The greedy completion's nearest rivals: at each of its `positions` least likely tokens, each of the
+        `alternatives` next most likely tokens takes the greedy token's place and decoding goes on greedily from
+        there (bf16, like `sample`). Up to positions x alternatives raw completions per text.
+
+        Where the model hesitates is where its parse is most often wrong (a category, a cuisine, whether a city
+        follows), so these rivals differ from the greedy parse in the one decision in doubt and agree with it
+        elsewhere; free samples at the same cost mostly repeat the greedy parse or change it in several places.
+        """
+        import torch
+
+        prompts = self.prompts(texts)
+        prompt_ids = [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+        order = sorted(range(len(texts)), key=lambda j: len(prompt_ids[j]))
+        results: list[list[str]] = [[] for _ in texts]
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        autocast = torch.autocast("cpu" if self.device == "cpu" else "cuda", dtype=torch.bfloat16)
+
+        def decode_left_padded(rows: list[list[int]], max_new: int):
+            width = max(len(r) for r in rows)
+            ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+            with torch.inference_mode(), autocast:
+                return self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
+                                           eos_token_id=eos, pad_token_id=pad, output_scores=True, return_dict_in_generate=True), width
+
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            out, width = decode_left_padded([prompt_ids[j] for j in batch], self.max_new_tokens)
+            logp = torch.stack(out.scores, 1).float().log_softmax(-1)  # [batch, new tokens, vocab]
+            forks: list[tuple[int, list[int]]] = []  # (text index, greedy prefix + rival token)
+            for row, j in enumerate(batch):
+                tokens = out.sequences[row, width:].tolist()
+                n = tokens.index(eos) + 1 if eos in tokens else len(tokens)
+                chosen = logp[row, torch.arange(n), torch.tensor(tokens[:n])]
+                for pos in chosen.argsort()[:positions].tolist():
+                    rivals = [t for t in logp[row, pos].topk(alternatives + 1).indices.tolist() if t != tokens[pos]][:alternatives]
+                    forks += [(j, tokens[:pos] + [t]) for t in rivals]
+            for f in range(0, len(forks), self.batch_size):
+                chunk = forks[f:f + self.batch_size]
+                cont, w = decode_left_padded([prompt_ids[j] + prefix for j, prefix in chunk],
+                                             max(1, self.max_new_tokens - min(len(prefix) for _, prefix in chunk)))
+                for row, (j, prefix) in enumerate(chunk):
+                    tokens = prefix + cont.sequences[row, w:].tolist()
+                    tokens = tokens[:tokens.index(eos)] if eos in tokens else tokens
+                    results[j].append(self.tokenizer.decode(tokens, skip_special_tokens=True).strip())
             if progress:
                 progress(len(batch))
         return results

@@ -30,10 +30,10 @@ DPO_PRESETS: dict[str, dict[str, Any]] = {
     # ~half whose greedy parse scores below 0.5 (~9 min in bf16), pairs the clicks can decide, two passes.
     # Measured from the world seed-0 SFT (test NDCG 0.864) on the 137 such pairs of 1,500 queries x 8 samples:
     # -0.011 [-0.023, +0.000]; with 6 pairs across intents -0.020, with all 220 pairs -0.029 (see README).
-    "quick": {"queries": 1100, "explore_below": 0.5, "k": 4, "temperature": 1.0, "sft_weight": 0.5, "min_gap": 0.3, "pairs_per_query": 2,
+    "quick": {"queries": 1100, "explore_below": 0.5, "explore_confidence": None, "explore_with": "sample", "k": 4, "temperature": 1.0, "loss_type": "sigmoid", "sft_weight": 0.5, "min_gap": 0.3, "pairs_per_query": 2,
               "epochs": 2.0, "max_steps": -1, "batch_size": 8, "lr": 3e-4, "beta": 0.1, "lora_r": 16, "lora_alpha": 32, "warmup_steps": 5,
               "bf16": True, "max_minutes": 5.0},
-    "full": {"queries": 6000, "explore_below": 0.5, "k": 8, "temperature": 1.0, "sft_weight": 0.5, "min_gap": 0.3, "pairs_per_query": 2, "epochs": 2.0,
+    "full": {"queries": 6000, "explore_below": 0.5, "explore_confidence": None, "explore_with": "sample", "k": 8, "temperature": 1.0, "loss_type": "sigmoid", "sft_weight": 0.5, "min_gap": 0.3, "pairs_per_query": 2, "epochs": 2.0,
              "max_steps": -1, "batch_size": 16, "lr": 3e-4, "beta": 0.1, "lora_r": 16, "lora_alpha": 32, "warmup_steps": 10,
              "bf16": True, "max_minutes": None},
 }
@@ -43,10 +43,10 @@ GRPO_PRESETS: dict[str, dict[str, Any]] = {
     # decide (`screen`, improvable). Then 4 of them x 8 samples per step (~16 s/step: sampling dominates).
     # Measured from the world seed-0 SFT: lr 5e-4 with each sampled batch used for 2 steps fell to NDCG -0.140
     # (slot recall 0.74: dropping filters is never punished by one click), so the steps stay gentle.
-    "quick": {"queries": 700, "explore_below": 0.5, "screen_k": 4, "improvable": True, "max_steps": 45, "num_iterations": 1,
+    "quick": {"queries": 700, "explore_below": 0.5, "explore_confidence": None, "explore_with": "sample", "screen_k": 4, "improvable": True, "max_steps": 45, "num_iterations": 1,
               "num_generations": 8, "batch_size": 32, "temperature": 0.8, "lr": 2e-4, "beta": 0.04, "lora_r": 16, "lora_alpha": 32,
               "warmup_steps": 5, "bf16": True, "max_minutes": 11.0},
-    "full": {"queries": 6000, "explore_below": 0.5, "screen_k": 4, "improvable": True, "max_steps": 600, "num_iterations": 1,
+    "full": {"queries": 6000, "explore_below": 0.5, "explore_confidence": None, "explore_with": "sample", "screen_k": 4, "improvable": True, "max_steps": 600, "num_iterations": 1,
              "num_generations": 8, "batch_size": 64, "temperature": 0.8, "lr": 2e-4, "beta": 0.04, "lora_r": 16, "lora_alpha": 32,
              "warmup_steps": 10, "bf16": True, "max_minutes": None},
 }
@@ -187,12 +187,16 @@ def _scores(target: dict, candidates: list[str], reward: RetrievalReward) -> dic
     return {c: reward.score(target["query"], c, target["user_city"], target["timestamp"], target["clicks"]) for c in unique}
 
 
-def scored_candidates(targets: list[dict], candidates: list[list[str]], reward: RetrievalReward) -> pd.DataFrame:
+def scored_candidates(targets: list[dict], candidates: list[list[str]], reward: RetrievalReward,
+                      confidence: list[float] | None = None) -> pd.DataFrame:
     """One row per distinct candidate parse of each query with its reward (`is_greedy`: the init model's own
-    answer): what the preference data was drawn from, to inspect next to the pairs."""
-    rows = [{"query": t["query"], "user_city": t["user_city"], "candidate": c, "is_greedy": c == cands[0], "reward": r}
-            for t, cands in zip(targets, candidates, strict=True) for c, r in _scores(t, cands, reward).items()]
-    return pd.DataFrame(rows, columns=["query", "user_city", "candidate", "is_greedy", "reward"])
+    answer; `greedy_confidence`: the probability the model gives it): what the preference data was drawn from,
+    to inspect next to the pairs."""
+    confidence = confidence if confidence is not None else [None] * len(targets)
+    rows = [{"query": t["query"], "user_city": t["user_city"], "candidate": c, "is_greedy": c == cands[0], "reward": r,
+             "greedy_confidence": conf}
+            for t, cands, conf in zip(targets, candidates, confidence, strict=True) for c, r in _scores(t, cands, reward).items()]
+    return pd.DataFrame(rows, columns=["query", "user_city", "candidate", "is_greedy", "reward", "greedy_confidence"])
 
 
 def screen(targets: list[dict], candidates: list[list[str]], reward: RetrievalReward, schema: Schema | None = None,
@@ -281,13 +285,27 @@ def _train_and_save(trainer, tokenizer, init: Path, out: Path, schema: Schema, m
 
 # -- DPO -----------------------------------------------------------------------------------------------
 def sample_candidates(init: Path, targets: list[dict], k: int, temperature: float, seed: int, say=print,
-                      reward: RetrievalReward | None = None, explore_below: float | None = None) -> list[list[str]]:
-    """The init model's greedy parse plus `k` samples per query (free bf16 decoding: the policy as it is).
+                      reward: RetrievalReward | None = None, explore_below: float | None = None,
+                      explore_confidence: float | None = None, explore_with: str = "sample") -> tuple[list[list[str]], list[float]]:
+    """The init model's greedy parse plus `k` samples per query (free bf16 decoding: the policy as it is), and
+    the confidence of each greedy parse (the probability the model gives it).
 
-    With `reward` and `explore_below`, only queries whose greedy parse scores below `explore_below` are sampled
-    (the others keep their greedy parse alone): preference data helps where the policy's own answer misses
-    what users clicked, and spending the sampling there finds several times more improvable queries per
-    minute than sampling every query (most greedy parses already retrieve the clicks)."""
+    Only queries where the greedy parse looks wrong are sampled (the others keep their greedy parse alone):
+    - with `reward` and `explore_below`: its search scores below `explore_below` against the clicks;
+    - with `explore_confidence`: the model gives it a probability below `explore_confidence`.
+    A greedy parse that misses the clicks is most often right and the clicks noise (a quarter of the world's
+    clicks land on a business that does not meet the need, and one click rarely lands in a search's top 10):
+    against the world's hidden needs, 60% of such greedy parses were the true one. The model's own confidence
+    tells its errors apart far better (test ROC AUC 0.92 for a wrong "what"/"where"; below 0.35, 57% of greedy
+    parses are wrong), so the two together spend the sampling, and the pairs, on the parses worth fixing.
+
+    `explore_with`: "sample" draws `k` free samples (temperature `temperature`); "branch" takes the greedy parse's
+    rivals at its 2 least likely tokens, `k // 2` each (`Parser.branch`): the alternatives the model itself
+    hesitated over, each differing from the greedy parse in one decision."""
+    if explore_with not in ("sample", "branch"):
+        raise ValueError(f"explore_with: {explore_with!r} is not 'sample' or 'branch'")
+    import math
+
     from querytune.generate import Parser
 
     from rich.progress import Progress
@@ -297,18 +315,29 @@ def sample_candidates(init: Path, targets: list[dict], k: int, temperature: floa
     t0 = time.perf_counter()
     with Progress(*Progress.get_default_columns()) as bar:
         task = bar.add_task("greedy parses", total=len(texts))
-        greedy = [g[0] for g in parser.sample(texts, 1, temperature=0, progress=lambda n: bar.advance(task, n))]
+        scored = [g[0] for g in parser.sample(texts, 1, temperature=0, logprobs=True, progress=lambda n: bar.advance(task, n))]
+        greedy, confidence = [g for g, _ in scored], [math.exp(lp) for _, lp in scored]
         explore = list(range(len(texts)))
+        if explore_confidence is not None:
+            explore = [i for i in explore if confidence[i] < explore_confidence]
         if reward is not None and explore_below is not None:
-            explore = [i for i, (t, g) in enumerate(zip(targets, greedy))
-                       if reward.score(t["query"], g, t["user_city"], t["timestamp"], t["clicks"]) < explore_below]
-            say(f"{len(explore):,} of {len(texts):,} greedy parses score below {explore_below}: sampling those")
-        task = bar.add_task(f"sampling {k} per query", total=len(explore))
-        sampled = parser.sample([texts[i] for i in explore], k, temperature=temperature, seed=seed,
-                                progress=lambda n: bar.advance(task, n)) if explore else []
+            explore = [i for i in explore if reward.score(targets[i]["query"], greedy[i], targets[i]["user_city"],
+                                                          targets[i]["timestamp"], targets[i]["clicks"]) < explore_below]
+        if len(explore) < len(texts):
+            why = [f"score below {explore_below}" if reward is not None and explore_below is not None else "",
+                   f"have confidence below {explore_confidence}" if explore_confidence is not None else ""]
+            say(f"{len(explore):,} of {len(texts):,} greedy parses {' and '.join(w for w in why if w)}: sampling those")
+        task = bar.add_task(f"{'sampling' if explore_with == 'sample' else 'branching'} {k} per query", total=len(explore))
+        advance = lambda n: bar.advance(task, n)  # noqa: E731
+        if not explore:
+            sampled = []
+        elif explore_with == "branch":
+            sampled = parser.branch([texts[i] for i in explore], positions=2, alternatives=max(1, k // 2), progress=advance)
+        else:
+            sampled = parser.sample([texts[i] for i in explore], k, temperature=temperature, seed=seed, progress=advance)
     extra = dict(zip(explore, sampled))
-    say(f"greedy parses of {len(texts):,} queries, {k} samples of {len(explore):,}, in {time.perf_counter() - t0:.0f}s")
-    return [[g, *extra.get(i, [])] for i, g in enumerate(greedy)]
+    say(f"greedy parses of {len(texts):,} queries, {k} {explore_with} candidates of {len(explore):,}, in {time.perf_counter() - t0:.0f}s")
+    return [[g, *extra.get(i, [])] for i, g in enumerate(greedy)], confidence
 
 
 def train_dpo(pairs: pd.DataFrame, init: Path, out: Path, preset: dict[str, Any], seed: int = 0, say=print) -> dict[str, Any]:
@@ -330,7 +359,7 @@ def train_dpo(pairs: pd.DataFrame, init: Path, out: Path, preset: dict[str, Any]
         per_device_train_batch_size=preset["batch_size"], learning_rate=preset["lr"], lr_scheduler_type="cosine",
         warmup_steps=preset["warmup_steps"], beta=preset["beta"], max_length=longest + 2, logging_steps=1,
         # DPO plus a likelihood term on the chosen parse (RPO): keeps the chosen parses likely, not only relatively
-        loss_type=["sigmoid", "sft"] if preset.get("sft_weight") else ["sigmoid"],
+        loss_type=[preset.get("loss_type", "sigmoid"), "sft"] if preset.get("sft_weight") else [preset.get("loss_type", "sigmoid")],
         loss_weights=[1.0, preset["sft_weight"]] if preset.get("sft_weight") else None,
         save_strategy="no", report_to=[], seed=seed, use_cpu=not torch.cuda.is_available(), bf16=preset.get("bf16", False),
         disable_tqdm=True, dataloader_num_workers=0,

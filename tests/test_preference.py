@@ -4,6 +4,7 @@ file check, and a policy that moves after a step (LoRA weights and log-probabili
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -117,10 +118,39 @@ def test_sampling_explores_only_the_queries_whose_greedy_parse_misses(tiny_sft, 
         def score(self, query, completion, user_city, timestamp, clicks):
             return 0.0 if query == targets[0]["query"] else 1.0
 
-    candidates = sample_candidates(tiny_sft, targets, 3, 1.0, seed=0, say=lambda _: None, reward=MissesFirst(), explore_below=0.5)
+    candidates, confidence = sample_candidates(tiny_sft, targets, 3, 1.0, seed=0, say=lambda _: None, reward=MissesFirst(), explore_below=0.5)
     assert [len(c) for c in candidates] == [4, 1, 1, 1]  # greedy + 3 samples for the miss, the greedy parse alone elsewhere
-    everything = sample_candidates(tiny_sft, targets[:2], 2, 1.0, seed=0, say=lambda _: None)
+    assert len(confidence) == 4 and all(0 < c <= 1 for c in confidence)
+    everything, same = sample_candidates(tiny_sft, targets[:2], 2, 1.0, seed=0, say=lambda _: None)
     assert [len(c) for c in everything] == [3, 3] and everything[1][0] == candidates[1][0]  # same greedy parse either way
+    assert [math.log(c) for c in same] == pytest.approx([math.log(c) for c in confidence[:2]], abs=0.1)  # bf16, other batches
+    # the model's confidence picks the queries on its own, and together with the reward both must hold
+    middle = math.sqrt(sorted(confidence)[1] * sorted(confidence)[2])  # between the 2nd and 3rd most confident
+    unsure, _ = sample_candidates(tiny_sft, targets, 2, 1.0, seed=0, say=lambda _: None, explore_confidence=middle)
+    assert [len(c) for c in unsure] == [3 if c < middle else 1 for c in confidence]
+    both, _ = sample_candidates(tiny_sft, targets, 2, 1.0, seed=0, say=lambda _: None, reward=MissesFirst(), explore_below=0.5,
+                                explore_confidence=middle)
+    assert [len(c) for c in both] == [3 if i == 0 and confidence[0] < middle else 1 for i in range(4)]
+
+
+def test_branching_forks_the_greedy_completion_where_the_model_hesitates(tiny_sft, small_world):
+    parser = Parser(tiny_sft)
+    texts = [t["query"] for t in click_targets(small_world, 3, seed=0)]
+    greedy = [g[0] for g in parser.sample(texts, 1, temperature=0)]
+    rivals = parser.branch(texts, positions=2, alternatives=2)
+    assert [len(r) for r in rivals] == [4, 4, 4]  # 2 least likely tokens x their 2 runners-up
+    tok = parser.tokenizer
+    for g, rs in zip(greedy, rivals):
+        g_ids = tok(g, add_special_tokens=False).input_ids
+        for r in rs:
+            assert r != g  # each rival replaces a greedy token...
+            r_ids = tok(r, add_special_tokens=False).input_ids
+            fork = next((i for i, (a, b) in enumerate(zip(g_ids, r_ids)) if a != b), min(len(g_ids), len(r_ids)))
+            assert r_ids[:fork] == g_ids[:fork]  # ...after the greedy prefix, which it keeps
+    candidates, _ = sample_candidates(tiny_sft, [{"query": t} for t in texts], 4, 1.0, seed=0, say=lambda _: None, explore_with="branch")
+    assert [len(c) for c in candidates] == [5, 5, 5]
+    with pytest.raises(ValueError, match="explore_with"):
+        sample_candidates(tiny_sft, [{"query": t} for t in texts], 4, 1.0, seed=0, say=lambda _: None, explore_with="beam")
 
 
 def test_a_pair_file_with_equal_scores_is_rejected(tmp_path):

@@ -159,11 +159,13 @@ def dpo(
                 raise UserError(f"{world}: no clicked queries in the early log outside the seed set")
             where = f" of those whose greedy parse scores below {resolved['explore_below']}" if resolved.get("explore_below") is not None else ""
             out_console.print(f"DPO: {len(targets):,} logged queries; sampling {resolved['k']} parses each{where} from {init}")
-            candidates = sample_candidates(init, targets, resolved["k"], resolved["temperature"], seed, say=out_console.print,
-                                           reward=reward, explore_below=resolved.get("explore_below"))
+            candidates, confidence = sample_candidates(init, targets, resolved["k"], resolved["temperature"], seed, say=out_console.print,
+                                                       reward=reward, explore_below=resolved.get("explore_below"),
+                                                       explore_confidence=resolved.get("explore_confidence"),
+                                                       explore_with=resolved.get("explore_with", "sample"))
             pairs = build_pairs(targets, candidates, reward, resolved["min_gap"], resolved["pairs_per_query"], schema=schema)
             pairs.to_parquet(out / "pairs.parquet", index=False)
-            scored_candidates(targets, candidates, reward).to_parquet(out / "candidates.parquet", index=False)
+            scored_candidates(targets, candidates, reward, confidence).to_parquet(out / "candidates.parquet", index=False)
             stats = {"queries": len(targets), "candidates": sum(len(set(c)) for c in candidates),
                      "queries_with_pairs": int(pairs["query"].nunique()) if len(pairs) else 0, "searches": reward.search_calls}
             out_console.print(f"{len(pairs):,} pairs from {stats['queries_with_pairs']:,} queries (gap >= {resolved['min_gap']}); "
@@ -216,10 +218,12 @@ def grpo(
         screened = None
         if resolved.get("screen_k"):
             out_console.print(f"GRPO: screening {len(targets):,} logged queries with {resolved['screen_k']} samples each")
-            candidates = sample_candidates(init, targets, resolved["screen_k"], resolved["temperature"], seed, say=out_console.print,
-                                           reward=reward, explore_below=resolved.get("explore_below"))
+            candidates, confidence = sample_candidates(init, targets, resolved["screen_k"], resolved["temperature"], seed, say=out_console.print,
+                                                       reward=reward, explore_below=resolved.get("explore_below"),
+                                                       explore_confidence=resolved.get("explore_confidence"),
+                                                       explore_with=resolved.get("explore_with", "sample"))
             screened = len(targets)
-            scored_candidates(targets, candidates, reward).to_parquet(out / "candidates.parquet", index=False)
+            scored_candidates(targets, candidates, reward, confidence).to_parquet(out / "candidates.parquet", index=False)
             targets = screen(targets, candidates, reward, schema=schema, improvable=bool(resolved.get("improvable")))
             what = "a sample that beats the greedy parse" if resolved.get("improvable") else "parses with different rewards"
             out_console.print(f"GRPO: {len(targets):,} of {screened:,} queries have {what}; training on those")
