@@ -26,29 +26,32 @@ from querytune.schema import ParseError, Schema, normalize_text
 from querytune.sft import LORA_TARGETS, StepLog
 
 DPO_PRESETS: dict[str, dict[str, Any]] = {
-    # quick: <= 15 minutes on 2 CPU cores: the greedy parse of 1,100 logged queries, 4 samples (temperature 1) of the
-    # ~half whose greedy parse scores below 0.5 (~9 min in bf16), pairs the clicks can decide, two passes.
-    # Measured from the world seed-0 SFT (test NDCG 0.864) on the 137 such pairs of 1,500 queries x 8 samples:
-    # -0.011 [-0.023, +0.000]; with 6 pairs across intents -0.020, with all 220 pairs -0.029 (see README).
-    "quick": {"queries": 1100, "explore_below": 0.5, "explore_confidence": None, "explore_with": "sample", "k": 4, "temperature": 1.0, "loss_type": "sigmoid", "sft_weight": 0.5, "min_gap": 0.3, "pairs_per_query": 2,
-              "epochs": 2.0, "max_steps": -1, "batch_size": 8, "lr": 3e-4, "beta": 0.1, "lora_r": 16, "lora_alpha": 32, "warmup_steps": 5,
-              "bf16": True, "max_minutes": 5.0},
-    "full": {"queries": 6000, "explore_below": 0.5, "explore_confidence": None, "explore_with": "sample", "k": 8, "temperature": 1.0, "loss_type": "sigmoid", "sft_weight": 0.5, "min_gap": 0.3, "pairs_per_query": 2, "epochs": 2.0,
-             "max_steps": -1, "batch_size": 16, "lr": 3e-4, "beta": 0.1, "lora_r": 16, "lora_alpha": 32, "warmup_steps": 10,
-             "bf16": True, "max_minutes": None},
+    # quick: <= 15 minutes on 2 CPU cores: the greedy parse of 2,000 logged queries (~4.5 min in bf16); for the ~20% whose
+    # greedy parse both misses the clicks (< 0.5) and is one the model doubts (confidence < 0.35), its 4 nearest rivals
+    # (`Parser.branch`, ~2 min); pairs the clicks can decide; two passes at a gentle lr (~3 min).
+    # Measured from the world seed-0 SFT (test NDCG 0.864), see README: 80 pairs, +0.000 [-0.005, +0.005], parse
+    # metrics kept. The same pairs idea at lr 3e-4 (anchored pairs from samples) taught the model to add slots nobody
+    # wrote (slot precision 0.91 -> 0.81, NDCG -0.013); lr 1e-4 on those pairs: +0.002 [-0.005, +0.008].
+    "quick": {"queries": 2000, "explore_below": 0.5, "explore_confidence": 0.35, "explore_with": "branch", "k": 4, "temperature": 1.0,
+              "loss_type": "sigmoid", "sft_weight": 0.5, "min_gap": 0.3, "pairs_per_query": 2, "epochs": 2.0, "max_steps": -1,
+              "batch_size": 8, "lr": 1e-4, "beta": 0.1, "lora_r": 16, "lora_alpha": 32, "warmup_steps": 5, "bf16": True, "max_minutes": 5.0},
+    "full": {"queries": 8000, "explore_below": 0.5, "explore_confidence": 0.35, "explore_with": "branch", "k": 8, "temperature": 1.0,
+             "loss_type": "sigmoid", "sft_weight": 0.5, "min_gap": 0.3, "pairs_per_query": 2, "epochs": 2.0, "max_steps": -1,
+             "batch_size": 16, "lr": 1e-4, "beta": 0.1, "lora_r": 16, "lora_alpha": 32, "warmup_steps": 10, "bf16": True, "max_minutes": None},
 }
 GRPO_PRESETS: dict[str, dict[str, Any]] = {
-    # quick: <= 20 minutes on 2 CPU cores. Screening: the greedy parse of 700 queries, 4 samples for those scoring
-    # below 0.5 (~7 min); training only on queries where a sample beats the greedy parse in a way the clicks can
-    # decide (`screen`, improvable). Then 4 of them x 8 samples per step (~16 s/step: sampling dominates).
-    # Measured from the world seed-0 SFT: lr 5e-4 with each sampled batch used for 2 steps fell to NDCG -0.140
-    # (slot recall 0.74: dropping filters is never punished by one click), so the steps stay gentle.
-    "quick": {"queries": 700, "explore_below": 0.5, "explore_confidence": None, "explore_with": "sample", "screen_k": 4, "improvable": True, "max_steps": 45, "num_iterations": 1,
-              "num_generations": 8, "batch_size": 32, "temperature": 0.8, "lr": 2e-4, "beta": 0.04, "lora_r": 16, "lora_alpha": 32,
-              "warmup_steps": 5, "bf16": True, "max_minutes": 11.0},
-    "full": {"queries": 6000, "explore_below": 0.5, "explore_confidence": None, "explore_with": "sample", "screen_k": 4, "improvable": True, "max_steps": 600, "num_iterations": 1,
-             "num_generations": 8, "batch_size": 64, "temperature": 0.8, "lr": 2e-4, "beta": 0.04, "lora_r": 16, "lora_alpha": 32,
-             "warmup_steps": 10, "bf16": True, "max_minutes": None},
+    # quick: <= 20 minutes on 2 CPU cores. Screening (~6 min): the greedy parse of 1,500 queries, the 4 nearest rivals of
+    # those it both misses and doubts (as DPO quick); training only on queries where a rival beats the greedy parse in a
+    # way the clicks can decide (`screen`, improvable). Then 4 of them x 8 samples per step (~21 s/step: sampling
+    # dominates). Measured from the world seed-0 SFT (see README): 21 queries, 31 steps, NDCG -0.000 [-0.007, +0.007].
+    # lr 2e-4 on 11 queries screened without the confidence filter fell to -0.016; lr 5e-4 with each sampled batch
+    # used for 2 steps to -0.140 (slot recall 0.74).
+    "quick": {"queries": 1500, "explore_below": 0.5, "explore_confidence": 0.35, "explore_with": "branch", "screen_k": 4, "improvable": True,
+              "max_steps": 45, "num_iterations": 1, "num_generations": 8, "batch_size": 32, "temperature": 0.8, "lr": 1e-4, "beta": 0.04,
+              "lora_r": 16, "lora_alpha": 32, "warmup_steps": 5, "bf16": True, "max_minutes": 11.0},
+    "full": {"queries": 8000, "explore_below": 0.5, "explore_confidence": 0.35, "explore_with": "branch", "screen_k": 4, "improvable": True,
+             "max_steps": 600, "num_iterations": 1, "num_generations": 8, "batch_size": 64, "temperature": 0.8, "lr": 1e-4, "beta": 0.04,
+             "lora_r": 16, "lora_alpha": 32, "warmup_steps": 10, "bf16": True, "max_minutes": None},
 }
 NO_SIGNAL_WARN = 0.6  # GRPO: warn when this share of groups, averaged over the last 10 steps, has all-equal rewards
 
@@ -295,9 +298,10 @@ def sample_candidates(init: Path, targets: list[dict], k: int, temperature: floa
     - with `explore_confidence`: the model gives it a probability below `explore_confidence`.
     A greedy parse that misses the clicks is most often right and the clicks noise (a quarter of the world's
     clicks land on a business that does not meet the need, and one click rarely lands in a search's top 10):
-    against the world's hidden needs, 60% of such greedy parses were the true one. The model's own confidence
-    tells its errors apart far better (test ROC AUC 0.92 for a wrong "what"/"where"; below 0.35, 57% of greedy
-    parses are wrong), so the two together spend the sampling, and the pairs, on the parses worth fixing.
+    against the world's hidden needs, 78% of such greedy parses had the true "what" and "where". The model's own
+    confidence tells its errors apart far better (test ROC AUC 0.92 for a wrong "what"/"where"; the 17% of greedy
+    parses below 0.35 hold 69% of those errors); of those that both miss and are doubted, 47% are right, so the
+    two together spend the exploring, and the pairs, on the parses worth fixing.
 
     `explore_with`: "sample" draws `k` free samples (temperature `temperature`); "branch" takes the greedy parse's
     rivals at its 2 least likely tokens, `k // 2` each (`Parser.branch`): the alternatives the model itself

@@ -161,6 +161,9 @@ def test_a_pair_file_with_equal_scores_is_rejected(tmp_path):
     result = CliRunner().invoke(app, ["train", "dpo", "--init", "x", "--world", "w", "--index", "i", "--out", str(tmp_path / "o"),
                                       "--pairs", str(path)])
     assert result.exit_code == 2 and "not a querytune model folder" in result.output
+    result = CliRunner().invoke(app, ["train", "grpo", "--init", "x", "--world", "w", "--index", "i", "--out", str(tmp_path / "o"),
+                                      "--explore-with", "beam"])
+    assert result.exit_code == 2 and "--explore-with: 'beam' is not 'branch' or 'sample'" in result.output
 
 
 def test_dpo_step_moves_the_policy_towards_the_chosen(tiny_sft, tmp_path):

@@ -108,6 +108,8 @@ def _preset(presets: dict, preset: str, config: Path | None, cli: dict) -> dict:
         raise UserError(f"--config {config}: unknown option(s) {', '.join(sorted(unknown))} (known: {', '.join(presets[preset])})")
     resolved = presets[preset] | file_cfg | {k: v for k, v in cli.items() if v is not None}
     resolved["max_minutes"] = resolved.get("max_minutes") or None
+    if resolved.get("explore_with", "sample") not in ("sample", "branch"):
+        raise UserError(f"--explore-with: {resolved['explore_with']!r} is not 'branch' or 'sample'")
     return resolved
 
 
@@ -128,7 +130,9 @@ def dpo(
     queries: int = typer.Option(None, "--queries", help="Distinct logged queries to sample parses for."),
     k: int = typer.Option(None, "-k", "--samples", help="Sampled parses per query (the greedy parse is added)."),
     min_gap: float = typer.Option(None, "--min-gap", help="Keep a pair only when its rewards differ by at least this."),
-    explore_below: float = typer.Option(None, "--explore-below", help="Sample only queries whose greedy parse scores below this reward (1.01: every query)."),
+    explore_below: float = typer.Option(None, "--explore-below", help="Explore only queries whose greedy parse scores below this reward (1.01: every query)."),
+    explore_confidence: float = typer.Option(None, "--explore-confidence", help="Explore only queries whose greedy parse has a probability under the model below this (1.01: every query)."),
+    explore_with: str = typer.Option(None, "--explore-with", help="How to find other parses of an explored query: 'branch' (the greedy parse's rivals at its least likely tokens) or 'sample' (free samples at --temperature)."),
     temperature: float = typer.Option(None, "--temperature", help="Sampling temperature of the candidate parses."),
     lr: float = typer.Option(None, "--lr", help="Peak learning rate of the new LoRA."),
     beta: float = typer.Option(None, "--beta", help="DPO beta: how far the policy may move from the reference."),
@@ -142,7 +146,8 @@ def dpo(
 
     with user_errors():
         resolved = _preset(DPO_PRESETS, preset, config, {"queries": queries, "k": k, "min_gap": min_gap, "lr": lr, "beta": beta,
-                                                          "max_steps": max_steps, "explore_below": explore_below, "temperature": temperature})
+                                                          "max_steps": max_steps, "explore_below": explore_below, "temperature": temperature,
+                                                          "explore_confidence": explore_confidence, "explore_with": explore_with})
         _check_init(init)
         out.mkdir(parents=True, exist_ok=True)
         write_resolved({"command": "train dpo", "init": str(init), "world": str(world), "index": str(index), "preset": preset,
@@ -189,6 +194,8 @@ def grpo(
     queries: int = typer.Option(None, "--queries", help="Distinct logged queries to draw (and screen, when screen_k > 0)."),
     screen_k: int = typer.Option(None, "--screen-k", help="Screen the queries first with this many samples each (plus the greedy parse) and train only on those with a learning signal (preset key improvable: a sample beats the greedy parse in a way the clicks can decide; otherwise: parses earn different rewards); 0: no screening."),
     explore_below: float = typer.Option(None, "--explore-below", help="Screen only queries whose greedy parse scores below this reward (1.01: every query)."),
+    explore_confidence: float = typer.Option(None, "--explore-confidence", help="Screen only queries whose greedy parse has a probability under the model below this (1.01: every query)."),
+    explore_with: str = typer.Option(None, "--explore-with", help="How screening finds other parses: 'branch' (the greedy parse's rivals at its least likely tokens) or 'sample' (free samples at --temperature)."),
     temperature: float = typer.Option(None, "--temperature", help="Sampling temperature (screening and training groups)."),
     max_steps: int = typer.Option(None, "--max-steps", help="Optimizer steps."),
     num_generations: int = typer.Option(None, "--num-generations", help="Sampled parses per query (the group)."),
@@ -203,7 +210,8 @@ def grpo(
     with user_errors():
         resolved = _preset(GRPO_PRESETS, preset, config, {"queries": queries, "screen_k": screen_k, "max_steps": max_steps, "num_generations": num_generations,
                                                            "lr": lr, "beta": beta, "use_vllm": use_vllm, "explore_below": explore_below,
-                                                           "temperature": temperature})
+                                                           "temperature": temperature, "explore_confidence": explore_confidence,
+                                                           "explore_with": explore_with})
         if resolved["batch_size"] % resolved["num_generations"]:
             raise UserError(f"batch_size {resolved['batch_size']} must be a multiple of num_generations {resolved['num_generations']}")
         _check_init(init)
@@ -225,7 +233,7 @@ def grpo(
             screened = len(targets)
             scored_candidates(targets, candidates, reward, confidence).to_parquet(out / "candidates.parquet", index=False)
             targets = screen(targets, candidates, reward, schema=schema, improvable=bool(resolved.get("improvable")))
-            what = "a sample that beats the greedy parse" if resolved.get("improvable") else "parses with different rewards"
+            what = "another parse that beats the greedy one" if resolved.get("improvable") else "parses with different rewards"
             out_console.print(f"GRPO: {len(targets):,} of {screened:,} queries have {what}; training on those")
             if not targets:
                 raise UserError(f"no screened query has {what}: nothing for GRPO to learn (raise --queries, --temperature or --screen-k)")
