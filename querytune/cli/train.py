@@ -128,7 +128,7 @@ def dpo(
     preset: str = typer.Option("quick", "--preset", help="quick (<= 15 min on 2 CPU cores) or full."),
     config: Path = typer.Option(None, "--config", help="YAML with any preset key (queries, k, temperature, min_gap, pairs_per_query, lr, beta, ...); the command line wins."),
     queries: int = typer.Option(None, "--queries", help="Distinct logged queries to sample parses for."),
-    k: int = typer.Option(None, "-k", "--samples", help="Sampled parses per query (the greedy parse is added)."),
+    k: int = typer.Option(None, "-k", "--samples", help="Other parses per explored query, samples or rivals (--explore-with); the greedy parse is added."),
     min_gap: float = typer.Option(None, "--min-gap", help="Keep a pair only when its rewards differ by at least this."),
     explore_below: float = typer.Option(None, "--explore-below", help="Explore only queries whose greedy parse scores below this reward (1.01: every query)."),
     explore_confidence: float = typer.Option(None, "--explore-confidence", help="Explore only queries whose greedy parse has a probability under the model below this (1.01: every query)."),
