@@ -19,6 +19,11 @@ from querytune.model import load_merged, load_model_meta, prompt_messages
 from querytune.schema import ParseError, Schema
 
 
+def _through_eos(tokens: list[int], eos: int) -> int:
+    """How many generated tokens belong to the completion: up to and including the first end of sequence."""
+    return tokens.index(eos) + 1 if eos in tokens else len(tokens)
+
+
 @dataclass
 class Prediction:
     text: str
@@ -84,7 +89,7 @@ class Parser:
             new = out.sequences[:, enc["input_ids"].shape[1]:]
             for row, j in enumerate(batch):
                 tokens = new[row].tolist()
-                n = tokens.index(self.tokenizer.eos_token_id) + 1 if self.tokenizer.eos_token_id in tokens else len(tokens)
+                n = _through_eos(tokens, self.tokenizer.eos_token_id)
                 logprob = float(scores[row, :n].sum())
                 raw = self.tokenizer.decode(tokens[:n], skip_special_tokens=True).strip()
                 results[todo[j]] = self._validate(texts[todo[j]], raw, logprob, finished=n < len(tokens) or self.tokenizer.eos_token_id in tokens)
@@ -125,7 +130,7 @@ class Parser:
                 text = self.tokenizer.decode(new[row], skip_special_tokens=True).strip()
                 if logprobs:
                     tokens = new[row].tolist()
-                    n = tokens.index(self.tokenizer.eos_token_id) + 1 if self.tokenizer.eos_token_id in tokens else len(tokens)
+                    n = _through_eos(tokens, self.tokenizer.eos_token_id)
                     text = (text, float(scores[row, :n].sum()))
                 results[batch[row // k]].append(text)
             if progress:
@@ -165,7 +170,7 @@ class Parser:
             forks: list[tuple[int, list[int]]] = []  # (text index, greedy prefix + rival token)
             for row, j in enumerate(batch):
                 tokens = out.sequences[row, width:].tolist()
-                n = tokens.index(eos) + 1 if eos in tokens else len(tokens)
+                n = _through_eos(tokens, eos)
                 chosen = logp[row, torch.arange(n), torch.tensor(tokens[:n])]
                 for pos in chosen.argsort()[:positions].tolist():
                     rivals = [t for t in logp[row, pos].topk(alternatives + 1).indices.tolist() if t != tokens[pos]][:alternatives]
@@ -176,7 +181,7 @@ class Parser:
                                              max(1, self.max_new_tokens - min(len(prefix) for _, prefix in chunk)))
                 for row, (j, prefix) in enumerate(chunk):
                     tokens = prefix + cont.sequences[row, w:].tolist()
-                    tokens = tokens[:tokens.index(eos)] if eos in tokens else tokens
+                    tokens = tokens[:_through_eos(tokens, eos)]
                     results[j].append(self.tokenizer.decode(tokens, skip_special_tokens=True).strip())
             if progress:
                 progress(len(batch))

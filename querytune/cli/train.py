@@ -162,11 +162,8 @@ def dpo(
             targets = click_targets(world, resolved["queries"], seed=seed, shuffle_clicks=shuffle_clicks)
             if not targets:
                 raise UserError(f"{world}: no clicked queries in the early log outside the seed set")
-            why = [f"scores below {resolved['explore_below']}" if resolved.get("explore_below") is not None else "",
-                   f"has confidence below {resolved['explore_confidence']}" if resolved.get("explore_confidence") is not None else ""]
-            where = f" of those whose greedy parse {' and '.join(w for w in why if w)}" if any(why) else ""
             how = "rivals (branch)" if resolved.get("explore_with") == "branch" else "samples"
-            out_console.print(f"DPO: {len(targets):,} logged queries; {resolved['k']} {how} each{where}, from {init}")
+            out_console.print(f"DPO: {len(targets):,} logged queries, {resolved['k']} {how} per explored query, from {init}")
             candidates, confidence = sample_candidates(init, targets, resolved["k"], resolved["temperature"], seed, say=out_console.print,
                                                        reward=reward, explore_below=resolved.get("explore_below"),
                                                        explore_confidence=resolved.get("explore_confidence"),
