@@ -53,13 +53,15 @@ def schema_regex(schema: Schema) -> str:
 
 
 class JsonSchemaLogits(LogitsProcessor):
-    """Keeps generation inside `schema_regex`."""
+    """Keeps generation inside `schema_regex`. `prefixes`: per row, completion text already written before the
+    prompt ends (decoding that resumes a completion part-way, as `Parser.branch` does)."""
 
-    def __init__(self, schema: Schema, tokenizer, prompt_length: int, top_k: int = 24):
+    def __init__(self, schema: Schema, tokenizer, prompt_length: int, top_k: int = 24, prefixes: list[str] | None = None):
         self.pattern = regex.compile(schema_regex(schema))
-        self.tokenizer, self.prompt_length, self.top_k = tokenizer, prompt_length, top_k
+        self.tokenizer, self.prompt_length, self.top_k, self.prefixes = tokenizer, prompt_length, top_k, prefixes
         self.eos = tokenizer.eos_token_id
         self._pieces: dict[int, str] = {}
+        self._fit: dict[tuple[str, int], bool] = {}
 
     def piece(self, token: int) -> str:
         if token not in self._pieces:
@@ -69,27 +71,32 @@ class JsonSchemaLogits(LogitsProcessor):
     def _fits(self, text: str, tokens: list[int]) -> list[int]:
         keep = []
         for token in tokens:
-            if token == self.eos:
-                if self.pattern.fullmatch(text):
-                    keep.append(token)
-            elif self.pattern.fullmatch(text + self.piece(token), partial=True):
+            key = (text, token)
+            if key not in self._fit:  # beams and batch rows share prefixes ('{"intent":"find_business","slots":{"...')
+                if token == self.eos:
+                    self._fit[key] = self.pattern.fullmatch(text) is not None
+                else:
+                    self._fit[key] = self.pattern.fullmatch(text + self.piece(token), partial=True) is not None
+            if self._fit[key]:
                 keep.append(token)
         return keep
 
     def __call__(self, input_ids, scores):
         import torch
 
+        top = torch.topk(scores, min(self.top_k, scores.shape[-1]), dim=-1).indices.tolist()  # a full sort per row costs more than the model
         for row in range(input_ids.shape[0]):
             generated = input_ids[row, self.prompt_length:].tolist()
             if self.eos in generated:
                 continue  # finished rows only receive padding
-            text = self.tokenizer.decode(generated, skip_special_tokens=True)
-            ranked = torch.argsort(scores[row], descending=True)
-            keep = self._fits(text, ranked[: self.top_k].tolist())
-            for start in range(self.top_k, len(ranked), 1024):  # rare: nothing in the top k fits; look further
-                if keep:
-                    break
-                keep = self._fits(text, ranked[start:start + 1024].tolist())
+            text = (self.prefixes[row] if self.prefixes else "") + self.tokenizer.decode(generated, skip_special_tokens=True)
+            keep = self._fits(text, top[row])
+            if not keep:  # rare: nothing in the top k fits; look further
+                ranked = torch.argsort(scores[row], descending=True)
+                for start in range(self.top_k, len(ranked), 1024):
+                    keep = self._fits(text, ranked[start:start + 1024].tolist())
+                    if keep:
+                        break
             if keep:
                 mask = torch.full_like(scores[row], float("-inf"))
                 mask[keep] = 0.0

@@ -57,6 +57,17 @@ class Parser:
     def prompts(self, texts: list[str]) -> list[str]:
         return [self.tokenizer.apply_chat_template(prompt_messages(self.schema, t), add_generation_prompt=True, tokenize=False) for t in texts]
 
+    def _constraint(self, prompt_length: int, prefixes: list[str] | None = None, on: bool | None = None) -> dict[str, Any]:
+        """generate()'s logits_processor keeping the output inside the schema's JSON, when this parser is constrained
+        (or `on`)."""
+        if not (self.constrained if on is None else on):
+            return {}
+        from transformers import LogitsProcessorList
+
+        from querytune.constrain import JsonSchemaLogits
+
+        return {"logits_processor": LogitsProcessorList([JsonSchemaLogits(self.schema, self.tokenizer, prompt_length, self.constrain_top_k, prefixes)])}
+
     def parse(self, texts: list[str], progress=None) -> list[Prediction]:
         """Parse every text; empty texts are invalid without a model call. `progress(n)` after each batch."""
         import torch
@@ -74,13 +85,7 @@ class Parser:
         for start in range(0, len(order), self.batch_size):
             batch = order[start:start + self.batch_size]
             enc = self.tokenizer([prompts[j] for j in batch], return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-            extra = {}
-            if self.constrained:
-                from transformers import LogitsProcessorList
-
-                from querytune.constrain import JsonSchemaLogits
-
-                extra["logits_processor"] = LogitsProcessorList([JsonSchemaLogits(self.schema, self.tokenizer, enc["input_ids"].shape[1], self.constrain_top_k)])
+            extra = self._constraint(enc["input_ids"].shape[1])
             with torch.inference_mode():
                 out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1,
                                           eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
@@ -98,11 +103,12 @@ class Parser:
         return results  # type: ignore[return-value]
 
     def sample(self, texts: list[str], k: int, temperature: float = 1.0, seed: int = 0, progress=None,
-               logprobs: bool = False) -> list[list[str]] | list[list[tuple[str, float]]]:
+               logprobs: bool = False, constrained: bool | None = None) -> list[list[str]] | list[list[tuple[str, float]]]:
         """`k` sampled completions per text (free decoding, as the policy would write them), raw strings.
         `temperature=0`: the greedy completion (k=1), in the same bf16 free decoding. `logprobs`: each completion
         comes with its log-probability under the model (the sum over its tokens up to the end of sequence), as
-        `(text, logprob)`: exp of it is the confidence `parse` reports."""
+        `(text, logprob)`: exp of it is the confidence `parse` reports. A constrained parser samples inside the
+        schema's JSON unless `constrained=False`."""
         if temperature <= 0 and k != 1:
             raise ValueError("greedy decoding (temperature 0) gives one completion per text: k must be 1")
         import torch
@@ -121,7 +127,8 @@ class Parser:
                 how = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
                 out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, num_return_sequences=k, **how,
                                           eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                                          output_scores=logprobs, return_dict_in_generate=True)
+                                          output_scores=logprobs, return_dict_in_generate=True,
+                                          **self._constraint(enc["input_ids"].shape[1], on=constrained))
                 if logprobs:  # of the tokens as chosen, under the untempered model
                     scores = self.model.compute_transition_scores(out.sequences, [s * temperature if temperature > 0 else s for s in out.scores],
                                                                   normalize_logits=True).float()
@@ -133,6 +140,34 @@ class Parser:
                     n = _through_eos(tokens, self.tokenizer.eos_token_id)
                     text = (text, float(scores[row, :n].sum()))
                 results[batch[row // k]].append(text)
+            if progress:
+                progress(len(batch))
+        return results
+
+    def beams(self, texts: list[str], k: int, progress=None) -> list[list[str]]:
+        """The `k` most likely completions per text by beam search (bf16, `k` beams), most likely first, raw strings.
+
+        For a constrained parser these are the model's best `k` parses inside the schema: on the world's most typed
+        texts whose greedy parse has the "what" or "where" wrong, 8 beams held the right one for 88 of 120, 8 free
+        samples for 70 and 4 rivals (`branch`) for 59, at about 2.3x the rivals' cost."""
+        import torch
+
+        prompts = self.prompts(texts)
+        lengths = [len(self.tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
+        order = sorted(range(len(texts)), key=lambda j: lengths[j])
+        results: list[list[str]] = [[] for _ in texts]
+        per_batch = max(1, self.batch_size // k)
+        autocast = torch.autocast("cpu" if self.device == "cpu" else "cuda", dtype=torch.bfloat16)
+        for start in range(0, len(order), per_batch):
+            batch = order[start:start + per_batch]
+            enc = self.tokenizer([prompts[j] for j in batch], return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+            with torch.inference_mode(), autocast:
+                out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, num_beams=k, num_return_sequences=k, do_sample=False,
+                                          eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                                          **self._constraint(enc["input_ids"].shape[1]))
+            new = out[:, enc["input_ids"].shape[1]:]
+            for row in range(new.shape[0]):
+                results[batch[row // k]].append(self.tokenizer.decode(new[row], skip_special_tokens=True).strip())
             if progress:
                 progress(len(batch))
         return results
@@ -155,13 +190,14 @@ class Parser:
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         autocast = torch.autocast("cpu" if self.device == "cpu" else "cuda", dtype=torch.bfloat16)
 
-        def decode_left_padded(rows: list[list[int]], max_new: int):
+        def decode_left_padded(rows: list[list[int]], max_new: int, prefixes: list[str] | None = None):
             width = max(len(r) for r in rows)
             ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
             mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
             with torch.inference_mode(), autocast:
                 return self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
-                                           eos_token_id=eos, pad_token_id=pad, output_scores=True, return_dict_in_generate=True), width
+                                           eos_token_id=eos, pad_token_id=pad, output_scores=True, return_dict_in_generate=True,
+                                           **self._constraint(width, prefixes)), width
 
         for start in range(0, len(order), self.batch_size):
             batch = order[start:start + self.batch_size]
@@ -173,12 +209,14 @@ class Parser:
                 n = _through_eos(tokens, eos)
                 chosen = logp[row, torch.arange(n), torch.tensor(tokens[:n])]
                 for pos in chosen.argsort()[:positions].tolist():
-                    rivals = [t for t in logp[row, pos].topk(alternatives + 1).indices.tolist() if t != tokens[pos]][:alternatives]
+                    top = logp[row, pos].topk(alternatives + 1)  # constrained: tokens the schema rules out have -inf
+                    rivals = [t for t, v in zip(top.indices.tolist(), top.values.tolist()) if t != tokens[pos] and v > float("-inf")][:alternatives]
                     forks += [(j, tokens[:pos] + [t]) for t in rivals]
             for f in range(0, len(forks), self.batch_size):
                 chunk = forks[f:f + self.batch_size]
                 cont, w = decode_left_padded([prompt_ids[j] + prefix for j, prefix in chunk],
-                                             max(1, self.max_new_tokens - min(len(prefix) for _, prefix in chunk)))
+                                             max(1, self.max_new_tokens - min(len(prefix) for _, prefix in chunk)),
+                                             [self.tokenizer.decode(prefix, skip_special_tokens=True) for _, prefix in chunk])
                 for row, (j, prefix) in enumerate(chunk):
                     tokens = prefix + cont.sequences[row, w:].tolist()
                     tokens = tokens[:_through_eos(tokens, eos)]

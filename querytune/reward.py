@@ -157,6 +157,33 @@ class RetrievalReward:
             ranked = self._searches[key] = self.searcher.search(parse, Context(user_city, ts), k=self.k)
         return round(ndcg_at_k(ranked, grades, self.k), 5)
 
-    def __call__(self, prompts=None, completions=None, query=None, user_city=None, timestamp=None, clicks=None, **_) -> list[float]:
+    def __call__(self, prompts=None, completions=None, query=None, user_city=None, timestamp=None, clicks=None, contexts=None,
+                 **_) -> list[float]:
+        """TRL's reward shape. With a `contexts` column (JSON lists of {user_city, timestamp, clicks}), each query is
+        scored in all of them (`score_in_contexts`); otherwise in its one user_city/timestamp/clicks."""
         texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]  # plain or conversational
+        if contexts is not None:
+            return [score_in_contexts(self.score, q, c, json.loads(x) if isinstance(x, str) else x)
+                    for q, c, x in zip(query, texts, contexts, strict=True)]
         return [self.score(q, c, u, t, k) for q, c, u, t, k in zip(query, texts, user_city, timestamp, clicks, strict=True)]
+
+
+def score_in_contexts(score, query: str, completion: str, contexts: list[dict[str, Any]]) -> float:
+    """`score` (a reward's `score(query, completion, user_city, timestamp, clicks)`) of one completion of a query
+    typed in several contexts (one per user city, clicks summed over its rows), averaged with each context's
+    clicks as its weight. A popular query is typed in many cities: its parse is judged on every user's clicks,
+    not on one city's few (a parse that drops "atx" from "dentist atx" loses only where users are outside Austin).
+
+    >>> by_city = lambda q, c, user_city, timestamp, clicks: 1.0 if user_city == "austin" else 0.0
+    >>> score_in_contexts(by_city, "dentist atx", "{}", [
+    ...     {"user_city": "austin", "timestamp": "2026-09-01T12:00", "clicks": {"b1": 3}},
+    ...     {"user_city": "boston", "timestamp": "2026-09-01T12:00", "clicks": {"b1": 1}}])
+    0.75
+    """
+    total = weighted = 0.0
+    for ctx in contexts:
+        clicks = json.loads(ctx["clicks"]) if isinstance(ctx["clicks"], str) else ctx["clicks"]
+        w = max(1, sum(clicks.values()))
+        weighted += w * score(query, completion, ctx["user_city"], ctx["timestamp"], clicks)
+        total += w
+    return round(weighted / total, 5) if total else 0.0

@@ -32,3 +32,9 @@ def test_constrained_generation_never_leaves_the_language(tiny_base, tmp_path):
     for p in constrained.parse(texts):
         assert PATTERN.fullmatch(p.raw, partial=True), p.raw
         assert p.valid or p.error.startswith("output cut")
+    # the exploration of preference tuning decodes the same way: samples and rivals (forks of the greedy
+    # completion, resumed part-way) stay inside the language too, and free decoding stays one flag away
+    for raws in constrained.sample(texts, 2, temperature=1.0) + constrained.branch(texts, positions=2, alternatives=2) + constrained.beams(texts, 3):
+        assert raws and all(PATTERN.fullmatch(r, partial=True) for r in raws), raws
+    greedy = [g[0] for g in constrained.sample(texts, 1, temperature=0, constrained=False)]
+    assert [g for g in greedy if PATTERN.fullmatch(g, partial=True)] == []

@@ -50,13 +50,26 @@ def test_click_targets_come_from_the_early_log_outside_the_seed(small_world):
     targets = click_targets(small_world, 50, seed=1)
     seed_texts = {normalize_text(json.loads(line)["text"]) for line in (small_world / "seed.jsonl").read_text().splitlines()}
     log = pd.read_parquet(small_world / "log.parquet")
-    early = set(log.loc[log["period"] == "early", "query"].map(normalize_text))
-    assert len(targets) == 50
-    assert all(normalize_text(t["query"]) in early and normalize_text(t["query"]) not in seed_texts for t in targets)
-    assert all(t["clicks"] and all(n >= 1 for n in t["clicks"].values()) for t in targets)
+    early = log[log["period"] == "early"].assign(norm=lambda d: d["query"].map(normalize_text))
+    assert len(targets) == 50 and len({normalize_text(t["query"]) for t in targets}) == 50  # distinct texts
+    assert all(normalize_text(t["query"]) in set(early["norm"]) and normalize_text(t["query"]) not in seed_texts for t in targets)
+    for t in targets[:10]:  # each city the text was typed in, with that city's clicks summed over its rows
+        rows = early[early["norm"] == normalize_text(t["query"])]
+        assert t["rows"] == len(rows)
+        expected = {c: sum(len(k) for k in g["clicked"]) for c, g in rows.groupby("user_city") if sum(len(k) for k in g["clicked"])}
+        assert {c["user_city"]: sum(c["clicks"].values()) for c in t["contexts"]} == expected
+        assert (t["user_city"], t["clicks"]) == (t["contexts"][0]["user_city"], t["contexts"][0]["clicks"])  # the most clicked
+    assert all(c["clicks"] and all(n >= 1 for n in c["clicks"].values()) for t in targets for c in t["contexts"])
+    # by traffic: the most typed texts, more typed first; at random: a sample that reaches into the tail
+    assert [t["rows"] for t in targets] == sorted((t["rows"] for t in targets), reverse=True)
+    assert min(t["rows"] for t in targets) >= max(t["rows"] for t in click_targets(small_world, 10_000, seed=1)[50:])
+    sampled = click_targets(small_world, 50, seed=1, pick="random")
+    assert sum(t["rows"] for t in sampled) < sum(t["rows"] for t in targets)
+    with pytest.raises(ValueError, match="pick"):
+        click_targets(small_world, 5, pick="head")
     shuffled = click_targets(small_world, 50, seed=1, shuffle_clicks=True)
     assert [t["query"] for t in shuffled] == [t["query"] for t in targets]
-    assert sorted(map(json.dumps, (t["clicks"] for t in shuffled))) == sorted(map(json.dumps, (t["clicks"] for t in targets)))
+    assert sorted(json.dumps(t["contexts"]) for t in shuffled) == sorted(json.dumps(t["contexts"]) for t in targets)
     assert sum(a["clicks"] != b["clicks"] for a, b in zip(targets, shuffled)) > 40
 
 
@@ -97,7 +110,17 @@ def test_pairs_fix_the_greedy_parse_and_skip_invalid_or_unclear_ones():
     assert other_intent["rejected"].tolist() == [mid]  # a sampled parse of another intent is never a rejected one
     oos = '{"intent":"out_of_scope","slots":{}}'
     with_schema = build_pairs(targets[:2], [[mid, long_, short], [oos, long_, short]], Scores(), min_gap=0.2, per_query=2, schema=SCHEMA)
-    assert with_schema["rejected"].tolist() == [mid, short]  # the query read as out of scope is left alone
+    # the query read as out of scope is left alone; the best parse adds a price filter the greedy one lacks, so it
+    # is chosen over neither (a filter added by luck teaches adding filters): the greedy parse, better, is chosen
+    assert with_schema[["chosen", "rejected"]].values.tolist() == [[mid, short]]
+    no_price = '{"intent":"find_business","slots":{"category":"restaurant","cuisine":"thai"}}'
+
+    class WithNoPrice(Scores):
+        def score(self, query, completion, user_city, timestamp, clicks):
+            return 0.8 if completion == no_price else super().score(query, completion, user_city, timestamp, clicks)
+
+    with_both = build_pairs(targets[:1], [[mid, long_, no_price]], WithNoPrice(), min_gap=0.2, per_query=2, schema=SCHEMA)
+    assert with_both[["chosen", "rejected"]].values.tolist() == [[no_price, mid]]  # the best parse that adds no filter
 
 
 def test_screening_keeps_queries_whose_parses_earn_different_rewards():
@@ -147,10 +170,13 @@ def test_branching_forks_the_greedy_completion_where_the_model_hesitates(tiny_sf
             r_ids = tok(r, add_special_tokens=False).input_ids
             fork = next((i for i, (a, b) in enumerate(zip(g_ids, r_ids)) if a != b), min(len(g_ids), len(r_ids)))
             assert r_ids[:fork] == g_ids[:fork]  # ...after the greedy prefix, which it keeps
-    candidates, _ = sample_candidates(tiny_sft, [{"query": t} for t in texts], 4, 1.0, seed=0, say=lambda _: None, explore_with="branch")
-    assert [len(c) for c in candidates] == [5, 5, 5]
+    for how in ("branch", "beam"):  # the greedy parse + 4 others (constrained to the schema by default)
+        candidates, _ = sample_candidates(tiny_sft, [{"query": t} for t in texts], 4, 1.0, seed=0, say=lambda _: None, explore_with=how)
+        assert [len(c) for c in candidates] == [5, 5, 5], how
+    beams = Parser(tiny_sft).beams(texts, 3)
+    assert [len(b) for b in beams] == [3, 3, 3]  # the 3 best sequences of each
     with pytest.raises(ValueError, match="explore_with"):
-        sample_candidates(tiny_sft, [{"query": t} for t in texts], 4, 1.0, seed=0, say=lambda _: None, explore_with="beam")
+        sample_candidates(tiny_sft, [{"query": t} for t in texts], 4, 1.0, seed=0, say=lambda _: None, explore_with="greedy")
 
 
 def test_a_pair_file_with_equal_scores_is_rejected(tmp_path):
@@ -162,8 +188,11 @@ def test_a_pair_file_with_equal_scores_is_rejected(tmp_path):
                                       "--pairs", str(path)])
     assert result.exit_code == 2 and "not a querytune model folder" in result.output
     result = CliRunner().invoke(app, ["train", "grpo", "--init", "x", "--world", "w", "--index", "i", "--out", str(tmp_path / "o"),
-                                      "--explore-with", "beam"])
-    assert result.exit_code == 2 and "--explore-with: 'beam' is not 'branch' or 'sample'" in result.output
+                                      "--explore-with", "greedy"])
+    assert result.exit_code == 2 and "--explore-with: 'greedy' is not one of beam, branch, sample" in result.output
+    result = CliRunner().invoke(app, ["train", "dpo", "--init", "x", "--world", "w", "--index", "i", "--out", str(tmp_path / "o"),
+                                      "--pick", "head"])
+    assert result.exit_code == 2 and "--pick: 'head' is not 'traffic' or 'random'" in result.output
 
 
 def test_dpo_step_moves_the_policy_towards_the_chosen(tiny_sft, tmp_path):

@@ -8,7 +8,7 @@ import json
 import pandas as pd
 import pytest
 
-from querytune.reward import INVALID, RetrievalReward, click_grades, strict_parse
+from querytune.reward import INVALID, RetrievalReward, click_grades, score_in_contexts, strict_parse
 from querytune.schema import ParseError, load_schema
 from querytune.search import Context, Searcher, build_index
 
@@ -104,3 +104,20 @@ def test_click_grades_and_strict_parse():
     assert click_grades({}) == {}
     with pytest.raises(ParseError, match="repeated"):
         strict_parse(SCHEMA, '{"intent":"book","slots":{"day":"monday","day":"friday"}}')
+
+
+def test_a_query_typed_in_several_cities_is_scored_in_each_weighted_by_its_clicks(reward):
+    """A parse without the city ("dentist atx" read as just "dentist") finds the clicks only where the user is in
+    that city: scored on every city's clicks, it earns the clicked share of the cities that it serves."""
+    in_austin = {"intent": "find_business", "slots": {"category": "restaurant", "cuisine": "thai", "city": "austin"}}
+    no_city = {"intent": "find_business", "slots": {"category": "restaurant", "cuisine": "thai"}}
+    austin, boston = case(reward, in_austin, city="austin"), case(reward, in_austin, city="boston")  # clicks on Austin places
+    boston["clicks"] = {b: 1 for b in boston["clicks"]}  # 3 clicks from Boston users, 9 from Austin users
+    contexts = [austin, boston]
+    assert score_in_contexts(reward.score, "thai atx", json.dumps(in_austin), contexts) == 1.0
+    assert score_in_contexts(reward.score, "thai atx", json.dumps(no_city), contexts) == pytest.approx(9 / 12)
+    out = reward(prompts=["p"] * 2, completions=[json.dumps(in_austin), json.dumps(no_city)], query=["thai atx"] * 2,
+                 user_city=["austin"] * 2, timestamp=[austin["timestamp"]] * 2, clicks=[json.dumps(austin["clicks"])] * 2,
+                 contexts=[json.dumps(contexts)] * 2)  # TRL passes the dataset's columns: contexts wins over the one context
+    assert out == [1.0, pytest.approx(9 / 12)]
+    assert score_in_contexts(reward.score, "thai atx", "{not json", contexts) == INVALID

@@ -108,8 +108,12 @@ def _preset(presets: dict, preset: str, config: Path | None, cli: dict) -> dict:
         raise UserError(f"--config {config}: unknown option(s) {', '.join(sorted(unknown))} (known: {', '.join(presets[preset])})")
     resolved = presets[preset] | file_cfg | {k: v for k, v in cli.items() if v is not None}
     resolved["max_minutes"] = resolved.get("max_minutes") or None
-    if resolved.get("explore_with", "sample") not in ("sample", "branch"):
-        raise UserError(f"--explore-with: {resolved['explore_with']!r} is not 'branch' or 'sample'")
+    from querytune.preference import EXPLORE_WITH
+
+    if resolved.get("explore_with", "sample") not in EXPLORE_WITH:
+        raise UserError(f"--explore-with: {resolved['explore_with']!r} is not one of {', '.join(EXPLORE_WITH)}")
+    if resolved.get("pick", "traffic") not in ("traffic", "random"):
+        raise UserError(f"--pick: {resolved['pick']!r} is not 'traffic' or 'random'")
     return resolved
 
 
@@ -127,12 +131,13 @@ def dpo(
     out: Path = typer.Option(..., "--out", help="Model folder to write (adapter + its init chain, pairs.parquet, config, step log, card)."),
     preset: str = typer.Option("quick", "--preset", help="quick (<= 15 min on 2 CPU cores) or full."),
     config: Path = typer.Option(None, "--config", help="YAML with any preset key (queries, k, temperature, min_gap, pairs_per_query, lr, beta, ...); the command line wins."),
-    queries: int = typer.Option(None, "--queries", help="Distinct logged queries to sample parses for."),
-    k: int = typer.Option(None, "-k", "--samples", help="Other parses per explored query, samples or rivals (--explore-with); the greedy parse is added."),
+    queries: int = typer.Option(None, "--queries", help="Distinct logged query texts to parse (each scored against the clicks of every city it was typed in)."),
+    pick: str = typer.Option(None, "--pick", help="Which logged query texts to draw: 'traffic' (the most typed first: the head of the log, judged on many users' clicks) or 'random' (a uniform sample)."),
+    k: int = typer.Option(None, "-k", "--samples", help="Other parses per explored query: beams, rivals or samples (--explore-with); the greedy parse is added."),
     min_gap: float = typer.Option(None, "--min-gap", help="Keep a pair only when its rewards differ by at least this."),
     explore_below: float = typer.Option(None, "--explore-below", help="Explore only queries whose greedy parse scores below this reward (1.01: every query)."),
     explore_confidence: float = typer.Option(None, "--explore-confidence", help="Explore only queries whose greedy parse has a probability under the model below this (1.01: every query)."),
-    explore_with: str = typer.Option(None, "--explore-with", help="How to find other parses of an explored query: 'branch' (the greedy parse's rivals at its least likely tokens) or 'sample' (free samples at --temperature)."),
+    explore_with: str = typer.Option(None, "--explore-with", help="How to find other parses of an explored query: 'beam' (the model's k most likely parses, beam search), 'branch' (the greedy parse's rivals at its least likely tokens) or 'sample' (samples at --temperature)."),
     temperature: float = typer.Option(None, "--temperature", help="Sampling temperature of the candidate parses."),
     lr: float = typer.Option(None, "--lr", help="Peak learning rate of the new LoRA."),
     beta: float = typer.Option(None, "--beta", help="DPO beta: how far the policy may move from the reference."),
@@ -145,7 +150,7 @@ def dpo(
     from querytune.preference import DPO_PRESETS, build_pairs, click_targets, load_pairs, sample_candidates, scored_candidates, train_dpo
 
     with user_errors():
-        resolved = _preset(DPO_PRESETS, preset, config, {"queries": queries, "k": k, "min_gap": min_gap, "lr": lr, "beta": beta,
+        resolved = _preset(DPO_PRESETS, preset, config, {"queries": queries, "pick": pick, "k": k, "min_gap": min_gap, "lr": lr, "beta": beta,
                                                           "max_steps": max_steps, "explore_below": explore_below, "temperature": temperature,
                                                           "explore_confidence": explore_confidence, "explore_with": explore_with})
         _check_init(init)
@@ -159,15 +164,16 @@ def dpo(
             stats = {"pairs_from": str(pairs_file)}
         else:
             reward, schema = _reward(init, index)
-            targets = click_targets(world, resolved["queries"], seed=seed, shuffle_clicks=shuffle_clicks)
+            targets = click_targets(world, resolved["queries"], seed=seed, shuffle_clicks=shuffle_clicks, pick=resolved.get("pick", "traffic"))
             if not targets:
                 raise UserError(f"{world}: no clicked queries in the early log outside the seed set")
-            how = "rivals (branch)" if resolved.get("explore_with") == "branch" else "samples"
+            how = {"beam": "beams", "branch": "rivals (branch)"}.get(resolved.get("explore_with"), "samples")
             out_console.print(f"DPO: {len(targets):,} logged queries, {resolved['k']} {how} per explored query, from {init}")
             candidates, confidence = sample_candidates(init, targets, resolved["k"], resolved["temperature"], seed, say=out_console.print,
                                                        reward=reward, explore_below=resolved.get("explore_below"),
                                                        explore_confidence=resolved.get("explore_confidence"),
-                                                       explore_with=resolved.get("explore_with", "sample"))
+                                                       explore_with=resolved.get("explore_with", "sample"),
+                                                       constrained=bool(resolved.get("constrained", True)))
             pairs = build_pairs(targets, candidates, reward, resolved["min_gap"], resolved["pairs_per_query"], schema=schema)
             pairs.to_parquet(out / "pairs.parquet", index=False)
             scored_candidates(targets, candidates, reward, confidence).to_parquet(out / "candidates.parquet", index=False)
@@ -191,11 +197,12 @@ def grpo(
     out: Path = typer.Option(..., "--out", help="Model folder to write (adapter + its init chain, config, step log, card)."),
     preset: str = typer.Option("quick", "--preset", help="quick (<= 20 min on 2 CPU cores) or full."),
     config: Path = typer.Option(None, "--config", help="YAML with any preset key (queries, max_steps, num_generations, batch_size, lr, beta, use_vllm, ...)."),
-    queries: int = typer.Option(None, "--queries", help="Distinct logged queries to draw (and screen, when screen_k > 0)."),
+    queries: int = typer.Option(None, "--queries", help="Distinct logged query texts to draw (and screen, when screen_k > 0)."),
+    pick: str = typer.Option(None, "--pick", help="Which logged query texts to draw: 'traffic' (the most typed first: the head of the log, judged on many users' clicks) or 'random' (a uniform sample)."),
     screen_k: int = typer.Option(None, "--screen-k", help="Screen the queries first with this many samples each (plus the greedy parse) and train only on those with a learning signal (preset key improvable: a sample beats the greedy parse in a way the clicks can decide; otherwise: parses earn different rewards); 0: no screening."),
     explore_below: float = typer.Option(None, "--explore-below", help="Screen only queries whose greedy parse scores below this reward (1.01: every query)."),
     explore_confidence: float = typer.Option(None, "--explore-confidence", help="Screen only queries whose greedy parse has a probability under the model below this (1.01: every query)."),
-    explore_with: str = typer.Option(None, "--explore-with", help="How screening finds other parses: 'branch' (the greedy parse's rivals at its least likely tokens) or 'sample' (free samples at --temperature)."),
+    explore_with: str = typer.Option(None, "--explore-with", help="How screening finds other parses: 'beam' (the model's k most likely parses, beam search), 'branch' (the greedy parse's rivals at its least likely tokens) or 'sample' (samples at --temperature)."),
     temperature: float = typer.Option(None, "--temperature", help="Sampling temperature (screening and training groups)."),
     max_steps: int = typer.Option(None, "--max-steps", help="Optimizer steps."),
     num_generations: int = typer.Option(None, "--num-generations", help="Sampled parses per query (the group)."),
@@ -208,7 +215,7 @@ def grpo(
     from querytune.preference import GRPO_PRESETS, click_targets, sample_candidates, scored_candidates, screen, train_grpo
 
     with user_errors():
-        resolved = _preset(GRPO_PRESETS, preset, config, {"queries": queries, "screen_k": screen_k, "max_steps": max_steps, "num_generations": num_generations,
+        resolved = _preset(GRPO_PRESETS, preset, config, {"queries": queries, "pick": pick, "screen_k": screen_k, "max_steps": max_steps, "num_generations": num_generations,
                                                            "lr": lr, "beta": beta, "use_vllm": use_vllm, "explore_below": explore_below,
                                                            "temperature": temperature, "explore_confidence": explore_confidence,
                                                            "explore_with": explore_with})
@@ -220,7 +227,7 @@ def grpo(
                         "seed": seed, **resolved}, out / "train_config.json")
         t0 = time.perf_counter()
         reward, schema = _reward(init, index)
-        targets = click_targets(world, resolved["queries"], seed=seed)
+        targets = click_targets(world, resolved["queries"], seed=seed, pick=resolved.get("pick", "traffic"))
         if not targets:
             raise UserError(f"{world}: no clicked queries in the early log outside the seed set")
         screened = None
@@ -229,7 +236,8 @@ def grpo(
             candidates, confidence = sample_candidates(init, targets, resolved["screen_k"], resolved["temperature"], seed, say=out_console.print,
                                                        reward=reward, explore_below=resolved.get("explore_below"),
                                                        explore_confidence=resolved.get("explore_confidence"),
-                                                       explore_with=resolved.get("explore_with", "sample"))
+                                                       explore_with=resolved.get("explore_with", "sample"),
+                                                       constrained=bool(resolved.get("constrained", True)))
             screened = len(targets)
             scored_candidates(targets, candidates, reward, confidence).to_parquet(out / "candidates.parquet", index=False)
             targets = screen(targets, candidates, reward, schema=schema, improvable=bool(resolved.get("improvable")))
