@@ -26,12 +26,13 @@ from querytune.schema import ParseError, Schema, normalize_text
 from querytune.sft import LORA_TARGETS, StepLog
 
 DPO_PRESETS: dict[str, dict[str, Any]] = {
-    # quick: <= 15 minutes on 2 CPU cores: the greedy parse of 2,000 logged queries (~4.5 min in bf16); for the ~20% whose
-    # greedy parse both misses the clicks (< 0.5) and is one the model doubts (confidence < 0.35), its 4 nearest rivals
-    # (`Parser.branch`, ~2 min); pairs the clicks can decide; two passes at a gentle lr (~3 min).
-    # Measured from the world seed-0 SFT (test NDCG 0.864), see README: 80 pairs, +0.000 [-0.005, +0.005], parse
-    # metrics kept. The same pairs idea at lr 3e-4 (anchored pairs from samples) taught the model to add slots nobody
-    # wrote (slot precision 0.91 -> 0.81, NDCG -0.013); lr 1e-4 on those pairs: +0.002 [-0.005, +0.008].
+    # quick: <= 15 minutes on 2 CPU cores: the constrained greedy parse of the 2,000 most typed texts of the early log
+    # (~4 min in bf16), each scored in every city it was typed in; for those whose parse both misses the clicks (< 0.5)
+    # and is one the model doubts (confidence < 0.35), its 4 nearest rivals (`Parser.branch`, ~2 min); pairs the
+    # clicks can decide; two passes at a gentle lr (~3 min). Measured from the world seed-0 SFT: see README.
+    # Tried and left out (README): 8 beams per doubted query (more pairs, 152 from 84 texts, 97 of them right against the
+    # hidden needs) at lr 2e-4 fell by 0.030 (the chosen beams added filters by luck; slot precision 0.91 -> 0.82);
+    # without filter-adding chosen parses (`adds_no_filter`) still -0.025 at lr 2e-4.
     "quick": {"queries": 2000, "pick": "traffic", "explore_below": 0.5, "explore_confidence": 0.35, "explore_with": "branch", "constrained": True,
               "k": 4, "temperature": 1.0, "loss_type": "sigmoid", "sft_weight": 0.5, "min_gap": 0.3, "pairs_per_query": 2, "epochs": 2.0,
               "max_steps": -1, "batch_size": 8, "lr": 1e-4, "beta": 0.1, "lora_r": 16, "lora_alpha": 32, "warmup_steps": 5, "bf16": True,
@@ -41,10 +42,9 @@ DPO_PRESETS: dict[str, dict[str, Any]] = {
              "batch_size": 16, "lr": 1e-4, "beta": 0.1, "lora_r": 16, "lora_alpha": 32, "warmup_steps": 10, "bf16": True, "max_minutes": None},
 }
 GRPO_PRESETS: dict[str, dict[str, Any]] = {
-    # quick: <= 20 minutes on 2 CPU cores. Screening (~6 min): the greedy parse of 1,500 queries, the 4 nearest rivals of
-    # those it both misses and doubts (as DPO quick); training only on queries where a rival beats the greedy parse in a
-    # way the clicks can decide (`screen`, improvable). Then 4 of them x 8 samples per step (~21 s/step: sampling
-    # dominates). Measured from the world seed-0 SFT (see README): 21 queries, 31 steps, NDCG -0.000 [-0.007, +0.007].
+    # quick: <= 20 minutes on 2 CPU cores. Screening (~6 min): as DPO quick's exploration, over the 1,500 most typed
+    # texts; training only on texts where a rival beats the greedy parse in a way the clicks can decide (`screen`,
+    # improvable). Then 4 of them x 8 samples per step (~21 s/step: sampling dominates). Measured: see README.
     # lr 2e-4 on 11 queries screened without the confidence filter fell to -0.016; lr 5e-4 with each sampled batch
     # used for 2 steps to -0.140 (slot recall 0.74).
     "quick": {"queries": 1500, "pick": "traffic", "explore_below": 0.5, "explore_confidence": 0.35, "explore_with": "branch", "constrained": True,
