@@ -22,7 +22,7 @@ import pandas as pd
 
 from querytune.model import copy_adapter_chain, load_model_meta, prompt_messages
 from querytune.reward import INVALID, RetrievalReward, score_in_contexts, strict_parse
-from querytune.schema import ParseError, Schema, normalize_text
+from querytune.schema import WORD, ParseError, Schema, normalize_text
 from querytune.sft import LORA_TARGETS, StepLog
 
 DPO_PRESETS: dict[str, dict[str, Any]] = {
@@ -50,13 +50,14 @@ GRPO_PRESETS: dict[str, dict[str, Any]] = {
     # lr 2e-4 on 11 queries screened without the confidence filter fell to -0.016; lr 5e-4 with each sampled batch
     # used for 2 steps to -0.140 (slot recall 0.74).
     "quick": {"queries": 1500, "pick": "random", "explore_below": 0.5, "explore_confidence": 0.35, "explore_with": "branch", "constrained": False,
-              "screen_k": 4, "improvable": True, "max_steps": 45, "num_iterations": 1, "num_generations": 8, "batch_size": 32, "temperature": 0.8,
+              "screen_k": 4, "improvable": True, "anchors": 0.0, "min_gap": 0.3, "max_steps": 45, "num_iterations": 1, "num_generations": 8, "batch_size": 32, "temperature": 0.8,
               "lr": 1e-4, "beta": 0.04, "lora_r": 16, "lora_alpha": 32, "warmup_steps": 5, "bf16": True, "max_minutes": 11.0},
     "full": {"queries": 8000, "pick": "traffic", "explore_below": 0.5, "explore_confidence": 0.35, "explore_with": "branch", "constrained": True, "screen_k": 4, "improvable": True,
-             "max_steps": 600, "num_iterations": 1, "num_generations": 8, "batch_size": 64, "temperature": 0.8, "lr": 1e-4, "beta": 0.04,
+             "anchors": 0.0, "min_gap": 0.3, "max_steps": 600, "num_iterations": 1, "num_generations": 8, "batch_size": 64, "temperature": 0.8, "lr": 1e-4, "beta": 0.04,
              "lora_r": 16, "lora_alpha": 32, "warmup_steps": 10, "bf16": True, "max_minutes": None},
 }
-EXPLORE_WITH = ("beam", "branch", "sample")  # how `sample_candidates` finds other parses of an explored query
+EXPLORE_WITH = ("beam", "branch", "sample")
+PICKS = ("traffic", "random", "novel")  # how `click_targets` picks the logged texts to train on  # how `sample_candidates` finds other parses of an explored query
 NO_SIGNAL_WARN = 0.6  # GRPO: warn when this share of groups, averaged over the last 10 steps, has all-equal rewards
 
 
@@ -71,16 +72,17 @@ def click_targets(world: str | Path, n: int, seed: int = 0, exclude: set[str] | 
 
     `pick`: "traffic" takes the most typed texts (ties in seeded random order): where a parse's errors cost most
     users, and where many users' clicks make the reward reliable (on the world's log, the 2,000 most typed texts
-    carry 49% of the early traffic and a random 2,000 about 5%); "random": a uniform sample of texts.
+    carry 49% of the early traffic and a random 2,000 about 5%); "random": a uniform sample of texts; "novel": texts
+    with words the seed set never shows (`novel_first`), where imitation has nothing to copy.
     `exclude`: normalised texts to leave out (the labeled seed set). `shuffle_clicks`: a control; each text gets
     another's contexts (its cities and their clicks)."""
-    if pick not in ("traffic", "random"):
-        raise ValueError(f"pick: {pick!r} is not 'traffic' or 'random'")
+    if pick not in PICKS:
+        raise ValueError(f"pick: {pick!r} is not one of {', '.join(PICKS)}")
     world = Path(world)
     log = pd.read_parquet(world / "log.parquet", columns=["timestamp", "user_city", "query", "clicked", "period"])
     log = log[log["period"] == "early"]
-    exclude = exclude if exclude is not None else {normalize_text(json.loads(line)["text"])
-                                                    for line in (world / "seed.jsonl").read_text().splitlines() if line.strip()}
+    seed_texts = [normalize_text(json.loads(line)["text"]) for line in (world / "seed.jsonl").read_text().splitlines() if line.strip()]
+    exclude = exclude if exclude is not None else set(seed_texts)
     texts: dict[str, dict[str, Any]] = {}
     contexts: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
     for ts, city, query, clicked in zip(log["timestamp"], log["user_city"], log["query"], log["clicked"]):
@@ -98,12 +100,44 @@ def click_targets(world: str | Path, n: int, seed: int = 0, exclude: set[str] | 
     keys = sorted(k for k in texts if k in contexts)
     rng = random.Random(seed)
     rng.shuffle(keys)
-    keys = sorted(keys, key=lambda k: -texts[k]["rows"])[:n] if pick == "traffic" else keys[:n]
+    if pick == "novel":
+        keys = novel_first(keys, {k: texts[k]["rows"] for k in keys}, seed_texts, n)
+    else:
+        keys = sorted(keys, key=lambda k: -texts[k]["rows"])[:n] if pick == "traffic" else keys[:n]
     ctx_lists = [sorted(({"user_city": c["user_city"], "timestamp": c["timestamp"].isoformat(), "clicks": dict(sorted(c["clicks"].items()))}
                          for c in contexts[k].values()), key=lambda c: (-sum(c["clicks"].values()), c["user_city"])) for k in keys]
     if shuffle_clicks:
         rng.shuffle(ctx_lists)
     return [{"query": texts[k]["query"], "rows": texts[k]["rows"], "contexts": ctx} | ctx[0] for k, ctx in zip(keys, ctx_lists)]
+
+
+def novel_first(keys: list[str], rows: dict[str, int], seed_texts: list[str], n: int, min_rows: int = 5) -> list[str]:
+    """Up to `n` of `keys` (normalised texts, in a seeded order) that hold a word the seed texts never use, spread
+    over those words: a novel word is one typed in at least `min_rows` rows (a word, not a one-off typo); words
+    take turns, most typed first, each giving its most typed text not yet taken. SFT has no label to imitate for
+    these words, and a pair that fixes "chemist" or "atx" in one text carries over to other phrasings of it (on
+    the world's test set, 18% of the queries hold such a word and 37% of SFT's distance from the oracle parse).
+
+    >>> novel_first(["chemist open now", "dentist", "chemist near me", "atx plumber"],
+    ...             {"chemist open now": 9, "dentist": 50, "chemist near me": 3, "atx plumber": 6},
+    ...             ["dentist near me", "plumber open now"], 3, min_rows=1)
+    ['chemist open now', 'atx plumber', 'chemist near me']"""
+    known = {w for text in seed_texts for w in WORD.findall(text)}
+    typed: Counter[str] = Counter()
+    for k in keys:
+        typed.update(dict.fromkeys(WORD.findall(k), rows[k]))
+    by_word: dict[str, list[str]] = defaultdict(list)
+    for k in sorted(keys, key=lambda k: -rows[k]):
+        novel = [w for w in set(WORD.findall(k)) if w not in known and typed[w] >= min_rows]
+        if novel:
+            by_word[max(novel, key=lambda w: (typed[w], w))].append(k)
+    queues = [by_word[w] for w in sorted(by_word, key=lambda w: (-typed[w], w))]
+    out: list[str] = []
+    for depth in range(max(map(len, queues), default=0)):
+        out += [q[depth] for q in queues if depth < len(q)][:n - len(out)]
+        if len(out) >= n:
+            break
+    return out
 
 
 def target_score(reward, target: dict[str, Any], completion: str) -> float:
@@ -138,7 +172,9 @@ def _intent(completion: str) -> str | None:
         return None
 
 
-CORE_FILTERS = ("what", "city", "neighborhood", "near_me")  # slots that choose which businesses are candidates at all
+CORE_FILTERS = ("what", "city", "neighborhood", "near_me")
+PAIR_COLUMNS = ["query", "user_city", "timestamp", "chosen", "rejected", "chosen_score", "rejected_score", "rejected_is_greedy",
+                "candidates", "rows", "contexts"]  # slots that choose which businesses are candidates at all
 
 
 def pair_kind(schema: Schema, chosen: str, rejected: str) -> str:
@@ -195,6 +231,35 @@ def adds_no_filter(schema: Schema | None, chosen: str, rejected: str) -> bool:
     return all(b.get(k) == v for k, v in a.items() if k in schema.slots and schema.slots[k].filter not in CORE_FILTERS)
 
 
+def keeps_written(schema: Schema | None, text: str, chosen: str, rejected: str) -> bool:
+    """Whether the chosen parse keeps every value of the rejected one that the query writes (`Slot.written_in`:
+    the value or an alias, up to typos), or replaces it with another written value. The click log cannot
+    always tell "la" read as Los Angeles from a search where the user is: its ranker searched the user's city,
+    and a popular text such as "bakery in wicker park" is typed by users in every city, who click what they
+    were shown there. A pair that drops what the query says teaches the model to drop cities and
+    neighbourhoods everywhere (on the world's rare-word texts: city dropped from 26 test queries, slot recall
+    0.91 -> 0.88). Made-up values (a neighbourhood the query never names) may still be dropped. Without a
+    schema every pair passes.
+
+    >>> from querytune.schema import load_schema
+    >>> s = load_schema()
+    >>> la = '{"intent":"find_business","slots":{"category":"optometrist","city":"los angeles"}}'
+    >>> here = '{"intent":"find_business","slots":{"category":"optometrist","near_me":true}}'
+    >>> keeps_written(s, "optometrist la", here, la), keeps_written(s, "optometrist near me", here, la)
+    (False, True)
+    """
+    if schema is None:
+        return True
+    a, b = json.loads(chosen)["slots"], json.loads(rejected)["slots"]
+    for k, v in b.items():
+        slot = schema.slots.get(k)
+        if slot is None or a.get(k) == v or isinstance(v, bool) or not slot.written_in(v, text):
+            continue
+        if k not in a or not slot.written_in(a[k], text):
+            return False
+    return True
+
+
 def build_pairs(targets: list[dict], candidates: list[list[str]], reward: RetrievalReward, min_gap: float,
                 per_query: int, schema: Schema | None = None) -> pd.DataFrame:
     """Score each query's distinct candidates (the first is the init model's greedy parse) and pair worse valid
@@ -208,7 +273,7 @@ def build_pairs(targets: list[dict], candidates: list[list[str]], reward: Retrie
     143 pairs, 31 named-business test queries still became find_business; without them, 1 test query
     changed intent. With `schema`, queries whose greedy parse is out of scope are skipped (`_searchable`) and
     a pair must be one the clicks can decide (`tells_apart`) and its chosen parse may add no filter
-    (`adds_no_filter`)."""
+    (`adds_no_filter`) nor drop a value the query writes (`keeps_written`)."""
     rows = []
     for t, cands in _searchable(targets, candidates, schema):
         scores = _scores(t, cands, reward)
@@ -220,7 +285,8 @@ def build_pairs(targets: list[dict], candidates: list[list[str]], reward: Retrie
         kept = 0
         for rejected in sorted((c for c in ranked if scores[c] >= 0), key=lambda c: (c != greedy, scores[c])):
             chosen = next((c for c in ranked if scores[c] - scores[rejected] >= min_gap and _intent(c) == _intent(rejected)
-                           and tells_apart(schema, c, rejected) and adds_no_filter(schema, c, rejected)), None)
+                           and tells_apart(schema, c, rejected) and adds_no_filter(schema, c, rejected)
+                           and keeps_written(schema, t["query"], c, rejected)), None)
             if chosen is None:
                 continue
             rows.append({"query": t["query"], "user_city": t["user_city"], "timestamp": t["timestamp"],
@@ -230,8 +296,83 @@ def build_pairs(targets: list[dict], candidates: list[list[str]], reward: Retrie
             kept += 1
             if kept == per_query:
                 break
-    return pd.DataFrame(rows, columns=["query", "user_city", "timestamp", "chosen", "rejected", "chosen_score",
-                                       "rejected_score", "rejected_is_greedy", "candidates", "rows", "contexts"])
+    return pd.DataFrame(rows, columns=PAIR_COLUMNS)
+
+
+def without_slot(completion: str, slot: str) -> str:
+    """The completion with one slot left out, written as the model writes parses (compact JSON, same order).
+
+    >>> without_slot('{"intent":"find_business","slots":{"category":"bar","city":"chicago"}}', "city")
+    '{"intent":"find_business","slots":{"category":"bar"}}'
+    """
+    obj = json.loads(completion)
+    obj["slots"] = {k: v for k, v in obj["slots"].items() if k != slot}
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def dropped_slots(pairs: pd.DataFrame) -> Counter[str]:
+    """How many pairs' chosen parse lacks a slot that the rejected one has (or sets it otherwise), per slot.
+
+    >>> dropped_slots(pd.DataFrame({"chosen": ['{"intent":"i","slots":{"near_me":true}}'],
+    ...                             "rejected": ['{"intent":"i","slots":{"city":"miami"}}']}))
+    Counter({'city': 1})
+    """
+    out: Counter[str] = Counter()
+    for chosen, rejected in zip(pairs["chosen"], pairs["rejected"]):
+        a, b = json.loads(chosen)["slots"], json.loads(rejected)["slots"]
+        out.update(k for k, v in b.items() if a.get(k) != v)
+    return out
+
+
+def anchor_pairs(targets: list[dict], candidates: list[list[str]], reward: RetrievalReward, min_gap: float,
+                 quotas: dict[str, int], keep_above: float = 0.5, schema: Schema | None = None,
+                 limit: int | None = None) -> pd.DataFrame:
+    """Pairs that hold what the init model already gets right: for queries whose greedy parse (the first
+    candidate) scores >= `keep_above`, the greedy parse against itself with one "what"/"where" slot left out
+    (`without_slot`), where the clicks say that slot matters (the greedy parse wins by >= `min_gap`); at most
+    `quotas[slot]` pairs leave out each slot (`limit` pairs in all), one pair per query, most typed queries first.
+
+    Exploration pairs come from queries the model gets wrong, and DPO carries their lesson past them: pairs
+    that replace a made-up city or neighbourhood by "near me" taught it to drop the city of "optometrist la"
+    and the neighbourhood of "gyms in the loop" (on the world's rare-word texts: NDCG -0.017, slot recall
+    0.91 -> 0.88). With quotas from `dropped_slots` of those pairs, each "drop the city here" comes with a
+    "keep the city there", scored by the same reward on the same clicks."""
+    rows, left = [], Counter({k: n for k, n in quotas.items() if n > 0})
+    searchable = [(t, c) for t, c in _searchable(targets, candidates, schema) if c and _valid_json(c[0])]
+    for t, cands in sorted(searchable, key=lambda tc: -tc[0].get("rows", 1)):
+        if not +left or (limit is not None and len(rows) >= limit):
+            break
+        greedy = cands[0]
+        core = [k for k in json.loads(greedy)["slots"] if left[k] > 0 and (schema is None or (k in schema.slots and schema.slots[k].filter in CORE_FILTERS))]
+        if not core or (top := target_score(reward, t, greedy)) < keep_above:
+            continue
+        worst, slot, rejected = min((target_score(reward, t, r), k, r) for k, r in ((k, without_slot(greedy, k)) for k in core))
+        if top - worst >= min_gap:
+            left[slot] -= 1
+            rows.append({"query": t["query"], "user_city": t["user_city"], "timestamp": t["timestamp"], "chosen": greedy,
+                         "rejected": rejected, "chosen_score": top, "rejected_score": worst, "rejected_is_greedy": False,
+                         "candidates": len(core) + 1, "rows": t.get("rows", 1), "contexts": len(t.get("contexts") or [t])})
+    return pd.DataFrame(rows, columns=PAIR_COLUMNS)
+
+
+def anchor_targets(targets: list[dict], candidates: list[list[str]], reward: RetrievalReward, n: int, min_gap: float,
+                   schema: Schema, skip: set[str] = frozenset()) -> list[dict]:
+    """Up to `n` targets (not in `skip`) that GRPO should keep answering as it does: the greedy parse scores
+    well and leaving out one of its "what"/"where" slots costs >= `min_gap` (`anchor_pairs`), most typed first.
+    Mixed into GRPO's queries, their groups are all equal while the policy keeps the slot, and punish the
+    samples that drop it once it drifts: GRPO on improvable queries alone learnt to drop categories and to read
+    find_business queries as business names (61 and 60 test queries; NDCG -0.011)."""
+    core = {k: n for k, slot in schema.slots.items() if slot.filter in CORE_FILTERS}
+    pool = [(t, c) for t, c in zip(targets, candidates, strict=True) if t["query"] not in skip]
+    picked = set(anchor_pairs([t for t, _ in pool], [c[:1] for _, c in pool], reward, min_gap, core, schema=schema, limit=n)["query"])
+    return [t for t, _ in pool if t["query"] in picked]
+
+
+def _valid_json(completion: str) -> bool:
+    try:
+        return isinstance(json.loads(completion).get("slots"), dict)
+    except (json.JSONDecodeError, AttributeError):
+        return False
 
 
 def _scores(target: dict, candidates: list[str], reward: RetrievalReward) -> dict[str, float]:

@@ -47,7 +47,7 @@ def normalize_text(text: str) -> str:
     return " ".join(unicodedata.normalize("NFKC", text).lower().split())
 
 
-_WORD = re.compile(r"[^\W_]+")
+WORD = re.compile(r"[^\W_]+")
 
 
 def _typo_distance(a: str, b: str) -> int:
@@ -72,8 +72,8 @@ def is_grounded(value: str, text: str) -> bool:
     >>> is_grounded("williamsburg", "wellness vision bos hours"), is_grounded("chelsea", "yoga appt today chi")
     (False, False)
     """
-    words = _WORD.findall(normalize_text(text))
-    for w in _WORD.findall(normalize_text(value)):
+    words = WORD.findall(normalize_text(text))
+    for w in WORD.findall(normalize_text(value)):
         limit = 0 if len(w) <= 3 else 1 if len(w) <= 6 else 2
         if not any(abs(len(w) - len(q)) <= limit and _typo_distance(w, q) <= limit for q in words):
             return False

@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 from querytune.cli import app
 from querytune.generate import Parser
 from querytune.model import load_merged, load_model_meta
-from querytune.preference import build_pairs, click_targets, load_pairs, sample_candidates, screen, train_dpo, train_grpo
-from querytune.schema import load_schema, normalize_text
+from querytune.preference import anchor_pairs, anchor_targets, build_pairs, click_targets, dropped_slots, load_pairs, sample_candidates, screen, train_dpo, train_grpo
+from querytune.schema import WORD, load_schema, normalize_text
 from querytune.sft import train_sft
 from tests.test_sft import ROWS, TINY
 
@@ -67,6 +67,11 @@ def test_click_targets_come_from_the_early_log_outside_the_seed(small_world):
     assert sum(t["rows"] for t in sampled) < sum(t["rows"] for t in targets)
     with pytest.raises(ValueError, match="pick"):
         click_targets(small_world, 5, pick="head")
+    # novel: every text holds a word that no seed text uses, and the words take turns
+    known = {w for text in seed_texts for w in WORD.findall(text)}
+    novel = click_targets(small_world, 50, seed=1, pick="novel")
+    assert novel and all(set(WORD.findall(normalize_text(t["query"]))) - known for t in novel)
+    assert len({frozenset(set(WORD.findall(normalize_text(t["query"]))) - known) for t in novel[:5]}) >= 3
     shuffled = click_targets(small_world, 50, seed=1, shuffle_clicks=True)
     assert [t["query"] for t in shuffled] == [t["query"] for t in targets]
     assert sorted(json.dumps(t["contexts"]) for t in shuffled) == sorted(json.dumps(t["contexts"]) for t in targets)
@@ -121,6 +126,44 @@ def test_pairs_fix_the_greedy_parse_and_skip_invalid_or_unclear_ones():
 
     with_both = build_pairs(targets[:1], [[mid, long_, no_price]], WithNoPrice(), min_gap=0.2, per_query=2, schema=SCHEMA)
     assert with_both[["chosen", "rejected"]].values.tolist() == [[no_price, mid]]  # the best parse that adds no filter
+
+
+def test_a_chosen_parse_never_drops_what_the_query_writes():
+    target = {"query": "optometrist la", "user_city": "austin", "timestamp": "2026-09-01T12:00:00", "clicks": {"b": 1}}
+    la = '{"intent":"find_business","slots":{"category":"optometrist","city":"los angeles"}}'
+    here = '{"intent":"find_business","slots":{"category":"optometrist","near_me":true}}'
+    made_up = '{"intent":"find_business","slots":{"category":"optometrist","city":"miami"}}'
+
+    class HereWins(ByLength):
+        def score(self, query, completion, user_city, timestamp, clicks):
+            return {here: 0.9}.get(completion, 0.1)
+
+    pairs = build_pairs([target] * 2, [[la, here], [made_up, here]], HereWins(), min_gap=0.2, per_query=2, schema=SCHEMA)
+    assert pairs[["chosen", "rejected"]].values.tolist() == [[here, made_up]]  # "la" is written: never dropped for "near me"
+
+
+def test_anchor_pairs_keep_the_slots_the_clicks_need_within_quotas():
+    """Anchors pair a well-scored greedy parse against itself less one "what"/"where" slot, only where the clicks
+    say the slot matters, within per-slot quotas taken from the exploration pairs (`dropped_slots`)."""
+    full = '{"intent":"find_business","slots":{"category":"bar","city":"chicago","price":"cheap"}}'
+    no_city = '{"intent":"find_business","slots":{"category":"bar","price":"cheap"}}'
+    no_cat = '{"intent":"find_business","slots":{"city":"chicago","price":"cheap"}}'
+
+    class CityMatters(ByLength):
+        def score(self, query, completion, user_city, timestamp, clicks):
+            return {full: 0.8, no_city: 0.1, no_cat: 0.7}.get(completion, 0.0)
+
+    targets = [{"query": q, "user_city": "austin", "timestamp": "2026-09-01T12:00:00", "clicks": {"b": 1}, "rows": r}
+               for q, r in (("bars chicago", 3), ("cheap bar chicago", 9), ("bar in chicago", 1))]
+    quotas = dropped_slots(pd.DataFrame({"chosen": [no_city, no_city], "rejected": [full, full]}))
+    assert quotas == {"city": 2}
+    anchors = anchor_pairs(targets, [[full], [full], [full]], CityMatters(), 0.3, quotas, schema=SCHEMA)
+    assert anchors["query"].tolist() == ["cheap bar chicago", "bars chicago"]  # most typed first, two for the city
+    assert (anchors["chosen"] == full).all() and (anchors["rejected"] == no_city).all()
+    assert anchor_pairs(targets, [[full]] * 3, CityMatters(), 0.3, {"category": 5}, schema=SCHEMA).empty  # 0.1 apart: not needed
+    assert anchor_pairs(targets, [[no_city]] * 3, CityMatters(), 0.3, {"category": 5}, schema=SCHEMA).empty  # greedy scores < 0.5
+    picked = anchor_targets(targets, [[full]] * 3, CityMatters(), 1, 0.3, SCHEMA, skip={"cheap bar chicago"})
+    assert [t["query"] for t in picked] == ["bars chicago"]
 
 
 def test_screening_keeps_queries_whose_parses_earn_different_rewards():
@@ -192,7 +235,7 @@ def test_a_pair_file_with_equal_scores_is_rejected(tmp_path):
     assert result.exit_code == 2 and "--explore-with: 'greedy' is not one of beam, branch, sample" in result.output
     result = CliRunner().invoke(app, ["train", "dpo", "--init", "x", "--world", "w", "--index", "i", "--out", str(tmp_path / "o"),
                                       "--pick", "head"])
-    assert result.exit_code == 2 and "--pick: 'head' is not 'traffic' or 'random'" in result.output
+    assert result.exit_code == 2 and "--pick: 'head' is not one of traffic, random, novel" in result.output
 
 
 def test_dpo_step_moves_the_policy_towards_the_chosen(tiny_sft, tmp_path):

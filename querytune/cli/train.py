@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from itertools import zip_longest
 from pathlib import Path
 
 import typer
@@ -108,12 +109,12 @@ def _preset(presets: dict, preset: str, config: Path | None, cli: dict) -> dict:
         raise UserError(f"--config {config}: unknown option(s) {', '.join(sorted(unknown))} (known: {', '.join(presets[preset])})")
     resolved = presets[preset] | file_cfg | {k: v for k, v in cli.items() if v is not None}
     resolved["max_minutes"] = resolved.get("max_minutes") or None
-    from querytune.preference import EXPLORE_WITH
+    from querytune.preference import EXPLORE_WITH, PICKS
 
     if resolved.get("explore_with", "sample") not in EXPLORE_WITH:
         raise UserError(f"--explore-with: {resolved['explore_with']!r} is not one of {', '.join(EXPLORE_WITH)}")
-    if resolved.get("pick", "traffic") not in ("traffic", "random"):
-        raise UserError(f"--pick: {resolved['pick']!r} is not 'traffic' or 'random'")
+    if resolved.get("pick", "traffic") not in PICKS:
+        raise UserError(f"--pick: {resolved['pick']!r} is not one of {', '.join(PICKS)}")
     return resolved
 
 
@@ -132,7 +133,7 @@ def dpo(
     preset: str = typer.Option("quick", "--preset", help="quick (<= 15 min on 2 CPU cores) or full."),
     config: Path = typer.Option(None, "--config", help="YAML with any preset key (queries, k, temperature, min_gap, pairs_per_query, lr, beta, ...); the command line wins."),
     queries: int = typer.Option(None, "--queries", help="Distinct logged query texts to parse (each scored against the clicks of every city it was typed in)."),
-    pick: str = typer.Option(None, "--pick", help="Which logged query texts to draw: 'traffic' (the most typed first: the head of the log, judged on many users' clicks) or 'random' (a uniform sample)."),
+    pick: str = typer.Option(None, "--pick", help="Which logged query texts to draw: 'traffic' (the most typed first: the head of the log, judged on many users' clicks), 'random' (a uniform sample) or 'novel' (texts with words the seed set never uses, spread over those words)."),
     k: int = typer.Option(None, "-k", "--samples", help="Other parses per explored query: beams, rivals or samples (--explore-with); the greedy parse is added."),
     min_gap: float = typer.Option(None, "--min-gap", help="Keep a pair only when its rewards differ by at least this."),
     explore_below: float = typer.Option(None, "--explore-below", help="Explore only queries whose greedy parse scores below this reward (1.01: every query)."),
@@ -198,7 +199,7 @@ def grpo(
     preset: str = typer.Option("quick", "--preset", help="quick (<= 20 min on 2 CPU cores) or full."),
     config: Path = typer.Option(None, "--config", help="YAML with any preset key (queries, max_steps, num_generations, batch_size, lr, beta, use_vllm, ...)."),
     queries: int = typer.Option(None, "--queries", help="Distinct logged query texts to draw (and screen, when screen_k > 0)."),
-    pick: str = typer.Option(None, "--pick", help="Which logged query texts to draw: 'traffic' (the most typed first: the head of the log, judged on many users' clicks) or 'random' (a uniform sample)."),
+    pick: str = typer.Option(None, "--pick", help="Which logged query texts to draw: 'traffic' (the most typed first: the head of the log, judged on many users' clicks), 'random' (a uniform sample) or 'novel' (texts with words the seed set never uses, spread over those words)."),
     screen_k: int = typer.Option(None, "--screen-k", help="Screen the queries first with this many samples each (plus the greedy parse) and train only on those with a learning signal (preset key improvable: a sample beats the greedy parse in a way the clicks can decide; otherwise: parses earn different rewards); 0: no screening."),
     explore_below: float = typer.Option(None, "--explore-below", help="Screen only queries whose greedy parse scores below this reward (1.01: every query)."),
     explore_confidence: float = typer.Option(None, "--explore-confidence", help="Screen only queries whose greedy parse has a probability under the model below this (1.01: every query)."),
@@ -212,7 +213,7 @@ def grpo(
     seed: int = typer.Option(0, "--seed", help="Random seed."),
 ) -> None:
     """GRPO with the retrieval reward online: groups of sampled parses per logged query, advantages within each group."""
-    from querytune.preference import GRPO_PRESETS, click_targets, sample_candidates, scored_candidates, screen, train_grpo
+    from querytune.preference import GRPO_PRESETS, anchor_targets, click_targets, sample_candidates, scored_candidates, screen, train_grpo
 
     with user_errors():
         resolved = _preset(GRPO_PRESETS, preset, config, {"queries": queries, "pick": pick, "screen_k": screen_k, "max_steps": max_steps, "num_generations": num_generations,
@@ -240,11 +241,16 @@ def grpo(
                                                        constrained=bool(resolved.get("constrained", True)))
             screened = len(targets)
             scored_candidates(targets, candidates, reward, confidence).to_parquet(out / "candidates.parquet", index=False)
-            targets = screen(targets, candidates, reward, schema=schema, improvable=bool(resolved.get("improvable")))
+            pool, targets = targets, screen(targets, candidates, reward, schema=schema, improvable=bool(resolved.get("improvable")))
             what = "another parse that beats the greedy one" if resolved.get("improvable") else "parses with different rewards"
             out_console.print(f"GRPO: {len(targets):,} of {screened:,} queries have {what}; training on those")
             if not targets:
                 raise UserError(f"no screened query has {what}: nothing for GRPO to learn (raise --queries, --temperature or --screen-k)")
+            if resolved.get("anchors"):
+                anchors = anchor_targets(pool, candidates, reward, round(resolved["anchors"] * len(targets)), resolved.get("min_gap", 0.3),
+                                         schema, skip={t["query"] for t in targets})
+                out_console.print(f"GRPO: + {len(anchors):,} anchor queries (answered well, and a 'what'/'where' slot matters to their clicks)")
+                targets = [t for pair in zip_longest(targets, anchors) for t in pair if t is not None]
         out_console.print(f"GRPO: {len(targets):,} logged queries, {resolved['num_generations']} samples each, {resolved['max_steps']} steps")
         summary = train_grpo(targets, reward, init, out, resolved, seed=seed, say=out_console.print)
         summary |= {"screened_queries": screened, "queries_with_signal": len(targets) if screened else None}
