@@ -44,20 +44,22 @@ DPO_PRESETS: dict[str, dict[str, Any]] = {
 GRPO_PRESETS: dict[str, dict[str, Any]] = {
     # quick: <= 20 minutes on 2 CPU cores. Screening (~6 min): the greedy parse of 1,500 logged texts, the 4 rivals of
     # those it both misses and doubts; training only on texts where a rival beats the greedy parse in a way the clicks can decide (`screen`,
-    # improvable). Then 4 of them x 8 samples per step (~21 s/step: sampling dominates). Measured: see README.
+    # improvable), each mixed with an anchor query (`anchor_targets`, anchors 1.0). Then 4 of them x 8 samples per step
+    # (~21 s/step: sampling dominates). Measured: see README. Without anchors the same run fell by 0.011 (categories
+    # dropped, 60 test queries read as business names); with them +0.001 [-0.007, +0.009].
     # Screening keeps stop 12's random texts and free decoding (-0.000 [-0.007, +0.007] then): with the 1,500 most typed
     # texts and constrained screening, 46 texts were improvable and GRPO fell by 0.025 (slot recall 0.91 -> 0.85).
     # lr 2e-4 on 11 queries screened without the confidence filter fell to -0.016; lr 5e-4 with each sampled batch
     # used for 2 steps to -0.140 (slot recall 0.74).
     "quick": {"queries": 1500, "pick": "random", "explore_below": 0.5, "explore_confidence": 0.35, "explore_with": "branch", "constrained": False,
-              "screen_k": 4, "improvable": True, "anchors": 0.0, "min_gap": 0.3, "max_steps": 45, "num_iterations": 1, "num_generations": 8, "batch_size": 32, "temperature": 0.8,
+              "screen_k": 4, "improvable": True, "anchors": 1.0, "min_gap": 0.3, "max_steps": 45, "num_iterations": 1, "num_generations": 8, "batch_size": 32, "temperature": 0.8,
               "lr": 1e-4, "beta": 0.04, "lora_r": 16, "lora_alpha": 32, "warmup_steps": 5, "bf16": True, "max_minutes": 11.0},
     "full": {"queries": 8000, "pick": "traffic", "explore_below": 0.5, "explore_confidence": 0.35, "explore_with": "branch", "constrained": True, "screen_k": 4, "improvable": True,
              "anchors": 0.0, "min_gap": 0.3, "max_steps": 600, "num_iterations": 1, "num_generations": 8, "batch_size": 64, "temperature": 0.8, "lr": 1e-4, "beta": 0.04,
              "lora_r": 16, "lora_alpha": 32, "warmup_steps": 10, "bf16": True, "max_minutes": None},
 }
-EXPLORE_WITH = ("beam", "branch", "sample")
-PICKS = ("traffic", "random", "novel")  # how `click_targets` picks the logged texts to train on  # how `sample_candidates` finds other parses of an explored query
+EXPLORE_WITH = ("beam", "branch", "sample")  # how `sample_candidates` finds other parses of an explored query
+PICKS = ("traffic", "random", "novel")  # how `click_targets` picks the logged texts to train on
 NO_SIGNAL_WARN = 0.6  # GRPO: warn when this share of groups, averaged over the last 10 steps, has all-equal rewards
 
 
@@ -172,9 +174,9 @@ def _intent(completion: str) -> str | None:
         return None
 
 
-CORE_FILTERS = ("what", "city", "neighborhood", "near_me")
+CORE_FILTERS = ("what", "city", "neighborhood", "near_me")  # slots that choose which businesses are candidates at all
 PAIR_COLUMNS = ["query", "user_city", "timestamp", "chosen", "rejected", "chosen_score", "rejected_score", "rejected_is_greedy",
-                "candidates", "rows", "contexts"]  # slots that choose which businesses are candidates at all
+                "candidates", "rows", "contexts"]
 
 
 def pair_kind(schema: Schema, chosen: str, rejected: str) -> str:
@@ -336,9 +338,11 @@ def anchor_pairs(targets: list[dict], candidates: list[list[str]], reward: Retri
     that replace a made-up city or neighbourhood by "near me" taught it to drop the city of "optometrist la"
     and the neighbourhood of "gyms in the loop" (on the world's rare-word texts: NDCG -0.017, slot recall
     0.91 -> 0.88). With quotas from `dropped_slots` of those pairs, each "drop the city here" comes with a
-    "keep the city there", scored by the same reward on the same clicks."""
+    "keep the city there", scored by the same reward on the same clicks. Measured, such DPO anchors overshoot
+    (the model then adds slots and categories: 553 pairs, NDCG -0.019), so `train dpo` does not use them; GRPO
+    does, through `anchor_targets`."""
     rows, left = [], Counter({k: n for k, n in quotas.items() if n > 0})
-    searchable = [(t, c) for t, c in _searchable(targets, candidates, schema) if c and _valid_json(c[0])]
+    searchable = [(t, c) for t, c in _searchable(targets, candidates, schema) if c and (_valid(schema, c[0]) if schema else _intent(c[0]))]
     for t, cands in sorted(searchable, key=lambda tc: -tc[0].get("rows", 1)):
         if not +left or (limit is not None and len(rows) >= limit):
             break
@@ -366,13 +370,6 @@ def anchor_targets(targets: list[dict], candidates: list[list[str]], reward: Ret
     pool = [(t, c) for t, c in zip(targets, candidates, strict=True) if t["query"] not in skip]
     picked = set(anchor_pairs([t for t, _ in pool], [c[:1] for _, c in pool], reward, min_gap, core, schema=schema, limit=n)["query"])
     return [t for t, _ in pool if t["query"] in picked]
-
-
-def _valid_json(completion: str) -> bool:
-    try:
-        return isinstance(json.loads(completion).get("slots"), dict)
-    except (json.JSONDecodeError, AttributeError):
-        return False
 
 
 def _scores(target: dict, candidates: list[str], reward: RetrievalReward) -> dict[str, float]:

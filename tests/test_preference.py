@@ -236,6 +236,9 @@ def test_a_pair_file_with_equal_scores_is_rejected(tmp_path):
     result = CliRunner().invoke(app, ["train", "dpo", "--init", "x", "--world", "w", "--index", "i", "--out", str(tmp_path / "o"),
                                       "--pick", "head"])
     assert result.exit_code == 2 and "--pick: 'head' is not one of traffic, random, novel" in result.output
+    result = CliRunner().invoke(app, ["train", "grpo", "--init", "x", "--world", "w", "--index", "i", "--out", str(tmp_path / "o"),
+                                      "--screen-k", "0", "--anchors", "1"])
+    assert result.exit_code == 2 and "--anchors: anchor queries are picked while screening" in result.output
 
 
 def test_dpo_step_moves_the_policy_towards_the_chosen(tiny_sft, tmp_path):

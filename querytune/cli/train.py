@@ -204,6 +204,7 @@ def grpo(
     explore_below: float = typer.Option(None, "--explore-below", help="Screen only queries whose greedy parse scores below this reward (1.01: every query)."),
     explore_confidence: float = typer.Option(None, "--explore-confidence", help="Screen only queries whose greedy parse has a probability under the model below this (1.01: every query)."),
     explore_with: str = typer.Option(None, "--explore-with", help="How screening finds other parses: 'beam' (the model's k most likely parses, beam search), 'branch' (the greedy parse's rivals at its least likely tokens) or 'sample' (samples at --temperature)."),
+    anchors: float = typer.Option(None, "--anchors", help="After screening, add this many anchor queries per improvable one: queries the model already answers well whose clicks need one of its 'what'/'where' slots; they hold the policy where it is right (0: none)."),
     temperature: float = typer.Option(None, "--temperature", help="Sampling temperature (screening and training groups)."),
     max_steps: int = typer.Option(None, "--max-steps", help="Optimizer steps."),
     num_generations: int = typer.Option(None, "--num-generations", help="Sampled parses per query (the group)."),
@@ -219,7 +220,9 @@ def grpo(
         resolved = _preset(GRPO_PRESETS, preset, config, {"queries": queries, "pick": pick, "screen_k": screen_k, "max_steps": max_steps, "num_generations": num_generations,
                                                            "lr": lr, "beta": beta, "use_vllm": use_vllm, "explore_below": explore_below,
                                                            "temperature": temperature, "explore_confidence": explore_confidence,
-                                                           "explore_with": explore_with})
+                                                           "explore_with": explore_with, "anchors": anchors})
+        if resolved.get("anchors") and not resolved.get("screen_k"):
+            raise UserError("--anchors: anchor queries are picked while screening; set --screen-k above 0 (or --anchors 0)")
         if resolved["batch_size"] % resolved["num_generations"]:
             raise UserError(f"batch_size {resolved['batch_size']} must be a multiple of num_generations {resolved['num_generations']}")
         _check_init(init)
