@@ -221,7 +221,7 @@ def grpo(
                                                            "lr": lr, "beta": beta, "use_vllm": use_vllm, "explore_below": explore_below,
                                                            "temperature": temperature, "explore_confidence": explore_confidence,
                                                            "explore_with": explore_with, "anchors": anchors})
-        if resolved.get("anchors") and not resolved.get("screen_k"):
+        if anchors and not resolved.get("screen_k"):  # the preset's anchors apply only where it screens
             raise UserError("--anchors: anchor queries are picked while screening; set --screen-k above 0 (or --anchors 0)")
         if resolved["batch_size"] % resolved["num_generations"]:
             raise UserError(f"batch_size {resolved['batch_size']} must be a multiple of num_generations {resolved['num_generations']}")
