@@ -55,7 +55,7 @@ GRPO_PRESETS: dict[str, dict[str, Any]] = {
               "screen_k": 4, "improvable": True, "anchors": 1.0, "min_gap": 0.3, "max_steps": 45, "num_iterations": 1, "num_generations": 8, "batch_size": 32, "temperature": 0.8,
               "lr": 1e-4, "beta": 0.04, "lora_r": 16, "lora_alpha": 32, "warmup_steps": 5, "bf16": True, "max_minutes": 11.0},
     "full": {"queries": 8000, "pick": "traffic", "explore_below": 0.5, "explore_confidence": 0.35, "explore_with": "branch", "constrained": True, "screen_k": 4, "improvable": True,
-             "anchors": 0.0, "min_gap": 0.3, "max_steps": 600, "num_iterations": 1, "num_generations": 8, "batch_size": 64, "temperature": 0.8, "lr": 1e-4, "beta": 0.04,
+             "anchors": 1.0, "min_gap": 0.3, "max_steps": 600, "num_iterations": 1, "num_generations": 8, "batch_size": 64, "temperature": 0.8, "lr": 1e-4, "beta": 0.04,
              "lora_r": 16, "lora_alpha": 32, "warmup_steps": 10, "bf16": True, "max_minutes": None},
 }
 EXPLORE_WITH = ("beam", "branch", "sample")  # how `sample_candidates` finds other parses of an explored query
