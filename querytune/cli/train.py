@@ -234,7 +234,7 @@ def grpo(
         targets = click_targets(world, resolved["queries"], seed=seed, pick=resolved.get("pick", "traffic"))
         if not targets:
             raise UserError(f"{world}: no clicked queries in the early log outside the seed set")
-        screened = None
+        screened = with_signal = anchored = None
         if resolved.get("screen_k"):
             out_console.print(f"GRPO: screening {len(targets):,} logged queries with {resolved['screen_k']} samples each")
             candidates, confidence = sample_candidates(init, targets, resolved["screen_k"], resolved["temperature"], seed, say=out_console.print,
@@ -249,14 +249,16 @@ def grpo(
             out_console.print(f"GRPO: {len(targets):,} of {screened:,} queries have {what}; training on those")
             if not targets:
                 raise UserError(f"no screened query has {what}: nothing for GRPO to learn (raise --queries, --temperature or --screen-k)")
+            with_signal, anchored = len(targets), 0
             if resolved.get("anchors"):
                 anchors = anchor_targets(pool, candidates, reward, round(resolved["anchors"] * len(targets)), resolved.get("min_gap", 0.3),
                                          schema, skip={t["query"] for t in targets})
                 out_console.print(f"GRPO: + {len(anchors):,} anchor queries (answered well, and a 'what'/'where' slot matters to their clicks)")
+                anchored = len(anchors)
                 targets = [t for pair in zip_longest(targets, anchors) for t in pair if t is not None]
         out_console.print(f"GRPO: {len(targets):,} logged queries, {resolved['num_generations']} samples each, {resolved['max_steps']} steps")
         summary = train_grpo(targets, reward, init, out, resolved, seed=seed, say=out_console.print)
-        summary |= {"screened_queries": screened, "queries_with_signal": len(targets) if screened else None}
+        summary |= {"screened_queries": screened, "queries_with_signal": with_signal, "anchor_queries": anchored}
         summary["total_seconds"] = round(time.perf_counter() - t0, 1)
     _write_stage_card(out, summary, resolved, "GRPO (LoRA on the merged init model, TRL GRPOTrainer, retrieval reward online)")
     out_console.print(f"GRPO: {summary['steps']} steps, reward {summary['reward_start']} -> {summary['reward_end']}, "
