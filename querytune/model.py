@@ -129,3 +129,28 @@ def copy_adapter_chain(init_dir: str | Path, out: str | Path) -> list[str]:
             shutil.copy2(src / name, dest / name)
         chain.append(f"init/{i}")
     return chain
+
+
+def model_version(model_dir: str | Path) -> str:
+    """A short hash of what decides a model folder's outputs: its base and the bytes of every adapter of its chain
+    (or of its weights, for a folder without adapters). Labels and cache entries carry it.
+
+    >>> import tempfile, json as _json
+    >>> d = Path(tempfile.mkdtemp()); _ = (d / "querytune.json").write_text(_json.dumps({"base": "b", "adapter": False}))
+    >>> _ = (d / "model.safetensors").write_bytes(b"weights"); len(model_version(d))
+    12
+    """
+    import hashlib
+
+    model_dir = Path(model_dir)
+    meta = json.loads((model_dir / "querytune.json").read_text())
+    h = hashlib.sha256(str(meta.get("base")).encode())
+    if meta.get("adapter"):
+        files = [model_dir / sub / "adapter_model.safetensors" for sub in [*meta.get("init_adapters", []), "."]]
+    else:
+        files = sorted(model_dir.glob("*.safetensors"))
+    for f in files:
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:12]

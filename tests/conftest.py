@@ -95,3 +95,19 @@ def tiny_base(small_world_master, tmp_path_factory) -> Path:
     LlamaForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_base, small_world_master, tmp_path_factory) -> Path:
+    """A model folder (querytune.json, schema, adapter) of the tiny Llama after two SFT steps on the small world's
+    seed: what `--model` accepts in labeling and serving tests. Built once per test run."""
+    from querytune.labeled import load_labeled
+    from querytune.schema import load_schema
+    from querytune.sft import train_sft
+
+    schema = load_schema()
+    rows, _ = load_labeled(small_world_master / "seed.jsonl", schema)
+    out = tmp_path_factory.mktemp("tiny-model") / "sft"
+    train_sft(rows[:32], schema, out, str(tiny_base), {"max_steps": 2, "epochs": 1.0, "batch_size": 4, "lr": 1e-3, "lora_r": 4,
+                                                        "lora_alpha": 8, "warmup_steps": 0, "bf16": False}, say=lambda _: None)
+    return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from querytune.cli import data, eval, index, predict, schema, train, world
+from querytune.cli import cache, data, eval, index, label, predict, schema, serve, train, world
 
 app = typer.Typer(
     name="querytune",
@@ -18,4 +18,7 @@ app.add_typer(world.app, name="world")
 app.add_typer(index.app, name="index")
 app.add_typer(eval.app, name="eval")
 app.add_typer(train.app, name="train")
+app.add_typer(cache.app, name="cache")
 app.command(name="predict")(predict.predict)
+app.command(name="label")(label.label)
+app.command(name="serve")(serve.serve)

@@ -1,0 +1,44 @@
+"""Model backends for labeling and serving: one interface, greedy schema-constrained parses of a batch of texts.
+
+`transformers` (any machine): `querytune.generate.Parser`, the adapters merged, decoding constrained to the
+schema's JSON. `vllm`: see `querytune.vllm_backend` (vLLM with JSON-schema structured outputs).
+Both carry `model_version` (a hash of the model's weights, `querytune.model.model_version`) and
+`schema_version`, which labels and cache keys hold.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+BACKENDS = ("transformers", "vllm")  # vllm: querytune/vllm_backend.py, its own environment (`make vllm-env`)
+
+
+class TransformersBackend:
+    """The in-process transformers model of a folder (see `Parser`)."""
+
+    name = "transformers"
+
+    def __init__(self, model_dir: str | Path, batch_size: int = 32, constrained: bool = True):
+        from querytune.generate import Parser
+        from querytune.model import model_version
+
+        self.parser = Parser(model_dir, batch_size=batch_size, constrained=constrained)
+        self.model_dir = str(model_dir)
+        self.model_version = model_version(model_dir)
+        self.schema = self.parser.schema
+        self.schema_version = self.schema.version
+
+    def parse(self, texts: list[str]) -> list[Any]:
+        return self.parser.parse(texts)
+
+
+def load_backend(kind: str, model_dir: str | Path, **options: Any):
+    """A backend by name (`BACKENDS`) for a model folder."""
+    if kind == "transformers":
+        return TransformersBackend(model_dir, **options)
+    if kind == "vllm":
+        from querytune.vllm_backend import VLLMBackend
+
+        return VLLMBackend(model_dir, **options)
+    raise ValueError(f"unknown backend {kind!r} (choose from {', '.join(BACKENDS)})")

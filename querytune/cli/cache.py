@@ -1,0 +1,143 @@
+"""`querytune cache`: load labels into the parse cache, inspect it, warm it with a new model, promote, roll back.
+
+    querytune cache load runs/labels --cache sqlite:///runs/cache.db
+    querytune cache stats --cache sqlite:///runs/cache.db
+    querytune cache warm runs/world/log.parquet --model runs/dpo --cache sqlite:///runs/cache.db --share 0.5
+    querytune cache promote --model runs/dpo --cache sqlite:///runs/cache.db
+    querytune cache rollback --cache sqlite:///runs/cache.db
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from querytune.cli.common import UserError, user_errors
+
+app = typer.Typer(help="The parse cache (SQLite or Redis): load, stats, warm, promote, rollback.", no_args_is_help=True)
+
+CACHE_HELP = "Cache URL: sqlite:///path.db (embedded, WAL) or redis://host:port/db (shared by replicas)."
+
+
+@app.callback()
+def _group() -> None:
+    """The parse cache (SQLite or Redis): load, stats, warm, promote, rollback."""
+
+
+def _open(url: str):
+    from querytune.cache import CacheUnavailable, open_cache
+
+    try:
+        cache = open_cache(url)
+        cache.active()  # reach the store now: a wrong URL fails here, with its name
+        return cache
+    except CacheUnavailable as e:
+        raise UserError(f"--cache {e}") from e
+
+
+@app.command()
+def load(
+    labels: Path = typer.Argument(..., help="Labeling folder written by `querytune label` (its labels/part-*.parquet)."),
+    cache: str = typer.Option(..., "--cache", help=CACHE_HELP),
+    include_invalid: bool = typer.Option(False, "--include-invalid", help="Also cache labels the schema rejected (default: only valid parses)."),
+) -> None:
+    """Put every label of a labeling folder into the cache, keyed by normalised query, schema and model version."""
+    from querytune.cache import load_labels
+
+    with user_errors():
+        if not labels.is_dir():
+            raise UserError(f"{labels}: folder not found")
+        typer.echo(json.dumps(load_labels(_open(cache), labels, only_valid=not include_invalid)))
+
+
+@app.command()
+def stats(cache: str = typer.Option(..., "--cache", help=CACHE_HELP)) -> None:
+    """Entries per schema and model version, size, and the active (served) model."""
+    with user_errors():
+        typer.echo(json.dumps(_open(cache).stats(), indent=2))
+
+
+def head_queries(log: Path, column: str, share: float, top: int | None) -> tuple[list[str], float]:
+    """The distinct normalised queries that carry `share` of the log's rows (most typed first), at most `top`;
+    and the share of rows they carry."""
+    from collections import Counter
+
+    from querytune.label import check_query, read_rows
+
+    counts: Counter[str] = Counter()
+    for item in read_rows(log, column):
+        if isinstance(item, tuple):
+            continue
+        norm, _ = check_query(item.text)
+        if norm:
+            counts[norm] += 1
+    total, covered, head = sum(counts.values()), 0, []
+    for q, n in counts.most_common():
+        if covered >= share * total or (top is not None and len(head) >= top):
+            break
+        head.append(q)
+        covered += n
+    return head, covered / total if total else 0.0
+
+
+@app.command()
+def warm(
+    log: Path = typer.Argument(..., help="Query log (CSV, JSONL, Parquet file or folder) whose head to label."),
+    model: Path = typer.Option(..., "--model", help="The model about to be promoted."),
+    cache: str = typer.Option(..., "--cache", help=CACHE_HELP),
+    share: float = typer.Option(0.5, "--share", min=0.0, max=1.0, help="Label the most typed queries until they carry this share of the log's rows."),
+    top: int = typer.Option(None, "--top", min=1, help="At most this many distinct queries."),
+    column: str = typer.Option("query", "--column", help="Column or field holding the query text."),
+    work: Path = typer.Option(None, "--work", help="Labeling folder for the head (default: a new folder under the system temp dir)."),
+    backend: str = typer.Option("transformers", "--backend", help="transformers or vllm."),
+) -> None:
+    """Label the head of a log with a new model and load it, before `promote`, so a promotion serves hits at once."""
+    import tempfile
+
+    import pandas as pd
+
+    from querytune.backends import load_backend
+    from querytune.cache import load_labels
+    from querytune.label import label as run_label
+
+    with user_errors():
+        target = _open(cache)
+        head, carried = head_queries(log, column, share, top)
+        if not head:
+            raise UserError(f"{log}: no usable queries in column {column!r}")
+        work = work or Path(tempfile.mkdtemp(prefix="querytune-warm-"))
+        work.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"query": head}).to_parquet(work / "head.parquet")
+        summary = run_label(work / "head.parquet", work / "labels", load_backend(backend, model))
+        loaded = load_labels(target, work / "labels")
+        typer.echo(json.dumps({"head_queries": len(head), "log_share": round(carried, 4), "labeled_now": summary["labeled_now"],
+                               "model_version": summary["model_version"], **loaded}))
+
+
+@app.command()
+def promote(
+    model: Path = typer.Option(..., "--model", help="Model folder to serve from now on."),
+    cache: str = typer.Option(..., "--cache", help=CACHE_HELP),
+    force: bool = typer.Option(False, "--force", help="Promote even when the cache holds no entry of this model (every request would miss)."),
+) -> None:
+    """Make a model the active one: servers started with `--model active` serve it and its cache entries."""
+    from querytune.model import load_model_meta, model_version
+
+    with user_errors():
+        target = _open(cache)
+        _, schema = load_model_meta(model)
+        version = model_version(model)
+        warm_entries = sum(v["entries"] for v in target.stats()["versions"] if v["model_version"] == version)
+        if not warm_entries and not force:
+            raise UserError(f"the cache holds no entry of {model} (version {version}): run `querytune cache warm` first, or --force")
+        record = target.promote(version, str(model.resolve()), schema.version)
+        typer.echo(json.dumps(record | {"warm_entries": warm_entries}))
+
+
+@app.command()
+def rollback(cache: str = typer.Option(..., "--cache", help=CACHE_HELP)) -> None:
+    """Return to the model that was active before the last promotion."""
+    with user_errors():
+        typer.echo(json.dumps(_open(cache).rollback()))

@@ -1,0 +1,75 @@
+"""`querytune label`: label a query log offline, one parse per distinct normalised query, every row accounted for.
+
+    querytune label runs/world/log.parquet --model runs/sft --out runs/labels [--column query] [--backend transformers|vllm]
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from querytune.cli.common import UserError, user_errors
+
+
+def label(
+    input: Path = typer.Argument(..., help="Query log: a .csv, .jsonl or .parquet file, or a folder of them (read in name order)."),
+    model: Path = typer.Option(..., "--model", help="Model folder made by `querytune train ...`."),
+    out: Path = typer.Option(..., "--out", help="Output folder: labels/part-*.parquet, rows.parquet (row -> label), rejects.jsonl, summary.json."),
+    column: str = typer.Option("query", "--column", help="Column (CSV, Parquet) or field (JSONL) that holds the query text."),
+    backend: str = typer.Option("transformers", "--backend", help="transformers (any machine) or vllm (vLLM installed: `make vllm-env`)."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Queries per model call (batches are sorted by length)."),
+    shard_size: int = typer.Option(1024, "--shard-size", min=1, help="Distinct queries per output shard: the most work a kill can lose."),
+    max_chars: int = typer.Option(256, "--max-chars", min=1, help="Reject queries longer than this after normalisation."),
+    restart: bool = typer.Option(False, "--restart", help="Delete this folder's labels and start over (default: resume)."),
+) -> None:
+    """Normalise, deduplicate and label every query of INPUT with a model; killed and run again, it resumes."""
+    from querytune.label import LabelInputError
+    from querytune.label import label as run_label
+
+    console = Console(stderr=True)
+    with user_errors():
+        if not model.is_dir():
+            raise UserError(f"--model {model}: folder not found")
+        from querytune.backends import BACKENDS
+
+        if backend not in BACKENDS:
+            raise UserError(f"--backend {backend}: choose from {', '.join(BACKENDS)}")
+        from querytune.backends import load_backend
+        from querytune.label import input_files
+
+        try:
+            input_files(input)  # a missing or empty input fails before the model loads
+        except LabelInputError as e:
+            raise UserError(str(e)) from e
+        model_backend = load_backend(backend, model, batch_size=batch_size)
+        columns = [TextColumn("[bold]labeling"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+                   TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+        with Progress(*columns, console=console) as bar:
+            task = bar.add_task("label", total=None, rate="")
+            state = {"start": None}
+
+            def progress(done: int, total: int) -> None:
+                import time
+
+                if state["start"] is None:
+                    state["start"], state["first"] = time.perf_counter(), done
+                elapsed = time.perf_counter() - state["start"]
+                rate = (done - state["first"]) / elapsed if elapsed > 0 else 0.0
+                bar.update(task, completed=done, total=total, rate=f"{rate:.1f} q/s" if rate else "")
+
+            try:
+                summary = run_label(input, out, model_backend, column=column, shard_size=shard_size, restart=restart,
+                                    max_chars=max_chars, progress=progress)
+            except LabelInputError as e:
+                raise UserError(str(e)) from e
+        console.print(f"rows {summary['rows']:,}  accepted {summary['accepted']:,}  rejected {summary['rejected']:,}"
+                      f"  distinct {summary['distinct']:,}  labeled now {summary['labeled_now']:,} (resumed {summary['resumed']:,})"
+                      f"  invalid {summary['invalid']:,}  {summary['queries_per_s'] or 0:.1f} queries/s  {summary['rows_per_s']:.1f} rows/s")
+        if summary["rejected"]:
+            console.print(f"rejected rows (file, line, reason): {out / 'rejects.jsonl'}")
+        typer.echo(json.dumps({k: summary[k] for k in ("rows", "accepted", "rejected", "distinct", "labeled_now", "resumed", "invalid",
+                                                       "queries_per_s", "rows_per_s", "model_version")}))

@@ -1,0 +1,273 @@
+"""Offline batch labeling: a query log in, one parse per distinct normalised query out, every row accounted for.
+
+    querytune label logs/ --model runs/sft --out runs/labels [--column query] [--backend transformers|vllm]
+
+read (CSV / JSONL / Parquet, a file or a folder of them) -> normalise (NFKC, case, whitespace) -> reject what
+cannot be a query (line and reason in `rejects.jsonl`) -> deduplicate -> label each distinct query once, in
+batches of similar length -> Parquet shards. The output folder holds:
+
+    labels/part-00000.parquet ...  query, normalized, parse (JSON), valid, confidence, error, model_version, schema_version
+    rows.parquet                   source file, line, normalized: one row per accepted input row (the row-to-label map)
+    rejects.jsonl                  source file, line, reason, raw: one row per rejected input row
+    manifest.json                  model and schema versions, the input's fingerprint
+    summary.json                   rows, distinct, rejected, labeled, seconds, queries/s
+
+A shard is written to a temporary name and renamed, so a run killed at any moment (`kill -9`) leaves only whole
+shards; run again, it labels only the distinct queries no shard holds. A rerun against another model, schema or
+input refuses to mix them (`--restart` starts over).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+import pandas as pd
+
+from querytune.schema import normalize_text
+
+FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+MAX_QUERY_CHARS = 256  # longer "queries" are pasted documents, not search-box input
+SHARD_QUERIES = 1024  # distinct queries per shard: the most a kill can cost
+LABEL_COLUMNS = ["query", "normalized", "parse", "valid", "confidence", "error", "model_version", "schema_version"]
+
+
+class LabelInputError(ValueError):
+    """An input that cannot be read at all (missing, no supported files, no such column)."""
+
+
+class Backend(Protocol):
+    """What labeling needs of a model: versions, and greedy parses of a batch of texts."""
+
+    model_version: str
+    schema_version: str
+
+    def parse(self, texts: list[str]) -> list[Any]:
+        """One `Prediction`-like object per text (`parse`, `valid`, `confidence`, `error`)."""
+
+
+@dataclass(frozen=True)
+class InputRow:
+    source: str  # file name relative to the input (the file's own name for a single file)
+    line: int  # JSONL / CSV: physical line (CSV header = 1); Parquet: 1-based row
+    text: Any  # the cell as read (may be missing or not a string)
+
+
+def input_files(path: str | Path) -> list[Path]:
+    """The supported files of `path` (itself, or those under a folder, sorted)."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix.lower() not in FORMATS:
+            raise LabelInputError(f"{path}: unsupported file type {path.suffix!r} (use {', '.join(sorted(FORMATS))})")
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FORMATS)
+        if not files:
+            raise LabelInputError(f"{path}: no {', '.join(sorted(FORMATS))} files in this folder")
+        return files
+    raise LabelInputError(f"{path}: no such file or folder")
+
+
+def read_rows(path: str | Path, column: str = "query") -> Iterator[InputRow | tuple[InputRow, str]]:
+    """Every data row of the input: an `InputRow`, or (`InputRow`, reason) for one that cannot be read
+    (broken JSON, a row without the column). A file without the column at all is an error."""
+    root = Path(path)
+    for file in input_files(root):
+        source = str(file.relative_to(root)) if root.is_dir() else file.name
+        kind = FORMATS[file.suffix.lower()]
+        if kind == "parquet":
+            import pyarrow.parquet as pq
+
+            names = pq.read_schema(file).names
+            if column not in names:
+                raise LabelInputError(f"{file}: no column {column!r} (columns: {', '.join(names)}); choose one with --column")
+            for i, value in enumerate(pq.read_table(file, columns=[column]).column(column).to_pylist(), 1):
+                yield InputRow(source, i, value)
+        elif kind == "csv":
+            with file.open(encoding="utf-8-sig", newline="") as f:
+                reader = csv.DictReader(f)
+                if column not in (reader.fieldnames or []):
+                    raise LabelInputError(f"{file}: no column {column!r} in the header ({', '.join(reader.fieldnames or [])}); choose one with --column")
+                line = reader.line_num
+                for rec in reader:
+                    start, line = line + 1, reader.line_num
+                    if rec.get(None):
+                        yield InputRow(source, start, None), f"{len(rec[None])} cell(s) more than the header has"
+                    else:
+                        yield InputRow(source, start, rec[column])
+        else:
+            with file.open(encoding="utf-8-sig") as f:
+                for n, raw in enumerate(f, 1):
+                    if not raw.strip():
+                        continue
+                    try:
+                        rec = json.loads(raw)
+                    except json.JSONDecodeError as e:
+                        yield InputRow(source, n, raw.rstrip("\r\n")[:200]), f"not valid JSON: {e.msg} at char {e.pos}"
+                        continue
+                    if isinstance(rec, str):
+                        yield InputRow(source, n, rec)
+                    elif not isinstance(rec, dict) or column not in rec:
+                        yield InputRow(source, n, None), f"no field {column!r}"
+                    else:
+                        yield InputRow(source, n, rec[column])
+
+
+def check_query(value: Any, max_chars: int = MAX_QUERY_CHARS) -> tuple[str | None, str | None]:
+    """(normalised query, None) or (None, reason).
+
+    >>> check_query("  Cheap\\u00a0THAI  near me ")
+    ('cheap thai near me', None)
+    >>> check_query("   ")
+    (None, 'empty query')
+    >>> check_query(42)
+    (None, 'not text: int')
+    """
+    if value is None:
+        return None, "missing query"
+    if not isinstance(value, str):
+        return None, f"not text: {type(value).__name__}"
+    norm = normalize_text(value)
+    if not norm:
+        return None, "empty query"
+    if len(norm) > max_chars:
+        return None, f"longer than {max_chars} characters ({len(norm)})"
+    if any(ord(c) < 32 for c in norm):
+        return None, "control characters"
+    return norm, None
+
+
+def fingerprint(files: list[Path]) -> str:
+    """Names, sizes and modification times of the input files: a rerun on changed input is noticed."""
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _write_atomic(df: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    df.to_parquet(tmp, index=False)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_text_atomic(text: str, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def labeled_queries(out: str | Path) -> set[str]:
+    """Normalised queries the whole shards of `out/labels` already hold."""
+    done: set[str] = set()
+    for shard in sorted((Path(out) / "labels").glob("part-*.parquet")):
+        done.update(pd.read_parquet(shard, columns=["normalized"])["normalized"])
+    return done
+
+
+def by_length(queries: list[str]) -> list[str]:
+    """Longest first then alphabetical: batches of similar length pad little, and the order is stable across runs."""
+    return sorted(queries, key=lambda q: (-len(q), q))
+
+
+def label(input_path: str | Path, out: str | Path, backend: Backend, column: str = "query", shard_size: int = SHARD_QUERIES,
+          restart: bool = False, max_chars: int = MAX_QUERY_CHARS, progress: Callable[[int, int], None] | None = None,
+          label_batch: Callable[[Backend, list[str]], list[dict]] | None = None) -> dict[str, Any]:
+    """Label `input_path` into `out` (see the module doc); returns the summary. `progress(done, total)` after each
+    shard. `label_batch(backend, queries)` -> label rows (default: `backend.parse` in-process; the Ray engine
+    passes its own)."""
+    t0 = time.perf_counter()
+    out = Path(out)
+    files = input_files(input_path)
+    manifest = {"input": str(input_path), "input_fingerprint": fingerprint(files), "column": column,
+                "model_version": backend.model_version, "schema_version": backend.schema_version}
+    (out / "labels").mkdir(parents=True, exist_ok=True)
+    old = out / "manifest.json"
+    if old.exists() and not restart:
+        before = json.loads(old.read_text())
+        changed = [k for k in manifest if before.get(k) != manifest[k]]
+        if changed:
+            raise LabelInputError(f"{out} holds labels of another run ({', '.join(f'{k}: {before.get(k)} -> {manifest[k]}' for k in changed)}); "
+                                  "use another --out or --restart to start over")
+    if restart:
+        for shard in (out / "labels").glob("part-*.parquet"):
+            shard.unlink()
+    _write_text_atomic(json.dumps(manifest, indent=2) + "\n", old)
+
+    mapping: dict[str, list] = {"source": [], "line": [], "normalized": []}
+    rejects: list[dict] = []
+    first_spelling: dict[str, str] = {}
+    rows = 0
+    for item in read_rows(input_path, column):
+        rows += 1
+        row, reason = item if isinstance(item, tuple) else (item, None)
+        norm = None
+        if reason is None:
+            norm, reason = check_query(row.text, max_chars)
+        if reason is not None:
+            rejects.append({"source": row.source, "line": row.line, "reason": reason, "raw": row.text if isinstance(row.text, str) else repr(row.text)})
+            continue
+        mapping["source"].append(row.source)
+        mapping["line"].append(row.line)
+        mapping["normalized"].append(norm)
+        first_spelling.setdefault(norm, row.text.strip())
+    _write_atomic(pd.DataFrame(mapping), out / "rows.parquet")
+    _write_text_atomic("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects), out / "rejects.jsonl")
+
+    done = labeled_queries(out)
+    todo = by_length([q for q in first_spelling if q not in done])
+    resumed = len(first_spelling) - len(todo)
+    next_shard = max((int(p.stem.split("-")[1]) + 1 for p in (out / "labels").glob("part-*.parquet")), default=0)
+    label_batch = label_batch or parse_rows
+    t_label = time.perf_counter()
+    if progress:
+        progress(resumed, len(first_spelling))
+    for start in range(0, len(todo), shard_size):
+        chunk = todo[start:start + shard_size]
+        labels = label_batch(backend, chunk)
+        for rec in labels:
+            rec["query"] = first_spelling[rec["normalized"]]
+        _write_atomic(pd.DataFrame(labels, columns=LABEL_COLUMNS), out / "labels" / f"part-{next_shard:05d}.parquet")
+        next_shard += 1
+        if progress:
+            progress(resumed + start + len(chunk), len(first_spelling))
+    label_seconds = time.perf_counter() - t_label
+    labels_df = read_labels(out)
+    summary = {"rows": rows, "accepted": len(mapping["normalized"]), "rejected": len(rejects), "distinct": len(first_spelling),
+               "labeled_now": len(todo), "resumed": resumed, "invalid": int((~labels_df["valid"]).sum()),
+               "seconds": round(time.perf_counter() - t0, 2), "label_seconds": round(label_seconds, 2),
+               "queries_per_s": round(len(todo) / label_seconds, 2) if todo and label_seconds else None,
+               "rows_per_s": round(rows / (time.perf_counter() - t0), 2), **manifest}
+    _write_text_atomic(json.dumps(summary, indent=2) + "\n", out / "summary.json")
+    return summary
+
+
+def parse_rows(backend: Backend, queries: list[str]) -> list[dict]:
+    """Label rows (without `query`) for normalised queries, through `backend.parse`."""
+    preds = backend.parse(queries)
+    return [{"normalized": q, "parse": json.dumps(p.parse, ensure_ascii=False, sort_keys=True) if p.parse else None,
+             "valid": bool(p.valid), "confidence": float(p.confidence), "error": p.error,
+             "model_version": backend.model_version, "schema_version": backend.schema_version} for q, p in zip(queries, preds)]
+
+
+def read_labels(out: str | Path) -> pd.DataFrame:
+    """Every label of a labeling folder, one row per distinct normalised query."""
+    shards = sorted((Path(out) / "labels").glob("part-*.parquet"))
+    if not shards:
+        return pd.DataFrame(columns=LABEL_COLUMNS)
+    return pd.concat([pd.read_parquet(s) for s in shards], ignore_index=True)
+
+
+def labeled_rows(out: str | Path) -> pd.DataFrame:
+    """One row per accepted input row (source, line, normalized) with its label joined on."""
+    out = Path(out)
+    return pd.read_parquet(out / "rows.parquet").merge(read_labels(out), on="normalized", how="left", validate="many_to_one")

@@ -1,0 +1,155 @@
+"""Serving: cache hits, micro-batched misses written back, deadlines, limits, Redis down and model down."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from querytune.cache import Entry, RedisCache, open_cache
+from querytune.serve import Settings, create_app
+
+
+class FakePrediction:
+    def __init__(self, text):
+        self.parse, self.valid, self.confidence, self.error = {"intent": "find_business", "slots": {"category": text.split()[0]}}, True, 0.8, None
+
+
+class SlowBackend:
+    """At the edge of the tests: a backend that takes `delay` seconds per call and records its batches."""
+
+    name, model_version, schema_version = "fake", "m1", "s1"
+
+    def __init__(self, delay=0.05, fail=False):
+        self.delay, self.fail, self.batches = delay, fail, []
+
+    def parse(self, texts):
+        if self.fail:
+            raise ConnectionError("vLLM server at 127.0.0.1:8001 refused the connection")
+        time.sleep(self.delay)
+        self.batches.append(list(texts))
+        return [FakePrediction(t) for t in texts]
+
+
+@pytest.fixture()
+def sqlite_cache(tmp_path):
+    return open_cache(f"sqlite:///{tmp_path}/cache.db")
+
+
+def test_hit_miss_and_write_back(sqlite_cache):
+    sqlite_cache.put_many([("cheap thai", Entry({"intent": "find_business", "slots": {"cuisine": "thai"}}, True, 0.9, "m1"))], "s1")
+    backend = SlowBackend()
+    with TestClient(create_app(backend, sqlite_cache)) as client:
+        hit = client.get("/v1/parse", params={"q": "  Cheap THAI "}).json()
+        assert hit["source"] == "cache" and hit["parse"]["slots"] == {"cuisine": "thai"} and hit["normalized"] == "cheap thai"
+        assert hit["model_version"] == "m1" and hit["latency_ms"] >= 0
+        miss = client.get("/v1/parse", params={"q": "plumber austin"}).json()
+        assert miss["source"] == "model" and miss["parse"]["slots"] == {"category": "plumber"}
+        again = client.get("/v1/parse", params={"q": "Plumber Austin"}).json()
+        assert again["source"] == "cache", "a model answer is written back"
+        body = client.post("/v1/parse", json={"queries": ["cheap thai", "dentist", "dentist", "barber"]}).json()
+        assert [r["source"] for r in body["results"]] == ["cache", "model", "model", "model"]
+        assert backend.batches[-1] == ["dentist", "barber"], "one backend call, each distinct miss once"
+        metrics = client.get("/metrics").text
+        assert 'querytune_answers_total{source="cache"} 3.0' in metrics and "querytune_miss_batch_size_bucket" in metrics
+        assert client.get("/healthz").json() == {"status": "ok", "model_version": "m1", "schema_version": "s1", "backend": "fake", "cache": "ok"}
+        assert client.get("/openapi.json").status_code == 200
+
+
+def test_concurrent_misses_share_one_backend_call(sqlite_cache):
+    backend = SlowBackend(delay=0.3)
+    app = create_app(backend, sqlite_cache, Settings(batch_window_ms=50))
+    with TestClient(app) as client:
+        out = []
+        threads = [threading.Thread(target=lambda q=q: out.append(client.get("/v1/parse", params={"q": q}).json())) for q in
+                   [f"query {i}" for i in range(8)]]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert all(r["source"] == "model" for r in out) and len(out) == 8
+    assert len(backend.batches) < 8 and max(len(b) for b in backend.batches) > 1
+
+
+def test_a_miss_past_its_deadline_falls_back_and_is_queued(sqlite_cache, tmp_path):
+    log = tmp_path / "fallback.jsonl"
+    with TestClient(create_app(SlowBackend(delay=1.0), sqlite_cache, Settings(miss_deadline_s=0.1, fallback_log=str(log)))) as client:
+        r = client.get("/v1/parse", params={"q": "slow query"}).json()
+    assert r["source"] == "fallback" and r["parse"] is None and "search the raw text" in r["error"]
+    assert '"slow query"' in log.read_text()
+
+
+def test_limits_are_answered_with_4xx_and_a_reason(sqlite_cache):
+    app = create_app(SlowBackend(), sqlite_cache, Settings(max_query_chars=20, max_batch=3, max_body_bytes=300, api_key="k"))
+    with TestClient(app) as client:
+        assert client.get("/v1/parse", params={"q": "x"}).status_code == 401
+        h = {"X-API-Key": "k"}
+        r = client.get("/v1/parse", params={"q": "y" * 30}, headers=h)
+        assert r.status_code == 400 and "longer than 20 characters" in r.json()["error"]
+        r = client.post("/v1/parse", json={"queries": ["a", "b", "c", "d"]}, headers=h)
+        assert r.status_code == 413 and "at most 3" in r.json()["error"]
+        r = client.post("/v1/parse", json={"queries": ["a" * 10] * 3 + ["b" * 300]}, headers=h)
+        assert r.status_code == 413 and "request body" in r.json()["error"]
+        assert client.get("/v1/parse", params={"q": "   "}, headers=h).status_code == 400
+        assert client.get("/v1/parse", params={"q": "ok"}, headers={"Authorization": "Bearer k"}).status_code == 200
+        assert client.get("/healthz").status_code == 200, "health checks need no key"
+
+
+def test_model_down_hits_answer_misses_get_503(sqlite_cache):
+    sqlite_cache.put_many([("pizza", Entry({"intent": "find_business", "slots": {}}, True, 0.9, "m1"))], "s1")
+    with TestClient(create_app(SlowBackend(fail=True), sqlite_cache)) as client:
+        assert client.get("/v1/parse", params={"q": "pizza"}).json()["source"] == "cache"
+        r = client.get("/v1/parse", params={"q": "sushi"})
+        assert r.status_code == 503 and "refused the connection" in r.json()["error"]
+        r = client.post("/v1/parse", json={"queries": ["pizza", "sushi"]})
+        assert r.status_code == 503 and [x["source"] for x in r.json()["results"]] == ["cache", "unavailable"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def redis_server(tmp_path):
+    """A real redis-server on loopback (installed by .ci/run), stopped after the test."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.fail("redis-server is not installed (apt-get install redis-server; .ci/run does it)")
+    port = _free_port()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    for _ in range(100):
+        try:
+            RedisCache(url).client.ping()
+            break
+        except Exception:  # noqa: BLE001 - not up yet
+            time.sleep(0.05)
+    yield proc, url
+    proc.kill()
+    proc.wait()
+
+
+def test_redis_cache_and_redis_down_keeps_answering(redis_server):
+    proc, url = redis_server
+    cache = open_cache(url)
+    cache.put_many([("pizza", Entry({"intent": "find_business", "slots": {"cuisine": "pizza"}}, True, 0.9, "m1"))], "s1")
+    assert cache.stats()["entries"] == 1
+    backend = SlowBackend()
+    with TestClient(create_app(backend, cache)) as client:
+        assert client.get("/v1/parse", params={"q": "pizza"}).json()["source"] == "cache"
+        assert client.get("/v1/parse", params={"q": "sushi"}).json()["source"] == "model"
+        assert client.get("/v1/parse", params={"q": "sushi"}).json()["source"] == "cache"
+        proc.kill()
+        proc.wait()
+        down = [client.get("/v1/parse", params={"q": q}) for q in ("pizza", "ramen")]
+        assert [r.status_code for r in down] == [200, 200] and [r.json()["source"] for r in down] == ["model", "model"]
+        assert client.get("/healthz").json()["cache"] == "down"
+        assert "querytune_cache_errors_total 4.0" in client.get("/metrics").text
