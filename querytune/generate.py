@@ -226,13 +226,19 @@ class Parser:
         return results
 
     def _validate(self, text: str, raw: str, logprob: float, finished: bool) -> Prediction:
-        import math
+        return validate_output(self.schema, text, raw, logprob, finished, self.max_new_tokens)
 
-        confidence = math.exp(logprob)
-        if not finished:
-            return Prediction(text, None, False, confidence, raw, f"output cut at {self.max_new_tokens} tokens")
-        try:
-            parse, dropped = self.schema.ground(self.schema.parse(raw), text)
-        except ParseError as e:
-            return Prediction(text, None, False, confidence, raw, str(e))
-        return Prediction(text, parse.to_dict(), True, confidence, raw, ungrounded=dropped or None)
+
+def validate_output(schema: Schema, text: str, raw: str, logprob: float, finished: bool, max_new_tokens: int) -> Prediction:
+    """A generated completion as a `Prediction`: checked by the schema, grounded in the query (every backend
+    validates its outputs here, so they agree on what counts as valid)."""
+    import math
+
+    confidence = math.exp(logprob)
+    if not finished:
+        return Prediction(text, None, False, confidence, raw, f"output cut at {max_new_tokens} tokens")
+    try:
+        parse, dropped = schema.ground(schema.parse(raw), text)
+    except ParseError as e:
+        return Prediction(text, None, False, confidence, raw, str(e))
+    return Prediction(text, parse.to_dict(), True, confidence, raw, ungrounded=dropped or None)

@@ -181,10 +181,10 @@ def by_length(queries: list[str]) -> list[str]:
 
 def label(input_path: str | Path, out: str | Path, backend: Backend, column: str = "query", shard_size: int = SHARD_QUERIES,
           restart: bool = False, max_chars: int = MAX_QUERY_CHARS, progress: Callable[[int, int], None] | None = None,
-          label_batch: Callable[[Backend, list[str]], list[dict]] | None = None) -> dict[str, Any]:
+          stream: Callable[[list[str], int], Iterator[list[dict]]] | None = None) -> dict[str, Any]:
     """Label `input_path` into `out` (see the module doc); returns the summary. `progress(done, total)` after each
-    shard. `label_batch(backend, queries)` -> label rows (default: `backend.parse` in-process; the Ray engine
-    passes its own)."""
+    shard. `stream(queries, shard_size)` yields label rows (`parse_rows`' shape) a shard at a time, in any order
+    (default: `backend.parse` in this process; `querytune.ray_engine` passes a Ray Data pipeline)."""
     t0 = time.perf_counter()
     out = Path(out)
     files = input_files(input_path)
@@ -227,19 +227,19 @@ def label(input_path: str | Path, out: str | Path, backend: Backend, column: str
     todo = by_length([q for q in first_spelling if q not in done])
     resumed = len(first_spelling) - len(todo)
     next_shard = max((int(p.stem.split("-")[1]) + 1 for p in (out / "labels").glob("part-*.parquet")), default=0)
-    label_batch = label_batch or parse_rows
+    stream = stream or (lambda queries, size: (parse_rows(backend, queries[i:i + size]) for i in range(0, len(queries), size)))
     t_label = time.perf_counter()
     if progress:
         progress(resumed, len(first_spelling))
-    for start in range(0, len(todo), shard_size):
-        chunk = todo[start:start + shard_size]
-        labels = label_batch(backend, chunk)
+    written = 0
+    for labels in stream(todo, shard_size) if todo else []:
         for rec in labels:
             rec["query"] = first_spelling[rec["normalized"]]
         _write_atomic(pd.DataFrame(labels, columns=LABEL_COLUMNS), out / "labels" / f"part-{next_shard:05d}.parquet")
         next_shard += 1
+        written += len(labels)
         if progress:
-            progress(resumed + start + len(chunk), len(first_spelling))
+            progress(resumed + written, len(first_spelling))
     label_seconds = time.perf_counter() - t_label
     labels_df = read_labels(out)
     summary = {"rows": rows, "accepted": len(mapping["normalized"]), "rejected": len(rejects), "distinct": len(first_spelling),

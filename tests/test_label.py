@@ -141,3 +141,19 @@ def test_kill_9_and_rerun_gives_every_row_exactly_once(tiny_model, small_world_m
     rows = labeled_rows(tmp_path / "out")
     assert len(rows) == len(log) and rows["valid"].notna().all(), "every input row has its label"
     assert (rows["parse"].notna() == rows["valid"]).all()
+
+
+def test_ray_engine_labels_like_the_local_engine(tiny_model, small_world_master, tmp_path):
+    """`--engine ray` on a local Ray cluster (two model replicas) writes the same labels as `--engine local`."""
+    log = pd.read_parquet(small_world_master / "log.parquet", columns=["query"]).head(150)
+    log.to_parquet(tmp_path / "log.parquet")
+    outs = {}
+    for engine in ("local", "ray"):
+        result = CliRunner().invoke(app, ["label", str(tmp_path / "log.parquet"), "--model", str(tiny_model), "--out", str(tmp_path / engine),
+                                          "--engine", engine, "--workers", "2", "--shard-size", "40", "--batch-size", "16"])
+        assert result.exit_code == 0, result.output
+        outs[engine] = read_labels(tmp_path / engine).sort_values("normalized").reset_index(drop=True)
+    assert len(outs["ray"]) == len(outs["local"]) == log["query"].map(lambda q: " ".join(q.lower().split())).nunique()
+    cols = ["normalized", "query", "parse", "valid", "error", "model_version", "schema_version"]
+    pd.testing.assert_frame_equal(outs["ray"][cols], outs["local"][cols])
+    assert (outs["ray"]["confidence"] - outs["local"]["confidence"]).abs().max() < 1e-4

@@ -1,6 +1,6 @@
 """`querytune label`: label a query log offline, one parse per distinct normalised query, every row accounted for.
 
-    querytune label runs/world/log.parquet --model runs/sft --out runs/labels [--column query] [--backend transformers|vllm]
+    querytune label runs/world/log.parquet --model runs/sft --out runs/labels [--column query] [--backend transformers|vllm] [--engine local|ray]
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ def label(
     out: Path = typer.Option(..., "--out", help="Output folder: labels/part-*.parquet, rows.parquet (row -> label), rejects.jsonl, summary.json."),
     column: str = typer.Option("query", "--column", help="Column (CSV, Parquet) or field (JSONL) that holds the query text."),
     backend: str = typer.Option("transformers", "--backend", help="transformers (any machine) or vllm (vLLM installed: `make vllm-env`)."),
+    engine: str = typer.Option("local", "--engine", help="local (this process) or ray (a Ray Data pipeline, one model replica per worker; RAY_ADDRESS joins a cluster)."),
+    workers: int = typer.Option(2, "--workers", min=1, help="--engine ray: model replicas (Ray actors), one CPU each."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Queries per model call (batches are sorted by length)."),
     shard_size: int = typer.Option(1024, "--shard-size", min=1, help="Distinct queries per output shard: the most work a kill can lose."),
     max_chars: int = typer.Option(256, "--max-chars", min=1, help="Reject queries longer than this after normalisation."),
@@ -36,6 +38,8 @@ def label(
             raise UserError(f"--model {model}: folder not found")
         from querytune.backends import BACKENDS
 
+        if engine not in ("local", "ray"):
+            raise UserError(f"--engine {engine}: choose local or ray")
         if backend not in BACKENDS:
             raise UserError(f"--backend {backend}: choose from {', '.join(BACKENDS)}")
         from querytune.backends import load_backend
@@ -45,7 +49,14 @@ def label(
             input_files(input)  # a missing or empty input fails before the model loads
         except LabelInputError as e:
             raise UserError(str(e)) from e
-        model_backend = load_backend(backend, model, batch_size=batch_size)
+        stream = None
+        if engine == "ray":
+            from querytune.ray_engine import RayEngine
+
+            model_backend = RayEngine(model, backend=backend, workers=workers, batch_size=batch_size)
+            stream = model_backend.stream
+        else:
+            model_backend = load_backend(backend, model, batch_size=batch_size)
         columns = [TextColumn("[bold]labeling"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
         with Progress(*columns, console=console) as bar:
@@ -63,9 +74,12 @@ def label(
 
             try:
                 summary = run_label(input, out, model_backend, column=column, shard_size=shard_size, restart=restart,
-                                    max_chars=max_chars, progress=progress)
+                                    max_chars=max_chars, progress=progress, stream=stream)
             except LabelInputError as e:
                 raise UserError(str(e)) from e
+            finally:
+                if engine == "ray":
+                    model_backend.shutdown()
         console.print(f"rows {summary['rows']:,}  accepted {summary['accepted']:,}  rejected {summary['rejected']:,}"
                       f"  distinct {summary['distinct']:,}  labeled now {summary['labeled_now']:,} (resumed {summary['resumed']:,})"
                       f"  invalid {summary['invalid']:,}  {summary['queries_per_s'] or 0:.1f} queries/s  {summary['rows_per_s']:.1f} rows/s")

