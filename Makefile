@@ -70,7 +70,8 @@ controls: venv
 	$(BIN)/querytune eval stages --retrieval $(RUN)/retrieval_controls.json --data $(RUN)/world/test.jsonl --out $(RUN)/stages_controls.json \
 	  $$(for s in $$stages; do echo --stage $$s=$(RUN)/$$s; done)
 
-test: venv
+# the vLLM test runs the vLLM backend in its own environment, so the tests build it too
+test: venv vllm-env
 	$(BIN)/python -m pytest -rA
 
 test-fast: venv

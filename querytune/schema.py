@@ -233,9 +233,10 @@ class Schema:
         return Parse(parse.intent, kept), dropped
 
     def json_schema(self) -> dict[str, Any]:
-        """JSON schema of a parse, for constrained decoding."""
+        """JSON schema of a parse, for constrained decoding. Slots are listed by name: the order parses are written
+        in (`completion_text`), which grammar engines that keep the declared property order (vLLM's) then allow."""
         props: dict[str, Any] = {}
-        for s in self.slots.values():
+        for s in sorted(self.slots.values(), key=lambda s: s.name):
             if s.type == "categorical":
                 props[s.name] = {"type": "string", "enum": list(s.values)}
             elif s.type == "boolean":

@@ -57,11 +57,16 @@ class VLLMBackend:
     def __init__(self, model_dir: str | Path, batch_size: int = 256, max_model_len: int = 512, dtype: str = "bfloat16", **llm_options: Any):
         from transformers import AutoTokenizer
         from vllm import LLM, SamplingParams
+        from vllm.platforms import current_platform
 
         self.meta, self.schema = load_model_meta(model_dir)
         self.model_dir, self.model_version, self.schema_version = str(model_dir), model_version(model_dir), self.schema.version
         self.max_new_tokens = int(self.meta.get("max_new_tokens", 64))
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        if current_platform.is_cpu():
+            # on CPU this is a share of free RAM that must be available at start-up (the KV cache itself is sized by
+            # VLLM_CPU_KVCACHE_SPACE); vLLM's default 0.92 refuses to start beside anything else
+            llm_options.setdefault("gpu_memory_utilization", 0.3)
         self.llm = LLM(model=str(merged_folder(model_dir)), dtype=dtype, max_model_len=max_model_len, enable_prefix_caching=True,
                        max_num_seqs=batch_size, seed=0, **llm_options)
         self.params = SamplingParams(temperature=0.0, max_tokens=self.max_new_tokens, logprobs=0, **_structured(self.schema.json_schema()))
