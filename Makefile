@@ -51,6 +51,14 @@ demo: venv
 	  --model sft=$(RUN)/sft/predictions_test.jsonl --model dpo=$(RUN)/dpo/predictions_test.jsonl --model grpo=$(RUN)/grpo/predictions_test.jsonl
 	$(BIN)/querytune eval stages --retrieval $(RUN)/retrieval.json --data $(RUN)/world/test.jsonl --out $(RUN)/stages.json \
 	  --stage sft=$(RUN)/sft --stage dpo=$(RUN)/dpo --stage grpo=$(RUN)/grpo
+	# serving: label the head of the early log (the 1,000 most typed queries, ~47% of later traffic) into the cache,
+	# promote the model, serve it, replay later traffic and print the hit rate
+	$(BIN)/querytune cache warm $(RUN)/world/log.parquet --where period=early --top 1000 --model $(RUN)/sft \
+	  --cache sqlite:///$(RUN)/cache.db --work $(RUN)/labels_head
+	$(BIN)/querytune cache promote --model $(RUN)/sft --cache sqlite:///$(RUN)/cache.db
+	$(BIN)/querytune serve --model active --cache sqlite:///$(RUN)/cache.db --port 8765 & pid=$$!; \
+	$(BIN)/python serving/loadtest.py --url http://127.0.0.1:8765 --wait 300 --log $(RUN)/world/log.parquet --where period=late \
+	  --requests 400 --concurrency 16; status=$$?; kill $$pid; exit $$status
 
 # the two controls of preference tuning (after `make demo`): SFT continued for DPO's number of steps, and DPO on
 # pairs scored against clicks shuffled across queries; both should gain nothing over SFT

@@ -74,9 +74,25 @@ def input_files(path: str | Path) -> list[Path]:
     raise LabelInputError(f"{path}: no such file or folder")
 
 
-def read_rows(path: str | Path, column: str = "query") -> Iterator[InputRow | tuple[InputRow, str]]:
+def parse_where(where: str | None) -> tuple[str, str] | None:
+    """`COLUMN=VALUE` -> (column, value).
+
+    >>> parse_where("period=late")
+    ('period', 'late')
+    """
+    if not where:
+        return None
+    if "=" not in where:
+        raise LabelInputError(f"--where {where!r}: write COLUMN=VALUE, e.g. period=late")
+    col, value = where.split("=", 1)
+    return col.strip(), value.strip()
+
+
+def read_rows(path: str | Path, column: str = "query", where: str | None = None) -> Iterator[InputRow | tuple[InputRow, str]]:
     """Every data row of the input: an `InputRow`, or (`InputRow`, reason) for one that cannot be read
-    (broken JSON, a row without the column). A file without the column at all is an error."""
+    (broken JSON, a row without the column). A file without the column at all is an error. `where`
+    (`COLUMN=VALUE`) keeps only the rows whose column holds that value (compared as text)."""
+    cond = parse_where(where)
     root = Path(path)
     for file in input_files(root):
         source = str(file.relative_to(root)) if root.is_dir() else file.name
@@ -85,18 +101,26 @@ def read_rows(path: str | Path, column: str = "query") -> Iterator[InputRow | tu
             import pyarrow.parquet as pq
 
             names = pq.read_schema(file).names
-            if column not in names:
-                raise LabelInputError(f"{file}: no column {column!r} (columns: {', '.join(names)}); choose one with --column")
-            for i, value in enumerate(pq.read_table(file, columns=[column]).column(column).to_pylist(), 1):
-                yield InputRow(source, i, value)
+            for col in [column] + ([cond[0]] if cond else []):
+                if col not in names:
+                    raise LabelInputError(f"{file}: no column {col!r} (columns: {', '.join(names)})")
+            table = pq.read_table(file, columns=list(dict.fromkeys([column] + ([cond[0]] if cond else []))))
+            keep = [str(v) == cond[1] for v in table.column(cond[0]).to_pylist()] if cond else None
+            for i, value in enumerate(table.column(column).to_pylist(), 1):
+                if keep is None or keep[i - 1]:
+                    yield InputRow(source, i, value)
         elif kind == "csv":
             with file.open(encoding="utf-8-sig", newline="") as f:
                 reader = csv.DictReader(f)
                 if column not in (reader.fieldnames or []):
                     raise LabelInputError(f"{file}: no column {column!r} in the header ({', '.join(reader.fieldnames or [])}); choose one with --column")
+                if cond and cond[0] not in (reader.fieldnames or []):
+                    raise LabelInputError(f"{file}: no column {cond[0]!r} in the header")
                 line = reader.line_num
                 for rec in reader:
                     start, line = line + 1, reader.line_num
+                    if cond and str(rec.get(cond[0])) != cond[1]:
+                        continue
                     if rec.get(None):
                         yield InputRow(source, start, None), f"{len(rec[None])} cell(s) more than the header has"
                     else:
@@ -110,6 +134,8 @@ def read_rows(path: str | Path, column: str = "query") -> Iterator[InputRow | tu
                         rec = json.loads(raw)
                     except json.JSONDecodeError as e:
                         yield InputRow(source, n, raw.rstrip("\r\n")[:200]), f"not valid JSON: {e.msg} at char {e.pos}"
+                        continue
+                    if cond and not (isinstance(rec, dict) and str(rec.get(cond[0])) == cond[1]):
                         continue
                     if isinstance(rec, str):
                         yield InputRow(source, n, rec)
@@ -179,7 +205,7 @@ def by_length(queries: list[str]) -> list[str]:
     return sorted(queries, key=lambda q: (-len(q), q))
 
 
-def label(input_path: str | Path, out: str | Path, backend: Backend, column: str = "query", shard_size: int = SHARD_QUERIES,
+def label(input_path: str | Path, out: str | Path, backend: Backend, column: str = "query", shard_size: int = SHARD_QUERIES, where: str | None = None,
           restart: bool = False, max_chars: int = MAX_QUERY_CHARS, progress: Callable[[int, int], None] | None = None,
           stream: Callable[[list[str], int], Iterator[list[dict]]] | None = None) -> dict[str, Any]:
     """Label `input_path` into `out` (see the module doc); returns the summary. `progress(done, total)` after each
@@ -188,7 +214,7 @@ def label(input_path: str | Path, out: str | Path, backend: Backend, column: str
     t0 = time.perf_counter()
     out = Path(out)
     files = input_files(input_path)
-    manifest = {"input": str(input_path), "input_fingerprint": fingerprint(files), "column": column,
+    manifest = {"input": str(input_path), "input_fingerprint": fingerprint(files), "column": column, "where": where,
                 "model_version": backend.model_version, "schema_version": backend.schema_version}
     (out / "labels").mkdir(parents=True, exist_ok=True)
     old = out / "manifest.json"
@@ -207,7 +233,7 @@ def label(input_path: str | Path, out: str | Path, backend: Backend, column: str
     rejects: list[dict] = []
     first_spelling: dict[str, str] = {}
     rows = 0
-    for item in read_rows(input_path, column):
+    for item in read_rows(input_path, column, where):
         rows += 1
         row, reason = item if isinstance(item, tuple) else (item, None)
         norm = None

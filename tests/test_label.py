@@ -157,3 +157,15 @@ def test_ray_engine_labels_like_the_local_engine(tiny_model, small_world_master,
     cols = ["normalized", "query", "parse", "valid", "error", "model_version", "schema_version"]
     pd.testing.assert_frame_equal(outs["ray"][cols], outs["local"][cols])
     assert (outs["ray"]["confidence"] - outs["local"]["confidence"]).abs().max() < 1e-4
+
+
+def test_where_keeps_only_matching_rows(tmp_path):
+    (tmp_path / "in").mkdir()
+    pd.DataFrame({"query": ["a b", "c d", "e f"], "period": ["early", "late", "early"]}).to_parquet(tmp_path / "in" / "log.parquet")
+    (tmp_path / "in" / "log.jsonl").write_text("".join(json.dumps({"query": q, "period": p}) + "\n" for q, p in [("g h", "late"), ("i j", "early")]))
+    summary = label(tmp_path / "in", tmp_path / "out", EchoBackend(), where="period=early")
+    rows = pd.read_parquet(tmp_path / "out" / "rows.parquet")
+    assert sorted(rows["normalized"]) == ["a b", "e f", "i j"] and list(rows[rows["source"] == "log.parquet"]["line"]) == [1, 3]
+    assert summary["rows"] == 3
+    with pytest.raises(LabelInputError, match="COLUMN=VALUE"):
+        label(tmp_path / "in", tmp_path / "out2", EchoBackend(), where="period")

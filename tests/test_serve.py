@@ -153,3 +153,46 @@ def test_redis_cache_and_redis_down_keeps_answering(redis_server):
         assert [r.status_code for r in down] == [200, 200] and [r.json()["source"] for r in down] == ["model", "model"]
         assert client.get("/healthz").json()["cache"] == "down"
         assert "querytune_cache_errors_total 4.0" in client.get("/metrics").text
+
+
+def test_cache_cli_load_warm_promote_rollback(tiny_model, small_world_master, tmp_path):
+    """label -> cache load -> stats; warm the head of a log with a model, promote it, roll back; `--model active`."""
+    import json as _json
+
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from querytune.cli import app
+    from querytune.model import model_version
+    from querytune.serve import resolve_model
+
+    log = pd.read_parquet(small_world_master / "log.parquet", columns=["query", "period"]).head(300)
+    log.to_parquet(tmp_path / "log.parquet")
+    url = f"sqlite:///{tmp_path}/cache.db"
+    run = CliRunner().invoke
+    r = run(app, ["label", str(tmp_path / "log.parquet"), "--model", str(tiny_model), "--out", str(tmp_path / "labels"), "--where", "period=early"])
+    assert r.exit_code == 0, r.output
+    labeled = _json.loads(r.stdout.strip().splitlines()[-1])
+    assert labeled["rows"] == int((log["period"] == "early").sum())
+    r = run(app, ["cache", "load", str(tmp_path / "labels"), "--cache", url])
+    assert r.exit_code == 0, r.output
+    loaded = _json.loads(r.stdout)
+    assert loaded["loaded"] + loaded["skipped_invalid"] == labeled["distinct"]
+    stats = _json.loads(run(app, ["cache", "stats", "--cache", url]).stdout)
+    assert stats["entries"] == loaded["loaded"] and stats["active"] is None
+
+    r = run(app, ["cache", "rollback", "--cache", url])
+    assert r.exit_code == 2 and "nothing to roll back to" in r.output
+    r = run(app, ["cache", "warm", str(tmp_path / "log.parquet"), "--model", str(tiny_model), "--cache", url, "--top", "20",
+                  "--work", str(tmp_path / "warm")])
+    assert r.exit_code == 0, r.output
+    warmed = _json.loads(r.stdout)
+    assert warmed["head_queries"] == 20 and warmed["model_version"] == model_version(tiny_model)
+    r = run(app, ["cache", "promote", "--model", str(tiny_model), "--cache", url])
+    assert r.exit_code == 0, r.output
+    assert resolve_model("active", open_cache(url)) == tiny_model.resolve()
+    run(app, ["cache", "promote", "--model", str(tiny_model), "--cache", url])
+    r = run(app, ["cache", "rollback", "--cache", url])
+    assert r.exit_code == 0 and _json.loads(r.stdout)["model_dir"] == str(tiny_model.resolve())
+    r = run(app, ["cache", "stats", "--cache", "redis://127.0.0.1:1/0"])
+    assert r.exit_code == 2 and "127.0.0.1:1" in r.output

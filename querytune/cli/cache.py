@@ -59,7 +59,7 @@ def stats(cache: str = typer.Option(..., "--cache", help=CACHE_HELP)) -> None:
         typer.echo(json.dumps(_open(cache).stats(), indent=2))
 
 
-def head_queries(log: Path, column: str, share: float, top: int | None) -> tuple[list[str], float]:
+def head_queries(log: Path, column: str, share: float, top: int | None, where: str | None = None) -> tuple[list[str], float]:
     """The distinct normalised queries that carry `share` of the log's rows (most typed first), at most `top`;
     and the share of rows they carry."""
     from collections import Counter
@@ -67,7 +67,7 @@ def head_queries(log: Path, column: str, share: float, top: int | None) -> tuple
     from querytune.label import check_query, read_rows
 
     counts: Counter[str] = Counter()
-    for item in read_rows(log, column):
+    for item in read_rows(log, column, where):
         if isinstance(item, tuple):
             continue
         norm, _ = check_query(item.text)
@@ -90,6 +90,7 @@ def warm(
     share: float = typer.Option(0.5, "--share", min=0.0, max=1.0, help="Label the most typed queries until they carry this share of the log's rows."),
     top: int = typer.Option(None, "--top", min=1, help="At most this many distinct queries."),
     column: str = typer.Option("query", "--column", help="Column or field holding the query text."),
+    where: str = typer.Option(None, "--where", help="Only rows whose COLUMN holds VALUE, e.g. period=early."),
     work: Path = typer.Option(None, "--work", help="Labeling folder for the head (default: a new folder under the system temp dir)."),
     backend: str = typer.Option("transformers", "--backend", help="transformers or vllm."),
 ) -> None:
@@ -104,7 +105,7 @@ def warm(
 
     with user_errors():
         target = _open(cache)
-        head, carried = head_queries(log, column, share, top)
+        head, carried = head_queries(log, column, share, top, where)
         if not head:
             raise UserError(f"{log}: no usable queries in column {column!r}")
         work = work or Path(tempfile.mkdtemp(prefix="querytune-warm-"))

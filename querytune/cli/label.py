@@ -21,6 +21,7 @@ def label(
     out: Path = typer.Option(..., "--out", help="Output folder: labels/part-*.parquet, rows.parquet (row -> label), rejects.jsonl, summary.json."),
     column: str = typer.Option("query", "--column", help="Column (CSV, Parquet) or field (JSONL) that holds the query text."),
     backend: str = typer.Option("transformers", "--backend", help="transformers (any machine) or vllm (vLLM installed: `make vllm-env`)."),
+    where: str = typer.Option(None, "--where", help="Only rows whose COLUMN holds VALUE, e.g. period=early."),
     engine: str = typer.Option("local", "--engine", help="local (this process) or ray (a Ray Data pipeline, one model replica per worker; RAY_ADDRESS joins a cluster)."),
     workers: int = typer.Option(2, "--workers", min=1, help="--engine ray: model replicas (Ray actors), one CPU each."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Queries per model call (batches are sorted by length)."),
@@ -73,7 +74,7 @@ def label(
                 bar.update(task, completed=done, total=total, rate=f"{rate:.1f} q/s" if rate else "")
 
             try:
-                summary = run_label(input, out, model_backend, column=column, shard_size=shard_size, restart=restart,
+                summary = run_label(input, out, model_backend, column=column, where=where, shard_size=shard_size, restart=restart,
                                     max_chars=max_chars, progress=progress, stream=stream)
             except LabelInputError as e:
                 raise UserError(str(e)) from e
