@@ -56,7 +56,7 @@ demo: venv
 	$(BIN)/querytune cache warm $(RUN)/world/log.parquet --where period=early --top 1000 --model $(RUN)/sft \
 	  --cache sqlite:///$(RUN)/cache.db --work $(RUN)/labels_head
 	$(BIN)/querytune cache promote --model $(RUN)/sft --cache sqlite:///$(RUN)/cache.db
-	$(BIN)/querytune serve --model active --cache sqlite:///$(RUN)/cache.db --port 8765 & pid=$$!; \
+	$(BIN)/querytune serve --model active --cache sqlite:///$(RUN)/cache.db --port 8765 --deadline 60 & pid=$$!; \
 	$(BIN)/python serving/loadtest.py --url http://127.0.0.1:8765 --wait 300 --log $(RUN)/world/log.parquet --where period=late \
 	  --requests 400 --concurrency 16; status=$$?; kill $$pid; exit $$status
 

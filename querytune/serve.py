@@ -68,8 +68,10 @@ class MissBatcher:
     """Gathers concurrent misses into one backend call, run on one worker thread (the model is not shared across
     threads). `submit` returns a future of the backend's prediction for a normalised query."""
 
-    def __init__(self, backend, window_ms: float, max_batch: int, on_batch=None):
-        self.backend, self.window, self.max_batch, self.on_batch = backend, window_ms / 1000, max_batch, on_batch
+    def __init__(self, backend, window_ms: float, max_batch: int, on_batch=None, on_results=None):
+        """`on_batch(n)` after each backend call; `on_results([(query, prediction), ...])` with every answer of a
+        call, including those whose requests have given up waiting (so the cache still gets them)."""
+        self.backend, self.window, self.max_batch, self.on_batch, self.on_results = backend, window_ms / 1000, max_batch, on_batch, on_results
         self.queue: asyncio.Queue | None = None
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self.task: asyncio.Task | None = None
@@ -115,6 +117,8 @@ class MissBatcher:
             by_query = dict(zip(queries, preds))
             if self.on_batch:
                 self.on_batch(len(queries))
+            if self.on_results:
+                self.on_results(list(by_query.items()))
             for q, f in items:
                 if not f.done():
                     f.set_result(by_query[q])
@@ -151,7 +155,6 @@ def create_app(backend, cache, settings: Settings | None = None, model_version: 
     model_version = model_version or backend.model_version
     schema_version = schema_version or backend.schema_version
     registry, m = _metrics()
-    batcher = MissBatcher(backend, settings.batch_window_ms, settings.max_miss_batch, on_batch=m["batch"].observe)
     fallback_lock = threading.Lock()
 
     from contextlib import asynccontextmanager
@@ -197,6 +200,11 @@ def create_app(backend, cache, settings: Settings | None = None, model_version: 
         except CacheUnavailable:
             m["cache_errors"].inc()
 
+    def write_answers(answers: list[tuple[str, Any]]) -> None:
+        write_back([(q, Entry(p.parse, True, float(p.confidence), model_version)) for q, p in answers if p.valid])
+
+    batcher = MissBatcher(backend, settings.batch_window_ms, settings.max_miss_batch, on_batch=m["batch"].observe, on_results=write_answers)
+
     def queue_fallback(queries: list[str]) -> None:
         if settings.fallback_log:
             with fallback_lock, open(settings.fallback_log, "a", encoding="utf-8") as f:
@@ -219,7 +227,7 @@ def create_app(backend, cache, settings: Settings | None = None, model_version: 
                 results[i] = {"query": q, "normalized": n, "parse": e.parse, "valid": e.valid, "source": "cache", "model_version": e.model_version}
             elif n not in waits:
                 waits[n] = batcher.submit(n)
-        status, new, fallbacks = 200, [], []
+        status, fallbacks = 200, []
         if waits:
             done, _ = await asyncio.wait(waits.values(), timeout=settings.miss_deadline_s)
             for n, fut in waits.items():
@@ -241,9 +249,6 @@ def create_app(backend, cache, settings: Settings | None = None, model_version: 
                 p = fut.result()
                 results[i] = {"query": q, "normalized": n, "parse": p.parse, "valid": bool(p.valid), "source": "model",
                               "model_version": model_version, "error": p.error}
-                if p.valid:
-                    new.append((n, Entry(p.parse, True, float(p.confidence), model_version)))
-        write_back(list(dict(new).items()))
         queue_fallback(list(dict.fromkeys(fallbacks)))
         ms = round(1000 * (time.perf_counter() - t0), 3)
         for r in results:

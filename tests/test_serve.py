@@ -80,7 +80,10 @@ def test_a_miss_past_its_deadline_falls_back_and_is_queued(sqlite_cache, tmp_pat
     log = tmp_path / "fallback.jsonl"
     with TestClient(create_app(SlowBackend(delay=1.0), sqlite_cache, Settings(miss_deadline_s=0.1, fallback_log=str(log)))) as client:
         r = client.get("/v1/parse", params={"q": "slow query"}).json()
+        time.sleep(1.2)
+        late = client.get("/v1/parse", params={"q": "slow query"}).json()
     assert r["source"] == "fallback" and r["parse"] is None and "search the raw text" in r["error"]
+    assert late["source"] == "cache", "the model's late answer is still written back"
     assert '"slow query"' in log.read_text()
 
 
