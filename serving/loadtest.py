@@ -14,7 +14,6 @@ import asyncio
 import json
 import time
 
-import pandas as pd
 
 
 async def replay(url: str, queries: list[str], concurrency: int, api_key: str | None) -> dict:
