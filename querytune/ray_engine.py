@@ -44,13 +44,19 @@ class RayEngine:
         self.model_dir, self.kind, self.workers, self.batch_size, self.threads = str(Path(model_dir).resolve()), backend, workers, batch_size, threads_per_worker
         self.model_version, self.schema_version = model_version(model_dir), schema.version
         if not ray.is_initialized():
-            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+            import os
+
+            # a local cluster gets logical CPUs for every replica plus one for Ray Data's own tasks (reading, splitting):
+            # with only the machine's cores, the replicas can hold them all and the pipeline waits forever
+            local = None if os.environ.get("RAY_ADDRESS") else max(os.cpu_count() or 1, workers * threads_per_worker + 1)
+            ray.init(num_cpus=local, include_dashboard=False, log_to_driver=False, configure_logging=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
 
     def stream(self, queries: list[str], shard_size: int) -> Iterator[list[dict]]:
         import ray
 
-        ds = ray.data.from_items([{"normalized": q} for q in queries]).repartition(max(1, min(len(queries) // self.batch_size, 4 * self.workers)))
+        blocks = max(1, min(len(queries) // self.batch_size, 4 * self.workers))
+        ds = ray.data.from_items([{"normalized": q} for q in queries], override_num_blocks=blocks)
         out = ds.map_batches(_Replica, fn_constructor_kwargs={"model_dir": self.model_dir, "backend": self.kind, "batch_size": self.batch_size,
                                                               "threads": self.threads},
                              batch_size=self.batch_size, concurrency=self.workers, num_cpus=self.threads, batch_format="numpy")
