@@ -19,7 +19,6 @@ input refuses to mix them (`--restart` starts over).
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -30,9 +29,9 @@ from typing import Any, Callable, Iterator, Protocol
 
 import pandas as pd
 
+from querytune.labeled import FORMATS, csv_records, jsonl_records
 from querytune.schema import normalize_text
 
-FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 MAX_QUERY_CHARS = 256  # longer "queries" are pasted documents, not search-box input
 SHARD_QUERIES = 1024  # distinct queries per shard: the most a kill can cost
 LABEL_COLUMNS = ["query", "normalized", "parse", "valid", "confidence", "error", "model_version", "schema_version"]
@@ -110,39 +109,26 @@ def read_rows(path: str | Path, column: str = "query", where: str | None = None)
                 if keep is None or keep[i - 1]:
                     yield InputRow(source, i, value)
         elif kind == "csv":
-            with file.open(encoding="utf-8-sig", newline="") as f:
-                reader = csv.DictReader(f)
-                if column not in (reader.fieldnames or []):
-                    raise LabelInputError(f"{file}: no column {column!r} in the header ({', '.join(reader.fieldnames or [])}); choose one with --column")
-                if cond and cond[0] not in (reader.fieldnames or []):
-                    raise LabelInputError(f"{file}: no column {cond[0]!r} in the header")
-                line = reader.line_num
-                for rec in reader:
-                    start, line = line + 1, reader.line_num
-                    if cond and str(rec.get(cond[0])) != cond[1]:
-                        continue
-                    if rec.get(None):
-                        yield InputRow(source, start, None), f"{len(rec[None])} cell(s) more than the header has"
-                    else:
-                        yield InputRow(source, start, rec[column])
+            header, records = csv_records(file)
+            for col in [column] + ([cond[0]] if cond else []):
+                if col not in header:
+                    raise LabelInputError(f"{file}: no column {col!r} in the header ({', '.join(header)}); choose one with --column")
+            for line, rec, error in records:
+                if cond and not (isinstance(rec, dict) and str(rec.get(cond[0])) == cond[1]):
+                    continue
+                yield (InputRow(source, line, None), error) if error else InputRow(source, line, rec[column])
         else:
-            with file.open(encoding="utf-8-sig") as f:
-                for n, raw in enumerate(f, 1):
-                    if not raw.strip():
-                        continue
-                    try:
-                        rec = json.loads(raw)
-                    except json.JSONDecodeError as e:
-                        yield InputRow(source, n, raw.rstrip("\r\n")[:200]), f"not valid JSON: {e.msg} at char {e.pos}"
-                        continue
-                    if cond and not (isinstance(rec, dict) and str(rec.get(cond[0])) == cond[1]):
-                        continue
-                    if isinstance(rec, str):
-                        yield InputRow(source, n, rec)
-                    elif not isinstance(rec, dict) or column not in rec:
-                        yield InputRow(source, n, None), f"no field {column!r}"
-                    else:
-                        yield InputRow(source, n, rec[column])
+            for line, rec, error in jsonl_records(file):
+                if error:
+                    yield InputRow(source, line, rec[:200]), error
+                elif cond and not (isinstance(rec, dict) and str(rec.get(cond[0])) == cond[1]):
+                    continue
+                elif isinstance(rec, str):
+                    yield InputRow(source, line, rec)
+                elif not isinstance(rec, dict) or column not in rec:
+                    yield InputRow(source, line, None), f"no field {column!r}"
+                else:
+                    yield InputRow(source, line, rec[column])
 
 
 def check_query(value: Any, max_chars: int = MAX_QUERY_CHARS) -> tuple[str | None, str | None]:

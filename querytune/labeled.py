@@ -53,7 +53,7 @@ class Reject:
         return str(self.line) if self.unit == "line" else f"{self.unit} {self.line}"
 
 
-def _jsonl(path: Path) -> Iterator[tuple[int, Any, str | None]]:
+def jsonl_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     """(line, record or raw text, error) for each non-blank line."""
     with path.open(encoding="utf-8-sig") as f:
         for n, line in enumerate(f, 1):
@@ -65,7 +65,7 @@ def _jsonl(path: Path) -> Iterator[tuple[int, Any, str | None]]:
                 yield n, line.rstrip("\r\n"), f"not valid JSON: {e.msg} at char {e.pos}"
 
 
-def _csv(path: Path) -> tuple[list[str], list[tuple[int, Any, str | None]]]:
+def csv_records(path: Path) -> tuple[list[str], list[tuple[int, Any, str | None]]]:
     """Header and (first physical line, cells by column, error) for each non-blank row."""
     out = []
     with path.open(encoding="utf-8-sig", newline="") as f:
@@ -128,11 +128,11 @@ def load_labeled(path: str | Path, schema: Schema) -> tuple[list[LabeledRow], li
     unit, columns = "line", None
     try:
         if kind == "jsonl":
-            records = list(_jsonl(path))
+            records = list(jsonl_records(path))
             objects = [r for _, r, err in records if err is None and isinstance(r, dict)]
             columns = {k for r in objects for k in r} if objects else None
         elif kind == "csv":
-            header, records = _csv(path)
+            header, records = csv_records(path)
             columns = set(header)
         else:
             header, table = _parquet(path)

@@ -63,7 +63,7 @@ def test_every_row_is_labeled_or_rejected_with_its_line(tmp_path):
     rows, rejects = pd.read_parquet(tmp_path / "out" / "rows.parquet"), [json.loads(x) for x in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
     assert summary["rows"] == n and len(rows) + len(rejects) == n
     got = {(r["source"], r["line"]): r["reason"] for r in rejects}
-    assert got == {("a.csv", 5): "empty query", ("a.csv", 6): "1 cell(s) more than the header has",
+    assert got == {("a.csv", 5): "empty query", ("a.csv", 6): "3 fields, the header has 2",
                    ("b.jsonl", 2): "not valid JSON: Expecting property name enclosed in double quotes at char 1",
                    ("b.jsonl", 3): "no field 'query'", ("b.jsonl", 5): "not text: int",
                    ("b.jsonl", 7): "longer than 256 characters (300)", ("c.parquet", 3): "missing query"}
