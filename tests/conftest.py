@@ -111,3 +111,42 @@ def tiny_model(tiny_base, small_world_master, tmp_path_factory) -> Path:
     train_sft(rows[:32], schema, out, str(tiny_base), {"max_steps": 2, "epochs": 1.0, "batch_size": 4, "lr": 1e-3, "lora_r": 4,
                                                         "lora_alpha": 8, "warmup_steps": 0, "bf16": False}, say=lambda _: None)
     return out
+
+
+def memorise_parses(tiny_base: Path, rows: list[dict], out: Path, steps: int = 150) -> Path:
+    """Train a tiny full-weights Llama (head size 64, which vLLM's CPU attention supports) until it writes the
+    given parses (`rows`: text, intent, slots) for their texts, and save it as a model folder."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from querytune.model import completion_text, prompt_messages, save_model_meta
+    from querytune.schema import load_schema
+
+    schema = load_schema()
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    ids, labels = [], []
+    for r in rows:
+        prompt = tok.apply_chat_template(prompt_messages(schema, r["text"]), add_generation_prompt=True, tokenize=False)
+        p_ids = tok(prompt, add_special_tokens=False).input_ids
+        c_ids = tok(completion_text(r) + tok.eos_token, add_special_tokens=False).input_ids
+        ids.append(p_ids + c_ids)
+        labels.append([-100] * len(p_ids) + c_ids)
+    width = max(map(len, ids))
+    batch = {"input_ids": torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x in ids]),
+             "labels": torch.tensor([x + [-100] * (width - len(x)) for x in labels]),
+             "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])}
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):  # every row in every step: the whole set is one batch
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    save_model_meta(out, schema, {"base": str(out), "adapter": False, "stage": "test", "max_new_tokens": 64})
+    return out

@@ -17,39 +17,13 @@ QUERIES = 12
 
 @pytest.fixture(scope="module")
 def memorised_model(tiny_base, small_world_master, tmp_path_factory) -> tuple[Path, list[str]]:
-    """A tiny full-weights Llama (head size 64, which vLLM's CPU attention supports) trained until it writes the
-    parses of a dozen seed queries: a model with confident greedy outputs, so both backends must agree exactly."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """A tiny full-weights Llama that writes the parses of a dozen seed queries (see `memorise_parses`): a model with
+    confident greedy outputs, so both backends must agree exactly."""
+    from conftest import memorise_parses
 
-    from querytune.model import completion_text, prompt_messages, save_model_meta
-    from querytune.schema import load_schema
-
-    schema = load_schema()
     rows = [json.loads(line) for line in (small_world_master / "seed.jsonl").read_text().splitlines()][:QUERIES]
-    tok = AutoTokenizer.from_pretrained(tiny_base)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
-    model = LlamaForCausalLM(config)
-    examples = []
-    for r in rows:
-        prompt = tok.apply_chat_template(prompt_messages(schema, r["text"]), add_generation_prompt=True, tokenize=False)
-        p_ids = tok(prompt, add_special_tokens=False).input_ids
-        c_ids = tok(completion_text(r) + tok.eos_token, add_special_tokens=False).input_ids
-        examples.append((torch.tensor([p_ids + c_ids]), torch.tensor([[-100] * len(p_ids) + c_ids])))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(400):
-        ids, labels = examples[step % len(examples)]
-        loss = model(input_ids=ids, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
     out = tmp_path_factory.mktemp("vllm-model")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    save_model_meta(out, schema, {"base": str(out), "adapter": False, "stage": "test", "max_new_tokens": 64})
+    memorise_parses(tiny_base, rows, out)
     return out, [r["text"] for r in rows]
 
 

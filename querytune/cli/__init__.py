@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 from querytune.cli import cache, data, eval, index, label, predict, schema, serve, train, world
@@ -22,3 +24,25 @@ app.add_typer(cache.app, name="cache")
 app.command(name="predict")(predict.predict)
 app.command(name="label")(label.label)
 app.command(name="serve")(serve.serve)
+
+
+@app.command(name="demo")
+def demo(
+    workspace: Path = typer.Option(Path("workspace"), "--workspace", help="Where every output goes: world/, index/, models/<stage>/, labels/, eval/, report/."),
+    port: int = typer.Option(8765, "--port", help="Loopback port of the short serving check."),
+    replay: int = typer.Option(300, "--replay", min=1, help="Later log requests replayed against the server in the serving check."),
+) -> None:
+    """Run the whole loop on the embedded default data: world, index, SFT -> DPO -> GRPO (quick presets), test
+    predictions, labeling the log's head into the cache, a short serving check, the report; then print the table.
+
+    Steps whose outputs exist for the same inputs and code are skipped, so a second run is quick.
+    """
+    import json
+
+    from querytune.demo import run_demo
+
+    seconds = run_demo(workspace, serve_port=port, replay=replay, say=lambda m: typer.secho(m, bold=True))
+    summary = (workspace / "report" / "summary.md").read_text().split("\n## ")[0]
+    typer.echo("\n" + summary)
+    typer.echo(json.dumps({"seconds": seconds}))
+    typer.secho(f"report: {(workspace / 'report' / 'index.html').resolve()}", bold=True)

@@ -211,6 +211,7 @@ def grpo(
     lr: float = typer.Option(None, "--lr", help="Learning rate of the new LoRA."),
     beta: float = typer.Option(None, "--beta", help="KL coefficient towards the init model (0: no reference model)."),
     use_vllm: bool = typer.Option(None, "--use-vllm/--no-vllm", help="Generate through vLLM (GPU machines with vllm installed; not on CPU)."),
+    max_minutes: float = typer.Option(None, "--max-minutes", help="Stop training after this many minutes of optimizer steps (0: no limit; the quick preset has a budget)."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
 ) -> None:
     """GRPO with the retrieval reward online: groups of sampled parses per logged query, advantages within each group."""
@@ -220,7 +221,7 @@ def grpo(
         resolved = _preset(GRPO_PRESETS, preset, config, {"queries": queries, "pick": pick, "screen_k": screen_k, "max_steps": max_steps, "num_generations": num_generations,
                                                            "lr": lr, "beta": beta, "use_vllm": use_vllm, "explore_below": explore_below,
                                                            "temperature": temperature, "explore_confidence": explore_confidence,
-                                                           "explore_with": explore_with, "anchors": anchors})
+                                                           "explore_with": explore_with, "anchors": anchors, "max_minutes": max_minutes})
         if anchors and not resolved.get("screen_k"):  # the preset's anchors apply only where it screens
             raise UserError("--anchors: anchor queries are picked while screening; set --screen-k above 0 (or --anchors 0)")
         if resolved["batch_size"] % resolved["num_generations"]:

@@ -152,7 +152,7 @@ def make_world(out: str | Path, seed: int = 0, rows: int = 120_000, per_city: in
                     "shown": [str(ids[b]) for b in shown], "clicked": [str(ids[b]) for b in clicked],
                     "period": "early" if ts < START + timedelta(days=EARLY_DAYS) else "late"})
         needs_audit.append({"query_id": qid, "intent": need["intent"], "slots": json.dumps(need["slots"], sort_keys=True),
-                            "phrasing": r.family, "phrasing_in_seed": r.covered,
+                            "phrasing": r.family, "phrasing_in_seed": r.covered, "effects": ",".join(r.effects),
                             "satisfying_clicks": sum(rel.get(int(b), 0) == 2 for b in clicked)})
         rels.append(rel)
     log_df = pd.DataFrame(log).sort_values(["timestamp", "query_id"], kind="stable").reset_index(drop=True)
@@ -195,7 +195,8 @@ def make_world(out: str | Path, seed: int = 0, rows: int = 120_000, per_city: in
         row = labeled_row(j)
         row |= {"relevance": {str(ids[b]): g for b, g in sorted(rels[j].items())},
                 "seen_in_early_log": norm.iat[j] in early_texts, "traffic": bucket[norm.iat[j]],
-                "phrasing": audit_df.at[j, "phrasing"], "phrasing_in_seed": bool(audit_df.at[j, "phrasing_in_seed"])}
+                "phrasing": audit_df.at[j, "phrasing"], "phrasing_in_seed": bool(audit_df.at[j, "phrasing_in_seed"]),
+                "effects": [e for e in audit_df.at[j, "effects"].split(",") if e]}
         eval_sets[name].append(row)
 
     say("writing")
@@ -259,7 +260,8 @@ def world_stats(catalog, log_df, audit_df, rels, seed_rows, errors, eval_sets, f
         "seed": {"rows": len(seed_rows), "label_errors": len(errors), "label_error_rate": round(len(errors) / max(1, len(seed_rows)), 4)},
         **{name: {"rows": len(rows), "share_seen_in_early_log": stat(rows, "seen_in_early_log"),
                   "share_phrasing_in_seed": stat(rows, "phrasing_in_seed"),
-                  "traffic": dict(sorted(Counter(r["traffic"] for r in rows).items()))} for name, rows in eval_sets.items()},
+                  "traffic": dict(sorted(Counter(r["traffic"] for r in rows).items())),
+                  "effects": dict(sorted(Counter(e for r in rows for e in r["effects"]).items()))} for name, rows in eval_sets.items()},
     }
 
 

@@ -39,6 +39,7 @@ class Rendered:
     text: str
     family: str
     covered: bool  # inside the seed annotators' phrasings
+    effects: tuple[str, ...] = ()  # of PHRASING_EFFECTS, for the report's slices
 
 
 class Surface:
@@ -131,6 +132,21 @@ def _article(phrase: str) -> str:
     return "an " if first[:1] in "aeio" else "a "
 
 
+# What the report slices by. typo: one letter dropped, swapped, doubled or changed; abbreviation: a short form
+# ("tmrw", "appt", "nyc", "sat"); slang: a slang surface or the slang framing; near_me: "near me" and its kin;
+# dropped_words: the telegraphic framing (connectors and "open" dropped, words shuffled).
+PHRASING_EFFECTS = ("typo", "abbreviation", "slang", "near_me", "dropped_words")
+ABBREVIATIONS = frozenset(["rn", "tmrw", "ppl", "appt", "24h", "24/7", "4+", "til", "thats", "wheres"]
+                          + [d[:3] for d in DAYS] + [s for c in CITIES.values() for s in c[2] if len(s) <= 4 and " " not in s])
+
+
+def _effects(text: str, family: str, slang: bool, near_me: bool, typo: bool) -> tuple[str, ...]:
+    words = set(text.lower().replace("?", "").split())
+    found = {"typo": typo, "abbreviation": bool(words & ABBREVIATIONS), "slang": slang or family == "slang",
+             "near_me": near_me, "dropped_words": family == "telegraphic"}
+    return tuple(e for e in PHRASING_EFFECTS if found[e])
+
+
 def _typo(rng: random.Random, word: str) -> str:
     i = rng.randrange(1, len(word) - 1)
     op = rng.randrange(4)
@@ -156,7 +172,8 @@ def render(rng: random.Random, need: dict, seed_style: bool = False, noise: floa
             cat_word=rng.choice(sum((CATEGORIES[c][4][:1] for c in _CATS), [])), song=rng.choice(SONGS),
             person=rng.choice(PEOPLE), n=rng.choice([3, 5, 10, 26, 100]),
         )
-        return Rendered(_noise(rng, text, noise), "oos", True)
+        text, typo = _noise(rng, text, noise)
+        return Rendered(text, "oos", True, _effects(text, "oos", False, False, typo))
     if intent == "find_named_business":
         fam = "named_plain" if rng.random() < 0.6 else "named_info"
         parts = [s["business_name"]]
@@ -167,7 +184,8 @@ def render(rng: random.Random, need: dict, seed_style: bool = False, noise: floa
         if fam == "named_info":
             extra = rng.choice(["hours", "phone number", "menu", "reviews", "address", "directions to", "is open"])
             parts = [extra] + parts if extra.startswith(("directions", "is")) else parts + [extra]
-        return Rendered(_noise(rng, " ".join(parts), noise), fam, sf.covered)
+        text, typo = _noise(rng, " ".join(parts), noise)
+        return Rendered(text, fam, sf.covered, _effects(text, fam, False, False, typo))
 
     # what
     slang = False
@@ -215,7 +233,8 @@ def render(rng: random.Random, need: dict, seed_style: bool = False, noise: floa
             if "{n}" in head and not n:
                 head = "{what} reservation"
             text = " ".join([head.format(n=n, what=what, a=_article(what))] + when + loc)
-        return Rendered(_noise(rng, text, noise), fam, sf.covered and not slang)
+        text, typo = _noise(rng, text, noise)
+        return Rendered(text, fam, sf.covered and not slang, _effects(text, fam, slang, bool(s.get("near_me")), typo))
 
     if seed_style:
         fam = rng.choices(["keyword", "need_statement", "reversed", "question"], [0.4, 0.2, 0.2, 0.2])[0]
@@ -240,20 +259,23 @@ def render(rng: random.Random, need: dict, seed_style: bool = False, noise: floa
         words = [w.removeprefix("in ").removeprefix("that ").replace("open ", "") for w in pre + [what] + post + loc + when]
         rng.shuffle(words)
     text = " ".join(w for w in words if w)
-    return Rendered(_noise(rng, text, noise), fam, fam in SEED_FAMILIES and sf.covered and not slang)
+    text, typo = _noise(rng, text, noise)
+    return Rendered(text, fam, fam in SEED_FAMILIES and sf.covered and not slang, _effects(text, fam, slang, bool(s.get("near_me")), typo))
 
 
-def _noise(rng: random.Random, text: str, noise: float) -> str:
+def _noise(rng: random.Random, text: str, noise: float) -> tuple[str, bool]:
+    """The text with, at rate `noise`, a typo in one long word, and sometimes title or sentence casing; whether a typo went in."""
+    typo = False
     if noise and rng.random() < noise:
         words = text.split()
         long = [i for i, w in enumerate(words) if len(w) >= 4 and w.isalpha()]
         if long:
             i = rng.choice(long)
             words[i] = _typo(rng, words[i])
-            text = " ".join(words)
+            text, typo = " ".join(words), True
     if rng.random() < 0.06:
         text = text.title() if rng.random() < 0.5 else text.capitalize()
-    return text
+    return text, typo
 
 
 def resolve_weekday(day: str, ts_weekday: int) -> list[int]:

@@ -1,0 +1,156 @@
+"""The whole loop on the embedded default data, in one workspace: `querytune demo` (what `make demo` runs).
+
+    world -> index -> SFT -> DPO -> GRPO -> test predictions -> label the log's head into the cache -> serve and
+    replay later traffic -> report
+
+Each step is a `querytune` command run as its own process (its own progress bars). A step whose outputs exist and
+whose stamp (`WORKSPACE/.stamps/<step>.json`) holds the same key is skipped; the key hashes the step's command, the
+keys of the steps it reads from, and the code (every file of the `querytune` package and the default schema), so
+a second run with nothing changed only prints the table again, and a code change redoes what depends on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+PACKAGE = Path(__file__).resolve().parent
+STAGES = ("sft", "dpo", "grpo")
+# The quick presets, trimmed so the whole demo stays under 75 minutes on 2 CPU cores (SFT keeps its preset: 13 minutes
+# of training): DPO explores the 1,200 most typed texts (preset: 2,000), GRPO screens 1,000 random texts and trains for
+# 6 minutes (preset: 1,500 and 11). Measured stage times: README, "Results of a demo run".
+DEMO_SIZES = {"dpo": ["--queries", "1200"], "grpo": ["--queries", "1000", "--max-minutes", "6"]}
+
+
+def code_key() -> str:
+    """A hash of the package's code and the default schema: what a step's output also depends on."""
+    h = hashlib.sha256()
+    for path in sorted(PACKAGE.rglob("*.py")) + [PACKAGE.parent / "data" / "schema.yaml"]:
+        if path.is_file():
+            h.update(str(path.relative_to(PACKAGE.parent)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Step:
+    name: str
+    commands: list[list[str]]
+    outputs: list[str]  # relative to the workspace: all must exist for the step to count as done
+    after: list[str] = field(default_factory=list)
+    capture: str | None = None  # write the last stdout line (a JSON summary) of the first command here
+    run: Callable[[Path], None] | None = None  # a Python body instead of commands (the serving check)
+    clean: list[str] = field(default_factory=list)  # removed before the step runs again (stale or partial outputs)
+    key_extra: str = ""  # what else the output depends on (a `run` body's settings)
+
+
+def steps(ws: Path, cli: str, py: str, serve_port: int, replay: int) -> list[Step]:
+    w = str(ws)
+    out = [
+        Step("world", [[cli, "world", "make", "--out", f"{w}/world"]], ["world/test.jsonl", "world/log.parquet"], clean=["world"]),
+        Step("index", [[cli, "index", "build", "--world", f"{w}/world", "--out", f"{w}/index"]], ["index/index.faiss"], ["world"], clean=["index"]),
+        Step("sft", [[cli, "train", "sft", "--data", f"{w}/world/seed.jsonl", "--out", f"{w}/models/sft", "--preset", "quick"]],
+             ["models/sft/summary.json"], ["world"], clean=["models/sft"]),
+    ]
+    for stage, sizes in DEMO_SIZES.items():
+        out.append(Step(stage, [[cli, "train", stage, "--init", f"{w}/models/sft", "--world", f"{w}/world", "--index", f"{w}/index",
+                                 "--out", f"{w}/models/{stage}", "--preset", "quick", *sizes]], [f"models/{stage}/summary.json"], ["sft", "index"],
+                        clean=[f"models/{stage}"]))
+    for stage in STAGES:
+        out.append(Step(f"predict_{stage}", [[cli, "eval", "parse", "--model", f"{w}/models/{stage}", "--data", f"{w}/world/test.jsonl",
+                                              "--out", f"{w}/models/{stage}/parse_test.json", "--predictions",
+                                              f"{w}/models/{stage}/predictions_test.jsonl", "--batch-size", "48"]],
+                        [f"models/{stage}/predictions_test.jsonl"], [stage],
+                        clean=[f"models/{stage}/predictions_test.jsonl", f"models/{stage}/parse_test.json"]))
+    # the served model labels the head of the early log into the cache, then is promoted
+    out.append(Step("labels", [[cli, "cache", "warm", f"{w}/world/log.parquet", "--where", "period=early", "--top", "1000",
+                                "--model", f"{w}/models/sft", "--cache", f"sqlite:///{w}/cache.db", "--work", f"{w}/labels/head"],
+                               [cli, "cache", "promote", "--model", f"{w}/models/sft", "--cache", f"sqlite:///{w}/cache.db"]],
+                    ["labels/head/labels/summary.json", "eval/warm.json", "cache.db"], ["sft"], capture="eval/warm.json",
+                    clean=["labels/head", "cache.db", "cache.db-wal", "cache.db-shm", "eval/warm.json"]))
+    out.append(Step("serving", [], ["eval/serving.json"], ["labels"],
+                    run=lambda ws_: serving_check(ws_, cli, py, serve_port, replay), key_extra=f"replay {replay}", clean=["eval/serving.json", "eval/fallback.jsonl"]))
+    out.append(Step("report", [[cli, "eval", "report", "--workspace", w]], ["report/index.html", "report/metrics.json"],
+                    ["index", *(f"predict_{s}" for s in STAGES), "serving"], clean=["report"]))
+    return out
+
+
+def serving_check(ws: Path, cli: str, py: str, port: int, replay: int) -> None:
+    """Serve the promoted model over the warmed cache and replay later log traffic; the load test's JSON -> eval/serving.json."""
+    server = subprocess.Popen([cli, "serve", "--model", "active", "--cache", f"sqlite:///{ws}/cache.db", "--port", str(port),
+                               "--deadline", "60", "--fallback-log", str(ws / "eval" / "fallback.jsonl")], start_new_session=True)
+    try:
+        load = subprocess.run([py, str(PACKAGE.parent / "serving" / "loadtest.py"), "--url", f"http://127.0.0.1:{port}", "--wait", "300",
+                               "--log", str(ws / "world" / "log.parquet"), "--where", "period=late", "--requests", str(replay),
+                               "--concurrency", "16"], stdout=subprocess.PIPE, text=True, check=True)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+    lines = load.stdout.strip().splitlines()
+    print("\n".join(lines[:-1]))
+    (ws / "eval" / "serving.json").write_text(lines[-1] + "\n")
+
+
+def run_demo(ws: Path, serve_port: int = 8765, replay: int = 300, say=print) -> dict[str, float]:
+    """Run every step of the demo not already done for the same inputs and code; returns each step's seconds."""
+    ws = ws.resolve()
+    bindir = Path(sys.executable).parent
+    return run_steps(ws, steps(ws, str(bindir / "querytune"), sys.executable, serve_port, replay), code_key(), say)
+
+
+def run_steps(ws: Path, plan: list[Step], code: str, say=print) -> dict[str, float]:
+    """Run the steps in order, skipping each whose stamp key and outputs are in place; returns each step's seconds
+    (0: skipped) and writes them to eval/demo_times.json."""
+    (ws / ".stamps").mkdir(parents=True, exist_ok=True)
+    (ws / "eval").mkdir(parents=True, exist_ok=True)
+    keys: dict[str, str] = {}
+    seconds: dict[str, float] = {}
+    t_all = time.perf_counter()
+    for i, step in enumerate(plan, 1):
+        spec = json.dumps([step.name, [c[1:] for c in step.commands], [keys[a] for a in step.after], code, step.key_extra])
+        keys[step.name] = key = hashlib.sha256(spec.encode()).hexdigest()[:16]
+        stamp = ws / ".stamps" / f"{step.name}.json"
+        done = stamp.is_file() and json.loads(stamp.read_text()).get("key") == key and all((ws / o).exists() for o in step.outputs)
+        if done:
+            say(f"[{i}/{len(plan)}] {step.name}: up to date (same inputs and code), skipped")
+            seconds[step.name] = 0.0
+            continue
+        say(f"[{i}/{len(plan)}] {step.name} ({_clock(time.perf_counter() - t_all)} elapsed)")
+        t0 = time.perf_counter()
+        stamp.unlink(missing_ok=True)
+        for rel in step.clean:
+            path = ws / rel
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        if step.run:
+            step.run(ws)
+        for n, command in enumerate(step.commands):
+            if step.capture and n == 0:
+                result = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+                print(result.stdout, end="")
+                if result.returncode == 0:
+                    (ws / step.capture).write_text(result.stdout.strip().splitlines()[-1] + "\n")
+            else:
+                result = subprocess.run(command)
+            if result.returncode != 0:
+                raise SystemExit(f"step {step.name} failed (exit {result.returncode}): {' '.join(command)}")
+        missing = [o for o in step.outputs if not (ws / o).exists()]
+        if missing:
+            raise SystemExit(f"step {step.name} finished without writing {', '.join(missing)}")
+        seconds[step.name] = round(time.perf_counter() - t0, 1)
+        stamp.write_text(json.dumps({"key": key, "seconds": seconds[step.name], "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+        say(f"    {step.name} took {_clock(seconds[step.name])}")
+    (ws / "eval" / "demo_times.json").write_text(json.dumps({"seconds": seconds, "total": round(time.perf_counter() - t_all, 1)}, indent=2) + "\n")
+    return seconds
+
+
+def _clock(s: float) -> str:
+    return f"{int(s // 60)} min {int(s % 60):02d} s"

@@ -1,0 +1,137 @@
+"""The relevance report: its bootstrap, its slices, and the page itself (numbers = metrics.json, rendered in
+headless Chromium, plots visible)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from querytune.parse_eval import parse_metrics
+from querytune.report import MIN_SLICE, Workspace, bootstrap, build_report, metric_interval, parse_scores, slice_table, summary_markdown
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bootstrap_interval_has_the_width_of_the_binomial_standard_error():
+    ok = np.array([1.0] * 300 + [0.0] * 700)
+    acc = lambda c: c["ok"].mean(axis=-1)  # noqa: E731
+    value, low, high = bootstrap(acc, {"ok": ok}, n=2000)
+    se = (0.3 * 0.7 / len(ok)) ** 0.5
+    assert value == pytest.approx(0.3) and low < 0.3 < high
+    assert high - low == pytest.approx(2 * 1.96 * se, rel=0.15)
+    assert bootstrap(acc, {"ok": ok}, n=2000) == (value, low, high)  # seeded: the same interval every run
+    assert bootstrap(acc, {"ok": np.ones(50)})[1:] == (1.0, 1.0)  # no spread, no width
+    wide = bootstrap(acc, {"ok": ok[::10]}, n=2000)  # 10x fewer queries: ~3.2x wider
+    assert (wide[2] - wide[1]) / (high - low) == pytest.approx(10 ** 0.5, rel=0.25)
+
+
+def test_bootstrapped_slot_f1_is_parse_metrics_micro_f1():
+    golds = [{"intent": "a", "slots": {"x": "1", "y": "2"}}, {"intent": "b", "slots": {"x": "3"}}, {"intent": "a", "slots": {}}]
+    preds = [{"intent": "a", "slots": {"x": "1"}}, None, {"intent": "a", "slots": {"z": "9"}}]
+    scores = pd.DataFrame([parse_scores(g, p) for g, p in zip(golds, preds)])
+    want = parse_metrics(golds, preds)
+    for metric in ("slot_f1", "intent_accuracy", "frame_exact_match", "validity"):
+        assert metric_interval(scores, metric)["value"] == pytest.approx(want[metric], abs=1e-4)
+
+
+def test_a_slice_with_too_few_queries_says_so_instead_of_a_number():
+    rows = [{"id": f"q{i}", "intent": "find_business", "user_city": "austin" if i < MIN_SLICE else "boston", "traffic": "head",
+             "effects": ["typo"] if i % 2 else [], "phrasing_in_seed": True} for i in range(MIN_SLICE + 5)]
+    rng = np.random.default_rng(0)
+    scores = pd.DataFrame([{"system": "raw", "id": r["id"], "ndcg@10": rng.random()} for r in rows])
+    slices = slice_table(scores, rows, ["raw"])
+    assert slices["user_city"]["boston"] == {"n": 5, "too_few": True}
+    assert slices["user_city"]["austin"]["n"] == MIN_SLICE and "ndcg@10" in slices["user_city"]["austin"]["systems"]["raw"]
+    assert slices["effects"]["typo"]["n"] == (MIN_SLICE + 5) // 2 and slices["effects"]["none"]["n"] == (MIN_SLICE + 6) // 2
+    metrics = {"meta": {"test_rows": len(rows), "graded_rows": len(rows)}, "intervals": {"raw": {}}, "slices": slices}
+    assert "| boston | 5 | too few queries (n=5) |" in summary_markdown(metrics)
+
+
+@pytest.mark.slow
+def test_report_page_numbers_match_metrics_json_and_chromium_shows_the_plots(small_world, real_index, tmp_path):
+    rows = [json.loads(line) for line in (small_world / "test.jsonl").read_text().splitlines()]
+    ws = Workspace.at(tmp_path / "ws", world=small_world, index=real_index)
+    for stage, spoil in (("sft", lambda i, g: {"intent": g["intent"], "slots": {}} if i % 4 == 0 else g),
+                         ("dpo", lambda i, g: None if i % 7 == 0 else g)):
+        folder = ws.models / stage
+        folder.mkdir(parents=True)
+        shutil.copy(ROOT / "data" / "schema.yaml", folder / "schema.yaml")
+        with open(folder / "predictions_test.jsonl", "w") as f:
+            for i, r in enumerate(rows):
+                pred = spoil(i, {"intent": r["intent"], "slots": r["slots"]})
+                f.write(json.dumps({"id": r["id"], "text": r["text"], "pred": pred, "valid": pred is not None}) + "\n")
+        (folder / "steps.jsonl").write_text("".join(json.dumps({"step": s, "loss": 2.0 / s, "reward": 0.1 * s, "seconds": 1.0}) + "\n" for s in range(1, 20)))
+    metrics = build_report(ws, say=lambda _: None)
+    assert list(metrics["stages"]) == ["raw", "bm25", "peer", "sft", "dpo", "oracle"]
+    assert metrics["stages"]["oracle"]["slot_f1"] == 1.0 and metrics["stages"]["sft"]["slot_f1"] < 1.0
+    assert metrics["stages"]["dpo"]["validity"] == pytest.approx(1 - len(range(0, len(rows), 7)) / len(rows), abs=1e-4)
+    assert metrics["stages"]["sft"]["ndcg@10"] <= metrics["stages"]["oracle"]["ndcg@10"]
+    on_disk = json.loads((ws.report / "metrics.json").read_text())
+    assert on_disk["stages"] == metrics["stages"] and (ws.report / "summary.md").is_file()
+
+    page = (ws.report / "index.html").read_text()
+    first_table = page.split("<table>")[1].split("</table>")[0]
+    for tr in re.findall(r"<tr>(.*?)</tr>", first_table)[1:]:
+        cells = re.findall(r"<td>(.*?)</td>", tr)
+        name, shown = cells[0], cells[1:]
+        for metric, cell in zip(("ndcg@10", "recall@10", "mrr", "intent_accuracy", "slot_f1", "frame_exact_match", "validity"), shown):
+            want = on_disk["intervals"][name].get(metric)
+            assert (cell == "") if want is None else cell.startswith(f"{want['value']:.3f}<br>"), (name, metric, cell)
+    assert page.count("data:image/png;base64,") >= 4 and "http" not in page.replace("http://", "").split("<body>")[0]
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "headless Chromium is needed for this test (Debian: apt-get install chromium; .ci/run installs it)"
+    shot = tmp_path / "shot.png"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1280,2400",
+                    f"--screenshot={shot}", (ws.report / "index.html").as_uri()], check=True, capture_output=True, timeout=120)
+    from PIL import Image
+
+    img = np.asarray(Image.open(shot).convert("RGB"))
+    assert img.shape[:2] == (2400, 1280)
+    not_white = (img < 235).any(axis=2).mean()
+    colours = len(np.unique(img.reshape(-1, 3)[::7], axis=0))
+    assert not_white > 0.08, f"the page looks blank ({not_white:.1%} of pixels drawn)"
+    assert colours > 200, f"only {colours} colours: the plots did not render"
+
+
+def test_demo_steps_skip_work_done_for_the_same_inputs_and_code(tmp_path):
+    import sys
+
+    from querytune.demo import Step, run_steps
+
+    ws = tmp_path / "ws"
+    count = "import pathlib, sys; p = pathlib.Path(sys.argv[1]); p.write_text(str(int(p.read_text() or 0) + 1) if p.exists() else '1')"
+
+    def plan(arg: str = "x") -> list[Step]:
+        return [Step("a", [[sys.executable, "-c", count, str(ws / "a.txt"), arg]], ["a.txt"]),
+                Step("b", [[sys.executable, "-c", count, str(ws / "b.txt")]], ["b.txt"], after=["a"])]
+
+    runs = lambda: (int((ws / "a.txt").read_text()), int((ws / "b.txt").read_text()))  # noqa: E731
+    run_steps(ws, plan(), "code1", say=lambda _: None)
+    assert runs() == (1, 1)
+    assert run_steps(ws, plan(), "code1", say=lambda _: None) == {"a": 0.0, "b": 0.0} and runs() == (1, 1)  # nothing to do
+    run_steps(ws, plan("y"), "code1", say=lambda _: None)  # a's command changed: a and what reads it run again
+    assert runs() == (2, 2)
+    run_steps(ws, plan("y"), "code2", say=lambda _: None)  # the code changed: everything runs again
+    assert runs() == (3, 3)
+    (ws / "b.txt").unlink()  # an output went missing: that step runs again
+    run_steps(ws, plan("y"), "code2", say=lambda _: None)
+    assert runs() == (3, 1)
+    with pytest.raises(SystemExit, match="step bad failed"):
+        run_steps(ws, [Step("bad", [[sys.executable, "-c", "raise SystemExit(3)"]], ["never"])], "code2", say=lambda _: None)
+
+
+def test_readme_cli_reference_is_generated_from_the_current_help():
+    from querytune.cli.reference import README, readme_with_reference
+
+    text = README.read_text()
+    assert readme_with_reference(text) == text, "README.md's CLI reference is stale: run `make readme`"
+    for command in ("querytune eval report", "querytune eval diff", "querytune demo", "querytune label INPUT", "querytune serve"):
+        assert f"#### `{command}" in text
