@@ -117,6 +117,8 @@ def test_demo_steps_skip_work_done_for_the_same_inputs_and_code(tmp_path):
     run_steps(ws, plan(), "code1", say=lambda _: None)
     assert runs() == (1, 1)
     assert run_steps(ws, plan(), "code1", say=lambda _: None) == {"a": 0.0, "b": 0.0} and runs() == (1, 1)  # nothing to do
+    times = json.loads((ws / "eval" / "demo_times.json").read_text())
+    assert times["this_run"] == {"a": 0.0, "b": 0.0} and set(times["step_seconds"]) == {"a", "b"} and None not in times["step_seconds"].values()  # first run's times kept
     run_steps(ws, plan("y"), "code1", say=lambda _: None)  # a's command changed: a and what reads it run again
     assert runs() == (2, 2)
     run_steps(ws, plan("y"), "code2", say=lambda _: None)  # the code changed: everything runs again
