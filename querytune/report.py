@@ -215,7 +215,6 @@ def slice_table(scores: pd.DataFrame, rows: list[dict], systems: list[str], metr
                 min_n: int = MIN_SLICE) -> dict[str, dict[str, Any]]:
     """Per slice key and value: n and each system's metrics, or `too_few` where n < min_n."""
     frame = pd.DataFrame({"id": [r["id"] for r in rows], **{k: [r.get(k) for r in rows] for k in SLICES}})
-    frame["effects"] = [r.get("effects") if r.get("effects") is not None else None for r in rows]
     out: dict[str, dict[str, Any]] = {}
     for key in SLICES:
         if frame[key].isna().all():
