@@ -5,7 +5,7 @@ the change does to retrieval.
 
 A and B are model folders (the `--top` most typed distinct queries of the log are parsed by each) or labeling
 folders of `querytune label` (their labels are compared as they are, on the queries both hold). Queries are
-compared after the labeler's normalisation, so "Thai  food" and "thai food" are one query with their traffic
+compared after the labeler's normalisation (`label.check_query`, the cache's key), so "Thai  food" and "thai food" are one query with their traffic
 summed. With `--index` and a log that has clicks (`clicked`, a list of business ids), each changed query's
 retrieval effect is the retrieval-success reward of each parse: NDCG@10 of its structured search against the
 businesses users clicked, over the query's logged contexts (`reward.score_in_contexts`).
@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from querytune.schema import normalize_text
+from querytune.label import check_query
 
 MAX_CONTEXTS = 8  # logged contexts (user city, time, clicks) a changed query's retrieval effect is averaged over
 
@@ -33,7 +33,7 @@ def read_log(path: str | Path, column: str = "query") -> pd.DataFrame:
     log = readers[path.suffix](path)
     if column not in log:
         raise ValueError(f"{path}: no column {column!r} (columns: {', '.join(map(str, log.columns))})")
-    log["normalized"] = log[column].astype(str).map(normalize_text)
+    log["normalized"] = log[column].map(lambda v: check_query(v)[0] or "")  # the labeler's and the cache's key
     return log[log["normalized"] != ""]
 
 

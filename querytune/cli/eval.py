@@ -232,7 +232,7 @@ def report(
     queries where stages disagree most; labeling, serving and real-data figures when the workspace holds them.
     Models are not run again: each stage's saved test predictions are scored.
     """
-    from querytune.report import Workspace, build_report
+    from querytune.report import Workspace, build_report, fmt
 
     ws = Workspace.at(workspace, world=world, index=index, models=models, report=out)
     with user_errors():
@@ -247,7 +247,7 @@ def report(
     for c in cols:
         table.add_column(c, justify="right")
     for name, entry in metrics["intervals"].items():
-        table.add_row(name, *(f"{iv['value']:.3f} [{iv['low']:.3f}, {iv['high']:.3f}]" if (iv := entry.get(c)) else "" for c in cols))
+        table.add_row(name, *(fmt(entry.get(c)) for c in cols))
     out_console.print(table)
     out_console.print(f"wrote {ws.report / 'index.html'}, metrics.json, summary.md")
 
