@@ -40,7 +40,9 @@ STAGE_ORDER = ("sft", "dpo", "grpo")
 RETRIEVAL = ("ndcg@10", "recall@10", "mrr")
 PARSE = ("intent_accuracy", "slot_f1", "frame_exact_match", "validity")
 SLICES = {"intent": "intent", "traffic": "head / torso / tail of the log", "user_city": "city",
-          "effects": "phrasing effect", "phrasing_in_seed": "phrasing seen in the seed"}
+          "effects": "phrasing effect", "phrasing_in_seed": "phrasing seen in the seed",
+          "mechanisms": "world mechanism (where the guideline and the need part)"}
+LIST_SLICES = ("effects", "mechanisms")  # a row may carry several values, or none
 
 
 @dataclass(frozen=True)
@@ -219,9 +221,9 @@ def slice_table(scores: pd.DataFrame, rows: list[dict], systems: list[str], metr
     for key in SLICES:
         if frame[key].isna().all():
             continue
-        if key == "effects":
-            groups = {e: {r["id"] for r in rows if e in (r.get("effects") or [])} for e in sorted({e for r in rows for e in r.get("effects") or []})}
-            groups["none"] = {r["id"] for r in rows if not r.get("effects")}
+        if key in LIST_SLICES:
+            groups = {e: {r["id"] for r in rows if e in (r.get(key) or [])} for e in sorted({e for r in rows for e in r.get(key) or []})}
+            groups["none"] = {r["id"] for r in rows if not r.get(key)}
         else:
             groups = {str(v): set(frame.loc[frame[key] == v, "id"]) for v in sorted(frame[key].dropna().unique(), key=str)}
         out[key] = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from enum import Enum
 from pathlib import Path
 
 import typer
@@ -11,6 +12,12 @@ from rich.console import Console
 from rich.table import Table
 
 from querytune.cli.common import user_errors
+
+class Profile(str, Enum):
+    v2 = "v2"
+    stationary = "stationary"
+    v1 = "v1"
+
 
 app = typer.Typer(help="Make and inspect the simulated local-service world (the embedded default data).", no_args_is_help=True)
 out_console = Console()
@@ -37,12 +44,18 @@ def make(
     seed: int = typer.Option(0, "--seed", help="Random seed: the same seed always gives byte-identical files."),
     rows: int = typer.Option(120_000, "--rows", min=1000, help="Query-log rows to simulate."),
     per_city: int = typer.Option(280, "--per-city", min=60, help="Businesses in an average city (big cities get more)."),
+    profile: Profile = typer.Option(Profile.v2, "--profile", help="v2: the log knows what the annotation guideline does not "
+                                    "(taxonomy, drift, generic-word names, filter wording; README 'The world'); stationary: the v2 "
+                                    "market with guideline = need and no drift (the control world); v1: the earlier world, byte for byte."),
 ) -> None:
     """Make the world: catalog.parquet, log.parquet, seed/dev/test.jsonl, stats.json, audit/."""
     from querytune.world.make import make_world
 
     with user_errors(), out_console.status("making the world") as status:
-        stats = make_world(out, seed=seed, rows=rows, per_city=per_city, progress=lambda phase: status.update(f"making the world: {phase}"))
+        if out.is_dir() and any(out.iterdir()) and not (out / "stats.json").is_file():
+            raise FileExistsError(f"{out}: not empty and not a world folder; give an empty or new folder")
+        stats = make_world(out, seed=seed, rows=rows, per_city=per_city, profile=profile.value,
+                           progress=lambda phase: status.update(f"making the world: {phase}"))
     table = Table(title=f"world {out} (seed {seed})")
     for col in ("figure", "value", "required", "ok"):
         table.add_column(col)
@@ -53,6 +66,19 @@ def make(
     for key in ("dev.share_seen_in_early_log", "dev.share_phrasing_in_seed", "test.share_seen_in_early_log", "test.share_phrasing_in_seed", "seed.rows", "log.clicks"):
         value = _get(stats, key)
         table.add_row(key, f"{value:,}" if isinstance(value, int) else f"{value:.3f}", "", "")
+    if "mechanisms" in stats:
+        mech = stats["mechanisms"]
+        for name, want in mech["required_test_share"].items():
+            for part in ("dev", "test"):
+                value = mech[part][name]
+                ok = abs(value - want) <= 0.01 if stats["profile"] == "v2" or name != "drift" else True
+                table.add_row(f"{part} share: {name}", f"{value:.3f}", f"{want:.2f} ± 0.01" + ("" if stats["profile"] == "v2" else " (v2)"),
+                              "yes" if ok else "[red]NO[/red]")
+            table.add_row(f"log share: {name}", f"{mech['log_share'][name]:.3f}", "", "")
+        table.add_row("logging ranker NDCG@10", f"{stats['ranker']['ndcg10']:.3f}", "", "")
+        table.add_row("impressions randomised", f"{stats['ranker']['share_impressions_randomised']:.3f}", "", "")
+        hood = stats["neighborhood_only"]
+        table.add_row("neighbourhood-only rows unsatisfiable", f"{hood['unsatisfiable']:,} of {hood['rows']:,}", "0", "yes" if hood["unsatisfiable"] == 0 else "[red]NO[/red]")
     out_console.print(table)
     out_console.print(f"intents in the log: {json.dumps(stats['log']['intents'])}")
 

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pandas as pd
 
+from querytune.world.mechanisms import ATTRIBUTE_CATEGORIES, CATALOG_CUISINE_WEIGHTS, GENERIC_NAME_SHARE, GENERIC_PREFIXES, generic_name
 from querytune.world.vocab import ATTRIBUTES, CATEGORIES, CITIES, CUISINES, NAME_PARTS, PRICE_WORDS
 
 MIN = 60  # minutes in an hour
@@ -78,13 +79,20 @@ def _business_name(rng: np.random.Generator, category: str, cuisine: str | None)
     return _title(f"{adj} {noun}")
 
 
-def make_catalog(rng: np.random.Generator, per_city: int = 280) -> pd.DataFrame:
-    """Draw `per_city` x weight-scaled businesses for every city. Deterministic for a given rng state."""
+def make_catalog(rng: np.random.Generator, per_city: int = 280, market: str = "v1") -> pd.DataFrame:
+    """Draw `per_city` x weight-scaled businesses for every city. Deterministic for a given rng state.
+
+    market "v2": restaurants carry fine cuisines (pizza, tacos, dim sum...), attributes occur only for the categories
+    that have them (`ATTRIBUTE_CATEGORIES`), and GENERIC_NAME_SHARE of other businesses have generic-word names
+    ("Reliable Laundromat"); the column `generic_name` marks them for the world's guideline, and make.py drops it
+    before writing (the catalogue a search team has does not say which names read like categories)."""
+    v2 = market == "v2"
     categories = list(CATEGORIES)
     cat_p = np.array([CATEGORIES[c][1] for c in categories])
     cat_p /= cat_p.sum()
-    cuisines = list(CUISINES)
-    cui_p = np.array([CUISINES[c][0] for c in cuisines])
+    weights = CATALOG_CUISINE_WEIGHTS if v2 else {c: CUISINES[c][0] for c in CUISINES}
+    cuisines = list(weights)
+    cui_p = np.array([weights[c] for c in cuisines])
     cui_p /= cui_p.sum()
     rows = []
     for city, (weight, hoods, _aliases) in CITIES.items():
@@ -95,13 +103,22 @@ def make_catalog(rng: np.random.Generator, per_city: int = 280) -> pd.DataFrame:
         for category in drawn:
             vertical, _, profile, price_levels, _ = CATEGORIES[category]
             cuisine = cuisines[rng.choice(len(cuisines), p=cui_p)] if category == "restaurant" else None
-            name = _business_name(rng, category, cuisine)
-            while name in names_used:
+            generic = v2 and category != "restaurant" and rng.random() < GENERIC_NAME_SHARE
+            if generic:
+                surfaces = [w for w in CATEGORIES[category][4][:2] if not w.endswith("s")] or CATEGORIES[category][4][:1]
+                name = generic_name(GENERIC_PREFIXES[rng.integers(len(GENERIC_PREFIXES))], surfaces[rng.integers(len(surfaces))])
+                generic = name not in names_used
+            if not generic:
                 name = _business_name(rng, category, cuisine)
+                while name in names_used:
+                    name = _business_name(rng, category, cuisine)
             names_used.add(name)
             options = HOURS_PROFILES[profile]
             pattern = options[rng.choice(len(options), p=[p for p, _ in options])][1]
-            attrs = {a: bool(vertical in verts and rng.random() < prev) for a, (verts, prev, _, _) in ATTRIBUTES.items()}
+            if v2:
+                attrs = {a: bool(category in ATTRIBUTE_CATEGORIES[a] and rng.random() < prev) for a, (_, prev, _, _) in ATTRIBUTES.items()}
+            else:
+                attrs = {a: bool(vertical in verts and rng.random() < prev) for a, (verts, prev, _, _) in ATTRIBUTES.items()}
             if category in ("plumber", "locksmith", "towing", "urgent_care") and all(v == (0, 24 * MIN) for v in pattern.values()):
                 attrs["emergency_service"] = True
             rows.append({
@@ -116,6 +133,7 @@ def make_catalog(rng: np.random.Generator, per_city: int = 280) -> pd.DataFrame:
                 "review_count": int(rng.lognormal(4.0, 1.1)) + 1,
                 "hours": json.dumps({str(d): list(v) for d, v in sorted(pattern.items())}),
                 **attrs,
+                **({"generic_name": bool(generic)} if v2 else {}),
             })
     df = pd.DataFrame(rows)
     df.insert(0, "business_id", [f"b{i:05d}" for i in range(len(df))])

@@ -10,11 +10,12 @@ drawn only from covered renderings, so the log holds phrasings the seed never sh
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from querytune.world.catalog import MIN, always_open, open_at, open_on
+from querytune.world.catalog import HOURS_PROFILES, MIN, always_open, open_at, open_on
+from querytune.world.mechanisms import ATTRIBUTE_CATEGORIES, V2_CUISINES, V2_PRICES
 from querytune.world.vocab import (
     ATTRIBUTES, CATEGORIES, CITIES, CUISINES, DAY_SURFACES, DAYS, NEAR_ME, OPEN, OUT_OF_SCOPE, PEOPLE, PRICES,
     RATING, SONGS,
@@ -28,10 +29,37 @@ BOOKABLE = ("restaurant", "hair_salon", "barber", "nail_salon", "spa", "massage"
             "chiropractor", "veterinarian", "pet_groomer", "hotel", "escape_room", "yoga_studio", "auto_repair")
 _CATS = [c for c in CATEGORIES]
 _CAT_W = [CATEGORIES[c][1] if c != "restaurant" else 18.0 for c in _CATS]  # cuisines add restaurant demand
-_CUIS = list(CUISINES)
-_CUI_W = [CUISINES[c][0] for c in _CUIS]
 _CITY = list(CITIES)
 _CITY_W = [CITIES[c][0] for c in _CITY]
+OPEN_WEIGHTS = {"now": 0.55, "late": 0.3, "24h": 0.15}
+
+
+@dataclass(frozen=True)
+class Market:
+    """The vocabulary needs are drawn from and typed in: v1's, or v2's (fine cuisines, "affordable", and constraints
+    only where they occur for the category: no "brewery 24h", no "dog boarding that takes insurance")."""
+
+    name: str
+    cuisines: dict[str, tuple[float, list[str], list[str]]]  # cuisine -> (weight, surfaces, slang)
+    prices: dict[str, tuple[float, list[str]]]  # price value -> (weight, surfaces)
+    by_category: bool  # constraints drawn as they occur for the category (ATTRIBUTE_CATEGORIES, hours profiles)
+
+    def attributes(self, category: str) -> list[str]:
+        if self.by_category:
+            return [a for a in ATTRIBUTES if category in ATTRIBUTE_CATEGORIES[a]]
+        return [a for a, (verts, *_r) in ATTRIBUTES.items() if CATEGORIES[category][0] in verts]
+
+    def open_values(self, category: str) -> list[str]:
+        if not self.by_category:
+            return list(OPEN_WEIGHTS)
+        patterns = [p for _, p in HOURS_PROFILES[CATEGORIES[category][2]]]
+        late = any(c >= 23 * MIN for p in patterns for _, c in p.values())
+        always = any(all(v == (0, 24 * MIN) for v in p.values()) and len(p) == 7 for p in patterns)
+        return ["now"] + (["late"] if late else []) + (["24h"] if always else [])
+
+
+V1 = Market("v1", CUISINES, {k: (w, PRICES[k][1]) for k, w in zip(("cheap", "moderate", "expensive"), (0.6, 0.15, 0.25))}, False)
+V2 = Market("v2", V2_CUISINES, V2_PRICES, True)
 
 
 @dataclass
@@ -40,6 +68,7 @@ class Rendered:
     family: str
     covered: bool  # inside the seed annotators' phrasings
     effects: tuple[str, ...] = ()  # of PHRASING_EFFECTS, for the report's slices
+    surfaces: dict[str, str] = field(default_factory=dict)  # slot -> the surface the text uses for its value
 
 
 class Surface:
@@ -61,7 +90,7 @@ class Surface:
         return options[i]
 
 
-def sample_need(rng: random.Random, user_city: str, n_constraints_p=(0.35, 0.35, 0.2, 0.1)) -> dict:
+def sample_need(rng: random.Random, user_city: str, n_constraints_p=(0.35, 0.35, 0.2, 0.1), market: Market = V1) -> dict:
     """A hidden need for a user in `user_city`: {"intent", "slots"} with canonical values."""
     u = rng.random()
     if u < 0.09:
@@ -76,7 +105,7 @@ def sample_need(rng: random.Random, user_city: str, n_constraints_p=(0.35, 0.35,
         slots["category"] = rng.choices(_CATS, _CAT_W)[0]
     vertical = CATEGORIES[slots["category"]][0]
     if slots["category"] == "restaurant" and rng.random() < 0.8:
-        slots["cuisine"] = rng.choices(_CUIS, _CUI_W)[0]
+        slots["cuisine"] = rng.choices(list(market.cuisines), [w for w, _, _ in market.cuisines.values()])[0]
     loc = rng.random()
     if loc < 0.32:
         slots["near_me"] = True
@@ -93,7 +122,7 @@ def sample_need(rng: random.Random, user_city: str, n_constraints_p=(0.35, 0.35,
             slots["day"] = rng.choice(DAYS + ["today", "tomorrow", "tomorrow", "weekend"])
         return {"intent": intent, "slots": slots}
     k = rng.choices(range(len(n_constraints_p)), n_constraints_p)[0]
-    options = ["open", "day", "min_rating"] + [a for a, (verts, *_r) in ATTRIBUTES.items() if vertical in verts]
+    options = ["open", "day", "min_rating"] + market.attributes(slots["category"])
     if vertical in ("food", "lodging", "beauty", "home", "fitness"):
         options += ["price", "price"]
     if vertical == "food":
@@ -101,11 +130,12 @@ def sample_need(rng: random.Random, user_city: str, n_constraints_p=(0.35, 0.35,
     for _ in range(k):
         opt = rng.choice(options)
         if opt == "open" and "open" not in slots:
-            slots["open"] = rng.choices(["now", "late", "24h"], [0.55, 0.3, 0.15])[0]
+            values = market.open_values(slots["category"])
+            slots["open"] = rng.choices(values, [OPEN_WEIGHTS[v] for v in values])[0]
         elif opt == "day" and "day" not in slots and slots.get("open") != "now":
             slots["day"] = rng.choice(DAYS + ["today", "tomorrow", "weekend", "weekend"])
         elif opt == "price":
-            slots["price"] = rng.choices(list(PRICES), [0.6, 0.15, 0.25])[0]
+            slots["price"] = rng.choices(list(market.prices), [w for w, _ in market.prices.values()])[0]
         elif opt == "min_rating":
             slots["min_rating"] = rng.choice([4.5, 4.5, 4.0])
         elif opt in ATTRIBUTES:
@@ -159,16 +189,17 @@ def _typo(rng: random.Random, word: str) -> str:
     return word[:i] + "aeiou"[rng.randrange(5)] + word[i + 1:]  # wrong vowel
 
 
-def render(rng: random.Random, need: dict, seed_style: bool = False, noise: float = 0.0) -> Rendered:
+def render(rng: random.Random, need: dict, seed_style: bool = False, noise: float = 0.0, market: Market = V1) -> Rendered:
     """Turn a need into the text a person types. `seed_style` keeps to the seed annotators' phrasings."""
     s = need["slots"]
     intent = need["intent"]
     sf = Surface(rng, seed_style)
+    used: dict[str, str] = {}
     if intent == "out_of_scope":
         template = rng.choice(OUT_OF_SCOPE)
         text = template.format(
             day=rng.choice(["today", "tomorrow", "this weekend"]), city=rng.choice(_CITY),
-            cuisine_word=rng.choice(sum((CUISINES[c][1][:1] + CUISINES[c][2][:1] for c in _CUIS), [])),
+            cuisine_word=rng.choice(sum((v[1][:1] + v[2][:1] for v in market.cuisines.values()), [])),
             cat_word=rng.choice(sum((CATEGORIES[c][4][:1] for c in _CATS), [])), song=rng.choice(SONGS),
             person=rng.choice(PEOPLE), n=rng.choice([3, 5, 10, 26, 100]),
         )
@@ -180,46 +211,47 @@ def render(rng: random.Random, need: dict, seed_style: bool = False, noise: floa
         if "neighborhood" in s:
             parts.append(s["neighborhood"])
         if "city" in s:
-            parts.append(sf.pick([s["city"]] + CITIES[s["city"]][2], 1))
+            parts.append(used.setdefault("city", sf.pick([s["city"]] + CITIES[s["city"]][2], 1)))
         if fam == "named_info":
             extra = rng.choice(["hours", "phone number", "menu", "reviews", "address", "directions to", "is open"])
             parts = [extra] + parts if extra.startswith(("directions", "is")) else parts + [extra]
         text, typo = _noise(rng, " ".join(parts), noise)
-        return Rendered(text, fam, sf.covered, _effects(text, fam, False, False, typo))
+        return Rendered(text, fam, sf.covered, _effects(text, fam, False, False, typo), used)
 
     # what
     slang = False
     if "cuisine" in s:
-        surf_list = CUISINES[s["cuisine"]][1]
+        surf_list = market.cuisines[s["cuisine"]][1]
         if not seed_style and rng.random() < 0.15:
-            what, slang = rng.choice(CUISINES[s["cuisine"]][2]), True
+            what, slang = rng.choice(market.cuisines[s["cuisine"]][2]), True
         else:
             what = sf.pick(surf_list)
-            if rng.random() < 0.4:
-                what += sf.pick([" food", " restaurant", " place", " spot", " joint"], 3)
+        used["cuisine"] = what
+        if not slang and rng.random() < 0.4:
+            what += sf.pick([" food", " restaurant", " place", " spot", " joint"], 3)
     else:
-        what = sf.pick(CATEGORIES[s["category"]][4])
+        what = used["category"] = sf.pick(CATEGORIES[s["category"]][4])
     pre, post = [], []
     if "price" in s:
-        pre.append(sf.pick(PRICES[s["price"]][1]))
+        pre.append(used.setdefault("price", sf.pick(market.prices[s["price"]][1])))
     if "min_rating" in s:
-        pre.append(sf.pick(RATING[s["min_rating"]]))
+        pre.append(used.setdefault("min_rating", sf.pick(RATING[s["min_rating"]])))
     for a in ATTRIBUTES:
         if s.get(a):
-            (pre if rng.random() < 0.3 and len(ATTRIBUTES[a][2][0].split()) <= 2 else post).append(sf.pick(ATTRIBUTES[a][2]))
+            (pre if rng.random() < 0.3 and len(ATTRIBUTES[a][2][0].split()) <= 2 else post).append(used.setdefault(a, sf.pick(ATTRIBUTES[a][2])))
     loc = []
     if s.get("near_me"):
         loc.append(sf.pick(NEAR_ME))
     if "neighborhood" in s:
-        loc.append(("in " if rng.random() < 0.5 else "") + s["neighborhood"])
+        loc.append(("in " if rng.random() < 0.5 else "") + used.setdefault("neighborhood", s["neighborhood"]))
     if "city" in s:
-        city = sf.pick([s["city"]] + CITIES[s["city"]][2])
+        city = used["city"] = sf.pick([s["city"]] + CITIES[s["city"]][2])
         loc.append(("in " if rng.random() < 0.5 and "neighborhood" not in s else "") + city)
     when = []
     if "open" in s:
-        when.append(sf.pick(OPEN[s["open"]]))
+        when.append(used.setdefault("open", sf.pick(OPEN[s["open"]])))
     if "day" in s:
-        when.append(sf.pick(DAY_SURFACES[s["day"]]))
+        when.append(used.setdefault("day", sf.pick(DAY_SURFACES[s["day"]])))
 
     if intent == "book":
         fam = "book_formal" if rng.random() < 0.5 else "book_casual"
@@ -234,7 +266,7 @@ def render(rng: random.Random, need: dict, seed_style: bool = False, noise: floa
                 head = "{what} reservation"
             text = " ".join([head.format(n=n, what=what, a=_article(what))] + when + loc)
         text, typo = _noise(rng, text, noise)
-        return Rendered(text, fam, sf.covered and not slang, _effects(text, fam, slang, bool(s.get("near_me")), typo))
+        return Rendered(text, fam, sf.covered and not slang, _effects(text, fam, slang, bool(s.get("near_me")), typo), used)
 
     if seed_style:
         fam = rng.choices(["keyword", "need_statement", "reversed", "question"], [0.4, 0.2, 0.2, 0.2])[0]
@@ -260,7 +292,7 @@ def render(rng: random.Random, need: dict, seed_style: bool = False, noise: floa
         rng.shuffle(words)
     text = " ".join(w for w in words if w)
     text, typo = _noise(rng, text, noise)
-    return Rendered(text, fam, fam in SEED_FAMILIES and sf.covered and not slang, _effects(text, fam, slang, bool(s.get("near_me")), typo))
+    return Rendered(text, fam, fam in SEED_FAMILIES and sf.covered and not slang, _effects(text, fam, slang, bool(s.get("near_me")), typo), used)
 
 
 def _noise(rng: random.Random, text: str, noise: float) -> tuple[str, bool]:

@@ -130,6 +130,7 @@ PRICES = {  # price slot value -> (catalog price levels, surfaces)
     "cheap": ((1,), ["cheap", "affordable", "budget", "inexpensive", "cheap eats", "not expensive"]),
     "moderate": ((2,), ["moderately priced", "mid priced", "reasonably priced", "mid range"]),
     "expensive": ((3, 4), ["upscale", "fancy", "high end", "fine dining", "luxury", "splurge"]),
+    "affordable": ((1, 2), ["cheap", "affordable", "inexpensive", "cheap eats", "not expensive"]),  # world v2's needs only
 }
 PRICE_WORDS = {1: "budget-friendly", 2: "moderately priced", 3: "upscale", 4: "luxury"}
 
