@@ -61,7 +61,7 @@ def main() -> None:
         chosen = onto(anchor, best)
         if chosen is None:
             continue
-        score = lambda c: reward.score(query, c, city, t["timestamp"], t["clicks"])  # noqa: E731
+        score = lambda c: reward.score(query, c, city, t["timestamp"], t["gains"])  # noqa: E731
         chosen_score, worse = score(chosen), set()
         for c in scores:
             rejected = onto(anchor, c) if c != best and scores[c] >= 0 and _intent(c) == _intent(best) else None

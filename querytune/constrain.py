@@ -1,7 +1,9 @@
 """Constrained decoding to the schema's JSON for the transformers backend.
 
 The completion language is a regular one: {"intent":"<intent>","slots":{"<slot>":<value>,...}} with each
-value shaped by its slot's type (a categorical value from its list, a quoted string, true/false, a number).
+value shaped by its slot's type (a categorical value from its list, a quoted string, true/false, a number)
+and each slot at most once, in name order (the order `completion_text` writes; a repeated slot would let a
+model loop until the token cap).
 `schema_regex` writes it as one regular expression; `JsonSchemaLogits` keeps, at each step, only the
 tokens among the model's `top_k` best that leave the output a prefix of that language (partial matching
 of the `regex` package), and allows end-of-turn only once the output is complete. Checking the top
@@ -26,11 +28,13 @@ def _alt(options: list[str]) -> str:
 
 
 def schema_regex(schema: Schema) -> str:
-    """
+    """The completions of `schema` as one regular expression: each slot at most once, in the order parses are
+    written (by name, see `completion_text`), as in `Schema.json_schema`.
+
     >>> from querytune.schema import schema_from_dict
-    >>> s = schema_from_dict({"intents": [{"name": "a"}], "slots": [{"name": "n", "type": "number"}]})
-    >>> bool(regex.fullmatch(schema_regex(s), '{"intent":"a","slots":{"n":2}}'))
-    True
+    >>> s = schema_from_dict({"intents": [{"name": "a"}], "slots": [{"name": "n", "type": "number"}, {"name": "b", "type": "boolean"}]})
+    >>> [bool(regex.fullmatch(schema_regex(s), '{"intent":"a","slots":{%s}}' % body)) for body in ('"b":true,"n":2', '"n":2', '"n":2,"n":2', '"n":2,"b":true')]
+    [True, True, False, False]
     """
     pairs = {}
     for slot in schema.slots.values():
@@ -45,9 +49,10 @@ def schema_regex(schema: Schema) -> str:
         pairs[slot.name] = regex.escape(json.dumps(slot.name)) + ":" + value
     branches = []
     for intent in schema.intents.values():  # each intent with only the slots it takes
-        names = list(schema.slots) if intent.slots is None else list(intent.slots)
-        pair = "(?:" + "|".join(pairs[n] for n in names) + ")"
-        body = "(?:" + pair + "(?:," + pair + ")*)?" if names else ""
+        names = sorted(schema.slots if intent.slots is None else intent.slots)
+        # one optional group per slot, in order, led by a comma unless it opens the object (no value ends with "{"):
+        # linear in the number of slots, where nesting the optional tails would be exponential
+        body = "".join(r"(?:(?:(?<=\{)|(?<!\{),)" + pairs[n] + ")?" for n in names)
         branches.append(regex.escape(json.dumps(intent.name)) + r',"slots":\{' + body + r"\}")
     return r'\{"intent":(?:' + "|".join(branches) + r")\}"
 

@@ -6,24 +6,22 @@ the change does to retrieval.
 A and B are model folders (the `--top` most typed distinct queries of the log are parsed by each) or labeling
 folders of `querytune label` (their labels are compared as they are, on the queries both hold). Queries are
 compared after the labeler's normalisation (`label.check_query`, the cache's key), so "Thai  food" and "thai food" are one query with their traffic
-summed. With `--index` and a log that has clicks (`clicked`, a list of business ids), each changed query's
-retrieval effect is the retrieval-success reward of each parse: NDCG@10 of its structured search against the
-businesses users clicked, over the query's logged contexts (`reward.score_in_contexts`).
+summed. With `--index` and a log that has clicks (`clicked`, a list of business ids; `shown` and `display_p`
+where the log records them), each changed query's retrieval effect is the retrieval-success reward of each
+parse, as in training: NDCG@10 of its structured search against the position-debiased clicks, over up to 16
+of the query's logged contexts (`clicks.contexts_by_text`, `reward.score_in_contexts`).
 """
 
 from __future__ import annotations
 
 import json
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
 
 from querytune.label import check_query
-
-MAX_CONTEXTS = 8  # logged contexts (user city, time, clicks) a changed query's retrieval effect is averaged over
-
 
 def read_log(path: str | Path, column: str = "query") -> pd.DataFrame:
     path = Path(path)
@@ -108,8 +106,11 @@ def diff(a: Path, b: Path, log_path: Path, index: Path | None = None, top: int =
 
 def _retrieval_effect(changed: list[str], pa: dict, pb: dict, log: pd.DataFrame, index: Path, a: Path, b: Path) -> dict[str, dict]:
     """Each changed query's retrieval-success reward under parse A and parse B, over its logged contexts with clicks."""
-    if "clicked" not in log or not changed:
+    if not {"clicked", "user_city", "timestamp"} <= set(log.columns) or not changed:
         return {}
+    if "shown" not in log:  # a log of clicks alone: only the clicked businesses are judged, none debiased
+        log = log.assign(shown=log["clicked"])
+    from querytune.clicks import contexts_by_text, estimate_propensity
     from querytune.model import load_model_meta
     from querytune.reward import RetrievalReward, score_in_contexts
     from querytune.schema import load_schema
@@ -118,12 +119,8 @@ def _retrieval_effect(changed: list[str], pa: dict, pb: dict, log: pd.DataFrame,
     folder = next((p for p in (a, b) if not is_label_folder(p)), None)
     schema = load_model_meta(folder)[1] if folder else load_schema()  # labeling folders: the default schema
     reward = RetrievalReward(Searcher(index, schema), schema)
-    contexts: dict[str, list[dict]] = defaultdict(list)
-    wanted = set(changed)
-    for r in log[log["normalized"].isin(wanted)].itertuples():
-        clicked = list(r.clicked) if r.clicked is not None else []
-        if clicked and len(contexts[r.normalized]) < MAX_CONTEXTS:
-            contexts[r.normalized].append({"user_city": r.user_city, "timestamp": str(r.timestamp), "clicks": dict(Counter(map(str, clicked)))})
+    propensity = estimate_propensity(log)  # the whole log's randomised impressions
+    contexts = contexts_by_text(log[log["normalized"].isin(set(changed))].assign(key=lambda d: d["normalized"]), propensity)
     out = {}
     for q in changed:
         if not contexts.get(q):

@@ -3,7 +3,7 @@
 Both start from a tuned model folder (SFT), merge its adapters into the base, and train a new LoRA on
 top, so the adapter-free model is the SFT policy and serves as the reference (KL anchor) of both losses.
 Training queries come from the earlier part of the click log, never from the labeled seed set: each is a
-distinct (query, user city) with its clicks summed over the log (`click_targets`).
+distinct query text with its position-debiased click evidence in up to 16 logged contexts (`click_targets`).
 
     querytune train dpo  --init runs/sft --world runs/world --index runs/index --out runs/dpo
     querytune train grpo --init runs/sft --world runs/world --index runs/index --out runs/grpo
@@ -20,6 +20,7 @@ from typing import Any
 
 import pandas as pd
 
+from querytune.clicks import MAX_CONTEXTS, contexts_by_text, estimate_propensity
 from querytune.model import copy_adapter_chain, load_model_meta, prompt_messages
 from querytune.reward import INVALID, RetrievalReward, score_in_contexts, strict_parse
 from querytune.schema import WORD, ParseError, Schema, normalize_text
@@ -65,52 +66,46 @@ NO_SIGNAL_WARN = 0.6  # GRPO: warn when this share of groups, averaged over the 
 
 # -- training queries from the click log ---------------------------------------------------------------
 def click_targets(world: str | Path, n: int, seed: int = 0, exclude: set[str] | None = None,
-                  shuffle_clicks: bool = False, pick: str = "traffic") -> list[dict[str, Any]]:
+                  shuffle_clicks: bool = False, pick: str = "traffic", max_contexts: int = MAX_CONTEXTS) -> list[dict[str, Any]]:
     """`n` distinct query texts (normalised) from the early log that have clicks. Each target holds the text
-    (`query`, its latest spelling), `rows` (how often it was typed) and `contexts`: one per user city it was typed
-    in, with that city's clicks per business summed over its rows and the time of its latest row, most clicked
-    first; `user_city`, `timestamp` and `clicks` repeat the first context. A parse is scored in every context
-    (`score_in_contexts`): the model's parse of a text does not depend on who typed it.
+    (`query`, its latest spelling), `rows` (how often it was typed) and `contexts`: up to `max_contexts` of its
+    logged rows spread over the log, each `{user_city, timestamp, gains}` with the position-debiased gains of
+    the businesses shown for the text in that city (`querytune.clicks.contexts_by_text`; the examination curve
+    is estimated from the early log's randomised impressions); `user_city`, `timestamp` and `gains` repeat the
+    first context. A parse is scored in every context (`score_in_contexts`): the model's parse of a text does
+    not depend on who typed it.
 
     `pick`: "traffic" takes the most typed texts (ties in seeded random order): where a parse's errors cost most
     users, and where many users' clicks make the reward reliable (on the world's log, the 2,000 most typed texts
     carry 49% of the early traffic and a random 2,000 about 5%); "random": a uniform sample of texts; "novel": texts
     with words the seed set never shows (`novel_first`), where imitation has nothing to copy.
     `exclude`: normalised texts to leave out (the labeled seed set). `shuffle_clicks`: a control; each text gets
-    another's contexts (its cities and their clicks)."""
+    another's contexts (its cities, times and gains)."""
     if pick not in PICKS:
         raise ValueError(f"pick: {pick!r} is not one of {', '.join(PICKS)}")
     world = Path(world)
-    log = pd.read_parquet(world / "log.parquet", columns=["timestamp", "user_city", "query", "clicked", "period"])
-    log = log[log["period"] == "early"]
+    log = pd.read_parquet(world / "log.parquet")  # display_p may be missing (a v1 world): read as all 1.0
+    log = log[log["period"] == "early"].reset_index(drop=True)
+    propensity = estimate_propensity(log)  # from every early row: the randomisation, not the labels, is what it reads
     seed_texts = [normalize_text(json.loads(line)["text"]) for line in (world / "seed.jsonl").read_text().splitlines() if line.strip()]
     exclude = exclude if exclude is not None else set(seed_texts)
-    texts: dict[str, dict[str, Any]] = {}
-    contexts: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
-    for ts, city, query, clicked in zip(log["timestamp"], log["user_city"], log["query"], log["clicked"]):
-        norm = normalize_text(query)
-        if norm in exclude or not norm:
-            continue
-        t = texts.setdefault(norm, {"query": query, "rows": 0, "timestamp": ts})
-        t["rows"] += 1
-        if ts >= t["timestamp"]:
-            t["query"], t["timestamp"] = query, ts
-        if len(clicked):
-            ctx = contexts[norm].setdefault(city, {"user_city": city, "timestamp": ts, "clicks": Counter()})
-            ctx["clicks"].update(clicked)
-            ctx["timestamp"] = max(ctx["timestamp"], ts)
-    keys = sorted(k for k in texts if k in contexts)
+    log["key"] = log["query"].map(normalize_text)
+    log = log[(log["key"] != "") & ~log["key"].isin(exclude)]
+    clicked = log[log["clicked"].map(lambda c: c is not None and len(c) > 0)]["key"]
+    latest = log.sort_values("timestamp", kind="stable").groupby("key").tail(1).set_index("key")["query"]  # its latest spelling
+    rows = log["key"].value_counts().to_dict()
+    keys = sorted(set(clicked))
     rng = random.Random(seed)
     rng.shuffle(keys)
     if pick == "novel":
-        keys = novel_first(keys, {k: texts[k]["rows"] for k in keys}, seed_texts, n)
+        keys = novel_first(keys, rows, seed_texts, n)
     else:
-        keys = sorted(keys, key=lambda k: -texts[k]["rows"])[:n] if pick == "traffic" else keys[:n]
-    ctx_lists = [sorted(({"user_city": c["user_city"], "timestamp": c["timestamp"].isoformat(), "clicks": dict(sorted(c["clicks"].items()))}
-                         for c in contexts[k].values()), key=lambda c: (-sum(c["clicks"].values()), c["user_city"])) for k in keys]
+        keys = sorted(keys, key=lambda k: -rows[k])[:n] if pick == "traffic" else keys[:n]
+    contexts = contexts_by_text(log[log["key"].isin(set(keys))], propensity, max_contexts)
+    ctx_lists = [contexts[k] for k in keys]
     if shuffle_clicks:
         rng.shuffle(ctx_lists)
-    return [{"query": texts[k]["query"], "rows": texts[k]["rows"], "contexts": ctx} | ctx[0] for k, ctx in zip(keys, ctx_lists)]
+    return [{"query": latest[k], "rows": int(rows[k]), "contexts": ctx} | ctx[0] for k, ctx in zip(keys, ctx_lists)]
 
 
 def novel_first(keys: list[str], rows: dict[str, int], seed_texts: list[str], n: int, min_rows: int = 5) -> list[str]:
@@ -601,7 +596,7 @@ def train_grpo(targets: list[dict], reward: RetrievalReward, init: Path, out: Pa
     torch.manual_seed(seed)
     tokenizer, model, lora, meta, schema = _policy(init, preset)
     data = Dataset.from_list([{"prompt": _prompt(tokenizer, schema, t["query"]), "query": t["query"], "user_city": t["user_city"],
-                               "timestamp": t["timestamp"], "clicks": json.dumps(t["clicks"]),
+                               "timestamp": t["timestamp"], "gains": json.dumps(t["gains"]),
                                "contexts": json.dumps(t.get("contexts") or [t])} for t in targets])
     (out / "steps.jsonl").unlink(missing_ok=True)
     recent: list[float] = []

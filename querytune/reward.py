@@ -8,43 +8,50 @@ A completion earns:
 - `INVALID` (-1.0, below any valid parse) when it is not one strict JSON object `{"intent", "slots"}`
   that fits the schema: broken JSON, repeated keys (two "intent"s, a slot twice), an intent or slot the
   schema lacks, a value outside a slot's list, text after the object, or more than `max_chars` characters;
-- 0.0 for an intent that takes no slots (out of scope: no search runs), and when a name slot (a free-text slot that drives the "what" of the search, e.g. `business_name`)
-  holds a value that the query does not write (up to typos, `querytune.schema.is_grounded`), and likewise
-  for the schema's `grounded` slots: the model must not learn to emit the clicked business's name or
+- 0.0 for an intent that takes no slots (out of scope: no search runs), and when a name slot (a free-text
+  slot that drives the "what" of the search, e.g. `business_name`) holds a value that the query does not
+  write (`Slot.written_in`: the value or one of the schema's aliases, up to typos), and likewise for the
+  schema's `grounded` slots: the model must not learn to emit the clicked business's name or
   a made-up neighbourhood; and when a name slot names no business of the index's catalog (up to typos):
   copying the query into `business_name` ("escape room" as a business called "escape room") would
   otherwise turn every category search into a name search that scores like the raw query;
-- otherwise NDCG@k of its structured search against the query's clicks, in [0, 1]. Clicks are graded:
-  a clicked business is grade 1, and grade 2 when it holds at least half the clicks of the query's most
-  clicked business (and two or more clicks): what many users picked counts most.
+- otherwise NDCG@k of its structured search against the position-debiased click evidence of the text
+  (`querytune.clicks`: inverse-propensity-scored clicks, Joachims et al., WSDM 2017) in one logged context: the
+  search runs in that context's city at its time, and its ranking is condensed to the businesses the log
+  showed for the text in that city before scoring (`condensed_ndcg`, Sakai, SIGIR 2007), so a parse is not
+  punished for good businesses the old ranker never showed. A text's score is the mean over its logged
+  contexts (`score_in_contexts`).
 
-Searches and scores are cached for the life of the object (one training run).
+Searches are cached for the life of the object (one training run).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from datetime import datetime
 from typing import Any
 
-from querytune.metrics import ndcg_at_k
 from querytune.schema import ParseError, Schema, is_grounded, normalize_text
 
 INVALID = -1.0
 
 
-def click_grades(clicks: dict[str, int]) -> dict[str, int]:
-    """Click counts per business -> relevance grades (1, or 2 for the query's most chosen businesses).
+def condensed_ndcg(ranked: list[str], gains: dict[str, float], k: int = 10) -> float:
+    """NDCG@k of `ranked` condensed to the judged businesses (the keys of `gains`): unjudged ones are removed
+    before scoring, so a ranking is not punished for businesses nobody was shown (the condensed-list measures
+    of Sakai, "Alternatives to Bpref", SIGIR 2007). Linear gains (debiased click rates), log2 discounts.
 
-    >>> click_grades({"b1": 6, "b2": 3, "b3": 1})
-    {'b1': 2, 'b2': 2, 'b3': 1}
-    >>> click_grades({"b1": 1})
-    {'b1': 1}
+    >>> condensed_ndcg(["never_shown", "b2", "b1"], {"b1": 0.8, "b2": 0.0})
+    0.63093
+    >>> condensed_ndcg(["never_shown"], {"b1": 0.8}), condensed_ndcg(["b1"], {"b1": 0.0})
+    (0.0, 0.0)
     """
-    if not clicks:
-        return {}
-    top = max(clicks.values())
-    return {b: 2 if n >= max(2, top / 2) else 1 for b, n in clicks.items() if n > 0}
+    ideal = sum(g / math.log2(i + 2) for i, g in enumerate(sorted(gains.values(), reverse=True)[:k]))
+    if ideal <= 0:
+        return 0.0
+    condensed = [b for b in ranked if b in gains][:k]
+    return round(sum(gains[b] / math.log2(i + 2) for i, b in enumerate(condensed)) / ideal, 5)
 
 
 def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -101,18 +108,20 @@ class NameBook:
 
 
 class RetrievalReward:
-    """Retrieval-success reward over a `Searcher`; see the module docstring.
+    """Retrieval-success reward over a `Searcher`; see the module docstring. `depth`: the parse's top results
+    the condensed list is taken from (default 2k): from its whole ranking, a parse that drops the "what" would
+    still order the few businesses the log showed and score like the right one.
 
     >>> from querytune.schema import load_schema
     >>> class Shelf:  # a two-business "index" that finds b1 for Thai food and b2 for anything else
     ...     def search(self, parse, ctx, k=10, fallback_text=None):
     ...         return ["b1", "b2"] if parse.slots.get("cuisine") == "thai" else ["b2", "b1"]
     >>> reward = RetrievalReward(Shelf(), load_schema())
-    >>> ctx = {"user_city": "austin", "timestamp": "2026-09-01T19:00:00", "clicks": {"b1": 4}}
+    >>> ctx = {"user_city": "austin", "timestamp": "2026-09-01T19:00:00", "gains": {"b1": 0.8, "b2": 0.0}}
     >>> good = '{"intent":"find_business","slots":{"category":"restaurant","cuisine":"thai"}}'
     >>> worse = '{"intent":"find_business","slots":{"category":"restaurant"}}'
     >>> reward(prompts=["p", "p"], completions=[good, worse], query=["thai food"] * 2,
-    ...        user_city=[ctx["user_city"]] * 2, timestamp=[ctx["timestamp"]] * 2, clicks=[ctx["clicks"]] * 2)
+    ...        user_city=[ctx["user_city"]] * 2, timestamp=[ctx["timestamp"]] * 2, gains=[ctx["gains"]] * 2)
     [1.0, 0.63093]
     >>> reward.score("thai food", '{"intent":"find_business","intent":"book","slots":{}}', **ctx)
     -1.0
@@ -120,17 +129,21 @@ class RetrievalReward:
 
     __name__ = "retrieval_reward"  # TRL logs a reward function under its name
 
-    def __init__(self, searcher, schema: Schema, k: int = 10, max_chars: int = 400):
+    def __init__(self, searcher, schema: Schema, k: int = 10, max_chars: int = 400, depth: int | None = None):
         self.searcher, self.schema, self.k, self.max_chars = searcher, schema, k, max_chars
+        self.depth = depth or 2 * k
         self.names = name_slots(schema)
         self.written = set(self.names) | {s.name for s in schema.slots.values() if s.grounded}  # values the query must write
+        self.timed = {s.name for s in schema.slots.values() if s.filter in ("open", "day")}  # slots whose search depends on the time
         catalog = getattr(searcher, "catalog", None)  # a Searcher has one; a stand-in in a doctest may not
         self.known = NameBook(catalog["name"]) if catalog is not None and "name" in catalog else None
         self._searches: dict[tuple, list[str]] = {}
         self.calls = self.search_calls = 0
 
-    def score(self, query: str, completion: str, user_city: str, timestamp: str | datetime, clicks: dict[str, int] | str) -> float:
-        """Reward of one completion for one logged query (see the module docstring)."""
+    def score(self, query: str, completion: str, user_city: str, timestamp: str | datetime,
+              gains: dict[str, float] | str) -> float:
+        """Reward of one completion for one logged context of a query: `gains` holds the debiased gain of every
+        business the log showed for the query's text in `user_city` (`querytune.clicks`)."""
         from querytune.search import Context
 
         self.calls += 1
@@ -141,49 +154,45 @@ class RetrievalReward:
         if self.schema.intents[parse.intent].slots == ():
             return 0.0  # an intent that takes no slots (out of scope) runs no search
         if any(not self.schema.slots[n].written_in(v, query) for n, v in parse.slots.items() if n in self.written):
-            return 0.0  # a name (or grounded value) the query does not write: made up, or the clicked business's
+            return 0.0  # a name (or grounded value) the query does not write, nor an alias of it: made up, or the clicked business's
         if self.known is not None and any(n in parse.slots and not self.known.has(str(parse.slots[n])) for n in self.names):
             return 0.0  # a name no business has: the query copied into a name slot
-        if isinstance(clicks, str):
-            clicks = json.loads(clicks)
-        grades = click_grades(clicks)
-        if not grades:
+        if isinstance(gains, str):
+            gains = json.loads(gains)
+        if not any(g > 0 for g in gains.values()):
             return 0.0
         ts = timestamp if isinstance(timestamp, datetime) else datetime.fromisoformat(str(timestamp))
-        key = (parse.to_json(), user_city, ts.isoformat(timespec="minutes"))
+        when = ts.isoformat(timespec="minutes") if self.timed & set(parse.slots) else None  # untimed searches share one result
+        key = (parse.to_json(), user_city, when)
         ranked = self._searches.get(key)
         if ranked is None:
             self.search_calls += 1
-            ranked = self._searches[key] = self.searcher.search(parse, Context(user_city, ts), k=self.k)
-        return round(ndcg_at_k(ranked, grades, self.k), 5)
+            ranked = self._searches[key] = self.searcher.search(parse, Context(user_city, ts), k=self.depth)
+        return condensed_ndcg(ranked, gains, self.k)
 
-    def __call__(self, prompts=None, completions=None, query=None, user_city=None, timestamp=None, clicks=None, contexts=None,
+    def __call__(self, prompts=None, completions=None, query=None, user_city=None, timestamp=None, gains=None, contexts=None,
                  **_) -> list[float]:
-        """TRL's reward shape. With a `contexts` column (JSON lists of {user_city, timestamp, clicks}), each query is
-        scored in all of them (`score_in_contexts`); otherwise in its one user_city/timestamp/clicks."""
+        """TRL's reward shape. With a `contexts` column (JSON lists of {user_city, timestamp, gains}), each query is
+        scored in all of them (`score_in_contexts`); otherwise in its one user_city/timestamp/gains."""
         texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]  # plain or conversational
         if contexts is not None:
             return [score_in_contexts(self.score, q, c, json.loads(x) if isinstance(x, str) else x)
                     for q, c, x in zip(query, texts, contexts, strict=True)]
-        return [self.score(q, c, u, t, k) for q, c, u, t, k in zip(query, texts, user_city, timestamp, clicks, strict=True)]
+        return [self.score(q, c, u, t, g) for q, c, u, t, g in zip(query, texts, user_city, timestamp, gains, strict=True)]
 
 
 def score_in_contexts(score, query: str, completion: str, contexts: list[dict[str, Any]]) -> float:
-    """`score` (a reward's `score(query, completion, user_city, timestamp, clicks)`) of one completion of a query
-    typed in several contexts (one per user city, clicks summed over its rows), averaged with each context's
-    clicks as its weight. A popular query is typed in many cities: its parse is judged on every user's clicks,
-    not on one city's few (a parse that drops "atx" from "dentist atx" loses only where users are outside Austin).
+    """`score` (a reward's `score(query, completion, user_city, timestamp, gains)`) of one completion of a query,
+    averaged over the query's logged contexts (`querytune.clicks.contexts_by_text`: rows spread over the log, each
+    with its city's gains). Rows weigh alike, so cities count as often as users typed the text there: a parse
+    that drops "atx" from "dentist atx" loses only where users are outside Austin.
 
-    >>> by_city = lambda q, c, user_city, timestamp, clicks: 1.0 if user_city == "austin" else 0.0
+    >>> by_city = lambda q, c, user_city, timestamp, gains: 1.0 if user_city == "austin" else 0.0
     >>> score_in_contexts(by_city, "dentist atx", "{}", [
-    ...     {"user_city": "austin", "timestamp": "2026-09-01T12:00", "clicks": {"b1": 3}},
-    ...     {"user_city": "boston", "timestamp": "2026-09-01T12:00", "clicks": {"b1": 1}}])
-    0.75
+    ...     {"user_city": "austin", "timestamp": "2026-09-01T12:00", "gains": {"b1": 0.5}},
+    ...     {"user_city": "austin", "timestamp": "2026-09-02T12:00", "gains": {"b1": 0.5}},
+    ...     {"user_city": "boston", "timestamp": "2026-09-01T12:00", "gains": {"b1": 0.4}}])
+    0.66667
     """
-    total = weighted = 0.0
-    for ctx in contexts:
-        clicks = json.loads(ctx["clicks"]) if isinstance(ctx["clicks"], str) else ctx["clicks"]
-        w = max(1, sum(clicks.values()))
-        weighted += w * score(query, completion, ctx["user_city"], ctx["timestamp"], clicks)
-        total += w
-    return round(weighted / total, 5) if total else 0.0
+    scores = [score(query, completion, c["user_city"], c["timestamp"], c["gains"]) for c in contexts]
+    return round(sum(scores) / len(scores), 5) if scores else 0.0

@@ -4,7 +4,9 @@
 
 setup (labeled rows -> prompt/completion pairs) -> TRL SFTTrainer with a peft LoRA and completion-only
 loss -> save adapter + tokenizer + schema + resolved config + step log + model card. Intents the schema
-declares but the data never shows get their description as a training row, so they stay reachable.
+declares but the data never shows get their description as a training row, so they stay reachable. The
+folder's schema adds the aliases its labels support (`querytune.aliases`), so grounding keeps nicknames.
+The budget is optimizer steps x batch size; fp32 or bf16 is chosen by a measurement on the machine.
 """
 
 from __future__ import annotations
@@ -14,24 +16,26 @@ import time
 from pathlib import Path
 from typing import Any
 
+from querytune.aliases import merge_aliases, mine_aliases
 from querytune.labeled import LabeledRow
-from querytune.model import completion_text, copy_adapter_chain, load_merged, load_model_meta, prompt_messages, resolve_base, save_model_meta
+from querytune.model import (cache_dir, completion_text, copy_adapter_chain, load_merged, load_model_meta, prompt_messages, resolve_base,
+                             save_model_meta)
 from querytune.schema import Schema
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # quick: ~1.1 passes over a 2,000-row seed set at ~2.9 s/step with bf16 autocast: <= 15 minutes on 2 CPU
-    # cores. A high LoRA learning rate matters for so few steps (seed-0 test, 400 rows: lr 5e-4 r16 gave
-    # intent 0.75 / slot F1 0.61; lr 2e-3 r32 gave 0.87 / 0.77 at 110 steps). At the same examples seen,
-    # twice the updates help: batch 16 x 140 steps reached slot F1 0.862-0.870, batch 8 x 280 0.897
-    # (world seed 0 test, 2026-11-24; step time is about proportional to the batch on CPU).
-    # max_minutes stops training early on a slow machine or long examples, so the preset keeps its promise.
-    "quick": {"max_steps": 280, "epochs": 1.0, "batch_size": 8, "lr": 1.5e-3, "lora_r": 32, "lora_alpha": 64, "warmup_steps": 8, "bf16": True,
-              "max_minutes": 13.0},
-    # full: three passes, <= 90 minutes on the 4,269-row SGD training split (3.3 s/step; max_minutes keeps the
-    # promise on a slower machine). On its held-out 20%: two passes (59 min) intent 0.948 / slot F1 0.900; three
-    # (stopped by the budget at 91%, 87 min) 0.951 / 0.925.
-    "full": {"max_steps": -1, "epochs": 3.0, "batch_size": 8, "lr": 1e-3, "lora_r": 32, "lora_alpha": 64, "warmup_steps": 20, "bf16": True,
-             "max_minutes": 87.0},
+    # quick: ~1.1 passes over a 2,000-row seed set. A high LoRA learning rate matters for so few steps (seed-0
+    # test, 400 rows: lr 5e-4 r16 gave intent 0.75 / slot F1 0.61; lr 2e-3 r32 gave 0.87 / 0.77 at 110 steps). At
+    # the same examples seen, twice the updates help: batch 16 x 140 steps reached slot F1 0.862-0.870, batch 8 x
+    # 280 0.897 (world seed 0 test, 2026-11-24). The budget is the steps and batch: max_minutes is only a cap
+    # against a runaway, generous enough that a 2-core machine completes the schedule.
+    # bf16 "auto": measured once per machine (`pick_dtype`): bf16 autocast ran at 0.67x fp32 on a Xeon host.
+    # gradient checkpointing off: it recomputes activations (slower) to save memory a 135M model does not need.
+    "quick": {"max_steps": 280, "epochs": 1.0, "batch_size": 8, "lr": 1.5e-3, "lora_r": 32, "lora_alpha": 64, "warmup_steps": 8, "bf16": "auto",
+              "gradient_checkpointing": False, "max_minutes": 60.0},
+    # full: three passes over the 4,269-row SGD training split (3.3 s/step). On its held-out 20%: two passes
+    # (59 min) intent 0.948 / slot F1 0.900; three (stopped by the budget at 91%, 87 min) 0.951 / 0.925.
+    "full": {"max_steps": -1, "epochs": 3.0, "batch_size": 8, "lr": 1e-3, "lora_r": 32, "lora_alpha": 64, "warmup_steps": 20, "bf16": "auto",
+             "gradient_checkpointing": False, "max_minutes": 240.0},
 }
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -84,10 +88,76 @@ class StepLog:
         self.callback = _Callback()
 
 
+def hardware() -> str:
+    """What a speed measurement depends on: the accelerator or CPU model, the threads torch uses, torch's version."""
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+    else:
+        cpuinfo = Path("/proc/cpuinfo")
+        lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+        name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "") or platform.processor() or "cpu"
+    return f"{name}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def pick_dtype(model, lora, batch: dict, steps: int = 3, say=print) -> dict[str, Any]:
+    """fp32 or bf16 autocast, whichever runs a LoRA forward+backward of `model` on `batch` faster on this machine
+    (bf16 only when >= 5% faster: fp32 is exact). Measured once per machine, model size and batch size, and cached
+    in cache_dir()/dtype_probe.json. Returns {"dtype", "fp32_s", "bf16_s", "hardware", "cached"}."""
+    import copy
+
+    import torch
+    from peft import get_peft_model
+
+    size = f"{model.config.model_type} {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M"
+    key = f"{hardware()} | {size} | batch {batch['input_ids'].shape[0]}"
+    path = cache_dir() / "dtype_probe.json"
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    if key in known:
+        return known[key] | {"cached": True}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    probe = get_peft_model(copy.deepcopy(model), copy.deepcopy(lora)).to(device).train()
+    batch = {k: v.to(device) for k, v in batch.items()}
+    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    for i in range(steps + 1):  # alternating, so a busy moment on a shared machine hits both; the first warms up
+        for dtype in times:
+            start = time.perf_counter()
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+                loss = probe(**batch).loss
+            loss.backward()
+            probe.zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if i:
+                times[dtype].append(time.perf_counter() - start)
+    del probe
+    seconds = {dtype: round(min(t), 3) for dtype, t in times.items()}  # the least disturbed step of each
+    result = {"dtype": "bf16" if seconds["bf16"] < 0.95 * seconds["fp32"] else "fp32", "fp32_s": seconds["fp32"],
+              "bf16_s": seconds["bf16"], "hardware": key}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(known | {key: result}, indent=2) + "\n")
+    say(f"dtype probe ({key}): fp32 {seconds['fp32']:.2f} s, bf16 {seconds['bf16']:.2f} s per step: training in {result['dtype']}")
+    return result | {"cached": False}
+
+
+def probe_batch(examples: list[dict[str, str]], tokenizer, size: int, seed: int = 0) -> dict:
+    """A padded batch of `size` random examples (prompt + completion), for `pick_dtype`."""
+    import random
+
+    chosen = random.Random(seed).sample(examples, min(size, len(examples)))
+    enc = tokenizer([e["prompt"] + e["completion"] for e in chosen], padding=True, return_tensors="pt", add_special_tokens=False)
+    return {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask,
+            "labels": enc.input_ids.masked_fill(enc.attention_mask == 0, -100)}
+
+
 def train_sft(rows: list[LabeledRow], schema: Schema, out: Path, base: str | None, preset: dict[str, Any],
               seed: int = 0, say=print, init: Path | None = None) -> dict[str, Any]:
-    """Train and save; returns a summary (steps, seconds, final loss, token lengths). `init`: a model folder
-    to continue from (its adapters merged, a new LoRA on top) instead of the bare base."""
+    """Train and save; returns a summary (steps, seconds, final loss, token lengths, dtype). `init`: a model folder
+    to continue from (its adapters merged, a new LoRA on top) instead of the bare base. The folder's schema
+    carries the aliases its labels support (`querytune.aliases`), plus those of `init`."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -95,14 +165,24 @@ def train_sft(rows: list[LabeledRow], schema: Schema, out: Path, base: str | Non
     from trl import SFTConfig, SFTTrainer
 
     torch.manual_seed(seed)
-    base_path = load_model_meta(init)[0]["base"] if init else resolve_base(base)
+    init_meta, init_schema = load_model_meta(init) if init else ({}, schema)
+    base_path = init_meta["base"] if init else resolve_base(base)
     tokenizer = AutoTokenizer.from_pretrained(init or base_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     examples = sft_examples(rows, schema, tokenizer)
+    schema = merge_aliases(schema, {n: s.aliases for n, s in init_schema.slots.items()})  # the init's aliases stay
+    mined = mine_aliases(rows, schema)  # and those this stage's labels support join them in the folder's schema
+    schema = merge_aliases(schema, mined)
     lengths = [len(tokenizer(e["prompt"] + e["completion"]).input_ids) for e in examples]
     completion_lengths = [len(tokenizer(e["completion"], add_special_tokens=False).input_ids) for e in examples]
     model = load_merged(init, torch.float32) if init else AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    lora = LoraConfig(r=preset["lora_r"], lora_alpha=preset["lora_alpha"], lora_dropout=0.05, task_type="CAUSAL_LM",
+                      target_modules=[m for m in LORA_TARGETS if any(n.endswith(m) for n, _ in model.named_modules())] or "all-linear")
+    probe = None
+    if preset.get("bf16", False) == "auto":
+        probe = pick_dtype(model, lora, probe_batch(examples, tokenizer, preset["batch_size"], seed), say=say)
+    bf16 = probe["dtype"] == "bf16" if probe else bool(preset.get("bf16", False))
     out.mkdir(parents=True, exist_ok=True)
     (out / "steps.jsonl").unlink(missing_ok=True)
     step_log = StepLog(out / "steps.jsonl", say, preset.get("max_minutes"))
@@ -111,13 +191,13 @@ def train_sft(rows: list[LabeledRow], schema: Schema, out: Path, base: str | Non
         per_device_train_batch_size=preset["batch_size"], learning_rate=preset["lr"], lr_scheduler_type="cosine",
         warmup_steps=preset["warmup_steps"], logging_steps=1, save_strategy="no", report_to=[], seed=seed,
         max_length=max(lengths) + 1, completion_only_loss=True, packing=False, use_cpu=not torch.cuda.is_available(),
-        bf16=preset.get("bf16", False), include_num_input_tokens_seen="all", disable_tqdm=True, dataloader_num_workers=0,
+        bf16=bf16, activation_checkpointing=preset.get("gradient_checkpointing", False),  # TRL turns it on by default
+        include_num_input_tokens_seen="all", disable_tqdm=True, dataloader_num_workers=0,
         # not train_sampling_strategy="group_by_length": measured 13% faster per step, but batches of one length
         # reweight the completion-only loss toward short parses and the model learned to stop after the
-        # first slot (world seed 0 test: slot F1 0.727 against 0.870, 2026-11-24)
+        # first slot (world seed 0 test: slot F1 0.727 against 0.870, 2026-11-24). Grouping by prompt length only,
+        # within mega-batches, would still do so: prompt and completion lengths correlate (r 0.58, world seed).
     )
-    lora = LoraConfig(r=preset["lora_r"], lora_alpha=preset["lora_alpha"], lora_dropout=0.05, task_type="CAUSAL_LM",
-                      target_modules=[m for m in LORA_TARGETS if any(n.endswith(m) for n, _ in model.named_modules())] or "all-linear")
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=tokenizer,
                          peft_config=lora, callbacks=[step_log.callback])
     trainer.remove_callback(PrinterCallback)  # StepLog prints one dense line per step instead
@@ -133,8 +213,11 @@ def train_sft(rows: list[LabeledRow], schema: Schema, out: Path, base: str | Non
                "final_loss": json.loads((out / "steps.jsonl").read_text().splitlines()[-1])["loss"],
                "tokens_mean": round(sum(lengths) / len(lengths), 1), "tokens_max": max(lengths),
                "completion_tokens_mean": round(sum(completion_lengths) / len(completion_lengths), 1),
-               "max_new_tokens": max_new}
-    meta = {"stage": "sft", "base": base_path, "adapter": True, "max_new_tokens": max_new}
+               "max_new_tokens": max_new, "schedule_steps": trainer.state.max_steps, "dtype": "bf16" if bf16 else "fp32",
+               "dtype_probe": probe, "gradient_checkpointing": bool(args.activation_checkpointing),
+               "mined_aliases": sum(map(len, mined.values()))}
+    mined_all = {n: init_meta.get("mined_aliases", {}).get(n, {}) | mined.get(n, {}) for n in sorted({*init_meta.get("mined_aliases", {}), *mined})}
+    meta = {"stage": "sft", "base": base_path, "adapter": True, "max_new_tokens": max_new, "mined_aliases": mined_all}
     if init:
         meta |= {"init_adapters": copy_adapter_chain(init, out), "init": str(init)}
     save_model_meta(out, schema, meta)

@@ -25,8 +25,9 @@ def small_world_master(tmp_path_factory) -> Path:
 
 @pytest.fixture()
 def small_world(small_world_master, tmp_path) -> Path:
-    """A private copy of the small world (tests may write into it)."""
-    return Path(shutil.copytree(small_world_master, tmp_path / "world"))
+    """A private copy of the small world (tests may write into it) without audit/: the hidden needs are for
+    evaluation only, so every training stage tested on this copy shows it never opens them."""
+    return Path(shutil.copytree(small_world_master, tmp_path / "world", ignore=shutil.ignore_patterns("audit")))
 
 
 class HashEmbedder:

@@ -53,13 +53,20 @@ def test_click_targets_come_from_the_early_log_outside_the_seed(small_world):
     early = log[log["period"] == "early"].assign(norm=lambda d: d["query"].map(normalize_text))
     assert len(targets) == 50 and len({normalize_text(t["query"]) for t in targets}) == 50  # distinct texts
     assert all(normalize_text(t["query"]) in set(early["norm"]) and normalize_text(t["query"]) not in seed_texts for t in targets)
-    for t in targets[:10]:  # each city the text was typed in, with that city's clicks summed over its rows
+    for t in targets[:10]:  # up to 16 of its rows spread over the log, each with its city's debiased gains
         rows = early[early["norm"] == normalize_text(t["query"])]
         assert t["rows"] == len(rows)
-        expected = {c: sum(len(k) for k in g["clicked"]) for c, g in rows.groupby("user_city") if sum(len(k) for k in g["clicked"])}
-        assert {c["user_city"]: sum(c["clicks"].values()) for c in t["contexts"]} == expected
-        assert (t["user_city"], t["clicks"]) == (t["contexts"][0]["user_city"], t["contexts"][0]["clicks"])  # the most clicked
-    assert all(c["clicks"] and all(n >= 1 for n in c["clicks"].values()) for t in targets for c in t["contexts"])
+        clicked_cities = {c for c, g in rows.groupby("user_city") if sum(len(k) for k in g["clicked"])}
+        useful = rows[rows["user_city"].isin(clicked_cities)]
+        assert len(t["contexts"]) == min(16, len(useful))
+        assert [c["timestamp"] for c in t["contexts"]] == sorted(c["timestamp"] for c in t["contexts"])
+        assert {(c["user_city"], c["timestamp"]) for c in t["contexts"]} <= {(u, ts.isoformat()) for u, ts in zip(useful["user_city"], useful["timestamp"])}
+        for c in t["contexts"]:  # every business shown for the text in that city is judged; the clicked ones gain
+            in_city = rows[rows["user_city"] == c["user_city"]]
+            assert set(c["gains"]) == {b for s in in_city["shown"] for b in s}
+            assert {b for b, g in c["gains"].items() if g > 0} == {b for k in in_city["clicked"] for b in k}
+            assert all(0 <= g <= 1 for g in c["gains"].values())
+        assert (t["user_city"], t["timestamp"], t["gains"]) == tuple(t["contexts"][0][k] for k in ("user_city", "timestamp", "gains"))
     # by traffic: the most typed texts, more typed first; at random: a sample that reaches into the tail
     assert [t["rows"] for t in targets] == sorted((t["rows"] for t in targets), reverse=True)
     assert min(t["rows"] for t in targets) >= max(t["rows"] for t in click_targets(small_world, 10_000, seed=1)[50:])
@@ -75,7 +82,7 @@ def test_click_targets_come_from_the_early_log_outside_the_seed(small_world):
     shuffled = click_targets(small_world, 50, seed=1, shuffle_clicks=True)
     assert [t["query"] for t in shuffled] == [t["query"] for t in targets]
     assert sorted(json.dumps(t["contexts"]) for t in shuffled) == sorted(json.dumps(t["contexts"]) for t in targets)
-    assert sum(a["clicks"] != b["clicks"] for a, b in zip(targets, shuffled)) > 40
+    assert sum(a["gains"] != b["gains"] for a, b in zip(targets, shuffled)) > 40
 
 
 class ByLength:
@@ -84,26 +91,26 @@ class ByLength:
     __name__ = "by_length"
     calls = search_calls = 0
 
-    def score(self, query, completion, user_city, timestamp, clicks):
+    def score(self, query, completion, user_city, timestamp, gains):
         return min(1.0, len(completion) / 100) - 0.05 * completion.count(" ")
 
-    def __call__(self, prompts=None, completions=None, query=None, user_city=None, timestamp=None, clicks=None, **_):
-        return [self.score(q, c, u, t, k) for q, c, u, t, k in zip(query, completions, user_city, timestamp, clicks)]
+    def __call__(self, prompts=None, completions=None, query=None, user_city=None, timestamp=None, gains=None, **_):
+        return [self.score(q, c, u, t, g) for q, c, u, t, g in zip(query, completions, user_city, timestamp, gains)]
 
 
 def test_pairs_fix_the_greedy_parse_and_skip_invalid_or_unclear_ones():
-    targets = [{"query": "thai", "user_city": "austin", "timestamp": "2026-09-01T12:00:00", "clicks": {"b": 1}}] * 3
+    targets = [{"query": "thai", "user_city": "austin", "timestamp": "2026-09-01T12:00:00", "gains": {"b": 1.0}}] * 3
     long_ = '{"intent":"find_business","slots":{"category":"restaurant","cuisine":"thai","price":"cheap"}}'
     short = '{"intent":"find_business","slots":{}}'
     mid = '{"intent":"find_business","slots":{"category":"restaurant"}}'
 
     class Scores(ByLength):
-        def score(self, query, completion, user_city, timestamp, clicks):
+        def score(self, query, completion, user_city, timestamp, gains):
             return {long_: 0.9, mid: 0.5, short: 0.1}.get(completion, -1.0)
 
     class ScoresWithNamed(Scores):
-        def score(self, query, completion, user_city, timestamp, clicks):
-            return 0.0 if "find_named_business" in completion else super().score(query, completion, user_city, timestamp, clicks)
+        def score(self, query, completion, user_city, timestamp, gains):
+            return 0.0 if "find_named_business" in completion else super().score(query, completion, user_city, timestamp, gains)
 
     pairs = build_pairs(targets, [[mid, long_, short, "junk"], [short, short], [short, "junk"]], Scores(), min_gap=0.2, per_query=2)
     assert len(pairs) == 2  # query 2: one distinct candidate; query 3: the best finds nothing clicked
@@ -121,21 +128,21 @@ def test_pairs_fix_the_greedy_parse_and_skip_invalid_or_unclear_ones():
     no_price = '{"intent":"find_business","slots":{"category":"restaurant","cuisine":"thai"}}'
 
     class WithNoPrice(Scores):
-        def score(self, query, completion, user_city, timestamp, clicks):
-            return 0.8 if completion == no_price else super().score(query, completion, user_city, timestamp, clicks)
+        def score(self, query, completion, user_city, timestamp, gains):
+            return 0.8 if completion == no_price else super().score(query, completion, user_city, timestamp, gains)
 
     with_both = build_pairs(targets[:1], [[mid, long_, no_price]], WithNoPrice(), min_gap=0.2, per_query=2, schema=SCHEMA)
     assert with_both[["chosen", "rejected"]].values.tolist() == [[no_price, mid]]  # the best parse that adds no filter
 
 
 def test_a_chosen_parse_never_drops_what_the_query_writes():
-    target = {"query": "optometrist la", "user_city": "austin", "timestamp": "2026-09-01T12:00:00", "clicks": {"b": 1}}
+    target = {"query": "optometrist la", "user_city": "austin", "timestamp": "2026-09-01T12:00:00", "gains": {"b": 1.0}}
     la = '{"intent":"find_business","slots":{"category":"optometrist","city":"los angeles"}}'
     here = '{"intent":"find_business","slots":{"category":"optometrist","near_me":true}}'
     made_up = '{"intent":"find_business","slots":{"category":"optometrist","city":"miami"}}'
 
     class HereWins(ByLength):
-        def score(self, query, completion, user_city, timestamp, clicks):
+        def score(self, query, completion, user_city, timestamp, gains):
             return {here: 0.9}.get(completion, 0.1)
 
     pairs = build_pairs([target] * 2, [[la, here], [made_up, here]], HereWins(), min_gap=0.2, per_query=2, schema=SCHEMA)
@@ -150,10 +157,10 @@ def test_anchor_pairs_keep_the_slots_the_clicks_need_within_quotas():
     no_cat = '{"intent":"find_business","slots":{"city":"chicago","price":"cheap"}}'
 
     class CityMatters(ByLength):
-        def score(self, query, completion, user_city, timestamp, clicks):
+        def score(self, query, completion, user_city, timestamp, gains):
             return {full: 0.8, no_city: 0.1, no_cat: 0.7}.get(completion, 0.0)
 
-    targets = [{"query": q, "user_city": "austin", "timestamp": "2026-09-01T12:00:00", "clicks": {"b": 1}, "rows": r}
+    targets = [{"query": q, "user_city": "austin", "timestamp": "2026-09-01T12:00:00", "gains": {"b": 1.0}, "rows": r}
                for q, r in (("bars chicago", 3), ("cheap bar chicago", 9), ("bar in chicago", 1))]
     quotas = dropped_slots(pd.DataFrame({"chosen": [no_city, no_city], "rejected": [full, full]}))
     assert quotas == {"city": 2}
@@ -168,7 +175,7 @@ def test_anchor_pairs_keep_the_slots_the_clicks_need_within_quotas():
 
 def test_screening_keeps_queries_whose_parses_earn_different_rewards():
     a, b = '{"intent":"find_business","slots":{}}', '{"intent":"find_business","slots":{"category":"bar"}}'
-    targets = [{"query": q, "user_city": "austin", "timestamp": "2026-09-01T12:00:00", "clicks": {"b": 1}} for q in "wxyz"]
+    targets = [{"query": q, "user_city": "austin", "timestamp": "2026-09-01T12:00:00", "gains": {"b": 1.0}} for q in "wxyz"]
     kept = screen(targets, [[a, a, a], [a, b], ["", a], [b, "junk"]], ByLength())
     assert [t["query"] for t in kept] == ["x", "z"]  # w: one parse; y: an empty sample is no candidate
     improvable = screen(targets, [[a, a, a], [a, b], ["", a], [b, "junk"]], ByLength(), improvable=True)
@@ -181,7 +188,7 @@ def test_sampling_explores_only_the_queries_whose_greedy_parse_misses(tiny_sft, 
     targets = click_targets(small_world, 4, seed=0)
 
     class MissesFirst:  # the first query's greedy parse finds nothing clicked; the others find everything
-        def score(self, query, completion, user_city, timestamp, clicks):
+        def score(self, query, completion, user_city, timestamp, gains):
             return 0.0 if query == targets[0]["query"] else 1.0
 
     candidates, confidence = sample_candidates(tiny_sft, targets, 3, 1.0, seed=0, say=lambda _: None, reward=MissesFirst(), explore_below=0.5)

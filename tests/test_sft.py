@@ -83,6 +83,7 @@ def test_train_predict_and_eval_through_the_cli(tiny_base, small_world_master, t
         assert (model / name).is_file(), name
     config = json.loads((model / "train_config.json").read_text())
     assert config["max_steps"] == 2 and config["lora_r"] == 4 and config["schema_version"] == SCHEMA.version
+    assert config["dtype"] == "fp32" and config["gradient_checkpointing"] is False
     assert len((model / "steps.jsonl").read_text().splitlines()) == 2
 
     result = CliRunner().invoke(app, ["predict", "--model", str(model), "cheap thai near me", "plumber"])
@@ -121,6 +122,22 @@ def test_bad_input_gets_a_clear_error(args, message, tmp_path):
 
 def test_presets_are_sized_for_a_laptop():
     assert PRESETS["quick"]["max_steps"] * PRESETS["quick"]["batch_size"] <= 2500  # ~1 pass over a seed set
+    # the budget is steps x batch: the minutes cap must not cut 280 steps short at ~3-6 s/step on 2 cores
+    assert PRESETS["quick"]["max_minutes"] is None or PRESETS["quick"]["max_minutes"] * 60 >= PRESETS["quick"]["max_steps"] * 10
+    assert all(not p["gradient_checkpointing"] and p["bf16"] == "auto" for p in PRESETS.values())
+
+
+def test_bf16_auto_is_measured_once_per_machine_and_recorded(tiny_base, tmp_path, monkeypatch):
+    monkeypatch.setenv("QUERYTUNE_CACHE", str(tmp_path / "cache"))
+    first = train_sft(ROWS, SCHEMA, tmp_path / "a", str(tiny_base), TINY | {"bf16": "auto", "max_steps": 1}, say=lambda _: None)
+    probe = first["dtype_probe"]
+    assert first["dtype"] == probe["dtype"] in ("fp32", "bf16") and probe["fp32_s"] > 0 and probe["bf16_s"] > 0 and not probe["cached"]
+    assert (probe["dtype"] == "bf16") == (probe["bf16_s"] < 0.95 * probe["fp32_s"])
+    cached = json.loads((tmp_path / "cache" / "dtype_probe.json").read_text())
+    assert list(cached) == [probe["hardware"]] and "threads" in probe["hardware"]
+    second = train_sft(ROWS, SCHEMA, tmp_path / "b", str(tiny_base), TINY | {"bf16": "auto", "max_steps": 1}, say=lambda _: None)
+    assert second["dtype_probe"] == probe | {"cached": True}
+    assert first["steps"] == first["schedule_steps"] == 1 and not first["gradient_checkpointing"]
 
 
 @pytest.mark.slow

