@@ -88,12 +88,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=280, help="Optimizer steps of each training row (the same for all).")
     ap.add_argument("--batch-size", type=int, default=8, help="Examples per step of each training row.")
     ap.add_argument("--texts", type=int, default=4000, help="Early-log texts the ceiling and guideline rows add to the seed.")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="Training dtype of every row (fixed, not probed).")
+    ap.add_argument("--dtype", default="sft", choices=["sft", "fp32", "bf16"],
+                    help="Training dtype of every row, fixed (not probed per row); sft: the one the given SFT model trained in.")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of every training and parsing run.")
     ap.add_argument("--max-minutes", type=float, default=0, help="Cap per training row (0: none); the steps are the budget.")
     args = ap.parse_args()
 
     out, world = args.out, args.world
+    if args.dtype == "sft":
+        config = args.sft / "train_config.json"
+        args.dtype = json.loads(config.read_text()).get("dtype", "fp32") if config.is_file() else "fp32"
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     qt = [str(Path(sys.executable).parent / "querytune")]
     seed_rows = load_rows(world / "seed.jsonl")

@@ -12,28 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
+from pathlib import Path
 
-import pandas as pd
-
-from querytune.schema import normalize_text
-
-
-def oracle_rows(world: str, n: int, seed: int = 0) -> list[dict]:
-    """`n` distinct early-log texts (not in the seed set; rows drawn uniformly, so texts by traffic) with their true parses."""
-    log = pd.read_parquet(f"{world}/log.parquet", columns=["query_id", "query", "period", "timestamp", "user_city"])
-    needs = pd.read_parquet(f"{world}/audit/needs.parquet", columns=["query_id", "intent", "slots"]).set_index("query_id")
-    seen = {normalize_text(json.loads(line)["text"]) for line in open(f"{world}/seed.jsonl", encoding="utf-8")}
-    rows = []
-    for r in log[log["period"] == "early"].sample(frac=1.0, random_state=seed).itertuples():
-        text = normalize_text(r.query)
-        if text in seen:
-            continue
-        seen.add(text)
-        rows.append({"id": r.query_id, "text": r.query, "intent": needs.at[r.query_id, "intent"], "slots": json.loads(needs.at[r.query_id, "slots"]),
-                     "timestamp": r.timestamp.isoformat(), "user_city": r.user_city})
-        if len(rows) >= n:
-            break
-    return rows
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare import log_texts  # noqa: E402  (eval/compare.py builds the same rows for its label-ceiling row)
 
 
 def main() -> None:
@@ -43,7 +26,7 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="JSONL to write: the seed rows and the labeled log texts, shuffled")
     ap.add_argument("--no-seed", action="store_true", help="write only the log texts")
     args = ap.parse_args()
-    rows = oracle_rows(args.world, args.n)
+    rows = log_texts(Path(args.world), args.n, "need")
     seed = [] if args.no_seed else [json.loads(line) for line in open(f"{args.world}/seed.jsonl", encoding="utf-8")]
     out = seed + rows
     random.Random(0).shuffle(out)

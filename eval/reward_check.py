@@ -38,7 +38,7 @@ from querytune.reward import RetrievalReward
 from querytune.schema import Parse, ParseError, Schema, load_schema, normalize_text
 from querytune.search import Context, Searcher
 
-FILTERS = {"outdoor_seating": [True], "kid_friendly": [True], "open": ["now", "late"], "price": ["cheap", "upscale"]}
+FILTERS = {"outdoor_seating": [True], "kid_friendly": [True], "open": ["now", "late"], "price": ["cheap", "expensive"]}
 WHAT_WHERE = ("category", "cuisine", "business_name", "city", "neighborhood")
 MIN_CONTEXTS = 5
 THRESHOLDS = {"guideline": 0.75, "made_up_filter": 0.60, "dropped_what_where": 0.80, "dropped_near_me": None}

@@ -14,6 +14,8 @@ was labeled. Sources for each mechanism are in the README's world section.
 
 from __future__ import annotations
 
+from querytune.world.vocab import CUISINES
+
 MECHANISMS = ("taxonomy", "drift", "generic_name", "filter_guideline")
 # share of dev and test rows each mechanism touches (stratified sampling, see make.py)
 TEST_SHARES = {"taxonomy": 0.05, "drift": 0.06, "generic_name": 0.03, "filter_guideline": 0.05}
@@ -21,34 +23,20 @@ TEST_SHARES = {"taxonomy": 0.05, "drift": 0.06, "generic_name": 0.03, "filter_gu
 # -- taxonomy: fine cuisine (as the catalogue and the schema spell it) -> the guideline's broad cuisine ----------
 FINE_TO_BROAD = {"pizza": "italian", "ramen": "japanese", "sushi": "japanese", "tacos": "mexican", "pho": "vietnamese",
                  "burgers": "american", "bbq": "american", "dim_sum": "chinese"}
-# v2's cuisines: weight, surfaces, slang. The dish words that were slang of broad cuisines in v1 ("tacos" for
-# mexican, "pho" for vietnamese, "dim sum" for chinese) are fine cuisines of their own here.
-V2_CUISINES: dict[str, tuple[float, list[str], list[str]]] = {
-    "thai": (3.0, ["thai", "thai food"], ["pad thai"]),
+# v2's cuisines: weight, surfaces, slang; v1's (vocab.CUISINES) where not listed here. The dish words that were slang
+# of broad cuisines in v1 ("tacos" for mexican, "pho" for vietnamese, "dim sum" for chinese) are fine cuisines here.
+_V2_CHANGED: dict[str, tuple[float, list[str], list[str]]] = {
     "mexican": (3.0, ["mexican", "mexican food"], ["taqueria", "mex"]),
     "italian": (3.0, ["italian", "italian food"], ["pasta"]),
     "chinese": (3.0, ["chinese", "chinese food"], ["chinese takeout"]),
-    "japanese": (2.0, ["japanese", "japanese food"], ["izakaya"]),
-    "sushi": (2.5, ["sushi", "sushi bar"], ["sashimi", "omakase"]),
-    "indian": (2.5, ["indian", "indian food"], ["curry", "tikka masala"]),
     "vietnamese": (1.2, ["vietnamese", "vietnamese food"], ["banh mi"]),
-    "korean": (1.5, ["korean", "korean food"], ["kbbq", "korean bbq"]),
-    "bbq": (2.0, ["bbq", "barbecue", "barbeque"], ["brisket", "smokehouse"]),
-    "pizza": (4.0, ["pizza", "pizzeria"], ["za", "pizza joint", "slice"]),
-    "burgers": (3.0, ["burgers", "burger"], ["burger joint", "smash burger"]),
     "tacos": (2.0, ["tacos", "taco shop"], ["street tacos", "taco spot"]),
     "pho": (1.0, ["pho", "pho shop"], ["pho spot", "noodle house"]),
     "dim_sum": (1.0, ["dim sum", "dumplings"], ["yum cha", "dumpling house"]),
-    "mediterranean": (1.5, ["mediterranean", "mediterranean food"], ["falafel", "shawarma"]),
-    "greek": (1.0, ["greek", "greek food"], ["gyro", "gyros"]),
-    "french": (1.2, ["french", "french restaurant"], ["bistro", "brasserie"]),
-    "american": (2.5, ["american", "american food"], ["diner", "comfort food"]),
-    "seafood": (1.5, ["seafood", "fish restaurant"], ["oysters", "crab shack"]),
-    "vegan": (1.2, ["vegan", "vegan food"], ["plant based", "vegan eats"]),
-    "ramen": (1.2, ["ramen", "ramen shop"], ["noodle soup", "tonkotsu"]),
-    "middle_eastern": (1.0, ["middle eastern", "middle eastern food"], ["kebab", "hummus"]),
-    "brunch": (1.5, ["brunch", "breakfast"], ["bottomless mimosas", "pancakes"]),
 }
+_V2_ORDER = ["thai", "mexican", "italian", "chinese", "japanese", "sushi", "indian", "vietnamese", "korean", "bbq", "pizza", "burgers",
+             "tacos", "pho", "dim_sum", "mediterranean", "greek", "french", "american", "seafood", "vegan", "ramen", "middle_eastern", "brunch"]
+V2_CUISINES = {c: _V2_CHANGED.get(c) or CUISINES[c] for c in _V2_ORDER}
 # the catalogue's restaurants draw their cuisine from these weights: fine cuisines are 17.2 of 48.2 (36%)
 CATALOG_CUISINE_WEIGHTS = {c: w for c, (w, _, _) in V2_CUISINES.items()}
 
