@@ -143,6 +143,7 @@ def main() -> None:
     targets = [t for t in click_targets(args.world, 10**9) if len(t["contexts"]) >= MIN_CONTEXTS][:args.texts]
     results: dict[str, list[tuple[float, float]]] = defaultdict(list)
     by_tag: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    by_filter: dict[str, list[tuple[float, float]]] = defaultdict(list)  # which made-up filter: hours cut, attributes reorder
     skipped = Counter()
     for t in targets:
         info = truth.get(normalize_text(t["query"]))
@@ -167,6 +168,9 @@ def main() -> None:
             if kind == "guideline":
                 for tag in info["mechanisms"] or ["(none)"]:
                     by_tag[tag].append(pair)
+            if kind == "made_up_filter":
+                added = next(k for k in json.loads(rival)["slots"] if k not in need["slots"])
+                by_filter[added].append(pair)
     print(f"{len(targets)} texts with >= {MIN_CONTEXTS} logged contexts; skipped: {dict(skipped) or 'none'}; aliases: {aliases}")
     print(f"{'true parse vs':<28} {'n':>5} {'above':>7} {'tie':>7} {'below':>7} {'threshold':>10}")
     summary = {}
@@ -177,11 +181,13 @@ def main() -> None:
         fmt = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
         verdict = "(a tie by construction)" if not bar else "no texts" if r["above"] is None else "met" if summary[kind]["met"] else "NOT met"
         print(f"{kind:<28} {r['n']:>5} {fmt(r['above']):>7} {fmt(r['tie']):>7} {fmt(r['below']):>7} {'>= ' + str(bar) if bar else '':>10}  {verdict}")
-    for tag in sorted(by_tag):
-        r = tally(by_tag[tag])
-        print(f"  guideline, {tag:<16} {r['n']:>5} {r['above']:>7.3f} {r['tie']:>7.3f} {r['below']:>7.3f}")
+    for label, groups in (("guideline", by_tag), ("made_up_filter", by_filter)):
+        for key in sorted(groups):
+            r = tally(groups[key])
+            print(f"  {label}, {key:<16} {r['n']:>5} {r['above']:>7.3f} {r['tie']:>7.3f} {r['below']:>7.3f}")
     print(json.dumps({"texts": len(targets), "skipped": dict(skipped), "aliases": aliases, **summary,
-                      "guideline_by_mechanism": {tag: tally(v) for tag, v in sorted(by_tag.items())}}))
+                      "guideline_by_mechanism": {tag: tally(v) for tag, v in sorted(by_tag.items())},
+                      "made_up_filter_by_slot": {k: tally(v) for k, v in sorted(by_filter.items())}}))
 
 
 if __name__ == "__main__":
