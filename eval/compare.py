@@ -110,9 +110,13 @@ def main() -> None:
             write_jsonl(rows, data[name])
     split = world / f"{args.split}.jsonl"
     models = {"sft": args.sft} | {name: out / "models" / name for name in TRAINED}
+    # On the stationary profile the guideline is the need: the same data would train the same model twice.
+    same_as = {"guideline_run": "label_ceiling"} if load_rows(data["guideline_run"]) == load_rows(data["label_ceiling"]) else {}
+    for name, twin in same_as.items():
+        models[name] = models[twin]
     timings = {}
     for name in TRAINED:
-        if not (models[name] / "querytune.json").is_file():
+        if name not in same_as and not (models[name] / "querytune.json").is_file():
             t0 = time.perf_counter()
             run(qt + ["train", "sft", "--init", str(args.sft), "--data", str(data[name]), "--out", str(models[name]),
                       "--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-minutes", str(args.max_minutes),
@@ -120,7 +124,7 @@ def main() -> None:
             timings[name] = round(time.perf_counter() - t0, 1)
     preds = {}
     for name, folder in models.items():
-        preds[name] = out / "predictions" / f"{name}_{args.split}.jsonl"
+        preds[name] = out / "predictions" / f"{same_as.get(name, name)}_{args.split}.jsonl"
         if not preds[name].is_file():
             tmp = preds[name].with_suffix(".tmp.jsonl")
             run(qt + ["eval", "parse", "--model", str(folder), "--data", str(split), "--out", str(out / "predictions" / f"{name}_{args.split}_parse.json"),
@@ -141,7 +145,7 @@ def main() -> None:
     result = {"table": table, "meta": {
         "world": str(world), "split": args.split, "graded_rows": sum(bool(r.get("relevance")) for r in rows), "sft": str(args.sft),
         "steps": args.steps, "steps_done": steps, "batch_size": args.batch_size, "dtype": args.dtype, "threads": args.threads,
-        "texts": args.texts, "train_seconds_this_run": timings, "hardware": hardware(),
+        "texts": args.texts, "same_data_as": same_as, "train_seconds_this_run": timings, "hardware": hardware(),
         "bootstrap": {"draws": 2000, "interval": "percentile 95%", "unit": "graded query", "paired_with": "control"}}}
     (out / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "compare.md").write_text(markdown(result))
@@ -173,7 +177,8 @@ def markdown(result: dict) -> str:
     table, meta = result["table"], result["meta"]
     systems = [k for k in table["all"] if k != "n"]
     lines = [f"NDCG@10 on {meta['split']} ({meta['graded_rows']} graded queries), {meta['world']}; training rows: {meta['steps']} steps x "
-             f"{meta['batch_size']}, {meta['dtype']}, {meta['threads']} threads, from {meta['sft']}; {meta['hardware']}.", "",
+             f"{meta['batch_size']}, {meta['dtype']}, {meta['threads']} threads, from {meta['sft']}; {meta['hardware']}."
+             + "".join(f" {a} is {b}'s model (the same training data)." for a, b in meta.get("same_data_as", {}).items()), "",
              "| system | " + " | ".join(f"{g} (n={table[g]['n']})" for g in table) + " |", "|---|" + "---|" * len(table)]
     for name in systems:
         cells = []
