@@ -10,7 +10,11 @@ model versions live side by side. The *active* version is the one served; `promo
 `rollback` returns to the previous one. Both are one command.
 
 URLs: `sqlite:///relative/path.db`, `sqlite:////absolute/path.db` (WAL journal, safe for several readers and one
-writer at a time) and `redis://host:port/db`.
+writer at a time) and `redis://[:password@]host:port/db`. In Redis, entries expire after `ENTRY_TTL_S` unless
+rewritten and promotions never do, so a `volatile-lru` memory policy can evict entries but never the promotion history.
+
+Any failure of the store (unreachable, hung, a write refused: NOREPLICAS, MISCONF, READONLY, a SQLite lock) raises
+`CacheUnavailable` naming the store; the server (`querytune.serving_cache`) goes on without it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any, Iterable, Protocol
 from urllib.parse import urlparse
 
 PREFIX = "qt"  # Redis key prefix
+ENTRY_TTL_S = 30 * 24 * 3600  # Redis entries; promotions carry no TTL (see the module doc)
 
 
 @dataclass(frozen=True)
@@ -36,7 +41,7 @@ class Entry:
 
 
 class CacheUnavailable(RuntimeError):
-    """The cache's store cannot be reached (Redis down): callers go on without it."""
+    """The cache's store failed (down, hung, a write refused or locked): callers go on without it."""
 
 
 class Cache(Protocol):
@@ -61,56 +66,79 @@ def _entry(s: str | bytes) -> Entry:
 
 
 class SQLiteCache:
-    """One table of entries and one of promotions, in a WAL-journaled file."""
+    """One table of entries and one of promotions, in a WAL-journaled file. `busy_timeout_s`: how long a write waits
+    for another writer's lock (the server keeps it short: a `cache warm` in progress must not hold a request)."""
 
-    def __init__(self, path: str | Path, url: str | None = None):
-        self.path, self.url = Path(path), url or f"sqlite:///{path}"
+    def __init__(self, path: str | Path, url: str | None = None, busy_timeout_s: float = 30.0, create: bool = True):
+        self.path, self.url, self.busy_timeout_s = Path(path), url or f"sqlite:///{path}", busy_timeout_s
+        if not create and not self.path.is_file():
+            raise FileNotFoundError(f"cache {self.url}: no such file {self.path} (check the path; `cache load` creates one)")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        with self._db() as db:
+        try:
+            db = self._db()
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("CREATE TABLE IF NOT EXISTS entries (schema_version TEXT, model_version TEXT, query TEXT, value TEXT, "
                        "PRIMARY KEY (schema_version, model_version, query)) WITHOUT ROWID")
             db.execute("CREATE TABLE IF NOT EXISTS promotions (at REAL, model_version TEXT, model_dir TEXT, schema_version TEXT)")
+        except sqlite3.DatabaseError as e:  # not a database, or a torn one: say which file, no traceback
+            raise ValueError(f"cache {self.url}: {self.path} is not a usable SQLite database ({e})") from None
 
     def _db(self) -> sqlite3.Connection:
         """One connection per thread (sqlite3 connections may not cross threads)."""
         db = getattr(self._local, "db", None)
         if db is None:
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            db = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
             db.execute("PRAGMA synchronous=NORMAL")
             self._local.db = db
         return db
 
+    def _run(self, fn):
+        try:
+            return fn(self._db())
+        except sqlite3.Error as e:
+            raise CacheUnavailable(f"{self.url}: {e}") from e
+
     def get_many(self, queries, schema_version, model_version):
         if not queries:
             return []
-        db, found = self._db(), {}
-        for start in range(0, len(queries), 500):
-            chunk = queries[start:start + 500]
-            marks = ",".join("?" * len(chunk))
-            for q, v in db.execute(f"SELECT query, value FROM entries WHERE schema_version=? AND model_version=? AND query IN ({marks})",
-                                   [schema_version, model_version, *chunk]):
-                found[q] = _entry(v)
-        return [found.get(q) for q in queries]
+
+        def read(db):
+            found = {}
+            for start in range(0, len(queries), 500):
+                chunk = queries[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                for q, v in db.execute(f"SELECT query, value FROM entries WHERE schema_version=? AND model_version=? AND query IN ({marks})",
+                                       [schema_version, model_version, *chunk]):
+                    found[q] = _entry(v)
+            return [found.get(q) for q in queries]
+
+        return self._run(read)
 
     def put_many(self, items, schema_version):
         rows = [(schema_version, e.model_version, q, _entry_json(e)) for q, e in items]
-        db = self._db()
-        db.execute("BEGIN")
-        db.executemany("INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?)", rows)
-        db.execute("COMMIT")
-        return len(rows)
+
+        def write(db):
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany("INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?)", rows)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            return len(rows)
+
+        return self._run(write)
 
     def stats(self):
-        db = self._db()
-        per = db.execute("SELECT schema_version, model_version, COUNT(*) FROM entries GROUP BY 1, 2 ORDER BY 3 DESC").fetchall()
+        per = self._run(lambda db: db.execute(
+            "SELECT schema_version, model_version, COUNT(*) FROM entries GROUP BY 1, 2 ORDER BY 3 DESC").fetchall())
         return {"url": self.url, "entries": sum(n for *_, n in per), "bytes": self.path.stat().st_size,
                 "versions": [{"schema_version": s, "model_version": m, "entries": n} for s, m, n in per], "active": self.active(),
                 "promotions": len(self._history())}
 
     def _history(self) -> list[dict[str, Any]]:
-        rows = self._db().execute("SELECT at, model_version, model_dir, schema_version FROM promotions ORDER BY rowid").fetchall()
+        rows = self._run(lambda db: db.execute("SELECT at, model_version, model_dir, schema_version FROM promotions ORDER BY rowid").fetchall())
         return [{"at": a, "model_version": m, "model_dir": d, "schema_version": s} for a, m, d, s in rows]
 
     def active(self):
@@ -118,15 +146,14 @@ class SQLiteCache:
         return history[-1] if history else None
 
     def promote(self, model_version, model_dir, schema_version):
-        self._db().execute("INSERT INTO promotions VALUES (?, ?, ?, ?)", (time.time(), model_version, model_dir, schema_version))
+        self._run(lambda db: db.execute("INSERT INTO promotions VALUES (?, ?, ?, ?)", (time.time(), model_version, model_dir, schema_version)))
         return self.active()
 
     def rollback(self):
         history = self._history()
         if len(history) < 2:
             raise ValueError(f"{self.url}: nothing to roll back to ({len(history)} promotion(s) recorded)")
-        db = self._db()
-        db.execute("DELETE FROM promotions WHERE rowid = (SELECT MAX(rowid) FROM promotions)")
+        self._run(lambda db: db.execute("DELETE FROM promotions WHERE rowid = (SELECT MAX(rowid) FROM promotions)"))
         return self.active()
 
 
@@ -134,10 +161,10 @@ class RedisCache:
     """Entries as plain keys `qt:<schema>:<model>:<query>` (MGET / pipelined SET); promotions as a list. A store that
     cannot be reached raises `CacheUnavailable`."""
 
-    def __init__(self, url: str, timeout: float = 0.5):
+    def __init__(self, url: str, timeout: float = 0.5, ttl_s: int | None = ENTRY_TTL_S):
         import redis
 
-        self.url = url
+        self.url, self.ttl_s = _redact(url), ttl_s
         self.client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
 
     def _call(self, fn, *args):
@@ -145,8 +172,8 @@ class RedisCache:
 
         try:
             return fn(*args)
-        except (redis.ConnectionError, redis.TimeoutError) as e:
-            raise CacheUnavailable(f"{self.url}: {e}") from e
+        except redis.RedisError as e:  # down, hung, or a write refused (NOREPLICAS, MISCONF, READONLY, OOM, NOAUTH)
+            raise CacheUnavailable(f"{self.url}: {type(e).__name__}: {e}") from e
 
     @staticmethod
     def key(schema_version: str, model_version: str, query: str) -> str:
@@ -162,7 +189,7 @@ class RedisCache:
         n = 0
         pipe = self.client.pipeline(transaction=False)
         for q, e in items:
-            pipe.set(self.key(schema_version, e.model_version, q), _entry_json(e))
+            pipe.set(self.key(schema_version, e.model_version, q), _entry_json(e), ex=self.ttl_s)
             n += 1
             if n % 1000 == 0:
                 self._call(pipe.execute)
@@ -196,8 +223,19 @@ class RedisCache:
         return self.active()
 
 
-def open_cache(url: str) -> SQLiteCache | RedisCache:
-    """A cache from its URL (see the module doc).
+def _redact(url: str) -> str:
+    """The URL without its password, for messages and stats.
+
+    >>> _redact("redis://:s3cret@redis:6379/0")
+    'redis://:***@redis:6379/0'
+    """
+    parsed = urlparse(url)
+    return url.replace(f":{parsed.password}@", ":***@", 1) if parsed.password else url
+
+
+def open_cache(url: str, busy_timeout_s: float = 30.0, create: bool = True) -> SQLiteCache | RedisCache:
+    """A cache from its URL (see the module doc). `create=False` (read-only commands): a SQLite file that does not
+    exist is an error, not a new empty cache.
 
     >>> import tempfile; c = open_cache(f"sqlite:///{tempfile.mkdtemp()}/c.db")
     >>> c.put_many([("pizza", Entry({"intent": "find_business", "slots": {}}, True, 0.9, "m1"))], "s1")
@@ -210,7 +248,7 @@ def open_cache(url: str) -> SQLiteCache | RedisCache:
         path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
         if not path:
             raise ValueError(f"cache URL {url!r}: write sqlite:///relative/path.db or sqlite:////absolute/path.db")
-        return SQLiteCache(path, url)
+        return SQLiteCache(path, url, busy_timeout_s=busy_timeout_s, create=create)
     if parsed.scheme in ("redis", "rediss"):
         return RedisCache(url)
     raise ValueError(f"cache URL {url!r}: use sqlite:///path.db or redis://host:port/db")

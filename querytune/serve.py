@@ -3,30 +3,45 @@
     querytune serve --model runs/sft --cache sqlite:///runs/cache.db [--host 127.0.0.1] [--port 8000] [--backend transformers|vllm]
 
 A request's queries are normalised and looked up in the cache (exact match on normalised query, schema and model
-version). Misses from concurrent requests are gathered for a few milliseconds into one backend call (`MissBatcher`)
-and the valid parses written back. A miss that the model does not answer within the deadline gets a defined degraded
-answer, `source: fallback` (no parse: search the raw text), and is appended to the fallback queue for offline
-labeling. The cache down (Redis unreachable): every query goes to the model. The model down: hits still answer,
-misses get 503 with the reason.
+version): first an in-process copy of the hot entries, then the store, off the event loop and behind a circuit
+breaker (`querytune.serving_cache`). Misses from concurrent requests are gathered for a few milliseconds into one
+backend call (`MissBatcher`) and the valid parses written back in the background. A miss that the model does not
+answer within the deadline gets a defined degraded answer, `source: fallback` (no parse: search the raw text), and is
+appended to the fallback queue for offline labeling. The store down, hung or refusing writes: hot queries still hit
+the in-process copy, the rest go to the model, and `/healthz` says `degraded`. The model down: hits still answer,
+misses get 503 with the reason. With `--model active` the server follows `cache promote` / `rollback` without a
+restart (`PromotionWatcher`).
 
-Endpoints: `GET /v1/parse?q=...`, `POST /v1/parse {"queries": [...]}`, `/healthz`, `/metrics` (Prometheus), `/docs`.
+Every error, of any status, has one body: `{"error": message, "code": reason, "request_id": id}`. Every response
+carries `X-Request-ID`; the access log (logger `querytune.access`) writes one JSON line per request.
+
+Endpoints: `GET /v1/parse?q=...`, `POST /v1/parse {"queries": [...]}`, `/healthz`, `/metrics` (Prometheus), `/docs`
+(Swagger UI, served locally).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
+import logging
+import re
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pydantic import BaseModel, Field
 
-from querytune.cache import CacheUnavailable, Entry
+from querytune.cache import Entry
 from querytune.label import check_query
+from querytune.serving_cache import ServingCache
+
+access_log = logging.getLogger("querytune.access")
+log = logging.getLogger("querytune.serve")
 
 
 @dataclass
@@ -39,6 +54,9 @@ class Settings:
     max_miss_batch: int = 32
     api_key: str | None = None
     fallback_log: str | None = None  # JSONL file: queries answered by the fallback, for offline labeling
+    local_cache_entries: int = 20000  # the in-process copy of hot entries that answers while the store is down
+    lookup_timeout_s: float = 0.25  # a hung store costs a request at most this
+    watch_promotions_s: float = 0.0  # > 0 with `--model active`: follow promotions this often
 
 
 class Result(BaseModel):
@@ -57,7 +75,35 @@ class Result(BaseModel):
 class Batch(BaseModel):
     """The body of POST /v1/parse."""
 
-    queries: list[str]
+    queries: list[str] = Field(description="Search-box queries, at most `--max-batch` of them.")
+
+
+class BatchResult(BaseModel):
+    """The answer to POST /v1/parse: one result per query, in order."""
+
+    results: list[Result]
+
+
+class ErrorBody(BaseModel):
+    """The body of every error response (4xx and 5xx)."""
+
+    error: str = Field(description="What went wrong, in one line")
+    code: str = Field(description="auth, bad_query, batch, body, not_found, method, model_down, internal")
+    request_id: str
+    results: list[Result] | None = Field(None, description="POST with the model down: every query's result (hits still answer)")
+
+
+class Health(BaseModel):
+    status: str = Field(description="ok, or degraded (the cache store failing; answers go on)")
+    model_version: str
+    schema_version: str
+    backend: str
+    cache: dict[str, Any]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, results: list | None = None):
+        self.status, self.code, self.message, self.results = status, code, message, results
 
 
 class BackendDown(RuntimeError):
@@ -136,7 +182,7 @@ def _metrics():
     return reg, {
         "answers": Counter("querytune_answers", "Parsed queries answered, by source", ["source"], registry=reg),
         "errors": Counter("querytune_errors", "Requests refused or failed, by reason", ["reason"], registry=reg),
-        "cache_errors": Counter("querytune_cache_errors", "Cache lookups or writes that failed (store down)", registry=reg),
+        "cache_errors": Counter("querytune_cache_errors", "Cache store reads or writes that failed", ["kind"], registry=reg),
         "latency": Histogram("querytune_request_seconds", "Request latency", ["endpoint"], registry=reg,
                              buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)),
         "batch": Histogram("querytune_miss_batch_size", "Distinct queries per backend call", registry=reg,
@@ -144,159 +190,326 @@ def _metrics():
     }
 
 
-def create_app(backend, cache, settings: Settings | None = None, model_version: str | None = None, schema_version: str | None = None):
-    """The FastAPI app. `backend`: a model backend (`querytune.backends`) or None (every miss gets 503);
-    `cache`: a `querytune.cache` cache or None."""
-    from fastapi import FastAPI, Query, Request
-    from fastapi.responses import JSONResponse, PlainTextResponse
-    from prometheus_client import generate_latest
+def error_body(status: int, code: str, message: str, request_id: str, results: list | None = None) -> tuple[int, bytes]:
+    body = {"error": message, "code": code, "request_id": request_id} | ({"results": results} if results is not None else {})
+    return status, json.dumps(body).encode()
 
-    settings = settings or Settings()
-    model_version = model_version or backend.model_version
-    schema_version = schema_version or backend.schema_version
-    registry, m = _metrics()
-    fallback_lock = threading.Lock()
 
-    from contextlib import asynccontextmanager
+REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
-    @asynccontextmanager
-    async def lifespan(_app):
-        batcher.start()
-        yield
-        await batcher.stop()
 
-    app = FastAPI(title="querytune", version="1", lifespan=lifespan,
-                  description="Cache-first query understanding: a query in, its intent + slots parse out.")
+class Gate:
+    """Pure ASGI middleware in front of the app: a request id for every request, the body-size limit enforced on the
+    bytes actually received (a chunked body has no Content-Length to trust), and the access log."""
 
-    def refuse(status: int, reason: str, message: str) -> JSONResponse:
-        m["errors"].labels(reason).inc()
-        return JSONResponse({"error": message}, status_code=status)
+    def __init__(self, app, max_body_bytes: int, on_refuse: Callable[[str], None] | None = None, access: bool = True):
+        self.app, self.max_body_bytes, self.on_refuse, self.access = app, max_body_bytes, on_refuse, access
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if request.url.path.startswith("/v1/"):
-            if settings.api_key and request.headers.get("x-api-key") != settings.api_key \
-                    and request.headers.get("authorization") != f"Bearer {settings.api_key}":
-                return refuse(401, "auth", "missing or wrong API key (send X-API-Key or Authorization: Bearer)")
-            size = request.headers.get("content-length")
-            if size and int(size) > settings.max_body_bytes:
-                return refuse(413, "body", f"request body of {int(size)} bytes; at most {settings.max_body_bytes}")
-        return await call_next(request)
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        rid = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
+        scope.setdefault("state", {})["request_id"] = rid
+        status = [500]
 
-    def lookup(norms: list[str]) -> list[Entry | None]:
-        if cache is None:
-            return [None] * len(norms)
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+            await send(message)
+
+        if scope["method"] in ("POST", "PUT", "PATCH"):
+            body, too_big = await self._read_body(scope, receive)
+            if too_big:
+                if self.on_refuse:
+                    self.on_refuse("body")
+                await self._respond(send_with_id, *error_body(413, "body", f"request body over {self.max_body_bytes} bytes", rid))
+                return self._log(scope, rid, status[0], t0)
+            receive = _replay(body)
         try:
-            return cache.get_many(norms, schema_version, model_version)
-        except CacheUnavailable:
-            m["cache_errors"].inc()
-            return [None] * len(norms)
+            await self.app(scope, receive, send_with_id)
+        finally:
+            self._log(scope, rid, status[0], t0)
 
-    def write_back(items: list[tuple[str, Entry]]) -> None:
-        if cache is None or not items:
-            return
-        try:
-            cache.put_many(items, schema_version)
-        except CacheUnavailable:
-            m["cache_errors"].inc()
+    async def _read_body(self, scope, receive) -> tuple[bytes, bool]:
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
+            return b"", True
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:  # stop reading: the rest is never buffered
+                return b"", True
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                break
+        return b"".join(chunks), False
 
-    def write_answers(answers: list[tuple[str, Any]]) -> None:
-        write_back([(q, Entry(p.parse, True, float(p.confidence), model_version)) for q, p in answers if p.valid])
+    @staticmethod
+    async def _respond(send, status: int, body: bytes) -> None:
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
 
-    batcher = MissBatcher(backend, settings.batch_window_ms, settings.max_miss_batch, on_batch=m["batch"].observe, on_results=write_answers)
+    def _log(self, scope, rid: str, status: int, t0: float) -> None:
+        if self.access and access_log.isEnabledFor(logging.INFO):
+            client = scope.get("client") or ("", 0)
+            access_log.info(json.dumps({"ts": round(time.time(), 3), "request_id": rid, "method": scope["method"], "path": scope["path"],
+                                        "status": status, "ms": round(1000 * (time.perf_counter() - t0), 3), "client": client[0]}))
 
-    def queue_fallback(queries: list[str]) -> None:
-        if settings.fallback_log:
-            with fallback_lock, open(settings.fallback_log, "a", encoding="utf-8") as f:
+
+def _replay(body: bytes):
+    sent = False
+
+    async def receive():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()  # like a client that keeps the connection open: nothing more to read
+
+    return receive
+
+
+class Service:
+    """What the routes share: the model (swappable on promotion), the cache, the batcher and the metrics."""
+
+    def __init__(self, backend, cache_store, settings: Settings, model_version: str, schema_version: str):
+        self.backend, self.settings = backend, settings
+        self.model_version, self.schema_version = model_version, schema_version
+        self.registry, self.m = _metrics()
+        self.cache = ServingCache(cache_store, schema_version, settings.local_cache_entries, settings.lookup_timeout_s,
+                                  on_error=lambda kind: self.m["cache_errors"].labels(kind).inc())
+        self.batcher = MissBatcher(backend, settings.batch_window_ms, settings.max_miss_batch, on_batch=self.m["batch"].observe,
+                                   on_results=self.write_answers)
+        self.fallback_lock = threading.Lock()
+
+    def swap(self, backend) -> None:
+        """Serve another model from now on (a promotion); misses in flight finish with the old one."""
+        self.backend = self.batcher.backend = backend
+        self.model_version, self.schema_version = backend.model_version, backend.schema_version
+        self.cache.schema_version = backend.schema_version
+
+    def write_answers(self, answers: list[tuple[str, Any]]) -> None:
+        version = self.model_version
+        self.cache.write_back([(q, Entry(p.parse, True, float(p.confidence), version)) for q, p in answers if p.valid])
+
+    def queue_fallback(self, queries: list[str]) -> None:
+        if self.settings.fallback_log and queries:
+            with self.fallback_lock, open(self.settings.fallback_log, "a", encoding="utf-8") as f:
                 for q in queries:
                     f.write(json.dumps({"query": q, "at": time.time()}) + "\n")
 
-    async def answer(raw: list[str]) -> tuple[list[dict], int]:
-        t0 = time.perf_counter()
+    async def answer(self, raw: list[str]) -> tuple[list[dict], int]:
+        """Each query's result in order, and 200, or 503 when a miss found the model down. Bad input: ApiError 400."""
+        t0, s, version = time.perf_counter(), self.settings, self.model_version
         norms = []
         for q in raw:
-            norm, reason = check_query(q, settings.max_query_chars)
+            norm, reason = check_query(q, s.max_query_chars)
             if reason:
-                return [{"error": f"query {q[:40]!r}: {reason}"}], 400
+                raise ApiError(400, "bad_query", f"query {q[:40]!r}: {reason}")
             norms.append(norm)
-        found = lookup(norms)
+
+        def result(i, source, parse=None, valid=False, model_version=version, error=None):
+            return {"query": raw[i], "normalized": norms[i], "parse": parse, "valid": valid, "source": source,
+                    "model_version": model_version, "error": error}
+
+        found = await self.cache.get_many(norms, version)
         results: list[dict | None] = [None] * len(raw)
         waits: dict[str, asyncio.Future] = {}
-        for i, (q, n, e) in enumerate(zip(raw, norms, found)):
+        for i, (n, e) in enumerate(zip(norms, found)):
             if e is not None:
-                results[i] = {"query": q, "normalized": n, "parse": e.parse, "valid": e.valid, "source": "cache", "model_version": e.model_version}
+                results[i] = result(i, "cache", e.parse, e.valid, e.model_version)
             elif n not in waits:
-                waits[n] = batcher.submit(n)
+                waits[n] = self.batcher.submit(n)
         status, fallbacks = 200, []
         if waits:
-            done, _ = await asyncio.wait(waits.values(), timeout=settings.miss_deadline_s)
-            for n, fut in waits.items():
+            done, _ = await asyncio.wait(waits.values(), timeout=s.miss_deadline_s)
+            for fut in waits.values():
                 if fut not in done:
                     fut.cancel()
-        for i, (q, n) in enumerate(zip(raw, norms)):
+        for i, n in enumerate(norms):
             if results[i] is not None:
                 continue
             fut = waits[n]
             if fut.cancelled():
-                results[i] = {"query": q, "normalized": n, "parse": None, "valid": False, "source": "fallback", "model_version": model_version,
-                              "error": f"no model answer within {settings.miss_deadline_s:g} s: search the raw text; queued for offline labeling"}
+                results[i] = result(i, "fallback", error=f"no model answer within {s.miss_deadline_s:g} s: search the raw text; queued for offline labeling")
                 fallbacks.append(n)
             elif fut.exception() is not None:
                 status = 503
-                results[i] = {"query": q, "normalized": n, "parse": None, "valid": False, "source": "unavailable",
-                              "model_version": model_version, "error": str(fut.exception())}
+                results[i] = result(i, "unavailable", error=str(fut.exception()))
             else:
                 p = fut.result()
-                results[i] = {"query": q, "normalized": n, "parse": p.parse, "valid": bool(p.valid), "source": "model",
-                              "model_version": model_version, "error": p.error}
-        queue_fallback(list(dict.fromkeys(fallbacks)))
+                results[i] = result(i, "model", p.parse, bool(p.valid), error=p.error)
+        self.queue_fallback(list(dict.fromkeys(fallbacks)))
         ms = round(1000 * (time.perf_counter() - t0), 3)
         for r in results:
             r["latency_ms"] = ms
-            m["answers"].labels(r["source"]).inc()
+            self.m["answers"].labels(r["source"]).inc()
         return results, status  # type: ignore[return-value]
 
-    @app.get("/v1/parse", response_model=Result, summary="Parse one query")
+
+class PromotionWatcher:
+    """With `--model active`: polls the cache's promotion record and swaps the served model when it changes (a
+    promotion or a rollback), loading the new one on a thread while the old one keeps answering."""
+
+    def __init__(self, service: Service, store, load: Callable[[Path], Any], every_s: float, current_dir: str | None = None):
+        self.service, self.store, self.load, self.every_s = service, store, load, every_s
+        self.current = current_dir
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self.task:
+            self.task.cancel()
+
+    async def check(self) -> bool:
+        """One poll; True when the served model changed."""
+        loop = asyncio.get_running_loop()
+        try:
+            record = await loop.run_in_executor(self.service.cache.pool, self.store.active)
+        except Exception as e:  # noqa: BLE001 - the store down: keep serving the current model
+            log.warning("promotion check failed: %s", e)
+            return False
+        if not record or record["model_dir"] == self.current:
+            return False
+        try:
+            backend = await loop.run_in_executor(None, self.load, Path(record["model_dir"]))
+        except Exception as e:  # noqa: BLE001 - a bad promotion must not take the server down
+            log.error("promoted model %s could not be loaded, still serving %s: %s", record["model_dir"], self.current, e)
+            self.current = record["model_dir"]  # do not retry it every poll; the next promotion is tried
+            return False
+        self.service.swap(backend)
+        log.warning("now serving %s (model version %s)", record["model_dir"], backend.model_version)
+        self.current = record["model_dir"]
+        return True
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.every_s)
+            await self.check()
+
+
+def create_app(backend, cache, settings: Settings | None = None, model_version: str | None = None, schema_version: str | None = None,
+               watch: Callable[[Service], PromotionWatcher] | None = None, access_log: bool = True):
+    """The ASGI app. `backend`: a model backend (`querytune.backends`) or None (every miss gets 503); `cache`: a
+    `querytune.cache` store or None; `watch`: builds the promotion watcher (`--model active`)."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import Depends, Query, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, PlainTextResponse
+    from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+    from fastapi_offline import FastAPIOffline
+    from prometheus_client import generate_latest
+    from starlette.exceptions import HTTPException
+
+    settings = settings or Settings()
+    service = Service(backend, cache, settings, model_version or backend.model_version, schema_version or backend.schema_version)
+    m = service.m
+    watcher = watch(service) if watch else None
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        service.batcher.start()
+        if watcher:
+            watcher.start()
+        yield
+        if watcher:
+            await watcher.stop()
+        await service.batcher.stop()
+        await service.cache.drain()
+        service.cache.close()
+
+    app = FastAPIOffline(title="querytune", version="1", lifespan=lifespan,
+                         description="Cache-first query understanding: a query in, its intent + slots parse out.")
+    app.state.service = service
+    errors = {400: "Bad query (empty, too long, control characters, not text) or a malformed body", 401: "Missing or wrong API key",
+              413: "Too many queries or too large a body", 503: "The model backend is down (cached queries still answer)"}
+    responses = {code: {"model": ErrorBody, "description": text} for code, text in errors.items()}
+
+    def reply(request: Request, status: int, code: str, message: str, results: list | None = None) -> JSONResponse:
+        m["errors"].labels(code).inc()
+        body = {"error": message, "code": code, "request_id": request.scope.get("state", {}).get("request_id", "")}
+        return JSONResponse(body | ({"results": results} if results is not None else {}), status_code=status)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        return reply(request, e.status, e.code, e.message, e.results)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        # the input is never echoed: it may be NaN, 1e999 or a lone surrogate, which JSON cannot carry back
+        where = "; ".join(f"{'.'.join(str(x) for x in err.get('loc', ()))}: {err.get('msg', 'invalid')}" for err in e.errors()[:3])
+        return reply(request, 400, "bad_query", f"malformed request: {where}")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):
+        code = {400: "bad_query", 401: "auth", 404: "not_found", 405: "method"}.get(e.status_code, "http")
+        return reply(request, e.status_code, code, str(e.detail))
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, e: Exception):
+        log.exception("unhandled error in request %s", request.scope.get("state", {}).get("request_id"))
+        return reply(request, 500, "internal", f"internal error ({type(e).__name__}); see the server log")
+
+    key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="The server's API key (`--api-key`)")
+    bearer = HTTPBearer(auto_error=False, description="The same key as a bearer token")
+    key = (settings.api_key or "").encode()
+
+    async def authorized(api_key: str | None = Depends(key_header), token: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if not key:
+            return
+        given = (api_key or (token.credentials if token else "") or "").encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(given, key):  # constant time: the comparison leaks nothing about the key
+            raise ApiError(401, "auth", "missing or wrong API key (send X-API-Key or Authorization: Bearer)")
+
+    def timed(endpoint: str, t0: float) -> None:
+        m["latency"].labels(endpoint).observe(time.perf_counter() - t0)
+
+    @app.get("/v1/parse", response_model=Result, responses=responses, dependencies=[Depends(authorized)], summary="Parse one query")
     async def parse_one(q: str = Query(..., description="The search-box query.")):
         t0 = time.perf_counter()
-        results, status = await answer([q])
-        m["latency"].labels("get").observe(time.perf_counter() - t0)
+        results, status = await service.answer([q])
+        timed("get", t0)
         if status != 200:
-            return refuse(status, "bad_query" if status == 400 else "model_down", results[0]["error"])
+            raise ApiError(status, "model_down", results[0]["error"])
         return JSONResponse(results[0])
 
-    @app.post("/v1/parse", summary="Parse a batch of queries")
+    @app.post("/v1/parse", response_model=BatchResult, responses=responses, dependencies=[Depends(authorized)], summary="Parse a batch of queries")
     async def parse_many(batch: Batch):
         t0 = time.perf_counter()
         if not batch.queries:
-            return refuse(400, "bad_query", "queries: give at least one")
+            raise ApiError(400, "bad_query", "queries: give at least one")
         if len(batch.queries) > settings.max_batch:
-            return refuse(413, "batch", f"batch of {len(batch.queries)} queries; at most {settings.max_batch}")
-        results, status = await answer(batch.queries)
-        m["latency"].labels("post").observe(time.perf_counter() - t0)
-        if status == 400:
-            return refuse(400, "bad_query", results[0]["error"])
+            raise ApiError(413, "batch", f"batch of {len(batch.queries)} queries; at most {settings.max_batch}")
+        results, status = await service.answer(batch.queries)
+        timed("post", t0)
         if status == 503:
-            m["errors"].labels("model_down").inc()
-        return JSONResponse({"results": results}, status_code=status)
+            raise ApiError(503, "model_down", "the model backend is down; cached queries are answered in `results`", results)
+        return JSONResponse({"results": results})
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=Health, summary="Liveness and state (no key needed)")
     async def healthz():
-        cache_state = "none"
-        if cache is not None:
-            try:
-                cache.get_many(["healthz"], schema_version, model_version)
-                cache_state = "ok"
-            except CacheUnavailable:
-                cache_state = "down"
-        return {"status": "ok", "model_version": model_version, "schema_version": schema_version,
-                "backend": getattr(backend, "name", "none") if backend is not None else "down", "cache": cache_state}
+        await service.cache.probe()
+        cache_health = service.cache.health()
+        b = service.backend
+        return {"status": "degraded" if cache_health["state"] == "degraded" else "ok", "model_version": service.model_version,
+                "schema_version": service.schema_version, "backend": getattr(b, "name", "none") if b is not None else "down", "cache": cache_health}
 
-    @app.get("/metrics")
+    @app.get("/metrics", summary="Prometheus metrics")
     async def metrics():
-        return PlainTextResponse(generate_latest(registry).decode(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(generate_latest(service.registry).decode(), media_type="text/plain; version=0.0.4")
 
-    return app
+    return Gate(app, settings.max_body_bytes, on_refuse=lambda code: m["errors"].labels(code).inc(), access=access_log)
 
 
 def resolve_model(model: str, cache) -> Path:

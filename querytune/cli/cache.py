@@ -26,12 +26,14 @@ def _group() -> None:
     """The parse cache (SQLite or Redis): load, stats, warm, promote, rollback."""
 
 
-def _open(url: str):
+def _open(url: str, create: bool = False):
+    """The cache at `url`, reached now so a wrong URL fails here with its name; only `load` and `warm` create a
+    SQLite file (a misspelled path in `stats` must not report an empty new cache)."""
     from querytune.cache import CacheUnavailable, open_cache
 
     try:
-        cache = open_cache(url)
-        cache.active()  # reach the store now: a wrong URL fails here, with its name
+        cache = open_cache(url, create=create)
+        cache.active()
         return cache
     except CacheUnavailable as e:
         raise UserError(f"--cache {e}") from e
@@ -49,7 +51,7 @@ def load(
     with user_errors():
         if not labels.is_dir():
             raise UserError(f"{labels}: folder not found")
-        typer.echo(json.dumps(load_labels(_open(cache), labels, only_valid=not include_invalid)))
+        typer.echo(json.dumps(load_labels(_open(cache, create=True), labels, only_valid=not include_invalid)))
 
 
 @app.command()
@@ -104,7 +106,7 @@ def warm(
     from querytune.label import label as run_label
 
     with user_errors():
-        target = _open(cache)
+        target = _open(cache, create=True)
         head, carried = head_queries(log, column, share, top, where)
         if not head:
             raise UserError(f"{log}: no usable queries in column {column!r}")

@@ -1,10 +1,16 @@
 """`querytune serve`: cache-first parse serving over HTTP (see querytune/serve.py).
 
     querytune serve --model runs/sft --cache sqlite:///runs/cache.db [--host 127.0.0.1] [--port 8000]
+    querytune serve --model active --cache redis://:PASSWORD@redis:6379/0   # follows `cache promote` / `rollback`
+
+Every option can also be set by an environment variable (QUERYTUNE_<OPTION>, e.g. QUERYTUNE_CACHE_URL), which is
+how the compose file configures replicas.
 """
 
 from __future__ import annotations
 
+import logging
+import sys
 from pathlib import Path
 
 import typer
@@ -13,31 +19,43 @@ from querytune.cli.common import UserError, user_errors
 
 
 def serve(
-    model: str = typer.Option(..., "--model", help="Model folder, or `active`: the model the cache's last `cache promote` names."),
-    cache: str = typer.Option(None, "--cache", help="Cache URL: sqlite:///path.db or redis://host:port/db (default: no cache, every query a miss)."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default; 0.0.0.0 exposes it)."),
-    port: int = typer.Option(8000, "--port", help="Port to listen on."),
-    backend: str = typer.Option("transformers", "--backend", help="Model backend for misses: transformers or vllm."),
+    model: str = typer.Option(..., "--model", envvar="QUERYTUNE_MODEL",
+                              help="Model folder, or `active`: the model the cache's last `cache promote` names, followed without a restart."),
+    cache: str = typer.Option(None, "--cache", envvar="QUERYTUNE_CACHE_URL",
+                              help="Cache URL: sqlite:///path.db or redis://[:password@]host:port/db (default: no cache, every query a miss)."),
+    host: str = typer.Option("127.0.0.1", "--host", envvar="QUERYTUNE_HOST", help="Address to bind (loopback by default; 0.0.0.0 exposes it)."),
+    port: int = typer.Option(8000, "--port", envvar="QUERYTUNE_PORT", help="Port to listen on."),
+    backend: str = typer.Option("transformers", "--backend", envvar="QUERYTUNE_BACKEND", help="Model backend for misses: transformers or vllm."),
     deadline: float = typer.Option(2.0, "--deadline", min=0.001, help="Seconds a miss may wait for the model; past it the answer is `source: fallback`."),
     batch_window_ms: float = typer.Option(5.0, "--batch-window-ms", min=0.0, help="How long a miss waits for concurrent misses to share its model call."),
     max_miss_batch: int = typer.Option(32, "--max-miss-batch", min=1, help="Most distinct queries in one model call."),
     max_batch: int = typer.Option(64, "--max-batch", min=1, help="Most queries in one POST /v1/parse (more: 413)."),
     max_query_chars: int = typer.Option(256, "--max-query-chars", min=1, help="Longest query accepted (more: 400)."),
-    max_body_bytes: int = typer.Option(65536, "--max-body-bytes", min=1, help="Largest request body accepted (more: 413)."),
+    max_body_bytes: int = typer.Option(65536, "--max-body-bytes", min=1, help="Largest request body accepted, chunked or not (more: 413)."),
+    local_cache_entries: int = typer.Option(20000, "--local-cache-entries", envvar="QUERYTUNE_LOCAL_CACHE_ENTRIES", min=0,
+                                            help="Entries kept in process (most recently requested first): they answer while the store is down."),
+    lookup_timeout: float = typer.Option(0.25, "--lookup-timeout", min=0.001, help="Seconds a request waits for the cache store before asking the model."),
+    watch_promotions: float = typer.Option(10.0, "--watch-promotions", min=0.0,
+                                           help="With --model active: check the cache's promotion this often (seconds; 0: never)."),
     api_key: str = typer.Option(None, "--api-key", envvar="QUERYTUNE_API_KEY", help="Require this key (X-API-Key or Authorization: Bearer) on /v1/ routes."),
-    fallback_log: Path = typer.Option(None, "--fallback-log", help="Append queries answered by the fallback here (JSONL) for offline labeling."),
+    fallback_log: Path = typer.Option(None, "--fallback-log", envvar="QUERYTUNE_FALLBACK_LOG",
+                                      help="Append queries answered by the fallback here (JSONL) for offline labeling."),
+    access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="One JSON line per request on stderr (request id, status, ms)."),
 ) -> None:
     """Serve GET/POST /v1/parse, /healthz, /metrics and /docs; cache first, misses micro-batched to the model."""
     import uvicorn
 
     from querytune.backends import BACKENDS, load_backend
     from querytune.cache import CacheUnavailable, open_cache
-    from querytune.serve import Settings, create_app, resolve_model
+    from querytune.serve import PromotionWatcher, Settings, create_app, resolve_model
 
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
+    logging.getLogger("querytune.access").setLevel(logging.INFO if access_log else logging.WARNING)
     with user_errors():
         if backend not in BACKENDS:
             raise UserError(f"--backend {backend}: choose from {', '.join(BACKENDS)}")
-        store = open_cache(cache) if cache else None
+        # a short lock wait: a `cache warm` writing the same SQLite file must not hold requests
+        store = open_cache(cache, busy_timeout_s=0.05) if cache else None
         try:
             model_dir = resolve_model(model, store)
         except CacheUnavailable as e:
@@ -45,7 +63,16 @@ def serve(
         if not model_dir.is_dir():
             raise UserError(f"--model {model_dir}: folder not found")
         settings = Settings(max_query_chars=max_query_chars, max_batch=max_batch, max_body_bytes=max_body_bytes, miss_deadline_s=deadline,
-                            batch_window_ms=batch_window_ms, max_miss_batch=max_miss_batch, api_key=api_key,
-                            fallback_log=str(fallback_log) if fallback_log else None)
-        app = create_app(load_backend(backend, model_dir), store, settings)
+                            batch_window_ms=batch_window_ms, max_miss_batch=max_miss_batch, api_key=api_key or None,
+                            fallback_log=str(fallback_log) if fallback_log else None, local_cache_entries=local_cache_entries,
+                            lookup_timeout_s=lookup_timeout)
+        load = lambda path: load_backend(backend, path)  # noqa: E731
+        watch = None
+        if model == "active" and watch_promotions > 0:
+            watch = lambda service: PromotionWatcher(service, store, load, watch_promotions, str(model_dir))  # noqa: E731
+        served = load(model_dir)
+        app = create_app(served, store, settings, watch=watch, access_log=access_log)
+    typer.echo(f"querytune serving http://{host}:{port} (docs /docs): model {model_dir} version {served.model_version} on {backend}"
+               f"{' (following promotions)' if watch else ''}; cache {store.url if store else 'none'}"
+               f"{f', {local_cache_entries} entries in process' if store else ''}; API key {'required' if api_key else 'off'}", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
