@@ -60,58 +60,22 @@ def real_index(small_world_master, tmp_path_factory) -> Path:
     return out
 
 
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-
-
 @pytest.fixture(scope="session")
 def tiny_base(small_world_master, tmp_path_factory) -> Path:
-    """A tiny random Llama (hidden 64, 2 layers) with a BPE tokenizer trained in-process on world queries and
-    parse JSON, saved as a Hugging Face folder: what `--base` accepts. Built once per test run."""
-    import json as _json
+    """A tiny random Llama with a BPE tokenizer trained in-process (querytune.testing): what `--base` accepts. Built
+    once per test run."""
+    from querytune.testing import tiny_base as build
 
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from querytune.model import completion_text
-
-    rows = [_json.loads(line) for line in (small_world_master / "seed.jsonl").read_text().splitlines()]
-    corpus = [r["text"] for r in rows] + [completion_text(r) for r in rows] + ["local parser", "sgd parser"]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=800, special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    from tokenizers import decoders
-
-    tok.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<|im_start|>",
-                                        eos_token="<|im_end|>", pad_token="<|im_end|>")
-    tokenizer.chat_template = CHATML
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    out = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return build(small_world_master / "seed.jsonl", tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_base, small_world_master, tmp_path_factory) -> Path:
-    """A model folder (querytune.json, schema, adapter) of the tiny Llama after two SFT steps on the small world's
-    seed: what `--model` accepts in labeling and serving tests. Built once per test run."""
-    from querytune.labeled import load_labeled
-    from querytune.schema import load_schema
-    from querytune.sft import train_sft
+    """A model folder of the tiny Llama after two SFT steps on the small world's seed: what `--model` accepts in
+    labeling and serving tests. Built once per test run."""
+    from querytune.testing import tiny_model as build
 
-    schema = load_schema()
-    rows, _ = load_labeled(small_world_master / "seed.jsonl", schema)
-    out = tmp_path_factory.mktemp("tiny-model") / "sft"
-    train_sft(rows[:32], schema, out, str(tiny_base), {"max_steps": 2, "epochs": 1.0, "batch_size": 4, "lr": 1e-3, "lora_r": 4,
-                                                        "lora_alpha": 8, "warmup_steps": 0, "bf16": False}, say=lambda _: None)
-    return out
+    return build(small_world_master / "seed.jsonl", tiny_base, tmp_path_factory.mktemp("tiny-model") / "sft")
 
 
 def memorise_parses(tiny_base: Path, rows: list[dict], out: Path, steps: int = 150) -> Path:

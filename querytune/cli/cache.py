@@ -42,7 +42,7 @@ def _open(url: str, create: bool = False):
 @app.command()
 def load(
     labels: Path = typer.Argument(..., help="Labeling folder written by `querytune label` (its labels/part-*.parquet)."),
-    cache: str = typer.Option(..., "--cache", help=CACHE_HELP),
+    cache: str = typer.Option(..., "--cache", envvar="QUERYTUNE_CACHE_URL", help=CACHE_HELP),
     include_invalid: bool = typer.Option(False, "--include-invalid", help="Also cache labels the schema rejected (default: only valid parses)."),
 ) -> None:
     """Put every label of a labeling folder into the cache, keyed by normalised query, schema and model version."""
@@ -55,7 +55,7 @@ def load(
 
 
 @app.command()
-def stats(cache: str = typer.Option(..., "--cache", help=CACHE_HELP)) -> None:
+def stats(cache: str = typer.Option(..., "--cache", envvar="QUERYTUNE_CACHE_URL", help=CACHE_HELP)) -> None:
     """Entries per schema and model version, size, and the active (served) model."""
     with user_errors():
         typer.echo(json.dumps(_open(cache).stats(), indent=2))
@@ -88,7 +88,7 @@ def head_queries(log: Path, column: str, share: float, top: int | None, where: s
 def warm(
     log: Path = typer.Argument(..., help="Query log (CSV, JSONL, Parquet file or folder) whose head to label."),
     model: Path = typer.Option(..., "--model", help="The model about to be promoted."),
-    cache: str = typer.Option(..., "--cache", help=CACHE_HELP),
+    cache: str = typer.Option(..., "--cache", envvar="QUERYTUNE_CACHE_URL", help=CACHE_HELP),
     share: float = typer.Option(0.5, "--share", min=0.0, max=1.0, help="Label the most typed queries until they carry this share of the log's rows."),
     top: int = typer.Option(None, "--top", min=1, help="At most this many distinct queries."),
     column: str = typer.Option("query", "--column", help="Column or field holding the query text."),
@@ -122,7 +122,7 @@ def warm(
 @app.command()
 def promote(
     model: Path = typer.Option(..., "--model", help="Model folder to serve from now on."),
-    cache: str = typer.Option(..., "--cache", help=CACHE_HELP),
+    cache: str = typer.Option(..., "--cache", envvar="QUERYTUNE_CACHE_URL", help=CACHE_HELP),
     force: bool = typer.Option(False, "--force", help="Promote even when the cache holds no entry of this model (every request would miss)."),
 ) -> None:
     """Make a model the active one: servers started with `--model active` serve it and its cache entries."""
@@ -140,7 +140,7 @@ def promote(
 
 
 @app.command()
-def rollback(cache: str = typer.Option(..., "--cache", help=CACHE_HELP)) -> None:
+def rollback(cache: str = typer.Option(..., "--cache", envvar="QUERYTUNE_CACHE_URL", help=CACHE_HELP)) -> None:
     """Return to the model that was active before the last promotion."""
     with user_errors():
         typer.echo(json.dumps(_open(cache).rollback()))

@@ -35,12 +35,13 @@ def serve(
     local_cache_entries: int = typer.Option(20000, "--local-cache-entries", envvar="QUERYTUNE_LOCAL_CACHE_ENTRIES", min=0,
                                             help="Entries kept in process (most recently requested first): they answer while the store is down."),
     lookup_timeout: float = typer.Option(0.25, "--lookup-timeout", min=0.001, help="Seconds a request waits for the cache store before asking the model."),
-    watch_promotions: float = typer.Option(10.0, "--watch-promotions", min=0.0,
+    watch_promotions: float = typer.Option(10.0, "--watch-promotions", envvar="QUERYTUNE_WATCH_S", min=0.0,
                                            help="With --model active: check the cache's promotion this often (seconds; 0: never)."),
     api_key: str = typer.Option(None, "--api-key", envvar="QUERYTUNE_API_KEY", help="Require this key (X-API-Key or Authorization: Bearer) on /v1/ routes."),
     fallback_log: Path = typer.Option(None, "--fallback-log", envvar="QUERYTUNE_FALLBACK_LOG",
                                       help="Append queries answered by the fallback here (JSONL) for offline labeling."),
     access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="One JSON line per request on stderr (request id, status, ms)."),
+    allow_no_key: bool = typer.Option(False, "--allow-no-key", help="Serve a non-loopback address without an API key (refused otherwise)."),
 ) -> None:
     """Serve GET/POST /v1/parse, /healthz, /metrics and /docs; cache first, misses micro-batched to the model."""
     import uvicorn
@@ -54,6 +55,9 @@ def serve(
     with user_errors():
         if backend not in BACKENDS:
             raise UserError(f"--backend {backend}: choose from {', '.join(BACKENDS)}")
+        if not api_key and host not in ("127.0.0.1", "localhost", "::1") and not allow_no_key:
+            raise UserError(f"--host {host} without an API key would serve anyone who can reach it: set QUERYTUNE_API_KEY "
+                            "(or --api-key), or pass --allow-no-key")
         # a short lock wait: a `cache warm` writing the same SQLite file must not hold requests
         store = open_cache(cache, busy_timeout_s=0.05) if cache else None
         try:

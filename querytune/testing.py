@@ -1,0 +1,55 @@
+"""Tiny in-process models for tests and the reliability scripts under eval/: built in seconds, no download.
+
+    base = tiny_base(world / "seed.jsonl", out / "base")          # a random Llama + BPE tokenizer: what `--base` takes
+    model = tiny_model(world / "seed.jsonl", base, out / "sft")  # two SFT steps on it: a model folder for `--model`
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def tiny_base(seed_jsonl: Path, out: Path) -> Path:
+    """A tiny random Llama (hidden 64, 2 layers) with a BPE tokenizer trained on the seed's queries and parse JSON,
+    saved as a Hugging Face folder."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from querytune.model import completion_text
+
+    rows = [json.loads(line) for line in Path(seed_jsonl).read_text().splitlines()]
+    corpus = [r["text"] for r in rows] + [completion_text(r) for r in rows] + ["local parser", "sgd parser"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=800, special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<|im_start|>",
+                                        eos_token="<|im_end|>", pad_token="<|im_end|>")
+    tokenizer.chat_template = CHATML
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return Path(out)
+
+
+def tiny_model(seed_jsonl: Path, base: Path, out: Path) -> Path:
+    """A model folder (querytune.json, schema, adapter) of the tiny Llama after two SFT steps on the seed."""
+    from querytune.labeled import load_labeled
+    from querytune.schema import load_schema
+    from querytune.sft import train_sft
+
+    schema = load_schema()
+    rows, _ = load_labeled(seed_jsonl, schema)
+    train_sft(rows[:32], schema, out, str(base), {"max_steps": 2, "epochs": 1.0, "batch_size": 4, "lr": 1e-3, "lora_r": 4,
+                                                  "lora_alpha": 8, "warmup_steps": 0, "bf16": False}, say=lambda _: None)
+    return Path(out)
