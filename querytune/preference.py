@@ -7,6 +7,8 @@ distinct query text with its position-debiased click evidence in up to 16 logged
 
     querytune train dpo  --init runs/sft --world runs/world --index runs/index --out runs/dpo
     querytune train grpo --init runs/sft --world runs/world --index runs/index --out runs/grpo
+
+Both save checkpoints in out/checkpoints (`querytune.sft.checkpoint_args`) and continue a stopped run with `--resume`.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ from typing import Any
 import pandas as pd
 
 from querytune.clicks import MAX_CONTEXTS, contexts_by_text, estimate_propensity
-from querytune.model import copy_adapter_chain, load_model_meta, prompt_messages
+from querytune.model import BASE_KEYS, copy_adapter_chain, load_model_meta, prompt_messages
 from querytune.reward import INVALID, RetrievalReward, score_in_contexts, strict_parse
 from querytune.schema import WORD, ParseError, Schema, normalize_text
-from querytune.sft import LORA_TARGETS, StepLog
+from querytune.sft import LORA_TARGETS, StepLog, checkpoint_args, finish_checkpoints, start_or_resume
 
 DPO_PRESETS: dict[str, dict[str, Any]] = {
     # quick: <= 15 minutes on 2 CPU cores: the constrained greedy parse of the 2,000 most typed texts of the early log
@@ -37,10 +39,11 @@ DPO_PRESETS: dict[str, dict[str, Any]] = {
     "quick": {"queries": 2000, "pick": "traffic", "explore_below": 0.5, "explore_confidence": 0.35, "explore_with": "branch", "constrained": True,
               "k": 4, "temperature": 1.0, "loss_type": "sigmoid", "sft_weight": 0.5, "min_gap": 0.3, "pairs_per_query": 2, "epochs": 2.0,
               "max_steps": -1, "batch_size": 8, "lr": 1e-4, "beta": 0.1, "lora_r": 16, "lora_alpha": 32, "warmup_steps": 5, "bf16": True,
-              "max_minutes": 5.0},
+              "max_minutes": 5.0, "save_steps": 50},
     "full": {"queries": 8000, "pick": "traffic", "explore_below": 0.5, "explore_confidence": 0.35, "explore_with": "branch", "constrained": True, "k": 8, "temperature": 1.0,
              "loss_type": "sigmoid", "sft_weight": 0.5, "min_gap": 0.3, "pairs_per_query": 2, "epochs": 2.0, "max_steps": -1,
-             "batch_size": 16, "lr": 1e-4, "beta": 0.1, "lora_r": 16, "lora_alpha": 32, "warmup_steps": 10, "bf16": True, "max_minutes": None},
+             "batch_size": 16, "lr": 1e-4, "beta": 0.1, "lora_r": 16, "lora_alpha": 32, "warmup_steps": 10, "bf16": True, "max_minutes": None,
+             "save_steps": 50},
 }
 GRPO_PRESETS: dict[str, dict[str, Any]] = {
     # quick: <= 20 minutes on 2 CPU cores. Screening (~6 min): the greedy parse of 1,500 logged texts, the 4 rivals of
@@ -54,10 +57,11 @@ GRPO_PRESETS: dict[str, dict[str, Any]] = {
     # used for 2 steps to -0.140 (slot recall 0.74).
     "quick": {"queries": 1500, "pick": "random", "explore_below": 0.5, "explore_confidence": 0.35, "explore_with": "branch", "constrained": False,
               "screen_k": 4, "improvable": True, "anchors": 1.0, "min_gap": 0.3, "max_steps": 45, "num_iterations": 1, "num_generations": 8, "batch_size": 32, "temperature": 0.8,
-              "lr": 1e-4, "beta": 0.04, "lora_r": 16, "lora_alpha": 32, "warmup_steps": 5, "bf16": True, "max_minutes": 11.0},
+              "lr": 1e-4, "beta": 0.04, "lora_r": 16, "lora_alpha": 32, "warmup_steps": 5, "bf16": True, "max_minutes": 11.0,
+              "save_steps": 10},  # a GRPO step samples 256 parses (~21 s on CPU): a checkpoint every ~4 min
     "full": {"queries": 8000, "pick": "traffic", "explore_below": 0.5, "explore_confidence": 0.35, "explore_with": "branch", "constrained": True, "screen_k": 4, "improvable": True,
              "anchors": 1.0, "min_gap": 0.3, "max_steps": 600, "num_iterations": 1, "num_generations": 8, "batch_size": 64, "temperature": 0.8, "lr": 1e-4, "beta": 0.04,
-             "lora_r": 16, "lora_alpha": 32, "warmup_steps": 10, "bf16": True, "max_minutes": None},
+             "lora_r": 16, "lora_alpha": 32, "warmup_steps": 10, "bf16": True, "max_minutes": None, "save_steps": 10},
 }
 EXPLORE_WITH = ("beam", "branch", "sample")  # how `sample_candidates` finds other parses of an explored query
 PICKS = ("traffic", "random", "novel")  # how `click_targets` picks the logged texts to train on
@@ -453,18 +457,20 @@ def _save(trainer, tokenizer, init: Path, out: Path, schema: Schema, meta: dict,
     trainer.model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     chain = copy_adapter_chain(init, out)
-    save_model_meta(out, schema, {"stage": stage, "base": meta["base"], "adapter": True, "init_adapters": chain,
+    save_model_meta(out, schema, {"stage": stage, **{k: meta[k] for k in BASE_KEYS if k in meta}, "adapter": True, "init_adapters": chain,
                                   "init": str(init), "max_new_tokens": meta.get("max_new_tokens", 64)})
 
 
-def _train_and_save(trainer, tokenizer, init: Path, out: Path, schema: Schema, meta: dict, stage: str):
-    """Train (StepLog prints instead of the default printer), save the folder; the result, seconds and step log."""
+def _train_and_save(trainer, tokenizer, init: Path, out: Path, schema: Schema, meta: dict, stage: str, resume_from: str | None = None):
+    """Train (StepLog prints instead of the default printer; from checkpoint `resume_from`), save the folder; the
+    result, seconds and step log."""
     from transformers import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)
     start = time.perf_counter()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - start
+    finish_checkpoints(out, trainer)
     _save(trainer, tokenizer, init, out, schema, meta, stage)
     return result, seconds, [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
 
@@ -554,7 +560,8 @@ def _valid(schema: Schema, completion: str) -> bool:
         return False
 
 
-def train_dpo(pairs: pd.DataFrame, init: Path, out: Path, preset: dict[str, Any], seed: int = 0, say=print) -> dict[str, Any]:
+def train_dpo(pairs: pd.DataFrame, init: Path, out: Path, preset: dict[str, Any], seed: int = 0, say=print,
+              resume: bool = False) -> dict[str, Any]:
     import torch
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
@@ -564,23 +571,23 @@ def train_dpo(pairs: pd.DataFrame, init: Path, out: Path, preset: dict[str, Any]
     data = Dataset.from_list([{"prompt": _prompt(tokenizer, schema, q), "chosen": c, "rejected": r}
                               for q, c, r in zip(pairs["query"], pairs["chosen"], pairs["rejected"])])
     longest = max(len(tokenizer(p + max(c, r, key=len)).input_ids) for p, c, r in zip(data["prompt"], data["chosen"], data["rejected"]))
-    (out / "steps.jsonl").unlink(missing_ok=True)
+    last = start_or_resume(out, resume, say)
     log = StepLog(out / "steps.jsonl", say, preset.get("max_minutes"),
                   extra={"margin": "rewards/margins", "accuracy": "rewards/accuracies", "logp_chosen": "logps/chosen",
                          "logp_rejected": "logps/rejected"})
     args = DPOConfig(
-        output_dir=str(out / "trainer"), max_steps=preset["max_steps"], num_train_epochs=preset["epochs"],
+        **checkpoint_args(out, preset), max_steps=preset["max_steps"], num_train_epochs=preset["epochs"],
         per_device_train_batch_size=preset["batch_size"], learning_rate=preset["lr"], lr_scheduler_type="cosine",
         warmup_steps=preset["warmup_steps"], beta=preset["beta"], max_length=longest + 2, logging_steps=1,
         # DPO plus a likelihood term on the chosen parse (RPO): keeps the chosen parses likely, not only relatively
         loss_type=[preset.get("loss_type", "sigmoid"), "sft"] if preset.get("sft_weight") else [preset.get("loss_type", "sigmoid")],
         loss_weights=[1.0, preset["sft_weight"]] if preset.get("sft_weight") else None,
-        save_strategy="no", report_to=[], seed=seed, use_cpu=not torch.cuda.is_available(), bf16=preset.get("bf16", False),
+        report_to=[], seed=seed, use_cpu=not torch.cuda.is_available(), bf16=preset.get("bf16", False),
         disable_tqdm=True, dataloader_num_workers=0,
     )
     trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=lora,
                          callbacks=[log.callback])
-    result, seconds, steps = _train_and_save(trainer, tokenizer, init, out, schema, meta, "dpo")
+    result, seconds, steps = _train_and_save(trainer, tokenizer, init, out, schema, meta, "dpo", last)
     return {"stage": "dpo", "init": str(init), "pairs": len(pairs), "steps": result.global_step, "train_seconds": round(seconds, 1),
             "seconds_per_step": round(seconds / max(1, result.global_step), 2), "final_loss": steps[-1]["loss"] if steps else None,
             "margin_start": steps[0].get("margin") if steps else None, "margin_end": steps[-1].get("margin") if steps else None}
@@ -588,7 +595,7 @@ def train_dpo(pairs: pd.DataFrame, init: Path, out: Path, preset: dict[str, Any]
 
 # -- GRPO ----------------------------------------------------------------------------------------------
 def train_grpo(targets: list[dict], reward: RetrievalReward, init: Path, out: Path, preset: dict[str, Any], seed: int = 0,
-               say=print) -> dict[str, Any]:
+               say=print, resume: bool = False) -> dict[str, Any]:
     import torch
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
@@ -598,7 +605,7 @@ def train_grpo(targets: list[dict], reward: RetrievalReward, init: Path, out: Pa
     data = Dataset.from_list([{"prompt": _prompt(tokenizer, schema, t["query"]), "query": t["query"], "user_city": t["user_city"],
                                "timestamp": t["timestamp"], "gains": json.dumps(t["gains"]),
                                "contexts": json.dumps(t.get("contexts") or [t])} for t in targets])
-    (out / "steps.jsonl").unlink(missing_ok=True)
+    last = start_or_resume(out, resume, say)
     recent: list[float] = []
     warned: list[int] = []
 
@@ -617,19 +624,19 @@ def train_grpo(targets: list[dict], reward: RetrievalReward, init: Path, out: Pa
                   extra={"reward": "reward", "reward_std": "reward_std", "no_signal": "frac_reward_zero_std", "kl": "kl",
                          "completion_len": "completions/mean_length"}, watch=watch)
     args = GRPOConfig(
-        output_dir=str(out / "trainer"), max_steps=preset["max_steps"], per_device_train_batch_size=preset["batch_size"],
+        **checkpoint_args(out, preset), max_steps=preset["max_steps"], per_device_train_batch_size=preset["batch_size"],
         num_generations=preset["num_generations"], max_completion_length=int(meta.get("max_new_tokens", 64)),
         # each batch of sampled groups serves `num_iterations` optimizer steps (clipped ratio, as in PPO): sampling
         # dominates a step on CPU, so reusing it learns more per minute
         num_iterations=int(preset.get("num_iterations", 1)),
         temperature=preset["temperature"], top_k=0, top_p=1.0, learning_rate=preset["lr"], lr_scheduler_type="constant_with_warmup",
-        warmup_steps=preset["warmup_steps"], beta=preset["beta"], logging_steps=1, save_strategy="no", report_to=[], seed=seed,
+        warmup_steps=preset["warmup_steps"], beta=preset["beta"], logging_steps=1, report_to=[], seed=seed,
         use_cpu=not torch.cuda.is_available(), bf16=preset.get("bf16", False), disable_tqdm=True, dataloader_num_workers=0,
         use_vllm=bool(preset.get("use_vllm", False)), vllm_mode="colocate",
     )
     trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=data, processing_class=tokenizer,
                           peft_config=lora, callbacks=[log.callback])
-    result, seconds, steps = _train_and_save(trainer, tokenizer, init, out, schema, meta, "grpo")
+    result, seconds, steps = _train_and_save(trainer, tokenizer, init, out, schema, meta, "grpo", last)
     head, tail = steps[: max(1, len(steps) // 10)], steps[-max(1, len(steps) // 10):]
     mean = lambda rows, k: round(sum(r.get(k, 0.0) for r in rows) / len(rows), 4)  # noqa: E731
     return {"stage": "grpo", "init": str(init), "queries": len(targets), "steps": result.global_step,

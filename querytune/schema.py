@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-DEFAULT_SCHEMA = Path(__file__).resolve().parent.parent / "data" / "schema.yaml"
+DEFAULT_SCHEMA = Path(__file__).resolve().parent / "data" / "schema.yaml"  # package data; data/schema.yaml links here
 SLOT_TYPES = ("text", "categorical", "boolean", "number")
 # Filters the structured search knows (querytune.search). `what` slots are embedded, the rest filter.
 FILTERS = ("what", "city", "neighborhood", "near_me", "price", "open", "day", "min_rating", "attribute")

@@ -1,25 +1,28 @@
 """SFT: teach a compact causal LM (LoRA) to map a query to the schema's JSON parse.
 
-    querytune train sft --data runs/world/seed.jsonl --out runs/sft [--schema data/schema.yaml] [--preset quick]
+    querytune train sft --data runs/world/seed.jsonl --out runs/sft [--schema data/schema.yaml] [--preset quick] [--resume]
 
 setup (labeled rows -> prompt/completion pairs) -> TRL SFTTrainer with a peft LoRA and completion-only
 loss -> save adapter + tokenizer + schema + resolved config + step log + model card. Intents the schema
 declares but the data never shows get their description as a training row, so they stay reachable. The
 folder's schema adds the aliases its labels support (`querytune.aliases`), so grounding keeps nicknames.
 The budget is optimizer steps x batch size; fp32 or bf16 is chosen by a measurement on the machine.
+Checkpoints go to out/checkpoints every `save_steps` (the last two kept, removed once the schedule completes);
+`--resume` continues a stopped run from the last one, its step log kept up to that step.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from querytune.aliases import merge_aliases, mine_aliases
 from querytune.labeled import LabeledRow
-from querytune.model import (cache_dir, completion_text, copy_adapter_chain, load_merged, load_model_meta, prompt_messages, resolve_base,
-                             save_model_meta)
+from querytune.model import (BASE_KEYS, base_path, base_record, cache_dir, completion_text, copy_adapter_chain, load_merged,
+                             load_model_meta, prompt_messages, save_model_meta)
 from querytune.schema import Schema
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -31,11 +34,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # bf16 "auto": measured once per machine (`pick_dtype`): bf16 autocast ran at 0.67x fp32 on a Xeon host.
     # gradient checkpointing off: it recomputes activations (slower) to save memory a 135M model does not need.
     "quick": {"max_steps": 280, "epochs": 1.0, "batch_size": 8, "lr": 1.5e-3, "lora_r": 32, "lora_alpha": 64, "warmup_steps": 8, "bf16": "auto",
-              "gradient_checkpointing": False, "max_minutes": 60.0},
+              "gradient_checkpointing": False, "max_minutes": 60.0, "save_steps": 50},
     # full: three passes over the 4,269-row SGD training split (3.3 s/step). On its held-out 20%: two passes
     # (59 min) intent 0.948 / slot F1 0.900; three (stopped by the budget at 91%, 87 min) 0.951 / 0.925.
     "full": {"max_steps": -1, "epochs": 3.0, "batch_size": 8, "lr": 1e-3, "lora_r": 32, "lora_alpha": 64, "warmup_steps": 20, "bf16": "auto",
-             "gradient_checkpointing": False, "max_minutes": 240.0},
+             "gradient_checkpointing": False, "max_minutes": 240.0, "save_steps": 50},
 }
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -84,8 +87,41 @@ class StepLog:
                 if log.max_seconds and now - log.start > log.max_seconds:
                     log.say(f"time budget of {log.max_seconds / 60:.0f} min reached: stopping at step {state.global_step}")
                     control.should_training_stop = True
+                    control.should_save = True  # a checkpoint, so `--resume` can finish the schedule
 
         self.callback = _Callback()
+
+
+def start_or_resume(out: Path, resume: bool, say=print) -> str | None:
+    """The checkpoint `--resume` continues from (the last in out/checkpoints); without `resume`, a fresh start that
+    clears old checkpoints and the step log. Resuming keeps the step log up to the checkpoint's step."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    checkpoints, log = out / "checkpoints", out / "steps.jsonl"
+    if not resume:
+        shutil.rmtree(checkpoints, ignore_errors=True)  # a stale checkpoint must never be resumed by a later run
+        log.unlink(missing_ok=True)
+        return None
+    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    if last is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {checkpoints} (a completed run removes its checkpoints); run without --resume")
+    step = int(Path(last).name.rsplit("-", 1)[1])
+    if log.is_file():  # steps after the checkpoint are trained again
+        log.write_text("".join(line + "\n" for line in log.read_text().splitlines() if json.loads(line)["step"] <= step))
+    say(f"resuming from step {step} ({last})")
+    return last
+
+
+def checkpoint_args(out: Path, preset: dict[str, Any]) -> dict[str, Any]:
+    """Trainer arguments for checkpoints in out/checkpoints every `save_steps` steps, the last two kept."""
+    return {"output_dir": str(out / "checkpoints"), "save_strategy": "steps", "save_steps": int(preset.get("save_steps", 50)),
+            "save_total_limit": 2}
+
+
+def finish_checkpoints(out: Path, trainer) -> None:
+    """Remove the checkpoints once the schedule completed (a run stopped early, e.g. by its time cap, keeps them)."""
+    if trainer.state.global_step >= trainer.state.max_steps:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
 
 
 def hardware() -> str:
@@ -154,10 +190,11 @@ def probe_batch(examples: list[dict[str, str]], tokenizer, size: int, seed: int 
 
 
 def train_sft(rows: list[LabeledRow], schema: Schema, out: Path, base: str | None, preset: dict[str, Any],
-              seed: int = 0, say=print, init: Path | None = None) -> dict[str, Any]:
+              seed: int = 0, say=print, init: Path | None = None, resume: bool = False) -> dict[str, Any]:
     """Train and save; returns a summary (steps, seconds, final loss, token lengths, dtype). `init`: a model folder
     to continue from (its adapters merged, a new LoRA on top) instead of the bare base. The folder's schema
-    carries the aliases its labels support (`querytune.aliases`), plus those of `init`."""
+    carries the aliases its labels support (`querytune.aliases`), plus those of `init`. `resume`: continue from the
+    last checkpoint in out/checkpoints (`start_or_resume`)."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -166,8 +203,11 @@ def train_sft(rows: list[LabeledRow], schema: Schema, out: Path, base: str | Non
 
     torch.manual_seed(seed)
     init_meta, init_schema = load_model_meta(init) if init else ({}, schema)
-    base_path = init_meta["base"] if init else resolve_base(base)
-    tokenizer = AutoTokenizer.from_pretrained(init or base_path)
+    if init:
+        base_dir, base_meta = base_path(init_meta), {k: init_meta[k] for k in BASE_KEYS if k in init_meta}
+    else:
+        base_dir, base_meta = base_record(base)
+    tokenizer = AutoTokenizer.from_pretrained(init or base_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     examples = sft_examples(rows, schema, tokenizer)
@@ -176,7 +216,7 @@ def train_sft(rows: list[LabeledRow], schema: Schema, out: Path, base: str | Non
     schema = merge_aliases(schema, mined)
     lengths = [len(tokenizer(e["prompt"] + e["completion"]).input_ids) for e in examples]
     completion_lengths = [len(tokenizer(e["completion"], add_special_tokens=False).input_ids) for e in examples]
-    model = load_merged(init, torch.float32) if init else AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    model = load_merged(init, torch.float32) if init else AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     lora = LoraConfig(r=preset["lora_r"], lora_alpha=preset["lora_alpha"], lora_dropout=0.05, task_type="CAUSAL_LM",
                       target_modules=[m for m in LORA_TARGETS if any(n.endswith(m) for n, _ in model.named_modules())] or "all-linear")
     probe = None
@@ -184,12 +224,12 @@ def train_sft(rows: list[LabeledRow], schema: Schema, out: Path, base: str | Non
         probe = pick_dtype(model, lora, probe_batch(examples, tokenizer, preset["batch_size"], seed), say=say)
     bf16 = probe["dtype"] == "bf16" if probe else bool(preset.get("bf16", False))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "steps.jsonl").unlink(missing_ok=True)
+    last = start_or_resume(out, resume, say)
     step_log = StepLog(out / "steps.jsonl", say, preset.get("max_minutes"))
     args = SFTConfig(
-        output_dir=str(out / "trainer"), max_steps=preset["max_steps"], num_train_epochs=preset["epochs"],
+        **checkpoint_args(out, preset), max_steps=preset["max_steps"], num_train_epochs=preset["epochs"],
         per_device_train_batch_size=preset["batch_size"], learning_rate=preset["lr"], lr_scheduler_type="cosine",
-        warmup_steps=preset["warmup_steps"], logging_steps=1, save_strategy="no", report_to=[], seed=seed,
+        warmup_steps=preset["warmup_steps"], logging_steps=1, report_to=[], seed=seed,
         max_length=max(lengths) + 1, completion_only_loss=True, packing=False, use_cpu=not torch.cuda.is_available(),
         bf16=bf16, activation_checkpointing=preset.get("gradient_checkpointing", False),  # TRL turns it on by default
         include_num_input_tokens_seen="all", disable_tqdm=True, dataloader_num_workers=0,
@@ -202,12 +242,13 @@ def train_sft(rows: list[LabeledRow], schema: Schema, out: Path, base: str | Non
                          peft_config=lora, callbacks=[step_log.callback])
     trainer.remove_callback(PrinterCallback)  # StepLog prints one dense line per step instead
     start = time.perf_counter()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=last)
     seconds = time.perf_counter() - start
+    finish_checkpoints(out, trainer)
     trainer.model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     max_new = int(max(completion_lengths) * 1.5) + 8
-    summary = {"stage": "sft", "base": base or "smollm2-135m-instruct", "base_path": base_path, "examples": len(examples),
+    summary = {"stage": "sft", "base": base or "smollm2-135m-instruct", "base_path": base_dir, "examples": len(examples),
                "steps": result.global_step, "train_seconds": round(seconds, 1),
                "seconds_per_step": round(seconds / max(1, result.global_step), 2),
                "final_loss": json.loads((out / "steps.jsonl").read_text().splitlines()[-1])["loss"],
@@ -217,7 +258,7 @@ def train_sft(rows: list[LabeledRow], schema: Schema, out: Path, base: str | Non
                "dtype_probe": probe, "gradient_checkpointing": bool(args.activation_checkpointing),
                "mined_aliases": sum(map(len, mined.values()))}
     mined_all = {n: init_meta.get("mined_aliases", {}).get(n, {}) | mined.get(n, {}) for n in sorted({*init_meta.get("mined_aliases", {}), *mined})}
-    meta = {"stage": "sft", "base": base_path, "adapter": True, "max_new_tokens": max_new, "mined_aliases": mined_all}
+    meta = {"stage": "sft", **base_meta, "adapter": True, "max_new_tokens": max_new, "mined_aliases": mined_all}
     if init:
         meta |= {"init_adapters": copy_adapter_chain(init, out), "init": str(init)}
     save_model_meta(out, schema, meta)

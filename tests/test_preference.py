@@ -309,6 +309,7 @@ def test_dpo_and_grpo_train_through_the_cli(tiny_sft, small_world, real_index, t
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "grpo" / "summary.json").read_text())
     assert summary["steps"] == 1 and summary["screened_queries"] is None and summary["searches"] >= 0
+    assert len((tmp_path / "grpo" / "targets.jsonl").read_text().splitlines()) == 8  # what a `--resume` trains on again
     result = CliRunner().invoke(app, ["train", "grpo", *common, "--out", str(tmp_path / "grpo2"), "--config", str(tmp_path / "grpo.yaml"),
                                       "--screen-k", "2"])
     if result.exit_code == 2:
@@ -317,3 +318,38 @@ def test_dpo_and_grpo_train_through_the_cli(tiny_sft, small_world, real_index, t
         assert result.exit_code == 0, result.output
         summary = json.loads((tmp_path / "grpo2" / "summary.json").read_text())
         assert summary["screened_queries"] == 8 and 0 < summary["queries_with_signal"] <= 8
+
+
+@pytest.mark.parametrize("stage", ["dpo", "grpo"])
+def test_a_killed_preference_run_resumes_from_its_last_checkpoint(stage, tiny_sft, small_world, tmp_path, monkeypatch):
+    """Checkpoints every 2 steps, a kill after step 3 of 4, then `resume=True`: steps 3-4 follow the kept log."""
+    from trl import DPOTrainer, GRPOTrainer
+
+    trainer_cls = DPOTrainer if stage == "dpo" else GRPOTrainer
+    out = tmp_path / stage
+    preset = LORA | {"max_steps": 4, "epochs": 1.0, "batch_size": 4, "lr": 5e-3, "beta": 0.1, "save_steps": 2}
+    if stage == "dpo":
+        pairs = pd.DataFrame([{"query": "cheap thai near me", "chosen": '{"intent":"find_business","slots":{"cuisine":"thai"}}',
+                               "rejected": '{"intent":"out_of_scope","slots":{}}', "chosen_score": 0.9, "rejected_score": 0.0}] * 16)
+        train = lambda resume: train_dpo(pairs, tiny_sft, out, preset, say=lambda _: None, resume=resume)  # noqa: E731
+    else:
+        targets = click_targets(small_world, 8, seed=0)
+        preset |= {"num_generations": 4, "temperature": 1.0}
+        train = lambda resume: train_grpo(targets, ByLength(), tiny_sft, out, preset, say=lambda _: None, resume=resume)  # noqa: E731
+    real_step = trainer_cls.training_step
+
+    def killed_after_step_3(self, *a, **kw):
+        if self.state.global_step >= 3:
+            raise KeyboardInterrupt("killed")
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(trainer_cls, "training_step", killed_after_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(False)
+    before = (out / "steps.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in before] == [1, 2, 3]
+    monkeypatch.setattr(trainer_cls, "training_step", real_step)
+    summary = train(True)
+    after = (out / "steps.jsonl").read_text().splitlines()
+    assert summary["steps"] == 4 and [json.loads(line)["step"] for line in after] == [1, 2, 3, 4] and after[:2] == before[:2]
+    assert lora_b_moved(out) and not (out / "checkpoints").exists()

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from querytune.cli import app
 from querytune.generate import Parser
 from querytune.labeled import LabeledRow
-from querytune.model import load_model_meta
+from querytune.model import load_model_meta, model_version
 from querytune.schema import load_schema
 from querytune.sft import PRESETS, train_sft
 
@@ -90,6 +90,7 @@ def test_train_predict_and_eval_through_the_cli(tiny_base, small_world_master, t
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [line["text"] for line in lines] == ["cheap thai near me", "plumber"]
+    assert {line["model_version"] for line in lines} == {model_version(model)}
 
     out, preds = tmp_path / "parse.json", tmp_path / "preds.jsonl"
     result = CliRunner().invoke(app, ["eval", "parse", "--model", str(model), "--data", str(small_world_master / "test.jsonl"),
@@ -101,7 +102,8 @@ def test_train_predict_and_eval_through_the_cli(tiny_base, small_world_master, t
         assert key in metrics
     assert metrics["n"] == 12
     rows = [json.loads(line) for line in preds.read_text().splitlines()]
-    assert len(rows) == 12 and {"id", "text", "gold", "pred", "valid", "confidence"} <= set(rows[0])
+    assert len(rows) == 12 and {"id", "text", "gold", "pred", "valid", "confidence", "model_version"} <= set(rows[0])
+    assert {r["model_version"] for r in rows} == {metrics["model_version"]} == {model_version(model)}
 
 
 @pytest.mark.parametrize("args, message", [
@@ -153,5 +155,48 @@ def test_default_base_converts_once_trains_and_predicts(tmp_path_factory, monkey
     out = tmp_path_factory.mktemp("real") / "m"
     summary = train_sft(ROWS[:2], SCHEMA, out, None, TINY | {"max_steps": 1, "batch_size": 2}, say=lambda _: None)
     assert summary["steps"] == 1 and summary["tokens_max"] <= 96
-    pred = Parser(out).parse(["cheap thai near me"])[0]
+    parser = Parser(out)
+    pred = parser.parse(["cheap thai near me"])[0]
     assert pred.text == "cheap thai near me" and 0 <= pred.confidence <= 1
+    meta, _ = load_model_meta(out)
+    assert meta["base"] == "smollm2-135m-instruct" and len(meta["base_sha256"]) == 64 and "base_path" not in meta
+    # another machine: a fresh cache converts the GGUF again; the folder loads by the base's name, same version
+    monkeypatch.setenv("QUERYTUNE_CACHE", str(tmp_path_factory.mktemp("fresh-cache")))
+    again = Parser(out)
+    assert again.model_version == parser.model_version and again.parse(["cheap thai near me"])[0] == pred
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint(tiny_base, small_world_master, tmp_path, monkeypatch):
+    """Checkpoints every 2 steps; a kill after step 3 of 6; `--resume` trains steps 3-6 and the step log continues."""
+    from trl import SFTTrainer
+
+    model = tmp_path / "sft"
+    args = ["train", "sft", "--data", str(small_world_master / "seed.jsonl"), "--out", str(model), "--base", str(tiny_base),
+            "--max-steps", "6", "--batch-size", "2", "--no-bf16", "--lora-r", "4", "--save-steps", "2"]
+    real_step = SFTTrainer.training_step
+
+    def killed_after_step_3(self, *a, **kw):
+        if self.state.global_step >= 3:
+            raise KeyboardInterrupt("killed")  # as the process dying mid-run: nothing after this step is saved
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(SFTTrainer, "training_step", killed_after_step_3)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0 and not (model / "adapter_model.safetensors").exists()
+    assert sorted(p.name for p in (model / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2"]
+    before = (model / "steps.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in before] == [1, 2, 3]
+
+    monkeypatch.setattr(SFTTrainer, "training_step", real_step)
+    result = CliRunner().invoke(app, args + ["--resume"])
+    assert result.exit_code == 0, result.output
+    assert "resuming from step 2" in result.output
+    after = (model / "steps.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in after] == [1, 2, 3, 4, 5, 6]
+    assert after[:2] == before[:2]  # the first steps' log lines are kept, not retrained
+    summary = json.loads((model / "summary.json").read_text())
+    assert summary["steps"] == summary["schedule_steps"] == 6
+    assert not (model / "checkpoints").exists()  # a completed schedule removes its checkpoints
+
+    result = CliRunner().invoke(app, args + ["--resume"])  # nothing left to resume: one clear line
+    assert result.exit_code == 2 and "no checkpoint" in result.output and "Traceback" not in result.output

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from querytune.cli import cache, data, eval, index, label, predict, schema, serve, train, world
+from querytune.cli import cache, data, eval, export, index, label, predict, schema, serve, train, world
 
 app = typer.Typer(
     name="querytune",
@@ -22,6 +22,7 @@ app.add_typer(eval.app, name="eval")
 app.add_typer(train.app, name="train")
 app.add_typer(cache.app, name="cache")
 app.command(name="predict")(predict.predict)
+app.command(name="export")(export.export)
 app.command(name="label")(label.label)
 app.command(name="serve")(serve.serve)
 

@@ -116,7 +116,7 @@ def parse(
     data: Path = typer.Option(..., "--data", help="Labeled JSONL / CSV / Parquet to score (e.g. a world's test.jsonl)."),
     out: Path = typer.Option(..., "--out", help="JSON metrics to write."),
     schema: Path = typer.Option(None, "--schema", help="Schema YAML (default: the one stored in the model folder)."),
-    predictions: Path = typer.Option(None, "--predictions", help="Also write one JSONL line per row: id, text, gold, pred, valid, confidence."),
+    predictions: Path = typer.Option(None, "--predictions", help="Also write one JSONL line per row: id, text, gold, pred, valid, confidence, model_version."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Queries per generation batch."),
     limit: int = typer.Option(None, "--limit", min=1, help="Score only the first N rows (quick looks)."),
     constrained: bool = typer.Option(True, "--constrained/--free", help="Decode constrained to the schema's JSON (default) or freely; use the same setting for every stage."),
@@ -149,7 +149,7 @@ def parse(
     metrics |= {"ungrounded_text_values": ungrounded_share([r.text for r in rows], [p.parse for p in preds], parser.schema),
                 "grounding_dropped": grounding_dropped(preds, parser.schema),
                 "queries_per_second": round(len(rows) / seconds, 2), "rejected_rows": len(rejects),
-                "model": str(model), "data": str(data), "schema_version": parser.schema.version,
+                "model": str(model), "model_version": parser.model_version, "data": str(data), "schema_version": parser.schema.version,
                 "decoding": {"greedy": True, "constrained": constrained, "max_new_tokens": parser.max_new_tokens}}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=2) + "\n")
@@ -157,7 +157,7 @@ def parse(
         with open(predictions, "w", encoding="utf-8") as f:
             for r, g, p in zip(rows, golds, preds):
                 f.write(json.dumps({"id": r.id, "text": r.text, "gold": g, "pred": p.parse, "valid": p.valid,
-                                    "confidence": round(p.confidence, 5), **({"error": p.error, "raw": p.raw} if p.error else {}),
+                                    "confidence": round(p.confidence, 5), "model_version": parser.model_version, **({"error": p.error, "raw": p.raw} if p.error else {}),
                                     **({"ungrounded": p.ungrounded} if p.ungrounded else {})}, ensure_ascii=False) + "\n")
     table = Table(title=f"parse metrics: {model.name} on {data.name} (n={metrics['n']})")
     keys = ("intent_accuracy", "slot_precision", "slot_recall", "slot_f1", "frame_exact_match", "validity", "queries_per_second")

@@ -33,6 +33,8 @@ def sft(
     max_minutes: float = typer.Option(None, "--max-minutes", help="Cap: stop training after this many minutes (presets: 60 / 240, so the schedule completes; 0: no cap)."),
     init: Path = typer.Option(None, "--init", help="Continue from this model folder (its adapters merged, a new LoRA on top) instead of the base."),
     eval_data: Path = typer.Option(None, "--eval-data", help="Labeled file to evaluate on after training (metrics go into the model card)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a stopped run from the last checkpoint in OUT/checkpoints (same options; the step log continues)."),
+    save_steps: int = typer.Option(None, "--save-steps", min=1, help="Write a checkpoint every N optimizer steps into OUT/checkpoints (the last 2 kept, removed when the schedule completes)."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
 ) -> None:
     """SFT: LoRA on a compact causal LM with TRL, completion-only loss, query -> schema JSON."""
@@ -45,13 +47,14 @@ def sft(
             raise UserError(f"--preset: {preset!r} is not one of {', '.join(PRESETS)}")
         file_cfg = load_config(config)
         cli = {"max_steps": max_steps, "epochs": epochs, "batch_size": batch_size, "lr": lr, "lora_r": lora_r, "bf16": bf16,
-               "max_minutes": max_minutes}
+               "max_minutes": max_minutes, "save_steps": save_steps}
         resolved = PRESETS[preset] | {k: v for k, v in file_cfg.items() if k in PRESETS["quick"]} | {k: v for k, v in cli.items() if v is not None}
         resolved["max_minutes"] = resolved.get("max_minutes") or None  # 0 means no limit
         if resolved.get("lora_r") and "lora_alpha" not in file_cfg:
             resolved["lora_alpha"] = 2 * resolved["lora_r"]
         if init:
             _check_init(init)
+        _check_resume(out, resume)
         schema_ = load_schema(schema)
         rows, rejects = load_labeled(data, schema_)
         if rejects:
@@ -65,7 +68,7 @@ def sft(
                       "init": str(init) if init else None, "seed": seed, **resolved}
         write_resolved(config_out, out / "train_config.json")
         out_console.print(f"SFT on {len(rows):,} rows ({preset}: {json.dumps(resolved)})")
-        summary = train_sft(rows, schema_, out, base, resolved, seed=seed, say=out_console.print, init=init)
+        summary = train_sft(rows, schema_, out, base, resolved, seed=seed, say=out_console.print, init=init, resume=resume)
         write_resolved(config_out | {k: summary[k] for k in ("dtype", "dtype_probe", "gradient_checkpointing")}, out / "train_config.json")
         metrics = None
         if eval_data:
@@ -122,6 +125,14 @@ def _preset(presets: dict, preset: str, config: Path | None, cli: dict) -> dict:
     return resolved
 
 
+def _check_resume(out: Path, resume: bool) -> None:
+    """`--resume` with nothing to resume fails before any sampling or scoring, not after."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if resume and not ((out / "checkpoints").is_dir() and get_last_checkpoint(str(out / "checkpoints"))):
+        raise UserError(f"--resume: no checkpoint in {out / 'checkpoints'} (a completed run removes its checkpoints); run without --resume")
+
+
 def _check_init(init: Path) -> None:
     from querytune.model import load_model_meta
 
@@ -149,6 +160,8 @@ def dpo(
     max_steps: int = typer.Option(None, "--max-steps", help="Optimizer steps (-1: use the preset's epochs)."),
     pairs_file: Path = typer.Option(None, "--pairs", help="Train on this pair file (Parquet) instead of sampling and scoring."),
     shuffle_clicks: bool = typer.Option(False, "--shuffle-clicks", help="Control run: score each query against another query's clicks."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a stopped run from the last checkpoint in OUT/checkpoints and OUT/pairs.parquet (same options; the step log continues)."),
+    save_steps: int = typer.Option(None, "--save-steps", min=1, help="Write a checkpoint every N optimizer steps into OUT/checkpoints (the last 2 kept, removed when the schedule completes)."),
     seed: int = typer.Option(0, "--seed", help="Random seed (query choice, sampling, training)."),
 ) -> None:
     """DPO on retrieval success: sample parses from --init, score each by its search against the clicks, train on the pairs."""
@@ -157,16 +170,18 @@ def dpo(
     with user_errors():
         resolved = _preset(DPO_PRESETS, preset, config, {"queries": queries, "pick": pick, "k": k, "min_gap": min_gap, "lr": lr, "beta": beta,
                                                           "max_steps": max_steps, "explore_below": explore_below, "temperature": temperature,
-                                                          "explore_confidence": explore_confidence, "explore_with": explore_with})
+                                                          "explore_confidence": explore_confidence, "explore_with": explore_with,
+                                                          "save_steps": save_steps})
         _check_init(init)
+        _check_resume(out, resume)
         out.mkdir(parents=True, exist_ok=True)
         write_resolved({"command": "train dpo", "init": str(init), "world": str(world), "index": str(index), "preset": preset,
                         "pairs": str(pairs_file) if pairs_file else None, "shuffle_clicks": shuffle_clicks, "seed": seed, **resolved},
                        out / "train_config.json")
         t0 = time.perf_counter()
-        if pairs_file:
-            pairs = load_pairs(pairs_file)
-            stats = {"pairs_from": str(pairs_file)}
+        if pairs_file or (resume and (out / "pairs.parquet").is_file()):  # a resumed run trains on the pairs it began with
+            pairs = load_pairs(pairs_file or out / "pairs.parquet")
+            stats = {"pairs_from": str(pairs_file or out / "pairs.parquet")}
         else:
             reward, schema = _reward(init, index)
             targets = click_targets(world, resolved["queries"], seed=seed, shuffle_clicks=shuffle_clicks, pick=resolved.get("pick", "traffic"))
@@ -187,7 +202,7 @@ def dpo(
             out_console.print(f"{len(pairs):,} pairs from {stats['queries_with_pairs']:,} queries (gap >= {resolved['min_gap']}); "
                               f"{out / 'pairs.parquet'}")
             pairs = load_pairs(out / "pairs.parquet")
-        summary = train_dpo(pairs, init, out, resolved, seed=seed, say=out_console.print) | stats
+        summary = train_dpo(pairs, init, out, resolved, seed=seed, say=out_console.print, resume=resume) | stats
         summary["total_seconds"] = round(time.perf_counter() - t0, 1)
     _write_stage_card(out, summary, resolved, "DPO (LoRA on the merged init model, TRL DPOTrainer, retrieval-reward pairs)")
     out_console.print(f"DPO: {summary['steps']} steps, margin {summary['margin_start']} -> {summary['margin_end']}, "
@@ -216,6 +231,8 @@ def grpo(
     beta: float = typer.Option(None, "--beta", help="KL coefficient towards the init model (0: no reference model)."),
     use_vllm: bool = typer.Option(None, "--use-vllm/--no-vllm", help="Generate through vLLM (GPU machines with vllm installed; not on CPU)."),
     max_minutes: float = typer.Option(None, "--max-minutes", help="Stop training after this many minutes of optimizer steps (0: no limit; the quick preset has a budget)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a stopped run from the last checkpoint in OUT/checkpoints with the queries it began with, OUT/targets.jsonl (same options; the step log continues)."),
+    save_steps: int = typer.Option(None, "--save-steps", min=1, help="Write a checkpoint every N optimizer steps into OUT/checkpoints (the last 2 kept, removed when the schedule completes)."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
 ) -> None:
     """GRPO with the retrieval reward online: groups of sampled parses per logged query, advantages within each group."""
@@ -225,22 +242,27 @@ def grpo(
         resolved = _preset(GRPO_PRESETS, preset, config, {"queries": queries, "pick": pick, "screen_k": screen_k, "max_steps": max_steps, "num_generations": num_generations,
                                                            "lr": lr, "beta": beta, "use_vllm": use_vllm, "explore_below": explore_below,
                                                            "temperature": temperature, "explore_confidence": explore_confidence,
-                                                           "explore_with": explore_with, "anchors": anchors, "max_minutes": max_minutes})
+                                                           "explore_with": explore_with, "anchors": anchors, "max_minutes": max_minutes,
+                                                           "save_steps": save_steps})
         if anchors and not resolved.get("screen_k"):  # the preset's anchors apply only where it screens
             raise UserError("--anchors: anchor queries are picked while screening; set --screen-k above 0 (or --anchors 0)")
         if resolved["batch_size"] % resolved["num_generations"]:
             raise UserError(f"batch_size {resolved['batch_size']} must be a multiple of num_generations {resolved['num_generations']}")
         _check_init(init)
+        _check_resume(out, resume)
         out.mkdir(parents=True, exist_ok=True)
         write_resolved({"command": "train grpo", "init": str(init), "world": str(world), "index": str(index), "preset": preset,
                         "seed": seed, **resolved}, out / "train_config.json")
         t0 = time.perf_counter()
         reward, schema = _reward(init, index)
-        targets = click_targets(world, resolved["queries"], seed=seed, pick=resolved.get("pick", "traffic"))
+        saved = out / "targets.jsonl"  # the queries training draws from, so `--resume` continues on the same ones
+        resumed = resume and saved.is_file()
+        targets = ([json.loads(line) for line in saved.read_text().splitlines()] if resumed
+                   else click_targets(world, resolved["queries"], seed=seed, pick=resolved.get("pick", "traffic")))
         if not targets:
             raise UserError(f"{world}: no clicked queries in the early log outside the seed set")
         screened = with_signal = anchored = None
-        if resolved.get("screen_k"):
+        if resolved.get("screen_k") and not resumed:
             out_console.print(f"GRPO: screening {len(targets):,} logged queries with {resolved['screen_k']} samples each")
             candidates, confidence = sample_candidates(init, targets, resolved["screen_k"], resolved["temperature"], seed, say=out_console.print,
                                                        reward=reward, explore_below=resolved.get("explore_below"),
@@ -261,8 +283,9 @@ def grpo(
                 out_console.print(f"GRPO: + {len(anchors):,} anchor queries (answered well, and a 'what'/'where' slot matters to their clicks)")
                 anchored = len(anchors)
                 targets = [t for pair in zip_longest(targets, anchors) for t in pair if t is not None]
+        saved.write_text("".join(json.dumps(t) + "\n" for t in targets))
         out_console.print(f"GRPO: {len(targets):,} logged queries, {resolved['num_generations']} samples each, {resolved['max_steps']} steps")
-        summary = train_grpo(targets, reward, init, out, resolved, seed=seed, say=out_console.print)
+        summary = train_grpo(targets, reward, init, out, resolved, seed=seed, say=out_console.print, resume=resume)
         summary |= {"screened_queries": screened, "queries_with_signal": with_signal, "anchor_queries": anchored}
         summary["total_seconds"] = round(time.perf_counter() - t0, 1)
     _write_stage_card(out, summary, resolved, "GRPO (LoRA on the merged init model, TRL GRPOTrainer, retrieval reward online)")

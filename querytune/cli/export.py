@@ -1,0 +1,28 @@
+"""`querytune export`: a model folder as one self-contained merged folder (no base model, no cache needed to load).
+
+    querytune export --model runs/sft --out runs/sft-merged
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from querytune.cli.common import UserError, user_errors
+
+
+def export(
+    model: Path = typer.Option(..., "--model", help="Model folder made by `querytune train ...` (adapters and their base)."),
+    out: Path = typer.Option(..., "--out", help="Folder to write: merged transformers weights, tokenizer, schema.yaml, querytune.json (replaced if it exists)."),
+) -> None:
+    """Merge a model folder's adapters into its base and write a folder that loads anywhere with no cache."""
+    from querytune.model import export_merged, model_version
+
+    with user_errors():
+        if not model.is_dir():
+            raise UserError(f"--model {model}: folder not found")
+        if out.resolve() == model.resolve():
+            raise UserError("--out must differ from --model")
+        export_merged(model, out)
+    typer.echo(f"exported {model} to {out} (model_version {model_version(out)}; merged from {model_version(model)})")
