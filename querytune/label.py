@@ -11,29 +11,40 @@ batches of similar length -> Parquet shards. The output folder holds:
     rejects.jsonl                  source file, line, reason, raw: one row per rejected input row
     manifest.json                  model and schema versions, the input's fingerprint
     summary.json                   rows, distinct, rejected, labeled, seconds, queries/s
+    label.lock                     held (flock) by the run writing the folder
 
-A shard is written to a temporary name and renamed, so a run killed at any moment (`kill -9`) leaves only whole
-shards; run again, it labels only the distinct queries no shard holds. A rerun against another model, schema or
-input refuses to mix them (`--restart` starts over).
+A bad row (not UTF-8, a lone surrogate, a number past Python's int limit, JSON nested too deep, a CSV field past the
+csv module's limit, not text, empty, too long) is a reject, never the end of the run. A shard is written to a
+temporary name and renamed, so a run killed at any moment (`kill -9`) leaves only whole shards; run again, it labels
+only the distinct queries no shard holds. A shard that cannot be read (torn by a copy, zero bytes) is renamed
+`*.corrupt` with a warning and its queries are labeled again. A second run on a folder another run is writing stops
+at once; the kernel drops the lock when its holder dies. A rerun against another model, schema or input refuses to
+mix them (`--restart` starts over).
 """
 
 from __future__ import annotations
 
+import csv
+import fcntl
 import hashlib
 import json
 import os
+import reprlib
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
 import pandas as pd
 
-from querytune.labeled import FORMATS, csv_records, jsonl_records
+from querytune.labeled import FORMATS, csv_records, jsonl_records, lone_surrogate, printable
 from querytune.schema import normalize_text
 
 MAX_QUERY_CHARS = 256  # longer "queries" are pasted documents, not search-box input
 SHARD_QUERIES = 1024  # distinct queries per shard: the most a kill can cost
+LOCK = "label.lock"
 LABEL_COLUMNS = ["query", "normalized", "parse", "valid", "confidence", "error", "model_version", "schema_version"]
 
 
@@ -97,28 +108,28 @@ def read_rows(path: str | Path, column: str = "query", where: str | None = None)
         source = str(file.relative_to(root)) if root.is_dir() else file.name
         kind = FORMATS[file.suffix.lower()]
         if kind == "parquet":
-            import pyarrow.parquet as pq
-
-            names = pq.read_schema(file).names
+            names, values, cond_values = _parquet_columns(file, column, cond[0] if cond else None)
             for col in [column] + ([cond[0]] if cond else []):
                 if col not in names:
                     raise LabelInputError(f"{file}: no column {col!r} (columns: {', '.join(names)})")
-            table = pq.read_table(file, columns=list(dict.fromkeys([column] + ([cond[0]] if cond else []))))
-            keep = [str(v) == cond[1] for v in table.column(cond[0]).to_pylist()] if cond else None
-            for i, value in enumerate(table.column(column).to_pylist(), 1):
+            keep = [str(v) == cond[1] for v in cond_values] if cond else None
+            for i, value in enumerate(values, 1):
                 if keep is None or keep[i - 1]:
                     yield InputRow(source, i, value)
         elif kind == "csv":
-            header, records = csv_records(file)
+            try:
+                header, records = csv_records(file, errors="surrogateescape")
+            except csv.Error as e:  # the header itself (a row after it is a reject)
+                raise LabelInputError(f"{file}: not readable as CSV: {e}") from None
             for col in [column] + ([cond[0]] if cond else []):
                 if col not in header:
-                    raise LabelInputError(f"{file}: no column {col!r} in the header ({', '.join(header)}); choose one with --column")
+                    raise LabelInputError(f"{file}: no column {col!r} in the header ({printable(', '.join(header))}); choose one with --column")
             for line, rec, error in records:
                 if cond and not (isinstance(rec, dict) and str(rec.get(cond[0])) == cond[1]):
                     continue
                 yield (InputRow(source, line, None), error) if error else InputRow(source, line, rec[column])
         else:
-            for line, rec, error in jsonl_records(file):
+            for line, rec, error in jsonl_records(file, errors="surrogateescape"):
                 if error:
                     yield InputRow(source, line, rec[:200]), error
                 elif cond and not (isinstance(rec, dict) and str(rec.get(cond[0])) == cond[1]):
@@ -129,6 +140,28 @@ def read_rows(path: str | Path, column: str = "query", where: str | None = None)
                     yield InputRow(source, line, None), f"no field {column!r}"
                 else:
                     yield InputRow(source, line, rec[column])
+
+
+def _parquet_columns(file: Path, column: str, cond: str | None) -> tuple[list[str], list[Any], list[Any]]:
+    """The file's column names and the values of `column` and `cond` (if the file has them). Text cells are decoded
+    one by one with errors="surrogateescape", so a cell a careless writer left not UTF-8 is one bad row, not a bad
+    file (`check_query` rejects it)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def values(table: pa.Table, name: str) -> list[Any]:
+        col = table.column(name)
+        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_string_view(col.type):
+            return [None if v is None else v.decode("utf-8", "surrogateescape") for v in col.cast(pa.large_binary()).to_pylist()]
+        return col.to_pylist()
+
+    try:
+        names = pq.read_schema(file).names
+        wanted = [c for c in dict.fromkeys([column, cond]) if c in names]
+        table = pq.read_table(file, columns=wanted)
+        return names, values(table, column) if column in names else [], values(table, cond) if cond in names else []
+    except Exception as e:  # pyarrow raises several types for a file that is not (whole) Parquet
+        raise LabelInputError(f"{file}: not a readable Parquet file: {printable(str(e))}") from None
 
 
 def check_query(value: Any, max_chars: int = MAX_QUERY_CHARS) -> tuple[str | None, str | None]:
@@ -145,6 +178,9 @@ def check_query(value: Any, max_chars: int = MAX_QUERY_CHARS) -> tuple[str | Non
         return None, "missing query"
     if not isinstance(value, str):
         return None, f"not text: {type(value).__name__}"
+    bad = lone_surrogate(value)
+    if bad:
+        return None, bad
     norm = normalize_text(value)
     if not norm:
         return None, "empty query"
@@ -181,17 +217,98 @@ def _write_text_atomic(text: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def labeled_queries(out: str | Path) -> set[str]:
-    """Normalised queries the whole shards of `out/labels` already hold."""
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def labeled_queries(out: str | Path, warn: Callable[[str], None] = _warn) -> set[str]:
+    """Normalised queries the whole shards of `out/labels` already hold. A shard that cannot be read (torn by a copy
+    or a full disk, zero bytes) is renamed `*.corrupt` with a one-line warning: its queries count as not labeled."""
     done: set[str] = set()
     for shard in sorted((Path(out) / "labels").glob("part-*.parquet")):
-        done.update(pd.read_parquet(shard, columns=["normalized"])["normalized"])
+        try:
+            done.update(pd.read_parquet(shard, columns=["normalized"])["normalized"])
+        except Exception as e:  # pyarrow raises several types (ArrowInvalid, OSError, ...) for a damaged file
+            aside = shard.with_name(shard.name + ".corrupt")
+            os.replace(shard, aside)
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            warn(f"warning: {shard}: unreadable label shard ({reason}); set aside as {aside.name}, its queries are labeled again")
     return done
+
+
+_HELD: set[str] = set()  # folders this process holds the lock of
+
+
+@contextmanager
+def lock_folder(out: str | Path) -> Iterator[None]:
+    """Hold `out/label.lock` (flock, non-blocking) while a run writes `out`: a second run stops at once with a
+    LabelInputError instead of labeling the same queries as the first. The kernel drops the lock when its process
+    dies (`kill -9` too), so no stale lock outlives a run. Reentrant in a process: the CLI takes it before it loads
+    the model, `label` again inside."""
+    out = Path(out)
+    key = str(out.resolve())
+    if key in _HELD:
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    fh = open(out / LOCK, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "?"
+        fh.close()
+        raise LabelInputError(f"{out}: another run (pid {holder}) is labeling this folder; wait for it to end or use another --out") from None
+    fh.truncate(0)
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    _HELD.add(key)
+    try:
+        yield
+    finally:
+        _HELD.discard(key)
+        fh.close()  # closing the file drops the lock; the file stays, so no run ever locks a file another just unlinked
 
 
 def by_length(queries: list[str]) -> list[str]:
     """Longest first then alphabetical: batches of similar length pad little, and the order is stable across runs."""
     return sorted(queries, key=lambda q: (-len(q), q))
+
+
+@dataclass
+class Accounting:
+    """Every row of an input, accepted (row -> normalised query) or rejected (file, line, reason, raw)."""
+
+    rows: int
+    mapping: dict[str, list]  # source, line, normalized: one entry per accepted row
+    rejects: list[dict]  # source, line, reason, raw: one per rejected row
+    first_spelling: dict[str, str]  # each distinct normalised query -> its first spelling in the input
+
+
+def account_rows(input_path: str | Path, column: str = "query", where: str | None = None, max_chars: int = MAX_QUERY_CHARS) -> Accounting:
+    """Read and normalise every row of the input (no model): what `label` writes as rows.parquet and rejects.jsonl."""
+    acc = Accounting(0, {"source": [], "line": [], "normalized": []}, [], {})
+    for item in read_rows(input_path, column, where):
+        acc.rows += 1
+        row, reason = item if isinstance(item, tuple) else (item, None)
+        norm = None
+        if reason is None:
+            norm, reason = check_query(row.text, max_chars)
+        if reason is not None:  # raw as UTF-8 can hold it: a bad byte shows as \\xe9, a non-text cell as its short repr
+            raw = printable(row.text) if isinstance(row.text, str) else reprlib.repr(row.text)
+            acc.rejects.append({"source": printable(row.source), "line": row.line, "reason": reason, "raw": raw})
+            continue
+        acc.mapping["source"].append(printable(row.source))
+        acc.mapping["line"].append(row.line)
+        acc.mapping["normalized"].append(norm)
+        acc.first_spelling.setdefault(norm, row.text.strip())
+    return acc
+
+
+def save_accounting(acc: Accounting, out: Path) -> None:
+    """rows.parquet and rejects.jsonl of a labeling folder."""
+    _write_atomic(pd.DataFrame(acc.mapping), out / "rows.parquet")
+    _write_text_atomic("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in acc.rejects), out / "rejects.jsonl")
 
 
 def label(input_path: str | Path, out: str | Path, backend: Backend, column: str = "query", shard_size: int = SHARD_QUERIES, where: str | None = None,
@@ -205,64 +322,53 @@ def label(input_path: str | Path, out: str | Path, backend: Backend, column: str
     files = input_files(input_path)
     manifest = {"input": str(input_path), "input_fingerprint": fingerprint(files), "column": column, "where": where,
                 "model_version": backend.model_version, "schema_version": backend.schema_version}
-    (out / "labels").mkdir(parents=True, exist_ok=True)
-    old = out / "manifest.json"
-    if old.exists() and not restart:
-        before = json.loads(old.read_text())
-        changed = [k for k in manifest if before.get(k) != manifest[k]]
-        if changed:
-            raise LabelInputError(f"{out} holds labels of another run ({', '.join(f'{k}: {before.get(k)} -> {manifest[k]}' for k in changed)}); "
-                                  "use another --out or --restart to start over")
-    if restart:
-        for shard in (out / "labels").glob("part-*.parquet"):
-            shard.unlink()
-    _write_text_atomic(json.dumps(manifest, indent=2) + "\n", old)
+    with lock_folder(out):
+        (out / "labels").mkdir(parents=True, exist_ok=True)
+        old = out / "manifest.json"
+        if old.exists() and not restart:
+            try:
+                before = json.loads(old.read_text(encoding="utf-8"))
+            except ValueError:
+                raise LabelInputError(f"{old}: not readable; use --restart to start over") from None
+            changed = [k for k in manifest if before.get(k) != manifest[k]]
+            if changed:
+                raise LabelInputError(f"{out} holds labels of another run ({', '.join(f'{k}: {before.get(k)} -> {manifest[k]}' for k in changed)}); "
+                                      "use another --out or --restart to start over")
+        if restart:
+            for shard in (out / "labels").glob("part-*.parquet"):
+                shard.unlink()
+        _write_text_atomic(json.dumps(manifest, indent=2) + "\n", old)
 
-    mapping: dict[str, list] = {"source": [], "line": [], "normalized": []}
-    rejects: list[dict] = []
-    first_spelling: dict[str, str] = {}
-    rows = 0
-    for item in read_rows(input_path, column, where):
-        rows += 1
-        row, reason = item if isinstance(item, tuple) else (item, None)
-        norm = None
-        if reason is None:
-            norm, reason = check_query(row.text, max_chars)
-        if reason is not None:
-            rejects.append({"source": row.source, "line": row.line, "reason": reason, "raw": row.text if isinstance(row.text, str) else repr(row.text)})
-            continue
-        mapping["source"].append(row.source)
-        mapping["line"].append(row.line)
-        mapping["normalized"].append(norm)
-        first_spelling.setdefault(norm, row.text.strip())
-    _write_atomic(pd.DataFrame(mapping), out / "rows.parquet")
-    _write_text_atomic("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects), out / "rejects.jsonl")
+        acc = account_rows(input_path, column, where, max_chars)
+        save_accounting(acc, out)
+        first_spelling = acc.first_spelling
 
-    done = labeled_queries(out)
-    todo = by_length([q for q in first_spelling if q not in done])
-    resumed = len(first_spelling) - len(todo)
-    next_shard = max((int(p.stem.split("-")[1]) + 1 for p in (out / "labels").glob("part-*.parquet")), default=0)
-    stream = stream or (lambda queries, size: (parse_rows(backend, queries[i:i + size]) for i in range(0, len(queries), size)))
-    t_label = time.perf_counter()
-    if progress:
-        progress(resumed, len(first_spelling))
-    written = 0
-    for labels in stream(todo, shard_size) if todo else []:
-        for rec in labels:
-            rec["query"] = first_spelling[rec["normalized"]]
-        _write_atomic(pd.DataFrame(labels, columns=LABEL_COLUMNS), out / "labels" / f"part-{next_shard:05d}.parquet")
-        next_shard += 1
-        written += len(labels)
+        done = labeled_queries(out)
+        todo = by_length([q for q in first_spelling if q not in done])
+        resumed = len(first_spelling) - len(todo)
+        # numbers of set-aside shards too: a new shard never takes the name of one kept for inspection
+        next_shard = max((int(p.name.split(".")[0].split("-")[1]) + 1 for p in (out / "labels").glob("part-*")), default=0)
+        stream = stream or (lambda queries, size: (parse_rows(backend, queries[i:i + size]) for i in range(0, len(queries), size)))
+        t_label = time.perf_counter()
         if progress:
-            progress(resumed + written, len(first_spelling))
-    label_seconds = time.perf_counter() - t_label
-    labels_df = read_labels(out)
-    summary = {"rows": rows, "accepted": len(mapping["normalized"]), "rejected": len(rejects), "distinct": len(first_spelling),
-               "labeled_now": len(todo), "resumed": resumed, "invalid": int((~labels_df["valid"]).sum()),
-               "seconds": round(time.perf_counter() - t0, 2), "label_seconds": round(label_seconds, 2),
-               "queries_per_s": round(len(todo) / label_seconds, 2) if todo and label_seconds else None,
-               "rows_per_s": round(rows / (time.perf_counter() - t0), 2), **manifest}
-    _write_text_atomic(json.dumps(summary, indent=2) + "\n", out / "summary.json")
+            progress(resumed, len(first_spelling))
+        written = 0
+        for labels in stream(todo, shard_size) if todo else []:
+            for rec in labels:
+                rec["query"] = first_spelling[rec["normalized"]]
+            _write_atomic(pd.DataFrame(labels, columns=LABEL_COLUMNS), out / "labels" / f"part-{next_shard:05d}.parquet")
+            next_shard += 1
+            written += len(labels)
+            if progress:
+                progress(resumed + written, len(first_spelling))
+        label_seconds = time.perf_counter() - t_label
+        labels_df = read_labels(out)
+        summary = {"rows": acc.rows, "accepted": len(acc.mapping["normalized"]), "rejected": len(acc.rejects), "distinct": len(first_spelling),
+                   "labeled_now": len(todo), "resumed": resumed, "invalid": int((~labels_df["valid"]).sum()),
+                   "seconds": round(time.perf_counter() - t0, 2), "label_seconds": round(label_seconds, 2),
+                   "queries_per_s": round(len(todo) / label_seconds, 2) if todo and label_seconds else None,
+                   "rows_per_s": round(acc.rows / (time.perf_counter() - t0), 2), **manifest}
+        _write_text_atomic(json.dumps(summary, indent=2) + "\n", out / "summary.json")
     return summary
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -53,26 +54,82 @@ class Reject:
         return str(self.line) if self.unit == "line" else f"{self.unit} {self.line}"
 
 
-def jsonl_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
-    """(line, record or raw text, error) for each non-blank line."""
-    with path.open(encoding="utf-8-sig") as f:
+def json_loads(text: str) -> tuple[Any, str | None]:
+    """(value, None) or (None, why `text` is not JSON Python can hold): the errors of one line, never the file's.
+
+    >>> json_loads('{"n": ' + '9' * 5000 + '}')[1]
+    'not valid JSON: a number with more than 4300 digits'
+    """
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as e:
+        return None, f"not valid JSON: {e.msg} at char {e.pos}"
+    except ValueError:  # the only other one: an int past sys.get_int_max_str_digits()
+        return None, f"not valid JSON: a number with more than {sys.get_int_max_str_digits()} digits"
+    except RecursionError:
+        return None, "not valid JSON: nested too deeply"
+
+
+def lone_surrogate(value: Any) -> str | None:
+    """Why `value` (text, or JSON-like data) cannot be written as UTF-8, or None. A lone surrogate comes from a JSON
+    "\\ud800" escape, or stands for a byte that was not UTF-8 when a file is read with errors="surrogateescape".
+
+    >>> lone_surrogate({"q": "caf\\udce9"})
+    'invalid UTF-8 or lone surrogate U+DCE9'
+    """
+    try:
+        (value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)).encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"invalid UTF-8 or lone surrogate U+{ord(e.object[e.start]):04X}"
+    except (ValueError, RecursionError):  # a cycle or depth only a Python caller can build: not a surrogate
+        return None
+    return None
+
+
+def printable(text: str) -> str:
+    """`text` that UTF-8 can hold: a byte read with errors="surrogateescape" shows as `\\xe9`, any other lone
+    surrogate as `\\ud800`, so a reject's raw text says what was wrong with it.
+
+    >>> printable("caf\\udce9"), printable("\\ud800 tacos")
+    ('caf\\\\xe9', '\\\\ud800 tacos')
+    """
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def jsonl_records(path: Path, errors: str = "strict") -> Iterator[tuple[int, Any, str | None]]:
+    """(line, record or raw text, error) for each non-blank line. `errors="surrogateescape"` makes a line that is not
+    UTF-8 a bad line instead of a bad file."""
+    with path.open(encoding="utf-8-sig", errors=errors) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            try:
-                yield n, json.loads(line), None
-            except json.JSONDecodeError as e:
-                yield n, line.rstrip("\r\n"), f"not valid JSON: {e.msg} at char {e.pos}"
+            raw = line.rstrip("\r\n")
+            rec, error = json_loads(line)
+            error = error or lone_surrogate(rec)
+            yield (n, raw, error) if error else (n, rec, None)
 
 
-def csv_records(path: Path) -> tuple[list[str], list[tuple[int, Any, str | None]]]:
-    """Header and (first physical line, cells by column, error) for each non-blank row."""
+def csv_records(path: Path, errors: str = "strict") -> tuple[list[str], list[tuple[int, Any, str | None]]]:
+    """Header and (first physical line, cells by column, error) for each non-blank row. A row the csv module cannot
+    read (a field past its size limit) is a bad row. With `errors="surrogateescape"` a byte that is not UTF-8 becomes
+    a lone surrogate in its cell (see `lone_surrogate`) instead of failing the file."""
     out = []
-    with path.open(encoding="utf-8-sig", newline="") as f:
+    with path.open(encoding="utf-8-sig", newline="", errors=errors) as f:
         reader = csv.reader(f)
         header = next(reader, None) or []
         end = reader.line_num
-        for cells in reader:
+        while True:
+            try:
+                cells = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:  # the reader goes on with the next line
+                start, end = end + 1, reader.line_num
+                out.append((start, None, f"not readable as CSV: {e}"))
+                continue
             start, end = end + 1, reader.line_num  # a quoted field may span several lines
             if not cells:
                 continue
@@ -98,6 +155,9 @@ def _row(rec: Any, line: int, stem: str, schema: Schema, slots_as_json: bool) ->
     """One record -> LabeledRow, or ParseError with the reason."""
     if not isinstance(rec, dict):
         raise ParseError(f"expected an object, got {type(rec).__name__}")
+    bad = lone_surrogate(rec)  # a Parquet cell or decoded slots JSON: no output file could hold it
+    if bad:
+        raise ParseError(bad)
     text = rec.get("text")
     if text is None or (isinstance(text, str) and not text.strip()):
         raise ParseError("text: missing or empty")
@@ -105,10 +165,9 @@ def _row(rec: Any, line: int, stem: str, schema: Schema, slots_as_json: bool) ->
         raise ParseError(f"text: expected a string, got {text!r}")
     slots = rec.get("slots")
     if slots_as_json and isinstance(slots, str):
-        try:
-            slots = json.loads(slots) if slots.strip() else {}
-        except json.JSONDecodeError as e:
-            raise ParseError(f"slots: not valid JSON: {e.msg} at char {e.pos}") from None
+        slots, error = json_loads(slots) if slots.strip() else ({}, None)
+        if error:
+            raise ParseError(f"slots: {error}")
     if slots is not None and not isinstance(slots, dict):
         raise ParseError(f"slots: expected an object, got {type(slots).__name__}")
     parse = schema.parse({"intent": rec.get("intent"), "slots": slots or {}})

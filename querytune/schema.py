@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -264,6 +265,53 @@ def _req(d: dict, key: str, where: str, kind: type = str) -> Any:
     return d[key]
 
 
+def _text(d: dict, key: str, field: str) -> str:
+    """An optional free-text field: text (a number is read as its digits), never a container, which an alias bomb
+    could make too big to print."""
+    value = d.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        raise SchemaError(f"{field}: expected a string, got {type(value).__name__}")
+    return str(value)
+
+
+def _surrogate(tree: Any, path: str = "") -> tuple[str, str] | None:
+    """(field, character) of the first lone surrogate (YAML's "\\ud800" escape) in `tree`, a validated schema's
+    `to_dict`: no UTF-8 file or version hash can hold one."""
+    if isinstance(tree, str):
+        bad = next((c for c in tree if "\ud800" <= c <= "\udfff"), None)
+        return (path, bad) if bad else None
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
+    for key, value in items:
+        field = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else str(key)
+        found = _surrogate(key, field) or _surrogate(value, field)
+        if found:
+            return found
+    return None
+
+
+def _huge_int(tree: Any) -> str | None:
+    """The field of the first int in `tree` too long for Python to print (YAML reads 0x... and 0777... past the
+    decimal digit limit), each shared node visited once (an alias bomb is a few nodes) and without recursion."""
+    limit = sys.get_int_max_str_digits()
+    if not limit:
+        return None
+    bound, seen, stack = 10**limit, set(), [("", tree)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, int) and not isinstance(node, bool) and abs(node) >= bound:
+            return path
+        if isinstance(node, (dict, list)) and id(node) not in seen:
+            seen.add(id(node))
+            items = list(node.items()) if isinstance(node, dict) else list(enumerate(node))
+            for key, value in reversed(items):
+                if isinstance(node, dict) and isinstance(key, int) and not isinstance(key, bool) and abs(key) >= bound:
+                    return f"{path}: a key" if path else "a key"
+                stack.append((f"{path}[{key}]" if isinstance(node, list) else f"{path}.{key}" if path else str(key), value))
+    return None
+
+
 def _name(d: dict, where: str) -> str:
     name = _req(d, "name", where)
     if not _NAME.match(name):
@@ -278,7 +326,7 @@ def _slot(d: Any, where: str) -> Slot:
     where = f"{where} ({name})"
     unknown = set(d) - {"name", "type", "description", "values", "aliases", "filter", "grounded"}
     if unknown:
-        raise SchemaError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+        raise SchemaError(f"{where}: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
     type_ = _req(d, "type", where)
     if type_ not in SLOT_TYPES:
         raise SchemaError(f"{where}.type: {type_!r} is not one of {', '.join(SLOT_TYPES)}")
@@ -299,6 +347,8 @@ def _slot(d: Any, where: str) -> Slot:
     if aliases and type_ != "categorical":
         raise SchemaError(f"{where}.aliases: only categorical slots take aliases")
     for alias, target in aliases.items():
+        if not isinstance(target, (str, int, float)) or isinstance(target, bool):  # never str() a container: alias bombs
+            raise SchemaError(f"{where}.aliases.{alias}: expected one of the slot's values, got {type(target).__name__}")
         if str(target) not in values:
             raise SchemaError(f"{where}.aliases.{alias}: {target!r} is not one of the slot's values")
     filter_ = d.get("filter")
@@ -314,11 +364,12 @@ def _slot(d: Any, where: str) -> Slot:
             raise SchemaError(f"{where}.filter: {filter_!r} is not one of {', '.join(FILTERS)}")
     grounded = d.get("grounded", False)
     if not isinstance(grounded, bool):
-        raise SchemaError(f"{where}.grounded: expected true or false, got {grounded!r}")
+        shown = repr(grounded) if isinstance(grounded, (str, int, float)) else type(grounded).__name__
+        raise SchemaError(f"{where}.grounded: expected true or false, got {shown}")
     if grounded and type_ not in ("categorical", "text"):
         raise SchemaError(f"{where}.grounded: only categorical and text slots can be grounded")
     return Slot(
-        name=name, type=type_, description=str(d.get("description", "")), values=values,
+        name=name, type=type_, description=_text(d, "description", f"{where}.description"), values=values,
         aliases={normalize_text(str(k)): str(v) for k, v in aliases.items()}, filter=filter_, attribute=attribute,
         grounded=grounded,
     )
@@ -327,6 +378,9 @@ def _slot(d: Any, where: str) -> Slot:
 def schema_from_dict(raw: Any, source: str = "<schema>") -> Schema:
     if not isinstance(raw, dict):
         raise SchemaError(f"{source}: expected a mapping with 'intents' and 'slots'")
+    huge = _huge_int(raw)
+    if huge is not None:
+        raise SchemaError(f"{source}: {huge}: a number with more than {sys.get_int_max_str_digits()} digits")
     unknown = set(raw) - {"name", "description", "intents", "slots"}
     if unknown:
         raise SchemaError(f"{source}: unknown top-level field(s) {', '.join(sorted(map(str, unknown)))}")
@@ -352,7 +406,7 @@ def schema_from_dict(raw: Any, source: str = "<schema>") -> Schema:
             raise SchemaError(f"{where}.name: duplicate intent {name!r}")
         unknown = set(d) - {"name", "description", "slots"}
         if unknown:
-            raise SchemaError(f"{where} ({name}): unknown field(s) {', '.join(sorted(unknown))}")
+            raise SchemaError(f"{where} ({name}): unknown field(s) {', '.join(sorted(map(str, unknown)))}")
         taken = d.get("slots")
         if taken is not None:
             if not isinstance(taken, list) or not all(isinstance(s, str) for s in taken):
@@ -361,8 +415,12 @@ def schema_from_dict(raw: Any, source: str = "<schema>") -> Schema:
                 if s not in slots:
                     raise SchemaError(f"{where} ({name}).slots: {s!r} is not a declared slot")
             taken = tuple(taken)
-        intents[name] = Intent(name, str(d.get("description", "")), taken)
-    return Schema(str(raw.get("name", Path(source).stem)), intents, slots, str(raw.get("description", "")))
+        intents[name] = Intent(name, _text(d, "description", f"{where} ({name}).description"), taken)
+    schema = Schema(_text(raw, "name", f"{source}: name") or Path(source).stem, intents, slots, _text(raw, "description", f"{source}: description"))
+    bad = _surrogate(schema.to_dict())
+    if bad:
+        raise SchemaError(f"{source}: {bad[0]}: lone surrogate U+{ord(bad[1]):04X} (half a UTF-16 pair, not a character)")
+    return schema
 
 
 def load_schema(path: str | Path | None = None) -> Schema:
@@ -376,4 +434,12 @@ def load_schema(path: str | Path | None = None) -> Schema:
         raise SchemaError(f"{path}: not valid YAML: {e}") from None
     except UnicodeDecodeError:
         raise SchemaError(f"{path}: not UTF-8 text") from None
+    except ValueError as e:  # YAML's int and date constructors: a 5,000-digit number, 2001-13-45
+        if "integer string conversion" in str(e):
+            raise SchemaError(f"{path}: not valid YAML: a number with more than {sys.get_int_max_str_digits()} digits") from None
+        raise SchemaError(f"{path}: not valid YAML: {e}") from None
+    except RecursionError:
+        raise SchemaError(f"{path}: not valid YAML: nested too deeply") from None
+    except OSError as e:
+        raise SchemaError(f"{path}: cannot read: {e.strerror}") from None
     return schema_from_dict(raw, str(path))

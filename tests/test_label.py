@@ -169,3 +169,71 @@ def test_where_keeps_only_matching_rows(tmp_path):
     assert summary["rows"] == 3
     with pytest.raises(LabelInputError, match="COLUMN=VALUE"):
         label(tmp_path / "in", tmp_path / "out2", EchoBackend(), where="period")
+
+
+def test_a_bad_row_in_any_format_is_rejected_not_fatal(tmp_path):
+    """A lone surrogate, a 5,000-digit number, invalid UTF-8, JSON nested past the parser's depth or a CSV field past
+    the csv module's limit spoils its own row only: it lands in rejects.jsonl with its file, line and reason."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_bytes(b"\n".join([
+        b'{"query": "pizza"}', b'{"query": "\\ud800 tacos"}', b'{"query": ' + b"9" * 5000 + b"}", b'{"query": "caf\xff"}',
+        b"[" * 100_000, b'{"query": "sushi"}']) + b"\n")
+    (tmp_path / "in" / "b.csv").write_bytes(b"query\nbarber\ncaf\xe9 latte\n\"" + b"x" * 200_000 + b"\"\nnails\n")
+    invalid = pa.array([b"dentist", b"caf\xff", None], pa.binary()).view(pa.string())  # a writer that skipped UTF-8 checks
+    pq.write_table(pa.table({"query": invalid}), tmp_path / "in" / "c.parquet")
+    summary = label(tmp_path / "in", tmp_path / "out", EchoBackend())
+    rejects = {(r["source"], r["line"]): r for r in map(json.loads, (tmp_path / "out" / "rejects.jsonl").read_text(encoding="utf-8").splitlines())}
+    reasons = {k: r["reason"] for k, r in rejects.items()}
+    assert set(reasons) == {("a.jsonl", 2), ("a.jsonl", 3), ("a.jsonl", 4), ("a.jsonl", 5), ("b.csv", 3), ("b.csv", 4),
+                            ("c.parquet", 2), ("c.parquet", 3)}
+    assert "lone surrogate" in reasons[("a.jsonl", 2)] and "U+D800" in reasons[("a.jsonl", 2)]
+    assert "more than 4300 digits" in reasons[("a.jsonl", 3)]
+    assert "invalid UTF-8" in reasons[("a.jsonl", 4)] and "invalid UTF-8" in reasons[("b.csv", 3)] and "invalid UTF-8" in reasons[("c.parquet", 2)]
+    assert "nested too deeply" in reasons[("a.jsonl", 5)] and "field larger than field limit" in reasons[("b.csv", 4)]
+    assert rejects[("b.csv", 3)]["raw"] == "caf\\xe9 latte", "the raw cell shows the bad byte"
+    assert sorted(read_labels(tmp_path / "out")["normalized"]) == ["barber", "dentist", "nails", "pizza", "sushi"]
+    assert summary["rows"] == 13 and summary["rejected"] == 8
+
+
+def test_an_unreadable_shard_is_set_aside_and_relabeled(tmp_path, capsys):
+    """A torn shard (a copy cut short, a full disk) or a zero-byte one never blocks a resume: it is renamed
+    `*.corrupt` with a warning naming it, and its queries are labeled again, so each is labeled exactly once."""
+    write_inputs(tmp_path / "in")
+    label(tmp_path / "in", tmp_path / "out", EchoBackend(), shard_size=2)
+    shards = sorted((tmp_path / "out" / "labels").glob("part-*.parquet"))
+    assert len(shards) == 3
+    shards[0].write_bytes(shards[0].read_bytes()[:-20])  # torn
+    shards[2].write_bytes(b"")  # zero bytes
+    lost = 2 + 1
+    again = EchoBackend()
+    summary = label(tmp_path / "in", tmp_path / "out", again, shard_size=2)
+    assert summary["resumed"] == 5 - lost and summary["labeled_now"] == lost and len(again.seen) == lost
+    labels = read_labels(tmp_path / "out")
+    assert len(labels) == 5 and labels["normalized"].is_unique
+    assert sorted(p.name for p in (tmp_path / "out" / "labels").glob("*.corrupt")) == ["part-00000.parquet.corrupt", "part-00002.parquet.corrupt"]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2 and str(shards[0]) in warnings[0] and "part-00000.parquet.corrupt" in warnings[0]
+
+
+def test_a_second_run_on_a_locked_folder_is_refused(tiny_model, tmp_path):
+    """While one run writes a labeling folder another refuses at once (exit 2, one line naming the folder); the lock
+    dies with its process, so a run killed with SIGKILL leaves a folder the next run can resume."""
+    write_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom querytune.label import lock_folder\n"
+                               f"with lock_folder({str(out)!r}):\n    print('locked', flush=True)\n    time.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(LabelInputError, match="another run"):
+            label(tmp_path / "in", out, EchoBackend())
+        result = CliRunner().invoke(app, ["label", str(tmp_path / "in"), "--model", str(tiny_model), "--out", str(out)])
+        assert result.exit_code == 2 and "Traceback" not in result.output
+        assert result.stderr.strip().startswith(f"error: {out}: another run") and len(result.stderr.strip().splitlines()) == 1
+    finally:
+        holder.kill()
+        holder.wait()
+    assert label(tmp_path / "in", out, EchoBackend())["labeled_now"] == 5

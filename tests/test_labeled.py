@@ -247,3 +247,22 @@ def test_split_is_fixed_by_id(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", rows[:3] + [{"id": "x", "text": "t", "intent": "nope", "slots": {}}])
     result = CliRunner().invoke(app, ["data", "split", str(bad), "--out", str(tmp_path / "c")])
     assert result.exit_code == 1 and "nope" in result.output
+
+
+def test_huge_numbers_and_lone_surrogates_are_rejects_not_crashes(tmp_path, schema):
+    path = tmp_path / "labels.jsonl"
+    path.write_text("\n".join([
+        json.dumps(GOOD[0]),
+        '{"text": "\\udc80 pizza", "intent": "find_business", "slots": {}}',  # line 2: a lone surrogate
+        '{"text": "x", "intent": "book", "slots": {"party_size": ' + "9" * 5000 + "}}",  # line 3: a 5,000-digit number
+        "[" * 100_000,  # line 4: nested past the parser's depth
+    ]) + "\n")
+    rows, rejects = load_labeled(path, schema)
+    assert [r.id for r in rows] == ["q1"]
+    assert [r.line for r in rejects] == [2, 3, 4]
+    assert "lone surrogate U+DC80" in rejects[0].reason
+    assert "more than 4300 digits" in rejects[1].reason and "nested too deeply" in rejects[2].reason
+    csv_path = tmp_path / "labels.csv"
+    csv_path.write_text('text,intent,slots\nx,book,"{""party_size"": ' + "9" * 5000 + '}"\n')
+    _, rejects = load_labeled(csv_path, schema)
+    assert [(r.line, "more than 4300 digits" in r.reason) for r in rejects] == [(2, True)]

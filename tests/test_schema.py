@@ -203,3 +203,53 @@ def test_cli_show_bad_schema_is_a_clear_error(tmp_path):
     assert result.exit_code == 2
     assert result.stderr.startswith(f"error: {path}: slots[0] (b): missing field 'type'")
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("content, field", [
+    (b"intents: [{name: find}]\nslots: [{name: b, type: text, 1: x, y: z}]\n", r"slots\[0\] \(b\): unknown field\(s\) 1, y"),
+    (b"intents: [{name: find}]\nslots: [{name: b, type: categorical, values: [" + b"9" * 5000 + b"]}]\n", r"more than 4300 digits"),
+    (b"name: 2001-13-45\nintents: [{name: find}]\n", r"not valid YAML: month must be in 1\.\.12"),
+    (b"intents: " + b"[" * 5000 + b"]" * 5000 + b"\n", r"nested too deeply"),
+    (b"name: [a, b]\nintents: [{name: find}]\n", r": name: expected a string, got list"),
+    (b"intents: [{name: find, description: {a: 1}}]\n", r"intents\[0\] \(find\)\.description: expected a string, got dict"),
+    (b"intents: [{name: find}]\nslots: [{name: b, type: text, description: [1]}]\n", r"slots\[0\] \(b\)\.description: expected a string"),
+    (b"\xed\xa0\x80intents: []\n", r"not UTF-8 text"),
+])
+def test_malformed_schema_files_raise_schema_error(tmp_path, content, field):
+    """Wrong types at any level, numbers past Python's int parsing limit, impossible dates, deep nesting: a SchemaError
+    naming the file and the field, never a TypeError, ValueError or RecursionError."""
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content)
+    with pytest.raises(SchemaError, match=field) as info:
+        load_schema(path)
+    assert str(info.value).startswith(f"{path}")
+
+
+def test_schema_from_dict_rejects_containers_where_text_belongs():
+    """An alias bomb (a few lines of YAML that expand to millions of nodes) can only reach a field that takes a
+    container, so text fields take text and nothing is ever str()-ed whole."""
+    bomb: list = ["x"]
+    for _ in range(16):
+        bomb = [bomb, bomb]  # 65,536 leaves from 16 shared lists
+    with pytest.raises(SchemaError, match=r"<schema>: description: expected a string, got list"):
+        schema_from_dict({"description": bomb, "intents": [{"name": "find"}]})
+
+
+def test_lone_surrogate_in_a_schema_names_its_field(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text('intents: [{name: find}]\nslots: [{name: b, type: categorical, values: [ok, "x\\ud800"]}]\n')
+    with pytest.raises(SchemaError, match=r"bad\.yaml: slots\[0\]\.values\[1\]: lone surrogate U\+D800"):
+        load_schema(path)
+
+
+@pytest.mark.parametrize("text, field", [
+    ("intents: [{name: find}]\nslots: [{name: b, type: categorical, values: [a, 0x" + "f" * 5000 + "]}]\n", r"slots\[0\]\.values\[1\]"),
+    ("intents: [{name: find, description: 0" + "7" * 20000 + "}]\n", r"intents\[0\]\.description"),
+    ("? 0x" + "f" * 5000 + "\n: 1\nintents: [{name: find}]\n", r"bad\.yaml: a key"),
+])
+def test_hex_and_octal_numbers_past_the_digit_limit_are_schema_errors(tmp_path, text, field):
+    """YAML reads 0x... and 0777... (octal) without Python's decimal digit limit, so printing them later would raise ValueError."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(SchemaError, match=field + r".*a number with more than 4300 digits"):
+        load_schema(path)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from pathlib import Path
 
 import typer
@@ -34,7 +35,7 @@ def label(
     from querytune.label import label as run_label
 
     console = Console(stderr=True)
-    with user_errors():
+    with user_errors(), ExitStack() as held:
         if not model.is_dir():
             raise UserError(f"--model {model}: folder not found")
         from querytune.backends import BACKENDS
@@ -44,10 +45,11 @@ def label(
         if backend not in BACKENDS:
             raise UserError(f"--backend {backend}: choose from {', '.join(BACKENDS)}")
         from querytune.backends import load_backend
-        from querytune.label import input_files
+        from querytune.label import input_files, lock_folder
 
         try:
             input_files(input)  # a missing or empty input fails before the model loads
+            held.enter_context(lock_folder(out))  # and so does a folder another run is writing; `label` holds it on
         except LabelInputError as e:
             raise UserError(str(e)) from e
         stream = None
