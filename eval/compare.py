@@ -73,9 +73,25 @@ def write_jsonl(rows: list[dict], path: Path) -> None:
     tmp.rename(path)  # a half-written file is never taken for a finished one
 
 
-def run(cmd: list[str], env: dict[str, str]) -> None:
-    print("$ " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, env=env)
+def run_all(jobs: list[tuple[list[str], Path | None]], env: dict[str, str], at_once: int) -> dict[str, float]:
+    """Run each command (at most `at_once` together); after one succeeds, rename its `(tmp, final)` output if given.
+    Returns each command's seconds by its --out."""
+    pending, running, seconds = list(jobs), [], {}
+    while pending or running:
+        while pending and len(running) < at_once:
+            cmd, rename = pending.pop(0)
+            print("$ " + " ".join(cmd), flush=True)
+            running.append((subprocess.Popen(cmd, env=env), cmd, rename, time.perf_counter()))
+        time.sleep(1)
+        for job in [j for j in running if j[0].poll() is not None]:
+            proc, cmd, rename, t0 = job
+            running.remove(job)
+            if proc.returncode != 0:
+                raise SystemExit(f"compare: failed ({proc.returncode}): {' '.join(cmd)}")
+            if rename:
+                rename[0].rename(rename[1])
+            seconds[cmd[cmd.index("--out") + 1]] = round(time.perf_counter() - t0, 1)
+    return seconds
 
 
 def main() -> None:
@@ -92,6 +108,7 @@ def main() -> None:
                     help="Training dtype of every row, fixed (not probed per row); sft: the one the given SFT model trained in.")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of every training and parsing run.")
     ap.add_argument("--max-minutes", type=float, default=0, help="Cap per training row (0: none); the steps are the budget.")
+    ap.add_argument("--jobs", type=int, default=1, help="Training rows (then parsing runs) at once, each with --threads threads.")
     args = ap.parse_args()
 
     out, world = args.out, args.world
@@ -114,22 +131,18 @@ def main() -> None:
     same_as = {"guideline_run": "label_ceiling"} if load_rows(data["guideline_run"]) == load_rows(data["label_ceiling"]) else {}
     for name, twin in same_as.items():
         models[name] = models[twin]
-    timings = {}
-    for name in TRAINED:
-        if name not in same_as and not (models[name] / "querytune.json").is_file():
-            t0 = time.perf_counter()
-            run(qt + ["train", "sft", "--init", str(args.sft), "--data", str(data[name]), "--out", str(models[name]),
-                      "--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-minutes", str(args.max_minutes),
-                      "--bf16" if args.dtype == "bf16" else "--no-bf16"], env)
-            timings[name] = round(time.perf_counter() - t0, 1)
-    preds = {}
+    timings = run_all([(qt + ["train", "sft", "--init", str(args.sft), "--data", str(data[name]), "--out", str(models[name]),
+                              "--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-minutes", str(args.max_minutes),
+                              "--bf16" if args.dtype == "bf16" else "--no-bf16"], None)
+                       for name in TRAINED if name not in same_as and not (models[name] / "querytune.json").is_file()], env, args.jobs)
+    preds, parses = {}, []
     for name, folder in models.items():
         preds[name] = out / "predictions" / f"{same_as.get(name, name)}_{args.split}.jsonl"
-        if not preds[name].is_file():
+        if not preds[name].is_file() and name not in same_as:
             tmp = preds[name].with_suffix(".tmp.jsonl")
-            run(qt + ["eval", "parse", "--model", str(folder), "--data", str(split), "--out", str(out / "predictions" / f"{name}_{args.split}_parse.json"),
-                      "--predictions", str(tmp)], env)
-            tmp.rename(preds[name])
+            parses.append((qt + ["eval", "parse", "--model", str(folder), "--data", str(split), "--out",
+                                 str(out / "predictions" / f"{name}_{args.split}_parse.json"), "--predictions", str(tmp)], (tmp, preds[name])))
+    timings |= run_all(parses, env, args.jobs)
 
     rows = load_rows(split)
     schema = load_schema(args.sft / "schema.yaml")
@@ -145,7 +158,7 @@ def main() -> None:
     result = {"table": table, "meta": {
         "world": str(world), "split": args.split, "graded_rows": sum(bool(r.get("relevance")) for r in rows), "sft": str(args.sft),
         "steps": args.steps, "steps_done": steps, "batch_size": args.batch_size, "dtype": args.dtype, "threads": args.threads,
-        "texts": args.texts, "same_data_as": same_as, "train_seconds_this_run": timings, "hardware": hardware(),
+        "texts": args.texts, "same_data_as": same_as, "seconds_this_run": timings, "jobs": args.jobs, "hardware": hardware(),
         "bootstrap": {"draws": 2000, "interval": "percentile 95%", "unit": "graded query", "paired_with": "control"}}}
     (out / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "compare.md").write_text(markdown(result))

@@ -17,7 +17,7 @@ def test_compare_writes_every_row_and_resumes(tiny_model, small_world_master, re
     out = tmp_path / "cmp"
     cmd = [sys.executable, str(ROOT / "eval" / "compare.py"), "--world", str(small_world_master), "--index", str(real_index),
            "--sft", str(tiny_model), "--out", str(out), "--steps", "1", "--batch-size", "2", "--texts", "30", "--split", "dev",
-           "--dtype", "fp32"]
+           "--dtype", "fp32", "--jobs", "2"]
     subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True)
     result = json.loads((out / "compare.json").read_text())
     systems = {"raw", "bm25", "peer", "sft", "control", "label_ceiling", "guideline_run", "guideline_oracle", "oracle"}
