@@ -34,7 +34,7 @@ DEMO_SIZES = {"dpo": ["--queries", "1200"], "grpo": ["--queries", "1000", "--max
 def code_key() -> str:
     """A hash of the package's code and the default schema: what a step's output also depends on."""
     h = hashlib.sha256()
-    for path in sorted(PACKAGE.rglob("*.py")) + [PACKAGE.parent / "data" / "schema.yaml"]:
+    for path in sorted(PACKAGE.rglob("*.py")) + sorted((PACKAGE / "data").rglob("*.yaml")):  # the default schema is package data
         if path.is_file():
             h.update(str(path.relative_to(PACKAGE.parent)).encode())
             h.update(path.read_bytes())
