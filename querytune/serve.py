@@ -25,10 +25,8 @@ import asyncio
 import hmac
 import json
 import logging
-import re
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +36,9 @@ from pydantic import BaseModel, Field
 
 from querytune.cache import Entry
 from querytune.label import check_query
+from querytune.asgi_gate import Gate
 from querytune.serving_cache import ServingCache
 
-access_log = logging.getLogger("querytune.access")
 log = logging.getLogger("querytune.serve")
 
 
@@ -188,93 +186,6 @@ def _metrics():
         "batch": Histogram("querytune_miss_batch_size", "Distinct queries per backend call", registry=reg,
                            buckets=(1, 2, 4, 8, 16, 32, 64)),
     }
-
-
-def error_body(status: int, code: str, message: str, request_id: str, results: list | None = None) -> tuple[int, bytes]:
-    body = {"error": message, "code": code, "request_id": request_id} | ({"results": results} if results is not None else {})
-    return status, json.dumps(body).encode()
-
-
-REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
-
-
-class Gate:
-    """Pure ASGI middleware in front of the app: a request id for every request, the body-size limit enforced on the
-    bytes actually received (a chunked body has no Content-Length to trust), and the access log."""
-
-    def __init__(self, app, max_body_bytes: int, on_refuse: Callable[[str], None] | None = None, access: bool = True):
-        self.app, self.max_body_bytes, self.on_refuse, self.access = app, max_body_bytes, on_refuse, access
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        t0 = time.perf_counter()
-        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        rid = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
-        scope.setdefault("state", {})["request_id"] = rid
-        status = [500]
-
-        async def send_with_id(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
-            await send(message)
-
-        if scope["method"] in ("POST", "PUT", "PATCH"):
-            body, too_big = await self._read_body(scope, receive)
-            if too_big:
-                if self.on_refuse:
-                    self.on_refuse("body")
-                await self._respond(send_with_id, *error_body(413, "body", f"request body over {self.max_body_bytes} bytes", rid))
-                return self._log(scope, rid, status[0], t0)
-            receive = _replay(body)
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            self._log(scope, rid, status[0], t0)
-
-    async def _read_body(self, scope, receive) -> tuple[bytes, bool]:
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
-            return b"", True
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:  # stop reading: the rest is never buffered
-                return b"", True
-            chunks.append(chunk)
-            if not message.get("more_body"):
-                break
-        return b"".join(chunks), False
-
-    @staticmethod
-    async def _respond(send, status: int, body: bytes) -> None:
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
-
-    def _log(self, scope, rid: str, status: int, t0: float) -> None:
-        if self.access and access_log.isEnabledFor(logging.INFO):
-            client = scope.get("client") or ("", 0)
-            access_log.info(json.dumps({"ts": round(time.time(), 3), "request_id": rid, "method": scope["method"], "path": scope["path"],
-                                        "status": status, "ms": round(1000 * (time.perf_counter() - t0), 3), "client": client[0]}))
-
-
-def _replay(body: bytes):
-    sent = False
-
-    async def receive():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        await asyncio.Event().wait()  # like a client that keeps the connection open: nothing more to read
-
-    return receive
 
 
 class Service:

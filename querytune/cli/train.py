@@ -94,7 +94,7 @@ def _evaluate(model_dir: Path, data: Path) -> dict:
 
 
 def _write_card(out: Path, summary: dict, data: Path, schema, resolved: dict, metrics: dict | None) -> None:
-    lines = [f"# querytune model: {out.name}", "", f"- stage: SFT (LoRA, TRL SFTTrainer, completion-only loss)",
+    lines = [f"# querytune model: {out.name}", "", "- stage: SFT (LoRA, TRL SFTTrainer, completion-only loss)",
              f"- base: {summary['base']}", f"- data: {data} ({summary['examples']} training examples)",
              f"- schema: {schema.name} (version {schema.version})", f"- config: {json.dumps(resolved)}",
              f"- steps: {summary['steps']} of {summary['schedule_steps']}, {summary['train_seconds']} s ({summary['seconds_per_step']} s/step in "
