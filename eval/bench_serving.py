@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,12 +24,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `python eval/bench_serving.py` from a checkout
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from querytune.testing import free_port  # noqa: E402
 
 
 def serve_main(args) -> None:
@@ -45,8 +41,9 @@ def serve_main(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    app = create_app(load_backend("transformers", args.model), open_cache(args.cache),
-                     Settings(max_miss_batch=args.max_miss_batch, batch_window_ms=args.window_ms, miss_deadline_s=600.0))
+    gate = create_app(load_backend("transformers", args.model), open_cache(args.cache),
+                      Settings(max_miss_batch=args.max_miss_batch, batch_window_ms=args.window_ms, miss_deadline_s=600.0), access_log=False)
+    app = gate.app  # the FastAPI app behind the gate: the constant endpoint goes through the same gate as /v1/parse
     constant = {"query": "cheap thai", "normalized": "cheap thai", "parse": {"intent": "find_business", "slots": {"cuisine": "thai"}},
                 "valid": True, "source": "cache", "model_version": "x", "latency_ms": 0.1}
 
@@ -54,7 +51,7 @@ def serve_main(args) -> None:
     async def bench_constant():
         return JSONResponse(constant)
 
-    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+    uvicorn.run(gate, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
 
 
 def start_server(model: str, cache: str, max_miss_batch: int, window_ms: float, threads: int) -> tuple[subprocess.Popen, str]:

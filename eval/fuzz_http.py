@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import signal
 import socket
@@ -32,13 +31,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python eval/fuzz_http.py` from a checkout
 
+from querytune.testing import rss_mb, start_server, tiny_base, tiny_model  # noqa: E402
+
 KEY = "fuzz-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def raw(port: int, data: bytes, timeout: float = 5.0) -> bytes:
@@ -128,11 +123,6 @@ class Sampler(threading.Thread):
             time.sleep(0.02)
 
 
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=10_000, help="Requests in all (schemathesis's, then hand-made ones).")
@@ -142,7 +132,6 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/fuzz_http"), help="Folder for fuzz_http.json and the server's log.")
     args = ap.parse_args()
 
-    from querytune.testing import tiny_base, tiny_model
     from querytune.world.make import make_world
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -151,25 +140,11 @@ def main() -> None:
     if model is None:
         make_world(work / "world", seed=0, rows=4000, per_city=60)
         model = tiny_model(work / "world" / "seed.jsonl", tiny_base(work / "world" / "seed.jsonl", work / "base"), work / "sft")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     log_path = args.out / "server.log"
-    qt = str(Path(sys.executable).parent / "querytune")
-    server = subprocess.Popen([qt, "serve", "--model", str(model), "--cache", f"sqlite:///{work}/cache.db", "--port", str(port),
-                               "--api-key", KEY, "--deadline", "5"], stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
-                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+    server, url = start_server(["--model", str(model), "--cache", f"sqlite:///{work}/cache.db", "--api-key", KEY, "--deadline", "5"], log_path)
+    port = int(url.rsplit(":", 1)[1])
     import httpx
 
-    deadline = time.time() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/healthz").status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.time() > deadline or server.poll() is not None:
-            raise SystemExit(f"fuzz: the server did not start; see {log_path}")
-        time.sleep(0.3)
     for q in ("cheap thai", "plumber brooklyn", "dentist"):  # warm-up: the model's first calls allocate their buffers
         httpx.get(f"{url}/v1/parse", params={"q": q}, headers={"X-API-Key": KEY}, timeout=30)
     idle_mb = rss_mb(server.pid)

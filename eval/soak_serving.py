@@ -24,7 +24,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,13 +33,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python eval/soak_serving.py` from a checkout
 
+from querytune.testing import free_port, rss_mb, start_server, tiny_base, tiny_model  # noqa: E402
+
 PHASES = ["normal", "redis_killed", "redis_restarted", "redis_hung", "writes_refused", "recovered"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(check, seconds: float, what: str) -> None:
@@ -118,11 +113,6 @@ async def replay(url: str, traffic: list[str], cached: set[str], clients: int, s
             "failed_examples": failed_examples}
 
 
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=10.0, help="Length of the whole soak (six equal phases).")
@@ -137,7 +127,6 @@ def main() -> None:
     import pandas as pd
 
     from querytune.label import check_query
-    from querytune.testing import tiny_base, tiny_model
     from querytune.world.make import make_world
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -164,15 +153,10 @@ def main() -> None:
     from querytune.cache import PREFIX
 
     cached = {k.decode().split(":", 3)[3] for k in redis_py.Redis(port=redis.port).scan_iter(match=f"{PREFIX}:*", count=1000)}
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server_log = open(args.out / "server.log", "w")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    server = subprocess.Popen([qt, "serve", "--model", str(model), "--cache", redis.url, "--port", str(port), "--deadline", "2",
-                               "--local-cache-entries", str(args.local_cache_entries), "--no-access-log"], stdout=server_log, stderr=server_log, env=env)
+    server, url = start_server(["--model", str(model), "--cache", redis.url, "--deadline", "2", "--local-cache-entries",
+                                str(args.local_cache_entries), "--no-access-log"], args.out / "server.log")
     import httpx
 
-    wait_for(lambda: httpx.get(f"{url}/healthz").status_code == 200, 120, "querytune serve")
     idle_mb = rss_mb(server.pid)
     share = sum(q in cached for q in traffic) / len(traffic)
     print(f"soak: {len(cached)} cached queries carry {share:.1%} of the log's {len(traffic):,} rows; {args.clients} clients, "

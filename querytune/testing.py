@@ -53,3 +53,45 @@ def tiny_model(seed_jsonl: Path, base: Path, out: Path) -> Path:
     train_sft(rows[:32], schema, out, str(base), {"max_steps": 2, "epochs": 1.0, "batch_size": 4, "lr": 1e-3, "lora_r": 4,
                                                   "lora_alpha": 8, "warmup_steps": 0, "bf16": False}, say=lambda _: None)
     return Path(out)
+
+
+def free_port() -> int:
+    """A free TCP port on loopback (for a server a test or a script starts)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    """A process's resident size now, in MB (Linux)."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def start_server(args: list[str], log: Path, seconds: float = 120):
+    """`querytune serve ARGS --port <free>` on one thread, its output into `log`, once /healthz answers. Returns
+    (process, base URL); exits with the log's name when it does not come up."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    port = free_port()
+    qt = str(Path(sys.executable).parent / "querytune")
+    proc = subprocess.Popen([qt, "serve", *args, "--port", str(port)], stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    url, deadline = f"http://127.0.0.1:{port}", time.time() + seconds
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise SystemExit(f"querytune serve did not come up within {seconds:g} s; see {log}")
+        time.sleep(0.3)

@@ -15,9 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from test_serve import _free_port
 
 from querytune.cache import Entry, open_cache
+from querytune.testing import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "serving" / "compose.yaml").read_text())
@@ -40,7 +40,7 @@ def start_redis(tmp_path, env) -> tuple[subprocess.Popen, int]:
         pytest.fail("redis-server is not installed (apt-get install redis-server; `make test` checks for it)")
     svc = COMPOSE["services"]["redis"]
     command = interpolate(svc["command"][2], env).replace("--maxmemory 1gb", "--maxmemory 3mb")  # small, to see eviction
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(["sh", "-c", f"{command} --port {port} --bind 127.0.0.1 --dir {tmp_path}"],
                             env={**os.environ, **{k: interpolate(v, env) for k, v in svc["environment"].items()}},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -99,7 +99,7 @@ def test_the_server_as_composed_follows_a_promotion_without_a_restart(tiny_model
         env_all = {**os.environ, **server_env}
         r = subprocess.run([qt, "cache", "promote", "--model", str(tiny_model), "--force"], env=env_all, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
-        http_port = _free_port()
+        http_port = free_port()
         command = [c.replace("8000", str(http_port)) for c in svc["command"]]
         log = open(tmp_path / "server.log", "w")
         server = subprocess.Popen([qt, *command], env=env_all, stdout=log, stderr=subprocess.STDOUT)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -13,6 +12,7 @@ from fastapi.testclient import TestClient
 
 from querytune.cache import Entry, RedisCache, open_cache
 from querytune.serve import Settings, create_app
+from querytune.testing import free_port
 
 
 class FakePrediction:
@@ -116,19 +116,13 @@ def test_model_down_hits_answer_misses_get_503(sqlite_cache):
         assert r.status_code == 503 and [x["source"] for x in r.json()["results"]] == ["cache", "unavailable"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
 def redis_server(tmp_path):
     """A real redis-server on loopback (installed by .ci/run), stopped after the test."""
     exe = shutil.which("redis-server")
     if exe is None:
         pytest.fail("redis-server is not installed (apt-get install redis-server; .ci/run does it)")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"redis://127.0.0.1:{port}/0"
