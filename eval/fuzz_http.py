@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python eval/fuzz_http.py` from a checkout
 
-from querytune.testing import rss_mb, start_server, tiny_base, tiny_model  # noqa: E402
+from querytune.testing import rss_mb, start_server, tiny_world_and_model  # noqa: E402
 
 KEY = "fuzz-key"
 
@@ -132,14 +132,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/fuzz_http"), help="Folder for fuzz_http.json and the server's log.")
     args = ap.parse_args()
 
-    from querytune.world.make import make_world
-
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="querytune-fuzz-"))
-    model = args.model
-    if model is None:
-        make_world(work / "world", seed=0, rows=4000, per_city=60)
-        model = tiny_model(work / "world" / "seed.jsonl", tiny_base(work / "world" / "seed.jsonl", work / "base"), work / "sft")
+    model = args.model or tiny_world_and_model(work)[1]
     log_path = args.out / "server.log"
     server, url = start_server(["--model", str(model), "--cache", f"sqlite:///{work}/cache.db", "--api-key", KEY, "--deadline", "5"], log_path)
     port = int(url.rsplit(":", 1)[1])

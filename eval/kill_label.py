@@ -43,16 +43,6 @@ from querytune.schema import normalize_text  # noqa: E402
 SMALL = {"seed": 0, "rows": 4000, "per_city": 60}  # the tests' small world (tests/conftest.py)
 
 
-def tiny_model(root: Path) -> tuple[Path, Path]:
-    """(world, model folder): the tests' small world and tiny model (querytune.testing, as tests/conftest.py builds them)."""
-    from querytune.testing import tiny_base, tiny_model
-    from querytune.world.make import make_world
-
-    world = root / "world"
-    make_world(world, **SMALL)
-    return world, tiny_model(world / "seed.jsonl", tiny_base(world / "seed.jsonl", root / "base"), root / "sft")
-
-
 def write_log(world: Path, folder: Path, rows: int, rng: random.Random) -> tuple[dict, dict]:
     """Three log files of the world's first `rows` queries with bad rows mixed in. Returns ({(file, line): normalised
     query} for the good rows, {(file, line): kind} for the bad)."""
@@ -136,7 +126,9 @@ def main() -> None:
     root = args.keep or Path(tempfile.mkdtemp(prefix="kill_label_"))
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    world, model = tiny_model(root / "build")
+    from querytune.testing import tiny_world_and_model
+
+    world, model = tiny_world_and_model(root / "build", SMALL["rows"], SMALL["per_city"])
     good, bad = write_log(world, root / "log", args.rows, rng)
     out = root / "out"
     cmd = [str(Path(sys.executable).parent / "querytune"), "label", str(root / "log"), "--model", str(model), "--out", str(out),

@@ -95,3 +95,12 @@ def start_server(args: list[str], log: Path, seconds: float = 120):
             proc.kill()
             raise SystemExit(f"querytune serve did not come up within {seconds:g} s; see {log}")
         time.sleep(0.3)
+
+
+def tiny_world_and_model(root: Path, rows: int = 4000, per_city: int = 60) -> tuple[Path, Path]:
+    """(world, model folder) under `root`: a small world (the tests' size by default) and the tiny model on its seed."""
+    from querytune.world.make import make_world
+
+    world = Path(root) / "world"
+    make_world(world, seed=0, rows=rows, per_city=per_city)
+    return world, tiny_model(world / "seed.jsonl", tiny_base(world / "seed.jsonl", Path(root) / "base"), Path(root) / "sft")
