@@ -37,7 +37,8 @@ class Gate:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         t0 = time.perf_counter()
-        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        headers = dict(scope["headers"])
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
         rid = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
         scope.setdefault("state", {})["request_id"] = rid
         status = [500]
@@ -49,7 +50,7 @@ class Gate:
             await send(message)
 
         if scope["method"] in ("POST", "PUT", "PATCH"):
-            body, too_big = await self._read_body(scope, receive)
+            body, too_big = await self._read_body(headers.get(b"content-length"), receive)
             if too_big:
                 if self.on_refuse:
                     self.on_refuse("body")
@@ -61,8 +62,7 @@ class Gate:
         finally:
             self._log(scope, rid, status[0], t0)
 
-    async def _read_body(self, scope, receive) -> tuple[bytes, bool]:
-        declared = dict(scope["headers"]).get(b"content-length")
+    async def _read_body(self, declared: bytes | None, receive) -> tuple[bytes, bool]:
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
             return b"", True
         chunks, size = [], 0

@@ -113,8 +113,9 @@ class MissBatcher:
     threads). `submit` returns a future of the backend's prediction for a normalised query."""
 
     def __init__(self, backend, window_ms: float, max_batch: int, on_batch=None, on_results=None):
-        """`on_batch(n)` after each backend call; `on_results([(query, prediction), ...])` with every answer of a
-        call, including those whose requests have given up waiting (so the cache still gets them)."""
+        """`on_batch(n)` after each backend call; `on_results([(query, prediction), ...], model_version)` with every
+        answer of a call, including those whose requests have given up waiting (so the cache still gets them), and
+        the version of the model that answered (the backend may be swapped by a promotion while a call runs)."""
         self.backend, self.window, self.max_batch, self.on_batch, self.on_results = backend, window_ms / 1000, max_batch, on_batch, on_results
         self.queue: asyncio.Queue | None = None
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
@@ -151,8 +152,9 @@ class MissBatcher:
             if not items:
                 continue
             queries = list(dict.fromkeys(q for q, _ in items))
+            backend = self.backend
             try:
-                preds = await loop.run_in_executor(self.pool, self._parse, queries)
+                preds = await loop.run_in_executor(self.pool, self._parse, backend, queries)
             except Exception as e:  # noqa: BLE001 - any backend failure is reported to each waiting request
                 for _, f in items:
                     if not f.done():
@@ -162,15 +164,16 @@ class MissBatcher:
             if self.on_batch:
                 self.on_batch(len(queries))
             if self.on_results:
-                self.on_results(list(by_query.items()))
+                self.on_results(list(by_query.items()), getattr(backend, "model_version", None))
             for q, f in items:
                 if not f.done():
                     f.set_result(by_query[q])
 
-    def _parse(self, queries: list[str]):
-        if self.backend is None:
+    @staticmethod
+    def _parse(backend, queries: list[str]):
+        if backend is None:
             raise BackendDown("no model backend is loaded")
-        return self.backend.parse(queries)
+        return backend.parse(queries)
 
 
 def _metrics():
@@ -207,8 +210,7 @@ class Service:
         self.model_version, self.schema_version = backend.model_version, backend.schema_version
         self.cache.schema_version = backend.schema_version
 
-    def write_answers(self, answers: list[tuple[str, Any]]) -> None:
-        version = self.model_version
+    def write_answers(self, answers: list[tuple[str, Any]], version: str) -> None:
         self.cache.write_back([(q, Entry(p.parse, True, float(p.confidence), version)) for q, p in answers if p.valid])
 
     def queue_fallback(self, queries: list[str]) -> None:

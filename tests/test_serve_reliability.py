@@ -219,3 +219,20 @@ def test_cache_commands_name_a_corrupt_or_missing_sqlite_file(tmp_path):
     assert r.exit_code == 2 and "junk.db" in r.output and "not a usable SQLite database" in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(app, ["cache", "stats", "--cache", f"sqlite:///{tmp_path}/typo.db"])
     assert r.exit_code == 2 and "no such file" in r.output and not (tmp_path / "typo.db").exists()
+
+
+def test_an_answer_is_cached_under_the_model_that_gave_it_even_if_a_promotion_lands_meanwhile(tmp_path):
+    import threading as _threading
+
+    store = open_cache(f"sqlite:///{tmp_path}/cache.db")
+    old, new = SlowBackend(delay=0.5), SlowBackend(delay=0.0)
+    new.model_version = "m2"
+    gate = create_app(old, store)
+    service = gate.app.state.service
+    with TestClient(gate) as client:
+        swap = _threading.Timer(0.2, service.swap, args=(new,))  # while the old model is answering
+        swap.start()
+        assert client.get("/v1/parse", params={"q": "tacos"}).json()["source"] == "model"
+        swap.join()
+        client.portal.call(service.cache.drain)
+    assert store.get_many(["tacos"], "s1", "m1")[0] is not None and store.get_many(["tacos"], "s1", "m2")[0] is None
