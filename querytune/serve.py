@@ -1,11 +1,15 @@
-"""Cache-first parse serving over HTTP (FastAPI).
+"""Cache-first parse serving over HTTP (FastAPI behind a pure-ASGI gate, uvicorn with uvloop and httptools).
 
-    querytune serve --model runs/sft --cache sqlite:///runs/cache.db [--host 127.0.0.1] [--port 8000] [--backend transformers|vllm]
+    querytune serve --model runs/sft --cache sqlite:///runs/cache.db [--host 127.0.0.1] [--port 8000] [--backend transformers|vllm] [--workers N]
 
-A request's queries are normalised and looked up in the cache (exact match on normalised query, schema and model
+One worker process per core by default (`app_from_env` builds each worker's app; each loads its own model). A
+request's queries are normalised and looked up in the cache (exact match on normalised query, schema and model
 version): first an in-process copy of the hot entries, then the store, off the event loop and behind a circuit
-breaker (`querytune.serving_cache`). Misses from concurrent requests are gathered for a few milliseconds into one
-backend call (`MissBatcher`) and the valid parses written back in the background. A miss that the model does not
+breaker (`querytune.serving_cache`). `GET /v1/parse?q=` whose query the in-process copy holds is answered by the gate
+without entering FastAPI (`Service.hit`): the same body, headers, key check, metrics and log line. Misses from
+concurrent requests are gathered for a few milliseconds into one backend call (`MissBatcher`), or, for a backend
+that batches concurrent calls itself (`async def aparse(texts) -> list[Prediction]`, e.g. vLLM's async engine), sent
+to it one request at a time; the valid parses are written back in the background. A miss that the model does not
 answer within the deadline gets a defined degraded answer, `source: fallback` (no parse: search the raw text), and is
 appended to the fallback queue for offline labeling. The store down, hung or refusing writes: hot queries still hit
 the in-process copy, the rest go to the model, and `/healthz` says `degraded`. The model down: hits still answer,
@@ -25,18 +29,24 @@ import asyncio
 import hmac
 import json
 import logging
+import os
+import signal
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import unquote_plus
 
+import orjson
+from fastapi import Request  # at module level: FastAPI reads the dependency's annotation from here
 from pydantic import BaseModel, Field
 
+from querytune.asgi_gate import BufferedLogHandler, Gate, access_log
 from querytune.cache import Entry
 from querytune.label import check_query
-from querytune.asgi_gate import Gate
 from querytune.serving_cache import ServingCache
 
 log = logging.getLogger("querytune.serve")
@@ -106,6 +116,23 @@ class ApiError(Exception):
 
 class BackendDown(RuntimeError):
     """The model backend cannot answer (not loaded, crashed, unreachable)."""
+
+
+def result(query: str, normalized: str, source: str, parse: dict | None = None, valid: bool = False, model_version: str = "",
+           error: str | None = None, latency_ms: float = 0.0) -> dict:
+    """One answered query as the API writes it (`Result`, keys in the body's order)."""
+    return {"query": query, "normalized": normalized, "parse": parse, "valid": valid, "source": source, "model_version": model_version,
+            "error": error, "latency_ms": latency_ms}
+
+
+def given_key(headers: dict[bytes, bytes]) -> bytes:
+    """The key a request sends (headers: lower-case name -> first value): X-API-Key, else an `Authorization: Bearer`
+    token, read as FastAPI's APIKeyHeader and HTTPBearer read them."""
+    key = headers.get(b"x-api-key")
+    if key:
+        return key
+    scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+    return token.strip() if scheme.lower() == b"bearer" else b""
 
 
 class MissBatcher:
@@ -202,7 +229,58 @@ class Service:
                                   on_error=lambda kind: self.m["cache_errors"].labels(kind).inc())
         self.batcher = MissBatcher(backend, settings.batch_window_ms, settings.max_miss_batch, on_batch=self.m["batch"].observe,
                                    on_results=self.write_answers)
+        self.calls: set[asyncio.Task] = set()  # `aparse` calls in flight (they outlive a request past its deadline)
         self.fallback_lock = threading.Lock()
+        self.key = (settings.api_key or "").encode()
+        self.hits, self.get_latency = self.m["answers"].labels("cache"), self.m["latency"].labels("get")  # bound once: the hit path's
+
+    def authorized(self, headers: dict[bytes, bytes]) -> bool:
+        # constant time: the comparison leaks nothing about the key
+        return not self.key or hmac.compare_digest(given_key(headers), self.key)
+
+    def hit(self, scope: dict, headers: dict[bytes, bytes]) -> bytes | None:
+        """The body of `GET /v1/parse?q=` when the key is right and the in-process copy holds the query: what the
+        route would answer, counted and timed the same, without entering FastAPI (the gate asks this first). None
+        for anything else (another route, a second parameter, a bad query or key, a miss): the app answers it."""
+        if scope["method"] != "GET" or scope["path"] != "/v1/parse" or not self.authorized(headers):
+            return None
+        qs = scope["query_string"]
+        if qs[:2] != b"q=" or b"&" in qs:
+            return None
+        t0 = time.perf_counter()
+        raw = unquote_plus(qs[2:].decode("latin-1"), errors="replace")  # how Starlette reads a query parameter
+        norm, _ = check_query(raw, self.settings.max_query_chars)
+        e = self.cache.local.get((self.model_version, norm)) if norm else None
+        if e is None:
+            return None
+        self.hits.inc()
+        body = orjson.dumps(result(raw, norm, "cache", e.parse, e.valid, e.model_version, latency_ms=round(1000 * (time.perf_counter() - t0), 3)))
+        self.get_latency.observe(time.perf_counter() - t0)
+        return body
+
+    def submit(self, query: str) -> asyncio.Future:
+        """A future of the model's prediction for a normalised query: through the batcher, or for a backend with
+        `aparse` (it batches concurrent calls itself), a call of its own."""
+        backend = self.backend
+        if not hasattr(backend, "aparse"):
+            return self.batcher.submit(query)
+        fut = asyncio.get_running_loop().create_future()
+        task = asyncio.get_running_loop().create_task(self._aparse(backend, query, fut))
+        self.calls.add(task)
+        task.add_done_callback(self.calls.discard)
+        return fut
+
+    async def _aparse(self, backend, query: str, fut: asyncio.Future) -> None:
+        try:
+            [prediction] = await backend.aparse([query])
+        except Exception as e:  # noqa: BLE001 - any backend failure is reported to the waiting request
+            if not fut.done():
+                fut.set_exception(BackendDown(f"model backend failed: {type(e).__name__}: {e}"))
+            return
+        self.m["batch"].observe(1)
+        self.write_answers([(query, prediction)], backend.model_version)  # also when the request has given up waiting
+        if not fut.done():
+            fut.set_result(prediction)
 
     def swap(self, backend) -> None:
         """Serve another model from now on (a promotion); misses in flight finish with the old one."""
@@ -229,18 +307,14 @@ class Service:
                 raise ApiError(400, "bad_query", f"query {q[:40]!r}: {reason}")
             norms.append(norm)
 
-        def result(i, source, parse=None, valid=False, model_version=version, error=None):
-            return {"query": raw[i], "normalized": norms[i], "parse": parse, "valid": valid, "source": source,
-                    "model_version": model_version, "error": error}
-
         found = await self.cache.get_many(norms, version)
         results: list[dict | None] = [None] * len(raw)
         waits: dict[str, asyncio.Future] = {}
         for i, (n, e) in enumerate(zip(norms, found)):
             if e is not None:
-                results[i] = result(i, "cache", e.parse, e.valid, e.model_version)
+                results[i] = result(raw[i], n, "cache", e.parse, e.valid, e.model_version)
             elif n not in waits:
-                waits[n] = self.batcher.submit(n)
+                waits[n] = self.submit(n)
         status, fallbacks = 200, []
         if waits:
             done, _ = await asyncio.wait(waits.values(), timeout=s.miss_deadline_s)
@@ -252,14 +326,15 @@ class Service:
                 continue
             fut = waits[n]
             if fut.cancelled():
-                results[i] = result(i, "fallback", error=f"no model answer within {s.miss_deadline_s:g} s: search the raw text; queued for offline labeling")
+                results[i] = result(raw[i], n, "fallback", model_version=version,
+                                    error=f"no model answer within {s.miss_deadline_s:g} s: search the raw text; queued for offline labeling")
                 fallbacks.append(n)
             elif fut.exception() is not None:
                 status = 503
-                results[i] = result(i, "unavailable", error=str(fut.exception()))
+                results[i] = result(raw[i], n, "unavailable", model_version=version, error=str(fut.exception()))
             else:
                 p = fut.result()
-                results[i] = result(i, "model", p.parse, bool(p.valid), error=p.error)
+                results[i] = result(raw[i], n, "model", p.parse, bool(p.valid), version, p.error)
         self.queue_fallback(list(dict.fromkeys(fallbacks)))
         ms = round(1000 * (time.perf_counter() - t0), 3)
         for r in results:
@@ -312,14 +387,14 @@ class PromotionWatcher:
 
 
 def create_app(backend, cache, settings: Settings | None = None, model_version: str | None = None, schema_version: str | None = None,
-               watch: Callable[[Service], PromotionWatcher] | None = None, access_log: bool = True):
+               watch: Callable[[Service], PromotionWatcher] | None = None, access: bool = True):
     """The ASGI app. `backend`: a model backend (`querytune.backends`) or None (every miss gets 503); `cache`: a
     `querytune.cache` store or None; `watch`: builds the promotion watcher (`--model active`)."""
     from contextlib import asynccontextmanager
 
-    from fastapi import Depends, Query, Request
+    from fastapi import Depends, Query
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, PlainTextResponse
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response
     from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
     from fastapi_offline import FastAPIOffline
     from prometheus_client import generate_latest
@@ -339,8 +414,12 @@ def create_app(backend, cache, settings: Settings | None = None, model_version: 
         if watcher:
             await watcher.stop()
         await service.batcher.stop()
+        for call in list(service.calls):
+            call.cancel()
         await service.cache.drain()
         service.cache.close()
+        for handler in access_log.handlers:  # buffered lines reach their file before the worker exits
+            handler.flush()
 
     app = FastAPIOffline(title="querytune", version="1", lifespan=lifespan,
                          description="Cache-first query understanding: a query in, its intent + slots parse out.")
@@ -376,14 +455,14 @@ def create_app(backend, cache, settings: Settings | None = None, model_version: 
 
     key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="The server's API key (`--api-key`)")
     bearer = HTTPBearer(auto_error=False, description="The same key as a bearer token")
-    key = (settings.api_key or "").encode()
 
-    async def authorized(api_key: str | None = Depends(key_header), token: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if not key:
-            return
-        given = (api_key or (token.credentials if token else "") or "").encode("utf-8", "surrogateescape")
-        if not hmac.compare_digest(given, key):  # constant time: the comparison leaks nothing about the key
+    # the two schemes document the key in the OpenAPI; the check is the hit path's own, on the raw headers
+    async def authorized(request: Request, _key: str | None = Depends(key_header), _token: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if not service.authorized(dict(reversed(request.scope["headers"]))):
             raise ApiError(401, "auth", "missing or wrong API key (send X-API-Key or Authorization: Bearer)")
+
+    def ok(body) -> Response:  # what the hit path writes too (orjson: a twentieth of json.dumps's time)
+        return Response(orjson.dumps(body), media_type="application/json")
 
     def timed(endpoint: str, t0: float) -> None:
         m["latency"].labels(endpoint).observe(time.perf_counter() - t0)
@@ -395,7 +474,7 @@ def create_app(backend, cache, settings: Settings | None = None, model_version: 
         timed("get", t0)
         if status != 200:
             raise ApiError(status, "model_down", results[0]["error"])
-        return JSONResponse(results[0])
+        return ok(results[0])
 
     @app.post("/v1/parse", response_model=BatchResult, responses=responses, dependencies=[Depends(authorized)], summary="Parse a batch of queries")
     async def parse_many(batch: Batch):
@@ -408,7 +487,7 @@ def create_app(backend, cache, settings: Settings | None = None, model_version: 
         timed("post", t0)
         if status == 503:
             raise ApiError(503, "model_down", "the model backend is down; cached queries are answered in `results`", results)
-        return JSONResponse({"results": results})
+        return ok({"results": results})
 
     @app.get("/healthz", response_model=Health, summary="Liveness and state (no key needed)")
     async def healthz():
@@ -422,7 +501,7 @@ def create_app(backend, cache, settings: Settings | None = None, model_version: 
     async def metrics():
         return PlainTextResponse(generate_latest(service.registry).decode(), media_type="text/plain; version=0.0.4")
 
-    return Gate(app, settings.max_body_bytes, on_refuse=lambda code: m["errors"].labels(code).inc(), access=access_log)
+    return Gate(app, settings.max_body_bytes, on_refuse=lambda code: m["errors"].labels(code).inc(), access=access, answer=service.hit)
 
 
 def resolve_model(model: str, cache) -> Path:
@@ -433,3 +512,43 @@ def resolve_model(model: str, cache) -> Path:
     if not record:
         raise ValueError("--model active: the cache records no promotion (run `querytune cache promote --model DIR` first)")
     return Path(record["model_dir"])
+
+
+def app_from_env():
+    """The app of one server worker, built from `QUERYTUNE_SERVE` (the JSON of `querytune serve`'s resolved options,
+    which the command sets): `uvicorn.run("querytune.serve:app_from_env", factory=True, workers=N)`. Each worker
+    loads its own model and keeps its own in-process cache copy and metrics."""
+    from querytune.backends import load_backend
+    from querytune.cache import open_cache
+
+    import torch
+
+    o = json.loads(os.environ["QUERYTUNE_SERVE"])
+    if o["workers"] > 1:
+        _exit_with(o["supervisor"])
+    torch.set_num_threads(o["threads"])  # the workers share the cores
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
+    access_log.setLevel(logging.INFO if o["access_log"] else logging.WARNING)
+    access_log.propagate = False
+    access_log.addHandler(BufferedLogHandler(open(os.dup(sys.stderr.fileno()), "w", buffering=1 << 16, encoding="utf-8")))
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False  # a record per request: skip what no line shows
+    # a short lock wait: a `cache warm` writing the same SQLite file must not hold requests
+    store = open_cache(o["cache"], busy_timeout_s=0.05) if o["cache"] else None
+    model_dir = resolve_model(o["model"], store)
+    load = lambda path: load_backend(o["backend"], path)  # noqa: E731
+    watch = None
+    if o["model"] == "active" and o["watch_s"] > 0:
+        watch = lambda service: PromotionWatcher(service, store, load, o["watch_s"], str(model_dir))  # noqa: E731
+    backend = load(model_dir)
+    log.warning("worker %d: model %s version %s on %s", os.getpid(), model_dir, backend.model_version, o["backend"])
+    return create_app(backend, store, Settings(**o["settings"]), watch=watch, access=o["access_log"])
+
+
+def _exit_with(supervisor: int) -> None:
+    """A worker ends (SIGTERM) when the process that started it dies, even by SIGKILL: no orphan keeps the port."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != supervisor:  # it died before the line above
+        raise SystemExit(f"the server's supervisor (pid {supervisor}) has gone")

@@ -3,19 +3,26 @@
     querytune serve --model runs/sft --cache sqlite:///runs/cache.db [--host 127.0.0.1] [--port 8000]
     querytune serve --model active --cache redis://:PASSWORD@redis:6379/0   # follows `cache promote` / `rollback`
 
-Every option can also be set by an environment variable (QUERYTUNE_<OPTION>, e.g. QUERYTUNE_CACHE_URL), which is
-how the compose file configures replicas.
+The options shown with an environment variable in `--help` (QUERYTUNE_MODEL, QUERYTUNE_CACHE_URL, ...) can be set by
+it, which is how the compose file configures replicas. One worker process per core by default (`--workers`).
 """
 
 from __future__ import annotations
 
-import logging
-import sys
+import dataclasses
+import importlib.util
+import json
+import os
 from pathlib import Path
 
 import typer
 
 from querytune.cli.common import UserError, user_errors
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def serve(
@@ -25,6 +32,9 @@ def serve(
                               help="Cache URL: sqlite:///path.db or redis://[:password@]host:port/db (default: no cache, every query a miss)."),
     host: str = typer.Option("127.0.0.1", "--host", envvar="QUERYTUNE_HOST", help="Address to bind (loopback by default; 0.0.0.0 exposes it)."),
     port: int = typer.Option(8000, "--port", envvar="QUERYTUNE_PORT", help="Port to listen on."),
+    workers: int = typer.Option(usable_cores(), "--workers", envvar="QUERYTUNE_WORKERS", min=1,
+                                help="Server processes sharing the port, each with its own model, in-process cache copy and metrics "
+                                     "(default: the cores this process may use). Misses on a CPU model: fewer workers leave each more threads."),
     backend: str = typer.Option("transformers", "--backend", envvar="QUERYTUNE_BACKEND", help="Model backend for misses: transformers or vllm."),
     deadline: float = typer.Option(2.0, "--deadline", min=0.001, help="Seconds a miss may wait for the model; past it the answer is `source: fallback`."),
     batch_window_ms: float = typer.Option(5.0, "--batch-window-ms", min=0.0, help="How long a miss waits for concurrent misses to share its model call."),
@@ -40,25 +50,23 @@ def serve(
     api_key: str = typer.Option(None, "--api-key", envvar="QUERYTUNE_API_KEY", help="Require this key (X-API-Key or Authorization: Bearer) on /v1/ routes."),
     fallback_log: Path = typer.Option(None, "--fallback-log", envvar="QUERYTUNE_FALLBACK_LOG",
                                       help="Append queries answered by the fallback here (JSONL) for offline labeling."),
-    access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="One JSON line per request on stderr (request id, status, ms)."),
+    access_log: bool = typer.Option(True, "--access-log/--no-access-log",
+                                    help="One JSON line per request on stderr (request id, status, ms), flushed every 0.5 s."),
     allow_no_key: bool = typer.Option(False, "--allow-no-key", help="Serve a non-loopback address without an API key (refused otherwise)."),
 ) -> None:
     """Serve GET/POST /v1/parse, /healthz, /metrics and /docs; cache first, misses micro-batched to the model."""
     import uvicorn
 
-    from querytune.backends import BACKENDS, load_backend
+    from querytune.backends import BACKENDS
     from querytune.cache import CacheUnavailable, open_cache
-    from querytune.serve import PromotionWatcher, Settings, create_app, resolve_model
+    from querytune.serve import Settings, resolve_model
 
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
-    logging.getLogger("querytune.access").setLevel(logging.INFO if access_log else logging.WARNING)
     with user_errors():
         if backend not in BACKENDS:
             raise UserError(f"--backend {backend}: choose from {', '.join(BACKENDS)}")
         if not api_key and host not in ("127.0.0.1", "localhost", "::1") and not allow_no_key:
             raise UserError(f"--host {host} without an API key would serve anyone who can reach it: set QUERYTUNE_API_KEY "
                             "(or --api-key), or pass --allow-no-key")
-        # a short lock wait: a `cache warm` writing the same SQLite file must not hold requests
         store = open_cache(cache, busy_timeout_s=0.05) if cache else None
         try:
             model_dir = resolve_model(model, store)
@@ -70,13 +78,14 @@ def serve(
                             batch_window_ms=batch_window_ms, max_miss_batch=max_miss_batch, api_key=api_key or None,
                             fallback_log=str(fallback_log) if fallback_log else None, local_cache_entries=local_cache_entries,
                             lookup_timeout_s=lookup_timeout)
-        load = lambda path: load_backend(backend, path)  # noqa: E731
-        watch = None
-        if model == "active" and watch_promotions > 0:
-            watch = lambda service: PromotionWatcher(service, store, load, watch_promotions, str(model_dir))  # noqa: E731
-        served = load(model_dir)
-        app = create_app(served, store, settings, watch=watch, access_log=access_log)
-    typer.echo(f"querytune serving http://{host}:{port} (docs /docs): model {model_dir} version {served.model_version} on {backend}"
-               f"{' (following promotions)' if watch else ''}; cache {store.url if store else 'none'}"
+    following = model == "active" and watch_promotions > 0
+    # what each worker builds its app from (querytune.serve.app_from_env)
+    os.environ["QUERYTUNE_SERVE"] = json.dumps({"model": model, "cache": cache, "backend": backend, "settings": dataclasses.asdict(settings),
+                                                "watch_s": watch_promotions, "access_log": access_log, "workers": workers,
+                                                "threads": max(1, usable_cores() // workers), "supervisor": os.getpid()})
+    typer.echo(f"querytune serving http://{host}:{port} (docs /docs): model {model_dir} on {backend}{' (following promotions)' if following else ''}, "
+               f"{workers} worker{'s' if workers > 1 else ''}; cache {store.url if store else 'none'}"
                f"{f', {local_cache_entries} entries in process' if store else ''}; API key {'required' if api_key else 'off'}", err=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    installed = importlib.util.find_spec
+    uvicorn.run("querytune.serve:app_from_env", factory=True, host=host, port=port, workers=workers, log_level="warning", access_log=False,
+                loop="uvloop" if installed("uvloop") else "asyncio", http="httptools" if installed("httptools") else "h11")
