@@ -4,7 +4,10 @@
 
 read (CSV / JSONL / Parquet, a file or a folder of them) -> normalise (NFKC, case, whitespace) -> reject what
 cannot be a query (line and reason in `rejects.jsonl`) -> deduplicate -> label each distinct query once, in
-batches of similar length -> Parquet shards. The output folder holds:
+batches of similar length -> Parquet shards. Reading, normalising and deduplicating (`prepare`) run on Arrow arrays a
+batch at a time: ASCII cells are normalised by Arrow compute, the rare others by `check_query`, the per-row
+definition (`account_rows` is that definition applied row by row; tests/test_label.py holds the two equal). The
+output folder holds:
 
     labels/part-00000.parquet ...  query, normalized, parse (JSON), valid, confidence, error, model_version, schema_version
     rows.parquet                   source file, line, normalized: one row per accepted input row (the row-to-label map)
@@ -27,6 +30,7 @@ from __future__ import annotations
 import csv
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import reprlib
@@ -37,7 +41,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from querytune.labeled import FORMATS, csv_records, jsonl_records, lone_surrogate, printable
 from querytune.schema import normalize_text
@@ -45,6 +53,7 @@ from querytune.schema import normalize_text
 MAX_QUERY_CHARS = 256  # longer "queries" are pasted documents, not search-box input
 SHARD_QUERIES = 1024  # distinct queries per shard: the most a kill can cost
 LOCK = "label.lock"
+BATCH_ROWS = 1 << 17  # input rows normalised at a time: memory stays flat however long the log
 LABEL_COLUMNS = ["query", "normalized", "parse", "valid", "confidence", "error", "model_version", "schema_version"]
 
 
@@ -146,9 +155,6 @@ def _parquet_columns(file: Path, column: str, cond: str | None) -> tuple[list[st
     """The file's column names and the values of `column` and `cond` (if the file has them). Text cells are decoded
     one by one with errors="surrogateescape", so a cell a careless writer left not UTF-8 is one bad row, not a bad
     file (`check_query` rejects it)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     def values(table: pa.Table, name: str) -> list[Any]:
         col = table.column(name)
         if pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_string_view(col.type):
@@ -221,19 +227,19 @@ def _warn(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def labeled_queries(out: str | Path, warn: Callable[[str], None] = _warn) -> set[str]:
+def labeled_queries(out: str | Path, warn: Callable[[str], None] = _warn) -> pa.Array:
     """Normalised queries the whole shards of `out/labels` already hold. A shard that cannot be read (torn by a copy
     or a full disk, zero bytes) is renamed `*.corrupt` with a one-line warning: its queries count as not labeled."""
-    done: set[str] = set()
+    done = []
     for shard in sorted((Path(out) / "labels").glob("part-*.parquet")):
         try:
-            done.update(pd.read_parquet(shard, columns=["normalized"])["normalized"])
+            done.append(pq.read_table(shard, columns=["normalized"])["normalized"].cast(pa.large_string()))
         except Exception as e:  # pyarrow raises several types (ArrowInvalid, OSError, ...) for a damaged file
             aside = shard.with_name(shard.name + ".corrupt")
             os.replace(shard, aside)
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             warn(f"warning: {shard}: unreadable label shard ({reason}); set aside as {aside.name}, its queries are labeled again")
-    return done
+    return pa.chunked_array(done, pa.large_string()).combine_chunks()
 
 
 _HELD: set[str] = set()  # folders this process holds the lock of
@@ -286,7 +292,8 @@ class Accounting:
 
 
 def account_rows(input_path: str | Path, column: str = "query", where: str | None = None, max_chars: int = MAX_QUERY_CHARS) -> Accounting:
-    """Read and normalise every row of the input (no model): what `label` writes as rows.parquet and rejects.jsonl."""
+    """Read and normalise every row of the input (no model), one row at a time in Python: the definition of what
+    `prepare` writes as rows.parquet and rejects.jsonl, kept to hold it to (tests, eval/labeling_prepare.py)."""
     acc = Accounting(0, {"source": [], "line": [], "normalized": []}, [], {})
     for item in read_rows(input_path, column, where):
         acc.rows += 1
@@ -309,6 +316,154 @@ def save_accounting(acc: Accounting, out: Path) -> None:
     """rows.parquet and rejects.jsonl of a labeling folder."""
     _write_atomic(pd.DataFrame(acc.mapping), out / "rows.parquet")
     _write_text_atomic("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in acc.rejects), out / "rejects.jsonl")
+
+
+ASCII_SPACE = "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f "  # the ASCII characters str.split() and str.strip() take for space
+ROWS_SCHEMA = pa.schema([("source", pa.large_string()), ("line", pa.int64()), ("normalized", pa.large_string())])
+
+
+def normalize_ascii(text: pa.Array, max_chars: int = MAX_QUERY_CHARS) -> pa.Array:
+    """`check_query`'s normalised query for each ASCII cell it accepts, by Arrow compute; null for every other cell
+    (missing, not ASCII, empty, too long, control characters), which `check_query` decides itself. On ASCII, NFKC
+    changes nothing and lower case is ASCII's: only the whitespace is left to collapse.
+
+    >>> normalize_ascii(pa.array(["  Cheap\\tTHAI  ", "caf\\u00e9", " ", None])).to_pylist()
+    ['cheap thai', None, None, None]
+    """
+    ascii_text = pc.if_else(pc.fill_null(pc.string_is_ascii(text), False), text, pa.scalar(None, text.type))
+    norm = pc.utf8_trim(pc.replace_substring_regex(pc.ascii_lower(ascii_text), r"[\t\n\x0b\x0c\r\x1c-\x1f ]+", " "), " ")
+    length = pc.utf8_length(norm)
+    ok = pc.and_(pc.and_(pc.greater(length, 0), pc.less_equal(length, max_chars)), pc.invert(pc.match_substring_regex(norm, r"[\x00-\x1f]")))
+    return pc.if_else(ok, norm, pa.scalar(None, norm.type))
+
+
+Batch = tuple[str, pa.Array, pa.Array, Callable[[int], Any], dict[int, str]]
+
+
+def _parquet_batches(file: Path, source: str, column: str, cond: tuple[str, str] | None) -> Iterator[Batch]:
+    """A Parquet file's rows, `BATCH_ROWS` at a time, read by Arrow (see `input_batches`). Text cells stay bytes until
+    `check_query` needs one, decoded with errors="surrogateescape": a cell a careless writer left not UTF-8 is one
+    bad row, not a bad file."""
+    def as_bytes(col: pa.Array) -> pa.Array | None:  # a text column's cells, UTF-8 unchecked; None for another type
+        col = col.dictionary_decode() if pa.types.is_dictionary(col.type) else col
+        text = pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_string_view(col.type)
+        return col.cast(pa.large_binary()) if text else None
+
+    def unreadable(e: Exception) -> LabelInputError:
+        return LabelInputError(f"{file}: not a readable Parquet file: {printable(str(e))}")
+
+    try:  # pyarrow raises several types for a file that is not (whole) Parquet
+        reader = pq.ParquetFile(file)
+        names = reader.schema_arrow.names
+    except Exception as e:
+        raise unreadable(e) from None
+    for col in [column] + ([cond[0]] if cond else []):
+        if col not in names:
+            raise LabelInputError(f"{file}: no column {col!r} (columns: {', '.join(names)})")
+    batches, first = reader.iter_batches(batch_size=BATCH_ROWS, columns=list(dict.fromkeys([column] + ([cond[0]] if cond else [])))), 1
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as e:
+            raise unreadable(e) from None
+        if batch is None:
+            return
+        line, first = pa.array(np.arange(first, first + batch.num_rows)), first + batch.num_rows
+        cells = batch.column(column)
+        if cond:  # the old reader's rule: str(cell) == VALUE, so a missing cell matches "None"
+            cond_bytes = as_bytes(batch.column(cond[0]))
+            if cond_bytes is None:
+                keep = pa.array([str(v) == cond[1] for v in batch.column(cond[0]).to_pylist()], pa.bool_())
+            else:
+                keep = pc.fill_null(pc.equal(cond_bytes, pa.scalar(cond[1].encode("utf-8", "surrogateescape"), pa.large_binary())), cond[1] == "None")
+            line, cells = line.filter(keep), cells.filter(keep)
+        raw = as_bytes(cells)
+        if raw is None:  # not a text column: every cell is a reject check_query names
+            yield source, line, pa.nulls(len(cells), pa.large_string()), lambda i, cells=cells: cells[i].as_py(), {}
+        else:
+            def value(i: int, raw: pa.Array = raw) -> str | None:
+                b = raw[i].as_py()
+                return None if b is None else b.decode("utf-8", "surrogateescape")
+
+            yield source, line, raw.view(pa.large_string()), value, {}
+
+
+def input_batches(input_path: str | Path, column: str = "query", where: str | None = None) -> Iterator[Batch]:
+    """Every data row of the input, `BATCH_ROWS` at a time, as (source, lines, text, value, errors): `text` holds the
+    cells as Arrow text (null where a cell is not text; not checked as UTF-8), `value(i)` row i's cell as `read_rows`
+    gives it, for the rows `check_query` must see, `errors` the rows that could not be read, with why. Parquet is read
+    by Arrow; CSV and JSONL by `read_rows` (the csv and json modules decide their lines and errors)."""
+    root = Path(input_path)
+    for file in input_files(root):
+        source = printable(str(file.relative_to(root)) if root.is_dir() else file.name)
+        if FORMATS[file.suffix.lower()] == "parquet":
+            yield from _parquet_batches(file, source, column, parse_where(where))
+            continue
+        items = read_rows(file, column, where)
+        while chunk := list(itertools.islice(items, BATCH_ROWS)):
+            rows = [item[0] if isinstance(item, tuple) else item for item in chunk]
+            values = [row.text for row in rows]
+            errors = {i: item[1] for i, item in enumerate(chunk) if isinstance(item, tuple)}
+            text = pa.array([v if type(v) is str and v.isascii() and i not in errors else None for i, v in enumerate(values)],  # isascii is O(1)
+                            pa.large_string())
+            yield source, pa.array([row.line for row in rows], pa.int64()), text, values.__getitem__, errors
+
+
+@dataclass
+class Prepared:
+    """The input as labeling needs it: its counts, and each distinct normalised query with its first spelling."""
+
+    rows: int
+    accepted: int
+    rejected: int
+    distinct: pa.Table  # normalized, query (the first spelling, stripped): in order of first appearance
+
+
+def prepare(input_path: str | Path, out: str | Path, column: str = "query", where: str | None = None, max_chars: int = MAX_QUERY_CHARS) -> Prepared:
+    """Read, normalise and deduplicate the input (no model), a batch at a time, and write `out/rows.parquet` and
+    `out/rejects.jsonl` (each under a temporary name, renamed when whole): what `account_rows` + `save_accounting`
+    give, with memory for the distinct queries only."""
+    out = Path(out)
+    rows_tmp, rejects_tmp = out / ".rows.parquet.tmp", out / ".rejects.jsonl.tmp"
+    counts, firsts = [0, 0], []
+    try:
+        with pq.ParquetWriter(rows_tmp, ROWS_SCHEMA) as rows_out, open(rejects_tmp, "w", encoding="utf-8") as rejects_out:
+            for source, line, text, value, errors in input_batches(input_path, column, where):
+                norm = normalize_ascii(text, max_chars)
+                spelling = pc.ascii_trim(pc.if_else(pc.is_valid(norm), text, pa.scalar(None, text.type)), ASCII_SPACE)
+                fixed, fixes, fixed_spellings = [], [], []
+                for i in pc.indices_nonzero(pc.is_null(norm)).to_pylist():  # the rare rows: check_query decides
+                    cell = value(i)
+                    norm_i, reason = (None, errors[i]) if i in errors else check_query(cell, max_chars)
+                    if reason is None:
+                        fixed.append(i), fixes.append(norm_i), fixed_spellings.append(cell.strip())
+                        continue
+                    raw = printable(cell) if isinstance(cell, str) else reprlib.repr(cell)  # as in account_rows
+                    rejects_out.write(json.dumps({"source": source, "line": line[i].as_py(), "reason": reason, "raw": raw}, ensure_ascii=False) + "\n")
+                if fixed:
+                    mask = np.zeros(len(norm), bool)
+                    mask[fixed] = True
+                    norm = pc.replace_with_mask(norm, pa.array(mask), pa.array(fixes, pa.large_string()))
+                    spelling = pc.replace_with_mask(spelling, pa.array(mask), pa.array(fixed_spellings, pa.large_string()))
+                keep = pc.is_valid(norm)
+                accepted = norm.filter(keep)
+                rows_out.write_table(pa.table([pa.repeat(pa.scalar(source, pa.large_string()), len(accepted)), line.filter(keep), accepted], schema=ROWS_SCHEMA))
+                firsts.append(pa.table({"normalized": accepted, "query": spelling.filter(keep)})
+                              .group_by("normalized", use_threads=False).aggregate([("query", "first")]))  # ordered: first appearance
+                counts[0] += len(line)
+                counts[1] += len(accepted)
+        for tmp in (rows_tmp, rejects_tmp):
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(rows_tmp, out / "rows.parquet")
+        os.replace(rejects_tmp, out / "rejects.jsonl")
+    finally:
+        rows_tmp.unlink(missing_ok=True)
+        rejects_tmp.unlink(missing_ok=True)
+    distinct = pa.concat_tables(firsts) if firsts else pa.table({"query_first": pa.array([], pa.large_string()), "normalized": pa.array([], pa.large_string())})
+    distinct = distinct.group_by("normalized", use_threads=False).aggregate([("query_first", "first")])
+    distinct = distinct.rename_columns({"query_first_first": "query"}).select(["normalized", "query"])
+    return Prepared(counts[0], counts[1], counts[0] - counts[1], distinct)
 
 
 def label(input_path: str | Path, out: str | Path, backend: Backend, column: str = "query", shard_size: int = SHARD_QUERIES, where: str | None = None,
@@ -339,19 +494,17 @@ def label(input_path: str | Path, out: str | Path, backend: Backend, column: str
                 shard.unlink()
         _write_text_atomic(json.dumps(manifest, indent=2) + "\n", old)
 
-        acc = account_rows(input_path, column, where, max_chars)
-        save_accounting(acc, out)
-        first_spelling = acc.first_spelling
-
-        done = labeled_queries(out)
-        todo = by_length([q for q in first_spelling if q not in done])
-        resumed = len(first_spelling) - len(todo)
+        prep = prepare(input_path, out, column, where, max_chars)
+        todo_table = prep.distinct.filter(pc.invert(pc.is_in(prep.distinct["normalized"], value_set=labeled_queries(out))))
+        first_spelling = dict(zip(todo_table["normalized"].to_pylist(), todo_table["query"].to_pylist()))
+        todo = by_length(list(first_spelling))
+        resumed = prep.distinct.num_rows - len(todo)
         # numbers of set-aside shards too: a new shard never takes the name of one kept for inspection
         next_shard = max((int(p.name.split(".")[0].split("-")[1]) + 1 for p in (out / "labels").glob("part-*")), default=0)
         stream = stream or (lambda queries, size: (parse_rows(backend, queries[i:i + size]) for i in range(0, len(queries), size)))
         t_label = time.perf_counter()
         if progress:
-            progress(resumed, len(first_spelling))
+            progress(resumed, prep.distinct.num_rows)
         written = 0
         for labels in stream(todo, shard_size) if todo else []:
             for rec in labels:
@@ -360,14 +513,14 @@ def label(input_path: str | Path, out: str | Path, backend: Backend, column: str
             next_shard += 1
             written += len(labels)
             if progress:
-                progress(resumed + written, len(first_spelling))
+                progress(resumed + written, prep.distinct.num_rows)
         label_seconds = time.perf_counter() - t_label
         labels_df = read_labels(out)
-        summary = {"rows": acc.rows, "accepted": len(acc.mapping["normalized"]), "rejected": len(acc.rejects), "distinct": len(first_spelling),
+        summary = {"rows": prep.rows, "accepted": prep.accepted, "rejected": prep.rejected, "distinct": prep.distinct.num_rows,
                    "labeled_now": len(todo), "resumed": resumed, "invalid": int((~labels_df["valid"]).sum()),
                    "seconds": round(time.perf_counter() - t0, 2), "label_seconds": round(label_seconds, 2),
                    "queries_per_s": round(len(todo) / label_seconds, 2) if todo and label_seconds else None,
-                   "rows_per_s": round(acc.rows / (time.perf_counter() - t0), 2), **manifest}
+                   "rows_per_s": round(prep.rows / (time.perf_counter() - t0), 2), **manifest}
         _write_text_atomic(json.dumps(summary, indent=2) + "\n", out / "summary.json")
     return summary
 
