@@ -318,23 +318,32 @@ def save_accounting(acc: Accounting, out: Path) -> None:
     _write_text_atomic("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in acc.rejects), out / "rejects.jsonl")
 
 
-ASCII_SPACE = "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f "  # the ASCII characters str.split() and str.strip() take for space
 ROWS_SCHEMA = pa.schema([("source", pa.large_string()), ("line", pa.int64()), ("normalized", pa.large_string())])
 
 
-def normalize_ascii(text: pa.Array, max_chars: int = MAX_QUERY_CHARS) -> pa.Array:
-    """`check_query`'s normalised query for each ASCII cell it accepts, by Arrow compute; null for every other cell
-    (missing, not ASCII, empty, too long, control characters), which `check_query` decides itself. On ASCII, NFKC
-    changes nothing and lower case is ASCII's: only the whitespace is left to collapse.
+def normalize_plain(text: pa.Array, max_chars: int = MAX_QUERY_CHARS) -> tuple[pa.Array, pa.Array]:
+    """(`check_query`'s normalised query, the cell stripped) for each plain cell, by Arrow compute: ASCII, no control
+    character, no run of spaces once the ends are trimmed, 1 to `max_chars` long. There NFKC changes nothing and
+    lower case is ASCII's. Null for every other cell (missing, not ASCII, tabs, ...): `check_query` decides those.
 
-    >>> normalize_ascii(pa.array(["  Cheap\\tTHAI  ", "caf\\u00e9", " ", None])).to_pylist()
-    ['cheap thai', None, None, None]
+    >>> [a.to_pylist() for a in normalize_plain(pa.array([" Cheap THAI  ", "cheap  thai", "caf\\u00e9", "a\\tb", " ", None]))]
+    [['cheap thai', None, None, None, None, None], ['Cheap THAI', None, None, None, None, None]]
     """
-    ascii_text = pc.if_else(pc.fill_null(pc.string_is_ascii(text), False), text, pa.scalar(None, text.type))
-    norm = pc.utf8_trim(pc.replace_substring_regex(pc.ascii_lower(ascii_text), r"[\t\n\x0b\x0c\r\x1c-\x1f ]+", " "), " ")
-    length = pc.utf8_length(norm)
-    ok = pc.and_(pc.and_(pc.greater(length, 0), pc.less_equal(length, max_chars)), pc.invert(pc.match_substring_regex(norm, r"[\x00-\x1f]")))
-    return pc.if_else(ok, norm, pa.scalar(None, norm.type))
+    stripped = pc.ascii_trim(text, " ")
+    length = pc.binary_length(stripped)
+    plain = pc.and_(pc.and_(pc.string_is_ascii(stripped), pc.invert(pc.match_substring_regex(stripped, r"[\x00-\x1f]|  "))),
+                    pc.and_(pc.greater(length, 0), pc.less_equal(length, max_chars)))
+    plain = pc.fill_null(plain, False)
+    return pc.if_else(plain, pc.ascii_lower(stripped), pa.scalar(None, text.type)), pc.if_else(plain, stripped, pa.scalar(None, text.type))
+
+
+def first_of_each(normalized: pa.Array, query: pa.Array) -> pa.Table:
+    """normalized, query: each distinct normalised query once, with the query of its first row, in order of first
+    appearance (a dictionary encoding numbers values as they first appear)."""
+    encoded = normalized.dictionary_encode()
+    codes = encoded.indices.to_numpy()
+    first_rows = np.flatnonzero(np.diff(np.maximum.accumulate(codes), prepend=-1) > 0)  # where a new code appears
+    return pa.table({"normalized": encoded.dictionary, "query": query.take(first_rows)})
 
 
 Batch = tuple[str, pa.Array, pa.Array, Callable[[int], Any], dict[int, str]]
@@ -429,8 +438,7 @@ def prepare(input_path: str | Path, out: str | Path, column: str = "query", wher
     try:
         with pq.ParquetWriter(rows_tmp, ROWS_SCHEMA) as rows_out, open(rejects_tmp, "w", encoding="utf-8") as rejects_out:
             for source, line, text, value, errors in input_batches(input_path, column, where):
-                norm = normalize_ascii(text, max_chars)
-                spelling = pc.ascii_trim(pc.if_else(pc.is_valid(norm), text, pa.scalar(None, text.type)), ASCII_SPACE)
+                norm, spelling = normalize_plain(text, max_chars)
                 fixed, fixes, fixed_spellings = [], [], []
                 for i in pc.indices_nonzero(pc.is_null(norm)).to_pylist():  # the rare rows: check_query decides
                     cell = value(i)
@@ -448,8 +456,7 @@ def prepare(input_path: str | Path, out: str | Path, column: str = "query", wher
                 keep = pc.is_valid(norm)
                 accepted = norm.filter(keep)
                 rows_out.write_table(pa.table([pa.repeat(pa.scalar(source, pa.large_string()), len(accepted)), line.filter(keep), accepted], schema=ROWS_SCHEMA))
-                firsts.append(pa.table({"normalized": accepted, "query": spelling.filter(keep)})
-                              .group_by("normalized", use_threads=False).aggregate([("query", "first")]))  # ordered: first appearance
+                firsts.append(first_of_each(accepted, spelling.filter(keep)))
                 counts[0] += len(line)
                 counts[1] += len(accepted)
         for tmp in (rows_tmp, rejects_tmp):
@@ -460,10 +467,9 @@ def prepare(input_path: str | Path, out: str | Path, column: str = "query", wher
     finally:
         rows_tmp.unlink(missing_ok=True)
         rejects_tmp.unlink(missing_ok=True)
-    distinct = pa.concat_tables(firsts) if firsts else pa.table({"query_first": pa.array([], pa.large_string()), "normalized": pa.array([], pa.large_string())})
-    distinct = distinct.group_by("normalized", use_threads=False).aggregate([("query_first", "first")])
-    distinct = distinct.rename_columns({"query_first_first": "query"}).select(["normalized", "query"])
-    return Prepared(counts[0], counts[1], counts[0] - counts[1], distinct)
+    none = pa.array([], pa.large_string())
+    firsts = pa.concat_tables([pa.table({"normalized": none, "query": none}), *firsts])  # each batch's firsts: a query repeats across batches
+    return Prepared(counts[0], counts[1], counts[0] - counts[1], first_of_each(firsts["normalized"].combine_chunks(), firsts["query"]))
 
 
 def label(input_path: str | Path, out: str | Path, backend: Backend, column: str = "query", shard_size: int = SHARD_QUERIES, where: str | None = None,

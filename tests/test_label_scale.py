@@ -87,7 +87,9 @@ def test_prepare_matches_on_random_cells_and_a_where_filter(tmp_path, monkeypatc
     rng = random.Random(0)
     ascii = list("abcXYZ 019 -'&.  ") + ["\t", "\n", "\r", "\x0b", "\x1c", "\x1f", "\x7f"]
     pool = ascii + ["\x00", "\x07", "\u00a0", "\u3000", "é", "É", "ß", "İ", "Σ", "ﬁ", "①", "Ａ", "\u0301", "\u200b", "㍿", "🍕"]
-    cells = ["".join(rng.choices(rng.choice([ascii, ascii, pool]), k=rng.choice([0, 1, 3, 8, 20, 120, 255, 256, 257, 300]))) for _ in range(3000)]
+    cells = ["".join(rng.choices(rng.choice([ascii, pool]), k=rng.choice([0, 1, 3, 8, 20, 120, 255, 256, 257, 300]))) for _ in range(1500)]
+    words = ["Thai", "PIZZA", "near", "me", "24h", "o'neil's", "a&b", "x" * 62, "\x7f", "é"]  # plain ASCII mostly: Arrow's part
+    cells += [" " * rng.choice([0, 0, 1, 2]) + " ".join(rng.choices(words, k=rng.randint(0, 6))) + " " * rng.choice([0, 0, 1]) for _ in range(1500)]
     cells += [c.upper() for c in cells[:500]] + [None] * 20
     rng.shuffle(cells)
     (tmp_path / "in").mkdir()
@@ -97,6 +99,8 @@ def test_prepare_matches_on_random_cells_and_a_where_filter(tmp_path, monkeypatc
     (tmp_path / "in" / "c.jsonl").write_text("".join(json.dumps({"query": c, "period": p}) + "\n" for c, p in zip(cells, periods)))
     monkeypatch.setattr(labeling, "BATCH_ROWS", 777)
     counts, _, _, distinct = assert_same(tmp_path / "in", tmp_path / "all")
+    plain = len(cells) - labeling.normalize_plain(pa.array(cells, pa.large_string()))[0].null_count
+    assert 0.25 < plain / len(cells) < 0.75, "both Arrow's part and check_query's part are put to the test"
     assert counts[0] == 2 * len(cells) + 500 and 1000 < len(distinct) < counts[1] < counts[0]
     for where in ("period=late", "period=None", "period=1"):
         assert_same(tmp_path / "in", tmp_path / where, where=where)
