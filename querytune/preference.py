@@ -5,6 +5,11 @@ top, so the adapter-free model is the SFT policy and serves as the reference (KL
 Training queries come from the earlier part of the click log, never from the labeled seed set: each is a
 distinct query text with its position-debiased click evidence in up to 16 logged contexts (`click_targets`).
 
+The model reads and writes its init folder's format (`querytune.formats`), and the tuned folder keeps it. Candidates,
+pairs (pairs.parquet) and audits hold canonical JSON whatever the format, so pair files and eval scripts read alike:
+a completion becomes JSON where the parser returns it (`as_json`) and goes back to the model's format where a
+trainer's dataset is built (`in_format`); GRPO's reward reads the policy's own completions in its format.
+
     querytune train dpo  --init runs/sft --world runs/world --index runs/index --out runs/dpo
     querytune train grpo --init runs/sft --world runs/world --index runs/index --out runs/grpo
 
@@ -22,8 +27,9 @@ from typing import Any
 
 import pandas as pd
 
+from querytune import formats
 from querytune.clicks import MAX_CONTEXTS, contexts_by_text, estimate_propensity
-from querytune.model import BASE_KEYS, copy_adapter_chain, load_model_meta, prompt_messages
+from querytune.model import BASE_KEYS, copy_adapter_chain, load_model_meta
 from querytune.reward import INVALID, RetrievalReward, score_in_contexts, strict_parse
 from querytune.schema import WORD, ParseError, Schema, normalize_text
 from querytune.sft import LORA_TARGETS, StepLog, checkpoint_args, finish_checkpoints, start_or_resume
@@ -301,7 +307,7 @@ def build_pairs(targets: list[dict], candidates: list[list[str]], reward: Retrie
 
 
 def without_slot(completion: str, slot: str) -> str:
-    """The completion with one slot left out, written as the model writes parses (compact JSON, same order).
+    """The completion with one slot left out, as canonical JSON (same order), the form candidates are held in.
 
     >>> without_slot('{"intent":"find_business","slots":{"category":"bar","city":"chicago"}}', "city")
     '{"intent":"find_business","slots":{"category":"bar"}}'
@@ -447,8 +453,36 @@ def _policy(init: Path, preset: dict[str, Any]):
     return tokenizer, model, lora, meta, schema
 
 
-def _prompt(tokenizer, schema: Schema, text: str) -> str:
-    return tokenizer.apply_chat_template(prompt_messages(schema, text), add_generation_prompt=True, tokenize=False)
+def as_json(schema: Schema, fmt: str, raw: str) -> str:
+    """A completion the model wrote in format `fmt` as the canonical JSON that candidates and pairs hold; one that
+    does not read stays as written, so it still scores INVALID (compact text never starts with "{").
+
+    >>> from querytune.schema import load_schema
+    >>> as_json(load_schema(), "compact", 'find_business near_me cuisine=thai'), as_json(load_schema(), "compact", "thai?")
+    ('{"intent":"find_business","slots":{"cuisine":"thai","near_me":true}}', 'thai?')
+    """
+    if fmt == "json":
+        return raw  # as the model wrote it, as before formats had names
+    try:
+        return formats.completion("json", formats.read(fmt, schema, raw))
+    except ParseError:
+        return raw
+
+
+def in_format(schema: Schema, fmt: str, parse_json: str) -> str:
+    """A parse held as JSON (a pair's chosen or rejected) as the model writes it in format `fmt`, for a trainer's
+    dataset; one that does not read stays as it is.
+
+    >>> from querytune.schema import load_schema
+    >>> in_format(load_schema(), "compact", '{"intent":"find_business","slots":{"neighborhood":"back bay"}}')
+    'find_business neighborhood="back bay"'
+    """
+    if fmt == "json":
+        return parse_json
+    try:
+        return formats.completion(fmt, strict_parse(schema, parse_json))
+    except ParseError:
+        return parse_json
 
 
 def _save(trainer, tokenizer, init: Path, out: Path, schema: Schema, meta: dict, stage: str) -> None:
@@ -457,8 +491,8 @@ def _save(trainer, tokenizer, init: Path, out: Path, schema: Schema, meta: dict,
     trainer.model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     chain = copy_adapter_chain(init, out)
-    save_model_meta(out, schema, {"stage": stage, **{k: meta[k] for k in BASE_KEYS if k in meta}, "adapter": True, "init_adapters": chain,
-                                  "init": str(init), "max_new_tokens": meta.get("max_new_tokens", 64)})
+    save_model_meta(out, schema, {"stage": stage, **{k: meta[k] for k in BASE_KEYS if k in meta}, "format": formats.folder_format(meta),
+                                  "adapter": True, "init_adapters": chain, "init": str(init), "max_new_tokens": meta.get("max_new_tokens", 64)})
 
 
 def _train_and_save(trainer, tokenizer, init: Path, out: Path, schema: Schema, meta: dict, stage: str, resume_from: str | None = None):
@@ -498,7 +532,9 @@ def sample_candidates(init: Path, targets: list[dict], k: int, temperature: floa
     hesitated over, each differing from the greedy parse in one decision; "sample" draws `k` samples
     (temperature `temperature`). Beams most often hold the right parse (see `Parser.beams`).
 
-    `constrained` (default): greedy parses and rivals are decoded inside the schema's JSON, as `eval parse`,
+    Candidates come back as canonical JSON whatever the model's format (`as_json`).
+
+    `constrained` (default): greedy parses and rivals are decoded inside the schema's grammar, as `eval parse`,
     `predict` and serving decode: the parse to fix is the one users get. Free decoding writes values outside the
     schema ("lawn_care", a neighbourhood called "joint") for 10% of the world's 2,000 most typed texts; such a
     parse cannot be a rejected one (`build_pairs`), and it is not what the served model answers."""
@@ -533,28 +569,28 @@ def sample_candidates(init: Path, targets: list[dict], k: int, temperature: floa
             sampled = parser.beams([texts[i] for i in explore], k, progress=advance)
         else:
             sampled = parser.sample([texts[i] for i in explore], k, temperature=temperature, seed=seed, progress=advance)
-    extra = dict(zip(explore, sampled))
+    extra = dict(zip(explore, ([as_json(parser.schema, parser.format, r) for r in raws] for raws in sampled)))
     say(f"greedy parses of {len(texts):,} queries, {k} {explore_with} candidates of {len(explore):,}, in {time.perf_counter() - t0:.0f}s")
     return [[g, *extra.get(i, [])] for i, g in enumerate(greedy)], confidence
 
 
 def _greedy(parser, texts: list[str], progress=None) -> tuple[list[str], list[float]]:
-    """Greedy completions (bf16) and their probabilities. A constrained parser decodes freely first and again,
-    constrained, only the outputs that leave the schema: where the free greedy output is valid, every token of
-    it was allowed, so constrained decoding would write the same (and free decoding is ~1.5x faster)."""
+    """Greedy completions (bf16; as JSON, `as_json`) and their probabilities. A constrained parser decodes freely
+    first and again, constrained, only the outputs that leave the schema: where the free greedy output is valid,
+    every token of it was allowed, so constrained decoding would write the same (and free decoding is ~1.5x faster)."""
     import math
 
     out = [g[0] for g in parser.sample(texts, 1, temperature=0, logprobs=True, progress=progress, constrained=False)]
     if parser.constrained:
-        redo = [i for i, (text, _) in enumerate(out) if not _valid(parser.schema, text)]
+        redo = [i for i, (text, _) in enumerate(out) if not _valid(parser.schema, text, parser.format)]
         for i, g in zip(redo, parser.sample([texts[i] for i in redo], 1, temperature=0, logprobs=True) if redo else []):
             out[i] = g[0]
-    return [g for g, _ in out], [math.exp(lp) for _, lp in out]
+    return [as_json(parser.schema, parser.format, g) for g, _ in out], [math.exp(lp) for _, lp in out]
 
 
-def _valid(schema: Schema, completion: str) -> bool:
+def _valid(schema: Schema, completion: str, fmt: str = "json") -> bool:
     try:
-        strict_parse(schema, completion)
+        strict_parse(schema, completion, fmt=fmt)
         return True
     except ParseError:
         return False
@@ -568,8 +604,9 @@ def train_dpo(pairs: pd.DataFrame, init: Path, out: Path, preset: dict[str, Any]
 
     torch.manual_seed(seed)
     tokenizer, model, lora, meta, schema = _policy(init, preset)
-    data = Dataset.from_list([{"prompt": _prompt(tokenizer, schema, q), "chosen": c, "rejected": r}
-                              for q, c, r in zip(pairs["query"], pairs["chosen"], pairs["rejected"])])
+    fmt = formats.folder_format(meta)
+    data = Dataset.from_list([{"prompt": formats.prompt(fmt, schema, tokenizer, q), "chosen": in_format(schema, fmt, c),
+                               "rejected": in_format(schema, fmt, r)} for q, c, r in zip(pairs["query"], pairs["chosen"], pairs["rejected"])])
     longest = max(len(tokenizer(p + max(c, r, key=len)).input_ids) for p, c, r in zip(data["prompt"], data["chosen"], data["rejected"]))
     last = start_or_resume(out, resume, say)
     log = StepLog(out / "steps.jsonl", say, preset.get("max_minutes"),
@@ -602,9 +639,10 @@ def train_grpo(targets: list[dict], reward: RetrievalReward, init: Path, out: Pa
 
     torch.manual_seed(seed)
     tokenizer, model, lora, meta, schema = _policy(init, preset)
-    data = Dataset.from_list([{"prompt": _prompt(tokenizer, schema, t["query"]), "query": t["query"], "user_city": t["user_city"],
+    fmt = formats.folder_format(meta)  # the policy writes its completions in it; the `fmt` column tells the reward
+    data = Dataset.from_list([{"prompt": formats.prompt(fmt, schema, tokenizer, t["query"]), "query": t["query"], "user_city": t["user_city"],
                                "timestamp": t["timestamp"], "gains": json.dumps(t["gains"]),
-                               "contexts": json.dumps(t.get("contexts") or [t])} for t in targets])
+                               "contexts": json.dumps(t.get("contexts") or [t]), "fmt": fmt} for t in targets])
     last = start_or_resume(out, resume, say)
     recent: list[float] = []
     warned: list[int] = []

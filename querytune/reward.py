@@ -4,10 +4,11 @@
 (`reward(prompts=..., completions=..., **dataset_columns) -> list[float]`), used as is by GRPO and, through
 `score`, to rank the sampled parses that become DPO pairs.
 
-A completion earns:
-- `INVALID` (-1.0, below any valid parse) when it is not one strict JSON object `{"intent", "slots"}`
-  that fits the schema: broken JSON, repeated keys (two "intent"s, a slot twice), an intent or slot the
-  schema lacks, a value outside a slot's list, text after the object, or more than `max_chars` characters;
+A completion is read in the format it was written in (`querytune.formats`: JSON unless told; GRPO's policy writes
+its folder's format, and DPO's candidates and pairs are held as JSON). It earns:
+- `INVALID` (-1.0, below any valid parse) when it is not one strict parse that fits the schema: broken JSON or
+  compact text, repeated keys (two "intent"s, a slot twice), an intent or slot the schema lacks, a value outside
+  a slot's list, text after the parse, or more than `max_chars` characters;
 - 0.0 for an intent that takes no slots (out of scope: no search runs), and when a name slot (a free-text
   slot that drives the "what" of the search, e.g. `business_name`) holds a value that the query does not
   write (`Slot.written_in`: the value or one of the schema's aliases, up to typos), and likewise for the
@@ -30,8 +31,10 @@ from __future__ import annotations
 import json
 import math
 from datetime import datetime
+from functools import partial
 from typing import Any
 
+from querytune.formats import read
 from querytune.schema import ParseError, Schema, is_grounded, normalize_text
 
 INVALID = -1.0
@@ -61,11 +64,19 @@ def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
-def strict_parse(schema: Schema, completion: str, max_chars: int = 400):
-    """The schema parse of a completion, or ParseError saying why it is not one strict, in-schema object."""
+def strict_parse(schema: Schema, completion: str, max_chars: int = 400, fmt: str = "json"):
+    """The schema parse of a completion in format `fmt`, or ParseError saying why it is not one strict, in-schema
+    parse (a compact completion is read by `querytune.formats.read`, which refuses a slot written twice).
+
+    >>> from querytune.schema import load_schema
+    >>> strict_parse(load_schema(), "find_business cuisine=thai near_me", fmt="compact").to_json()
+    '{"intent":"find_business","slots":{"cuisine":"thai","near_me":true}}'
+    """
     text = completion.strip()
     if len(text) > max_chars:
         raise ParseError(f"over-long output ({len(text)} > {max_chars} characters)")
+    if fmt != "json":
+        return read(fmt, schema, text)
     try:
         obj = json.loads(text, object_pairs_hook=_no_repeats)
     except json.JSONDecodeError as e:
@@ -125,6 +136,8 @@ class RetrievalReward:
     [1.0, 0.63093]
     >>> reward.score("thai food", '{"intent":"find_business","intent":"book","slots":{}}', **ctx)
     -1.0
+    >>> reward.score("thai food", "find_business category=restaurant cuisine=thai", **ctx, fmt="compact")  # good, compact
+    1.0
     """
 
     __name__ = "retrieval_reward"  # TRL logs a reward function under its name
@@ -141,14 +154,14 @@ class RetrievalReward:
         self.calls = self.search_calls = 0
 
     def score(self, query: str, completion: str, user_city: str, timestamp: str | datetime,
-              gains: dict[str, float] | str) -> float:
-        """Reward of one completion for one logged context of a query: `gains` holds the debiased gain of every
-        business the log showed for the query's text in `user_city` (`querytune.clicks`)."""
+              gains: dict[str, float] | str, fmt: str = "json") -> float:
+        """Reward of one completion (in format `fmt`) for one logged context of a query: `gains` holds the debiased
+        gain of every business the log showed for the query's text in `user_city` (`querytune.clicks`)."""
         from querytune.search import Context
 
         self.calls += 1
         try:
-            parse = strict_parse(self.schema, completion, self.max_chars)
+            parse = strict_parse(self.schema, completion, self.max_chars, fmt)
         except ParseError:
             return INVALID
         if self.schema.intents[parse.intent].slots == ():
@@ -171,14 +184,16 @@ class RetrievalReward:
         return condensed_ndcg(ranked, gains, self.k)
 
     def __call__(self, prompts=None, completions=None, query=None, user_city=None, timestamp=None, gains=None, contexts=None,
-                 **_) -> list[float]:
+                 fmt=None, **_) -> list[float]:
         """TRL's reward shape. With a `contexts` column (JSON lists of {user_city, timestamp, gains}), each query is
-        scored in all of them (`score_in_contexts`); otherwise in its one user_city/timestamp/gains."""
+        scored in all of them (`score_in_contexts`); otherwise in its one user_city/timestamp/gains. With an `fmt`
+        column, each completion is read in that format (the one the policy writes); otherwise as JSON."""
         texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]  # plain or conversational
+        fmts = fmt if fmt is not None else ["json"] * len(texts)
         if contexts is not None:
-            return [score_in_contexts(self.score, q, c, json.loads(x) if isinstance(x, str) else x)
-                    for q, c, x in zip(query, texts, contexts, strict=True)]
-        return [self.score(q, c, u, t, g) for q, c, u, t, g in zip(query, texts, user_city, timestamp, gains, strict=True)]
+            return [score_in_contexts(partial(self.score, fmt=f), q, c, json.loads(x) if isinstance(x, str) else x)
+                    for q, c, x, f in zip(query, texts, contexts, fmts, strict=True)]
+        return [self.score(q, c, u, t, g, f) for q, c, u, t, g, f in zip(query, texts, user_city, timestamp, gains, fmts, strict=True)]
 
 
 def score_in_contexts(score, query: str, completion: str, contexts: list[dict[str, Any]]) -> float:

@@ -1,5 +1,6 @@
 """DPO and GRPO plumbing on a tiny in-process model: training queries from the click log, pairs, the pair
-file check, and a policy that moves after a step (LoRA weights and log-probabilities of sampled parses)."""
+file check, and a policy that moves after a step (LoRA weights and log-probabilities of sampled parses), in the
+json format and the compact one (candidates and pairs held as JSON either way)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,14 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from querytune import formats
 from querytune.cli import app
 from querytune.generate import Parser
 from querytune.model import load_merged, load_model_meta
-from querytune.preference import anchor_pairs, anchor_targets, build_pairs, click_targets, dropped_slots, load_pairs, sample_candidates, screen, train_dpo, train_grpo
-from querytune.schema import WORD, load_schema, normalize_text
+from querytune.preference import (anchor_pairs, anchor_targets, build_pairs, click_targets, dropped_slots, load_pairs, sample_candidates,
+                                  screen, train_dpo, train_grpo)
+from querytune.reward import strict_parse
+from querytune.schema import WORD, ParseError, load_schema, normalize_text
 from querytune.sft import train_sft
 from tests.test_sft import ROWS, TINY
 
@@ -28,7 +32,15 @@ LORA = {"lora_r": 4, "lora_alpha": 8, "warmup_steps": 0, "bf16": False, "max_min
 @pytest.fixture(scope="module")
 def tiny_sft(tiny_base, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sft")
-    train_sft(ROWS, SCHEMA, out, str(tiny_base), TINY | {"max_steps": 2}, say=lambda _: None)
+    train_sft(ROWS, SCHEMA, out, str(tiny_base), TINY | {"max_steps": 2}, say=lambda _: None, fmt="json")
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_compact(tiny_base, tmp_path_factory) -> Path:
+    """`tiny_sft` in the compact format."""
+    out = tmp_path_factory.mktemp("sft-compact")
+    train_sft(ROWS, SCHEMA, out, str(tiny_base), TINY | {"max_steps": 2}, say=lambda _: None, fmt="compact")
     return out
 
 
@@ -287,15 +299,81 @@ def test_grpo_step_changes_lora_and_sampled_logprobs(tiny_sft, small_world, tmp_
     assert {"reward", "reward_std", "no_signal", "completion_len"} <= set(logged[-1])
 
 
+def test_candidates_of_a_compact_model_are_held_as_json(tiny_compact, small_world):
+    """The parser writes compact completions; the candidates that pairs, audits and candidates.parquet hold are their
+    canonical JSON twins, and a completion that does not read stays as written (it scores INVALID either way)."""
+    targets = click_targets(small_world, 4, seed=0)
+    candidates, _ = sample_candidates(tiny_compact, targets, 2, 1.0, seed=0, say=lambda _: None)
+    held_as_json = 0
+    for c in (c for cands in candidates for c in cands):
+        try:
+            parse = strict_parse(SCHEMA, c)
+        except ParseError:  # kept as written: then it does not read as compact either
+            with pytest.raises(ParseError):
+                formats.read("compact", SCHEMA, c)
+            continue
+        assert c == parse.to_json()
+        held_as_json += 1
+    assert held_as_json >= 1  # greedy parses are decoded inside the compact grammar: they read
+
+
+def test_dpo_on_a_compact_model_trains_the_compact_twins_of_its_json_pairs(tiny_compact, tmp_path):
+    parser = Parser(tiny_compact)
+    chosen = '{"intent":"find_business","slots":{"category":"restaurant","cuisine":"thai"}}'
+    rejected = '{"intent":"out_of_scope","slots":{}}'
+    pairs = pd.DataFrame([{"query": "cheap thai near me", "chosen": chosen, "rejected": rejected, "chosen_score": 0.9, "rejected_score": 0.0}] * 8)
+    prompt = parser.prompts(["cheap thai near me"])[0]
+    assert prompt == "cheap thai near me\n"  # the compact prompt, no chat template
+    assert formats.completion("compact", SCHEMA.parse(chosen)) == "find_business category=restaurant cuisine=thai"
+
+    def margin(model, fmt: str) -> float:
+        c, r = (formats.completion(fmt, SCHEMA.parse(x)) for x in (chosen, rejected))
+        return completion_logprob(model, parser.tokenizer, prompt, c) - completion_logprob(model, parser.tokenizer, prompt, r)
+
+    before = {fmt: margin(parser.model, fmt) for fmt in formats.FORMATS}
+    out = tmp_path / "dpo"
+    summary = train_dpo(pairs, tiny_compact, out, LORA | {"max_steps": 3, "epochs": 1.0, "batch_size": 4, "lr": 5e-3, "beta": 0.1},
+                        say=lambda _: None)
+    assert summary["steps"] == 3 and lora_b_moved(out)
+    tuned = load_merged(out)
+    gain = {fmt: margin(tuned, fmt) - before[fmt] for fmt in formats.FORMATS}
+    assert gain["compact"] > max(0.0, gain["json"])  # the pair was learnt as the model writes it (trained as JSON: +1.0 against +3.2)
+    assert load_model_meta(out)[0]["format"] == "compact" and Parser(out).format == "compact"  # the tuned folder keeps its init's format
+
+
+class Recorder(ByLength):
+    """ByLength that keeps what TRL hands the reward besides the completions: each row's prompt, query and format."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, prompts=None, completions=None, query=None, fmt=None, **columns):
+        self.seen += zip(prompts, query, fmt)
+        return super().__call__(prompts, completions, query, **columns)
+
+
+def test_grpo_on_a_compact_model_samples_from_compact_prompts_and_tells_the_reward(tiny_compact, small_world, tmp_path):
+    targets = click_targets(small_world, 8, seed=0)
+    reward, out = Recorder(), tmp_path / "grpo"
+    summary = train_grpo(targets, reward, tiny_compact, out,
+                         LORA | {"max_steps": 2, "batch_size": 4, "num_generations": 4, "temperature": 1.0, "lr": 5e-3, "beta": 0.04},
+                         say=lambda _: None)
+    assert summary["steps"] == 2 and lora_b_moved(out)
+    assert len(reward.seen) == 8 and all(p == q + "\n" and f == "compact" for p, q, f in reward.seen)
+    assert load_model_meta(out)[0]["format"] == "compact" and Parser(out).format == "compact"
+
+
 @pytest.mark.slow
-def test_dpo_and_grpo_train_through_the_cli(tiny_sft, small_world, real_index, tmp_path):
-    """The commands end to end on the small world and a real index: DPO from a pair file, GRPO with the retrieval
-    reward online, and GRPO screening that finds no query with a signal (a random model's parses are all
-    equally bad) stopping with a message instead of training on nothing."""
+@pytest.mark.parametrize("init", ["tiny_sft", "tiny_compact"])
+def test_dpo_and_grpo_train_through_the_cli(init, request, small_world, real_index, tmp_path):
+    """The commands end to end on the small world and a real index, from a json and a compact model: DPO from a pair
+    file, GRPO with the retrieval reward online, and GRPO screening that finds no query with a signal (a random
+    model's parses are all equally bad) stopping with a message instead of training on nothing."""
     import yaml
 
+    init = request.getfixturevalue(init)
     tiny = {"lora_r": 4, "lora_alpha": 8, "bf16": False, "max_minutes": 0}
-    common = ["--init", str(tiny_sft), "--world", str(small_world), "--index", str(real_index)]
+    common = ["--init", str(init), "--world", str(small_world), "--index", str(real_index)]
     pairs = tmp_path / "pairs.parquet"
     pd.DataFrame([{"query": "cheap thai near me", "chosen": '{"intent":"find_business","slots":{"cuisine":"thai"}}',
                    "rejected": '{"intent":"out_of_scope","slots":{}}', "chosen_score": 0.9, "rejected_score": 0.0}] * 4).to_parquet(pairs)
@@ -304,12 +382,14 @@ def test_dpo_and_grpo_train_through_the_cli(tiny_sft, small_world, real_index, t
                                       "--config", str(tmp_path / "dpo.yaml")])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "dpo" / "summary.json").read_text())["steps"] == 1
+    fmt = load_model_meta(init)[0]["format"]
     (tmp_path / "grpo.yaml").write_text(yaml.safe_dump(tiny | {"queries": 8, "screen_k": 0, "max_steps": 1, "batch_size": 4, "num_generations": 4}))
     result = CliRunner().invoke(app, ["train", "grpo", *common, "--out", str(tmp_path / "grpo"), "--config", str(tmp_path / "grpo.yaml")])
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "grpo" / "summary.json").read_text())
     assert summary["steps"] == 1 and summary["screened_queries"] is None and summary["searches"] >= 0
     assert len((tmp_path / "grpo" / "targets.jsonl").read_text().splitlines()) == 8  # what a `--resume` trains on again
+    assert [load_model_meta(tmp_path / s)[0]["format"] for s in ("dpo", "grpo")] == [fmt, fmt]
     result = CliRunner().invoke(app, ["train", "grpo", *common, "--out", str(tmp_path / "grpo2"), "--config", str(tmp_path / "grpo.yaml"),
                                       "--screen-k", "2"])
     if result.exit_code == 2:

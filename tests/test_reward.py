@@ -8,6 +8,7 @@ import json
 import pandas as pd
 import pytest
 
+from querytune.formats import completion
 from querytune.preference import click_targets, target_score
 from querytune.reward import INVALID, RetrievalReward, condensed_ndcg, score_in_contexts, strict_parse
 from querytune.schema import ParseError, load_schema
@@ -102,6 +103,23 @@ def test_trl_shape_and_cache(reward):
                  gains=[json.dumps(ctx["gains"])] * n)
     assert out == [1.0, 1.0, 1.0, INVALID]
     assert reward.search_calls == 1  # three valid scores of one parse in one context share one search
+
+
+def test_a_compact_completion_scores_as_its_json_twin(reward):
+    """GRPO's policy writes its folder's format, while candidates and pairs are held as JSON: read in its format, a
+    compact completion earns what its JSON twin earns, and each reader stays strict (TRL's shape: the `fmt` column)."""
+    ctx, query = case(reward, GOOD), "cheap thai in east austin 4.5 stars"
+    quoted = {"intent": "find_business", "slots": {"cuisine": "thai", "neighborhood": "east austin", "min_rating": 4.5, "outdoor_seating": False}}
+    for parse in (GOOD, quoted, {"intent": "find_business", "slots": {"category": "plumber", "near_me": True}}, {"intent": "out_of_scope", "slots": {}}):
+        twin = completion("json", parse)
+        assert reward.score(query, completion("compact", parse), **ctx, fmt="compact") == reward.score(query, twin, **ctx)
+    assert reward.score(query, completion("compact", GOOD), **ctx, fmt="compact") == 1.0
+    for text, fmt in (("find_business cuisine=thai cuisine=thai", "compact"), ("cheap thai", "compact"), (json.dumps(GOOD), "compact"),
+                      (completion("compact", GOOD), "json")):  # a slot twice, the query copied back, the other format
+        assert reward.score(query, text, **ctx, fmt=fmt) == INVALID, text
+    out = reward(prompts=[query + "\n"] * 2, completions=[completion("compact", GOOD), json.dumps(GOOD)], query=[query] * 2,
+                 user_city=[ctx["user_city"]] * 2, timestamp=[ctx["timestamp"]] * 2, gains=[ctx["gains"]] * 2, fmt=["compact"] * 2)
+    assert out == [1.0, INVALID]
 
 
 def test_strict_parse_refuses_repeats():
