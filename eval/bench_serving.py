@@ -1,12 +1,18 @@
-"""Serving benchmark: cache hits against a bare endpoint, micro-batched misses against batch 1.
+"""Serving benchmark: cache hits against bare endpoints, misses at 32 clients against one at a time.
 
-    python eval/bench_serving.py --model runs/demo/sft [--seconds 15] [--queries runs/demo/world/test.jsonl]
+    python eval/bench_serving.py [--workspace workspace] [--seconds 10] [--rounds 2] [--misses 128]
 
-(a) Cache hits: `GET /v1/parse` for queries the SQLite cache holds, 64 concurrent connections (wrk), against
-    `GET /bench/constant` of the same app (a constant JSON: same middleware, same uvicorn settings, same process).
-(b) Misses: 32 concurrent clients, each sending distinct unseen queries, with micro-batching (`--max-miss-batch 32`)
-    against the same server with batch 1; no cache writes are hit again (every query is new).
-Prints a table and ends with one JSON line of the figures and ratios. Needs `wrk` (Debian package) for (a).
+Runs on what `make demo` leaves in the workspace: models/sft (the served model) and world/test.jsonl (the queries).
+(a) wrk, 64 connections, every run sending the same requests (`GET /v1/parse?q=` over 64 queries, with the API key):
+    (i)   today's bare endpoint, the reference: a FastAPI app with one `@app.middleware("http")` returning a constant
+          JSON on plain uvicorn (asyncio loop, h11), one worker: the stack the server ran on before;
+    (ii)  a bare pure-ASGI app returning the same JSON on the server's stack (uvloop, httptools, `--workers`);
+    (iii) cache hits through `querytune serve` itself on that stack: API key required, access log on (into a file);
+          then once more with `--no-access-log`, to price the log.
+    (i)-(iii) take turns for `--rounds` rounds (the machine may be shared); each figure is the mean of its runs.
+(b) misses: `querytune serve --workers 1`, every query distinct and never cached, 32 concurrent clients against one
+    client sending one at a time; on the vLLM backend where `.venv-vllm` exists (else transformers, with a note).
+Prints a table and ends with one JSON line of every figure and ratio. Needs `wrk` (apt-get install wrk).
 """
 
 from __future__ import annotations
@@ -17,67 +23,85 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python eval/bench_serving.py` from a checkout
 
 from querytune.testing import free_port  # noqa: E402
 
+KEY = "bench-key"
+CONSTANT = {"query": "cheap thai", "normalized": "cheap thai", "parse": {"intent": "find_business", "slots": {"cuisine": "thai"}},
+            "valid": True, "source": "cache", "model_version": "4bdfb67a09e9", "error": None, "latency_ms": 0.012}
+BODY = json.dumps(CONSTANT, separators=(",", ":")).encode()
+START = {"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(len(BODY)).encode()), (b"content-type", b"application/json")]}
 
-def serve_main(args) -> None:
-    """Child process: the querytune app plus the bare constant endpoint, one uvicorn worker."""
-    import uvicorn
+
+async def bare_asgi(scope, receive, send):
+    """(ii): the least an ASGI app can do to answer, the floor of the server's stack."""
+    if scope["type"] == "http":
+        await send(START)
+        await send({"type": "http.response.body", "body": BODY})
+
+
+def today_app():
+    """(i): the bare endpoint the hits were compared with before (a FastAPI route behind an HTTP middleware)."""
+    import uuid
+
+    from fastapi import FastAPI
     from fastapi.responses import JSONResponse
 
-    from querytune.backends import load_backend
-    from querytune.cache import open_cache
-    from querytune.serve import Settings, create_app
+    app = FastAPI()
 
-    import torch
+    @app.middleware("http")
+    async def request_id(request, call_next):
+        response = await call_next(request)
+        response.headers["x-request-id"] = uuid.uuid4().hex[:16]
+        return response
 
-    torch.set_num_threads(args.threads)
-    gate = create_app(load_backend("transformers", args.model), open_cache(args.cache),
-                      Settings(max_miss_batch=args.max_miss_batch, batch_window_ms=args.window_ms, miss_deadline_s=600.0), access_log=False)
-    app = gate.app  # the FastAPI app behind the gate: the constant endpoint goes through the same gate as /v1/parse
-    constant = {"query": "cheap thai", "normalized": "cheap thai", "parse": {"intent": "find_business", "slots": {"cuisine": "thai"}},
-                "valid": True, "source": "cache", "model_version": "x", "latency_ms": 0.1}
+    @app.get("/v1/parse")
+    async def constant():
+        return JSONResponse(CONSTANT)
 
-    @app.get("/bench/constant")
-    async def bench_constant():
-        return JSONResponse(constant)
-
-    uvicorn.run(gate, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+    return app
 
 
-def start_server(model: str, cache: str, max_miss_batch: int, window_ms: float, threads: int) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, "--serve", "--model", model, "--cache", cache, "--port", str(port),
-                             "--max-miss-batch", str(max_miss_batch), "--window-ms", str(window_ms), "--threads", str(threads)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
+def start(cmd: list[str], ready: str, log: Path, env: dict | None = None, wait_s: float = 900) -> subprocess.Popen:
+    """Start a server (its own process group, output into `log`) and wait until `ready` answers 200."""
     import httpx
 
-    for _ in range(600):
+    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True)
+    deadline = time.time() + wait_s
+    while time.time() < deadline and proc.poll() is None:
         try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                return proc, base
+            if httpx.get(ready, headers={"X-API-Key": KEY}, timeout=5).status_code == 200:
+                return proc
         except httpx.HTTPError:
             pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not start")
+        time.sleep(0.5)
+    stop(proc)
+    raise SystemExit(f"server did not come up: {' '.join(cmd)}; see {log}")
 
 
-def wrk(url: str, seconds: int, connections: int, lua: str | None = None) -> dict:
-    cmd = ["wrk", "-t", "1", "-c", str(connections), "-d", f"{seconds}s", "--latency", url]
-    if lua:
-        cmd[1:1] = ["-s", lua]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def wrk(url: str, seconds: int, connections: int, lua: Path) -> dict:
+    out = subprocess.run(["wrk", "-t", "1", "-c", str(connections), "-d", f"{seconds}s", "--latency", "-s", str(lua), "-H", f"X-API-Key: {KEY}", url],
+                         capture_output=True, text=True, check=True).stdout
 
     def ms(label: str) -> float:
         m = re.search(rf"{label}%\s+([\d.]+)(us|ms|s)", out)
@@ -99,7 +123,7 @@ async def miss_load(base: str, queries: list[str], clients: int) -> dict:
     async def client(share: list[str], http: httpx.AsyncClient) -> None:
         for q in share:
             t0 = time.perf_counter()
-            r = await http.get(f"{base}/v1/parse", params={"q": q}, timeout=600)
+            r = await http.get(f"{base}/v1/parse", params={"q": q}, headers={"X-API-Key": KEY}, timeout=900)
             latencies.append(time.perf_counter() - t0)
             src = r.json().get("source", str(r.status_code))
             sources[src] = sources.get(src, 0) + 1
@@ -109,68 +133,125 @@ async def miss_load(base: str, queries: list[str], clients: int) -> dict:
         await asyncio.gather(*(client(queries[i::clients], http) for i in range(clients)))
         seconds = time.perf_counter() - t0
     latencies.sort()
-    return {"queries_per_s": round(len(queries) / seconds, 2), "p50_ms": round(1000 * latencies[len(latencies) // 2], 1),
+    return {"requests_per_s": round(len(queries) / seconds, 2), "p50_ms": round(1000 * latencies[len(latencies) // 2], 1),
             "p99_ms": round(1000 * latencies[int(0.99 * (len(latencies) - 1))], 1), "sources": sources, "n": len(queries)}
+
+
+def cpu_model() -> str:
+    for line in open("/proc/cpuinfo", encoding="utf-8"):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return subprocess.run(["lscpu"], capture_output=True, text=True).stdout.split("Model name:")[-1].splitlines()[0].strip()
+
+
+def mean(runs: list[dict], key: str) -> float:
+    return round(sum(r[key] for r in runs) / len(runs), 2)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="model folder (the quick-preset SFT model)")
-    ap.add_argument("--queries", default=None, help="JSONL with a `text` field (default: the world test set next to the model's runs)")
-    ap.add_argument("--seconds", type=int, default=15, help="duration of each wrk run")
-    ap.add_argument("--misses", type=int, default=192, help="distinct unseen queries per miss run")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads in the server")
-    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--cache", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--max-miss-batch", type=int, default=32, help=argparse.SUPPRESS)
-    ap.add_argument("--window-ms", type=float, default=20.0, help="micro-batching window of the batched server")
+    ap.add_argument("--workspace", type=Path, default=Path("workspace"), help="what `make demo` made (models/sft, world/test.jsonl)")
+    ap.add_argument("--seconds", type=int, default=10, help="duration of each wrk run")
+    ap.add_argument("--rounds", type=int, default=2, help="turns of (i)-(iii), each a wrk run per server")
+    ap.add_argument("--connections", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="workers of (ii) and (iii) (default: the cores)")
+    ap.add_argument("--misses", type=int, default=128, help="distinct unseen queries at 32 clients (one at a time: a quarter as many)")
     args = ap.parse_args()
-    if args.serve:
-        return serve_main(args)
+    ws = args.workspace.resolve()
+    model, test = ws / "models" / "sft", ws / "world" / "test.jsonl"
+    for need in (model / "querytune.json", test):
+        if not need.is_file():
+            sys.exit(f"bench_serving: {need} not found: run `make demo` first (it builds ./workspace), or pass --workspace DIR")
     if not shutil.which("wrk"):
-        sys.exit("wrk is not installed (apt-get install wrk)")
-    from querytune.backends import TransformersBackend
+        sys.exit("bench_serving: wrk is not installed: apt-get install wrk (Debian, Ubuntu) or brew install wrk")
     from querytune.cache import Entry, open_cache
     from querytune.label import check_query
+    from querytune.model import load_model_meta, model_version
 
-    texts = [json.loads(line)["text"] for line in open(args.queries or ROOT / "runs/s0/world/test.jsonl", encoding="utf-8")]
-    norms = list(dict.fromkeys(n for n, _ in map(check_query, texts) if n))
-    hits, misses = norms[:64], norms[64:64 + 2 * args.misses]
+    rows = [json.loads(line) for line in open(test, encoding="utf-8")]
+    by_norm = {}
+    for r in rows:
+        norm, _ = check_query(r["text"])
+        if norm and norm not in by_norm:
+            by_norm[norm] = r
+    norms = list(by_norm)
+    hits, misses = norms[:64], norms[64:64 + args.misses + args.misses // 4]
+    if len(misses) < args.misses + args.misses // 4:
+        sys.exit(f"bench_serving: {test} has {len(norms)} distinct queries; --misses {args.misses} needs {64 + len(misses)}")
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     cache_url = f"sqlite:///{work}/cache.db"
-    backend = TransformersBackend(args.model)
-    preds = backend.parse(hits)
-    open_cache(cache_url).put_many([(q, Entry(p.parse, p.valid, p.confidence, backend.model_version)) for q, p in zip(hits, preds)], backend.schema_version)
-    del backend
+    # the hits' entries: the test set's own parses under the served model's version, as `cache load` would write them
+    _, schema = load_model_meta(model)
+    version = model_version(model)
+    open_cache(cache_url).put_many([(q, Entry({"intent": by_norm[q]["intent"], "slots": by_norm[q]["slots"]}, True, 1.0, version))
+                                    for q in hits], schema.version)
     lua = work / "hits.lua"
-    lua.write_text("local qs = {" + ",".join(json.dumps(q) for q in hits) + "}\nlocal i = 0\n"
-                   "request = function()\n  i = i % #qs + 1\n  return wrk.format('GET', '/v1/parse?q=' .. qs[i]:gsub(' ', '%%20'))\nend\n")
-    results: dict = {}
-    proc, base = start_server(args.model, cache_url, 32, args.window_ms, args.threads)
+    lua.write_text("local qs = {" + ",".join(json.dumps(quote(q, safe="")) for q in hits) + "}\nlocal i = 0\n"
+                   "request = function()\n  i = i % #qs + 1\n  return wrk.format('GET', '/v1/parse?q=' .. qs[i])\nend\n")
+    py, qt, w = sys.executable, str(Path(sys.executable).parent / "querytune"), str(args.workers)
+    uvicorn = [py, "-m", "uvicorn", "--app-dir", str(ROOT / "eval"), "--log-level", "warning", "--no-access-log"]
+    product = [qt, "serve", "--model", str(model), "--cache", cache_url, "--workers", w, "--api-key", KEY]
+    servers = {"today_bare": uvicorn + ["bench_serving:today_app", "--factory", "--loop", "asyncio", "--http", "h11", "--workers", "1"],
+               "bare_asgi": uvicorn + ["bench_serving:bare_asgi", "--loop", "uvloop", "--http", "httptools", "--workers", w],
+               "hits": product}
+    urls, procs, runs = {}, {}, {name: [] for name in [*servers, "hits_no_access_log"]}
     try:
-        wrk(f"{base}/bench/constant", 3, 64)  # warm-up
-        results["bare"] = wrk(f"{base}/bench/constant", args.seconds, 64)
-        results["hits"] = wrk(f"{base}/v1/parse", args.seconds, 64, str(lua))
-        results["misses_batched"] = asyncio.run(miss_load(base, misses[: args.misses], 32))
+        for name, cmd in servers.items():
+            port = free_port()
+            urls[name] = f"http://127.0.0.1:{port}/v1/parse"
+            procs[name] = start([*cmd, "--port", str(port)], f"{urls[name]}?q={quote(hits[0])}", work / f"{name}.log")
+            wrk(urls[name], 3, args.connections, lua)  # warm-up: every worker's in-process copy holds the hits after it
+        for _ in range(args.rounds):
+            for name in servers:
+                runs[name].append(wrk(urls[name], args.seconds, args.connections, lua))
+                print(name, runs[name][-1], flush=True)
+        import httpx
+
+        sources = {httpx.get(urls["hits"], params={"q": q}, headers={"X-API-Key": KEY}).json()["source"] for q in hits}
+        for proc in procs.values():
+            stop(proc)
+        logged = sum(1 for line in open(work / "hits.log", encoding="utf-8") if line.startswith('{"ts"'))
+        port = free_port()
+        urls["hits_no_access_log"] = f"http://127.0.0.1:{port}/v1/parse"
+        procs["hits_no_access_log"] = start([*product, "--no-access-log", "--port", str(port)], f"{urls['hits_no_access_log']}?q={quote(hits[0])}",
+                                            work / "hits_no_access_log.log")
+        wrk(urls["hits_no_access_log"], 3, args.connections, lua)
+        for _ in range(args.rounds):
+            runs["hits_no_access_log"].append(wrk(urls["hits_no_access_log"], args.seconds, args.connections, lua))
+        stop(procs["hits_no_access_log"])
+
+        vllm_py = ROOT / ".venv-vllm" / "bin" / "python"
+        if vllm_py.is_file():
+            from querytune.vllm_backend import vllm_env
+
+            backend, miss_cmd, env = "vllm", [str(vllm_py.parent / "querytune"), "serve", "--backend", "vllm"], vllm_env(ROOT / ".venv-vllm")
+        else:
+            print("note: no .venv-vllm (make vllm-env): misses run on the transformers backend", flush=True)
+            backend, miss_cmd, env = "transformers", [qt, "serve"], {}
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        procs["misses"] = start([*miss_cmd, "--model", str(model), "--cache", f"sqlite:///{work}/misses.db", "--workers", "1", "--deadline", "900",
+                                 "--api-key", KEY, "--port", str(port)], f"{base}/healthz", work / "misses.log", env)
+        runs["misses_32"] = [asyncio.run(miss_load(base, misses[: args.misses], 32))]
+        runs["misses_1"] = [asyncio.run(miss_load(base, misses[args.misses:], 1))]
+        stop(procs["misses"])
     finally:
-        proc.kill()
-        proc.wait()
-    proc, base = start_server(args.model, cache_url, 1, 0.0, args.threads)
-    try:
-        results["misses_batch1"] = asyncio.run(miss_load(base, misses[args.misses: 2 * args.misses], 32))
-    finally:
-        proc.kill()
-        proc.wait()
-    print(f"{'run':<16}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}")
-    for name, r in results.items():
-        print(f"{name:<16}{r.get('requests_per_s', r.get('queries_per_s')):>10.1f}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}")
-    summary = {"hit_rps": results["hits"]["requests_per_s"], "bare_rps": results["bare"]["requests_per_s"],
-               "hit_vs_bare": round(results["hits"]["requests_per_s"] / results["bare"]["requests_per_s"], 3),
-               "hit_p50_ms": results["hits"]["p50_ms"], "hit_p99_ms": results["hits"]["p99_ms"],
-               "miss_qps_batched": results["misses_batched"]["queries_per_s"], "miss_qps_batch1": results["misses_batch1"]["queries_per_s"],
-               "miss_batched_vs_batch1": round(results["misses_batched"]["queries_per_s"] / results["misses_batch1"]["queries_per_s"], 2),
-               "hit_non_2xx": results["hits"]["non_2xx"], "miss_sources": results["misses_batched"]["sources"], "cpu_cores": os.cpu_count()}
+        for proc in procs.values():
+            stop(proc)
+    print(f"{'run':<20}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}")
+    for name, rs in runs.items():
+        print(f"{name:<20}{mean(rs, 'requests_per_s'):>10.1f}{mean(rs, 'p50_ms'):>10.2f}{mean(rs, 'p99_ms'):>10.2f}")
+    rps = {name: mean(rs, "requests_per_s") for name, rs in runs.items()}
+    summary = {"today_bare_rps": rps["today_bare"], "bare_asgi_rps": rps["bare_asgi"], "hit_rps": rps["hits"],
+               "hit_no_access_log_rps": rps["hits_no_access_log"], "hit_vs_bare_asgi": round(rps["hits"] / rps["bare_asgi"], 3),
+               "bare_asgi_vs_today": round(rps["bare_asgi"] / rps["today_bare"], 2),
+               "access_log_cost": round(1 - rps["hits"] / rps["hits_no_access_log"], 3),
+               "hit_p50_ms": mean(runs["hits"], "p50_ms"), "hit_p99_ms": mean(runs["hits"], "p99_ms"),
+               "hit_non_2xx": sum(r["non_2xx"] for r in runs["hits"]), "hit_sources": sorted(sources), "access_log_lines": logged,
+               "miss_qps_32": rps["misses_32"], "miss_qps_1": rps["misses_1"], "miss_32_vs_1": round(rps["misses_32"] / rps["misses_1"], 2),
+               "miss_sources": runs["misses_32"][0]["sources"], "backend": backend, "workers": args.workers, "connections": args.connections,
+               "seconds": args.seconds, "rounds": args.rounds, "cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)),
+               "date": time.strftime("%Y-%m-%d")}
     print(json.dumps(summary))
 
 

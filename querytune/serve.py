@@ -17,7 +17,7 @@ misses get 503 with the reason. With `--model active` the server follows `cache 
 restart (`PromotionWatcher`).
 
 Every error, of any status, has one body: `{"error": message, "code": reason, "request_id": id}`. Every response
-carries `X-Request-ID`; the access log (logger `querytune.access`) writes one JSON line per request.
+carries `X-Request-ID`; the access log (`querytune.asgi_gate.AccessLog`, on stderr) writes one JSON line per request.
 
 Endpoints: `GET /v1/parse?q=...`, `POST /v1/parse {"queries": [...]}`, `/healthz`, `/metrics` (Prometheus), `/docs`
 (Swagger UI, served locally).
@@ -26,6 +26,7 @@ Endpoints: `GET /v1/parse?q=...`, `POST /v1/parse {"queries": [...]}`, `/healthz
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import json
 import logging
@@ -44,7 +45,7 @@ import orjson
 from fastapi import Request  # at module level: FastAPI reads the dependency's annotation from here
 from pydantic import BaseModel, Field
 
-from querytune.asgi_gate import BufferedLogHandler, Gate, access_log
+from querytune.asgi_gate import AccessLog, Gate
 from querytune.cache import Entry
 from querytune.label import check_query
 from querytune.serving_cache import ServingCache
@@ -232,6 +233,7 @@ class Service:
         self.calls: set[asyncio.Task] = set()  # `aparse` calls in flight (they outlive a request past its deadline)
         self.fallback_lock = threading.Lock()
         self.key = (settings.api_key or "").encode()
+        self.queries: dict[bytes, tuple[str, str]] = {}  # a hit's query string -> (query, normalised): half a hit's work, done once
         self.hits, self.get_latency = self.m["answers"].labels("cache"), self.m["latency"].labels("get")  # bound once: the hit path's
 
     def authorized(self, headers: dict[bytes, bytes]) -> bool:
@@ -244,15 +246,22 @@ class Service:
         for anything else (another route, a second parameter, a bad query or key, a miss): the app answers it."""
         if scope["method"] != "GET" or scope["path"] != "/v1/parse" or not self.authorized(headers):
             return None
-        qs = scope["query_string"]
-        if qs[:2] != b"q=" or b"&" in qs:
-            return None
         t0 = time.perf_counter()
-        raw = unquote_plus(qs[2:].decode("latin-1"), errors="replace")  # how Starlette reads a query parameter
-        norm, _ = check_query(raw, self.settings.max_query_chars)
+        qs = scope["query_string"]
+        known = self.queries.get(qs)
+        if known is None:
+            if qs[:2] != b"q=" or b"&" in qs:
+                return None
+            raw = unquote_plus(qs[2:].decode("latin-1"), errors="replace")  # how Starlette reads a query parameter
+            norm, _ = check_query(raw, self.settings.max_query_chars)
+            known = (raw, norm)
+        raw, norm = known
         e = self.cache.local.get((self.model_version, norm)) if norm else None
         if e is None:
             return None
+        if len(self.queries) >= self.settings.local_cache_entries:
+            self.queries.clear()
+        self.queries[qs] = known
         self.hits.inc()
         body = orjson.dumps(result(raw, norm, "cache", e.parse, e.valid, e.model_version, latency_ms=round(1000 * (time.perf_counter() - t0), 3)))
         self.get_latency.observe(time.perf_counter() - t0)
@@ -387,9 +396,10 @@ class PromotionWatcher:
 
 
 def create_app(backend, cache, settings: Settings | None = None, model_version: str | None = None, schema_version: str | None = None,
-               watch: Callable[[Service], PromotionWatcher] | None = None, access: bool = True):
+               watch: Callable[[Service], PromotionWatcher] | None = None, access: AccessLog | None = None):
     """The ASGI app. `backend`: a model backend (`querytune.backends`) or None (every miss gets 503); `cache`: a
-    `querytune.cache` store or None; `watch`: builds the promotion watcher (`--model active`)."""
+    `querytune.cache` store or None; `watch`: builds the promotion watcher (`--model active`); `access`: where the
+    access log goes (None: nowhere)."""
     from contextlib import asynccontextmanager
 
     from fastapi import Depends, Query
@@ -418,8 +428,11 @@ def create_app(backend, cache, settings: Settings | None = None, model_version: 
             call.cancel()
         await service.cache.drain()
         service.cache.close()
-        for handler in access_log.handlers:  # buffered lines reach their file before the worker exits
-            handler.flush()
+        close = getattr(service.backend, "close", None)  # vLLM's engine runs in processes of its own
+        if close:
+            close()
+        if access:
+            access.flush()
 
     app = FastAPIOffline(title="querytune", version="1", lifespan=lifespan,
                          description="Cache-first query understanding: a query in, its intent + slots parse out.")
@@ -528,20 +541,19 @@ def app_from_env():
         _exit_with(o["supervisor"])
     torch.set_num_threads(o["threads"])  # the workers share the cores
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
-    access_log.setLevel(logging.INFO if o["access_log"] else logging.WARNING)
-    access_log.propagate = False
-    access_log.addHandler(BufferedLogHandler(open(os.dup(sys.stderr.fileno()), "w", buffering=1 << 16, encoding="utf-8")))
-    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False  # a record per request: skip what no line shows
     # a short lock wait: a `cache warm` writing the same SQLite file must not hold requests
     store = open_cache(o["cache"], busy_timeout_s=0.05) if o["cache"] else None
     model_dir = resolve_model(o["model"], store)
-    load = lambda path: load_backend(o["backend"], path)  # noqa: E731
+    options = {"engine": "async"} if o["backend"] == "vllm" else {}  # a server's vLLM: the async engine, which batches misses itself
+    load = lambda path: load_backend(o["backend"], path, **options)  # noqa: E731
     watch = None
     if o["model"] == "active" and o["watch_s"] > 0:
         watch = lambda service: PromotionWatcher(service, store, load, o["watch_s"], str(model_dir))  # noqa: E731
     backend = load(model_dir)
     log.warning("worker %d: model %s version %s on %s", os.getpid(), model_dir, backend.model_version, o["backend"])
-    return create_app(backend, store, Settings(**o["settings"]), watch=watch, access=o["access_log"])
+    app = create_app(backend, store, Settings(**o["settings"]), watch=watch, access=AccessLog(sys.stderr.fileno()) if o["access_log"] else None)
+    gc.freeze()  # the model's objects live as long as the worker: no collection need walk them again
+    return app
 
 
 def _exit_with(supervisor: int) -> None:

@@ -1,18 +1,27 @@
-"""Serving: cache hits, micro-batched misses written back, deadlines, limits, Redis down and model down."""
+"""Serving: cache hits (through the gate's hit path and through the app), micro-batched misses and misses sent to a
+batching engine, written back; deadlines, limits, Redis down and model down; `--workers`."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import re
 import shutil
+import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from querytune.asgi_gate import AccessLog
 from querytune.cache import Entry, RedisCache, open_cache
 from querytune.serve import Settings, create_app
-from querytune.testing import free_port
+from querytune.testing import free_port, start_server
 
 
 class FakePrediction:
@@ -34,6 +43,37 @@ class SlowBackend:
         time.sleep(self.delay)
         self.batches.append(list(texts))
         return [FakePrediction(t) for t in texts]
+
+
+class AsyncBackend:
+    """At the edge: an engine that batches concurrent calls itself (`aparse`, as vLLM's async engine), counting the
+    calls in flight at once. It has no `parse`: the batcher never calls it."""
+
+    name, model_version, schema_version = "fake-async", "m1", "s1"
+
+    def __init__(self, delay=0.2, fail=False):
+        self.delay, self.fail, self.calls, self.in_flight, self.most_in_flight = delay, fail, [], 0, 0
+
+    async def aparse(self, texts):
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(self.delay)
+            if self.fail:
+                raise ConnectionError("vLLM engine is dead")
+            self.calls.append(list(texts))
+            return [FakePrediction(t) for t in texts]
+        finally:
+            self.in_flight -= 1
+
+
+THAI = Entry({"intent": "find_business", "slots": {"cuisine": "thai"}}, True, 0.9, "m1")
+
+
+def access_log(tmp_path: Path) -> tuple[AccessLog, Path]:
+    """An access log into a file of the test's own (the lines are there once the app has shut down)."""
+    path = tmp_path / "access.log"
+    return AccessLog(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)), path
 
 
 @pytest.fixture()
@@ -198,3 +238,130 @@ def test_cache_cli_load_warm_promote_rollback(tiny_model, small_world_master, tm
     assert r.exit_code == 0 and _json.loads(r.stdout)["model_dir"] == str(tiny_model.resolve())
     r = run(app, ["cache", "stats", "--cache", "redis://127.0.0.1:1/0"])
     assert r.exit_code == 2 and "127.0.0.1:1" in r.output
+
+
+def answered(r: httpx.Response) -> tuple:
+    """What a client sees of an answer, but its latency (and so its length)."""
+    body = r.json()
+    assert int(r.headers["content-length"]) == len(r.content)
+    return r.status_code, [h for h in r.headers.multi_items() if h[0] != "content-length"], body | {"latency_ms": None}
+
+
+def test_a_hit_through_the_gate_is_the_apps_answer_counted_and_logged_the_same(sqlite_cache, tmp_path):
+    queries = ["cheap thai", "  Cheap THAI ", "café crème", "4+ stars thai"]  # spaces, case, UTF-8, a plus sign
+    sqlite_cache.put_many([(q, THAI) for q in ("cheap thai", "café crème", "4+ stars thai")], "s1")
+    access, log = access_log(tmp_path)
+    gate = create_app(SlowBackend(), sqlite_cache, Settings(api_key="k"), access=access)
+    reached = []
+    app = gate.app
+
+    async def behind_the_gate(scope, receive, send):  # the FastAPI app, recording what reaches it
+        if scope["type"] == "http":
+            reached.append(scope["path"])
+        await app(scope, receive, send)
+
+    with TestClient(gate) as client:
+        def get(q, auth=("X-API-Key", "k")):
+            return client.get("/v1/parse", params={"q": q}, headers={auth[0]: auth[1], "X-Request-ID": "trace-1"})
+
+        cold = [get(q) for q in queries]  # the store answers through the app; the in-process copy keeps each
+        gate.app = behind_the_gate
+        warm = [get(q) for q in queries]
+        assert reached == [], "hits of the in-process copy never enter FastAPI"
+        bearer = get("cheap thai", ("Authorization", "Bearer k"))
+        raw = client.get("/v1/parse?q=cheap%20thai", headers={"X-API-Key": "k", "X-Request-ID": "trace-1"})
+        assert reached == []
+        miss = get("plumber austin")
+        assert reached == ["/v1/parse"] and miss.json()["source"] == "model", "a miss goes on to the app"
+        assert [answered(r) for r in warm] == [answered(r) for r in cold]
+        assert answered(bearer) == answered(raw) == answered(cold[0])
+        assert [r.json()["query"] for r in warm] == queries and warm[1].json()["normalized"] == "cheap thai"
+        assert cold[0].headers["content-type"] == "application/json" and cold[0].headers["x-request-id"] == "trace-1"
+        hits = len(cold) + len(warm) + 2
+        metrics = client.get("/metrics").text
+    assert f'querytune_answers_total{{source="cache"}} {hits}.0' in metrics
+    assert f'querytune_request_seconds_count{{endpoint="get"}} {hits + 1}.0' in metrics
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(x["path"], x["status"], x["request_id"]) for x in lines[: hits + 1]] == [("/v1/parse", 200, "trace-1")] * (hits + 1)
+    assert len(lines) == hits + 2 and lines[-1]["path"] == "/metrics", "one line per request, on both paths"
+
+
+def test_a_missing_or_wrong_key_gets_the_apps_401_though_the_query_is_hot(sqlite_cache):
+    sqlite_cache.put_many([("cheap thai", THAI)], "s1")
+    gate = create_app(SlowBackend(), sqlite_cache, Settings(api_key="k"))
+    cold_gate = create_app(SlowBackend(), None, Settings(api_key="k"))
+    refused = [{}, {"X-API-Key": "j"}, {"Authorization": "Bearer j"}, {"Authorization": "Basic k"}, {"X-API-Key": ""}]
+    with TestClient(gate) as client, TestClient(cold_gate) as cold_client:
+        assert client.get("/v1/parse", params={"q": "cheap thai"}, headers={"X-API-Key": "k"}).json()["source"] == "cache"
+        for headers in refused:
+            hot = client.get("/v1/parse", params={"q": "cheap thai"}, headers=headers | {"X-Request-ID": "r"})
+            cold = cold_client.get("/v1/parse", params={"q": "cheap thai"}, headers=headers | {"X-Request-ID": "r"})
+            assert hot.status_code == 401 and hot.content == cold.content
+            assert hot.json() == {"error": "missing or wrong API key (send X-API-Key or Authorization: Bearer)", "code": "auth", "request_id": "r"}
+        assert 'querytune_errors_total{reason="auth"} 5.0' in client.get("/metrics").text
+
+
+def test_misses_go_straight_to_a_backend_that_batches_them_itself(sqlite_cache):
+    backend = AsyncBackend(delay=0.3)
+    with TestClient(create_app(backend, sqlite_cache, Settings(batch_window_ms=0))) as client:
+        out = []
+        threads = [threading.Thread(target=lambda q=q: out.append(client.get("/v1/parse", params={"q": q}).json())) for q in
+                   [f"query {i}" for i in range(8)]]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(r["source"] for r in out) == ["model"] * 8
+        assert backend.most_in_flight > 1 and all(len(c) == 1 for c in backend.calls), "one call per miss, several in flight at once"
+        assert client.get("/v1/parse", params={"q": "query 3"}).json()["source"] == "cache", "answers are written back"
+        assert "querytune_miss_batch_size_count 8.0" in client.get("/metrics").text
+
+
+def test_a_batching_backend_past_the_deadline_or_down(sqlite_cache, tmp_path):
+    with TestClient(create_app(AsyncBackend(delay=0.5), sqlite_cache, Settings(miss_deadline_s=0.1))) as client:
+        r = client.get("/v1/parse", params={"q": "slow query"}).json()
+        time.sleep(0.6)
+        late = client.get("/v1/parse", params={"q": "slow query"}).json()
+    assert r["source"] == "fallback" and late["source"] == "cache", "the late answer is still written back"
+    with TestClient(create_app(AsyncBackend(delay=0.0, fail=True), sqlite_cache)) as client:
+        r = client.get("/v1/parse", params={"q": "sushi"})
+    assert r.status_code == 503 and "vLLM engine is dead" in r.json()["error"]
+
+
+def test_a_batching_backends_answer_is_cached_under_the_model_that_gave_it(tmp_path):
+    store = open_cache(f"sqlite:///{tmp_path}/cache.db")
+    old, new = AsyncBackend(delay=0.5), AsyncBackend(delay=0.0)
+    new.model_version = "m2"
+    gate = create_app(old, store)
+    service = gate.app.state.service
+    with TestClient(gate) as client:
+        swap = threading.Timer(0.2, service.swap, args=(new,))  # while the old model is answering
+        swap.start()
+        assert client.get("/v1/parse", params={"q": "tacos"}).json()["source"] == "model"
+        swap.join()
+        client.portal.call(service.cache.drain)
+    assert store.get_many(["tacos"], "s1", "m1")[0] is not None and store.get_many(["tacos"], "s1", "m2")[0] is None
+
+
+def test_serve_help_documents_workers():
+    from typer.testing import CliRunner
+
+    from querytune.cli import app
+
+    r = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0 and "--workers" in r.output and "QUERYTUNE_WORKERS" in r.output
+
+
+def test_two_workers_each_with_its_model_answer_and_log_every_request(tiny_model, tmp_path):
+    url = f"sqlite:///{tmp_path}/cache.db"
+    open_cache(url).put_many([("cheap thai", THAI)], "s1")
+    proc, base = start_server(["--model", str(tiny_model), "--cache", url, "--workers", "2", "--deadline", "60"], tmp_path / "server.log")
+    try:
+        answers = [httpx.get(f"{base}/v1/parse", params={"q": q}, timeout=60) for q in ("pizza", "cheap thai", "pizza", "dentist")]
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+    assert [r.status_code for r in answers] == [200] * 4 and answers[0].json()["source"] == "model"
+    log = (tmp_path / "server.log").read_text()
+    assert len(set(re.findall(r"worker (\d+): model", log))) == 2, log
+    assert sum(line.startswith('{"ts"') for line in log.splitlines()) >= 5, "the access lines of both workers reach the log"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import signal
 import sqlite3
@@ -13,7 +12,7 @@ import time
 
 import pytest
 from fastapi.testclient import TestClient
-from test_serve import SlowBackend, redis_server  # noqa: F401 - the fixture
+from test_serve import SlowBackend, access_log, redis_server  # noqa: F401 - the fixture
 
 from querytune.cache import CacheUnavailable, Entry, open_cache
 from querytune.serve import PromotionWatcher, Settings, create_app
@@ -134,9 +133,9 @@ def test_a_chunked_body_cannot_skip_the_size_limit():
     assert r.status_code == 413 and r.json()["code"] == "body"
 
 
-def test_every_error_has_one_body_format_and_a_request_id(caplog):
-    app = create_app(SlowBackend(fail=True), None, Settings(api_key="k", max_batch=2))
-    caplog.set_level(logging.INFO, logger="querytune.access")
+def test_every_error_has_one_body_format_and_a_request_id(tmp_path):
+    access, log = access_log(tmp_path)
+    app = create_app(SlowBackend(fail=True), None, Settings(api_key="k", max_batch=2), access=access)
     with TestClient(app) as client:
         h = {"X-API-Key": "k"}
         cases = [client.get("/v1/parse", params={"q": "x"}), client.get("/v1/parse", params={"q": "x"}, headers={"X-API-Key": "j"}),
@@ -149,7 +148,7 @@ def test_every_error_has_one_body_format_and_a_request_id(caplog):
         body = r.json()
         assert {"error", "code", "request_id"} <= set(body) and body["request_id"] == r.headers["x-request-id"]
     assert mine.json()["request_id"] == "trace-42"
-    lines = [json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "querytune.access"]
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(lines) == len(cases) + 1 and lines[-1]["request_id"] == "trace-42" and lines[-1]["status"] == 401
 
 

@@ -51,7 +51,7 @@ def serve(
     fallback_log: Path = typer.Option(None, "--fallback-log", envvar="QUERYTUNE_FALLBACK_LOG",
                                       help="Append queries answered by the fallback here (JSONL) for offline labeling."),
     access_log: bool = typer.Option(True, "--access-log/--no-access-log",
-                                    help="One JSON line per request on stderr (request id, status, ms), flushed every 0.5 s."),
+                                    help="One JSON line per request on stderr (request id, status, ms), written every 0.5 s or 1,024 lines."),
     allow_no_key: bool = typer.Option(False, "--allow-no-key", help="Serve a non-loopback address without an API key (refused otherwise)."),
 ) -> None:
     """Serve GET/POST /v1/parse, /healthz, /metrics and /docs; cache first, misses micro-batched to the model."""
