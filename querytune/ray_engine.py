@@ -1,28 +1,48 @@
 """`querytune label --engine ray`: labeling as a Ray Data pipeline, one model replica per worker (a Ray actor).
 
-The distinct queries left to label become a Ray Dataset; `map_batches` runs them through a pool of actors that
-each load the model once; finished rows stream back to the driver, which writes them as shards (the same whole-shard,
-resumable output as the local engine). `ray.init` starts a local cluster, or joins one when `RAY_ADDRESS` is set.
+The distinct queries left to label become a Ray Dataset of small blocks; `map_batches` runs them through a fixed
+pool of actors that each load the model once, each kept `TASKS_PER_REPLICA` blocks ahead (at least
+`QUERIES_IN_FLIGHT` queries), so a replica never waits on the driver; finished rows stream back to the driver, which
+writes them as shards (the same whole-shard, resumable output as the local engine). On GPU nodes a replica reserves a
+share of a GPU (`gpus_per_replica`, e.g. 0.25: four replicas per GPU). `ray.init` starts a local cluster, or joins
+one when `RAY_ADDRESS` is set.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import pyarrow as pa
+
+QUERIES_IN_FLIGHT = 1024  # per replica: its next batches are already there when one ends
+TASKS_PER_REPLICA = 4  # Ray tasks (blocks) sent to a replica at once: one running, three queued
+
+
+def task_queries(batch_size: int) -> int:
+    """Queries per Ray task (one block): whole model batches, enough that `TASKS_PER_REPLICA` tasks hold at least
+    `QUERIES_IN_FLIGHT` queries.
+
+    >>> [task_queries(b) for b in (32, 100, 256, 2048)]
+    [256, 300, 256, 2048]
+    """
+    return batch_size * math.ceil(QUERIES_IN_FLIGHT / TASKS_PER_REPLICA / batch_size)
 
 
 class _Replica:
     """One model replica: loads the backend once, labels batches of normalised queries."""
 
-    def __init__(self, model_dir: str, backend: str, batch_size: int, threads: int):
+    def __init__(self, model_dir: str, backend: str, batch_size: int, threads: int, gpus: float):
         import torch
 
         from querytune.backends import load_backend
 
         torch.set_num_threads(threads)
-        self.backend = load_backend(backend, model_dir, batch_size=batch_size)
+        # vLLM sizes its memory as a share of the whole GPU: replicas sharing one must each stay within their share
+        options = {"gpu_memory_utilization": 0.9 * gpus} if gpus and backend == "vllm" else {}
+        self.backend = load_backend(backend, model_dir, batch_size=batch_size, **options)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         from querytune.label import parse_rows
@@ -35,13 +55,14 @@ class RayEngine:
     """`stream(queries, shard_size)` for `querytune.label.label`; `model_version` / `schema_version` like a backend."""
 
     def __init__(self, model_dir: str | Path, backend: str = "transformers", workers: int = 2, batch_size: int = 32,
-                 threads_per_worker: int = 1):
+                 threads_per_worker: int = 1, gpus_per_replica: float = 0.0):
         import ray
 
         from querytune.model import load_model_meta, model_version
 
         _, schema = load_model_meta(model_dir)
         self.model_dir, self.kind, self.workers, self.batch_size, self.threads = str(Path(model_dir).resolve()), backend, workers, batch_size, threads_per_worker
+        self.gpus = gpus_per_replica
         self.model_version, self.schema_version = model_version(model_dir), schema.version
         if not ray.is_initialized():
             import os
@@ -52,14 +73,22 @@ class RayEngine:
             ray.init(num_cpus=local, include_dashboard=False, log_to_driver=False, configure_logging=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
 
+    def map_options(self) -> dict[str, Any]:
+        """`map_batches`' arguments: a fixed pool of `workers` replicas, each with `TASKS_PER_REPLICA` tasks in flight,
+        its CPU threads and share of a GPU."""
+        import ray
+
+        return {"fn_constructor_kwargs": {"model_dir": self.model_dir, "backend": self.kind, "batch_size": self.batch_size, "threads": self.threads,
+                                          "gpus": self.gpus},
+                "batch_size": self.batch_size, "batch_format": "numpy", "num_cpus": self.threads, "num_gpus": self.gpus,
+                "compute": ray.data.ActorPoolStrategy(size=self.workers, max_tasks_in_flight_per_actor=TASKS_PER_REPLICA)}
+
     def stream(self, queries: list[str], shard_size: int) -> Iterator[list[dict]]:
         import ray
 
-        blocks = max(1, min(len(queries) // self.batch_size, 4 * self.workers))
-        ds = ray.data.from_items([{"normalized": q} for q in queries], override_num_blocks=blocks)
-        out = ds.map_batches(_Replica, fn_constructor_kwargs={"model_dir": self.model_dir, "backend": self.kind, "batch_size": self.batch_size,
-                                                              "threads": self.threads},
-                             batch_size=self.batch_size, concurrency=self.workers, num_cpus=self.threads, batch_format="numpy")
+        size = task_queries(self.batch_size)  # one block per task: from_arrow makes a block of each table
+        blocks = [pa.table({"normalized": pa.array(queries[i:i + size], pa.large_string())}) for i in range(0, len(queries), size)]
+        out = ray.data.from_arrow(blocks).map_batches(_Replica, **self.map_options())
         for batch in out.iter_batches(batch_size=shard_size, batch_format="pandas"):
             rows = batch.to_dict("records")
             for r in rows:

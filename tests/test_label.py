@@ -143,10 +143,28 @@ def test_kill_9_and_rerun_gives_every_row_exactly_once(tiny_model, small_world_m
     assert (rows["parse"].notna() == rows["valid"]).all()
 
 
-def test_ray_engine_labels_like_the_local_engine(tiny_model, small_world_master, tmp_path):
-    """`--engine ray` on a local Ray cluster (two model replicas) writes the same labels as `--engine local`."""
+def test_ray_engine_labels_like_the_local_engine(tiny_model, small_world_master, tmp_path, monkeypatch):
+    """`--engine ray` on a local Ray cluster (two model replicas) writes the same labels as `--engine local`; the
+    queries travel in blocks of whole batches, each replica `TASKS_PER_REPLICA` blocks ahead, on no GPU."""
+    import ray
+
+    from querytune import ray_engine
+
     log = pd.read_parquet(small_world_master / "log.parquet", columns=["query"]).head(150)
     log.to_parquet(tmp_path / "log.parquet")
+    monkeypatch.setattr(ray_engine, "QUERIES_IN_FLIGHT", 100)  # blocks of 32 (two batches of 16), so the 120-odd queries make several
+    seen, from_arrow, map_batches = {}, ray.data.from_arrow, ray.data.Dataset.map_batches
+
+    def spy_from_arrow(blocks):
+        seen["blocks"] = [b.num_rows for b in blocks]
+        return from_arrow(blocks)
+
+    def spy_map_batches(self, fn, **options):
+        seen["options"] = options
+        return map_batches(self, fn, **options)
+
+    monkeypatch.setattr(ray.data, "from_arrow", spy_from_arrow)
+    monkeypatch.setattr(ray.data.Dataset, "map_batches", spy_map_batches)
     outs = {}
     for engine in ("local", "ray"):
         result = CliRunner().invoke(app, ["label", str(tmp_path / "log.parquet"), "--model", str(tiny_model), "--out", str(tmp_path / engine),
@@ -157,6 +175,11 @@ def test_ray_engine_labels_like_the_local_engine(tiny_model, small_world_master,
     cols = ["normalized", "query", "parse", "valid", "error", "model_version", "schema_version"]
     pd.testing.assert_frame_equal(outs["ray"][cols], outs["local"][cols])
     assert (outs["ray"]["confidence"] - outs["local"]["confidence"]).abs().max() < 1e-4
+    assert set(seen["blocks"][:-1]) == {32} and sum(seen["blocks"]) == len(outs["ray"])
+    options = seen["options"]
+    assert options["batch_size"] == 16 and options["num_gpus"] == 0 and options["num_cpus"] == 1
+    assert options["compute"] == ray.data.ActorPoolStrategy(size=2, max_tasks_in_flight_per_actor=ray_engine.TASKS_PER_REPLICA)
+    assert ray_engine.TASKS_PER_REPLICA * 32 >= 100, "each replica holds at least QUERIES_IN_FLIGHT queries"
 
 
 def test_where_keeps_only_matching_rows(tmp_path):

@@ -116,3 +116,44 @@ def test_prepare_names_an_unreadable_or_columnless_parquet_file(tmp_path):
     with pytest.raises(labeling.LabelInputError, match=r"no column 'query' \(columns: text\)"):
         labeling.prepare(tmp_path / "in", tmp_path)
     assert not list(tmp_path.glob(".*.tmp")) and not (tmp_path / "rows.parquet").exists(), "a failed read leaves nothing behind"
+
+
+def test_ray_replicas_reserve_their_share_of_a_gpu(tiny_model, small_world_master, monkeypatch):
+    """Two replicas asking 0.25 GPU each, on a local cluster that declares one GPU (none is there: they run the
+    transformers backend on CPU), hold half the GPU while they label, and label as the local engine does."""
+    import ray
+
+    from querytune import ray_engine
+    from querytune.backends import load_backend
+    from querytune.label import check_query, parse_rows
+
+    log = pd.read_parquet(small_world_master / "log.parquet", columns=["query"])["query"].head(80)
+    queries = sorted({check_query(q)[0] for q in log})
+    monkeypatch.setattr(ray_engine, "QUERIES_IN_FLIGHT", 32)  # blocks of 8: the replicas are still at work when the first shard is back
+    ray.init(num_cpus=3, num_gpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        engine = ray_engine.RayEngine(tiny_model, workers=2, batch_size=8, gpus_per_replica=0.25)
+        rows, gpus_free = [], None
+        for shard in engine.stream(queries, 8):
+            gpus_free = ray.available_resources().get("GPU", 0.0) if gpus_free is None else gpus_free
+            rows += shard
+    finally:
+        ray.shutdown()
+    assert gpus_free == pytest.approx(0.5)
+    local = {r["normalized"]: r for r in parse_rows(load_backend("transformers", tiny_model, batch_size=8), queries)}
+    assert sorted(r["normalized"] for r in rows) == queries
+    for r in rows:
+        assert (r["parse"], r["valid"]) == (local[r["normalized"]]["parse"], local[r["normalized"]]["valid"])
+        assert r["confidence"] == pytest.approx(local[r["normalized"]]["confidence"], abs=1e-4)
+
+
+def test_gpus_per_replica_is_for_ray_with_vllm(tiny_model, tmp_path):
+    from typer.testing import CliRunner
+
+    from querytune.cli import app
+
+    (tmp_path / "log.jsonl").write_text('{"query": "pizza"}\n')
+    result = CliRunner().invoke(app, ["label", str(tmp_path / "log.jsonl"), "--model", str(tiny_model), "--out", str(tmp_path / "out"),
+                                      "--engine", "ray", "--gpus-per-replica", "0.25"])
+    assert result.exit_code == 2 and "--gpus-per-replica needs --engine ray --backend vllm" in result.output
+    assert "--gpus-per-replica" in CliRunner().invoke(app, ["label", "--help"]).output

@@ -25,6 +25,8 @@ def label(
     where: str = typer.Option(None, "--where", help="Only rows whose COLUMN holds VALUE, e.g. period=early."),
     engine: str = typer.Option("local", "--engine", help="local (this process) or ray (a Ray Data pipeline, one model replica per worker; RAY_ADDRESS joins a cluster)."),
     workers: int = typer.Option(2, "--workers", min=1, help="--engine ray: model replicas (Ray actors), one CPU each."),
+    gpus_per_replica: float = typer.Option(0.0, "--gpus-per-replica", min=0.0,
+                                           help="--engine ray --backend vllm on GPU nodes: the share of a GPU each replica reserves (0.25: four per GPU). 0 on CPU-only clusters."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Queries per model call (batches are sorted by length)."),
     shard_size: int = typer.Option(1024, "--shard-size", min=1, help="Distinct queries per output shard: the most work a kill can lose."),
     max_chars: int = typer.Option(256, "--max-chars", min=1, help="Reject queries longer than this after normalisation."),
@@ -44,6 +46,8 @@ def label(
             raise UserError(f"--engine {engine}: choose local or ray")
         if backend not in BACKENDS:
             raise UserError(f"--backend {backend}: choose from {', '.join(BACKENDS)}")
+        if gpus_per_replica and (engine != "ray" or backend != "vllm"):
+            raise UserError("--gpus-per-replica needs --engine ray --backend vllm (the transformers backend runs on CPU)")
         from querytune.backends import load_backend
         from querytune.label import input_files, lock_folder
 
@@ -56,7 +60,7 @@ def label(
         if engine == "ray":
             from querytune.ray_engine import RayEngine
 
-            model_backend = RayEngine(model, backend=backend, workers=workers, batch_size=batch_size)
+            model_backend = RayEngine(model, backend=backend, workers=workers, batch_size=batch_size, gpus_per_replica=gpus_per_replica)
             stream = model_backend.stream
         else:
             model_backend = load_backend(backend, model, batch_size=batch_size)
