@@ -2,7 +2,8 @@
 
     querytune serve --model runs/sft --cache sqlite:///runs/cache.db [--host 127.0.0.1] [--port 8000] [--backend transformers|vllm] [--workers N]
 
-One worker process per core by default (`app_from_env` builds each worker's app; each loads its own model). A
+One worker process per core by default (`app_from_env` builds each worker's app; each loads its own model; `/metrics`
+sums them all through prometheus_client's multiprocess folder). A
 request's queries are normalised and looked up in the cache (exact match on normalised query, schema and model
 version): first an in-process copy of the hot entries, then the store, off the event loop and behind a circuit
 breaker (`querytune.serving_cache`). `GET /v1/parse?q=` whose query the in-process copy holds is answered by the gate
@@ -407,7 +408,7 @@ def create_app(backend, cache, settings: Settings | None = None, model_version: 
     from fastapi.responses import JSONResponse, PlainTextResponse, Response
     from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
     from fastapi_offline import FastAPIOffline
-    from prometheus_client import generate_latest
+    from prometheus_client import CollectorRegistry, generate_latest, multiprocess
     from starlette.exceptions import HTTPException
 
     settings = settings or Settings()
@@ -512,7 +513,11 @@ def create_app(backend, cache, settings: Settings | None = None, model_version: 
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def metrics():
-        return PlainTextResponse(generate_latest(service.registry).decode(), media_type="text/plain; version=0.0.4")
+        registry = service.registry
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:  # several workers (`querytune serve` sets it): a scrape sums them all
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+        return PlainTextResponse(generate_latest(registry).decode(), media_type="text/plain; version=0.0.4")
 
     return Gate(app, settings.max_body_bytes, on_refuse=lambda code: m["errors"].labels(code).inc(), access=access, answer=service.hit)
 

@@ -358,10 +358,13 @@ def test_two_workers_each_with_its_model_answer_and_log_every_request(tiny_model
     proc, base = start_server(["--model", str(tiny_model), "--cache", url, "--workers", "2", "--deadline", "60"], tmp_path / "server.log")
     try:
         answers = [httpx.get(f"{base}/v1/parse", params={"q": q}, timeout=60) for q in ("pizza", "cheap thai", "pizza", "dentist")]
+        scrapes = [httpx.get(f"{base}/metrics").text for _ in range(4)]
     finally:
         os.kill(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
     assert [r.status_code for r in answers] == [200] * 4 and answers[0].json()["source"] == "model"
     log = (tmp_path / "server.log").read_text()
     assert len(set(re.findall(r"worker (\d+): model", log))) == 2, log
+    for text in scrapes:  # whichever worker takes the scrape, it counts both workers' answers
+        assert sum(float(n) for n in re.findall(r'^querytune_answers_total{source="\w+"} ([\d.]+)$', text, re.M)) == 4, text
     assert sum(line.startswith('{"ts"') for line in log.splitlines()) >= 5, "the access lines of both workers reach the log"

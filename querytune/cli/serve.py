@@ -13,6 +13,8 @@ import dataclasses
 import importlib.util
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import typer
@@ -32,9 +34,10 @@ def serve(
                               help="Cache URL: sqlite:///path.db or redis://[:password@]host:port/db (default: no cache, every query a miss)."),
     host: str = typer.Option("127.0.0.1", "--host", envvar="QUERYTUNE_HOST", help="Address to bind (loopback by default; 0.0.0.0 exposes it)."),
     port: int = typer.Option(8000, "--port", envvar="QUERYTUNE_PORT", help="Port to listen on."),
-    workers: int = typer.Option(usable_cores(), "--workers", envvar="QUERYTUNE_WORKERS", min=1,
-                                help="Server processes sharing the port, each with its own model, in-process cache copy and metrics "
-                                     "(default: the cores this process may use). Misses on a CPU model: fewer workers leave each more threads."),
+    workers: int = typer.Option(None, "--workers", envvar="QUERYTUNE_WORKERS", min=1, show_default=False,
+                                help=f"Server processes sharing the port, each with its own model and in-process cache copy; /metrics "
+                                     f"sums them all. Default: the cores this process may use ({usable_cores()} here), or 1 with --backend "
+                                     f"vllm (its engine takes the whole machine)."),
     backend: str = typer.Option("transformers", "--backend", envvar="QUERYTUNE_BACKEND", help="Model backend for misses: transformers or vllm."),
     deadline: float = typer.Option(2.0, "--deadline", min=0.001, help="Seconds a miss may wait for the model; past it the answer is `source: fallback`."),
     batch_window_ms: float = typer.Option(5.0, "--batch-window-ms", min=0.0, help="How long a miss waits for concurrent misses to share its model call."),
@@ -61,6 +64,7 @@ def serve(
     from querytune.cache import CacheUnavailable, open_cache
     from querytune.serve import Settings, resolve_model
 
+    workers = workers or (1 if backend == "vllm" else usable_cores())
     with user_errors():
         if backend not in BACKENDS:
             raise UserError(f"--backend {backend}: choose from {', '.join(BACKENDS)}")
@@ -86,6 +90,12 @@ def serve(
     typer.echo(f"querytune serving http://{host}:{port} (docs /docs): model {model_dir} on {backend}{' (following promotions)' if following else ''}, "
                f"{workers} worker{'s' if workers > 1 else ''}; cache {store.url if store else 'none'}"
                f"{f', {local_cache_entries} entries in process' if store else ''}; API key {'required' if api_key else 'off'}", err=True)
+    if workers > 1:  # each worker writes its metrics into this folder and a scrape of any worker reads them all
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="querytune-metrics-")
     installed = importlib.util.find_spec
-    uvicorn.run("querytune.serve:app_from_env", factory=True, host=host, port=port, workers=workers, log_level="warning", access_log=False,
-                loop="uvloop" if installed("uvloop") else "asyncio", http="httptools" if installed("httptools") else "h11")
+    try:
+        uvicorn.run("querytune.serve:app_from_env", factory=True, host=host, port=port, workers=workers, log_level="warning", access_log=False,
+                    loop="uvloop" if installed("uvloop") else "asyncio", http="httptools" if installed("httptools") else "h11")
+    finally:
+        if workers > 1:
+            shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
