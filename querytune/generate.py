@@ -2,20 +2,26 @@
 
     querytune predict --model runs/sft "cheap thai near me open now" "24h plumber brooklyn"
 
-Left padding, KV cache, greedy decoding, batches sorted by prompt length; optionally constrained to the
-schema's JSON (`constrained=True`, see querytune/constrain.py). Every output is validated against
-the schema: an invalid output is returned as invalid (with the reason), never raised; values of the
-schema's `grounded` slots that the query does not write are dropped (and kept in `Prediction.ungrounded`). The confidence of a
-parse is the probability of the whole generated sequence, exp(sum of token log-probabilities).
+`parse` decodes greedily in its own loop: batches sorted by prompt length, left padding, a KV cache from which
+finished rows are dropped (a batch costs its rows' own lengths, not its longest row's times its size), only the last
+position's logits, and only the chosen token's log-probability kept. Constrained (`constrained=True`), each step's
+token mask comes from the schema's grammar compiled by xgrammar (`querytune.grammar`, the grammar the vLLM backend
+decodes under). Every output is read in the model's format (`querytune.formats`) and validated against the schema: an
+invalid output is returned as invalid (with the reason), never raised; values of the schema's `grounded` slots that
+the query does not write are dropped (and kept in `Prediction.ungrounded`). The confidence of a parse is the
+probability of the whole generated sequence, exp(sum of token log-probabilities), among the tokens it was allowed.
+`sample`, `beams` and `branch` (preference tuning) go through transformers' `generate`.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from querytune.model import load_merged, load_model_meta, model_version, prompt_messages
+from querytune.formats import folder_format, prompt, read
+from querytune.model import load_merged, load_model_meta, model_version
 from querytune.schema import ParseError, Schema
 
 
@@ -39,39 +45,45 @@ class Parser:
     """A trained model folder, loaded once (the LoRA adapter merged into the base for speed)."""
 
     def __init__(self, model_dir: str | Path, schema: Schema | None = None, batch_size: int = 32, device: str = "cpu",
-                 constrained: bool = False, constrain_top_k: int = 24):
+                 constrained: bool = False):
         import torch
         from transformers import AutoTokenizer
 
         self.meta, stored = load_model_meta(model_dir)
-        self.schema = schema or stored
+        self.schema, self.format = schema or stored, folder_format(self.meta)
         self.model_version = model_version(model_dir)  # what labels, cache entries and predictions carry
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = load_merged(model_dir, torch.float32).to(device).eval()
-        self.device, self.batch_size, self.constrained, self.constrain_top_k = device, batch_size, constrained, constrain_top_k
+        self.device, self.batch_size, self.constrained = device, batch_size, constrained
         self.max_new_tokens = int(self.meta.get("max_new_tokens", 64))
+        self._grammar = None
 
     def prompts(self, texts: list[str]) -> list[str]:
-        return [self.tokenizer.apply_chat_template(prompt_messages(self.schema, t), add_generation_prompt=True, tokenize=False) for t in texts]
+        return [prompt(self.format, self.schema, self.tokenizer, t) for t in texts]
 
-    def _constraint(self, prompt_length: int, prefixes: list[str] | None = None, on: bool | None = None) -> dict[str, Any]:
-        """generate()'s logits_processor keeping the output inside the schema's JSON, when this parser is constrained
-        (or `on`)."""
+    @property
+    def grammar(self):
+        """The schema's grammar in this model's format, compiled for its tokenizer once (`querytune.grammar.Constraint`)."""
+        if self._grammar is None:
+            from querytune.grammar import Constraint
+
+            self._grammar = Constraint(self.schema, self.format, self.tokenizer, self.model.config.vocab_size)
+        return self._grammar
+
+    def _constraint(self, prompt_length: int, prefixes: list[list[int]] | None = None, on: bool | None = None) -> dict[str, Any]:
+        """generate()'s logits_processor keeping the output inside the schema's grammar, when this parser is constrained
+        (or `on`). `prefixes`: per row, completion tokens written before the prompt ends."""
         if not (self.constrained if on is None else on):
             return {}
         from transformers import LogitsProcessorList
 
-        from querytune.constrain import JsonSchemaLogits
-
-        return {"logits_processor": LogitsProcessorList([JsonSchemaLogits(self.schema, self.tokenizer, prompt_length, self.constrain_top_k, prefixes)])}
+        return {"logits_processor": LogitsProcessorList([self.grammar.logits_processor(prompt_length, prefixes)])}
 
     def parse(self, texts: list[str], progress=None) -> list[Prediction]:
         """Parse every text; empty texts are invalid without a model call. `progress(n)` after each batch."""
-        import torch
-
         results: list[Prediction | None] = [None] * len(texts)
         todo = []
         for i, t in enumerate(texts):
@@ -79,28 +91,67 @@ class Parser:
                 results[i] = Prediction(t, None, False, 0.0, "", "empty query")
             else:
                 todo.append(i)
-        prompts = self.prompts([texts[i] for i in todo])
-        lengths = [len(self.tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
-        order = sorted(range(len(todo)), key=lambda j: lengths[j])
+        ids = [self.tokenizer(p, add_special_tokens=False).input_ids for p in self.prompts([texts[i] for i in todo])]
+        order = sorted(range(len(todo)), key=lambda j: len(ids[j]))
         for start in range(0, len(order), self.batch_size):
             batch = order[start:start + self.batch_size]
-            enc = self.tokenizer([prompts[j] for j in batch], return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-            extra = self._constraint(enc["input_ids"].shape[1])
-            with torch.inference_mode():
-                out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1,
-                                          eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                                          output_scores=True, return_dict_in_generate=True, **extra)
-                scores = self.model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
-            new = out.sequences[:, enc["input_ids"].shape[1]:]
-            for row, j in enumerate(batch):
-                tokens = new[row].tolist()
-                n = _through_eos(tokens, self.tokenizer.eos_token_id)
-                logprob = float(scores[row, :n].sum())
-                raw = self.tokenizer.decode(tokens[:n], skip_special_tokens=True).strip()
-                results[todo[j]] = self._validate(texts[todo[j]], raw, logprob, finished=n < len(tokens) or self.tokenizer.eos_token_id in tokens)
+            for j, (tokens, logprob, finished) in zip(batch, self.greedy([ids[j] for j in batch])):
+                raw = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+                results[todo[j]] = self._validate(texts[todo[j]], raw, logprob, finished)
             if progress:
                 progress(len(batch))
         return results  # type: ignore[return-value]
+
+    def greedy(self, prompts: list[list[int]]) -> list[tuple[list[int], float, bool]]:
+        """Greedy completions of tokenised prompts, one batch: per row (tokens through the end of sequence, their
+        summed log-probability, whether it ended). A finished row leaves the batch and its KV cache at once."""
+        import torch
+        from transformers import DynamicCache
+
+        eos, pad, n = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, len(prompts)
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        position = (mask.cumsum(-1) - 1).clamp(min=0)
+        tokens: list[list[int]] = [[] for _ in prompts]
+        logprob, finished, alive = [0.0] * n, [False] * n, list(range(n))
+        grammar = self.grammar if self.constrained else None
+        matchers = [grammar.matcher() for _ in prompts] if grammar else []
+        bitmask = grammar.bitmask(n) if grammar else None
+        cache = DynamicCache()
+        # transformers 5.20 renamed the forward's `past_key_values` to `cache`
+        kv = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        with torch.inference_mode():
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1,
+                                **{kv: cache}).logits[:, -1].float()
+            position = position[:, -1:]
+            for step in range(self.max_new_tokens):
+                if grammar:
+                    grammar.mask(logits, [matchers[r] for r in alive], bitmask)
+                chosen = logits.argmax(-1)
+                chosen_logprob = (logits.gather(1, chosen[:, None])[:, 0] - logits.logsumexp(-1)).tolist()
+                keep = []
+                for k, (row, token) in enumerate(zip(alive, chosen.tolist())):
+                    tokens[row].append(token)
+                    logprob[row] += chosen_logprob[k]
+                    if token == eos:
+                        finished[row] = True
+                    else:
+                        keep.append(k)
+                        if grammar:
+                            matchers[row].accept_token(token)
+                if not keep or step == self.max_new_tokens - 1:
+                    break
+                if len(keep) < len(alive):
+                    index = torch.tensor(keep, device=self.device)
+                    cache.batch_select_indices(index)
+                    mask, position, chosen = mask[index], position[index], chosen[index]
+                    alive = [alive[k] for k in keep]
+                mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
+                position = position + 1
+                logits = self.model(input_ids=chosen[:, None], attention_mask=mask, position_ids=position, use_cache=True,
+                                    **{kv: cache}).logits[:, -1].float()
+        return list(zip(tokens, logprob, finished))
 
     def sample(self, texts: list[str], k: int, temperature: float = 1.0, seed: int = 0, progress=None,
                logprobs: bool = False, constrained: bool | None = None) -> list[list[str]] | list[list[tuple[str, float]]]:
@@ -190,7 +241,7 @@ class Parser:
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         autocast = torch.autocast("cpu" if self.device == "cpu" else "cuda", dtype=torch.bfloat16)
 
-        def decode_left_padded(rows: list[list[int]], max_new: int, prefixes: list[str] | None = None):
+        def decode_left_padded(rows: list[list[int]], max_new: int, prefixes: list[list[int]] | None = None):
             width = max(len(r) for r in rows)
             ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
             mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
@@ -216,7 +267,7 @@ class Parser:
                 chunk = forks[f:f + self.batch_size]
                 cont, w = decode_left_padded([prompt_ids[j] + prefix for j, prefix in chunk],
                                              max(1, self.max_new_tokens - min(len(prefix) for _, prefix in chunk)),
-                                             [self.tokenizer.decode(prefix, skip_special_tokens=True) for _, prefix in chunk])
+                                             [prefix for _, prefix in chunk])
                 for row, (j, prefix) in enumerate(chunk):
                     tokens = prefix + cont.sequences[row, w:].tolist()
                     tokens = tokens[:_through_eos(tokens, eos)]
@@ -226,19 +277,19 @@ class Parser:
         return results
 
     def _validate(self, text: str, raw: str, logprob: float, finished: bool) -> Prediction:
-        return validate_output(self.schema, text, raw, logprob, finished, self.max_new_tokens)
+        return validate_output(self.schema, text, raw, logprob, finished, self.max_new_tokens, self.format)
 
 
-def validate_output(schema: Schema, text: str, raw: str, logprob: float, finished: bool, max_new_tokens: int) -> Prediction:
-    """A generated completion as a `Prediction`: checked by the schema, grounded in the query (every backend
-    validates its outputs here, so they agree on what counts as valid)."""
+def validate_output(schema: Schema, text: str, raw: str, logprob: float, finished: bool, max_new_tokens: int, fmt: str = "json") -> Prediction:
+    """A generated completion in format `fmt` as a `Prediction`: read and checked by the schema, grounded in the query
+    (every backend validates its outputs here, so they agree on what counts as valid)."""
     import math
 
     confidence = math.exp(logprob)
     if not finished:
         return Prediction(text, None, False, confidence, raw, f"output cut at {max_new_tokens} tokens")
     try:
-        parse, dropped = schema.ground(schema.parse(raw), text)
+        parse, dropped = schema.ground(read(fmt, schema, raw), text)
     except ParseError as e:
         return Prediction(text, None, False, confidence, raw, str(e))
     return Prediction(text, parse.to_dict(), True, confidence, raw, ungrounded=dropped or None)

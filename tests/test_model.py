@@ -10,6 +10,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from querytune.cli import app
+from querytune.formats import IDENTITY
 from querytune.model import load_model_meta, model_version
 
 QUERIES = ["cheap thai near me", "24h plumber austin", "dentist"]
@@ -91,9 +92,13 @@ def test_model_version_follows_the_schema_and_the_format(tiny_model, tmp_path, m
     shutil.copytree(tiny_model, copy)
     version = model_version(tiny_model)
     assert model_version(copy) == version
-    monkeypatch.setattr("querytune.model.FORMAT", "querytune-format-next")
+    monkeypatch.setitem(IDENTITY, "compact", "querytune-compact-next")  # what the model reads or writes changed
     assert model_version(copy) != version
     monkeypatch.undo()
+    meta = json.loads((copy / "querytune.json").read_text())
+    (copy / "querytune.json").write_text(json.dumps(meta | {"format": "json"}))  # the same weights read as the other format
+    assert model_version(copy) != version
+    (copy / "querytune.json").write_text(json.dumps(meta))
     schema = (copy / "schema.yaml").read_text()
     (copy / "schema.yaml").write_text(schema.replace("description: ", "description: a ", 1))
     assert load_model_meta(copy)[1].version != load_model_meta(tiny_model)[1].version and model_version(copy) != version

@@ -36,15 +36,21 @@ def sft(
     resume: bool = typer.Option(False, "--resume", help="Continue a stopped run from the last checkpoint in OUT/checkpoints (same options; the step log continues)."),
     save_steps: int = typer.Option(None, "--save-steps", min=1, help="Write a checkpoint every N optimizer steps into OUT/checkpoints (the last 2 kept, removed when the schedule completes)."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
+    fmt: str = typer.Option("compact", "--format", help="What the model writes: compact (`find_business cuisine=thai near_me`, ~10 tokens, "
+                            "no chat template: the default) or json (the schema's JSON after a chat-template prompt, ~26 tokens). "
+                            "Parses are JSON in files and the API either way. With --init, the init's format."),
 ) -> None:
-    """SFT: LoRA on a compact causal LM with TRL, completion-only loss, query -> schema JSON."""
+    """SFT: LoRA on a compact causal LM with TRL, completion-only loss, query -> schema parse."""
     from querytune.labeled import load_labeled, write_rejects
     from querytune.schema import load_schema
+    from querytune.formats import FORMATS
     from querytune.sft import PRESETS, train_sft
 
     with user_errors():
         if preset not in PRESETS:
             raise UserError(f"--preset: {preset!r} is not one of {', '.join(PRESETS)}")
+        if fmt not in FORMATS:
+            raise UserError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
         file_cfg = load_config(config)
         cli = {"max_steps": max_steps, "epochs": epochs, "batch_size": batch_size, "lr": lr, "lora_r": lora_r, "bf16": bf16,
                "max_minutes": max_minutes, "save_steps": save_steps}
@@ -65,10 +71,10 @@ def sft(
             raise UserError(f"{data}: no usable labeled rows")
         config_out = {"command": "train sft", "data": str(data), "schema": str(schema or "data/schema.yaml"),
                       "schema_version": schema_.version, "base": base or "smollm2-135m-instruct", "preset": preset,
-                      "init": str(init) if init else None, "seed": seed, **resolved}
+                      "init": str(init) if init else None, "seed": seed, "format": fmt, **resolved}
         write_resolved(config_out, out / "train_config.json")
         out_console.print(f"SFT on {len(rows):,} rows ({preset}: {json.dumps(resolved)})")
-        summary = train_sft(rows, schema_, out, base, resolved, seed=seed, say=out_console.print, init=init, resume=resume)
+        summary = train_sft(rows, schema_, out, base, resolved, seed=seed, say=out_console.print, init=init, resume=resume, fmt=fmt)
         write_resolved(config_out | {k: summary[k] for k in ("dtype", "dtype_probe", "gradient_checkpointing")}, out / "train_config.json")
         metrics = None
         if eval_data:
