@@ -337,13 +337,13 @@ def normalize_plain(text: pa.Array, max_chars: int = MAX_QUERY_CHARS) -> tuple[p
     return pc.if_else(plain, pc.ascii_lower(stripped), pa.scalar(None, text.type)), pc.if_else(plain, stripped, pa.scalar(None, text.type))
 
 
-def first_of_each(normalized: pa.Array, query: pa.Array) -> pa.Table:
-    """normalized, query: each distinct normalised query once, with the query of its first row, in order of first
-    appearance (a dictionary encoding numbers values as they first appear)."""
-    encoded = normalized.dictionary_encode()
+def first_of_each(table: pa.Table) -> pa.Table:
+    """The first row (normalized, query) of each distinct normalised query, in order of first appearance (a
+    dictionary encoding numbers values as they first appear)."""
+    encoded = table["normalized"].combine_chunks().dictionary_encode()
     codes = encoded.indices.to_numpy()
     first_rows = np.flatnonzero(np.diff(np.maximum.accumulate(codes), prepend=-1) > 0)  # where a new code appears
-    return pa.table({"normalized": encoded.dictionary, "query": query.take(first_rows)})
+    return pa.table({"normalized": encoded.dictionary, "query": table["query"].take(first_rows)})
 
 
 Batch = tuple[str, pa.Array, pa.Array, Callable[[int], Any], dict[int, str]]
@@ -362,7 +362,7 @@ def _parquet_batches(file: Path, source: str, column: str, cond: tuple[str, str]
         return LabelInputError(f"{file}: not a readable Parquet file: {printable(str(e))}")
 
     try:  # pyarrow raises several types for a file that is not (whole) Parquet
-        reader = pq.ParquetFile(file)
+        reader = pq.ParquetFile(file, pre_buffer=False)  # pre-buffering keeps every column chunk read: memory would grow with the file
         names = reader.schema_arrow.names
     except Exception as e:
         raise unreadable(e) from None
@@ -456,7 +456,9 @@ def prepare(input_path: str | Path, out: str | Path, column: str = "query", wher
                 keep = pc.is_valid(norm)
                 accepted = norm.filter(keep)
                 rows_out.write_table(pa.table([pa.repeat(pa.scalar(source, pa.large_string()), len(accepted)), line.filter(keep), accepted], schema=ROWS_SCHEMA))
-                firsts.append(first_of_each(accepted, spelling.filter(keep)))
+                firsts.append(first_of_each(pa.table({"normalized": accepted, "query": spelling.filter(keep)})))
+                if sum(t.num_rows for t in firsts) > 2 * firsts[0].num_rows + BATCH_ROWS:  # memory: a few times the distinct queries
+                    firsts = [first_of_each(pa.concat_tables(firsts))]
                 counts[0] += len(line)
                 counts[1] += len(accepted)
         for tmp in (rows_tmp, rejects_tmp):
@@ -468,8 +470,8 @@ def prepare(input_path: str | Path, out: str | Path, column: str = "query", wher
         rows_tmp.unlink(missing_ok=True)
         rejects_tmp.unlink(missing_ok=True)
     none = pa.array([], pa.large_string())
-    firsts = pa.concat_tables([pa.table({"normalized": none, "query": none}), *firsts])  # each batch's firsts: a query repeats across batches
-    return Prepared(counts[0], counts[1], counts[0] - counts[1], first_of_each(firsts["normalized"].combine_chunks(), firsts["query"]))
+    distinct = first_of_each(pa.concat_tables([pa.table({"normalized": none, "query": none}), *firsts]))  # a query recurs across batches
+    return Prepared(counts[0], counts[1], counts[0] - counts[1], distinct)
 
 
 def label(input_path: str | Path, out: str | Path, backend: Backend, column: str = "query", shard_size: int = SHARD_QUERIES, where: str | None = None,

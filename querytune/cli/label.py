@@ -24,7 +24,9 @@ def label(
     backend: str = typer.Option("transformers", "--backend", help="transformers (any machine) or vllm (vLLM installed: `make vllm-env`)."),
     where: str = typer.Option(None, "--where", help="Only rows whose COLUMN holds VALUE, e.g. period=early."),
     engine: str = typer.Option("local", "--engine", help="local (this process) or ray (a Ray Data pipeline, one model replica per worker; RAY_ADDRESS joins a cluster)."),
-    workers: int = typer.Option(2, "--workers", min=1, help="--engine ray: model replicas (Ray actors), one CPU each."),
+    workers: int = typer.Option(2, "--workers", min=1, help="--engine ray: model replicas (Ray actors)."),
+    cpus_per_replica: int = typer.Option(1, "--cpus-per-replica", min=1,
+                                         help="--engine ray: CPU cores each replica reserves and computes on (a vLLM CPU replica binds its node's cores: give it the node's count)."),
     gpus_per_replica: float = typer.Option(0.0, "--gpus-per-replica", min=0.0,
                                            help="--engine ray --backend vllm on GPU nodes: the share of a GPU each replica reserves (0.25: four per GPU). 0 on CPU-only clusters."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Queries per model call (batches are sorted by length)."),
@@ -60,7 +62,8 @@ def label(
         if engine == "ray":
             from querytune.ray_engine import RayEngine
 
-            model_backend = RayEngine(model, backend=backend, workers=workers, batch_size=batch_size, gpus_per_replica=gpus_per_replica)
+            model_backend = RayEngine(model, backend=backend, workers=workers, batch_size=batch_size, threads_per_worker=cpus_per_replica,
+                                      gpus_per_replica=gpus_per_replica)
             stream = model_backend.stream
         else:
             model_backend = load_backend(backend, model, batch_size=batch_size)
