@@ -5,10 +5,11 @@
 Times `querytune.label.account_rows` + `save_accounting` (the per-row Python definition) and `querytune.label.prepare`
 (Arrow, a batch at a time), wall and CPU time (all threads) per row, on the same input: the world's log (its first
 `--rows` rows), and that log repeated to about `--replicate-to` rows so per-row costs show over start-up. Each run is
-a fresh Python process, so its peak RSS growth (ru_maxrss after the step less before it) is its own. Also the
-distinct share (distinct normalised queries / rows) at growing prefixes of the log: it falls as the log grows. Prints
-the figures as one JSON line; `prepare_figures(log_path, rows)` returns them (eval/bench_labeling.py calls it). About
-a minute on 2 cores.
+a fresh Python process, so its peak RSS growth (ru_maxrss after the step less before it) is its own; Arrow runs once
+more on 5 times as many rows (its memory must stay flat). CPU time is the steadier figure on a shared machine. Also
+the distinct share (distinct normalised queries / rows) at growing prefixes of the log: it falls as the log grows.
+Prints the figures as one JSON line; `prepare_figures(log_path, rows)` returns them (eval/bench_labeling.py calls
+it). About a minute on 2 cores.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def _compare(path: Path, work: Path) -> dict:
     assert (py["rows"], py["distinct"]) == (arrow["rows"], arrow["distinct"]), (py, arrow)
     return {"rows": py["rows"], "distinct": py["distinct"],
             "python_us_per_row": round(1e6 * py["seconds"] / py["rows"], 3), "arrow_us_per_row": round(1e6 * arrow["seconds"] / arrow["rows"], 3),
-            "speedup": round(py["seconds"] / arrow["seconds"], 1),
+            "speedup": round(py["seconds"] / arrow["seconds"], 1), "cpu_speedup": round(py["cpu_seconds"] / arrow["cpu_seconds"], 1),
             "python_cpu_us_per_row": round(1e6 * py["cpu_seconds"] / py["rows"], 3), "arrow_cpu_us_per_row": round(1e6 * arrow["cpu_seconds"] / arrow["rows"], 3),
             "python_peak_rss_growth_mb": round(py["peak_rss_growth_mb"], 1), "arrow_peak_rss_growth_mb": round(arrow["peak_rss_growth_mb"], 1)}
 
@@ -87,6 +88,8 @@ def prepare_figures(log_path: str, rows: int | None = None, replicate_to: int = 
         copies = max(1, math.ceil(replicate_to / queries.num_rows))
         pq.write_table(pa.concat_tables([queries] * copies), work / "replicated.parquet")
         log, replicated = _compare(work / "log.parquet", work), _compare(work / "replicated.parquet", work)
+        pq.write_table(pa.concat_tables([queries] * copies * 5), work / "replicated5.parquet")  # Arrow's memory must not grow with rows
+        arrow5 = _run(work / "replicated5.parquet", "arrow", work)
         (work / "share").mkdir()
         prepare(work / "log.parquet", work / "share")
         normalized = pq.read_table(work / "share" / "rows.parquet", columns=["normalized"])["normalized"]
@@ -95,6 +98,7 @@ def prepare_figures(log_path: str, rows: int | None = None, replicate_to: int = 
     return {"cpu": _cpu(), "log": str(log_path), "rows": log["rows"], "distinct": log["distinct"],
             "distinct_share": round(log["distinct"] / log["rows"], 4), "distinct_share_at_prefix": share,
             **{k: v for k, v in replicated.items() if k != "distinct"}, "copies": copies,
+            "arrow_peak_rss_growth_mb_5x_rows": round(arrow5["peak_rss_growth_mb"], 1), "arrow_cpu_us_per_row_5x_rows": round(1e6 * arrow5["cpu_seconds"] / arrow5["rows"], 3),
             "log_python_us_per_row": log["python_us_per_row"], "log_arrow_us_per_row": log["arrow_us_per_row"],
             "log_python_peak_rss_growth_mb": log["python_peak_rss_growth_mb"], "log_arrow_peak_rss_growth_mb": log["arrow_peak_rss_growth_mb"]}
 
