@@ -5,9 +5,9 @@
 read (CSV / JSONL / Parquet, a file or a folder of them) -> normalise (NFKC, case, whitespace) -> reject what
 cannot be a query (line and reason in `rejects.jsonl`) -> deduplicate -> label each distinct query once, in
 batches of similar length -> Parquet shards. Reading, normalising and deduplicating (`prepare`) run on Arrow arrays a
-batch at a time: ASCII cells are normalised by Arrow compute, the rare others by `check_query`, the per-row
-definition (`account_rows` is that definition applied row by row; tests/test_label.py holds the two equal). The
-output folder holds:
+batch at a time, so memory follows the distinct queries, not the rows: plain ASCII cells are normalised by Arrow
+compute, the rare others by `check_query`, the per-row definition (`account_rows` applies it row by row;
+tests/test_label_scale.py holds the two equal). The output folder holds:
 
     labels/part-00000.parquet ...  query, normalized, parse (JSON), valid, confidence, error, model_version, schema_version
     rows.parquet                   source file, line, normalized: one row per accepted input row (the row-to-label map)
@@ -379,7 +379,7 @@ def _parquet_batches(file: Path, source: str, column: str, cond: tuple[str, str]
             return
         line, first = pa.array(np.arange(first, first + batch.num_rows)), first + batch.num_rows
         cells = batch.column(column)
-        if cond:  # the old reader's rule: str(cell) == VALUE, so a missing cell matches "None"
+        if cond:  # read_rows' rule: str(cell) == VALUE, so a missing cell matches "None"
             cond_bytes = as_bytes(batch.column(cond[0]))
             if cond_bytes is None:
                 keep = pa.array([str(v) == cond[1] for v in batch.column(cond[0]).to_pylist()], pa.bool_())
@@ -439,20 +439,21 @@ def prepare(input_path: str | Path, out: str | Path, column: str = "query", wher
         with pq.ParquetWriter(rows_tmp, ROWS_SCHEMA) as rows_out, open(rejects_tmp, "w", encoding="utf-8") as rejects_out:
             for source, line, text, value, errors in input_batches(input_path, column, where):
                 norm, spelling = normalize_plain(text, max_chars)
-                fixed, fixes, fixed_spellings = [], [], []
+                fixed = []  # (row, normalised, stripped)
                 for i in pc.indices_nonzero(pc.is_null(norm)).to_pylist():  # the rare rows: check_query decides
                     cell = value(i)
                     norm_i, reason = (None, errors[i]) if i in errors else check_query(cell, max_chars)
                     if reason is None:
-                        fixed.append(i), fixes.append(norm_i), fixed_spellings.append(cell.strip())
+                        fixed.append((i, norm_i, cell.strip()))
                         continue
                     raw = printable(cell) if isinstance(cell, str) else reprlib.repr(cell)  # as in account_rows
                     rejects_out.write(json.dumps({"source": source, "line": line[i].as_py(), "reason": reason, "raw": raw}, ensure_ascii=False) + "\n")
                 if fixed:
+                    rows, fixes, stripped = zip(*fixed)
                     mask = np.zeros(len(norm), bool)
-                    mask[fixed] = True
+                    mask[list(rows)] = True
                     norm = pc.replace_with_mask(norm, pa.array(mask), pa.array(fixes, pa.large_string()))
-                    spelling = pc.replace_with_mask(spelling, pa.array(mask), pa.array(fixed_spellings, pa.large_string()))
+                    spelling = pc.replace_with_mask(spelling, pa.array(mask), pa.array(stripped, pa.large_string()))
                 keep = pc.is_valid(norm)
                 accepted = norm.filter(keep)
                 rows_out.write_table(pa.table([pa.repeat(pa.scalar(source, pa.large_string()), len(accepted)), line.filter(keep), accepted], schema=ROWS_SCHEMA))
