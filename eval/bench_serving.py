@@ -8,8 +8,10 @@ Runs on what `make demo` leaves in the workspace: models/sft (the served model) 
           JSON on plain uvicorn (asyncio loop, h11), one worker: the stack the server ran on before;
     (ii)  a bare pure-ASGI app returning the same JSON on the server's stack (uvloop, httptools, `--workers`);
     (iii) cache hits through `querytune serve` itself on that stack: API key required, access log on (into a file);
-          then once more with `--no-access-log`, to price the log.
-    (i)-(iii) take turns for `--rounds` rounds (the machine may be shared); each figure is the mean of its runs.
+          and the same server with `--no-access-log`, to price the log.
+    The four take turns for `--rounds` rounds (the machine may be shared); each figure is the mean of its runs. Beside
+    requests/s, each run reports the CPU time its server's processes used per request (`server_us`), which other
+    work on the machine disturbs less.
 (b) misses: `querytune serve --workers 1`, every query distinct and never cached, 32 concurrent clients against one
     client sending one at a time; on the vLLM backend where `.venv-vllm` exists (else transformers, with a note).
 Prints a table and ends with one JSON line of every figure and ratio. Needs `wrk` (apt-get install wrk).
@@ -99,9 +101,24 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def wrk(url: str, seconds: int, connections: int, lua: Path) -> dict:
+def cpu_seconds(group: int) -> float:
+    """CPU time (user + system) used so far by the processes of a process group (a server and its workers)."""
+    ticks = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[2]) == group:
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(url: str, seconds: int, connections: int, lua: Path, server: subprocess.Popen | None = None) -> dict:
+    cpu = cpu_seconds(server.pid) if server else 0.0
     out = subprocess.run(["wrk", "-t", "1", "-c", str(connections), "-d", f"{seconds}s", "--latency", "-s", str(lua), "-H", f"X-API-Key: {KEY}", url],
                          capture_output=True, text=True, check=True).stdout
+    cpu = cpu_seconds(server.pid) - cpu if server else 0.0
 
     def ms(label: str) -> float:
         m = re.search(rf"{label}%\s+([\d.]+)(us|ms|s)", out)
@@ -109,8 +126,9 @@ def wrk(url: str, seconds: int, connections: int, lua: Path) -> dict:
         return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
 
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
     return {"requests_per_s": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "p50_ms": ms("50"), "p99_ms": ms("99"),
-            "non_2xx": int(errors.group(1)) if errors else 0}
+            "server_us": round(1e6 * cpu / max(requests, 1), 1), "non_2xx": int(errors.group(1)) if errors else 0}
 
 
 async def miss_load(base: str, queries: list[str], clients: int) -> dict:
@@ -193,8 +211,8 @@ def main() -> None:
     product = [qt, "serve", "--model", str(model), "--cache", cache_url, "--workers", w, "--api-key", KEY]
     servers = {"today_bare": uvicorn + ["bench_serving:today_app", "--factory", "--loop", "asyncio", "--http", "h11", "--workers", "1"],
                "bare_asgi": uvicorn + ["bench_serving:bare_asgi", "--loop", "uvloop", "--http", "httptools", "--workers", w],
-               "hits": product}
-    urls, procs, runs = {}, {}, {name: [] for name in [*servers, "hits_no_access_log"]}
+               "hits": product, "hits_no_access_log": [*product, "--no-access-log"]}
+    urls, procs, runs = {}, {}, {name: [] for name in servers}
     try:
         for name, cmd in servers.items():
             port = free_port()
@@ -203,7 +221,7 @@ def main() -> None:
             wrk(urls[name], 3, args.connections, lua)  # warm-up: every worker's in-process copy holds the hits after it
         for _ in range(args.rounds):
             for name in servers:
-                runs[name].append(wrk(urls[name], args.seconds, args.connections, lua))
+                runs[name].append(wrk(urls[name], args.seconds, args.connections, lua, procs[name]))
                 print(name, runs[name][-1], flush=True)
         import httpx
 
@@ -211,14 +229,6 @@ def main() -> None:
         for proc in procs.values():
             stop(proc)
         logged = sum(1 for line in open(work / "hits.log", encoding="utf-8") if line.startswith('{"ts"'))
-        port = free_port()
-        urls["hits_no_access_log"] = f"http://127.0.0.1:{port}/v1/parse"
-        procs["hits_no_access_log"] = start([*product, "--no-access-log", "--port", str(port)], f"{urls['hits_no_access_log']}?q={quote(hits[0])}",
-                                            work / "hits_no_access_log.log")
-        wrk(urls["hits_no_access_log"], 3, args.connections, lua)
-        for _ in range(args.rounds):
-            runs["hits_no_access_log"].append(wrk(urls["hits_no_access_log"], args.seconds, args.connections, lua))
-        stop(procs["hits_no_access_log"])
 
         vllm_py = ROOT / ".venv-vllm" / "bin" / "python"
         if vllm_py.is_file():
@@ -238,14 +248,17 @@ def main() -> None:
     finally:
         for proc in procs.values():
             stop(proc)
-    print(f"{'run':<20}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}")
+    print(f"{'run':<20}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'server us':>11}")
     for name, rs in runs.items():
-        print(f"{name:<20}{mean(rs, 'requests_per_s'):>10.1f}{mean(rs, 'p50_ms'):>10.2f}{mean(rs, 'p99_ms'):>10.2f}")
+        us = f"{mean(rs, 'server_us'):>11.1f}" if "server_us" in rs[0] else ""
+        print(f"{name:<20}{mean(rs, 'requests_per_s'):>10.1f}{mean(rs, 'p50_ms'):>10.2f}{mean(rs, 'p99_ms'):>10.2f}{us}")
     rps = {name: mean(rs, "requests_per_s") for name, rs in runs.items()}
+    us = {name: mean(runs[name], "server_us") for name in servers}
     summary = {"today_bare_rps": rps["today_bare"], "bare_asgi_rps": rps["bare_asgi"], "hit_rps": rps["hits"],
                "hit_no_access_log_rps": rps["hits_no_access_log"], "hit_vs_bare_asgi": round(rps["hits"] / rps["bare_asgi"], 3),
                "bare_asgi_vs_today": round(rps["bare_asgi"] / rps["today_bare"], 2),
                "access_log_cost": round(1 - rps["hits"] / rps["hits_no_access_log"], 3),
+               "server_us_per_request": us, "hit_vs_bare_asgi_cpu": round(us["bare_asgi"] / us["hits"], 3),
                "hit_p50_ms": mean(runs["hits"], "p50_ms"), "hit_p99_ms": mean(runs["hits"], "p99_ms"),
                "hit_non_2xx": sum(r["non_2xx"] for r in runs["hits"]), "hit_sources": sorted(sources), "access_log_lines": logged,
                "miss_qps_32": rps["misses_32"], "miss_qps_1": rps["misses_1"], "miss_32_vs_1": round(rps["misses_32"] / rps["misses_1"], 2),
