@@ -1,74 +1,212 @@
-"""Labeling benchmark: `querytune label` against a naive loop and against the backend's raw batched generate.
+"""Labeling benchmark: distinct queries per second by output format and backend, and what the compact format keeps.
 
-    python eval/bench_labeling.py --model runs/demo/sft --log runs/demo/world/log.parquet [--rows 120000] [--backend transformers|vllm]
+    python eval/bench_labeling.py [--workspace workspace] [--queries 1000]
 
-- naive: a loop over input rows, one model call per row (batch 1, no deduplication), timed on `--naive-sample`
-  rows and extrapolated to the whole input: rows/s;
-- pipeline: `querytune.label.label` on the first `--rows` rows of the log (read, normalise, deduplicate, label by
-  length, write shards): rows/s over the whole run, distinct queries/s over its labeling;
-- raw: the same backend's `parse` on `--raw-sample` of the same distinct queries in one call (its own batching):
-  distinct queries/s with nothing around it.
-All three use one loaded model. Ends with one JSON line: rows/s vs naive, distinct queries/s vs raw.
+Runs against what `make demo` leaves in the workspace: models/sft (the default, compact format) and the world (its
+log and test set). The JSON-format twin, models/sft_json (same data, steps, seed and dtype choice, `--format json`),
+is trained first when missing (about 15-20 minutes on 2 cores). Every figure comes from this run, on the same
+`--queries` distinct queries drawn from the log:
+- vLLM backend (run in the vLLM environment, .venv-vllm, when it exists): the compact model's queries/s against the
+  JSON twin's; both models' intent accuracy and slot F1 on the world's test set, the difference with a paired 95%
+  interval;
+- transformers backend, compact model: queries/s against the vLLM backend's, and its greedy loop against
+  transformers' `generate` with the same grammar (the loop's own gain), bf16 weights and int8 dynamic quantisation
+  (speed, and accuracy against fp32 on the test set);
+- backend parity: the compact model's greedy test parses from both backends, compared;
+- the read-normalise-dedupe step (`eval/labeling_prepare.py`), µs per row before and after.
+Ends with one JSON line of every figure and ratio.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import subprocess
+import sys
 import tempfile
 import time
+from datetime import date
 from pathlib import Path
 
-import pandas as pd
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `python eval/bench_labeling.py` from a checkout
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+
+
+def cpu_model() -> str:
+    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
+    return next((x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")), "unknown CPU")
+
+
+def child_vllm(args) -> None:
+    """In the vLLM environment: parse the throughput queries (timed) and the test texts with one model."""
+    from querytune.vllm_backend import VLLMBackend
+
+    queries, tests = json.loads(Path(args.queries_file).read_text()), json.loads(Path(args.tests_file).read_text())
+    t0 = time.perf_counter()
+    backend = VLLMBackend(args.child_vllm, batch_size=256)
+    load_s = time.perf_counter() - t0
+    backend.parse(queries[:16])  # warm-up
+    t0 = time.perf_counter()
+    backend.parse(queries)
+    seconds = time.perf_counter() - t0
+    preds = backend.parse(tests)
+    Path(args.out).write_text(json.dumps({"queries_per_s": len(queries) / seconds, "seconds": seconds, "load_s": load_s,
+                                          "test": [{"parse": p.parse, "raw": p.raw} for p in preds]}))
+
+
+def run_vllm(model: Path, queries: Path, tests: Path, work: Path) -> dict:
+    from querytune.vllm_backend import vllm_env
+
+    out = work / f"vllm_{model.name}.json"
+    env = os.environ | vllm_env(VLLM_PYTHON.parents[1], kv_cache_gib=2)
+    subprocess.run([str(VLLM_PYTHON), __file__, "--child-vllm", str(model), "--queries-file", str(queries), "--tests-file", str(tests),
+                    "--out", str(out)], check=True, env=env, stdout=subprocess.DEVNULL)
+    return json.loads(out.read_text())
+
+
+def ensure_json_twin(compact: Path, twin: Path) -> None:
+    """Train the JSON-format twin of the workspace's SFT model when it is missing: same data, steps, seed, preset."""
+    if (twin / "summary.json").is_file():
+        return
+    config = json.loads((compact / "train_config.json").read_text())
+    steps = json.loads((compact / "summary.json").read_text())["steps"]
+    print(f"training the JSON-format twin of {compact} ({steps} steps, --format json) into {twin}: about 15-20 minutes on 2 cores", flush=True)
+    subprocess.run([str(Path(sys.executable).parent / "querytune"), "train", "sft", "--data", config["data"], "--out", str(twin), "--preset", config["preset"],
+                    "--max-steps", str(steps), "--seed", str(config.get("seed", 0)), "--format", "json", "--max-minutes", "0"], check=True)
+
+
+def timed_parse(parser, texts: list[str]) -> float:
+    parser.parse(texts[:8])  # warm-up
+    t0 = time.perf_counter()
+    parser.parse(texts)
+    return len(texts) / (time.perf_counter() - t0)
+
+
+def generate_reference(parser, texts: list[str]) -> float:
+    """queries/s of transformers' `generate` (the same grammar as a logits processor, scores kept): the decoding the
+    greedy loop replaced."""
+    import torch
+
+    ids = [parser.tokenizer(p, add_special_tokens=False).input_ids for p in parser.prompts(texts)]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    pad = parser.tokenizer.pad_token_id
+    t0 = time.perf_counter()
+    for start in range(0, len(order), parser.batch_size):
+        rows = [ids[i] for i in order[start:start + parser.batch_size]]
+        width = max(map(len, rows))
+        enc = {"input_ids": torch.tensor([[pad] * (width - len(r)) + r for r in rows]),
+               "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])}
+        with torch.inference_mode():
+            out = parser.model.generate(**enc, max_new_tokens=parser.max_new_tokens, do_sample=False, eos_token_id=parser.tokenizer.eos_token_id,
+                                        pad_token_id=pad, output_scores=True, return_dict_in_generate=True, **parser._constraint(width))
+            parser.model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
+    return len(texts) / (time.perf_counter() - t0)
+
+
+def accuracy(golds, preds_a, preds_b) -> dict:
+    from querytune.parse_eval import paired_parse_difference, parse_metrics
+
+    a, b = parse_metrics(golds, preds_a), parse_metrics(golds, preds_b)
+    diff = paired_parse_difference(golds, preds_a, preds_b)
+    return {"a": {k: a[k] for k in ("intent_accuracy", "slot_f1", "validity")}, "b": {k: b[k] for k in ("intent_accuracy", "slot_f1", "validity")},
+            "b_minus_a": diff, "interval_includes_zero": all(d["low"] <= 0 <= d["high"] for d in diff.values())}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="model folder (the quick-preset SFT model)")
-    ap.add_argument("--log", required=True, help="the world's log.parquet (column `query`)")
-    ap.add_argument("--rows", type=int, default=None, help="label only the first N rows (default: all)")
-    ap.add_argument("--naive-sample", type=int, default=48, help="rows timed one by one for the naive loop")
-    ap.add_argument("--raw-sample", type=int, default=512, help="distinct queries for the raw generate reference")
-    ap.add_argument("--backend", default="transformers", help="transformers or vllm (run vllm in the vLLM environment)")
-    ap.add_argument("--batch-size", type=int, default=32, help="queries per model call")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
+    ap.add_argument("--workspace", type=Path, default=ROOT / "workspace", help="what `make demo` left (default: ./workspace)")
+    ap.add_argument("--json-model", type=Path, default=None, help="the JSON-format twin (default: WORKSPACE/models/sft_json, trained when missing)")
+    ap.add_argument("--queries", type=int, default=1000, help="distinct log queries each throughput figure parses")
+    ap.add_argument("--lever-queries", type=int, default=300, help="queries for the transformers levers (generate, bf16, int8)")
+    ap.add_argument("--lever-tests", type=int, default=400, help="test rows on which bf16 and int8 are checked against fp32")
+    ap.add_argument("--batch-size", type=int, default=64, help="queries per call of the transformers backend")
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads for the transformers backend")
+    ap.add_argument("--child-vllm", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--queries-file", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--tests-file", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    from querytune.backends import load_backend
-    from querytune.label import by_length, check_query, label
+    if args.child_vllm:
+        return child_vllm(args)
+    ws = args.workspace
+    compact, world = ws / "models" / "sft", ws / "world"
+    if not (compact / "querytune.json").is_file() or not (world / "test.jsonl").is_file():
+        sys.exit(f"{ws}: no workspace here (models/sft, world/test.jsonl): run `make demo` first, or pass --workspace")
+    import pandas as pd
+    import torch
 
-    log = pd.read_parquet(args.log, columns=["query"])
-    if args.rows:
-        log = log.head(args.rows)
+    from querytune.formats import folder_format
+    from querytune.generate import Parser
+    from querytune.label import check_query
+
+    if folder_format(json.loads((compact / "querytune.json").read_text())) != "compact":
+        sys.exit(f"{compact} is a JSON-format model (trained before the compact format): retrain it with `make demo`")
+    twin = args.json_model or ws / "models" / "sft_json"
+    ensure_json_twin(compact, twin)
+    torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="bench-labeling-"))
-    log.to_parquet(work / "log.parquet")
-    backend = load_backend(args.backend, args.model, batch_size=args.batch_size)
-    rng = random.Random(0)
+    log = pd.read_parquet(world / "log.parquet", columns=["query"])["query"]
+    distinct = sorted({n for n, _ in map(check_query, log) if n})
+    queries = random.Random(0).sample(distinct, min(args.queries, len(distinct)))
+    rows = [json.loads(line) for line in (world / "test.jsonl").read_text().splitlines()]
+    tests, golds = [r["text"] for r in rows], [{"intent": r["intent"], "slots": r["slots"]} for r in rows]
+    (work / "queries.json").write_text(json.dumps(queries))
+    (work / "tests.json").write_text(json.dumps(tests))
+    result: dict = {"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "date": date.today().isoformat(), "queries": len(queries),
+                    "distinct_in_log": len(distinct), "log_rows": len(log), "test_rows": len(rows)}
 
-    sample = rng.sample(list(log["query"]), min(args.naive_sample, len(log)))
-    backend.parse(sample[:2])  # warm-up
-    t0 = time.perf_counter()
-    for q in sample:
-        backend.parse([q])
-    naive_rps = len(sample) / (time.perf_counter() - t0)
+    print(f"transformers backend, compact model, {len(queries)} queries, {args.threads} threads ...", flush=True)
+    parser = Parser(compact, batch_size=args.batch_size, constrained=True)
+    result["transformers_compact_qps"] = round(timed_parse(parser, queries), 2)
+    t_test = parser.parse(tests)
+    levers = queries[: args.lever_queries]
+    loop_qps = timed_parse(parser, levers)
+    result["transformers_levers"] = {"greedy_loop_qps": round(loop_qps, 2), "generate_qps": round(generate_reference(parser, levers), 2)}
+    fp32_test = [p.parse for p in t_test[: args.lever_tests]]
+    for name, convert in {"bf16": lambda m: m.to(torch.bfloat16),
+                          "int8_dynamic": lambda m: torch.ao.quantization.quantize_dynamic(m, {torch.nn.Linear}, dtype=torch.qint8)}.items():
+        variant = Parser(compact, batch_size=args.batch_size, constrained=True)
+        variant.model = convert(variant.model)
+        qps = timed_parse(variant, levers)
+        acc = accuracy(golds[: args.lever_tests], fp32_test, [p.parse for p in variant.parse(tests[: args.lever_tests])])
+        result["transformers_levers"][name] = {"qps": round(qps, 2), "vs_fp32": round(qps / loop_qps, 2), "accuracy_vs_fp32": acc}
+        del variant
+    result["transformers_levers"]["loop_vs_generate"] = round(loop_qps / result["transformers_levers"]["generate_qps"], 2)
+    del parser
 
-    summary = label(work / "log.parquet", work / "out", backend, shard_size=1024)
-    pipeline_rps = summary["rows"] / summary["seconds"]
-    pipeline_qps = summary["labeled_now"] / summary["label_seconds"]
+    if VLLM_PYTHON.is_file():
+        print(f"vLLM backend ({VLLM_PYTHON}): compact model, then the JSON twin ...", flush=True)
+        v_compact = run_vllm(compact, work / "queries.json", work / "tests.json", work)
+        v_json = run_vllm(twin, work / "queries.json", work / "tests.json", work)
+        result["vllm_compact_qps"], result["vllm_json_qps"] = round(v_compact["queries_per_s"], 2), round(v_json["queries_per_s"], 2)
+        result["compact_vs_json_vllm"] = round(v_compact["queries_per_s"] / v_json["queries_per_s"], 2)
+        result["transformers_vs_vllm"] = round(result["transformers_compact_qps"] / v_compact["queries_per_s"], 2)
+        result["accuracy_json_to_compact"] = accuracy(golds, [p["parse"] for p in v_json["test"]], [p["parse"] for p in v_compact["test"]])
+        same = [p.parse == v["parse"] for p, v in zip(t_test, v_compact["test"])]
+        result["parity_same_parse"], result["parity_rows"] = sum(same), len(same)
+        result["parity_differs"] = [{"text": t, "transformers": p.raw, "vllm": v["raw"]}
+                                    for t, p, v, ok in zip(tests, t_test, v_compact["test"], same) if not ok][:20]
+    else:
+        print(f"no vLLM environment ({VLLM_PYTHON}; `make vllm-env` builds it): the vLLM figures are left out", flush=True)
+    try:
+        sys.path.insert(0, str(ROOT / "eval"))
+        from labeling_prepare import prepare_figures
 
-    distinct = list(dict.fromkeys(n for n, _ in map(check_query, log["query"]) if n))
-    raw = by_length(rng.sample(distinct, min(args.raw_sample, len(distinct))))
-    t0 = time.perf_counter()
-    backend.parse(raw)
-    raw_qps = len(raw) / (time.perf_counter() - t0)
+        result["prepare"] = prepare_figures(str(world / "log.parquet"))
+    except ImportError:
+        pass
 
-    print(f"rows {summary['rows']:,}, distinct {summary['distinct']:,} ({summary['rows'] / summary['distinct']:.2f} rows per query)")
-    print(f"naive loop (batch 1, every row): {naive_rps:8.2f} rows/s")
-    print(f"querytune label:                 {pipeline_rps:8.2f} rows/s, {pipeline_qps:.2f} distinct queries/s ({summary['seconds']:.0f} s)")
-    print(f"raw batched generate:            {raw_qps:8.2f} queries/s")
-    print(json.dumps({"rows": summary["rows"], "distinct": summary["distinct"], "backend": args.backend, "naive_rows_per_s": round(naive_rps, 3),
-                      "label_rows_per_s": round(pipeline_rps, 2), "label_queries_per_s": round(pipeline_qps, 2), "raw_queries_per_s": round(raw_qps, 2),
-                      "rows_vs_naive": round(pipeline_rps / naive_rps, 2), "queries_vs_raw": round(pipeline_qps / raw_qps, 3),
-                      "seconds": summary["seconds"]}))
+    for key in ("vllm_compact_qps", "vllm_json_qps", "compact_vs_json_vllm", "transformers_compact_qps", "transformers_vs_vllm"):
+        if key in result:
+            print(f"{key:<28}{result[key]:>10}")
+    if "accuracy_json_to_compact" in result:
+        a = result["accuracy_json_to_compact"]
+        print(f"compact - json (vLLM, test): intent {a['b_minus_a']['intent_accuracy']}, slot F1 {a['b_minus_a']['slot_f1']}")
+        print(f"parity: {result['parity_same_parse']} / {result['parity_rows']} test parses the same on both backends")
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -132,7 +132,7 @@ class PrefixLogits:
                 m = self.constraint.matcher()
             else:
                 parent = self._matcher(tokens[:-1])
-                m = parent.fork() if parent is not None else None
+                m = parent.fork() if parent is not None and not parent.is_terminated() else None
                 if m is not None and not m.accept_token(tokens[-1]):
                     m = None  # off the grammar, or past its end (padding after a finished row): left as it is
             self._matchers[tokens] = m
