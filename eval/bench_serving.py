@@ -266,6 +266,7 @@ def main() -> None:
                "seconds": args.seconds, "rounds": args.rounds, "cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)),
                "date": time.strftime("%Y-%m-%d")}
     print(json.dumps(summary))
+    shutil.rmtree(work, ignore_errors=True)  # the servers' logs (the hits' access log is ~150 bytes a request); kept when a run fails
 
 
 if __name__ == "__main__":
