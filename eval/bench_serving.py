@@ -156,10 +156,10 @@ async def miss_load(base: str, queries: list[str], clients: int) -> dict:
 
 
 def cpu_model() -> str:
-    for line in open("/proc/cpuinfo", encoding="utf-8"):
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
-    return subprocess.run(["lscpu"], capture_output=True, text=True).stdout.split("Model name:")[-1].splitlines()[0].strip()
+    return subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.split("Model name:")[-1].splitlines()[0].strip()
 
 
 def mean(runs: list[dict], key: str) -> float:
@@ -186,7 +186,7 @@ def main() -> None:
     from querytune.label import check_query
     from querytune.model import load_model_meta, model_version
 
-    rows = [json.loads(line) for line in open(test, encoding="utf-8")]
+    rows = [json.loads(line) for line in test.read_text(encoding="utf-8").splitlines()]
     by_norm = {}
     for r in rows:
         norm, _ = check_query(r["text"])
@@ -228,7 +228,7 @@ def main() -> None:
         sources = {httpx.get(urls["hits"], params={"q": q}, headers={"X-API-Key": KEY}).json()["source"] for q in hits}
         for proc in procs.values():
             stop(proc)
-        logged = sum(1 for line in open(work / "hits.log", encoding="utf-8") if line.startswith('{"ts"'))
+        logged = sum(line.startswith('{"ts"') for line in (work / "hits.log").read_text(encoding="utf-8").splitlines())
 
         vllm_py = ROOT / ".venv-vllm" / "bin" / "python"
         if vllm_py.is_file():

@@ -535,11 +535,11 @@ def resolve_model(model: str, cache) -> Path:
 def app_from_env():
     """The app of one server worker, built from `QUERYTUNE_SERVE` (the JSON of `querytune serve`'s resolved options,
     which the command sets): `uvicorn.run("querytune.serve:app_from_env", factory=True, workers=N)`. Each worker
-    loads its own model and keeps its own in-process cache copy and metrics."""
+    loads its own model and keeps its own in-process cache copy."""
+    import torch
+
     from querytune.backends import load_backend
     from querytune.cache import open_cache
-
-    import torch
 
     o = json.loads(os.environ["QUERYTUNE_SERVE"])
     if o["workers"] > 1:

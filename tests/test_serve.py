@@ -366,5 +366,5 @@ def test_two_workers_each_with_its_model_answer_and_log_every_request(tiny_model
     log = (tmp_path / "server.log").read_text()
     assert len(set(re.findall(r"worker (\d+): model", log))) == 2, log
     for text in scrapes:  # whichever worker takes the scrape, it counts both workers' answers
-        assert sum(float(n) for n in re.findall(r'^querytune_answers_total{source="\w+"} ([\d.]+)$', text, re.M)) == 4, text
+        assert sum(float(n) for n in re.findall(r'^querytune_answers_total{source="\w+"} ([\d.]+)$', text, re.MULTILINE)) == 4, text
     assert sum(line.startswith('{"ts"') for line in log.splitlines()) >= 5, "the access lines of both workers reach the log"
