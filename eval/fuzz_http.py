@@ -136,7 +136,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="querytune-fuzz-"))
     model = args.model or tiny_world_and_model(work)[1]
     log_path = args.out / "server.log"
-    server, url = start_server(["--model", str(model), "--cache", f"sqlite:///{work}/cache.db", "--api-key", KEY, "--deadline", "5"], log_path)
+    # one worker: the resident size measured is the process that serves
+    server, url = start_server(["--model", str(model), "--cache", f"sqlite:///{work}/cache.db", "--api-key", KEY, "--deadline", "5", "--workers", "1"], log_path)
     port = int(url.rsplit(":", 1)[1])
     import httpx
 

@@ -154,7 +154,7 @@ def main() -> None:
 
     cached = {k.decode().split(":", 3)[3] for k in redis_py.Redis(port=redis.port).scan_iter(match=f"{PREFIX}:*", count=1000)}
     server, url = start_server(["--model", str(model), "--cache", redis.url, "--deadline", "2", "--local-cache-entries",
-                                str(args.local_cache_entries), "--no-access-log"], args.out / "server.log")
+                                str(args.local_cache_entries), "--no-access-log", "--workers", "1"], args.out / "server.log")  # RSS of the serving process
     import httpx
 
     idle_mb = rss_mb(server.pid)

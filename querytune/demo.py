@@ -87,7 +87,8 @@ def steps(ws: Path, cli: str, py: str, serve_port: int, replay: int) -> list[Ste
 def serving_check(ws: Path, cli: str, py: str, port: int, replay: int) -> None:
     """Serve the promoted model over the warmed cache and replay later log traffic; the load test's JSON -> eval/serving.json."""
     server = subprocess.Popen([cli, "serve", "--model", "active", "--cache", f"sqlite:///{ws}/cache.db", "--port", str(port),
-                               "--deadline", "60", "--fallback-log", str(ws / "eval" / "fallback.jsonl")], start_new_session=True)
+                               "--deadline", "60", "--fallback-log", str(ws / "eval" / "fallback.jsonl"), "--workers", "1"],  # one model: misses batch together
+                              start_new_session=True)
     try:
         load = subprocess.run([py, str(PACKAGE.parent / "serving" / "loadtest.py"), "--url", f"http://127.0.0.1:{port}", "--wait", "300",
                                "--log", str(ws / "world" / "log.parquet"), "--where", "period=late", "--requests", str(replay),
