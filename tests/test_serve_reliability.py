@@ -12,7 +12,7 @@ import time
 
 import pytest
 from fastapi.testclient import TestClient
-from test_serve import SlowBackend, access_log, redis_server  # noqa: F401 - the fixture
+from test_serve import AsyncBackend, SlowBackend, access_log, redis_server  # noqa: F401 - the fixture
 
 from querytune.cache import CacheUnavailable, Entry, open_cache
 from querytune.serve import PromotionWatcher, Settings, create_app
@@ -220,11 +220,12 @@ def test_cache_commands_name_a_corrupt_or_missing_sqlite_file(tmp_path):
     assert r.exit_code == 2 and "no such file" in r.output and not (tmp_path / "typo.db").exists()
 
 
-def test_an_answer_is_cached_under_the_model_that_gave_it_even_if_a_promotion_lands_meanwhile(tmp_path):
+@pytest.mark.parametrize("kind", [SlowBackend, AsyncBackend], ids=["micro-batched", "aparse"])
+def test_an_answer_is_cached_under_the_model_that_gave_it_even_if_a_promotion_lands_meanwhile(tmp_path, kind):
     import threading as _threading
 
     store = open_cache(f"sqlite:///{tmp_path}/cache.db")
-    old, new = SlowBackend(delay=0.5), SlowBackend(delay=0.0)
+    old, new = kind(delay=0.5), kind(delay=0.0)
     new.model_version = "m2"
     gate = create_app(old, store)
     service = gate.app.state.service
