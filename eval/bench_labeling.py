@@ -46,24 +46,28 @@ def child_vllm(args) -> None:
 
     queries, tests = json.loads(Path(args.queries_file).read_text()), json.loads(Path(args.tests_file).read_text())
     t0 = time.perf_counter()
-    backend = VLLMBackend(args.child_vllm, batch_size=256)
+    backend = VLLMBackend(args.child_vllm, batch_size=256, dtype=args.dtype)
     load_s = time.perf_counter() - t0
-    backend.parse(queries[:16])  # warm-up
-    t0 = time.perf_counter()
-    backend.parse(queries)
-    seconds = time.perf_counter() - t0
-    preds = backend.parse(tests)
-    Path(args.out).write_text(json.dumps({"queries_per_s": len(queries) / seconds, "seconds": seconds, "load_s": load_s,
-                                          "test": [{"parse": p.parse, "raw": p.raw} for p in preds]}))
+    result = {"load_s": load_s, "dtype": args.dtype}
+    if queries:
+        backend.parse(queries[:16])  # warm-up
+        t0 = time.perf_counter()
+        backend.parse(queries)
+        result |= {"queries_per_s": len(queries) / (time.perf_counter() - t0)}
+    result["test"] = [{"parse": p.parse, "raw": p.raw} for p in backend.parse(tests)]
+    Path(args.out).write_text(json.dumps(result))
 
 
-def run_vllm(model: Path, queries: Path, tests: Path, work: Path) -> dict:
+def run_vllm(model: Path, queries: Path | None, tests: Path, work: Path, dtype: str = "bfloat16") -> dict:
+    """The vLLM backend in its own environment: queries/s on `queries` (when given) and the parses of `tests`."""
     from querytune.vllm_backend import vllm_env
 
-    out = work / f"vllm_{model.name}.json"
+    out = work / f"vllm_{model.name}_{dtype}.json"
+    if queries is None:
+        (queries := work / "none.json").write_text("[]")
     env = os.environ | vllm_env(VLLM_PYTHON.parents[1], kv_cache_gib=2)
     subprocess.run([str(VLLM_PYTHON), __file__, "--child-vllm", str(model), "--queries-file", str(queries), "--tests-file", str(tests),
-                    "--out", str(out)], check=True, env=env, stdout=subprocess.DEVNULL)
+                    "--out", str(out), "--dtype", dtype], check=True, env=env, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())
 
 
@@ -119,6 +123,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
     ap.add_argument("--workspace", type=Path, default=ROOT / "workspace", help="what `make demo` left (default: ./workspace)")
     ap.add_argument("--json-model", type=Path, default=None, help="the JSON-format twin (default: WORKSPACE/models/sft_json, trained when missing)")
+    ap.add_argument("--variants", type=Path, nargs="*", default=[],
+                    help="more model folders trained like models/sft in other formats (one lever each): vLLM queries/s and accuracy against the JSON twin")
     ap.add_argument("--queries", type=int, default=1000, help="distinct log queries each throughput figure parses")
     ap.add_argument("--lever-queries", type=int, default=300, help="queries for the transformers levers (generate, bf16, int8)")
     ap.add_argument("--lever-tests", type=int, default=400, help="test rows on which bf16 and int8 are checked against fp32")
@@ -128,6 +134,7 @@ def main() -> None:
     ap.add_argument("--queries-file", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--tests-file", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", default="bfloat16", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child_vllm:
         return child_vllm(args)
@@ -142,7 +149,7 @@ def main() -> None:
     from querytune.generate import Parser
     from querytune.label import check_query
 
-    if folder_format(json.loads((compact / "querytune.json").read_text())) != "compact":
+    if folder_format(json.loads((compact / "querytune.json").read_text())) == "json":
         sys.exit(f"{compact} is a JSON-format model (trained before the compact format): retrain it with `make demo`")
     twin = args.json_model or ws / "models" / "sft_json"
     ensure_json_twin(compact, twin)
@@ -163,6 +170,7 @@ def main() -> None:
     result["transformers_compact_qps"] = round(timed_parse(parser, queries), 2)
     t_test = parser.parse(tests)
     levers = queries[: args.lever_queries]
+    print(f"transformers levers on {len(levers)} queries: the greedy loop, generate, bf16, int8 ...", flush=True)
     loop_qps = timed_parse(parser, levers)
     result["transformers_levers"] = {"greedy_loop_qps": round(loop_qps, 2), "generate_qps": round(generate_reference(parser, levers), 2)}
     fp32_test = [p.parse for p in t_test[: args.lever_tests]]
@@ -178,17 +186,27 @@ def main() -> None:
     del parser
 
     if VLLM_PYTHON.is_file():
-        print(f"vLLM backend ({VLLM_PYTHON}): compact model, then the JSON twin ...", flush=True)
+        print(f"vLLM backend ({VLLM_PYTHON}, bf16): the compact model, then the JSON twin ...", flush=True)
         v_compact = run_vllm(compact, work / "queries.json", work / "tests.json", work)
         v_json = run_vllm(twin, work / "queries.json", work / "tests.json", work)
+        for variant in args.variants:
+            print(f"vLLM backend, bf16: variant {variant} ...", flush=True)
+            v = run_vllm(variant, work / "queries.json", work / "tests.json", work)
+            result.setdefault("variants", {})[str(variant)] = {
+                "format": folder_format(json.loads((variant / "querytune.json").read_text())), "vllm_qps": round(v["queries_per_s"], 2),
+                "vs_json_vllm": round(v["queries_per_s"] / v_json["queries_per_s"], 2),
+                "accuracy_json_to_variant": accuracy(golds, [p["parse"] for p in v_json["test"]], [p["parse"] for p in v["test"]])}
+        print("vLLM backend, float32 (as the transformers backend decodes): the compact model's test parses ...", flush=True)
+        v_parity = run_vllm(compact, None, work / "tests.json", work, dtype="float32")
         result["vllm_compact_qps"], result["vllm_json_qps"] = round(v_compact["queries_per_s"], 2), round(v_json["queries_per_s"], 2)
         result["compact_vs_json_vllm"] = round(v_compact["queries_per_s"] / v_json["queries_per_s"], 2)
         result["transformers_vs_vllm"] = round(result["transformers_compact_qps"] / v_compact["queries_per_s"], 2)
         result["accuracy_json_to_compact"] = accuracy(golds, [p["parse"] for p in v_json["test"]], [p["parse"] for p in v_compact["test"]])
-        same = [p.parse == v["parse"] for p, v in zip(t_test, v_compact["test"])]
-        result["parity_same_parse"], result["parity_rows"] = sum(same), len(same)
+        for name, run in {"parity": v_parity, "parity_bf16": v_compact}.items():  # both backends fp32; vLLM bf16 against fp32
+            same = [p.parse == v["parse"] for p, v in zip(t_test, run["test"])]
+            result[f"{name}_same_parse"], result[f"{name}_rows"] = sum(same), len(same)
         result["parity_differs"] = [{"text": t, "transformers": p.raw, "vllm": v["raw"]}
-                                    for t, p, v, ok in zip(tests, t_test, v_compact["test"], same) if not ok][:20]
+                                    for t, p, v in zip(tests, t_test, v_parity["test"]) if p.parse != v["parse"]][:20]
     else:
         print(f"no vLLM environment ({VLLM_PYTHON}; `make vllm-env` builds it): the vLLM figures are left out", flush=True)
     try:

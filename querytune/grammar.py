@@ -49,6 +49,7 @@ def ebnf(schema: Schema, fmt: str) -> str:
     >>> [ok("compact", text) for text in ("a b n=2", "a n=2", "a n=2 n=2", "a n=2 b", "a b=false")]
     [True, True, False, False, True]
     """
+    fmt = "compact" if fmt == "chat-compact" else fmt  # the same completions after another prompt
     rules = []
     names = sorted(schema.slots)
     for name in names:

@@ -5,7 +5,7 @@ A schema file declares intents (name, description, optionally the slots each tak
 
 * ``Schema.parse(obj)`` -> a validated, canonicalised ``Parse`` (intent + slots), or ``ParseError``
   naming the offending field;
-* ``Schema.json_schema()`` -> the JSON schema of a parse (for constrained decoding);
+* ``Schema.json_schema()`` -> the JSON schema of a parse (as files and the API hold it);
 * ``Schema.version`` -> a short hash of the schema's content that outputs and caches carry.
 
     querytune schema show [--schema data/schema.yaml]
@@ -234,8 +234,8 @@ class Schema:
         return Parse(parse.intent, kept), dropped
 
     def json_schema(self) -> dict[str, Any]:
-        """JSON schema of a parse, for constrained decoding. Slots are listed by name: the order parses are written
-        in (`completion_text`), which grammar engines that keep the declared property order (vLLM's) then allow."""
+        """JSON schema of a parse as files and the API hold it (`schema show --json-schema`); slots listed by name, the
+        order parses are written in. Decoding is constrained by `querytune.grammar`, not by this."""
         props: dict[str, Any] = {}
         for s in sorted(self.slots.values(), key=lambda s: s.name):
             if s.type == "categorical":

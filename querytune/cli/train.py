@@ -36,9 +36,10 @@ def sft(
     resume: bool = typer.Option(False, "--resume", help="Continue a stopped run from the last checkpoint in OUT/checkpoints (same options; the step log continues)."),
     save_steps: int = typer.Option(None, "--save-steps", min=1, help="Write a checkpoint every N optimizer steps into OUT/checkpoints (the last 2 kept, removed when the schedule completes)."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
-    fmt: str = typer.Option("compact", "--format", help="What the model writes: compact (`find_business cuisine=thai near_me`, ~10 tokens, "
-                            "no chat template: the default) or json (the schema's JSON after a chat-template prompt, ~26 tokens). "
-                            "Parses are JSON in files and the API either way. With --init, the init's format."),
+    fmt: str = typer.Option("chat-compact", "--format", help="What the model writes (files and the API hold JSON either way): "
+                            "chat-compact (the default: the chat-template prompt, then `find_business cuisine=thai near_me`, ~14 tokens), "
+                            "json (the same prompt, then the schema's JSON, ~25 tokens), or compact (no template: the query and a newline; "
+                            "fastest, but less accurate after the quick preset). With --init, the init's format."),
 ) -> None:
     """SFT: LoRA on a compact causal LM with TRL, completion-only loss, query -> schema parse."""
     from querytune.labeled import load_labeled, write_rejects
