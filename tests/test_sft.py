@@ -65,7 +65,7 @@ def test_parser_returns_a_defined_result_for_every_input(tiny_base, tmp_path):
 
 def test_parser_drops_values_the_query_does_not_write():
     parser = Parser.__new__(Parser)  # only the validation step: no model needed
-    parser.schema, parser.max_new_tokens = SCHEMA, 64
+    parser.schema, parser.max_new_tokens, parser.format = SCHEMA, 64, "json"
     raw = '{"intent":"find_business","slots":{"category":"yoga_studio","neighborhood":"chelsea"}}'
     pred = parser._validate("need a yoga appt today chi", raw, 0.0, finished=True)
     assert pred.valid and pred.parse == {"intent": "find_business", "slots": {"category": "yoga_studio"}}
