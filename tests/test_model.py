@@ -92,10 +92,10 @@ def test_model_version_follows_the_schema_and_the_format(tiny_model, tmp_path, m
     shutil.copytree(tiny_model, copy)
     version = model_version(tiny_model)
     assert model_version(copy) == version
-    monkeypatch.setitem(IDENTITY, "compact", "querytune-compact-next")  # what the model reads or writes changed
+    meta = json.loads((copy / "querytune.json").read_text())
+    monkeypatch.setitem(IDENTITY, meta["format"], "querytune-format-next")  # what the model reads or writes changed
     assert model_version(copy) != version
     monkeypatch.undo()
-    meta = json.loads((copy / "querytune.json").read_text())
     (copy / "querytune.json").write_text(json.dumps(meta | {"format": "json"}))  # the same weights read as the other format
     assert model_version(copy) != version
     (copy / "querytune.json").write_text(json.dumps(meta))
