@@ -260,11 +260,17 @@ def test_a_pair_file_with_equal_scores_is_rejected(tmp_path):
     assert result.exit_code == 2 and "--anchors: anchor queries are picked while screening" in result.output
 
 
-def test_dpo_step_moves_the_policy_towards_the_chosen(tiny_sft, tmp_path):
-    parser = Parser(tiny_sft)
+def thai_pairs() -> tuple[str, str, pd.DataFrame]:
+    """One DPO pair eight times: a thai restaurant search chosen over out of scope, as JSON (as pair files hold it)."""
     chosen = '{"intent":"find_business","slots":{"category":"restaurant","cuisine":"thai"}}'
     rejected = '{"intent":"out_of_scope","slots":{}}'
-    pairs = pd.DataFrame([{"query": "cheap thai near me", "chosen": chosen, "rejected": rejected, "chosen_score": 0.9, "rejected_score": 0.0}] * 8)
+    return chosen, rejected, pd.DataFrame([{"query": "cheap thai near me", "chosen": chosen, "rejected": rejected, "chosen_score": 0.9,
+                                            "rejected_score": 0.0}] * 8)
+
+
+def test_dpo_step_moves_the_policy_towards_the_chosen(tiny_sft, tmp_path):
+    parser = Parser(tiny_sft)
+    chosen, rejected, pairs = thai_pairs()
     prompt = parser.prompts(["cheap thai near me"])[0]
     before = completion_logprob(parser.model, parser.tokenizer, prompt, chosen) - completion_logprob(parser.model, parser.tokenizer, prompt, rejected)
     out = tmp_path / "dpo"
@@ -319,9 +325,7 @@ def test_candidates_of_a_compact_model_are_held_as_json(tiny_compact, small_worl
 
 def test_dpo_on_a_compact_model_trains_the_compact_twins_of_its_json_pairs(tiny_compact, tmp_path):
     parser = Parser(tiny_compact)
-    chosen = '{"intent":"find_business","slots":{"category":"restaurant","cuisine":"thai"}}'
-    rejected = '{"intent":"out_of_scope","slots":{}}'
-    pairs = pd.DataFrame([{"query": "cheap thai near me", "chosen": chosen, "rejected": rejected, "chosen_score": 0.9, "rejected_score": 0.0}] * 8)
+    chosen, rejected, pairs = thai_pairs()
     prompt = parser.prompts(["cheap thai near me"])[0]
     assert prompt == "cheap thai near me\n"  # the compact prompt, no chat template
     assert formats.completion("compact", SCHEMA.parse(chosen)) == "find_business category=restaurant cuisine=thai"
