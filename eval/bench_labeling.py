@@ -34,10 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python eval/bench_labeling.py` from a checkout
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 
-
-def cpu_model() -> str:
-    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
-    return next((x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")), "unknown CPU")
+from querytune.sft import cpu_model  # noqa: E402
 
 
 def child_vllm(args) -> None:

@@ -36,6 +36,7 @@ from urllib.parse import quote
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python eval/bench_serving.py` from a checkout
 
+from querytune.sft import cpu_model  # noqa: E402
 from querytune.testing import free_port  # noqa: E402
 
 KEY = "bench-key"
@@ -153,13 +154,6 @@ async def miss_load(base: str, queries: list[str], clients: int) -> dict:
     latencies.sort()
     return {"requests_per_s": round(len(queries) / seconds, 2), "p50_ms": round(1000 * latencies[len(latencies) // 2], 1),
             "p99_ms": round(1000 * latencies[int(0.99 * (len(latencies) - 1))], 1), "sources": sources, "n": len(queries)}
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.split("Model name:")[-1].splitlines()[0].strip()
 
 
 def mean(runs: list[dict], key: str) -> float:

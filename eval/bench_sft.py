@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -25,15 +24,7 @@ import torch
 from querytune.labeled import load_labeled
 from querytune.model import resolve_base
 from querytune.schema import load_schema
-from querytune.sft import LORA_TARGETS, PRESETS, hardware, pick_dtype, probe_batch, sft_examples, train_sft
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return hardware()
+from querytune.sft import LORA_TARGETS, PRESETS, cpu_model, pick_dtype, probe_batch, sft_examples, train_sft
 
 
 def main() -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import resource
 import subprocess
 import sys
@@ -31,12 +30,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python eval/labeling_prepare.py` from a checkout
 
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
+from querytune.sft import cpu_model  # noqa: E402
 
 
 def _measure(path: str, way: str, out: str) -> dict:
@@ -95,7 +89,7 @@ def prepare_figures(log_path: str, rows: int | None = None, replicate_to: int = 
         normalized = pq.read_table(work / "share" / "rows.parquet", columns=["normalized"])["normalized"]
     prefixes = sorted({n for n in (1_000, 3_000, 10_000, 30_000, 100_000, 300_000, 1_000_000) if n < len(normalized)} | {len(normalized)})
     share = {str(n): round(pc.count_distinct(normalized.slice(0, n)).as_py() / n, 4) for n in prefixes}
-    return {"cpu": _cpu(), "log": str(log_path), "rows": log["rows"], "distinct": log["distinct"],
+    return {"cpu": cpu_model(), "log": str(log_path), "rows": log["rows"], "distinct": log["distinct"],
             "distinct_share": round(log["distinct"] / log["rows"], 4), "distinct_share_at_prefix": share,
             **{k: v for k, v in replicated.items() if k != "distinct"}, "copies": copies,
             "arrow_peak_rss_growth_mb_5x_rows": round(arrow5["peak_rss_growth_mb"], 1), "arrow_cpu_us_per_row_5x_rows": round(1e6 * arrow5["cpu_seconds"] / arrow5["rows"], 3),
