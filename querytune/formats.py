@@ -30,6 +30,9 @@ DEFAULT_FORMAT = "chat-compact"
 # each format's identity, part of every model_version: bump it when what the model reads or writes changes
 IDENTITY = {"json": "querytune-format-1", "compact": "querytune-compact-1", "chat-compact": "querytune-chat-compact-1"}
 FORMATS = tuple(IDENTITY)
+# each format as (prompt, completion): what the model reads and what it writes are chosen apart
+PROMPT = {"json": "chat", "compact": "bare", "chat-compact": "chat"}
+WRITES = {"json": "json", "compact": "compact", "chat-compact": "compact"}
 _BARE = re.compile(r'[^\s="\\]+')
 
 
@@ -44,7 +47,7 @@ def folder_format(meta: dict[str, Any]) -> str:
 def prompt(fmt: str, schema: Schema, tokenizer, text: str) -> str:
     """The prompt for one query, as text (tokenised without special tokens)."""
     text = text[:MAX_QUERY_CHARS]
-    if fmt == "compact":
+    if PROMPT[fmt] == "bare":
         return text + "\n"
     messages = [{"role": "system", "content": SYSTEM_PROMPT.format(name=schema.name)}, {"role": "user", "content": text}]
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -60,8 +63,7 @@ def completion(fmt: str, parse: Parse | dict[str, Any]) -> str:
     'find_business cuisine=thai min_rating=4.5 near_me neighborhood="old town"'
     """
     d = parse.to_dict() if isinstance(parse, Parse) else {"intent": parse["intent"], "slots": dict(sorted(parse["slots"].items()))}
-    fmt = "compact" if fmt == "chat-compact" else fmt
-    if fmt == "json":
+    if WRITES[fmt] == "json":
         return json.dumps(d, ensure_ascii=False, separators=(",", ":"))
     items = [d["intent"]]
     for name, value in d["slots"].items():
@@ -83,7 +85,7 @@ def read(fmt: str, schema: Schema, raw: str) -> Parse:
     >>> read("compact", load_schema(), 'find_business cuisine=thai near_me neighborhood="back bay"').to_dict()
     {'intent': 'find_business', 'slots': {'cuisine': 'thai', 'near_me': True, 'neighborhood': 'back bay'}}
     """
-    if fmt == "json":
+    if WRITES[fmt] == "json":
         return schema.parse(raw)
     intent, _, rest = raw.strip().partition(" ")
     slots: dict[str, Any] = {}

@@ -60,6 +60,8 @@ class Parser:
         self.device, self.batch_size, self.constrained = device, batch_size, constrained
         self.max_new_tokens = int(self.meta.get("max_new_tokens", 64))
         self._grammar = None
+        # transformers 5.20 renamed the forward's `past_key_values` to `cache`
+        self._cache_keyword = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
     def prompts(self, texts: list[str]) -> list[str]:
         return [prompt(self.format, self.schema, self.tokenizer, t) for t in texts]
@@ -118,9 +120,7 @@ class Parser:
         grammar = self.grammar if self.constrained else None
         matchers = [grammar.matcher() for _ in prompts] if grammar else []
         bitmask = grammar.bitmask(n) if grammar else None
-        cache = DynamicCache()
-        # transformers 5.20 renamed the forward's `past_key_values` to `cache`
-        kv = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        cache, kv = DynamicCache(), self._cache_keyword
         with torch.inference_mode():
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1,
                                 **{kv: cache}).logits[:, -1].float()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from querytune.formats import WRITES, completion
 from querytune.schema import Schema
 
 TEXT_CHARS = 80  # the longest string value a model may write
@@ -31,8 +32,6 @@ def _value(slot, fmt: str) -> str:
     if fmt == "json":
         return "(" + " | ".join(_lit(json.dumps(v, ensure_ascii=False)) for v in slot.values) + ")" if slot.type == "categorical" else quoted
     if slot.type == "categorical":
-        from querytune.formats import completion
-
         return "(" + " | ".join(_lit(completion("compact", {"intent": "", "slots": {slot.name: v}}).split("=", 1)[1]) for v in slot.values) + ")"
     return '([^ \\t\\r\\n"=\\\\]{1,%d} | %s)' % (TEXT_CHARS, quoted)
 
@@ -49,7 +48,7 @@ def ebnf(schema: Schema, fmt: str) -> str:
     >>> [ok("compact", text) for text in ("a b n=2", "a n=2", "a n=2 n=2", "a n=2 b", "a b=false")]
     [True, True, False, False, True]
     """
-    fmt = "compact" if fmt == "chat-compact" else fmt  # the same completions after another prompt
+    fmt = WRITES[fmt]  # the grammar is the completion's: formats that write alike share it
     rules = []
     names = sorted(schema.slots)
     for name in names:

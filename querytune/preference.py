@@ -461,7 +461,7 @@ def as_json(schema: Schema, fmt: str, raw: str) -> str:
     >>> as_json(load_schema(), "compact", 'find_business near_me cuisine=thai'), as_json(load_schema(), "compact", "thai?")
     ('{"intent":"find_business","slots":{"cuisine":"thai","near_me":true}}', 'thai?')
     """
-    if fmt == "json":
+    if formats.WRITES[fmt] == "json":
         return raw  # as the model wrote it, as before formats had names
     try:
         return formats.completion("json", formats.read(fmt, schema, raw))
@@ -477,7 +477,7 @@ def in_format(schema: Schema, fmt: str, parse_json: str) -> str:
     >>> in_format(load_schema(), "compact", '{"intent":"find_business","slots":{"neighborhood":"back bay"}}')
     'find_business neighborhood="back bay"'
     """
-    if fmt == "json":
+    if formats.WRITES[fmt] == "json":
         return parse_json
     try:
         return formats.completion(fmt, strict_parse(schema, parse_json))

@@ -34,7 +34,7 @@ from datetime import datetime
 from functools import partial
 from typing import Any
 
-from querytune.formats import read
+from querytune.formats import WRITES, read
 from querytune.schema import ParseError, Schema, is_grounded, normalize_text
 
 INVALID = -1.0
@@ -75,7 +75,7 @@ def strict_parse(schema: Schema, completion: str, max_chars: int = 400, fmt: str
     text = completion.strip()
     if len(text) > max_chars:
         raise ParseError(f"over-long output ({len(text)} > {max_chars} characters)")
-    if fmt != "json":
+    if WRITES[fmt] != "json":
         return read(fmt, schema, text)
     try:
         obj = json.loads(text, object_pairs_hook=_no_repeats)
