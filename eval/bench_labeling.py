@@ -9,9 +9,9 @@ is trained first when missing (about 15-20 minutes on 2 cores). Every figure com
 - vLLM backend (run in the vLLM environment, .venv-vllm, when it exists): the compact model's queries/s against the
   JSON twin's; both models' intent accuracy and slot F1 on the world's test set, the difference with a paired 95%
   interval;
-- transformers backend, compact model: queries/s against the vLLM backend's, and its greedy loop against
-  transformers' `generate` with the same grammar (the loop's own gain), bf16 weights and int8 dynamic quantisation
-  (speed, and accuracy against fp32 on the test set);
+- transformers backend, compact model: queries/s against the vLLM backend's, in fp32 and with `--int8` (its speed, and
+  its accuracy against fp32 on the whole test set); its greedy loop against transformers' `generate` with the same
+  grammar (the loop's own gain), bf16 weights and int8 on every Linear layer (speed, and accuracy against fp32);
 - backend parity: the compact model's greedy test parses from both backends, compared;
 - the read-normalise-dedupe step (`eval/labeling_prepare.py`), µs per row before and after.
 Ends with one JSON line of every figure and ratio.
@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from datetime import date
 from pathlib import Path
 
@@ -171,8 +172,13 @@ def main() -> None:
     loop_qps = timed_parse(parser, levers)
     result["transformers_levers"] = {"greedy_loop_qps": round(loop_qps, 2), "generate_qps": round(generate_reference(parser, levers), 2)}
     fp32_test = [p.parse for p in t_test[: args.lever_tests]]
-    for name, convert in {"bf16": lambda m: m.to(torch.bfloat16),
-                          "int8_dynamic": lambda m: torch.ao.quantization.quantize_dynamic(m, {torch.nn.Linear}, dtype=torch.qint8)}.items():
+
+    def every_linear_int8(m):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.ao.quantization.quantize_dynamic(m, {torch.nn.Linear}, dtype=torch.qint8)
+
+    for name, convert in {"bf16": lambda m: m.to(torch.bfloat16), "int8_every_linear": every_linear_int8}.items():
         variant = Parser(compact, batch_size=args.batch_size, constrained=True)
         variant.model = convert(variant.model)
         qps = timed_parse(variant, levers)
@@ -181,6 +187,12 @@ def main() -> None:
         del variant
     result["transformers_levers"]["loop_vs_generate"] = round(loop_qps / result["transformers_levers"]["generate_qps"], 2)
     del parser
+    print(f"transformers backend --int8 (querytune.generate.quantize_int8), {len(queries)} queries and the whole test set ...", flush=True)
+    int8 = Parser(compact, batch_size=args.batch_size, constrained=True, int8=True)
+    result["transformers_int8_qps"] = round(timed_parse(int8, queries), 2)
+    result["transformers_int8_vs_fp32"] = round(result["transformers_int8_qps"] / result["transformers_compact_qps"], 2)
+    result["accuracy_fp32_to_int8"] = accuracy(golds, [p.parse for p in t_test], [p.parse for p in int8.parse(tests)])
+    del int8
 
     if VLLM_PYTHON.is_file():
         print(f"vLLM backend ({VLLM_PYTHON}, bf16): the compact model, then the JSON twin ...", flush=True)
@@ -198,6 +210,7 @@ def main() -> None:
         result["vllm_compact_qps"], result["vllm_json_qps"] = round(v_compact["queries_per_s"], 2), round(v_json["queries_per_s"], 2)
         result["compact_vs_json_vllm"] = round(v_compact["queries_per_s"] / v_json["queries_per_s"], 2)
         result["transformers_vs_vllm"] = round(result["transformers_compact_qps"] / v_compact["queries_per_s"], 2)
+        result["transformers_int8_vs_vllm"] = round(result["transformers_int8_qps"] / v_compact["queries_per_s"], 2)
         result["accuracy_json_to_compact"] = accuracy(golds, [p["parse"] for p in v_json["test"]], [p["parse"] for p in v_compact["test"]])
         for name, run in {"parity": v_parity, "parity_bf16": v_compact}.items():  # both backends fp32; vLLM bf16 against fp32
             same = [p.parse == v["parse"] for p, v in zip(t_test, run["test"])]
@@ -214,7 +227,8 @@ def main() -> None:
     except ImportError:
         pass
 
-    for key in ("vllm_compact_qps", "vllm_json_qps", "compact_vs_json_vllm", "transformers_compact_qps", "transformers_vs_vllm"):
+    for key in ("vllm_compact_qps", "vllm_json_qps", "compact_vs_json_vllm", "transformers_compact_qps", "transformers_vs_vllm",
+                "transformers_int8_qps", "transformers_int8_vs_vllm"):
         if key in result:
             print(f"{key:<28}{result[key]:>10}")
     if "accuracy_json_to_compact" in result:

@@ -9,6 +9,7 @@ entering FastAPI at all (`answer`, given by `querytune.serve`).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import re
@@ -34,6 +35,8 @@ class Gate:
     def __init__(self, app, max_body_bytes: int, on_refuse: Callable[[str], None] | None = None, access: AccessLog | None = None,
                  answer: Callable[[dict, dict[bytes, bytes]], bytes | None] | None = None):
         self.app, self.max_body_bytes, self.on_refuse, self.access, self.answer = app, max_body_bytes, on_refuse, access, answer
+        # ids a process hands out: random to the process, then counted (os.urandom per request costs more than a hit's lookup)
+        self.ids = map(f"{os.urandom(6).hex()}{{:010x}}".format, itertools.count())
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -41,7 +44,7 @@ class Gate:
         t0 = time.perf_counter()
         headers = dict(reversed(scope["headers"]))
         given = headers.get(b"x-request-id", b"").decode("latin-1")
-        rid = given if REQUEST_ID.fullmatch(given) else os.urandom(8).hex()
+        rid = given if given and REQUEST_ID.fullmatch(given) else next(self.ids)
         body = self.answer(scope, headers) if self.answer else None
         if body is not None:  # the headers, in order, that Starlette gives a JSON response, and the id
             await send({"type": "http.response.start", "status": 200, "headers": [

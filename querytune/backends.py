@@ -19,10 +19,10 @@ class TransformersBackend:
 
     name = "transformers"
 
-    def __init__(self, model_dir: str | Path, batch_size: int = 32, constrained: bool = True):
+    def __init__(self, model_dir: str | Path, batch_size: int = 32, constrained: bool = True, int8: bool = False):
         from querytune.generate import Parser
 
-        self.parser = Parser(model_dir, batch_size=batch_size, constrained=constrained)
+        self.parser = Parser(model_dir, batch_size=batch_size, constrained=constrained, int8=int8)
         self.model_dir = str(model_dir)
         self.model_version = self.parser.model_version
         self.schema = self.parser.schema

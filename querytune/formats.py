@@ -6,6 +6,7 @@ are `json`). The API, label files and caches always hold JSON parses: a format i
     chat-compact  (the default) prompt: the tokenizer's chat template over [system: "<schema name> parser", user: <query>]
                   completion: find_business cuisine=thai near_me
     json          the same prompt; completion: {"intent":"find_business","slots":{"cuisine":"thai","near_me":true}}
+    user-compact  prompt: the chat template's user turn alone (no system turn); the compact completion
     compact       prompt: <query> and a newline, no template; the compact completion
 
 Compact completions, slot by slot in name order: `name=value`; a true boolean is its bare name, a false one
@@ -28,11 +29,12 @@ MAX_QUERY_CHARS = 512  # longer queries are cut (a search box query is never thi
 SYSTEM_PROMPT = "{name} parser"
 DEFAULT_FORMAT = "chat-compact"
 # each format's identity, part of every model_version: bump it when what the model reads or writes changes
-IDENTITY = {"json": "querytune-format-1", "compact": "querytune-compact-1", "chat-compact": "querytune-chat-compact-1"}
+IDENTITY = {"json": "querytune-format-1", "compact": "querytune-compact-1", "chat-compact": "querytune-chat-compact-1",
+            "user-compact": "querytune-user-compact-1"}
 FORMATS = tuple(IDENTITY)
 # each format as (prompt, completion): what the model reads and what it writes are chosen apart
-PROMPT = {"json": "chat", "compact": "bare", "chat-compact": "chat"}
-WRITES = {"json": "json", "compact": "compact", "chat-compact": "compact"}
+PROMPT = {"json": "chat", "compact": "bare", "chat-compact": "chat", "user-compact": "user"}
+WRITES = {"json": "json", "compact": "compact", "chat-compact": "compact", "user-compact": "compact"}
 _BARE = re.compile(r'[^\s="\\]+')
 
 
@@ -49,8 +51,16 @@ def prompt(fmt: str, schema: Schema, tokenizer, text: str) -> str:
     text = text[:MAX_QUERY_CHARS]
     if PROMPT[fmt] == "bare":
         return text + "\n"
-    messages = [{"role": "system", "content": SYSTEM_PROMPT.format(name=schema.name)}, {"role": "user", "content": text}]
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    system = [{"role": "system", "content": SYSTEM_PROMPT.format(name=schema.name)}]
+    chat = tokenizer.apply_chat_template(system + [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+    if PROMPT[fmt] == "chat":
+        return chat
+    # the user turn alone: templates such as SmolLM2's add a default system turn when none is given, so the system
+    # turn is rendered and cut off rather than left out
+    head = tokenizer.apply_chat_template(system, tokenize=False)
+    if not chat.startswith(head):
+        raise ValueError(f"format {fmt}: this tokenizer's chat template does not render the system turn as a prefix")
+    return chat[len(head):]
 
 
 def completion(fmt: str, parse: Parse | dict[str, Any]) -> str:

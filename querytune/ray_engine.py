@@ -34,7 +34,7 @@ def task_queries(batch_size: int) -> int:
 class _Replica:
     """One model replica: loads the backend once, labels batches of normalised queries."""
 
-    def __init__(self, model_dir: str, backend: str, batch_size: int, threads: int, gpus: float):
+    def __init__(self, model_dir: str, backend: str, batch_size: int, threads: int, gpus: float, int8: bool = False):
         import torch
 
         from querytune.backends import load_backend
@@ -42,6 +42,8 @@ class _Replica:
         torch.set_num_threads(threads)
         # vLLM sizes its memory as a share of the whole GPU: replicas sharing one must each stay within their share
         options = {"gpu_memory_utilization": 0.9 * gpus} if gpus and backend == "vllm" else {}
+        if int8:
+            options["int8"] = True
         self.backend = load_backend(backend, model_dir, batch_size=batch_size, **options)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -55,14 +57,14 @@ class RayEngine:
     """`stream(queries, shard_size)` for `querytune.label.label`; `model_version` / `schema_version` like a backend."""
 
     def __init__(self, model_dir: str | Path, backend: str = "transformers", workers: int = 2, batch_size: int = 32,
-                 threads_per_worker: int = 1, gpus_per_replica: float = 0.0):
+                 threads_per_worker: int = 1, gpus_per_replica: float = 0.0, int8: bool = False):
         import ray
 
         from querytune.model import load_model_meta, model_version
 
         _, schema = load_model_meta(model_dir)
         self.model_dir, self.kind, self.workers, self.batch_size, self.threads = str(Path(model_dir).resolve()), backend, workers, batch_size, threads_per_worker
-        self.gpus = gpus_per_replica
+        self.gpus, self.int8 = gpus_per_replica, int8
         self.model_version, self.schema_version = model_version(model_dir), schema.version
         if not ray.is_initialized():
             import os
@@ -79,7 +81,7 @@ class RayEngine:
         import ray
 
         return {"fn_constructor_kwargs": {"model_dir": self.model_dir, "backend": self.kind, "batch_size": self.batch_size, "threads": self.threads,
-                                          "gpus": self.gpus},
+                                          "gpus": self.gpus, "int8": self.int8},
                 "batch_size": self.batch_size, "batch_format": "numpy", "num_cpus": self.threads, "num_gpus": self.gpus,
                 "compute": ray.data.ActorPoolStrategy(size=self.workers, max_tasks_in_flight_per_actor=TASKS_PER_REPLICA)}
 

@@ -260,3 +260,23 @@ def test_a_second_run_on_a_locked_folder_is_refused(tiny_model, tmp_path):
         holder.kill()
         holder.wait()
     assert label(tmp_path / "in", out, EchoBackend())["labeled_now"] == 5
+
+
+def test_int8_labels_with_a_quantised_decoder_and_only_on_transformers(tiny_model, small_world_master, tmp_path):
+    import torch
+
+    from querytune.generate import Parser
+
+    parser = Parser(tiny_model, constrained=True, int8=True)
+    kinds = {name.rsplit(".", 1)[-1]: type(m).__module__ for name, m in parser.model.named_modules() if name.count(".") >= 4}
+    assert "quantized" in kinds["q_proj"] and "quantized" in kinds["up_proj"], "attention and MLP inputs are int8"
+    assert kinds["down_proj"] == torch.nn.Linear.__module__ and isinstance(parser.model.lm_head, torch.nn.Linear), "down projections and head stay fp32"
+    log = pd.read_parquet(small_world_master / "log.parquet", columns=["query"]).head(60)
+    log.to_parquet(tmp_path / "log.parquet")
+    result = CliRunner().invoke(app, ["label", str(tmp_path / "log.parquet"), "--model", str(tiny_model), "--out", str(tmp_path / "out"), "--int8"])
+    assert result.exit_code == 0, result.output
+    labels = read_labels(tmp_path / "out")
+    assert len(labels) == log["query"].map(lambda q: " ".join(q.lower().split())).nunique() and labels["valid"].mean() > 0.5
+    refused = CliRunner().invoke(app, ["label", str(tmp_path / "log.parquet"), "--model", str(tiny_model), "--out", str(tmp_path / "v"),
+                                       "--int8", "--backend", "vllm"])
+    assert refused.exit_code == 2 and "--int8: only the transformers backend" in refused.output

@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 
 from querytune.asgi_gate import AccessLog
 from querytune.cache import Entry, RedisCache, open_cache
-from querytune.serve import Settings, create_app
+from querytune.serve import Settings, Tally, create_app
 from querytune.testing import free_port, start_server
 
 
@@ -291,6 +291,33 @@ def test_a_hit_through_the_gate_is_the_apps_answer_counted_and_logged_the_same(s
     assert len(lines) == hits + 2 and lines[-1]["path"] == "/metrics", "one line per request, on both paths"
 
 
+def test_a_tally_adds_up_to_what_observing_each_value_writes():
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    def metrics():
+        reg = CollectorRegistry()
+        return reg, Counter("answers", "a", registry=reg), Histogram("seconds", "s", registry=reg, buckets=(0.001, 0.01, 0.1))
+
+    def written(reg) -> list[str]:  # but the times each metric was created
+        return [line for line in generate_latest(reg).decode().splitlines() if "_created" not in line]
+
+    values = [0.0005, 0.001, 0.002, 0.01, 0.05, 0.2, 3.0, 0.0]
+    each, tallied = metrics(), metrics()
+    for v in values:
+        each[1].inc()
+        each[2].observe(v)
+
+    async def add_all():
+        tally = Tally(tallied[1], tallied[2], every_s=60)
+        for v in values:
+            tally.add(v)
+        assert written(tallied[0]) != written(each[0]), "nothing is written before the flush"
+        tally.flush()
+
+    asyncio.run(add_all())
+    assert written(tallied[0]) == written(each[0])
+
+
 def test_a_missing_or_wrong_key_gets_the_apps_401_though_the_query_is_hot(sqlite_cache):
     sqlite_cache.put_many([("cheap thai", THAI)], "s1")
     gate = create_app(SlowBackend(), sqlite_cache, Settings(api_key="k"))
@@ -342,6 +369,7 @@ def test_two_workers_each_with_its_model_answer_and_log_every_request(tiny_model
     proc, base = start_server(["--model", str(tiny_model), "--cache", url, "--workers", "2", "--deadline", "60"], tmp_path / "server.log")
     try:
         answers = [httpx.get(f"{base}/v1/parse", params={"q": q}, timeout=60) for q in ("pizza", "cheap thai", "pizza", "dentist")]
+        time.sleep(0.6)  # a worker adds its hits to the shared metrics every half second (`Tally`)
         scrapes = [httpx.get(f"{base}/metrics").text for _ in range(4)]
     finally:
         os.kill(proc.pid, signal.SIGTERM)

@@ -29,6 +29,8 @@ def label(
                                          help="--engine ray: CPU cores each replica reserves and computes on (a vLLM CPU replica binds its node's cores: give it the node's count)."),
     gpus_per_replica: float = typer.Option(0.0, "--gpus-per-replica", min=0.0,
                                            help="--engine ray --backend vllm on GPU nodes: the share of a GPU each replica reserves (0.25: four per GPU). 0 on CPU-only clusters."),
+    int8: bool = typer.Option(False, "--int8", help="--backend transformers on CPU: int8 dynamic quantisation of the model's Linear layers but "
+                              "the MLP down projections: ~1.8x the queries/s, parses within noise of fp32 (eval/RESULTS.md)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Queries per model call (batches are sorted by length)."),
     shard_size: int = typer.Option(1024, "--shard-size", min=1, help="Distinct queries per output shard: the most work a kill can lose."),
     max_chars: int = typer.Option(256, "--max-chars", min=1, help="Reject queries longer than this after normalisation."),
@@ -48,6 +50,8 @@ def label(
             raise UserError(f"--engine {engine}: choose local or ray")
         if backend not in BACKENDS:
             raise UserError(f"--backend {backend}: choose from {', '.join(BACKENDS)}")
+        if int8 and backend != "transformers":
+            raise UserError("--int8: only the transformers backend quantises (vLLM has its own --dtype)")
         if gpus_per_replica and (engine != "ray" or backend != "vllm"):
             raise UserError("--gpus-per-replica needs --engine ray --backend vllm (the transformers backend runs on CPU)")
         from querytune.backends import load_backend
@@ -63,10 +67,10 @@ def label(
             from querytune.ray_engine import RayEngine
 
             model_backend = RayEngine(model, backend=backend, workers=workers, batch_size=batch_size, threads_per_worker=cpus_per_replica,
-                                      gpus_per_replica=gpus_per_replica)
+                                      gpus_per_replica=gpus_per_replica, int8=int8)
             stream = model_backend.stream
         else:
-            model_backend = load_backend(backend, model, batch_size=batch_size)
+            model_backend = load_backend(backend, model, batch_size=batch_size, **({"int8": True} if int8 else {}))
         columns = [TextColumn("[bold]labeling"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
         with Progress(*columns, console=console) as bar:

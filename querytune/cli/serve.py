@@ -39,6 +39,8 @@ def serve(
                                      f"sums them all. Default: the cores this process may use ({usable_cores()} here), or 1 with --backend "
                                      f"vllm (its engine takes the whole machine)."),
     backend: str = typer.Option("transformers", "--backend", envvar="QUERYTUNE_BACKEND", help="Model backend for misses: transformers or vllm."),
+    int8: bool = typer.Option(False, "--int8", help="--backend transformers: int8 dynamic quantisation of the model's Linear layers but the MLP "
+                              "down projections: faster misses on CPU, parses within noise of fp32 (eval/RESULTS.md)."),
     deadline: float = typer.Option(2.0, "--deadline", min=0.001, help="Seconds a miss may wait for the model; past it the answer is `source: fallback`."),
     batch_window_ms: float = typer.Option(5.0, "--batch-window-ms", min=0.0, help="How long a miss waits for concurrent misses to share its model call."),
     max_miss_batch: int = typer.Option(32, "--max-miss-batch", min=1, help="Most distinct queries in one model call."),
@@ -68,6 +70,8 @@ def serve(
     with user_errors():
         if backend not in BACKENDS:
             raise UserError(f"--backend {backend}: choose from {', '.join(BACKENDS)}")
+        if int8 and backend != "transformers":
+            raise UserError("--int8: only the transformers backend quantises")
         if not api_key and host not in ("127.0.0.1", "localhost", "::1") and not allow_no_key:
             raise UserError(f"--host {host} without an API key would serve anyone who can reach it: set QUERYTUNE_API_KEY "
                             "(or --api-key), or pass --allow-no-key")
@@ -84,7 +88,7 @@ def serve(
                             lookup_timeout_s=lookup_timeout)
     following = model == "active" and watch_promotions > 0
     # what each worker builds its app from (querytune.serve.app_from_env)
-    os.environ["QUERYTUNE_SERVE"] = json.dumps({"model": model, "cache": cache, "backend": backend, "settings": dataclasses.asdict(settings),
+    os.environ["QUERYTUNE_SERVE"] = json.dumps({"model": model, "cache": cache, "backend": backend, "int8": int8, "settings": dataclasses.asdict(settings),
                                                 "watch_s": watch_promotions, "access_log": access_log, "workers": workers,
                                                 "threads": max(1, usable_cores() // workers), "supervisor": os.getpid()})
     typer.echo(f"querytune serving http://{host}:{port} (docs /docs): model {model_dir} on {backend}{' (following promotions)' if following else ''}, "
