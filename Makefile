@@ -66,6 +66,7 @@ system-deps:
 
 # the vLLM test runs the vLLM backend in its own environment, so the tests build it too
 test: system-deps venv vllm-env
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -rA
 
 # the wheel alone carries the package and its data: built, installed in a fresh venv, run outside the checkout
@@ -76,7 +77,7 @@ test-wheel: venv
 test-fast: venv
 	$(BIN)/python -m pytest -m "not slow"
 
-# the README's CLI reference, regenerated from --help
+# the CLI reference in docs/cli.md (linked from the README), regenerated from --help
 readme: venv
 	$(BIN)/python -m querytune.cli.reference --write
 

@@ -173,7 +173,8 @@ def main() -> None:
     from querytune.sft import hardware
 
     summary = {"requests_logged": len(access), "schemathesis_requests": schemathesis_requests, "hand_made_sent": sent,
-               "schemathesis_exit": st.returncode, "statuses": dict(sorted(statuses.items())), "hand_made_answers": dict(sorted(answers.items())), "status_500": statuses.get(500, 0),
+               "schemathesis_exit": st.returncode, "statuses": dict(sorted(statuses.items())), "hand_made_answers": dict(sorted(answers.items())),
+               "status_500": statuses.get(500, 0),
                "unhandled_in_log": unhandled, "rss_mb": {"idle": round(idle_mb, 1), "peak": round(sampler.peak_mb, 1),
                                                          "growth": round(sampler.peak_mb - idle_mb, 1)},
                "seconds": round(time.time() - t0, 1), "cpu": hardware()}

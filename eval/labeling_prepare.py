@@ -92,7 +92,8 @@ def prepare_figures(log_path: str, rows: int | None = None, replicate_to: int = 
     return {"cpu": cpu_model(), "log": str(log_path), "rows": log["rows"], "distinct": log["distinct"],
             "distinct_share": round(log["distinct"] / log["rows"], 4), "distinct_share_at_prefix": share,
             **{k: v for k, v in replicated.items() if k != "distinct"}, "copies": copies,
-            "arrow_peak_rss_growth_mb_5x_rows": round(arrow5["peak_rss_growth_mb"], 1), "arrow_cpu_us_per_row_5x_rows": round(1e6 * arrow5["cpu_seconds"] / arrow5["rows"], 3),
+            "arrow_peak_rss_growth_mb_5x_rows": round(arrow5["peak_rss_growth_mb"], 1),
+            "arrow_cpu_us_per_row_5x_rows": round(1e6 * arrow5["cpu_seconds"] / arrow5["rows"], 3),
             "log_python_us_per_row": log["python_us_per_row"], "log_arrow_us_per_row": log["arrow_us_per_row"],
             "log_python_peak_rss_growth_mb": log["python_peak_rss_growth_mb"], "log_arrow_peak_rss_growth_mb": log["arrow_peak_rss_growth_mb"]}
 

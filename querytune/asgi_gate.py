@@ -109,12 +109,18 @@ class AccessLog:
 
     def __init__(self, fd: int, every_s: float = 0.5):
         self.fd, self.every_s, self.lines, self.timer = fd, every_s, [], None
+        self.paths: dict[str, str] = {}  # path -> its JSON string, for the few paths a server sees (bounded: clients choose them)
 
     def write(self, scope, rid: str, status: int, t0: float) -> None:
         client = (scope.get("client") or ("",))[0]
         # written by hand, at half json.dumps's cost: the id is checked by the gate, the method is an HTTP token (no
         # quote or backslash) and the client an address; only the path needs escaping
-        self.lines.append(f'{{"ts": {time.time():.3f}, "request_id": "{rid}", "method": "{scope["method"]}", "path": {json.dumps(scope["path"])}, '
+        path = self.paths.get(scope["path"])
+        if path is None:
+            path = json.dumps(scope["path"])
+            if len(self.paths) < 256:
+                self.paths[scope["path"]] = path
+        self.lines.append(f'{{"ts": {time.time():.3f}, "request_id": "{rid}", "method": "{scope["method"]}", "path": {path}, '
                           f'"status": {status}, "ms": {1000 * (time.perf_counter() - t0):.3f}, "client": "{client}"}}\n'.encode())
         if len(self.lines) >= 1024:
             self.flush()

@@ -23,6 +23,7 @@ import pandas as pd
 
 from querytune.label import check_query
 
+
 def read_log(path: str | Path, column: str = "query") -> pd.DataFrame:
     path = Path(path)
     readers = {".parquet": pd.read_parquet, ".csv": pd.read_csv, ".jsonl": lambda p: pd.read_json(p, lines=True)}

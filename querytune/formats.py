@@ -23,9 +23,8 @@ import json
 import re
 from typing import Any
 
-from querytune.schema import Parse, ParseError, Schema
+from querytune.schema import MAX_QUERY_CHARS, Parse, ParseError, Schema
 
-MAX_QUERY_CHARS = 512  # longer queries are cut (a search box query is never this long)
 SYSTEM_PROMPT = "{name} parser"
 DEFAULT_FORMAT = "chat-compact"
 # each format's identity, part of every model_version: bump it when what the model reads or writes changes

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from querytune.formats import folder_format, prompt, read
-from querytune.model import load_merged, load_model_meta, model_version
+from querytune.model import MAX_NEW_TOKENS, load_merged, load_model_meta, model_version
 from querytune.schema import ParseError, Schema
 
 
@@ -63,7 +63,7 @@ class Parser:
             self.model.model = quantize_int8(self.model.model)
         self.int8 = int8
         self.device, self.batch_size, self.constrained = device, batch_size, constrained
-        self.max_new_tokens = int(self.meta.get("max_new_tokens", 64))
+        self.max_new_tokens = int(self.meta.get("max_new_tokens", MAX_NEW_TOKENS))
         self._grammar = None
         # transformers 5.20 renamed the forward's `past_key_values` to `cache`
         self._cache_keyword = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"

@@ -48,9 +48,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from querytune.labeled import FORMATS, csv_records, jsonl_records, lone_surrogate, printable
-from querytune.schema import normalize_text
+from querytune.schema import MAX_QUERY_CHARS, normalize_text
 
-MAX_QUERY_CHARS = 256  # longer "queries" are pasted documents, not search-box input
 SHARD_QUERIES = 1024  # distinct queries per shard: the most a kill can cost
 LOCK = "label.lock"
 BATCH_ROWS = 1 << 17  # input rows normalised at a time: memory stays flat however long the log

@@ -1,4 +1,5 @@
-"""Ranking metrics against graded relevance, and a paired bootstrap for comparing two systems.
+"""Ranking metrics against graded relevance, micro F1, and the one bootstrap: intervals of a metric and of the
+difference between two systems on the same rows.
 
 Grades: 2 = satisfies the need, 1 = nearly (right kind and place, one constraint missed), 0 = not.
 NDCG@k uses gains 2^grade - 1 and log2 discounts; Recall@k and MRR count a result as relevant when it
@@ -57,9 +58,40 @@ def ranking_metrics(ranked: list[str], relevance: dict[str, int], k: int = 10) -
             "mrr": mrr(ranked, relevance)}
 
 
+def micro_f1(tp, fp, fn):
+    """F1 from summed counts, 2tp / (2tp + fp + fn) (= 2PR / (P + R)), elementwise over arrays; 0 where nothing is counted.
+
+    >>> round(float(micro_f1(3, 1, 2)), 4), float(micro_f1(0, 0, 0))
+    (0.6667, 0.0)
+    """
+    tp, fp, fn = (np.asarray(x, dtype=float) for x in (tp, fp, fn))
+    counted = 2 * tp + fp + fn
+    return np.where(counted > 0, 2 * tp / np.maximum(counted, 1), 0.0)
+
+
+def bootstrap(statistic, columns: dict[str, np.ndarray], n: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+    """`statistic` of the columns and its percentile 95% interval (scipy's `stats.bootstrap`, rows resampled together
+    across columns: paired). `statistic(columns, axis)` takes a dict of arrays and reduces along `axis`.
+
+    >>> value, low, high = bootstrap(lambda c, axis: c["ok"].mean(axis=axis), {"ok": np.array([1.0] * 80 + [0.0] * 20)})
+    >>> value, low < 0.8 < high, round(high - low, 1)
+    (0.8, True, 0.2)
+    """
+    from scipy.stats import bootstrap as scipy_bootstrap
+
+    names = list(columns)
+    samples = [np.asarray(columns[k], dtype=float) for k in names]
+    if not samples or len(samples[0]) == 0:
+        return float("nan"), float("nan"), float("nan")
+    stat = lambda *arrays, axis=-1: statistic(dict(zip(names, arrays)), axis)  # noqa: E731
+    value = float(stat(*samples))
+    if len(samples[0]) < 2 or all(np.all(s == s[0]) for s in samples):  # nothing varies: the interval is the point
+        return value, value, value
+    res = scipy_bootstrap(samples, stat, n_resamples=n, paired=True, vectorized=True, method="percentile", rng=np.random.default_rng(seed))
+    return value, float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
 def paired_bootstrap(a: list[float], b: list[float], n: int = 2000, seed: int = 0) -> dict[str, float]:
     """Mean of b - a over paired items with a 95% bootstrap interval."""
-    diff = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
-    rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, len(diff), size=(n, len(diff)))].mean(axis=1)
-    return {"mean": float(diff.mean()), "low": float(np.percentile(means, 2.5)), "high": float(np.percentile(means, 97.5))}
+    mean, low, high = bootstrap(lambda c, axis: (c["b"] - c["a"]).mean(axis=axis), {"a": np.asarray(a, float), "b": np.asarray(b, float)}, n=n, seed=seed)
+    return {"mean": mean, "low": low, "high": high}

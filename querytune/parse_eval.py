@@ -13,6 +13,7 @@ import json
 from collections import defaultdict
 from typing import Any
 
+from querytune.metrics import bootstrap, micro_f1, paired_bootstrap
 from querytune.schema import normalize_text
 
 
@@ -24,14 +25,14 @@ def _value(v: Any) -> str:
     return json.dumps(v)
 
 
-def _pairs(slots: dict[str, Any]) -> set[tuple[str, str]]:
+def slot_pairs(slots: dict[str, Any]) -> set[tuple[str, str]]:
     return {(k, _value(v)) for k, v in slots.items()}
 
 
 def _prf(tp: int, fp: int, fn: int) -> dict[str, float]:
     p = tp / (tp + fp) if tp + fp else 0.0
     r = tp / (tp + fn) if tp + fn else 0.0
-    return {"precision": round(p, 4), "recall": round(r, 4), "f1": round(2 * p * r / (p + r), 4) if p + r else 0.0}
+    return {"precision": round(p, 4), "recall": round(r, 4), "f1": round(float(micro_f1(tp, fp, fn)), 4)}
 
 
 def parse_metrics(golds: list[dict[str, Any]], preds: list[dict[str, Any] | None]) -> dict[str, Any]:
@@ -47,8 +48,8 @@ def parse_metrics(golds: list[dict[str, Any]], preds: list[dict[str, Any] | None
     per_slot: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
     per_intent: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # n, intent ok, frame ok
     for gold, pred in zip(golds, preds):
-        g = _pairs(gold["slots"])
-        p = _pairs(pred["slots"]) if pred else set()
+        g = slot_pairs(gold["slots"])
+        p = slot_pairs(pred["slots"]) if pred else set()
         valid += pred is not None
         i_ok = bool(pred) and pred["intent"] == gold["intent"]
         f_ok = i_ok and g == p
@@ -124,24 +125,19 @@ def paired_parse_difference(golds: list[dict[str, Any]], preds_a: list[dict[str,
     """
     import numpy as np
 
-    from querytune.metrics import paired_bootstrap
-
     def counts(preds):
         rows = []
         for gold, pred in zip(golds, preds):
-            g, p = _pairs(gold["slots"]), _pairs(pred["slots"]) if pred else set()
+            g, p = slot_pairs(gold["slots"]), slot_pairs(pred["slots"]) if pred else set()
             rows.append((bool(pred) and pred["intent"] == gold["intent"], len(g & p), len(p - g), len(g - p)))
         return np.array(rows, dtype=float)
 
     a, b = counts(preds_a), counts(preds_b)
+    columns = {f"{side}{k}": c[:, i] for side, c in (("a", a), ("b", b)) for i, k in enumerate(("intent", "tp", "fp", "fn"))}
 
-    def f1(c):  # c: [..., rows, (intent, tp, fp, fn)] summed over rows
-        tp, fp, fn = c[..., 1], c[..., 2], c[..., 3]
-        return np.where(tp > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 0.0)
+    def f1_gain(c, axis):
+        return micro_f1(*(c[f"b{k}"].sum(axis=axis) for k in ("tp", "fp", "fn"))) - micro_f1(*(c[f"a{k}"].sum(axis=axis) for k in ("tp", "fp", "fn")))
 
-    rng = np.random.default_rng(seed)
-    index = rng.integers(0, len(golds), size=(n, len(golds)))
-    diffs = f1(b[index].sum(axis=1)) - f1(a[index].sum(axis=1))
-    slot = {"mean": float(f1(b.sum(axis=0)) - f1(a.sum(axis=0))), "low": float(np.percentile(diffs, 2.5)), "high": float(np.percentile(diffs, 97.5))}
+    slot = dict(zip(("mean", "low", "high"), bootstrap(f1_gain, columns, n=n, seed=seed)))
     intent = paired_bootstrap(a[:, 0], b[:, 0], n=n, seed=seed)
     return {"intent_accuracy": {k: round(v, 4) for k, v in intent.items()}, "slot_f1": {k: round(v, 4) for k, v in slot.items()}}

@@ -29,10 +29,10 @@ import pandas as pd
 
 from querytune import formats
 from querytune.clicks import MAX_CONTEXTS, contexts_by_text, estimate_propensity
-from querytune.model import BASE_KEYS, copy_adapter_chain, load_model_meta
+from querytune.model import BASE_KEYS, MAX_NEW_TOKENS, copy_adapter_chain, load_model_meta
 from querytune.reward import INVALID, RetrievalReward, score_in_contexts, strict_parse
 from querytune.schema import WORD, ParseError, Schema, normalize_text
-from querytune.sft import LORA_TARGETS, StepLog, checkpoint_args, finish_checkpoints, start_or_resume
+from querytune.sft import LORA_TARGETS, StepLog, checkpoint_args, finish_checkpoints, report_args, start_or_resume
 
 DPO_PRESETS: dict[str, dict[str, Any]] = {
     # quick: <= 15 minutes on 2 CPU cores: the constrained greedy parse of the 2,000 most typed texts of the early log
@@ -46,7 +46,8 @@ DPO_PRESETS: dict[str, dict[str, Any]] = {
               "k": 4, "temperature": 1.0, "loss_type": "sigmoid", "sft_weight": 0.5, "min_gap": 0.3, "pairs_per_query": 2, "epochs": 2.0,
               "max_steps": -1, "batch_size": 8, "lr": 1e-4, "beta": 0.1, "lora_r": 16, "lora_alpha": 32, "warmup_steps": 5, "bf16": True,
               "max_minutes": 5.0, "save_steps": 50},
-    "full": {"queries": 8000, "pick": "traffic", "explore_below": 0.5, "explore_confidence": 0.35, "explore_with": "branch", "constrained": True, "k": 8, "temperature": 1.0,
+    "full": {"queries": 8000, "pick": "traffic", "explore_below": 0.5, "explore_confidence": 0.35, "explore_with": "branch", "constrained": True,
+             "k": 8, "temperature": 1.0,
              "loss_type": "sigmoid", "sft_weight": 0.5, "min_gap": 0.3, "pairs_per_query": 2, "epochs": 2.0, "max_steps": -1,
              "batch_size": 16, "lr": 1e-4, "beta": 0.1, "lora_r": 16, "lora_alpha": 32, "warmup_steps": 10, "bf16": True, "max_minutes": None,
              "save_steps": 50},
@@ -62,10 +63,12 @@ GRPO_PRESETS: dict[str, dict[str, Any]] = {
     # lr 2e-4 on 11 queries screened without the confidence filter fell to -0.016; lr 5e-4 with each sampled batch
     # used for 2 steps to -0.140 (slot recall 0.74).
     "quick": {"queries": 1500, "pick": "random", "explore_below": 0.5, "explore_confidence": 0.35, "explore_with": "branch", "constrained": False,
-              "screen_k": 4, "improvable": True, "anchors": 1.0, "min_gap": 0.3, "max_steps": 45, "num_iterations": 1, "num_generations": 8, "batch_size": 32, "temperature": 0.8,
+              "screen_k": 4, "improvable": True, "anchors": 1.0, "min_gap": 0.3, "max_steps": 45, "num_iterations": 1, "num_generations": 8,
+              "batch_size": 32, "temperature": 0.8,
               "lr": 1e-4, "beta": 0.04, "lora_r": 16, "lora_alpha": 32, "warmup_steps": 5, "bf16": True, "max_minutes": 11.0,
               "save_steps": 10},  # a GRPO step samples 256 parses (~21 s on CPU): a checkpoint every ~4 min
-    "full": {"queries": 8000, "pick": "traffic", "explore_below": 0.5, "explore_confidence": 0.35, "explore_with": "branch", "constrained": True, "screen_k": 4, "improvable": True,
+    "full": {"queries": 8000, "pick": "traffic", "explore_below": 0.5, "explore_confidence": 0.35, "explore_with": "branch", "constrained": True,
+             "screen_k": 4, "improvable": True,
              "anchors": 1.0, "min_gap": 0.3, "max_steps": 600, "num_iterations": 1, "num_generations": 8, "batch_size": 64, "temperature": 0.8, "lr": 1e-4, "beta": 0.04,
              "lora_r": 16, "lora_alpha": 32, "warmup_steps": 10, "bf16": True, "max_minutes": None, "save_steps": 10},
 }
@@ -492,7 +495,7 @@ def _save(trainer, tokenizer, init: Path, out: Path, schema: Schema, meta: dict,
     tokenizer.save_pretrained(out)
     chain = copy_adapter_chain(init, out)
     save_model_meta(out, schema, {"stage": stage, **{k: meta[k] for k in BASE_KEYS if k in meta}, "format": formats.folder_format(meta),
-                                  "adapter": True, "init_adapters": chain, "init": str(init), "max_new_tokens": meta.get("max_new_tokens", 64)})
+                                  "adapter": True, "init_adapters": chain, "init": str(init), "max_new_tokens": meta.get("max_new_tokens", MAX_NEW_TOKENS)})
 
 
 def _train_and_save(trainer, tokenizer, init: Path, out: Path, schema: Schema, meta: dict, stage: str, resume_from: str | None = None):
@@ -540,9 +543,9 @@ def sample_candidates(init: Path, targets: list[dict], k: int, temperature: floa
     parse cannot be a rejected one (`build_pairs`), and it is not what the served model answers."""
     if explore_with not in EXPLORE_WITH:
         raise ValueError(f"explore_with: {explore_with!r} is not one of {', '.join(EXPLORE_WITH)}")
-    from querytune.generate import Parser
-
     from rich.progress import Progress
+
+    from querytune.generate import Parser
 
     parser = Parser(init, batch_size=48, constrained=constrained)
     texts = [t["query"] for t in targets]
@@ -597,7 +600,7 @@ def _valid(schema: Schema, completion: str, fmt: str = "json") -> bool:
 
 
 def train_dpo(pairs: pd.DataFrame, init: Path, out: Path, preset: dict[str, Any], seed: int = 0, say=print,
-              resume: bool = False) -> dict[str, Any]:
+              resume: bool = False, report_to: str = "none") -> dict[str, Any]:
     import torch
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
@@ -619,7 +622,7 @@ def train_dpo(pairs: pd.DataFrame, init: Path, out: Path, preset: dict[str, Any]
         # DPO plus a likelihood term on the chosen parse (RPO): keeps the chosen parses likely, not only relatively
         loss_type=[preset.get("loss_type", "sigmoid"), "sft"] if preset.get("sft_weight") else [preset.get("loss_type", "sigmoid")],
         loss_weights=[1.0, preset["sft_weight"]] if preset.get("sft_weight") else None,
-        report_to=[], seed=seed, use_cpu=not torch.cuda.is_available(), bf16=preset.get("bf16", False),
+        **report_args(out, report_to), seed=seed, use_cpu=not torch.cuda.is_available(), bf16=preset.get("bf16", False),
         disable_tqdm=True, dataloader_num_workers=0,
     )
     trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=lora,
@@ -632,7 +635,7 @@ def train_dpo(pairs: pd.DataFrame, init: Path, out: Path, preset: dict[str, Any]
 
 # -- GRPO ----------------------------------------------------------------------------------------------
 def train_grpo(targets: list[dict], reward: RetrievalReward, init: Path, out: Path, preset: dict[str, Any], seed: int = 0,
-               say=print, resume: bool = False) -> dict[str, Any]:
+               say=print, resume: bool = False, report_to: str = "none") -> dict[str, Any]:
     import torch
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
@@ -663,12 +666,12 @@ def train_grpo(targets: list[dict], reward: RetrievalReward, init: Path, out: Pa
                          "completion_len": "completions/mean_length"}, watch=watch)
     args = GRPOConfig(
         **checkpoint_args(out, preset), max_steps=preset["max_steps"], per_device_train_batch_size=preset["batch_size"],
-        num_generations=preset["num_generations"], max_completion_length=int(meta.get("max_new_tokens", 64)),
+        num_generations=preset["num_generations"], max_completion_length=int(meta.get("max_new_tokens", MAX_NEW_TOKENS)),
         # each batch of sampled groups serves `num_iterations` optimizer steps (clipped ratio, as in PPO): sampling
         # dominates a step on CPU, so reusing it learns more per minute
         num_iterations=int(preset.get("num_iterations", 1)),
         temperature=preset["temperature"], top_k=0, top_p=1.0, learning_rate=preset["lr"], lr_scheduler_type="constant_with_warmup",
-        warmup_steps=preset["warmup_steps"], beta=preset["beta"], logging_steps=1, report_to=[], seed=seed,
+        warmup_steps=preset["warmup_steps"], beta=preset["beta"], logging_steps=1, **report_args(out, report_to), seed=seed,
         use_cpu=not torch.cuda.is_available(), bf16=preset.get("bf16", False), disable_tqdm=True, dataloader_num_workers=0,
         use_vllm=bool(preset.get("use_vllm", False)), vllm_mode="colocate",
     )

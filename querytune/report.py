@@ -30,19 +30,14 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from querytune.metrics import ranking_metrics
-from querytune.parse_eval import _pairs
+from querytune.metrics import bootstrap, micro_f1, ranking_metrics
+from querytune.parse_eval import slot_pairs
+from querytune.report_html import LIST_SLICES, PARSE, RETRIEVAL, SLICES, write_html
 from querytune.schema import ParseError, Schema, load_schema
 
 K = 10
 MIN_SLICE = 30  # fewer queries than this: the slice says so rather than showing a number
 STAGE_ORDER = ("sft", "dpo", "grpo")
-RETRIEVAL = ("ndcg@10", "recall@10", "mrr")
-PARSE = ("intent_accuracy", "slot_f1", "frame_exact_match", "validity")
-SLICES = {"intent": "intent", "traffic": "head / torso / tail of the log", "user_city": "city",
-          "effects": "phrasing effect", "phrasing_in_seed": "phrasing seen in the seed",
-          "mechanisms": "world mechanism (where the guideline and the need part)"}
-LIST_SLICES = ("effects", "mechanisms")  # a row may carry several values, or none
 
 
 @dataclass(frozen=True)
@@ -70,35 +65,12 @@ class Workspace:
         return {name: found[name] for name in sorted(found, key=lambda n: (STAGE_ORDER.index(n) if n in STAGE_ORDER else 99, n))}
 
 
-# -- bootstrap ----------------------------------------------------------------------------------------------
-def bootstrap(stat: Callable[[dict[str, np.ndarray]], np.ndarray], columns: dict[str, np.ndarray], n: int = 1000,
-              seed: int = 0) -> tuple[float, float, float]:
-    """`stat` of the columns, and its percentile bootstrap 95% interval over rows.
-
-    `stat` takes arrays of shape (draws, rows) and returns one value per draw; the point value is `stat` on the
-    rows as they are. Rows are resampled with replacement, the same rows for every column.
-
-    >>> acc = lambda c: c["ok"].mean(axis=-1)
-    >>> value, low, high = bootstrap(acc, {"ok": np.array([1.0] * 80 + [0.0] * 20)})
-    >>> value, low < 0.8 < high, round(high - low, 2)
-    (0.8, True, 0.16)
-    """
-    size = len(next(iter(columns.values())))
-    if size == 0:
-        return float("nan"), float("nan"), float("nan")
-    value = float(stat({k: v[None, :] for k, v in columns.items()})[0])
-    idx = np.random.default_rng(seed).integers(0, size, size=(n, size))
-    draws = stat({k: v[idx] for k, v in columns.items()})
-    return value, float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))
+def _mean(name: str):
+    return lambda c, axis: c[name].mean(axis=axis)
 
 
-def _mean(name: str) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
-    return lambda c: c[name].mean(axis=-1)
-
-
-def _f1(c: dict[str, np.ndarray]) -> np.ndarray:
-    tp, fp, fn = (c[k].sum(axis=-1) for k in ("tp", "fp", "fn"))
-    return np.where(2 * tp + fp + fn > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 0.0)
+def _f1(c: dict[str, np.ndarray], axis: int) -> np.ndarray:
+    return micro_f1(*(c[k].sum(axis=axis) for k in ("tp", "fp", "fn")))
 
 
 def metric_interval(scores: pd.DataFrame, metric: str, seed: int = 0) -> dict[str, float] | None:
@@ -119,7 +91,7 @@ def metric_interval(scores: pd.DataFrame, metric: str, seed: int = 0) -> dict[st
 # -- per-row scores -----------------------------------------------------------------------------------------
 def parse_scores(gold: dict, pred: dict | None) -> dict[str, float]:
     """One row's parse outcome: intent right, frame right, valid, and its slot true/false positives/negatives."""
-    g, p = _pairs(gold["slots"]), _pairs(pred["slots"]) if pred else set()
+    g, p = slot_pairs(gold["slots"]), slot_pairs(pred["slots"]) if pred else set()
     intent_ok = bool(pred) and pred["intent"] == gold["intent"]
     return {"intent_accuracy": float(intent_ok), "frame_exact_match": float(intent_ok and g == p), "validity": float(pred is not None),
             "tp": float(len(g & p)), "fp": float(len(p - g)), "fn": float(len(g - p))}
@@ -294,7 +266,6 @@ def side_figures(ws: Workspace) -> dict[str, Any]:
 
 def build_report(ws: Workspace, say=print, progress: Callable = iter) -> dict[str, Any]:
     """Score every system and write report/{metrics.json, summary.md, index.html}; returns the metrics."""
-    from querytune.report_html import write_html
     from querytune.retrieval_eval import load_rows
     from querytune.search import Searcher
 

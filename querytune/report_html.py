@@ -9,7 +9,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from querytune.report import PARSE, RETRIEVAL, SLICES
+# what the report shows: its metric columns and the slices it breaks them down by
+RETRIEVAL = ("ndcg@10", "recall@10", "mrr")
+PARSE = ("intent_accuracy", "slot_f1", "frame_exact_match", "validity")
+SLICES = {"intent": "intent", "traffic": "head / torso / tail of the log", "user_city": "city",
+          "effects": "phrasing effect", "phrasing_in_seed": "phrasing seen in the seed",
+          "mechanisms": "world mechanism (where the guideline and the need part)"}
+LIST_SLICES = ("effects", "mechanisms")  # a row may carry several values, or none
+
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1200px;color:#1d2430;padding:0 1rem}
@@ -143,7 +150,8 @@ def write_html(path: Path, metrics: dict[str, Any], curves: dict[str, list[dict]
              _table(["system"] + list(cols), [[name] + [_cell(e.get(c)) for c in cols] for name, e in metrics["intervals"].items()], raw_html=True),
              "<p class=muted>raw / bm25: the query text searched with no understanding. peer: frozen MiniLM embeddings + logistic "
              "regression heads trained on the seed set. oracle: the gold parse, the ceiling of this search.</p>"]
-    for img in (_bars(metrics, RETRIEVAL, "retrieval (95% bootstrap intervals)"), _bars(metrics, ("intent_accuracy", "slot_f1", "frame_exact_match"), "parsing (95% bootstrap intervals)")):
+    for img in (_bars(metrics, RETRIEVAL, "retrieval (95% bootstrap intervals)"),
+                _bars(metrics, ("intent_accuracy", "slot_f1", "frame_exact_match"), "parsing (95% bootstrap intervals)")):
         if img:
             parts.append(f'<img alt="stage comparison" src="{img}">')
     parts.append("<h2>Slices</h2>")
@@ -155,7 +163,8 @@ def write_html(path: Path, metrics: dict[str, Any], curves: dict[str, list[dict]
         body = []
         for value, entry in values.items():
             if entry.get("too_few"):
-                body.append([html.escape(value), str(entry["n"]), f"<span class=few>too few queries (n={entry['n']}) to show a number</span>"] + [""] * (len(systems) - 1))
+                body.append([html.escape(value), str(entry["n"]),
+                       f"<span class=few>too few queries (n={entry['n']}) to show a number</span>"] + [""] * (len(systems) - 1))
             else:
                 body.append([html.escape(value), str(entry["n"])] + [
                     _cell(entry["systems"].get(s, {}).get("ndcg@10")) + (f"<br><span class=ci>F1 {entry['systems'][s]['slot_f1']['value']:.3f}</span>"
@@ -185,7 +194,8 @@ def write_html(path: Path, metrics: dict[str, Any], curves: dict[str, list[dict]
     side = []
     if "labeling" in metrics:
         side.append(_table(["labels", "rows", "distinct", "labeled now", "seconds", "queries/s"],
-                           [[k, v.get("rows"), v.get("distinct"), v.get("labeled_now"), v.get("seconds"), v.get("queries_per_s")] for k, v in metrics["labeling"].items()]))
+                           [[k, v.get("rows"), v.get("distinct"), v.get("labeled_now"), v.get("seconds"), v.get("queries_per_s")]
+                            for k, v in metrics["labeling"].items()]))
     if "serving" in metrics:
         s = metrics["serving"]
         side.append(_table(list(s), [[str(v) for v in s.values()]]))

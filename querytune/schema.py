@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from rapidfuzz.distance import OSA
 
+MAX_QUERY_CHARS = 256  # longest query accepted (labeling, serving) and put in a prompt: longer "queries" are pasted documents
 DEFAULT_SCHEMA = Path(__file__).resolve().parent / "data" / "schema.yaml"  # package data; data/schema.yaml links here
 SLOT_TYPES = ("text", "categorical", "boolean", "number")
 # Filters the structured search knows (querytune.search). `what` slots are embedded, the rest filter.
@@ -51,22 +53,10 @@ def normalize_text(text: str) -> str:
 WORD = re.compile(r"[^\W_]+")
 
 
-def _typo_distance(a: str, b: str) -> int:
-    """Edit distance counting a swap of neighbours as one edit (optimal string alignment)."""
-    prev2, prev = [], list(range(len(b) + 1))
-    for i in range(1, len(a) + 1):
-        row = [i] + [0] * len(b)
-        for j in range(1, len(b) + 1):
-            row[j] = min(prev[j] + 1, row[j - 1] + 1, prev[j - 1] + (a[i - 1] != b[j - 1]))
-            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
-                row[j] = min(row[j], prev2[j - 2] + 1)
-        prev2, prev = prev, row
-    return prev[-1]
-
-
 def is_grounded(value: str, text: str) -> bool:
     """Whether the query writes `value`: each of its words is a word of the query, up to the typos people
-    make (one edit in words of 4-6 letters, two in longer ones; a swap of neighbours counts as one).
+    make (one edit in words of 4-6 letters, two in longer ones; a swap of neighbours counts as one: rapidfuzz's optimal
+    string alignment distance).
 
     >>> is_grounded("la jolla", "thai in la joela"), is_grounded("the rustic fork", "the rustci fork hours")
     (True, True)
@@ -76,7 +66,7 @@ def is_grounded(value: str, text: str) -> bool:
     words = WORD.findall(normalize_text(text))
     for w in WORD.findall(normalize_text(value)):
         limit = 0 if len(w) <= 3 else 1 if len(w) <= 6 else 2
-        if not any(abs(len(w) - len(q)) <= limit and _typo_distance(w, q) <= limit for q in words):
+        if not any(abs(len(w) - len(q)) <= limit and OSA.distance(w, q, score_cutoff=limit) <= limit for q in words):
             return False
     return True
 

@@ -28,10 +28,8 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from querytune.catalog import DAY_VALUES, MIN, PRICE_LEVELS, always_open, hours_array, open_at, open_on, resolve_weekday  # noqa: E402
 from querytune.schema import Parse, Schema, normalize_text  # noqa: E402
-from querytune.world.catalog import MIN, always_open, hours_array, open_at, open_on  # noqa: E402
-from querytune.world.queries import resolve_weekday  # noqa: E402
-from querytune.world.vocab import DAY_SURFACES, PRICES  # noqa: E402
 
 INDEX_KINDS = ("flat", "hnsw")
 CANDIDATES = 400  # FAISS candidates per search before filter-aware re-scoring
@@ -170,15 +168,15 @@ class Searcher:
                 city = str(value)
             elif slot.filter == "neighborhood":
                 place &= self.hood == normalize_text(str(value))
-            elif slot.filter == "price" and value in PRICES:
-                others.append(np.isin(self.price, PRICES[value][0]))
+            elif slot.filter == "price" and value in PRICE_LEVELS:
+                others.append(np.isin(self.price, PRICE_LEVELS[value]))
             elif slot.filter == "min_rating":
                 others.append(self.rating >= float(value))
             elif slot.filter == "attribute" and value is True and slot.attribute in self.attrs:
                 others.append(self.attrs[slot.attribute])
             elif slot.filter == "day":
                 day = str(value)
-        days = resolve_weekday(day, weekday) if day in DAY_SURFACES else None
+        days = resolve_weekday(day, weekday) if day in DAY_VALUES else None
         open_value = next((v for n, v in parse.slots.items() if self.schema.slots[n].filter == "open"), None)
         if open_value == "now":
             others.append(open_at(self.hours, weekday, minute))

@@ -50,6 +50,7 @@ from pydantic import BaseModel, Field
 from querytune.asgi_gate import AccessLog, Gate
 from querytune.cache import Entry
 from querytune.label import check_query
+from querytune.schema import MAX_QUERY_CHARS
 from querytune.serving_cache import ServingCache
 
 log = logging.getLogger("querytune.serve")
@@ -57,7 +58,7 @@ log = logging.getLogger("querytune.serve")
 
 @dataclass
 class Settings:
-    max_query_chars: int = 256
+    max_query_chars: int = MAX_QUERY_CHARS
     max_batch: int = 64  # queries per POST
     max_body_bytes: int = 64 * 1024
     miss_deadline_s: float = 2.0  # past it a miss answers `source: fallback`

@@ -14,14 +14,15 @@ Checkpoints go to out/checkpoints every `save_steps` (the last two kept, removed
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from querytune.aliases import merge_aliases, mine_aliases
-from querytune.labeled import LabeledRow
 from querytune.formats import DEFAULT_FORMAT, completion, folder_format, prompt
+from querytune.labeled import LabeledRow
 from querytune.model import BASE_KEYS, base_path, base_record, cache_dir, copy_adapter_chain, load_merged, load_model_meta, save_model_meta
 from querytune.schema import Schema
 
@@ -117,6 +118,14 @@ def checkpoint_args(out: Path, preset: dict[str, Any]) -> dict[str, Any]:
             "save_total_limit": 2}
 
 
+def report_args(out: Path, report_to: str) -> dict[str, Any]:
+    """The trainer's `report_to`; TensorBoard writes into out/runs, which outlives out/checkpoints (the trainer's
+    output_dir, removed when the schedule completes)."""
+    if "tensorboard" in report_to:
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "runs")
+    return {"report_to": report_to}
+
+
 def finish_checkpoints(out: Path, trainer) -> None:
     """Remove the checkpoints once the schedule completed (a run stopped early, e.g. by its time cap, keeps them)."""
     if trainer.state.global_step >= trainer.state.max_steps:
@@ -191,12 +200,14 @@ def probe_batch(examples: list[dict[str, str]], tokenizer, size: int, seed: int 
 
 
 def train_sft(rows: list[LabeledRow], schema: Schema, out: Path, base: str | None, preset: dict[str, Any],
-              seed: int = 0, say=print, init: Path | None = None, resume: bool = False, fmt: str = DEFAULT_FORMAT) -> dict[str, Any]:
+              seed: int = 0, say=print, init: Path | None = None, resume: bool = False, fmt: str = DEFAULT_FORMAT,
+              report_to: str = "none") -> dict[str, Any]:
     """Train and save; returns a summary (steps, seconds, final loss, token lengths, dtype). `fmt`: the format the
     model reads and writes (`querytune.formats`). `init`: a model folder to continue from (its adapters merged, a new
     LoRA on top, its format kept) instead of the bare base. The folder's schema
     carries the aliases its labels support (`querytune.aliases`), plus those of `init`. `resume`: continue from the
-    last checkpoint in out/checkpoints (`start_or_resume`)."""
+    last checkpoint in out/checkpoints (`start_or_resume`). `report_to`: transformers' logging integrations
+    (tensorboard, ...) besides out/steps.jsonl."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -232,7 +243,7 @@ def train_sft(rows: list[LabeledRow], schema: Schema, out: Path, base: str | Non
     args = SFTConfig(
         **checkpoint_args(out, preset), max_steps=preset["max_steps"], num_train_epochs=preset["epochs"],
         per_device_train_batch_size=preset["batch_size"], learning_rate=preset["lr"], lr_scheduler_type="cosine",
-        warmup_steps=preset["warmup_steps"], logging_steps=1, report_to=[], seed=seed,
+        warmup_steps=preset["warmup_steps"], logging_steps=1, **report_args(out, report_to), seed=seed,
         max_length=max(lengths) + 1, completion_only_loss=True, packing=False, use_cpu=not torch.cuda.is_available(),
         bf16=bf16, activation_checkpointing=preset.get("gradient_checkpointing", False),  # TRL turns it on by default
         include_num_input_tokens_seen="all", disable_tqdm=True, dataloader_num_workers=0,

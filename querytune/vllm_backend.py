@@ -31,7 +31,7 @@ from typing import Any
 from querytune.formats import folder_format, prompt
 from querytune.generate import Prediction, validate_output
 from querytune.grammar import ebnf
-from querytune.model import cache_dir, load_merged, load_model_meta, model_version
+from querytune.model import MAX_NEW_TOKENS, cache_dir, load_merged, load_model_meta, model_version
 
 
 def merged_folder(model_dir: str | Path) -> Path:
@@ -81,7 +81,7 @@ class VLLMBackend:
         self.meta, self.schema = load_model_meta(model_dir)
         self.format = folder_format(self.meta)
         self.model_dir, self.model_version, self.schema_version = str(model_dir), model_version(model_dir), self.schema.version
-        self.max_new_tokens = int(self.meta.get("max_new_tokens", 64))
+        self.max_new_tokens = int(self.meta.get("max_new_tokens", MAX_NEW_TOKENS))
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         if current_platform.is_cpu():
             # on CPU this is a share of free RAM that must be available at start-up (the KV cache itself is sized by

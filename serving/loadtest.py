@@ -15,7 +15,6 @@ import json
 import time
 
 
-
 async def replay(url: str, queries: list[str], concurrency: int, api_key: str | None) -> dict:
     import httpx
 

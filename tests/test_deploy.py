@@ -9,11 +9,11 @@ import shutil
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import httpx
 import pytest
+import tomllib
 import yaml
 
 from querytune.cache import Entry, open_cache

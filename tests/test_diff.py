@@ -50,7 +50,7 @@ def test_diff_lists_exactly_the_changed_queries_by_traffic(two_models, real_inde
                         "clicked": list(catalog["business_id"].head(2))})
     pd.DataFrame(log).to_parquet(tmp_path / "log.parquet")
     out = tmp_path / "diff.json"
-    result = CliRunner().invoke(app, ["eval", "diff", "--a", str(a), "--b", str(b), "--log", str(tmp_path / "log.parquet"),
+    result = CliRunner().invoke(app, ["eval", "diff", str(a), str(b), "--log", str(tmp_path / "log.parquet"),
                                       "--index", str(real_index), "--out", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
@@ -82,13 +82,14 @@ def test_diff_of_labeling_folders_and_clear_errors(tmp_path):
 
     thai = {"intent": "find_business", "slots": {"category": "restaurant", "cuisine": "thai"}}
     a = folder("a", {"thai food": thai, "plumber": {"intent": "find_business", "slots": {"category": "plumber"}}})
-    b = folder("b", {"thai food": {"intent": "find_business", "slots": {"category": "restaurant"}}, "plumber": {"intent": "find_business", "slots": {"category": "plumber"}}})
+    b = folder("b", {"thai food": {"intent": "find_business", "slots": {"category": "restaurant"}},
+                    "plumber": {"intent": "find_business", "slots": {"category": "plumber"}}})
     pd.DataFrame({"query": ["thai food"] * 3 + ["Plumber"]}).to_csv(tmp_path / "log.csv", index=False)
     out = tmp_path / "d.json"
-    result = CliRunner().invoke(app, ["eval", "diff", "--a", str(a), "--b", str(b), "--log", str(tmp_path / "log.csv"), "--out", str(out)])
+    result = CliRunner().invoke(app, ["eval", "diff", str(a), str(b), "--log", str(tmp_path / "log.csv"), "--out", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert [c["query"] for c in report["changed"]] == ["thai food"] and report["changed"][0]["change"] == "-cuisine=thai"
     assert report["summary"]["changed_traffic_share"] == 0.75
-    bad = CliRunner().invoke(app, ["eval", "diff", "--a", str(a), "--b", str(b), "--log", str(tmp_path / "log.csv"), "--column", "text"])
+    bad = CliRunner().invoke(app, ["eval", "diff", str(a), str(b), "--log", str(tmp_path / "log.csv"), "--column", "text"])
     assert bad.exit_code != 0 and "no column 'text'" in bad.output

@@ -11,9 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from querytune.cli import app
-
 import querytune
+from querytune.cli import app
 from querytune.labeled import LabeledDataError, load_labeled, write_rejects
 from querytune.schema import load_schema
 

@@ -18,8 +18,7 @@ from querytune import formats
 from querytune.cli import app
 from querytune.generate import Parser
 from querytune.model import load_merged, load_model_meta
-from querytune.preference import (anchor_pairs, anchor_targets, build_pairs, click_targets, dropped_slots, load_pairs, sample_candidates,
-                                  screen, train_dpo, train_grpo)
+from querytune.preference import anchor_pairs, anchor_targets, build_pairs, click_targets, dropped_slots, load_pairs, sample_candidates, screen, train_dpo, train_grpo
 from querytune.reward import strict_parse
 from querytune.schema import WORD, ParseError, load_schema, normalize_text
 from querytune.sft import train_sft
@@ -250,10 +249,11 @@ def test_a_pair_file_with_equal_scores_is_rejected(tmp_path):
                                       "--pairs", str(path)])
     assert result.exit_code == 2 and "not a querytune model folder" in result.output
     result = CliRunner().invoke(app, ["train", "grpo", "--init", "x", "--world", "w", "--index", "i", "--out", str(tmp_path / "o"),
-                                      "--explore-with", "greedy"])
-    assert result.exit_code == 2 and "--explore-with: 'greedy' is not one of beam, branch, sample" in result.output
+                                      "--explore-with", "greedy"], env={"COLUMNS": "200"})
+    assert result.exit_code == 2 and "'greedy' is not one of 'beam', 'branch', 'sample'" in result.output
+    (tmp_path / "c.yaml").write_text("pick: head\n")  # a config file's choices are checked as the command line's are
     result = CliRunner().invoke(app, ["train", "dpo", "--init", "x", "--world", "w", "--index", "i", "--out", str(tmp_path / "o"),
-                                      "--pick", "head"])
+                                      "--config", str(tmp_path / "c.yaml")])
     assert result.exit_code == 2 and "--pick: 'head' is not one of traffic, random, novel" in result.output
     result = CliRunner().invoke(app, ["train", "grpo", "--init", "x", "--world", "w", "--index", "i", "--out", str(tmp_path / "o"),
                                       "--screen-k", "0", "--anchors", "1"])

@@ -10,9 +10,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from querytune.cli import app
-
 import querytune
+from querytune.cli import app
 from querytune.schema import DEFAULT_SCHEMA, ParseError, SchemaError, load_schema, normalize_text, schema_from_dict
 
 SGD_SCHEMA = Path(querytune.__file__).resolve().parent.parent / "data" / "schemas" / "sgd.yaml"
@@ -253,3 +252,21 @@ def test_hex_and_octal_numbers_past_the_digit_limit_are_schema_errors(tmp_path, 
     path.write_text(text)
     with pytest.raises(SchemaError, match=field + r".*a number with more than 4300 digits"):
         load_schema(path)
+
+
+# (word, typed, edits) as the hand-written optimal-string-alignment distance counted them before rapidfuzz replaced it
+TYPO_TABLE = [("thai", "thia", 1), ("jolla", "joela", 1), ("rustic", "rustci", 1), ("williamsburg", "wellness", 8), ("chelsea", "chi", 5),
+              ("sushi", "suhsi", 1), ("plumber", "plumbr", 1), ("dentist", "dentsit", 1), ("a", "", 1), ("", "abc", 3), ("ca", "abc", 3),
+              ("brooklyn", "brookyln", 1), ("barbershop", "barbrshop", 1), ("koreatown", "koreatwon", 1), ("pharmacy", "phaarmacy", 1),
+              ("abcdef", "badcfe", 3), ("kitten", "sitting", 3), ("restaurant", "resturant", 1)]
+
+
+@pytest.mark.parametrize("word, typed, edits", TYPO_TABLE)
+def test_grounding_counts_typos_as_before(word, typed, edits):
+    from rapidfuzz.distance import OSA
+
+    from querytune.schema import is_grounded
+
+    assert OSA.distance(word, typed) == edits
+    limit = 0 if len(word) <= 3 else 1 if len(word) <= 6 else 2
+    assert is_grounded(word, f"near {typed}") == (not word or abs(len(word) - len(typed)) <= limit and edits <= limit)

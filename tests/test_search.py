@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from querytune.catalog import hours_array, open_at
 from querytune.cli import app
 from querytune.schema import load_schema
 from querytune.search import Context, Searcher, build_index
-from querytune.world.catalog import hours_array, open_at
 
 SCHEMA = load_schema()
 FRIDAY_EVENING = datetime(2026, 10, 23, 19, 30)

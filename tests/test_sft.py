@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -63,6 +64,12 @@ def test_parser_returns_a_defined_result_for_every_input(tiny_base, tmp_path):
             assert p.error
 
 
+def test_report_to_reaches_the_trainer(tiny_base, small_world_master, tmp_path):
+    result = CliRunner().invoke(app, ["train", "sft", "--data", str(small_world_master / "seed.jsonl"), "--out", str(tmp_path / "sft"),
+                                      "--base", str(tiny_base), "--max-steps", "1", "--batch-size", "4", "--no-bf16", "--report-to", "nonsense"])
+    assert result.exit_code == 2 and "nonsense is not supported" in result.output, result.output
+
+
 def test_parser_drops_values_the_query_does_not_write():
     parser = Parser.__new__(Parser)  # only the validation step: no model needed
     parser.schema, parser.max_new_tokens, parser.format = SCHEMA, 64, "json"
@@ -85,6 +92,10 @@ def test_train_predict_and_eval_through_the_cli(tiny_base, small_world_master, t
     assert config["max_steps"] == 2 and config["lora_r"] == 4 and config["schema_version"] == SCHEMA.version
     assert config["dtype"] == "fp32" and config["gradient_checkpointing"] is False
     assert len((model / "steps.jsonl").read_text().splitlines()) == 2
+    card = (model / "README.md").read_text()
+    header = yaml.safe_load(card.split("---")[1])  # the Hugging Face model card's front matter
+    assert card.startswith("---\n") and header["base_model"] == tiny_base.name and header["library_name"] == "peft"
+    assert header["base_model_relation"] == "adapter" and "sft" in header["tags"]
 
     result = CliRunner().invoke(app, ["predict", "--model", str(model), "cheap thai near me", "plumber"])
     assert result.exit_code == 0, result.output

@@ -14,6 +14,19 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"querytune {version('querytune')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(show_version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print querytune's version and exit.")) -> None:
+    """Query understanding for local-service search: schema, simulated world, retrieval, training, prediction, evaluation."""
+
+
 app.add_typer(schema.app, name="schema")
 app.add_typer(data.app, name="data")
 app.add_typer(world.app, name="world")

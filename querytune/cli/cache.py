@@ -14,7 +14,7 @@ from pathlib import Path
 
 import typer
 
-from querytune.cli.common import UserError, user_errors
+from querytune.cli.common import Backend, UserError, user_errors
 
 app = typer.Typer(help="The parse cache (SQLite or Redis): load, stats, warm, promote, rollback.", no_args_is_help=True)
 
@@ -94,7 +94,7 @@ def warm(
     column: str = typer.Option("query", "--column", help="Column or field holding the query text."),
     where: str = typer.Option(None, "--where", help="Only rows whose COLUMN holds VALUE, e.g. period=early."),
     work: Path = typer.Option(None, "--work", help="Labeling folder for the head (default: a new folder under the system temp dir)."),
-    backend: str = typer.Option("transformers", "--backend", help="transformers or vllm."),
+    backend: Backend = typer.Option("transformers", "--backend", help="transformers or vllm."),
 ) -> None:
     """Label the head of a log with a new model and load it, before `promote`, so a promotion serves hits at once."""
     import tempfile

@@ -5,13 +5,23 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import typer
 import yaml
 from rich.console import Console
 
 console = Console(stderr=True)
+
+# the choices of options several commands share, as types: `--help` lists them and a wrong one exits 2 naming them
+# (tests/test_cli.py checks each against the tuple its module validates with)
+Backend = Literal["transformers", "vllm"]  # querytune.backends.BACKENDS
+Engine = Literal["local", "ray"]
+Preset = Literal["quick", "full"]  # the keys of each training stage's PRESETS
+Format = Literal["chat-compact", "user-compact", "json", "compact"]  # querytune.formats.FORMATS
+IndexKind = Literal["flat", "hnsw"]  # querytune.search.INDEX_KINDS
+Pick = Literal["traffic", "random", "novel"]  # querytune.preference.PICKS
+ExploreWith = Literal["beam", "branch", "sample"]  # querytune.preference.EXPLORE_WITH
 
 
 class UserError(Exception):

@@ -254,8 +254,10 @@ def report(
 
 @app.command()
 def diff(
-    a: Path = typer.Option(..., "--a", help="The served model: a model folder, or a labeling folder of `querytune label`."),
-    b: Path = typer.Option(..., "--b", help="The candidate: a model folder, or a labeling folder."),
+    a: Path = typer.Argument(None, help="The served model: a model folder, or a labeling folder of `querytune label`.", show_default=False),
+    b: Path = typer.Argument(None, help="The candidate: a model folder, or a labeling folder.", show_default=False),
+    old_a: Path = typer.Option(None, "--a", hidden=True, help="Deprecated spelling of A."),
+    old_b: Path = typer.Option(None, "--b", hidden=True, help="Deprecated spelling of B."),
     log: Path = typer.Option(..., "--log", help="Query log (Parquet, CSV or JSONL) whose traffic weighs each query."),
     column: str = typer.Option("query", "--column", help="The log's query column."),
     index: Path = typer.Option(None, "--index", help="Index folder: also score each changed query's retrieval (NDCG@10 against the log's clicks, column `clicked`)."),
@@ -267,7 +269,13 @@ def diff(
     from querytune.diff import diff as run_diff
 
     with user_errors():
-        for name, path in (("--a", a), ("--b", b)):
+        for name, old in (("--a", old_a), ("--b", old_b)):
+            if old is not None:
+                out_console.print(f"note: {name} is deprecated: give the two folders as arguments, `querytune eval diff A B`")
+        a, b = a or old_a, b or old_b
+        if a is None or b is None:
+            raise UserError("give the two folders to compare: `querytune eval diff A B --log LOG`")
+        for name, path in (("A", a), ("B", b)):
             if not path.is_dir():
                 raise UserError(f"{name} {path}: folder not found")
         if not log.is_file():

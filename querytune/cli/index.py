@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from querytune.cli.common import UserError, user_errors
+from querytune.cli.common import IndexKind, UserError, user_errors
 
 app = typer.Typer(help="Build the FAISS index of businesses and run searches on it.", no_args_is_help=True)
 out_console = Console()
@@ -20,7 +20,7 @@ out_console = Console()
 def build(
     world: Path = typer.Option(..., "--world", help="World folder holding catalog.parquet."),
     out: Path = typer.Option(..., "--out", help="Folder for index.faiss, catalog.parquet and meta.json."),
-    kind: str = typer.Option("flat", "--kind", help="flat: exact inner product (default); hnsw: approximate, for large catalogs."),
+    kind: IndexKind = typer.Option("flat", "--kind", help="flat: exact inner product (default); hnsw: approximate, for large catalogs."),
 ) -> None:
     """Embed every business text with all-MiniLM-L6-v2 and store the vectors in FAISS."""
     import pandas as pd

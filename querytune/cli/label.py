@@ -13,7 +13,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from querytune.cli.common import UserError, user_errors
+from querytune.cli.common import Backend, Engine, UserError, user_errors
+from querytune.schema import MAX_QUERY_CHARS
 
 
 def label(
@@ -21,9 +22,9 @@ def label(
     model: Path = typer.Option(..., "--model", help="Model folder made by `querytune train ...`."),
     out: Path = typer.Option(..., "--out", help="Output folder: labels/part-*.parquet, rows.parquet (row -> label), rejects.jsonl, summary.json."),
     column: str = typer.Option("query", "--column", help="Column (CSV, Parquet) or field (JSONL) that holds the query text."),
-    backend: str = typer.Option("transformers", "--backend", help="transformers (any machine) or vllm (vLLM installed: `make vllm-env`)."),
+    backend: Backend = typer.Option("transformers", "--backend", help="transformers (any machine) or vllm (vLLM installed: `make vllm-env`)."),
     where: str = typer.Option(None, "--where", help="Only rows whose COLUMN holds VALUE, e.g. period=early."),
-    engine: str = typer.Option("local", "--engine", help="local (this process) or ray (a Ray Data pipeline, one model replica per worker; RAY_ADDRESS joins a cluster)."),
+    engine: Engine = typer.Option("local", "--engine", help="local (this process) or ray (a Ray Data pipeline, one model replica per worker; RAY_ADDRESS joins a cluster)."),
     workers: int = typer.Option(2, "--workers", min=1, help="--engine ray: model replicas (Ray actors)."),
     cpus_per_replica: int = typer.Option(1, "--cpus-per-replica", min=1,
                                          help="--engine ray: CPU cores each replica reserves and computes on (a vLLM CPU replica binds its node's cores: give it the node's count)."),
@@ -33,7 +34,7 @@ def label(
                               "the MLP down projections: ~1.8x the queries/s, parses within noise of fp32 (eval/RESULTS.md)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Queries per model call (batches are sorted by length)."),
     shard_size: int = typer.Option(1024, "--shard-size", min=1, help="Distinct queries per output shard: the most work a kill can lose."),
-    max_chars: int = typer.Option(256, "--max-chars", min=1, help="Reject queries longer than this after normalisation."),
+    max_chars: int = typer.Option(MAX_QUERY_CHARS, "--max-chars", min=1, help="Reject queries longer than this after normalisation."),
     restart: bool = typer.Option(False, "--restart", help="Delete this folder's labels and start over (default: resume)."),
 ) -> None:
     """Normalise, deduplicate and label every query of INPUT with a model; killed and run again, it resumes."""
@@ -44,12 +45,6 @@ def label(
     with user_errors(), ExitStack() as held:
         if not model.is_dir():
             raise UserError(f"--model {model}: folder not found")
-        from querytune.backends import BACKENDS
-
-        if engine not in ("local", "ray"):
-            raise UserError(f"--engine {engine}: choose local or ray")
-        if backend not in BACKENDS:
-            raise UserError(f"--backend {backend}: choose from {', '.join(BACKENDS)}")
         if int8 and backend != "transformers":
             raise UserError("--int8: only the transformers backend quantises (vLLM has its own --dtype)")
         if gpus_per_replica and (engine != "ray" or backend != "vllm"):

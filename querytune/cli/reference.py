@@ -1,7 +1,7 @@
-"""The README's CLI reference, generated from the commands' own `--help` text.
+"""The CLI reference (docs/cli.md), generated from the commands' own `--help` text.
 
     python -m querytune.cli.reference            # print it
-    python -m querytune.cli.reference --write    # replace the part of README.md between the markers
+    python -m querytune.cli.reference --write    # replace the part of docs/cli.md between the markers (`make readme`)
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 
 START, END = "<!-- cli-reference:start -->", "<!-- cli-reference:end -->"
-README = Path(__file__).resolve().parents[2] / "README.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
 
 
 def _commands(group, prefix: str) -> list[tuple[str, object]]:
@@ -36,7 +36,7 @@ def reference() -> str:
     for path, command in _commands(root, "querytune"):
         params = [p for p in command.params if p.name != "help"]
         args = " ".join((p.metavar or p.name).upper() for p in params if p.param_type_name == "argument")
-        lines += [f"#### `{path}{' ' + args if args else ''}`", "", _cell((command.help or "").split("\n\n")[0]), ""]
+        lines += [f"## `{path}{' ' + args if args else ''}`", "", _cell((command.help or "").split("\n\n")[0]), ""]
         rest = (command.help or "").split("\n\n")[1:]
         if rest:
             lines += [_cell(" ".join(rest)), ""]
@@ -55,16 +55,17 @@ def reference() -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def readme_with_reference(readme: str) -> str:
-    if START not in readme or END not in readme:
-        raise ValueError(f"README.md has no {START} ... {END} markers")
-    head, rest = readme.split(START, 1)
+def doc_with_reference(doc: str) -> str:
+    """`doc` with the part between the markers replaced by the current reference."""
+    if START not in doc or END not in doc:
+        raise ValueError(f"docs/cli.md has no {START} ... {END} markers")
+    head, rest = doc.split(START, 1)
     return head + START + "\n" + reference() + END + rest.split(END, 1)[1]
 
 
 if __name__ == "__main__":
     if "--write" in sys.argv:
-        README.write_text(readme_with_reference(README.read_text()))
-        print(f"wrote the CLI reference into {README}")
+        DOC.write_text(doc_with_reference(DOC.read_text()))
+        print(f"wrote the CLI reference into {DOC}")
     else:
         print(reference(), end="")

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import typer
 
-from querytune.cli.common import UserError, user_errors
+from querytune.cli.common import Backend, UserError, user_errors
+from querytune.schema import MAX_QUERY_CHARS
 
 
 def usable_cores() -> int:
@@ -38,38 +39,35 @@ def serve(
                                 help=f"Server processes sharing the port, each with its own model and in-process cache copy; /metrics "
                                      f"sums them all. Default: the cores this process may use ({usable_cores()} here), or 1 with --backend "
                                      f"vllm (its engine takes the whole machine)."),
-    backend: str = typer.Option("transformers", "--backend", envvar="QUERYTUNE_BACKEND", help="Model backend for misses: transformers or vllm."),
-    int8: bool = typer.Option(False, "--int8", help="--backend transformers: int8 dynamic quantisation of the model's Linear layers but the MLP "
+    backend: Backend = typer.Option("transformers", "--backend", envvar="QUERYTUNE_BACKEND", help="Model backend for misses: transformers or vllm."),
+    int8: bool = typer.Option(False, "--int8", envvar="QUERYTUNE_INT8", help="--backend transformers: int8 dynamic quantisation of the model's Linear layers but the MLP "
                               "down projections: faster misses on CPU, parses within noise of fp32 (eval/RESULTS.md)."),
-    deadline: float = typer.Option(2.0, "--deadline", min=0.001, help="Seconds a miss may wait for the model; past it the answer is `source: fallback`."),
-    batch_window_ms: float = typer.Option(5.0, "--batch-window-ms", min=0.0, help="How long a miss waits for concurrent misses to share its model call."),
-    max_miss_batch: int = typer.Option(32, "--max-miss-batch", min=1, help="Most distinct queries in one model call."),
-    max_batch: int = typer.Option(64, "--max-batch", min=1, help="Most queries in one POST /v1/parse (more: 413)."),
-    max_query_chars: int = typer.Option(256, "--max-query-chars", min=1, help="Longest query accepted (more: 400)."),
-    max_body_bytes: int = typer.Option(65536, "--max-body-bytes", min=1, help="Largest request body accepted, chunked or not (more: 413)."),
+    deadline: float = typer.Option(2.0, "--deadline", envvar="QUERYTUNE_DEADLINE", min=0.001, help="Seconds a miss may wait for the model; past it the answer is `source: fallback`."),
+    batch_window_ms: float = typer.Option(5.0, "--batch-window-ms", envvar="QUERYTUNE_BATCH_WINDOW_MS", min=0.0, help="How long a miss waits for concurrent misses to share its model call."),
+    max_miss_batch: int = typer.Option(32, "--max-miss-batch", envvar="QUERYTUNE_MAX_MISS_BATCH", min=1, help="Most distinct queries in one model call."),
+    max_batch: int = typer.Option(64, "--max-batch", envvar="QUERYTUNE_MAX_BATCH", min=1, help="Most queries in one POST /v1/parse (more: 413)."),
+    max_query_chars: int = typer.Option(MAX_QUERY_CHARS, "--max-query-chars", envvar="QUERYTUNE_MAX_QUERY_CHARS", min=1, help="Longest query accepted (more: 400)."),
+    max_body_bytes: int = typer.Option(65536, "--max-body-bytes", envvar="QUERYTUNE_MAX_BODY_BYTES", min=1, help="Largest request body accepted, chunked or not (more: 413)."),
     local_cache_entries: int = typer.Option(20000, "--local-cache-entries", envvar="QUERYTUNE_LOCAL_CACHE_ENTRIES", min=0,
                                             help="Entries kept in process (most recently requested first): they answer while the store is down."),
-    lookup_timeout: float = typer.Option(0.25, "--lookup-timeout", min=0.001, help="Seconds a request waits for the cache store before asking the model."),
+    lookup_timeout: float = typer.Option(0.25, "--lookup-timeout", envvar="QUERYTUNE_LOOKUP_TIMEOUT", min=0.001, help="Seconds a request waits for the cache store before asking the model."),
     watch_promotions: float = typer.Option(10.0, "--watch-promotions", envvar="QUERYTUNE_WATCH_S", min=0.0,
                                            help="With --model active: check the cache's promotion this often (seconds; 0: never)."),
     api_key: str = typer.Option(None, "--api-key", envvar="QUERYTUNE_API_KEY", help="Require this key (X-API-Key or Authorization: Bearer) on /v1/ routes."),
     fallback_log: Path = typer.Option(None, "--fallback-log", envvar="QUERYTUNE_FALLBACK_LOG",
                                       help="Append queries answered by the fallback here (JSONL) for offline labeling."),
-    access_log: bool = typer.Option(True, "--access-log/--no-access-log",
+    access_log: bool = typer.Option(True, "--access-log/--no-access-log", envvar="QUERYTUNE_ACCESS_LOG",
                                     help="One JSON line per request on stderr (request id, status, ms), written every 0.5 s or 1,024 lines."),
-    allow_no_key: bool = typer.Option(False, "--allow-no-key", help="Serve a non-loopback address without an API key (refused otherwise)."),
+    allow_no_key: bool = typer.Option(False, "--allow-no-key", envvar="QUERYTUNE_ALLOW_NO_KEY", help="Serve a non-loopback address without an API key (refused otherwise)."),
 ) -> None:
     """Serve GET/POST /v1/parse, /healthz, /metrics and /docs; cache first, misses micro-batched to the model."""
     import uvicorn
 
-    from querytune.backends import BACKENDS
     from querytune.cache import CacheUnavailable, open_cache
     from querytune.serve import Settings, resolve_model
 
     workers = workers or (1 if backend == "vllm" else usable_cores())
     with user_errors():
-        if backend not in BACKENDS:
-            raise UserError(f"--backend {backend}: choose from {', '.join(BACKENDS)}")
         if int8 and backend != "transformers":
             raise UserError("--int8: only the transformers backend quantises")
         if not api_key and host not in ("127.0.0.1", "localhost", "::1") and not allow_no_key:

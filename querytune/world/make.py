@@ -40,12 +40,21 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from querytune.catalog import hours_array
 from querytune.metrics import ndcg_at_k
 from querytune.schema import load_schema, normalize_text
 from querytune.search import Bm25
-from querytune.world.catalog import CATEGORY_LABELS, hours_array, make_catalog
+from querytune.world.catalog import CATEGORY_LABELS, make_catalog
 from querytune.world.mechanisms import (
-    DRIFT_TERMS, FINE_TO_BROAD, MECHANISMS, SEED_DAYS, SWAP_P, SWAP_POOL, TEST_SHARES, annotate, drift_rate,
+    DRIFT_TERMS,
+    FINE_TO_BROAD,
+    MECHANISMS,
+    SEED_DAYS,
+    SWAP_P,
+    SWAP_POOL,
+    TEST_SHARES,
+    annotate,
+    drift_rate,
 )
 from querytune.world.queries import V1, V2, Market, graded_relevance, named_need, render, sample_need
 from querytune.world.vocab import ATTRIBUTES, CATEGORIES, CITIES, CUISINES

@@ -14,11 +14,23 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from querytune.world.catalog import HOURS_PROFILES, MIN, always_open, open_at, open_on
+from querytune.catalog import MIN, always_open, open_at, open_on, resolve_weekday
+from querytune.world.catalog import HOURS_PROFILES
 from querytune.world.mechanisms import ATTRIBUTE_CATEGORIES, V2_CUISINES, V2_PRICES
 from querytune.world.vocab import (
-    ATTRIBUTES, CATEGORIES, CITIES, CUISINES, DAY_SURFACES, DAYS, NEAR_ME, OPEN, OUT_OF_SCOPE, PEOPLE, PRICES,
-    RATING, SONGS,
+    ATTRIBUTES,
+    CATEGORIES,
+    CITIES,
+    CUISINES,
+    DAY_SURFACES,
+    DAYS,
+    NEAR_ME,
+    OPEN,
+    OUT_OF_SCOPE,
+    PEOPLE,
+    PRICES,
+    RATING,
+    SONGS,
 )
 
 # The seed annotators saw every framing but two: slang ("pho spot rn") and telegraphic (shuffled, no connectors).
@@ -257,7 +269,8 @@ def render(rng: random.Random, need: dict, seed_style: bool = False, noise: floa
         fam = "book_formal" if rng.random() < 0.5 else "book_casual"
         n = s.get("party_size")
         if fam == "book_formal":
-            verb = rng.choice(["book", "reserve", "make a reservation at"] if s["category"] in ("restaurant", "escape_room", "hotel") else ["book an appointment at", "schedule an appointment with", "book"])
+            verb = rng.choice(["book", "reserve", "make a reservation at"] if s["category"] in ("restaurant", "escape_room", "hotel")
+                else ["book an appointment at", "schedule an appointment with", "book"])
             head = f"{verb} {_article(what)}{what}" + (f" for {n}" if n else "")
             text = " ".join([head] + loc + when)
         else:
@@ -308,16 +321,6 @@ def _noise(rng: random.Random, text: str, noise: float) -> tuple[str, bool]:
     if rng.random() < 0.06:
         text = text.title() if rng.random() < 0.5 else text.capitalize()
     return text, typo
-
-
-def resolve_weekday(day: str, ts_weekday: int) -> list[int]:
-    if day == "today":
-        return [ts_weekday]
-    if day == "tomorrow":
-        return [(ts_weekday + 1) % 7]
-    if day == "weekend":
-        return [5, 6]
-    return [DAYS.index(day)]
 
 
 def constraint_masks(need: dict, cat: dict, idx: np.ndarray, user_city: str, weekday: int, minute: int):

@@ -3,6 +3,8 @@ many ways people type each of them. Canonical values here are the default schema
 
 from __future__ import annotations
 
+from querytune.catalog import DAYS, PRICE_LEVELS
+
 # city -> (population weight, neighbourhoods, aliases people type)
 CITIES: dict[str, tuple[float, list[str], list[str]]] = {
     "new york": (8.0, ["midtown", "soho", "harlem", "williamsburg", "astoria", "chelsea"], ["nyc", "ny", "new york city"]),
@@ -127,10 +129,10 @@ ATTRIBUTES: dict[str, tuple[tuple[str, ...], float, list[str], str]] = {
 }
 
 PRICES = {  # price slot value -> (catalog price levels, surfaces)
-    "cheap": ((1,), ["cheap", "affordable", "budget", "inexpensive", "cheap eats", "not expensive"]),
-    "moderate": ((2,), ["moderately priced", "mid priced", "reasonably priced", "mid range"]),
-    "expensive": ((3, 4), ["upscale", "fancy", "high end", "fine dining", "luxury", "splurge"]),
-    "affordable": ((1, 2), ["cheap", "affordable", "inexpensive", "cheap eats", "not expensive"]),  # world v2's needs only
+    "cheap": (PRICE_LEVELS["cheap"], ["cheap", "affordable", "budget", "inexpensive", "cheap eats", "not expensive"]),
+    "moderate": (PRICE_LEVELS["moderate"], ["moderately priced", "mid priced", "reasonably priced", "mid range"]),
+    "expensive": (PRICE_LEVELS["expensive"], ["upscale", "fancy", "high end", "fine dining", "luxury", "splurge"]),
+    "affordable": (PRICE_LEVELS["affordable"], ["cheap", "affordable", "inexpensive", "cheap eats", "not expensive"]),  # world v2's needs only
 }
 PRICE_WORDS = {1: "budget-friendly", 2: "moderately priced", 3: "upscale", 4: "luxury"}
 
@@ -139,7 +141,6 @@ OPEN = {  # open slot value -> surfaces
     "late": ["open late", "late night", "open after midnight", "late", "open til 2"],
     "24h": ["24 hour", "24/7", "24h", "open 24 hours", "all night"],
 }
-DAYS = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
 DAY_SURFACES = {d: [d, f"on {d}", d[:3]] for d in DAYS} | {
     "today": ["today", "for today"],
     "tomorrow": ["tomorrow", "tmrw", "for tomorrow"],

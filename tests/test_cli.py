@@ -1,0 +1,69 @@
+"""The command line's conventions: --version, choices listed and checked, positional A B, no silent overwrite."""
+
+from __future__ import annotations
+
+from importlib.metadata import version
+from typing import get_args
+
+import pytest
+from typer.testing import CliRunner
+
+from querytune.cli import app, common
+
+
+def run(args: list[str]):
+    return CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+
+
+def test_version_prints_the_installed_version():
+    r = run(["--version"])
+    assert r.exit_code == 0 and r.output.strip() == f"querytune {version('querytune')}"
+
+
+def test_each_choice_type_is_the_tuple_its_module_checks():
+    from querytune.backends import BACKENDS
+    from querytune.formats import FORMATS
+    from querytune.preference import DPO_PRESETS, EXPLORE_WITH, GRPO_PRESETS, PICKS
+    from querytune.search import INDEX_KINDS
+    from querytune.sft import PRESETS
+
+    assert set(get_args(common.Backend)) == set(BACKENDS) and set(get_args(common.Format)) == set(FORMATS)
+    assert set(get_args(common.IndexKind)) == set(INDEX_KINDS) and set(get_args(common.Pick)) == set(PICKS)
+    assert set(get_args(common.ExploreWith)) == set(EXPLORE_WITH)
+    assert set(get_args(common.Preset)) == set(PRESETS) == set(DPO_PRESETS) == set(GRPO_PRESETS)
+
+
+@pytest.mark.parametrize("command, option, shown", [
+    (["label"], "--backend", "transformers|vllm"), (["label"], "--engine", "local|ray"), (["serve"], "--backend", "transformers|vllm"),
+    (["index", "build"], "--kind", "flat|hnsw"), (["train", "sft"], "--format", "chat-compact|user-compact|json|compact"),
+    (["train", "sft"], "--preset", "quick|full"), (["train", "dpo"], "--pick", "traffic|random|novel"),
+    (["train", "grpo"], "--explore-with", "beam|branch|sample"),
+])
+def test_help_lists_the_choices_and_a_wrong_one_exits_2_naming_them(command, option, shown):
+    assert shown in run([*command, "--help"]).output
+    r = run([*command, option, "nonsense"])
+    assert r.exit_code == 2 and "'nonsense' is not one of" in r.output
+
+
+def test_world_make_refuses_a_folder_that_is_not_empty_without_force(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    r = run(["world", "make", "--out", str(tmp_path), "--rows", "1000", "--per-city", "60"])
+    assert r.exit_code == 2 and "not empty" in r.output and "--force" in r.output
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"], "nothing is written"
+
+
+def test_eval_diff_takes_a_and_b_as_arguments_and_the_old_options_still_work(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    new = run(["eval", "diff", str(a), str(b), "--log", str(tmp_path / "log.csv")])
+    old = run(["eval", "diff", "--a", str(a), "--b", str(b), "--log", str(tmp_path / "log.csv")])
+    assert new.exit_code == old.exit_code == 2 and f"B {b}: folder not found" in new.output and f"B {b}: folder not found" in old.output
+    assert "deprecated" not in new.output and "--a is deprecated" in old.output and "eval diff A B" in old.output
+
+
+def test_every_server_setting_can_come_from_the_environment():
+    import typer.main
+
+    command = typer.main.get_command(app).commands["serve"]
+    settings = [p for p in command.params if p.param_type_name == "option" and p.name != "help"]
+    assert settings and all(p.envvar and p.envvar.startswith("QUERYTUNE_") for p in settings), [p.name for p in settings if not p.envvar]

@@ -1,0 +1,69 @@
+"""The package's import graph: no cycles, and the product's code never imports the simulated world.
+
+Every import counts: at module level or inside a function, absolute or relative."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import networkx as nx
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "querytune"
+# what may import the simulator: itself, its command, and the helpers that build worlds for tests and scripts
+MAY_IMPORT_WORLD = ("querytune.world", "querytune.cli.world", "querytune.testing", "querytune.demo")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path) -> set[str]:
+    """The querytune modules `path` imports (a `from package import name` counts the submodule when there is one)."""
+    name, found = module_name(path), set()
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            found.add(base)
+            found |= {f"{base}.{a.name}" for a in node.names}
+    return {m for m in found if m.split(".")[0] == "querytune"}
+
+
+@pytest.fixture(scope="module")
+def graph() -> nx.DiGraph:
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    g = nx.DiGraph()
+    g.add_nodes_from(modules)
+    for name, path in modules.items():
+        g.add_edges_from((name, m) for m in imports(path) if m in modules and m != name)
+    return g
+
+
+def test_the_import_walker_sees_function_level_and_relative_imports(tmp_path):
+    pkg = PACKAGE / "world"
+    assert "querytune.search" in imports(pkg / "make.py")
+    source = "def f():\n    from ..search import Bm25\n    from . import vocab\n"
+    fake = pkg / "_probe_for_test.py"
+    try:
+        fake.write_text(source)
+        assert {"querytune.search", "querytune.world.vocab"} <= imports(fake)
+    finally:
+        fake.unlink()
+
+
+def test_no_import_cycle(graph):
+    cycles = [sorted(c) for c in nx.strongly_connected_components(graph) if len(c) > 1]
+    assert cycles == [], f"modules that import each other: {cycles}"
+
+
+def test_search_serving_and_training_never_import_the_simulator(graph):
+    offenders = sorted((a, b) for a, b in graph.edges if b.startswith("querytune.world") and not a.startswith(MAY_IMPORT_WORLD))
+    assert offenders == []
