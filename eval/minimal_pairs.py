@@ -3,7 +3,7 @@
 For each query of a `train dpo` run's `candidates.parquet`, the best candidate and each worse one are mapped onto
 the greedy parse: the greedy parse's other slots (price, hours, attributes...) with the candidate's "what"/"where"
 slots (`CORE_FILTERS`). The two are scored again and kept as a pair when the gap is still >= --min-gap and the
-clicks can tell them apart (`tells_apart`). The experiment behind the README's "minimal pairs" rows: train on the
+clicks can tell them apart (`tells_apart`). The experiment behind eval/RESULTS.md's "minimal pairs" rows: train on the
 result with `querytune train dpo --pairs OUT ...`, and audit it with `eval/pair_audit.py`.
 
     python eval/minimal_pairs.py --run runs/dpo --world runs/world --index runs/index --queries 2000 --out runs/dpo/pairs_minimal.parquet

@@ -38,8 +38,8 @@ DPO_PRESETS: dict[str, dict[str, Any]] = {
     # quick: <= 15 minutes on 2 CPU cores: the constrained greedy parse of the 2,000 most typed texts of the early log
     # (~4 min in bf16), each scored in every city it was typed in; for those whose parse both misses the clicks (< 0.5)
     # and is one the model doubts (confidence < 0.35), its 4 nearest rivals (`Parser.branch`, ~2 min); pairs the
-    # clicks can decide; two passes at a gentle lr (~3 min). Measured from the world seed-0 SFT: see README.
-    # Tried and left out (README): 8 beams per doubted query (more pairs, 152 from 84 texts, 97 of them right against the
+    # clicks can decide; two passes at a gentle lr (~3 min). Measured from the world seed-0 SFT: see docs/loop.md.
+    # Tried and left out (docs/loop.md): 8 beams per doubted query (more pairs, 152 from 84 texts, 97 of them right against the
     # hidden needs) at lr 2e-4 fell by 0.030 (the chosen beams added filters by luck; slot precision 0.91 -> 0.82);
     # without filter-adding chosen parses (`adds_no_filter`) still -0.025 at lr 2e-4.
     "quick": {"queries": 2000, "pick": "traffic", "explore_below": 0.5, "explore_confidence": 0.35, "explore_with": "branch", "constrained": True,
@@ -56,7 +56,7 @@ GRPO_PRESETS: dict[str, dict[str, Any]] = {
     # quick: <= 20 minutes on 2 CPU cores. Screening (~6 min): the greedy parse of 1,500 logged texts, the 4 rivals of
     # those it both misses and doubts; training only on texts where a rival beats the greedy parse in a way the clicks can decide (`screen`,
     # improvable), each mixed with an anchor query (`anchor_targets`, anchors 1.0). Then 4 of them x 8 samples per step
-    # (~21 s/step: sampling dominates). Measured: see README. Without anchors the same run fell by 0.011 (categories
+    # (~21 s/step: sampling dominates). Measured: see docs/loop.md. Without anchors the same run fell by 0.011 (categories
     # dropped, 60 test queries read as business names); with them +0.001 [-0.007, +0.009].
     # Screening keeps stop 12's random texts and free decoding (-0.000 [-0.007, +0.007] then): with the 1,500 most typed
     # texts and constrained screening, 46 texts were improvable and GRPO fell by 0.025 (slot recall 0.91 -> 0.85).

@@ -67,3 +67,19 @@ def test_every_server_setting_can_come_from_the_environment():
     command = typer.main.get_command(app).commands["serve"]
     settings = [p for p in command.params if p.param_type_name == "option" and p.name != "help"]
     assert settings and all(p.envvar and p.envvar.startswith("QUERYTUNE_") for p in settings), [p.name for p in settings if not p.envvar]
+
+
+def test_models_are_given_one_way_dir_or_name_dir_and_the_old_stage_option_still_works(tmp_path):
+    from querytune.cli.common import UserError, named_models
+
+    assert named_models(["runs/sft", "g=runs/grpo"]) == [("sft", tmp_path.__class__("runs/sft")), ("g", tmp_path.__class__("runs/grpo"))]
+    with pytest.raises(UserError, match="two models named 'sft'"):
+        named_models(["a/sft", "b/sft"])
+    (tmp_path / "retrieval.json").write_text('{"sft": {"ndcg@10": 0.5}}')
+    (tmp_path / "test.jsonl").write_text('{"id": "q0", "text": "thai", "intent": "find_business", "slots": {}}\n')
+    (tmp_path / "sft").mkdir()
+    common_args = ["eval", "stages", "--retrieval", str(tmp_path / "retrieval.json"), "--data", str(tmp_path / "test.jsonl")]
+    new = run([*common_args, "--model", str(tmp_path / "sft")])
+    old = run([*common_args, "--stage", f"sft={tmp_path / 'sft'}"])
+    assert new.exit_code == old.exit_code == 2 and "predictions_test.jsonl not found" in new.output and "predictions_test.jsonl not found" in old.output
+    assert "deprecated" not in new.output and "--stage is deprecated" in old.output

@@ -99,6 +99,7 @@ def test_train_predict_and_eval_through_the_cli(tiny_base, small_world_master, t
 
     result = CliRunner().invoke(app, ["predict", "--model", str(model), "cheap thai near me", "plumber"])
     assert result.exit_code == 0, result.output
+    assert "Loading weights" not in result.output, "one progress style: no tqdm bars from transformers"
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [line["text"] for line in lines] == ["cheap thai near me", "plumber"]
     assert {line["model_version"] for line in lines} == {model_version(model)}

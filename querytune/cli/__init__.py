@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import typer
@@ -25,6 +27,11 @@ def _version(value: bool) -> None:
 @app.callback()
 def _main(show_version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print querytune's version and exit.")) -> None:
     """Query understanding for local-service search: schema, simulated world, retrieval, training, prediction, evaluation."""
+    # one progress style: querytune's own bars (rich), not the libraries' tqdm bars beside them
+    for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+        os.environ.setdefault(name, "1")
+    if "transformers" in sys.modules:  # imported before the command ran (a test, a notebook): it read the variable already
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 app.add_typer(schema.app, name="schema")

@@ -40,6 +40,20 @@ def user_errors():
         raise typer.Exit(2) from None
 
 
+def named_models(specs: list[str], option: str = "--model") -> list[tuple[str, Path]]:
+    """Repeated `--model` values: DIR (named after its folder) or NAME=DIR, in order; names must differ."""
+    out: list[tuple[str, Path]] = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        name, path = (name, path) if sep else (Path(spec).name, spec)
+        if not name or not path:
+            raise UserError(f"{option}: expected DIR or NAME=DIR, got {spec!r}")
+        if name in dict(out):
+            raise UserError(f"{option}: two models named {name!r} (give one as NAME=DIR)")
+        out.append((name, Path(path)))
+    return out
+
+
 def load_config(path: Path | None) -> dict[str, Any]:
     """An optional `--config file.yaml`: option name -> value. The command line wins over it."""
     if path is None:

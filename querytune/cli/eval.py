@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import Progress, track
 from rich.table import Table
 
-from querytune.cli.common import UserError, user_errors
+from querytune.cli.common import UserError, named_models, user_errors
 
 app = typer.Typer(help="Evaluate retrieval and parses on held-out data.", no_args_is_help=True)
 # tables keep their full width when written to a file or pipe (rich would wrap them at 80 columns there)
@@ -26,7 +26,7 @@ def retrieval(
     split: str = typer.Option("test", "--split", help="Which labeled file to score: test (report) or dev (tuning)."),
     k: int = typer.Option(10, "-k", min=1, help="Cut-off for NDCG@k and Recall@k."),
     schema: Path = typer.Option(None, "--schema", help="Schema YAML of the gold labels (default: the local-service schema)."),
-    model: list[str] = typer.Option([], "--model", help="NAME=DIR or NAME=PREDICTIONS.jsonl: also score the structured search from this model's parses (repeatable). DIR parses the rows now; a predictions file from `eval parse --predictions` is reused as is. An invalid parse falls back to the raw query."),
+    model: list[str] = typer.Option([], "--model", help="DIR, NAME=DIR or NAME=PREDICTIONS.jsonl: also score the structured search from this model's parses (repeatable; a DIR alone is named after its folder). DIR parses the rows now; a predictions file from `eval parse --predictions` is reused as is. An invalid parse falls back to the raw query."),
     baseline: str = typer.Option(None, "--baseline", help="Compare every other system with this one (e.g. sft): mean NDCG difference with a paired bootstrap 95% interval, overall and on queries whose phrasing the seed covers / does not."),
 ) -> None:
     """Score raw, bm25, oracle (gold-parse) and model retrieval: NDCG@k, Recall@k, MRR, sliced by traffic and intent."""
@@ -44,11 +44,8 @@ def retrieval(
         searcher = Searcher(index, schema_)
         rows = load_rows(path)
         systems = baseline_systems(searcher, schema_, k)
-        for spec in model:
-            name, _, model_dir = spec.partition("=")
-            if not name or not model_dir:
-                raise UserError(f"--model: expected NAME=DIR, got {spec!r}")
-            systems[name] = _model_system(Path(model_dir), [r for r in rows if r.get("relevance")], searcher, k)
+        for name, model_dir in named_models(model):
+            systems[name] = _model_system(model_dir, [r for r in rows if r.get("relevance")], searcher, k)
         if baseline and baseline not in systems:
             raise UserError(f"--baseline {baseline}: not one of the systems ({', '.join(systems)})")
         report = evaluate(rows, systems, k=k,
@@ -171,7 +168,8 @@ def parse(
 @app.command()
 def stages(
     retrieval_report: Path = typer.Option(..., "--retrieval", help="JSON from `eval retrieval --baseline ...` with every stage's predictions."),
-    stage: list[str] = typer.Option(..., "--stage", help="NAME=MODEL_DIR of a stage whose `parse_test.json` and `predictions_test.jsonl` exist (repeatable, in order)."),
+    model: list[str] = typer.Option([], "--model", help="A stage's model folder, DIR or NAME=DIR (named as in the retrieval report), whose `parse_test.json` and `predictions_test.jsonl` exist (repeatable, in order)."),
+    stage: list[str] = typer.Option([], "--stage", hidden=True, help="Deprecated spelling of --model NAME=DIR."),
     data: Path = typer.Option(..., "--data", help="The labeled file the stages were scored on (its phrasing_in_seed flags split the table)."),
     out: Path = typer.Option(None, "--out", help="Also write the table as JSON here."),
 ) -> None:
@@ -185,13 +183,15 @@ def stages(
         flags = {r["id"]: r.get("phrasing_in_seed") for r in load_rows(data)}
         vs = report.get("vs_baseline", {"systems": {}, "baseline": None})
         table_rows = {}
-        for spec in stage:
-            name, _, folder = spec.partition("=")
-            folder = Path(folder)
+        if stage:
+            out_console.print("note: --stage is deprecated: give each stage as --model NAME=DIR")
+        if not model + stage:
+            raise UserError("give each stage's model folder: --model NAME=DIR (repeatable)")
+        for name, folder in named_models(model + stage):
             if not (folder / "predictions_test.jsonl").is_file():
-                raise UserError(f"--stage {spec}: {folder / 'predictions_test.jsonl'} not found (run `eval parse --predictions` first)")
+                raise UserError(f"--model {name}={folder}: {folder / 'predictions_test.jsonl'} not found (run `eval parse --predictions` first)")
             if name not in report:
-                raise UserError(f"--stage {name}: not a system of {retrieval_report}")
+                raise UserError(f"--model {name}: not a system of {retrieval_report}")
             preds = [json.loads(line) for line in (folder / "predictions_test.jsonl").read_text().splitlines()]
             schema = load_schema(folder / "schema.yaml")
             row = {"ndcg@10": report[name]["ndcg@10"], "vs_baseline": vs["systems"].get(name)}

@@ -47,7 +47,7 @@ def make(
     per_city: int = typer.Option(280, "--per-city", min=60, help="Businesses in an average city (big cities get more)."),
     force: bool = typer.Option(False, "--force", help="Write into a folder that is not empty (a world made before is overwritten file by file)."),
     profile: Profile = typer.Option(Profile.v2, "--profile", help="v2: the log knows what the annotation guideline does not "
-                                    "(taxonomy, drift, generic-word names, filter wording; README 'The world'); stationary: the v2 "
+                                    "(taxonomy, drift, generic-word names, filter wording; docs/world.md); stationary: the v2 "
                                     "market with guideline = need and no drift (the control world); v1: the earlier world, byte for byte."),
 ) -> None:
     """Make the world: catalog.parquet, log.parquet, seed/dev/test.jsonl, stats.json, audit/."""

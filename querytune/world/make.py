@@ -4,7 +4,7 @@
 
 Writes catalog.parquet, log.parquet, seed.jsonl, dev.jsonl, test.jsonl, stats.json and audit/ (hidden
 needs and the seed's label errors, for analysis only: no training stage reads audit/). The same seed gives
-byte-identical folders. Every column is documented in the README ("The world").
+byte-identical folders. Every column is documented in docs/world.md.
 
 The log: each row is a user (city, timestamp) typing a query for a hidden need. 62% of rows come from a
 pool of popular queries with Zipf popularity (the head: short, clean), the rest are fresh needs rendered

@@ -3,7 +3,7 @@
 Frozen before any method was measured on them (eval/RESULTS.md names the commit); change them and every figure
 measured on world v2 is void. Each table is in the world's vocabulary; `annotate` is the guideline an annotator
 without the catalogue and the later log would apply, `drift_term` the new words the log picks up after the seed
-was labeled. Sources for each mechanism are in the README's world section.
+was labeled. Sources for each mechanism are in docs/world.md.
 
 - taxonomy: a dish word's need is the fine cuisine the catalogue carries; the guideline files it under a broad one.
 - drift: after the seed's two weeks, new terms ramp in (dishes, category slang, neighbourhood nicknames); the
