@@ -1,20 +1,21 @@
 """What a model reads and writes: the prompt for a query, the completion for a parse, and reading a completion back.
 
-Three formats; a model folder records its own (`querytune.json` "format"; folders written before formats had a name
+Four formats; a model folder records its own (`querytune.json` "format"; folders written before formats had a name
 are `json`). The API, label files and caches always hold JSON parses: a format is only what the model sees.
 
-    chat-compact  (the default) prompt: the tokenizer's chat template over [system: "<schema name> parser", user: <query>]
+    user-compact  (the default) prompt: the tokenizer's chat template over [user: <query>], without a system turn
                   completion: find_business cuisine=thai near_me
-    json          the same prompt; completion: {"intent":"find_business","slots":{"cuisine":"thai","near_me":true}}
-    user-compact  prompt: the chat template's user turn alone (no system turn); the compact completion
+    chat-compact  prompt: the chat template over [system: "<schema name> parser", user: <query>]; the compact completion
+    json          the chat-compact prompt; completion: {"intent":"find_business","slots":{"cuisine":"thai","near_me":true}}
     compact       prompt: <query> and a newline, no template; the compact completion
 
 Compact completions, slot by slot in name order: `name=value`; a true boolean is its bare name, a false one
 `name=false`; a value with a space, `=`, `"` or `\\` (or an empty one) is JSON-quoted, so reading is exact. About 14
-tokens where JSON takes 25 (world test set); the template adds about 15 tokens to the query's 7. Measured on world
-seed 0 (eval/RESULTS.md, "Labeling and serving benchmarks"): the compact completion alone labels 1.6x as fast on vLLM
-at the same accuracy; dropping the template too reaches 2.1x but loses 3.7 points of intent accuracy, so it is not
-the default. The grammar of each format (what constrained decoding allows) is in `querytune.grammar`.
+tokens where JSON takes 25 (world test set); the template adds about 15 tokens to the query's 7, 8 without its system
+turn. Measured on world seed 0 (eval/RESULTS.md, "Labeling and serving benchmarks"), vLLM against json, the same 280
+steps: chat-compact 1.6x and user-compact 1.8x at the same accuracy; compact 2.1x, but 3.7 points of intent accuracy
+lower, so the template's user turn stays. The grammar of each format (what constrained decoding allows) is in
+`querytune.grammar`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 from querytune.schema import MAX_QUERY_CHARS, Parse, ParseError, Schema
 
 SYSTEM_PROMPT = "{name} parser"
-DEFAULT_FORMAT = "chat-compact"
+DEFAULT_FORMAT = "user-compact"
 # each format's identity, part of every model_version: bump it when what the model reads or writes changes
 IDENTITY = {"json": "querytune-format-1", "compact": "querytune-compact-1", "chat-compact": "querytune-chat-compact-1",
             "user-compact": "querytune-user-compact-1"}

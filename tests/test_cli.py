@@ -35,7 +35,7 @@ def test_each_choice_type_is_the_tuple_its_module_checks():
 
 @pytest.mark.parametrize("command, option, shown", [
     (["label"], "--backend", "transformers|vllm"), (["label"], "--engine", "local|ray"), (["serve"], "--backend", "transformers|vllm"),
-    (["index", "build"], "--kind", "flat|hnsw"), (["train", "sft"], "--format", "chat-compact|user-compact|json|compact"),
+    (["index", "build"], "--kind", "flat|hnsw"), (["train", "sft"], "--format", "user-compact|chat-compact|json|compact"),
     (["train", "sft"], "--preset", "quick|full"), (["train", "dpo"], "--pick", "traffic|random|novel"),
     (["train", "grpo"], "--explore-with", "beam|branch|sample"),
 ])

@@ -18,7 +18,7 @@ console = Console(stderr=True)
 Backend = Literal["transformers", "vllm"]  # querytune.backends.BACKENDS
 Engine = Literal["local", "ray"]
 Preset = Literal["quick", "full"]  # the keys of each training stage's PRESETS
-Format = Literal["chat-compact", "user-compact", "json", "compact"]  # querytune.formats.FORMATS
+Format = Literal["user-compact", "chat-compact", "json", "compact"]  # querytune.formats.FORMATS
 IndexKind = Literal["flat", "hnsw"]  # querytune.search.INDEX_KINDS
 Pick = Literal["traffic", "random", "novel"]  # querytune.preference.PICKS
 ExploreWith = Literal["beam", "branch", "sample"]  # querytune.preference.EXPLORE_WITH

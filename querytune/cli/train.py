@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from querytune.cli.common import ExploreWith, Format, Pick, Preset, UserError, load_config, user_errors, write_resolved
+from querytune.formats import DEFAULT_FORMAT
 
 REPORT_TO_HELP = ("Where TRL also logs the training curves (beside OUT/steps.jsonl): none, tensorboard (needs tensorboard installed; "
                   "`tensorboard --logdir OUT`), or any other of transformers' `report_to` integrations.")
@@ -40,10 +41,10 @@ def sft(
     report_to: str = typer.Option("none", "--report-to", help=REPORT_TO_HELP),
     save_steps: int = typer.Option(None, "--save-steps", min=1, help="Write a checkpoint every N optimizer steps into OUT/checkpoints (the last 2 kept, removed when the schedule completes)."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
-    fmt: Format = typer.Option("chat-compact", "--format", help="What the model writes (files and the API hold JSON either way): "
-                            "chat-compact (the default: the chat-template prompt, then `find_business cuisine=thai near_me`, ~14 tokens), "
-                            "json (the same prompt, then the schema's JSON, ~25 tokens), or compact (no template: the query and a newline; "
-                            "fastest, but less accurate after the quick preset). With --init, the init's format."),
+    fmt: Format = typer.Option(DEFAULT_FORMAT, "--format", help="What the model reads and writes (files and the API hold JSON either way): "
+                               "user-compact (the default: the chat template's user turn, then `find_business cuisine=thai near_me`, ~14 tokens), "
+                               "chat-compact (the same after a one-line system turn), json (the system and user turns, then the schema's JSON, "
+                               "~25 tokens), or compact (the bare query: fastest, but less accurate after the quick preset). With --init, the init's format."),
 ) -> None:
     """SFT: LoRA on a compact causal LM with TRL, completion-only loss, query -> schema parse."""
     from querytune.labeled import load_labeled, write_rejects
