@@ -13,7 +13,7 @@ Runs on what `make demo` leaves in the workspace: models/sft (the served model) 
     requests/s, each run reports the CPU time its server's processes used per request (`server_us`), which other
     work on the machine disturbs less.
 (b) misses: `querytune serve --workers 1`, every query distinct and never cached, 32 concurrent clients against one
-    client sending one at a time; on the vLLM backend where `.venv-vllm` exists (else transformers, with a note).
+    client sending one at a time, both after 8 warm-up queries; on the vLLM backend where `.venv-vllm` exists (else transformers, with a note).
 Prints a table and ends with one JSON line of every figure and ratio. Needs `wrk` (apt-get install wrk).
 """
 
