@@ -101,14 +101,34 @@ class Gate:
             self.access.write(scope, rid, status, t0)
 
 
-class AccessLog:
+class Periodic:
+    """Work gathered per request and done every `every_s` seconds on the event loop, or at once on `flush()`: a timer
+    is armed by the first request after a flush (`arm`) and disarmed by the flush (`disarm`)."""
+
+    every_s: float
+    timer: asyncio.TimerHandle | None = None
+
+    def arm(self) -> None:
+        if self.timer is None:
+            self.timer = asyncio.get_running_loop().call_later(self.every_s, self.flush)
+
+    def disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def flush(self) -> None:
+        raise NotImplementedError
+
+
+class AccessLog(Periodic):
     """One JSON line per request (time, request id, method, path, status, ms, client), written to a file descriptor
     in batches: every `every_s` seconds, every 1,024 lines and on `flush()`. Each write is whole lines and at most
     4,096 bytes, which a pipe writes atomically, so the lines of workers sharing stderr never interleave. A logging
     record and a write per line would cost more than the cache hit they record."""
 
     def __init__(self, fd: int, every_s: float = 0.5):
-        self.fd, self.every_s, self.lines, self.timer = fd, every_s, [], None
+        self.fd, self.every_s, self.lines = fd, every_s, []
         self.paths: dict[str, str] = {}  # path -> its JSON string, for the few paths a server sees (bounded: clients choose them)
 
     def write(self, scope, rid: str, status: int, t0: float) -> None:
@@ -124,13 +144,11 @@ class AccessLog:
                           f'"status": {status}, "ms": {1000 * (time.perf_counter() - t0):.3f}, "client": "{client}"}}\n'.encode())
         if len(self.lines) >= 1024:
             self.flush()
-        elif self.timer is None:
-            self.timer = asyncio.get_running_loop().call_later(self.every_s, self.flush)
+        else:
+            self.arm()
 
     def flush(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.disarm()
         lines, self.lines = self.lines, []
         chunk: list[bytes] = []
         size = 0

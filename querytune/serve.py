@@ -47,7 +47,7 @@ import orjson
 from fastapi import Request  # at module level: FastAPI reads the dependency's annotation from here
 from pydantic import BaseModel, Field
 
-from querytune.asgi_gate import AccessLog, Gate
+from querytune.asgi_gate import AccessLog, Gate, Periodic
 from querytune.cache import Entry
 from querytune.label import check_query
 from querytune.schema import MAX_QUERY_CHARS
@@ -222,7 +222,7 @@ def _metrics():
     }
 
 
-class Tally:
+class Tally(Periodic):
     """Answers counted and timed in plain Python and added to their Prometheus counter and histogram every `every_s`
     seconds and before a scrape: with several workers every Prometheus update is a write to a shared file, which would
     cost the cache hit it records a fifth of its time. A scrape sees other workers' hits up to `every_s` late."""
@@ -230,18 +230,15 @@ class Tally:
     def __init__(self, counter, histogram, every_s: float = 0.5):
         self.counter, self.histogram, self.every_s = counter, histogram, every_s
         self.bounds = histogram._upper_bounds  # the histogram's own buckets, +Inf last
-        self.counts, self.total, self.timer = [0] * len(self.bounds), 0.0, None
+        self.counts, self.total = [0] * len(self.bounds), 0.0
 
     def add(self, seconds: float) -> None:
         self.counts[bisect_left(self.bounds, seconds)] += 1
         self.total += seconds
-        if self.timer is None:
-            self.timer = asyncio.get_running_loop().call_later(self.every_s, self.flush)
+        self.arm()
 
     def flush(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.disarm()
         counts, total, self.counts, self.total = self.counts, self.total, [0] * len(self.bounds), 0.0
         if any(counts):
             # what `observe` does once per value (prometheus_client keeps no public way to add many at once)
