@@ -546,7 +546,10 @@ def read_labels(out: str | Path) -> pd.DataFrame:
     shards = sorted((Path(out) / "labels").glob("part-*.parquet"))
     if not shards:
         return pd.DataFrame(columns=LABEL_COLUMNS)
-    return pd.concat([pd.read_parquet(s) for s in shards], ignore_index=True)
+    labels = pd.concat([pd.read_parquet(s) for s in shards], ignore_index=True)
+    # a shard whose rows all parsed stores `error` as a null column, one with a failure as text: missing is None in both
+    labels["error"] = labels["error"].astype(object).where(labels["error"].notna(), None)
+    return labels
 
 
 def labeled_rows(out: str | Path) -> pd.DataFrame:
