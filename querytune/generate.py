@@ -61,7 +61,6 @@ class Parser:
             if device != "cpu":
                 raise ValueError("int8: dynamic quantisation runs on the CPU only")
             self.model.model = quantize_int8(self.model.model)
-        self.int8 = int8
         self.device, self.batch_size, self.constrained = device, batch_size, constrained
         self.max_new_tokens = int(self.meta.get("max_new_tokens", MAX_NEW_TOKENS))
         self._grammar = None
