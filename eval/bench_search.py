@@ -19,7 +19,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from querytune.retrieval_eval import load_rows
+from querytune.evaluation.retrieval_eval import load_rows
 from querytune.schema import load_schema
 from querytune.search import Context, Searcher
 

@@ -36,8 +36,8 @@ from urllib.parse import quote
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python eval/bench_serving.py` from a checkout
 
-from querytune.sft import cpu_model  # noqa: E402
 from querytune.testing import free_port  # noqa: E402
+from querytune.train.sft import cpu_model  # noqa: E402
 
 KEY = "bench-key"
 WARM_MISSES = 8  # distinct queries the miss server answers before either miss run is timed
@@ -177,9 +177,9 @@ def main() -> None:
             sys.exit(f"bench_serving: {need} not found: run `make demo` first (it builds ./workspace), or pass --workspace DIR")
     if not shutil.which("wrk"):
         sys.exit("bench_serving: wrk is not installed: apt-get install wrk (Debian, Ubuntu) or brew install wrk")
-    from querytune.cache import Entry, open_cache
-    from querytune.label import check_query
-    from querytune.model import load_model_meta, model_version
+    from querytune.runtime.model import load_model_meta, model_version
+    from querytune.serving.cache import Entry, open_cache
+    from querytune.serving.label import check_query
 
     rows = [json.loads(line) for line in test.read_text(encoding="utf-8").splitlines()]
     by_norm = {}
@@ -227,7 +227,7 @@ def main() -> None:
 
         vllm_py = ROOT / ".venv-vllm" / "bin" / "python"
         if vllm_py.is_file():
-            from querytune.vllm_backend import vllm_env
+            from querytune.runtime.vllm_backend import vllm_env
 
             backend, miss_cmd, env = "vllm", [str(vllm_py.parent / "querytune"), "serve", "--backend", "vllm"], vllm_env(ROOT / ".venv-vllm")
         else:

@@ -2,7 +2,7 @@
 
     python eval/bench_sft.py [--data workspace/world/seed.jsonl] [--steps 8] [--batch-size 8] [--base smollm2-135m-instruct]
 
-Times `--steps` optimizer steps (after one warm-up step) of the real SFT stage (`querytune.sft.train_sft`, the
+Times `--steps` optimizer steps (after one warm-up step) of the real SFT stage (`querytune.train.sft.train_sft`, the
 quick preset's LoRA and learning rate) on real labeled rows for each of the four settings, `--rounds` times in
 alternating order, then runs the dtype probe the presets' `bf16: auto` uses (into a fresh cache) to show
 whether it picks the faster dtype. Prints a table of s/step (median over the steps: robust to a busy spell on
@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from querytune.labeled import load_labeled
-from querytune.model import resolve_base
+from querytune.runtime.model import resolve_base
 from querytune.schema import load_schema
-from querytune.sft import LORA_TARGETS, PRESETS, cpu_model, pick_dtype, probe_batch, sft_examples, train_sft
+from querytune.train.sft import LORA_TARGETS, PRESETS, cpu_model, pick_dtype, probe_batch, sft_examples, train_sft
 
 
 def main() -> None:

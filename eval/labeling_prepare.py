@@ -2,7 +2,7 @@
 
     python eval/labeling_prepare.py [--log runs/w0/log.parquet] [--rows N] [--replicate-to 1200000]
 
-Times `querytune.label.account_rows` + `save_accounting` (the per-row Python definition) and `querytune.label.prepare`
+Times `querytune.serving.label.account_rows` + `save_accounting` (the per-row Python definition) and `querytune.serving.label.prepare`
 (Arrow, a batch at a time), wall and CPU time (all threads) per row, on the same input: the world's log (its first
 `--rows` rows), and that log repeated to about `--replicate-to` rows so per-row costs show over start-up. Each run is
 a fresh Python process, so its peak RSS growth (ru_maxrss after the step less before it) is its own; Arrow runs once
@@ -30,12 +30,12 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python eval/labeling_prepare.py` from a checkout
 
-from querytune.sft import cpu_model  # noqa: E402
+from querytune.train.sft import cpu_model  # noqa: E402
 
 
 def _measure(path: str, way: str, out: str) -> dict:
     """One run of one way on `path` in this process: seconds and peak RSS growth."""
-    from querytune.label import account_rows, prepare, save_accounting
+    from querytune.serving.label import account_rows, prepare, save_accounting
 
     start = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
@@ -71,7 +71,7 @@ def _compare(path: Path, work: Path) -> dict:
 def prepare_figures(log_path: str, rows: int | None = None, replicate_to: int = 1_200_000) -> dict:
     """Per-row driver time and peak RSS growth of both ways on the log (its first `rows`) and on the log repeated to
     about `replicate_to` rows; the distinct share at growing prefixes of the log."""
-    from querytune.label import prepare
+    from querytune.serving.label import prepare
 
     queries = pq.read_table(log_path, columns=["query"])
     if rows:

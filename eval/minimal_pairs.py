@@ -16,11 +16,11 @@ import json
 
 import pandas as pd
 
-from querytune.model import load_model_meta
-from querytune.preference import CORE_FILTERS, _intent, click_targets, tells_apart
-from querytune.reward import RetrievalReward
+from querytune.runtime.model import load_model_meta
 from querytune.schema import ParseError
 from querytune.search import Searcher
+from querytune.train.preference import CORE_FILTERS, _intent, click_targets, tells_apart
+from querytune.train.reward import RetrievalReward
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ script may read it, training never does) is scored by the reward next to
   (iii) dropped what/where: the need less one of its category/cuisine/business_name/city/neighborhood. Dropping
         near_me is reported on its own line: the search runs in the user's city either way, so the two parses
         search alike and tie by construction.
-The reward reads the schema with aliases for the grounded values: by default those `querytune.aliases` mines
+The reward reads the schema with aliases for the grounded values: by default those `querytune.train.aliases` mines
 from the early log's texts and their needs (what a model trained on the true parses would carry, so a nickname
 such as "soco" grounds its neighbourhood), or `--model`'s. Prints, per comparison, n and how often the true
 parse scores above, the same (tie) and below, the guideline comparison per mechanism tag, then one JSON line.
@@ -33,10 +33,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from querytune.preference import click_targets, target_score
-from querytune.reward import RetrievalReward
 from querytune.schema import Parse, ParseError, Schema, load_schema, normalize_text
 from querytune.search import Context, Searcher
+from querytune.train.preference import click_targets, target_score
+from querytune.train.reward import RetrievalReward
 
 FILTERS = {"outdoor_seating": [True], "kid_friendly": [True], "open": ["now", "late"], "price": ["cheap", "expensive"]}
 WHAT_WHERE = ("category", "cuisine", "business_name", "city", "neighborhood")
@@ -102,8 +102,8 @@ def dropped(schema: Schema, need: dict, rng: random.Random, slots=WHAT_WHERE) ->
 
 def with_mined_aliases(schema: Schema, truth: dict[str, dict]) -> tuple[Schema, int]:
     """The schema plus the aliases `mine_aliases` finds in the early log's texts labeled with their needs."""
-    from querytune.aliases import merge_aliases, mine_aliases
     from querytune.labeled import LabeledRow
+    from querytune.train.aliases import merge_aliases, mine_aliases
 
     rows = []
     for text, info in truth.items():
@@ -133,7 +133,7 @@ def main() -> None:
     args = ap.parse_args()
     truth = true_parses(args.world)
     if args.model:
-        from querytune.model import load_model_meta
+        from querytune.runtime.model import load_model_meta
 
         schema, aliases = load_model_meta(args.model)[1], f"those of {args.model}"
     else:

@@ -126,7 +126,7 @@ def main() -> None:
 
     import pandas as pd
 
-    from querytune.label import check_query
+    from querytune.serving.label import check_query
     from querytune.world.make import make_world
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -150,7 +150,7 @@ def main() -> None:
     warmed = json.loads(warm.stdout.strip().splitlines()[-1])
     import redis as redis_py
 
-    from querytune.cache import PREFIX
+    from querytune.serving.cache import PREFIX
 
     cached = {k.decode().split(":", 3)[3] for k in redis_py.Redis(port=redis.port).scan_iter(match=f"{PREFIX}:*", count=1000)}
     server, url = start_server(["--model", str(model), "--cache", redis.url, "--deadline", "2", "--local-cache-entries",
@@ -212,7 +212,7 @@ def main() -> None:
 
 
 def _cpu() -> str:
-    from querytune.sft import hardware
+    from querytune.train.sft import hardware
 
     return hardware()
 

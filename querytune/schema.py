@@ -225,7 +225,7 @@ class Schema:
 
     def json_schema(self) -> dict[str, Any]:
         """JSON schema of a parse as files and the API hold it (`schema show --json-schema`); slots listed by name, the
-        order parses are written in. Decoding is constrained by `querytune.grammar`, not by this."""
+        order parses are written in. Decoding is constrained by `querytune.runtime.grammar`, not by this."""
         props: dict[str, Any] = {}
         for s in sorted(self.slots.values(), key=lambda s: s.name):
             if s.type == "categorical":

@@ -20,7 +20,7 @@ def tiny_base(seed_jsonl: Path, out: Path) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from querytune.formats import FORMATS, completion
+    from querytune.runtime.formats import FORMATS, completion
 
     rows = [json.loads(line) for line in Path(seed_jsonl).read_text().splitlines()]
     corpus = [r["text"] for r in rows] + [completion(f, r) for f in FORMATS for r in rows] + ["local parser", "sgd parser"]
@@ -46,7 +46,7 @@ def tiny_model(seed_jsonl: Path, base: Path, out: Path, fmt: str = "user-compact
     """A model folder (querytune.json, schema, adapter) of the tiny Llama after two SFT steps on the seed, in format `fmt`."""
     from querytune.labeled import load_labeled
     from querytune.schema import load_schema
-    from querytune.sft import train_sft
+    from querytune.train.sft import train_sft
 
     schema = load_schema()
     rows, _ = load_labeled(seed_jsonl, schema)

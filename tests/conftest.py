@@ -84,8 +84,8 @@ def memorise_parses(tiny_base: Path, rows: list[dict], out: Path, steps: int = 1
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from querytune.formats import completion, prompt
-    from querytune.model import save_model_meta
+    from querytune.runtime.formats import completion, prompt
+    from querytune.runtime.model import save_model_meta
     from querytune.schema import load_schema
 
     schema = load_schema()

@@ -1,11 +1,11 @@
 from __future__ import annotations
 
-from querytune.aliases import merge_aliases, mine_aliases
-from querytune.generate import validate_output
 from querytune.labeled import LabeledRow
-from querytune.model import load_model_meta
+from querytune.runtime.generate import validate_output
+from querytune.runtime.model import load_model_meta
 from querytune.schema import Parse, load_schema
-from querytune.sft import train_sft
+from querytune.train.aliases import merge_aliases, mine_aliases
+from querytune.train.sft import train_sft
 from tests.test_sft import ROWS, TINY
 
 SCHEMA = load_schema()

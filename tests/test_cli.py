@@ -21,11 +21,11 @@ def test_version_prints_the_installed_version():
 
 
 def test_each_choice_type_is_the_tuple_its_module_checks():
-    from querytune.backends import BACKENDS
-    from querytune.formats import FORMATS
-    from querytune.preference import DPO_PRESETS, EXPLORE_WITH, GRPO_PRESETS, PICKS
+    from querytune.runtime.backends import BACKENDS
+    from querytune.runtime.formats import FORMATS
     from querytune.search import INDEX_KINDS
-    from querytune.sft import PRESETS
+    from querytune.train.preference import DPO_PRESETS, EXPLORE_WITH, GRPO_PRESETS, PICKS
+    from querytune.train.sft import PRESETS
 
     assert set(get_args(common.Backend)) == set(BACKENDS) and set(get_args(common.Format)) == set(FORMATS)
     assert set(get_args(common.IndexKind)) == set(INDEX_KINDS) and set(get_args(common.Pick)) == set(PICKS)

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from querytune.clicks import DEFAULT_ETA, Propensity, contexts_by_text, debiased_gains, estimate_propensity
+from querytune.train.clicks import DEFAULT_ETA, Propensity, contexts_by_text, debiased_gains, estimate_propensity
 
 EPS, POOL = 0.05, 20  # the simulated ranker: each slot swapped with probability EPS for one of POOL deeper businesses
 

@@ -16,7 +16,7 @@ import pytest
 import tomllib
 import yaml
 
-from querytune.cache import Entry, open_cache
+from querytune.serving.cache import Entry, open_cache
 from querytune.testing import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,7 +74,7 @@ def test_redis_as_composed_keeps_promotions_when_it_evicts_and_wants_its_passwor
         info = cache.client.info("stats")
         assert info["evicted_keys"] > 0, "entries were evicted"
         assert cache.active()["model_dir"] == "/models/dpo" and cache.rollback()["model_dir"] == "/models/sft", "the history survived"
-        from querytune.cache import CacheUnavailable
+        from querytune.serving.cache import CacheUnavailable
 
         with pytest.raises(CacheUnavailable, match="(?i)auth"):
             open_cache(f"redis://127.0.0.1:{port}/0").active()

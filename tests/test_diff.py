@@ -32,7 +32,7 @@ def two_models(tiny_base, small_world_master, tmp_path_factory) -> tuple[Path, P
         b_rows.append(r)
     a = memorise_parses(tiny_base, rows, tmp_path_factory.mktemp("diff-a"))
     b = memorise_parses(tiny_base, b_rows, tmp_path_factory.mktemp("diff-b"))
-    from querytune.backends import TransformersBackend
+    from querytune.runtime.backends import TransformersBackend
 
     for folder, want in ((a, rows), (b, b_rows)):  # each model writes its parses: the known differences are the only ones
         got = [p.parse for p in TransformersBackend(folder).parse([r["text"] for r in want])]
@@ -69,7 +69,7 @@ def test_diff_lists_exactly_the_changed_queries_by_traffic(two_models, real_inde
 
 
 def test_diff_of_labeling_folders_and_clear_errors(tmp_path):
-    from querytune.label import LABEL_COLUMNS
+    from querytune.serving.label import LABEL_COLUMNS
 
     def folder(name: str, parses: dict[str, dict]) -> Path:
         d = tmp_path / name

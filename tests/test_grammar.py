@@ -8,11 +8,11 @@ import json
 import pytest
 import xgrammar as xgr
 
-from querytune.formats import FORMATS, completion, read
-from querytune.generate import Parser
-from querytune.grammar import ebnf
+from querytune.runtime.formats import FORMATS, completion, read
+from querytune.runtime.generate import Parser
+from querytune.runtime.grammar import ebnf
 from querytune.schema import ParseError, load_schema, schema_from_dict
-from querytune.sft import train_sft
+from querytune.train.sft import train_sft
 from tests.test_sft import ROWS, TINY
 
 SCHEMA = load_schema()

@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from querytune.cli import app
-from querytune.label import LabelInputError, label, labeled_rows, read_labels
+from querytune.serving.label import LabelInputError, label, labeled_rows, read_labels
 
 
 @dataclass
@@ -148,7 +148,7 @@ def test_ray_engine_labels_like_the_local_engine(tiny_model, small_world_master,
     queries travel in blocks of whole batches, each replica `TASKS_PER_REPLICA` blocks ahead, on no GPU."""
     import ray
 
-    from querytune import ray_engine
+    from querytune.serving import ray_engine
 
     log = pd.read_parquet(small_world_master / "log.parquet", columns=["query"]).head(150)
     log.to_parquet(tmp_path / "log.parquet")
@@ -246,7 +246,7 @@ def test_a_second_run_on_a_locked_folder_is_refused(tiny_model, tmp_path):
     dies with its process, so a run killed with SIGKILL leaves a folder the next run can resume."""
     write_inputs(tmp_path / "in")
     out = tmp_path / "out"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom querytune.label import lock_folder\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom querytune.serving.label import lock_folder\n"
                                f"with lock_folder({str(out)!r}):\n    print('locked', flush=True)\n    time.sleep(120)"],
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -265,7 +265,7 @@ def test_a_second_run_on_a_locked_folder_is_refused(tiny_model, tmp_path):
 def test_int8_labels_with_a_quantised_decoder_and_only_on_transformers(tiny_model, small_world_master, tmp_path):
     import torch
 
-    from querytune.generate import Parser
+    from querytune.runtime.generate import Parser
 
     parser = Parser(tiny_model, constrained=True, int8=True)
     kinds = {name.rsplit(".", 1)[-1]: type(m).__module__ for name, m in parser.model.named_modules() if name.count(".") >= 4}

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from querytune import label as labeling
+from querytune.serving import label as labeling
 
 AWKWARD = [
     "Cheap Thai", "cheap  thai", "  Cheap\tTHAI\n", "a\x0bb\x0cc\rd", "x\x1cy\x1dz\x1e\x1fw", "DEL\x7fkept",
@@ -123,9 +123,9 @@ def test_ray_replicas_reserve_their_share_of_a_gpu(tiny_model, small_world_maste
     transformers backend on CPU), hold half the GPU while they label, and label as the local engine does."""
     import ray
 
-    from querytune import ray_engine
-    from querytune.backends import load_backend
-    from querytune.label import check_query, parse_rows
+    from querytune.runtime.backends import load_backend
+    from querytune.serving import ray_engine
+    from querytune.serving.label import check_query, parse_rows
 
     log = pd.read_parquet(small_world_master / "log.parquet", columns=["query"])["query"].head(80)
     queries = sorted({check_query(q)[0] for q in log})

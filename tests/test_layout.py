@@ -13,6 +13,18 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "querytune"
 # what may import the simulator: itself, its command, and the helpers that build worlds for tests and scripts
 MAY_IMPORT_WORLD = ("querytune.world", "querytune.cli.world", "querytune.testing", "querytune.demo")
+# the loop's order: a package imports its own modules and those of lower layers only; train and serving, side by
+# side, never import each other (the shared pieces: schema, catalog, labeled files, search)
+LAYERS = {"querytune.world": 1, "querytune.runtime": 1, "querytune.train": 2, "querytune.serving": 2, "querytune.evaluation": 3,
+          "querytune.cli": 4, "querytune.demo": 4, "querytune.testing": 4}
+MAX_LINES = 300
+
+
+def layer(module: str) -> tuple[int, str]:
+    for prefix, rank in LAYERS.items():
+        if module == prefix or module.startswith(prefix + "."):
+            return rank, prefix
+    return 0, "querytune"
 
 
 def module_name(path: Path) -> str:
@@ -67,3 +79,17 @@ def test_no_import_cycle(graph):
 def test_search_serving_and_training_never_import_the_simulator(graph):
     offenders = sorted((a, b) for a, b in graph.edges if b.startswith("querytune.world") and not a.startswith(MAY_IMPORT_WORLD))
     assert offenders == []
+
+
+def test_imports_go_down_the_loop(graph):
+    def upward(a: str, b: str) -> bool:
+        (ra, pa), (rb, pb) = layer(a), layer(b)
+        return rb > ra or (rb == ra and pa != pb and 0 < ra < 4)
+
+    offenders = sorted((a, b) for a, b in graph.edges if upward(a, b))
+    assert offenders == [], "imports up the loop or sideways between packages"
+
+
+def test_no_module_over_the_limit():
+    long = {str(p.relative_to(PACKAGE.parent)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert long == {}, f"modules over {MAX_LINES} lines: split them by what they do"

@@ -10,8 +10,8 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from querytune.cli import app
-from querytune.formats import IDENTITY
-from querytune.model import load_model_meta, model_version
+from querytune.runtime.formats import IDENTITY
+from querytune.runtime.model import load_model_meta, model_version
 
 QUERIES = ["cheap thai near me", "24h plumber austin", "dentist"]
 
@@ -80,7 +80,7 @@ def test_export_writes_a_merged_folder_that_loads_with_no_cache(tiny_model, tmp_
     _, before = predict(work)
     shutil.rmtree(work)  # the adapters are gone and the cache is an empty path: the export alone must do
     monkeypatch.setenv("QUERYTUNE_CACHE", str(tmp_path / "no-cache"))
-    monkeypatch.setattr("querytune.model.resolve_base", lambda *a: (_ for _ in ()).throw(AssertionError("an export needs no base")))
+    monkeypatch.setattr("querytune.runtime.model.resolve_base", lambda *a: (_ for _ in ()).throw(AssertionError("an export needs no base")))
     code, after = predict(out)
     assert code == 0, after
     assert [(p["parse"], p["valid"]) for p in after] == [(p["parse"], p["valid"]) for p in before]

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from querytune.parse_eval import parse_metrics
+from querytune.evaluation.parse_eval import parse_metrics
 
 
 def test_hand_made_cases():

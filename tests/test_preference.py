@@ -14,14 +14,25 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from querytune import formats
 from querytune.cli import app
-from querytune.generate import Parser
-from querytune.model import load_merged, load_model_meta
-from querytune.preference import anchor_pairs, anchor_targets, build_pairs, click_targets, dropped_slots, load_pairs, sample_candidates, screen, train_dpo, train_grpo
-from querytune.reward import strict_parse
+from querytune.runtime import formats
+from querytune.runtime.generate import Parser
+from querytune.runtime.model import load_merged, load_model_meta
 from querytune.schema import WORD, ParseError, load_schema, normalize_text
-from querytune.sft import train_sft
+from querytune.train.preference import (
+    anchor_pairs,
+    anchor_targets,
+    build_pairs,
+    click_targets,
+    dropped_slots,
+    load_pairs,
+    sample_candidates,
+    screen,
+    train_dpo,
+    train_grpo,
+)
+from querytune.train.reward import strict_parse
+from querytune.train.sft import train_sft
 from tests.test_sft import ROWS, TINY
 
 SCHEMA = load_schema()

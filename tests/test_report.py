@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from querytune.evaluation.parse_eval import parse_metrics
+from querytune.evaluation.report import MIN_SLICE, Workspace, build_report, metric_interval, parse_scores, slice_table, summary_markdown
 from querytune.metrics import bootstrap
-from querytune.parse_eval import parse_metrics
-from querytune.report import MIN_SLICE, Workspace, build_report, metric_interval, parse_scores, slice_table, summary_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,11 +8,11 @@ import json
 import pandas as pd
 import pytest
 
-from querytune.formats import completion
-from querytune.preference import click_targets, target_score
-from querytune.reward import INVALID, RetrievalReward, condensed_ndcg, score_in_contexts, strict_parse
+from querytune.runtime.formats import completion
 from querytune.schema import ParseError, load_schema
 from querytune.search import Context, Searcher, build_index
+from querytune.train.preference import click_targets, target_score
+from querytune.train.reward import INVALID, RetrievalReward, condensed_ndcg, score_in_contexts, strict_parse
 
 SCHEMA = load_schema()
 

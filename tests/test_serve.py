@@ -18,9 +18,9 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from querytune.asgi_gate import AccessLog
-from querytune.cache import Entry, RedisCache, open_cache
-from querytune.serve import Settings, Tally, create_app
+from querytune.serving.asgi_gate import AccessLog
+from querytune.serving.cache import Entry, RedisCache, open_cache
+from querytune.serving.serve import Settings, Tally, create_app
 from querytune.testing import free_port, start_server
 
 
@@ -210,8 +210,8 @@ def test_cache_cli_load_warm_promote_rollback(tiny_model, small_world_master, tm
     from typer.testing import CliRunner
 
     from querytune.cli import app
-    from querytune.model import model_version
-    from querytune.serve import resolve_model
+    from querytune.runtime.model import model_version
+    from querytune.serving.serve import resolve_model
 
     log = pd.read_parquet(small_world_master / "log.parquet", columns=["query", "period"]).head(300)
     log.to_parquet(tmp_path / "log.parquet")

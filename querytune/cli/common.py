@@ -15,13 +15,13 @@ console = Console(stderr=True)
 
 # the choices of options several commands share, as types: `--help` lists them and a wrong one exits 2 naming them
 # (tests/test_cli.py checks each against the tuple its module validates with)
-Backend = Literal["transformers", "vllm"]  # querytune.backends.BACKENDS
+Backend = Literal["transformers", "vllm"]  # querytune.runtime.backends.BACKENDS
 Engine = Literal["local", "ray"]
 Preset = Literal["quick", "full"]  # the keys of each training stage's PRESETS
-Format = Literal["user-compact", "chat-compact", "json", "compact"]  # querytune.formats.FORMATS
+Format = Literal["user-compact", "chat-compact", "json", "compact"]  # querytune.runtime.formats.FORMATS
 IndexKind = Literal["flat", "hnsw"]  # querytune.search.INDEX_KINDS
-Pick = Literal["traffic", "random", "novel"]  # querytune.preference.PICKS
-ExploreWith = Literal["beam", "branch", "sample"]  # querytune.preference.EXPLORE_WITH
+Pick = Literal["traffic", "random", "novel"]  # querytune.train.preference.PICKS
+ExploreWith = Literal["beam", "branch", "sample"]  # querytune.train.preference.EXPLORE_WITH
 
 
 class UserError(Exception):

@@ -30,7 +30,7 @@ def retrieval(
     baseline: str = typer.Option(None, "--baseline", help="Compare every other system with this one (e.g. sft): mean NDCG difference with a paired bootstrap 95% interval, overall and on queries whose phrasing the seed covers / does not."),
 ) -> None:
     """Score raw, bm25, oracle (gold-parse) and model retrieval: NDCG@k, Recall@k, MRR, sliced by traffic and intent."""
-    from querytune.retrieval_eval import baseline_systems, compare_to, evaluate, load_rows
+    from querytune.evaluation.retrieval_eval import baseline_systems, compare_to, evaluate, load_rows
     from querytune.schema import load_schema
     from querytune.search import Searcher
 
@@ -70,7 +70,7 @@ def _model_system(source: Path, rows: list[dict], searcher, k: int):
         if missing:
             raise UserError(f"{source}: no prediction for {len(missing)} rows (first: {missing[0]}); predict the same split")
     else:
-        from querytune.generate import Parser
+        from querytune.runtime.generate import Parser
 
         parser = Parser(source)
         with Progress(*Progress.get_default_columns(), console=out_console) as bar:
@@ -121,9 +121,9 @@ def parse(
     """Parse metrics: intent accuracy, slot P/R/F1, frame exact match, validity, queries/s, per intent and slot."""
     import time
 
-    from querytune.generate import Parser
+    from querytune.evaluation.parse_eval import grounding_dropped, parse_metrics, ungrounded_share
     from querytune.labeled import load_labeled
-    from querytune.parse_eval import grounding_dropped, parse_metrics, ungrounded_share
+    from querytune.runtime.generate import Parser
     from querytune.schema import load_schema
 
     with user_errors():
@@ -174,8 +174,8 @@ def stages(
     out: Path = typer.Option(None, "--out", help="Also write the table as JSON here."),
 ) -> None:
     """One table with every stage: parse metrics and retrieval, overall and split by whether the seed covers the phrasing."""
-    from querytune.parse_eval import parse_metrics, ungrounded_share
-    from querytune.retrieval_eval import load_rows
+    from querytune.evaluation.parse_eval import parse_metrics, ungrounded_share
+    from querytune.evaluation.retrieval_eval import load_rows
     from querytune.schema import load_schema
 
     with user_errors():
@@ -232,7 +232,7 @@ def report(
     queries where stages disagree most; labeling, serving and real-data figures when the workspace holds them.
     Models are not run again: each stage's saved test predictions are scored.
     """
-    from querytune.report import Workspace, build_report, fmt
+    from querytune.evaluation.report import Workspace, build_report, fmt
 
     ws = Workspace.at(workspace, world=world, index=index, models=models, report=out)
     with user_errors():
@@ -266,7 +266,7 @@ def diff(
     out: Path = typer.Option(None, "--out", help="Write the summary and every changed query as JSON here."),
 ) -> None:
     """List the logged queries whose parse changes from A to B, heaviest traffic first, with the retrieval effect."""
-    from querytune.diff import diff as run_diff
+    from querytune.evaluation.diff import diff as run_diff
 
     with user_errors():
         for name, old in (("--a", old_a), ("--b", old_b)):

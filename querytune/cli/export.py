@@ -17,7 +17,7 @@ def export(
     out: Path = typer.Option(..., "--out", help="Folder to write: merged transformers weights, tokenizer, schema.yaml, querytune.json (replaced if it exists)."),
 ) -> None:
     """Merge a model folder's adapters into its base and write a folder that loads anywhere with no cache."""
-    from querytune.model import export_merged, model_version
+    from querytune.runtime.model import export_merged, model_version
 
     with user_errors():
         if not model.is_dir():

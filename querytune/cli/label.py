@@ -38,8 +38,8 @@ def label(
     restart: bool = typer.Option(False, "--restart", help="Delete this folder's labels and start over (default: resume)."),
 ) -> None:
     """Normalise, deduplicate and label every query of INPUT with a model; killed and run again, it resumes."""
-    from querytune.label import LabelInputError
-    from querytune.label import label as run_label
+    from querytune.serving.label import LabelInputError
+    from querytune.serving.label import label as run_label
 
     console = Console(stderr=True)
     with user_errors(), ExitStack() as held:
@@ -49,8 +49,8 @@ def label(
             raise UserError("--int8: only the transformers backend quantises (vLLM has its own --dtype)")
         if gpus_per_replica and (engine != "ray" or backend != "vllm"):
             raise UserError("--gpus-per-replica needs --engine ray --backend vllm (the transformers backend runs on CPU)")
-        from querytune.backends import load_backend
-        from querytune.label import input_files, lock_folder
+        from querytune.runtime.backends import load_backend
+        from querytune.serving.label import input_files, lock_folder
 
         try:
             input_files(input)  # a missing or empty input fails before the model loads
@@ -59,7 +59,7 @@ def label(
             raise UserError(str(e)) from e
         stream = None
         if engine == "ray":
-            from querytune.ray_engine import RayEngine
+            from querytune.serving.ray_engine import RayEngine
 
             model_backend = RayEngine(model, backend=backend, workers=workers, batch_size=batch_size, threads_per_worker=cpus_per_replica,
                                       gpus_per_replica=gpus_per_replica, int8=int8)

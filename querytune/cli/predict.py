@@ -17,7 +17,7 @@ def predict(
     constrained: bool = typer.Option(True, "--constrained/--free", help="Decode constrained to the schema's JSON (default) or freely."),
 ) -> None:
     """Print one JSON line per query: text, parse, valid, confidence, model_version (and the error when invalid)."""
-    from querytune.generate import Parser
+    from querytune.runtime.generate import Parser
     from querytune.schema import load_schema
 
     with user_errors():

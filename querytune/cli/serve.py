@@ -1,4 +1,4 @@
-"""`querytune serve`: cache-first parse serving over HTTP (see querytune/serve.py).
+"""`querytune serve`: cache-first parse serving over HTTP (see querytune/serving/serve.py).
 
     querytune serve --model runs/sft --cache sqlite:///runs/cache.db [--host 127.0.0.1] [--port 8000]
     querytune serve --model active --cache redis://:PASSWORD@redis:6379/0   # follows `cache promote` / `rollback`
@@ -63,8 +63,8 @@ def serve(
     """Serve GET/POST /v1/parse, /healthz, /metrics and /docs; cache first, misses micro-batched to the model."""
     import uvicorn
 
-    from querytune.cache import CacheUnavailable, open_cache
-    from querytune.serve import Settings, resolve_model
+    from querytune.serving.cache import CacheUnavailable, open_cache
+    from querytune.serving.serve import Settings, resolve_model
 
     workers = workers or (1 if backend == "vllm" else usable_cores())
     with user_errors():
@@ -85,7 +85,7 @@ def serve(
                             fallback_log=str(fallback_log) if fallback_log else None, local_cache_entries=local_cache_entries,
                             lookup_timeout_s=lookup_timeout)
     following = model == "active" and watch_promotions > 0
-    # what each worker builds its app from (querytune.serve.app_from_env)
+    # what each worker builds its app from (querytune.serving.serve.app_from_env)
     os.environ["QUERYTUNE_SERVE"] = json.dumps({"model": model, "cache": cache, "backend": backend, "int8": int8, "settings": dataclasses.asdict(settings),
                                                 "watch_s": watch_promotions, "access_log": access_log, "workers": workers,
                                                 "threads": max(1, usable_cores() // workers), "supervisor": os.getpid()})
@@ -96,7 +96,7 @@ def serve(
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="querytune-metrics-")
     installed = importlib.util.find_spec
     try:
-        uvicorn.run("querytune.serve:app_from_env", factory=True, host=host, port=port, workers=workers, log_level="warning", access_log=False,
+        uvicorn.run("querytune.serving.serve:app_from_env", factory=True, host=host, port=port, workers=workers, log_level="warning", access_log=False,
                     loop="uvloop" if installed("uvloop") else "asyncio", http="httptools" if installed("httptools") else "h11")
     finally:
         if workers > 1:

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from querytune.cli.common import ExploreWith, Format, Pick, Preset, UserError, load_config, user_errors, write_resolved
-from querytune.formats import DEFAULT_FORMAT
+from querytune.runtime.formats import DEFAULT_FORMAT
 
 REPORT_TO_HELP = ("Where TRL also logs the training curves (beside OUT/steps.jsonl): none, tensorboard (needs tensorboard installed; "
                   "`tensorboard --logdir OUT`), or any other of transformers' `report_to` integrations.")
@@ -49,7 +49,7 @@ def sft(
     """SFT: LoRA on a compact causal LM with TRL, completion-only loss, query -> schema parse."""
     from querytune.labeled import load_labeled, write_rejects
     from querytune.schema import load_schema
-    from querytune.sft import PRESETS, train_sft
+    from querytune.train.sft import PRESETS, train_sft
 
     with user_errors():
         file_cfg = load_config(config)
@@ -87,9 +87,9 @@ def sft(
 
 
 def _evaluate(model_dir: Path, data: Path) -> dict:
-    from querytune.generate import Parser
+    from querytune.evaluation.parse_eval import parse_metrics
     from querytune.labeled import load_labeled
-    from querytune.parse_eval import parse_metrics
+    from querytune.runtime.generate import Parser
 
     parser = Parser(model_dir)
     rows, _ = load_labeled(data, parser.schema)
@@ -102,7 +102,7 @@ def _evaluate(model_dir: Path, data: Path) -> dict:
 
 def front_matter(out: Path, stage: str) -> list[str]:
     """The Hugging Face model card's YAML header of a model folder: its base model, that it is a PEFT adapter, tags."""
-    from querytune.model import DEFAULT_BASE, load_model_meta
+    from querytune.runtime.model import DEFAULT_BASE, load_model_meta
 
     meta, _ = load_model_meta(out)
     base = meta.get("base", DEFAULT_BASE)
@@ -135,7 +135,7 @@ def _preset(presets: dict, preset: str, config: Path | None, cli: dict) -> dict:
         raise UserError(f"--config {config}: unknown option(s) {', '.join(sorted(unknown))} (known: {', '.join(presets[preset])})")
     resolved = presets[preset] | file_cfg | {k: v for k, v in cli.items() if v is not None}
     resolved["max_minutes"] = resolved.get("max_minutes") or None
-    from querytune.preference import EXPLORE_WITH, PICKS
+    from querytune.train.preference import EXPLORE_WITH, PICKS
 
     if resolved.get("explore_with", "sample") not in EXPLORE_WITH:
         raise UserError(f"--explore-with: {resolved['explore_with']!r} is not one of {', '.join(EXPLORE_WITH)}")
@@ -153,7 +153,7 @@ def _check_resume(out: Path, resume: bool) -> None:
 
 
 def _check_init(init: Path) -> None:
-    from querytune.model import load_model_meta
+    from querytune.runtime.model import load_model_meta
 
     load_model_meta(init)  # names the folder when it is not a model
 
@@ -185,7 +185,7 @@ def dpo(
     seed: int = typer.Option(0, "--seed", help="Random seed (query choice, sampling, training)."),
 ) -> None:
     """DPO on retrieval success: sample parses from --init, score each by its search against the clicks, train on the pairs."""
-    from querytune.preference import DPO_PRESETS, build_pairs, click_targets, load_pairs, sample_candidates, scored_candidates, train_dpo
+    from querytune.train.preference import DPO_PRESETS, build_pairs, click_targets, load_pairs, sample_candidates, scored_candidates, train_dpo
 
     with user_errors():
         resolved = _preset(DPO_PRESETS, preset, config, {"queries": queries, "pick": pick, "k": k, "min_gap": min_gap, "lr": lr, "beta": beta,
@@ -257,7 +257,7 @@ def grpo(
     seed: int = typer.Option(0, "--seed", help="Random seed."),
 ) -> None:
     """GRPO with the retrieval reward online: groups of sampled parses per logged query, advantages within each group."""
-    from querytune.preference import GRPO_PRESETS, anchor_targets, click_targets, sample_candidates, scored_candidates, screen, train_grpo
+    from querytune.train.preference import GRPO_PRESETS, anchor_targets, click_targets, sample_candidates, scored_candidates, screen, train_grpo
 
     with user_errors():
         resolved = _preset(GRPO_PRESETS, preset, config, {"queries": queries, "pick": pick, "screen_k": screen_k, "max_steps": max_steps, "num_generations": num_generations,
@@ -315,9 +315,9 @@ def grpo(
 
 
 def _reward(init: Path, index: Path):
-    from querytune.model import load_model_meta
-    from querytune.reward import RetrievalReward
+    from querytune.runtime.model import load_model_meta
     from querytune.search import Searcher
+    from querytune.train.reward import RetrievalReward
 
     _, schema = load_model_meta(init)
     return RetrievalReward(Searcher(index, schema), schema), schema

@@ -30,9 +30,9 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
+from querytune.evaluation.parse_eval import slot_pairs
+from querytune.evaluation.report_html import LIST_SLICES, PARSE, RETRIEVAL, SLICES, write_html
 from querytune.metrics import bootstrap, micro_f1, ranking_metrics
-from querytune.parse_eval import slot_pairs
-from querytune.report_html import LIST_SLICES, PARSE, RETRIEVAL, SLICES, write_html
 from querytune.schema import ParseError, Schema, load_schema
 
 K = 10
@@ -266,7 +266,7 @@ def side_figures(ws: Workspace) -> dict[str, Any]:
 
 def build_report(ws: Workspace, say=print, progress: Callable = iter) -> dict[str, Any]:
     """Score every system and write report/{metrics.json, summary.md, index.html}; returns the metrics."""
-    from querytune.retrieval_eval import load_rows
+    from querytune.evaluation.retrieval_eval import load_rows
     from querytune.search import Searcher
 
     test = ws.world / "test.jsonl"

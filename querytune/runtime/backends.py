@@ -1,8 +1,8 @@
 """Model backends for labeling and serving: one interface, greedy schema-constrained parses of a batch of texts.
 
-`transformers` (any machine): `querytune.generate.Parser`, the adapters merged, decoding constrained to the
-schema's JSON. `vllm`: see `querytune.vllm_backend` (vLLM with JSON-schema structured outputs).
-Both carry `model_version` (a hash of the model's weights, `querytune.model.model_version`) and
+`transformers` (any machine): `querytune.runtime.generate.Parser`, the adapters merged, decoding constrained to the
+schema's JSON. `vllm`: see `querytune.runtime.vllm_backend` (vLLM with JSON-schema structured outputs).
+Both carry `model_version` (a hash of the model's weights, `querytune.runtime.model.model_version`) and
 `schema_version`, which labels and cache keys hold.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-BACKENDS = ("transformers", "vllm")  # vllm: querytune/vllm_backend.py, its own environment (`make vllm-env`)
+BACKENDS = ("transformers", "vllm")  # vllm: querytune/runtime/vllm_backend.py, its own environment (`make vllm-env`)
 
 
 class TransformersBackend:
@@ -20,7 +20,7 @@ class TransformersBackend:
     name = "transformers"
 
     def __init__(self, model_dir: str | Path, batch_size: int = 32, constrained: bool = True, int8: bool = False):
-        from querytune.generate import Parser
+        from querytune.runtime.generate import Parser
 
         self.parser = Parser(model_dir, batch_size=batch_size, constrained=constrained, int8=int8)
         self.model_dir = str(model_dir)
@@ -37,7 +37,7 @@ def load_backend(kind: str, model_dir: str | Path, **options: Any):
     if kind == "transformers":
         return TransformersBackend(model_dir, **options)
     if kind == "vllm":
-        from querytune.vllm_backend import VLLMBackend
+        from querytune.runtime.vllm_backend import VLLMBackend
 
         return VLLMBackend(model_dir, **options)
     raise ValueError(f"unknown backend {kind!r} (choose from {', '.join(BACKENDS)})")

@@ -4,7 +4,7 @@
 (`reward(prompts=..., completions=..., **dataset_columns) -> list[float]`), used as is by GRPO and, through
 `score`, to rank the sampled parses that become DPO pairs.
 
-A completion is read in the format it was written in (`querytune.formats`: JSON unless told; GRPO's policy writes
+A completion is read in the format it was written in (`querytune.runtime.formats`: JSON unless told; GRPO's policy writes
 its folder's format, and DPO's candidates and pairs are held as JSON). It earns:
 - `INVALID` (-1.0, below any valid parse) when it is not one strict parse that fits the schema: broken JSON or
   compact text, repeated keys (two "intent"s, a slot twice), an intent or slot the schema lacks, a value outside
@@ -17,7 +17,7 @@ its folder's format, and DPO's candidates and pairs are held as JSON). It earns:
   copying the query into `business_name` ("escape room" as a business called "escape room") would
   otherwise turn every category search into a name search that scores like the raw query;
 - otherwise NDCG@k of its structured search against the position-debiased click evidence of the text
-  (`querytune.clicks`: inverse-propensity-scored clicks, Joachims et al., WSDM 2017) in one logged context: the
+  (`querytune.train.clicks`: inverse-propensity-scored clicks, Joachims et al., WSDM 2017) in one logged context: the
   search runs in that context's city at its time, and its ranking is condensed to the businesses the log
   showed for the text in that city before scoring (`condensed_ndcg`, Sakai, SIGIR 2007), so a parse is not
   punished for good businesses the old ranker never showed. A text's score is the mean over its logged
@@ -34,7 +34,7 @@ from datetime import datetime
 from functools import partial
 from typing import Any
 
-from querytune.formats import WRITES, read
+from querytune.runtime.formats import WRITES, read
 from querytune.schema import ParseError, Schema, is_grounded, normalize_text
 
 INVALID = -1.0
@@ -66,7 +66,7 @@ def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def strict_parse(schema: Schema, completion: str, max_chars: int = 400, fmt: str = "json"):
     """The schema parse of a completion in format `fmt`, or ParseError saying why it is not one strict, in-schema
-    parse (a compact completion is read by `querytune.formats.read`, which refuses a slot written twice).
+    parse (a compact completion is read by `querytune.runtime.formats.read`, which refuses a slot written twice).
 
     >>> from querytune.schema import load_schema
     >>> strict_parse(load_schema(), "find_business cuisine=thai near_me", fmt="compact").to_json()
@@ -156,7 +156,7 @@ class RetrievalReward:
     def score(self, query: str, completion: str, user_city: str, timestamp: str | datetime,
               gains: dict[str, float] | str, fmt: str = "json") -> float:
         """Reward of one completion (in format `fmt`) for one logged context of a query: `gains` holds the debiased
-        gain of every business the log showed for the query's text in `user_city` (`querytune.clicks`)."""
+        gain of every business the log showed for the query's text in `user_city` (`querytune.train.clicks`)."""
         from querytune.search import Context
 
         self.calls += 1
@@ -198,7 +198,7 @@ class RetrievalReward:
 
 def score_in_contexts(score, query: str, completion: str, contexts: list[dict[str, Any]]) -> float:
     """`score` (a reward's `score(query, completion, user_city, timestamp, gains)`) of one completion of a query,
-    averaged over the query's logged contexts (`querytune.clicks.contexts_by_text`: rows spread over the log, each
+    averaged over the query's logged contexts (`querytune.train.clicks.contexts_by_text`: rows spread over the log, each
     with its city's gains). Rows weigh alike, so cities count as often as users typed the text there: a parse
     that drops "atx" from "dentist atx" loses only where users are outside Austin.
 

@@ -5,7 +5,7 @@ The default base is SmolLM2-135M-Instruct, shipped offline as a GGUF inside the 
 `gguf`), de-quantising to fp32; it is converted once into a plain safetensors folder in the cache
 (`$QUERYTUNE_CACHE`, default `~/.cache/querytune`). `--base` takes any Hugging Face model folder or id instead.
 
-What a model reads and writes is its format (`querytune.formats`: `compact` by default, `json`).
+What a model reads and writes is its format (`querytune.runtime.formats`: `compact` by default, `json`).
 A model folder holds the LoRA adapter (or merged weights), the tokenizer, `schema.yaml`, `querytune.json`
 (base, format, schema version, max new tokens, stage) and a model card. It names its base, never by this machine's path
 alone: `{"base": "smollm2-135m-instruct", "base_sha256": <the GGUF's>}` for the default (converted into the cache
@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from querytune.formats import IDENTITY, SYSTEM_PROMPT, folder_format
+from querytune.runtime.formats import IDENTITY, SYSTEM_PROMPT, folder_format
 from querytune.schema import Schema, schema_from_dict
 
 DEFAULT_BASE = "smollm2-135m-instruct"
@@ -201,7 +201,7 @@ def copy_adapter_chain(init_dir: str | Path, out: str | Path) -> list[str]:
 
 def model_version(model_dir: str | Path) -> str:
     """A short hash of what decides a model folder's outputs, wherever the folder lies: the prompt/output format
-    (`querytune.formats.IDENTITY`), the schema's version, the base's identity (its recorded sha256, or its hub id) and
+    (`querytune.runtime.formats.IDENTITY`), the schema's version, the base's identity (its recorded sha256, or its hub id) and
     the bytes of every adapter of its chain (or of its weights, for a merged folder). Never a path: a copied folder
     keeps its version, and so its labels and cache entries. Labels and cache entries carry it.
 

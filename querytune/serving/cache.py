@@ -14,7 +14,7 @@ writer at a time) and `redis://[:password@]host:port/db`. In Redis, entries expi
 rewritten and promotions never do, so a `volatile-lru` memory policy can evict entries but never the promotion history.
 
 Any failure of the store (unreachable, hung, a write refused: NOREPLICAS, MISCONF, READONLY, a SQLite lock) raises
-`CacheUnavailable` naming the store; the server (`querytune.serving_cache`) goes on without it.
+`CacheUnavailable` naming the store; the server (`querytune.serving.serving_cache`) goes on without it.
 """
 
 from __future__ import annotations
@@ -256,7 +256,7 @@ def open_cache(url: str, busy_timeout_s: float = 30.0, create: bool = True) -> S
 
 def load_labels(cache, labels_dir: str | Path, only_valid: bool = True) -> dict[str, Any]:
     """Put a labeling folder's labels (`querytune label`) into the cache; returns counts."""
-    from querytune.label import read_labels
+    from querytune.serving.label import read_labels
 
     labels = read_labels(labels_dir)
     if labels.empty:

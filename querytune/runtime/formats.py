@@ -15,7 +15,7 @@ tokens where JSON takes 25 (world test set); the template adds about 15 tokens t
 turn. Measured on world seed 0 (eval/RESULTS.md, "Labeling and serving benchmarks"), vLLM against json, the same 280
 steps: chat-compact 1.6x and user-compact 1.8x at the same accuracy; compact 2.1x, but 3.7 points of intent accuracy
 lower, so the template's user turn stays. The grammar of each format (what constrained decoding allows) is in
-`querytune.grammar`.
+`querytune.runtime.grammar`.
 """
 
 from __future__ import annotations

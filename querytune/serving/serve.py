@@ -5,7 +5,7 @@
 One worker process per core by default (`app_from_env` builds each worker's app; each loads its own model;
 `/metrics` sums them all through prometheus_client's multiprocess folder). A request's queries are normalised and
 looked up in the cache (exact match on normalised query, schema and model version): first an in-process copy of the
-hot entries, then the store, off the event loop and behind a circuit breaker (`querytune.serving_cache`). `GET
+hot entries, then the store, off the event loop and behind a circuit breaker (`querytune.serving.serving_cache`). `GET
 /v1/parse?q=` whose query the in-process copy holds is answered by the gate without entering FastAPI
 (`Service.hit`): the same body, headers, key check, metrics and log line. Misses from concurrent requests are
 gathered for a few milliseconds into one backend call (`MissBatcher`), or, for a backend that batches concurrent
@@ -18,7 +18,7 @@ reason. With `--model active` the server follows `cache promote` / `rollback` wi
 (`PromotionWatcher`).
 
 Every error, of any status, has one body: `{"error": message, "code": reason, "request_id": id}`. Every response
-carries `X-Request-ID`; the access log (`querytune.asgi_gate.AccessLog`, on stderr) writes one JSON line per request.
+carries `X-Request-ID`; the access log (`querytune.serving.asgi_gate.AccessLog`, on stderr) writes one JSON line per request.
 
 Endpoints: `GET /v1/parse?q=...`, `POST /v1/parse {"queries": [...]}`, `/healthz`, `/metrics` (Prometheus), `/docs`
 (Swagger UI, served locally).
@@ -47,13 +47,13 @@ import orjson
 from fastapi import Request  # at module level: FastAPI reads the dependency's annotation from here
 from pydantic import BaseModel, Field
 
-from querytune.asgi_gate import AccessLog, Gate, Periodic
-from querytune.cache import Entry
-from querytune.label import check_query
 from querytune.schema import MAX_QUERY_CHARS
-from querytune.serving_cache import ServingCache
+from querytune.serving.asgi_gate import AccessLog, Gate, Periodic
+from querytune.serving.cache import Entry
+from querytune.serving.label import check_query
+from querytune.serving.serving_cache import ServingCache
 
-log = logging.getLogger("querytune.serve")
+log = logging.getLogger("querytune.serving.serve")
 
 
 @dataclass
@@ -428,8 +428,8 @@ class PromotionWatcher:
 
 def create_app(backend, cache, settings: Settings | None = None, model_version: str | None = None, schema_version: str | None = None,
                watch: Callable[[Service], PromotionWatcher] | None = None, access: AccessLog | None = None):
-    """The ASGI app. `backend`: a model backend (`querytune.backends`) or None (every miss gets 503); `cache`: a
-    `querytune.cache` store or None; `watch`: builds the promotion watcher (`--model active`); `access`: where the
+    """The ASGI app. `backend`: a model backend (`querytune.runtime.backends`) or None (every miss gets 503); `cache`: a
+    `querytune.serving.cache` store or None; `watch`: builds the promotion watcher (`--model active`); `access`: where the
     access log goes (None: nowhere)."""
     from contextlib import asynccontextmanager
 
@@ -566,12 +566,12 @@ def resolve_model(model: str, cache) -> Path:
 
 def app_from_env():
     """The app of one server worker, built from `QUERYTUNE_SERVE` (the JSON of `querytune serve`'s resolved options,
-    which the command sets): `uvicorn.run("querytune.serve:app_from_env", factory=True, workers=N)`. Each worker
+    which the command sets): `uvicorn.run("querytune.serving.serve:app_from_env", factory=True, workers=N)`. Each worker
     loads its own model and keeps its own in-process cache copy."""
     import torch
 
-    from querytune.backends import load_backend
-    from querytune.cache import open_cache
+    from querytune.runtime.backends import load_backend
+    from querytune.serving.cache import open_cache
 
     o = json.loads(os.environ["QUERYTUNE_SERVE"])
     if o["workers"] > 1:

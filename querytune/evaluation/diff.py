@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from querytune.label import check_query
+from querytune.serving.label import check_query
 
 
 def read_log(path: str | Path, column: str = "query") -> pd.DataFrame:
@@ -43,11 +43,11 @@ def is_label_folder(path: Path) -> bool:
 def parses_of(source: Path, queries: list[str], progress: Callable[[int], None] | None = None, batch_size: int = 32) -> tuple[dict[str, dict | None], str]:
     """normalised query -> canonical parse (None: invalid) from a model folder or a labeling folder, and a name."""
     if is_label_folder(source):
-        from querytune.label import read_labels
+        from querytune.serving.label import read_labels
 
         labels = read_labels(source)
         return {r.normalized: json.loads(r.parse) if r.valid and r.parse else None for r in labels.itertuples()}, f"labels {source}"
-    from querytune.backends import TransformersBackend
+    from querytune.runtime.backends import TransformersBackend
 
     backend = TransformersBackend(source, batch_size=batch_size)
     out: dict[str, dict | None] = {}
@@ -111,11 +111,11 @@ def _retrieval_effect(changed: list[str], pa: dict, pb: dict, log: pd.DataFrame,
         return {}
     if "shown" not in log:  # a log of clicks alone: only the clicked businesses are judged, none debiased
         log = log.assign(shown=log["clicked"])
-    from querytune.clicks import contexts_by_text, estimate_propensity
-    from querytune.model import load_model_meta
-    from querytune.reward import RetrievalReward, score_in_contexts
+    from querytune.runtime.model import load_model_meta
     from querytune.schema import load_schema
     from querytune.search import Searcher
+    from querytune.train.clicks import contexts_by_text, estimate_propensity
+    from querytune.train.reward import RetrievalReward, score_in_contexts
 
     folder = next((p for p in (a, b) if not is_label_folder(p)), None)
     schema = load_model_meta(folder)[1] if folder else load_schema()  # labeling folders: the default schema

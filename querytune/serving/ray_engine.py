@@ -37,7 +37,7 @@ class _Replica:
     def __init__(self, model_dir: str, backend: str, batch_size: int, threads: int, gpus: float, int8: bool = False):
         import torch
 
-        from querytune.backends import load_backend
+        from querytune.runtime.backends import load_backend
 
         torch.set_num_threads(threads)
         # vLLM sizes its memory as a share of the whole GPU: replicas sharing one must each stay within their share
@@ -47,20 +47,20 @@ class _Replica:
         self.backend = load_backend(backend, model_dir, batch_size=batch_size, **options)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        from querytune.label import parse_rows
+        from querytune.serving.label import parse_rows
 
         rows = parse_rows(self.backend, [str(q) for q in batch["normalized"]])
         return {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
 
 
 class RayEngine:
-    """`stream(queries, shard_size)` for `querytune.label.label`; `model_version` / `schema_version` like a backend."""
+    """`stream(queries, shard_size)` for `querytune.serving.label.label`; `model_version` / `schema_version` like a backend."""
 
     def __init__(self, model_dir: str | Path, backend: str = "transformers", workers: int = 2, batch_size: int = 32,
                  threads_per_worker: int = 1, gpus_per_replica: float = 0.0, int8: bool = False):
         import ray
 
-        from querytune.model import load_model_meta, model_version
+        from querytune.runtime.model import load_model_meta, model_version
 
         _, schema = load_model_meta(model_dir)
         self.model_dir, self.kind, self.workers, self.batch_size, self.threads = str(Path(model_dir).resolve()), backend, workers, batch_size, threads_per_worker

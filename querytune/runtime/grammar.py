@@ -1,6 +1,6 @@
 """The output language of a schema in a format, as one EBNF grammar that both backends decode under.
 
-`ebnf(schema, fmt)` writes the completions `querytune.formats.completion` can write: an intent, then each slot the
+`ebnf(schema, fmt)` writes the completions `querytune.runtime.formats.completion` can write: an intent, then each slot the
 intent takes at most once and in name order (a repeated slot would let a model loop until the token cap), each value
 shaped by its slot's type (a categorical value from its list, a short string, true/false, a number). The
 transformers backend compiles it with xgrammar (`Constraint`); the vLLM backend hands the same text to vLLM's
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from querytune.formats import WRITES, completion
+from querytune.runtime.formats import WRITES, completion
 from querytune.schema import Schema
 
 TEXT_CHARS = 80  # the longest string value a model may write

@@ -1,4 +1,4 @@
-"""vLLM backend: greedy parses from vLLM, decoded under the schema's grammar (`querytune.grammar.ebnf`, the grammar
+"""vLLM backend: greedy parses from vLLM, decoded under the schema's grammar (`querytune.runtime.grammar.ebnf`, the grammar
 the transformers backend compiles; vLLM's structured outputs run it on xgrammar, as that backend does).
 
 `parse(texts)` hands a whole batch to `vllm.LLM` (labeling); `aparse(texts)` submits to vLLM's async engine, which
@@ -28,10 +28,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from querytune.formats import folder_format, prompt
-from querytune.generate import Prediction, validate_output
-from querytune.grammar import ebnf
-from querytune.model import MAX_NEW_TOKENS, cache_dir, load_merged, load_model_meta, model_version
+from querytune.runtime.formats import folder_format, prompt
+from querytune.runtime.generate import Prediction, validate_output
+from querytune.runtime.grammar import ebnf
+from querytune.runtime.model import MAX_NEW_TOKENS, cache_dir, load_merged, load_model_meta, model_version
 
 
 def merged_folder(model_dir: str | Path) -> Path:

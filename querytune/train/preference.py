@@ -5,7 +5,7 @@ top, so the adapter-free model is the SFT policy and serves as the reference (KL
 Training queries come from the earlier part of the click log, never from the labeled seed set: each is a
 distinct query text with its position-debiased click evidence in up to 16 logged contexts (`click_targets`).
 
-The model reads and writes its init folder's format (`querytune.formats`), and the tuned folder keeps it. Candidates,
+The model reads and writes its init folder's format (`querytune.runtime.formats`), and the tuned folder keeps it. Candidates,
 pairs (pairs.parquet) and audits hold canonical JSON whatever the format, so pair files and eval scripts read alike:
 a completion becomes JSON where the parser returns it (`as_json`) and goes back to the model's format where a
 trainer's dataset is built (`in_format`); GRPO's reward reads the policy's own completions in its format.
@@ -13,7 +13,7 @@ trainer's dataset is built (`in_format`); GRPO's reward reads the policy's own c
     querytune train dpo  --init runs/sft --world runs/world --index runs/index --out runs/dpo
     querytune train grpo --init runs/sft --world runs/world --index runs/index --out runs/grpo
 
-Both save checkpoints in out/checkpoints (`querytune.sft.checkpoint_args`) and continue a stopped run with `--resume`.
+Both save checkpoints in out/checkpoints (`querytune.train.sft.checkpoint_args`) and continue a stopped run with `--resume`.
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ from typing import Any
 
 import pandas as pd
 
-from querytune import formats
-from querytune.clicks import MAX_CONTEXTS, contexts_by_text, estimate_propensity
-from querytune.model import BASE_KEYS, MAX_NEW_TOKENS, copy_adapter_chain, load_model_meta
-from querytune.reward import INVALID, RetrievalReward, score_in_contexts, strict_parse
+from querytune.runtime import formats
+from querytune.runtime.model import BASE_KEYS, MAX_NEW_TOKENS, copy_adapter_chain, load_model_meta
 from querytune.schema import WORD, ParseError, Schema, normalize_text
-from querytune.sft import LORA_TARGETS, StepLog, checkpoint_args, finish_checkpoints, report_args, start_or_resume
+from querytune.train.clicks import MAX_CONTEXTS, contexts_by_text, estimate_propensity
+from querytune.train.reward import INVALID, RetrievalReward, score_in_contexts, strict_parse
+from querytune.train.sft import LORA_TARGETS, StepLog, checkpoint_args, finish_checkpoints, report_args, start_or_resume
 
 DPO_PRESETS: dict[str, dict[str, Any]] = {
     # quick: <= 15 minutes on 2 CPU cores: the constrained greedy parse of the 2,000 most typed texts of the early log
@@ -83,7 +83,7 @@ def click_targets(world: str | Path, n: int, seed: int = 0, exclude: set[str] | 
     """`n` distinct query texts (normalised) from the early log that have clicks. Each target holds the text
     (`query`, its latest spelling), `rows` (how often it was typed) and `contexts`: up to `max_contexts` of its
     logged rows spread over the log, each `{user_city, timestamp, gains}` with the position-debiased gains of
-    the businesses shown for the text in that city (`querytune.clicks.contexts_by_text`; the examination curve
+    the businesses shown for the text in that city (`querytune.train.clicks.contexts_by_text`; the examination curve
     is estimated from the early log's randomised impressions); `user_city`, `timestamp` and `gains` repeat the
     first context. A parse is scored in every context (`score_in_contexts`): the model's parse of a text does
     not depend on who typed it.
@@ -444,7 +444,7 @@ def _policy(init: Path, preset: dict[str, Any]):
     from peft import LoraConfig
     from transformers import AutoTokenizer
 
-    from querytune.model import load_merged
+    from querytune.runtime.model import load_merged
 
     meta, schema = load_model_meta(init)
     tokenizer = AutoTokenizer.from_pretrained(init)
@@ -489,7 +489,7 @@ def in_format(schema: Schema, fmt: str, parse_json: str) -> str:
 
 
 def _save(trainer, tokenizer, init: Path, out: Path, schema: Schema, meta: dict, stage: str) -> None:
-    from querytune.model import save_model_meta
+    from querytune.runtime.model import save_model_meta
 
     trainer.model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -545,7 +545,7 @@ def sample_candidates(init: Path, targets: list[dict], k: int, temperature: floa
         raise ValueError(f"explore_with: {explore_with!r} is not one of {', '.join(EXPLORE_WITH)}")
     from rich.progress import Progress
 
-    from querytune.generate import Parser
+    from querytune.runtime.generate import Parser
 
     parser = Parser(init, batch_size=48, constrained=constrained)
     texts = [t["query"] for t in targets]

@@ -1,6 +1,6 @@
 """The server's side of the parse cache: lookups and write-backs that never block the event loop or stop serving.
 
-`ServingCache` wraps a store (`querytune.cache`: SQLite or Redis) for `querytune serve`:
+`ServingCache` wraps a store (`querytune.serving.cache`: SQLite or Redis) for `querytune serve`:
 - an in-process copy of the most recently requested entries (LRU, `local_entries`) answers first, so hot queries
   keep hitting while the store is down or hung; entries are immutable per model version, so the copy is never stale;
 - store I/O runs on its own small thread pool, and a lookup waits at most `lookup_timeout_s` for it;
@@ -20,9 +20,9 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-from querytune.cache import CacheUnavailable, Entry
+from querytune.serving.cache import CacheUnavailable, Entry
 
-log = logging.getLogger("querytune.cache")
+log = logging.getLogger("querytune.serving.cache")
 
 
 class Breaker:

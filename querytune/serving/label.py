@@ -479,7 +479,7 @@ def label(input_path: str | Path, out: str | Path, backend: Backend, column: str
           stream: Callable[[list[str], int], Iterator[list[dict]]] | None = None) -> dict[str, Any]:
     """Label `input_path` into `out` (see the module doc); returns the summary. `progress(done, total)` after each
     shard. `stream(queries, shard_size)` yields label rows (`parse_rows`' shape) a shard at a time, in any order
-    (default: `backend.parse` in this process; `querytune.ray_engine` passes a Ray Data pipeline)."""
+    (default: `backend.parse` in this process; `querytune.serving.ray_engine` passes a Ray Data pipeline)."""
     t0 = time.perf_counter()
     out = Path(out)
     files = input_files(input_path)

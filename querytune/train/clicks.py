@@ -22,7 +22,7 @@ an estimate of the probability that b is clicked once examined (the inverse-prop
 Joachims et al. 2017, averaged per business over its impressions). That probability cannot exceed 1: clipping
 there bounds what one click far down a rarely shown list can add. Every business the log showed for the text
 in that city has a gain, 0.0 when never clicked: those are the judged businesses; an unshown one has none (see
-`querytune.reward.condensed_ndcg`).
+`querytune.train.reward.condensed_ndcg`).
 
 Contexts. Each logged row of a text is a context (user city, time); `contexts_by_text` keeps up to `MAX_CONTEXTS`
 of them per text, spread evenly over the text's rows in time order (not the latest only: a parse with a time

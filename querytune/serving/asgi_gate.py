@@ -3,7 +3,7 @@
 It sits outside FastAPI so that a body over the limit is refused while it is being received (a chunked body has no
 Content-Length to trust, and the app would otherwise read all of it), so that every request, the refused ones too,
 gets an `X-Request-ID` and one access-log line (`AccessLog`, JSON), and so that a cache hit can be answered without
-entering FastAPI at all (`answer`, given by `querytune.serve`).
+entering FastAPI at all (`answer`, given by `querytune.serving.serve`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Callable
 
 
 def error_body(status: int, code: str, message: str, request_id: str) -> tuple[int, bytes]:
-    """The server's one error body (`querytune.serve.ErrorBody`), for answers given before the app is reached."""
+    """The server's one error body (`querytune.serving.serve.ErrorBody`), for answers given before the app is reached."""
     return status, json.dumps({"error": message, "code": code, "request_id": request_id}).encode()
 
 

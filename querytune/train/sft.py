@@ -5,7 +5,7 @@
 setup (labeled rows -> prompt/completion pairs) -> TRL SFTTrainer with a peft LoRA and completion-only
 loss -> save adapter + tokenizer + schema + resolved config + step log + model card. Intents the schema
 declares but the data never shows get their description as a training row, so they stay reachable. The
-folder's schema adds the aliases its labels support (`querytune.aliases`), so grounding keeps nicknames.
+folder's schema adds the aliases its labels support (`querytune.train.aliases`), so grounding keeps nicknames.
 The budget is optimizer steps x batch size; fp32 or bf16 is chosen by a measurement on the machine.
 Checkpoints go to out/checkpoints every `save_steps` (the last two kept, removed once the schedule completes);
 `--resume` continues a stopped run from the last one, its step log kept up to that step.
@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from querytune.aliases import merge_aliases, mine_aliases
-from querytune.formats import DEFAULT_FORMAT, completion, folder_format, prompt
 from querytune.labeled import LabeledRow
-from querytune.model import BASE_KEYS, base_path, base_record, cache_dir, copy_adapter_chain, load_merged, load_model_meta, save_model_meta
+from querytune.runtime.formats import DEFAULT_FORMAT, completion, folder_format, prompt
+from querytune.runtime.model import BASE_KEYS, base_path, base_record, cache_dir, copy_adapter_chain, load_merged, load_model_meta, save_model_meta
 from querytune.schema import Schema
+from querytune.train.aliases import merge_aliases, mine_aliases
 
 PRESETS: dict[str, dict[str, Any]] = {
     # quick: ~1.1 passes over a 2,000-row seed set. A high LoRA learning rate matters for so few steps (seed-0
@@ -45,7 +45,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 def sft_examples(rows: list[LabeledRow], schema: Schema, tokenizer, fmt: str = DEFAULT_FORMAT) -> list[dict[str, str]]:
-    """Prompt/completion strings in format `fmt` (`querytune.formats`); the completion ends with the tokenizer's end-of-turn token."""
+    """Prompt/completion strings in format `fmt` (`querytune.runtime.formats`); the completion ends with the tokenizer's end-of-turn token."""
     seen = {r.intent for r in rows}
     pairs = [(r.text, {"intent": r.intent, "slots": r.slots}) for r in rows]
     pairs += [(i.description.lower(), {"intent": i.name, "slots": {}}) for i in schema.intents.values()
@@ -203,9 +203,9 @@ def train_sft(rows: list[LabeledRow], schema: Schema, out: Path, base: str | Non
               seed: int = 0, say=print, init: Path | None = None, resume: bool = False, fmt: str = DEFAULT_FORMAT,
               report_to: str = "none") -> dict[str, Any]:
     """Train and save; returns a summary (steps, seconds, final loss, token lengths, dtype). `fmt`: the format the
-    model reads and writes (`querytune.formats`). `init`: a model folder to continue from (its adapters merged, a new
+    model reads and writes (`querytune.runtime.formats`). `init`: a model folder to continue from (its adapters merged, a new
     LoRA on top, its format kept) instead of the bare base. The folder's schema
-    carries the aliases its labels support (`querytune.aliases`), plus those of `init`. `resume`: continue from the
+    carries the aliases its labels support (`querytune.train.aliases`), plus those of `init`. `resume`: continue from the
     last checkpoint in out/checkpoints (`start_or_resume`). `report_to`: transformers' logging integrations
     (tensorboard, ...) besides out/steps.jsonl."""
     import torch

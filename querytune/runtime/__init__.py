@@ -1,0 +1,1 @@
+"""What runs a model folder: its files and version, prompt and completion formats, the output grammar, generation and the backends."""
