@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   create .venv, then the whole loop in ./workspace: world, index, SFT -> DPO -> GRPO (quick), test predictions,
 #               the log's head labeled into the cache, a serving check, the report (workspace/report/index.html)
+#   make demo-tiny  the same steps on a small world with a few training steps each, in ./workspace-tiny (minutes)
 #   make test   check redis-server and Chromium (.ci/system-deps installs them where it may), create .venv, install
 #               the test dependencies, run the whole test suite (slow tests and the wheel check included)
 PYTHON ?= python3
@@ -9,7 +10,7 @@ BIN    := $(VENV)/bin
 WS     ?= workspace
 M      := $(WS)/models
 
-.PHONY: demo controls test test-fast test-wheel system-deps venv vllm-env readme clean
+.PHONY: demo demo-tiny controls test test-fast test-wheel system-deps venv vllm-env readme clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +45,10 @@ vllm-env: $(VVENV)/bin/.installed
 # the whole loop in ./workspace (querytune/demo.py): steps already done for the same inputs and code are skipped
 demo: venv
 	$(BIN)/querytune demo --workspace $(WS)
+
+# the loop's every step and the same report in minutes, to look before spending the hour (figures mean nothing)
+demo-tiny: venv
+	$(BIN)/querytune demo --preset tiny --workspace $(WS)-tiny
 
 # the two controls of preference tuning (after `make demo`): SFT continued for DPO's number of steps, and DPO on
 # pairs scored against clicks shuffled across queries; both should gain nothing over SFT. The report then shows

@@ -145,7 +145,7 @@ def main() -> None:
 
     from querytune.runtime.formats import folder_format
     from querytune.runtime.generate import Parser
-    from querytune.serving.label import check_query
+    from querytune.serving.log_input import check_query
 
     if folder_format(json.loads((compact / "querytune.json").read_text())) == "json":
         sys.exit(f"{compact} is a JSON-format model (trained before the compact format): retrain it with `make demo`")

@@ -20,7 +20,7 @@ import faiss
 import numpy as np
 
 from querytune.evaluation.retrieval_eval import load_rows
-from querytune.schema import load_schema
+from querytune.schema_file import load_schema
 from querytune.search import Context, Searcher
 
 

@@ -177,9 +177,9 @@ def main() -> None:
             sys.exit(f"bench_serving: {need} not found: run `make demo` first (it builds ./workspace), or pass --workspace DIR")
     if not shutil.which("wrk"):
         sys.exit("bench_serving: wrk is not installed: apt-get install wrk (Debian, Ubuntu) or brew install wrk")
-    from querytune.runtime.model import load_model_meta, model_version
+    from querytune.runtime.model import ModelFolder
     from querytune.serving.cache import Entry, open_cache
-    from querytune.serving.label import check_query
+    from querytune.serving.log_input import check_query
 
     rows = [json.loads(line) for line in test.read_text(encoding="utf-8").splitlines()]
     by_norm = {}
@@ -194,8 +194,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     cache_url = f"sqlite:///{work}/cache.db"
     # the hits' entries: the test set's own parses under the served model's version, as `cache load` would write them
-    _, schema = load_model_meta(model)
-    version = model_version(model)
+    schema = ModelFolder.open(model).schema
+    version = ModelFolder.open(model).version
     open_cache(cache_url).put_many([(q, Entry({"intent": by_norm[q]["intent"], "slots": by_norm[q]["slots"]}, True, 1.0, version))
                                     for q in hits], schema.version)
     lua = work / "hits.lua"

@@ -23,7 +23,7 @@ import torch
 
 from querytune.labeled import load_labeled
 from querytune.runtime.model import resolve_base
-from querytune.schema import load_schema
+from querytune.schema_file import load_schema
 from querytune.train.sft import LORA_TARGETS, PRESETS, cpu_model, pick_dtype, probe_batch, sft_examples, train_sft
 
 

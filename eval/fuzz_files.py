@@ -32,8 +32,10 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python eval/fuzz_files.py` from a checkout
 
-from querytune.schema import SchemaError, load_schema  # noqa: E402
-from querytune.serving.label import LabelInputError, account_rows, save_accounting  # noqa: E402
+from querytune.schema import SchemaError  # noqa: E402
+from querytune.schema_file import load_schema  # noqa: E402
+from querytune.serving.label import save_accounting  # noqa: E402
+from querytune.serving.log_input import LabelInputError, account_rows  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMAS = [REPO / "data" / "schema.yaml", REPO / "data" / "schemas" / "sgd.yaml"]

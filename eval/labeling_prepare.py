@@ -35,7 +35,9 @@ from querytune.train.sft import cpu_model  # noqa: E402
 
 def _measure(path: str, way: str, out: str) -> dict:
     """One run of one way on `path` in this process: seconds and peak RSS growth."""
-    from querytune.serving.label import account_rows, prepare, save_accounting
+    from querytune.serving.label import save_accounting
+    from querytune.serving.log_input import account_rows
+    from querytune.serving.log_prepare import prepare
 
     start = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
@@ -71,7 +73,7 @@ def _compare(path: Path, work: Path) -> dict:
 def prepare_figures(log_path: str, rows: int | None = None, replicate_to: int = 1_200_000) -> dict:
     """Per-row driver time and peak RSS growth of both ways on the log (its first `rows`) and on the log repeated to
     about `replicate_to` rows; the distinct share at growing prefixes of the log."""
-    from querytune.serving.label import prepare
+    from querytune.serving.log_prepare import prepare
 
     queries = pq.read_table(log_path, columns=["query"])
     if rows:

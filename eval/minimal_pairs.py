@@ -16,11 +16,12 @@ import json
 
 import pandas as pd
 
-from querytune.runtime.model import load_model_meta
+from querytune.runtime.model import ModelFolder
 from querytune.schema import ParseError
 from querytune.search import Searcher
-from querytune.train.preference import CORE_FILTERS, _intent, click_targets, tells_apart
+from querytune.train.pair_rules import CORE_FILTERS, _intent, tells_apart
 from querytune.train.reward import RetrievalReward
+from querytune.train.targets import click_targets
 
 
 def main() -> None:
@@ -35,7 +36,7 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="pair file to write (Parquet)")
     args = ap.parse_args()
 
-    _, schema = load_model_meta(args.run)
+    schema = ModelFolder.open(args.run).schema
     reward = RetrievalReward(Searcher(args.index, schema), schema)
     targets = {(t["query"], t["user_city"]): t for t in click_targets(args.world, args.queries, seed=args.seed)}
     core = {n for n, s in schema.slots.items() if s.filter in CORE_FILTERS}

@@ -18,8 +18,9 @@ from collections import Counter
 
 import pandas as pd
 
-from querytune.schema import load_schema, normalize_text
-from querytune.train.preference import pair_kind, tells_apart
+from querytune.schema import normalize_text
+from querytune.schema_file import load_schema
+from querytune.train.pair_rules import pair_kind, tells_apart
 
 
 def closeness(parse: dict, intent: str, slots: dict) -> float:

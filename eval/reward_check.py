@@ -33,10 +33,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from querytune.schema import Parse, ParseError, Schema, load_schema, normalize_text
+from querytune.schema import Parse, ParseError, Schema, normalize_text
+from querytune.schema_file import load_schema
 from querytune.search import Context, Searcher
-from querytune.train.preference import click_targets, target_score
 from querytune.train.reward import RetrievalReward
+from querytune.train.targets import click_targets, target_score
 
 FILTERS = {"outdoor_seating": [True], "kid_friendly": [True], "open": ["now", "late"], "price": ["cheap", "expensive"]}
 WHAT_WHERE = ("category", "cuisine", "business_name", "city", "neighborhood")
@@ -133,9 +134,9 @@ def main() -> None:
     args = ap.parse_args()
     truth = true_parses(args.world)
     if args.model:
-        from querytune.runtime.model import load_model_meta
+        from querytune.runtime.model import ModelFolder
 
-        schema, aliases = load_model_meta(args.model)[1], f"those of {args.model}"
+        schema, aliases = ModelFolder.open(args.model).schema, f"those of {args.model}"
     else:
         schema, n = with_mined_aliases(load_schema(), truth)
         aliases = f"{n} mined from the early log's needs"

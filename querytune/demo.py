@@ -25,10 +25,19 @@ from typing import Callable
 
 PACKAGE = Path(__file__).resolve().parent
 STAGES = ("sft", "dpo", "grpo")
-# The quick presets, trimmed so the whole demo stays under 75 minutes on 2 CPU cores (SFT keeps its preset: 13 minutes
-# of training): DPO explores the 1,200 most typed texts (preset: 2,000), GRPO screens 1,000 random texts and trains for
-# 6 minutes (preset: 1,500 and 11). Measured stage times: README, "Results of a demo run".
-DEMO_SIZES = {"dpo": ["--queries", "1200"], "grpo": ["--queries", "1000", "--max-minutes", "6"]}
+# Each step's sizes. full: the quick training presets, trimmed so the whole demo stays under 75 minutes on 2 CPU
+# cores (SFT keeps its preset: 13 minutes of training): DPO explores the 1,200 most typed texts (preset: 2,000), GRPO
+# screens 1,000 random texts and trains for 6 minutes (preset: 1,500 and 11); measured stage times: README. tiny: the
+# same steps and report on a small world (6,000 log rows, 150 test queries) with a few optimizer steps per stage, to
+# see the loop in minutes; its models are barely trained and its figures say nothing about the method.
+PRESETS: dict[str, dict[str, list[str]]] = {
+    "full": {"world": [], "sft": [], "dpo": ["--queries", "1200"], "grpo": ["--queries", "1000", "--max-minutes", "6"], "warm": ["--top", "1000"]},
+    "tiny": {"world": ["--rows", "6000", "--per-city", "60", "--eval-rows", "150"], "sft": ["--max-steps", "24"],
+             "dpo": ["--queries", "48", "--max-steps", "4"],
+             "grpo": ["--queries", "16", "--screen-k", "0", "--max-steps", "2", "--num-generations", "4", "--batch-size", "16"],
+             "warm": ["--top", "100"]},
+}
+REPLAY = {"full": 300, "tiny": 40}  # later log requests the serving check replays
 
 
 def code_key() -> str:
@@ -53,17 +62,17 @@ class Step:
     key_extra: str = ""  # what else the output depends on (a `run` body's settings)
 
 
-def steps(ws: Path, cli: str, py: str, serve_port: int, replay: int) -> list[Step]:
-    w = str(ws)
+def steps(ws: Path, cli: str, py: str, serve_port: int, replay: int, preset: str = "full") -> list[Step]:
+    w, size = str(ws), PRESETS[preset]
     out = [
-        Step("world", [[cli, "world", "make", "--out", f"{w}/world"]], ["world/test.jsonl", "world/log.parquet"], clean=["world"]),
+        Step("world", [[cli, "world", "make", "--out", f"{w}/world", *size["world"]]], ["world/test.jsonl", "world/log.parquet"], clean=["world"]),
         Step("index", [[cli, "index", "build", "--world", f"{w}/world", "--out", f"{w}/index"]], ["index/index.faiss"], ["world"], clean=["index"]),
-        Step("sft", [[cli, "train", "sft", "--data", f"{w}/world/seed.jsonl", "--out", f"{w}/models/sft", "--preset", "quick"]],
+        Step("sft", [[cli, "train", "sft", "--data", f"{w}/world/seed.jsonl", "--out", f"{w}/models/sft", "--preset", "quick", *size["sft"]]],
              ["models/sft/summary.json"], ["world"], clean=["models/sft"]),
     ]
-    for stage, sizes in DEMO_SIZES.items():
+    for stage in ("dpo", "grpo"):
         out.append(Step(stage, [[cli, "train", stage, "--init", f"{w}/models/sft", "--world", f"{w}/world", "--index", f"{w}/index",
-                                 "--out", f"{w}/models/{stage}", "--preset", "quick", *sizes]], [f"models/{stage}/summary.json"], ["sft", "index"],
+                                 "--out", f"{w}/models/{stage}", "--preset", "quick", *size[stage]]], [f"models/{stage}/summary.json"], ["sft", "index"],
                         clean=[f"models/{stage}"]))
     for stage in STAGES:
         out.append(Step(f"predict_{stage}", [[cli, "eval", "parse", "--model", f"{w}/models/{stage}", "--data", f"{w}/world/test.jsonl",
@@ -72,7 +81,7 @@ def steps(ws: Path, cli: str, py: str, serve_port: int, replay: int) -> list[Ste
                         [f"models/{stage}/predictions_test.jsonl"], [stage],
                         clean=[f"models/{stage}/predictions_test.jsonl", f"models/{stage}/parse_test.json"]))
     # the served model labels the head of the early log into the cache, then is promoted
-    out.append(Step("labels", [[cli, "cache", "warm", f"{w}/world/log.parquet", "--where", "period=early", "--top", "1000",
+    out.append(Step("labels", [[cli, "cache", "warm", f"{w}/world/log.parquet", "--where", "period=early", *size["warm"],
                                 "--model", f"{w}/models/sft", "--cache", f"sqlite:///{w}/cache.db", "--work", f"{w}/labels/head"],
                                [cli, "cache", "promote", "--model", f"{w}/models/sft", "--cache", f"sqlite:///{w}/cache.db"]],
                     ["labels/head/labels/summary.json", "eval/warm.json", "cache.db"], ["sft"], capture="eval/warm.json",
@@ -101,11 +110,13 @@ def serving_check(ws: Path, cli: str, py: str, port: int, replay: int) -> None:
     (ws / "eval" / "serving.json").write_text(lines[-1] + "\n")
 
 
-def run_demo(ws: Path, serve_port: int = 8765, replay: int = 300, say=print) -> dict[str, float]:
-    """Run every step of the demo not already done for the same inputs and code; returns each step's seconds."""
+def run_demo(ws: Path, serve_port: int = 8765, replay: int | None = None, say=print, preset: str = "full") -> dict[str, float]:
+    """Run every step of the demo (`PRESETS[preset]`'s sizes) not already done for the same inputs and code; returns
+    each step's seconds."""
     ws = ws.resolve()
     bindir = Path(sys.executable).parent
-    return run_steps(ws, steps(ws, str(bindir / "querytune"), sys.executable, serve_port, replay), code_key(), say)
+    plan = steps(ws, str(bindir / "querytune"), sys.executable, serve_port, replay or REPLAY[preset], preset)
+    return run_steps(ws, plan, code_key(), say)
 
 
 def run_steps(ws: Path, plan: list[Step], code: str, say=print) -> dict[str, float]:

@@ -45,7 +45,7 @@ def tiny_base(seed_jsonl: Path, out: Path) -> Path:
 def tiny_model(seed_jsonl: Path, base: Path, out: Path, fmt: str = "user-compact") -> Path:
     """A model folder (querytune.json, schema, adapter) of the tiny Llama after two SFT steps on the seed, in format `fmt`."""
     from querytune.labeled import load_labeled
-    from querytune.schema import load_schema
+    from querytune.schema_file import load_schema
     from querytune.train.sft import train_sft
 
     schema = load_schema()

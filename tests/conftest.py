@@ -86,7 +86,7 @@ def memorise_parses(tiny_base: Path, rows: list[dict], out: Path, steps: int = 1
 
     from querytune.runtime.formats import completion, prompt
     from querytune.runtime.model import save_model_meta
-    from querytune.schema import load_schema
+    from querytune.schema_file import load_schema
 
     schema = load_schema()
     tok = AutoTokenizer.from_pretrained(tiny_base)

@@ -1,9 +1,10 @@
 from __future__ import annotations
 
 from querytune.labeled import LabeledRow
-from querytune.runtime.generate import validate_output
-from querytune.runtime.model import load_model_meta
-from querytune.schema import Parse, load_schema
+from querytune.runtime.model import ModelFolder
+from querytune.runtime.prediction import validate_output
+from querytune.schema import Parse
+from querytune.schema_file import load_schema
 from querytune.train.aliases import merge_aliases, mine_aliases
 from querytune.train.sft import train_sft
 from tests.test_sft import ROWS, TINY
@@ -54,7 +55,8 @@ def test_a_mined_alias_passes_the_grounding_check():
 
 def test_sft_writes_the_aliases_its_labels_support_into_the_model_folder(tiny_base, tmp_path):
     train_sft(ROWS + NICKNAMES, SCHEMA, tmp_path / "m", str(tiny_base), TINY, say=lambda _: None)
-    meta, schema = load_model_meta(tmp_path / "m")
+    folder = ModelFolder.open(tmp_path / "m")
+    meta, schema = folder.meta, folder.schema
     assert schema.slots["neighborhood"].aliases["soco"] == "south congress"
     assert meta["mined_aliases"]["neighborhood"]["soco"] == {"value": "south congress", "rows": 3, "precision": 1.0}
     raw = '{"intent":"find_business","slots":{"category":"restaurant","neighborhood":"south congress"}}'
@@ -64,6 +66,7 @@ def test_sft_writes_the_aliases_its_labels_support_into_the_model_folder(tiny_ba
     wburg = rows(("wburg bagels", {"category": "bakery", "neighborhood": "williamsburg"}),
                  ("coffee wburg", {"category": "cafe", "neighborhood": "williamsburg"}))
     train_sft(ROWS + wburg, SCHEMA, tmp_path / "m2", None, TINY, say=lambda _: None, init=tmp_path / "m")
-    meta, schema = load_model_meta(tmp_path / "m2")
+    folder = ModelFolder.open(tmp_path / "m2")
+    meta, schema = folder.meta, folder.schema
     assert schema.slots["neighborhood"].aliases == {"soco": "south congress", "wburg": "williamsburg"}
     assert set(meta["mined_aliases"]["neighborhood"]) == {"soco", "wburg"}

@@ -24,13 +24,17 @@ def test_each_choice_type_is_the_tuple_its_module_checks():
     from querytune.runtime.backends import BACKENDS
     from querytune.runtime.formats import FORMATS
     from querytune.search import INDEX_KINDS
-    from querytune.train.preference import DPO_PRESETS, EXPLORE_WITH, GRPO_PRESETS, PICKS
+    from querytune.train.preference import DPO_PRESETS, GRPO_PRESETS
     from querytune.train.sft import PRESETS
+    from querytune.train.targets import EXPLORE_WITH, PICKS
 
     assert set(get_args(common.Backend)) == set(BACKENDS) and set(get_args(common.Format)) == set(FORMATS)
     assert set(get_args(common.IndexKind)) == set(INDEX_KINDS) and set(get_args(common.Pick)) == set(PICKS)
     assert set(get_args(common.ExploreWith)) == set(EXPLORE_WITH)
     assert set(get_args(common.Preset)) == set(PRESETS) == set(DPO_PRESETS) == set(GRPO_PRESETS)
+    from querytune import demo
+
+    assert set(get_args(common.DemoPreset)) == set(demo.PRESETS) == set(demo.REPLAY)
 
 
 @pytest.mark.parametrize("command, option, shown", [
@@ -83,3 +87,25 @@ def test_models_are_given_one_way_dir_or_name_dir_and_the_old_stage_option_still
     old = run([*common_args, "--stage", f"sft={tmp_path / 'sft'}"])
     assert new.exit_code == old.exit_code == 2 and "predictions_test.jsonl not found" in new.output and "predictions_test.jsonl not found" in old.output
     assert "deprecated" not in new.output and "--stage is deprecated" in old.output
+
+
+def test_demo_tiny_runs_the_full_demos_steps_smaller_with_options_each_command_has(tmp_path):
+    """`demo --preset tiny` is the same eleven steps and the same report, only smaller; every option a preset adds is
+    one its command's --help lists (a misspelt option would fail minutes into the demo)."""
+    import re
+
+    from querytune.demo import PRESETS, steps
+
+    plans = {name: steps(tmp_path, "querytune", "python", 8765, 40, name) for name in PRESETS}
+    assert [s.name for s in plans["tiny"]] == [s.name for s in plans["full"]]
+    tiny = {s.name: s.commands for s in plans["tiny"]}
+    assert {"--rows", "--eval-rows"} <= set(tiny["world"][0]) and all("--max-steps" in tiny[s][0] for s in ("sft", "dpo", "grpo"))
+    assert "--max-steps" not in {s.name: s.commands for s in plans["full"]}["sft"][0]  # the full demo trains SFT's whole preset
+    for plan in plans.values():
+        for step in plan:
+            for command in step.commands:
+                words = [w for w in command[1:] if not w.startswith("-")][:2]
+                sub = words[:2] if words[0] in ("world", "index", "train", "eval", "cache") else words[:1]
+                shown = run([*sub, "--help"]).output
+                for option in (w for w in command if re.fullmatch(r"--[a-z-]+", w)):
+                    assert option in shown, f"{' '.join(sub)}: no {option}"

@@ -11,7 +11,8 @@ import xgrammar as xgr
 from querytune.runtime.formats import FORMATS, completion, read
 from querytune.runtime.generate import Parser
 from querytune.runtime.grammar import ebnf
-from querytune.schema import ParseError, load_schema, schema_from_dict
+from querytune.schema import ParseError
+from querytune.schema_file import load_schema, schema_from_dict
 from querytune.train.sft import train_sft
 from tests.test_sft import ROWS, TINY
 

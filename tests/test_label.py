@@ -17,7 +17,8 @@ import pytest
 from typer.testing import CliRunner
 
 from querytune.cli import app
-from querytune.serving.label import LabelInputError, label, labeled_rows, read_labels
+from querytune.serving.label import label, labeled_rows, read_labels
+from querytune.serving.log_input import LabelInputError
 
 
 @dataclass

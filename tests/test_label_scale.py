@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from querytune.serving import label as labeling
+from querytune.serving import log_input, log_prepare
 
 AWKWARD = [
     "Cheap Thai", "cheap  thai", "  Cheap\tTHAI\n", "a\x0bb\x0cc\rd", "x\x1cy\x1dz\x1e\x1fw", "DEL\x7fkept",
@@ -49,10 +50,10 @@ def write_awkward(folder: Path, cells: list) -> None:
 def outputs(input_path: Path, out: Path, new: bool, **kw) -> tuple:
     out.mkdir(parents=True)
     if new:
-        prep = labeling.prepare(input_path, out, **kw)
+        prep = log_prepare.prepare(input_path, out, **kw)
         counts, distinct = (prep.rows, prep.accepted, prep.rejected), list(zip(prep.distinct["normalized"].to_pylist(), prep.distinct["query"].to_pylist()))
     else:
-        acc = labeling.account_rows(input_path, **kw)
+        acc = log_input.account_rows(input_path, **kw)
         labeling.save_accounting(acc, out)
         counts, distinct = (acc.rows, len(acc.mapping["line"]), len(acc.rejects)), list(acc.first_spelling.items())
     rows = pd.read_parquet(out / "rows.parquet")
@@ -97,9 +98,9 @@ def test_prepare_matches_on_random_cells_and_a_where_filter(tmp_path, monkeypatc
     pq.write_table(pa.table({"query": cells, "period": periods}), tmp_path / "in" / "a.parquet")
     pq.write_table(pa.table({"query": cells[:500], "period": [rng.choice([1, 2]) for _ in range(500)]}), tmp_path / "in" / "b.parquet")
     (tmp_path / "in" / "c.jsonl").write_text("".join(json.dumps({"query": c, "period": p}) + "\n" for c, p in zip(cells, periods)))
-    monkeypatch.setattr(labeling, "BATCH_ROWS", 777)
+    monkeypatch.setattr(log_prepare, "BATCH_ROWS", 777)
     counts, _, _, distinct = assert_same(tmp_path / "in", tmp_path / "all")
-    plain = len(cells) - labeling.normalize_plain(pa.array(cells, pa.large_string()))[0].null_count
+    plain = len(cells) - log_prepare.normalize_plain(pa.array(cells, pa.large_string()))[0].null_count
     assert 0.25 < plain / len(cells) < 0.75, "both Arrow's part and check_query's part are put to the test"
     assert counts[0] == 2 * len(cells) + 500 and 1000 < len(distinct) < counts[1] < counts[0]
     for where in ("period=late", "period=None", "period=1"):
@@ -110,11 +111,11 @@ def test_prepare_matches_on_random_cells_and_a_where_filter(tmp_path, monkeypatc
 def test_prepare_names_an_unreadable_or_columnless_parquet_file(tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.parquet").write_bytes(b"PAR1 not really")
-    with pytest.raises(labeling.LabelInputError, match="a.parquet: not a readable Parquet file"):
-        labeling.prepare(tmp_path / "in", tmp_path)
+    with pytest.raises(log_input.LabelInputError, match="a.parquet: not a readable Parquet file"):
+        log_prepare.prepare(tmp_path / "in", tmp_path)
     pq.write_table(pa.table({"text": ["x"]}), tmp_path / "in" / "a.parquet")
-    with pytest.raises(labeling.LabelInputError, match=r"no column 'query' \(columns: text\)"):
-        labeling.prepare(tmp_path / "in", tmp_path)
+    with pytest.raises(log_input.LabelInputError, match=r"no column 'query' \(columns: text\)"):
+        log_prepare.prepare(tmp_path / "in", tmp_path)
     assert not list(tmp_path.glob(".*.tmp")) and not (tmp_path / "rows.parquet").exists(), "a failed read leaves nothing behind"
 
 
@@ -125,7 +126,8 @@ def test_ray_replicas_reserve_their_share_of_a_gpu(tiny_model, small_world_maste
 
     from querytune.runtime.backends import load_backend
     from querytune.serving import ray_engine
-    from querytune.serving.label import check_query, parse_rows
+    from querytune.serving.label import parse_rows
+    from querytune.serving.log_input import check_query
 
     log = pd.read_parquet(small_world_master / "log.parquet", columns=["query"])["query"].head(80)
     queries = sorted({check_query(q)[0] for q in log})

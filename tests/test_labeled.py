@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 import querytune
 from querytune.cli import app
 from querytune.labeled import LabeledDataError, load_labeled, write_rejects
-from querytune.schema import load_schema
+from querytune.schema_file import load_schema
 
 REPO = Path(querytune.__file__).resolve().parent.parent
 SGD_TRAIN = REPO.parent / "shared" / "datasets" / "sgd-local" / "train.jsonl"

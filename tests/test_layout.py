@@ -61,7 +61,7 @@ def graph() -> nx.DiGraph:
 
 def test_the_import_walker_sees_function_level_and_relative_imports(tmp_path):
     pkg = PACKAGE / "world"
-    assert "querytune.search" in imports(pkg / "make.py")
+    assert "querytune.search" in imports(pkg / "log.py")
     source = "def f():\n    from ..search import Bm25\n    from . import vocab\n"
     fake = pkg / "_probe_for_test.py"
     try:

@@ -4,14 +4,16 @@ and `querytune export` makes a folder that needs neither base nor cache."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from querytune.cli import app
 from querytune.runtime.formats import IDENTITY
-from querytune.runtime.model import load_model_meta, model_version
+from querytune.runtime.model import ModelFolder
 
 QUERIES = ["cheap thai near me", "24h plumber austin", "dentist"]
 
@@ -30,11 +32,11 @@ def test_a_copied_model_predicts_the_same_under_a_fresh_cache(tiny_base, small_w
     result = CliRunner().invoke(app, ["train", "sft", "--data", str(small_world_master / "seed.jsonl"), "--out", str(model), "--base", str(base),
                                       "--max-steps", "2", "--batch-size", "4", "--no-bf16", "--lora-r", "4"])
     assert result.exit_code == 0, result.output
-    meta, _ = load_model_meta(model)
+    meta = ModelFolder.open(model).meta
     assert meta["base"] == "tiny-base" and len(meta["base_sha256"]) == 64  # a name and a content hash, not a path to load
     code, before = predict(model)
     assert code == 0, before
-    assert {p["model_version"] for p in before} == {model_version(model)}
+    assert {p["model_version"] for p in before} == {ModelFolder.open(model).version}
 
     # another machine: the folder elsewhere, the training cache gone, a fresh cache, the base no longer where it was
     moved = tmp_path / "elsewhere" / "sft"
@@ -65,7 +67,7 @@ def test_a_folder_that_records_an_absolute_base_path_still_loads_where_it_exists
     _, new_preds = predict(tiny_model)
     assert code == 0, old_preds
     assert [p["parse"] for p in old_preds] == [p["parse"] for p in new_preds]
-    assert model_version(old) == model_version(tiny_model)  # the same base content and adapter: the same version
+    assert ModelFolder.open(old).version == ModelFolder.open(tiny_model).version  # the same base content and adapter: the same version
 
 
 def test_export_writes_a_merged_folder_that_loads_with_no_cache(tiny_model, tmp_path, monkeypatch):
@@ -74,8 +76,8 @@ def test_export_writes_a_merged_folder_that_loads_with_no_cache(tiny_model, tmp_
     out = tmp_path / "exported"
     result = CliRunner().invoke(app, ["export", "--model", str(work), "--out", str(out)])
     assert result.exit_code == 0, result.output
-    meta, _ = load_model_meta(out)
-    assert meta["adapter"] is False and "base" not in meta and meta["exported_from"]["model_version"] == model_version(work)
+    meta = ModelFolder.open(out).meta
+    assert meta["adapter"] is False and "base" not in meta and meta["exported_from"]["model_version"] == ModelFolder.open(work).version
     assert (out / "model.safetensors").is_file() and not (out / "adapter_model.safetensors").exists()
     _, before = predict(work)
     shutil.rmtree(work)  # the adapters are gone and the cache is an empty path: the export alone must do
@@ -90,15 +92,41 @@ def test_export_writes_a_merged_folder_that_loads_with_no_cache(tiny_model, tmp_
 def test_model_version_follows_the_schema_and_the_format(tiny_model, tmp_path, monkeypatch):
     copy = tmp_path / "copy"
     shutil.copytree(tiny_model, copy)
-    version = model_version(tiny_model)
-    assert model_version(copy) == version
+    version = ModelFolder.open(tiny_model).version
+    assert ModelFolder.open(copy).version == version
     meta = json.loads((copy / "querytune.json").read_text())
     monkeypatch.setitem(IDENTITY, meta["format"], "querytune-format-next")  # what the model reads or writes changed
-    assert model_version(copy) != version
+    assert ModelFolder.open(copy).version != version
     monkeypatch.undo()
     (copy / "querytune.json").write_text(json.dumps(meta | {"format": "json"}))  # the same weights read as the other format
-    assert model_version(copy) != version
+    assert ModelFolder.open(copy).version != version
     (copy / "querytune.json").write_text(json.dumps(meta))
     schema = (copy / "schema.yaml").read_text()
     (copy / "schema.yaml").write_text(schema.replace("description: ", "description: a ", 1))
-    assert load_model_meta(copy)[1].version != load_model_meta(tiny_model)[1].version and model_version(copy) != version
+    assert ModelFolder.open(copy).schema.version != ModelFolder.open(tiny_model).schema.version and ModelFolder.open(copy).version != version
+
+
+def test_a_model_folder_is_read_and_hashed_once_along_the_serving_path(tiny_model, monkeypatch):
+    """The server and the Ray engine open a folder once and hand the object on: the parser behind the backend
+    neither re-reads querytune.json nor re-hashes the weights, and a replica gets the version with the pickled folder."""
+    import pickle
+
+    import querytune.runtime.model as model_module
+    from querytune.runtime.backends import load_backend
+
+    folder = ModelFolder.open(tiny_model)
+    version = folder.version
+    hash_files = model_module._files_sha256
+
+    def no_rehash(files):  # the base's weights may be checked (base_path); the folder's own are hashed once, above
+        if any(name.startswith(str(tiny_model)) for name, _, _ in files):
+            pytest.fail(f"the folder's weights were hashed again: {files}")
+        return hash_files(files)
+
+    monkeypatch.setattr(model_module, "_files_sha256", no_rehash)
+    monkeypatch.setattr(ModelFolder, "open", classmethod(lambda cls, f: f if isinstance(f, cls) else pytest.fail(f"{f} was read again")))
+    backend = load_backend("transformers", folder, batch_size=4)
+    assert backend.parser.folder is folder and backend.model_version == version and backend.model_dir == str(tiny_model)
+    assert backend.parse(["cheap thai"])[0].raw  # it parses, on the folder it was given
+    replica_copy = pickle.loads(pickle.dumps(folder))
+    assert replica_copy.version == version and replica_copy.schema == folder.schema and os.fspath(replica_copy) == str(tiny_model)

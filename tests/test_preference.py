@@ -17,22 +17,14 @@ from typer.testing import CliRunner
 from querytune.cli import app
 from querytune.runtime import formats
 from querytune.runtime.generate import Parser
-from querytune.runtime.model import load_merged, load_model_meta
-from querytune.schema import WORD, ParseError, load_schema, normalize_text
-from querytune.train.preference import (
-    anchor_pairs,
-    anchor_targets,
-    build_pairs,
-    click_targets,
-    dropped_slots,
-    load_pairs,
-    sample_candidates,
-    screen,
-    train_dpo,
-    train_grpo,
-)
+from querytune.runtime.model import ModelFolder
+from querytune.schema import WORD, ParseError, normalize_text
+from querytune.schema_file import load_schema
+from querytune.train.pairs import anchor_pairs, anchor_targets, build_pairs, dropped_slots, load_pairs, screen
+from querytune.train.preference import train_dpo, train_grpo
 from querytune.train.reward import strict_parse
 from querytune.train.sft import train_sft
+from querytune.train.targets import click_targets, sample_candidates
 from tests.test_sft import ROWS, TINY
 
 SCHEMA = load_schema()
@@ -288,9 +280,9 @@ def test_dpo_step_moves_the_policy_towards_the_chosen(tiny_sft, tmp_path):
     summary = train_dpo(pairs, tiny_sft, out, LORA | {"max_steps": 3, "epochs": 1.0, "batch_size": 4, "lr": 5e-3, "beta": 0.1},
                         say=lambda _: None)
     assert summary["steps"] == 3 and lora_b_moved(out)
-    meta, _ = load_model_meta(out)
+    meta = ModelFolder.open(out).meta
     assert meta["stage"] == "dpo" and meta["init_adapters"] == ["init/0"]
-    tuned = load_merged(out)
+    tuned = ModelFolder.open(out).merged()
     after = completion_logprob(tuned, parser.tokenizer, prompt, chosen) - completion_logprob(tuned, parser.tokenizer, prompt, rejected)
     assert after > before
     logged = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
@@ -309,7 +301,7 @@ def test_grpo_step_changes_lora_and_sampled_logprobs(tiny_sft, small_world, tmp_
                          LORA | {"max_steps": 2, "batch_size": 4, "num_generations": 4, "temperature": 1.0, "lr": 5e-3, "beta": 0.04},
                          say=lambda _: None)
     assert summary["steps"] == 2 and lora_b_moved(out)
-    tuned = load_merged(out)
+    tuned = ModelFolder.open(out).merged()
     after = [completion_logprob(tuned, parser.tokenizer, p, s) for p, ss in zip(prompts, samples) for s in ss]
     assert max(abs(a - b) for a, b in zip(after, before)) > 1e-4
     logged = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
@@ -350,10 +342,10 @@ def test_dpo_on_a_compact_model_trains_the_compact_twins_of_its_json_pairs(tiny_
     summary = train_dpo(pairs, tiny_compact, out, LORA | {"max_steps": 3, "epochs": 1.0, "batch_size": 4, "lr": 5e-3, "beta": 0.1},
                         say=lambda _: None)
     assert summary["steps"] == 3 and lora_b_moved(out)
-    tuned = load_merged(out)
+    tuned = ModelFolder.open(out).merged()
     gain = {fmt: margin(tuned, fmt) - before[fmt] for fmt in formats.FORMATS}
     assert gain["compact"] > max(0.0, gain["json"])  # the pair was learnt as the model writes it (trained as JSON: +1.0 against +3.2)
-    assert load_model_meta(out)[0]["format"] == "compact" and Parser(out).format == "compact"  # the tuned folder keeps its init's format
+    assert ModelFolder.open(out).meta["format"] == "compact" and Parser(out).format == "compact"  # the tuned folder keeps its init's format
 
 
 class Recorder(ByLength):
@@ -375,7 +367,7 @@ def test_grpo_on_a_compact_model_samples_from_compact_prompts_and_tells_the_rewa
                          say=lambda _: None)
     assert summary["steps"] == 2 and lora_b_moved(out)
     assert len(reward.seen) == 8 and all(p == q + "\n" and f == "compact" for p, q, f in reward.seen)
-    assert load_model_meta(out)[0]["format"] == "compact" and Parser(out).format == "compact"
+    assert ModelFolder.open(out).meta["format"] == "compact" and Parser(out).format == "compact"
 
 
 @pytest.mark.slow
@@ -397,14 +389,14 @@ def test_dpo_and_grpo_train_through_the_cli(init, request, small_world, real_ind
                                       "--config", str(tmp_path / "dpo.yaml")])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "dpo" / "summary.json").read_text())["steps"] == 1
-    fmt = load_model_meta(init)[0]["format"]
+    fmt = ModelFolder.open(init).meta["format"]
     (tmp_path / "grpo.yaml").write_text(yaml.safe_dump(tiny | {"queries": 8, "screen_k": 0, "max_steps": 1, "batch_size": 4, "num_generations": 4}))
     result = CliRunner().invoke(app, ["train", "grpo", *common, "--out", str(tmp_path / "grpo"), "--config", str(tmp_path / "grpo.yaml")])
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "grpo" / "summary.json").read_text())
     assert summary["steps"] == 1 and summary["screened_queries"] is None and summary["searches"] >= 0
     assert len((tmp_path / "grpo" / "targets.jsonl").read_text().splitlines()) == 8  # what a `--resume` trains on again
-    assert [load_model_meta(tmp_path / s)[0]["format"] for s in ("dpo", "grpo")] == [fmt, fmt]
+    assert [ModelFolder.open(tmp_path / s).meta["format"] for s in ("dpo", "grpo")] == [fmt, fmt]
     result = CliRunner().invoke(app, ["train", "grpo", *common, "--out", str(tmp_path / "grpo2"), "--config", str(tmp_path / "grpo.yaml"),
                                       "--screen-k", "2"])
     if result.exit_code == 2:

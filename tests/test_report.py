@@ -13,8 +13,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from querytune.evaluation import breakdowns, charts
 from querytune.evaluation.parse_eval import parse_metrics
-from querytune.evaluation.report import MIN_SLICE, Workspace, build_report, metric_interval, parse_scores, slice_table, summary_markdown
+from querytune.evaluation.report import MIN_SLICE, Workspace, build_report, metric_interval, slice_table, summary_markdown
+from querytune.evaluation.scores import parse_scores
 from querytune.metrics import bootstrap
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +69,7 @@ def test_report_page_numbers_match_metrics_json_and_chromium_shows_the_plots(sma
         with open(folder / "predictions_test.jsonl", "w") as f:
             for i, r in enumerate(rows):
                 pred = spoil(i, {"intent": r["intent"], "slots": r["slots"]})
-                f.write(json.dumps({"id": r["id"], "text": r["text"], "pred": pred, "valid": pred is not None}) + "\n")
+                f.write(json.dumps({"id": r["id"], "text": r["text"], "pred": pred, "valid": pred is not None, "confidence": 0.5 + (i % 5) / 10}) + "\n")
         (folder / "steps.jsonl").write_text("".join(json.dumps({"step": s, "loss": 2.0 / s, "reward": 0.1 * s, "seconds": 1.0}) + "\n" for s in range(1, 20)))
     metrics = build_report(ws, say=lambda _: None)
     assert list(metrics["stages"]) == ["raw", "bm25", "peer", "sft", "dpo", "oracle"]
@@ -85,7 +87,32 @@ def test_report_page_numbers_match_metrics_json_and_chromium_shows_the_plots(sma
         for metric, cell in zip(("ndcg@10", "recall@10", "mrr", "intent_accuracy", "slot_f1", "frame_exact_match", "validity"), shown):
             want = on_disk["intervals"][name].get(metric)
             assert (cell == "") if want is None else cell.startswith(f"{want['value']:.3f}<br>"), (name, metric, cell)
-    assert page.count("data:image/png;base64,") >= 4 and "http" not in page.replace("http://", "").split("<body>")[0]
+    assert page.count("data:image/png;base64,") >= 8 and "http" not in page.replace("http://", "").split("<body>")[0]
+    for alt in ("difference from sft", "F1 per slot", "intent confusion", "calibration", "cache coverage"):
+        assert f'<img alt="{alt}"' in page, alt
+
+    # against the baseline: the paired table shows metrics.json's differences, and dpo's lost parses show as a loss
+    assert on_disk["baseline"] == "sft" and set(on_disk["paired"]) == {"raw", "bm25", "peer", "dpo", "oracle"}
+    paired_table = page.split("<h2>Against sft</h2>")[1].split("</table>")[0]
+    for tr in re.findall(r"<tr>(.*?)</tr>", paired_table)[1:]:
+        cells = re.findall(r"<td>(.*?)</td>", tr)
+        for metric, cell in zip(("ndcg@10", "intent_accuracy", "slot_f1"), cells[1:]):
+            want = on_disk["paired"][cells[0]].get(metric)
+            assert (cell == "") if want is None else cell.startswith(f"{want['value']:+.3f}<br>"), (cells[0], metric, cell)
+    sft_f1, dpo_f1 = metrics["stages"]["sft"]["slot_f1"], metrics["stages"]["dpo"]["slot_f1"]
+    assert on_disk["paired"]["dpo"]["slot_f1"]["value"] == pytest.approx(dpo_f1 - sft_f1, abs=2e-4)
+    confusion = np.array(on_disk["intent_confusion"]["dpo"]["counts"])
+    assert confusion[:, -1].sum() == len(range(0, len(rows), 7)) and confusion.sum() == len(rows)  # the invalid column
+    assert on_disk["calibration"]["sft"]["n"] == len(rows) and on_disk["cache_coverage"]["rows"] > 0
+    golds = [{"intent": r["intent"], "slots": r["slots"]} for r in rows]
+    assert on_disk["slot_f1_by_slot"]["dpo"] == parse_metrics(golds, [None if i % 7 == 0 else g for i, g in enumerate(golds)])["per_slot"]
+
+    import sqlite3
+
+    with sqlite3.connect(ws.report / on_disk["browser"].removeprefix("report/")) as db:
+        by_system = dict(db.execute("SELECT system, count(*) FROM parses GROUP BY system"))
+        invalid = db.execute("SELECT count(*) FROM parses WHERE system = 'dpo' AND intent = 'invalid'").fetchone()[0]
+    assert by_system == {"peer": len(rows), "sft": len(rows), "dpo": len(rows)} and invalid == len(range(0, len(rows), 7))
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "headless Chromium is needed for this test (Debian: apt-get install chromium; .ci/run installs it)"
@@ -138,3 +165,94 @@ def test_docs_cli_reference_is_generated_from_the_current_help():
     assert doc_with_reference(text) == text, "docs/cli.md's CLI reference is stale: run `make readme`"
     for command in ("querytune eval report", "querytune eval diff", "querytune demo", "querytune label INPUT", "querytune serve"):
         assert f"## `{command}" in text
+
+
+def test_paired_differences_are_the_difference_of_the_two_systems_and_narrower_than_apart():
+    rng = np.random.default_rng(0)
+    hard = rng.random(400)  # per-query difficulty both systems share: what a paired interval cancels
+    ids = [f"q{i}" for i in range(400)]
+    a = (hard > 0.5).astype(float)
+    b = np.where(rng.random(400) < 0.1, 1.0, a)  # b fixes a tenth of a's misses
+    scores = pd.DataFrame([{"system": s, "id": i, "intent_accuracy": v[k], "ndcg@10": v[k], "tp": v[k], "fp": 1 - v[k], "fn": 0.0}
+                           for s, v in (("a", a), ("b", b)) for k, i in enumerate(ids)])
+    d = breakdowns.paired_differences(scores, "a", ["a", "b"])["b"]
+    assert set(d) == {"ndcg@10", "intent_accuracy", "slot_f1"} and d["intent_accuracy"]["n"] == 400
+    assert d["intent_accuracy"]["value"] == pytest.approx(b.mean() - a.mean(), abs=1e-4)
+    assert 0 < d["intent_accuracy"]["low"] < d["intent_accuracy"]["high"]  # a small gain the pairing can see
+    apart = [metric_interval(scores[scores["system"] == s], "intent_accuracy") for s in "ab"]
+    assert apart[1]["low"] < apart[0]["high"]  # ... which the two separate intervals, overlapping, could not
+    f1 = lambda v: 2 * v.sum() / (2 * v.sum() + (1 - v).sum())  # noqa: E731
+    assert d["slot_f1"]["value"] == pytest.approx(f1(b) - f1(a), abs=1e-4)
+
+
+def test_calibration_bins_and_expected_error():
+    records = [{"confidence": 0.95, "right": True}] * 9 + [{"confidence": 0.95, "right": False}] + \
+              [{"confidence": 0.15, "right": True}] * 5 + [{"confidence": 0.15, "right": False}] * 5 + [{"confidence": None, "right": True}]
+    c = breakdowns.calibration(records)
+    assert c["n"] == 20 and [(b["n"], b["right"]) for b in c["bins"]] == [(10, 0.5), (10, 0.9)]
+    assert c["ece"] == pytest.approx(0.5 * abs(0.15 - 0.5) + 0.5 * abs(0.95 - 0.9), abs=1e-4)
+    assert breakdowns.calibration([{"confidence": None, "right": True}]) is None
+
+
+def test_intent_confusion_counts_invalid_parses_in_their_own_column():
+    golds = [{"intent": "a", "slots": {}}, {"intent": "a", "slots": {}}, {"intent": "b", "slots": {}}]
+    c = breakdowns.intent_confusion(golds, [{"intent": "b", "slots": {}}, None, {"intent": "b", "slots": {}}], ["a", "b"])
+    assert c == {"gold": ["a", "b"], "predicted": ["a", "b", "invalid"], "counts": [[0, 1, 1], [0, 1, 0]]}
+
+
+def test_cache_coverage_counts_normalised_queries_and_the_later_period(tmp_path):
+    queries = ["Thai"] * 6 + ["thai "] * 2 + ["sushi"] * 3 + ["pho", "tacos"] + ["thai"] * 3 + ["ramen"] * 3
+    periods = ["early"] * 13 + ["late"] * 6
+    pd.DataFrame({"query": queries, "period": periods}).to_parquet(tmp_path / "log.parquet")
+    c = breakdowns.cache_coverage(tmp_path / "log.parquet", sizes=(1, 2))
+    assert c["rows"] == 19 and c["distinct"] == 5
+    assert c["curves"]["the whole log"] == [{"top_n": 1, "coverage": round(11 / 19, 4)}, {"top_n": 2, "coverage": round(14 / 19, 4)},
+                                            {"top_n": 5, "coverage": 1.0}]
+    # filled from the early top 1 (thai), the late period asks thai 3 times of 6; its ramen was never cached
+    assert c["curves"]["filled from early, asked by late"][0] == {"top_n": 1, "coverage": 0.5}
+    assert c["curves"]["filled from early, asked by late"][-1] == {"top_n": 4, "coverage": 0.5}
+    assert breakdowns.cache_coverage(tmp_path / "missing.parquet") is None
+
+
+def _overlaps(fig) -> list[str]:
+    """Titles of a figure's panels that its own title (suptitle) overlaps once drawn."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    if fig._suptitle is None:
+        return []
+    top = fig._suptitle.get_window_extent(renderer)
+    return [ax.title.get_text() for ax in fig.axes if ax.title.get_text() and ax.title.get_window_extent(renderer).overlaps(top)]
+
+
+def test_chart_titles_never_overlap_their_panel_titles():
+    iv = lambda v: {"value": v, "low": v - 0.05, "high": v + 0.05, "n": 100}  # noqa: E731
+    intervals = {s: {"ndcg@10": iv(0.5), "recall@10": iv(0.6), "mrr": iv(0.4), "intent_accuracy": iv(0.9), "slot_f1": iv(0.8),
+                     "frame_exact_match": iv(0.7)} for s in ("raw", "bm25", "peer", "sft", "dpo", "grpo", "oracle")}
+    paired = {s: {"ndcg@10": iv(0.01), "intent_accuracy": iv(-0.02), "slot_f1": iv(0.0)} for s in ("raw", "dpo", "grpo")}
+    confusion = {s: {"gold": ["a", "b"], "predicted": ["a", "b", "invalid"], "counts": [[5, 1, 0], [2, 7, 1]]} for s in ("sft", "dpo")}
+    figures = {"retrieval": charts.bars(intervals, ("ndcg@10", "recall@10", "mrr"), "retrieval (95% bootstrap intervals)"),
+               "parsing": charts.bars(intervals, ("intent_accuracy", "slot_f1", "frame_exact_match"), "parsing (95% bootstrap intervals)"),
+               "forest": charts.forest(paired, "sft", ("ndcg@10", "intent_accuracy", "slot_f1")),
+               "confusion": charts.confusion(confusion)}
+    for name, fig in figures.items():
+        assert fig is not None and fig._suptitle is not None, name
+        assert _overlaps(fig) == [], f"{name}: the figure's title covers its panels' titles"
+    cache = {"rows": 10, "distinct": 4, "curves": {"the whole log": [{"top_n": 1, "coverage": 0.5}, {"top_n": 4, "coverage": 1.0}]}}
+    calib = {"sft": {"bins": [{"confidence": 0.2, "right": 0.3}, {"confidence": 0.9, "right": 0.85}], "ece": 0.05, "n": 10}}
+    slots = {"sft": {"cuisine": {"support": 10, "f1": 0.8}}, "peer": {"cuisine": {"support": 10, "f1": 0.5}}}
+    for fig in (charts.coverage(cache), charts.calibration(calib), charts.slot_f1(slots)):
+        assert fig is not None and fig.axes[0].get_title()
+    assert charts.forest({}, "sft", ("ndcg@10",)) is None and charts.coverage(None) is None and charts.confusion({}) is None
+
+
+def test_the_old_panel_layout_did_overlap(tmp_path):
+    """The check above can fail: a figure title placed the way the report placed it before (suptitle over panels
+    with their own titles, no layout engine, a short figure) is caught."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12.6, 1.6))
+    for ax, t in zip(axes, ("ndcg@10", "recall@10", "mrr")):
+        ax.set_title(t)
+    fig.suptitle("retrieval (95% bootstrap intervals)", y=0.93)
+    assert _overlaps(fig)
+    plt.close(fig)

@@ -9,10 +9,11 @@ import pandas as pd
 import pytest
 
 from querytune.runtime.formats import completion
-from querytune.schema import ParseError, load_schema
+from querytune.schema import ParseError
+from querytune.schema_file import load_schema
 from querytune.search import Context, Searcher, build_index
-from querytune.train.preference import click_targets, target_score
 from querytune.train.reward import INVALID, RetrievalReward, condensed_ndcg, score_in_contexts, strict_parse
+from querytune.train.targets import click_targets, target_score
 
 SCHEMA = load_schema()
 

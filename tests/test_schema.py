@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 import querytune
 from querytune.cli import app
-from querytune.schema import DEFAULT_SCHEMA, ParseError, SchemaError, load_schema, normalize_text, schema_from_dict
+from querytune.schema import DEFAULT_SCHEMA, ParseError, SchemaError, normalize_text
+from querytune.schema_file import load_schema, schema_from_dict
 
 SGD_SCHEMA = Path(querytune.__file__).resolve().parent.parent / "data" / "schemas" / "sgd.yaml"
 
@@ -232,6 +233,82 @@ def test_schema_from_dict_rejects_containers_where_text_belongs():
         bomb = [bomb, bomb]  # 65,536 leaves from 16 shared lists
     with pytest.raises(SchemaError, match=r"<schema>: description: expected a string, got list"):
         schema_from_dict({"description": bomb, "intents": [{"name": "find"}]})
+
+
+FIND = [{"name": "find"}]
+
+
+def one_slot(**fields) -> dict:
+    return {"intents": FIND, "slots": [{"name": "b", **fields}]}
+
+
+@pytest.mark.parametrize("raw, message", [
+    (["intents", "slots"], "s.yaml: expected a mapping with 'intents' and 'slots'"),
+    ({"intents": FIND, "version": 2, 3: 4}, "s.yaml: unknown top-level field(s) 3, version"),
+    ({"intents": {"find": {}}}, "s.yaml.intents: expected list, got dict"),
+    ({"intents": FIND, "slots": {"b": {}}}, "s.yaml: slots: expected a list"),
+    ({"intents": FIND, "slots": ["b"]}, "s.yaml: slots[0]: expected a mapping"),
+    ({"intents": FIND, "slots": [{"type": "text"}]}, "s.yaml: slots[0]: missing field 'name'"),
+    ({"intents": FIND, "slots": [{"name": 7, "type": "text"}]}, "s.yaml: slots[0].name: expected str, got int"),
+    (one_slot(type=1), "s.yaml: slots[0] (b).type: expected str, got int"),
+    (one_slot(type="categorical", values={"x": 1}), "s.yaml: slots[0] (b).values: expected list, got dict"),
+    (one_slot(type="categorical", values=None), "s.yaml: slots[0] (b).values: expected list, got NoneType"),
+    (one_slot(type="categorical", values=["x", True]), "s.yaml: slots[0] (b).values: a categorical slot needs a non-empty list of strings"),
+    (one_slot(type="text", values=None), "s.yaml: slots[0] (b).values: only categorical slots take values"),
+    (one_slot(type="categorical", values=["x"], aliases=["y"]), "s.yaml: slots[0] (b).aliases: expected a mapping alias -> value"),
+    (one_slot(type="text", aliases={"y": "x"}), "s.yaml: slots[0] (b).aliases: only categorical slots take aliases"),
+    (one_slot(type="categorical", values=["x"], aliases={"y": ["x"]}), "s.yaml: slots[0] (b).aliases.y: expected one of the slot's values, got list"),
+    (one_slot(type="categorical", values=["1"], aliases={"one": 2}), "s.yaml: slots[0] (b).aliases.one: 2 is not one of the slot's values"),
+    (one_slot(type="text", filter=["city"]), "s.yaml: slots[0] (b).filter: expected a string"),
+    (one_slot(type="text", filter="attribute:"), "s.yaml: slots[0] (b).filter: 'attribute:' needs a column name"),
+    (one_slot(type="text", grounded=None), "s.yaml: slots[0] (b).grounded: expected true or false, got NoneType"),
+    (one_slot(type="text", **{"k\ud800": 1}), "s.yaml: slots[0] (b): unknown field(s) k\ud800"),
+    ({"intents": ["find"]}, "s.yaml: intents[0]: expected a mapping"),
+    ({"intents": [{"name": 1.5}]}, "s.yaml: intents[0].name: expected str, got float"),
+    ({"intents": [{"name": "find", "colour": 1}]}, "s.yaml: intents[0] (find): unknown field(s) colour"),
+    ({"intents": [{"name": "find", "slots": [1]}]}, "s.yaml: intents[0] (find).slots: expected a list of slot names"),
+    # several errors: the first in the order the file is read; a slot's unknown fields before its type, an intent's
+    # duplicate name before its unknown fields, every slot before any intent
+    (one_slot(type="colour", colour=1), "s.yaml: slots[0] (b): unknown field(s) colour"),
+    ({"intents": [{"name": "find"}, {"name": "find", "colour": 1}]}, "s.yaml: intents[1].name: duplicate intent 'find'"),
+    ({"intents": [{"name": "find", "slots": ["c"]}, {"name": "find"}]}, "s.yaml: intents[0] (find).slots: 'c' is not a declared slot"),
+    ({"intents": [{"description": []}], "slots": [{"name": "b", "type": "text"}, {"name": "b", "type": "colour"}]},
+     "s.yaml: slots[1] (b).type: 'colour' is not one of text, categorical, boolean, number"),
+])
+def test_schema_errors_keep_their_wording(raw, message):
+    """Each rule's message word for word: the item by its index, then by its name once that is valid."""
+    with pytest.raises(SchemaError) as info:
+        schema_from_dict(raw, "s.yaml")
+    assert str(info.value) == message
+
+
+class Unprintable(list):
+    """A container that fails the test if printed: where an alias bomb could stand, no message may print it."""
+
+    def __repr__(self):
+        raise AssertionError("a container was printed")
+
+    __str__ = __repr__
+
+
+@pytest.mark.parametrize("raw", [
+    {"intents": FIND, "name": Unprintable()}, {"intents": FIND, "extra": Unprintable()}, {"intents": [{"name": Unprintable()}]},
+    {"intents": [{"name": "find", "description": Unprintable()}]}, {"intents": [{"name": "find", "slots": [Unprintable()]}]},
+    one_slot(type=Unprintable()), one_slot(type="categorical", values=[Unprintable()]), one_slot(type="categorical", values=["x"], aliases={"y": Unprintable()}),
+    one_slot(type="text", filter=Unprintable()), one_slot(type="text", grounded=Unprintable()), one_slot(type="text", aliases=Unprintable(["x"])),
+])
+def test_no_schema_error_prints_a_container(raw):
+    with pytest.raises(SchemaError, match=r"^s\.yaml: "):
+        schema_from_dict(raw, "s.yaml")
+
+
+def test_schema_from_dict_reads_numbers_as_text_and_empty_fields_as_absent():
+    schema = schema_from_dict({"name": None, "intents": [{"name": "find", "slots": None}], "slots": [
+        {"name": "b", "type": "categorical", "values": [1, 2.5], "aliases": None, "filter": "attribute:col", "description": 3},
+        {"name": "c", "type": "text", "aliases": {}, "grounded": True}]}, "dir/local.yaml")
+    assert (schema.name, schema.intents["find"].slots, schema.slots["b"].values, schema.slots["b"].description) == ("local", None, ("1", "2.5"), "3")
+    assert (schema.slots["b"].filter, schema.slots["b"].attribute, schema.slots["c"].grounded) == ("attribute", "col", True)
+    assert schema_from_dict({"intents": FIND, "slots": None}).slots == {}
 
 
 def test_lone_surrogate_in_a_schema_names_its_field(tmp_path):

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from querytune.catalog import hours_array, open_at
 from querytune.cli import app
-from querytune.schema import load_schema
+from querytune.schema_file import load_schema
 from querytune.search import Context, Searcher, build_index
 
 SCHEMA = load_schema()

@@ -20,7 +20,8 @@ from fastapi.testclient import TestClient
 
 from querytune.serving.asgi_gate import AccessLog
 from querytune.serving.cache import Entry, RedisCache, open_cache
-from querytune.serving.serve import Settings, Tally, create_app
+from querytune.serving.serve import create_app
+from querytune.serving.service import Settings, Tally
 from querytune.testing import free_port, start_server
 
 
@@ -210,7 +211,7 @@ def test_cache_cli_load_warm_promote_rollback(tiny_model, small_world_master, tm
     from typer.testing import CliRunner
 
     from querytune.cli import app
-    from querytune.runtime.model import model_version
+    from querytune.runtime.model import ModelFolder
     from querytune.serving.serve import resolve_model
 
     log = pd.read_parquet(small_world_master / "log.parquet", columns=["query", "period"]).head(300)
@@ -234,7 +235,7 @@ def test_cache_cli_load_warm_promote_rollback(tiny_model, small_world_master, tm
                   "--work", str(tmp_path / "warm")])
     assert r.exit_code == 0, r.output
     warmed = _json.loads(r.stdout)
-    assert warmed["head_queries"] == 20 and warmed["model_version"] == model_version(tiny_model)
+    assert warmed["head_queries"] == 20 and warmed["model_version"] == ModelFolder.open(tiny_model).version
     r = run(app, ["cache", "promote", "--model", str(tiny_model), "--cache", url])
     assert r.exit_code == 0, r.output
     assert resolve_model("active", open_cache(url)) == tiny_model.resolve()

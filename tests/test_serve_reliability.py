@@ -15,7 +15,8 @@ from fastapi.testclient import TestClient
 from test_serve import AsyncBackend, SlowBackend, access_log, redis_server  # noqa: F401 - the fixture
 
 from querytune.serving.cache import CacheUnavailable, Entry, open_cache
-from querytune.serving.serve import PromotionWatcher, Settings, create_app
+from querytune.serving.serve import create_app
+from querytune.serving.service import PromotionWatcher, Settings
 from querytune.serving.serving_cache import Breaker, ServingCache
 
 HIT = Entry({"intent": "find_business", "slots": {"cuisine": "thai"}}, True, 0.9, "m1")

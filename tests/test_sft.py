@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 from querytune.cli import app
 from querytune.labeled import LabeledRow
 from querytune.runtime.generate import Parser
-from querytune.runtime.model import load_model_meta, model_version
-from querytune.schema import load_schema
+from querytune.runtime.model import ModelFolder
+from querytune.schema_file import load_schema
 from querytune.train.sft import PRESETS, train_sft
 
 SCHEMA = load_schema()
@@ -36,7 +36,8 @@ def test_a_step_changes_the_lora_parameters(tiny_base, tmp_path):
     weights = adapter_weights(tmp_path / "m")
     lora_b = [w for k, w in weights.items() if "lora_B" in k]
     assert lora_b and any(w.abs().sum() > 0 for w in lora_b), "LoRA B starts at zero; one step must move it"
-    meta, schema = load_model_meta(tmp_path / "m")
+    folder = ModelFolder.open(tmp_path / "m")
+    meta, schema = folder.meta, folder.schema
     assert meta["adapter"] and schema.version == SCHEMA.version
 
 
@@ -102,7 +103,7 @@ def test_train_predict_and_eval_through_the_cli(tiny_base, small_world_master, t
     assert "Loading weights" not in result.output, "one progress style: no tqdm bars from transformers"
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [line["text"] for line in lines] == ["cheap thai near me", "plumber"]
-    assert {line["model_version"] for line in lines} == {model_version(model)}
+    assert {line["model_version"] for line in lines} == {ModelFolder.open(model).version}
 
     out, preds = tmp_path / "parse.json", tmp_path / "preds.jsonl"
     result = CliRunner().invoke(app, ["eval", "parse", "--model", str(model), "--data", str(small_world_master / "test.jsonl"),
@@ -115,7 +116,7 @@ def test_train_predict_and_eval_through_the_cli(tiny_base, small_world_master, t
     assert metrics["n"] == 12
     rows = [json.loads(line) for line in preds.read_text().splitlines()]
     assert len(rows) == 12 and {"id", "text", "gold", "pred", "valid", "confidence", "model_version"} <= set(rows[0])
-    assert {r["model_version"] for r in rows} == {metrics["model_version"]} == {model_version(model)}
+    assert {r["model_version"] for r in rows} == {metrics["model_version"]} == {ModelFolder.open(model).version}
 
 
 @pytest.mark.parametrize("args, message", [
@@ -170,7 +171,7 @@ def test_default_base_converts_once_trains_and_predicts(tmp_path_factory, monkey
     parser = Parser(out)
     pred = parser.parse(["cheap thai near me"])[0]
     assert pred.text == "cheap thai near me" and 0 <= pred.confidence <= 1
-    meta, _ = load_model_meta(out)
+    meta = ModelFolder.open(out).meta
     assert meta["base"] == "smollm2-135m-instruct" and len(meta["base_sha256"]) == 64 and "base_path" not in meta
     # another machine: a fresh cache converts the GGUF again; the folder loads by the base's name, same version
     monkeypatch.setenv("QUERYTUNE_CACHE", str(tmp_path_factory.mktemp("fresh-cache")))

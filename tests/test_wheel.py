@@ -24,7 +24,7 @@ def run(*cmd, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess
 
 @pytest.mark.slow
 def test_the_wheel_alone_shows_the_schema_and_predicts(tiny_model, tmp_path):
-    from querytune.runtime.model import model_version
+    from querytune.runtime.model import ModelFolder
 
     src = tmp_path / "src"  # a copy: the build leaves nothing in the shared checkout, and sees only what ships
     shutil.copytree(ROOT / "querytune", src / "querytune", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
@@ -56,4 +56,4 @@ def test_the_wheel_alone_shows_the_schema_and_predicts(tiny_model, tmp_path):
     shutil.copytree(tiny_model, model)
     predicted = run(venv / "bin" / "querytune", "predict", "--model", model, "cheap thai near me", cwd=away, env=env)
     line = json.loads(predicted.stdout.splitlines()[-1])
-    assert line["text"] == "cheap thai near me" and line["model_version"] == model_version(tiny_model)
+    assert line["text"] == "cheap thai near me" and line["model_version"] == ModelFolder.open(tiny_model).version

@@ -10,9 +10,12 @@ import pytest
 from typer.testing import CliRunner
 
 from querytune.cli import app
-from querytune.schema import load_schema, normalize_text
-from querytune.world.make import EARLY_DAYS, START, make_world
-from querytune.world.queries import render, sample_need
+from querytune.schema import normalize_text
+from querytune.schema_file import load_schema
+from querytune.world.log import EARLY_DAYS, START
+from querytune.world.make import make_world
+from querytune.world.needs import sample_need
+from querytune.world.queries import render
 from tests.conftest import SMALL
 
 FILES = ["catalog.parquet", "log.parquet", "seed.jsonl", "dev.jsonl", "test.jsonl", "stats.json",
@@ -255,8 +258,8 @@ def test_v2_log_is_realistic(v2_world):
 
 
 def test_logging_ranker_knows_category_synonyms(v2_world):
-    from querytune.world.make import LoggingRanker, synonym_table
-    from querytune.world.queries import V2
+    from querytune.world.log import LoggingRanker, synonym_table
+    from querytune.world.needs import V2
 
     catalog = pd.read_parquet(v2_world / "catalog.parquet")
     city_rows = {c: np.flatnonzero(catalog["city"].to_numpy() == c) for c in catalog["city"].unique()}

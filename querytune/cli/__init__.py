@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 
 from querytune.cli import cache, data, eval, export, index, label, predict, schema, serve, train, world
+from querytune.cli.common import DemoPreset
 
 app = typer.Typer(
     name="querytune",
@@ -50,19 +51,21 @@ app.command(name="serve")(serve.serve)
 @app.command(name="demo")
 def demo(
     workspace: Path = typer.Option(Path("workspace"), "--workspace", help="Where every output goes: world/, index/, models/<stage>/, labels/, eval/, report/."),
+    preset: DemoPreset = typer.Option("full", "--preset", help="full: the default world and the quick training presets (about an hour on 2 CPU cores; the README's results); tiny: a small world and a few steps per stage, the same steps and report in about 5 minutes, to see the loop before spending the hour (its figures say nothing about the method)."),
     port: int = typer.Option(8765, "--port", help="Loopback port of the short serving check."),
-    replay: int = typer.Option(300, "--replay", min=1, help="Later log requests replayed against the server in the serving check."),
+    replay: int = typer.Option(None, "--replay", min=1, help="Later log requests replayed against the server in the serving check (default: 300, tiny: 40).", show_default=False),
 ) -> None:
     """Run the whole loop on the embedded default data: world, index, SFT -> DPO -> GRPO (quick presets), test
     predictions, labeling the log's head into the cache, a short serving check, the report; then print the table.
 
-    Steps whose outputs exist for the same inputs and code are skipped, so a second run is quick.
+    Steps whose outputs exist for the same inputs and code are skipped, so a second run is quick. Give each preset
+    its own --workspace (a tiny run in the full demo's workspace redoes every step).
     """
     import json
 
     from querytune.demo import run_demo
 
-    seconds = run_demo(workspace, serve_port=port, replay=replay, say=lambda m: typer.secho(m, bold=True))
+    seconds = run_demo(workspace, serve_port=port, replay=replay, say=lambda m: typer.secho(m, bold=True), preset=preset)
     summary = (workspace / "report" / "summary.md").read_text().split("\n## ")[0]
     typer.echo("\n" + summary)
     typer.echo(json.dumps({"seconds": seconds}))

@@ -66,7 +66,7 @@ def head_queries(log: Path, column: str, share: float, top: int | None, where: s
     and the share of rows they carry."""
     from collections import Counter
 
-    from querytune.serving.label import check_query, read_rows
+    from querytune.serving.log_input import check_query, read_rows
 
     counts: Counter[str] = Counter()
     for item in read_rows(log, column, where):
@@ -126,12 +126,12 @@ def promote(
     force: bool = typer.Option(False, "--force", help="Promote even when the cache holds no entry of this model (every request would miss)."),
 ) -> None:
     """Make a model the active one: servers started with `--model active` serve it and its cache entries."""
-    from querytune.runtime.model import load_model_meta, model_version
+    from querytune.runtime.model import ModelFolder
 
     with user_errors():
         target = _open(cache)
-        _, schema = load_model_meta(model)
-        version = model_version(model)
+        folder = ModelFolder.open(model)
+        schema, version = folder.schema, folder.version
         warm_entries = sum(v["entries"] for v in target.stats()["versions"] if v["model_version"] == version)
         if not warm_entries and not force:
             raise UserError(f"the cache holds no entry of {model} (version {version}): run `querytune cache warm` first, or --force")

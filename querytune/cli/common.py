@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -12,16 +13,19 @@ import yaml
 from rich.console import Console
 
 console = Console(stderr=True)
+# tables keep their full width when written to a file or pipe (rich would wrap them at 80 columns there)
+out_console = Console() if sys.stdout.isatty() else Console(width=200)
 
 # the choices of options several commands share, as types: `--help` lists them and a wrong one exits 2 naming them
 # (tests/test_cli.py checks each against the tuple its module validates with)
 Backend = Literal["transformers", "vllm"]  # querytune.runtime.backends.BACKENDS
 Engine = Literal["local", "ray"]
 Preset = Literal["quick", "full"]  # the keys of each training stage's PRESETS
+DemoPreset = Literal["full", "tiny"]  # querytune.demo.PRESETS
 Format = Literal["user-compact", "chat-compact", "json", "compact"]  # querytune.runtime.formats.FORMATS
 IndexKind = Literal["flat", "hnsw"]  # querytune.search.INDEX_KINDS
-Pick = Literal["traffic", "random", "novel"]  # querytune.train.preference.PICKS
-ExploreWith = Literal["beam", "branch", "sample"]  # querytune.train.preference.EXPLORE_WITH
+Pick = Literal["traffic", "random", "novel"]  # querytune.train.targets.PICKS
+ExploreWith = Literal["beam", "branch", "sample"]  # querytune.train.targets.EXPLORE_WITH
 
 
 class UserError(Exception):

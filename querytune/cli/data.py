@@ -18,7 +18,8 @@ from rich.console import Console
 from rich.table import Table
 
 from querytune.labeled import LabeledDataError, in_train_split, load_labeled, write_labeled, write_rejects
-from querytune.schema import SchemaError, load_schema
+from querytune.schema import SchemaError
+from querytune.schema_file import load_schema
 
 app = typer.Typer(help="Labeled data: validate a labeled file against a schema.", no_args_is_help=True)
 

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.progress import Progress, track
 from rich.table import Table
 
-from querytune.cli.common import UserError, named_models, user_errors
+from querytune.cli.common import UserError, named_models, out_console, user_errors
 
 app = typer.Typer(help="Evaluate retrieval and parses on held-out data.", no_args_is_help=True)
-# tables keep their full width when written to a file or pipe (rich would wrap them at 80 columns there)
-out_console = Console() if sys.stdout.isatty() else Console(width=200)
 
 
 @app.command()
@@ -31,7 +27,7 @@ def retrieval(
 ) -> None:
     """Score raw, bm25, oracle (gold-parse) and model retrieval: NDCG@k, Recall@k, MRR, sliced by traffic and intent."""
     from querytune.evaluation.retrieval_eval import baseline_systems, compare_to, evaluate, load_rows
-    from querytune.schema import load_schema
+    from querytune.schema_file import load_schema
     from querytune.search import Searcher
 
     with user_errors():
@@ -62,13 +58,12 @@ def retrieval(
 def _model_system(source: Path, rows: list[dict], searcher, k: int):
     """The structured search of a model's parses: parsed now (model folder) or read (predictions JSONL)."""
     if source.is_file():
-        preds = {}
-        for line in source.read_text(encoding="utf-8").splitlines():
-            p = json.loads(line)
-            preds[p["id"]] = p["pred"] if p.get("valid") else None
-        missing = [r["id"] for r in rows if r["id"] not in preds]
-        if missing:
-            raise UserError(f"{source}: no prediction for {len(missing)} rows (first: {missing[0]}); predict the same split")
+        from querytune.evaluation.scores import load_predictions
+
+        try:
+            preds = load_predictions(source, rows)
+        except ValueError as e:
+            raise UserError(str(e)) from None
     else:
         from querytune.runtime.generate import Parser
 
@@ -124,7 +119,7 @@ def parse(
     from querytune.evaluation.parse_eval import grounding_dropped, parse_metrics, ungrounded_share
     from querytune.labeled import load_labeled
     from querytune.runtime.generate import Parser
-    from querytune.schema import load_schema
+    from querytune.schema_file import load_schema
 
     with user_errors():
         if not model.is_dir():
@@ -176,7 +171,8 @@ def stages(
     """One table with every stage: parse metrics and retrieval, overall and split by whether the seed covers the phrasing."""
     from querytune.evaluation.parse_eval import parse_metrics, ungrounded_share
     from querytune.evaluation.retrieval_eval import load_rows
-    from querytune.schema import load_schema
+    from querytune.evaluation.scores import read_predictions
+    from querytune.schema_file import load_schema
 
     with user_errors():
         report = json.loads(retrieval_report.read_text())
@@ -192,7 +188,7 @@ def stages(
                 raise UserError(f"--model {name}={folder}: {folder / 'predictions_test.jsonl'} not found (run `eval parse --predictions` first)")
             if name not in report:
                 raise UserError(f"--model {name}: not a system of {retrieval_report}")
-            preds = [json.loads(line) for line in (folder / "predictions_test.jsonl").read_text().splitlines()]
+            preds = list(read_predictions(folder / "predictions_test.jsonl").values())
             schema = load_schema(folder / "schema.yaml")
             row = {"ndcg@10": report[name]["ndcg@10"], "vs_baseline": vs["systems"].get(name)}
             for part, want in (("all", None), ("covered", True), ("uncovered", False)):
@@ -217,93 +213,7 @@ def stages(
         out_console.print(f"wrote {out}")
 
 
-@app.command()
-def report(
-    workspace: Path = typer.Option(Path("workspace"), "--workspace", help="Workspace folder: world/, index/, models/<stage>/predictions_test.jsonl, and optionally labels/, eval/serving.json, real/<name>/parse_*.json."),
-    world: Path = typer.Option(None, "--world", help="World folder, if not WORKSPACE/world."),
-    index: Path = typer.Option(None, "--index", help="Index folder, if not WORKSPACE/index."),
-    models: Path = typer.Option(None, "--models", help="Folder of model folders (one per stage), if not WORKSPACE/models."),
-    out: Path = typer.Option(None, "--out", help="Report folder, if not WORKSPACE/report."),
-) -> None:
-    """Write the relevance report: report/index.html (self-contained, with plots), metrics.json and summary.md.
+from querytune.cli.eval_report import diff, report  # noqa: E402  (after the commands above: --help lists them in this order)
 
-    Every stage side by side (raw, bm25, a MiniLM + logistic-regression peer, each model, oracle) with bootstrap
-    95% intervals; slices by intent, traffic, city, phrasing effect and seen phrasing; training curves; the
-    queries where stages disagree most; labeling, serving and real-data figures when the workspace holds them.
-    Models are not run again: each stage's saved test predictions are scored.
-    """
-    from querytune.evaluation.report import Workspace, build_report, fmt
-
-    ws = Workspace.at(workspace, world=world, index=index, models=models, report=out)
-    with user_errors():
-        try:
-            metrics = build_report(ws, say=out_console.print,
-                                   progress=lambda it: track(it, description="searching test queries", console=out_console))
-        except (FileNotFoundError, ValueError) as e:
-            raise UserError(str(e)) from e
-    table = Table(title=f"every stage on {metrics['meta']['test_rows']} test queries (95% bootstrap intervals)")
-    cols = ("ndcg@10", "recall@10", "mrr", "intent_accuracy", "slot_f1", "frame_exact_match")
-    table.add_column("system")
-    for c in cols:
-        table.add_column(c, justify="right")
-    for name, entry in metrics["intervals"].items():
-        table.add_row(name, *(fmt(entry.get(c)) for c in cols))
-    out_console.print(table)
-    out_console.print(f"wrote {ws.report / 'index.html'}, metrics.json, summary.md")
-
-
-@app.command()
-def diff(
-    a: Path = typer.Argument(None, help="The served model: a model folder, or a labeling folder of `querytune label`.", show_default=False),
-    b: Path = typer.Argument(None, help="The candidate: a model folder, or a labeling folder.", show_default=False),
-    old_a: Path = typer.Option(None, "--a", hidden=True, help="Deprecated spelling of A."),
-    old_b: Path = typer.Option(None, "--b", hidden=True, help="Deprecated spelling of B."),
-    log: Path = typer.Option(..., "--log", help="Query log (Parquet, CSV or JSONL) whose traffic weighs each query."),
-    column: str = typer.Option("query", "--column", help="The log's query column."),
-    index: Path = typer.Option(None, "--index", help="Index folder: also score each changed query's retrieval (NDCG@10 against the log's clicks, column `clicked`)."),
-    top: int = typer.Option(2000, "--top", min=1, help="Model folders: parse the N most typed distinct queries."),
-    show: int = typer.Option(25, "--show", min=0, help="Changed queries to print (all go to --out)."),
-    out: Path = typer.Option(None, "--out", help="Write the summary and every changed query as JSON here."),
-) -> None:
-    """List the logged queries whose parse changes from A to B, heaviest traffic first, with the retrieval effect."""
-    from querytune.evaluation.diff import diff as run_diff
-
-    with user_errors():
-        for name, old in (("--a", old_a), ("--b", old_b)):
-            if old is not None:
-                out_console.print(f"note: {name} is deprecated: give the two folders as arguments, `querytune eval diff A B`")
-        a, b = a or old_a, b or old_b
-        if a is None or b is None:
-            raise UserError("give the two folders to compare: `querytune eval diff A B --log LOG`")
-        for name, path in (("A", a), ("B", b)):
-            if not path.is_dir():
-                raise UserError(f"{name} {path}: folder not found")
-        if not log.is_file():
-            raise UserError(f"--log {log}: file not found")
-        with Progress(*Progress.get_default_columns(), console=out_console) as bar:
-            def progress(what: str, total: int):
-                task = bar.add_task(what, total=total)
-                return lambda n: bar.advance(task, n)
-
-            try:
-                result = run_diff(a, b, log, index=index, top=top, column=column, progress=progress)
-            except (FileNotFoundError, ValueError) as e:
-                raise UserError(str(e)) from e
-    s = result["summary"]
-    scored = "reward_a" in (result["changed"][0] if result["changed"] else {})
-    table = Table(title=f"{s['changed_queries']:,} of {s['compared_queries']:,} compared queries change parse: "
-                        f"{s['changed_traffic_share']:.1%} of the log's traffic")
-    for col in ("query", "rows", "traffic", "change", *(("reward A", "reward B") if scored else ())):
-        table.add_column(col, justify="left" if col in ("query", "change") else "right")
-    for r in result["changed"][:show]:
-        table.add_row(r["query"], str(r["rows"]), f"{r['traffic_share']:.3%}", r["change"],
-                      *((f"{r['reward_a']:.3f}" if "reward_a" in r else "", f"{r['reward_b']:.3f}" if "reward_b" in r else "") if scored else ()))
-    out_console.print(table, markup=False)
-    if "reward_change_on_changed" in s:
-        out_console.print(f"retrieval (NDCG@10 vs clicks) on the changed queries, traffic-weighted: A {s['reward_a_weighted']:.3f} -> "
-                          f"B {s['reward_b_weighted']:.3f} ({s['reward_change_on_changed']:+.3f}; {s['better']} better, {s['worse']} worse); "
-                          f"on all compared traffic {s['reward_change_on_compared_traffic']:+.4f}", markup=False)
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-        out_console.print(f"wrote {out}")
+app.command()(report)
+app.command()(diff)

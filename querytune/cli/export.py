@@ -17,7 +17,7 @@ def export(
     out: Path = typer.Option(..., "--out", help="Folder to write: merged transformers weights, tokenizer, schema.yaml, querytune.json (replaced if it exists)."),
 ) -> None:
     """Merge a model folder's adapters into its base and write a folder that loads anywhere with no cache."""
-    from querytune.runtime.model import export_merged, model_version
+    from querytune.runtime.model import ModelFolder, export_merged
 
     with user_errors():
         if not model.is_dir():
@@ -25,4 +25,4 @@ def export(
         if out.resolve() == model.resolve():
             raise UserError("--out must differ from --model")
         export_merged(model, out)
-    typer.echo(f"exported {model} to {out} (model_version {model_version(out)}; merged from {model_version(model)})")
+    typer.echo(f"exported {model} to {out} (model_version {ModelFolder.open(out).version}; merged from {ModelFolder.open(model).version})")

@@ -46,7 +46,7 @@ def search(
     k: int = typer.Option(10, "-k", min=1, help="Results to show."),
 ) -> None:
     """Search the index: the raw query in the user's city, or a structured search from --parse."""
-    from querytune.schema import load_schema
+    from querytune.schema_file import load_schema
     from querytune.search import Context, Searcher
 
     with user_errors():

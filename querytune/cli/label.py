@@ -38,8 +38,8 @@ def label(
     restart: bool = typer.Option(False, "--restart", help="Delete this folder's labels and start over (default: resume)."),
 ) -> None:
     """Normalise, deduplicate and label every query of INPUT with a model; killed and run again, it resumes."""
-    from querytune.serving.label import LabelInputError
     from querytune.serving.label import label as run_label
+    from querytune.serving.log_input import LabelInputError
 
     console = Console(stderr=True)
     with user_errors(), ExitStack() as held:
@@ -50,7 +50,8 @@ def label(
         if gpus_per_replica and (engine != "ray" or backend != "vllm"):
             raise UserError("--gpus-per-replica needs --engine ray --backend vllm (the transformers backend runs on CPU)")
         from querytune.runtime.backends import load_backend
-        from querytune.serving.label import input_files, lock_folder
+        from querytune.serving.label import lock_folder
+        from querytune.serving.log_input import input_files
 
         try:
             input_files(input)  # a missing or empty input fails before the model loads

@@ -18,7 +18,7 @@ def predict(
 ) -> None:
     """Print one JSON line per query: text, parse, valid, confidence, model_version (and the error when invalid)."""
     from querytune.runtime.generate import Parser
-    from querytune.schema import load_schema
+    from querytune.schema_file import load_schema
 
     with user_errors():
         if not model.is_dir():

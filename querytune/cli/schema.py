@@ -14,7 +14,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from querytune.schema import SchemaError, load_schema
+from querytune.schema import SchemaError
+from querytune.schema_file import load_schema
 
 app = typer.Typer(help="The label schema: intents and slots.", no_args_is_help=True)
 

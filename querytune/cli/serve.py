@@ -64,7 +64,8 @@ def serve(
     import uvicorn
 
     from querytune.serving.cache import CacheUnavailable, open_cache
-    from querytune.serving.serve import Settings, resolve_model
+    from querytune.serving.serve import resolve_model
+    from querytune.serving.service import Settings
 
     workers = workers or (1 if backend == "vllm" else usable_cores())
     with user_errors():

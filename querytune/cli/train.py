@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from querytune.cli.common import ExploreWith, Format, Pick, Preset, UserError, load_config, user_errors, write_resolved
+from querytune.cli.train_common import check_init, check_resume, evaluate, resolve_preset, retrieval_reward, write_sft_card, write_stage_card
 from querytune.runtime.formats import DEFAULT_FORMAT
 
 REPORT_TO_HELP = ("Where TRL also logs the training curves (beside OUT/steps.jsonl): none, tensorboard (needs tensorboard installed; "
@@ -48,7 +49,7 @@ def sft(
 ) -> None:
     """SFT: LoRA on a compact causal LM with TRL, completion-only loss, query -> schema parse."""
     from querytune.labeled import load_labeled, write_rejects
-    from querytune.schema import load_schema
+    from querytune.schema_file import load_schema
     from querytune.train.sft import PRESETS, train_sft
 
     with user_errors():
@@ -60,8 +61,8 @@ def sft(
         if resolved.get("lora_r") and "lora_alpha" not in file_cfg:
             resolved["lora_alpha"] = 2 * resolved["lora_r"]
         if init:
-            _check_init(init)
-        _check_resume(out, resume)
+            check_init(init)
+        check_resume(out, resume)
         schema_ = load_schema(schema)
         rows, rejects = load_labeled(data, schema_)
         if rejects:
@@ -79,83 +80,11 @@ def sft(
         write_resolved(config_out | {k: summary[k] for k in ("dtype", "dtype_probe", "gradient_checkpointing")}, out / "train_config.json")
         metrics = None
         if eval_data:
-            metrics = _evaluate(out, eval_data)
-    _write_card(out, summary, data, schema_, resolved, metrics)
+            metrics = evaluate(out, eval_data)
+    write_sft_card(out, summary, data, schema_, resolved, metrics)
     out_console.print(f"trained {summary['steps']} of {summary['schedule_steps']} steps in {summary['train_seconds']:.0f}s "
                       f"({summary['seconds_per_step']:.2f} s/step in {summary['dtype']}, {summary['tokens_mean']:.0f} tokens/example); model in {out}"
                       + (f"; {summary['mined_aliases']} aliases mined from the labels" if summary["mined_aliases"] else ""))
-
-
-def _evaluate(model_dir: Path, data: Path) -> dict:
-    from querytune.evaluation.parse_eval import parse_metrics
-    from querytune.labeled import load_labeled
-    from querytune.runtime.generate import Parser
-
-    parser = Parser(model_dir)
-    rows, _ = load_labeled(data, parser.schema)
-    t = time.perf_counter()
-    preds = parser.parse([r.text for r in rows])
-    metrics = parse_metrics([{"intent": r.intent, "slots": r.slots} for r in rows], [p.parse for p in preds])
-    metrics["queries_per_second"] = round(len(rows) / (time.perf_counter() - t), 2)
-    return metrics
-
-
-def front_matter(out: Path, stage: str) -> list[str]:
-    """The Hugging Face model card's YAML header of a model folder: its base model, that it is a PEFT adapter, tags."""
-    from querytune.runtime.model import DEFAULT_BASE, load_model_meta
-
-    meta, _ = load_model_meta(out)
-    base = meta.get("base", DEFAULT_BASE)
-    hub = {DEFAULT_BASE: "HuggingFaceTB/SmolLM2-135M-Instruct"}.get(base, base)
-    return ["---", f"base_model: {json.dumps(hub)}", "base_model_relation: adapter" if meta.get("adapter") else "base_model_relation: finetune",
-            "library_name: peft" if meta.get("adapter") else "library_name: transformers", "pipeline_tag: text-generation",
-            f"tags: [querytune, {stage}, trl, query-understanding]", "---", ""]
-
-
-def _write_card(out: Path, summary: dict, data: Path, schema, resolved: dict, metrics: dict | None) -> None:
-    lines = [*front_matter(out, "sft"), f"# querytune model: {out.name}", "", "- stage: SFT (LoRA, TRL SFTTrainer, completion-only loss)",
-             f"- base: {summary['base']}", f"- data: {data} ({summary['examples']} training examples)",
-             f"- schema: {schema.name} (version {schema.version})", f"- config: {json.dumps(resolved)}",
-             f"- steps: {summary['steps']} of {summary['schedule_steps']}, {summary['train_seconds']} s ({summary['seconds_per_step']} s/step in "
-             f"{summary['dtype']}), final loss {summary['final_loss']}",
-             f"- tokens per example: mean {summary['tokens_mean']}, max {summary['tokens_max']} (completion mean {summary['completion_tokens_mean']})"]
-    if metrics:
-        keys = ("n", "intent_accuracy", "slot_precision", "slot_recall", "slot_f1", "frame_exact_match", "validity", "queries_per_second")
-        lines += ["", "## Metrics", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys), "| " + " | ".join(str(metrics[k]) for k in keys) + " |"]
-    (out / "README.md").write_text("\n".join(lines) + "\n")
-    (out / "summary.json").write_text(json.dumps(summary | ({"metrics": metrics} if metrics else {}), indent=2) + "\n")
-
-
-def _preset(presets: dict, preset: str, config: Path | None, cli: dict) -> dict:
-    if preset not in presets:
-        raise UserError(f"--preset: {preset!r} is not one of {', '.join(presets)}")
-    file_cfg = load_config(config)
-    unknown = set(file_cfg) - set(presets[preset])
-    if unknown:
-        raise UserError(f"--config {config}: unknown option(s) {', '.join(sorted(unknown))} (known: {', '.join(presets[preset])})")
-    resolved = presets[preset] | file_cfg | {k: v for k, v in cli.items() if v is not None}
-    resolved["max_minutes"] = resolved.get("max_minutes") or None
-    from querytune.train.preference import EXPLORE_WITH, PICKS
-
-    if resolved.get("explore_with", "sample") not in EXPLORE_WITH:
-        raise UserError(f"--explore-with: {resolved['explore_with']!r} is not one of {', '.join(EXPLORE_WITH)}")
-    if resolved.get("pick", "traffic") not in PICKS:
-        raise UserError(f"--pick: {resolved['pick']!r} is not one of {', '.join(PICKS)}")
-    return resolved
-
-
-def _check_resume(out: Path, resume: bool) -> None:
-    """`--resume` with nothing to resume fails before any sampling or scoring, not after."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    if resume and not ((out / "checkpoints").is_dir() and get_last_checkpoint(str(out / "checkpoints"))):
-        raise UserError(f"--resume: no checkpoint in {out / 'checkpoints'} (a completed run removes its checkpoints); run without --resume")
-
-
-def _check_init(init: Path) -> None:
-    from querytune.runtime.model import load_model_meta
-
-    load_model_meta(init)  # names the folder when it is not a model
 
 
 @app.command()
@@ -185,15 +114,17 @@ def dpo(
     seed: int = typer.Option(0, "--seed", help="Random seed (query choice, sampling, training)."),
 ) -> None:
     """DPO on retrieval success: sample parses from --init, score each by its search against the clicks, train on the pairs."""
-    from querytune.train.preference import DPO_PRESETS, build_pairs, click_targets, load_pairs, sample_candidates, scored_candidates, train_dpo
+    from querytune.train.pairs import build_pairs, load_pairs, scored_candidates
+    from querytune.train.preference import DPO_PRESETS, train_dpo
+    from querytune.train.targets import click_targets, sample_candidates
 
     with user_errors():
-        resolved = _preset(DPO_PRESETS, preset, config, {"queries": queries, "pick": pick, "k": k, "min_gap": min_gap, "lr": lr, "beta": beta,
-                                                          "max_steps": max_steps, "explore_below": explore_below, "temperature": temperature,
-                                                          "explore_confidence": explore_confidence, "explore_with": explore_with,
-                                                          "save_steps": save_steps})
-        _check_init(init)
-        _check_resume(out, resume)
+        resolved = resolve_preset(DPO_PRESETS, preset, config, {"queries": queries, "pick": pick, "k": k, "min_gap": min_gap, "lr": lr, "beta": beta,
+                                                                 "max_steps": max_steps, "explore_below": explore_below, "temperature": temperature,
+                                                                 "explore_confidence": explore_confidence, "explore_with": explore_with,
+                                                                 "save_steps": save_steps})
+        check_init(init)
+        check_resume(out, resume)
         out.mkdir(parents=True, exist_ok=True)
         write_resolved({"command": "train dpo", "init": str(init), "world": str(world), "index": str(index), "preset": preset,
                         "pairs": str(pairs_file) if pairs_file else None, "shuffle_clicks": shuffle_clicks, "seed": seed, **resolved},
@@ -203,7 +134,7 @@ def dpo(
             pairs = load_pairs(pairs_file or out / "pairs.parquet")
             stats = {"pairs_from": str(pairs_file or out / "pairs.parquet")}
         else:
-            reward, schema = _reward(init, index)
+            reward, schema = retrieval_reward(init, index)
             targets = click_targets(world, resolved["queries"], seed=seed, shuffle_clicks=shuffle_clicks, pick=resolved.get("pick", "traffic"))
             if not targets:
                 raise UserError(f"{world}: no clicked queries in the early log outside the seed set")
@@ -224,7 +155,7 @@ def dpo(
             pairs = load_pairs(out / "pairs.parquet")
         summary = train_dpo(pairs, init, out, resolved, seed=seed, say=out_console.print, resume=resume, report_to=report_to) | stats
         summary["total_seconds"] = round(time.perf_counter() - t0, 1)
-    _write_stage_card(out, summary, resolved, "DPO (LoRA on the merged init model, TRL DPOTrainer, retrieval-reward pairs)")
+    write_stage_card(out, summary, resolved, "DPO (LoRA on the merged init model, TRL DPOTrainer, retrieval-reward pairs)")
     out_console.print(f"DPO: {summary['steps']} steps, margin {summary['margin_start']} -> {summary['margin_end']}, "
                       f"{summary['total_seconds']:.0f}s in all; model in {out}")
 
@@ -247,6 +178,7 @@ def grpo(
     temperature: float = typer.Option(None, "--temperature", help="Sampling temperature (screening and training groups)."),
     max_steps: int = typer.Option(None, "--max-steps", help="Optimizer steps."),
     num_generations: int = typer.Option(None, "--num-generations", help="Sampled parses per query (the group)."),
+    batch_size: int = typer.Option(None, "--batch-size", min=1, help="Sampled parses per optimizer step: queries per step x --num-generations (a multiple of it)."),
     lr: float = typer.Option(None, "--lr", help="Learning rate of the new LoRA."),
     beta: float = typer.Option(None, "--beta", help="KL coefficient towards the init model (0: no reference model)."),
     use_vllm: bool = typer.Option(None, "--use-vllm/--no-vllm", help="Generate through vLLM (GPU machines with vllm installed; not on CPU)."),
@@ -257,25 +189,27 @@ def grpo(
     seed: int = typer.Option(0, "--seed", help="Random seed."),
 ) -> None:
     """GRPO with the retrieval reward online: groups of sampled parses per logged query, advantages within each group."""
-    from querytune.train.preference import GRPO_PRESETS, anchor_targets, click_targets, sample_candidates, scored_candidates, screen, train_grpo
+    from querytune.train.pairs import anchor_targets, scored_candidates, screen
+    from querytune.train.preference import GRPO_PRESETS, train_grpo
+    from querytune.train.targets import click_targets, sample_candidates
 
     with user_errors():
-        resolved = _preset(GRPO_PRESETS, preset, config, {"queries": queries, "pick": pick, "screen_k": screen_k, "max_steps": max_steps, "num_generations": num_generations,
-                                                           "lr": lr, "beta": beta, "use_vllm": use_vllm, "explore_below": explore_below,
-                                                           "temperature": temperature, "explore_confidence": explore_confidence,
-                                                           "explore_with": explore_with, "anchors": anchors, "max_minutes": max_minutes,
-                                                           "save_steps": save_steps})
+        resolved = resolve_preset(GRPO_PRESETS, preset, config, {"queries": queries, "pick": pick, "screen_k": screen_k, "max_steps": max_steps, "num_generations": num_generations,
+                                                                  "batch_size": batch_size, "lr": lr, "beta": beta, "use_vllm": use_vllm, "explore_below": explore_below,
+                                                                  "temperature": temperature, "explore_confidence": explore_confidence,
+                                                                  "explore_with": explore_with, "anchors": anchors, "max_minutes": max_minutes,
+                                                                  "save_steps": save_steps})
         if anchors and not resolved.get("screen_k"):  # the preset's anchors apply only where it screens
             raise UserError("--anchors: anchor queries are picked while screening; set --screen-k above 0 (or --anchors 0)")
         if resolved["batch_size"] % resolved["num_generations"]:
             raise UserError(f"batch_size {resolved['batch_size']} must be a multiple of num_generations {resolved['num_generations']}")
-        _check_init(init)
-        _check_resume(out, resume)
+        check_init(init)
+        check_resume(out, resume)
         out.mkdir(parents=True, exist_ok=True)
         write_resolved({"command": "train grpo", "init": str(init), "world": str(world), "index": str(index), "preset": preset,
                         "seed": seed, **resolved}, out / "train_config.json")
         t0 = time.perf_counter()
-        reward, schema = _reward(init, index)
+        reward, schema = retrieval_reward(init, index)
         saved = out / "targets.jsonl"  # the queries training draws from, so `--resume` continues on the same ones
         resumed = resume and saved.is_file()
         targets = ([json.loads(line) for line in saved.read_text().splitlines()] if resumed
@@ -309,23 +243,6 @@ def grpo(
         summary = train_grpo(targets, reward, init, out, resolved, seed=seed, say=out_console.print, resume=resume, report_to=report_to)
         summary |= {"screened_queries": screened, "queries_with_signal": with_signal, "anchor_queries": anchored}
         summary["total_seconds"] = round(time.perf_counter() - t0, 1)
-    _write_stage_card(out, summary, resolved, "GRPO (LoRA on the merged init model, TRL GRPOTrainer, retrieval reward online)")
+    write_stage_card(out, summary, resolved, "GRPO (LoRA on the merged init model, TRL GRPOTrainer, retrieval reward online)")
     out_console.print(f"GRPO: {summary['steps']} steps, reward {summary['reward_start']} -> {summary['reward_end']}, "
                       f"no-signal groups {summary['no_signal_start']} -> {summary['no_signal_end']}, {summary['total_seconds']:.0f}s; model in {out}")
-
-
-def _reward(init: Path, index: Path):
-    from querytune.runtime.model import load_model_meta
-    from querytune.search import Searcher
-    from querytune.train.reward import RetrievalReward
-
-    _, schema = load_model_meta(init)
-    return RetrievalReward(Searcher(index, schema), schema), schema
-
-
-def _write_stage_card(out: Path, summary: dict, resolved: dict, what: str) -> None:
-    lines = [*front_matter(out, summary["stage"]), f"# querytune model: {out.name}", "", f"- stage: {what}", f"- init: {summary['init']}",
-             f"- config: {json.dumps(resolved)}"]
-    lines += [f"- {k}: {v}" for k, v in summary.items() if k not in ("stage", "init")]
-    (out / "README.md").write_text("\n".join(lines) + "\n")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

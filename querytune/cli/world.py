@@ -45,6 +45,7 @@ def make(
     seed: int = typer.Option(0, "--seed", help="Random seed: the same seed always gives byte-identical files."),
     rows: int = typer.Option(120_000, "--rows", min=1000, help="Query-log rows to simulate."),
     per_city: int = typer.Option(280, "--per-city", min=60, help="Businesses in an average city (big cities get more)."),
+    eval_rows: int = typer.Option(1200, "--eval-rows", min=50, help="Queries in dev.jsonl and in test.jsonl (fewer when the later log holds too few distinct texts)."),
     force: bool = typer.Option(False, "--force", help="Write into a folder that is not empty (a world made before is overwritten file by file)."),
     profile: Profile = typer.Option(Profile.v2, "--profile", help="v2: the log knows what the annotation guideline does not "
                                     "(taxonomy, drift, generic-word names, filter wording; docs/world.md); stationary: the v2 "
@@ -57,7 +58,7 @@ def make(
         if out.is_dir() and any(out.iterdir()) and not force:
             held = "a world" if (out / "stats.json").is_file() else "files that are not a world"
             raise UserError(f"--out {out}: not empty (it holds {held}); give an empty or new folder, or --force to write over it")
-        stats = make_world(out, seed=seed, rows=rows, per_city=per_city, profile=profile.value,
+        stats = make_world(out, seed=seed, rows=rows, per_city=per_city, profile=profile.value, eval_rows=eval_rows,
                            progress=lambda phase: status.update(f"making the world: {phase}"))
     table = Table(title=f"world {out} (seed {seed})")
     for col in ("figure", "value", "required", "ok"):

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from querytune.serving.label import check_query
+from querytune.serving.log_input import check_query
 
 
 def read_log(path: str | Path, column: str = "query") -> pd.DataFrame:
@@ -111,14 +111,14 @@ def _retrieval_effect(changed: list[str], pa: dict, pb: dict, log: pd.DataFrame,
         return {}
     if "shown" not in log:  # a log of clicks alone: only the clicked businesses are judged, none debiased
         log = log.assign(shown=log["clicked"])
-    from querytune.runtime.model import load_model_meta
-    from querytune.schema import load_schema
+    from querytune.runtime.model import ModelFolder
+    from querytune.schema_file import load_schema
     from querytune.search import Searcher
     from querytune.train.clicks import contexts_by_text, estimate_propensity
     from querytune.train.reward import RetrievalReward, score_in_contexts
 
     folder = next((p for p in (a, b) if not is_label_folder(p)), None)
-    schema = load_model_meta(folder)[1] if folder else load_schema()  # labeling folders: the default schema
+    schema = ModelFolder.open(folder).schema if folder else load_schema()  # labeling folders: the default schema
     reward = RetrievalReward(Searcher(index, schema), schema)
     propensity = estimate_propensity(log)  # the whole log's randomised impressions
     contexts = contexts_by_text(log[log["normalized"].isin(set(changed))].assign(key=lambda d: d["normalized"]), propensity)

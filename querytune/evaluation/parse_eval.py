@@ -86,7 +86,7 @@ def ungrounded_share(texts: list[str], preds: list[dict[str, Any] | None], schem
     """Share of predicted free-text slot values (in the default schema: business names) that do not occur in
     their query after normalisation: values the model made up (or took from what users clicked) rather than read.
 
-    >>> from querytune.schema import load_schema
+    >>> from querytune.schema_file import load_schema
     >>> ungrounded_share(["joe's pizza soho", "pizza"],
     ...                  [{"intent": "find_named_business", "slots": {"business_name": "joe's pizza", "neighborhood": "soho"}},
     ...                   {"intent": "find_named_business", "slots": {"business_name": "tony's"}}], load_schema())

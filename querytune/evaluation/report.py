@@ -30,12 +30,13 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from querytune.evaluation.parse_eval import slot_pairs
+from querytune.evaluation import breakdowns
+from querytune.evaluation.browser import write_browser
 from querytune.evaluation.report_html import LIST_SLICES, PARSE, RETRIEVAL, SLICES, write_html
-from querytune.metrics import bootstrap, micro_f1, ranking_metrics
-from querytune.schema import ParseError, Schema, load_schema
+from querytune.evaluation.scores import K, peer_predictions, read_predictions, score_systems
+from querytune.metrics import bootstrap, micro_f1
+from querytune.schema_file import load_schema
 
-K = 10
 MIN_SLICE = 30  # fewer queries than this: the slice says so rather than showing a number
 STAGE_ORDER = ("sft", "dpo", "grpo")
 
@@ -86,89 +87,6 @@ def metric_interval(scores: pd.DataFrame, metric: str, seed: int = 0) -> dict[st
         return None
     value, low, high = bootstrap(stat, columns, seed=seed)
     return {"value": round(value, 4), "low": round(low, 4), "high": round(high, 4), "n": n}
-
-
-# -- per-row scores -----------------------------------------------------------------------------------------
-def parse_scores(gold: dict, pred: dict | None) -> dict[str, float]:
-    """One row's parse outcome: intent right, frame right, valid, and its slot true/false positives/negatives."""
-    g, p = slot_pairs(gold["slots"]), slot_pairs(pred["slots"]) if pred else set()
-    intent_ok = bool(pred) and pred["intent"] == gold["intent"]
-    return {"intent_accuracy": float(intent_ok), "frame_exact_match": float(intent_ok and g == p), "validity": float(pred is not None),
-            "tp": float(len(g & p)), "fp": float(len(p - g)), "fn": float(len(g - p))}
-
-
-def load_predictions(path: Path, rows: list[dict]) -> dict[str, dict | None]:
-    preds = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            p = json.loads(line)
-            preds[p["id"]] = p["pred"] if p.get("valid") else None
-    missing = [r["id"] for r in rows if r["id"] not in preds]
-    if missing:
-        raise ValueError(f"{path}: no prediction for {len(missing)} test rows (first: {missing[0]}); predict the same test set")
-    return preds
-
-
-def peer_predictions(seed_rows: list[dict], rows: list[dict], schema: Schema, embedder) -> dict[str, dict]:
-    """The cheap peer: frozen sentence embeddings + logistic regression, one head for the intent and one per
-    categorical or boolean slot (absent is a class), trained on the seed set. Free-text and number slots stay empty."""
-    from sklearn.linear_model import LogisticRegression
-
-    x_train = embedder.encode([r["text"] for r in seed_rows])
-    x_test = embedder.encode([r["text"] for r in rows])
-    heads = {"intent": [r["intent"] for r in seed_rows]}
-    for name, slot in schema.slots.items():
-        if slot.type in ("categorical", "boolean"):
-            heads[name] = [json.dumps(r["slots"].get(name)) for r in seed_rows]
-    predicted = {}
-    for head, labels in heads.items():
-        if len(set(labels)) == 1:
-            predicted[head] = [labels[0]] * len(rows)
-            continue
-        clf = LogisticRegression(max_iter=2000, C=4.0).fit(x_train, labels)
-        predicted[head] = list(clf.predict(x_test))
-    out = {}
-    for i, r in enumerate(rows):
-        intent = predicted["intent"][i]
-        allowed = schema.intents[intent].slots
-        slots = {h: json.loads(v[i]) for h, v in predicted.items() if h != "intent" and v[i] != "null"
-                 and (allowed is None or h in allowed)}
-        slots = {k: v for k, v in slots.items() if v is not False}
-        try:
-            out[r["id"]] = schema.parse({"intent": intent, "slots": slots}).to_dict()
-        except ParseError:
-            out[r["id"]] = None
-    return out
-
-
-def score_systems(rows: list[dict], parses: dict[str, dict[str, dict | None]], searcher, schema: Schema,
-                  progress: Callable = iter) -> tuple[pd.DataFrame, dict[str, dict[str, list[str]]]]:
-    """Per-row scores of every system (long format: system, id, retrieval and parse columns) and the top-k each
-    system retrieved. `parses`: system name -> row id -> canonical parse (None: invalid, searched as raw text)."""
-    from querytune.search import Context
-
-    records, retrieved = [], {name: {} for name in ["raw", "bm25", *parses, "oracle"]}
-    for row in progress(rows):
-        gold = {"intent": row["intent"], "slots": row["slots"]}
-        ctx = Context(row["user_city"], datetime.fromisoformat(row["timestamp"]))
-        graded = bool(row.get("relevance"))
-        for name in retrieved:
-            if name in ("raw", "bm25"):
-                ranked = getattr(searcher, name)(row["text"], ctx, K) if graded else None
-                parse_part: dict[str, float] = {}
-            else:
-                pred = gold if name == "oracle" else parses[name][row["id"]]
-                parse_part = parse_scores(gold, pred)
-                ranked = None
-                if graded:
-                    ranked = (searcher.search(schema.parse(pred), ctx, K, fallback_text=row["text"]) if pred
-                              else searcher.raw(row["text"], ctx, K))
-            rec = {"system": name, "id": row["id"], **parse_part}
-            if ranked is not None:
-                retrieved[name][row["id"]] = ranked
-                rec |= ranking_metrics(ranked, row["relevance"], K)
-            records.append(rec)
-    return pd.DataFrame.from_records(records), retrieved
 
 
 # -- the report's numbers -----------------------------------------------------------------------------------
@@ -264,8 +182,9 @@ def side_figures(ws: Workspace) -> dict[str, Any]:
     return found
 
 
-def build_report(ws: Workspace, say=print, progress: Callable = iter) -> dict[str, Any]:
-    """Score every system and write report/{metrics.json, summary.md, index.html}; returns the metrics."""
+def build_report(ws: Workspace, say=print, progress: Callable = iter, baseline: str | None = None) -> dict[str, Any]:
+    """Score every system and write report/{metrics.json, summary.md, index.html, parses.sqlite}; returns the metrics.
+    `baseline`: the system every other is compared with, paired (default: the first model stage)."""
     from querytune.evaluation.retrieval_eval import load_rows
     from querytune.search import Searcher
 
@@ -283,16 +202,32 @@ def build_report(ws: Workspace, say=print, progress: Callable = iter) -> dict[st
     if seed_path.is_file():
         say("peer: MiniLM embeddings + logistic regression heads, trained on the seed set")
         parses["peer"] = peer_predictions(load_rows(seed_path), rows, schema, searcher.embedder)
+    confidences: dict[str, dict[str, float]] = {}
     for name, folder in stages.items():
-        parses[name] = load_predictions(folder / "predictions_test.jsonl", rows)
-    scores, retrieved = score_systems(rows, parses, searcher, schema, progress)
+        saved = read_predictions(folder / "predictions_test.jsonl", rows)
+        parses[name] = {i: p["pred"] if p.get("valid") else None for i, p in saved.items()}
+        confidences[name] = {i: p["confidence"] for i, p in saved.items() if p.get("confidence") is not None}
     systems = ["raw", "bm25", *parses, "oracle"]
+    baseline = baseline or next(iter(stages))
+    if baseline not in systems:
+        raise ValueError(f"baseline {baseline!r} is not a system of this report ({', '.join(systems)})")
+    scores, retrieved = score_systems(rows, parses, searcher, schema, progress)
     ws.eval.mkdir(parents=True, exist_ok=True)
     scores.to_parquet(ws.eval / "per_row.parquet")
     names = dict(zip(searcher.catalog["business_id"], searcher.catalog["name"]))
     table = stage_table(scores, systems)
+    golds = [{"intent": r["intent"], "slots": r["slots"]} for r in rows]
+    frame_right = scores.set_index(["system", "id"])["frame_exact_match"]
     metrics = {"stages": {name: {m: iv["value"] for m, iv in entry.items() if iv} for name, entry in table.items()},
                "intervals": table,
+               "baseline": baseline,
+               "paired": breakdowns.paired_differences(scores, baseline, systems),
+               "slot_f1_by_slot": {name: breakdowns.slot_f1_by_slot(golds, [parses[name][r["id"]] for r in rows]) for name in parses},
+               "intent_confusion": {name: breakdowns.intent_confusion(golds, [parses[name][r["id"]] for r in rows], list(schema.intents))
+                                    for name in stages},
+               "calibration": {name: breakdowns.calibration([{"confidence": confidences[name].get(r["id"]), "right": frame_right[(name, r["id"])]}
+                                                             for r in rows]) for name in stages},
+               "cache_coverage": breakdowns.cache_coverage(ws.world / "log.parquet"),
                "slices": slice_table(scores, rows, systems),
                "disagreements": disagreements(scores, rows, parses, retrieved, names, list(stages)),
                "training": {name: _curve_summary(c) for name, c in training_curves(stages).items()},
@@ -303,6 +238,8 @@ def build_report(ws: Workspace, say=print, progress: Callable = iter) -> dict[st
                         "models": {name: str(folder) for name, folder in stages.items()},
                         "created": datetime.now().isoformat(timespec="seconds")}}
     ws.report.mkdir(parents=True, exist_ok=True)
+    browser = write_browser(ws.report / "parses.sqlite", rows, parses, confidences, scores)
+    metrics["browser"] = str(browser.relative_to(ws.root)) if browser.is_relative_to(ws.root) else str(browser)
     (ws.report / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default) + "\n")
     (ws.report / "summary.md").write_text(summary_markdown(metrics))
     write_html(ws.report / "index.html", metrics, training_curves(stages))
@@ -327,6 +264,10 @@ def fmt(iv: dict | None) -> str:
     return "" if not iv else f"{iv['value']:.3f} [{iv['low']:.3f}, {iv['high']:.3f}]"
 
 
+def signed(iv: dict | None) -> str:
+    return "" if not iv else f"{iv['value']:+.3f} [{iv['low']:+.3f}, {iv['high']:+.3f}]"
+
+
 def summary_markdown(metrics: dict[str, Any]) -> str:
     cols = RETRIEVAL + PARSE
     lines = ["# querytune relevance report", "",
@@ -335,6 +276,12 @@ def summary_markdown(metrics: dict[str, Any]) -> str:
              "| system | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for name, entry in metrics["intervals"].items():
         lines.append(f"| {name} | " + " | ".join(fmt(entry.get(c)) for c in cols) + " |")
+    if metrics.get("paired"):
+        paired = metrics["paired"]
+        lines += ["", f"## Difference from {metrics['baseline']} (paired 95% bootstrap intervals)", "",
+                  "| system | " + " | ".join(breakdowns.PAIRED) + " |", "|---|" + "---|" * len(breakdowns.PAIRED)]
+        for name, entry in paired.items():
+            lines.append(f"| {name} | " + " | ".join(signed(entry.get(c)) for c in breakdowns.PAIRED) + " |")
     for key, values in metrics["slices"].items():
         systems = list(metrics["intervals"])
         lines += ["", f"## NDCG@10 by {SLICES[key]}", "", "| slice | n | " + " | ".join(systems) + " |", "|---|---|" + "---|" * len(systems)]

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 from pathlib import Path
 from typing import Any
+
+from querytune.evaluation import charts
 
 # what the report shows: its metric columns and the slices it breaks them down by
 RETRIEVAL = ("ndcg@10", "recall@10", "mrr")
@@ -29,103 +29,31 @@ td.parse{text-align:left;font-family:ui-monospace,monospace;font-size:.75rem;max
 """
 
 
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+def _figure(fig, alt: str) -> list[str]:
+    return [f'<img alt="{html.escape(alt)}" src="{charts.png(fig)}">'] if fig is not None else []
 
 
-def _bars(metrics: dict[str, Any], columns: tuple[str, ...], title: str) -> str | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    systems = [s for s, e in metrics["intervals"].items() if any(c in e for c in columns)]
-    if not systems:
-        return None
-    fig, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 0.45 * len(systems) + 1.2), sharey=True)
-    for ax, col in zip(axes if len(columns) > 1 else [axes], columns):
-        vals = [metrics["intervals"][s].get(col) for s in systems]
-        y = range(len(systems))
-        v = [iv["value"] if iv else 0 for iv in vals]
-        err = [[iv["value"] - iv["low"] if iv else 0 for iv in vals], [iv["high"] - iv["value"] if iv else 0 for iv in vals]]
-        colors = ["#9aa3ad" if s in ("raw", "bm25", "peer") else "#2f6fb0" if s != "oracle" else "#5a9e4b" for s in systems]
-        ax.barh(list(y), v, xerr=err, color=colors, capsize=3)
-        for i, iv in enumerate(vals):
-            if iv:
-                ax.text(iv["high"] + 0.01, i, f"{iv['value']:.3f}", va="center", fontsize=8)
-        ax.set_title(col)
-        ax.set_xlim(0, 1.12)
-        ax.set_yticks(list(y), systems)
-        ax.invert_yaxis()
-    fig.suptitle(title)
-    return _png(fig)
+def _against_baseline(metrics: dict[str, Any]) -> list[str]:
+    paired, baseline = metrics.get("paired") or {}, metrics.get("baseline")
+    if not paired:
+        return []
+    cols = [m for m in ("ndcg@10", "intent_accuracy", "slot_f1") if any(m in e for e in paired.values())]
+    signed = lambda iv: "" if not iv else f"{iv['value']:+.3f}<br><span class=ci>[{iv['low']:+.3f}, {iv['high']:+.3f}]</span>"  # noqa: E731
+    return [f"<h2>Against {html.escape(baseline)}</h2><p class=muted>Each system minus {html.escape(baseline)} on the same test "
+            "queries, with a paired bootstrap interval (queries resampled together): an interval that excludes zero is a "
+            "difference this test set can tell.</p>",
+            _table(["system", *cols], [[name, *(signed(e.get(c)) for c in cols)] for name, e in paired.items()], raw_html=True),
+            *_figure(charts.forest(paired, baseline, tuple(cols)), f"difference from {baseline}")]
 
 
-def _slice_heatmap(metrics: dict[str, Any]) -> str | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    systems = [s for s in metrics["intervals"] if "ndcg@10" in metrics["intervals"][s]]
-    labels, grid, few = [], [], []
-    short = {"traffic": "traffic", "effects": "effect", "phrasing_in_seed": "seen phrasing", "intent": "intent"}
-    for key in short:
-        for value, entry in metrics["slices"].get(key, {}).items():
-            cells = [np.nan if entry.get("too_few") else entry["systems"][s].get("ndcg@10", {}).get("value", np.nan) for s in systems]
-            if not entry.get("too_few") and all(np.isnan(cells)):
-                continue  # no graded query in this slice (e.g. out of scope): nothing to search for
-            labels.append(f"{short[key]}: {value} (n={entry['n']})")
-            grid.append(cells)
-            few.append(bool(entry.get("too_few")))
-    if not labels:
-        return None
-    data = np.array(grid, dtype=float)
-    fig, ax = plt.subplots(figsize=(1.1 * len(systems) + 4, 0.34 * len(labels) + 1.4))
-    im = ax.imshow(np.ma.masked_invalid(data), cmap="viridis", vmin=0, vmax=1, aspect="auto")
-    ax.set_xticks(range(len(systems)), systems, rotation=30, ha="right")
-    ax.set_yticks(range(len(labels)), labels, fontsize=8)
-    for i in range(data.shape[0]):
-        for j in range(data.shape[1]):
-            ax.text(j, i, ("too few" if few[i] else "") if np.isnan(data[i, j]) else f"{data[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                    color="black" if np.isnan(data[i, j]) or data[i, j] > 0.6 else "white")
-    fig.colorbar(im, ax=ax, shrink=0.6, label="NDCG@10")
-    ax.set_title("NDCG@10 by slice")
-    return _png(fig)
-
-
-def _curves(curves: dict[str, list[dict]]) -> str | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [("loss", "training loss"), ("reward", "GRPO reward mean"), ("no_signal", "GRPO share of no-signal groups"),
-              ("kl", "GRPO KL to the start"), ("margin", "DPO reward margin"), ("accuracy", "DPO pair accuracy")]
-    panels = [(k, t) for k, t in panels if any(k in row for c in curves.values() for row in c)]
-    if not panels:
-        return None
-    cols = min(3, len(panels))
-    rows = (len(panels) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.0 * rows), squeeze=False)
-    for ax, (key, title) in zip(axes.flat, panels):
-        for name, curve in curves.items():
-            pts = [(r["step"], r[key]) for r in curve if key in r]
-            if pts:
-                ax.plot(*zip(*pts), label=name, lw=1.2)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step")
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    fig.tight_layout()
-    return _png(fig)
+def _parsing(metrics: dict[str, Any]) -> list[str]:
+    parts = ["<h2>Parsing in detail</h2>"]
+    parts += _figure(charts.slot_f1(metrics.get("slot_f1_by_slot") or {}), "F1 per slot")
+    parts += _figure(charts.confusion(metrics.get("intent_confusion") or {}), "intent confusion")
+    if calib := {s: c for s, c in (metrics.get("calibration") or {}).items() if c}:
+        parts += _figure(charts.calibration(calib), "calibration")
+        parts.append(_table(["stage", "queries", "expected calibration error"], [[s, c["n"], f"{c['ece']:.3f}"] for s, c in calib.items()]))
+    return parts if len(parts) > 1 else []
 
 
 def _table(headers: list[str], body: list[list[str]], raw_html: bool = False) -> str:
@@ -150,13 +78,13 @@ def write_html(path: Path, metrics: dict[str, Any], curves: dict[str, list[dict]
              _table(["system"] + list(cols), [[name] + [_cell(e.get(c)) for c in cols] for name, e in metrics["intervals"].items()], raw_html=True),
              "<p class=muted>raw / bm25: the query text searched with no understanding. peer: frozen MiniLM embeddings + logistic "
              "regression heads trained on the seed set. oracle: the gold parse, the ceiling of this search.</p>"]
-    for img in (_bars(metrics, RETRIEVAL, "retrieval (95% bootstrap intervals)"),
-                _bars(metrics, ("intent_accuracy", "slot_f1", "frame_exact_match"), "parsing (95% bootstrap intervals)")):
-        if img:
-            parts.append(f'<img alt="stage comparison" src="{img}">')
+    parts += _figure(charts.bars(metrics["intervals"], RETRIEVAL, "retrieval (95% bootstrap intervals)"), "retrieval by system")
+    parts += _figure(charts.bars(metrics["intervals"], ("intent_accuracy", "slot_f1", "frame_exact_match"), "parsing (95% bootstrap intervals)"),
+                     "parsing by system")
+    parts += _against_baseline(metrics)
+    parts += _parsing(metrics)
     parts.append("<h2>Slices</h2>")
-    if img := _slice_heatmap(metrics):
-        parts.append(f'<img alt="NDCG by slice" src="{img}">')
+    parts += _figure(charts.slice_heatmap(metrics["intervals"], metrics["slices"]), "NDCG by slice")
     systems = list(metrics["intervals"])
     for key, values in metrics["slices"].items():
         parts.append(f"<h3>By {html.escape(SLICES[key])}</h3>")
@@ -176,8 +104,7 @@ def write_html(path: Path, metrics: dict[str, Any], curves: dict[str, list[dict]
                          [[k, v.get("n"), *(f"{v[m]:.3f}" if v.get(m) is not None else "" for m in ("intent_accuracy", "slot_f1", "frame_exact_match", "validity"))]
                           for k, v in metrics["real"].items()])]
     parts.append("<h2>Training</h2>")
-    if img := _curves(curves):
-        parts.append(f'<img alt="training curves" src="{img}">')
+    parts += _figure(charts.curves(curves), "training curves")
     if metrics.get("training"):
         keys = sorted({k for t in metrics["training"].values() for k in t})
         parts.append(_table(["stage"] + keys, [[s] + [str(t.get(k, "")) for k in keys] for s, t in metrics["training"].items()]))
@@ -199,7 +126,15 @@ def write_html(path: Path, metrics: dict[str, Any], curves: dict[str, list[dict]
     if "serving" in metrics:
         s = metrics["serving"]
         side.append(_table(list(s), [[str(v) for v in s.values()]]))
+    if cache := metrics.get("cache_coverage"):
+        side += _figure(charts.coverage(cache), "cache coverage")
+        side.append(_table(["cache filled from", *(f"top {p['top_n']:,}" for p in next(iter(cache["curves"].values())))],
+                           [[name, *(f"{p['coverage']:.3f}" for p in points)] for name, points in cache["curves"].items()]))
     if side:
         parts += ["<h2>Labeling and serving</h2>", *side]
+    if browser := metrics.get("browser"):
+        parts.append(f"<h2>Browse the parses</h2><p>Every test query with its gold parse and each system's parse, validity, confidence and "
+                     f"NDCG@10 is in <code>{html.escape(browser)}</code> (SQLite, table <code>parses</code>): "
+                     f"<code>datasette {html.escape(browser)}</code> opens it in a browser, <code>sqlite3</code> queries it.</p>")
     parts.append(f"<p class=muted>metrics.json holds every number on this page. Models: {html.escape(json.dumps(meta['models']))}</p></body></html>")
     path.write_text("\n".join(parts), encoding="utf-8")

@@ -2,7 +2,7 @@
 
 `transformers` (any machine): `querytune.runtime.generate.Parser`, the adapters merged, decoding constrained to the
 schema's JSON. `vllm`: see `querytune.runtime.vllm_backend` (vLLM with JSON-schema structured outputs).
-Both carry `model_version` (a hash of the model's weights, `querytune.runtime.model.model_version`) and
+Both carry `model_version` (a hash of the model's weights, `querytune.runtime.model.ModelFolder.version`) and
 `schema_version`, which labels and cache keys hold.
 """
 
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+from querytune.runtime.model import ModelFolder
 
 BACKENDS = ("transformers", "vllm")  # vllm: querytune/runtime/vllm_backend.py, its own environment (`make vllm-env`)
 
@@ -19,11 +21,11 @@ class TransformersBackend:
 
     name = "transformers"
 
-    def __init__(self, model_dir: str | Path, batch_size: int = 32, constrained: bool = True, int8: bool = False):
+    def __init__(self, model_dir: str | Path | ModelFolder, batch_size: int = 32, constrained: bool = True, int8: bool = False):
         from querytune.runtime.generate import Parser
 
         self.parser = Parser(model_dir, batch_size=batch_size, constrained=constrained, int8=int8)
-        self.model_dir = str(model_dir)
+        self.model_dir = str(self.parser.folder.path)
         self.model_version = self.parser.model_version
         self.schema = self.parser.schema
         self.schema_version = self.schema.version
@@ -32,8 +34,8 @@ class TransformersBackend:
         return self.parser.parse(texts)
 
 
-def load_backend(kind: str, model_dir: str | Path, **options: Any):
-    """A backend by name (`BACKENDS`) for a model folder."""
+def load_backend(kind: str, model_dir: str | Path | ModelFolder, **options: Any):
+    """A backend by name (`BACKENDS`) for a model folder (a path, or a `ModelFolder` already read)."""
     if kind == "transformers":
         return TransformersBackend(model_dir, **options)
     if kind == "vllm":

@@ -91,7 +91,7 @@ def completion(fmt: str, parse: Parse | dict[str, Any]) -> str:
 def read(fmt: str, schema: Schema, raw: str) -> Parse:
     """A completion back as a validated `Parse` (ParseError naming the problem otherwise).
 
-    >>> from querytune.schema import load_schema
+    >>> from querytune.schema_file import load_schema
     >>> read("compact", load_schema(), 'find_business cuisine=thai near_me neighborhood="back bay"').to_dict()
     {'intent': 'find_business', 'slots': {'cuisine': 'thai', 'near_me': True, 'neighborhood': 'back bay'}}
     """

@@ -16,13 +16,13 @@ probability of the whole generated sequence, exp(sum of token log-probabilities)
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from querytune.runtime.formats import folder_format, prompt, read
-from querytune.runtime.model import MAX_NEW_TOKENS, load_merged, load_model_meta, model_version
-from querytune.schema import ParseError, Schema
+from querytune.runtime.formats import prompt
+from querytune.runtime.model import ModelFolder
+from querytune.runtime.prediction import Prediction, validate_output
+from querytune.schema import Schema
 
 
 def _through_eos(tokens: list[int], eos: int) -> int:
@@ -30,39 +30,28 @@ def _through_eos(tokens: list[int], eos: int) -> int:
     return tokens.index(eos) + 1 if eos in tokens else len(tokens)
 
 
-@dataclass
-class Prediction:
-    text: str
-    parse: dict[str, Any] | None  # {"intent", "slots"}, canonical; None when invalid
-    valid: bool
-    confidence: float
-    raw: str  # what the model generated
-    error: str | None = None
-    ungrounded: dict[str, Any] | None = None  # values of grounded slots the query does not write, dropped
-
-
 class Parser:
     """A trained model folder, loaded once (the LoRA adapter merged into the base for speed)."""
 
-    def __init__(self, model_dir: str | Path, schema: Schema | None = None, batch_size: int = 32, device: str = "cpu",
+    def __init__(self, model_dir: str | Path | ModelFolder, schema: Schema | None = None, batch_size: int = 32, device: str = "cpu",
                  constrained: bool = False, int8: bool = False):
         import torch
         from transformers import AutoTokenizer
 
-        self.meta, stored = load_model_meta(model_dir)
-        self.schema, self.format = schema or stored, folder_format(self.meta)
-        self.model_version = model_version(model_dir)  # what labels, cache entries and predictions carry
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.folder = folder = ModelFolder.open(model_dir)
+        self.meta, self.schema, self.format = folder.meta, schema or folder.schema, folder.format
+        self.model_version = folder.version  # what labels, cache entries and predictions carry
+        self.tokenizer = AutoTokenizer.from_pretrained(folder.path)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = load_merged(model_dir, torch.float32).to(device).eval()
+        self.model = folder.merged(torch.float32).to(device).eval()
         if int8:
             if device != "cpu":
                 raise ValueError("int8: dynamic quantisation runs on the CPU only")
             self.model.model = quantize_int8(self.model.model)
         self.device, self.batch_size, self.constrained = device, batch_size, constrained
-        self.max_new_tokens = int(self.meta.get("max_new_tokens", MAX_NEW_TOKENS))
+        self.max_new_tokens = folder.max_new_tokens
         self._grammar = None
         # transformers 5.20 renamed the forward's `past_key_values` to `cache`
         self._cache_keyword = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
@@ -299,18 +288,3 @@ def quantize_int8(module):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization's notice that it moves to torchao
         return quantize_dynamic(module, dict.fromkeys(names, per_channel_dynamic_qconfig), dtype=torch.qint8)
-
-
-def validate_output(schema: Schema, text: str, raw: str, logprob: float, finished: bool, max_new_tokens: int, fmt: str = "json") -> Prediction:
-    """A generated completion in format `fmt` as a `Prediction`: read and checked by the schema, grounded in the query
-    (every backend validates its outputs here, so they agree on what counts as valid)."""
-    import math
-
-    confidence = math.exp(logprob)
-    if not finished:
-        return Prediction(text, None, False, confidence, raw, f"output cut at {max_new_tokens} tokens")
-    try:
-        parse, dropped = schema.ground(read(fmt, schema, raw), text)
-    except ParseError as e:
-        return Prediction(text, None, False, confidence, raw, str(e))
-    return Prediction(text, parse.to_dict(), True, confidence, raw, ungrounded=dropped or None)

@@ -40,7 +40,7 @@ def ebnf(schema: Schema, fmt: str) -> str:
     """The grammar of `schema`'s completions in format `fmt` (xgrammar's EBNF, root rule `root`).
 
     >>> import xgrammar as xgr
-    >>> from querytune.schema import schema_from_dict
+    >>> from querytune.schema_file import schema_from_dict
     >>> s = schema_from_dict({"intents": [{"name": "a"}], "slots": [{"name": "n", "type": "number"}, {"name": "b", "type": "boolean"}]})
     >>> ok = lambda fmt, text: xgr.testing._is_grammar_accept_string(ebnf(s, fmt), text)
     >>> [ok("json", '{"intent":"a","slots":{%s}}' % body) for body in ('"b":true,"n":2', '"n":2', '"n":2,"n":2', '"n":2,"b":true')]

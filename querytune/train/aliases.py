@@ -33,7 +33,7 @@ def _inside(short: str, long: str) -> bool:
 def mine_aliases(rows: list[LabeledRow], schema: Schema, min_rows: int = 2, min_precision: float = 0.8) -> dict[str, dict[str, dict[str, Any]]]:
     """{slot: {alias: {"value", "rows", "precision"}}} supported by `rows` (see the module docstring).
 
-    >>> from querytune.schema import schema_from_dict
+    >>> from querytune.schema_file import schema_from_dict
     >>> s = schema_from_dict({"intents": [{"name": "find"}], "slots": [
     ...     {"name": "hood", "type": "categorical", "values": ["south congress", "east austin"], "grounded": True}]})
     >>> pairs = [("tacos soco", "south congress"), ("soco bars", "south congress"), ("late coffee soco", "south congress"),

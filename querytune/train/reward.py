@@ -68,7 +68,7 @@ def strict_parse(schema: Schema, completion: str, max_chars: int = 400, fmt: str
     """The schema parse of a completion in format `fmt`, or ParseError saying why it is not one strict, in-schema
     parse (a compact completion is read by `querytune.runtime.formats.read`, which refuses a slot written twice).
 
-    >>> from querytune.schema import load_schema
+    >>> from querytune.schema_file import load_schema
     >>> strict_parse(load_schema(), "find_business cuisine=thai near_me", fmt="compact").to_json()
     '{"intent":"find_business","slots":{"cuisine":"thai","near_me":true}}'
     """
@@ -123,7 +123,7 @@ class RetrievalReward:
     the condensed list is taken from (default 2k): from its whole ranking, a parse that drops the "what" would
     still order the few businesses the log showed and score like the right one.
 
-    >>> from querytune.schema import load_schema
+    >>> from querytune.schema_file import load_schema
     >>> class Shelf:  # a two-business "index" that finds b1 for Thai food and b2 for anything else
     ...     def search(self, parse, ctx, k=10, fallback_text=None):
     ...         return ["b1", "b2"] if parse.slots.get("cuisine") == "thai" else ["b2", "b1"]

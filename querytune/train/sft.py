@@ -22,7 +22,7 @@ from typing import Any
 
 from querytune.labeled import LabeledRow
 from querytune.runtime.formats import DEFAULT_FORMAT, completion, folder_format, prompt
-from querytune.runtime.model import BASE_KEYS, base_path, base_record, cache_dir, copy_adapter_chain, load_merged, load_model_meta, save_model_meta
+from querytune.runtime.model import BASE_KEYS, ModelFolder, base_path, base_record, cache_dir, copy_adapter_chain, save_model_meta
 from querytune.schema import Schema
 from querytune.train.aliases import merge_aliases, mine_aliases
 
@@ -215,7 +215,8 @@ def train_sft(rows: list[LabeledRow], schema: Schema, out: Path, base: str | Non
     from trl import SFTConfig, SFTTrainer
 
     torch.manual_seed(seed)
-    init_meta, init_schema = load_model_meta(init) if init else ({}, schema)
+    init_folder = ModelFolder.open(init) if init else None
+    init_meta, init_schema = (init_folder.meta, init_folder.schema) if init_folder else ({}, schema)
     fmt = folder_format(init_meta) if init else fmt
     if init:
         base_dir, base_meta = base_path(init_meta), {k: init_meta[k] for k in BASE_KEYS if k in init_meta}
@@ -230,7 +231,7 @@ def train_sft(rows: list[LabeledRow], schema: Schema, out: Path, base: str | Non
     schema = merge_aliases(schema, mined)
     lengths = [len(tokenizer(e["prompt"] + e["completion"]).input_ids) for e in examples]
     completion_lengths = [len(tokenizer(e["completion"], add_special_tokens=False).input_ids) for e in examples]
-    model = load_merged(init, torch.float32) if init else AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = init_folder.merged(torch.float32) if init_folder else AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     lora = LoraConfig(r=preset["lora_r"], lora_alpha=preset["lora_alpha"], lora_dropout=0.05, task_type="CAUSAL_LM",
                       target_modules=[m for m in LORA_TARGETS if any(n.endswith(m) for n, _ in model.named_modules())] or "all-linear")
     probe = None

@@ -1,9 +1,8 @@
-"""Hidden user needs, the queries people type for them, and the graded relevance of a need.
+"""The queries people type for a hidden need (needs.py): phrasing families, surface forms and noise.
 
-A need is a gold parse (intent + canonical slots, exactly what the query says). It is rendered into text
-by a phrasing family (word order and framing) with surface forms drawn per slot (synonyms, slang,
-abbreviations), then noise (typos, dropped words, casing). `covered` says whether the rendering stays
-inside what the seed annotators saw (their families and the first surfaces of each list): the seed set is
+A need is rendered into text by a phrasing family (word order and framing) with surface forms drawn per slot
+(synonyms, slang, abbreviations), then noise (typos, dropped words, casing). `covered` says whether the rendering
+stays inside what the seed annotators saw (their families and the first surfaces of each list): the seed set is
 drawn only from covered renderings, so the log holds phrasings the seed never shows.
 """
 
@@ -12,23 +11,17 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-import numpy as np
-
-from querytune.catalog import MIN, always_open, open_at, open_on, resolve_weekday
-from querytune.world.catalog import HOURS_PROFILES
-from querytune.world.mechanisms import ATTRIBUTE_CATEGORIES, V2_CUISINES, V2_PRICES
+from querytune.world.needs import CATEGORY_NAMES, CITY_NAMES, V1, Market
 from querytune.world.vocab import (
     ATTRIBUTES,
     CATEGORIES,
     CITIES,
-    CUISINES,
     DAY_SURFACES,
     DAYS,
     NEAR_ME,
     OPEN,
     OUT_OF_SCOPE,
     PEOPLE,
-    PRICES,
     RATING,
     SONGS,
 )
@@ -37,41 +30,6 @@ from querytune.world.vocab import (
 SEED_FAMILIES = ("keyword", "need_statement", "reversed", "question", "book_formal", "book_casual", "named_plain", "named_info", "oos")
 ALL_FAMILIES = SEED_FAMILIES + ("slang", "telegraphic")
 SURFACE_ZIPF = 1.5  # people use a slot's common forms far more often than its rare ones
-BOOKABLE = ("restaurant", "hair_salon", "barber", "nail_salon", "spa", "massage", "dentist", "optometrist",
-            "chiropractor", "veterinarian", "pet_groomer", "hotel", "escape_room", "yoga_studio", "auto_repair")
-_CATS = [c for c in CATEGORIES]
-_CAT_W = [CATEGORIES[c][1] if c != "restaurant" else 18.0 for c in _CATS]  # cuisines add restaurant demand
-_CITY = list(CITIES)
-_CITY_W = [CITIES[c][0] for c in _CITY]
-OPEN_WEIGHTS = {"now": 0.55, "late": 0.3, "24h": 0.15}
-
-
-@dataclass(frozen=True)
-class Market:
-    """The vocabulary needs are drawn from and typed in: v1's, or v2's (fine cuisines, "affordable", and constraints
-    only where they occur for the category: no "brewery 24h", no "dog boarding that takes insurance")."""
-
-    name: str
-    cuisines: dict[str, tuple[float, list[str], list[str]]]  # cuisine -> (weight, surfaces, slang)
-    prices: dict[str, tuple[float, list[str]]]  # price value -> (weight, surfaces)
-    by_category: bool  # constraints drawn as they occur for the category (ATTRIBUTE_CATEGORIES, hours profiles)
-
-    def attributes(self, category: str) -> list[str]:
-        if self.by_category:
-            return [a for a in ATTRIBUTES if category in ATTRIBUTE_CATEGORIES[a]]
-        return [a for a, (verts, *_r) in ATTRIBUTES.items() if CATEGORIES[category][0] in verts]
-
-    def open_values(self, category: str) -> list[str]:
-        if not self.by_category:
-            return list(OPEN_WEIGHTS)
-        patterns = [p for _, p in HOURS_PROFILES[CATEGORIES[category][2]]]
-        late = any(c >= 23 * MIN for p in patterns for _, c in p.values())
-        always = any(all(v == (0, 24 * MIN) for v in p.values()) and len(p) == 7 for p in patterns)
-        return ["now"] + (["late"] if late else []) + (["24h"] if always else [])
-
-
-V1 = Market("v1", CUISINES, {k: (w, PRICES[k][1]) for k, w in zip(("cheap", "moderate", "expensive"), (0.6, 0.15, 0.25))}, False)
-V2 = Market("v2", V2_CUISINES, V2_PRICES, True)
 
 
 @dataclass
@@ -100,68 +58,6 @@ class Surface:
         if i >= covered_n:
             self.covered = False
         return options[i]
-
-
-def sample_need(rng: random.Random, user_city: str, n_constraints_p=(0.35, 0.35, 0.2, 0.1), market: Market = V1) -> dict:
-    """A hidden need for a user in `user_city`: {"intent", "slots"} with canonical values."""
-    u = rng.random()
-    if u < 0.09:
-        return {"intent": "out_of_scope", "slots": {}}
-    if u < 0.21:
-        return {"intent": "find_named_business", "slots": {}}  # name filled against the catalog by the caller
-    intent = "book" if u < 0.31 else "find_business"
-    slots: dict = {}
-    if intent == "book":
-        slots["category"] = rng.choice(BOOKABLE)
-    else:
-        slots["category"] = rng.choices(_CATS, _CAT_W)[0]
-    vertical = CATEGORIES[slots["category"]][0]
-    if slots["category"] == "restaurant" and rng.random() < 0.8:
-        slots["cuisine"] = rng.choices(list(market.cuisines), [w for w, _, _ in market.cuisines.values()])[0]
-    loc = rng.random()
-    if loc < 0.32:
-        slots["near_me"] = True
-    elif loc < 0.58:
-        slots["city"] = user_city if rng.random() < 0.45 else rng.choices(_CITY, _CITY_W)[0]
-        if rng.random() < 0.25:
-            slots["neighborhood"] = rng.choice(CITIES[slots["city"]][1])
-    elif loc < 0.72:
-        slots["neighborhood"] = rng.choice(CITIES[user_city][1])
-    if intent == "book":
-        if slots["category"] in ("restaurant", "escape_room") and rng.random() < 0.6:
-            slots["party_size"] = rng.choice([2, 2, 2, 3, 4, 4, 5, 6, 8])
-        if rng.random() < 0.7:
-            slots["day"] = rng.choice(DAYS + ["today", "tomorrow", "tomorrow", "weekend"])
-        return {"intent": intent, "slots": slots}
-    k = rng.choices(range(len(n_constraints_p)), n_constraints_p)[0]
-    options = ["open", "day", "min_rating"] + market.attributes(slots["category"])
-    if vertical in ("food", "lodging", "beauty", "home", "fitness"):
-        options += ["price", "price"]
-    if vertical == "food":
-        options += ["open"]
-    for _ in range(k):
-        opt = rng.choice(options)
-        if opt == "open" and "open" not in slots:
-            values = market.open_values(slots["category"])
-            slots["open"] = rng.choices(values, [OPEN_WEIGHTS[v] for v in values])[0]
-        elif opt == "day" and "day" not in slots and slots.get("open") != "now":
-            slots["day"] = rng.choice(DAYS + ["today", "tomorrow", "weekend", "weekend"])
-        elif opt == "price":
-            slots["price"] = rng.choices(list(market.prices), [w for w, _ in market.prices.values()])[0]
-        elif opt == "min_rating":
-            slots["min_rating"] = rng.choice([4.5, 4.5, 4.0])
-        elif opt in ATTRIBUTES:
-            slots[opt] = True
-    return {"intent": intent, "slots": slots}
-
-
-def named_need(rng: random.Random, user_city: str, business: dict) -> dict:
-    slots = {"business_name": business["name"].lower()}
-    if business["city"] != user_city or rng.random() < 0.15:
-        slots["city"] = business["city"]
-    if rng.random() < 0.15:
-        slots["neighborhood"] = business["neighborhood"]
-    return {"intent": "find_named_business", "slots": slots}
 
 
 def _article(phrase: str) -> str:
@@ -210,9 +106,9 @@ def render(rng: random.Random, need: dict, seed_style: bool = False, noise: floa
     if intent == "out_of_scope":
         template = rng.choice(OUT_OF_SCOPE)
         text = template.format(
-            day=rng.choice(["today", "tomorrow", "this weekend"]), city=rng.choice(_CITY),
+            day=rng.choice(["today", "tomorrow", "this weekend"]), city=rng.choice(CITY_NAMES),
             cuisine_word=rng.choice(sum((v[1][:1] + v[2][:1] for v in market.cuisines.values()), [])),
-            cat_word=rng.choice(sum((CATEGORIES[c][4][:1] for c in _CATS), [])), song=rng.choice(SONGS),
+            cat_word=rng.choice(sum((CATEGORIES[c][4][:1] for c in CATEGORY_NAMES), [])), song=rng.choice(SONGS),
             person=rng.choice(PEOPLE), n=rng.choice([3, 5, 10, 26, 100]),
         )
         text, typo = _noise(rng, text, noise)
@@ -321,61 +217,3 @@ def _noise(rng: random.Random, text: str, noise: float) -> tuple[str, bool]:
     if rng.random() < 0.06:
         text = text.title() if rng.random() < 0.5 else text.capitalize()
     return text, typo
-
-
-def constraint_masks(need: dict, cat: dict, idx: np.ndarray, user_city: str, weekday: int, minute: int):
-    """For the businesses `idx` (already in the right city): the "what"+"where" mask, and one mask per other
-    constraint. `cat` holds catalog columns as numpy arrays."""
-    s = need["slots"]
-    base = np.ones(len(idx), dtype=bool)
-    if "category" in s:
-        base &= cat["category"][idx] == s["category"]
-    if "cuisine" in s:
-        base &= cat["cuisine"][idx] == s["cuisine"]
-    if "neighborhood" in s:
-        base &= cat["neighborhood"][idx] == s["neighborhood"]
-    others = []
-    hours = cat["hours"][idx]
-    if "open" in s:
-        if s["open"] == "now":
-            others.append(open_at(hours, weekday, minute))
-        elif s["open"] == "late":
-            days = resolve_weekday(s["day"], weekday) if "day" in s else [weekday]
-            others.append(np.any([open_at(hours, d, 23 * MIN) | open_at(hours, (d + 1) % 7, 30) for d in days], axis=0))
-        else:
-            others.append(always_open(hours))
-    if "day" in s and s.get("open") not in ("late",):
-        others.append(np.any([open_on(hours, d) for d in resolve_weekday(s["day"], weekday)], axis=0))
-    if "price" in s:
-        others.append(np.isin(cat["price_level"][idx], PRICES[s["price"]][0]))
-    if "min_rating" in s:
-        others.append(cat["rating"][idx] >= s["min_rating"])
-    for a in ATTRIBUTES:
-        if s.get(a):
-            others.append(cat[a][idx])
-    return base, others
-
-
-def graded_relevance(need: dict, cat: dict, city_rows: dict, user_city: str, weekday: int, minute: int) -> dict[int, int]:
-    """Row index -> grade. 2: satisfies every constraint; 1: right kind and place, misses exactly one
-    other constraint; unlisted: 0. Named-business needs: the named business (grade 2)."""
-    s = need["slots"]
-    if need["intent"] == "out_of_scope":
-        return {}
-    city = s.get("city", user_city)
-    idx = city_rows[city]
-    if need["intent"] == "find_named_business":
-        hit = idx[cat["name_lower"][idx] == s["business_name"]]
-        return {int(i): 2 for i in hit}
-    base, others = constraint_masks(need, cat, idx, user_city, weekday, minute)
-    if others:
-        fails = np.sum([~m for m in others], axis=0)
-    else:
-        fails = np.zeros(len(idx), dtype=int)
-    rel = {}
-    for i, ok, f in zip(idx[base], base[base], fails[base]):
-        if f == 0:
-            rel[int(i)] = 2
-        elif f == 1:
-            rel[int(i)] = 1
-    return rel

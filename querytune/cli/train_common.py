@@ -1,0 +1,99 @@
+"""Helpers the `querytune train` commands share: preset and config resolution, the checks made before any work, the
+retrieval reward, the evaluation after SFT, and the model card and summary written into each model folder."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from querytune.cli.common import UserError, load_config
+
+
+def resolve_preset(presets: dict, preset: str, config: Path | None, cli: dict) -> dict:
+    if preset not in presets:
+        raise UserError(f"--preset: {preset!r} is not one of {', '.join(presets)}")
+    file_cfg = load_config(config)
+    unknown = set(file_cfg) - set(presets[preset])
+    if unknown:
+        raise UserError(f"--config {config}: unknown option(s) {', '.join(sorted(unknown))} (known: {', '.join(presets[preset])})")
+    resolved = presets[preset] | file_cfg | {k: v for k, v in cli.items() if v is not None}
+    resolved["max_minutes"] = resolved.get("max_minutes") or None
+    from querytune.train.targets import EXPLORE_WITH, PICKS
+
+    if resolved.get("explore_with", "sample") not in EXPLORE_WITH:
+        raise UserError(f"--explore-with: {resolved['explore_with']!r} is not one of {', '.join(EXPLORE_WITH)}")
+    if resolved.get("pick", "traffic") not in PICKS:
+        raise UserError(f"--pick: {resolved['pick']!r} is not one of {', '.join(PICKS)}")
+    return resolved
+
+
+def check_resume(out: Path, resume: bool) -> None:
+    """`--resume` with nothing to resume fails before any sampling or scoring, not after."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if resume and not ((out / "checkpoints").is_dir() and get_last_checkpoint(str(out / "checkpoints"))):
+        raise UserError(f"--resume: no checkpoint in {out / 'checkpoints'} (a completed run removes its checkpoints); run without --resume")
+
+
+def check_init(init: Path) -> None:
+    from querytune.runtime.model import ModelFolder
+
+    ModelFolder.open(init)  # names the folder when it is not a model
+
+
+def retrieval_reward(init: Path, index: Path):
+    from querytune.runtime.model import ModelFolder
+    from querytune.search import Searcher
+    from querytune.train.reward import RetrievalReward
+
+    schema = ModelFolder.open(init).schema
+    return RetrievalReward(Searcher(index, schema), schema), schema
+
+
+def evaluate(model_dir: Path, data: Path) -> dict:
+    from querytune.evaluation.parse_eval import parse_metrics
+    from querytune.labeled import load_labeled
+    from querytune.runtime.generate import Parser
+
+    parser = Parser(model_dir)
+    rows, _ = load_labeled(data, parser.schema)
+    t = time.perf_counter()
+    preds = parser.parse([r.text for r in rows])
+    metrics = parse_metrics([{"intent": r.intent, "slots": r.slots} for r in rows], [p.parse for p in preds])
+    metrics["queries_per_second"] = round(len(rows) / (time.perf_counter() - t), 2)
+    return metrics
+
+
+def front_matter(out: Path, stage: str) -> list[str]:
+    """The Hugging Face model card's YAML header of a model folder: its base model, that it is a PEFT adapter, tags."""
+    from querytune.runtime.model import DEFAULT_BASE, ModelFolder
+
+    meta = ModelFolder.open(out).meta
+    base = meta.get("base", DEFAULT_BASE)
+    hub = {DEFAULT_BASE: "HuggingFaceTB/SmolLM2-135M-Instruct"}.get(base, base)
+    return ["---", f"base_model: {json.dumps(hub)}", "base_model_relation: adapter" if meta.get("adapter") else "base_model_relation: finetune",
+            "library_name: peft" if meta.get("adapter") else "library_name: transformers", "pipeline_tag: text-generation",
+            f"tags: [querytune, {stage}, trl, query-understanding]", "---", ""]
+
+
+def write_sft_card(out: Path, summary: dict, data: Path, schema, resolved: dict, metrics: dict | None) -> None:
+    lines = [*front_matter(out, "sft"), f"# querytune model: {out.name}", "", "- stage: SFT (LoRA, TRL SFTTrainer, completion-only loss)",
+             f"- base: {summary['base']}", f"- data: {data} ({summary['examples']} training examples)",
+             f"- schema: {schema.name} (version {schema.version})", f"- config: {json.dumps(resolved)}",
+             f"- steps: {summary['steps']} of {summary['schedule_steps']}, {summary['train_seconds']} s ({summary['seconds_per_step']} s/step in "
+             f"{summary['dtype']}), final loss {summary['final_loss']}",
+             f"- tokens per example: mean {summary['tokens_mean']}, max {summary['tokens_max']} (completion mean {summary['completion_tokens_mean']})"]
+    if metrics:
+        keys = ("n", "intent_accuracy", "slot_precision", "slot_recall", "slot_f1", "frame_exact_match", "validity", "queries_per_second")
+        lines += ["", "## Metrics", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys), "| " + " | ".join(str(metrics[k]) for k in keys) + " |"]
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary | ({"metrics": metrics} if metrics else {}), indent=2) + "\n")
+
+
+def write_stage_card(out: Path, summary: dict, resolved: dict, what: str) -> None:
+    lines = [*front_matter(out, summary["stage"]), f"# querytune model: {out.name}", "", f"- stage: {what}", f"- init: {summary['init']}",
+             f"- config: {json.dumps(resolved)}"]
+    lines += [f"- {k}: {v}" for k, v in summary.items() if k not in ("stage", "init")]
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -1,0 +1,43 @@
+"""The parse browser: every test query with its gold parse and each system's parse in one SQLite file, which Datasette
+opens as a searchable, sortable table (`datasette report/parses.sqlite`) and any SQLite client can query."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pandas as pd
+
+COLUMNS = ("id", "text", "system", "intent", "slots", "valid", "confidence", "intent_right", "frame_right", "ndcg@10",
+           "gold_intent", "gold_slots", "traffic", "user_city", "effects", "mechanisms")
+
+
+def write_browser(path: Path, rows: list[dict], parses: dict[str, dict[str, dict | None]], confidences: dict[str, dict[str, float]],
+                  scores: pd.DataFrame) -> Path:
+    """Write `path` (replacing it): table `parses`, one row per test query and parsing system, indexed by query text and
+    system; a parse that did not validate has intent `invalid`. Returns the path."""
+    score = scores.set_index(["system", "id"])
+    records = []
+    for r in rows:
+        gold_slots = json.dumps(r["slots"], ensure_ascii=False, sort_keys=True)
+        for system, preds in parses.items():
+            pred = preds.get(r["id"])
+            s = score.loc[(system, r["id"])] if (system, r["id"]) in score.index else None
+            got = lambda col: None if s is None or col not in s or pd.isna(s[col]) else float(s[col])  # noqa: E731
+            records.append((r["id"], r["text"], system, pred["intent"] if pred else "invalid",
+                            json.dumps(pred["slots"], ensure_ascii=False, sort_keys=True) if pred else None, pred is not None,
+                            confidences.get(system, {}).get(r["id"]), got("intent_accuracy") == 1.0, got("frame_exact_match") == 1.0,
+                            None if got("ndcg@10") is None else round(got("ndcg@10"), 4),
+                            r["intent"], gold_slots, r.get("traffic"), r.get("user_city"),
+                            ", ".join(r.get("effects") or []), ", ".join(r.get("mechanisms") or [])))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    with sqlite3.connect(tmp) as db:
+        db.execute("CREATE TABLE parses (" + ", ".join(f'"{c}"' for c in COLUMNS) + ")")
+        db.executemany(f"INSERT INTO parses VALUES ({', '.join('?' * len(COLUMNS))})", records)
+        db.execute("CREATE INDEX parses_text ON parses (text)")
+        db.execute("CREATE INDEX parses_system ON parses (system, frame_right)")
+    tmp.replace(path)  # a reader never sees half a file
+    return path

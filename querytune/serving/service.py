@@ -1,0 +1,264 @@
+"""What the server's routes share: its settings, the model (swappable on promotion), the cache, the miss batcher and the
+metrics (`Service`, with the hit path `hit` and the answer to any query `answer`); the Prometheus flush of cache hits
+(`Tally`); and the watcher that follows promotions (`PromotionWatcher`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import threading
+import time
+from bisect import bisect_left
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import unquote_plus
+
+import orjson
+
+from querytune.schema import MAX_QUERY_CHARS
+from querytune.serving.api import ApiError, given_key, result
+from querytune.serving.asgi_gate import Periodic
+from querytune.serving.batcher import BackendDown, MissBatcher
+from querytune.serving.cache import Entry
+from querytune.serving.log_input import check_query
+from querytune.serving.serving_cache import ServingCache
+
+log = logging.getLogger("querytune.serving.serve")  # the server's one logger: its lines keep the name they had
+
+
+@dataclass
+class Settings:
+    max_query_chars: int = MAX_QUERY_CHARS
+    max_batch: int = 64  # queries per POST
+    max_body_bytes: int = 64 * 1024
+    miss_deadline_s: float = 2.0  # past it a miss answers `source: fallback`
+    batch_window_ms: float = 5.0  # how long the first miss waits for others to join its backend call
+    max_miss_batch: int = 32
+    api_key: str | None = None
+    fallback_log: str | None = None  # JSONL file: queries answered by the fallback, for offline labeling
+    local_cache_entries: int = 20000  # the in-process copy of hot entries that answers while the store is down
+    lookup_timeout_s: float = 0.25  # a hung store costs a request at most this
+    watch_promotions_s: float = 0.0  # > 0 with `--model active`: follow promotions this often
+
+
+def _metrics():
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+
+    reg = CollectorRegistry()
+    return reg, {
+        "answers": Counter("querytune_answers", "Parsed queries answered, by source", ["source"], registry=reg),
+        "errors": Counter("querytune_errors", "Requests refused or failed, by reason", ["reason"], registry=reg),
+        "cache_errors": Counter("querytune_cache_errors", "Cache store reads or writes that failed", ["kind"], registry=reg),
+        "latency": Histogram("querytune_request_seconds", "Request latency", ["endpoint"], registry=reg,
+                             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)),
+        "batch": Histogram("querytune_miss_batch_size", "Distinct queries per backend call", registry=reg,
+                           buckets=(1, 2, 4, 8, 16, 32, 64)),
+    }
+
+
+class Tally(Periodic):
+    """Answers counted and timed in plain Python and added to their Prometheus counter and histogram every `every_s`
+    seconds and before a scrape: with several workers every Prometheus update is a write to a shared file, which would
+    cost the cache hit it records a fifth of its time. A scrape sees other workers' hits up to `every_s` late."""
+
+    def __init__(self, counter, histogram, every_s: float = 0.5):
+        self.counter, self.histogram, self.every_s = counter, histogram, every_s
+        self.bounds = histogram._upper_bounds  # the histogram's own buckets, +Inf last
+        self.counts, self.total = [0] * len(self.bounds), 0.0
+
+    def add(self, seconds: float) -> None:
+        self.counts[bisect_left(self.bounds, seconds)] += 1
+        self.total += seconds
+        self.arm()
+
+    def flush(self) -> None:
+        self.disarm()
+        counts, total, self.counts, self.total = self.counts, self.total, [0] * len(self.bounds), 0.0
+        if any(counts):
+            # what `observe` does once per value (prometheus_client keeps no public way to add many at once)
+            self.counter.inc(sum(counts))
+            self.histogram._sum.inc(total)
+            for bucket, n in zip(self.histogram._buckets, counts):
+                if n:
+                    bucket.inc(n)
+
+
+class Service:
+    """What the routes share: the model (swappable on promotion), the cache, the batcher and the metrics."""
+
+    def __init__(self, backend, cache_store, settings: Settings, model_version: str, schema_version: str):
+        self.backend, self.settings = backend, settings
+        self.model_version, self.schema_version = model_version, schema_version
+        self.registry, self.m = _metrics()
+        self.cache = ServingCache(cache_store, schema_version, settings.local_cache_entries, settings.lookup_timeout_s,
+                                  on_error=lambda kind: self.m["cache_errors"].labels(kind).inc())
+        self.batcher = MissBatcher(backend, settings.batch_window_ms, settings.max_miss_batch, on_batch=self.m["batch"].observe,
+                                   on_results=self.write_answers)
+        self.calls: set[asyncio.Task] = set()  # `aparse` calls in flight (they outlive a request past its deadline)
+        self.fallback_lock = threading.Lock()
+        self.key = (settings.api_key or "").encode()
+        # a hit's query string -> [query, normalised, the entry last answered, its body up to latency_ms]: a hit's work, done once
+        self.queries: dict[bytes, list] = {}
+        self.hit_tally = Tally(self.m["answers"].labels("cache"), self.m["latency"].labels("get"))
+
+    def authorized(self, headers: dict[bytes, bytes]) -> bool:
+        # constant time: the comparison leaks nothing about the key
+        return not self.key or hmac.compare_digest(given_key(headers), self.key)
+
+    def hit(self, scope: dict, headers: dict[bytes, bytes]) -> bytes | None:
+        """The body of `GET /v1/parse?q=` when the key is right and the in-process copy holds the query: what the
+        route would answer, counted and timed the same, without entering FastAPI (the gate asks this first). None
+        for anything else (another route, a second parameter, a bad query or key, a miss): the app answers it."""
+        if scope["method"] != "GET" or scope["path"] != "/v1/parse" or not self.authorized(headers):
+            return None
+        t0 = time.perf_counter()
+        qs = scope["query_string"]
+        known = self.queries.get(qs)
+        if known is None:
+            if qs[:2] != b"q=" or b"&" in qs:
+                return None
+            raw = unquote_plus(qs[2:].decode("latin-1"), errors="replace")  # how Starlette reads a query parameter
+            norm, _ = check_query(raw, self.settings.max_query_chars)
+            known = [raw, norm, None, b""]
+        e = self.cache.local.get((self.model_version, known[1])) if known[1] else None
+        if e is None:
+            return None
+        if known[2] is not e:  # latency_ms is the body's last key: all before it is the entry's, written once
+            known[2], known[3] = e, orjson.dumps(result(known[0], known[1], "cache", e.parse, e.valid, e.model_version))[:-len(b"0.0}")]
+            if len(self.queries) >= self.settings.local_cache_entries:
+                self.queries.clear()
+            self.queries[qs] = known
+        seconds = time.perf_counter() - t0
+        self.hit_tally.add(seconds)
+        return b"%s%r}" % (known[3], round(1000 * seconds, 3))
+
+    def submit(self, query: str) -> asyncio.Future:
+        """A future of the model's prediction for a normalised query: through the batcher, or for a backend with
+        `aparse` (it batches concurrent calls itself), a call of its own."""
+        backend = self.backend
+        if not hasattr(backend, "aparse"):
+            return self.batcher.submit(query)
+        fut = asyncio.get_running_loop().create_future()
+        task = asyncio.get_running_loop().create_task(self._aparse(backend, query, fut))
+        self.calls.add(task)
+        task.add_done_callback(self.calls.discard)
+        return fut
+
+    async def _aparse(self, backend, query: str, fut: asyncio.Future) -> None:
+        try:
+            [prediction] = await backend.aparse([query])
+        except Exception as e:  # noqa: BLE001 - any backend failure is reported to the waiting request
+            if not fut.done():
+                fut.set_exception(BackendDown(f"model backend failed: {type(e).__name__}: {e}"))
+            return
+        self.m["batch"].observe(1)
+        self.write_answers([(query, prediction)], backend.model_version)  # also when the request has given up waiting
+        if not fut.done():
+            fut.set_result(prediction)
+
+    def swap(self, backend) -> None:
+        """Serve another model from now on (a promotion); misses in flight finish with the old one."""
+        self.backend = self.batcher.backend = backend
+        self.model_version, self.schema_version = backend.model_version, backend.schema_version
+        self.cache.schema_version = backend.schema_version
+
+    def write_answers(self, answers: list[tuple[str, Any]], version: str) -> None:
+        self.cache.write_back([(q, Entry(p.parse, True, float(p.confidence), version)) for q, p in answers if p.valid])
+
+    def queue_fallback(self, queries: list[str]) -> None:
+        if self.settings.fallback_log and queries:
+            with self.fallback_lock, open(self.settings.fallback_log, "a", encoding="utf-8") as f:
+                for q in queries:
+                    f.write(json.dumps({"query": q, "at": time.time()}) + "\n")
+
+    async def answer(self, raw: list[str]) -> tuple[list[dict], int]:
+        """Each query's result in order, and 200, or 503 when a miss found the model down. Bad input: ApiError 400."""
+        t0, s, version = time.perf_counter(), self.settings, self.model_version
+        norms = []
+        for q in raw:
+            norm, reason = check_query(q, s.max_query_chars)
+            if reason:
+                raise ApiError(400, "bad_query", f"query {q[:40]!r}: {reason}")
+            norms.append(norm)
+
+        found = await self.cache.get_many(norms, version)
+        results: list[dict | None] = [None] * len(raw)
+        waits: dict[str, asyncio.Future] = {}
+        for i, (n, e) in enumerate(zip(norms, found)):
+            if e is not None:
+                results[i] = result(raw[i], n, "cache", e.parse, e.valid, e.model_version)
+            elif n not in waits:
+                waits[n] = self.submit(n)
+        status, fallbacks = 200, []
+        if waits:
+            done, _ = await asyncio.wait(waits.values(), timeout=s.miss_deadline_s)
+            for fut in waits.values():
+                if fut not in done:
+                    fut.cancel()
+        for i, n in enumerate(norms):
+            if results[i] is not None:
+                continue
+            fut = waits[n]
+            if fut.cancelled():
+                results[i] = result(raw[i], n, "fallback", model_version=version,
+                                    error=f"no model answer within {s.miss_deadline_s:g} s: search the raw text; queued for offline labeling")
+                fallbacks.append(n)
+            elif fut.exception() is not None:
+                status = 503
+                results[i] = result(raw[i], n, "unavailable", model_version=version, error=str(fut.exception()))
+            else:
+                p = fut.result()
+                results[i] = result(raw[i], n, "model", p.parse, bool(p.valid), version, p.error)
+        self.queue_fallback(list(dict.fromkeys(fallbacks)))
+        ms = round(1000 * (time.perf_counter() - t0), 3)
+        for r in results:
+            r["latency_ms"] = ms
+            self.m["answers"].labels(r["source"]).inc()
+        return results, status  # type: ignore[return-value]
+
+
+class PromotionWatcher:
+    """With `--model active`: polls the cache's promotion record and swaps the served model when it changes (a
+    promotion or a rollback), loading the new one on a thread while the old one keeps answering."""
+
+    def __init__(self, service: Service, store, load: Callable[[Path], Any], every_s: float, current_dir: str | None = None):
+        self.service, self.store, self.load, self.every_s = service, store, load, every_s
+        self.current = current_dir
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self.task:
+            self.task.cancel()
+
+    async def check(self) -> bool:
+        """One poll; True when the served model changed."""
+        loop = asyncio.get_running_loop()
+        try:
+            record = await loop.run_in_executor(self.service.cache.pool, self.store.active)
+        except Exception as e:  # noqa: BLE001 - the store down: keep serving the current model
+            log.warning("promotion check failed: %s", e)
+            return False
+        if not record or record["model_dir"] == self.current:
+            return False
+        try:
+            backend = await loop.run_in_executor(None, self.load, Path(record["model_dir"]))
+        except Exception as e:  # noqa: BLE001 - a bad promotion must not take the server down
+            log.error("promoted model %s could not be loaded, still serving %s: %s", record["model_dir"], self.current, e)
+            self.current = record["model_dir"]  # do not retry it every poll; the next promotion is tried
+            return False
+        self.service.swap(backend)
+        log.warning("now serving %s (model version %s)", record["model_dir"], backend.model_version)
+        self.current = record["model_dir"]
+        return True
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.every_s)
+            await self.check()
