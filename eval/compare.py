@@ -34,8 +34,8 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python eval/compare.py` from a checkout
 
-from querytune.evaluation.report import load_predictions, peer_predictions, score_systems  # noqa: E402
 from querytune.evaluation.retrieval_eval import load_rows  # noqa: E402
+from querytune.evaluation.scores import load_predictions, peer_predictions, score_systems  # noqa: E402
 from querytune.metrics import paired_bootstrap  # noqa: E402
 from querytune.schema import normalize_text  # noqa: E402
 from querytune.schema_file import load_schema  # noqa: E402

@@ -2,7 +2,7 @@
 
     python eval/labeling_prepare.py [--log runs/w0/log.parquet] [--rows N] [--replicate-to 1200000]
 
-Times `querytune.serving.label.account_rows` + `save_accounting` (the per-row Python definition) and `querytune.serving.label.prepare`
+Times `querytune.serving.log_input.account_rows` + `save_accounting` (the per-row Python definition) and `querytune.serving.log_prepare.prepare`
 (Arrow, a batch at a time), wall and CPU time (all threads) per row, on the same input: the world's log (its first
 `--rows` rows), and that log repeated to about `--replicate-to` rows so per-row costs show over start-up. Each run is
 a fresh Python process, so its peak RSS growth (ru_maxrss after the step less before it) is its own; Arrow runs once

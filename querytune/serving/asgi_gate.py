@@ -18,7 +18,7 @@ from typing import Callable
 
 
 def error_body(status: int, code: str, message: str, request_id: str) -> tuple[int, bytes]:
-    """The server's one error body (`querytune.serving.serve.ErrorBody`), for answers given before the app is reached."""
+    """The server's one error body (`querytune.serving.api.ErrorBody`), for answers given before the app is reached."""
     return status, json.dumps({"error": message, "code": code, "request_id": request_id}).encode()
 
 
