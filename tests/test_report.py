@@ -14,9 +14,8 @@ import pandas as pd
 import pytest
 
 from querytune.evaluation import breakdowns, charts
-from querytune.evaluation.parse_eval import parse_metrics
+from querytune.evaluation.parse_eval import parse_metrics, parse_scores
 from querytune.evaluation.report import MIN_SLICE, Workspace, build_report, metric_interval, slice_table, summary_markdown
-from querytune.evaluation.scores import parse_scores
 from querytune.metrics import bootstrap
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,5 +1,5 @@
 """The report's breakdowns beyond the stage table: paired differences against a baseline, calibration of the parse
-confidence, intent confusion, per-slot F1 and the cache's coverage of the log against its size."""
+confidence, intent confusion and the cache's coverage of the log against its size."""
 
 from __future__ import annotations
 
@@ -9,16 +9,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from querytune.evaluation.parse_eval import parse_metrics
-from querytune.metrics import bootstrap, micro_f1
+from querytune.metrics import paired_bootstrap, paired_f1_difference
 from querytune.schema import normalize_text
 
 PAIRED = ("ndcg@10", "intent_accuracy", "slot_f1")  # the forest plot's metrics
 COUNTS = ("tp", "fp", "fn")
-
-
-def _f1_gain(c: dict[str, np.ndarray], axis: int) -> np.ndarray:
-    return micro_f1(*(c[f"b{k}"].sum(axis=axis) for k in COUNTS)) - micro_f1(*(c[f"a{k}"].sum(axis=axis) for k in COUNTS))
+DRAWS = 1000  # bootstrap resamples, as for the stage table
 
 
 def paired_differences(scores: pd.DataFrame, baseline: str, systems: list[str], metrics=PAIRED, seed: int = 0) -> dict[str, dict[str, dict]]:
@@ -39,13 +35,10 @@ def paired_differences(scores: pd.DataFrame, baseline: str, systems: list[str], 
             both = base[cols].merge(other[cols], left_index=True, right_index=True, suffixes=("_a", "_b")).dropna()
             if both.empty:
                 continue
-            if metric == "slot_f1":
-                stat, columns = _f1_gain, {f"{side}{k}": both[f"{k}_{side}"].to_numpy(float) for side in "ab" for k in COUNTS}
-            else:
-                stat = lambda c, axis: (c["b"] - c["a"]).mean(axis=axis)  # noqa: E731
-                columns = {side: both[f"{metric}_{side}"].to_numpy(float) for side in "ab"}
-            value, low, high = bootstrap(stat, columns, seed=seed)
-            entry[metric] = {"value": round(value, 4), "low": round(low, 4), "high": round(high, 4), "n": len(both)}
+            side = lambda s: {k: both[f"{k}_{s}"].to_numpy(float) for k in cols}  # noqa: E731
+            d = (paired_f1_difference(side("a"), side("b"), n=DRAWS, seed=seed) if metric == "slot_f1"
+                 else paired_bootstrap(side("a")[metric], side("b")[metric], n=DRAWS, seed=seed))
+            entry[metric] = {"value": round(d["mean"], 4), "low": round(d["low"], 4), "high": round(d["high"], 4), "n": len(both)}
         if entry:
             out[name] = entry
     return out
@@ -77,12 +70,6 @@ def intent_confusion(golds: list[dict], preds: list[dict | None], intents: list[
     for gold, pred in zip(golds, preds, strict=True):
         counts[intents.index(gold["intent"]), cols.index(pred["intent"]) if pred else -1] += 1
     return {"gold": intents, "predicted": cols, "counts": counts.tolist()}
-
-
-def slot_f1_by_slot(golds: list[dict], preds: list[dict | None]) -> dict[str, dict[str, float]]:
-    """Slot -> {"support", "precision", "recall", "f1"}: parse_metrics' per-slot figures (a slot no row holds or predicts
-    is left out)."""
-    return parse_metrics(golds, preds)["per_slot"]
 
 
 def cache_coverage(log: Path, sizes: tuple[int, ...] = (10, 100, 1_000, 10_000, 100_000)) -> dict[str, Any] | None:

@@ -17,14 +17,14 @@ def write_browser(path: Path, rows: list[dict], parses: dict[str, dict[str, dict
                   scores: pd.DataFrame) -> Path:
     """Write `path` (replacing it): table `parses`, one row per test query and parsing system, indexed by query text and
     system; a parse that did not validate has intent `invalid`. Returns the path."""
-    score = scores.set_index(["system", "id"])
+    score = scores.set_index(["system", "id"]).to_dict("index")  # (system, id) -> its row's scores
     records = []
     for r in rows:
         gold_slots = json.dumps(r["slots"], ensure_ascii=False, sort_keys=True)
         for system, preds in parses.items():
             pred = preds.get(r["id"])
-            s = score.loc[(system, r["id"])] if (system, r["id"]) in score.index else None
-            got = lambda col: None if s is None or col not in s or pd.isna(s[col]) else float(s[col])  # noqa: E731
+            s = score.get((system, r["id"]), {})
+            got = lambda col: None if pd.isna(s.get(col, float("nan"))) else float(s[col])  # noqa: E731
             records.append((r["id"], r["text"], system, pred["intent"] if pred else "invalid",
                             json.dumps(pred["slots"], ensure_ascii=False, sort_keys=True) if pred else None, pred is not None,
                             confidences.get(system, {}).get(r["id"]), got("intent_accuracy") == 1.0, got("frame_exact_match") == 1.0,

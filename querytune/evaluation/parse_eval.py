@@ -13,7 +13,7 @@ import json
 from collections import defaultdict
 from typing import Any
 
-from querytune.metrics import bootstrap, micro_f1, paired_bootstrap
+from querytune.metrics import micro_f1, paired_bootstrap, paired_f1_difference
 from querytune.schema import normalize_text
 
 
@@ -113,6 +113,14 @@ def grounding_dropped(preds, schema) -> dict[str, float]:
     return {"values": dropped, "share": round(dropped / (dropped + kept), 4) if dropped + kept else 0.0}
 
 
+def parse_scores(gold: dict, pred: dict | None) -> dict[str, float]:
+    """One row's parse outcome: intent right, frame right, valid, and its slot true/false positives/negatives."""
+    g, p = slot_pairs(gold["slots"]), slot_pairs(pred["slots"]) if pred else set()
+    intent_ok = bool(pred) and pred["intent"] == gold["intent"]
+    return {"intent_accuracy": float(intent_ok), "frame_exact_match": float(intent_ok and g == p), "validity": float(pred is not None),
+            "tp": float(len(g & p)), "fp": float(len(p - g)), "fn": float(len(g - p))}
+
+
 def paired_parse_difference(golds: list[dict[str, Any]], preds_a: list[dict[str, Any] | None], preds_b: list[dict[str, Any] | None],
                             n: int = 2000, seed: int = 0) -> dict[str, dict[str, float]]:
     """B - A in intent accuracy and slot F1 on the same rows, each with a 95% paired bootstrap interval (rows resampled
@@ -123,21 +131,8 @@ def paired_parse_difference(golds: list[dict[str, Any]], preds_a: list[dict[str,
     >>> d["intent_accuracy"]["mean"], d["slot_f1"]["mean"]
     (-0.25, -0.1429)
     """
-    import numpy as np
-
-    def counts(preds):
-        rows = []
-        for gold, pred in zip(golds, preds):
-            g, p = slot_pairs(gold["slots"]), slot_pairs(pred["slots"]) if pred else set()
-            rows.append((bool(pred) and pred["intent"] == gold["intent"], len(g & p), len(p - g), len(g - p)))
-        return np.array(rows, dtype=float)
-
-    a, b = counts(preds_a), counts(preds_b)
-    columns = {f"{side}{k}": c[:, i] for side, c in (("a", a), ("b", b)) for i, k in enumerate(("intent", "tp", "fp", "fn"))}
-
-    def f1_gain(c, axis):
-        return micro_f1(*(c[f"b{k}"].sum(axis=axis) for k in ("tp", "fp", "fn"))) - micro_f1(*(c[f"a{k}"].sum(axis=axis) for k in ("tp", "fp", "fn")))
-
-    slot = dict(zip(("mean", "low", "high"), bootstrap(f1_gain, columns, n=n, seed=seed)))
-    intent = paired_bootstrap(a[:, 0], b[:, 0], n=n, seed=seed)
+    a, b = ({k: [parse_scores(g, p)[k] for g, p in zip(golds, preds, strict=True)] for k in ("intent_accuracy", "tp", "fp", "fn")}
+            for preds in (preds_a, preds_b))
+    intent = paired_bootstrap(a["intent_accuracy"], b["intent_accuracy"], n=n, seed=seed)
+    slot = paired_f1_difference(a, b, n=n, seed=seed)
     return {"intent_accuracy": {k: round(v, 4) for k, v in intent.items()}, "slot_f1": {k: round(v, 4) for k, v in slot.items()}}

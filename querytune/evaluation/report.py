@@ -32,6 +32,7 @@ import pandas as pd
 
 from querytune.evaluation import breakdowns
 from querytune.evaluation.browser import write_browser
+from querytune.evaluation.parse_eval import parse_metrics
 from querytune.evaluation.report_html import LIST_SLICES, PARSE, RETRIEVAL, SLICES, write_html
 from querytune.evaluation.scores import K, peer_predictions, read_predictions, score_systems
 from querytune.metrics import bootstrap, micro_f1
@@ -222,7 +223,7 @@ def build_report(ws: Workspace, say=print, progress: Callable = iter, baseline: 
                "intervals": table,
                "baseline": baseline,
                "paired": breakdowns.paired_differences(scores, baseline, systems),
-               "slot_f1_by_slot": {name: breakdowns.slot_f1_by_slot(golds, [parses[name][r["id"]] for r in rows]) for name in parses},
+               "slot_f1_by_slot": {name: parse_metrics(golds, [parses[name][r["id"]] for r in rows])["per_slot"] for name in parses},
                "intent_confusion": {name: breakdowns.intent_confusion(golds, [parses[name][r["id"]] for r in rows], list(schema.intents))
                                     for name in stages},
                "calibration": {name: breakdowns.calibration([{"confidence": confidences[name].get(r["id"]), "right": frame_right[(name, r["id"])]}

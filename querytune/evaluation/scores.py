@@ -10,19 +10,11 @@ from typing import Callable
 
 import pandas as pd
 
-from querytune.evaluation.parse_eval import slot_pairs
+from querytune.evaluation.parse_eval import parse_scores
 from querytune.metrics import ranking_metrics
 from querytune.schema import ParseError, Schema
 
 K = 10
-
-
-def parse_scores(gold: dict, pred: dict | None) -> dict[str, float]:
-    """One row's parse outcome: intent right, frame right, valid, and its slot true/false positives/negatives."""
-    g, p = slot_pairs(gold["slots"]), slot_pairs(pred["slots"]) if pred else set()
-    intent_ok = bool(pred) and pred["intent"] == gold["intent"]
-    return {"intent_accuracy": float(intent_ok), "frame_exact_match": float(intent_ok and g == p), "validity": float(pred is not None),
-            "tp": float(len(g & p)), "fp": float(len(p - g)), "fn": float(len(g - p))}
 
 
 def read_predictions(path: Path, rows: list[dict] | None = None) -> dict[str, dict]:
