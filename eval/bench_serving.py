@@ -1,6 +1,6 @@
 """Serving benchmark: cache hits against bare endpoints, misses at 32 clients against one at a time.
 
-    python eval/bench_serving.py [--workspace workspace] [--seconds 10] [--rounds 2] [--misses 128]
+    python eval/bench_serving.py [--workspace workspace] [--seconds 10] [--rounds 2] [--miss-seconds 30]
 
 Runs on what `make demo` leaves in the workspace: models/sft (the served model) and world/test.jsonl (the queries).
 (a) wrk, 64 connections, every run sending the same requests (`GET /v1/parse?q=` over 64 queries, with the API key):
@@ -8,12 +8,20 @@ Runs on what `make demo` leaves in the workspace: models/sft (the served model) 
           JSON on plain uvicorn (asyncio loop, h11), one worker: the stack the server ran on before;
     (ii)  a bare pure-ASGI app returning the same JSON on the server's stack (uvloop, httptools, `--workers`);
     (iii) cache hits through `querytune serve` itself on that stack: API key required, access log on (into a file);
-          and the same server with `--no-access-log`, to price the log.
-    The four take turns for `--rounds` rounds (the machine may be shared); each figure is the mean of its runs. Beside
+          and the same server with `--no-access-log`, to price the log;
+    (iv)  the least a hit path written in Python can do on that stack (`least_hit`): the key compared, a body built
+          beforehand looked up by the query string, a request id, the latency written in, one access-log line; what
+          (iii) could reach with nothing of its own beyond that.
+    The five take turns for `--rounds` rounds (the machine may be shared); each figure is the mean of its runs. Beside
     requests/s, each run reports the CPU time its server's processes used per request (`server_us`), which other
     work on the machine disturbs less.
 (b) misses: `querytune serve --workers 1`, every query distinct and never cached, 32 concurrent clients against one
-    client sending one at a time, both after 8 warm-up queries; on the vLLM backend where `.venv-vllm` exists (else transformers, with a note).
+    client sending one at a time, each for `--miss-seconds` after 8 warm-up queries; the rate counts the answers that
+    arrive after the first `--ramp-seconds` and before the end (the steady state, as wrk counts: neither the batch
+    filling up nor the requests left in flight at the end); on the vLLM backend where `.venv-vllm` exists (else
+    transformers, with a note). Beside them, the engine alone (`--engine-alone`, run in the vLLM environment): vLLM's
+    `LLM.generate` on batches of 32 of the same kind of queries against one query at a time, no HTTP: how much of
+    the ratio the engine itself allows on this machine.
 Prints a table and ends with one JSON line of every figure and ratio. Needs `wrk` (apt-get install wrk).
 """
 
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import re
@@ -52,6 +61,36 @@ async def bare_asgi(scope, receive, send):
     if scope["type"] == "http":
         await send(START)
         await send({"type": "http.response.body", "body": BODY})
+
+
+def least_hit():
+    """(iv): the hit path's floor in Python: what any hit must do, with the bodies built beforehand (`BENCH_HIT_BODIES`:
+    a JSON file of query string -> body up to latency_ms) and the log lines written every 1,024 requests."""
+    import hmac
+    import itertools
+
+    bodies = {qs.encode(): body.encode() for qs, body in json.loads(Path(os.environ["BENCH_HIT_BODIES"]).read_text()).items()}
+    key, ids, lines, perf = KEY.encode(), map(f"{os.urandom(6).hex()}{{:010x}}".format, itertools.count()), [], time.perf_counter
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        t0 = perf()
+        headers = dict(scope["headers"])
+        if not hmac.compare_digest(headers.get(b"x-api-key", b""), key):
+            return await send({"type": "http.response.start", "status": 401, "headers": []})
+        rid = next(ids)
+        body = b"%s%.3f}" % (bodies[scope["query_string"]], 1000 * (perf() - t0))
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-length", str(len(body)).encode()), (b"content-type", b"application/json"), (b"x-request-id", rid.encode())]})
+        await send({"type": "http.response.body", "body": body})
+        lines.append(f'{{"ts": {time.time():.3f}, "request_id": "{rid}", "method": "GET", "path": "/v1/parse", "status": 200, '
+                     f'"ms": {1000 * (perf() - t0):.3f}, "client": "{scope["client"][0]}"}}\n'.encode())
+        if len(lines) >= 1024:
+            sys.stderr.buffer.write(b"".join(lines))
+            lines.clear()
+
+    return app
 
 
 def today_app():
@@ -133,28 +172,58 @@ def wrk(url: str, seconds: int, connections: int, lua: Path, server: subprocess.
             "server_us": round(1e6 * cpu / max(requests, 1), 1), "non_2xx": int(errors.group(1)) if errors else 0}
 
 
-async def miss_load(base: str, queries: list[str], clients: int) -> dict:
-    """`clients` concurrent clients, each sending its share of `queries` one at a time; every query is a miss."""
+async def miss_load(base: str, queries, clients: int, seconds: float, ramp_s: float = 0.0, warm_up: bool = False) -> dict:
+    """`clients` concurrent clients, each sending one query at a time, the next distinct query from `queries` (an
+    iterator: every query is sent once, so none is cached), until `seconds` have passed. The rate counts the answers
+    that arrive between `ramp_s` and `seconds` (the requests in flight at the end are awaited, not counted).
+    `warm_up`: send every query of `queries`, however long it takes."""
     import httpx
 
-    latencies: list[float] = []
+    done: list[tuple[float, float]] = []  # (when the answer came, its latency)
     sources: dict[str, int] = {}
+    ran_out = []
 
-    async def client(share: list[str], http: httpx.AsyncClient) -> None:
-        for q in share:
+    async def client(http: httpx.AsyncClient) -> None:
+        while time.perf_counter() < end:
+            q = next(queries, None)
+            if q is None:
+                ran_out.append(time.perf_counter() - t_start)
+                return
             t0 = time.perf_counter()
             r = await http.get(f"{base}/v1/parse", params={"q": q}, headers={"X-API-Key": KEY}, timeout=900)
-            latencies.append(time.perf_counter() - t0)
+            done.append((time.perf_counter() - t_start, time.perf_counter() - t0))
             src = r.json().get("source", str(r.status_code))
             sources[src] = sources.get(src, 0) + 1
 
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=clients)) as http:
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client(queries[i::clients], http) for i in range(clients)))
-        seconds = time.perf_counter() - t0
-    latencies.sort()
-    return {"requests_per_s": round(len(queries) / seconds, 2), "p50_ms": round(1000 * latencies[len(latencies) // 2], 1),
-            "p99_ms": round(1000 * latencies[int(0.99 * (len(latencies) - 1))], 1), "sources": sources, "n": len(queries)}
+        t_start = time.perf_counter()
+        end = t_start + seconds
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+    if ran_out and not warm_up:
+        sys.exit(f"bench_serving: the distinct queries ran out after {min(ran_out):.1f} s of {seconds:g}: lower --miss-seconds")
+    counted = sorted(latency for at, latency in done if ramp_s <= at <= seconds)
+    return {"requests_per_s": round(len(counted) / (seconds - ramp_s), 2), "p50_ms": round(1000 * counted[len(counted) // 2], 1),
+            "p99_ms": round(1000 * counted[int(0.99 * (len(counted) - 1))], 1), "sources": sources, "counted": len(counted), "sent": len(done)}
+
+
+def engine_alone(model: str, queries_file: str) -> None:
+    """(b)'s reference without the server, in the vLLM environment: `LLM.generate` on 6 batches of 32 distinct queries
+    against 24 queries one at a time, after a batch of warm-up; prints one line `ENGINE {json}`."""
+    from querytune.runtime.vllm_backend import VLLMBackend
+
+    queries = json.loads(Path(queries_file).read_text(encoding="utf-8"))
+    backend = VLLMBackend(model, batch_size=32)
+    backend.parse(queries[:32])
+    batched, single = queries[32:224], queries[224:248]
+    t0 = time.perf_counter()
+    for i in range(0, len(batched), 32):
+        backend.parse(batched[i:i + 32])
+    batch_qps = len(batched) / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for q in single:
+        backend.parse([q])
+    single_qps = len(single) / (time.perf_counter() - t0)
+    print("ENGINE " + json.dumps({"batch32_qps": round(batch_qps, 2), "batch1_qps": round(single_qps, 2), "ratio": round(batch_qps / single_qps, 2)}))
 
 
 def mean(runs: list[dict], key: str) -> float:
@@ -162,13 +231,16 @@ def mean(runs: list[dict], key: str) -> float:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--engine-alone"]:  # the bench running itself in the vLLM environment
+        return engine_alone(*sys.argv[2:4])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workspace", type=Path, default=Path("workspace"), help="what `make demo` made (models/sft, world/test.jsonl)")
     ap.add_argument("--seconds", type=int, default=10, help="duration of each wrk run")
     ap.add_argument("--rounds", type=int, default=2, help="turns of (i)-(iii), each a wrk run per server")
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="workers of (ii) and (iii) (default: the cores)")
-    ap.add_argument("--misses", type=int, default=128, help="distinct unseen queries at 32 clients (one at a time: a quarter as many)")
+    ap.add_argument("--miss-seconds", type=float, default=30, help="how long each miss run (32 clients, then one) lasts")
+    ap.add_argument("--ramp-seconds", type=float, default=5, help="the first seconds of each miss run, not counted")
     args = ap.parse_args()
     ws = args.workspace.resolve()
     model, test = ws / "models" / "sft", ws / "world" / "test.jsonl"
@@ -188,9 +260,11 @@ def main() -> None:
         if norm and norm not in by_norm:
             by_norm[norm] = r
     norms = list(by_norm)
-    hits, misses = norms[:64], norms[64:64 + args.misses + args.misses // 4 + WARM_MISSES]
-    if len(misses) < args.misses + args.misses // 4 + WARM_MISSES:
-        sys.exit(f"bench_serving: {test} has {len(norms)} distinct queries; --misses {args.misses} needs {64 + args.misses + args.misses // 4 + WARM_MISSES}")
+    if args.miss_seconds <= args.ramp_seconds:
+        sys.exit(f"bench_serving: --miss-seconds {args.miss_seconds:g} must be longer than --ramp-seconds {args.ramp_seconds:g}")
+    if len(norms) < 64 + WARM_MISSES + 64:
+        sys.exit(f"bench_serving: {test} has {len(norms)} distinct queries; it needs at least {64 + WARM_MISSES + 64}")
+    hits, misses = norms[:64], norms[64:]
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     cache_url = f"sqlite:///{work}/cache.db"
     # the hits' entries: the test set's own parses under the served model's version, as `cache load` would write them
@@ -198,6 +272,10 @@ def main() -> None:
     version = ModelFolder.open(model).version
     open_cache(cache_url).put_many([(q, Entry({"intent": by_norm[q]["intent"], "slots": by_norm[q]["slots"]}, True, 1.0, version))
                                     for q in hits], schema.version)
+    bodies = work / "bodies.json"  # (iv)'s answers: what the server writes for each hit, up to latency_ms
+    bodies.write_text(json.dumps({f"q={quote(q, safe='')}": json.dumps({
+        "query": q, "normalized": q, "parse": {"intent": by_norm[q]["intent"], "slots": by_norm[q]["slots"]}, "valid": True,
+        "source": "cache", "model_version": version, "error": None, "latency_ms": 0.0}, separators=(",", ":"), ensure_ascii=False)[:-len("0.0}")] for q in hits}))
     lua = work / "hits.lua"
     lua.write_text("local qs = {" + ",".join(json.dumps(quote(q, safe="")) for q in hits) + "}\nlocal i = 0\n"
                    "request = function()\n  i = i % #qs + 1\n  return wrk.format('GET', '/v1/parse?q=' .. qs[i])\nend\n")
@@ -206,13 +284,15 @@ def main() -> None:
     product = [qt, "serve", "--model", str(model), "--cache", cache_url, "--workers", w, "--api-key", KEY]
     servers = {"today_bare": uvicorn + ["bench_serving:today_app", "--factory", "--loop", "asyncio", "--http", "h11", "--workers", "1"],
                "bare_asgi": uvicorn + ["bench_serving:bare_asgi", "--loop", "uvloop", "--http", "httptools", "--workers", w],
-               "hits": product, "hits_no_access_log": [*product, "--no-access-log"]}
+               "hits": product, "hits_no_access_log": [*product, "--no-access-log"],
+               "least_hit": uvicorn + ["bench_serving:least_hit", "--factory", "--loop", "uvloop", "--http", "httptools", "--workers", w]}
     urls, procs, runs = {}, {}, {name: [] for name in servers}
     try:
         for name, cmd in servers.items():
             port = free_port()
             urls[name] = f"http://127.0.0.1:{port}/v1/parse"
-            procs[name] = start([*cmd, "--port", str(port)], f"{urls[name]}?q={quote(hits[0])}", work / f"{name}.log")
+            procs[name] = start([*cmd, "--port", str(port)], f"{urls[name]}?q={quote(hits[0], safe='')}", work / f"{name}.log",
+                                {"BENCH_HIT_BODIES": str(bodies)})
             wrk(urls[name], 3, args.connections, lua)  # warm-up: every worker's in-process copy holds the hits after it
         for _ in range(args.rounds):
             for name in servers:
@@ -238,10 +318,18 @@ def main() -> None:
         procs["misses"] = start([*miss_cmd, "--model", str(model), "--cache", f"sqlite:///{work}/misses.db", "--workers", "1", "--deadline", "900",
                                  "--api-key", KEY, "--port", str(port)], f"{base}/healthz", work / "misses.log", env)
         # warm-up, as wrk's for the hits: the engine's first steps (and the grammar's first use) are not a miss's cost
-        asyncio.run(miss_load(base, misses[-WARM_MISSES:], 4))
-        runs["misses_32"] = [asyncio.run(miss_load(base, misses[: args.misses], 32))]
-        runs["misses_1"] = [asyncio.run(miss_load(base, misses[args.misses:-WARM_MISSES], 1))]
+        unseen = iter(misses)
+        asyncio.run(miss_load(base, itertools.islice(unseen, WARM_MISSES), 4, 900, warm_up=True))
+        runs["misses_32"] = [asyncio.run(miss_load(base, unseen, 32, args.miss_seconds, args.ramp_seconds))]
+        runs["misses_1"] = [asyncio.run(miss_load(base, unseen, 1, args.miss_seconds, args.ramp_seconds))]
         stop(procs["misses"])
+        engine = None
+        if backend == "vllm":
+            (work / "engine_queries.json").write_text(json.dumps(misses[-248:]), encoding="utf-8")
+            out = subprocess.run([str(vllm_py), __file__, "--engine-alone", str(model), str(work / "engine_queries.json")], env={**os.environ, **env},
+                                 capture_output=True, text=True, check=True).stdout
+            engine = json.loads(next(line for line in out.splitlines() if line.startswith("ENGINE "))[len("ENGINE "):])
+            print("engine alone", engine, flush=True)
     finally:
         for proc in procs.values():
             stop(proc)
@@ -259,7 +347,10 @@ def main() -> None:
                "hit_p50_ms": mean(runs["hits"], "p50_ms"), "hit_p99_ms": mean(runs["hits"], "p99_ms"),
                "hit_non_2xx": sum(r["non_2xx"] for r in runs["hits"]), "hit_sources": sorted(sources), "access_log_lines": logged,
                "miss_qps_32": rps["misses_32"], "miss_qps_1": rps["misses_1"], "miss_32_vs_1": round(rps["misses_32"] / rps["misses_1"], 2),
-               "miss_sources": runs["misses_32"][0]["sources"], "backend": backend, "workers": args.workers, "connections": args.connections,
+               "engine_alone": engine,
+               "miss_sources": runs["misses_32"][0]["sources"],
+               "miss_counted": {n: runs[n][0]["counted"] for n in ("misses_32", "misses_1")}, "miss_seconds": args.miss_seconds,
+               "ramp_seconds": args.ramp_seconds, "backend": backend, "workers": args.workers, "connections": args.connections,
                "seconds": args.seconds, "rounds": args.rounds, "cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)),
                "date": time.strftime("%Y-%m-%d")}
     print(json.dumps(summary))

@@ -292,6 +292,26 @@ def test_a_hit_through_the_gate_is_the_apps_answer_counted_and_logged_the_same(s
     assert len(lines) == hits + 2 and lines[-1]["path"] == "/metrics", "one line per request, on both paths"
 
 
+def test_a_promotion_ends_the_gates_answers_from_the_old_model(sqlite_cache):
+    """The gate keeps a hot query's body; once another model is served, that body is not answered again."""
+    sqlite_cache.put_many([("cheap thai", THAI)], "s1")
+    gate = create_app(SlowBackend(delay=0.0), sqlite_cache, Settings())
+    service = gate.app.state.service
+    scope = {"method": "GET", "path": "/v1/parse", "query_string": b"q=cheap+thai"}
+    with TestClient(gate) as client:
+        hit = lambda: client.portal.call(service.hit, scope, {})  # noqa: E731 - on the app's event loop, as the gate calls it
+        assert hit() is None, "not yet in the in-process copy"
+        assert client.get("/v1/parse", params={"q": "cheap thai"}).json()["source"] == "cache"  # through the store
+        body = json.loads(hit())
+        assert body["source"] == "cache" and body["model_version"] == "m1" and 0 <= body["latency_ms"] < 10
+        new = SlowBackend(delay=0.0)
+        new.model_version = "m2"
+        service.swap(new)
+        assert hit() is None
+        answer = client.get("/v1/parse", params={"q": "cheap thai"}).json()
+        assert (answer["source"], answer["model_version"]) == ("model", "m2")
+
+
 def test_a_tally_adds_up_to_what_observing_each_value_writes():
     from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 

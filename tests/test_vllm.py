@@ -45,7 +45,7 @@ def _vllm_parses(model_dir: Path, texts: list[str], tmp_path: Path, engine: str 
         "            return [p for ps in await asyncio.gather(*(backend.aparse([t]) for t in todo)) for p in ps]\n"
         "        preds = asyncio.run(each())\n"
         "        backend.close()\n"
-        "    print('RESULT ' + json.dumps([{'raw': p.raw, 'valid': p.valid, 'parse': p.parse, 'error': p.error} for p in preds]))\n")
+        "    print('RESULT ' + json.dumps([{'raw': p.raw, 'valid': p.valid, 'parse': p.parse, 'error': p.error, 'confidence': p.confidence} for p in preds]))\n")
     (tmp_path / "texts.json").write_text(json.dumps(texts))
     env = os.environ | vllm_env(VLLM_PYTHON.parents[1]) | {"QUERYTUNE_CACHE": str(tmp_path / "cache")}
     result = subprocess.run([str(VLLM_PYTHON), str(script), str(model_dir), str(tmp_path / "texts.json"), engine], capture_output=True, text=True,
@@ -80,4 +80,6 @@ def test_the_async_engine_gives_the_same_parses(memorised_model, tmp_path):
     local = TransformersBackend(model_dir).parse(texts)
     remote = _vllm_parses(model_dir, texts, tmp_path, engine="async")
     assert [r["raw"] for r in remote[:QUERIES]] == [p.raw for p in local]
+    # only the final output comes back (FINAL_ONLY), and with it the parse's log-probability
+    assert [round(r["confidence"], 3) for r in remote[:QUERIES]] == [round(float(p.confidence), 3) for p in local]
     assert [r["error"] for r in remote[QUERIES:]] == ["empty query", "empty query"]

@@ -95,9 +95,12 @@ class VLLMBackend:
         self.llm = self.engine = None
         if engine == "async":
             from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.sampling_params import RequestOutputKind
             from vllm.v1.engine.async_llm import AsyncLLM
 
             self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**options))
+            # the whole parse is needed before anything is answered: no output object for every token of every request
+            self.params.output_kind = RequestOutputKind.FINAL_ONLY
             self._ids = itertools.count()
         else:
             from vllm import LLM

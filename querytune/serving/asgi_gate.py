@@ -128,31 +128,23 @@ class AccessLog(Periodic):
     record and a write per line would cost more than the cache hit they record."""
 
     def __init__(self, fd: int, every_s: float = 0.5):
-        self.fd, self.every_s, self.lines = fd, every_s, []
+        self.fd, self.every_s, self.pending = fd, every_s, []
         self.paths: dict[str, str] = {}  # path -> its JSON string, for the few paths a server sees (bounded: clients choose them)
 
     def write(self, scope, rid: str, status: int, t0: float) -> None:
-        client = (scope.get("client") or ("",))[0]
-        # written by hand, at half json.dumps's cost: the id is checked by the gate, the method is an HTTP token (no
-        # quote or backslash) and the client an address; only the path needs escaping
-        path = self.paths.get(scope["path"])
-        if path is None:
-            path = json.dumps(scope["path"])
-            if len(self.paths) < 256:
-                self.paths[scope["path"]] = path
-        self.lines.append(f'{{"ts": {time.time():.3f}, "request_id": "{rid}", "method": "{scope["method"]}", "path": {path}, '
-                          f'"status": {status}, "ms": {1000 * (time.perf_counter() - t0):.3f}, "client": "{client}"}}\n'.encode())
-        if len(self.lines) >= 1024:
+        # the line is formatted at the flush, many at a time: per request only what it must record now
+        self.pending.append((time.time(), rid, scope["method"], scope["path"], scope.get("client"), status, time.perf_counter() - t0))
+        if len(self.pending) >= 1024:
             self.flush()
         else:
             self.arm()
 
     def flush(self) -> None:
         self.disarm()
-        lines, self.lines = self.lines, []
+        pending, self.pending = self.pending, []
         chunk: list[bytes] = []
         size = 0
-        for line in lines:
+        for line in map(self.line, pending):
             if chunk and size + len(line) > 4096:
                 os.write(self.fd, b"".join(chunk))
                 chunk, size = [], 0
@@ -160,6 +152,18 @@ class AccessLog(Periodic):
             size += len(line)
         if chunk:
             os.write(self.fd, b"".join(chunk))
+
+    def line(self, record: tuple) -> bytes:
+        ts, rid, method, path, client, status, seconds = record
+        # written by hand, at half json.dumps's cost: the id is checked by the gate, the method is an HTTP token (no
+        # quote or backslash) and the client an address; only the path needs escaping
+        quoted = self.paths.get(path)
+        if quoted is None:
+            quoted = json.dumps(path)
+            if len(self.paths) < 256:
+                self.paths[path] = quoted
+        return (f'{{"ts": {ts:.3f}, "request_id": "{rid}", "method": "{method}", "path": {quoted}, '
+                f'"status": {status}, "ms": {1000 * seconds:.3f}, "client": "{(client or ("",))[0]}"}}\n').encode()
 
 
 def _replay(body: bytes):
