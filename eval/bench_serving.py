@@ -78,7 +78,8 @@ def least_hit():
         t0 = perf()
         headers = dict(scope["headers"])
         if not hmac.compare_digest(headers.get(b"x-api-key", b""), key):
-            return await send({"type": "http.response.start", "status": 401, "headers": []})
+            await send({"type": "http.response.start", "status": 401, "headers": []})
+            return await send({"type": "http.response.body", "body": b""})
         rid = next(ids)
         body = b"%s%.3f}" % (bodies[scope["query_string"]], 1000 * (perf() - t0))
         await send({"type": "http.response.start", "status": 200, "headers": [
