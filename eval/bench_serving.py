@@ -250,7 +250,10 @@ def main() -> None:
             sys.exit(f"bench_serving: {need} not found: run `make demo` first (it builds ./workspace), or pass --workspace DIR")
     if not shutil.which("wrk"):
         sys.exit("bench_serving: wrk is not installed: apt-get install wrk (Debian, Ubuntu) or brew install wrk")
+    import orjson
+
     from querytune.runtime.model import ModelFolder
+    from querytune.serving.api import result
     from querytune.serving.cache import Entry, open_cache
     from querytune.serving.log_input import check_query
 
@@ -269,14 +272,13 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     cache_url = f"sqlite:///{work}/cache.db"
     # the hits' entries: the test set's own parses under the served model's version, as `cache load` would write them
-    schema = ModelFolder.open(model).schema
-    version = ModelFolder.open(model).version
-    open_cache(cache_url).put_many([(q, Entry({"intent": by_norm[q]["intent"], "slots": by_norm[q]["slots"]}, True, 1.0, version))
-                                    for q in hits], schema.version)
-    bodies = work / "bodies.json"  # (iv)'s answers: what the server writes for each hit, up to latency_ms
-    bodies.write_text(json.dumps({f"q={quote(q, safe='')}": json.dumps({
-        "query": q, "normalized": q, "parse": {"intent": by_norm[q]["intent"], "slots": by_norm[q]["slots"]}, "valid": True,
-        "source": "cache", "model_version": version, "error": None, "latency_ms": 0.0}, separators=(",", ":"), ensure_ascii=False)[:-len("0.0}")] for q in hits}))
+    folder = ModelFolder.open(model)
+    schema, version = folder.schema, folder.version
+    entries = {q: Entry({"intent": by_norm[q]["intent"], "slots": by_norm[q]["slots"]}, True, 1.0, version) for q in hits}
+    open_cache(cache_url).put_many(list(entries.items()), schema.version)
+    bodies = work / "bodies.json"  # (iv)'s answers: what the server writes for each hit (`result`, orjson), up to latency_ms
+    bodies.write_text(json.dumps({f"q={quote(q, safe='')}": orjson.dumps(result(q, q, "cache", e.parse, e.valid, e.model_version))[:-len(b"0.0}")].decode()
+                                  for q, e in entries.items()}))
     lua = work / "hits.lua"
     lua.write_text("local qs = {" + ",".join(json.dumps(quote(q, safe="")) for q in hits) + "}\nlocal i = 0\n"
                    "request = function()\n  i = i % #qs + 1\n  return wrk.format('GET', '/v1/parse?q=' .. qs[i])\nend\n")
