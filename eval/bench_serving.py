@@ -21,7 +21,8 @@ Runs on what `make demo` leaves in the workspace: models/sft (the served model) 
     filling up nor the requests left in flight at the end); on the vLLM backend where `.venv-vllm` exists (else
     transformers, with a note). Beside them, the engine alone (`--engine-alone`, run in the vLLM environment): vLLM's
     `LLM.generate` on batches of 32 of the same kind of queries against one query at a time, no HTTP: how much of
-    the ratio the engine itself allows on this machine.
+    the ratio the engine itself allows on this machine; and on batches of 256, what it would allow with more in flight
+    than 32 clients can send.
 Prints a table and ends with one JSON line of every figure and ratio. Needs `wrk` (apt-get install wrk).
 """
 
@@ -209,22 +210,25 @@ async def miss_load(base: str, queries, clients: int, seconds: float, ramp_s: fl
 
 def engine_alone(model: str, queries_file: str) -> None:
     """(b)'s reference without the server, in the vLLM environment: `LLM.generate` on 6 batches of 32 distinct queries
-    against 24 queries one at a time, after a batch of warm-up; prints one line `ENGINE {json}`."""
+    against 24 queries one at a time, after a warm-up batch, and on 2 batches of 256 (the same queries again: the
+    engine caches nothing) for what more in flight than 32 clients can send would give; prints one line `ENGINE {json}`."""
     from querytune.runtime.vllm_backend import VLLMBackend
 
     queries = json.loads(Path(queries_file).read_text(encoding="utf-8"))
-    backend = VLLMBackend(model, batch_size=32)
-    backend.parse(queries[:32])
-    batched, single = queries[32:224], queries[224:248]
-    t0 = time.perf_counter()
-    for i in range(0, len(batched), 32):
-        backend.parse(batched[i:i + 32])
-    batch_qps = len(batched) / (time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    for q in single:
-        backend.parse([q])
-    single_qps = len(single) / (time.perf_counter() - t0)
-    print("ENGINE " + json.dumps({"batch32_qps": round(batch_qps, 2), "batch1_qps": round(single_qps, 2), "ratio": round(batch_qps / single_qps, 2)}))
+    backend = VLLMBackend(model, batch_size=256)
+    backend.parse((queries * 2)[:256])  # warm-up: every batch size up to 256 has run once
+
+    def rate(batches: list[list[str]]) -> float:
+        t0 = time.perf_counter()
+        for batch in batches:
+            backend.parse(batch)
+        return sum(map(len, batches)) / (time.perf_counter() - t0)
+
+    batch_qps = rate([queries[i:i + 32] for i in range(32, 224, 32)])
+    single_qps = rate([[q] for q in queries[224:248]])
+    wide_qps = rate([(queries * 3)[i:i + 256] for i in (0, 256)])
+    print("ENGINE " + json.dumps({"batch32_qps": round(batch_qps, 2), "batch1_qps": round(single_qps, 2), "ratio": round(batch_qps / single_qps, 2),
+                                  "batch256_qps": round(wide_qps, 2), "batch256_ratio": round(wide_qps / single_qps, 2)}))
 
 
 def mean(runs: list[dict], key: str) -> float:
