@@ -75,3 +75,10 @@ def test_the_miss_load_stops_with_a_message_when_the_queries_run_out(model_serve
     base, _ = model_server
     with pytest.raises(SystemExit, match="the distinct queries ran out after .* lower --miss-seconds"):
         asyncio.run(bench.miss_load(base, iter(["a", "b", "c"]), 2, 30, 5))
+
+
+def test_the_miss_load_stops_with_a_message_when_no_answer_falls_in_its_window(model_server):
+    base, _ = model_server
+    # every answer takes 20 ms, so none can arrive in a run that ends after 10 ms
+    with pytest.raises(SystemExit, match="no answer arrived between 0.005 s and 0.01 s .* raise --miss-seconds"):
+        asyncio.run(bench.miss_load(base, iter(f"q{i}" for i in range(1000)), 1, 0.01, 0.005))
