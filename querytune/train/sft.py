@@ -26,20 +26,22 @@ from querytune.runtime.model import BASE_KEYS, ModelFolder, base_path, base_reco
 from querytune.schema import Schema
 from querytune.train.aliases import merge_aliases, mine_aliases
 
+STEP_LEVERS = {"padding_free": True, "completion_logits": True, "lora_dropout": 0.0, "bf16_weights": True, "attention": "packed"}
 PRESETS: dict[str, dict[str, Any]] = {
-    # quick: ~1.1 passes over a 2,000-row seed set. A high LoRA learning rate matters for so few steps (seed-0
-    # test, 400 rows: lr 5e-4 r16 gave intent 0.75 / slot F1 0.61; lr 2e-3 r32 gave 0.87 / 0.77 at 110 steps). At
-    # the same examples seen, twice the updates help: batch 16 x 140 steps reached slot F1 0.862-0.870, batch 8 x
-    # 280 0.897 (world seed 0 test, 2026-11-24). The budget is the steps and batch: max_minutes is only a cap
-    # against a runaway, generous enough that a 2-core machine completes the schedule.
-    # bf16 "auto": measured once per machine (`pick_dtype`): bf16 autocast ran at 0.67x fp32 on a Xeon host.
+    # quick: 600 steps of batch 8, ~1.1 passes over SGD-sized data (4,269 rows), ~2.4 over a 2,000-row world seed. A
+    # high LoRA learning rate matters for few steps (seed-0 test, 400 rows: lr 5e-4 r16 gave intent 0.75 / slot F1
+    # 0.61; lr 2e-3 r32 0.87 / 0.77 at 110 steps). At the same examples seen, twice the updates help: batch 16 x 140
+    # steps reached slot F1 0.862-0.870, batch 8 x 280 0.897 (world seed 0 test, 2026-11-24). The budget is the
+    # steps and batch: max_minutes is only a cap against a runaway.
+    # The step's levers (`querytune.train.step`; eval/bench_sft.py times each): one padding-free row per batch, the
+    # LM head only where the loss reads, no LoRA dropout, bf16 weight storage under bf16 autocast, attention
+    # within each packed sequence (`packed_attention`). bf16 "auto": measured once per machine (`pick_dtype`).
     # gradient checkpointing off: it recomputes activations (slower) to save memory a 135M model does not need.
-    "quick": {"max_steps": 280, "epochs": 1.0, "batch_size": 8, "lr": 1.5e-3, "lora_r": 32, "lora_alpha": 64, "warmup_steps": 8, "bf16": "auto",
-              "gradient_checkpointing": False, "max_minutes": 60.0, "save_steps": 50},
-    # full: three passes over the 4,269-row SGD training split (3.3 s/step). On its held-out 20%: two passes
-    # (59 min) intent 0.948 / slot F1 0.900; three (stopped by the budget at 91%, 87 min) 0.951 / 0.925.
+    "quick": {"max_steps": 600, "epochs": 1.0, "batch_size": 8, "lr": 1.5e-3, "lora_r": 32, "lora_alpha": 64, "warmup_steps": 16, "bf16": "auto",
+              "gradient_checkpointing": False, "max_minutes": 60.0, "save_steps": 100, **STEP_LEVERS},
+    # full: three passes over the data (1,601 steps on the 4,269-row SGD training split).
     "full": {"max_steps": -1, "epochs": 3.0, "batch_size": 8, "lr": 1e-3, "lora_r": 32, "lora_alpha": 64, "warmup_steps": 20, "bf16": "auto",
-             "gradient_checkpointing": False, "max_minutes": 240.0, "save_steps": 50},
+             "gradient_checkpointing": False, "max_minutes": 120.0, "save_steps": 200, **STEP_LEVERS},
 }
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -56,14 +58,15 @@ def sft_examples(rows: list[LabeledRow], schema: Schema, tokenizer, fmt: str = D
 class StepLog:
     """TrainerCallback body: one JSONL line and one dense progress line per optimisation step."""
 
-    def __init__(self, path: Path, say, max_minutes: float | None = None, extra: dict[str, str] | None = None, watch=None):
-        """`extra`: column name -> trainer log key, logged and printed when present. `watch(row)` sees every
-        row (e.g. to warn about a trend) and may return a line to print."""
+    def __init__(self, path: Path, say, max_minutes: float | None = None, extra: dict[str, str] | None = None, watch=None,
+                 quiet: set[str] = frozenset()):
+        """`extra`: column name -> trainer log key, logged and printed when present (`quiet` ones only logged).
+        `watch(row)` sees every row (e.g. to warn about a trend) and may return a line to print."""
         from transformers import TrainerCallback
 
         self.path, self.say, self.t0, self.tokens = path, say, time.perf_counter(), 0
         self.start, self.max_seconds = self.t0, 60 * max_minutes if max_minutes else None
-        self.extra, self.watch = extra or {}, watch
+        self.extra, self.watch, self.quiet = extra or {}, watch, quiet
         log = self
 
         class _Callback(TrainerCallback):
@@ -79,7 +82,7 @@ class StepLog:
                 log.t0, log.tokens = now, tokens
                 with open(log.path, "a") as f:
                     f.write(json.dumps(row) + "\n")
-                shown = "".join(f"  {name} {row[name]:.3f}" for name in log.extra if name in row)
+                shown = "".join(f"  {name} {row[name]:.3f}" for name in log.extra if name in row and name not in log.quiet)
                 log.say(f"step {row['step']}/{state.max_steps}  loss {row['loss']:.4f}{shown}  lr {row['lr']:.2e}  "
                         f"{row['seconds']:.1f}s/step" + (f"  {row['tokens_per_s']:.0f} tok/s" if row["tokens_per_s"] else ""))
                 if log.watch and (line := log.watch(row)):
@@ -149,56 +152,6 @@ def hardware() -> str:
     return f"{name}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
-def pick_dtype(model, lora, batch: dict, steps: int = 3, say=print) -> dict[str, Any]:
-    """fp32 or bf16 autocast, whichever runs a LoRA forward+backward of `model` on `batch` faster on this machine
-    (bf16 only when >= 5% faster: fp32 is exact). Measured once per machine, model size and batch size, and cached
-    in cache_dir()/dtype_probe.json. Returns {"dtype", "fp32_s", "bf16_s", "hardware", "cached"}."""
-    import copy
-
-    import torch
-    from peft import get_peft_model
-
-    size = f"{model.config.model_type} {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M"
-    key = f"{hardware()} | {size} | batch {batch['input_ids'].shape[0]}"
-    path = cache_dir() / "dtype_probe.json"
-    known = json.loads(path.read_text()) if path.is_file() else {}
-    if key in known:
-        return known[key] | {"cached": True}
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    probe = get_peft_model(copy.deepcopy(model), copy.deepcopy(lora)).to(device).train()
-    batch = {k: v.to(device) for k, v in batch.items()}
-    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
-    for i in range(steps + 1):  # alternating, so a busy moment on a shared machine hits both; the first warms up
-        for dtype in times:
-            start = time.perf_counter()
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-                loss = probe(**batch).loss
-            loss.backward()
-            probe.zero_grad(set_to_none=True)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            if i:
-                times[dtype].append(time.perf_counter() - start)
-    del probe
-    seconds = {dtype: round(min(t), 3) for dtype, t in times.items()}  # the least disturbed step of each
-    result = {"dtype": "bf16" if seconds["bf16"] < 0.95 * seconds["fp32"] else "fp32", "fp32_s": seconds["fp32"],
-              "bf16_s": seconds["bf16"], "hardware": key}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(known | {key: result}, indent=2) + "\n")
-    say(f"dtype probe ({key}): fp32 {seconds['fp32']:.2f} s, bf16 {seconds['bf16']:.2f} s per step: training in {result['dtype']}")
-    return result | {"cached": False}
-
-
-def probe_batch(examples: list[dict[str, str]], tokenizer, size: int, seed: int = 0) -> dict:
-    """A padded batch of `size` random examples (prompt + completion), for `pick_dtype`."""
-    import random
-
-    chosen = random.Random(seed).sample(examples, min(size, len(examples)))
-    enc = tokenizer([e["prompt"] + e["completion"] for e in chosen], padding=True, return_tensors="pt", add_special_tokens=False)
-    return {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask,
-            "labels": enc.input_ids.masked_fill(enc.attention_mask == 0, -100)}
-
-
 def train_sft(rows: list[LabeledRow], schema: Schema, out: Path, base: str | None, preset: dict[str, Any],
               seed: int = 0, say=print, init: Path | None = None, resume: bool = False, fmt: str = DEFAULT_FORMAT,
               report_to: str = "none") -> dict[str, Any]:
@@ -213,6 +166,8 @@ def train_sft(rows: list[LabeledRow], schema: Schema, out: Path, base: str | Non
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
     from trl import SFTConfig, SFTTrainer
+
+    from querytune.train.step import CompletionSFTTrainer, bf16_weights, packed_batch, pick_dtype
 
     torch.manual_seed(seed)
     init_folder = ModelFolder.open(init) if init else None
@@ -232,20 +187,28 @@ def train_sft(rows: list[LabeledRow], schema: Schema, out: Path, base: str | Non
     lengths = [len(tokenizer(e["prompt"] + e["completion"]).input_ids) for e in examples]
     completion_lengths = [len(tokenizer(e["completion"], add_special_tokens=False).input_ids) for e in examples]
     model = init_folder.merged(torch.float32) if init_folder else AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    lora = LoraConfig(r=preset["lora_r"], lora_alpha=preset["lora_alpha"], lora_dropout=0.05, task_type="CAUSAL_LM",
+    if preset.get("attention") == "packed" and not preset.get("padding_free"):
+        raise ValueError("attention 'packed' needs padding_free: it reads the sequences of one padding-free row")
+    model.set_attn_implementation(preset.get("attention", "sdpa"))
+    lora = LoraConfig(r=preset["lora_r"], lora_alpha=preset["lora_alpha"], lora_dropout=preset.get("lora_dropout", 0.0), task_type="CAUSAL_LM",
                       target_modules=[m for m in LORA_TARGETS if any(n.endswith(m) for n, _ in model.named_modules())] or "all-linear")
     probe = None
     if preset.get("bf16", False) == "auto":
-        probe = pick_dtype(model, lora, probe_batch(examples, tokenizer, preset["batch_size"], seed), say=say)
+        probe = pick_dtype(model, lora, packed_batch(examples, tokenizer, preset["batch_size"], seed), say=say,
+                           weights_in_bf16=preset.get("bf16_weights", False))
     bf16 = probe["dtype"] == "bf16" if probe else bool(preset.get("bf16", False))
     out.mkdir(parents=True, exist_ok=True)
     last = start_or_resume(out, resume, say)
-    step_log = StepLog(out / "steps.jsonl", say, preset.get("max_minutes"))
+    padding_free, completion_logits = preset.get("padding_free", False), preset.get("completion_logits", False)
+    counts = {"step_tokens": "step_tokens", "step_targets": "step_targets", "step_sum_sq": "step_sum_sq"} if completion_logits else {}
+    step_log = StepLog(out / "steps.jsonl", say, preset.get("max_minutes"), extra=counts, quiet=set(counts))
     args = SFTConfig(
         **checkpoint_args(out, preset), max_steps=preset["max_steps"], num_train_epochs=preset["epochs"],
         per_device_train_batch_size=preset["batch_size"], learning_rate=preset["lr"], lr_scheduler_type="cosine",
         warmup_steps=preset["warmup_steps"], logging_steps=1, **report_args(out, report_to), seed=seed,
-        max_length=max(lengths) + 1, completion_only_loss=True, packing=False, use_cpu=not torch.cuda.is_available(),
+        # padding-free does not truncate (TRL asks for max_length None); the longest example fits either way
+        max_length=None if padding_free else max(lengths) + 1, padding_free=padding_free, completion_only_loss=True,
+        packing=False, use_cpu=not torch.cuda.is_available(),
         bf16=bf16, activation_checkpointing=preset.get("gradient_checkpointing", False),  # TRL turns it on by default
         include_num_input_tokens_seen="all", disable_tqdm=True, dataloader_num_workers=0,
         # not train_sampling_strategy="group_by_length": measured 13% faster per step, but batches of one length
@@ -253,8 +216,10 @@ def train_sft(rows: list[LabeledRow], schema: Schema, out: Path, base: str | Non
         # first slot (world seed 0 test: slot F1 0.727 against 0.870, 2026-11-24). Grouping by prompt length only,
         # within mega-batches, would still do so: prompt and completion lengths correlate (r 0.58, world seed).
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=tokenizer,
+    trainer = (CompletionSFTTrainer if completion_logits else SFTTrainer)(model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=tokenizer,
                          peft_config=lora, callbacks=[step_log.callback])
+    if bf16 and preset.get("bf16_weights", False):
+        bf16_weights(trainer.model)
     trainer.remove_callback(PrinterCallback)  # StepLog prints one dense line per step instead
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=last)

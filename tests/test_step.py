@@ -1,0 +1,91 @@
+"""The SFT step's levers are numerics-neutral: a padding-free row and completion-only logits give the loss of padded
+rows scored at every position, and bf16 weight storage gives the products bf16 autocast gives."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from querytune.labeled import load_labeled
+from querytune.schema_file import load_schema
+from querytune.train.sft import sft_examples
+from querytune.train.step import bf16_weights, completion_loss, lora_parameters, packed_batch, step_flops
+
+
+@pytest.fixture(scope="module")
+def examples(tiny_base, small_world_master):
+    schema = load_schema()
+    rows, _ = load_labeled(small_world_master / "seed.jsonl", schema)
+    return sft_examples(rows[:50], schema, AutoTokenizer.from_pretrained(tiny_base))
+
+
+def padded_loss(model, examples, tokenizer) -> torch.Tensor:
+    """Today's way: padded rows, logits at every position, transformers' own loss over the completion tokens."""
+    prompts = [tokenizer(e["prompt"], add_special_tokens=False).input_ids for e in examples]
+    completions = [tokenizer(e["completion"], add_special_tokens=False).input_ids for e in examples]
+    width = max(len(p) + len(c) for p, c in zip(prompts, completions))
+    ids = torch.full((len(examples), width), tokenizer.pad_token_id)
+    labels = torch.full((len(examples), width), -100)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+        labels[i, len(p): len(p) + len(c)] = torch.tensor(c)
+        mask[i, : len(p) + len(c)] = 1
+    return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "packed"])
+def test_padding_free_completion_loss_equals_the_padded_full_logit_loss(tiny_base, examples, attention):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
+    model.set_attn_implementation(attention)
+    batch = packed_batch(examples, tokenizer, 6, seed=1)
+    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
+    chosen = random.Random(1).sample(examples, 6)  # what packed_batch draws
+    with torch.no_grad():
+        loss, counts = completion_loss(model, batch)
+        model.set_attn_implementation("sdpa")  # packed attention takes only a padding-free row
+        reference = padded_loss(model, chosen, tokenizer)
+    assert len(starts) == 6 and counts["tokens"] == batch["input_ids"].shape[1]
+    assert counts["targets"] == (batch["labels"] != -100).sum()
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_weights_give_the_products_of_bf16_autocast(tiny_base, examples):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    torch.manual_seed(0)
+    plain = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32), lora)
+    stored = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32), lora)
+    stored.load_state_dict(plain.state_dict())
+    bf16_weights(stored)
+    assert stored.get_output_embeddings().weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in stored.parameters() if p.requires_grad)  # the adapters train in fp32
+    batch = packed_batch(examples, tokenizer, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, _ = completion_loss(plain, batch)
+        b, _ = completion_loss(stored, batch)
+    a.backward()
+    b.backward()
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    grads = [(p.grad, q.grad) for p, q in zip(plain.parameters(), stored.parameters()) if p.requires_grad]
+    assert grads and all(torch.equal(g, h) for g, h in grads)
+
+
+def test_step_flops_follows_its_formula(tiny_base):
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    config = model.config
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    n_lora = lora_parameters(model, lora)
+    kv = config.num_key_value_heads * config.hidden_size // config.num_attention_heads
+    assert n_lora == config.num_hidden_layers * 4 * ((64 + 64) + (64 + kv))
+    assert n_lora == sum(p.numel() for p in get_peft_model(model, lora).parameters() if p.requires_grad)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    frozen = config.num_hidden_layers * (2 * 64 * 64 + 2 * 64 * kv + 3 * 64 * 128)
+    head = config.vocab_size * 64
+    expected = 4 * frozen * 100 + 6 * n_lora * 100 + 4 * head * 30 + 6 * 2 * 64 * 5000
+    assert step_flops(model, n_lora, tokens=100, targets=30, sum_sq_lengths=5000) == expected
