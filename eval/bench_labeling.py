@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python eval/bench_labeling.py` from a checkout
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 
-from querytune.train.sft import cpu_model  # noqa: E402
+from querytune.runtime.model import cpu_model  # noqa: E402
 
 
 def child_vllm(args) -> None:

@@ -46,8 +46,8 @@ from urllib.parse import quote
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python eval/bench_serving.py` from a checkout
 
+from querytune.runtime.model import cpu_model  # noqa: E402
 from querytune.testing import free_port  # noqa: E402
-from querytune.train.sft import cpu_model  # noqa: E402
 
 KEY = "bench-key"
 WARM_MISSES = 8  # distinct queries the miss server answers before either miss run is timed

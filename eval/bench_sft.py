@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 
 from querytune.labeled import load_labeled
-from querytune.runtime.model import resolve_base
+from querytune.runtime.model import cpu_model, resolve_base
 from querytune.schema_file import load_schema
-from querytune.train.sft import LORA_TARGETS, PRESETS, cpu_model, train_sft
+from querytune.train.sft import LORA_TARGETS, PRESETS, train_sft
 
 BEFORE = {"padding_free": False, "completion_logits": False, "lora_dropout": 0.05, "bf16_weights": False, "attention": "sdpa"}
 LEVERS = {"padding_free": True, "completion_logits": True, "lora_dropout": 0.0, "bf16_weights": True, "attention": "packed"}
@@ -129,7 +129,7 @@ def main() -> None:
     dtype = torch.bfloat16 if summaries["now"]["dtype"] == "bf16" else torch.float32
     ceiling = matmul_ceiling(model, preset["lora_r"], int(statistics.median(s["step_tokens"] for s in counted)),
                              int(statistics.median(s["step_targets"] for s in counted)), dtype)
-    now, before = results["now"], results["before"]
+    now = results["now"]
     cpu = cpu_model()
     print(f"\nSFT step, {Path(base).name}, preset {args.preset} (batch {preset['batch_size']}), {args.rounds} x {args.steps} steps per setting, "
           f"{len(rows):,} rows of {args.data}\nCPU: {cpu}; {torch.get_num_threads()} threads; torch {torch.__version__}\n")

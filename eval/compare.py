@@ -37,10 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python eval/
 from querytune.evaluation.retrieval_eval import load_rows  # noqa: E402
 from querytune.evaluation.scores import load_predictions, peer_predictions, score_systems  # noqa: E402
 from querytune.metrics import paired_bootstrap  # noqa: E402
+from querytune.runtime.model import hardware  # noqa: E402
 from querytune.schema import normalize_text  # noqa: E402
 from querytune.schema_file import load_schema  # noqa: E402
 from querytune.search import Searcher  # noqa: E402
-from querytune.train.sft import hardware  # noqa: E402
 
 TRAINED = ("control", "label_ceiling", "guideline_run")
 

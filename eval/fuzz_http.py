@@ -170,7 +170,7 @@ def main() -> None:
     access = [json.loads(line) for line in text.splitlines() if line.startswith("{\"ts\"")]
     statuses = Counter(a["status"] for a in access)
     unhandled = text.count("unhandled error") + text.count("Traceback")
-    from querytune.train.sft import hardware
+    from querytune.runtime.model import hardware
 
     summary = {"requests_logged": len(access), "schemathesis_requests": schemathesis_requests, "hand_made_sent": sent,
                "schemathesis_exit": st.returncode, "statuses": dict(sorted(statuses.items())), "hand_made_answers": dict(sorted(answers.items())),

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python eval/labeling_prepare.py` from a checkout
 
-from querytune.train.sft import cpu_model  # noqa: E402
+from querytune.runtime.model import cpu_model  # noqa: E402
 
 
 def _measure(path: str, way: str, out: str) -> dict:

@@ -212,7 +212,7 @@ def main() -> None:
 
 
 def _cpu() -> str:
-    from querytune.train.sft import hardware
+    from querytune.runtime.model import hardware
 
     return hardware()
 

