@@ -93,7 +93,8 @@ def main() -> None:
     preset = PRESETS[args.preset] | {"max_steps": args.steps + 1, "warmup_steps": 0, "max_minutes": None, "epochs": 1.0}
     settings = {"now": {}, "before": BEFORE}
     if args.levers:
-        settings |= {f"before + {k}={v}": BEFORE | {k: v} for k, v in LEVERS.items()}
+        settings |= {f"before + {k}={v}": BEFORE | {k: v} for k, v in LEVERS.items() if k != "attention"}
+        settings["before + padding_free + attention=packed"] = BEFORE | {"padding_free": True, "attention": "packed"}  # packed reads a padding-free row
     runs: dict[str, list[dict]] = {name: [] for name in settings}
     summaries: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
