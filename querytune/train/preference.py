@@ -19,6 +19,7 @@ Both save checkpoints in out/checkpoints (`querytune.train.sft.checkpoint_args`)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -33,6 +34,9 @@ from querytune.train.reward import RetrievalReward
 from querytune.train.sft import LORA_TARGETS, StepLog, checkpoint_args, finish_checkpoints, report_args, start_or_resume
 from querytune.train.targets import in_format
 
+# Step levers (`querytune.train.step`; eval/bench_preference.py): bf16 storage of the frozen weights under bf16
+# autocast, the LM head only at scored positions; GRPO also samples with its adapters merged.
+STEP_LEVERS = {"bf16_weights": True, "compact_head": True}
 DPO_PRESETS: dict[str, dict[str, Any]] = {
     # quick: <= 15 minutes on 2 CPU cores: the constrained greedy parse of the 2,000 most typed texts of the early log
     # (~4 min in bf16), each scored in every city it was typed in; for those whose parse both misses the clicks (< 0.5)
@@ -44,12 +48,12 @@ DPO_PRESETS: dict[str, dict[str, Any]] = {
     "quick": {"queries": 2000, "pick": "traffic", "explore_below": 0.5, "explore_confidence": 0.35, "explore_with": "branch", "constrained": True,
               "k": 4, "temperature": 1.0, "loss_type": "sigmoid", "sft_weight": 0.5, "min_gap": 0.3, "pairs_per_query": 2, "epochs": 2.0,
               "max_steps": -1, "batch_size": 8, "lr": 1e-4, "beta": 0.1, "lora_r": 16, "lora_alpha": 32, "warmup_steps": 5, "bf16": True,
-              "max_minutes": 5.0, "save_steps": 50},
+              "max_minutes": 5.0, "save_steps": 50, **STEP_LEVERS},
     "full": {"queries": 8000, "pick": "traffic", "explore_below": 0.5, "explore_confidence": 0.35, "explore_with": "branch", "constrained": True,
              "k": 8, "temperature": 1.0,
              "loss_type": "sigmoid", "sft_weight": 0.5, "min_gap": 0.3, "pairs_per_query": 2, "epochs": 2.0, "max_steps": -1,
              "batch_size": 16, "lr": 1e-4, "beta": 0.1, "lora_r": 16, "lora_alpha": 32, "warmup_steps": 10, "bf16": True, "max_minutes": None,
-             "save_steps": 50},
+             "save_steps": 50, **STEP_LEVERS},
 }
 GRPO_PRESETS: dict[str, dict[str, Any]] = {
     # quick: <= 20 minutes on 2 CPU cores. Screening (~6 min): the greedy parse of 1,500 logged texts, the 4 rivals of
@@ -65,11 +69,12 @@ GRPO_PRESETS: dict[str, dict[str, Any]] = {
               "screen_k": 4, "improvable": True, "anchors": 1.0, "min_gap": 0.3, "max_steps": 45, "num_iterations": 1, "num_generations": 8,
               "batch_size": 32, "temperature": 0.8,
               "lr": 1e-4, "beta": 0.04, "lora_r": 16, "lora_alpha": 32, "warmup_steps": 5, "bf16": True, "max_minutes": 11.0,
-              "save_steps": 10},  # a GRPO step samples 256 parses (~21 s on CPU): a checkpoint every ~4 min
+              "save_steps": 10, **STEP_LEVERS, "merged_sampling": True},  # a GRPO step samples 256 parses (~21 s on CPU): a checkpoint every ~4 min
     "full": {"queries": 8000, "pick": "traffic", "explore_below": 0.5, "explore_confidence": 0.35, "explore_with": "branch", "constrained": True,
              "screen_k": 4, "improvable": True,
              "anchors": 1.0, "min_gap": 0.3, "max_steps": 600, "num_iterations": 1, "num_generations": 8, "batch_size": 64, "temperature": 0.8, "lr": 1e-4, "beta": 0.04,
-             "lora_r": 16, "lora_alpha": 32, "warmup_steps": 10, "bf16": True, "max_minutes": None, "save_steps": 10},
+             "lora_r": 16, "lora_alpha": 32, "warmup_steps": 10, "bf16": True, "max_minutes": None, "save_steps": 10, **STEP_LEVERS,
+             "merged_sampling": True},
 }
 NO_SIGNAL_WARN = 0.6  # GRPO: warn when this share of groups, averaged over the last 10 steps, has all-equal rewards
 
@@ -102,14 +107,20 @@ def _save(trainer, tokenizer, init: Path, out: Path, schema: Schema, meta: dict,
                                   "adapter": True, "init_adapters": chain, "init": str(init), "max_new_tokens": meta.get("max_new_tokens", MAX_NEW_TOKENS)})
 
 
-def _train_and_save(trainer, tokenizer, init: Path, out: Path, schema: Schema, meta: dict, stage: str, resume_from: str | None = None):
-    """Train (StepLog prints instead of the default printer; from checkpoint `resume_from`), save the folder; the
-    result, seconds and step log."""
+def _train_and_save(trainer, tokenizer, init: Path, out: Path, schema: Schema, meta: dict, stage: str, preset: dict[str, Any],
+                    resume_from: str | None = None):
+    """Train (StepLog prints instead of the default printer; from checkpoint `resume_from`; with the preset's step
+    levers), save the folder; the result, seconds and step log."""
     from transformers import PrinterCallback
 
+    from querytune.train.step import bf16_weights, labelled_positions_only
+
     trainer.remove_callback(PrinterCallback)
+    if preset.get("bf16") and preset.get("bf16_weights"):
+        bf16_weights(trainer.model)
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    with labelled_positions_only() if preset.get("compact_head") else contextlib.nullcontext():
+        result = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - start
     finish_checkpoints(out, trainer)
     _save(trainer, tokenizer, init, out, schema, meta, stage)
@@ -145,7 +156,7 @@ def train_dpo(pairs: pd.DataFrame, init: Path, out: Path, preset: dict[str, Any]
     )
     trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=lora,
                          callbacks=[log.callback])
-    result, seconds, steps = _train_and_save(trainer, tokenizer, init, out, schema, meta, "dpo", last)
+    result, seconds, steps = _train_and_save(trainer, tokenizer, init, out, schema, meta, "dpo", preset, last)
     return {"stage": "dpo", "init": str(init), "pairs": len(pairs), "steps": result.global_step, "train_seconds": round(seconds, 1),
             "seconds_per_step": round(seconds / max(1, result.global_step), 2), "final_loss": steps[-1]["loss"] if steps else None,
             "margin_start": steps[0].get("margin") if steps else None, "margin_end": steps[-1].get("margin") if steps else None}
@@ -156,7 +167,9 @@ def train_grpo(targets: list[dict], reward: RetrievalReward, init: Path, out: Pa
                say=print, resume: bool = False, report_to: str = "none") -> dict[str, Any]:
     import torch
     from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOConfig
+
+    from querytune.train.step import SamplingGRPOTrainer
 
     torch.manual_seed(seed)
     tokenizer, model, lora, meta, schema = _policy(init, preset)
@@ -181,7 +194,8 @@ def train_grpo(targets: list[dict], reward: RetrievalReward, init: Path, out: Pa
 
     log = StepLog(out / "steps.jsonl", say, preset.get("max_minutes"),
                   extra={"reward": "reward", "reward_std": "reward_std", "no_signal": "frac_reward_zero_std", "kl": "kl",
-                         "completion_len": "completions/mean_length"}, watch=watch)
+                         "completion_len": "completions/mean_length", "sampling_s": "sampling_seconds"}, watch=watch,
+                  quiet={"sampling_s"})
     args = GRPOConfig(
         **checkpoint_args(out, preset), max_steps=preset["max_steps"], per_device_train_batch_size=preset["batch_size"],
         num_generations=preset["num_generations"], max_completion_length=int(meta.get("max_new_tokens", MAX_NEW_TOKENS)),
@@ -193,9 +207,9 @@ def train_grpo(targets: list[dict], reward: RetrievalReward, init: Path, out: Pa
         use_cpu=not torch.cuda.is_available(), bf16=preset.get("bf16", False), disable_tqdm=True, dataloader_num_workers=0,
         use_vllm=bool(preset.get("use_vllm", False)), vllm_mode="colocate",
     )
-    trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=data, processing_class=tokenizer,
-                          peft_config=lora, callbacks=[log.callback])
-    result, seconds, steps = _train_and_save(trainer, tokenizer, init, out, schema, meta, "grpo", last)
+    trainer = SamplingGRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=data, processing_class=tokenizer,
+                          peft_config=lora, callbacks=[log.callback], merged_sampling=bool(preset.get("merged_sampling")))
+    result, seconds, steps = _train_and_save(trainer, tokenizer, init, out, schema, meta, "grpo", preset, last)
     head, tail = steps[: max(1, len(steps) // 10)], steps[-max(1, len(steps) // 10):]
     mean = lambda rows, k: round(sum(r.get(k, 0.0) for r in rows) / len(rows), 4)  # noqa: E731
     return {"stage": "grpo", "init": str(init), "queries": len(targets), "steps": result.global_step,

@@ -11,6 +11,7 @@ Measured by `python eval/bench_sft.py` (eval/RESULTS.md, "Training speed").
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
-from trl import SFTTrainer
+from trl import GRPOTrainer, SFTTrainer
 
 from querytune.runtime.model import cache_dir, hardware
 
@@ -103,6 +104,60 @@ def bf16_weights(model) -> None:
     copy.weight.data.copy_(head.weight.detach())
     copy.requires_grad_(False)
     model.get_base_model().set_output_embeddings(copy)
+
+
+@contextlib.contextmanager
+def labelled_positions_only():
+    """Within this block, TRL's fused LM head (DPO's and GRPO's log-probabilities) projects only the positions
+    whose label is not -100, as it does on Triton devices; elsewhere it projects every position (fixed tile shapes
+    for compilers that eager CPU does not use). A preference row is half prompt or more, and the head is a fifth of
+    the model. The kernel itself still picks its CPU path from its own module's check."""
+    import trl.trainer.utils as trl_utils
+
+    original = trl_utils._use_triton
+    trl_utils._use_triton = lambda device: True
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
+
+
+@contextlib.contextmanager
+def merged_adapters(model):
+    """Within this block the LoRA adapters of `model` (a peft model) are merged into its frozen weights, so a
+    decoded token costs one matmul a linear instead of three plus a scaled add; after it, the frozen weights are
+    restored bit for bit from a copy (unmerging by subtraction would round bf16 weights a little every step)."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    saved = [m.get_base_layer().weight.detach().clone() for m in layers]
+    model.merge_adapter()
+    try:
+        yield
+    finally:
+        for layer, weight in zip(layers, saved):
+            layer.get_base_layer().weight.data.copy_(weight)
+            layer.merged_adapters.clear()  # what unmerge_adapter would leave, without recomputing every delta
+
+
+class SamplingGRPOTrainer(GRPOTrainer):
+    """TRL's GRPOTrainer, sampling its groups faster on CPU: under the training step's bf16 autocast (transformers'
+    generate runs outside autocast, where `bf16_weights`' bf16 linears would meet fp32 activations; bf16 reads half
+    the weight bytes a decoded token needs) and, with `merged_sampling`, with the adapters merged
+    (`merged_adapters`). The log-probabilities the loss reads are computed afresh by the step either way."""
+
+    def __init__(self, *args, merged_sampling: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.merged_sampling = merged_sampling
+
+    def _generate_single_turn(self, *args, **kwargs):
+        on_cpu = not self.use_vllm
+        merged = merged_adapters(self.model) if self.merged_sampling and on_cpu else contextlib.nullcontext()
+        start = time.perf_counter()
+        with merged, torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16, enabled=bool(self.args.bf16) and on_cpu):
+            result = super()._generate_single_turn(*args, **kwargs)
+        self._metrics["train" if self.model.training else "eval"]["sampling_seconds"].append(time.perf_counter() - start)
+        return result
 
 
 def packed_batch(examples: list[dict[str, str]], tokenizer, size: int, seed: int = 0) -> dict[str, torch.Tensor]:
