@@ -308,6 +308,24 @@ def test_grpo_step_changes_lora_and_sampled_logprobs(tiny_sft, small_world, tmp_
     assert {"reward", "reward_std", "no_signal", "completion_len"} <= set(logged[-1])
 
 
+def test_dpo_and_grpo_train_with_the_step_levers(tiny_sft, small_world, tmp_path):
+    """The presets' levers (bf16 weight storage, the head only at scored positions, merged-adapter sampling under
+    autocast) run through TRL's real trainers, move the adapter and log where a GRPO step's time goes."""
+    from querytune.train.preference import GRPO_LEVERS
+
+    levers = LORA | GRPO_LEVERS | {"bf16": True, "lr": 5e-3}
+    _, _, pairs = thai_pairs()
+    summary = train_dpo(pairs, tiny_sft, tmp_path / "dpo", levers | {"max_steps": 2, "epochs": 1.0, "batch_size": 4, "beta": 0.1}, say=lambda _: None)
+    assert summary["steps"] == 2 and lora_b_moved(tmp_path / "dpo")
+    summary = train_grpo(click_targets(small_world, 8, seed=0), ByLength(), tiny_sft, tmp_path / "grpo",
+                         levers | {"max_steps": 2, "batch_size": 4, "num_generations": 4, "temperature": 1.0, "beta": 0.04},
+                         say=lambda _: None)
+    assert summary["steps"] == 2 and lora_b_moved(tmp_path / "grpo")
+    logged = [json.loads(line) for line in (tmp_path / "grpo" / "steps.jsonl").read_text().splitlines()]
+    assert all(row["sampling_s"] > 0 for row in logged)
+    Parser(tmp_path / "grpo").parse(["cheap thai"])
+
+
 def test_candidates_of_a_compact_model_are_held_as_json(tiny_compact, small_world):
     """The parser writes compact completions; the candidates that pairs, audits and candidates.parquet hold are their
     canonical JSON twins, and a completion that does not read stays as written (it scores INVALID either way)."""

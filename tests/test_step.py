@@ -118,3 +118,49 @@ def test_packed_attention_needs_padding_free(tiny_base, tmp_path):
 
     with pytest.raises(ValueError, match="padding_free"):
         train_sft([], load_schema(), tmp_path / "m", str(tiny_base), {"attention": "packed", "padding_free": False}, say=lambda _: None)
+
+
+def test_labelled_positions_only_gives_trls_fused_log_probs(tiny_base, examples):
+    """TRL's fused head scores every position on CPU; compacted to the labelled ones, the log-probabilities (and so the
+    DPO and GRPO losses) and their gradients are the same."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    from querytune.train.step import labelled_positions_only
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    batch = packed_batch(examples, tokenizer, 4, seed=2)
+    results = []
+    for compact in (False, True):
+        torch.manual_seed(0)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32),
+                               LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        add_fused_lm_head(model.get_base_model())
+        with labelled_positions_only() if compact else torch.enable_grad():
+            out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"], fused_lm_head=True)
+        out.log_probs.sum().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        results.append((out.log_probs.detach(), grads))
+    (full, full_grads), (compact, compact_grads) = results
+    assert (compact != 0).sum() == (batch["labels"][:, 1:] != -100).sum()
+    torch.testing.assert_close(compact, full, rtol=1e-5, atol=1e-5)
+    for a, b in zip(compact_grads, full_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_merged_adapters_sample_as_unmerged_and_restore_the_weights_exactly(tiny_base):
+    from querytune.train.step import merged_adapters
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)).eval()
+    bf16_weights(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        unmerged = model(input_ids=ids).logits.float()
+        with merged_adapters(model):
+            merged = model(input_ids=ids).logits.float()
+        after = model(input_ids=ids).logits.float()
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert torch.equal(after, unmerged)
+    torch.testing.assert_close(merged, unmerged, rtol=0.05, atol=0.05)  # bf16 rounding of W + BA against W, BA apart

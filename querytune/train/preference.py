@@ -34,9 +34,11 @@ from querytune.train.reward import RetrievalReward
 from querytune.train.sft import LORA_TARGETS, StepLog, checkpoint_args, finish_checkpoints, report_args, start_or_resume
 from querytune.train.targets import in_format
 
-# Step levers (`querytune.train.step`; eval/bench_preference.py): bf16 storage of the frozen weights under bf16
-# autocast, the LM head only at scored positions; GRPO also samples with its adapters merged.
-STEP_LEVERS = {"bf16_weights": True, "compact_head": True}
+# Step levers (`querytune.train.step`; eval/bench_preference.py, 2026-12-06): the LM head only at scored positions
+# (DPO 1.57x alone); GRPO also samples with its adapters merged, its frozen weights in bf16 (1.41x together).
+# bf16 weight storage did not pay in DPO (1.02x alone; 1.50x with the head against 1.57x without): off there.
+STEP_LEVERS = {"compact_head": True, "bf16_weights": False}
+GRPO_LEVERS = {"compact_head": True, "bf16_weights": True, "merged_sampling": True}
 DPO_PRESETS: dict[str, dict[str, Any]] = {
     # quick: <= 15 minutes on 2 CPU cores: the constrained greedy parse of the 2,000 most typed texts of the early log
     # (~4 min in bf16), each scored in every city it was typed in; for those whose parse both misses the clicks (< 0.5)
@@ -59,7 +61,7 @@ GRPO_PRESETS: dict[str, dict[str, Any]] = {
     # quick: <= 20 minutes on 2 CPU cores. Screening (~6 min): the greedy parse of 1,500 logged texts, the 4 rivals of
     # those it both misses and doubts; training only on texts where a rival beats the greedy parse in a way the clicks can decide (`screen`,
     # improvable), each mixed with an anchor query (`anchor_targets`, anchors 1.0). Then 4 of them x 8 samples per step
-    # (~21 s/step: sampling dominates). Measured: see docs/loop.md. Without anchors the same run fell by 0.011 (categories
+    # (eval/bench_preference.py: ~12-13 s/step with the levers, 15-20 before). Measured: see docs/loop.md. Without anchors the same run fell by 0.011 (categories
     # dropped, 60 test queries read as business names); with them +0.001 [-0.007, +0.009].
     # Screening keeps stop 12's random texts and free decoding (-0.000 [-0.007, +0.007] then): with the 1,500 most typed
     # texts and constrained screening, 46 texts were improvable and GRPO fell by 0.025 (slot recall 0.91 -> 0.85).
@@ -69,12 +71,11 @@ GRPO_PRESETS: dict[str, dict[str, Any]] = {
               "screen_k": 4, "improvable": True, "anchors": 1.0, "min_gap": 0.3, "max_steps": 45, "num_iterations": 1, "num_generations": 8,
               "batch_size": 32, "temperature": 0.8,
               "lr": 1e-4, "beta": 0.04, "lora_r": 16, "lora_alpha": 32, "warmup_steps": 5, "bf16": True, "max_minutes": 11.0,
-              "save_steps": 10, **STEP_LEVERS, "merged_sampling": True},  # a GRPO step samples 256 parses (~21 s on CPU): a checkpoint every ~4 min
+              "save_steps": 10, **GRPO_LEVERS},  # a step samples 32 parses (4 queries x 8): a checkpoint every ~2-3 min
     "full": {"queries": 8000, "pick": "traffic", "explore_below": 0.5, "explore_confidence": 0.35, "explore_with": "branch", "constrained": True,
              "screen_k": 4, "improvable": True,
              "anchors": 1.0, "min_gap": 0.3, "max_steps": 600, "num_iterations": 1, "num_generations": 8, "batch_size": 64, "temperature": 0.8, "lr": 1e-4, "beta": 0.04,
-             "lora_r": 16, "lora_alpha": 32, "warmup_steps": 10, "bf16": True, "max_minutes": None, "save_steps": 10, **STEP_LEVERS,
-             "merged_sampling": True},
+             "lora_r": 16, "lora_alpha": 32, "warmup_steps": 10, "bf16": True, "max_minutes": None, "save_steps": 10, **GRPO_LEVERS},
 }
 NO_SIGNAL_WARN = 0.6  # GRPO: warn when this share of groups, averaged over the last 10 steps, has all-equal rewards
 
