@@ -7,6 +7,10 @@ positions a completion token is predicted from (`completion_loss`). TRL 1.16 sco
 compact path needs Triton), and the head (vocabulary x hidden) is a fifth of SmolLM2-135M's FLOPs while
 completions are a third of the tokens. Both are numerics-neutral: the same examples give the same loss.
 Measured by `python eval/bench_sft.py` (eval/RESULTS.md, "Training speed").
+
+The DPO and GRPO steps (`querytune.train.preference`) take the levers that pay there: TRL's fused LM head on the
+scored positions only (`labelled_positions_only`) and GRPO's sampling in bf16 with merged adapters
+(`SamplingGRPOTrainer`); measured by `python eval/bench_preference.py`.
 """
 
 from __future__ import annotations
