@@ -1,21 +1,26 @@
-"""The ceiling table: how far each source of labels can take a model, measured from one SFT model in one run.
+"""The comparison table: every source of labels and every reward stage, from one SFT model, in one run.
 
-    python eval/compare.py --world runs/w0 --index runs/i0 --sft runs/w0_sft --out runs/compare_w0 [--split test]
+    python eval/compare.py --world runs/w0 --index runs/w0_index --sft runs/w0_sft --out runs/compare_w0 [--split test] [--rows self_train,rft]
 
 Rows (NDCG@10 on the split's graded queries, overall and per world mechanism, each with a paired 95% bootstrap
-interval against the control):
+interval against self-training, or against the control where self-training is not among the rows):
 - raw, bm25: the query text searched with no understanding; peer: MiniLM + logistic regression on the seed;
 - sft: the model given;
 - control: that model continued on the seed for `--steps` optimizer steps;
-- label_ceiling: the same steps on the seed plus the true parses (the world's hidden needs) of `--texts` early-log
-  texts: what a stage that learns from the log could at best reach;
-- guideline_run: the same steps on the seed plus the same texts labeled by the annotation guideline: what labeling
-  more of the log would buy;
+- self_train: the same steps on the seed plus `--texts` early-log texts labeled by the SFT model's own parses
+  (`querytune train rft --edits none`): the fair control of every reward stage;
+- rft: the same texts relabeled by the edits the clicks support (`querytune train rft`); rft_placebo: with each text
+  judged on another text's clicks; rft_no_pool, rft_no_abstain: without pooled tests, without abstention;
+- label_ceiling: the same steps on the seed plus the true parses (the world's hidden needs) of the same texts:
+  what a stage that learns from the log could at best reach;
+- guideline_run: the same texts labeled by the annotation guideline: what labeling more of the log would buy;
 - guideline_oracle: search on the guideline's annotation of each test query (no model);
 - oracle: search on the true parse.
-Each training row runs `querytune train sft` with the steps, batch size, dtype and threads written into
-compare.json; minutes are only a cap. The run resumes: a row whose outputs exist is not redone. This script reads
-the world's audit (the hidden needs) to make the ceiling rows; it is an evaluation, never a training stage's input.
+Each training row runs `querytune train sft` or `train rft` with the steps, batch size, dtype and threads written into
+compare.json; minutes are only a cap. The run resumes: a row whose outputs exist is not redone. Writes compare.json,
+compare.md and table.json (per system and slice: NDCG@10 and the paired difference from the base row). The edit
+audit compares each relabeled text with its hidden need. This script reads the world's audit (the hidden needs)
+to make the ceiling rows and the audit; it is an evaluation, never a training stage's input.
 """
 
 from __future__ import annotations
@@ -38,32 +43,27 @@ from querytune.evaluation.retrieval_eval import load_rows  # noqa: E402
 from querytune.evaluation.scores import load_predictions, peer_predictions, score_systems  # noqa: E402
 from querytune.metrics import paired_bootstrap  # noqa: E402
 from querytune.runtime.model import hardware  # noqa: E402
-from querytune.schema import normalize_text  # noqa: E402
 from querytune.schema_file import load_schema  # noqa: E402
 from querytune.search import Searcher  # noqa: E402
+from querytune.train.targets import early_texts  # noqa: E402
 
 TRAINED = ("control", "label_ceiling", "guideline_run")
+REWARD_ROWS = {"self_train": ["--edits", "none"], "rft": [], "rft_placebo": ["--shuffle-clicks"], "rft_no_pool": ["--no-pool"],
+               "rft_no_abstain": ["--no-abstain"]}  # `querytune train rft` options of each reward row
 
 
 def log_texts(world: Path, n: int, label: str, seed: int = 0) -> list[dict]:
-    """`n` distinct early-log texts outside the seed (rows drawn uniformly, so texts by traffic), labeled with the
-    hidden need (`label="need"`) or the guideline's annotation (`"annotation"`; a v1 world has none: its need)."""
-    log = pd.read_parquet(world / "log.parquet", columns=["query_id", "query", "period", "timestamp", "user_city"])
+    """The `n` early-log texts every log row adds to the seed (`early_texts`: rows drawn uniformly, so texts by
+    traffic), labeled with the hidden need (`label="need"`) or the guideline's annotation (`"annotation"`; a v1
+    world has none: its need)."""
     needs = pd.read_parquet(world / "audit" / "needs.parquet").set_index("query_id")
-    seen = {normalize_text(r["text"]) for r in load_rows(world / "seed.jsonl")}
     rows = []
-    for r in log[log["period"] == "early"].sample(frac=1.0, random_state=seed).itertuples():
-        text = normalize_text(r.query)
-        if text in seen:
-            continue
-        seen.add(text)
+    for r in early_texts(world, n, seed):
         if label == "annotation" and "annotation" in needs.columns:
-            parse = json.loads(needs.at[r.query_id, "annotation"])
+            parse = json.loads(needs.at[r["query_id"], "annotation"])
         else:
-            parse = {"intent": needs.at[r.query_id, "intent"], "slots": json.loads(needs.at[r.query_id, "slots"])}
-        rows.append({"id": r.query_id, "text": r.query, **parse, "timestamp": r.timestamp.isoformat(), "user_city": r.user_city})
-        if len(rows) >= n:
-            break
+            parse = {"intent": needs.at[r["query_id"], "intent"], "slots": json.loads(needs.at[r["query_id"], "slots"])}
+        rows.append({"id": r["query_id"], "text": r["text"], **parse, "timestamp": r["timestamp"], "user_city": r["user_city"]})
     return rows
 
 
@@ -110,6 +110,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of every training and parsing run.")
     ap.add_argument("--max-minutes", type=float, default=0, help="Cap per training row (0: none); the steps are the budget.")
     ap.add_argument("--jobs", type=int, default=1, help="Training rows (then parsing runs) at once, each with --threads threads.")
+    ap.add_argument("--rows", default=",".join((*TRAINED, *REWARD_ROWS)),
+                    help=f"Training rows to run, comma-separated (default: all of {', '.join((*TRAINED, *REWARD_ROWS))}); rows trained before stay in the table.")
     args = ap.parse_args()
 
     out, world = args.out, args.world
@@ -127,15 +129,27 @@ def main() -> None:
             random.Random(0).shuffle(rows)
             write_jsonl(rows, data[name])
     split = world / f"{args.split}.jsonl"
-    models = {"sft": args.sft} | {name: out / "models" / name for name in TRAINED}
+    chosen = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = set(chosen) - {*TRAINED, *REWARD_ROWS}
+    if unknown:
+        raise SystemExit(f"compare: --rows: unknown row(s) {', '.join(sorted(unknown))} (known: {', '.join((*TRAINED, *REWARD_ROWS))})")
+    every = {name: out / "models" / name for name in (*TRAINED, *REWARD_ROWS)}
+    models = {"sft": args.sft} | {name: folder for name, folder in every.items() if name in chosen or (folder / "querytune.json").is_file()}
     # On the stationary profile the guideline is the need: the same data would train the same model twice.
     same_as = {"guideline_run": "label_ceiling"} if load_rows(data["guideline_run"]) == load_rows(data["label_ceiling"]) else {}
     for name, twin in same_as.items():
-        models[name] = models[twin]
-    timings = run_all([(qt + ["train", "sft", "--init", str(args.sft), "--data", str(data[name]), "--out", str(models[name]),
-                              "--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-minutes", str(args.max_minutes),
-                              "--bf16" if args.dtype == "bf16" else "--no-bf16"], None)
-                       for name in TRAINED if name not in same_as and not (models[name] / "querytune.json").is_file()], env, args.jobs)
+        if name in models:
+            models[name] = every[twin]
+    fixed = ["--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-minutes", str(args.max_minutes),
+             "--bf16" if args.dtype == "bf16" else "--no-bf16"]
+    todo = lambda name: name in chosen and name not in same_as and not (every[name] / "querytune.json").is_file()  # noqa: E731
+    timings = run_all([(qt + ["train", "sft", "--init", str(args.sft), "--data", str(data[name]), "--out", str(every[name]), *fixed], None)
+                       for name in TRAINED if todo(name)], env, args.jobs)
+    greedy = every["self_train"] / "greedy.jsonl"  # every reward row labels the same texts with the same model: parse them once
+    for name in [n for n in REWARD_ROWS if todo(n)]:
+        reuse = ["--greedy-from", str(greedy)] if greedy.is_file() else []
+        timings |= run_all([(qt + ["train", "rft", "--init", str(args.sft), "--world", str(world), "--index", str(args.index), "--out",
+                                   str(every[name]), "--texts", str(args.texts), *fixed, *reuse, *REWARD_ROWS[name]], None)], env, 1)
     preds, parses = {}, []
     for name, folder in models.items():
         preds[name] = out / "predictions" / f"{same_as.get(name, name)}_{args.split}.jsonl"
@@ -153,20 +167,23 @@ def main() -> None:
     parses["guideline_oracle"] = {r["id"]: r.get("annotation") or {"intent": r["intent"], "slots": r["slots"]} for r in rows}
     scores, _ = score_systems(rows, parses, searcher, schema)
     systems = ["raw", "bm25", *parses, "oracle"]
-    table = ceiling_table(scores, rows, systems)
+    base = "self_train" if "self_train" in parses else "control" if "control" in parses else "sft"
+    table = ceiling_table(scores, rows, systems, base)
     steps = {name: json.loads((models[name] / "summary.json").read_text()).get("steps") if (models[name] / "summary.json").is_file() else None
-             for name in TRAINED}
-    result = {"table": table, "meta": {
+             for name in models if name != "sft"}
+    audit = {name: edit_audit(models[name] / "labels.jsonl", world) for name in REWARD_ROWS if name in models and name != "self_train"}
+    result = {"table": table, "edit_audit": audit, "meta": {
         "world": str(world), "split": args.split, "graded_rows": sum(bool(r.get("relevance")) for r in rows), "sft": str(args.sft),
         "steps": args.steps, "steps_done": steps, "batch_size": args.batch_size, "dtype": args.dtype, "threads": args.threads,
         "texts": args.texts, "same_data_as": same_as, "seconds_this_run": timings, "jobs": args.jobs, "hardware": hardware(),
-        "bootstrap": {"draws": 2000, "interval": "percentile 95%", "unit": "graded query", "paired_with": "control"}}}
+        "bootstrap": {"draws": 2000, "interval": "percentile 95%", "unit": "graded query", "paired_with": base}}}
     (out / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "table.json").write_text(json.dumps({"paired_with": base, "table": table}, indent=2) + "\n")
     (out / "compare.md").write_text(markdown(result))
     print(markdown(result))
 
 
-def ceiling_table(scores: pd.DataFrame, rows: list[dict], systems: list[str], base: str = "control") -> dict:
+def ceiling_table(scores: pd.DataFrame, rows: list[dict], systems: list[str], base: str = "self_train") -> dict:
     """NDCG@10 of each system overall and per mechanism, with its paired difference from `base`."""
     graded = scores.dropna(subset=["ndcg@10"])
     wide = graded.pivot(index="id", columns="system", values="ndcg@10")
@@ -182,15 +199,51 @@ def ceiling_table(scores: pd.DataFrame, rows: list[dict], systems: list[str], ba
         for name in systems:
             entry = {"ndcg@10": round(float(sub[name].mean()), 4)}
             if name != base and base in sub:
-                entry["vs_control"] = {k: round(v, 4) for k, v in paired_bootstrap(sub[base].to_numpy(), sub[name].to_numpy()).items()}
+                entry["vs_base"] = {k: round(v, 4) for k, v in paired_bootstrap(sub[base].to_numpy(), sub[name].to_numpy()).items()}
             out[group][name] = entry
+    return out
+
+
+def distance(a: dict, b: dict) -> int:
+    """How many of the intent and the slot values two parses disagree on.
+
+    >>> distance({"intent": "find_business", "slots": {"cuisine": "italian"}}, {"intent": "find_business", "slots": {"cuisine": "pizza"}})
+    1
+    """
+    return (a["intent"] != b["intent"]) + sum(a["slots"].get(k) != b["slots"].get(k) for k in set(a["slots"]) | set(b["slots"]))
+
+
+def edit_audit(labels: Path, world: Path) -> dict:
+    """Each text a reward row relabeled against its hidden need: is the edited label closer to it than the greedy parse
+    (`distance`), overall and per accepted edit (kind, trigger, slot, old -> new)?"""
+    if not labels.is_file():
+        return {}
+    needs = pd.read_parquet(world / "audit" / "needs.parquet").set_index("query_id")
+    out = {"texts_edited": 0, "closer": 0, "farther": 0, "same": 0}
+    per_edit: dict[str, dict[str, int]] = {}
+    for line in labels.read_text().splitlines():
+        r = json.loads(line)
+        if not r["edits"] or r["id"] not in needs.index:
+            continue
+        need = {"intent": needs.at[r["id"], "intent"], "slots": json.loads(needs.at[r["id"], "slots"])}
+        gap = distance(r["greedy"], need) - distance({"intent": r["intent"], "slots": r["slots"]}, need)
+        verdict = "closer" if gap > 0 else "farther" if gap < 0 else "same"
+        out["texts_edited"] += 1
+        out[verdict] += 1
+        for e in r["edits"]:
+            name = f"{e['kind']} '{e['trigger']}': {e['slot']} {json.dumps(e['old'])} -> {json.dumps(e['new'])}"
+            per_edit.setdefault(name, {"closer": 0, "farther": 0, "same": 0})[verdict] += 1
+    out["share_closer"] = round(out["closer"] / out["texts_edited"], 4) if out["texts_edited"] else None
+    out["share_farther"] = round(out["farther"] / out["texts_edited"], 4) if out["texts_edited"] else None
+    out["by_edit"] = dict(sorted(per_edit.items(), key=lambda kv: -sum(kv[1].values())))
     return out
 
 
 def markdown(result: dict) -> str:
     table, meta = result["table"], result["meta"]
     systems = [k for k in table["all"] if k != "n"]
-    lines = [f"NDCG@10 on {meta['split']} ({meta['graded_rows']} graded queries), {meta['world']}; training rows: {meta['steps']} steps x "
+    lines = [f"NDCG@10 on {meta['split']} ({meta['graded_rows']} graded queries), {meta['world']}; in brackets: the paired difference "
+             f"from {meta['bootstrap']['paired_with']} with its 95% interval; training rows: {meta['steps']} steps x "
              f"{meta['batch_size']}, {meta['dtype']}, {meta['threads']} threads, from {meta['sft']}; {meta['hardware']}."
              + "".join(f" {a} is {b}'s model (the same training data)." for a, b in meta.get("same_data_as", {}).items()), "",
              "| system | " + " | ".join(f"{g} (n={table[g]['n']})" for g in table) + " |", "|---|" + "---|" * len(table)]
@@ -198,9 +251,13 @@ def markdown(result: dict) -> str:
         cells = []
         for g in table:
             e = table[g][name]
-            d = e.get("vs_control")
+            d = e.get("vs_base")
             cells.append(f"{e['ndcg@10']:.3f}" + (f" ({d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}])" if d else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for name, audit in result.get("edit_audit", {}).items():
+        if audit:
+            lines.append(f"\n{name}: {audit['texts_edited']} log texts relabeled; against the hidden need the edited label is closer than the "
+                         f"greedy parse for {audit['closer']}, farther for {audit['farther']}, as far for {audit['same']}.")
     return "\n".join(lines) + "\n"
 
 

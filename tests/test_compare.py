@@ -1,4 +1,4 @@
-"""eval/compare.py end to end on the small world and the tiny model: every row of the ceiling table, resumable."""
+"""eval/compare.py end to end on the small world and the tiny model: every row of the table, paired with self-training, resumable."""
 
 from __future__ import annotations
 
@@ -20,19 +20,27 @@ def test_compare_writes_every_row_and_resumes(tiny_model, small_world_master, re
            "--dtype", "fp32", "--jobs", "2"]
     subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True)
     result = json.loads((out / "compare.json").read_text())
-    systems = {"raw", "bm25", "peer", "sft", "control", "label_ceiling", "guideline_run", "guideline_oracle", "oracle"}
+    trained = ["control", "label_ceiling", "guideline_run", "self_train", "rft", "rft_placebo", "rft_no_pool", "rft_no_abstain"]
+    systems = {"raw", "bm25", "peer", "sft", *trained, "guideline_oracle", "oracle"}
     assert systems <= set(result["table"]["all"])
-    assert result["meta"]["steps_done"] == {"control": 1, "label_ceiling": 1, "guideline_run": 1}
+    assert result["meta"]["steps_done"] == dict.fromkeys(trained, 1)
     assert {"dtype", "threads", "batch_size", "hardware"} <= set(result["meta"])
     overall = result["table"]["all"]
     assert overall["oracle"]["ndcg@10"] > overall["raw"]["ndcg@10"]
-    assert set(overall["label_ceiling"]["vs_control"]) == {"mean", "low", "high"} and "vs_control" not in overall["control"]
+    assert result["meta"]["bootstrap"]["paired_with"] == "self_train" and "vs_base" not in overall["self_train"]
+    assert set(overall["rft"]["vs_base"]) == {"mean", "low", "high"} and set(overall["control"]["vs_base"]) == {"mean", "low", "high"}
+    assert json.loads((out / "table.json").read_text())["table"] == result["table"]
+    assert set(result["edit_audit"]) == {"rft", "rft_placebo", "rft_no_pool", "rft_no_abstain"}
+    # the reward rows add the same log texts as the ceiling rows, parsed once by the SFT model and reused
+    texts = [json.loads(line)["text"] for line in (out / "models" / "self_train" / "greedy.jsonl").read_text().splitlines()]
+    assert texts == [json.loads(line)["text"] for line in (out / "models" / "rft" / "greedy.jsonl").read_text().splitlines()]
     assert {"taxonomy", "drift", "generic_name", "filter_guideline"} & set(result["table"])  # per-mechanism rows
     # the ceiling and the guideline rows add the same log texts, labeled with the need and with the guideline
     ceiling = [json.loads(line) for line in (out / "data" / "label_ceiling.jsonl").read_text().splitlines()]
     guideline = [json.loads(line) for line in (out / "data" / "guideline_run.jsonl").read_text().splitlines()]
     assert sorted(r["text"] for r in ceiling) == sorted(r["text"] for r in guideline)
+    assert set(texts) <= {r["text"] for r in ceiling}
     assert any(a != b for a, b in zip(sorted(map(json.dumps, ceiling)), sorted(map(json.dumps, guideline))))
     stamp = (out / "models" / "control" / "querytune.json").stat().st_mtime
     rerun = subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, text=True)
-    assert "train sft" not in rerun.stdout and (out / "models" / "control" / "querytune.json").stat().st_mtime == stamp
+    assert "train sft" not in rerun.stdout and "train rft" not in rerun.stdout and (out / "models" / "control" / "querytune.json").stat().st_mtime == stamp

@@ -157,8 +157,6 @@ class RetrievalReward:
               gains: dict[str, float] | str, fmt: str = "json") -> float:
         """Reward of one completion (in format `fmt`) for one logged context of a query: `gains` holds the debiased
         gain of every business the log showed for the query's text in `user_city` (`querytune.train.clicks`)."""
-        from querytune.search import Context
-
         self.calls += 1
         try:
             parse = strict_parse(self.schema, completion, self.max_chars, fmt)
@@ -174,6 +172,12 @@ class RetrievalReward:
             gains = json.loads(gains)
         if not any(g > 0 for g in gains.values()):
             return 0.0
+        return condensed_ndcg(self.ranked(parse, user_city, timestamp), gains, self.k)
+
+    def ranked(self, parse, user_city: str, timestamp: str | datetime) -> list[str]:
+        """The top `depth` businesses of a parse's search in one context (cached for the life of the object)."""
+        from querytune.search import Context
+
         ts = timestamp if isinstance(timestamp, datetime) else datetime.fromisoformat(str(timestamp))
         when = ts.isoformat(timespec="minutes") if self.timed & set(parse.slots) else None  # untimed searches share one result
         key = (parse.to_json(), user_city, when)
@@ -181,7 +185,7 @@ class RetrievalReward:
         if ranked is None:
             self.search_calls += 1
             ranked = self._searches[key] = self.searcher.search(parse, Context(user_city, ts), k=self.depth)
-        return condensed_ndcg(ranked, gains, self.k)
+        return ranked
 
     def __call__(self, prompts=None, completions=None, query=None, user_city=None, timestamp=None, gains=None, contexts=None,
                  fmt=None, **_) -> list[float]:

@@ -137,8 +137,9 @@ def finish_checkpoints(out: Path, trainer) -> None:
 
 def train_sft(rows: list[LabeledRow], schema: Schema, out: Path, base: str | None, preset: dict[str, Any],
               seed: int = 0, say=print, init: Path | None = None, resume: bool = False, fmt: str = DEFAULT_FORMAT,
-              report_to: str = "none") -> dict[str, Any]:
-    """Train and save; returns a summary (steps, seconds, final loss, token lengths, dtype). `fmt`: the format the
+              report_to: str = "none", stage: str = "sft") -> dict[str, Any]:
+    """Train and save; returns a summary (steps, seconds, final loss, token lengths, dtype). `stage`: what the folder
+    records it is (`querytune.train.rft` trains through here too). `fmt`: the format the
     model reads and writes (`querytune.runtime.formats`). `init`: a model folder to continue from (its adapters merged, a new
     LoRA on top, its format kept) instead of the bare base. The folder's schema
     carries the aliases its labels support (`querytune.train.aliases`), plus those of `init`. `resume`: continue from the
@@ -211,7 +212,7 @@ def train_sft(rows: list[LabeledRow], schema: Schema, out: Path, base: str | Non
     trainer.model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     max_new = int(max(completion_lengths) * 1.5) + 8
-    summary = {"stage": "sft", "format": fmt, "base": base or "smollm2-135m-instruct", "base_path": base_dir, "examples": len(examples),
+    summary = {"stage": stage, "format": fmt, "base": base or "smollm2-135m-instruct", "base_path": base_dir, "examples": len(examples),
                "steps": result.global_step, "train_seconds": round(seconds, 1),
                "seconds_per_step": round(seconds / max(1, result.global_step), 2),
                "final_loss": json.loads((out / "steps.jsonl").read_text().splitlines()[-1])["loss"],
@@ -221,7 +222,7 @@ def train_sft(rows: list[LabeledRow], schema: Schema, out: Path, base: str | Non
                "dtype_probe": probe, "gradient_checkpointing": bool(args.activation_checkpointing),
                "mined_aliases": sum(map(len, mined.values()))}
     mined_all = {n: init_meta.get("mined_aliases", {}).get(n, {}) | mined.get(n, {}) for n in sorted({*init_meta.get("mined_aliases", {}), *mined})}
-    meta = {"stage": "sft", **base_meta, "format": fmt, "adapter": True, "max_new_tokens": max_new, "mined_aliases": mined_all}
+    meta = {"stage": stage, **base_meta, "format": fmt, "adapter": True, "max_new_tokens": max_new, "mined_aliases": mined_all}
     if init:
         meta |= {"init_adapters": copy_adapter_chain(init, out), "init": str(init)}
     save_model_meta(out, schema, meta)

@@ -49,16 +49,8 @@ def click_targets(world: str | Path, n: int, seed: int = 0, exclude: set[str] | 
     another's contexts (its cities, times and gains)."""
     if pick not in PICKS:
         raise ValueError(f"pick: {pick!r} is not one of {', '.join(PICKS)}")
-    world = Path(world)
-    log = pd.read_parquet(world / "log.parquet")  # display_p may be missing (a v1 world): read as all 1.0
-    log = log[log["period"] == "early"].reset_index(drop=True)
-    propensity = estimate_propensity(log)  # from every early row: the randomisation, not the labels, is what it reads
-    seed_texts = [normalize_text(json.loads(line)["text"]) for line in (world / "seed.jsonl").read_text().splitlines() if line.strip()]
-    exclude = exclude if exclude is not None else set(seed_texts)
-    log["key"] = log["query"].map(normalize_text)
-    log = log[(log["key"] != "") & ~log["key"].isin(exclude)]
+    log, propensity, seed_texts = early_log(world, exclude)
     clicked = log[log["clicked"].map(lambda c: c is not None and len(c) > 0)]["key"]
-    latest = log.sort_values("timestamp", kind="stable").groupby("key").tail(1).set_index("key")["query"]  # its latest spelling
     rows = log["key"].value_counts().to_dict()
     keys = sorted(set(clicked))
     rng = random.Random(seed)
@@ -67,11 +59,61 @@ def click_targets(world: str | Path, n: int, seed: int = 0, exclude: set[str] | 
         keys = novel_first(keys, rows, seed_texts, n)
     else:
         keys = sorted(keys, key=lambda k: -rows[k])[:n] if pick == "traffic" else keys[:n]
+    return _with_contexts(log, propensity, keys, rng, shuffle_clicks, max_contexts)
+
+
+def early_log(world: str | Path, exclude: set[str] | None = None) -> tuple[pd.DataFrame, Any, list[str]]:
+    """The early log's rows outside the seed set (or outside `exclude`, normalised texts), with a `key` column
+    (the normalised text); the examination curve fitted on every early row; the seed's normalised texts."""
+    world = Path(world)
+    log = pd.read_parquet(world / "log.parquet")  # display_p may be missing (a v1 world): read as all 1.0
+    log = log[log["period"] == "early"].reset_index(drop=True)
+    propensity = estimate_propensity(log)  # from every early row: the randomisation, not the labels, is what it reads
+    seed_texts = [normalize_text(json.loads(line)["text"]) for line in (world / "seed.jsonl").read_text().splitlines() if line.strip()]
+    exclude = exclude if exclude is not None else set(seed_texts)
+    log["key"] = log["query"].map(normalize_text)
+    return log[(log["key"] != "") & ~log["key"].isin(exclude)], propensity, seed_texts
+
+
+def _with_contexts(log: pd.DataFrame, propensity, keys: list[str], rng: random.Random, shuffle_clicks: bool,
+                   max_contexts: int) -> list[dict[str, Any]]:
+    latest = log.sort_values("timestamp", kind="stable").groupby("key").tail(1).set_index("key")["query"]  # its latest spelling
+    rows = log["key"].value_counts().to_dict()
     contexts = contexts_by_text(log[log["key"].isin(set(keys))], propensity, max_contexts)
+    keys = [k for k in keys if k in contexts]
     ctx_lists = [contexts[k] for k in keys]
     if shuffle_clicks:
         rng.shuffle(ctx_lists)
     return [{"query": latest[k], "rows": int(rows[k]), "contexts": ctx} | ctx[0] for k, ctx in zip(keys, ctx_lists)]
+
+
+def early_texts(world: str | Path, n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """`n` distinct early-log texts outside the seed, drawn by rows (so by traffic), each as its first drawn row
+    (`query_id`, `text`, `timestamp`, `user_city`): the log texts that self-training, RFT and the ceiling rows
+    of eval/compare.py all add to the seed."""
+    world = Path(world)
+    log = pd.read_parquet(world / "log.parquet", columns=["query_id", "query", "period", "timestamp", "user_city"])
+    seen = {normalize_text(json.loads(line)["text"]) for line in (world / "seed.jsonl").read_text().splitlines() if line.strip()}
+    out = []
+    for r in log[log["period"] == "early"].sample(frac=1.0, random_state=seed).itertuples():
+        text = normalize_text(r.query)
+        if not text or text in seen:
+            continue
+        seen.add(text)
+        out.append({"query_id": r.query_id, "text": r.query, "timestamp": r.timestamp.isoformat(), "user_city": r.user_city})
+        if len(out) >= n:
+            break
+    return out
+
+
+def text_targets(world: str | Path, texts: list[str], seed: int = 0, shuffle_clicks: bool = False,
+                 max_contexts: int = MAX_CONTEXTS) -> dict[str, dict[str, Any]]:
+    """Normalised text -> its target (as `click_targets` builds them) for those of `texts` with clicks in the
+    early log; `shuffle_clicks` deals their contexts out at random among them (the placebo)."""
+    log, propensity, _ = early_log(world, exclude=set())
+    keys = sorted({normalize_text(t) for t in texts})
+    targets = _with_contexts(log[log["key"].isin(set(keys))], propensity, keys, random.Random(seed), shuffle_clicks, max_contexts)
+    return {normalize_text(t["query"]): t for t in targets}
 
 
 def novel_first(keys: list[str], rows: dict[str, int], seed_texts: list[str], n: int, min_rows: int = 5) -> list[str]:

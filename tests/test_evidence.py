@@ -1,0 +1,143 @@
+"""The click-evidence miner on a hand-built log: a planted edit is accepted, a planted null is not, an unsupported
+text stays unknown, a vetoed table is what relabels; and `train rft` (and self-training) end to end on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from querytune.cli import app
+from querytune.schema_file import load_schema
+from querytune.train.evidence import EditMiner
+from querytune.train.rft import PRESETS, RFTConfig, load_edit_table
+
+SCHEMA = load_schema()
+PIZZA_TEXTS = ["pizza near me", "pizza in soho", "late pizza", "best pizza", "pizza delivery spots", "pizza downtown", "cheap pizza",
+               "pizza by the slice", "family pizza", "pizza open now"]
+CHEAP_TEXTS = ["cheap thai", "cheap tacos near me", "cheap sushi", "cheap ramen", "cheap bbq", "cheap pho", "cheap burgers", "cheap korean"]
+
+
+class Shelf:
+    """A stand-in search: cuisine pizza finds the pizzerias first (p1, p2), any other parse the Italian places
+    (i1, i2) first; a price filter changes the order of the cheap texts' list by a coin flip per (parse, city)."""
+
+    catalog, embedder, k = None, None, 10
+
+    def __init__(self):
+        self.rng = random.Random(0)
+        self.calls = 0
+
+    def ranked(self, parse, user_city, timestamp):
+        self.calls += 1
+        if "pizza" in str(parse.slots.get("cuisine")) or parse.slots.get("cuisine") == "italian":
+            return ["p1", "p2", "i1", "i2"] if parse.slots.get("cuisine") == "pizza" else ["i1", "i2", "p1", "p2"]
+        pair = ["t1", "t2"] if random.Random(f"{parse.to_json()}|{user_city}").random() < 0.5 else ["t2", "t1"]
+        return pair + ["t3"]
+
+
+class Reward:
+    def __init__(self):
+        self.searcher, self.k, self.search_calls = Shelf(), 10, 0
+
+    def ranked(self, parse, user_city, timestamp):
+        return self.searcher.ranked(parse, user_city, timestamp)
+
+
+def ctx(city: str, gains: dict) -> dict:
+    return {"user_city": city, "timestamp": "2026-09-01T12:00:00", "gains": gains}
+
+
+def hand_built():
+    """Greedy parses as a guideline-taught model writes them (pizza read as italian, cheap as the cheapest tier), and
+    clicks: pizzerias clicked in every city; for the cheap texts t1 or t2 clicked by a coin flip (no evidence)."""
+    texts = PIZZA_TEXTS + CHEAP_TEXTS + ["pizza in a town nobody logged"]
+    greedy = [{"intent": "find_business", "slots": {"category": "restaurant", "cuisine": "italian"}} for _ in PIZZA_TEXTS]
+    greedy += [{"intent": "find_business", "slots": {"category": "restaurant", "cuisine": t.split()[1], "price": "cheap"}}
+               for t in CHEAP_TEXTS]
+    greedy += [{"intent": "find_business", "slots": {"category": "restaurant", "cuisine": "italian"}}]
+    coin = random.Random(1)
+    targets = {t: {"query": t, "contexts": [ctx(c, {"p1": 0.9, "p2": 0.5, "i1": 0.0}) for c in ("austin", "boston", "miami")]}
+               for t in PIZZA_TEXTS}
+    targets |= {t: {"query": t, "contexts": [ctx(c, {"t1": 1.0, "t2": 0.0} if coin.random() < 0.5 else {"t1": 0.0, "t2": 1.0})
+                                             for c in ("austin", "boston", "miami", "denver")]} for t in CHEAP_TEXTS}
+    # a text whose logged lists share no business with either parse's results: nothing can judge it
+    targets["pizza in a town nobody logged"] = {"query": "pizza in a town nobody logged", "contexts": [ctx("austin", {"z9": 1.0})]}
+    return texts, greedy, targets
+
+
+def test_the_miner_accepts_a_planted_edit_and_rejects_a_planted_null():
+    texts, greedy, targets = hand_built()
+    miner = EditMiner(SCHEMA, Reward(), seed_rows=[])
+    table, proposals = miner.mine(texts, greedy, targets)
+    pizza = table[(table["trigger"] == "pizza") & (table["new"] == '"pizza"')]
+    assert len(pizza) == 1 and bool(pizza["accepted"].iloc[0]) and pizza["route"].iloc[0] == "pooled"
+    assert pizza["texts"].iloc[0] == len(PIZZA_TEXTS) and pizza["effect"].iloc[0] > 0.3 and pizza["low"].iloc[0] > 0
+    swaps = table[table["slot"] == "price"]
+    assert len(swaps) > 0 and not swaps["accepted"].any()  # coin-flip clicks: every price swap tested, none accepted
+    assert swaps["q"].notna().all() and (swaps["q"] > 0.05).all()
+    relabeled = miner.apply(texts, greedy, proposals, table)
+    assert all(p["slots"]["cuisine"] == "pizza" for p, _ in relabeled[: len(PIZZA_TEXTS)])
+    assert all(p["slots"]["price"] == "cheap" for p, _ in relabeled[len(PIZZA_TEXTS):-1])
+    # pooled evidence carries to the text no context could judge: it holds the trigger, so it is relabeled too
+    assert relabeled[-1][0]["slots"]["cuisine"] == "pizza" and [e.trigger for e in relabeled[-1][1]] == ["pizza"]
+
+
+def test_abstention_leaves_an_unsupported_text_unknown():
+    texts, greedy, targets = hand_built()
+    last = len(texts) - 1
+    for abstain, expected in ((True, None), (False, 0.0)):
+        miner = EditMiner(SCHEMA, Reward(), seed_rows=[], abstain=abstain)
+        found = miner.evidence(texts, greedy, miner.propose(texts, greedy), targets)
+        assert {ev.effect for ev in found if ev.text == last} == {expected}
+
+
+def test_a_vetoed_table_read_back_from_csv_is_what_relabels(tmp_path):
+    texts, greedy, targets = hand_built()
+    miner = EditMiner(SCHEMA, Reward(), seed_rows=[])
+    table, proposals = miner.mine(texts, greedy, targets)
+    table.to_csv(tmp_path / "edits.csv", index=False)
+    kept = load_edit_table(tmp_path / "edits.csv")
+    assert [p for p, _ in miner.apply(texts, greedy, proposals, kept)] == [p for p, _ in miner.apply(texts, greedy, proposals, table)]
+    kept.loc[kept["trigger"] == "pizza", "accepted"] = False  # the user vetoes the edit
+    assert [p for p, _ in miner.apply(texts, greedy, proposals, kept)] == greedy
+    bad = pd.read_csv(tmp_path / "edits.csv", keep_default_na=False, dtype=str).assign(accepted="maybe")
+    bad.to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(ValueError, match="bad.csv: line 2: accepted must be true or false"):
+        load_edit_table(tmp_path / "bad.csv")
+
+
+def test_an_unknown_config_key_is_an_error_naming_it():
+    with pytest.raises(ValueError, match="unknown option.*alpah"):
+        RFTConfig.resolve(PRESETS["quick"], {"alpah": 0.1})
+    assert RFTConfig.resolve(PRESETS["quick"], {"alpha": 0.1, "texts": None}).alpha == 0.1
+
+
+@pytest.mark.slow
+def test_rft_and_self_training_run_through_the_cli(tiny_model, small_world, real_index, tmp_path):
+    """Both on the small world and a real index from the tiny model: the labels, the edit table and a trained folder
+    whose LoRA moved; self-training writes no table; an unknown config key exits 2 naming it."""
+    import yaml
+    from safetensors.torch import load_file
+
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({"texts": 40, "max_steps": 2, "batch_size": 4, "bf16": False, "min_texts": 2}))
+    common = ["--init", str(tiny_model), "--world", str(small_world), "--index", str(real_index), "--config", str(tmp_path / "tiny.yaml")]
+    for name, extra in (("rft", []), ("st", ["--edits", "none"])):
+        result = CliRunner().invoke(app, ["train", "rft", *common, "--out", str(tmp_path / name), *extra])
+        assert result.exit_code == 0, result.output
+        out = tmp_path / name
+        labels = [json.loads(line) for line in (out / "labels.jsonl").read_text().splitlines()]
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["steps"] == 2 and summary["log_texts"] == len(labels) > 0
+        assert json.loads((out / "querytune.json").read_text())["stage"] == {"rft": "rft", "st": "self_train"}[name]
+        assert any(w.abs().sum() > 0 for k, w in load_file(out / "adapter_model.safetensors").items() if "lora_B" in k)
+        if name == "st":
+            assert not (out / "edits.csv").exists() and all(r["edits"] == [] and r["greedy"]["intent"] == r["intent"] for r in labels)
+        else:
+            assert (out / "edits.csv").is_file() and json.loads((out / "evidence.json").read_text())["texts_with_clicks"] > 0
+    (tmp_path / "typo.yaml").write_text(yaml.safe_dump({"alpah": 0.1}))
+    result = CliRunner().invoke(app, ["train", "rft", *common[:6], "--config", str(tmp_path / "typo.yaml"), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "alpah" in result.output
