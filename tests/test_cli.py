@@ -20,6 +20,32 @@ def test_version_prints_the_installed_version():
     assert r.exit_code == 0 and r.output.strip() == f"querytune {version('querytune')}"
 
 
+def test_training_commands_start_again_under_jemalloc_where_the_system_has_it(monkeypatch):
+    """The console script re-executes `train` and `demo` with jemalloc preloaded (once: the new process sees it in
+    LD_PRELOAD), leaves other commands and QUERYTUNE_ALLOCATOR=system alone, and does nothing without the library."""
+    import querytune.cli as cli
+
+    calls = []
+    monkeypatch.setattr(cli.os, "execve", lambda exe, args, env: calls.append((args[1:], env.get("LD_PRELOAD"))))
+    monkeypatch.setattr(cli, "app", lambda args, prog_name: calls.append(("app", args)))
+    monkeypatch.setattr(cli.os.path, "exists", lambda p: p == cli.JEMALLOC[0])
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.delenv("QUERYTUNE_ALLOCATOR", raising=False)
+    cli.main(["train", "sft", "--help"])
+    assert calls[0] == (["-m", "querytune.cli", "train", "sft", "--help"], cli.JEMALLOC[0])
+    calls.clear()
+    monkeypatch.setenv("LD_PRELOAD", cli.JEMALLOC[0])  # the process started again
+    cli.main(["train", "sft", "--help"])
+    cli.main(["predict", "--help"])
+    monkeypatch.delenv("LD_PRELOAD")
+    monkeypatch.setenv("QUERYTUNE_ALLOCATOR", "system")
+    cli.main(["demo"])
+    monkeypatch.delenv("QUERYTUNE_ALLOCATOR")
+    monkeypatch.setattr(cli.os.path, "exists", lambda p: False)
+    cli.main(["train", "sft"])
+    assert calls == [("app", ["train", "sft", "--help"]), ("app", ["predict", "--help"]), ("app", ["demo"]), ("app", ["train", "sft"])]
+
+
 def test_each_choice_type_is_the_tuple_its_module_checks():
     from querytune.runtime.backends import BACKENDS
     from querytune.runtime.formats import FORMATS

