@@ -141,3 +141,37 @@ def test_rft_and_self_training_run_through_the_cli(tiny_model, small_world, real
     (tmp_path / "typo.yaml").write_text(yaml.safe_dump({"alpah": 0.1}))
     result = CliRunner().invoke(app, ["train", "rft", *common[:6], "--config", str(tmp_path / "typo.yaml"), "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "alpah" in result.output
+
+
+@pytest.mark.slow
+def test_dpo_trains_on_the_miners_edits_through_the_cli(tiny_model, small_world, real_index, tmp_path):
+    """`train dpo --edits-from RFT_RUN`: one pair per text its accepted edits changed (edited label chosen, greedy parse
+    rejected); a run mined from another model is refused, and one whose miner accepted nothing exits 2 saying so."""
+    import yaml
+
+    from querytune.runtime.model import ModelFolder
+
+    run = tmp_path / "rft"
+    run.mkdir()
+    greedy = {"intent": "find_business", "slots": {"category": "restaurant", "cuisine": "italian"}}
+    edited = {"intent": "find_business", "slots": {"category": "restaurant", "cuisine": "pizza"}}
+    edit = {"kind": "what", "trigger": "pizza", "slot": "cuisine", "old": "italian", "new": "pizza", "intent": None}
+    rows = [{"id": f"q{i}", "text": f"pizza spot {i}", **edited, "greedy": greedy, "edits": [edit]} for i in range(4)]
+    rows.append({"id": "q9", "text": "italian dinner", **greedy, "greedy": greedy, "edits": []})
+    (run / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    version = ModelFolder.open(tiny_model).version
+    (run / "greedy.jsonl").write_text("".join(json.dumps({"text": r["text"], "greedy": greedy, "model_version": version}) + "\n" for r in rows))
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({"lora_r": 4, "lora_alpha": 8, "bf16": False, "max_minutes": 0, "max_steps": 1, "batch_size": 2}))
+    common = ["train", "dpo", "--init", str(tiny_model), "--world", str(small_world), "--index", str(real_index), "--config", str(tmp_path / "tiny.yaml")]
+    result = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "dpo"), "--edits-from", str(run)])
+    assert result.exit_code == 0, result.output
+    pairs = pd.read_parquet(tmp_path / "dpo" / "pairs.parquet")
+    assert len(pairs) == 4 and set(pairs["chosen"]) == {json.dumps(edited, separators=(",", ":"))}
+    assert json.loads((tmp_path / "dpo" / "summary.json").read_text())["steps"] == 1
+    (run / "greedy.jsonl").write_text((run / "greedy.jsonl").read_text().replace(version, "another-model"))
+    result = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "dpo2"), "--edits-from", str(run)])
+    assert result.exit_code == 2 and "parsed by another model" in result.output
+    (run / "greedy.jsonl").write_text((run / "greedy.jsonl").read_text().replace("another-model", version))
+    (run / "labels.jsonl").write_text(json.dumps(rows[-1]) + "\n")
+    result = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "dpo3"), "--edits-from", str(run)])
+    assert result.exit_code == 2 and "accepted no edit" in result.output

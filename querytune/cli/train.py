@@ -167,6 +167,7 @@ def dpo(
     beta: float = typer.Option(None, "--beta", help="DPO beta: how far the policy may move from the reference."),
     max_steps: int = typer.Option(None, "--max-steps", help="Optimizer steps (-1: use the preset's epochs)."),
     pairs_file: Path = typer.Option(None, "--pairs", help="Train on this pair file (Parquet) instead of sampling and scoring."),
+    edits_from: Path = typer.Option(None, "--edits-from", help="Pairs from the click-evidence miner instead of sampling: a `train rft` output folder of the same --init; each log text its accepted edits changed (chosen) against the greedy parse (rejected)."),
     shuffle_clicks: bool = typer.Option(False, "--shuffle-clicks", help="Control run: score each query against another query's clicks."),
     resume: bool = typer.Option(False, "--resume", help="Continue a stopped run from the last checkpoint in OUT/checkpoints and OUT/pairs.parquet (same options; the step log continues)."),
     report_to: str = typer.Option("none", "--report-to", help=REPORT_TO_HELP),
@@ -187,10 +188,20 @@ def dpo(
         check_resume(out, resume)
         out.mkdir(parents=True, exist_ok=True)
         write_resolved({"command": "train dpo", "init": str(init), "world": str(world), "index": str(index), "preset": preset,
-                        "pairs": str(pairs_file) if pairs_file else None, "shuffle_clicks": shuffle_clicks, "seed": seed, **resolved},
+                        "pairs": str(pairs_file) if pairs_file else None, "edits_from": str(edits_from) if edits_from else None, "shuffle_clicks": shuffle_clicks, "seed": seed, **resolved},
                        out / "train_config.json")
         t0 = time.perf_counter()
-        if pairs_file or (resume and (out / "pairs.parquet").is_file()):  # a resumed run trains on the pairs it began with
+        if edits_from and not (resume and (out / "pairs.parquet").is_file()):
+            from querytune.runtime.model import ModelFolder
+            from querytune.train.pairs import edit_pairs
+
+            pairs = edit_pairs(edits_from, ModelFolder.open(init).version)
+            if pairs.empty:
+                raise UserError(f"--edits-from {edits_from}: the miner accepted no edit there: no pairs to train on")
+            pairs.to_parquet(out / "pairs.parquet", index=False)
+            pairs, stats = load_pairs(out / "pairs.parquet"), {"pairs_from": f"edits of {edits_from}"}
+            out_console.print(f"DPO: {len(pairs):,} pairs from the miner's edits in {edits_from}")
+        elif pairs_file or (resume and (out / "pairs.parquet").is_file()):  # a resumed run trains on the pairs it began with
             pairs = load_pairs(pairs_file or out / "pairs.parquet")
             stats = {"pairs_from": str(pairs_file or out / "pairs.parquet")}
         else:

@@ -194,6 +194,28 @@ def screen(targets: list[dict], candidates: list[list[str]], reward: RetrievalRe
     return kept
 
 
+def edit_pairs(run: str | Path, version: str | None = None) -> pd.DataFrame:
+    """DPO pairs from the click-evidence miner (`querytune train rft`'s OUT/labels.jsonl): each log text that accepted
+    edits changed, its edited label (chosen) against the model's greedy parse (rejected), as canonical JSON. The scores
+    are the miner's verdict (1 and 0), not rewards. `version`: the init model's, which must have parsed the texts."""
+    run = Path(run)
+    labels, greedy = run / "labels.jsonl", run / "greedy.jsonl"
+    if not labels.is_file() or not greedy.is_file():
+        raise FileNotFoundError(f"{run}: no labels.jsonl and greedy.jsonl here (a `querytune train rft` output folder)")
+    if version is not None:
+        first = json.loads(greedy.read_text(encoding="utf-8").splitlines()[0])
+        if first.get("model_version") != version:
+            raise ValueError(f"{greedy}: parsed by another model than --init (model version {version}); mine with the same init")
+    as_json = lambda p: json.dumps({"intent": p["intent"], "slots": p["slots"]}, separators=(",", ":"), ensure_ascii=False)  # noqa: E731
+    rows = []
+    for line in labels.read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        if r["edits"]:
+            rows.append({"query": r["text"], "user_city": None, "timestamp": None, "chosen": as_json(r), "rejected": as_json(r["greedy"]),
+                         "chosen_score": 1.0, "rejected_score": 0.0, "rejected_is_greedy": True, "candidates": 2, "rows": 1, "contexts": 0})
+    return pd.DataFrame(rows, columns=PAIR_COLUMNS)
+
+
 def load_pairs(path: str | Path) -> pd.DataFrame:
     """A pair file (Parquet), checked: every chosen completion must score strictly above its rejected one."""
     path = Path(path)
