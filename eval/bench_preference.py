@@ -66,7 +66,7 @@ def main() -> None:
     fixed = {"max_steps": args.steps + 1, "warmup_steps": 0, "max_minutes": None}
     pairs = seed_pairs(args.world) if "dpo" in stages else None
     if "grpo" in stages:
-        from querytune.cli.train_common import retrieval_reward
+        from querytune.train.reward import retrieval_reward
         from querytune.train.targets import click_targets
 
         reward, _ = retrieval_reward(args.init, args.index)

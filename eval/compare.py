@@ -11,6 +11,7 @@ interval against self-training, or against the control where self-training is no
   (`querytune train rft --edits none`): the fair control of every reward stage;
 - rft: the same texts relabeled by the edits the clicks support (`querytune train rft`); rft_placebo: with each text
   judged on another text's clicks; rft_no_pool, rft_no_abstain: without pooled tests, without abstention;
+- dpo: DPO from the SFT model on rft's accepted edits (edited label chosen, greedy parse rejected; `train dpo --edits-from`);
 - label_ceiling: the same steps on the seed plus the true parses (the world's hidden needs) of the same texts:
   what a stage that learns from the log could at best reach;
 - guideline_run: the same texts labeled by the annotation guideline: what labeling more of the log would buy;
@@ -110,8 +111,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of every training and parsing run.")
     ap.add_argument("--max-minutes", type=float, default=0, help="Cap per training row (0: none); the steps are the budget.")
     ap.add_argument("--jobs", type=int, default=1, help="Training rows (then parsing runs) at once, each with --threads threads.")
-    ap.add_argument("--rows", default=",".join((*TRAINED, *REWARD_ROWS)),
-                    help=f"Training rows to run, comma-separated (default: all of {', '.join((*TRAINED, *REWARD_ROWS))}); rows trained before stay in the table.")
+    ap.add_argument("--rows", default=",".join((*TRAINED, *REWARD_ROWS, "dpo")),
+                    help=f"Training rows to run, comma-separated (default: all of {', '.join((*TRAINED, *REWARD_ROWS, 'dpo'))}); rows trained before stay in the table.")
     args = ap.parse_args()
 
     out, world = args.out, args.world
@@ -130,16 +131,13 @@ def main() -> None:
             write_jsonl(rows, data[name])
     split = world / f"{args.split}.jsonl"
     chosen = [r.strip() for r in args.rows.split(",") if r.strip()]
-    unknown = set(chosen) - {*TRAINED, *REWARD_ROWS}
+    known = (*TRAINED, *REWARD_ROWS, "dpo")
+    unknown = set(chosen) - set(known)
     if unknown:
-        raise SystemExit(f"compare: --rows: unknown row(s) {', '.join(sorted(unknown))} (known: {', '.join((*TRAINED, *REWARD_ROWS))})")
-    every = {name: out / "models" / name for name in (*TRAINED, *REWARD_ROWS)}
-    models = {"sft": args.sft} | {name: folder for name, folder in every.items() if name in chosen or (folder / "querytune.json").is_file()}
+        raise SystemExit(f"compare: --rows: unknown row(s) {', '.join(sorted(unknown))} (known: {', '.join(known)})")
+    every = {name: out / "models" / name for name in known}
     # On the stationary profile the guideline is the need: the same data would train the same model twice.
     same_as = {"guideline_run": "label_ceiling"} if load_rows(data["guideline_run"]) == load_rows(data["label_ceiling"]) else {}
-    for name, twin in same_as.items():
-        if name in models:
-            models[name] = every[twin]
     fixed = ["--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-minutes", str(args.max_minutes),
              "--bf16" if args.dtype == "bf16" else "--no-bf16"]
     todo = lambda name: name in chosen and name not in same_as and not (every[name] / "querytune.json").is_file()  # noqa: E731
@@ -150,6 +148,14 @@ def main() -> None:
         reuse = ["--greedy-from", str(greedy)] if greedy.is_file() else []
         timings |= run_all([(qt + ["train", "rft", "--init", str(args.sft), "--world", str(world), "--index", str(args.index), "--out",
                                    str(every[name]), "--texts", str(args.texts), *fixed, *reuse, *REWARD_ROWS[name]], None)], env, 1)
+    if todo("dpo"):  # DPO on the pairs rft's miner accepted: its own preset's steps (two passes over the pairs)
+        edited = (every["rft"] / "labels.jsonl").is_file() and any(json.loads(line)["edits"] for line in (every["rft"] / "labels.jsonl").open())
+        if edited:
+            timings |= run_all([(qt + ["train", "dpo", "--init", str(args.sft), "--world", str(world), "--index", str(args.index), "--out",
+                                       str(every["dpo"]), "--edits-from", str(every["rft"])], None)], env, 1)
+        else:
+            print("compare: dpo skipped: rft's miner accepted no edit (or rft was not trained), so there are no pairs", flush=True)
+    models = {"sft": args.sft} | {name: every[same_as.get(name, name)] for name in known if (every[same_as.get(name, name)] / "querytune.json").is_file()}
     preds, parses = {}, []
     for name, folder in models.items():
         preds[name] = out / "predictions" / f"{same_as.get(name, name)}_{args.split}.jsonl"

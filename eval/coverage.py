@@ -22,13 +22,12 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python eval/coverage.py` from a checkout
 
-from querytune.cli.train_common import retrieval_reward  # noqa: E402
 from querytune.labeled import load_labeled  # noqa: E402
 from querytune.runtime.generate import Parser  # noqa: E402
 from querytune.runtime.model import ModelFolder, hardware  # noqa: E402
 from querytune.schema import ParseError, Schema  # noqa: E402
 from querytune.train.evidence import EditMiner  # noqa: E402
-from querytune.train.reward import strict_parse  # noqa: E402
+from querytune.train.reward import retrieval_reward, strict_parse  # noqa: E402
 from querytune.train.rft import self_labels  # noqa: E402
 from querytune.train.targets import as_json, early_texts  # noqa: E402
 

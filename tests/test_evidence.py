@@ -86,6 +86,26 @@ def test_the_miner_accepts_a_planted_edit_and_rejects_a_planted_null():
     assert relabeled[-1][0]["slots"]["cuisine"] == "pizza" and [e.trigger for e in relabeled[-1][1]] == ["pizza"]
 
 
+def test_a_screened_edit_is_judged_on_the_confirmation_texts_alone():
+    """Two stages: the training texts screen (uncorrected p), other log texts confirm; the same screened edit is
+    accepted where the confirmation texts' clicks agree and rejected where they favour the greedy parse."""
+    texts, greedy, targets = hand_built()
+    miner = EditMiner(SCHEMA, Reward(), seed_rows=[])
+    proposals = miner.propose(texts, greedy)
+    found = miner.evidence(texts, greedy, proposals, targets)
+    screened = miner.screened(found)
+    assert ("what", "pizza", "cuisine", '"italian"', '"pizza"') in screened
+    others = [f"pizza spot {i}" for i in range(6)]
+    parses = [{"intent": "find_business", "slots": {"category": "restaurant", "cuisine": "italian"}}] * len(others)
+    kept = [[e for e in edits if e.key in screened] for edits in miner.propose(others, parses)]
+    for gains, accepted in (({"p1": 0.9, "i1": 0.0}, True), ({"i1": 0.9, "p1": 0.0}, False)):
+        clicks = {t: {"query": t, "contexts": [ctx(c, gains) for c in ("austin", "boston")]} for t in others}
+        table = miner.decide(found, proposals, texts, miner.evidence(others, parses, kept, clicks))
+        row = table[(table["trigger"] == "pizza") & (table["new"] == '"pizza"') & (table["route"] == "pooled")].iloc[0]
+        assert row["screened"] and row["confirm_texts"] == len(others) and bool(row["accepted"]) is accepted
+        assert table.loc[~table["screened"].astype(bool), "q"].isna().all()  # only screened edits are tested
+
+
 def test_abstention_leaves_an_unsupported_text_unknown():
     texts, greedy, targets = hand_built()
     last = len(texts) - 1

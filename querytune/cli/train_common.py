@@ -1,5 +1,5 @@
 """Helpers the `querytune train` commands share: preset and config resolution, the checks made before any work, the
-retrieval reward, the evaluation after SFT, and the model card and summary written into each model folder."""
+evaluation after SFT, and the model card and summary written into each model folder."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import time
 from pathlib import Path
 
 from querytune.cli.common import UserError, load_config
+
+REPORT_TO_HELP = ("Where TRL also logs the training curves (beside OUT/steps.jsonl): none, tensorboard (needs tensorboard installed; "
+                  "`tensorboard --logdir OUT`), or any other of transformers' `report_to` integrations.")
 
 
 def resolve_preset(presets: dict, preset: str, config: Path | None, cli: dict) -> dict:
@@ -40,15 +43,6 @@ def check_init(init: Path) -> None:
     from querytune.runtime.model import ModelFolder
 
     ModelFolder.open(init)  # names the folder when it is not a model
-
-
-def retrieval_reward(init: Path, index: Path):
-    from querytune.runtime.model import ModelFolder
-    from querytune.search import Searcher
-    from querytune.train.reward import RetrievalReward
-
-    schema = ModelFolder.open(init).schema
-    return RetrievalReward(Searcher(index, schema), schema), schema
 
 
 def evaluate(model_dir: Path, data: Path) -> dict:

@@ -200,6 +200,15 @@ class RetrievalReward:
         return [self.score(q, c, u, t, g, f) for q, c, u, t, g, f in zip(query, texts, user_city, timestamp, gains, fmts, strict=True)]
 
 
+def retrieval_reward(init, index) -> tuple[RetrievalReward, Schema]:
+    """The reward over an index for a model folder's schema (every stage scores parses in its init's schema), and that schema."""
+    from querytune.runtime.model import ModelFolder
+    from querytune.search import Searcher
+
+    schema = ModelFolder.open(init).schema
+    return RetrievalReward(Searcher(index, schema), schema), schema
+
+
 def score_in_contexts(score, query: str, completion: str, contexts: list[dict[str, Any]]) -> float:
     """`score` (a reward's `score(query, completion, user_city, timestamp, gains)`) of one completion of a query,
     averaged over the query's logged contexts (`querytune.train.clicks.contexts_by_text`: rows spread over the log, each

@@ -38,7 +38,7 @@ from querytune.schema import normalize_text
 from querytune.train.evidence import TABLE_COLUMNS, EditMiner
 from querytune.train.sft import PRESETS as SFT_PRESETS
 from querytune.train.sft import train_sft
-from querytune.train.targets import early_texts, text_targets
+from querytune.train.targets import early_texts, text_targets, texts_with
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,8 @@ class RFTConfig:
     near: int = 2  # closed-list values / filters an n-gram proposes by embedding
     min_similarity: float = 0.5  # cosine an n-gram needs to propose a value or filter
     alpha: float = 0.05  # false-discovery rate of the pooled tests
+    screen_p: float = 0.05  # an edit goes on to confirmation when its pooled p on the training texts is at most this
+    confirm_texts: int = 30  # other log texts per screened trigger its confirmation is tested on (0: one stage, every edit tested)
     min_effect: float = 0.0  # mean NDCG@10 gain a pooled edit needs
     min_texts: int = 3  # texts with evidence a pooled test needs
     text_margin: float = 0.3  # single-text route: gain in each supported context
@@ -137,13 +139,25 @@ def reuse_greedy(path: Path, texts: list[str], version: str) -> list[dict[str, A
     return [r["greedy"] for r in rows]
 
 
+def confirm(miner: EditMiner, screened: set[tuple], init: Path, world: Path, texts: list[str], config: RFTConfig, seed: int, say=print):
+    """The screened edits' evidence on other log texts: up to `confirm_texts` clicked early-log texts per trigger, outside
+    the training texts and the seed, parsed by the init model; only the screened edits are scored there."""
+    triggers = {key[1] for key in screened}
+    others = texts_with(world, triggers, {normalize_text(t) for t in texts}, config.confirm_texts)
+    say(f"{len(screened)} edits pass the screen (p <= {config.screen_p}); confirming them on {len(others):,} other log texts")
+    greedy = self_labels(init, others, say)
+    targets = text_targets(world, others, seed=seed + 1, shuffle_clicks=config.shuffle_clicks, max_contexts=config.max_contexts)
+    proposals = [[e for e in edits if e.key in screened] for edits in miner.propose(others, greedy)]
+    return miner.evidence(others, greedy, proposals, targets), len(others)
+
+
 def build_labels(config: RFTConfig, init: Path, world: Path, index: Path, out: Path, seed: int = 0, say=print,
                  greedy_from: Path | None = None) -> dict[str, Any]:
     """Write OUT/labels.jsonl (and greedy.jsonl, edits.csv, evidence.json): the log texts with the labels this stage
     trains on. `greedy_from`: another run's greedy.jsonl of the same model and texts, reused instead of parsing again."""
     from rich.progress import Progress
 
-    from querytune.cli.train_common import retrieval_reward
+    from querytune.train.reward import retrieval_reward
 
     folder = ModelFolder.open(init)
     schema = folder.schema
@@ -159,20 +173,24 @@ def build_labels(config: RFTConfig, init: Path, world: Path, index: Path, out: P
         seed_rows = [{"intent": r.intent, "slots": r.slots} for r in load_labeled(world / "seed.jsonl", schema)[0]]
         miner = EditMiner(schema, reward, seed_rows, near=config.near, min_similarity=config.min_similarity, alpha=config.alpha,
                           min_effect=config.min_effect, min_texts=config.min_texts, text_margin=config.text_margin,
-                          text_contexts=config.text_contexts, pool=config.pool, abstain=config.abstain)
+                          text_contexts=config.text_contexts, pool=config.pool, abstain=config.abstain, screen_p=config.screen_p)
         targets = text_targets(world, texts, seed=seed, shuffle_clicks=config.shuffle_clicks, max_contexts=config.max_contexts)
         t0 = time.perf_counter()
         proposals = miner.propose(texts, greedy)
         with Progress(*Progress.get_default_columns()) as bar:
             task = bar.add_task("click evidence", total=len(texts))
             found = miner.evidence(texts, greedy, proposals, targets, progress=lambda n: bar.advance(task, n))
-        table = miner.decide(found, proposals, texts) if config.edits == "mined" else load_edit_table(Path(config.edits))
+        confirmation = None
+        if config.edits == "mined" and config.confirm_texts and (screened := miner.screened(found)):
+            confirmation, stats["confirm_texts"] = confirm(miner, screened, init, world, texts, config, seed, say)
+        stats["screened"] = len(screened) if confirmation is not None else None
+        table = miner.decide(found, proposals, texts, confirmation) if config.edits == "mined" else load_edit_table(Path(config.edits))
         if config.edits == "mined":
             table.to_csv(out / "edits.csv", index=False)
         relabeled = miner.apply(texts, greedy, proposals, table)
         labels, made = [p for p, _ in relabeled], [e for _, e in relabeled]
         stats |= {"texts_with_clicks": len(targets), "proposed": sum(map(len, proposals)), "scored": len(found),
-                  "unknown": sum(ev.effect is None for ev in found), "tested": int(table["p"].astype(str).ne("").sum()) if len(table) else 0,
+                  "unknown": sum(ev.effect is None for ev in found), "tested": int(pd.to_numeric(table["q"], errors="coerce").notna().sum()),
                   "accepted_pooled": int((table["accepted"] & (table["route"] == "pooled")).sum()) if len(table) else 0,
                   "accepted_single_text": int((table["accepted"] & (table["route"] == "text")).sum()) if len(table) else 0,
                   "texts_edited": sum(bool(e) for e in made), "searches": reward.search_calls,

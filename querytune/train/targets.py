@@ -106,6 +106,22 @@ def early_texts(world: str | Path, n: int, seed: int = 0) -> list[dict[str, Any]
     return out
 
 
+def texts_with(world: str | Path, triggers: set[str], exclude: set[str], per_trigger: int) -> list[str]:
+    """Up to `per_trigger` early-log texts with clicks (normalised) holding each trigger n-gram as whole words, the
+    most typed first, none in `exclude` (normalised texts) nor in the seed: the confirmation sample of the
+    evidence miner (`querytune.train.evidence`)."""
+    log, _, seed_texts = early_log(world)
+    log = log[~log["key"].isin(exclude)]
+    clicked = log[log["clicked"].map(lambda c: c is not None and len(c) > 0)]
+    rows = clicked["key"].value_counts()
+    keys = sorted(rows.index, key=lambda k: (-rows[k], k))
+    padded = [(f" {k} ", k) for k in keys]
+    out: dict[str, None] = {}
+    for trigger in sorted(triggers):
+        out |= dict.fromkeys([k for p, k in padded if f" {trigger} " in p][:per_trigger])
+    return list(out)
+
+
 def text_targets(world: str | Path, texts: list[str], seed: int = 0, shuffle_clicks: bool = False,
                  max_contexts: int = MAX_CONTEXTS) -> dict[str, dict[str, Any]]:
     """Normalised text -> its target (as `click_targets` builds them) for those of `texts` with clicks in the
