@@ -125,7 +125,10 @@ class EditMiner(EditProposer):
     def screened(self, found: list[TextEvidence]) -> set[tuple]:
         """The edit keys whose pooled evidence on these texts is positive at p <= `screen_p` (not yet corrected): the
         candidates a confirmation on other texts (`decide`'s `confirmation`) tests."""
-        return {k for k, st in self._pooled(found).items() if st["p"] is not None and st["p"] <= self.screen_p and st["effect"] > 0} if self.pool else set()
+        return self._screen(self._pooled(found))
+
+    def _screen(self, pooled: dict[tuple, dict[str, Any]]) -> set[tuple]:
+        return {k for k, st in pooled.items() if st["p"] is not None and st["p"] <= self.screen_p and st["effect"] > 0} if self.pool else set()
 
     def decide(self, found: list[TextEvidence], proposals: list[list[Edit]], texts: list[str],
                confirmation: list[TextEvidence] | None = None) -> pd.DataFrame:
@@ -139,7 +142,7 @@ class EditMiner(EditProposer):
         proposed = Counter(e.key for edits in proposals for e in edits)
         first = self._pooled(found)
         second = self._pooled(confirmation) if confirmation is not None else {}
-        screened = self.screened(found) if confirmation is not None else set()
+        screened = self._screen(first) if confirmation is not None else set()
         rows = []
         for key, st in first.items():
             row = self._row(st["edit"], "pooled", "", proposed[key], st["texts"], st["contexts"], st["effect"])
@@ -190,8 +193,8 @@ class EditMiner(EditProposer):
             effect[key if r.route == "pooled" else (*key, normalize_text(r.text))] = float(r.effect)
         out = []
         for text, parse, edits in zip(texts, greedy, proposals):
-            chosen = sorted(((effect.get(e.key, effect.get((*e.key, normalize_text(text)))), e) for e in edits), key=lambda x: -(x[0] or -1e9))
-            chosen = [e for eff, e in chosen if eff is not None]
+            scored = [(eff, e) for e in edits if (eff := effect.get(e.key, effect.get((*e.key, normalize_text(text))))) is not None]
+            chosen = [e for _, e in sorted(scored, key=lambda x: -x[0])]
             if not parse or not chosen:
                 out.append((parse, []))
                 continue
