@@ -177,16 +177,18 @@ def build_labels(config: RFTConfig, init: Path, world: Path, index: Path, out: P
         targets = text_targets(world, texts, seed=seed, shuffle_clicks=config.shuffle_clicks, max_contexts=config.max_contexts)
         t0 = time.perf_counter()
         proposals = miner.propose(texts, greedy)
-        with Progress(*Progress.get_default_columns()) as bar:
-            task = bar.add_task("click evidence", total=len(texts))
-            found = miner.evidence(texts, greedy, proposals, targets, progress=lambda n: bar.advance(task, n))
-        confirmation = None
-        if config.edits == "mined" and config.confirm_texts and (screened := miner.screened(found)):
-            confirmation, stats["confirm_texts"] = confirm(miner, screened, init, world, texts, config, seed, say)
-        stats["screened"] = len(screened) if confirmation is not None else None
-        table = miner.decide(found, proposals, texts, confirmation) if config.edits == "mined" else load_edit_table(Path(config.edits))
+        found, confirmation = [], None
         if config.edits == "mined":
+            with Progress(*Progress.get_default_columns()) as bar:
+                task = bar.add_task("click evidence", total=len(texts))
+                found = miner.evidence(texts, greedy, proposals, targets, progress=lambda n: bar.advance(task, n))
+            if config.confirm_texts and (screened := miner.screened(found)):
+                confirmation, stats["confirm_texts"] = confirm(miner, screened, init, world, texts, config, seed, say)
+                stats["screened"] = len(screened)
+            table = miner.decide(found, proposals, texts, confirmation)
             table.to_csv(out / "edits.csv", index=False)
+        else:  # a table the user vetoed: its verdicts stand, nothing is scored again
+            table = load_edit_table(Path(config.edits))
         relabeled = miner.apply(texts, greedy, proposals, table)
         labels, made = [p for p, _ in relabeled], [e for _, e in relabeled]
         stats |= {"texts_with_clicks": len(targets), "proposed": sum(map(len, proposals)), "scored": len(found),
