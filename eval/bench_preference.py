@@ -4,7 +4,7 @@ their levers, in one run, with each lever alone on request.
     python eval/bench_preference.py [--init workspace/models/sft] [--world workspace/world] [--index workspace/index]
                                     [--stage both] [--steps 6] [--rounds 2] [--levers]
 
-Runs the real stages (`querytune.train.preference.train_dpo` / `train_grpo`) for `--steps` timed optimizer steps
+Runs the real stages (`querytune.train.dpo.train_dpo` / `querytune.train.grpo.train_grpo`) for `--steps` timed optimizer steps
 (after one warm-up step), `--rounds` times in alternating order, for `now` (the preset) and `before` (fp32 weight
 storage under bf16 autocast, the LM head at every position, sampling with unmerged adapters outside autocast: the
 steps up to 2026-12-05). DPO trains on pairs built from the world's labeled seed rows (chosen: the row's parse;
@@ -28,7 +28,10 @@ import pandas as pd
 import torch
 
 from querytune.runtime.model import cpu_model
-from querytune.train.preference import DPO_PRESETS, GRPO_PRESETS, train_dpo, train_grpo
+from querytune.train.dpo import PRESETS as DPO_PRESETS
+from querytune.train.dpo import train_dpo  # noqa: E402
+from querytune.train.grpo import PRESETS as GRPO_PRESETS  # noqa: E402
+from querytune.train.grpo import train_grpo  # noqa: E402
 
 BEFORE = {"bf16_weights": False, "compact_head": False, "merged_sampling": False}
 LEVERS = {"compact_head": True, "bf16_weights": True, "merged_sampling": True}  # each alone with --levers; the presets keep those that paid
@@ -70,14 +73,15 @@ def main() -> None:
         from querytune.train.targets import click_targets
 
         reward, _ = retrieval_reward(args.init, args.index)
-        targets = click_targets(args.world, 200, seed=0, pick=GRPO_PRESETS["quick"]["pick"])
+        targets = click_targets(args.world, 200, seed=0, pick=GRPO_PRESETS["quick"].pick)
     results: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for stage in stages:
             levers = {k: v for k, v in LEVERS.items() if stage == "grpo" or k != "merged_sampling"}
-            settings = {"now": {}, "before": BEFORE}
+            before = {k: v for k, v in BEFORE.items() if k in levers}
+            settings = {"now": {}, "before": before}
             if args.levers:
-                settings |= {f"before + {k}": BEFORE | {k: v} for k, v in levers.items()}
+                settings |= {f"before + {k}": before | {k: v} for k, v in levers.items()}
             timed: dict[str, list[float]] = {name: [] for name in settings}
             sampling: dict[str, list[float]] = {name: [] for name in settings}
             names = list(settings)

@@ -114,7 +114,7 @@ def main() -> None:
     from querytune.train.step import lora_parameters, step_flops
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    n_lora = lora_parameters(model, LoraConfig(r=preset["lora_r"], target_modules=LORA_TARGETS))
+    n_lora = lora_parameters(model, LoraConfig(r=preset.lora_r, target_modules=LORA_TARGETS))
     counted = [s for run in runs["now"] for s in run]  # the counts of each step's batch; every setting draws the same batches
     per_index = {i: step_flops(model, n_lora, s["step_tokens"], s["step_targets"], s["step_sum_sq"]) for i, s in enumerate(runs["now"][0])}
     tokens = {i: s["step_tokens"] for i, s in enumerate(runs["now"][0])}
@@ -128,11 +128,11 @@ def main() -> None:
 
     results = {name: figures(name) for name in settings}
     dtype = torch.bfloat16 if summaries["now"]["dtype"] == "bf16" else torch.float32
-    ceiling = matmul_ceiling(model, preset["lora_r"], int(statistics.median(s["step_tokens"] for s in counted)),
+    ceiling = matmul_ceiling(model, preset.lora_r, int(statistics.median(s["step_tokens"] for s in counted)),
                              int(statistics.median(s["step_targets"] for s in counted)), dtype)
     now = results["now"]
     cpu = cpu_model()
-    print(f"\nSFT step, {Path(base).name}, preset {args.preset} (batch {preset['batch_size']}), {args.rounds} x {args.steps} steps per setting, "
+    print(f"\nSFT step, {Path(base).name}, preset {args.preset} (batch {preset.batch_size}), {args.rounds} x {args.steps} steps per setting, "
           f"{len(rows):,} rows of {args.data}\nCPU: {cpu}; {torch.get_num_threads()} threads; torch {torch.__version__}\n")
     print("| setting | dtype | s/step (median) | trained tokens/s | model GFLOP/s |\n|---|---|---|---|---|")
     for r in results.values():
@@ -142,7 +142,7 @@ def main() -> None:
     print(f"\nmatmul ceiling of the step's shapes ({summaries['now']['dtype']}): {ceiling:.0f} GFLOP/s; now at {ratio:.2f} of it; "
           f"{speedup:.2f}x the step before its levers")
     print(json.dumps({"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "base": base, "data": str(args.data),
-                      "preset": args.preset, "batch_size": preset["batch_size"], "steps": args.steps, "rounds": args.rounds,
+                      "preset": args.preset, "batch_size": preset.batch_size, "steps": args.steps, "rounds": args.rounds,
                       "dtype": now["dtype"], "tokens_per_s": now["tokens_per_s"], "achieved_gflop_s": now["achieved_gflop_s"],
                       "ceiling_gflop_s": round(ceiling, 1), "ratio": round(ratio, 3), "speedup_vs_before": round(speedup, 2),
                       "flops_formula": "4 N_frozen tokens + 6 N_lora tokens + 4 N_head targets + 6 layers d_q sum(L^2)",

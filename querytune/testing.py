@@ -46,12 +46,12 @@ def tiny_model(seed_jsonl: Path, base: Path, out: Path, fmt: str = "user-compact
     """A model folder (querytune.json, schema, adapter) of the tiny Llama after two SFT steps on the seed, in format `fmt`."""
     from querytune.labeled import load_labeled
     from querytune.schema_file import load_schema
-    from querytune.train.sft import train_sft
+    from querytune.train.sft import SFTRecipe, train_sft
 
     schema = load_schema()
     rows, _ = load_labeled(seed_jsonl, schema)
-    train_sft(rows[:32], schema, out, str(base), {"max_steps": 2, "epochs": 1.0, "batch_size": 4, "lr": 1e-3, "lora_r": 4,
-                                                  "lora_alpha": 8, "warmup_steps": 0, "bf16": False}, say=lambda _: None, fmt=fmt)
+    train_sft(rows[:32], schema, out, str(base), SFTRecipe(max_steps=2, batch_size=4, lr=1e-3, lora_r=4, lora_alpha=8, warmup_steps=0,
+                                                           bf16=False, max_minutes=None), say=lambda _: None, fmt=fmt)
     return Path(out)
 
 

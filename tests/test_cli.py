@@ -50,14 +50,16 @@ def test_each_choice_type_is_the_tuple_its_module_checks():
     from querytune.runtime.backends import BACKENDS
     from querytune.runtime.formats import FORMATS
     from querytune.search import INDEX_KINDS
-    from querytune.train.preference import DPO_PRESETS, GRPO_PRESETS
+    from querytune.train.dpo import PRESETS as DPO_PRESETS
+    from querytune.train.grpo import PRESETS as GRPO_PRESETS
+    from querytune.train.rft import PRESETS as RFT_PRESETS
     from querytune.train.sft import PRESETS
     from querytune.train.targets import EXPLORE_WITH, PICKS
 
     assert set(get_args(common.Backend)) == set(BACKENDS) and set(get_args(common.Format)) == set(FORMATS)
     assert set(get_args(common.IndexKind)) == set(INDEX_KINDS) and set(get_args(common.Pick)) == set(PICKS)
     assert set(get_args(common.ExploreWith)) == set(EXPLORE_WITH)
-    assert set(get_args(common.Preset)) == set(PRESETS) == set(DPO_PRESETS) == set(GRPO_PRESETS)
+    assert set(get_args(common.Preset)) == set(PRESETS) == set(DPO_PRESETS) == set(GRPO_PRESETS) == set(RFT_PRESETS)
     from querytune import demo
 
     assert set(get_args(common.DemoPreset)) == set(demo.PRESETS) == set(demo.REPLAY)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -13,7 +14,7 @@ from typer.testing import CliRunner
 from querytune.cli import app
 from querytune.schema_file import load_schema
 from querytune.train.evidence import EditMiner
-from querytune.train.rft import PRESETS, RFTConfig, load_edit_table
+from querytune.train.rft import PRESETS, RFTRecipe, load_edit_table
 
 SCHEMA = load_schema()
 PIZZA_TEXTS = ["pizza near me", "pizza in soho", "late pizza", "best pizza", "pizza delivery spots", "pizza downtown", "cheap pizza",
@@ -132,8 +133,8 @@ def test_a_vetoed_table_read_back_from_csv_is_what_relabels(tmp_path):
 
 def test_an_unknown_config_key_is_an_error_naming_it():
     with pytest.raises(ValueError, match="unknown option.*alpah"):
-        RFTConfig.resolve(PRESETS["quick"], {"alpah": 0.1})
-    assert RFTConfig.resolve(PRESETS["quick"], {"alpha": 0.1, "texts": None}).alpha == 0.1
+        RFTRecipe.resolve(PRESETS["quick"], {"alpah": 0.1})
+    assert RFTRecipe.resolve(PRESETS["quick"], {"alpha": 0.1, "texts": None}).alpha == 0.1
 
 
 @pytest.mark.slow
@@ -195,3 +196,76 @@ def test_dpo_trains_on_the_miners_edits_through_the_cli(tiny_model, small_world,
     (run / "labels.jsonl").write_text(json.dumps(rows[-1]) + "\n")
     result = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "dpo3"), "--edits-from", str(run)])
     assert result.exit_code == 2 and "accepted no edit" in result.output
+
+
+def miner_run(folder: Path, world: Path, version: str) -> tuple[list[str], dict, dict]:
+    """A `train rft` output folder by hand: four clicked early-log texts relabeled by one accepted edit (cuisine
+    italian -> pizza, pooled effect +0.3) and two left alone; the texts, the greedy parse and the label."""
+    from querytune.train.evidence import TABLE_COLUMNS
+    from querytune.train.targets import click_targets
+
+    texts = [t["query"] for t in click_targets(world, 6, seed=0)]
+    greedy = {"intent": "find_business", "slots": {"category": "restaurant", "cuisine": "italian"}}
+    edited = {"intent": "find_business", "slots": {"category": "restaurant", "cuisine": "pizza"}}
+    edit = {"kind": "what", "trigger": "pizza", "slot": "cuisine", "old": "italian", "new": "pizza", "intent": None}
+    rows = [{"id": f"q{i}", "text": t, **(edited if i < 4 else greedy), "greedy": greedy, "edits": [edit] if i < 4 else []}
+            for i, t in enumerate(texts)]
+    folder.mkdir()
+    (folder / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "greedy.jsonl").write_text("".join(json.dumps({"text": t, "greedy": greedy, "model_version": version}) + "\n" for t in texts))
+    row = dict.fromkeys(TABLE_COLUMNS, "") | {"kind": "what", "trigger": "pizza", "slot": "cuisine", "old": '"italian"', "new": '"pizza"',
+                                               "route": "pooled", "effect": 0.3, "accepted": True}
+    pd.DataFrame([row], columns=TABLE_COLUMNS).to_csv(folder / "edits.csv", index=False)
+    return texts, greedy, edited
+
+
+@pytest.mark.slow
+def test_the_evidence_reward_pays_the_accepted_edit_and_never_an_unpooled_one(tiny_model, small_world, real_index, tmp_path):
+    """The label earns its edits' pooled effect, the greedy parse 0, a broken parse -1, and any other parse at most 0."""
+    from querytune.runtime.model import ModelFolder
+    from querytune.train.grpo import EvidenceReward, evidence_targets
+    from querytune.train.reward import retrieval_reward
+
+    texts, greedy, edited = miner_run(tmp_path / "rft", small_world, ModelFolder.open(tiny_model).version)
+    retrieval, schema = retrieval_reward(tiny_model, real_index)
+    targets = evidence_targets(tmp_path / "rft", small_world, schema, anchors=1.0, max_contexts=8, seed=0)
+    assert [t["label"] != t["greedy"] for t in targets] == [True, False, True, False, True, True]  # interleaved with the anchors
+    reward = EvidenceReward(retrieval)
+    other = json.dumps({"intent": "find_business", "slots": {"category": "bar"}})
+    t = targets[0]
+    cols = {k: [t[k]] * 4 for k in ("query", "greedy", "label", "label_reward")} | {"fmt": ["json"] * 4, "contexts": [json.dumps(t["contexts"])] * 4}
+    scores = reward(completions=[json.dumps(edited), json.dumps(greedy), "{broken", other], **cols)
+    assert scores[:3] == [0.3, 0.0, -1.0] and scores[3] <= 0.0
+
+
+@pytest.mark.slow
+def test_grpo_trains_on_the_miners_verdicts_through_the_cli(tiny_model, small_world, real_index, tmp_path):
+    """`train grpo --edits-from RFT_RUN`: the relabeled texts and as many anchors, each edited label in its group,
+    the LoRA moves; an unknown config key exits 2 naming it."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from querytune.runtime.model import ModelFolder
+
+    miner_run(tmp_path / "rft", small_world, ModelFolder.open(tiny_model).version)
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({"lora_r": 4, "lora_alpha": 8, "bf16": False, "max_minutes": 0, "max_steps": 2,
+                                                        "batch_size": 8, "num_generations": 4, "lr": 5e-3}))
+    common = ["train", "grpo", "--init", str(tiny_model), "--world", str(small_world), "--index", str(real_index)]
+    result = CliRunner().invoke(app, [*common, "--config", str(tmp_path / "tiny.yaml"), "--out", str(tmp_path / "grpo"), "--edits-from", str(tmp_path / "rft")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "grpo" / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["guided_texts"] == 4 and summary["edited_texts"] == 4 and summary["anchor_texts"] == 2
+    steps = [json.loads(line) for line in (tmp_path / "grpo" / "steps.jsonl").read_text().splitlines()]
+    assert all(s["guided"] >= 1 for s in steps)  # each step's two texts include an edited one (they alternate)
+    assert any(w.abs().sum() > 0 for k, w in load_file(tmp_path / "grpo" / "adapter_model.safetensors").items() if "lora_B" in k)
+
+
+@pytest.mark.parametrize("stage", ["sft", "rft", "dpo", "grpo"])
+def test_an_unknown_config_key_fails_every_stage(stage, tmp_path):
+    """Before any work: exit 2, the file and the unknown key named."""
+    import yaml
+
+    (tmp_path / "typo.yaml").write_text(yaml.safe_dump({"lr": 1e-3, "lerning_rate": 1e-3}))
+    where = ["--data", str(tmp_path / "seed.jsonl")] if stage == "sft" else ["--init", str(tmp_path / "m"), "--world", str(tmp_path), "--index", str(tmp_path)]
+    result = CliRunner().invoke(app, ["train", stage, *where, "--out", str(tmp_path / "out"), "--config", str(tmp_path / "typo.yaml")])
+    assert result.exit_code == 2 and "lerning_rate" in result.output and "typo.yaml" in result.output, result.output

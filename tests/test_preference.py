@@ -20,8 +20,9 @@ from querytune.runtime.generate import Parser
 from querytune.runtime.model import ModelFolder
 from querytune.schema import WORD, ParseError, normalize_text
 from querytune.schema_file import load_schema
+from querytune.train.dpo import DPORecipe, train_dpo
+from querytune.train.grpo import GRPORecipe, train_grpo
 from querytune.train.pairs import anchor_pairs, anchor_targets, build_pairs, dropped_slots, load_pairs, screen
-from querytune.train.preference import train_dpo, train_grpo
 from querytune.train.reward import strict_parse
 from querytune.train.sft import train_sft
 from querytune.train.targets import click_targets, sample_candidates
@@ -277,7 +278,7 @@ def test_dpo_step_moves_the_policy_towards_the_chosen(tiny_sft, tmp_path):
     prompt = parser.prompts(["cheap thai near me"])[0]
     before = completion_logprob(parser.model, parser.tokenizer, prompt, chosen) - completion_logprob(parser.model, parser.tokenizer, prompt, rejected)
     out = tmp_path / "dpo"
-    summary = train_dpo(pairs, tiny_sft, out, LORA | {"max_steps": 3, "epochs": 1.0, "batch_size": 4, "lr": 5e-3, "beta": 0.1},
+    summary = train_dpo(pairs, tiny_sft, out, DPORecipe() | LORA | {"max_steps": 3, "epochs": 1.0, "batch_size": 4, "lr": 5e-3, "beta": 0.1},
                         say=lambda _: None)
     assert summary["steps"] == 3 and lora_b_moved(out)
     meta = ModelFolder.open(out).meta
@@ -298,7 +299,7 @@ def test_grpo_step_changes_lora_and_sampled_logprobs(tiny_sft, small_world, tmp_
     before = [completion_logprob(parser.model, parser.tokenizer, p, s) for p, ss in zip(prompts, samples) for s in ss]
     out = tmp_path / "grpo"
     summary = train_grpo(targets, ByLength(), tiny_sft, out,
-                         LORA | {"max_steps": 2, "batch_size": 4, "num_generations": 4, "temperature": 1.0, "lr": 5e-3, "beta": 0.04},
+                         GRPORecipe() | LORA | {"max_steps": 2, "batch_size": 4, "num_generations": 4, "temperature": 1.0, "lr": 5e-3, "beta": 0.04},
                          say=lambda _: None)
     assert summary["steps"] == 2 and lora_b_moved(out)
     tuned = ModelFolder.open(out).merged()
@@ -311,14 +312,12 @@ def test_grpo_step_changes_lora_and_sampled_logprobs(tiny_sft, small_world, tmp_
 def test_dpo_and_grpo_train_with_the_step_levers(tiny_sft, small_world, tmp_path):
     """The presets' levers (bf16 weight storage, the head only at scored positions, merged-adapter sampling under
     autocast) run through TRL's real trainers, move the adapter and log where a GRPO step's time goes."""
-    from querytune.train.preference import GRPO_LEVERS
-
-    levers = LORA | GRPO_LEVERS | {"bf16": True, "lr": 5e-3}
+    levers = LORA | {"bf16": True, "lr": 5e-3}  # the recipes' defaults are their levers
     _, _, pairs = thai_pairs()
-    summary = train_dpo(pairs, tiny_sft, tmp_path / "dpo", levers | {"max_steps": 2, "epochs": 1.0, "batch_size": 4, "beta": 0.1}, say=lambda _: None)
+    summary = train_dpo(pairs, tiny_sft, tmp_path / "dpo", DPORecipe() | levers | {"max_steps": 2, "epochs": 1.0, "batch_size": 4, "beta": 0.1}, say=lambda _: None)
     assert summary["steps"] == 2 and lora_b_moved(tmp_path / "dpo")
     summary = train_grpo(click_targets(small_world, 8, seed=0), ByLength(), tiny_sft, tmp_path / "grpo",
-                         levers | {"max_steps": 2, "batch_size": 4, "num_generations": 4, "temperature": 1.0, "beta": 0.04},
+                         GRPORecipe() | levers | {"max_steps": 2, "batch_size": 4, "num_generations": 4, "temperature": 1.0, "beta": 0.04},
                          say=lambda _: None)
     assert summary["steps"] == 2 and lora_b_moved(tmp_path / "grpo")
     logged = [json.loads(line) for line in (tmp_path / "grpo" / "steps.jsonl").read_text().splitlines()]
@@ -357,7 +356,7 @@ def test_dpo_on_a_compact_model_trains_the_compact_twins_of_its_json_pairs(tiny_
 
     before = {fmt: margin(parser.model, fmt) for fmt in formats.FORMATS}
     out = tmp_path / "dpo"
-    summary = train_dpo(pairs, tiny_compact, out, LORA | {"max_steps": 3, "epochs": 1.0, "batch_size": 4, "lr": 5e-3, "beta": 0.1},
+    summary = train_dpo(pairs, tiny_compact, out, DPORecipe() | LORA | {"max_steps": 3, "epochs": 1.0, "batch_size": 4, "lr": 5e-3, "beta": 0.1},
                         say=lambda _: None)
     assert summary["steps"] == 3 and lora_b_moved(out)
     tuned = ModelFolder.open(out).merged()
@@ -381,7 +380,7 @@ def test_grpo_on_a_compact_model_samples_from_compact_prompts_and_tells_the_rewa
     targets = click_targets(small_world, 8, seed=0)
     reward, out = Recorder(), tmp_path / "grpo"
     summary = train_grpo(targets, reward, tiny_compact, out,
-                         LORA | {"max_steps": 2, "batch_size": 4, "num_generations": 4, "temperature": 1.0, "lr": 5e-3, "beta": 0.04},
+                         GRPORecipe() | LORA | {"max_steps": 2, "batch_size": 4, "num_generations": 4, "temperature": 1.0, "lr": 5e-3, "beta": 0.04},
                          say=lambda _: None)
     assert summary["steps"] == 2 and lora_b_moved(out)
     assert len(reward.seen) == 8 and all(p == q + "\n" and f == "compact" for p, q, f in reward.seen)
@@ -432,15 +431,15 @@ def test_a_killed_preference_run_resumes_from_its_last_checkpoint(stage, tiny_sf
 
     trainer_cls = DPOTrainer if stage == "dpo" else GRPOTrainer
     out = tmp_path / stage
-    preset = LORA | {"max_steps": 4, "epochs": 1.0, "batch_size": 4, "lr": 5e-3, "beta": 0.1, "save_steps": 2}
+    preset = LORA | {"max_steps": 4, "batch_size": 4, "lr": 5e-3, "beta": 0.1, "save_steps": 2}
     if stage == "dpo":
         pairs = pd.DataFrame([{"query": "cheap thai near me", "chosen": '{"intent":"find_business","slots":{"cuisine":"thai"}}',
                                "rejected": '{"intent":"out_of_scope","slots":{}}', "chosen_score": 0.9, "rejected_score": 0.0}] * 16)
-        train = lambda resume: train_dpo(pairs, tiny_sft, out, preset, say=lambda _: None, resume=resume)  # noqa: E731
+        train = lambda resume: train_dpo(pairs, tiny_sft, out, DPORecipe() | preset, say=lambda _: None, resume=resume)  # noqa: E731
     else:
         targets = click_targets(small_world, 8, seed=0)
         preset |= {"num_generations": 4, "temperature": 1.0}
-        train = lambda resume: train_grpo(targets, ByLength(), tiny_sft, out, preset, say=lambda _: None, resume=resume)  # noqa: E731
+        train = lambda resume: train_grpo(targets, ByLength(), tiny_sft, out, GRPORecipe() | preset, say=lambda _: None, resume=resume)  # noqa: E731
     real_step = trainer_cls.training_step
 
     def killed_after_step_3(self, *a, **kw):

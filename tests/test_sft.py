@@ -14,7 +14,7 @@ from querytune.labeled import LabeledRow
 from querytune.runtime.generate import Parser
 from querytune.runtime.model import ModelFolder
 from querytune.schema_file import load_schema
-from querytune.train.sft import PRESETS, train_sft
+from querytune.train.sft import PRESETS, SFTRecipe, train_sft
 
 SCHEMA = load_schema()
 ROWS = [
@@ -23,7 +23,7 @@ ROWS = [
     LabeledRow(id="c", text="weather tomorrow", intent="out_of_scope", slots={}),
     LabeledRow(id="d", text="book a dentist saturday", intent="book", slots={"category": "dentist", "day": "saturday"}),
 ]
-TINY = {"max_steps": 2, "epochs": 1.0, "batch_size": 2, "lr": 1e-3, "lora_r": 4, "lora_alpha": 8, "warmup_steps": 0, "bf16": False}
+TINY = SFTRecipe(max_steps=2, epochs=1.0, batch_size=2, lr=1e-3, lora_r=4, lora_alpha=8, warmup_steps=0, bf16=False, max_minutes=None)
 
 
 def adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -136,10 +136,10 @@ def test_bad_input_gets_a_clear_error(args, message, tmp_path):
 
 
 def test_presets_are_sized_for_a_laptop():
-    assert PRESETS["quick"]["max_steps"] * PRESETS["quick"]["batch_size"] <= 5000  # ~1 pass over SGD-sized data
+    assert PRESETS["quick"].max_steps * PRESETS["quick"].batch_size <= 5000  # ~1 pass over SGD-sized data
     # the budget is steps x batch: the minutes cap must not cut 600 steps short at ~1-6 s/step on 2 cores
-    assert PRESETS["quick"]["max_minutes"] is None or PRESETS["quick"]["max_minutes"] * 60 >= PRESETS["quick"]["max_steps"] * 6
-    assert all(not p["gradient_checkpointing"] and p["bf16"] == "auto" for p in PRESETS.values())
+    assert PRESETS["quick"].max_minutes is None or PRESETS["quick"].max_minutes * 60 >= PRESETS["quick"].max_steps * 6
+    assert all(not p.gradient_checkpointing and p.bf16 == "auto" for p in PRESETS.values())
 
 
 def test_bf16_auto_is_measured_once_per_machine_and_recorded(tiny_base, tmp_path, monkeypatch):

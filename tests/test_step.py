@@ -97,11 +97,12 @@ def test_the_levers_train_the_same_adapter_through_trl(tiny_base, small_world_ma
     and completion-only logits give the same loss curve and the same adapter (the levers change cost, not training)."""
     from safetensors.torch import load_file
 
-    from querytune.train.sft import train_sft
+    from querytune.train.sft import SFTRecipe, train_sft
 
     schema = load_schema()
     rows, _ = load_labeled(small_world_master / "seed.jsonl", schema)
-    preset = {"max_steps": 6, "epochs": 1.0, "batch_size": 4, "lr": 1e-3, "lora_r": 4, "lora_alpha": 8, "warmup_steps": 0, "bf16": False, "lora_dropout": 0.0}
+    preset = SFTRecipe(max_steps=6, batch_size=4, lr=1e-3, lora_r=4, lora_alpha=8, warmup_steps=0, bf16=False, max_minutes=None,
+                       padding_free=False, completion_logits=False, attention="sdpa")
     levers = {"padding_free": True, "completion_logits": True, "attention": "packed"}
     for name, extra in [("before", {}), ("levers", levers)]:
         train_sft(rows[:64], schema, tmp_path / name, str(tiny_base), preset | extra, say=lambda _: None)
@@ -114,10 +115,10 @@ def test_the_levers_train_the_same_adapter_through_trl(tiny_base, small_world_ma
 
 
 def test_packed_attention_needs_padding_free(tiny_base, tmp_path):
-    from querytune.train.sft import train_sft
+    from querytune.train.sft import SFTRecipe, train_sft
 
     with pytest.raises(ValueError, match="padding_free"):
-        train_sft([], load_schema(), tmp_path / "m", str(tiny_base), {"attention": "packed", "padding_free": False}, say=lambda _: None)
+        train_sft([], load_schema(), tmp_path / "m", str(tiny_base), SFTRecipe(attention="packed", padding_free=False), say=lambda _: None)
 
 
 def test_labelled_positions_only_gives_trls_fused_log_probs(tiny_base, examples):

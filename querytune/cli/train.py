@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import time
-from itertools import zip_longest
 from pathlib import Path
 
 import typer
 from rich.console import Console
 
 from querytune.cli.common import ExploreWith, Format, Pick, Preset, UserError, load_config, user_errors, write_resolved
-from querytune.cli.train_common import REPORT_TO_HELP, check_init, check_resume, evaluate, resolve_preset, write_sft_card, write_stage_card
+from querytune.cli.train_common import REPORT_TO_HELP, check_init, check_resume, evaluate, recipe_from, write_sft_card, write_stage_card
 from querytune.cli.train_rft import rft
 from querytune.runtime.formats import DEFAULT_FORMAT
-from querytune.train.reward import retrieval_reward
 
 app = typer.Typer(help="Train query parsers: SFT on labeled queries, then RFT, DPO or GRPO on retrieval success from the click log.", no_args_is_help=True)
 out_console = Console()
@@ -55,10 +53,11 @@ def sft(
         file_cfg = load_config(config)
         cli = {"max_steps": max_steps, "epochs": epochs, "batch_size": batch_size, "lr": lr, "lora_r": lora_r, "bf16": bf16,
                "max_minutes": max_minutes, "save_steps": save_steps}
-        resolved = PRESETS[preset] | {k: v for k, v in file_cfg.items() if k in PRESETS["quick"]} | {k: v for k, v in cli.items() if v is not None}
-        resolved["max_minutes"] = resolved.get("max_minutes") or None  # 0 means no limit
-        if resolved.get("lora_r") and "lora_alpha" not in file_cfg:
-            resolved["lora_alpha"] = 2 * resolved["lora_r"]
+        if lora_r is not None and "lora_alpha" not in file_cfg:
+            cli["lora_alpha"] = 2 * lora_r
+        recipe = recipe_from(PRESETS, preset, config, file_cfg, cli)
+        recipe = dataclasses.replace(recipe, max_minutes=recipe.max_minutes or None)  # 0 means no limit
+        resolved = recipe.as_dict()
         if init:
             check_init(init)
         check_resume(out, resume)
@@ -75,7 +74,7 @@ def sft(
                       "init": str(init) if init else None, "seed": seed, "format": fmt, **resolved}
         write_resolved(config_out, out / "train_config.json")
         out_console.print(f"SFT on {len(rows):,} rows ({preset}: {json.dumps(resolved)})")
-        summary = train_sft(rows, schema_, out, base, resolved, seed=seed, say=out_console.print, init=init, resume=resume, fmt=fmt, report_to=report_to)
+        summary = train_sft(rows, schema_, out, base, recipe, seed=seed, say=out_console.print, init=init, resume=resume, fmt=fmt, report_to=report_to)
         write_resolved(config_out | {k: summary[k] for k in ("dtype", "dtype_probe", "gradient_checkpointing")}, out / "train_config.json")
         metrics = None
         if eval_data:
@@ -107,7 +106,9 @@ def dpo(
     temperature: float = typer.Option(None, "--temperature", help="Sampling temperature of the candidate parses."),
     lr: float = typer.Option(None, "--lr", help="Peak learning rate of the new LoRA."),
     beta: float = typer.Option(None, "--beta", help="DPO beta: how far the policy may move from the reference."),
-    max_steps: int = typer.Option(None, "--max-steps", help="Optimizer steps (-1: use the preset's epochs)."),
+    max_steps: int = typer.Option(None, "--max-steps", help="Optimizer steps (-1: use --epochs)."),
+    epochs: float = typer.Option(None, "--epochs", help="Passes over the pairs when --max-steps is -1."),
+    sft_weight: float = typer.Option(None, "--sft-weight", help="Weight of the chosen parse's likelihood beside the DPO loss (RPO; 0: DPO alone)."),
     pairs_file: Path = typer.Option(None, "--pairs", help="Train on this pair file (Parquet) instead of sampling and scoring."),
     edits_from: Path = typer.Option(None, "--edits-from", help="Pairs from the click-evidence miner instead of sampling: a `train rft` output folder of the same --init; each log text its accepted edits changed (chosen) against the greedy parse (rejected)."),
     shuffle_clicks: bool = typer.Option(False, "--shuffle-clicks", help="Control run: score each query against another query's clicks."),
@@ -116,59 +117,23 @@ def dpo(
     save_steps: int = typer.Option(None, "--save-steps", min=1, help="Write a checkpoint every N optimizer steps into OUT/checkpoints (the last 2 kept, removed when the schedule completes)."),
     seed: int = typer.Option(0, "--seed", help="Random seed (query choice, sampling, training)."),
 ) -> None:
-    """DPO on retrieval success: sample parses from --init, score each by its search against the clicks, train on the pairs."""
-    from querytune.train.pairs import build_pairs, load_pairs, scored_candidates
-    from querytune.train.preference import DPO_PRESETS, train_dpo
-    from querytune.train.targets import click_targets, sample_candidates
+    """DPO on retrieval success: pairs of parses the clicks tell apart (sampled from --init, or the click-evidence miner's edits), TRL's DPOTrainer."""
+    from querytune.train.dpo import PRESETS, run_dpo
 
     with user_errors():
-        resolved = resolve_preset(DPO_PRESETS, preset, config, {"queries": queries, "pick": pick, "k": k, "min_gap": min_gap, "lr": lr, "beta": beta,
-                                                                 "max_steps": max_steps, "explore_below": explore_below, "temperature": temperature,
-                                                                 "explore_confidence": explore_confidence, "explore_with": explore_with,
-                                                                 "save_steps": save_steps})
+        recipe = recipe_from(PRESETS, preset, config, None, {
+            "queries": queries, "pick": pick, "k": k, "min_gap": min_gap, "lr": lr, "beta": beta, "max_steps": max_steps, "epochs": epochs,
+            "sft_weight": sft_weight, "explore_below": explore_below, "temperature": temperature, "explore_confidence": explore_confidence,
+            "explore_with": explore_with, "save_steps": save_steps})
         check_init(init)
         check_resume(out, resume)
         out.mkdir(parents=True, exist_ok=True)
         write_resolved({"command": "train dpo", "init": str(init), "world": str(world), "index": str(index), "preset": preset,
-                        "pairs": str(pairs_file) if pairs_file else None, "edits_from": str(edits_from) if edits_from else None, "shuffle_clicks": shuffle_clicks, "seed": seed, **resolved},
-                       out / "train_config.json")
-        t0 = time.perf_counter()
-        if edits_from and not (resume and (out / "pairs.parquet").is_file()):
-            from querytune.runtime.model import ModelFolder
-            from querytune.train.pairs import edit_pairs
-
-            pairs = edit_pairs(edits_from, ModelFolder.open(init).version)
-            if pairs.empty:
-                raise UserError(f"--edits-from {edits_from}: the miner accepted no edit there: no pairs to train on")
-            pairs.to_parquet(out / "pairs.parquet", index=False)
-            pairs, stats = load_pairs(out / "pairs.parquet"), {"pairs_from": f"edits of {edits_from}"}
-            out_console.print(f"DPO: {len(pairs):,} pairs from the miner's edits in {edits_from}")
-        elif pairs_file or (resume and (out / "pairs.parquet").is_file()):  # a resumed run trains on the pairs it began with
-            pairs = load_pairs(pairs_file or out / "pairs.parquet")
-            stats = {"pairs_from": str(pairs_file or out / "pairs.parquet")}
-        else:
-            reward, schema = retrieval_reward(init, index)
-            targets = click_targets(world, resolved["queries"], seed=seed, shuffle_clicks=shuffle_clicks, pick=resolved.get("pick", "traffic"))
-            if not targets:
-                raise UserError(f"{world}: no clicked queries in the early log outside the seed set")
-            how = {"beam": "beams", "branch": "rivals (branch)"}.get(resolved.get("explore_with"), "samples")
-            out_console.print(f"DPO: {len(targets):,} logged queries, {resolved['k']} {how} per explored query, from {init}")
-            candidates, confidence = sample_candidates(init, targets, resolved["k"], resolved["temperature"], seed, say=out_console.print,
-                                                       reward=reward, explore_below=resolved.get("explore_below"),
-                                                       explore_confidence=resolved.get("explore_confidence"),
-                                                       explore_with=resolved.get("explore_with", "sample"),
-                                                       constrained=bool(resolved.get("constrained", True)))
-            pairs = build_pairs(targets, candidates, reward, resolved["min_gap"], resolved["pairs_per_query"], schema=schema)
-            pairs.to_parquet(out / "pairs.parquet", index=False)
-            scored_candidates(targets, candidates, reward, confidence).to_parquet(out / "candidates.parquet", index=False)
-            stats = {"queries": len(targets), "candidates": sum(len(set(c)) for c in candidates),
-                     "queries_with_pairs": int(pairs["query"].nunique()) if len(pairs) else 0, "searches": reward.search_calls}
-            out_console.print(f"{len(pairs):,} pairs from {stats['queries_with_pairs']:,} queries (gap >= {resolved['min_gap']}); "
-                              f"{out / 'pairs.parquet'}")
-            pairs = load_pairs(out / "pairs.parquet")
-        summary = train_dpo(pairs, init, out, resolved, seed=seed, say=out_console.print, resume=resume, report_to=report_to) | stats
-        summary["total_seconds"] = round(time.perf_counter() - t0, 1)
-    write_stage_card(out, summary, resolved, "DPO (LoRA on the merged init model, TRL DPOTrainer, retrieval-reward pairs)")
+                        "pairs": str(pairs_file) if pairs_file else None, "edits_from": str(edits_from) if edits_from else None,
+                        "shuffle_clicks": shuffle_clicks, "seed": seed, **recipe.as_dict()}, out / "train_config.json")
+        summary = run_dpo(recipe, init, world, index, out, pairs_file=pairs_file, edits_from=edits_from, shuffle_clicks=shuffle_clicks,
+                          seed=seed, say=out_console.print, resume=resume, report_to=report_to)
+    write_stage_card(out, summary, recipe.as_dict(), "DPO (LoRA on the merged init model, TRL DPOTrainer, retrieval-reward pairs)")
     out_console.print(f"DPO: {summary['steps']} steps, margin {summary['margin_start']} -> {summary['margin_end']}, "
                       f"{summary['total_seconds']:.0f}s in all; model in {out}")
 
@@ -196,66 +161,32 @@ def grpo(
     beta: float = typer.Option(None, "--beta", help="KL coefficient towards the init model (0: no reference model)."),
     use_vllm: bool = typer.Option(None, "--use-vllm/--no-vllm", help="Generate through vLLM (GPU machines with vllm installed; not on CPU)."),
     max_minutes: float = typer.Option(None, "--max-minutes", help="Stop training after this many minutes of optimizer steps (0: no limit; the quick preset has a budget)."),
+    edits_from: Path = typer.Option(None, "--edits-from", help="Train on the click-evidence miner's verdicts instead of screening samples: a `train rft` output folder of the same --init; the texts its accepted edits changed (plus --anchors x as many it left alone), rewarded by the pooled, abstaining evidence."),
+    guide: bool = typer.Option(None, "--guide/--no-guide", help="With --edits-from: the miner's edited parse is one member of its text's group (the policy's samples rarely reach it)."),
     resume: bool = typer.Option(False, "--resume", help="Continue a stopped run from the last checkpoint in OUT/checkpoints with the queries it began with, OUT/targets.jsonl (same options; the step log continues)."),
     report_to: str = typer.Option("none", "--report-to", help=REPORT_TO_HELP),
     save_steps: int = typer.Option(None, "--save-steps", min=1, help="Write a checkpoint every N optimizer steps into OUT/checkpoints (the last 2 kept, removed when the schedule completes)."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
 ) -> None:
-    """GRPO with the retrieval reward online: groups of sampled parses per logged query, advantages within each group."""
-    from querytune.train.pairs import anchor_targets, scored_candidates, screen
-    from querytune.train.preference import GRPO_PRESETS, train_grpo
-    from querytune.train.targets import click_targets, sample_candidates
+    """GRPO with a retrieval reward online: groups of parses per logged text (with --edits-from, the click-evidence miner's reward and its edited parse in each group)."""
+    from querytune.train.grpo import PRESETS, run_grpo
 
     with user_errors():
-        resolved = resolve_preset(GRPO_PRESETS, preset, config, {"queries": queries, "pick": pick, "screen_k": screen_k, "max_steps": max_steps, "num_generations": num_generations,
-                                                                  "batch_size": batch_size, "lr": lr, "beta": beta, "use_vllm": use_vllm, "explore_below": explore_below,
-                                                                  "temperature": temperature, "explore_confidence": explore_confidence,
-                                                                  "explore_with": explore_with, "anchors": anchors, "max_minutes": max_minutes,
-                                                                  "save_steps": save_steps})
-        if anchors and not resolved.get("screen_k"):  # the preset's anchors apply only where it screens
+        recipe = recipe_from(PRESETS, preset, config, None, {
+            "queries": queries, "pick": pick, "screen_k": screen_k, "max_steps": max_steps, "num_generations": num_generations,
+            "batch_size": batch_size, "lr": lr, "beta": beta, "use_vllm": use_vllm, "explore_below": explore_below, "temperature": temperature,
+            "explore_confidence": explore_confidence, "explore_with": explore_with, "anchors": anchors, "guide": guide,
+            "max_minutes": max_minutes, "save_steps": save_steps})
+        if anchors and not recipe.screen_k and not edits_from:  # without the miner, anchors are picked while screening
             raise UserError("--anchors: anchor queries are picked while screening; set --screen-k above 0 (or --anchors 0)")
-        if resolved["batch_size"] % resolved["num_generations"]:
-            raise UserError(f"batch_size {resolved['batch_size']} must be a multiple of num_generations {resolved['num_generations']}")
         check_init(init)
         check_resume(out, resume)
         out.mkdir(parents=True, exist_ok=True)
         write_resolved({"command": "train grpo", "init": str(init), "world": str(world), "index": str(index), "preset": preset,
-                        "seed": seed, **resolved}, out / "train_config.json")
-        t0 = time.perf_counter()
-        reward, schema = retrieval_reward(init, index)
-        saved = out / "targets.jsonl"  # the queries training draws from, so `--resume` continues on the same ones
-        resumed = resume and saved.is_file()
-        targets = ([json.loads(line) for line in saved.read_text().splitlines()] if resumed
-                   else click_targets(world, resolved["queries"], seed=seed, pick=resolved.get("pick", "traffic")))
-        if not targets:
-            raise UserError(f"{world}: no clicked queries in the early log outside the seed set")
-        screened = with_signal = anchored = None
-        if resolved.get("screen_k") and not resumed:
-            out_console.print(f"GRPO: screening {len(targets):,} logged queries with {resolved['screen_k']} samples each")
-            candidates, confidence = sample_candidates(init, targets, resolved["screen_k"], resolved["temperature"], seed, say=out_console.print,
-                                                       reward=reward, explore_below=resolved.get("explore_below"),
-                                                       explore_confidence=resolved.get("explore_confidence"),
-                                                       explore_with=resolved.get("explore_with", "sample"),
-                                                       constrained=bool(resolved.get("constrained", True)))
-            screened = len(targets)
-            scored_candidates(targets, candidates, reward, confidence).to_parquet(out / "candidates.parquet", index=False)
-            pool, targets = targets, screen(targets, candidates, reward, schema=schema, improvable=bool(resolved.get("improvable")))
-            what = "another parse that beats the greedy one" if resolved.get("improvable") else "parses with different rewards"
-            out_console.print(f"GRPO: {len(targets):,} of {screened:,} queries have {what}; training on those")
-            if not targets:
-                raise UserError(f"no screened query has {what}: nothing for GRPO to learn (raise --queries, --temperature or --screen-k)")
-            with_signal, anchored = len(targets), 0
-            if resolved.get("anchors"):
-                anchors = anchor_targets(pool, candidates, reward, round(resolved["anchors"] * len(targets)), resolved.get("min_gap", 0.3),
-                                         schema, skip={t["query"] for t in targets})
-                out_console.print(f"GRPO: + {len(anchors):,} anchor queries (answered well, and a 'what'/'where' slot matters to their clicks)")
-                anchored = len(anchors)
-                targets = [t for pair in zip_longest(targets, anchors) for t in pair if t is not None]
-        saved.write_text("".join(json.dumps(t) + "\n" for t in targets))
-        out_console.print(f"GRPO: {len(targets):,} logged queries, {resolved['num_generations']} samples each, {resolved['max_steps']} steps")
-        summary = train_grpo(targets, reward, init, out, resolved, seed=seed, say=out_console.print, resume=resume, report_to=report_to)
-        summary |= {"screened_queries": screened, "queries_with_signal": with_signal, "anchor_queries": anchored}
-        summary["total_seconds"] = round(time.perf_counter() - t0, 1)
-    write_stage_card(out, summary, resolved, "GRPO (LoRA on the merged init model, TRL GRPOTrainer, retrieval reward online)")
+                        "edits_from": str(edits_from) if edits_from else None, "seed": seed, **recipe.as_dict()}, out / "train_config.json")
+        summary = run_grpo(dataclasses.replace(recipe, max_minutes=recipe.max_minutes or None), init, world, index, out, edits_from=edits_from,
+                           seed=seed, say=out_console.print, resume=resume, report_to=report_to)
+    how = "the click-evidence miner's reward, its edits guiding the groups" if edits_from else "retrieval reward online"
+    write_stage_card(out, summary, recipe.as_dict(), f"GRPO (LoRA on the merged init model, TRL GRPOTrainer, {how})")
     out_console.print(f"GRPO: {summary['steps']} steps, reward {summary['reward_start']} -> {summary['reward_end']}, "
                       f"no-signal groups {summary['no_signal_start']} -> {summary['no_signal_end']}, {summary['total_seconds']:.0f}s; model in {out}")

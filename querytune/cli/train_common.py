@@ -13,22 +13,23 @@ REPORT_TO_HELP = ("Where TRL also logs the training curves (beside OUT/steps.jso
                   "`tensorboard --logdir OUT`), or any other of transformers' `report_to` integrations.")
 
 
-def resolve_preset(presets: dict, preset: str, config: Path | None, cli: dict) -> dict:
+def recipe_from(presets: dict, preset: str, config: Path | None, file_cfg: dict | None, cli: dict):
+    """The stage's preset (a `querytune.train.config.Recipe`) with the config file's keys, then the options given;
+    an unknown key in the file is a one-line error naming the file and the known keys."""
     if preset not in presets:
         raise UserError(f"--preset: {preset!r} is not one of {', '.join(presets)}")
-    file_cfg = load_config(config)
-    unknown = set(file_cfg) - set(presets[preset])
-    if unknown:
-        raise UserError(f"--config {config}: unknown option(s) {', '.join(sorted(unknown))} (known: {', '.join(presets[preset])})")
-    resolved = presets[preset] | file_cfg | {k: v for k, v in cli.items() if v is not None}
-    resolved["max_minutes"] = resolved.get("max_minutes") or None
+    try:
+        recipe = presets[preset].resolve(load_config(config) if file_cfg is None else file_cfg, "config key")
+    except ValueError as e:
+        raise UserError(f"--config {config}: {e}") from None
+    recipe = recipe.resolve(cli)
     from querytune.train.targets import EXPLORE_WITH, PICKS
 
-    if resolved.get("explore_with", "sample") not in EXPLORE_WITH:
-        raise UserError(f"--explore-with: {resolved['explore_with']!r} is not one of {', '.join(EXPLORE_WITH)}")
-    if resolved.get("pick", "traffic") not in PICKS:
-        raise UserError(f"--pick: {resolved['pick']!r} is not one of {', '.join(PICKS)}")
-    return resolved
+    if getattr(recipe, "explore_with", "sample") not in EXPLORE_WITH:
+        raise UserError(f"--explore-with: {recipe.explore_with!r} is not one of {', '.join(EXPLORE_WITH)}")
+    if getattr(recipe, "pick", "traffic") not in PICKS:
+        raise UserError(f"--pick: {recipe.pick!r} is not one of {', '.join(PICKS)}")
+    return recipe
 
 
 def check_resume(out: Path, resume: bool) -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from querytune.cli.common import Preset, UserError, load_config, user_errors, write_resolved
-from querytune.cli.train_common import REPORT_TO_HELP, check_init, check_resume, evaluate, write_stage_card
+from querytune.cli.common import Preset, UserError, user_errors, write_resolved
+from querytune.cli.train_common import REPORT_TO_HELP, check_init, check_resume, evaluate, recipe_from, write_stage_card
 
 out_console = Console()
 
@@ -21,7 +21,7 @@ def rft(
     index: Path = typer.Option(..., "--index", help="Index folder (`querytune index build`): the searches the click evidence scores."),
     out: Path = typer.Option(..., "--out", help="Model folder to write (adapter + init chain, labels.jsonl, edits.csv, evidence.json, config, step log, card)."),
     preset: Preset = typer.Option("quick", "--preset", help="quick (4,000 log texts, 280 steps: ~15 min on 2 CPU cores) or full (8,000, 600)."),
-    config: Path = typer.Option(None, "--config", help="YAML with any field of querytune.train.rft.RFTConfig (alpha, min_texts, text_margin, near, ...); the command line wins; an unknown key is an error."),
+    config: Path = typer.Option(None, "--config", help="YAML with any field of querytune.train.rft.RFTRecipe (alpha, min_texts, text_margin, near, ...); the command line wins; an unknown key is an error."),
     texts: int = typer.Option(None, "--texts", help="Distinct early-log texts added to the seed (drawn by traffic, the same ones for every stage of one world and seed)."),
     edits: str = typer.Option(None, "--edits", help="'mined' (the clicks' accepted edits, the default), 'none' (self-training: the model's own parses, the fair control), or an edit table to train on (an edits.csv you vetoed)."),
     alpha: float = typer.Option(None, "--alpha", help="False-discovery rate of the pooled tests (Benjamini-Hochberg across every tested edit)."),
@@ -42,15 +42,12 @@ def rft(
     """RFT: SFT on the seed plus log texts labeled by --init's own parses, with the single-slot edits the clicks support (--edits none: self-training)."""
     import dataclasses
 
-    from querytune.train.rft import PRESETS, RFTConfig, train_rft
+    from querytune.train.rft import PRESETS, train_rft
 
     with user_errors():
         cli = {"texts": texts, "edits": edits, "alpha": alpha, "pool": pool, "abstain": abstain, "shuffle_clicks": shuffle_clicks,
                "max_steps": max_steps, "batch_size": batch_size, "lr": lr, "bf16": bf16, "max_minutes": max_minutes}
-        try:
-            resolved = RFTConfig.resolve(RFTConfig.resolve(PRESETS[preset], load_config(config)), cli)
-        except ValueError as e:
-            raise UserError(f"--config {config}: {e}") from None
+        resolved = recipe_from(PRESETS, preset, config, None, cli)
         resolved = dataclasses.replace(resolved, max_minutes=resolved.max_minutes or None)
         if resolved.edits not in ("mined", "none") and not Path(resolved.edits).is_file():
             raise UserError(f"--edits: {resolved.edits!r} is neither 'mined', 'none' nor an edit table (edits.csv)")

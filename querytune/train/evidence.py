@@ -42,6 +42,20 @@ TABLE_COLUMNS = ["kind", "trigger", "slot", "old", "new", "route", "text", "prop
                  "high", "p", "screened", "confirm_texts", "confirm_effect", "confirm_low", "confirm_high", "confirm_p", "q", "accepted"]
 
 
+def supported_diffs(reward, base, edited, contexts: list[dict[str, Any]], abstain: bool = True) -> list[float]:
+    """`edited`'s condensed NDCG@10 minus `base`'s in each of a text's logged contexts. Abstaining, only the contexts
+    where both result lists hold a business the log showed there count: the others cannot judge the two parses."""
+    diffs = []
+    for c in contexts:
+        gains = json.loads(c["gains"]) if isinstance(c["gains"], str) else c["gains"]
+        a = reward.ranked(base, c["user_city"], c["timestamp"])
+        b = reward.ranked(edited, c["user_city"], c["timestamp"])
+        if abstain and not (any(x in gains for x in a) and any(x in gains for x in b)):
+            continue
+        diffs.append(condensed_ndcg(b, gains, reward.k) - condensed_ndcg(a, gains, reward.k))
+    return diffs
+
+
 @dataclass
 class TextEvidence:
     """One proposed edit of one text, with its per-context differences (supported contexts only, unless the
@@ -81,21 +95,10 @@ class EditMiner(EditProposer):
                 for edit in edits:
                     edited = edit.apply(parse, self.schema)
                     if edited is not None:
-                        out.append(TextEvidence(i, edit, self._diffs(base, self.schema.parse(edited), contexts), len(contexts)))
+                        out.append(TextEvidence(i, edit, supported_diffs(self.reward, base, self.schema.parse(edited), contexts, self.abstain), len(contexts)))
             if progress:
                 progress(1)
         return out
-
-    def _diffs(self, base, edited, contexts: list[dict[str, Any]]) -> list[float]:
-        diffs = []
-        for c in contexts:
-            gains = json.loads(c["gains"]) if isinstance(c["gains"], str) else c["gains"]
-            a = self.reward.ranked(base, c["user_city"], c["timestamp"])
-            b = self.reward.ranked(edited, c["user_city"], c["timestamp"])
-            if self.abstain and not (any(x in gains for x in a) and any(x in gains for x in b)):
-                continue  # no business the log showed in one of the lists: this context cannot judge them
-            diffs.append(condensed_ndcg(b, gains, self.reward.k) - condensed_ndcg(a, gains, self.reward.k))
-        return diffs
 
     # -- verdicts ------------------------------------------------------------------------------------------
     def _pooled(self, found: list[TextEvidence]) -> dict[tuple, dict[str, Any]]:

@@ -162,17 +162,23 @@ class RetrievalReward:
             parse = strict_parse(self.schema, completion, self.max_chars, fmt)
         except ParseError:
             return INVALID
-        if self.schema.intents[parse.intent].slots == ():
-            return 0.0  # an intent that takes no slots (out of scope) runs no search
-        if any(not self.schema.slots[n].written_in(v, query) for n, v in parse.slots.items() if n in self.written):
-            return 0.0  # a name (or grounded value) the query does not write, nor an alias of it: made up, or the clicked business's
-        if self.known is not None and any(n in parse.slots and not self.known.has(str(parse.slots[n])) for n in self.names):
-            return 0.0  # a name no business has: the query copied into a name slot
+        if not self.searchable(parse, query):
+            return 0.0
         if isinstance(gains, str):
             gains = json.loads(gains)
         if not any(g > 0 for g in gains.values()):
             return 0.0
         return condensed_ndcg(self.ranked(parse, user_city, timestamp), gains, self.k)
+
+    def searchable(self, parse, query: str) -> bool:
+        """Whether a valid parse runs a search this reward judges: an intent that takes no slots (out of scope) runs
+        none; a name (or grounded value) the query does not write, nor an alias of it, is made up or the clicked
+        business's; a name no business has is the query copied into a name slot."""
+        if self.schema.intents[parse.intent].slots == ():
+            return False
+        if any(not self.schema.slots[n].written_in(v, query) for n, v in parse.slots.items() if n in self.written):
+            return False
+        return self.known is None or all(n not in parse.slots or self.known.has(str(parse.slots[n])) for n in self.names)
 
     def ranked(self, parse, user_city: str, timestamp: str | datetime) -> list[str]:
         """The top `depth` businesses of a parse's search in one context (cached for the life of the object)."""

@@ -35,14 +35,15 @@ import pandas as pd
 from querytune.labeled import LabeledRow, load_labeled
 from querytune.runtime.model import ModelFolder
 from querytune.schema import normalize_text
+from querytune.train.config import Recipe
 from querytune.train.evidence import TABLE_COLUMNS, EditMiner
 from querytune.train.sft import PRESETS as SFT_PRESETS
-from querytune.train.sft import train_sft
+from querytune.train.sft import SFTRecipe, train_sft
 from querytune.train.targets import early_texts, text_targets, texts_with
 
 
 @dataclass(frozen=True)
-class RFTConfig:
+class RFTRecipe(Recipe):
     """Everything an RFT (or ST) run reads; a preset is an instance, a config file or option overrides fields."""
 
     texts: int = 4000  # early-log texts added to the seed (eval/compare.py's ceiling rows add the same ones)
@@ -67,25 +68,16 @@ class RFTConfig:
     max_minutes: float | None = None  # a cap against a runaway; the steps are the budget
     save_steps: int = 100
 
-    @classmethod
-    def resolve(cls, base: RFTConfig, overrides: dict[str, Any]) -> RFTConfig:
-        """`base` with `overrides` (None: unset); an unknown key is an error naming the known ones."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(overrides) - known
-        if unknown:
-            raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
-        return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
-
-    def sft_preset(self) -> dict[str, Any]:
-        """The SFT preset of the training step: quick's step and levers, this run's steps, batch and learning rate."""
-        return SFT_PRESETS["quick"] | {"max_steps": self.max_steps, "batch_size": self.batch_size, "lr": self.lr, "bf16": self.bf16,
-                                       "max_minutes": self.max_minutes, "save_steps": self.save_steps}
+    def sft_recipe(self) -> SFTRecipe:
+        """The training step's recipe: SFT quick's step and levers, this run's steps, batch and learning rate."""
+        return dataclasses.replace(SFT_PRESETS["quick"], max_steps=self.max_steps, batch_size=self.batch_size, lr=self.lr, bf16=self.bf16,
+                                   max_minutes=self.max_minutes, save_steps=self.save_steps)
 
 
 PRESETS = {
     # quick: the 4,000 texts and 280 steps of eval/compare.py's rows; ~6 min of greedy parses and ~5 of training on 2 cores
-    "quick": RFTConfig(),
-    "full": RFTConfig(texts=8000, max_steps=600),
+    "quick": RFTRecipe(),
+    "full": RFTRecipe(texts=8000, max_steps=600),
 }
 
 
@@ -139,7 +131,7 @@ def reuse_greedy(path: Path, texts: list[str], version: str) -> list[dict[str, A
     return [r["greedy"] for r in rows]
 
 
-def confirm(miner: EditMiner, screened: set[tuple], init: Path, world: Path, texts: list[str], config: RFTConfig, seed: int, say=print):
+def confirm(miner: EditMiner, screened: set[tuple], init: Path, world: Path, texts: list[str], config: RFTRecipe, seed: int, say=print):
     """The screened edits' evidence on other log texts: up to `confirm_texts` clicked early-log texts per trigger, outside
     the training texts and the seed, parsed by the init model; only the screened edits are scored there."""
     triggers = {key[1] for key in screened}
@@ -151,7 +143,7 @@ def confirm(miner: EditMiner, screened: set[tuple], init: Path, world: Path, tex
     return miner.evidence(others, greedy, proposals, targets), len(others)
 
 
-def build_labels(config: RFTConfig, init: Path, world: Path, index: Path, out: Path, seed: int = 0, say=print,
+def build_labels(config: RFTRecipe, init: Path, world: Path, index: Path, out: Path, seed: int = 0, say=print,
                  greedy_from: Path | None = None) -> dict[str, Any]:
     """Write OUT/labels.jsonl (and greedy.jsonl, edits.csv, evidence.json): the log texts with the labels this stage
     trains on. `greedy_from`: another run's greedy.jsonl of the same model and texts, reused instead of parsing again."""
@@ -209,7 +201,7 @@ def build_labels(config: RFTConfig, init: Path, world: Path, index: Path, out: P
     return stats
 
 
-def train_rft(config: RFTConfig, init: Path, world: Path, index: Path, out: Path, seed: int = 0, say=print, resume: bool = False,
+def train_rft(config: RFTRecipe, init: Path, world: Path, index: Path, out: Path, seed: int = 0, say=print, resume: bool = False,
               report_to: str = "none", greedy_from: Path | None = None) -> dict[str, Any]:
     """Labels (reused when OUT/labels.jsonl exists and `resume`), then SFT from `init` on the seed plus them; the summary."""
     out.mkdir(parents=True, exist_ok=True)
@@ -225,7 +217,7 @@ def train_rft(config: RFTConfig, init: Path, world: Path, index: Path, out: Path
     random.Random(seed).shuffle(mixed)
     stage = "self_train" if config.edits == "none" else "rft"
     say(f"{stage}: SFT from {init} on {len(seed_rows):,} seed rows + {len(added):,} labeled log texts, {config.max_steps} steps x {config.batch_size}")
-    summary = train_sft(mixed, schema, out, None, config.sft_preset(), seed=seed, say=say, init=init, resume=resume, stage=stage,
+    summary = train_sft(mixed, schema, out, None, config.sft_recipe(), seed=seed, say=say, init=init, resume=resume, stage=stage,
                         report_to=report_to)
     edited = sum(bool(json.loads(line)["edits"]) for line in (out / "labels.jsonl").read_text().splitlines())
     return summary | {"stage": stage, "init": str(init), "log_texts": len(added), "texts_edited": edited, "evidence": stats,

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,24 +26,39 @@ from querytune.runtime.formats import DEFAULT_FORMAT, completion, folder_format,
 from querytune.runtime.model import BASE_KEYS, ModelFolder, base_path, base_record, copy_adapter_chain, save_model_meta
 from querytune.schema import Schema
 from querytune.train.aliases import merge_aliases, mine_aliases
+from querytune.train.config import Recipe
 
-STEP_LEVERS = {"padding_free": True, "completion_logits": True, "lora_dropout": 0.0, "bf16_weights": True, "attention": "packed"}
-PRESETS: dict[str, dict[str, Any]] = {
-    # quick: 600 steps of batch 8, ~1.1 passes over SGD-sized data (4,269 rows), ~2.4 over a 2,000-row world seed. A
-    # high LoRA learning rate matters for few steps (seed-0 test, 400 rows: lr 5e-4 r16 gave intent 0.75 / slot F1
-    # 0.61; lr 2e-3 r32 0.87 / 0.77 at 110 steps). At the same examples seen, twice the updates help: batch 16 x 140
-    # steps reached slot F1 0.862-0.870, batch 8 x 280 0.897 (world seed 0 test, 2026-11-24). The budget is the
-    # steps and batch: max_minutes is only a cap against a runaway.
-    # The step's levers (`querytune.train.step`; eval/bench_sft.py times each): one padding-free row per batch, the
-    # LM head only where the loss reads, no LoRA dropout, bf16 weight storage under bf16 autocast, attention
-    # within each packed sequence (`packed_attention`). bf16 "auto": measured once per machine (`pick_dtype`).
-    # gradient checkpointing off: it recomputes activations (slower) to save memory a 135M model does not need.
-    "quick": {"max_steps": 600, "epochs": 1.0, "batch_size": 8, "lr": 1.5e-3, "lora_r": 32, "lora_alpha": 64, "warmup_steps": 16, "bf16": "auto",
-              "gradient_checkpointing": False, "max_minutes": 60.0, "save_steps": 100, **STEP_LEVERS},
-    # full: four passes over the data (2,136 steps on the 4,269-row SGD training split: 33 min 44 s under jemalloc,
-    # 2026-12-06, AMD EPYC; three passes gave slot F1 0.914, four 0.933: eval/RESULTS.md "SFT on real data").
-    "full": {"max_steps": -1, "epochs": 4.0, "batch_size": 8, "lr": 1e-3, "lora_r": 32, "lora_alpha": 64, "warmup_steps": 20, "bf16": "auto",
-             "gradient_checkpointing": False, "max_minutes": 120.0, "save_steps": 200, **STEP_LEVERS},
+
+@dataclass(frozen=True)
+class SFTRecipe(Recipe):
+    """What an SFT run reads. The budget is the optimizer steps and batch; `max_minutes` is only a cap against a
+    runaway. The step's levers (`querytune.train.step`; eval/bench_sft.py times each; what was tried and left out is in
+    eval/RESULTS.md, "Training speed"): one padding-free row per batch, the LM head only where the loss reads, no LoRA
+    dropout, bf16 storage of the frozen weights under bf16 autocast, attention within each packed sequence."""
+
+    max_steps: int = 600  # -1: `epochs` passes over the data
+    epochs: float = 1.0
+    batch_size: int = 8
+    lr: float = 1.5e-3  # few steps want a high LoRA learning rate (RESULTS, "SFT presets")
+    lora_r: int = 32
+    lora_alpha: int = 64
+    warmup_steps: int = 16
+    bf16: bool | str = "auto"  # "auto": measured once per machine (`querytune.train.step.pick_dtype`)
+    gradient_checkpointing: bool = False  # recomputes activations to save memory a 135M model does not need
+    max_minutes: float | None = 60.0
+    save_steps: int = 100
+    padding_free: bool = True
+    completion_logits: bool = True
+    lora_dropout: float = 0.0
+    bf16_weights: bool = True
+    attention: str = "packed"  # "packed" needs padding_free; "sdpa" or "eager" otherwise
+
+
+PRESETS: dict[str, SFTRecipe] = {
+    # quick: 600 steps of batch 8, ~1.1 passes over SGD-sized data (4,269 rows), ~2.4 over a 2,000-row world seed
+    "quick": SFTRecipe(),
+    # full: four passes (2,136 steps on the 4,269-row SGD training split; RESULTS, "SFT on real data")
+    "full": SFTRecipe(max_steps=-1, epochs=4.0, lr=1e-3, warmup_steps=20, max_minutes=120.0, save_steps=200),
 }
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -116,9 +132,9 @@ def start_or_resume(out: Path, resume: bool, say=print) -> str | None:
     return last
 
 
-def checkpoint_args(out: Path, preset: dict[str, Any]) -> dict[str, Any]:
+def checkpoint_args(out: Path, save_steps: int) -> dict[str, Any]:
     """Trainer arguments for checkpoints in out/checkpoints every `save_steps` steps, the last two kept."""
-    return {"output_dir": str(out / "checkpoints"), "save_strategy": "steps", "save_steps": int(preset.get("save_steps", 50)),
+    return {"output_dir": str(out / "checkpoints"), "save_strategy": "steps", "save_steps": int(save_steps),
             "save_total_limit": 2}
 
 
@@ -136,7 +152,7 @@ def finish_checkpoints(out: Path, trainer) -> None:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
 
 
-def train_sft(rows: list[LabeledRow], schema: Schema, out: Path, base: str | None, preset: dict[str, Any],
+def train_sft(rows: list[LabeledRow], schema: Schema, out: Path, base: str | None, recipe: SFTRecipe,
               seed: int = 0, say=print, init: Path | None = None, resume: bool = False, fmt: str = DEFAULT_FORMAT,
               report_to: str = "none", stage: str = "sft") -> dict[str, Any]:
     """Train and save; returns a summary (steps, seconds, final loss, token lengths, dtype). `stage`: what the folder
@@ -172,29 +188,29 @@ def train_sft(rows: list[LabeledRow], schema: Schema, out: Path, base: str | Non
     lengths = [len(tokenizer(e["prompt"] + e["completion"]).input_ids) for e in examples]
     completion_lengths = [len(tokenizer(e["completion"], add_special_tokens=False).input_ids) for e in examples]
     model = init_folder.merged(torch.float32) if init_folder else AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    if preset.get("attention") == "packed" and not preset.get("padding_free"):
+    if recipe.attention == "packed" and not recipe.padding_free:
         raise ValueError("attention 'packed' needs padding_free: it reads the sequences of one padding-free row")
-    model.set_attn_implementation(preset.get("attention", "sdpa"))
-    lora = LoraConfig(r=preset["lora_r"], lora_alpha=preset["lora_alpha"], lora_dropout=preset.get("lora_dropout", 0.0), task_type="CAUSAL_LM",
+    model.set_attn_implementation(recipe.attention)
+    lora = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout, task_type="CAUSAL_LM",
                       target_modules=[m for m in LORA_TARGETS if any(n.endswith(m) for n, _ in model.named_modules())] or "all-linear")
     probe = None
-    if preset.get("bf16", False) == "auto":
-        probe = pick_dtype(model, lora, packed_batch(examples, tokenizer, preset["batch_size"], seed), say=say,
-                           weights_in_bf16=preset.get("bf16_weights", False))
-    bf16 = probe["dtype"] == "bf16" if probe else bool(preset.get("bf16", False))
+    if recipe.bf16 == "auto":
+        probe = pick_dtype(model, lora, packed_batch(examples, tokenizer, recipe.batch_size, seed), say=say,
+                           weights_in_bf16=recipe.bf16_weights)
+    bf16 = probe["dtype"] == "bf16" if probe else bool(recipe.bf16)
     out.mkdir(parents=True, exist_ok=True)
     last = start_or_resume(out, resume, say)
-    padding_free, completion_logits = preset.get("padding_free", False), preset.get("completion_logits", False)
+    padding_free, completion_logits = recipe.padding_free, recipe.completion_logits
     counts = {"step_tokens": "step_tokens", "step_targets": "step_targets", "step_sum_sq": "step_sum_sq"} if completion_logits else {}
-    step_log = StepLog(out / "steps.jsonl", say, preset.get("max_minutes"), extra=counts, quiet=set(counts))
+    step_log = StepLog(out / "steps.jsonl", say, recipe.max_minutes, extra=counts, quiet=set(counts))
     args = SFTConfig(
-        **checkpoint_args(out, preset), max_steps=preset["max_steps"], num_train_epochs=preset["epochs"],
-        per_device_train_batch_size=preset["batch_size"], learning_rate=preset["lr"], lr_scheduler_type="cosine",
-        warmup_steps=preset["warmup_steps"], logging_steps=1, **report_args(out, report_to), seed=seed,
+        **checkpoint_args(out, recipe.save_steps), max_steps=recipe.max_steps, num_train_epochs=recipe.epochs,
+        per_device_train_batch_size=recipe.batch_size, learning_rate=recipe.lr, lr_scheduler_type="cosine",
+        warmup_steps=recipe.warmup_steps, logging_steps=1, **report_args(out, report_to), seed=seed,
         # padding-free does not truncate (TRL asks for max_length None); the longest example fits either way
         max_length=None if padding_free else max(lengths) + 1, padding_free=padding_free, completion_only_loss=True,
         packing=False, use_cpu=not torch.cuda.is_available(),
-        bf16=bf16, activation_checkpointing=preset.get("gradient_checkpointing", False),  # TRL turns it on by default
+        bf16=bf16, activation_checkpointing=recipe.gradient_checkpointing,  # TRL turns it on by default
         include_num_input_tokens_seen="all", disable_tqdm=True, dataloader_num_workers=0,
         # not train_sampling_strategy="group_by_length": measured 13% faster per step, but batches of one length
         # reweight the completion-only loss toward short parses and the model learned to stop after the
@@ -203,7 +219,7 @@ def train_sft(rows: list[LabeledRow], schema: Schema, out: Path, base: str | Non
     )
     trainer = (CompletionSFTTrainer if completion_logits else SFTTrainer)(model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=tokenizer,
                          peft_config=lora, callbacks=[step_log.callback])
-    if bf16 and preset.get("bf16_weights", False):
+    if bf16 and recipe.bf16_weights:
         bf16_weights(trainer.model)
     trainer.remove_callback(PrinterCallback)  # StepLog prints one dense line per step instead
     start = time.perf_counter()

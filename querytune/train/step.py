@@ -8,7 +8,7 @@ compact path needs Triton), and the head (vocabulary x hidden) is a fifth of Smo
 completions are a third of the tokens. Both are numerics-neutral: the same examples give the same loss.
 Measured by `python eval/bench_sft.py` (eval/RESULTS.md, "Training speed").
 
-The DPO and GRPO steps (`querytune.train.preference`) take the levers that pay there: TRL's fused LM head on the
+The DPO and GRPO steps (`querytune.train.dpo`, `querytune.train.grpo`) take the levers that pay there: TRL's fused LM head on the
 scored positions only (`labelled_positions_only`) and GRPO's sampling in bf16 with merged adapters
 (`SamplingGRPOTrainer`); measured by `python eval/bench_preference.py`.
 """
@@ -148,20 +148,32 @@ class SamplingGRPOTrainer(GRPOTrainer):
     """TRL's GRPOTrainer, sampling its groups faster on CPU: under the training step's bf16 autocast (transformers'
     generate runs outside autocast, where `bf16_weights`' bf16 linears would meet fp32 activations; bf16 reads half
     the weight bytes a decoded token needs) and, with `merged_sampling`, with the adapters merged
-    (`merged_adapters`). The log-probabilities the loss reads are computed afresh by the step either way."""
+    (`merged_adapters`). The log-probabilities the loss reads are computed afresh by the step either way.
 
-    def __init__(self, *args, merged_sampling: bool = False, **kwargs):
+    `guides` (prompt token ids -> completion token ids): the first sample of each such prompt's group is replaced by
+    its guide, so the group holds a parse the policy would not sample (`querytune.train.grpo`)."""
+
+    def __init__(self, *args, merged_sampling: bool = False, guides: dict[tuple[int, ...], list[int]] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.merged_sampling = merged_sampling
+        self.merged_sampling, self.guides = merged_sampling, guides or {}
 
-    def _generate_single_turn(self, *args, **kwargs):
+    def _generate_single_turn(self, prompt_ids, *args, **kwargs):
         on_cpu = not self.use_vllm
         merged = merged_adapters(self.model) if self.merged_sampling and on_cpu else contextlib.nullcontext()
         start = time.perf_counter()
         with merged, torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16, enabled=bool(self.args.bf16) and on_cpu):
-            result = super()._generate_single_turn(*args, **kwargs)
-        self._metrics["train" if self.model.training else "eval"]["sampling_seconds"].append(time.perf_counter() - start)
-        return result
+            completion_ids, logprobs = super()._generate_single_turn(prompt_ids, *args, **kwargs)
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["sampling_seconds"].append(time.perf_counter() - start)
+        if self.guides:
+            seen = set()
+            for i, ids in enumerate(prompt_ids):
+                key = tuple(ids)
+                if key in self.guides and key not in seen:
+                    seen.add(key)
+                    completion_ids[i] = list(self.guides[key])
+            self._metrics[mode]["guided"].append(len(seen))
+        return completion_ids, logprobs
 
 
 def packed_batch(examples: list[dict[str, str]], tokenizer, size: int, seed: int = 0) -> dict[str, torch.Tensor]:

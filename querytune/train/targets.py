@@ -7,7 +7,7 @@ with the init model and, where the greedy parse looks wrong, explores its other 
 samples): what DPO's pairs and GRPO's screening are drawn from (`querytune.train.pairs`).
 
 Candidates are held as canonical JSON whatever the model's format (`as_json`); `in_format` writes such a parse
-back in the model's format where a trainer's dataset is built (`querytune.train.preference`).
+back in the model's format where a trainer's dataset is built (`querytune.train.dpo`, `querytune.train.grpo`).
 """
 
 from __future__ import annotations
