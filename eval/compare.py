@@ -12,6 +12,8 @@ interval against self-training, or against the control where self-training is no
 - rft: the same texts relabeled by the edits the clicks support (`querytune train rft`); rft_placebo: with each text
   judged on another text's clicks; rft_no_pool, rft_no_abstain: without pooled tests, without abstention;
 - dpo: DPO from the SFT model on rft's accepted edits (edited label chosen, greedy parse rejected; `train dpo --edits-from`);
+- grpo: GRPO from the SFT model on the miner's abstaining, pooled reward, each edited label in its text's group
+  (`train grpo --edits-from`);
 - label_ceiling: the same steps on the seed plus the true parses (the world's hidden needs) of the same texts:
   what a stage that learns from the log could at best reach;
 - guideline_run: the same texts labeled by the annotation guideline: what labeling more of the log would buy;
@@ -51,6 +53,10 @@ from querytune.train.targets import early_texts  # noqa: E402
 TRAINED = ("control", "label_ceiling", "guideline_run")
 REWARD_ROWS = {"self_train": ["--edits", "none"], "rft": [], "rft_placebo": ["--shuffle-clicks"], "rft_no_pool": ["--no-pool"],
                "rft_no_abstain": ["--no-abstain"]}  # `querytune train rft` options of each reward row
+# the learners on rft's accepted edits, with their own steps: DPO two passes over the pairs (its preset); GRPO
+# --grpo-steps (60: about one pass over seed 0's edited texts and as many anchors, 4 texts a step), at a learning rate
+# set before any run, not tuned
+LEARNER_ROWS = {"dpo": [], "grpo": ["--lr", "5e-4", "--max-minutes", "0"]}
 
 
 def log_texts(world: Path, n: int, label: str, seed: int = 0) -> list[dict]:
@@ -111,8 +117,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of every training and parsing run.")
     ap.add_argument("--max-minutes", type=float, default=0, help="Cap per training row (0: none); the steps are the budget.")
     ap.add_argument("--jobs", type=int, default=1, help="Training rows (then parsing runs) at once, each with --threads threads.")
-    ap.add_argument("--rows", default=",".join((*TRAINED, *REWARD_ROWS, "dpo")),
-                    help=f"Training rows to run, comma-separated (default: all of {', '.join((*TRAINED, *REWARD_ROWS, 'dpo'))}); rows trained before stay in the table.")
+    ap.add_argument("--grpo-steps", type=int, default=60, help="Optimizer steps of the grpo row (4 texts x 8 parses each).")
+    ap.add_argument("--rows", default=",".join((*TRAINED, *REWARD_ROWS, *LEARNER_ROWS)),
+                    help=f"Training rows to run, comma-separated (default: all of {', '.join((*TRAINED, *REWARD_ROWS, *LEARNER_ROWS))}); "
+                         "rows trained before stay in the table.")
     args = ap.parse_args()
 
     out, world = args.out, args.world
@@ -131,7 +139,7 @@ def main() -> None:
             write_jsonl(rows, data[name])
     split = world / f"{args.split}.jsonl"
     chosen = [r.strip() for r in args.rows.split(",") if r.strip()]
-    known = (*TRAINED, *REWARD_ROWS, "dpo")
+    known = (*TRAINED, *REWARD_ROWS, *LEARNER_ROWS)
     unknown = set(chosen) - set(known)
     if unknown:
         raise SystemExit(f"compare: --rows: unknown row(s) {', '.join(sorted(unknown))} (known: {', '.join(known)})")
@@ -148,13 +156,14 @@ def main() -> None:
         reuse = ["--greedy-from", str(greedy)] if greedy.is_file() else []
         timings |= run_all([(qt + ["train", "rft", "--init", str(args.sft), "--world", str(world), "--index", str(args.index), "--out",
                                    str(every[name]), "--texts", str(args.texts), *fixed, *reuse, *REWARD_ROWS[name]], None)], env, 1)
-    if todo("dpo"):  # DPO on the pairs rft's miner accepted: its own preset's steps (two passes over the pairs)
-        edited = (every["rft"] / "labels.jsonl").is_file() and any(json.loads(line)["edits"] for line in (every["rft"] / "labels.jsonl").open())
+    edited = (every["rft"] / "labels.jsonl").is_file() and any(json.loads(line)["edits"] for line in (every["rft"] / "labels.jsonl").open())
+    for name in [n for n in LEARNER_ROWS if todo(n)]:  # DPO and GRPO learn from the edits rft's miner accepted
         if edited:
-            timings |= run_all([(qt + ["train", "dpo", "--init", str(args.sft), "--world", str(world), "--index", str(args.index), "--out",
-                                       str(every["dpo"]), "--edits-from", str(every["rft"])], None)], env, 1)
+            timings |= run_all([(qt + ["train", name, "--init", str(args.sft), "--world", str(world), "--index", str(args.index), "--out",
+                                       str(every[name]), "--edits-from", str(every["rft"]), *LEARNER_ROWS[name],
+                                       *(["--max-steps", str(args.grpo_steps)] if name == "grpo" else [])], None)], env, 1)
         else:
-            print("compare: dpo skipped: rft's miner accepted no edit (or rft was not trained), so there are no pairs", flush=True)
+            print(f"compare: {name} skipped: rft's miner accepted no edit (or rft was not trained): nothing to learn from", flush=True)
     models = {"sft": args.sft} | {name: every[same_as.get(name, name)] for name in known if (every[same_as.get(name, name)] / "querytune.json").is_file()}
     preds, parses = {}, []
     for name, folder in models.items():

@@ -17,14 +17,14 @@ def test_compare_writes_every_row_and_resumes(tiny_model, small_world_master, re
     out = tmp_path / "cmp"
     cmd = [sys.executable, str(ROOT / "eval" / "compare.py"), "--world", str(small_world_master), "--index", str(real_index),
            "--sft", str(tiny_model), "--out", str(out), "--steps", "1", "--batch-size", "2", "--texts", "30", "--split", "dev",
-           "--dtype", "fp32", "--jobs", "2"]
+           "--dtype", "fp32", "--jobs", "2", "--grpo-steps", "1"]
     subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True)
     result = json.loads((out / "compare.json").read_text())
     trained = ["control", "label_ceiling", "guideline_run", "self_train", "rft", "rft_placebo", "rft_no_pool", "rft_no_abstain"]
     systems = {"raw", "bm25", "peer", "sft", *trained, "guideline_oracle", "oracle"}
     assert systems <= set(result["table"]["all"])
     steps = result["meta"]["steps_done"]
-    assert {k: steps[k] for k in trained} == dict.fromkeys(trained, 1) and set(steps) - set(trained) <= {"dpo"}  # dpo: where rft accepted an edit
+    assert {k: steps[k] for k in trained} == dict.fromkeys(trained, 1) and set(steps) - set(trained) <= {"dpo", "grpo"}  # where rft accepted an edit
     assert {"dtype", "threads", "batch_size", "hardware"} <= set(result["meta"])
     overall = result["table"]["all"]
     assert overall["oracle"]["ndcg@10"] > overall["raw"]["ndcg@10"]
