@@ -1,7 +1,12 @@
 """The whole loop on the embedded default data, in one workspace: `querytune demo` (what `make demo` runs).
 
-    world -> index -> SFT -> DPO -> GRPO -> test predictions -> label the log's head into the cache -> serve and
-    replay later traffic -> report
+    world -> index -> SFT -> self-training (ST) -> RFT -> DPO -> GRPO -> test predictions -> label the log's head into
+    the cache -> serve and replay later traffic -> report
+
+ST, RFT, DPO and GRPO all start from the SFT model and add the same 4,000 early-log texts: ST with the model's own
+parses (the control), RFT with the edits the click-evidence miner accepts, DPO and GRPO learning from those edits
+(`--edits-from`). Where the miner accepts no edit, DPO and GRPO have nothing to learn: their steps say so and are
+skipped, and the report has no row for them.
 
 Each step is a `querytune` command run as its own process (its own progress bars). A step whose outputs exist and
 whose stamp (`WORKSPACE/.stamps/<step>.json`) holds the same key is skipped; the key hashes the step's command, the
@@ -24,18 +29,19 @@ from pathlib import Path
 from typing import Callable
 
 PACKAGE = Path(__file__).resolve().parent
-STAGES = ("sft", "dpo", "grpo")
-# Each step's sizes. full: the quick training presets, trimmed so the whole demo stays under 75 minutes on 2 CPU
-# cores (SFT keeps its preset: 13 minutes of training): DPO explores the 1,200 most typed texts (preset: 2,000), GRPO
-# screens 1,000 random texts and trains for 6 minutes (preset: 1,500 and 11); measured stage times: README. tiny: the
-# same steps and report on a small world (6,000 log rows, 150 test queries) with a few optimizer steps per stage, to
-# see the loop in minutes; its models are barely trained and its figures say nothing about the method.
+STAGES = ("sft", "self_train", "rft", "dpo", "grpo")
+LEARNERS = ("dpo", "grpo")  # train on the miner's edits in models/rft
+# Each step's sizes. full: the quick training presets (SFT 600 steps; ST and RFT 4,000 log texts and 280 steps; DPO
+# two passes over the miner's pairs; GRPO 60 steps of 4 texts, about one pass over seed 0's edited texts and as many
+# anchors, at lr 5e-4 as eval/compare.py's grpo row); measured stage times: README. tiny: the same steps and report on a
+# small world (6,000 log rows, 150 test queries) with a few optimizer steps per stage, to see the loop in minutes;
+# its models are barely trained and its figures say nothing about the method.
 PRESETS: dict[str, dict[str, list[str]]] = {
-    "full": {"world": [], "sft": [], "dpo": ["--queries", "1200"], "grpo": ["--queries", "1000", "--max-minutes", "6"], "warm": ["--top", "1000"]},
+    "full": {"world": [], "sft": [], "self_train": [], "rft": [], "dpo": [], "grpo": ["--max-steps", "60", "--lr", "5e-4", "--max-minutes", "0"],
+             "warm": ["--top", "1000"]},
     "tiny": {"world": ["--rows", "6000", "--per-city", "60", "--eval-rows", "150"], "sft": ["--max-steps", "24"],
-             "dpo": ["--queries", "48", "--max-steps", "4"],
-             "grpo": ["--queries", "16", "--screen-k", "0", "--max-steps", "2", "--num-generations", "4", "--batch-size", "16"],
-             "warm": ["--top", "100"]},
+             "self_train": ["--texts", "200", "--max-steps", "4"], "rft": ["--texts", "200", "--max-steps", "4"], "dpo": ["--max-steps", "4"],
+             "grpo": ["--max-steps", "2", "--num-generations", "4", "--batch-size", "16", "--max-minutes", "0"], "warm": ["--top", "100"]},
 }
 REPLAY = {"full": 300, "tiny": 40}  # later log requests the serving check replays
 
@@ -60,6 +66,7 @@ class Step:
     run: Callable[[Path], None] | None = None  # a Python body instead of commands (the serving check)
     clean: list[str] = field(default_factory=list)  # removed before the step runs again (stale or partial outputs)
     key_extra: str = ""  # what else the output depends on (a `run` body's settings)
+    needs: Callable[[Path], str | None] | None = None  # why the step cannot run in this workspace (None: it can); then it is skipped
 
 
 def steps(ws: Path, cli: str, py: str, serve_port: int, replay: int, preset: str = "full") -> list[Step]:
@@ -70,16 +77,21 @@ def steps(ws: Path, cli: str, py: str, serve_port: int, replay: int, preset: str
         Step("sft", [[cli, "train", "sft", "--data", f"{w}/world/seed.jsonl", "--out", f"{w}/models/sft", "--preset", "quick", *size["sft"]]],
              ["models/sft/summary.json"], ["world"], clean=["models/sft"]),
     ]
-    for stage in ("dpo", "grpo"):
-        out.append(Step(stage, [[cli, "train", stage, "--init", f"{w}/models/sft", "--world", f"{w}/world", "--index", f"{w}/index",
-                                 "--out", f"{w}/models/{stage}", "--preset", "quick", *size[stage]]], [f"models/{stage}/summary.json"], ["sft", "index"],
-                        clean=[f"models/{stage}"]))
+    common = ["--init", f"{w}/models/sft", "--world", f"{w}/world", "--index", f"{w}/index"]
+    out.append(Step("self_train", [[cli, "train", "rft", *common, "--out", f"{w}/models/self_train", "--edits", "none", *size["self_train"]]],
+                    ["models/self_train/summary.json"], ["sft", "index"], clean=["models/self_train"]))
+    out.append(Step("rft", [[cli, "train", "rft", *common, "--out", f"{w}/models/rft", "--greedy-from", f"{w}/models/self_train/greedy.jsonl",
+                             *size["rft"]]], ["models/rft/summary.json"], ["self_train"], clean=["models/rft"]))
+    for stage in LEARNERS:
+        out.append(Step(stage, [[cli, "train", stage, *common, "--out", f"{w}/models/{stage}", "--edits-from", f"{w}/models/rft", *size[stage]]],
+                        [f"models/{stage}/summary.json"], ["rft"], clean=[f"models/{stage}"], needs=miner_accepted))
     for stage in STAGES:
         out.append(Step(f"predict_{stage}", [[cli, "eval", "parse", "--model", f"{w}/models/{stage}", "--data", f"{w}/world/test.jsonl",
                                               "--out", f"{w}/models/{stage}/parse_test.json", "--predictions",
                                               f"{w}/models/{stage}/predictions_test.jsonl", "--batch-size", "48"]],
                         [f"models/{stage}/predictions_test.jsonl"], [stage],
-                        clean=[f"models/{stage}/predictions_test.jsonl", f"models/{stage}/parse_test.json"]))
+                        clean=[f"models/{stage}/predictions_test.jsonl", f"models/{stage}/parse_test.json"],
+                        needs=model_made(stage) if stage in LEARNERS else None))
     # the served model labels the head of the early log into the cache, then is promoted
     out.append(Step("labels", [[cli, "cache", "warm", f"{w}/world/log.parquet", "--where", "period=early", *size["warm"],
                                 "--model", f"{w}/models/sft", "--cache", f"sqlite:///{w}/cache.db", "--work", f"{w}/labels/head"],
@@ -91,6 +103,18 @@ def steps(ws: Path, cli: str, py: str, serve_port: int, replay: int, preset: str
     out.append(Step("report", [[cli, "eval", "report", "--workspace", w]], ["report/index.html", "report/metrics.json"],
                     ["index", *(f"predict_{s}" for s in STAGES), "serving"], clean=["report"]))
     return out
+
+
+def miner_accepted(ws: Path) -> str | None:
+    """None where the click-evidence miner relabeled a text in models/rft, else why DPO and GRPO cannot run."""
+    labels = ws / "models" / "rft" / "labels.jsonl"
+    if labels.is_file() and any(json.loads(line)["edits"] for line in labels.open(encoding="utf-8")):
+        return None
+    return "the click-evidence miner accepted no edit (models/rft/edits.csv): nothing to learn from"
+
+
+def model_made(stage: str) -> Callable[[Path], str | None]:
+    return lambda ws: None if (ws / "models" / stage / "summary.json").is_file() else f"no {stage} model (its step was skipped)"
 
 
 def serving_check(ws: Path, cli: str, py: str, port: int, replay: int) -> None:
@@ -131,6 +155,14 @@ def run_steps(ws: Path, plan: list[Step], code: str, say=print) -> dict[str, flo
         spec = json.dumps([step.name, [c[1:] for c in step.commands], [keys[a] for a in step.after], code, step.key_extra])
         keys[step.name] = key = hashlib.sha256(spec.encode()).hexdigest()[:16]
         stamp = ws / ".stamps" / f"{step.name}.json"
+        if step.needs and (why := step.needs(ws)):
+            stamp.unlink(missing_ok=True)
+            for rel in step.clean:  # no stale output of an earlier run stands in for this one
+                path = ws / rel
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            say(f"[{i}/{len(plan)}] {step.name}: skipped: {why}")
+            seconds[step.name] = 0.0
+            continue
         done = stamp.is_file() and json.loads(stamp.read_text()).get("key") == key and all((ws / o).exists() for o in step.outputs)
         if done:
             say(f"[{i}/{len(plan)}] {step.name}: up to date (same inputs and code), skipped")
@@ -161,7 +193,7 @@ def run_steps(ws: Path, plan: list[Step], code: str, say=print) -> dict[str, flo
         stamp.write_text(json.dumps({"key": key, "seconds": seconds[step.name], "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
         say(f"    {step.name} took {_clock(seconds[step.name])}")
     # what each step took when it last ran (its stamp), and this run's seconds (0: skipped)
-    made = {name: json.loads((ws / ".stamps" / f"{name}.json").read_text()).get("seconds") for name in keys}
+    made = {name: json.loads(p.read_text()).get("seconds") if (p := ws / ".stamps" / f"{name}.json").is_file() else None for name in keys}
     (ws / "eval" / "demo_times.json").write_text(json.dumps({"step_seconds": made, "this_run": seconds,
                                                              "this_run_total": round(time.perf_counter() - t_all, 1)}, indent=2) + "\n")
     return seconds

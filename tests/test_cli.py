@@ -118,7 +118,7 @@ def test_models_are_given_one_way_dir_or_name_dir_and_the_old_stage_option_still
 
 
 def test_demo_tiny_runs_the_full_demos_steps_smaller_with_options_each_command_has(tmp_path):
-    """`demo --preset tiny` is the same eleven steps and the same report, only smaller; every option a preset adds is
+    """`demo --preset tiny` is the same fifteen steps and the same report, only smaller; every option a preset adds is
     one its command's --help lists (a misspelt option would fail minutes into the demo)."""
     import re
 
@@ -127,7 +127,7 @@ def test_demo_tiny_runs_the_full_demos_steps_smaller_with_options_each_command_h
     plans = {name: steps(tmp_path, "querytune", "python", 8765, 40, name) for name in PRESETS}
     assert [s.name for s in plans["tiny"]] == [s.name for s in plans["full"]]
     tiny = {s.name: s.commands for s in plans["tiny"]}
-    assert {"--rows", "--eval-rows"} <= set(tiny["world"][0]) and all("--max-steps" in tiny[s][0] for s in ("sft", "dpo", "grpo"))
+    assert {"--rows", "--eval-rows"} <= set(tiny["world"][0]) and all("--max-steps" in tiny[s][0] for s in ("sft", "self_train", "rft", "dpo", "grpo"))
     assert "--max-steps" not in {s.name: s.commands for s in plans["full"]}["sft"][0]  # the full demo trains SFT's whole preset
     for plan in plans.values():
         for step in plan:

@@ -157,6 +157,27 @@ def test_demo_steps_skip_work_done_for_the_same_inputs_and_code(tmp_path):
         run_steps(ws, [Step("bad", [[sys.executable, "-c", "raise SystemExit(3)"]], ["never"])], "code2", say=lambda _: None)
 
 
+def test_a_demo_step_that_cannot_run_is_skipped_with_its_reason_and_its_stale_output_removed(tmp_path):
+    """DPO and GRPO need the miner's edits (`miner_accepted`): without them the step says why, runs nothing, and an
+    output of an earlier run does not stand in for it."""
+    import sys
+
+    from querytune.demo import Step, miner_accepted, run_steps
+
+    ws = tmp_path / "ws"
+    (ws / "models" / "dpo").mkdir(parents=True)
+    (ws / "models" / "dpo" / "summary.json").write_text("{}")  # a stale model of an earlier run
+    (ws / "models" / "rft").mkdir()
+    (ws / "models" / "rft" / "labels.jsonl").write_text(json.dumps({"text": "pizza", "edits": []}) + "\n")
+    said: list[str] = []
+    step = Step("dpo", [[sys.executable, "-c", "raise SystemExit(3)"]], ["models/dpo/summary.json"], clean=["models/dpo"], needs=miner_accepted)
+    assert run_steps(ws, [step], "code", say=said.append) == {"dpo": 0.0}
+    assert "skipped: the click-evidence miner accepted no edit" in said[0] and not (ws / "models" / "dpo").exists()
+    assert json.loads((ws / "eval" / "demo_times.json").read_text())["step_seconds"] == {"dpo": None}
+    (ws / "models" / "rft" / "labels.jsonl").write_text(json.dumps({"text": "pizza", "edits": [{"kind": "what"}]}) + "\n")
+    assert miner_accepted(ws) is None
+
+
 def test_docs_cli_reference_is_generated_from_the_current_help():
     from querytune.cli.reference import DOC, doc_with_reference
 

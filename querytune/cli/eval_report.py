@@ -19,7 +19,7 @@ def report(
     index: Path = typer.Option(None, "--index", help="Index folder, if not WORKSPACE/index."),
     models: Path = typer.Option(None, "--models", help="Folder of model folders (one per stage), if not WORKSPACE/models."),
     out: Path = typer.Option(None, "--out", help="Report folder, if not WORKSPACE/report."),
-    baseline: str = typer.Option(None, "--baseline", help="The system every other is compared with on the same queries (paired intervals, a forest plot): a stage name, raw, bm25, peer or oracle (default: the first model stage, sft)."),
+    baseline: str = typer.Option(None, "--baseline", help="The system every other is compared with on the same queries (paired intervals, a forest plot): a stage name, raw, bm25, peer or oracle (default: self_train where the workspace has it, the fair control of the reward stages; else the first model stage, sft)."),
 ) -> None:
     """Write the relevance report: report/index.html (self-contained, with plots), metrics.json, summary.md and
     parses.sqlite (every test query's parses, to browse in Datasette).

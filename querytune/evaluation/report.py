@@ -39,7 +39,7 @@ from querytune.metrics import bootstrap, micro_f1
 from querytune.schema_file import load_schema
 
 MIN_SLICE = 30  # fewer queries than this: the slice says so rather than showing a number
-STAGE_ORDER = ("sft", "dpo", "grpo")
+STAGE_ORDER = ("sft", "self_train", "rft", "dpo", "grpo")
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class Workspace:
         return cls(root, **{n: Path(parts[n]) if parts.get(n) else root / n for n in names})
 
     def stages(self) -> dict[str, Path]:
-        """Model folders with saved test predictions: sft, dpo, grpo first, then any other in name order."""
+        """Model folders with saved test predictions: sft, self_train, rft, dpo, grpo first, then any other in name order."""
         found = {p.name: p for p in sorted(self.models.glob("*")) if (p / "predictions_test.jsonl").is_file()}
         return {name: found[name] for name in sorted(found, key=lambda n: (STAGE_ORDER.index(n) if n in STAGE_ORDER else 99, n))}
 
@@ -185,7 +185,8 @@ def side_figures(ws: Workspace) -> dict[str, Any]:
 
 def build_report(ws: Workspace, say=print, progress: Callable = iter, baseline: str | None = None) -> dict[str, Any]:
     """Score every system and write report/{metrics.json, summary.md, index.html, parses.sqlite}; returns the metrics.
-    `baseline`: the system every other is compared with, paired (default: the first model stage)."""
+    `baseline`: the system every other is compared with, paired (default: self-training where the workspace has it,
+    the fair control of every reward stage; else the first model stage)."""
     from querytune.evaluation.retrieval_eval import load_rows
     from querytune.search import Searcher
 
@@ -209,7 +210,7 @@ def build_report(ws: Workspace, say=print, progress: Callable = iter, baseline: 
         parses[name] = {i: p["pred"] if p.get("valid") else None for i, p in saved.items()}
         confidences[name] = {i: p["confidence"] for i, p in saved.items() if p.get("confidence") is not None}
     systems = ["raw", "bm25", *parses, "oracle"]
-    baseline = baseline or next(iter(stages))
+    baseline = baseline or ("self_train" if "self_train" in stages else next(iter(stages)))
     if baseline not in systems:
         raise ValueError(f"baseline {baseline!r} is not a system of this report ({', '.join(systems)})")
     scores, retrieved = score_systems(rows, parses, searcher, schema, progress)
