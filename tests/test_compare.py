@@ -18,7 +18,8 @@ def test_compare_writes_every_row_and_resumes(tiny_model, small_world_master, re
     cmd = [sys.executable, str(ROOT / "eval" / "compare.py"), "--world", str(small_world_master), "--index", str(real_index),
            "--sft", str(tiny_model), "--out", str(out), "--steps", "1", "--batch-size", "2", "--texts", "30", "--split", "dev",
            "--dtype", "fp32", "--jobs", "2", "--grpo-steps", "1"]
-    subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True)
+    first = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-4000:]
     result = json.loads((out / "compare.json").read_text())
     trained = ["control", "label_ceiling", "guideline_run", "self_train", "rft", "rft_placebo", "rft_no_pool", "rft_no_abstain"]
     systems = {"raw", "bm25", "peer", "sft", *trained, "guideline_oracle", "oracle"}

@@ -212,6 +212,10 @@ def train_grpo(targets: list[dict], reward, init: Path, out: Path, recipe: GRPOR
         else:
             row |= {"user_city": t["user_city"], "timestamp": t["timestamp"], "gains": json.dumps(t["gains"])}
         rows.append(row)
+    per_step = recipe.batch_size // recipe.num_generations
+    if len(rows) < per_step:  # TRL's sampler drops a short last batch: a smaller text set would train no step at all
+        say(f"GRPO: {len(rows)} texts for {per_step} a step: each repeated to fill one")
+        rows = [rows[i % len(rows)] for i in range(per_step)]
     guides = {}
     if evidence and recipe.guide:  # prompt tokens -> the edited parse's tokens, for the texts whose label differs
         for r in rows:
