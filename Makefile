@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   create .venv, then the whole loop in ./workspace: world, index, SFT -> DPO -> GRPO (quick), test predictions,
-#               the log's head labeled into the cache, a serving check, the report (workspace/report/index.html)
+#   make demo   create .venv, then the whole loop in ./workspace: world, index, SFT -> self-training -> RFT -> DPO -> GRPO
+#               (quick), test predictions, the log's head labeled into the cache, a serving check, the report (workspace/report/index.html)
 #   make demo-tiny  the same steps on a small world with a few training steps each, in ./workspace-tiny (minutes)
 #   make test   check redis-server and Chromium (.ci/system-deps installs them where it may), create .venv, install
 #               the test dependencies, run the whole test suite (slow tests and the wheel check included)
@@ -50,19 +50,18 @@ demo: venv
 demo-tiny: venv
 	$(BIN)/querytune demo --preset tiny --workspace $(WS)-tiny
 
-# the two controls of preference tuning (after `make demo`): SFT continued for DPO's number of steps, and DPO on
-# pairs scored against clicks shuffled across queries; both should gain nothing over SFT. The report then shows
-# them beside the stages (every model folder under workspace/models with test predictions is a row).
+# the two controls of the reward stages (after `make demo`), beside self-training, the fair one the demo trains: SFT
+# continued on the seed alone for self-training's steps, and RFT on clicks shuffled across texts (the placebo: it
+# should relabel almost nothing and gain nothing). The report then shows them as rows (every model folder under
+# workspace/models with test predictions is one).
 controls: venv
-	$(BIN)/querytune train sft --init $(M)/sft --data $(WS)/world/seed.jsonl --out $(M)/sft_more --preset quick \
-	  --max-steps $$($(BIN)/python -c "import json; print(json.load(open('$(M)/dpo/summary.json'))['steps'])")
-	# shuffled clicks may leave no pair at all: the command then stops with "no pairs" and the control has nothing to add
-	rm -rf $(M)/dpo_shuffled
-	$(BIN)/querytune train dpo --init $(M)/sft --world $(WS)/world --index $(WS)/index --out $(M)/dpo_shuffled --preset quick --shuffle-clicks \
-	  || test -f $(M)/dpo_shuffled/pairs.parquet
-	for stage in sft_more dpo_shuffled; do test -f $(M)/$$stage/summary.json || continue; \
+	$(BIN)/querytune train sft --init $(M)/sft --data $(WS)/world/seed.jsonl --out $(M)/control --preset quick --max-minutes 0 \
+	  --max-steps $$($(BIN)/python -c "import json; print(json.load(open('$(M)/self_train/summary.json'))['steps'])")
+	$(BIN)/querytune train rft --init $(M)/sft --world $(WS)/world --index $(WS)/index --out $(M)/rft_placebo --shuffle-clicks \
+	  --greedy-from $(M)/self_train/greedy.jsonl
+	for stage in control rft_placebo; do \
 	  $(BIN)/querytune eval parse --model $(M)/$$stage --data $(WS)/world/test.jsonl --out $(M)/$$stage/parse_test.json \
-	    --predictions $(M)/$$stage/predictions_test.jsonl || exit 1; done
+	    --predictions $(M)/$$stage/predictions_test.jsonl --batch-size 48 || exit 1; done
 	$(BIN)/querytune eval report --workspace $(WS)
 
 # the system packages the tests need, checked first: installed with apt-get when root or sudo allows, else one line

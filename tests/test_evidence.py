@@ -258,6 +258,12 @@ def test_grpo_trains_on_the_miners_verdicts_through_the_cli(tiny_model, small_wo
     steps = [json.loads(line) for line in (tmp_path / "grpo" / "steps.jsonl").read_text().splitlines()]
     assert all(s["guided"] >= 1 for s in steps)  # each step's two texts include an edited one (they alternate)
     assert any(w.abs().sum() > 0 for k, w in load_file(tmp_path / "grpo" / "adapter_model.safetensors").items() if "lora_B" in k)
+    # fewer texts (6) than a step takes (16 parses in pairs: 8) still train: TRL's sampler would drop the short batch
+    (tmp_path / "wide.yaml").write_text(yaml.safe_dump({"lora_r": 4, "lora_alpha": 8, "bf16": False, "max_minutes": 0, "max_steps": 1,
+                                                        "batch_size": 16, "num_generations": 2}))
+    result = CliRunner().invoke(app, [*common, "--config", str(tmp_path / "wide.yaml"), "--out", str(tmp_path / "wide"), "--edits-from", str(tmp_path / "rft")])
+    assert result.exit_code == 0, result.output
+    assert "each repeated to fill one" in result.output and json.loads((tmp_path / "wide" / "summary.json").read_text())["steps"] == 1
 
 
 @pytest.mark.parametrize("stage", ["sft", "rft", "dpo", "grpo"])
