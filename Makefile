@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 WS     ?= workspace
 M      := $(WS)/models
 
-.PHONY: demo demo-tiny controls test test-fast test-wheel system-deps venv vllm-env readme clean
+.PHONY: demo demo-tiny controls compare test test-fast test-wheel system-deps venv vllm-env readme clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,15 @@ controls: venv
 	  $(BIN)/querytune eval parse --model $(M)/$$stage --data $(WS)/world/test.jsonl --out $(M)/$$stage/parse_test.json \
 	    --predictions $(M)/$$stage/predictions_test.jsonl --batch-size 48 || exit 1; done
 	$(BIN)/querytune eval report --workspace $(WS)
+
+# every row of the preference comparison (eval/compare.py; resumable) on the demo's world and SFT model, after `make demo`:
+# self-training, the reward stages, the placebo, the ablations and the references, paired with self-training, per
+# mechanism, on test. ROWS picks a subset (e.g. make compare ROWS=self_train,rft); SPLIT=dev to tune.
+ROWS  ?=
+SPLIT ?= test
+compare: venv
+	$(BIN)/python eval/compare.py --world $(WS)/world --index $(WS)/index --sft $(M)/sft --out $(WS)/compare --split $(SPLIT) \
+	  $(if $(ROWS),--rows $(ROWS))
 
 # the system packages the tests need, checked first: installed with apt-get when root or sudo allows, else one line
 system-deps:
