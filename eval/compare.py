@@ -53,10 +53,10 @@ from querytune.train.targets import early_texts  # noqa: E402
 TRAINED = ("control", "label_ceiling", "guideline_run")
 REWARD_ROWS = {"self_train": ["--edits", "none"], "rft": [], "rft_placebo": ["--shuffle-clicks"], "rft_no_pool": ["--no-pool"],
                "rft_no_abstain": ["--no-abstain"]}  # `querytune train rft` options of each reward row
-# the learners on rft's accepted edits, with their own steps: DPO two passes over the pairs (its preset); GRPO
+# the learners on rft's accepted edits, with their own steps and no time cap: DPO two passes over the pairs (its preset); GRPO
 # --grpo-steps (60: about one pass over seed 0's edited texts and as many anchors, 4 texts a step), at a learning rate
 # set before any run, not tuned
-LEARNER_ROWS = {"dpo": [], "grpo": ["--lr", "5e-4", "--max-minutes", "0"]}
+LEARNER_ROWS = {"dpo": ["--max-minutes", "0"], "grpo": ["--lr", "5e-4", "--max-minutes", "0"]}
 
 
 def log_texts(world: Path, n: int, label: str, seed: int = 0) -> list[dict]:

@@ -37,7 +37,7 @@ LEARNERS = ("dpo", "grpo")  # train on the miner's edits in models/rft
 # small world (6,000 log rows, 150 test queries) with a few optimizer steps per stage, to see the loop in minutes;
 # its models are barely trained and its figures say nothing about the method.
 PRESETS: dict[str, dict[str, list[str]]] = {
-    "full": {"world": [], "sft": [], "self_train": [], "rft": [], "dpo": [], "grpo": ["--max-steps", "60", "--lr", "5e-4", "--max-minutes", "0"],
+    "full": {"world": [], "sft": [], "self_train": [], "rft": [], "dpo": ["--max-minutes", "0"], "grpo": ["--max-steps", "60", "--lr", "5e-4", "--max-minutes", "0"],
              "warm": ["--top", "1000"]},
     "tiny": {"world": ["--rows", "6000", "--per-city", "60", "--eval-rows", "150"], "sft": ["--max-steps", "24"],
              "self_train": ["--texts", "200", "--max-steps", "4"], "rft": ["--texts", "200", "--max-steps", "4"], "dpo": ["--max-steps", "4"],

@@ -184,8 +184,9 @@ def test_dpo_trains_on_the_miners_edits_through_the_cli(tiny_model, small_world,
     (run / "greedy.jsonl").write_text("".join(json.dumps({"text": r["text"], "greedy": greedy, "model_version": version}) + "\n" for r in rows))
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({"lora_r": 4, "lora_alpha": 8, "bf16": False, "max_minutes": 0, "max_steps": 1, "batch_size": 2}))
     common = ["train", "dpo", "--init", str(tiny_model), "--world", str(small_world), "--index", str(real_index), "--config", str(tmp_path / "tiny.yaml")]
-    result = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "dpo"), "--edits-from", str(run)])
+    result = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "dpo"), "--edits-from", str(run), "--max-minutes", "0"])
     assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "dpo" / "train_config.json").read_text())["max_minutes"] is None  # 0: no cap (eval/compare.py's rows)
     pairs = pd.read_parquet(tmp_path / "dpo" / "pairs.parquet")
     assert len(pairs) == 4 and set(pairs["chosen"]) == {json.dumps(edited, separators=(",", ":"))}
     assert json.loads((tmp_path / "dpo" / "summary.json").read_text())["steps"] == 1

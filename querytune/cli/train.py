@@ -109,6 +109,7 @@ def dpo(
     max_steps: int = typer.Option(None, "--max-steps", help="Optimizer steps (-1: use --epochs)."),
     epochs: float = typer.Option(None, "--epochs", help="Passes over the pairs when --max-steps is -1."),
     sft_weight: float = typer.Option(None, "--sft-weight", help="Weight of the chosen parse's likelihood beside the DPO loss (RPO; 0: DPO alone)."),
+    max_minutes: float = typer.Option(None, "--max-minutes", help="Stop training after this many minutes of optimizer steps (0: no limit; the quick preset has a budget)."),
     pairs_file: Path = typer.Option(None, "--pairs", help="Train on this pair file (Parquet) instead of sampling and scoring."),
     edits_from: Path = typer.Option(None, "--edits-from", help="Pairs from the click-evidence miner instead of sampling: a `train rft` output folder of the same --init; each log text its accepted edits changed (chosen) against the greedy parse (rejected)."),
     shuffle_clicks: bool = typer.Option(False, "--shuffle-clicks", help="Control run: score each query against another query's clicks."),
@@ -124,7 +125,8 @@ def dpo(
         recipe = recipe_from(PRESETS, preset, config, None, {
             "queries": queries, "pick": pick, "k": k, "min_gap": min_gap, "lr": lr, "beta": beta, "max_steps": max_steps, "epochs": epochs,
             "sft_weight": sft_weight, "explore_below": explore_below, "temperature": temperature, "explore_confidence": explore_confidence,
-            "explore_with": explore_with, "save_steps": save_steps})
+            "explore_with": explore_with, "max_minutes": max_minutes, "save_steps": save_steps})
+        recipe = dataclasses.replace(recipe, max_minutes=recipe.max_minutes or None)  # 0 means no limit
         check_init(init)
         check_resume(out, resume)
         out.mkdir(parents=True, exist_ok=True)
