@@ -66,11 +66,12 @@ controls: venv
 
 # every row of the preference comparison (eval/compare.py; resumable) on the demo's world and SFT model, after `make demo`:
 # self-training, the reward stages, the placebo, the ablations and the references, paired with self-training, per
-# mechanism, on test. ROWS picks a subset (e.g. make compare ROWS=self_train,rft); SPLIT=dev to tune.
+# mechanism, on test; a row the demo (or make controls) trained with the same settings is taken from workspace/models, not
+# trained again. ROWS picks a subset (e.g. make compare ROWS=self_train,rft); SPLIT=dev to tune.
 ROWS  ?=
 SPLIT ?= test
 compare: venv
-	$(BIN)/python eval/compare.py --world $(WS)/world --index $(WS)/index --sft $(M)/sft --out $(WS)/compare --split $(SPLIT) \
+	$(BIN)/python eval/compare.py --world $(WS)/world --index $(WS)/index --sft $(M)/sft --out $(WS)/compare --split $(SPLIT) --models-from $(M) \
 	  $(if $(ROWS),--rows $(ROWS))
 
 # the system packages the tests need, checked first: installed with apt-get when root or sudo allows, else one line

@@ -59,6 +59,47 @@ REWARD_ROWS = {"self_train": ["--edits", "none"], "rft": [], "rft_placebo": ["--
 LEARNER_ROWS = {"dpo": ["--max-minutes", "0"], "grpo": ["--lr", "5e-4", "--max-minutes", "0"]}
 
 
+def settings_differ(args: argparse.Namespace, name: str, config: dict) -> str | None:
+    """Why a model trained before (its train_config.json) is not the row `name` of this run, or None where it is."""
+    expected = {"init": str(args.sft.resolve())}
+    if name in LEARNER_ROWS:
+        expected |= {"grpo": {"max_steps": args.grpo_steps, "lr": 5e-4, "max_minutes": None}, "dpo": {"max_minutes": None}}[name]
+    else:
+        expected |= {"max_steps": args.steps, "batch_size": args.batch_size, "dtype": args.dtype}
+    if name in REWARD_ROWS:
+        expected |= {"texts": args.texts, "edits": "none" if name == "self_train" else "mined", "shuffle_clicks": name == "rft_placebo",
+                     "pool": name != "rft_no_pool", "abstain": name != "rft_no_abstain"}
+        expected |= {"text_contexts": 0} if name != "self_train" else {}
+    got = dict(config, init=str(Path(config.get("init", "")).resolve()), max_minutes=config.get("max_minutes") or None)
+    wrong = [f"{k} {got.get(k)!r} (this run: {v!r})" for k, v in expected.items() if got.get(k) != v]
+    return ", ".join(wrong) or None
+
+
+def link_trained(args: argparse.Namespace, every: dict[str, Path], chosen: list[str], rows: list[str]) -> None:
+    """Link each chosen row's model from --models-from where it was trained with this run's settings (DPO and GRPO
+    only beside the rft they learned from), with its predictions on the split; say why where it is not taken."""
+    for name in rows:
+        src = args.models_from / name
+        if name not in chosen or every[name].exists() or not (src / "train_config.json").is_file():
+            continue
+        config = json.loads((src / "train_config.json").read_text())
+        why = settings_differ(args, name, config)
+        if name in LEARNER_ROWS and Path(config.get("edits_from") or "").resolve() != (args.models_from / "rft").resolve():
+            why = f"it learned from {config.get('edits_from')}, not {args.models_from / 'rft'}"
+        if name in LEARNER_ROWS and every["rft"].resolve() != (args.models_from / "rft").resolve():
+            why = "this run's rft is not the one it learned from"
+        if why:
+            print(f"compare: {name}: not taken from {src}: {why}", flush=True)
+            continue
+        every[name].parent.mkdir(parents=True, exist_ok=True)
+        every[name].symlink_to(src.resolve(), target_is_directory=True)
+        made = src / f"predictions_{args.split}.jsonl"
+        if made.is_file() and not (preds := args.out / "predictions" / f"{name}_{args.split}.jsonl").is_file():
+            preds.parent.mkdir(parents=True, exist_ok=True)
+            preds.symlink_to(made.resolve())
+        print(f"compare: {name}: the model in {src} (trained with this run's settings)", flush=True)
+
+
 def log_texts(world: Path, n: int, label: str, seed: int = 0) -> list[dict]:
     """The `n` early-log texts every log row adds to the seed (`early_texts`: rows drawn uniformly, so texts by
     traffic), labeled with the hidden need (`label="need"`) or the guideline's annotation (`"annotation"`; a v1
@@ -118,6 +159,9 @@ def main() -> None:
     ap.add_argument("--max-minutes", type=float, default=0, help="Cap per training row (0: none); the steps are the budget.")
     ap.add_argument("--jobs", type=int, default=1, help="Training rows (then parsing runs) at once, each with --threads threads.")
     ap.add_argument("--grpo-steps", type=int, default=60, help="Optimizer steps of the grpo row (4 texts x 8 parses each).")
+    ap.add_argument("--models-from", type=Path, default=None,
+                    help="A folder of models trained before (`make demo`'s workspace/models): a row whose folder is there, trained "
+                         "with this run's settings, is linked instead of trained, its test predictions reused.")
     ap.add_argument("--rows", default=",".join((*TRAINED, *REWARD_ROWS, *LEARNER_ROWS)),
                     help=f"Training rows to run, comma-separated (default: all of {', '.join((*TRAINED, *REWARD_ROWS, *LEARNER_ROWS))}); "
                          "rows trained before stay in the table.")
@@ -148,6 +192,8 @@ def main() -> None:
     same_as = {"guideline_run": "label_ceiling"} if load_rows(data["guideline_run"]) == load_rows(data["label_ceiling"]) else {}
     fixed = ["--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-minutes", str(args.max_minutes),
              "--bf16" if args.dtype == "bf16" else "--no-bf16"]
+    if args.models_from:
+        link_trained(args, every, chosen, [n for n in known if n not in same_as])
     todo = lambda name: name in chosen and name not in same_as and not (every[name] / "querytune.json").is_file()  # noqa: E731
     timings = run_all([(qt + ["train", "sft", "--init", str(args.sft), "--data", str(data[name]), "--out", str(every[name]), *fixed], None)
                        for name in TRAINED if todo(name)], env, args.jobs)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
 import subprocess
 import sys
@@ -46,3 +48,26 @@ def test_compare_writes_every_row_and_resumes(tiny_model, small_world_master, re
     stamp = (out / "models" / "control" / "querytune.json").stat().st_mtime
     rerun = subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, text=True)
     assert "train sft" not in rerun.stdout and "train rft" not in rerun.stdout and (out / "models" / "control" / "querytune.json").stat().st_mtime == stamp
+    # another run beside it takes the models trained with the same settings (as `make compare` takes the demo's)
+    linked = subprocess.run([*cmd[: cmd.index("--out") + 1], str(tmp_path / "cmp2"), *cmd[cmd.index("--out") + 2:], "--rows", "self_train,rft",
+                             "--models-from", str(out / "models")], cwd=tmp_path, capture_output=True, text=True)
+    assert linked.returncode == 0, linked.stderr[-4000:]
+    assert "train rft" not in linked.stdout and (tmp_path / "cmp2" / "models" / "rft").resolve() == (out / "models" / "rft").resolve()
+    assert {"self_train", "rft"} <= set(json.loads((tmp_path / "cmp2" / "compare.json").read_text())["table"]["all"])
+
+
+def test_a_model_trained_with_other_settings_is_not_taken():
+    spec = importlib.util.spec_from_file_location("compare", ROOT / "eval" / "compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    args = argparse.Namespace(sft=Path("sft"), steps=280, batch_size=8, dtype="bf16", texts=4000, grpo_steps=60)
+    rft = {"init": "sft", "max_steps": 280, "batch_size": 8, "dtype": "bf16", "texts": 4000, "edits": "mined", "shuffle_clicks": False,
+           "pool": True, "abstain": True, "text_contexts": 0, "max_minutes": None}
+    assert compare.settings_differ(args, "rft", rft) is None
+    assert compare.settings_differ(args, "self_train", rft | {"edits": "none", "text_contexts": 3}) is None  # ST mines nothing
+    assert "text_contexts 3 (this run: 0)" in compare.settings_differ(args, "rft", rft | {"text_contexts": 3})
+    assert "shuffle_clicks False (this run: True)" in compare.settings_differ(args, "rft_placebo", rft)
+    assert "max_steps 140" in compare.settings_differ(args, "rft", rft | {"max_steps": 140})
+    grpo = {"init": "sft", "max_steps": 60, "lr": 5e-4, "max_minutes": 0.0}
+    assert compare.settings_differ(args, "grpo", grpo) is None
+    assert "max_minutes 5.0" in compare.settings_differ(args, "grpo", grpo | {"max_minutes": 5.0})

@@ -87,6 +87,17 @@ def test_the_miner_accepts_a_planted_edit_and_rejects_a_planted_null():
     assert relabeled[-1][0]["slots"]["cuisine"] == "pizza" and [e.trigger for e in relabeled[-1][1]] == ["pizza"]
 
 
+def test_the_single_text_route_is_off_unless_asked_for():
+    """With too few texts for a pooled test (min_texts 99), the pizza edit has only the single-text route: three
+    supported contexts, each a large gain. Off by default; text_contexts=3 accepts it for each text alone."""
+    texts, greedy, targets = hand_built()
+    for text_contexts, accepted in ((0, 0), (3, len(PIZZA_TEXTS))):
+        table, _ = EditMiner(SCHEMA, Reward(), seed_rows=[], min_texts=99, text_contexts=text_contexts).mine(texts, greedy, targets)
+        single = table[table["accepted"] & (table["route"] == "text")]
+        assert len(single) == accepted and set(single["new"]) <= {'"pizza"'}
+        assert not table.loc[table["route"] == "pooled", "accepted"].any()
+
+
 def test_a_screened_edit_is_judged_on_the_confirmation_texts_alone():
     """Two stages: the training texts screen (uncorrected p), other log texts confirm; the same screened edit is
     accepted where the confirmation texts' clicks agree and rejected where they favour the greedy parse."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -56,7 +55,6 @@ def sft(
         if lora_r is not None and "lora_alpha" not in file_cfg:
             cli["lora_alpha"] = 2 * lora_r
         recipe = recipe_from(PRESETS, preset, config, file_cfg, cli)
-        recipe = dataclasses.replace(recipe, max_minutes=recipe.max_minutes or None)  # 0 means no limit
         resolved = recipe.as_dict()
         if init:
             check_init(init)
@@ -126,7 +124,6 @@ def dpo(
             "queries": queries, "pick": pick, "k": k, "min_gap": min_gap, "lr": lr, "beta": beta, "max_steps": max_steps, "epochs": epochs,
             "sft_weight": sft_weight, "explore_below": explore_below, "temperature": temperature, "explore_confidence": explore_confidence,
             "explore_with": explore_with, "max_minutes": max_minutes, "save_steps": save_steps})
-        recipe = dataclasses.replace(recipe, max_minutes=recipe.max_minutes or None)  # 0 means no limit
         check_init(init)
         check_resume(out, resume)
         out.mkdir(parents=True, exist_ok=True)
@@ -186,7 +183,7 @@ def grpo(
         out.mkdir(parents=True, exist_ok=True)
         write_resolved({"command": "train grpo", "init": str(init), "world": str(world), "index": str(index), "preset": preset,
                         "edits_from": str(edits_from) if edits_from else None, "seed": seed, **recipe.as_dict()}, out / "train_config.json")
-        summary = run_grpo(dataclasses.replace(recipe, max_minutes=recipe.max_minutes or None), init, world, index, out, edits_from=edits_from,
+        summary = run_grpo(recipe, init, world, index, out, edits_from=edits_from,
                            seed=seed, say=out_console.print, resume=resume, report_to=report_to)
     how = "the click-evidence miner's reward, its edits guiding the groups" if edits_from else "retrieval reward online"
     write_stage_card(out, summary, recipe.as_dict(), f"GRPO (LoRA on the merged init model, TRL GRPOTrainer, {how})")

@@ -3,6 +3,7 @@ evaluation after SFT, and the model card and summary written into each model fol
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -15,7 +16,8 @@ REPORT_TO_HELP = ("Where TRL also logs the training curves (beside OUT/steps.jso
 
 def recipe_from(presets: dict, preset: str, config: Path | None, file_cfg: dict | None, cli: dict):
     """The stage's preset (a `querytune.train.config.Recipe`) with the config file's keys, then the options given;
-    an unknown key in the file is a one-line error naming the file and the known keys."""
+    an unknown key in the file is a one-line error naming the file and the known keys. A max_minutes of 0 is None
+    (no cap)."""
     if preset not in presets:
         raise UserError(f"--preset: {preset!r} is not one of {', '.join(presets)}")
     try:
@@ -23,6 +25,8 @@ def recipe_from(presets: dict, preset: str, config: Path | None, file_cfg: dict 
     except ValueError as e:
         raise UserError(f"--config {config}: {e}") from None
     recipe = recipe.resolve(cli)
+    if getattr(recipe, "max_minutes", None) == 0:
+        recipe = dataclasses.replace(recipe, max_minutes=None)
     from querytune.train.targets import EXPLORE_WITH, PICKS
 
     if getattr(recipe, "explore_with", "sample") not in EXPLORE_WITH:

@@ -48,7 +48,6 @@ def rft(
         cli = {"texts": texts, "edits": edits, "alpha": alpha, "pool": pool, "abstain": abstain, "shuffle_clicks": shuffle_clicks,
                "max_steps": max_steps, "batch_size": batch_size, "lr": lr, "bf16": bf16, "max_minutes": max_minutes}
         resolved = recipe_from(PRESETS, preset, config, None, cli)
-        resolved = dataclasses.replace(resolved, max_minutes=resolved.max_minutes or None)
         if resolved.edits not in ("mined", "none") and not Path(resolved.edits).is_file():
             raise UserError(f"--edits: {resolved.edits!r} is neither 'mined', 'none' nor an edit table (edits.csv)")
         check_init(init)

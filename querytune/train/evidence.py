@@ -16,8 +16,10 @@ text with no such context is unknown, never 0 (`abstain=False` is the ablation t
 
 Verdict (`decide`): an edit (kind, trigger, slot, old value, new value) is accepted for every text that holds it
 when its mean effect over the texts with evidence is positive under Benjamini-Hochberg false-discovery control
-(scipy's `false_discovery_control`); otherwise for one text alone, when that text shows a margin of `text_margin`
-in each of at least `text_contexts` supported contexts. `pool=False` is the ablation that accepts any edit a single
+(scipy's `false_discovery_control`). A single-text route (off by default, `text_contexts=0`) would also accept an
+edit for one text alone that shows a margin of `text_margin` in each of at least `text_contexts` supported contexts:
+on the stationary world it was the route of every accepted edit and 3 of its 10 texts went farther from the need
+(eval/RESULTS.md). `pool=False` is the ablation that accepts any edit a single
 text's clicks prefer. In two stages (`screened`, then `decide`'s `confirmation`): the training texts screen the
 edits (pooled p at most `screen_p`), and only those are tested, on other log texts that hold their triggers: a
 thousand edits tested at once leave a real one (pizza, p 2e-4 over 14 texts) above the corrected threshold.
@@ -77,7 +79,7 @@ class EditMiner(EditProposer):
 
     def __init__(self, schema: Schema, reward, seed_rows: list[dict[str, Any]], near: int = 2, min_similarity: float = 0.5,
                  alpha: float = 0.05, min_effect: float = 0.0, min_texts: int = 3, text_margin: float = 0.3,
-                 text_contexts: int = 3, pool: bool = True, abstain: bool = True, screen_p: float = 0.05):
+                 text_contexts: int = 0, pool: bool = True, abstain: bool = True, screen_p: float = 0.05):
         super().__init__(schema, reward.searcher, seed_rows, near, min_similarity)
         self.reward, self.alpha, self.min_effect, self.min_texts = reward, alpha, min_effect, min_texts
         self.text_margin, self.text_contexts, self.pool, self.abstain, self.screen_p = text_margin, text_contexts, pool, abstain, screen_p
@@ -161,10 +163,13 @@ class EditMiner(EditProposer):
                 r["q"] = round(float(q), 5)
                 r["accepted"] = bool(q <= self.alpha and r["confirm_effect" if confirmation is not None else "effect"] > self.min_effect)
         accepted = {(r["kind"], r["trigger"], r["slot"], r["old"], r["new"]) for r in rows if r["accepted"]}
-        for ev in found:  # one text alone: a large margin in several supported contexts
+        for ev in found:  # one text alone: a large margin in several supported contexts (text_contexts 0: never)
             if ev.edit.key in accepted or ev.effect is None:
                 continue
-            strong = (len(ev.diffs) >= self.text_contexts and min(ev.diffs) >= self.text_margin) if self.pool else ev.effect > 0
+            if self.pool:
+                strong = 0 < self.text_contexts <= len(ev.diffs) and min(ev.diffs) >= self.text_margin
+            else:
+                strong = ev.effect > 0
             if strong:
                 row = self._row(ev.edit, "text", texts[ev.text], 1, 1, len(ev.diffs), ev.effect)
                 row["accepted"] = True
