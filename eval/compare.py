@@ -53,17 +53,17 @@ from querytune.train.targets import early_texts  # noqa: E402
 TRAINED = ("control", "label_ceiling", "guideline_run")
 REWARD_ROWS = {"self_train": ["--edits", "none"], "rft": [], "rft_placebo": ["--shuffle-clicks"], "rft_no_pool": ["--no-pool"],
                "rft_no_abstain": ["--no-abstain"]}  # `querytune train rft` options of each reward row
-# the learners on rft's accepted edits, with their own steps and no time cap: DPO two passes over the pairs (its preset); GRPO
+# the learners on rft's accepted edits, with their own steps and no time cap: DPO six passes over the pairs (its mined preset); GRPO
 # --grpo-steps (60: about one pass over seed 0's edited texts and as many anchors, 4 texts a step), at a learning rate
 # set before any run, not tuned
-LEARNER_ROWS = {"dpo": ["--max-minutes", "0"], "grpo": ["--lr", "5e-4", "--max-minutes", "0"]}
+LEARNER_ROWS = {"dpo": ["--preset", "mined"], "grpo": ["--lr", "5e-4", "--max-minutes", "0"]}
 
 
 def settings_differ(args: argparse.Namespace, name: str, config: dict) -> str | None:
     """Why a model trained before (its train_config.json) is not the row `name` of this run, or None where it is."""
     expected = {"init": str(args.sft.resolve())}
     if name in LEARNER_ROWS:
-        expected |= {"grpo": {"max_steps": args.grpo_steps, "lr": 5e-4, "max_minutes": None}, "dpo": {"max_minutes": None}}[name]
+        expected |= {"grpo": {"max_steps": args.grpo_steps, "lr": 5e-4, "max_minutes": None}, "dpo": {"preset": "mined", "max_minutes": None}}[name]
     else:
         expected |= {"max_steps": args.steps, "batch_size": args.batch_size, "dtype": args.dtype}
     if name in REWARD_ROWS:
@@ -162,6 +162,9 @@ def main() -> None:
     ap.add_argument("--models-from", type=Path, default=None,
                     help="A folder of models trained before (`make demo`'s workspace/models): a row whose folder is there, trained "
                          "with this run's settings, is linked instead of trained, its test predictions reused.")
+    ap.add_argument("--extra", action="append", default=[], metavar="NAME=PREDICTIONS",
+                    help="Also score this predictions file (`querytune eval parse --predictions` on the split) as row NAME, "
+                         "e.g. a tuning arm trained by hand; repeatable.")
     ap.add_argument("--rows", default=",".join((*TRAINED, *REWARD_ROWS, *LEARNER_ROWS)),
                     help=f"Training rows to run, comma-separated (default: all of {', '.join((*TRAINED, *REWARD_ROWS, *LEARNER_ROWS))}); "
                          "rows trained before stay in the table.")
@@ -184,6 +187,9 @@ def main() -> None:
     split = world / f"{args.split}.jsonl"
     chosen = [r.strip() for r in args.rows.split(",") if r.strip()]
     known = (*TRAINED, *REWARD_ROWS, *LEARNER_ROWS)
+    extra = dict(e.split("=", 1) for e in args.extra if "=" in e)
+    if len(extra) < len(args.extra) or any(not Path(p).is_file() for p in extra.values()):
+        raise SystemExit(f"compare: --extra: each must be NAME=PREDICTIONS with an existing file: {', '.join(args.extra)}")
     unknown = set(chosen) - set(known)
     if unknown:
         raise SystemExit(f"compare: --rows: unknown row(s) {', '.join(sorted(unknown))} (known: {', '.join(known)})")
@@ -225,6 +231,7 @@ def main() -> None:
     searcher = Searcher(args.index, schema)
     parses = {"peer": peer_predictions(seed_rows, rows, schema, searcher.embedder)}
     parses |= {name: load_predictions(preds[name], rows) for name in models}
+    parses |= {name: load_predictions(Path(path), rows) for name, path in extra.items()}
     parses["guideline_oracle"] = {r["id"]: r.get("annotation") or {"intent": r["intent"], "slots": r["slots"]} for r in rows}
     scores, _ = score_systems(rows, parses, searcher, schema)
     systems = ["raw", "bm25", *parses, "oracle"]

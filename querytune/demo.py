@@ -32,12 +32,12 @@ PACKAGE = Path(__file__).resolve().parent
 STAGES = ("sft", "self_train", "rft", "dpo", "grpo")
 LEARNERS = ("dpo", "grpo")  # train on the miner's edits in models/rft
 # Each step's sizes. full: the quick training presets (SFT 600 steps; ST and RFT 4,000 log texts and 280 steps; DPO
-# two passes over the miner's pairs; GRPO 60 steps of 4 texts, about one pass over seed 0's edited texts and as many
+# six passes over the miner's pairs (its mined preset); GRPO 60 steps of 4 texts, about one pass over seed 0's edited texts and as many
 # anchors, at lr 5e-4 as eval/compare.py's grpo row); measured stage times: README. tiny: the same steps and report on a
 # small world (6,000 log rows, 150 test queries) with a few optimizer steps per stage, to see the loop in minutes;
 # its models are barely trained and its figures say nothing about the method.
 PRESETS: dict[str, dict[str, list[str]]] = {
-    "full": {"world": [], "sft": [], "self_train": [], "rft": [], "dpo": ["--max-minutes", "0"], "grpo": ["--max-steps", "60", "--lr", "5e-4", "--max-minutes", "0"],
+    "full": {"world": [], "sft": [], "self_train": [], "rft": [], "dpo": ["--preset", "mined"], "grpo": ["--max-steps", "60", "--lr", "5e-4", "--max-minutes", "0"],
              "warm": ["--top", "1000"]},
     "tiny": {"world": ["--rows", "6000", "--per-city", "60", "--eval-rows", "150"], "sft": ["--max-steps", "24"],
              "self_train": ["--texts", "200", "--max-steps", "4"], "rft": ["--texts", "200", "--max-steps", "4"], "dpo": ["--max-steps", "4"],

@@ -50,10 +50,12 @@ def test_compare_writes_every_row_and_resumes(tiny_model, small_world_master, re
     assert "train sft" not in rerun.stdout and "train rft" not in rerun.stdout and (out / "models" / "control" / "querytune.json").stat().st_mtime == stamp
     # another run beside it takes the models trained with the same settings (as `make compare` takes the demo's)
     linked = subprocess.run([*cmd[: cmd.index("--out") + 1], str(tmp_path / "cmp2"), *cmd[cmd.index("--out") + 2:], "--rows", "self_train,rft",
-                             "--models-from", str(out / "models")], cwd=tmp_path, capture_output=True, text=True)
+                             "--models-from", str(out / "models"), "--extra", f"by_hand={out / 'predictions' / 'rft_dev.jsonl'}"],
+                            cwd=tmp_path, capture_output=True, text=True)
     assert linked.returncode == 0, linked.stderr[-4000:]
     assert "train rft" not in linked.stdout and (tmp_path / "cmp2" / "models" / "rft").resolve() == (out / "models" / "rft").resolve()
-    assert {"self_train", "rft"} <= set(json.loads((tmp_path / "cmp2" / "compare.json").read_text())["table"]["all"])
+    linked_table = json.loads((tmp_path / "cmp2" / "compare.json").read_text())["table"]["all"]
+    assert {"self_train", "rft", "by_hand"} <= set(linked_table) and linked_table["by_hand"]["ndcg@10"] == linked_table["rft"]["ndcg@10"]
 
 
 def test_a_model_trained_with_other_settings_is_not_taken():
@@ -71,3 +73,4 @@ def test_a_model_trained_with_other_settings_is_not_taken():
     grpo = {"init": "sft", "max_steps": 60, "lr": 5e-4, "max_minutes": 0.0}
     assert compare.settings_differ(args, "grpo", grpo) is None
     assert "max_minutes 5.0" in compare.settings_differ(args, "grpo", grpo | {"max_minutes": 5.0})
+    assert "preset 'quick' (this run: 'mined')" in compare.settings_differ(args, "dpo", {"init": "sft", "preset": "quick", "max_minutes": None})

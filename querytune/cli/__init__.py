@@ -55,7 +55,7 @@ def demo(
     port: int = typer.Option(8765, "--port", help="Loopback port of the short serving check."),
     replay: int = typer.Option(None, "--replay", min=1, help="Later log requests replayed against the server in the serving check (default: 300, tiny: 40).", show_default=False),
 ) -> None:
-    """Run the whole loop on the embedded default data: world, index, SFT -> DPO -> GRPO (quick presets), test
+    """Run the whole loop on the embedded default data: world, index, SFT -> self-training -> RFT -> DPO -> GRPO, test
     predictions, labeling the log's head into the cache, a short serving check, the report; then print the table.
 
     Steps whose outputs exist for the same inputs and code are skipped, so a second run is quick. Give each preset

@@ -21,6 +21,7 @@ out_console = Console() if sys.stdout.isatty() else Console(width=200)
 Backend = Literal["transformers", "vllm"]  # querytune.runtime.backends.BACKENDS
 Engine = Literal["local", "ray"]
 Preset = Literal["quick", "full"]  # the keys of each training stage's PRESETS
+DPOPreset = Literal["quick", "full", "mined"]  # querytune.train.dpo.PRESETS
 DemoPreset = Literal["full", "tiny"]  # querytune.demo.PRESETS
 Format = Literal["user-compact", "chat-compact", "json", "compact"]  # querytune.runtime.formats.FORMATS
 IndexKind = Literal["flat", "hnsw"]  # querytune.search.INDEX_KINDS

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from querytune.cli.common import ExploreWith, Format, Pick, Preset, UserError, load_config, user_errors, write_resolved
+from querytune.cli.common import DPOPreset, ExploreWith, Format, Pick, Preset, UserError, load_config, user_errors, write_resolved
 from querytune.cli.train_common import REPORT_TO_HELP, check_init, check_resume, evaluate, recipe_from, write_sft_card, write_stage_card
 from querytune.cli.train_rft import rft
 from querytune.runtime.formats import DEFAULT_FORMAT
@@ -92,7 +92,8 @@ def dpo(
     world: Path = typer.Option(..., "--world", help="World folder: training queries and clicks come from the early part of its log.parquet, minus seed.jsonl."),
     index: Path = typer.Option(..., "--index", help="Index folder (`querytune index build`): the searches the reward scores."),
     out: Path = typer.Option(..., "--out", help="Model folder to write (adapter + its init chain, pairs.parquet, config, step log, card)."),
-    preset: Preset = typer.Option("quick", "--preset", help="quick (<= 15 min on 2 CPU cores) or full."),
+    preset: DPOPreset = typer.Option("quick", "--preset", help="quick (<= 15 min on 2 CPU cores) or full: pairs sampled from --init; mined: "
+                                     "for --edits-from (six passes over the miner's pairs, no time cap; picked on dev)."),
     config: Path = typer.Option(None, "--config", help="YAML with any preset key (queries, k, temperature, min_gap, pairs_per_query, lr, beta, ...); the command line wins."),
     queries: int = typer.Option(None, "--queries", help="Distinct logged query texts to parse (each scored against the clicks of every city it was typed in)."),
     pick: Pick = typer.Option(None, "--pick", help="Which logged query texts to draw: 'traffic' (the most typed first: the head of the log, judged on many users' clicks), 'random' (a uniform sample) or 'novel' (texts with words the seed set never uses, spread over those words)."),

@@ -64,6 +64,9 @@ PRESETS: dict[str, DPORecipe] = {
     # quick: <= 15 minutes on 2 CPU cores (greedy parses of 2,000 texts ~4 min, rivals ~2, training ~3)
     "quick": DPORecipe(),
     "full": DPORecipe(queries=8000, k=8, batch_size=16, warmup_steps=10, max_minutes=None),
+    # on the click-evidence miner's pairs (--edits-from): six passes, no time cap; picked on seed 0's dev split against
+    # two passes and lr 5e-4 (eval/RESULTS.md)
+    "mined": DPORecipe(epochs=6.0, max_minutes=None),
 }
 
 
