@@ -59,7 +59,8 @@ def test_each_choice_type_is_the_tuple_its_module_checks():
     assert set(get_args(common.Backend)) == set(BACKENDS) and set(get_args(common.Format)) == set(FORMATS)
     assert set(get_args(common.IndexKind)) == set(INDEX_KINDS) and set(get_args(common.Pick)) == set(PICKS)
     assert set(get_args(common.ExploreWith)) == set(EXPLORE_WITH)
-    assert set(get_args(common.Preset)) == set(PRESETS) == set(DPO_PRESETS) == set(GRPO_PRESETS) == set(RFT_PRESETS)
+    assert set(get_args(common.Preset)) == set(PRESETS) == set(GRPO_PRESETS) == set(RFT_PRESETS)
+    assert set(get_args(common.DPOPreset)) == set(DPO_PRESETS)
     from querytune import demo
 
     assert set(get_args(common.DemoPreset)) == set(demo.PRESETS) == set(demo.REPLAY)
