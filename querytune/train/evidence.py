@@ -16,10 +16,9 @@ text with no such context is unknown, never 0 (`abstain=False` is the ablation t
 
 Verdict (`decide`): an edit (kind, trigger, slot, old value, new value) is accepted for every text that holds it
 when its mean effect over the texts with evidence is positive under Benjamini-Hochberg false-discovery control
-(scipy's `false_discovery_control`). A single-text route (off by default, `text_contexts=0`) would also accept an
-edit for one text alone that shows a margin of `text_margin` in each of at least `text_contexts` supported contexts:
-on the stationary world it was the route of every accepted edit and 3 of its 10 texts went farther from the need
-(eval/RESULTS.md). `pool=False` is the ablation that accepts any edit a single
+(scipy's `false_discovery_control`). A single-text route (off by default, `text_contexts=0`: where the log holds
+no evidence it lets noise through; eval/RESULTS.md) also accepts an edit for one text alone that shows a margin of
+`text_margin` in each of at least `text_contexts` supported contexts. `pool=False` is the ablation that accepts any edit a single
 text's clicks prefer. In two stages (`screened`, then `decide`'s `confirmation`): the training texts screen the
 edits (pooled p at most `screen_p`), and only those are tested, on other log texts that hold their triggers: a
 thousand edits tested at once leave a real one (pizza, p 2e-4 over 14 texts) above the corrected threshold.

@@ -57,7 +57,7 @@ class RFTRecipe(Recipe):
     min_effect: float = 0.0  # mean NDCG@10 gain a pooled edit needs
     min_texts: int = 3  # texts with evidence a pooled test needs
     text_margin: float = 0.3  # single-text route: gain in each supported context
-    text_contexts: int = 0  # single-text route: supported contexts needed (0: off; the stationary world's false edits came by it)
+    text_contexts: int = 0  # single-text route: supported contexts needed (0: off; why: eval/RESULTS.md)
     pool: bool = True  # False: the ablation that accepts any edit one text's clicks prefer
     abstain: bool = True  # False: the ablation that scores unsupported contexts 0
     shuffle_clicks: bool = False  # the placebo: each text judged on another text's clicks
