@@ -64,8 +64,25 @@ def run_vllm(model: Path, queries: Path | None, tests: Path, work: Path, dtype: 
     if queries is None:
         (queries := work / "none.json").write_text("[]")
     env = os.environ | vllm_env(VLLM_PYTHON.parents[1], kv_cache_gib=2)
-    subprocess.run([str(VLLM_PYTHON), __file__, "--child-vllm", str(model), "--queries-file", str(queries), "--tests-file", str(tests),
-                    "--out", str(out), "--dtype", dtype], check=True, env=env, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            str(VLLM_PYTHON),
+            __file__,
+            "--child-vllm",
+            str(model),
+            "--queries-file",
+            str(queries),
+            "--tests-file",
+            str(tests),
+            "--out",
+            str(out),
+            "--dtype",
+            dtype,
+        ],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
     return json.loads(out.read_text())
 
 
@@ -75,9 +92,32 @@ def ensure_json_twin(compact: Path, twin: Path) -> None:
         return
     config = json.loads((compact / "train_config.json").read_text())
     steps = json.loads((compact / "summary.json").read_text())["steps"]
-    print(f"training the JSON-format twin of {compact} ({steps} steps, --format json) into {twin}: about 15-20 minutes on 2 cores", flush=True)
-    subprocess.run([str(Path(sys.executable).parent / "querytune"), "train", "sft", "--data", config["data"], "--out", str(twin), "--preset", config["preset"],
-                    "--max-steps", str(steps), "--seed", str(config.get("seed", 0)), "--format", "json", "--max-minutes", "0"], check=True)
+    print(
+        f"training the JSON-format twin of {compact} ({steps} steps, --format json) into {twin}: about 15-20 minutes on 2 cores",
+        flush=True,
+    )
+    subprocess.run(
+        [
+            str(Path(sys.executable).parent / "querytune"),
+            "train",
+            "sft",
+            "--data",
+            config["data"],
+            "--out",
+            str(twin),
+            "--preset",
+            config["preset"],
+            "--max-steps",
+            str(steps),
+            "--seed",
+            str(config.get("seed", 0)),
+            "--format",
+            "json",
+            "--max-minutes",
+            "0",
+        ],
+        check=True,
+    )
 
 
 def timed_parse(parser, texts: list[str]) -> float:
@@ -97,13 +137,23 @@ def generate_reference(parser, texts: list[str]) -> float:
     pad = parser.tokenizer.pad_token_id
     t0 = time.perf_counter()
     for start in range(0, len(order), parser.batch_size):
-        rows = [ids[i] for i in order[start:start + parser.batch_size]]
+        rows = [ids[i] for i in order[start : start + parser.batch_size]]
         width = max(map(len, rows))
-        enc = {"input_ids": torch.tensor([[pad] * (width - len(r)) + r for r in rows]),
-               "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])}
+        enc = {
+            "input_ids": torch.tensor([[pad] * (width - len(r)) + r for r in rows]),
+            "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]),
+        }
         with torch.inference_mode():
-            out = parser.model.generate(**enc, max_new_tokens=parser.max_new_tokens, do_sample=False, eos_token_id=parser.tokenizer.eos_token_id,
-                                        pad_token_id=pad, output_scores=True, return_dict_in_generate=True, **parser._constraint(width))
+            out = parser.model.generate(
+                **enc,
+                max_new_tokens=parser.max_new_tokens,
+                do_sample=False,
+                eos_token_id=parser.tokenizer.eos_token_id,
+                pad_token_id=pad,
+                output_scores=True,
+                return_dict_in_generate=True,
+                **parser._constraint(width),
+            )
             parser.model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
     return len(texts) / (time.perf_counter() - t0)
 
@@ -113,21 +163,47 @@ def accuracy(golds, preds_a, preds_b) -> dict:
 
     a, b = parse_metrics(golds, preds_a), parse_metrics(golds, preds_b)
     diff = paired_parse_difference(golds, preds_a, preds_b)
-    return {"a": {k: a[k] for k in ("intent_accuracy", "slot_f1", "validity")}, "b": {k: b[k] for k in ("intent_accuracy", "slot_f1", "validity")},
-            "b_minus_a": diff, "interval_includes_zero": all(d["low"] <= 0 <= d["high"] for d in diff.values())}
+    return {
+        "a": {k: a[k] for k in ("intent_accuracy", "slot_f1", "validity")},
+        "b": {k: b[k] for k in ("intent_accuracy", "slot_f1", "validity")},
+        "b_minus_a": diff,
+        "interval_includes_zero": all(d["low"] <= 0 <= d["high"] for d in diff.values()),
+    }
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
-    ap.add_argument("--workspace", type=Path, default=ROOT / "workspace", help="what `make demo` left (default: ./workspace)")
-    ap.add_argument("--json-model", type=Path, default=None, help="the JSON-format twin (default: WORKSPACE/models/sft_json, trained when missing)")
-    ap.add_argument("--variants", type=Path, nargs="*", default=[],
-                    help="more model folders trained like models/sft in other formats (one lever each): vLLM queries/s and accuracy against the JSON twin")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 2)[2],
+    )
+    ap.add_argument(
+        "--workspace", type=Path, default=ROOT / "workspace", help="what `make demo` left (default: ./workspace)"
+    )
+    ap.add_argument(
+        "--json-model",
+        type=Path,
+        default=None,
+        help="the JSON-format twin (default: WORKSPACE/models/sft_json, trained when missing)",
+    )
+    ap.add_argument(
+        "--variants",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="more model folders trained like models/sft in other formats (one lever each): vLLM queries/s and accuracy against the JSON twin",
+    )
     ap.add_argument("--queries", type=int, default=1000, help="distinct log queries each throughput figure parses")
-    ap.add_argument("--lever-queries", type=int, default=300, help="queries for the transformers levers (generate, bf16, int8)")
-    ap.add_argument("--lever-tests", type=int, default=400, help="test rows on which bf16 and int8 are checked against fp32")
+    ap.add_argument(
+        "--lever-queries", type=int, default=300, help="queries for the transformers levers (generate, bf16, int8)"
+    )
+    ap.add_argument(
+        "--lever-tests", type=int, default=400, help="test rows on which bf16 and int8 are checked against fp32"
+    )
     ap.add_argument("--batch-size", type=int, default=64, help="queries per call of the transformers backend")
-    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads for the transformers backend")
+    ap.add_argument(
+        "--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads for the transformers backend"
+    )
     ap.add_argument("--child-vllm", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--queries-file", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--tests-file", default=None, help=argparse.SUPPRESS)
@@ -160,8 +236,15 @@ def main() -> None:
     tests, golds = [r["text"] for r in rows], [{"intent": r["intent"], "slots": r["slots"]} for r in rows]
     (work / "queries.json").write_text(json.dumps(queries))
     (work / "tests.json").write_text(json.dumps(tests))
-    result: dict = {"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "date": date.today().isoformat(), "queries": len(queries),
-                    "distinct_in_log": len(distinct), "log_rows": len(log), "test_rows": len(rows)}
+    result: dict = {
+        "cpu": cpu_model(),
+        "cores": len(os.sched_getaffinity(0)),
+        "date": date.today().isoformat(),
+        "queries": len(queries),
+        "distinct_in_log": len(distinct),
+        "log_rows": len(log),
+        "test_rows": len(rows),
+    }
 
     print(f"transformers backend, compact model, {len(queries)} queries, {args.threads} threads ...", flush=True)
     parser = Parser(compact, batch_size=args.batch_size, constrained=True)
@@ -170,7 +253,10 @@ def main() -> None:
     levers = queries[: args.lever_queries]
     print(f"transformers levers on {len(levers)} queries: the greedy loop, generate, bf16, int8 ...", flush=True)
     loop_qps = timed_parse(parser, levers)
-    result["transformers_levers"] = {"greedy_loop_qps": round(loop_qps, 2), "generate_qps": round(generate_reference(parser, levers), 2)}
+    result["transformers_levers"] = {
+        "greedy_loop_qps": round(loop_qps, 2),
+        "generate_qps": round(generate_reference(parser, levers), 2),
+    }
     fp32_test = [p.parse for p in t_test[: args.lever_tests]]
 
     def every_linear_int8(m):
@@ -182,12 +268,23 @@ def main() -> None:
         variant = Parser(compact, batch_size=args.batch_size, constrained=True)
         variant.model = convert(variant.model)
         qps = timed_parse(variant, levers)
-        acc = accuracy(golds[: args.lever_tests], fp32_test, [p.parse for p in variant.parse(tests[: args.lever_tests])])
-        result["transformers_levers"][name] = {"qps": round(qps, 2), "vs_fp32": round(qps / loop_qps, 2), "accuracy_vs_fp32": acc}
+        acc = accuracy(
+            golds[: args.lever_tests], fp32_test, [p.parse for p in variant.parse(tests[: args.lever_tests])]
+        )
+        result["transformers_levers"][name] = {
+            "qps": round(qps, 2),
+            "vs_fp32": round(qps / loop_qps, 2),
+            "accuracy_vs_fp32": acc,
+        }
         del variant
-    result["transformers_levers"]["loop_vs_generate"] = round(loop_qps / result["transformers_levers"]["generate_qps"], 2)
+    result["transformers_levers"]["loop_vs_generate"] = round(
+        loop_qps / result["transformers_levers"]["generate_qps"], 2
+    )
     del parser
-    print(f"transformers backend --int8 (querytune.runtime.generate.quantize_int8), {len(queries)} queries and the whole test set ...", flush=True)
+    print(
+        f"transformers backend --int8 (querytune.runtime.generate.quantize_int8), {len(queries)} queries and the whole test set ...",
+        flush=True,
+    )
     int8 = Parser(compact, batch_size=args.batch_size, constrained=True, int8=True)
     result["transformers_int8_qps"] = round(timed_parse(int8, queries), 2)
     result["transformers_int8_vs_fp32"] = round(result["transformers_int8_qps"] / result["transformers_compact_qps"], 2)
@@ -202,23 +299,43 @@ def main() -> None:
             print(f"vLLM backend, bf16: variant {variant} ...", flush=True)
             v = run_vllm(variant, work / "queries.json", work / "tests.json", work)
             result.setdefault("variants", {})[str(variant)] = {
-                "format": folder_format(json.loads((variant / "querytune.json").read_text())), "vllm_qps": round(v["queries_per_s"], 2),
+                "format": folder_format(json.loads((variant / "querytune.json").read_text())),
+                "vllm_qps": round(v["queries_per_s"], 2),
                 "vs_json_vllm": round(v["queries_per_s"] / v_json["queries_per_s"], 2),
-                "accuracy_json_to_variant": accuracy(golds, [p["parse"] for p in v_json["test"]], [p["parse"] for p in v["test"]])}
-        print("vLLM backend, float32 (as the transformers backend decodes): the compact model's test parses ...", flush=True)
+                "accuracy_json_to_variant": accuracy(
+                    golds, [p["parse"] for p in v_json["test"]], [p["parse"] for p in v["test"]]
+                ),
+            }
+        print(
+            "vLLM backend, float32 (as the transformers backend decodes): the compact model's test parses ...",
+            flush=True,
+        )
         v_parity = run_vllm(compact, None, work / "tests.json", work, dtype="float32")
-        result["vllm_compact_qps"], result["vllm_json_qps"] = round(v_compact["queries_per_s"], 2), round(v_json["queries_per_s"], 2)
+        result["vllm_compact_qps"], result["vllm_json_qps"] = (
+            round(v_compact["queries_per_s"], 2),
+            round(v_json["queries_per_s"], 2),
+        )
         result["compact_vs_json_vllm"] = round(v_compact["queries_per_s"] / v_json["queries_per_s"], 2)
         result["transformers_vs_vllm"] = round(result["transformers_compact_qps"] / v_compact["queries_per_s"], 2)
         result["transformers_int8_vs_vllm"] = round(result["transformers_int8_qps"] / v_compact["queries_per_s"], 2)
-        result["accuracy_json_to_compact"] = accuracy(golds, [p["parse"] for p in v_json["test"]], [p["parse"] for p in v_compact["test"]])
-        for name, run in {"parity": v_parity, "parity_bf16": v_compact}.items():  # both backends fp32; vLLM bf16 against fp32
+        result["accuracy_json_to_compact"] = accuracy(
+            golds, [p["parse"] for p in v_json["test"]], [p["parse"] for p in v_compact["test"]]
+        )
+        for name, run in {
+            "parity": v_parity,
+            "parity_bf16": v_compact,
+        }.items():  # both backends fp32; vLLM bf16 against fp32
             same = [p.parse == v["parse"] for p, v in zip(t_test, run["test"])]
             result[f"{name}_same_parse"], result[f"{name}_rows"] = sum(same), len(same)
-        result["parity_differs"] = [{"text": t, "transformers": p.raw, "vllm": v["raw"]}
-                                    for t, p, v in zip(tests, t_test, v_parity["test"]) if p.parse != v["parse"]][:20]
+        result["parity_differs"] = [
+            {"text": t, "transformers": p.raw, "vllm": v["raw"]}
+            for t, p, v in zip(tests, t_test, v_parity["test"])
+            if p.parse != v["parse"]
+        ][:20]
     else:
-        print(f"no vLLM environment ({VLLM_PYTHON}; `make vllm-env` builds it): the vLLM figures are left out", flush=True)
+        print(
+            f"no vLLM environment ({VLLM_PYTHON}; `make vllm-env` builds it): the vLLM figures are left out", flush=True
+        )
     try:
         sys.path.insert(0, str(ROOT / "eval"))
         from labeling_prepare import prepare_figures
@@ -227,13 +344,22 @@ def main() -> None:
     except ImportError:
         pass
 
-    for key in ("vllm_compact_qps", "vllm_json_qps", "compact_vs_json_vllm", "transformers_compact_qps", "transformers_vs_vllm",
-                "transformers_int8_qps", "transformers_int8_vs_vllm"):
+    for key in (
+        "vllm_compact_qps",
+        "vllm_json_qps",
+        "compact_vs_json_vllm",
+        "transformers_compact_qps",
+        "transformers_vs_vllm",
+        "transformers_int8_qps",
+        "transformers_int8_vs_vllm",
+    ):
         if key in result:
             print(f"{key:<28}{result[key]:>10}")
     if "accuracy_json_to_compact" in result:
         a = result["accuracy_json_to_compact"]
-        print(f"compact - json (vLLM, test): intent {a['b_minus_a']['intent_accuracy']}, slot F1 {a['b_minus_a']['slot_f1']}")
+        print(
+            f"compact - json (vLLM, test): intent {a['b_minus_a']['intent_accuracy']}, slot F1 {a['b_minus_a']['slot_f1']}"
+        )
         print(f"parity: {result['parity_same_parse']} / {result['parity_rows']} test parses the same on both backends")
     print(json.dumps(result))
 

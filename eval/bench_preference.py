@@ -34,7 +34,11 @@ from querytune.train.grpo import PRESETS as GRPO_PRESETS  # noqa: E402
 from querytune.train.grpo import train_grpo  # noqa: E402
 
 BEFORE = {"bf16_weights": False, "compact_head": False, "merged_sampling": False}
-LEVERS = {"compact_head": True, "bf16_weights": True, "merged_sampling": True}  # each alone with --levers; the presets keep those that paid
+LEVERS = {
+    "compact_head": True,
+    "bf16_weights": True,
+    "merged_sampling": True,
+}  # each alone with --levers; the presets keep those that paid
 
 
 def seed_pairs(world: Path, n: int = 400, seed: int = 0) -> pd.DataFrame:
@@ -45,24 +49,45 @@ def seed_pairs(world: Path, n: int = 400, seed: int = 0) -> pd.DataFrame:
     pairs = []
     for row in rows:
         rivals = [o for o in rows if o["intent"] == row["intent"] and o["slots"] != row["slots"]] or rows
-        pairs.append({"query": row["text"], "chosen": canonical(row), "rejected": canonical(rng.choice(rivals)),
-                      "chosen_score": 1.0, "rejected_score": 0.0})
+        pairs.append(
+            {
+                "query": row["text"],
+                "chosen": canonical(row),
+                "rejected": canonical(rng.choice(rivals)),
+                "chosen_score": 1.0,
+                "rejected_score": 0.0,
+            }
+        )
     return pd.DataFrame(pairs)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--init", type=Path, default=Path("workspace/models/sft"), help="SFT model folder both stages start from (default: the demo's)")
-    ap.add_argument("--world", type=Path, default=Path("workspace/world"), help="world folder: seed rows (DPO pairs) and the click log (GRPO texts)")
-    ap.add_argument("--index", type=Path, default=Path("workspace/index"), help="index folder: the searches GRPO's reward scores")
+    ap.add_argument(
+        "--init",
+        type=Path,
+        default=Path("workspace/models/sft"),
+        help="SFT model folder both stages start from (default: the demo's)",
+    )
+    ap.add_argument(
+        "--world",
+        type=Path,
+        default=Path("workspace/world"),
+        help="world folder: seed rows (DPO pairs) and the click log (GRPO texts)",
+    )
+    ap.add_argument(
+        "--index", type=Path, default=Path("workspace/index"), help="index folder: the searches GRPO's reward scores"
+    )
     ap.add_argument("--stage", choices=["dpo", "grpo", "both"], default="both", help="which stage's step to time")
     ap.add_argument("--steps", type=int, default=6, help="timed optimizer steps per run")
     ap.add_argument("--rounds", type=int, default=2, help="runs of each setting, in alternating order")
     ap.add_argument("--levers", action="store_true", help="also time each lever alone on top of `before`")
     args = ap.parse_args()
-    for path, what in [(args.init / "querytune.json", "an SFT model folder (`make demo` writes workspace/models/sft; or pass --init)"),
-                       (args.world / "seed.jsonl", "a world folder (`querytune world make`; or pass --world)"),
-                       (args.index / "index.faiss", "an index folder (`querytune index build`; or pass --index)")]:
+    for path, what in [
+        (args.init / "querytune.json", "an SFT model folder (`make demo` writes workspace/models/sft; or pass --init)"),
+        (args.world / "seed.jsonl", "a world folder (`querytune world make`; or pass --world)"),
+        (args.index / "index.faiss", "an index folder (`querytune index build`; or pass --index)"),
+    ]:
         if not path.is_file():
             raise SystemExit(f"{path}: not found; the benchmark needs {what}")
     stages = ["dpo", "grpo"] if args.stage == "both" else [args.stage]
@@ -89,33 +114,67 @@ def main() -> None:
                 for name in names if round_ % 2 == 0 else names[::-1]:
                     out = Path(tmp) / f"{stage}-{round_}-{name.replace(' ', '_')}"
                     if stage == "dpo":
-                        train_dpo(pairs, args.init, out, DPO_PRESETS["quick"] | fixed | settings[name], say=lambda _: None)
+                        train_dpo(
+                            pairs, args.init, out, DPO_PRESETS["quick"] | fixed | settings[name], say=lambda _: None
+                        )
                     else:
-                        train_grpo(targets, reward, args.init, out, GRPO_PRESETS["quick"] | fixed | settings[name], say=lambda _: None)
-                    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()][1:]  # first: warm-up
+                        train_grpo(
+                            targets,
+                            reward,
+                            args.init,
+                            out,
+                            GRPO_PRESETS["quick"] | fixed | settings[name],
+                            say=lambda _: None,
+                        )
+                    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()][
+                        1:
+                    ]  # first: warm-up
                     timed[name] += [s["seconds"] for s in steps]
                     sampling[name] += [s["sampling_s"] for s in steps if "sampling_s" in s]
-                    print(f"  round {round_ + 1}: {stage} {name}: median {statistics.median(s['seconds'] for s in steps):.2f} s/step", flush=True)
+                    print(
+                        f"  round {round_ + 1}: {stage} {name}: median {statistics.median(s['seconds'] for s in steps):.2f} s/step",
+                        flush=True,
+                    )
             for name in settings:
-                row = {"stage": stage, "setting": name, "s_per_step": round(statistics.median(timed[name]), 3), "steps": len(timed[name]),
-                       "total_s": round(sum(timed[name]), 1)}
+                row = {
+                    "stage": stage,
+                    "setting": name,
+                    "s_per_step": round(statistics.median(timed[name]), 3),
+                    "steps": len(timed[name]),
+                    "total_s": round(sum(timed[name]), 1),
+                }
                 if sampling[name]:
                     row["sampling_s_per_step"] = round(statistics.median(sampling[name]), 3)
                 results.setdefault(stage, []).append(row)
     cpu = cpu_model()
-    print(f"\nDPO and GRPO quick-preset steps from {args.init}, {args.rounds} x {args.steps} steps per setting\n"
-          f"CPU: {cpu}; {torch.get_num_threads()} threads; torch {torch.__version__}\n")
+    print(
+        f"\nDPO and GRPO quick-preset steps from {args.init}, {args.rounds} x {args.steps} steps per setting\n"
+        f"CPU: {cpu}; {torch.get_num_threads()} threads; torch {torch.__version__}\n"
+    )
     print("| stage | setting | s/step (median) | of which sampling | speedup over before |\n|---|---|---|---|---|")
     speedups = {}
     for stage, rows in results.items():
         before = next(r for r in rows if r["setting"] == "before")["total_s"]
         for r in rows:
             r["speedup_vs_before"] = round(before / r["total_s"], 2)
-            print(f"| {stage} | {r['setting']} | {r['s_per_step']:.2f} | {r.get('sampling_s_per_step', '')} | {r['speedup_vs_before']:.2f}x |")
+            print(
+                f"| {stage} | {r['setting']} | {r['s_per_step']:.2f} | {r.get('sampling_s_per_step', '')} | {r['speedup_vs_before']:.2f}x |"
+            )
         speedups[stage] = next(r for r in rows if r["setting"] == "now")["speedup_vs_before"]
-    print(json.dumps({"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "init": str(args.init),
-                      "steps": args.steps, "rounds": args.rounds, "speedup_vs_before": speedups,
-                      "results": [r for rows in results.values() for r in rows]}))
+    print(
+        json.dumps(
+            {
+                "cpu": cpu,
+                "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+                "init": str(args.init),
+                "steps": args.steps,
+                "rounds": args.rounds,
+                "speedup_vs_before": speedups,
+                "results": [r for rows in results.values() for r in rows],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

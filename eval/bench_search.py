@@ -43,7 +43,14 @@ def main() -> None:
     schema = load_schema()
     searcher = Searcher(args.index, schema)
     rows = [r for r in load_rows(args.world / "test.jsonl") if r.get("relevance")][: args.n]
-    items = [(schema.parse({"intent": r["intent"], "slots": r["slots"]}), Context(r["user_city"], datetime.fromisoformat(r["timestamp"])), r["text"]) for r in rows]
+    items = [
+        (
+            schema.parse({"intent": r["intent"], "slots": r["slots"]}),
+            Context(r["user_city"], datetime.fromisoformat(r["timestamp"])),
+            r["text"],
+        )
+        for r in rows
+    ]
     searcher.embedder.cache.clear()
     figures = {"queries": len(items)}
     figures["structured_cold_qps"] = rate(lambda it: searcher.search(it[0], it[1], 10, it[2]), items)

@@ -51,10 +51,22 @@ from querytune.testing import free_port  # noqa: E402
 
 KEY = "bench-key"
 WARM_MISSES = 8  # distinct queries the miss server answers before either miss run is timed
-CONSTANT = {"query": "cheap thai", "normalized": "cheap thai", "parse": {"intent": "find_business", "slots": {"cuisine": "thai"}},
-            "valid": True, "source": "cache", "model_version": "4bdfb67a09e9", "error": None, "latency_ms": 0.012}
+CONSTANT = {
+    "query": "cheap thai",
+    "normalized": "cheap thai",
+    "parse": {"intent": "find_business", "slots": {"cuisine": "thai"}},
+    "valid": True,
+    "source": "cache",
+    "model_version": "4bdfb67a09e9",
+    "error": None,
+    "latency_ms": 0.012,
+}
 BODY = json.dumps(CONSTANT, separators=(",", ":")).encode()
-START = {"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(len(BODY)).encode()), (b"content-type", b"application/json")]}
+START = {
+    "type": "http.response.start",
+    "status": 200,
+    "headers": [(b"content-length", str(len(BODY)).encode()), (b"content-type", b"application/json")],
+}
 
 
 async def bare_asgi(scope, receive, send):
@@ -69,8 +81,15 @@ def least_hit():
     a JSON file of query string -> body up to latency_ms) and the log lines written every 1,024 requests."""
     import hmac
 
-    bodies = {qs.encode(): body.encode() for qs, body in json.loads(Path(os.environ["BENCH_HIT_BODIES"]).read_text()).items()}
-    key, ids, lines, perf = KEY.encode(), map(f"{os.urandom(6).hex()}{{:010x}}".format, itertools.count()), [], time.perf_counter
+    bodies = {
+        qs.encode(): body.encode() for qs, body in json.loads(Path(os.environ["BENCH_HIT_BODIES"]).read_text()).items()
+    }
+    key, ids, lines, perf = (
+        KEY.encode(),
+        map(f"{os.urandom(6).hex()}{{:010x}}".format, itertools.count()),
+        [],
+        time.perf_counter,
+    )
 
     async def app(scope, receive, send):
         if scope["type"] != "http":
@@ -82,11 +101,22 @@ def least_hit():
             return await send({"type": "http.response.body", "body": b""})
         rid = next(ids)
         body = b"%s%.3f}" % (bodies[scope["query_string"]], 1000 * (perf() - t0))
-        await send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-length", str(len(body)).encode()), (b"content-type", b"application/json"), (b"x-request-id", rid.encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-length", str(len(body)).encode()),
+                    (b"content-type", b"application/json"),
+                    (b"x-request-id", rid.encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
-        lines.append(f'{{"ts": {time.time():.3f}, "request_id": "{rid}", "method": "GET", "path": "/v1/parse", "status": 200, '
-                     f'"ms": {1000 * (perf() - t0):.3f}, "client": "{scope["client"][0]}"}}\n'.encode())
+        lines.append(
+            f'{{"ts": {time.time():.3f}, "request_id": "{rid}", "method": "GET", "path": "/v1/parse", "status": 200, '
+            f'"ms": {1000 * (perf() - t0):.3f}, "client": "{scope["client"][0]}"}}\n'.encode()
+        )
         if len(lines) >= 1024:
             sys.stderr.buffer.write(b"".join(lines))
             lines.clear()
@@ -120,7 +150,9 @@ def start(cmd: list[str], ready: str, log: Path, env: dict | None = None, wait_s
     """Start a server (its own process group, output into `log`) and wait until `ready` answers 200."""
     import httpx
 
-    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True
+    )
     deadline = time.time() + wait_s
     while time.time() < deadline and proc.poll() is None:
         try:
@@ -158,8 +190,26 @@ def cpu_seconds(group: int) -> float:
 
 def wrk(url: str, seconds: int, connections: int, lua: Path, server: subprocess.Popen | None = None) -> dict:
     cpu = cpu_seconds(server.pid) if server else 0.0
-    out = subprocess.run(["wrk", "-t", "1", "-c", str(connections), "-d", f"{seconds}s", "--latency", "-s", str(lua), "-H", f"X-API-Key: {KEY}", url],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t",
+            "1",
+            "-c",
+            str(connections),
+            "-d",
+            f"{seconds}s",
+            "--latency",
+            "-s",
+            str(lua),
+            "-H",
+            f"X-API-Key: {KEY}",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     cpu = cpu_seconds(server.pid) - cpu if server else 0.0
 
     def ms(label: str) -> float:
@@ -169,11 +219,18 @@ def wrk(url: str, seconds: int, connections: int, lua: Path, server: subprocess.
 
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     requests = int(re.search(r"(\d+) requests in", out).group(1))
-    return {"requests_per_s": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "p50_ms": ms("50"), "p99_ms": ms("99"),
-            "server_us": round(1e6 * cpu / max(requests, 1), 1), "non_2xx": int(errors.group(1)) if errors else 0}
+    return {
+        "requests_per_s": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "p50_ms": ms("50"),
+        "p99_ms": ms("99"),
+        "server_us": round(1e6 * cpu / max(requests, 1), 1),
+        "non_2xx": int(errors.group(1)) if errors else 0,
+    }
 
 
-async def miss_load(base: str, queries, clients: int, seconds: float, ramp_s: float = 0.0, warm_up: bool = False) -> dict:
+async def miss_load(
+    base: str, queries, clients: int, seconds: float, ramp_s: float = 0.0, warm_up: bool = False
+) -> dict:
     """`clients` concurrent clients, each sending one query at a time, the next distinct query from `queries` (an
     iterator: every query is sent once, so none is cached), until `seconds` have passed. The rate counts the answers
     that arrive between `ramp_s` and `seconds` (the requests in flight at the end are awaited, not counted).
@@ -201,12 +258,22 @@ async def miss_load(base: str, queries, clients: int, seconds: float, ramp_s: fl
         end = t_start + seconds
         await asyncio.gather(*(client(http) for _ in range(clients)))
     if ran_out and not warm_up:
-        sys.exit(f"bench_serving: the distinct queries ran out after {min(ran_out):.1f} s of {seconds:g}: lower --miss-seconds")
+        sys.exit(
+            f"bench_serving: the distinct queries ran out after {min(ran_out):.1f} s of {seconds:g}: lower --miss-seconds"
+        )
     counted = sorted(latency for at, latency in done if ramp_s <= at <= seconds)
     if not counted and not warm_up:
-        sys.exit(f"bench_serving: no answer arrived between {ramp_s:g} s and {seconds:g} s of the miss run: raise --miss-seconds")
-    return {"requests_per_s": round(len(counted) / (seconds - ramp_s), 2), "p50_ms": round(1000 * counted[len(counted) // 2], 1),
-            "p99_ms": round(1000 * counted[int(0.99 * (len(counted) - 1))], 1), "sources": sources, "counted": len(counted), "sent": len(done)}
+        sys.exit(
+            f"bench_serving: no answer arrived between {ramp_s:g} s and {seconds:g} s of the miss run: raise --miss-seconds"
+        )
+    return {
+        "requests_per_s": round(len(counted) / (seconds - ramp_s), 2),
+        "p50_ms": round(1000 * counted[len(counted) // 2], 1),
+        "p99_ms": round(1000 * counted[int(0.99 * (len(counted) - 1))], 1),
+        "sources": sources,
+        "counted": len(counted),
+        "sent": len(done),
+    }
 
 
 def engine_alone(model: str, queries_file: str) -> None:
@@ -226,11 +293,21 @@ def engine_alone(model: str, queries_file: str) -> None:
             backend.parse(batch)
         return sum(map(len, batches)) / (time.perf_counter() - t0)
 
-    batch_qps = rate([queries[i:i + 32] for i in range(32, 224, 32)])
+    batch_qps = rate([queries[i : i + 32] for i in range(32, 224, 32)])
     single_qps = rate([[q] for q in queries[224:248]])
     wide_qps = rate([looped[:256], looped[256:512]])
-    print("ENGINE " + json.dumps({"batch32_qps": round(batch_qps, 2), "batch1_qps": round(single_qps, 2), "ratio": round(batch_qps / single_qps, 2),
-                                  "batch256_qps": round(wide_qps, 2), "batch256_ratio": round(wide_qps / single_qps, 2)}))
+    print(
+        "ENGINE "
+        + json.dumps(
+            {
+                "batch32_qps": round(batch_qps, 2),
+                "batch1_qps": round(single_qps, 2),
+                "ratio": round(batch_qps / single_qps, 2),
+                "batch256_qps": round(wide_qps, 2),
+                "batch256_ratio": round(wide_qps / single_qps, 2),
+            }
+        )
+    )
 
 
 def mean(runs: list[dict], key: str) -> float:
@@ -241,19 +318,30 @@ def main() -> None:
     if sys.argv[1:2] == ["--engine-alone"]:  # the bench running itself in the vLLM environment
         return engine_alone(*sys.argv[2:4])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workspace", type=Path, default=Path("workspace"), help="what `make demo` made (models/sft, world/test.jsonl)")
+    ap.add_argument(
+        "--workspace", type=Path, default=Path("workspace"), help="what `make demo` made (models/sft, world/test.jsonl)"
+    )
     ap.add_argument("--seconds", type=int, default=10, help="duration of each wrk run")
     ap.add_argument("--rounds", type=int, default=2, help="turns of (i)-(iii), each a wrk run per server")
     ap.add_argument("--connections", type=int, default=64)
-    ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="workers of (ii) and (iii) (default: the cores)")
-    ap.add_argument("--miss-seconds", type=float, default=30, help="how long each miss run (32 clients, then one) lasts")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="workers of (ii) and (iii) (default: the cores)",
+    )
+    ap.add_argument(
+        "--miss-seconds", type=float, default=30, help="how long each miss run (32 clients, then one) lasts"
+    )
     ap.add_argument("--ramp-seconds", type=float, default=5, help="the first seconds of each miss run, not counted")
     args = ap.parse_args()
     ws = args.workspace.resolve()
     model, test = ws / "models" / "sft", ws / "world" / "test.jsonl"
     for need in (model / "querytune.json", test):
         if not need.is_file():
-            sys.exit(f"bench_serving: {need} not found: run `make demo` first (it builds ./workspace), or pass --workspace DIR")
+            sys.exit(
+                f"bench_serving: {need} not found: run `make demo` first (it builds ./workspace), or pass --workspace DIR"
+            )
     if not shutil.which("wrk"):
         sys.exit("bench_serving: wrk is not installed: apt-get install wrk (Debian, Ubuntu) or brew install wrk")
     import orjson
@@ -271,7 +359,9 @@ def main() -> None:
             by_norm[norm] = r
     norms = list(by_norm)
     if args.miss_seconds <= args.ramp_seconds:
-        sys.exit(f"bench_serving: --miss-seconds {args.miss_seconds:g} must be longer than --ramp-seconds {args.ramp_seconds:g}")
+        sys.exit(
+            f"bench_serving: --miss-seconds {args.miss_seconds:g} must be longer than --ramp-seconds {args.ramp_seconds:g}"
+        )
     if len(norms) < 64 + WARM_MISSES + 64:
         sys.exit(f"bench_serving: {test} has {len(norms)} distinct queries; it needs at least {64 + WARM_MISSES + 64}")
     hits, misses = norms[:64], norms[64:]
@@ -280,28 +370,51 @@ def main() -> None:
     # the hits' entries: the test set's own parses under the served model's version, as `cache load` would write them
     folder = ModelFolder.open(model)
     schema, version = folder.schema, folder.version
-    entries = {q: Entry({"intent": by_norm[q]["intent"], "slots": by_norm[q]["slots"]}, True, 1.0, version) for q in hits}
+    entries = {
+        q: Entry({"intent": by_norm[q]["intent"], "slots": by_norm[q]["slots"]}, True, 1.0, version) for q in hits
+    }
     open_cache(cache_url).put_many(list(entries.items()), schema.version)
-    bodies = work / "bodies.json"  # (iv)'s answers: what the server writes for each hit (`result`, orjson), up to latency_ms
-    bodies.write_text(json.dumps({f"q={quote(q, safe='')}": orjson.dumps(result(q, q, "cache", e.parse, e.valid, e.model_version))[:-len(b"0.0}")].decode()
-                                  for q, e in entries.items()}))
+    bodies = (
+        work / "bodies.json"
+    )  # (iv)'s answers: what the server writes for each hit (`result`, orjson), up to latency_ms
+    bodies.write_text(
+        json.dumps(
+            {
+                f"q={quote(q, safe='')}": orjson.dumps(result(q, q, "cache", e.parse, e.valid, e.model_version))[
+                    : -len(b"0.0}")
+                ].decode()
+                for q, e in entries.items()
+            }
+        )
+    )
     lua = work / "hits.lua"
-    lua.write_text("local qs = {" + ",".join(json.dumps(quote(q, safe="")) for q in hits) + "}\nlocal i = 0\n"
-                   "request = function()\n  i = i % #qs + 1\n  return wrk.format('GET', '/v1/parse?q=' .. qs[i])\nend\n")
+    lua.write_text(
+        "local qs = {" + ",".join(json.dumps(quote(q, safe="")) for q in hits) + "}\nlocal i = 0\n"
+        "request = function()\n  i = i % #qs + 1\n  return wrk.format('GET', '/v1/parse?q=' .. qs[i])\nend\n"
+    )
     py, qt, w = sys.executable, str(Path(sys.executable).parent / "querytune"), str(args.workers)
     uvicorn = [py, "-m", "uvicorn", "--app-dir", str(ROOT / "eval"), "--log-level", "warning", "--no-access-log"]
     product = [qt, "serve", "--model", str(model), "--cache", cache_url, "--workers", w, "--api-key", KEY]
-    servers = {"today_bare": uvicorn + ["bench_serving:today_app", "--factory", "--loop", "asyncio", "--http", "h11", "--workers", "1"],
-               "bare_asgi": uvicorn + ["bench_serving:bare_asgi", "--loop", "uvloop", "--http", "httptools", "--workers", w],
-               "hits": product, "hits_no_access_log": [*product, "--no-access-log"],
-               "least_hit": uvicorn + ["bench_serving:least_hit", "--factory", "--loop", "uvloop", "--http", "httptools", "--workers", w]}
+    servers = {
+        "today_bare": uvicorn
+        + ["bench_serving:today_app", "--factory", "--loop", "asyncio", "--http", "h11", "--workers", "1"],
+        "bare_asgi": uvicorn + ["bench_serving:bare_asgi", "--loop", "uvloop", "--http", "httptools", "--workers", w],
+        "hits": product,
+        "hits_no_access_log": [*product, "--no-access-log"],
+        "least_hit": uvicorn
+        + ["bench_serving:least_hit", "--factory", "--loop", "uvloop", "--http", "httptools", "--workers", w],
+    }
     urls, procs, runs = {}, {}, {name: [] for name in servers}
     try:
         for name, cmd in servers.items():
             port = free_port()
             urls[name] = f"http://127.0.0.1:{port}/v1/parse"
-            procs[name] = start([*cmd, "--port", str(port)], f"{urls[name]}?q={quote(hits[0], safe='')}", work / f"{name}.log",
-                                {"BENCH_HIT_BODIES": str(bodies)})
+            procs[name] = start(
+                [*cmd, "--port", str(port)],
+                f"{urls[name]}?q={quote(hits[0], safe='')}",
+                work / f"{name}.log",
+                {"BENCH_HIT_BODIES": str(bodies)},
+            )
             wrk(urls[name], 3, args.connections, lua)  # warm-up: every worker's in-process copy holds the hits after it
         for _ in range(args.rounds):
             for name in servers:
@@ -318,14 +431,36 @@ def main() -> None:
         if vllm_py.is_file():
             from querytune.runtime.vllm_backend import vllm_env
 
-            backend, miss_cmd, env = "vllm", [str(vllm_py.parent / "querytune"), "serve", "--backend", "vllm"], vllm_env(ROOT / ".venv-vllm")
+            backend, miss_cmd, env = (
+                "vllm",
+                [str(vllm_py.parent / "querytune"), "serve", "--backend", "vllm"],
+                vllm_env(ROOT / ".venv-vllm"),
+            )
         else:
             print("note: no .venv-vllm (make vllm-env): misses run on the transformers backend", flush=True)
             backend, miss_cmd, env = "transformers", [qt, "serve"], {}
         port = free_port()
         base = f"http://127.0.0.1:{port}"
-        procs["misses"] = start([*miss_cmd, "--model", str(model), "--cache", f"sqlite:///{work}/misses.db", "--workers", "1", "--deadline", "900",
-                                 "--api-key", KEY, "--port", str(port)], f"{base}/healthz", work / "misses.log", env)
+        procs["misses"] = start(
+            [
+                *miss_cmd,
+                "--model",
+                str(model),
+                "--cache",
+                f"sqlite:///{work}/misses.db",
+                "--workers",
+                "1",
+                "--deadline",
+                "900",
+                "--api-key",
+                KEY,
+                "--port",
+                str(port),
+            ],
+            f"{base}/healthz",
+            work / "misses.log",
+            env,
+        )
         # warm-up, as wrk's for the hits: the engine's first steps (and the grammar's first use) are not a miss's cost
         unseen = iter(misses)
         asyncio.run(miss_load(base, itertools.islice(unseen, WARM_MISSES), 4, 900, warm_up=True))
@@ -335,9 +470,14 @@ def main() -> None:
         engine = None
         if backend == "vllm":
             (work / "engine_queries.json").write_text(json.dumps(misses[-248:]), encoding="utf-8")
-            out = subprocess.run([str(vllm_py), __file__, "--engine-alone", str(model), str(work / "engine_queries.json")], env={**os.environ, **env},
-                                 capture_output=True, text=True, check=True).stdout
-            engine = json.loads(next(line for line in out.splitlines() if line.startswith("ENGINE "))[len("ENGINE "):])
+            out = subprocess.run(
+                [str(vllm_py), __file__, "--engine-alone", str(model), str(work / "engine_queries.json")],
+                env={**os.environ, **env},
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            engine = json.loads(next(line for line in out.splitlines() if line.startswith("ENGINE "))[len("ENGINE ") :])
             print("engine alone", engine, flush=True)
     finally:
         for proc in procs.values():
@@ -345,25 +485,47 @@ def main() -> None:
     print(f"{'run':<20}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'server us':>11}")
     for name, rs in runs.items():
         us = f"{mean(rs, 'server_us'):>11.1f}" if "server_us" in rs[0] else ""
-        print(f"{name:<20}{mean(rs, 'requests_per_s'):>10.1f}{mean(rs, 'p50_ms'):>10.2f}{mean(rs, 'p99_ms'):>10.2f}{us}")
+        print(
+            f"{name:<20}{mean(rs, 'requests_per_s'):>10.1f}{mean(rs, 'p50_ms'):>10.2f}{mean(rs, 'p99_ms'):>10.2f}{us}"
+        )
     rps = {name: mean(rs, "requests_per_s") for name, rs in runs.items()}
     us = {name: mean(runs[name], "server_us") for name in servers}
-    summary = {"today_bare_rps": rps["today_bare"], "bare_asgi_rps": rps["bare_asgi"], "hit_rps": rps["hits"],
-               "hit_no_access_log_rps": rps["hits_no_access_log"], "hit_vs_bare_asgi": round(rps["hits"] / rps["bare_asgi"], 3),
-               "bare_asgi_vs_today": round(rps["bare_asgi"] / rps["today_bare"], 2),
-               "access_log_cost": round(1 - rps["hits"] / rps["hits_no_access_log"], 3),
-               "server_us_per_request": us, "hit_vs_bare_asgi_cpu": round(us["bare_asgi"] / us["hits"], 3),
-               "hit_p50_ms": mean(runs["hits"], "p50_ms"), "hit_p99_ms": mean(runs["hits"], "p99_ms"),
-               "hit_non_2xx": sum(r["non_2xx"] for r in runs["hits"]), "hit_sources": sorted(sources), "access_log_lines": logged,
-               "miss_qps_32": rps["misses_32"], "miss_qps_1": rps["misses_1"], "miss_32_vs_1": round(rps["misses_32"] / rps["misses_1"], 2),
-               "engine_alone": engine,
-               "miss_sources": runs["misses_32"][0]["sources"],
-               "miss_counted": {n: runs[n][0]["counted"] for n in ("misses_32", "misses_1")}, "miss_seconds": args.miss_seconds,
-               "ramp_seconds": args.ramp_seconds, "backend": backend, "workers": args.workers, "connections": args.connections,
-               "seconds": args.seconds, "rounds": args.rounds, "cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)),
-               "date": time.strftime("%Y-%m-%d")}
+    summary = {
+        "today_bare_rps": rps["today_bare"],
+        "bare_asgi_rps": rps["bare_asgi"],
+        "hit_rps": rps["hits"],
+        "hit_no_access_log_rps": rps["hits_no_access_log"],
+        "hit_vs_bare_asgi": round(rps["hits"] / rps["bare_asgi"], 3),
+        "bare_asgi_vs_today": round(rps["bare_asgi"] / rps["today_bare"], 2),
+        "access_log_cost": round(1 - rps["hits"] / rps["hits_no_access_log"], 3),
+        "server_us_per_request": us,
+        "hit_vs_bare_asgi_cpu": round(us["bare_asgi"] / us["hits"], 3),
+        "hit_p50_ms": mean(runs["hits"], "p50_ms"),
+        "hit_p99_ms": mean(runs["hits"], "p99_ms"),
+        "hit_non_2xx": sum(r["non_2xx"] for r in runs["hits"]),
+        "hit_sources": sorted(sources),
+        "access_log_lines": logged,
+        "miss_qps_32": rps["misses_32"],
+        "miss_qps_1": rps["misses_1"],
+        "miss_32_vs_1": round(rps["misses_32"] / rps["misses_1"], 2),
+        "engine_alone": engine,
+        "miss_sources": runs["misses_32"][0]["sources"],
+        "miss_counted": {n: runs[n][0]["counted"] for n in ("misses_32", "misses_1")},
+        "miss_seconds": args.miss_seconds,
+        "ramp_seconds": args.ramp_seconds,
+        "backend": backend,
+        "workers": args.workers,
+        "connections": args.connections,
+        "seconds": args.seconds,
+        "rounds": args.rounds,
+        "cpu": cpu_model(),
+        "cores": len(os.sched_getaffinity(0)),
+        "date": time.strftime("%Y-%m-%d"),
+    }
     print(json.dumps(summary))
-    shutil.rmtree(work, ignore_errors=True)  # the servers' logs (the hits' access log is ~150 bytes a request); kept when a run fails
+    shutil.rmtree(
+        work, ignore_errors=True
+    )  # the servers' logs (the hits' access log is ~150 bytes a request); kept when a run fails
 
 
 if __name__ == "__main__":

@@ -51,8 +51,13 @@ from querytune.search import Searcher  # noqa: E402
 from querytune.train.targets import early_texts  # noqa: E402
 
 TRAINED = ("control", "label_ceiling", "guideline_run")
-REWARD_ROWS = {"self_train": ["--edits", "none"], "rft": [], "rft_placebo": ["--shuffle-clicks"], "rft_no_pool": ["--no-pool"],
-               "rft_no_abstain": ["--no-abstain"]}  # `querytune train rft` options of each reward row
+REWARD_ROWS = {
+    "self_train": ["--edits", "none"],
+    "rft": [],
+    "rft_placebo": ["--shuffle-clicks"],
+    "rft_no_pool": ["--no-pool"],
+    "rft_no_abstain": ["--no-abstain"],
+}  # `querytune train rft` options of each reward row
 # the learners on rft's accepted edits, with their own steps and no time cap: DPO six passes over the pairs (its mined preset); GRPO
 # --grpo-steps (60: about one pass over seed 0's edited texts and as many anchors, 4 texts a step), at a learning rate
 # set before any run, not tuned
@@ -63,12 +68,20 @@ def settings_differ(args: argparse.Namespace, name: str, config: dict) -> str | 
     """Why a model trained before (its train_config.json) is not the row `name` of this run, or None where it is."""
     expected = {"init": str(args.sft.resolve())}
     if name in LEARNER_ROWS:
-        expected |= {"grpo": {"max_steps": args.grpo_steps, "lr": 5e-4, "max_minutes": None}, "dpo": {"preset": "mined", "max_minutes": None}}[name]
+        expected |= {
+            "grpo": {"max_steps": args.grpo_steps, "lr": 5e-4, "max_minutes": None},
+            "dpo": {"preset": "mined", "max_minutes": None},
+        }[name]
     else:
         expected |= {"max_steps": args.steps, "batch_size": args.batch_size, "dtype": args.dtype}
     if name in REWARD_ROWS:
-        expected |= {"texts": args.texts, "edits": "none" if name == "self_train" else "mined", "shuffle_clicks": name == "rft_placebo",
-                     "pool": name != "rft_no_pool", "abstain": name != "rft_no_abstain"}
+        expected |= {
+            "texts": args.texts,
+            "edits": "none" if name == "self_train" else "mined",
+            "shuffle_clicks": name == "rft_placebo",
+            "pool": name != "rft_no_pool",
+            "abstain": name != "rft_no_abstain",
+        }
         expected |= {"text_contexts": 0} if name != "self_train" else {}
     got = dict(config, init=str(Path(config.get("init", "")).resolve()), max_minutes=config.get("max_minutes") or None)
     wrong = [f"{k} {got.get(k)!r} (this run: {v!r})" for k, v in expected.items() if got.get(k) != v]
@@ -84,7 +97,10 @@ def link_trained(args: argparse.Namespace, every: dict[str, Path], chosen: list[
             continue
         config = json.loads((src / "train_config.json").read_text())
         why = settings_differ(args, name, config)
-        if name in LEARNER_ROWS and Path(config.get("edits_from") or "").resolve() != (args.models_from / "rft").resolve():
+        if (
+            name in LEARNER_ROWS
+            and Path(config.get("edits_from") or "").resolve() != (args.models_from / "rft").resolve()
+        ):
             why = f"it learned from {config.get('edits_from')}, not {args.models_from / 'rft'}"
         if name in LEARNER_ROWS and every["rft"].resolve() != (args.models_from / "rft").resolve():
             why = "this run's rft is not the one it learned from"
@@ -111,7 +127,9 @@ def log_texts(world: Path, n: int, label: str, seed: int = 0) -> list[dict]:
             parse = json.loads(needs.at[r["query_id"], "annotation"])
         else:
             parse = {"intent": needs.at[r["query_id"], "intent"], "slots": json.loads(needs.at[r["query_id"], "slots"])}
-        rows.append({"id": r["query_id"], "text": r["text"], **parse, "timestamp": r["timestamp"], "user_city": r["user_city"]})
+        rows.append(
+            {"id": r["query_id"], "text": r["text"], **parse, "timestamp": r["timestamp"], "user_city": r["user_city"]}
+        )
     return rows
 
 
@@ -145,29 +163,62 @@ def run_all(jobs: list[tuple[list[str], Path | None]], env: dict[str, str], at_o
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--world", type=Path, required=True, help="World folder (seed.jsonl, log.parquet, dev/test.jsonl, audit/).")
+    ap.add_argument(
+        "--world", type=Path, required=True, help="World folder (seed.jsonl, log.parquet, dev/test.jsonl, audit/)."
+    )
     ap.add_argument("--index", type=Path, required=True, help="Index folder of the same world.")
     ap.add_argument("--sft", type=Path, required=True, help="The SFT model folder every training row continues from.")
-    ap.add_argument("--out", type=Path, required=True, help="Folder for the models, data, predictions and compare.json / compare.md.")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="Folder for the models, data, predictions and compare.json / compare.md.",
+    )
     ap.add_argument("--split", default="test", choices=["dev", "test"], help="Tune on dev; report test once.")
     ap.add_argument("--steps", type=int, default=280, help="Optimizer steps of each training row (the same for all).")
     ap.add_argument("--batch-size", type=int, default=8, help="Examples per step of each training row.")
-    ap.add_argument("--texts", type=int, default=4000, help="Early-log texts the ceiling and guideline rows add to the seed.")
-    ap.add_argument("--dtype", default="sft", choices=["sft", "fp32", "bf16"],
-                    help="Training dtype of every row, fixed (not probed per row); sft: the one the given SFT model trained in.")
-    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of every training and parsing run.")
-    ap.add_argument("--max-minutes", type=float, default=0, help="Cap per training row (0: none); the steps are the budget.")
-    ap.add_argument("--jobs", type=int, default=1, help="Training rows (then parsing runs) at once, each with --threads threads.")
-    ap.add_argument("--grpo-steps", type=int, default=60, help="Optimizer steps of the grpo row (4 texts x 8 parses each).")
-    ap.add_argument("--models-from", type=Path, default=None,
-                    help="A folder of models trained before (`make demo`'s workspace/models): a row whose folder is there, trained "
-                         "with this run's settings, is linked instead of trained, its test predictions reused.")
-    ap.add_argument("--extra", action="append", default=[], metavar="NAME=PREDICTIONS",
-                    help="Also score this predictions file (`querytune eval parse --predictions` on the split) as row NAME, "
-                         "e.g. a tuning arm trained by hand; repeatable.")
-    ap.add_argument("--rows", default=",".join((*TRAINED, *REWARD_ROWS, *LEARNER_ROWS)),
-                    help=f"Training rows to run, comma-separated (default: all of {', '.join((*TRAINED, *REWARD_ROWS, *LEARNER_ROWS))}); "
-                         "rows trained before stay in the table.")
+    ap.add_argument(
+        "--texts", type=int, default=4000, help="Early-log texts the ceiling and guideline rows add to the seed."
+    )
+    ap.add_argument(
+        "--dtype",
+        default="sft",
+        choices=["sft", "fp32", "bf16"],
+        help="Training dtype of every row, fixed (not probed per row); sft: the one the given SFT model trained in.",
+    )
+    ap.add_argument(
+        "--threads", type=int, default=os.cpu_count(), help="torch threads of every training and parsing run."
+    )
+    ap.add_argument(
+        "--max-minutes", type=float, default=0, help="Cap per training row (0: none); the steps are the budget."
+    )
+    ap.add_argument(
+        "--jobs", type=int, default=1, help="Training rows (then parsing runs) at once, each with --threads threads."
+    )
+    ap.add_argument(
+        "--grpo-steps", type=int, default=60, help="Optimizer steps of the grpo row (4 texts x 8 parses each)."
+    )
+    ap.add_argument(
+        "--models-from",
+        type=Path,
+        default=None,
+        help="A folder of models trained before (`make demo`'s workspace/models): a row whose folder is there, trained "
+        "with this run's settings, is linked instead of trained, its test predictions reused.",
+    )
+    ap.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        metavar="NAME=PREDICTIONS",
+        help="Also score this predictions file (`querytune eval parse --predictions` on the split) as row NAME, "
+        "e.g. a tuning arm trained by hand; repeatable.",
+    )
+    ap.add_argument(
+        "--rows",
+        default=",".join((*TRAINED, *REWARD_ROWS, *LEARNER_ROWS)),
+        help=f"Training rows to run, comma-separated (default: all of {', '.join((*TRAINED, *REWARD_ROWS, *LEARNER_ROWS))}); "
+        "rows trained before stay in the table.",
+    )
     args = ap.parse_args()
 
     out, world = args.out, args.world
@@ -189,41 +240,150 @@ def main() -> None:
     known = (*TRAINED, *REWARD_ROWS, *LEARNER_ROWS)
     extra = dict(e.split("=", 1) for e in args.extra if "=" in e)
     if len(extra) < len(args.extra) or any(not Path(p).is_file() for p in extra.values()):
-        raise SystemExit(f"compare: --extra: each must be NAME=PREDICTIONS with an existing file: {', '.join(args.extra)}")
+        raise SystemExit(
+            f"compare: --extra: each must be NAME=PREDICTIONS with an existing file: {', '.join(args.extra)}"
+        )
     unknown = set(chosen) - set(known)
     if unknown:
         raise SystemExit(f"compare: --rows: unknown row(s) {', '.join(sorted(unknown))} (known: {', '.join(known)})")
     every = {name: out / "models" / name for name in known}
     # On the stationary profile the guideline is the need: the same data would train the same model twice.
-    same_as = {"guideline_run": "label_ceiling"} if load_rows(data["guideline_run"]) == load_rows(data["label_ceiling"]) else {}
-    fixed = ["--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-minutes", str(args.max_minutes),
-             "--bf16" if args.dtype == "bf16" else "--no-bf16"]
+    same_as = (
+        {"guideline_run": "label_ceiling"}
+        if load_rows(data["guideline_run"]) == load_rows(data["label_ceiling"])
+        else {}
+    )
+    fixed = [
+        "--max-steps",
+        str(args.steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--max-minutes",
+        str(args.max_minutes),
+        "--bf16" if args.dtype == "bf16" else "--no-bf16",
+    ]
     if args.models_from:
         link_trained(args, every, chosen, [n for n in known if n not in same_as])
     todo = lambda name: name in chosen and name not in same_as and not (every[name] / "querytune.json").is_file()  # noqa: E731
-    timings = run_all([(qt + ["train", "sft", "--init", str(args.sft), "--data", str(data[name]), "--out", str(every[name]), *fixed], None)
-                       for name in TRAINED if todo(name)], env, args.jobs)
-    greedy = every["self_train"] / "greedy.jsonl"  # every reward row labels the same texts with the same model: parse them once
+    timings = run_all(
+        [
+            (
+                qt
+                + [
+                    "train",
+                    "sft",
+                    "--init",
+                    str(args.sft),
+                    "--data",
+                    str(data[name]),
+                    "--out",
+                    str(every[name]),
+                    *fixed,
+                ],
+                None,
+            )
+            for name in TRAINED
+            if todo(name)
+        ],
+        env,
+        args.jobs,
+    )
+    greedy = (
+        every["self_train"] / "greedy.jsonl"
+    )  # every reward row labels the same texts with the same model: parse them once
     for name in [n for n in REWARD_ROWS if todo(n)]:
         reuse = ["--greedy-from", str(greedy)] if greedy.is_file() else []
-        timings |= run_all([(qt + ["train", "rft", "--init", str(args.sft), "--world", str(world), "--index", str(args.index), "--out",
-                                   str(every[name]), "--texts", str(args.texts), *fixed, *reuse, *REWARD_ROWS[name]], None)], env, 1)
-    edited = (every["rft"] / "labels.jsonl").is_file() and any(json.loads(line)["edits"] for line in (every["rft"] / "labels.jsonl").open())
+        timings |= run_all(
+            [
+                (
+                    qt
+                    + [
+                        "train",
+                        "rft",
+                        "--init",
+                        str(args.sft),
+                        "--world",
+                        str(world),
+                        "--index",
+                        str(args.index),
+                        "--out",
+                        str(every[name]),
+                        "--texts",
+                        str(args.texts),
+                        *fixed,
+                        *reuse,
+                        *REWARD_ROWS[name],
+                    ],
+                    None,
+                )
+            ],
+            env,
+            1,
+        )
+    edited = (every["rft"] / "labels.jsonl").is_file() and any(
+        json.loads(line)["edits"] for line in (every["rft"] / "labels.jsonl").open()
+    )
     for name in [n for n in LEARNER_ROWS if todo(n)]:  # DPO and GRPO learn from the edits rft's miner accepted
         if edited:
-            timings |= run_all([(qt + ["train", name, "--init", str(args.sft), "--world", str(world), "--index", str(args.index), "--out",
-                                       str(every[name]), "--edits-from", str(every["rft"]), *LEARNER_ROWS[name],
-                                       *(["--max-steps", str(args.grpo_steps)] if name == "grpo" else [])], None)], env, 1)
+            timings |= run_all(
+                [
+                    (
+                        qt
+                        + [
+                            "train",
+                            name,
+                            "--init",
+                            str(args.sft),
+                            "--world",
+                            str(world),
+                            "--index",
+                            str(args.index),
+                            "--out",
+                            str(every[name]),
+                            "--edits-from",
+                            str(every["rft"]),
+                            *LEARNER_ROWS[name],
+                            *(["--max-steps", str(args.grpo_steps)] if name == "grpo" else []),
+                        ],
+                        None,
+                    )
+                ],
+                env,
+                1,
+            )
         else:
-            print(f"compare: {name} skipped: rft's miner accepted no edit (or rft was not trained): nothing to learn from", flush=True)
-    models = {"sft": args.sft} | {name: every[same_as.get(name, name)] for name in known if (every[same_as.get(name, name)] / "querytune.json").is_file()}
+            print(
+                f"compare: {name} skipped: rft's miner accepted no edit (or rft was not trained): nothing to learn from",
+                flush=True,
+            )
+    models = {"sft": args.sft} | {
+        name: every[same_as.get(name, name)]
+        for name in known
+        if (every[same_as.get(name, name)] / "querytune.json").is_file()
+    }
     preds, parses = {}, []
     for name, folder in models.items():
         preds[name] = out / "predictions" / f"{same_as.get(name, name)}_{args.split}.jsonl"
         if not preds[name].is_file() and name not in same_as:
             tmp = preds[name].with_suffix(".tmp.jsonl")
-            parses.append((qt + ["eval", "parse", "--model", str(folder), "--data", str(split), "--out",
-                                 str(out / "predictions" / f"{name}_{args.split}_parse.json"), "--predictions", str(tmp)], (tmp, preds[name])))
+            parses.append(
+                (
+                    qt
+                    + [
+                        "eval",
+                        "parse",
+                        "--model",
+                        str(folder),
+                        "--data",
+                        str(split),
+                        "--out",
+                        str(out / "predictions" / f"{name}_{args.split}_parse.json"),
+                        "--predictions",
+                        str(tmp),
+                    ],
+                    (tmp, preds[name]),
+                )
+            )
     timings |= run_all(parses, env, args.jobs)
 
     rows = load_rows(split)
@@ -232,19 +392,46 @@ def main() -> None:
     parses = {"peer": peer_predictions(seed_rows, rows, schema, searcher.embedder)}
     parses |= {name: load_predictions(preds[name], rows) for name in models}
     parses |= {name: load_predictions(Path(path), rows) for name, path in extra.items()}
-    parses["guideline_oracle"] = {r["id"]: r.get("annotation") or {"intent": r["intent"], "slots": r["slots"]} for r in rows}
+    parses["guideline_oracle"] = {
+        r["id"]: r.get("annotation") or {"intent": r["intent"], "slots": r["slots"]} for r in rows
+    }
     scores, _ = score_systems(rows, parses, searcher, schema)
     systems = ["raw", "bm25", *parses, "oracle"]
     base = "self_train" if "self_train" in parses else "control" if "control" in parses else "sft"
     table = ceiling_table(scores, rows, systems, base)
-    steps = {name: json.loads((models[name] / "summary.json").read_text()).get("steps") if (models[name] / "summary.json").is_file() else None
-             for name in models if name != "sft"}
-    audit = {name: edit_audit(models[name] / "labels.jsonl", world) for name in REWARD_ROWS if name in models and name != "self_train"}
-    result = {"table": table, "edit_audit": audit, "meta": {
-        "world": str(world), "split": args.split, "graded_rows": sum(bool(r.get("relevance")) for r in rows), "sft": str(args.sft),
-        "steps": args.steps, "steps_done": steps, "batch_size": args.batch_size, "dtype": args.dtype, "threads": args.threads,
-        "texts": args.texts, "same_data_as": same_as, "seconds_this_run": timings, "jobs": args.jobs, "hardware": hardware(),
-        "bootstrap": {"draws": 2000, "interval": "percentile 95%", "unit": "graded query", "paired_with": base}}}
+    steps = {
+        name: json.loads((models[name] / "summary.json").read_text()).get("steps")
+        if (models[name] / "summary.json").is_file()
+        else None
+        for name in models
+        if name != "sft"
+    }
+    audit = {
+        name: edit_audit(models[name] / "labels.jsonl", world)
+        for name in REWARD_ROWS
+        if name in models and name != "self_train"
+    }
+    result = {
+        "table": table,
+        "edit_audit": audit,
+        "meta": {
+            "world": str(world),
+            "split": args.split,
+            "graded_rows": sum(bool(r.get("relevance")) for r in rows),
+            "sft": str(args.sft),
+            "steps": args.steps,
+            "steps_done": steps,
+            "batch_size": args.batch_size,
+            "dtype": args.dtype,
+            "threads": args.threads,
+            "texts": args.texts,
+            "same_data_as": same_as,
+            "seconds_this_run": timings,
+            "jobs": args.jobs,
+            "hardware": hardware(),
+            "bootstrap": {"draws": 2000, "interval": "percentile 95%", "unit": "graded query", "paired_with": base},
+        },
+    }
     (out / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "table.json").write_text(json.dumps({"paired_with": base, "table": table}, indent=2) + "\n")
     (out / "compare.md").write_text(markdown(result))
@@ -267,7 +454,9 @@ def ceiling_table(scores: pd.DataFrame, rows: list[dict], systems: list[str], ba
         for name in systems:
             entry = {"ndcg@10": round(float(sub[name].mean()), 4)}
             if name != base and base in sub:
-                entry["vs_base"] = {k: round(v, 4) for k, v in paired_bootstrap(sub[base].to_numpy(), sub[name].to_numpy()).items()}
+                entry["vs_base"] = {
+                    k: round(v, 4) for k, v in paired_bootstrap(sub[base].to_numpy(), sub[name].to_numpy()).items()
+                }
             out[group][name] = entry
     return out
 
@@ -278,7 +467,9 @@ def distance(a: dict, b: dict) -> int:
     >>> distance({"intent": "find_business", "slots": {"cuisine": "italian"}}, {"intent": "find_business", "slots": {"cuisine": "pizza"}})
     1
     """
-    return (a["intent"] != b["intent"]) + sum(a["slots"].get(k) != b["slots"].get(k) for k in set(a["slots"]) | set(b["slots"]))
+    return (a["intent"] != b["intent"]) + sum(
+        a["slots"].get(k) != b["slots"].get(k) for k in set(a["slots"]) | set(b["slots"])
+    )
 
 
 def edit_audit(labels: Path, world: Path) -> dict:
@@ -310,22 +501,30 @@ def edit_audit(labels: Path, world: Path) -> dict:
 def markdown(result: dict) -> str:
     table, meta = result["table"], result["meta"]
     systems = [k for k in table["all"] if k != "n"]
-    lines = [f"NDCG@10 on {meta['split']} ({meta['graded_rows']} graded queries), {meta['world']}; in brackets: the paired difference "
-             f"from {meta['bootstrap']['paired_with']} with its 95% interval; training rows: {meta['steps']} steps x "
-             f"{meta['batch_size']}, {meta['dtype']}, {meta['threads']} threads, from {meta['sft']}; {meta['hardware']}."
-             + "".join(f" {a} is {b}'s model (the same training data)." for a, b in meta.get("same_data_as", {}).items()), "",
-             "| system | " + " | ".join(f"{g} (n={table[g]['n']})" for g in table) + " |", "|---|" + "---|" * len(table)]
+    lines = [
+        f"NDCG@10 on {meta['split']} ({meta['graded_rows']} graded queries), {meta['world']}; in brackets: the paired difference "
+        f"from {meta['bootstrap']['paired_with']} with its 95% interval; training rows: {meta['steps']} steps x "
+        f"{meta['batch_size']}, {meta['dtype']}, {meta['threads']} threads, from {meta['sft']}; {meta['hardware']}."
+        + "".join(f" {a} is {b}'s model (the same training data)." for a, b in meta.get("same_data_as", {}).items()),
+        "",
+        "| system | " + " | ".join(f"{g} (n={table[g]['n']})" for g in table) + " |",
+        "|---|" + "---|" * len(table),
+    ]
     for name in systems:
         cells = []
         for g in table:
             e = table[g][name]
             d = e.get("vs_base")
-            cells.append(f"{e['ndcg@10']:.3f}" + (f" ({d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}])" if d else ""))
+            cells.append(
+                f"{e['ndcg@10']:.3f}" + (f" ({d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}])" if d else "")
+            )
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for name, audit in result.get("edit_audit", {}).items():
         if audit:
-            lines.append(f"\n{name}: {audit['texts_edited']} log texts relabeled; against the hidden need the edited label is closer than the "
-                         f"greedy parse for {audit['closer']}, farther for {audit['farther']}, as far for {audit['same']}.")
+            lines.append(
+                f"\n{name}: {audit['texts_edited']} log texts relabeled; against the hidden need the edited label is closer than the "
+                f"greedy parse for {audit['closer']}, farther for {audit['farther']}, as far for {audit['same']}."
+            )
     return "\n".join(lines) + "\n"
 
 

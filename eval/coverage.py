@@ -47,11 +47,15 @@ def canonical(schema: Schema, parse: dict | str | None) -> str | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--world", type=Path, required=True, help="World folder (log.parquet, seed.jsonl, audit/).")
-    ap.add_argument("--index", type=Path, required=True, help="Index folder of the same world (the miner's searcher and embedder).")
+    ap.add_argument(
+        "--index", type=Path, required=True, help="Index folder of the same world (the miner's searcher and embedder)."
+    )
     ap.add_argument("--sft", type=Path, required=True, help="The SFT model folder whose parses are measured.")
     ap.add_argument("--out", type=Path, required=True, help="JSON file to write.")
     ap.add_argument("--texts", type=int, default=4000, help="Early-log texts to draw from (the reward stages' texts).")
-    ap.add_argument("--per-mechanism", type=int, default=100, help="Texts per mechanism (and of the untouched ones) measured.")
+    ap.add_argument(
+        "--per-mechanism", type=int, default=100, help="Texts per mechanism (and of the untouched ones) measured."
+    )
     ap.add_argument("-k", type=int, default=8, help="Samples and beams per text.")
     args = ap.parse_args()
 
@@ -66,8 +70,12 @@ def main() -> None:
                 picked[m].append(r)
     chosen = list({r["query_id"]: r for rs in picked.values() for r in rs}.values())
     texts = [r["text"] for r in chosen]
-    truth = {r["query_id"]: canonical(schema, {"intent": needs.at[r["query_id"], "intent"], "slots": json.loads(needs.at[r["query_id"], "slots"])})
-             for r in chosen}
+    truth = {
+        r["query_id"]: canonical(
+            schema, {"intent": needs.at[r["query_id"], "intent"], "slots": json.loads(needs.at[r["query_id"], "slots"])}
+        )
+        for r in chosen
+    }
     t0 = time.perf_counter()
     greedy = self_labels(args.sft, texts)
     parser = Parser(args.sft, batch_size=48, constrained=True)
@@ -83,24 +91,52 @@ def main() -> None:
     for i, r in enumerate(chosen):
         g = canonical(schema, greedy[i])
         edits = {canonical(schema, e.apply(greedy[i], schema)) for e in proposals[i]} if greedy[i] else set()
-        sets[r["query_id"]] = {"greedy": {g}, f"samples@{args.k}": {canonical(schema, as_json(schema, parser.format, s)) for s in samples[i]},
-                               f"beams@{args.k}": {canonical(schema, as_json(schema, parser.format, s)) for s in beams[i]},
-                               "miner": {g} | edits}
+        sets[r["query_id"]] = {
+            "greedy": {g},
+            f"samples@{args.k}": {canonical(schema, as_json(schema, parser.format, s)) for s in samples[i]},
+            f"beams@{args.k}": {canonical(schema, as_json(schema, parser.format, s)) for s in beams[i]},
+            "miner": {g} | edits,
+        }
         sets[r["query_id"]]["miner + samples"] = sets[r["query_id"]]["miner"] | sets[r["query_id"]][f"samples@{args.k}"]
     ways = list(next(iter(sets.values())))
     table = {}
     for m, rs in picked.items():
         if rs:
-            table[m] = {"n": len(rs)} | {w: round(sum(truth[r["query_id"]] in sets[r["query_id"]][w] for r in rs) / len(rs), 3) for w in ways}
-    table["candidates_per_text"] = {w: round(sum(len(s[w] - {None}) for s in sets.values()) / len(sets), 2) for w in ways}
-    result = {"table": table, "meta": {"world": str(args.world), "sft": str(args.sft), "k": args.k, "texts": len(chosen),
-                                       "seconds": seconds, "hardware": hardware()}}
+            table[m] = {"n": len(rs)} | {
+                w: round(sum(truth[r["query_id"]] in sets[r["query_id"]][w] for r in rs) / len(rs), 3) for w in ways
+            }
+    table["candidates_per_text"] = {
+        w: round(sum(len(s[w] - {None}) for s in sets.values()) / len(sets), 2) for w in ways
+    }
+    result = {
+        "table": table,
+        "meta": {
+            "world": str(args.world),
+            "sft": str(args.sft),
+            "k": args.k,
+            "texts": len(chosen),
+            "seconds": seconds,
+            "hardware": hardware(),
+        },
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"Coverage of the true parse, {args.world}, from {args.sft} ({hardware()}; {seconds} s):", "",
-             "| texts | n | " + " | ".join(ways) + " |", "|---|---|" + "---|" * len(ways)]
-    lines += [f"| {m} | {t['n']} | " + " | ".join(f"{t[w]:.3f}" for w in ways) + " |" for m, t in table.items() if m != "candidates_per_text"]
-    lines += ["| distinct candidates per text | | " + " | ".join(f"{table['candidates_per_text'][w]:.1f}" for w in ways) + " |"]
+    lines = [
+        f"Coverage of the true parse, {args.world}, from {args.sft} ({hardware()}; {seconds} s):",
+        "",
+        "| texts | n | " + " | ".join(ways) + " |",
+        "|---|---|" + "---|" * len(ways),
+    ]
+    lines += [
+        f"| {m} | {t['n']} | " + " | ".join(f"{t[w]:.3f}" for w in ways) + " |"
+        for m, t in table.items()
+        if m != "candidates_per_text"
+    ]
+    lines += [
+        "| distinct candidates per text | | "
+        + " | ".join(f"{table['candidates_per_text'][w]:.1f}" for w in ways)
+        + " |"
+    ]
     print("\n".join(lines))
 
 

@@ -45,6 +45,7 @@ WORDS = "cheap thai pizza near me open now dentist saturday barber plumber 24h s
 
 # ---- schema files -------------------------------------------------------------------------------------------------
 
+
 def _paths(tree, path=()):
     """Every (path, node) of a YAML tree, the root first."""
     yield path, tree
@@ -75,11 +76,28 @@ def _with_snippet(rng, tree, snippet: str) -> bytes:
     """The tree dumped as YAML with a raw snippet in place of a random node (or appended as a top-level field)."""
     paths = [p for p, _ in _paths(tree) if p]
     tree = _set(tree, rng.choice(paths), HOLE)
-    return yaml.safe_dump(tree, sort_keys=False, allow_unicode=True, width=10_000).replace(HOLE, snippet, 1).encode("utf-8")
+    return (
+        yaml.safe_dump(tree, sort_keys=False, allow_unicode=True, width=10_000)
+        .replace(HOLE, snippet, 1)
+        .encode("utf-8")
+    )
 
 
 def _other_type(rng, value):
-    choices = [7, -1.5, True, None, "", "x" * rng.choice([1, 300]), [], ["a", 1], {}, {"k": [1, {"z": None}]}, 1e308, "2001-01-01"]
+    choices = [
+        7,
+        -1.5,
+        True,
+        None,
+        "",
+        "x" * rng.choice([1, 300]),
+        [],
+        ["a", 1],
+        {},
+        {"k": [1, {"z": None}]},
+        1e308,
+        "2001-01-01",
+    ]
     return rng.choice([c for c in choices if type(c) is not type(value)])
 
 
@@ -106,7 +124,11 @@ def schema_file(rng: random.Random, kind: str) -> bytes:
         open_, close = rng.choice([("[", "]"), ("{a: ", "}")])
         return _with_snippet(rng, tree, open_ * depth + "1" + close * depth)
     if kind == "huge_number":
-        return _with_snippet(rng, tree, rng.choice(["9" * rng.choice([4301, 5000, 100_000]), "-0x" + "f" * 5000, "1e99999", "0" + "7" * 20_000]))
+        return _with_snippet(
+            rng,
+            tree,
+            rng.choice(["9" * rng.choice([4301, 5000, 100_000]), "-0x" + "f" * 5000, "1e99999", "0" + "7" * 20_000]),
+        )
     if kind == "surrogate":
         return _with_snippet(rng, tree, rng.choice(['"\\ud800"', '"caf\\udce9"', '"ok \\udfff end"']))
     if kind == "invalid_utf8":
@@ -115,25 +137,66 @@ def schema_file(rng: random.Random, kind: str) -> bytes:
             data.insert(rng.randrange(len(data)), rng.choice([0x80, 0xC3, 0xE9, 0xED, 0xFF]))
         return bytes(data) if rng.random() < 0.5 else bytes(data).replace(b"find", b"\xed\xa0\x80find", 1)
     if kind == "truncation":
-        return text[:rng.randrange(len(text))]
+        return text[: rng.randrange(len(text))]
     if kind == "yaml_bomb":  # billion laughs, defined where it is used: 9**levels leaves from a few hundred bytes
         bomb = "&b0 [lol]"
         for i in range(1, rng.choice([6, 9, 12])):
             bomb = f"&b{i} [{bomb}, {', '.join([f'*b{i - 1}'] * 8)}]"
         return _with_snippet(rng, tree, bomb)
     if kind == "odd_scalar":
-        return _with_snippet(rng, tree, rng.choice(["2001-13-45", "2001-02-30 25:61:00", "!!binary 'zz=='", "!!python/object:os.system x",
-                                                   "!!float abc", "!!int 1.5", ".nan", "~", "&a [*a]", "*nowhere", "!!set {a, b}",
-                                                   "!!timestamp 2001-99-01", "<<: 1", "? [a, b]\n  : c"]))
+        return _with_snippet(
+            rng,
+            tree,
+            rng.choice(
+                [
+                    "2001-13-45",
+                    "2001-02-30 25:61:00",
+                    "!!binary 'zz=='",
+                    "!!python/object:os.system x",
+                    "!!float abc",
+                    "!!int 1.5",
+                    ".nan",
+                    "~",
+                    "&a [*a]",
+                    "*nowhere",
+                    "!!set {a, b}",
+                    "!!timestamp 2001-99-01",
+                    "<<: 1",
+                    "? [a, b]\n  : c",
+                ]
+            ),
+        )
     if kind == "binary_junk":
         return bytes(rng.randrange(256) for _ in range(rng.choice([1, 64, 4096])))
     if kind == "not_a_mapping":
-        return rng.choice([b"", b"- a\n- b\n", b"42\n", b"'just text'\n", b"null\n", b"---\n...\n", b"[intents, slots]\n", b"a: 1\n---\nb: 2\n"])
+        return rng.choice(
+            [
+                b"",
+                b"- a\n- b\n",
+                b"42\n",
+                b"'just text'\n",
+                b"null\n",
+                b"---\n...\n",
+                b"[intents, slots]\n",
+                b"a: 1\n---\nb: 2\n",
+            ]
+        )
     raise ValueError(kind)
 
 
-SCHEMA_KINDS = ["type_swap", "deletion", "deep_nesting", "huge_number", "surrogate", "invalid_utf8", "truncation", "yaml_bomb",
-                "odd_scalar", "binary_junk", "not_a_mapping"]
+SCHEMA_KINDS = [
+    "type_swap",
+    "deletion",
+    "deep_nesting",
+    "huge_number",
+    "surrogate",
+    "invalid_utf8",
+    "truncation",
+    "yaml_bomb",
+    "odd_scalar",
+    "binary_junk",
+    "not_a_mapping",
+]
 
 
 def check_schema(path: Path) -> tuple[str, str | None]:
@@ -157,9 +220,30 @@ def _where(e: BaseException) -> str:
 
 # ---- query logs ---------------------------------------------------------------------------------------------------
 
-JSONL_JUNK = ["surrogate", "huge_number", "invalid_utf8", "deep_nesting", "broken_json", "not_text", "missing_field", "empty",
-              "too_long", "control_chars", "not_an_object"]
-CSV_JUNK = ["invalid_utf8", "encoded_surrogate", "empty", "too_long", "huge_field", "control_chars", "nul", "extra_fields", "huge_number_text"]
+JSONL_JUNK = [
+    "surrogate",
+    "huge_number",
+    "invalid_utf8",
+    "deep_nesting",
+    "broken_json",
+    "not_text",
+    "missing_field",
+    "empty",
+    "too_long",
+    "control_chars",
+    "not_an_object",
+]
+CSV_JUNK = [
+    "invalid_utf8",
+    "encoded_surrogate",
+    "empty",
+    "too_long",
+    "huge_field",
+    "control_chars",
+    "nul",
+    "extra_fields",
+    "huge_number_text",
+]
 PARQUET_JUNK = ["invalid_utf8", "encoded_surrogate", "null", "empty", "too_long", "control_chars"]
 
 
@@ -173,7 +257,9 @@ def jsonl_line(rng, kind: str | None) -> bytes:
     return {
         "surrogate": lambda: b'{"query": "' + rng.choice([b"\\ud800", b"\\udfff x", b"thai \\udce9"]) + b'"}',
         "huge_number": lambda: b'{"query": "thai", "n": ' + b"9" * rng.choice([4301, 5000, 50_000]) + b"}",
-        "invalid_utf8": lambda: b'{"query": "caf' + rng.choice([b"\xe9", b"\xff", b"\xed\xa0\x80", b"\xc3"]) + b' latte"}',
+        "invalid_utf8": lambda: (
+            b'{"query": "caf' + rng.choice([b"\xe9", b"\xff", b"\xed\xa0\x80", b"\xc3"]) + b' latte"}'
+        ),
         "deep_nesting": lambda: b'{"query": ' + b"[" * rng.choice([2_000, 100_000]) + b"}",
         "broken_json": lambda: rng.choice([b'{"query": "thai"', b"{query: thai}", b'{"query": "a" "b"}', b"NaN x"]),
         "not_text": lambda: json.dumps({"query": rng.choice([7, 1.5, True, None, ["a"], {"a": "b"}])}).encode(),
@@ -204,8 +290,14 @@ def csv_line(rng, kind: str | None) -> bytes:
 def parquet_cell(rng, kind: str | None) -> bytes | None:
     if kind is None:
         return _good(rng).encode()
-    return {"invalid_utf8": lambda: b"caf\xe9", "encoded_surrogate": lambda: b"x\xed\xa0\x80", "null": lambda: None,
-            "empty": lambda: b"  ", "too_long": lambda: b"sushi " * 100, "control_chars": lambda: b"a\x03b"}[kind]()
+    return {
+        "invalid_utf8": lambda: b"caf\xe9",
+        "encoded_surrogate": lambda: b"x\xed\xa0\x80",
+        "null": lambda: None,
+        "empty": lambda: b"  ",
+        "too_long": lambda: b"sushi " * 100,
+        "control_chars": lambda: b"a\x03b",
+    }[kind]()
 
 
 def log_file(rng: random.Random, folder: Path, i: int) -> tuple[Path, str, set[int], set[int], str]:
@@ -219,7 +311,9 @@ def log_file(rng: random.Random, folder: Path, i: int) -> tuple[Path, str, set[i
     good, bad = set(), set()
     if fmt == "parquet":
         cells = [parquet_cell(rng, k) for k in kinds]
-        pq.write_table(pa.table({"query": pa.array(cells, pa.binary()).view(pa.string())}), path)  # no UTF-8 check, like a careless writer
+        pq.write_table(
+            pa.table({"query": pa.array(cells, pa.binary()).view(pa.string())}), path
+        )  # no UTF-8 check, like a careless writer
         for n, k in enumerate(kinds, 1):
             (bad if k else good).add(n)
         data = path.read_bytes()
@@ -231,7 +325,7 @@ def log_file(rng: random.Random, folder: Path, i: int) -> tuple[Path, str, set[i
             (bad if k else good).add(len(lines))
         data = b"\n".join(lines) + b"\n"
     if mutation == "truncation":
-        data = data[:rng.randrange(len(data))]
+        data = data[: rng.randrange(len(data))]
     elif mutation == "zero_bytes":
         data = b""
     elif mutation == "binary_junk":
@@ -247,7 +341,11 @@ def check_log(path: Path, good: set[int], bad: set[int], mutation: str, scratch:
         acc = account_rows(path)
         save_accounting(acc, scratch)
     except LabelInputError as e:
-        return ("input_error", None) if str(e).startswith(str(path)) else ("misplaced", f"error does not name the file: {e}")
+        return (
+            ("input_error", None)
+            if str(e).startswith(str(path))
+            else ("misplaced", f"error does not name the file: {e}")
+        )
     except BaseException as e:  # noqa: BLE001 - what this script counts
         if isinstance(e, KeyboardInterrupt):
             raise
@@ -267,7 +365,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=10_000, help="files in all, half schema files, half query logs")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--keep", type=Path, default=None, help="write the files here and keep them (default: a temporary folder)")
+    ap.add_argument(
+        "--keep", type=Path, default=None, help="write the files here and keep them (default: a temporary folder)"
+    )
     args = ap.parse_args()
     rng = random.Random(args.seed)
     root = args.keep or Path(tempfile.mkdtemp(prefix="fuzz_files_"))
@@ -306,21 +406,34 @@ def main() -> None:
     print(f"{'schema mutation':<16} {'files':>6} {'loaded':>7} {'rejected':>9} {'unhandled':>10} {'misnamed':>9}")
     for kind in SCHEMA_KINDS:
         c = schema_counts[kind]
-        print(f"{kind:<16} {sum(c.values()):>6} {c['loaded']:>7} {c['rejected']:>9} {c['unhandled']:>10} {c['misnamed']:>9}")
+        print(
+            f"{kind:<16} {sum(c.values()):>6} {c['loaded']:>7} {c['rejected']:>9} {c['unhandled']:>10} {c['misnamed']:>9}"
+        )
     print(f"\n{'log (format/file)':<22} {'files':>6} {'ok':>6} {'input_error':>12} {'unhandled':>10} {'misplaced':>10}")
     for kind in sorted(log_counts):
         c = log_counts[kind]
-        print(f"{kind:<22} {sum(c.values()):>6} {c['ok']:>6} {c['input_error']:>12} {c['unhandled']:>10} {c['misplaced']:>10}")
+        print(
+            f"{kind:<22} {sum(c.values()):>6} {c['ok']:>6} {c['input_error']:>12} {c['unhandled']:>10} {c['misplaced']:>10}"
+        )
     if args.keep:
         (root / "failures.jsonl").write_text("".join(json.dumps(f) + "\n" for f in failures))
     else:
         shutil.rmtree(root, ignore_errors=True)
     total = lambda counts, key: sum(c[key] for c in counts.values())  # noqa: E731
-    summary = {"files": args.n, "seed": args.seed, "schema_files": sum(sum(c.values()) for c in schema_counts.values()),
-               "schema_loaded": total(schema_counts, "loaded"), "schema_rejected": total(schema_counts, "rejected"),
-               "log_files": sum(sum(c.values()) for c in log_counts.values()), "log_input_errors": total(log_counts, "input_error"),
-               **row_counts, "unhandled": total(schema_counts, "unhandled") + total(log_counts, "unhandled"),
-               "misnamed": total(schema_counts, "misnamed"), "misplaced": total(log_counts, "misplaced"), "seconds": round(seconds, 1)}
+    summary = {
+        "files": args.n,
+        "seed": args.seed,
+        "schema_files": sum(sum(c.values()) for c in schema_counts.values()),
+        "schema_loaded": total(schema_counts, "loaded"),
+        "schema_rejected": total(schema_counts, "rejected"),
+        "log_files": sum(sum(c.values()) for c in log_counts.values()),
+        "log_input_errors": total(log_counts, "input_error"),
+        **row_counts,
+        "unhandled": total(schema_counts, "unhandled") + total(log_counts, "unhandled"),
+        "misnamed": total(schema_counts, "misnamed"),
+        "misplaced": total(log_counts, "misplaced"),
+        "seconds": round(seconds, 1),
+    }
     print(json.dumps(summary))
     sys.exit(1 if summary["unhandled"] or summary["misnamed"] or summary["misplaced"] else 0)
 

@@ -52,14 +52,30 @@ def raw(port: int, data: bytes, timeout: float = 5.0) -> bytes:
 
 def post(body: bytes, key: str | None = KEY, ctype: bytes = b"application/json", extra: bytes = b"") -> bytes:
     auth = b"X-API-Key: " + key.encode() + b"\r\n" if key else b""
-    return (b"POST /v1/parse HTTP/1.1\r\nHost: x\r\nContent-Type: " + ctype + b"\r\n" + auth + extra +
-            b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+    return (
+        b"POST /v1/parse HTTP/1.1\r\nHost: x\r\nContent-Type: "
+        + ctype
+        + b"\r\n"
+        + auth
+        + extra
+        + b"Content-Length: "
+        + str(len(body)).encode()
+        + b"\r\nConnection: close\r\n\r\n"
+        + body
+    )
 
 
 def chunked(body: bytes, size: int = 1000) -> bytes:
-    parts = b"".join(f"{len(body[i:i + size]):x}\r\n".encode() + body[i:i + size] + b"\r\n" for i in range(0, len(body), size))
-    return (b"POST /v1/parse HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-API-Key: " + KEY.encode() +
-            b"\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + parts + b"0\r\n\r\n")
+    parts = b"".join(
+        f"{len(body[i : i + size]):x}\r\n".encode() + body[i : i + size] + b"\r\n" for i in range(0, len(body), size)
+    )
+    return (
+        b"POST /v1/parse HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-API-Key: "
+        + KEY.encode()
+        + b"\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        + parts
+        + b"0\r\n\r\n"
+    )
 
 
 def get(target: bytes, headers: bytes = b"X-API-Key: " + KEY.encode() + b"\r\n") -> bytes:
@@ -83,28 +99,67 @@ def hand_made(rng: random.Random) -> bytes:
     if kind == 4:
         return post(b'{"queries": ["' + bytes(rng.randrange(128, 256) for _ in range(rng.randint(1, 20))) + b'"]}')
     if kind == 5:
-        return post(json.dumps({"queries": [q]}).encode(), ctype=rng.choice([b"text/plain", b"application/xml", b"multipart/form-data", b""]))
+        return post(
+            json.dumps({"queries": [q]}).encode(),
+            ctype=rng.choice([b"text/plain", b"application/xml", b"multipart/form-data", b""]),
+        )
     if kind == 6:
         return chunked(b'{"queries": ["' + b"a" * rng.choice([10, 60_000, 70_000, 300_000]) + b'"]}')
     if kind == 7:  # a Content-Length that says less than is sent
         body = json.dumps({"queries": [q]}).encode()
-        return post(body)[:-len(body)].replace(f"Content-Length: {len(body)}".encode(), f"Content-Length: {max(1, len(body) // 2)}".encode()) + body
+        return (
+            post(body)[: -len(body)].replace(
+                f"Content-Length: {len(body)}".encode(), f"Content-Length: {max(1, len(body) // 2)}".encode()
+            )
+            + body
+        )
     if kind == 8:
         return get(b"/v1/parse?q=" + b"x" * rng.choice([300, 5000, 60000]))
     if kind == 9:
-        return get(b"/v1/parse?q=" + rng.choice([b"%ED%A0%80", b"%FF%FE", b"%", b"%zz", b"%C0%AF", b"caf%E9", b"a%00b"]))
+        return get(
+            b"/v1/parse?q=" + rng.choice([b"%ED%A0%80", b"%FF%FE", b"%", b"%zz", b"%C0%AF", b"caf%E9", b"a%00b"])
+        )
     if kind == 10:
-        return get(b"/v1/parse?q=pizza", headers=b"X-API-Key: " + KEY.encode() + b"\r\nX-Junk: " + b"h" * rng.choice([100, 10_000, 100_000]) + b"\r\n")
+        return get(
+            b"/v1/parse?q=pizza",
+            headers=b"X-API-Key: "
+            + KEY.encode()
+            + b"\r\nX-Junk: "
+            + b"h" * rng.choice([100, 10_000, 100_000])
+            + b"\r\n",
+        )
     if kind == 11:
         return bytes(rng.randrange(256) for _ in range(rng.randint(1, 400)))
     if kind == 12:
-        return get(b"/v1/parse?q=" + q.encode(), headers=rng.choice([b"", b"X-API-Key: wrong\r\n", b"Authorization: Bearer \xff\xfe\r\n",
-                                                                    b"Authorization: Basic Zm9vOmJhcg==\r\n"]))
+        return get(
+            b"/v1/parse?q=" + q.encode(),
+            headers=rng.choice(
+                [
+                    b"",
+                    b"X-API-Key: wrong\r\n",
+                    b"Authorization: Bearer \xff\xfe\r\n",
+                    b"Authorization: Basic Zm9vOmJhcg==\r\n",
+                ]
+            ),
+        )
     if kind == 13:
         return post(json.dumps({"queries": [q] * rng.choice([1, 64, 65, 1000])}).encode())
     if kind == 14:
         return post(json.dumps({"queries": [q], "extra": {"nested": [1, 2, {"x": None}]}}).encode())
-    return get(rng.choice([b"/", b"/healthz", b"/metrics", b"/docs", b"/openapi.json", b"/v1/parse", b"/v1/nowhere", b"/../../etc/passwd"]))
+    return get(
+        rng.choice(
+            [
+                b"/",
+                b"/healthz",
+                b"/metrics",
+                b"/docs",
+                b"/openapi.json",
+                b"/v1/parse",
+                b"/v1/nowhere",
+                b"/../../etc/passwd",
+            ]
+        )
+    )
 
 
 class Sampler(threading.Thread):
@@ -125,11 +180,15 @@ class Sampler(threading.Thread):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--requests", type=int, default=10_000, help="Requests in all (schemathesis's, then hand-made ones).")
+    ap.add_argument(
+        "--requests", type=int, default=10_000, help="Requests in all (schemathesis's, then hand-made ones)."
+    )
     ap.add_argument("--schemathesis-examples", type=int, default=800, help="schemathesis --max-examples per operation.")
     ap.add_argument("--model", type=Path, help="Model folder to serve (default: a tiny in-process model).")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=Path("runs/fuzz_http"), help="Folder for fuzz_http.json and the server's log.")
+    ap.add_argument(
+        "--out", type=Path, default=Path("runs/fuzz_http"), help="Folder for fuzz_http.json and the server's log."
+    )
     args = ap.parse_args()
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -137,7 +196,21 @@ def main() -> None:
     model = args.model or tiny_world_and_model(work)[1]
     log_path = args.out / "server.log"
     # one worker: the resident size measured is the process that serves
-    server, url = start_server(["--model", str(model), "--cache", f"sqlite:///{work}/cache.db", "--api-key", KEY, "--deadline", "5", "--workers", "1"], log_path)
+    server, url = start_server(
+        [
+            "--model",
+            str(model),
+            "--cache",
+            f"sqlite:///{work}/cache.db",
+            "--api-key",
+            KEY,
+            "--deadline",
+            "5",
+            "--workers",
+            "1",
+        ],
+        log_path,
+    )
     port = int(url.rsplit(":", 1)[1])
     import httpx
 
@@ -150,16 +223,40 @@ def main() -> None:
     t0 = time.time()
     if not (Path(sys.executable).parent / "st").is_file():
         raise SystemExit("fuzz: schemathesis is not installed: pip install -e '.[fuzz]'")
-    st = subprocess.run([str(Path(sys.executable).parent / "st"), "run", f"{url}/openapi.json", "--checks", "not_a_server_error",
-                         "-n", str(args.schemathesis_examples), "--seed", str(args.seed), "-H", f"X-API-Key: {KEY}", "--workers", "2",
-                         "--no-shrink", "--request-timeout", "30"], capture_output=True, text=True, cwd=args.out)  # its .schemathesis/ cache there
+    st = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "st"),
+            "run",
+            f"{url}/openapi.json",
+            "--checks",
+            "not_a_server_error",
+            "-n",
+            str(args.schemathesis_examples),
+            "--seed",
+            str(args.seed),
+            "-H",
+            f"X-API-Key: {KEY}",
+            "--workers",
+            "2",
+            "--no-shrink",
+            "--request-timeout",
+            "30",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=args.out,
+    )  # its .schemathesis/ cache there
     st_tail = st.stdout[-1500:]
-    schemathesis_requests = sum(1 for line in log_path.read_text(errors="replace").splitlines() if line.startswith("{\"ts\""))
+    schemathesis_requests = sum(
+        1 for line in log_path.read_text(errors="replace").splitlines() if line.startswith('{"ts"')
+    )
     rng = random.Random(args.seed)
     sent, answers = 0, Counter()
     while schemathesis_requests + sent < args.requests:
         reply = raw(port, hand_made(rng))
-        answers[reply[9:12].decode("latin-1") if reply.startswith(b"HTTP/1.1 ") else "closed"] += 1  # h11 refuses some before the app
+        answers[reply[9:12].decode("latin-1") if reply.startswith(b"HTTP/1.1 ") else "closed"] += (
+            1  # h11 refuses some before the app
+        )
         sent += 1
     time.sleep(1.0)
     sampler.running = False
@@ -167,21 +264,38 @@ def main() -> None:
     server.wait(timeout=30)
 
     text = log_path.read_text(errors="replace")
-    access = [json.loads(line) for line in text.splitlines() if line.startswith("{\"ts\"")]
+    access = [json.loads(line) for line in text.splitlines() if line.startswith('{"ts"')]
     statuses = Counter(a["status"] for a in access)
     unhandled = text.count("unhandled error") + text.count("Traceback")
     from querytune.runtime.model import hardware
 
-    summary = {"requests_logged": len(access), "schemathesis_requests": schemathesis_requests, "hand_made_sent": sent,
-               "schemathesis_exit": st.returncode, "statuses": dict(sorted(statuses.items())), "hand_made_answers": dict(sorted(answers.items())),
-               "status_500": statuses.get(500, 0),
-               "unhandled_in_log": unhandled, "rss_mb": {"idle": round(idle_mb, 1), "peak": round(sampler.peak_mb, 1),
-                                                         "growth": round(sampler.peak_mb - idle_mb, 1)},
-               "seconds": round(time.time() - t0, 1), "cpu": hardware()}
+    summary = {
+        "requests_logged": len(access),
+        "schemathesis_requests": schemathesis_requests,
+        "hand_made_sent": sent,
+        "schemathesis_exit": st.returncode,
+        "statuses": dict(sorted(statuses.items())),
+        "hand_made_answers": dict(sorted(answers.items())),
+        "status_500": statuses.get(500, 0),
+        "unhandled_in_log": unhandled,
+        "rss_mb": {
+            "idle": round(idle_mb, 1),
+            "peak": round(sampler.peak_mb, 1),
+            "growth": round(sampler.peak_mb - idle_mb, 1),
+        },
+        "seconds": round(time.time() - t0, 1),
+        "cpu": hardware(),
+    }
     (args.out / "fuzz_http.json").write_text(json.dumps(summary | {"schemathesis_tail": st_tail}, indent=2) + "\n")
     print(st_tail)
     print(json.dumps(summary))
-    ok = summary["status_500"] == 0 and answers.get("500", 0) == 0 and unhandled == 0 and summary["rss_mb"]["growth"] <= 100 and st.returncode == 0
+    ok = (
+        summary["status_500"] == 0
+        and answers.get("500", 0) == 0
+        and unhandled == 0
+        and summary["rss_mb"]["growth"] <= 100
+        and st.returncode == 0
+    )
     sys.exit(0 if ok else 1)
 
 

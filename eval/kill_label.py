@@ -48,13 +48,25 @@ def write_log(world: Path, folder: Path, rows: int, rng: random.Random) -> tuple
     query} for the good rows, {(file, line): kind} for the bad)."""
     queries = pd.read_parquet(world / "log.parquet", columns=["query"])["query"].head(rows).tolist()
     third = len(queries) // 3
-    parts = {"a.csv": queries[:third], "b.jsonl": queries[third:2 * third], "c.parquet": queries[2 * third:]}
+    parts = {"a.csv": queries[:third], "b.jsonl": queries[third : 2 * third], "c.parquet": queries[2 * third :]}
     bad_rows = {
-        "a.csv": {"invalid_utf8": b"caf\xe9 latte", "encoded_surrogate": b"thai \xed\xa0\x80", "empty": b'""', "too_long": b"pizza " * 60,
-                  "huge_field": b'"' + b"x" * 200_000 + b'"', "huge_number": b"9" * 5000},
-        "b.jsonl": {"surrogate": b'{"query": "\\ud800 tacos"}', "huge_number": b'{"query": ' + b"9" * 5000 + b"}",
-                    "huge_number_other_field": b'{"query": "thai", "n": ' + b"9" * 5000 + b"}", "invalid_utf8": b'{"query": "caf\xff"}',
-                    "deep_nesting": b'{"query": ' + b"[" * 100_000 + b"}", "empty": b'{"query": "  "}', "too_long": json.dumps({"query": "y" * 300}).encode()},
+        "a.csv": {
+            "invalid_utf8": b"caf\xe9 latte",
+            "encoded_surrogate": b"thai \xed\xa0\x80",
+            "empty": b'""',
+            "too_long": b"pizza " * 60,
+            "huge_field": b'"' + b"x" * 200_000 + b'"',
+            "huge_number": b"9" * 5000,
+        },
+        "b.jsonl": {
+            "surrogate": b'{"query": "\\ud800 tacos"}',
+            "huge_number": b'{"query": ' + b"9" * 5000 + b"}",
+            "huge_number_other_field": b'{"query": "thai", "n": ' + b"9" * 5000 + b"}",
+            "invalid_utf8": b'{"query": "caf\xff"}',
+            "deep_nesting": b'{"query": ' + b"[" * 100_000 + b"}",
+            "empty": b'{"query": "  "}',
+            "too_long": json.dumps({"query": "y" * 300}).encode(),
+        },
         "c.parquet": {"invalid_utf8": b"caf\xe9", "null": None, "empty": b" ", "too_long": b"sushi " * 60},
     }
     good, bad = {}, {}
@@ -85,7 +97,9 @@ def write_log(world: Path, folder: Path, rows: int, rng: random.Random) -> tuple
             (folder / name).write_bytes(b"\n".join(lines) + b"\n")
         else:
             raw = [cell if kind else cell.encode() for kind, cell in cells]
-            pq.write_table(pa.table({"query": pa.array(raw, pa.binary()).view(pa.string())}), folder / name)  # no UTF-8 check
+            pq.write_table(
+                pa.table({"query": pa.array(raw, pa.binary()).view(pa.string())}), folder / name
+            )  # no UTF-8 check
     return good, bad
 
 
@@ -118,7 +132,9 @@ def wait_for_new_shard(proc: subprocess.Popen, out: Path, before: int, limit: fl
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--kills", type=int, default=20)
-    ap.add_argument("--rows", type=int, default=4000, help="log queries, at most the small world's 4,000 (bad rows come on top)")
+    ap.add_argument(
+        "--rows", type=int, default=4000, help="log queries, at most the small world's 4,000 (bad rows come on top)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", type=Path, default=None, help="work here and keep it (default: a temporary folder)")
     args = ap.parse_args()
@@ -131,23 +147,48 @@ def main() -> None:
     world, model = tiny_world_and_model(root / "build", SMALL["rows"], SMALL["per_city"])
     good, bad = write_log(world, root / "log", args.rows, rng)
     out = root / "out"
-    cmd = [str(Path(sys.executable).parent / "querytune"), "label", str(root / "log"), "--model", str(model), "--out", str(out),
-           "--shard-size", "32", "--batch-size", "16"]
+    cmd = [
+        str(Path(sys.executable).parent / "querytune"),
+        "label",
+        str(root / "log"),
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--shard-size",
+        "32",
+        "--batch-size",
+        "16",
+    ]
     if not Path(cmd[0]).exists():
         cmd[:1] = [sys.executable, "-c", "from querytune.cli import app; app()"]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     os.environ.update(env)
-    print(f"log: {len(good) + len(bad)} rows ({len(bad)} bad, {len(set(good.values()))} distinct queries); model {model}", flush=True)
+    print(
+        f"log: {len(good) + len(bad)} rows ({len(bad)} bad, {len(set(good.values()))} distinct queries); model {model}",
+        flush=True,
+    )
 
-    stats = {"kills": 0, "killed_mid_labeling": 0, "ended_before_kill": 0, "torn_shards": 0, "zero_byte_shards": 0,
-             "concurrent_refused": 0, "concurrent_not_refused": 0, "concurrent_inconclusive": 0}
+    stats = {
+        "kills": 0,
+        "killed_mid_labeling": 0,
+        "ended_before_kill": 0,
+        "torn_shards": 0,
+        "zero_byte_shards": 0,
+        "concurrent_refused": 0,
+        "concurrent_not_refused": 0,
+        "concurrent_inconclusive": 0,
+    }
     torn_at, zero_at, concurrent_at = args.kills // 4, args.kills // 2, (3 * args.kills) // 4
     damaged: set[str] = set()
     k = -1
     while stats["kills"] < args.kills:  # attempts go on until that many kills have landed on a running labeler
         k += 1
         if stats["ended_before_kill"] > 2 * args.kills:
-            print(f"only {stats['kills']} kills landed before the log was all labeled: give a larger --rows", file=sys.stderr)
+            print(
+                f"only {stats['kills']} kills landed before the log was all labeled: give a larger --rows",
+                file=sys.stderr,
+            )
             sys.exit(1)
         before = len(shards(out)) if out.exists() else 0
         proc = start(cmd, root / f"run{k:02d}.err")
@@ -162,12 +203,18 @@ def main() -> None:
             wait_for_new_shard(proc, out, len(shards(out)))  # the first run holds the lock and is labeling
             t = time.perf_counter()
             second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-            refused = second.returncode == 2 and "another run" in second.stderr and len(second.stderr.strip().splitlines()) == 1
+            refused = (
+                second.returncode == 2
+                and "another run" in second.stderr
+                and len(second.stderr.strip().splitlines()) == 1
+            )
             if refused or proc.poll() is None:
                 stats["concurrent_refused" if refused else "concurrent_not_refused"] += 1
             else:  # the first run had finished: nothing to refuse (a log too small for this check)
                 stats["concurrent_inconclusive"] += 1
-            print(f"  second run beside a labeling one: exit {second.returncode} in {time.perf_counter() - t:.1f}s: {second.stderr.strip()[-160:]}")
+            print(
+                f"  second run beside a labeling one: exit {second.returncode} in {time.perf_counter() - t:.1f}s: {second.stderr.strip()[-160:]}"
+            )
         killed = kill(proc)
         stats["kills"] += killed
         stats["killed_mid_labeling"] += killed and mid
@@ -187,8 +234,11 @@ def main() -> None:
             stats["zero_byte_shards"] += 1
             damaged.add(victim.name)
             note = f"; emptied {victim.name}"
-        print(f"kill {stats['kills']:2d}/{args.kills}, attempt {k + 1} ({'mid-labeling' if mid else 'random time'}): {'killed' if killed else 'had ended'}, "
-              f"{len(now)} shards{note}", flush=True)
+        print(
+            f"kill {stats['kills']:2d}/{args.kills}, attempt {k + 1} ({'mid-labeling' if mid else 'random time'}): {'killed' if killed else 'had ended'}, "
+            f"{len(now)} shards{note}",
+            flush=True,
+        )
 
     final = subprocess.run(cmd, capture_output=True, text=True)
     if final.returncode != 0:
@@ -205,19 +255,44 @@ def main() -> None:
     expected = set(good) | set(bad)
     wrong_norm = sum(good.get(key) != norm for key, norm in zip(accepted, rows["normalized"]))
     check = {
-        "rows_in": len(expected), "accepted": len(accepted), "rejected": len(rejected),
-        "rows_lost": len(expected - set(keys)), "rows_duplicated": len(keys) - len(set(keys)), "rows_unknown": len(set(keys) - expected),
-        "good_rows_rejected": len(set(rejected) & set(good)), "bad_rows_accepted": len(set(accepted) & set(bad)),
+        "rows_in": len(expected),
+        "accepted": len(accepted),
+        "rejected": len(rejected),
+        "rows_lost": len(expected - set(keys)),
+        "rows_duplicated": len(keys) - len(set(keys)),
+        "rows_unknown": len(set(keys) - expected),
+        "good_rows_rejected": len(set(rejected) & set(good)),
+        "bad_rows_accepted": len(set(accepted) & set(bad)),
         "rows_with_wrong_query": wrong_norm,
-        "distinct": summary["distinct"], "labels": len(labels), "labels_duplicated": int(labels["normalized"].duplicated().sum()),
+        "distinct": summary["distinct"],
+        "labels": len(labels),
+        "labels_duplicated": int(labels["normalized"].duplicated().sum()),
         "queries_without_label": len(set(rows["normalized"]) - set(labels["normalized"])),
         "labels_without_row": len(set(labels["normalized"]) - set(rows["normalized"])),
         "shards_set_aside": len(list((out / "labels").glob("*.corrupt"))),
     }
-    failed = any(check[k] for k in ("rows_lost", "rows_duplicated", "rows_unknown", "good_rows_rejected", "bad_rows_accepted",
-                                    "rows_with_wrong_query", "labels_duplicated", "queries_without_label", "labels_without_row"))
-    failed = failed or stats["concurrent_not_refused"] > 0 or check["shards_set_aside"] != stats["torn_shards"] + stats["zero_byte_shards"]
-    failed = failed or not (stats["concurrent_refused"] or stats["concurrent_inconclusive"])  # the lock was never put to the test
+    failed = any(
+        check[k]
+        for k in (
+            "rows_lost",
+            "rows_duplicated",
+            "rows_unknown",
+            "good_rows_rejected",
+            "bad_rows_accepted",
+            "rows_with_wrong_query",
+            "labels_duplicated",
+            "queries_without_label",
+            "labels_without_row",
+        )
+    )
+    failed = (
+        failed
+        or stats["concurrent_not_refused"] > 0
+        or check["shards_set_aside"] != stats["torn_shards"] + stats["zero_byte_shards"]
+    )
+    failed = failed or not (
+        stats["concurrent_refused"] or stats["concurrent_inconclusive"]
+    )  # the lock was never put to the test
     result = {**stats, **check, "ok": not failed, "seconds": round(time.perf_counter() - t0, 1)}
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)

@@ -50,24 +50,39 @@ def _measure(path: str, way: str, out: str) -> dict:
         rows, distinct = prep.rows, prep.distinct.num_rows
     seconds, end = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
     cpu = end.ru_utime + end.ru_stime - start.ru_utime - start.ru_stime  # all threads: what the step costs in cores
-    return {"rows": rows, "distinct": distinct, "seconds": seconds, "cpu_seconds": cpu, "peak_rss_growth_mb": (end.ru_maxrss - start.ru_maxrss) / 1024}  # KiB on Linux
+    return {
+        "rows": rows,
+        "distinct": distinct,
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "peak_rss_growth_mb": (end.ru_maxrss - start.ru_maxrss) / 1024,
+    }  # KiB on Linux
 
 
 def _run(path: Path, way: str, work: Path) -> dict:
     out = work / f"out-{way}-{path.stem}"
     out.mkdir()
-    done = subprocess.run([sys.executable, __file__, "--measure", way, str(path), str(out)], capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, __file__, "--measure", way, str(path), str(out)], capture_output=True, text=True, check=True
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _compare(path: Path, work: Path) -> dict:
     py, arrow = _run(path, "python", work), _run(path, "arrow", work)
     assert (py["rows"], py["distinct"]) == (arrow["rows"], arrow["distinct"]), (py, arrow)
-    return {"rows": py["rows"], "distinct": py["distinct"],
-            "python_us_per_row": round(1e6 * py["seconds"] / py["rows"], 3), "arrow_us_per_row": round(1e6 * arrow["seconds"] / arrow["rows"], 3),
-            "speedup": round(py["seconds"] / arrow["seconds"], 1), "cpu_speedup": round(py["cpu_seconds"] / arrow["cpu_seconds"], 1),
-            "python_cpu_us_per_row": round(1e6 * py["cpu_seconds"] / py["rows"], 3), "arrow_cpu_us_per_row": round(1e6 * arrow["cpu_seconds"] / arrow["rows"], 3),
-            "python_peak_rss_growth_mb": round(py["peak_rss_growth_mb"], 1), "arrow_peak_rss_growth_mb": round(arrow["peak_rss_growth_mb"], 1)}
+    return {
+        "rows": py["rows"],
+        "distinct": py["distinct"],
+        "python_us_per_row": round(1e6 * py["seconds"] / py["rows"], 3),
+        "arrow_us_per_row": round(1e6 * arrow["seconds"] / arrow["rows"], 3),
+        "speedup": round(py["seconds"] / arrow["seconds"], 1),
+        "cpu_speedup": round(py["cpu_seconds"] / arrow["cpu_seconds"], 1),
+        "python_cpu_us_per_row": round(1e6 * py["cpu_seconds"] / py["rows"], 3),
+        "arrow_cpu_us_per_row": round(1e6 * arrow["cpu_seconds"] / arrow["rows"], 3),
+        "python_peak_rss_growth_mb": round(py["peak_rss_growth_mb"], 1),
+        "arrow_peak_rss_growth_mb": round(arrow["peak_rss_growth_mb"], 1),
+    }
 
 
 def prepare_figures(log_path: str, rows: int | None = None, replicate_to: int = 1_200_000) -> dict:
@@ -84,20 +99,34 @@ def prepare_figures(log_path: str, rows: int | None = None, replicate_to: int = 
         copies = max(1, math.ceil(replicate_to / queries.num_rows))
         pq.write_table(pa.concat_tables([queries] * copies), work / "replicated.parquet")
         log, replicated = _compare(work / "log.parquet", work), _compare(work / "replicated.parquet", work)
-        pq.write_table(pa.concat_tables([queries] * copies * 5), work / "replicated5.parquet")  # Arrow's memory must not grow with rows
+        pq.write_table(
+            pa.concat_tables([queries] * copies * 5), work / "replicated5.parquet"
+        )  # Arrow's memory must not grow with rows
         arrow5 = _run(work / "replicated5.parquet", "arrow", work)
         (work / "share").mkdir()
         prepare(work / "log.parquet", work / "share")
         normalized = pq.read_table(work / "share" / "rows.parquet", columns=["normalized"])["normalized"]
-    prefixes = sorted({n for n in (1_000, 3_000, 10_000, 30_000, 100_000, 300_000, 1_000_000) if n < len(normalized)} | {len(normalized)})
+    prefixes = sorted(
+        {n for n in (1_000, 3_000, 10_000, 30_000, 100_000, 300_000, 1_000_000) if n < len(normalized)}
+        | {len(normalized)}
+    )
     share = {str(n): round(pc.count_distinct(normalized.slice(0, n)).as_py() / n, 4) for n in prefixes}
-    return {"cpu": cpu_model(), "log": str(log_path), "rows": log["rows"], "distinct": log["distinct"],
-            "distinct_share": round(log["distinct"] / log["rows"], 4), "distinct_share_at_prefix": share,
-            **{k: v for k, v in replicated.items() if k != "distinct"}, "copies": copies,
-            "arrow_peak_rss_growth_mb_5x_rows": round(arrow5["peak_rss_growth_mb"], 1),
-            "arrow_cpu_us_per_row_5x_rows": round(1e6 * arrow5["cpu_seconds"] / arrow5["rows"], 3),
-            "log_python_us_per_row": log["python_us_per_row"], "log_arrow_us_per_row": log["arrow_us_per_row"],
-            "log_python_peak_rss_growth_mb": log["python_peak_rss_growth_mb"], "log_arrow_peak_rss_growth_mb": log["arrow_peak_rss_growth_mb"]}
+    return {
+        "cpu": cpu_model(),
+        "log": str(log_path),
+        "rows": log["rows"],
+        "distinct": log["distinct"],
+        "distinct_share": round(log["distinct"] / log["rows"], 4),
+        "distinct_share_at_prefix": share,
+        **{k: v for k, v in replicated.items() if k != "distinct"},
+        "copies": copies,
+        "arrow_peak_rss_growth_mb_5x_rows": round(arrow5["peak_rss_growth_mb"], 1),
+        "arrow_cpu_us_per_row_5x_rows": round(1e6 * arrow5["cpu_seconds"] / arrow5["rows"], 3),
+        "log_python_us_per_row": log["python_us_per_row"],
+        "log_arrow_us_per_row": log["arrow_us_per_row"],
+        "log_python_peak_rss_growth_mb": log["python_peak_rss_growth_mb"],
+        "log_arrow_peak_rss_growth_mb": log["arrow_peak_rss_growth_mb"],
+    }
 
 
 def main() -> None:

@@ -43,14 +43,18 @@ def main() -> None:
 
     def onto(anchor: str, source: str) -> str | None:
         a, b = json.loads(anchor), json.loads(source)
-        slots = {k: v for k, v in a["slots"].items() if k not in core} | {k: v for k, v in b["slots"].items() if k in core}
+        slots = {k: v for k, v in a["slots"].items() if k not in core} | {
+            k: v for k, v in b["slots"].items() if k in core
+        }
         try:
             return schema.parse({"intent": b["intent"], "slots": slots}).to_json()
         except ParseError:
             return None
 
     rows = []
-    for (query, city), group in pd.read_parquet(f"{args.run}/candidates.parquet").groupby(["query", "user_city"], sort=False):
+    for (query, city), group in pd.read_parquet(f"{args.run}/candidates.parquet").groupby(
+        ["query", "user_city"], sort=False
+    ):
         if len(group) < 2:
             continue
         t, scores = targets[(query, city)], dict(zip(group["candidate"], group["reward"]))
@@ -66,12 +70,26 @@ def main() -> None:
         chosen_score, worse = score(chosen), set()
         for c in scores:
             rejected = onto(anchor, c) if c != best and scores[c] >= 0 and _intent(c) == _intent(best) else None
-            if rejected is not None and rejected != chosen and chosen_score - score(rejected) >= args.min_gap \
-                    and tells_apart(schema, chosen, rejected):
+            if (
+                rejected is not None
+                and rejected != chosen
+                and chosen_score - score(rejected) >= args.min_gap
+                and tells_apart(schema, chosen, rejected)
+            ):
                 worse.add((rejected != greedy, score(rejected), rejected))
-        for _, rejected_score, rejected in sorted(worse)[:args.per_query]:
-            rows.append({"query": query, "user_city": city, "timestamp": t["timestamp"], "chosen": chosen, "rejected": rejected,
-                         "chosen_score": chosen_score, "rejected_score": rejected_score, "rejected_is_greedy": rejected == greedy})
+        for _, rejected_score, rejected in sorted(worse)[: args.per_query]:
+            rows.append(
+                {
+                    "query": query,
+                    "user_city": city,
+                    "timestamp": t["timestamp"],
+                    "chosen": chosen,
+                    "rejected": rejected,
+                    "chosen_score": chosen_score,
+                    "rejected_score": rejected_score,
+                    "rejected_is_greedy": rejected == greedy,
+                }
+            )
     pairs = pd.DataFrame(rows)
     pairs.to_parquet(args.out, index=False)
     print(f"{len(pairs)} minimal pairs from {pairs['query'].nunique() if len(pairs) else 0} queries; {args.out}")

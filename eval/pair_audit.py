@@ -33,7 +33,9 @@ def closeness(parse: dict, intent: str, slots: dict) -> float:
 def audit(pairs: pd.DataFrame, world: str, schema) -> pd.DataFrame:
     log = pd.read_parquet(f"{world}/log.parquet", columns=["query_id", "user_city", "query", "period"])
     log = log[log["period"] == "early"]
-    needs = pd.read_parquet(f"{world}/audit/needs.parquet", columns=["query_id", "intent", "slots"]).set_index("query_id")
+    needs = pd.read_parquet(f"{world}/audit/needs.parquet", columns=["query_id", "intent", "slots"]).set_index(
+        "query_id"
+    )
     wanted = {(normalize_text(q), c) for q, c in zip(pairs["query"], pairs["user_city"])}
     truth = {}
     for qid, city, query in zip(log["query_id"], log["user_city"], log["query"]):
@@ -45,16 +47,24 @@ def audit(pairs: pd.DataFrame, world: str, schema) -> pd.DataFrame:
         intent, slots = truth[(normalize_text(r.query), r.user_city)]
         chosen, rejected = json.loads(r.chosen), json.loads(r.rejected)
         c, w = closeness(chosen, intent, slots), closeness(rejected, intent, slots)
-        rows.append({"query": r.query, "agrees": "agrees" if c > w else "disagrees" if c < w else "tie",
-                     "rejects": "greedy" if getattr(r, "rejected_is_greedy", False) else "sample",
-                     "kind": pair_kind(schema, r.chosen, r.rejected), "kept": tells_apart(schema, r.chosen, r.rejected)})
+        rows.append(
+            {
+                "query": r.query,
+                "agrees": "agrees" if c > w else "disagrees" if c < w else "tie",
+                "rejects": "greedy" if getattr(r, "rejected_is_greedy", False) else "sample",
+                "kind": pair_kind(schema, r.chosen, r.rejected),
+                "kept": tells_apart(schema, r.chosen, r.rejected),
+            }
+        )
     return pd.DataFrame(rows)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pairs", required=True, help="pair file (pairs.parquet of a `train dpo` run)")
-    ap.add_argument("--world", required=True, help="the world folder the pairs were drawn from (its audit/ holds the truth)")
+    ap.add_argument(
+        "--world", required=True, help="the world folder the pairs were drawn from (its audit/ holds the truth)"
+    )
     ap.add_argument("--schema", default=None, help="schema YAML (default: the embedded one)")
     args = ap.parse_args()
     schema = load_schema(args.schema) if args.schema else load_schema()
@@ -62,9 +72,12 @@ def main() -> None:
     counts = pd.crosstab([table["kept"], table["kind"], table["rejects"]], table["agrees"], margins=True)
     print(f"{len(table)} pairs against the hidden needs (agrees: the chosen parse is closer to the truth)")
     print(counts.to_string())
-    summary = {"pairs": len(table), **{f"all_{k}": int(v) for k, v in Counter(table["agrees"]).items()},
-               **{f"kept_{k}": int(v) for k, v in Counter(table.loc[table["kept"], "agrees"]).items()},
-               **{f"removed_{k}": int(v) for k, v in Counter(table.loc[~table["kept"], "agrees"]).items()}}
+    summary = {
+        "pairs": len(table),
+        **{f"all_{k}": int(v) for k, v in Counter(table["agrees"]).items()},
+        **{f"kept_{k}": int(v) for k, v in Counter(table.loc[table["kept"], "agrees"]).items()},
+        **{f"removed_{k}": int(v) for k, v in Counter(table.loc[~table["kept"], "agrees"]).items()},
+    }
     print(json.dumps(summary))
 
 

@@ -58,7 +58,9 @@ def true_parses(world: Path) -> dict[str, dict]:
         key, text = json.dumps(need, sort_keys=True), normalize_text(r.query)
         counts[text][key] += 1
         if counts[text][key] > out.get(text, {}).get("n", 0):
-            annotation = json.loads(r.annotation) if "annotation" in rows and isinstance(r.annotation, str) else need  # v1: none
+            annotation = (
+                json.loads(r.annotation) if "annotation" in rows and isinstance(r.annotation, str) else need
+            )  # v1: none
             tags = [t for t in r.mechanisms.split(",") if t] if isinstance(getattr(r, "mechanisms", None), str) else []
             out[text] = {"need": need, "annotation": annotation, "mechanisms": tags, "n": counts[text][key]}
     return out
@@ -85,8 +87,13 @@ def made_up_filter(schema: Schema, need: dict, rng: random.Random, searcher: Sea
         _, _, masks = searcher.plan(Parse(need["intent"], {k: v}), context)
         return any(0 < int((m & kind).sum()) < int(kind.sum()) for m in masks)
 
-    options = [(k, v) for k, vs in FILTERS.items() if k in takes and k in schema.slots and k not in need["slots"] for v in vs
-               if splits(k, v)]
+    options = [
+        (k, v)
+        for k, vs in FILTERS.items()
+        if k in takes and k in schema.slots and k not in need["slots"]
+        for v in vs
+        if splits(k, v)
+    ]
     if not options:
         return None
     k, v = rng.choice(options)
@@ -120,16 +127,27 @@ def with_mined_aliases(schema: Schema, truth: dict[str, dict]) -> tuple[Schema, 
 def tally(pairs: list[tuple[float, float]]) -> dict[str, float]:
     n = len(pairs)
     share = lambda f: round(sum(f(a, b) for a, b in pairs) / n, 4) if n else None  # noqa: E731
-    return {"n": n, "above": share(lambda a, b: a > b), "tie": share(lambda a, b: a == b), "below": share(lambda a, b: a < b)}
+    return {
+        "n": n,
+        "above": share(lambda a, b: a > b),
+        "tie": share(lambda a, b: a == b),
+        "below": share(lambda a, b: a < b),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--world", type=Path, required=True, help="World folder (log.parquet, seed.jsonl, audit/needs.parquet).")
+    ap.add_argument(
+        "--world", type=Path, required=True, help="World folder (log.parquet, seed.jsonl, audit/needs.parquet)."
+    )
     ap.add_argument("--index", type=Path, required=True, help="Index folder.")
     ap.add_argument("--texts", type=int, default=600, help="Most typed eligible texts to check.")
-    ap.add_argument("--model", type=Path, default=None,
-                    help="Model folder whose schema (with its aliases) the reward reads; default: the shipped schema plus aliases mined from the needs.")
+    ap.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="Model folder whose schema (with its aliases) the reward reads; default: the shipped schema plus aliases mined from the needs.",
+    )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     truth = true_parses(args.world)
@@ -141,14 +159,20 @@ def main() -> None:
         schema, n = with_mined_aliases(load_schema(), truth)
         aliases = f"{n} mined from the early log's needs"
     reward = RetrievalReward(Searcher(args.index, schema), schema)
-    targets = [t for t in click_targets(args.world, 10**9) if len(t["contexts"]) >= MIN_CONTEXTS][:args.texts]
+    targets = [t for t in click_targets(args.world, 10**9) if len(t["contexts"]) >= MIN_CONTEXTS][: args.texts]
     results: dict[str, list[tuple[float, float]]] = defaultdict(list)
     by_tag: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    by_filter: dict[str, list[tuple[float, float]]] = defaultdict(list)  # which made-up filter: hours cut, attributes reorder
+    by_filter: dict[str, list[tuple[float, float]]] = defaultdict(
+        list
+    )  # which made-up filter: hours cut, attributes reorder
     skipped = Counter()
     for t in targets:
         info = truth.get(normalize_text(t["query"]))
-        if info is None or info["need"]["intent"] not in schema.intents or schema.intents[info["need"]["intent"]].slots == ():
+        if (
+            info is None
+            or info["need"]["intent"] not in schema.intents
+            or schema.intents[info["need"]["intent"]].slots == ()
+        ):
             skipped["no searchable need"] += 1
             continue
         need, rng = info["need"], random.Random(f"{args.seed}:{t['query']}")  # one draw per text, whatever the order
@@ -158,9 +182,12 @@ def main() -> None:
             continue
         score = lambda c: target_score(reward, t, c)  # noqa: E731
         s_true = score(true)
-        rivals = {"guideline": canonical(schema, info["annotation"]),
-                  "made_up_filter": made_up_filter(schema, need, rng, reward.searcher, t["contexts"][0]),
-                  "dropped_what_where": dropped(schema, need, rng), "dropped_near_me": dropped(schema, need, rng, ("near_me",))}
+        rivals = {
+            "guideline": canonical(schema, info["annotation"]),
+            "made_up_filter": made_up_filter(schema, need, rng, reward.searcher, t["contexts"][0]),
+            "dropped_what_where": dropped(schema, need, rng),
+            "dropped_near_me": dropped(schema, need, rng, ("near_me",)),
+        }
         for kind, rival in rivals.items():
             if rival is None or rival == true:
                 continue
@@ -172,23 +199,46 @@ def main() -> None:
             if kind == "made_up_filter":
                 added = next(k for k in json.loads(rival)["slots"] if k not in need["slots"])
                 by_filter[added].append(pair)
-    print(f"{len(targets)} texts with >= {MIN_CONTEXTS} logged contexts; skipped: {dict(skipped) or 'none'}; aliases: {aliases}")
+    print(
+        f"{len(targets)} texts with >= {MIN_CONTEXTS} logged contexts; skipped: {dict(skipped) or 'none'}; aliases: {aliases}"
+    )
     print(f"{'true parse vs':<28} {'n':>5} {'above':>7} {'tie':>7} {'below':>7} {'threshold':>10}")
     summary = {}
     for kind in THRESHOLDS:
         r = tally(results[kind])
         bar = THRESHOLDS[kind]
-        summary[kind] = r | ({"threshold": bar, "met": None if r["above"] is None else r["above"] >= bar} if bar else {})
+        summary[kind] = r | (
+            {"threshold": bar, "met": None if r["above"] is None else r["above"] >= bar} if bar else {}
+        )
         fmt = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
-        verdict = "(a tie by construction)" if not bar else "no texts" if r["above"] is None else "met" if summary[kind]["met"] else "NOT met"
-        print(f"{kind:<28} {r['n']:>5} {fmt(r['above']):>7} {fmt(r['tie']):>7} {fmt(r['below']):>7} {'>= ' + str(bar) if bar else '':>10}  {verdict}")
+        verdict = (
+            "(a tie by construction)"
+            if not bar
+            else "no texts"
+            if r["above"] is None
+            else "met"
+            if summary[kind]["met"]
+            else "NOT met"
+        )
+        print(
+            f"{kind:<28} {r['n']:>5} {fmt(r['above']):>7} {fmt(r['tie']):>7} {fmt(r['below']):>7} {'>= ' + str(bar) if bar else '':>10}  {verdict}"
+        )
     for label, groups in (("guideline", by_tag), ("made_up_filter", by_filter)):
         for key in sorted(groups):
             r = tally(groups[key])
             print(f"  {label}, {key:<16} {r['n']:>5} {r['above']:>7.3f} {r['tie']:>7.3f} {r['below']:>7.3f}")
-    print(json.dumps({"texts": len(targets), "skipped": dict(skipped), "aliases": aliases, **summary,
-                      "guideline_by_mechanism": {tag: tally(v) for tag, v in sorted(by_tag.items())},
-                      "made_up_filter_by_slot": {k: tally(v) for k, v in sorted(by_filter.items())}}))
+    print(
+        json.dumps(
+            {
+                "texts": len(targets),
+                "skipped": dict(skipped),
+                "aliases": aliases,
+                **summary,
+                "guideline_by_mechanism": {tag: tally(v) for tag, v in sorted(by_tag.items())},
+                "made_up_filter_by_slot": {k: tally(v) for k, v in sorted(by_filter.items())},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

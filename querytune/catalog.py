@@ -15,7 +15,12 @@ import pandas as pd
 MIN = 60  # minutes in an hour
 DAYS = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
 DAY_VALUES = (*DAYS, "today", "tomorrow", "weekend")  # the day slot's values
-PRICE_LEVELS = {"cheap": (1,), "moderate": (2,), "expensive": (3, 4), "affordable": (1, 2)}  # price value -> catalog levels
+PRICE_LEVELS = {
+    "cheap": (1,),
+    "moderate": (2,),
+    "expensive": (3, 4),
+    "affordable": (1, 2),
+}  # price value -> catalog levels
 
 
 def hours_array(hours_json: pd.Series) -> np.ndarray:
@@ -32,7 +37,9 @@ def open_at(hours: np.ndarray, weekday: int, minute: int) -> np.ndarray:
     previous day's late close included)."""
     today = hours[:, weekday]
     yesterday = hours[:, (weekday - 1) % 7]
-    return ((today[:, 0] <= minute) & (minute < today[:, 1])) | (yesterday[:, 1] > 24 * MIN) & (minute < yesterday[:, 1] - 24 * MIN)
+    return ((today[:, 0] <= minute) & (minute < today[:, 1])) | (yesterday[:, 1] > 24 * MIN) & (
+        minute < yesterday[:, 1] - 24 * MIN
+    )
 
 
 def open_on(hours: np.ndarray, weekday: int) -> np.ndarray:

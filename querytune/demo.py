@@ -37,11 +37,24 @@ LEARNERS = ("dpo", "grpo")  # train on the miner's edits in models/rft
 # small world (6,000 log rows, 150 test queries) with a few optimizer steps per stage, to see the loop in minutes;
 # its models are barely trained and its figures say nothing about the method.
 PRESETS: dict[str, dict[str, list[str]]] = {
-    "full": {"world": [], "sft": [], "self_train": [], "rft": [], "dpo": ["--preset", "mined"], "grpo": ["--max-steps", "60", "--lr", "5e-4", "--max-minutes", "0"],
-             "warm": ["--top", "1000"]},
-    "tiny": {"world": ["--rows", "6000", "--per-city", "60", "--eval-rows", "150"], "sft": ["--max-steps", "24"],
-             "self_train": ["--texts", "200", "--max-steps", "4"], "rft": ["--texts", "200", "--max-steps", "4"], "dpo": ["--max-steps", "4"],
-             "grpo": ["--max-steps", "2", "--num-generations", "4", "--batch-size", "16", "--max-minutes", "0"], "warm": ["--top", "100"]},
+    "full": {
+        "world": [],
+        "sft": [],
+        "self_train": [],
+        "rft": [],
+        "dpo": ["--preset", "mined"],
+        "grpo": ["--max-steps", "60", "--lr", "5e-4", "--max-minutes", "0"],
+        "warm": ["--top", "1000"],
+    },
+    "tiny": {
+        "world": ["--rows", "6000", "--per-city", "60", "--eval-rows", "150"],
+        "sft": ["--max-steps", "24"],
+        "self_train": ["--texts", "200", "--max-steps", "4"],
+        "rft": ["--texts", "200", "--max-steps", "4"],
+        "dpo": ["--max-steps", "4"],
+        "grpo": ["--max-steps", "2", "--num-generations", "4", "--batch-size", "16", "--max-minutes", "0"],
+        "warm": ["--top", "100"],
+    },
 }
 REPLAY = {"full": 300, "tiny": 40}  # later log requests the serving check replays
 
@@ -49,7 +62,9 @@ REPLAY = {"full": 300, "tiny": 40}  # later log requests the serving check repla
 def code_key() -> str:
     """A hash of the package's code and the default schema: what a step's output also depends on."""
     h = hashlib.sha256()
-    for path in sorted(PACKAGE.rglob("*.py")) + sorted((PACKAGE / "data").rglob("*.yaml")):  # the default schema is package data
+    for path in sorted(PACKAGE.rglob("*.py")) + sorted(
+        (PACKAGE / "data").rglob("*.yaml")
+    ):  # the default schema is package data
         if path.is_file():
             h.update(str(path.relative_to(PACKAGE.parent)).encode())
             h.update(path.read_bytes())
@@ -66,42 +81,177 @@ class Step:
     run: Callable[[Path], None] | None = None  # a Python body instead of commands (the serving check)
     clean: list[str] = field(default_factory=list)  # removed before the step runs again (stale or partial outputs)
     key_extra: str = ""  # what else the output depends on (a `run` body's settings)
-    needs: Callable[[Path], str | None] | None = None  # why the step cannot run in this workspace (None: it can); then it is skipped
+    needs: Callable[[Path], str | None] | None = (
+        None  # why the step cannot run in this workspace (None: it can); then it is skipped
+    )
 
 
 def steps(ws: Path, cli: str, py: str, serve_port: int, replay: int, preset: str = "full") -> list[Step]:
     w, size = str(ws), PRESETS[preset]
     out = [
-        Step("world", [[cli, "world", "make", "--out", f"{w}/world", *size["world"]]], ["world/test.jsonl", "world/log.parquet"], clean=["world"]),
-        Step("index", [[cli, "index", "build", "--world", f"{w}/world", "--out", f"{w}/index"]], ["index/index.faiss"], ["world"], clean=["index"]),
-        Step("sft", [[cli, "train", "sft", "--data", f"{w}/world/seed.jsonl", "--out", f"{w}/models/sft", "--preset", "quick", *size["sft"]]],
-             ["models/sft/summary.json"], ["world"], clean=["models/sft"]),
+        Step(
+            "world",
+            [[cli, "world", "make", "--out", f"{w}/world", *size["world"]]],
+            ["world/test.jsonl", "world/log.parquet"],
+            clean=["world"],
+        ),
+        Step(
+            "index",
+            [[cli, "index", "build", "--world", f"{w}/world", "--out", f"{w}/index"]],
+            ["index/index.faiss"],
+            ["world"],
+            clean=["index"],
+        ),
+        Step(
+            "sft",
+            [
+                [
+                    cli,
+                    "train",
+                    "sft",
+                    "--data",
+                    f"{w}/world/seed.jsonl",
+                    "--out",
+                    f"{w}/models/sft",
+                    "--preset",
+                    "quick",
+                    *size["sft"],
+                ]
+            ],
+            ["models/sft/summary.json"],
+            ["world"],
+            clean=["models/sft"],
+        ),
     ]
     common = ["--init", f"{w}/models/sft", "--world", f"{w}/world", "--index", f"{w}/index"]
-    out.append(Step("self_train", [[cli, "train", "rft", *common, "--out", f"{w}/models/self_train", "--edits", "none", *size["self_train"]]],
-                    ["models/self_train/summary.json"], ["sft", "index"], clean=["models/self_train"]))
-    out.append(Step("rft", [[cli, "train", "rft", *common, "--out", f"{w}/models/rft", "--greedy-from", f"{w}/models/self_train/greedy.jsonl",
-                             *size["rft"]]], ["models/rft/summary.json"], ["self_train"], clean=["models/rft"]))
+    out.append(
+        Step(
+            "self_train",
+            [[cli, "train", "rft", *common, "--out", f"{w}/models/self_train", "--edits", "none", *size["self_train"]]],
+            ["models/self_train/summary.json"],
+            ["sft", "index"],
+            clean=["models/self_train"],
+        )
+    )
+    out.append(
+        Step(
+            "rft",
+            [
+                [
+                    cli,
+                    "train",
+                    "rft",
+                    *common,
+                    "--out",
+                    f"{w}/models/rft",
+                    "--greedy-from",
+                    f"{w}/models/self_train/greedy.jsonl",
+                    *size["rft"],
+                ]
+            ],
+            ["models/rft/summary.json"],
+            ["self_train"],
+            clean=["models/rft"],
+        )
+    )
     for stage in LEARNERS:
-        out.append(Step(stage, [[cli, "train", stage, *common, "--out", f"{w}/models/{stage}", "--edits-from", f"{w}/models/rft", *size[stage]]],
-                        [f"models/{stage}/summary.json"], ["rft"], clean=[f"models/{stage}"], needs=miner_accepted))
+        out.append(
+            Step(
+                stage,
+                [
+                    [
+                        cli,
+                        "train",
+                        stage,
+                        *common,
+                        "--out",
+                        f"{w}/models/{stage}",
+                        "--edits-from",
+                        f"{w}/models/rft",
+                        *size[stage],
+                    ]
+                ],
+                [f"models/{stage}/summary.json"],
+                ["rft"],
+                clean=[f"models/{stage}"],
+                needs=miner_accepted,
+            )
+        )
     for stage in STAGES:
-        out.append(Step(f"predict_{stage}", [[cli, "eval", "parse", "--model", f"{w}/models/{stage}", "--data", f"{w}/world/test.jsonl",
-                                              "--out", f"{w}/models/{stage}/parse_test.json", "--predictions",
-                                              f"{w}/models/{stage}/predictions_test.jsonl", "--batch-size", "48"]],
-                        [f"models/{stage}/predictions_test.jsonl"], [stage],
-                        clean=[f"models/{stage}/predictions_test.jsonl", f"models/{stage}/parse_test.json"],
-                        needs=model_made(stage) if stage in LEARNERS else None))
+        out.append(
+            Step(
+                f"predict_{stage}",
+                [
+                    [
+                        cli,
+                        "eval",
+                        "parse",
+                        "--model",
+                        f"{w}/models/{stage}",
+                        "--data",
+                        f"{w}/world/test.jsonl",
+                        "--out",
+                        f"{w}/models/{stage}/parse_test.json",
+                        "--predictions",
+                        f"{w}/models/{stage}/predictions_test.jsonl",
+                        "--batch-size",
+                        "48",
+                    ]
+                ],
+                [f"models/{stage}/predictions_test.jsonl"],
+                [stage],
+                clean=[f"models/{stage}/predictions_test.jsonl", f"models/{stage}/parse_test.json"],
+                needs=model_made(stage) if stage in LEARNERS else None,
+            )
+        )
     # the served model labels the head of the early log into the cache, then is promoted
-    out.append(Step("labels", [[cli, "cache", "warm", f"{w}/world/log.parquet", "--where", "period=early", *size["warm"],
-                                "--model", f"{w}/models/sft", "--cache", f"sqlite:///{w}/cache.db", "--work", f"{w}/labels/head"],
-                               [cli, "cache", "promote", "--model", f"{w}/models/sft", "--cache", f"sqlite:///{w}/cache.db"]],
-                    ["labels/head/labels/summary.json", "eval/warm.json", "cache.db"], ["sft"], capture="eval/warm.json",
-                    clean=["labels/head", "cache.db", "cache.db-wal", "cache.db-shm", "eval/warm.json"]))
-    out.append(Step("serving", [], ["eval/serving.json"], ["labels"],
-                    run=lambda ws_: serving_check(ws_, cli, py, serve_port, replay), key_extra=f"replay {replay}", clean=["eval/serving.json", "eval/fallback.jsonl"]))
-    out.append(Step("report", [[cli, "eval", "report", "--workspace", w]], ["report/index.html", "report/metrics.json"],
-                    ["index", *(f"predict_{s}" for s in STAGES), "serving"], clean=["report"]))
+    out.append(
+        Step(
+            "labels",
+            [
+                [
+                    cli,
+                    "cache",
+                    "warm",
+                    f"{w}/world/log.parquet",
+                    "--where",
+                    "period=early",
+                    *size["warm"],
+                    "--model",
+                    f"{w}/models/sft",
+                    "--cache",
+                    f"sqlite:///{w}/cache.db",
+                    "--work",
+                    f"{w}/labels/head",
+                ],
+                [cli, "cache", "promote", "--model", f"{w}/models/sft", "--cache", f"sqlite:///{w}/cache.db"],
+            ],
+            ["labels/head/labels/summary.json", "eval/warm.json", "cache.db"],
+            ["sft"],
+            capture="eval/warm.json",
+            clean=["labels/head", "cache.db", "cache.db-wal", "cache.db-shm", "eval/warm.json"],
+        )
+    )
+    out.append(
+        Step(
+            "serving",
+            [],
+            ["eval/serving.json"],
+            ["labels"],
+            run=lambda ws_: serving_check(ws_, cli, py, serve_port, replay),
+            key_extra=f"replay {replay}",
+            clean=["eval/serving.json", "eval/fallback.jsonl"],
+        )
+    )
+    out.append(
+        Step(
+            "report",
+            [[cli, "eval", "report", "--workspace", w]],
+            ["report/index.html", "report/metrics.json"],
+            ["index", *(f"predict_{s}" for s in STAGES), "serving"],
+            clean=["report"],
+        )
+    )
     return out
 
 
@@ -114,18 +264,54 @@ def miner_accepted(ws: Path) -> str | None:
 
 
 def model_made(stage: str) -> Callable[[Path], str | None]:
-    return lambda ws: None if (ws / "models" / stage / "summary.json").is_file() else f"no {stage} model (its step was skipped)"
+    return lambda ws: (
+        None if (ws / "models" / stage / "summary.json").is_file() else f"no {stage} model (its step was skipped)"
+    )
 
 
 def serving_check(ws: Path, cli: str, py: str, port: int, replay: int) -> None:
     """Serve the promoted model over the warmed cache and replay later log traffic; the load test's JSON -> eval/serving.json."""
-    server = subprocess.Popen([cli, "serve", "--model", "active", "--cache", f"sqlite:///{ws}/cache.db", "--port", str(port),
-                               "--deadline", "60", "--fallback-log", str(ws / "eval" / "fallback.jsonl"), "--workers", "1"],  # one model: misses batch together
-                              start_new_session=True)
+    server = subprocess.Popen(
+        [
+            cli,
+            "serve",
+            "--model",
+            "active",
+            "--cache",
+            f"sqlite:///{ws}/cache.db",
+            "--port",
+            str(port),
+            "--deadline",
+            "60",
+            "--fallback-log",
+            str(ws / "eval" / "fallback.jsonl"),
+            "--workers",
+            "1",
+        ],  # one model: misses batch together
+        start_new_session=True,
+    )
     try:
-        load = subprocess.run([py, str(PACKAGE.parent / "serving" / "loadtest.py"), "--url", f"http://127.0.0.1:{port}", "--wait", "300",
-                               "--log", str(ws / "world" / "log.parquet"), "--where", "period=late", "--requests", str(replay),
-                               "--concurrency", "16"], stdout=subprocess.PIPE, text=True, check=True)
+        load = subprocess.run(
+            [
+                py,
+                str(PACKAGE.parent / "serving" / "loadtest.py"),
+                "--url",
+                f"http://127.0.0.1:{port}",
+                "--wait",
+                "300",
+                "--log",
+                str(ws / "world" / "log.parquet"),
+                "--where",
+                "period=late",
+                "--requests",
+                str(replay),
+                "--concurrency",
+                "16",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            check=True,
+        )
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
@@ -134,7 +320,9 @@ def serving_check(ws: Path, cli: str, py: str, port: int, replay: int) -> None:
     (ws / "eval" / "serving.json").write_text(lines[-1] + "\n")
 
 
-def run_demo(ws: Path, serve_port: int = 8765, replay: int | None = None, say=print, preset: str = "full") -> dict[str, float]:
+def run_demo(
+    ws: Path, serve_port: int = 8765, replay: int | None = None, say=print, preset: str = "full"
+) -> dict[str, float]:
     """Run every step of the demo (`PRESETS[preset]`'s sizes) not already done for the same inputs and code; returns
     each step's seconds."""
     ws = ws.resolve()
@@ -152,7 +340,9 @@ def run_steps(ws: Path, plan: list[Step], code: str, say=print) -> dict[str, flo
     seconds: dict[str, float] = {}
     t_all = time.perf_counter()
     for i, step in enumerate(plan, 1):
-        spec = json.dumps([step.name, [c[1:] for c in step.commands], [keys[a] for a in step.after], code, step.key_extra])
+        spec = json.dumps(
+            [step.name, [c[1:] for c in step.commands], [keys[a] for a in step.after], code, step.key_extra]
+        )
         keys[step.name] = key = hashlib.sha256(spec.encode()).hexdigest()[:16]
         stamp = ws / ".stamps" / f"{step.name}.json"
         if step.needs and (why := step.needs(ws)):
@@ -163,7 +353,11 @@ def run_steps(ws: Path, plan: list[Step], code: str, say=print) -> dict[str, flo
             say(f"[{i}/{len(plan)}] {step.name}: skipped: {why}")
             seconds[step.name] = 0.0
             continue
-        done = stamp.is_file() and json.loads(stamp.read_text()).get("key") == key and all((ws / o).exists() for o in step.outputs)
+        done = (
+            stamp.is_file()
+            and json.loads(stamp.read_text()).get("key") == key
+            and all((ws / o).exists() for o in step.outputs)
+        )
         if done:
             say(f"[{i}/{len(plan)}] {step.name}: up to date (same inputs and code), skipped")
             seconds[step.name] = 0.0
@@ -190,12 +384,23 @@ def run_steps(ws: Path, plan: list[Step], code: str, say=print) -> dict[str, flo
         if missing:
             raise SystemExit(f"step {step.name} finished without writing {', '.join(missing)}")
         seconds[step.name] = round(time.perf_counter() - t0, 1)
-        stamp.write_text(json.dumps({"key": key, "seconds": seconds[step.name], "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+        stamp.write_text(
+            json.dumps({"key": key, "seconds": seconds[step.name], "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            + "\n"
+        )
         say(f"    {step.name} took {_clock(seconds[step.name])}")
     # what each step took when it last ran (its stamp), and this run's seconds (0: skipped)
-    made = {name: json.loads(p.read_text()).get("seconds") if (p := ws / ".stamps" / f"{name}.json").is_file() else None for name in keys}
-    (ws / "eval" / "demo_times.json").write_text(json.dumps({"step_seconds": made, "this_run": seconds,
-                                                             "this_run_total": round(time.perf_counter() - t_all, 1)}, indent=2) + "\n")
+    made = {
+        name: json.loads(p.read_text()).get("seconds") if (p := ws / ".stamps" / f"{name}.json").is_file() else None
+        for name in keys
+    }
+    (ws / "eval" / "demo_times.json").write_text(
+        json.dumps(
+            {"step_seconds": made, "this_run": seconds, "this_run_total": round(time.perf_counter() - t_all, 1)},
+            indent=2,
+        )
+        + "\n"
+    )
     return seconds
 
 

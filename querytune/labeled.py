@@ -173,7 +173,9 @@ def _row(rec: Any, line: int, stem: str, schema: Schema, slots_as_json: bool) ->
     parse = schema.parse({"intent": rec.get("intent"), "slots": slots or {}})
     id_ = rec.get("id")
     extra = {k: v for k, v in rec.items() if k not in ("id", *REQUIRED)}
-    return LabeledRow(str(id_) if id_ not in (None, "") else f"{stem}:{line}", text, parse.intent, parse.slots, extra, line)
+    return LabeledRow(
+        str(id_) if id_ not in (None, "") else f"{stem}:{line}", text, parse.intent, parse.slots, extra, line
+    )
 
 
 def load_labeled(path: str | Path, schema: Schema) -> tuple[list[LabeledRow], list[Reject]]:
@@ -229,7 +231,9 @@ def write_rejects(rejects: list[Reject], path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
         for r in rejects:
-            f.write(json.dumps({"line": r.line, "reason": r.reason, "raw": r.raw}, ensure_ascii=False, default=str) + "\n")
+            f.write(
+                json.dumps({"line": r.line, "reason": r.reason, "raw": r.raw}, ensure_ascii=False, default=str) + "\n"
+            )
 
 
 def in_train_split(row_id: str, train_share: float = 0.8) -> bool:
@@ -247,4 +251,9 @@ def write_labeled(rows: list[LabeledRow], path: str | Path) -> None:
     """JSONL with id, text, intent, slots and the extra columns."""
     with open(path, "w", encoding="utf-8") as f:
         for r in rows:
-            f.write(json.dumps({"id": r.id, "text": r.text, "intent": r.intent, "slots": r.slots, **r.extra}, ensure_ascii=False) + "\n")
+            f.write(
+                json.dumps(
+                    {"id": r.id, "text": r.text, "intent": r.intent, "slots": r.slots, **r.extra}, ensure_ascii=False
+                )
+                + "\n"
+            )

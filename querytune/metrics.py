@@ -54,8 +54,11 @@ def mrr(ranked: list[str], relevance: dict[str, int], grade: int = 2) -> float:
 
 
 def ranking_metrics(ranked: list[str], relevance: dict[str, int], k: int = 10) -> dict[str, float]:
-    return {f"ndcg@{k}": ndcg_at_k(ranked, relevance, k), f"recall@{k}": recall_at_k(ranked, relevance, k),
-            "mrr": mrr(ranked, relevance)}
+    return {
+        f"ndcg@{k}": ndcg_at_k(ranked, relevance, k),
+        f"recall@{k}": recall_at_k(ranked, relevance, k),
+        "mrr": mrr(ranked, relevance),
+    }
 
 
 def micro_f1(tp, fp, fn):
@@ -87,17 +90,26 @@ def bootstrap(statistic, columns: dict[str, np.ndarray], n: int = 1000, seed: in
     value = float(stat(*samples))
     if len(samples[0]) < 2 or all(np.all(s == s[0]) for s in samples):  # nothing varies: the interval is the point
         return value, value, value
-    res = scipy_bootstrap(samples, stat, n_resamples=n, paired=True, vectorized=True, method="percentile", rng=np.random.default_rng(seed))
+    res = scipy_bootstrap(
+        samples, stat, n_resamples=n, paired=True, vectorized=True, method="percentile", rng=np.random.default_rng(seed)
+    )
     return value, float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 def paired_bootstrap(a: list[float], b: list[float], n: int = 2000, seed: int = 0) -> dict[str, float]:
     """Mean of b - a over paired items with a 95% bootstrap interval."""
-    mean, low, high = bootstrap(lambda c, axis: (c["b"] - c["a"]).mean(axis=axis), {"a": np.asarray(a, float), "b": np.asarray(b, float)}, n=n, seed=seed)
+    mean, low, high = bootstrap(
+        lambda c, axis: (c["b"] - c["a"]).mean(axis=axis),
+        {"a": np.asarray(a, float), "b": np.asarray(b, float)},
+        n=n,
+        seed=seed,
+    )
     return {"mean": mean, "low": low, "high": high}
 
 
-def paired_f1_difference(a: dict[str, np.ndarray], b: dict[str, np.ndarray], n: int = 2000, seed: int = 0) -> dict[str, float]:
+def paired_f1_difference(
+    a: dict[str, np.ndarray], b: dict[str, np.ndarray], n: int = 2000, seed: int = 0
+) -> dict[str, float]:
     """Micro F1 of b minus that of a over paired rows (each side: per-row "tp", "fp", "fn" counts), with a 95% interval;
     the rows are resampled together and each resample's F1 recomputed from its summed counts.
 
@@ -109,7 +121,9 @@ def paired_f1_difference(a: dict[str, np.ndarray], b: dict[str, np.ndarray], n: 
     columns = {f"{side}{k}": np.asarray(c[k], dtype=float) for side, c in (("a", a), ("b", b)) for k in counts}
 
     def gain(c, axis):
-        return micro_f1(*(c[f"b{k}"].sum(axis=axis) for k in counts)) - micro_f1(*(c[f"a{k}"].sum(axis=axis) for k in counts))
+        return micro_f1(*(c[f"b{k}"].sum(axis=axis) for k in counts)) - micro_f1(
+            *(c[f"a{k}"].sum(axis=axis) for k in counts)
+        )
 
     mean, low, high = bootstrap(gain, columns, n=n, seed=seed)
     return {"mean": mean, "low": low, "high": high}

@@ -23,7 +23,9 @@ from typing import Any
 
 from rapidfuzz.distance import OSA
 
-MAX_QUERY_CHARS = 256  # longest query accepted (labeling, serving) and put in a prompt: longer "queries" are pasted documents
+MAX_QUERY_CHARS = (
+    256  # longest query accepted (labeling, serving) and put in a prompt: longer "queries" are pasted documents
+)
 DEFAULT_SCHEMA = Path(__file__).resolve().parent / "data" / "schema.yaml"  # package data; data/schema.yaml links here
 SLOT_TYPES = ("text", "categorical", "boolean", "number")
 # Filters the structured search knows (querytune.search). `what` slots are embedded, the rest filter.
@@ -81,7 +83,9 @@ class Slot:
 
     def written_in(self, value: Any, text: str) -> bool:
         """Whether `text` writes `value` or one of its aliases (see `is_grounded`)."""
-        return any(is_grounded(form, text) for form in [str(value)] + [a for a, v in self.aliases.items() if v == value])
+        return any(
+            is_grounded(form, text) for form in [str(value)] + [a for a, v in self.aliases.items() if v == value]
+        )
 
     def canonical(self, value: Any) -> Any:
         """Canonical form of one value, or ParseError."""

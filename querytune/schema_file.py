@@ -15,7 +15,17 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import ErrorDetails, PydanticCustomError, PydanticKnownError
 
 from querytune.schema import DEFAULT_SCHEMA, FILTERS, SLOT_TYPES, Intent, Schema, SchemaError, Slot, normalize_text
@@ -111,7 +121,9 @@ class SlotSpec(_Item):
             return aliases  # the type's or the values' own error comes first
         if aliases and info.data["type"] != "categorical":
             raise PydanticCustomError("aliases_not_categorical", "only categorical slots take aliases")
-        for i, target in enumerate(aliases.values()):  # named by place: pydantic's error context cannot hold a lone surrogate
+        for i, target in enumerate(
+            aliases.values()
+        ):  # named by place: pydantic's error context cannot hold a lone surrogate
             if not _is_text(target):
                 raise PydanticCustomError("alias_type", "alias target not text", {"alias": i})
             if str(target) not in info.data["values"]:
@@ -136,7 +148,10 @@ class SlotSpec(_Item):
 
     def slot(self) -> Slot:
         column = self.filter.split(":", 1)[1] if self.filter and self.filter.startswith("attribute:") else None
-        aliases, filter_ = {normalize_text(str(k)): str(v) for k, v in self.aliases.items()}, "attribute" if column else self.filter
+        aliases, filter_ = (
+            {normalize_text(str(k)): str(v) for k, v in self.aliases.items()},
+            "attribute" if column else self.filter,
+        )
         return Slot(self.name, self.type, self.description, tuple(self.values), aliases, filter_, column, self.grounded)
 
 
@@ -164,30 +179,52 @@ class SchemaSpec(_Spec):
 
 # The checks in the order the hand-written validation made them: it decides which of several errors is reported.
 _FILE_ORDER = ("extra_forbidden", "intents", "slots", "too_short", "slots[]", "intents[]", "name", "description")
-_ITEM_ORDER = {"slots": ("name", "extra_forbidden", "type", "values", "aliases", "filter", "grounded", "description", "duplicate"),
-               "intents": ("name", "duplicate", "extra_forbidden", "slots", "description")}
+_ITEM_ORDER = {
+    "slots": ("name", "extra_forbidden", "type", "values", "aliases", "filter", "grounded", "description", "duplicate"),
+    "intents": ("name", "duplicate", "extra_forbidden", "slots", "description"),
+}
 _ITEMS = {"slots": SlotSpec, "intents": IntentSpec}
 
 # Messages by error type (pydantic's own or raised above), or by (field, type) where a field words it differently.
 # {where} is the file or the item ("slots[0] (b)"), {got} the input's type, {shown} see `_shown`.
 _FILE_MESSAGES = {
-    "extra_forbidden": "{where}: unknown top-level field(s) {unknown}", "missing": "{where}: missing field '{field}'",
-    "list_type": "{where}.intents: expected list, got {got}", ("slots", "list_type"): "{where}: slots: expected a list",
-    "too_short": "{where}: intents: at least one intent is needed", "text": "{where}: {field}: expected a string, got {got}",
+    "extra_forbidden": "{where}: unknown top-level field(s) {unknown}",
+    "missing": "{where}: missing field '{field}'",
+    "list_type": "{where}.intents: expected list, got {got}",
+    ("slots", "list_type"): "{where}: slots: expected a list",
+    "too_short": "{where}: intents: at least one intent is needed",
+    "text": "{where}: {field}: expected a string, got {got}",
 }
-_NEEDS_VALUES, _SLOT_NAMES = "{where}.values: a categorical slot needs a non-empty list of strings", "{where}.slots: expected a list of slot names"
+_NEEDS_VALUES, _SLOT_NAMES = (
+    "{where}.values: a categorical slot needs a non-empty list of strings",
+    "{where}.slots: expected a list of slot names",
+)
 _ITEM_MESSAGES = {
-    "model_type": "{where}: expected a mapping", "missing": "{where}: missing field '{field}'", "extra_forbidden": "{where}: unknown field(s) {unknown}",
-    "string_type": "{where}.{field}: expected str, got {got}", "list_type": "{where}.{field}: expected list, got {got}",
-    "text": "{where}.{field}: expected a string, got {got}", "duplicate": "{where}.name: duplicate {item} {shown}",
-    "name": "{where}.name: {shown} must start with a letter and hold only letters, digits, _", "undeclared": "{where}.slots: {shown} is not a declared slot",
-    "slot_type": "{where}.type: {shown} is not one of " + ", ".join(SLOT_TYPES), ("values", "too_short"): _NEEDS_VALUES, ("values", "text"): _NEEDS_VALUES,
-    "values_not_categorical": "{where}.values: only categorical slots take values", "values_duplicate": "{where}.values: duplicate values after normalisation",
-    "dict_type": "{where}.aliases: expected a mapping alias -> value", "aliases_not_categorical": "{where}.aliases: only categorical slots take aliases",
-    "alias_type": "{where}.aliases.{alias}: expected one of the slot's values, got {got}", ("slots", "list_type"): _SLOT_NAMES, ("slots", "string_type"): _SLOT_NAMES,
-    "alias_value": "{where}.aliases.{alias}: {shown} is not one of the slot's values", ("filter", "string_type"): "{where}.filter: expected a string",
-    "filter_value": "{where}.filter: {shown} is not one of " + ", ".join(FILTERS), "filter_column": "{where}.filter: 'attribute:' needs a column name",
-    "bool_type": "{where}.grounded: expected true or false, got {shown}", "grounded_type": "{where}.grounded: only categorical and text slots can be grounded",
+    "model_type": "{where}: expected a mapping",
+    "missing": "{where}: missing field '{field}'",
+    "extra_forbidden": "{where}: unknown field(s) {unknown}",
+    "string_type": "{where}.{field}: expected str, got {got}",
+    "list_type": "{where}.{field}: expected list, got {got}",
+    "text": "{where}.{field}: expected a string, got {got}",
+    "duplicate": "{where}.name: duplicate {item} {shown}",
+    "name": "{where}.name: {shown} must start with a letter and hold only letters, digits, _",
+    "undeclared": "{where}.slots: {shown} is not a declared slot",
+    "slot_type": "{where}.type: {shown} is not one of " + ", ".join(SLOT_TYPES),
+    ("values", "too_short"): _NEEDS_VALUES,
+    ("values", "text"): _NEEDS_VALUES,
+    "values_not_categorical": "{where}.values: only categorical slots take values",
+    "values_duplicate": "{where}.values: duplicate values after normalisation",
+    "dict_type": "{where}.aliases: expected a mapping alias -> value",
+    "aliases_not_categorical": "{where}.aliases: only categorical slots take aliases",
+    "alias_type": "{where}.aliases.{alias}: expected one of the slot's values, got {got}",
+    ("slots", "list_type"): _SLOT_NAMES,
+    ("slots", "string_type"): _SLOT_NAMES,
+    "alias_value": "{where}.aliases.{alias}: {shown} is not one of the slot's values",
+    ("filter", "string_type"): "{where}.filter: expected a string",
+    "filter_value": "{where}.filter: {shown} is not one of " + ", ".join(FILTERS),
+    "filter_column": "{where}.filter: 'attribute:' needs a column name",
+    "bool_type": "{where}.grounded: expected true or false, got {shown}",
+    "grounded_type": "{where}.grounded: only categorical and text slots can be grounded",
 }
 
 
@@ -216,7 +253,9 @@ def _message(err: ErrorDetails, raw: dict, source: str) -> str:
         words.update(alias=str(alias), got=type(target).__name__, shown=_shown(target))
     if kind == "extra_forbidden":
         words["unknown"] = ", ".join(sorted(map(str, set(obj) - set(model.model_fields))))
-    template = table.get((field, kind)) or table.get(kind, "{where}.{field}: {msg}")  # pydantic's words for an error not foreseen
+    template = table.get((field, kind)) or table.get(
+        kind, "{where}.{field}: {msg}"
+    )  # pydantic's words for an error not foreseen
     return template.format(where=where, field=field, msg=err["msg"], **words)
 
 
@@ -252,7 +291,9 @@ def _huge_int(tree: Any) -> str | None:
             for key, value in reversed(items):
                 if isinstance(node, dict) and isinstance(key, int) and not isinstance(key, bool) and abs(key) >= bound:
                     return f"{path}: a key" if path else "a key"
-                stack.append((f"{path}[{key}]" if isinstance(node, list) else f"{path}.{key}" if path else str(key), value))
+                stack.append(
+                    (f"{path}[{key}]" if isinstance(node, list) else f"{path}.{key}" if path else str(key), value)
+                )
     return None
 
 
@@ -272,7 +313,9 @@ def schema_from_dict(raw: Any, source: str = "<schema>") -> Schema:
     schema = Schema(spec.name or Path(source).stem, intents, slots, spec.description)
     bad = _surrogate(schema.to_dict())
     if bad:
-        raise SchemaError(f"{source}: {bad[0]}: lone surrogate U+{ord(bad[1]):04X} (half a UTF-16 pair, not a character)")
+        raise SchemaError(
+            f"{source}: {bad[0]}: lone surrogate U+{ord(bad[1]):04X} (half a UTF-16 pair, not a character)"
+        )
     return schema
 
 
@@ -289,7 +332,9 @@ def load_schema(path: str | Path | None = None) -> Schema:
         raise SchemaError(f"{path}: not UTF-8 text") from None
     except ValueError as e:  # YAML's int and date constructors: a 5,000-digit number, 2001-13-45
         if "integer string conversion" in str(e):
-            raise SchemaError(f"{path}: not valid YAML: a number with more than {sys.get_int_max_str_digits()} digits") from None
+            raise SchemaError(
+                f"{path}: not valid YAML: a number with more than {sys.get_int_max_str_digits()} digits"
+            ) from None
         raise SchemaError(f"{path}: not valid YAML: {e}") from None
     except RecursionError:
         raise SchemaError(f"{path}: not valid YAML: nested too deeply") from None

@@ -70,8 +70,13 @@ class Embedder:
     def encode(self, texts: list[str], progress: bool = False) -> np.ndarray:
         todo = list(dict.fromkeys(t for t in texts if t not in self.cache))
         if todo:
-            vecs = self.model.encode(todo, batch_size=self.batch_size, normalize_embeddings=True,
-                                     convert_to_numpy=True, show_progress_bar=progress)
+            vecs = self.model.encode(
+                todo,
+                batch_size=self.batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=progress,
+            )
             self.cache.update(zip(todo, vecs.astype(np.float32)))
         return np.stack([self.cache[t] for t in texts]) if texts else np.zeros((0, self.dim), np.float32)
 
@@ -89,7 +94,9 @@ class Bm25:
         return self.model.get_scores(tokens) if tokens else np.zeros(self.n, dtype=np.float32)
 
 
-def build_index(catalog: pd.DataFrame, out: str | Path, embedder: Embedder, kind: str = "flat", progress: bool = False) -> Path:
+def build_index(
+    catalog: pd.DataFrame, out: str | Path, embedder: Embedder, kind: str = "flat", progress: bool = False
+) -> Path:
     """Embed the catalog texts and write index.faiss, catalog.parquet and meta.json into `out`."""
     if kind not in INDEX_KINDS:
         raise ValueError(f"--kind: {kind!r} is not one of {', '.join(INDEX_KINDS)}")
@@ -181,7 +188,15 @@ class Searcher:
         if open_value == "now":
             others.append(open_at(self.hours, weekday, minute))
         elif open_value == "late":
-            others.append(np.any([open_at(self.hours, d, 23 * MIN) | open_at(self.hours, (d + 1) % 7, 30) for d in days or [weekday]], axis=0))
+            others.append(
+                np.any(
+                    [
+                        open_at(self.hours, d, 23 * MIN) | open_at(self.hours, (d + 1) % 7, 30)
+                        for d in days or [weekday]
+                    ],
+                    axis=0,
+                )
+            )
         elif open_value == "24h":
             others.append(always_open(self.hours))
         if days and open_value != "late":
@@ -204,8 +219,11 @@ class Searcher:
             bits = np.packbits(mask, bitorder="little")  # must outlive the search: the selector only points at it
             selector = faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bits))
             n_cand = min(n, max(CANDIDATES, k))
-            params = (faiss.SearchParametersHNSW(sel=selector, efSearch=max(64, n_cand)) if self.meta["kind"] == "hnsw"
-                      else faiss.SearchParameters(sel=selector))
+            params = (
+                faiss.SearchParametersHNSW(sel=selector, efSearch=max(64, n_cand))
+                if self.meta["kind"] == "hnsw"
+                else faiss.SearchParameters(sel=selector)
+            )
             sims, found = self.index.search(query, n_cand, params=params)
             keep = found[0] >= 0
             idx, sims = found[0][keep], sims[0][keep]

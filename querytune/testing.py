@@ -1,7 +1,7 @@
 """Tiny in-process models for tests and the reliability scripts under eval/: built in seconds, no download.
 
-    base = tiny_base(world / "seed.jsonl", out / "base")          # a random Llama + BPE tokenizer: what `--base` takes
-    model = tiny_model(world / "seed.jsonl", base, out / "sft")  # two SFT steps on it: a model folder for `--model`
+base = tiny_base(world / "seed.jsonl", out / "base")          # a random Llama + BPE tokenizer: what `--base` takes
+model = tiny_model(world / "seed.jsonl", base, out / "sft")  # two SFT steps on it: a model folder for `--model`
 """
 
 from __future__ import annotations
@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 def tiny_base(seed_jsonl: Path, out: Path) -> Path:
@@ -23,19 +25,41 @@ def tiny_base(seed_jsonl: Path, out: Path) -> Path:
     from querytune.runtime.formats import FORMATS, completion
 
     rows = [json.loads(line) for line in Path(seed_jsonl).read_text().splitlines()]
-    corpus = [r["text"] for r in rows] + [completion(f, r) for f in FORMATS for r in rows] + ["local parser", "sgd parser"]
+    corpus = (
+        [r["text"] for r in rows] + [completion(f, r) for f in FORMATS for r in rows] + ["local parser", "sgd parser"]
+    )
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=800, special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=800,
+            special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     tok.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<|im_start|>",
-                                        eos_token="<|im_end|>", pad_token="<|im_end|>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+    )
     tokenizer.chat_template = CHATML
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     Path(out).mkdir(parents=True, exist_ok=True)
     LlamaForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -50,8 +74,17 @@ def tiny_model(seed_jsonl: Path, base: Path, out: Path, fmt: str = "user-compact
 
     schema = load_schema()
     rows, _ = load_labeled(seed_jsonl, schema)
-    train_sft(rows[:32], schema, out, str(base), SFTRecipe(max_steps=2, batch_size=4, lr=1e-3, lora_r=4, lora_alpha=8, warmup_steps=0,
-                                                           bf16=False, max_minutes=None), say=lambda _: None, fmt=fmt)
+    train_sft(
+        rows[:32],
+        schema,
+        out,
+        str(base),
+        SFTRecipe(
+            max_steps=2, batch_size=4, lr=1e-3, lora_r=4, lora_alpha=8, warmup_steps=0, bf16=False, max_minutes=None
+        ),
+        say=lambda _: None,
+        fmt=fmt,
+    )
     return Path(out)
 
 
@@ -82,8 +115,12 @@ def start_server(args: list[str], log: Path, seconds: float = 120):
 
     port = free_port()
     qt = str(Path(sys.executable).parent / "querytune")
-    proc = subprocess.Popen([qt, "serve", *args, "--port", str(port)], stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = subprocess.Popen(
+        [qt, "serve", *args, "--port", str(port)],
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     url, deadline = f"http://127.0.0.1:{port}", time.time() + seconds
     while True:
         try:
@@ -103,4 +140,6 @@ def tiny_world_and_model(root: Path, rows: int = 4000, per_city: int = 60) -> tu
 
     world = Path(root) / "world"
     make_world(world, seed=0, rows=rows, per_city=per_city)
-    return world, tiny_model(world / "seed.jsonl", tiny_base(world / "seed.jsonl", Path(root) / "base"), Path(root) / "sft")
+    return world, tiny_model(
+        world / "seed.jsonl", tiny_base(world / "seed.jsonl", Path(root) / "base"), Path(root) / "sft"
+    )

@@ -38,9 +38,15 @@ async def replay(url: str, queries: list[str], concurrency: int, api_key: str | 
         seconds = time.perf_counter() - t0
     latencies.sort()
     n = len(latencies)
-    return {"requests": n, "hit_rate": round(sources.get("cache", 0) / n, 4) if n else 0.0, "sources": sources,
-            "requests_per_s": round(n / seconds, 2), "p50_ms": round(1000 * latencies[n // 2], 2) if n else None,
-            "p99_ms": round(1000 * latencies[int(0.99 * (n - 1))], 2) if n else None, "seconds": round(seconds, 1)}
+    return {
+        "requests": n,
+        "hit_rate": round(sources.get("cache", 0) / n, 4) if n else 0.0,
+        "sources": sources,
+        "requests_per_s": round(n / seconds, 2),
+        "p50_ms": round(1000 * latencies[n // 2], 2) if n else None,
+        "p99_ms": round(1000 * latencies[int(0.99 * (n - 1))], 2) if n else None,
+        "seconds": round(seconds, 1),
+    }
 
 
 def wait_healthy(url: str, seconds: float) -> None:
@@ -66,7 +72,9 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=1000, help="how many log rows to replay (from the first)")
     ap.add_argument("--concurrency", type=int, default=16, help="requests in flight")
     ap.add_argument("--api-key", default=None, help="the server's API key, if it has one")
-    ap.add_argument("--wait", type=float, default=0, help="wait up to this many seconds for the server's /healthz first")
+    ap.add_argument(
+        "--wait", type=float, default=0, help="wait up to this many seconds for the server's /healthz first"
+    )
     args = ap.parse_args()
     if args.wait:
         wait_healthy(args.url.rstrip("/"), args.wait)
@@ -79,8 +87,10 @@ def main() -> None:
         if len(queries) >= args.requests:
             break
     result = asyncio.run(replay(args.url.rstrip("/"), queries, args.concurrency, args.api_key))
-    print(f"replayed {result['requests']:,} requests in {result['seconds']} s: hit rate {result['hit_rate']:.1%}, "
-          f"{result['requests_per_s']:.1f} requests/s, p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, sources {result['sources']}")
+    print(
+        f"replayed {result['requests']:,} requests in {result['seconds']} s: hit rate {result['hit_rate']:.1%}, "
+        f"{result['requests_per_s']:.1f} requests/s, p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, sources {result['sources']}"
+    )
     print(json.dumps(result))
 
 

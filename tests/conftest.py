@@ -91,9 +91,19 @@ def memorise_parses(tiny_base: Path, rows: list[dict], out: Path, steps: int = 1
     schema = load_schema()
     tok = AutoTokenizer.from_pretrained(tiny_base)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config)
     ids, labels = [], []
     for r in rows:
@@ -102,9 +112,11 @@ def memorise_parses(tiny_base: Path, rows: list[dict], out: Path, steps: int = 1
         ids.append(p_ids + c_ids)
         labels.append([-100] * len(p_ids) + c_ids)
     width = max(map(len, ids))
-    batch = {"input_ids": torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x in ids]),
-             "labels": torch.tensor([x + [-100] * (width - len(x)) for x in labels]),
-             "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])}
+    batch = {
+        "input_ids": torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x in ids]),
+        "labels": torch.tensor([x + [-100] * (width - len(x)) for x in labels]),
+        "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
+    }
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(steps):  # every row in every step: the whole set is one batch
         loss = model(**batch).loss
@@ -113,5 +125,7 @@ def memorise_parses(tiny_base: Path, rows: list[dict], out: Path, steps: int = 1
         opt.zero_grad()
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    save_model_meta(out, schema, {"base": str(out), "adapter": False, "stage": "test", "format": fmt, "max_new_tokens": 64})
+    save_model_meta(
+        out, schema, {"base": str(out), "adapter": False, "stage": "test", "format": fmt, "max_new_tokens": 64}
+    )
     return out

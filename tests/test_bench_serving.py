@@ -27,7 +27,9 @@ def test_the_least_hit_path_answers_a_kept_body_with_its_latency_and_refuses_a_w
     app = bench.least_hit()
 
     async def get(headers):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=("127.0.0.1", 5000)), base_url="http://bench") as client:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app, client=("127.0.0.1", 5000)), base_url="http://bench"
+        ) as client:
             return await client.get("/v1/parse?q=cheap%20thai", headers=headers)
 
     ok, wrong = asyncio.run(get({"X-API-Key": bench.KEY})), asyncio.run(get({"X-API-Key": "nope"}))

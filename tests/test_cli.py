@@ -43,7 +43,12 @@ def test_training_commands_start_again_under_jemalloc_where_the_system_has_it(mo
     monkeypatch.delenv("QUERYTUNE_ALLOCATOR")
     monkeypatch.setattr(cli.os.path, "exists", lambda p: False)
     cli.main(["train", "sft"])
-    assert calls == [("app", ["train", "sft", "--help"]), ("app", ["predict", "--help"]), ("app", ["demo"]), ("app", ["train", "sft"])]
+    assert calls == [
+        ("app", ["train", "sft", "--help"]),
+        ("app", ["predict", "--help"]),
+        ("app", ["demo"]),
+        ("app", ["train", "sft"]),
+    ]
 
 
 def test_each_choice_type_is_the_tuple_its_module_checks():
@@ -66,12 +71,19 @@ def test_each_choice_type_is_the_tuple_its_module_checks():
     assert set(get_args(common.DemoPreset)) == set(demo.PRESETS) == set(demo.REPLAY)
 
 
-@pytest.mark.parametrize("command, option, shown", [
-    (["label"], "--backend", "transformers|vllm"), (["label"], "--engine", "local|ray"), (["serve"], "--backend", "transformers|vllm"),
-    (["index", "build"], "--kind", "flat|hnsw"), (["train", "sft"], "--format", "user-compact|chat-compact|json|compact"),
-    (["train", "sft"], "--preset", "quick|full"), (["train", "dpo"], "--pick", "traffic|random|novel"),
-    (["train", "grpo"], "--explore-with", "beam|branch|sample"),
-])
+@pytest.mark.parametrize(
+    "command, option, shown",
+    [
+        (["label"], "--backend", "transformers|vllm"),
+        (["label"], "--engine", "local|ray"),
+        (["serve"], "--backend", "transformers|vllm"),
+        (["index", "build"], "--kind", "flat|hnsw"),
+        (["train", "sft"], "--format", "user-compact|chat-compact|json|compact"),
+        (["train", "sft"], "--preset", "quick|full"),
+        (["train", "dpo"], "--pick", "traffic|random|novel"),
+        (["train", "grpo"], "--explore-with", "beam|branch|sample"),
+    ],
+)
 def test_help_lists_the_choices_and_a_wrong_one_exits_2_naming_them(command, option, shown):
     assert shown in run([*command, "--help"]).output
     r = run([*command, option, "nonsense"])
@@ -90,7 +102,11 @@ def test_eval_diff_takes_a_and_b_as_arguments_and_the_old_options_still_work(tmp
     a.mkdir()
     new = run(["eval", "diff", str(a), str(b), "--log", str(tmp_path / "log.csv")])
     old = run(["eval", "diff", "--a", str(a), "--b", str(b), "--log", str(tmp_path / "log.csv")])
-    assert new.exit_code == old.exit_code == 2 and f"B {b}: folder not found" in new.output and f"B {b}: folder not found" in old.output
+    assert (
+        new.exit_code == old.exit_code == 2
+        and f"B {b}: folder not found" in new.output
+        and f"B {b}: folder not found" in old.output
+    )
     assert "deprecated" not in new.output and "--a is deprecated" in old.output and "eval diff A B" in old.output
 
 
@@ -99,22 +115,38 @@ def test_every_server_setting_can_come_from_the_environment():
 
     command = typer.main.get_command(app).commands["serve"]
     settings = [p for p in command.params if p.param_type_name == "option" and p.name != "help"]
-    assert settings and all(p.envvar and p.envvar.startswith("QUERYTUNE_") for p in settings), [p.name for p in settings if not p.envvar]
+    assert settings and all(p.envvar and p.envvar.startswith("QUERYTUNE_") for p in settings), [
+        p.name for p in settings if not p.envvar
+    ]
 
 
 def test_models_are_given_one_way_dir_or_name_dir_and_the_old_stage_option_still_works(tmp_path):
     from querytune.cli.common import UserError, named_models
 
-    assert named_models(["runs/sft", "g=runs/grpo"]) == [("sft", tmp_path.__class__("runs/sft")), ("g", tmp_path.__class__("runs/grpo"))]
+    assert named_models(["runs/sft", "g=runs/grpo"]) == [
+        ("sft", tmp_path.__class__("runs/sft")),
+        ("g", tmp_path.__class__("runs/grpo")),
+    ]
     with pytest.raises(UserError, match="two models named 'sft'"):
         named_models(["a/sft", "b/sft"])
     (tmp_path / "retrieval.json").write_text('{"sft": {"ndcg@10": 0.5}}')
     (tmp_path / "test.jsonl").write_text('{"id": "q0", "text": "thai", "intent": "find_business", "slots": {}}\n')
     (tmp_path / "sft").mkdir()
-    common_args = ["eval", "stages", "--retrieval", str(tmp_path / "retrieval.json"), "--data", str(tmp_path / "test.jsonl")]
+    common_args = [
+        "eval",
+        "stages",
+        "--retrieval",
+        str(tmp_path / "retrieval.json"),
+        "--data",
+        str(tmp_path / "test.jsonl"),
+    ]
     new = run([*common_args, "--model", str(tmp_path / "sft")])
     old = run([*common_args, "--stage", f"sft={tmp_path / 'sft'}"])
-    assert new.exit_code == old.exit_code == 2 and "predictions_test.jsonl not found" in new.output and "predictions_test.jsonl not found" in old.output
+    assert (
+        new.exit_code == old.exit_code == 2
+        and "predictions_test.jsonl not found" in new.output
+        and "predictions_test.jsonl not found" in old.output
+    )
     assert "deprecated" not in new.output and "--stage is deprecated" in old.output
 
 
@@ -128,8 +160,12 @@ def test_demo_tiny_runs_the_full_demos_steps_smaller_with_options_each_command_h
     plans = {name: steps(tmp_path, "querytune", "python", 8765, 40, name) for name in PRESETS}
     assert [s.name for s in plans["tiny"]] == [s.name for s in plans["full"]]
     tiny = {s.name: s.commands for s in plans["tiny"]}
-    assert {"--rows", "--eval-rows"} <= set(tiny["world"][0]) and all("--max-steps" in tiny[s][0] for s in ("sft", "self_train", "rft", "dpo", "grpo"))
-    assert "--max-steps" not in {s.name: s.commands for s in plans["full"]}["sft"][0]  # the full demo trains SFT's whole preset
+    assert {"--rows", "--eval-rows"} <= set(tiny["world"][0]) and all(
+        "--max-steps" in tiny[s][0] for s in ("sft", "self_train", "rft", "dpo", "grpo")
+    )
+    assert (
+        "--max-steps" not in {s.name: s.commands for s in plans["full"]}["sft"][0]
+    )  # the full demo trains SFT's whole preset
     for plan in plans.values():
         for step in plan:
             for command in step.commands:

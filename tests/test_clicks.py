@@ -31,8 +31,16 @@ def simulated_log(eta: float, rows: int, seed: int = 0, randomise: bool = True) 
             probs.append(EPS / POOL if swap else 1 - EPS)
             if rng.random() < (i + 1) ** -eta and rng.random() < rel:
                 clicked.append(b)
-        out.append({"key": "thai food", "user_city": "austin", "timestamp": datetime(2026, 9, 1) + timedelta(minutes=r),
-                    "shown": shown, "display_p": probs, "clicked": clicked})
+        out.append(
+            {
+                "key": "thai food",
+                "user_city": "austin",
+                "timestamp": datetime(2026, 9, 1) + timedelta(minutes=r),
+                "shown": shown,
+                "display_p": probs,
+                "clicked": clicked,
+            }
+        )
     return pd.DataFrame(out)
 
 
@@ -57,8 +65,12 @@ def test_hand_checked_gain():
     """Business b shown 10 times at position 2, clicked 3 times, where p(2) = 0.5: (3 / 0.5) / 10 = 0.6."""
     p = Propensity(math.log(2) / math.log(3), "hand")
     assert p(2) == pytest.approx(0.5)
-    log = pd.DataFrame([{"key": "t", "user_city": "austin", "shown": ["x", "y", "b"], "clicked": ["b"] if r < 3 else []}
-                        for r in range(10)])
+    log = pd.DataFrame(
+        [
+            {"key": "t", "user_city": "austin", "shown": ["x", "y", "b"], "clicked": ["b"] if r < 3 else []}
+            for r in range(10)
+        ]
+    )
     gains = debiased_gains(log, p)[("t", "austin")]
     assert gains == {"b": pytest.approx(0.6), "x": 0.0, "y": 0.0}  # shown and never clicked: judged, gain 0
 
@@ -72,10 +84,23 @@ def test_debiased_gains_undo_the_position_bias():
 
 
 def test_contexts_are_capped_spread_over_time_and_only_where_a_click_is():
-    rows = [{"key": "t", "user_city": "austin", "timestamp": datetime(2026, 9, 1) + timedelta(hours=h), "shown": ["a", "b"],
-             "clicked": ["a"] if h == 0 else []} for h in range(40)]
-    rows += [{"key": "t", "user_city": "boston", "timestamp": datetime(2026, 9, 1), "shown": ["c"], "clicked": []}]  # no click there
+    rows = [
+        {
+            "key": "t",
+            "user_city": "austin",
+            "timestamp": datetime(2026, 9, 1) + timedelta(hours=h),
+            "shown": ["a", "b"],
+            "clicked": ["a"] if h == 0 else [],
+        }
+        for h in range(40)
+    ]
+    rows += [
+        {"key": "t", "user_city": "boston", "timestamp": datetime(2026, 9, 1), "shown": ["c"], "clicked": []}
+    ]  # no click there
     contexts = contexts_by_text(pd.DataFrame(rows), Propensity(1.0, "test"), cap=4)["t"]
-    assert [c["timestamp"] for c in contexts] == [f"2026-09-01T{h:02d}:00:00" for h in (5, 15)] + ["2026-09-02T01:00:00", "2026-09-02T11:00:00"]
+    assert [c["timestamp"] for c in contexts] == [f"2026-09-01T{h:02d}:00:00" for h in (5, 15)] + [
+        "2026-09-02T01:00:00",
+        "2026-09-02T11:00:00",
+    ]
     assert {c["user_city"] for c in contexts} == {"austin"}
     assert contexts[0]["gains"] == {"a": pytest.approx(1 / 40), "b": 0.0}

@@ -25,6 +25,7 @@ COMPOSE = yaml.safe_load((ROOT / "serving" / "compose.yaml").read_text())
 
 def interpolate(value: str, env: dict[str, str]) -> str:
     """Compose's ${VAR:?message} / ${VAR:-default} / $$ rules, enough for this file."""
+
     def one(m):
         name, op, rest = m.group(1), m.group(2), m.group(3)
         if name in env and env[name]:
@@ -32,6 +33,7 @@ def interpolate(value: str, env: dict[str, str]) -> str:
         if op == ":?":
             raise KeyError(f"{name}: {rest}")
         return rest or ""
+
     return re.sub(r"\$\{(\w+)(:\?|:-)?([^}]*)\}", one, value).replace("$$", "$")
 
 
@@ -39,13 +41,22 @@ def start_redis(tmp_path, env) -> tuple[subprocess.Popen, int]:
     if shutil.which("redis-server") is None:
         pytest.fail("redis-server is not installed (apt-get install redis-server; `make test` checks for it)")
     svc = COMPOSE["services"]["redis"]
-    command = interpolate(svc["command"][2], env).replace("--maxmemory 1gb", "--maxmemory 3mb")  # small, to see eviction
+    command = interpolate(svc["command"][2], env).replace(
+        "--maxmemory 1gb", "--maxmemory 3mb"
+    )  # small, to see eviction
     port = free_port()
-    proc = subprocess.Popen(["sh", "-c", f"{command} --port {port} --bind 127.0.0.1 --dir {tmp_path}"],
-                            env={**os.environ, **{k: interpolate(v, env) for k, v in svc["environment"].items()}},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["sh", "-c", f"{command} --port {port} --bind 127.0.0.1 --dir {tmp_path}"],
+        env={**os.environ, **{k: interpolate(v, env) for k, v in svc["environment"].items()}},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     for _ in range(100):
-        r = subprocess.run(["redis-cli", "-p", str(port), "-a", env["REDIS_PASSWORD"], "--no-auth-warning", "ping"], capture_output=True, text=True)
+        r = subprocess.run(
+            ["redis-cli", "-p", str(port), "-a", env["REDIS_PASSWORD"], "--no-auth-warning", "ping"],
+            capture_output=True,
+            text=True,
+        )
         if r.stdout.strip() == "PONG":
             break
         time.sleep(0.05)
@@ -64,7 +75,9 @@ def test_redis_as_composed_keeps_promotions_when_it_evicts_and_wants_its_passwor
     env = {"REDIS_PASSWORD": "pw-test"}
     proc, port = start_redis(tmp_path, env)
     try:
-        url = interpolate(COMPOSE["services"]["querytune"]["environment"]["QUERYTUNE_CACHE_URL"], env).replace("@redis:6379", f"@127.0.0.1:{port}")
+        url = interpolate(COMPOSE["services"]["querytune"]["environment"]["QUERYTUNE_CACHE_URL"], env).replace(
+            "@redis:6379", f"@127.0.0.1:{port}"
+        )
         cache = open_cache(url)
         cache.promote("m1", "/models/sft", "s1")
         cache.promote("m2", "/models/dpo", "s1")
@@ -73,7 +86,9 @@ def test_redis_as_composed_keeps_promotions_when_it_evicts_and_wants_its_passwor
             cache.put_many([(f"query {i}", Entry(big, True, 0.9, "m2")) for i in range(start, start + 500)], "s1")
         info = cache.client.info("stats")
         assert info["evicted_keys"] > 0, "entries were evicted"
-        assert cache.active()["model_dir"] == "/models/dpo" and cache.rollback()["model_dir"] == "/models/sft", "the history survived"
+        assert cache.active()["model_dir"] == "/models/dpo" and cache.rollback()["model_dir"] == "/models/sft", (
+            "the history survived"
+        )
         from querytune.serving.cache import CacheUnavailable
 
         with pytest.raises(CacheUnavailable, match="(?i)auth"):
@@ -91,13 +106,21 @@ def test_the_server_as_composed_follows_a_promotion_without_a_restart(tiny_model
     try:
         svc = COMPOSE["services"]["querytune"]
         server_env = {k: interpolate(str(v), env) for k, v in svc["environment"].items()}
-        server_env["QUERYTUNE_CACHE_URL"] = server_env["QUERYTUNE_CACHE_URL"].replace("@redis:6379", f"@127.0.0.1:{port}")
-        server_env |= {"QUERYTUNE_FALLBACK_LOG": str(tmp_path / "fallback.jsonl"), "QUERYTUNE_CACHE": str(tmp_path / "qtcache"),
-                       "QUERYTUNE_WATCH_S": "0.5", "OMP_NUM_THREADS": "1"}
+        server_env["QUERYTUNE_CACHE_URL"] = server_env["QUERYTUNE_CACHE_URL"].replace(
+            "@redis:6379", f"@127.0.0.1:{port}"
+        )
+        server_env |= {
+            "QUERYTUNE_FALLBACK_LOG": str(tmp_path / "fallback.jsonl"),
+            "QUERYTUNE_CACHE": str(tmp_path / "qtcache"),
+            "QUERYTUNE_WATCH_S": "0.5",
+            "OMP_NUM_THREADS": "1",
+        }
         second = Path(shutil.copytree(tiny_model, tmp_path / "models" / "dpo"))
         qt = str(Path(sys.executable).parent / "querytune")
         env_all = {**os.environ, **server_env}
-        r = subprocess.run([qt, "cache", "promote", "--model", str(tiny_model), "--force"], env=env_all, capture_output=True, text=True)
+        r = subprocess.run(
+            [qt, "cache", "promote", "--model", str(tiny_model), "--force"], env=env_all, capture_output=True, text=True
+        )
         assert r.returncode == 0, r.stderr
         http_port = free_port()
         command = [c.replace("8000", str(http_port)) for c in svc["command"]]
@@ -111,8 +134,15 @@ def test_the_server_as_composed_follows_a_promotion_without_a_restart(tiny_model
             except httpx.HTTPError:
                 time.sleep(0.2)
         assert httpx.get(f"{base}/v1/parse", params={"q": "pizza"}).status_code == 401, "the key is required"
-        assert httpx.get(f"{base}/v1/parse", params={"q": "pizza"}, headers={"X-API-Key": "key-test"}, timeout=30).status_code == 200
-        r = subprocess.run([qt, "cache", "promote", "--model", str(second), "--force"], env=env_all, capture_output=True, text=True)
+        assert (
+            httpx.get(
+                f"{base}/v1/parse", params={"q": "pizza"}, headers={"X-API-Key": "key-test"}, timeout=30
+            ).status_code
+            == 200
+        )
+        r = subprocess.run(
+            [qt, "cache", "promote", "--model", str(second), "--force"], env=env_all, capture_output=True, text=True
+        )
         assert r.returncode == 0, r.stderr
         for _ in range(100):
             if f"now serving {second}" in (tmp_path / "server.log").read_text():

@@ -17,9 +17,28 @@ from querytune.train.evidence import EditMiner
 from querytune.train.rft import PRESETS, RFTRecipe, load_edit_table
 
 SCHEMA = load_schema()
-PIZZA_TEXTS = ["pizza near me", "pizza in soho", "late pizza", "best pizza", "pizza delivery spots", "pizza downtown", "cheap pizza",
-               "pizza by the slice", "family pizza", "pizza open now"]
-CHEAP_TEXTS = ["cheap thai", "cheap tacos near me", "cheap sushi", "cheap ramen", "cheap bbq", "cheap pho", "cheap burgers", "cheap korean"]
+PIZZA_TEXTS = [
+    "pizza near me",
+    "pizza in soho",
+    "late pizza",
+    "best pizza",
+    "pizza delivery spots",
+    "pizza downtown",
+    "cheap pizza",
+    "pizza by the slice",
+    "family pizza",
+    "pizza open now",
+]
+CHEAP_TEXTS = [
+    "cheap thai",
+    "cheap tacos near me",
+    "cheap sushi",
+    "cheap ramen",
+    "cheap bbq",
+    "cheap pho",
+    "cheap burgers",
+    "cheap korean",
+]
 
 
 class Shelf:
@@ -56,17 +75,34 @@ def hand_built():
     """Greedy parses as a guideline-taught model writes them (pizza read as italian, cheap as the cheapest tier), and
     clicks: pizzerias clicked in every city; for the cheap texts t1 or t2 clicked by a coin flip (no evidence)."""
     texts = PIZZA_TEXTS + CHEAP_TEXTS + ["pizza in a town nobody logged"]
-    greedy = [{"intent": "find_business", "slots": {"category": "restaurant", "cuisine": "italian"}} for _ in PIZZA_TEXTS]
-    greedy += [{"intent": "find_business", "slots": {"category": "restaurant", "cuisine": t.split()[1], "price": "cheap"}}
-               for t in CHEAP_TEXTS]
+    greedy = [
+        {"intent": "find_business", "slots": {"category": "restaurant", "cuisine": "italian"}} for _ in PIZZA_TEXTS
+    ]
+    greedy += [
+        {"intent": "find_business", "slots": {"category": "restaurant", "cuisine": t.split()[1], "price": "cheap"}}
+        for t in CHEAP_TEXTS
+    ]
     greedy += [{"intent": "find_business", "slots": {"category": "restaurant", "cuisine": "italian"}}]
     coin = random.Random(1)
-    targets = {t: {"query": t, "contexts": [ctx(c, {"p1": 0.9, "p2": 0.5, "i1": 0.0}) for c in ("austin", "boston", "miami")]}
-               for t in PIZZA_TEXTS}
-    targets |= {t: {"query": t, "contexts": [ctx(c, {"t1": 1.0, "t2": 0.0} if coin.random() < 0.5 else {"t1": 0.0, "t2": 1.0})
-                                             for c in ("austin", "boston", "miami", "denver")]} for t in CHEAP_TEXTS}
+    targets = {
+        t: {"query": t, "contexts": [ctx(c, {"p1": 0.9, "p2": 0.5, "i1": 0.0}) for c in ("austin", "boston", "miami")]}
+        for t in PIZZA_TEXTS
+    }
+    targets |= {
+        t: {
+            "query": t,
+            "contexts": [
+                ctx(c, {"t1": 1.0, "t2": 0.0} if coin.random() < 0.5 else {"t1": 0.0, "t2": 1.0})
+                for c in ("austin", "boston", "miami", "denver")
+            ],
+        }
+        for t in CHEAP_TEXTS
+    }
     # a text whose logged lists share no business with either parse's results: nothing can judge it
-    targets["pizza in a town nobody logged"] = {"query": "pizza in a town nobody logged", "contexts": [ctx("austin", {"z9": 1.0})]}
+    targets["pizza in a town nobody logged"] = {
+        "query": "pizza in a town nobody logged",
+        "contexts": [ctx("austin", {"z9": 1.0})],
+    }
     return texts, greedy, targets
 
 
@@ -82,7 +118,7 @@ def test_the_miner_accepts_a_planted_edit_and_rejects_a_planted_null():
     assert swaps["q"].notna().all() and (swaps["q"] > 0.05).all()
     relabeled = miner.apply(texts, greedy, proposals, table)
     assert all(p["slots"]["cuisine"] == "pizza" for p, _ in relabeled[: len(PIZZA_TEXTS)])
-    assert all(p["slots"]["price"] == "cheap" for p, _ in relabeled[len(PIZZA_TEXTS):-1])
+    assert all(p["slots"]["price"] == "cheap" for p, _ in relabeled[len(PIZZA_TEXTS) : -1])
     # pooled evidence carries to the text no context could judge: it holds the trigger, so it is relabeled too
     assert relabeled[-1][0]["slots"]["cuisine"] == "pizza" and [e.trigger for e in relabeled[-1][1]] == ["pizza"]
 
@@ -92,7 +128,9 @@ def test_the_single_text_route_is_off_unless_asked_for():
     supported contexts, each a large gain. Off by default; text_contexts=3 accepts it for each text alone."""
     texts, greedy, targets = hand_built()
     for text_contexts, accepted in ((0, 0), (3, len(PIZZA_TEXTS))):
-        table, _ = EditMiner(SCHEMA, Reward(), seed_rows=[], min_texts=99, text_contexts=text_contexts).mine(texts, greedy, targets)
+        table, _ = EditMiner(SCHEMA, Reward(), seed_rows=[], min_texts=99, text_contexts=text_contexts).mine(
+            texts, greedy, targets
+        )
         single = table[table["accepted"] & (table["route"] == "text")]
         assert len(single) == accepted and set(single["new"]) <= {'"pizza"'}
         assert not table.loc[table["route"] == "pooled", "accepted"].any()
@@ -133,7 +171,9 @@ def test_a_vetoed_table_read_back_from_csv_is_what_relabels(tmp_path):
     table, proposals = miner.mine(texts, greedy, targets)
     table.to_csv(tmp_path / "edits.csv", index=False)
     kept = load_edit_table(tmp_path / "edits.csv")
-    assert [p for p, _ in miner.apply(texts, greedy, proposals, kept)] == [p for p, _ in miner.apply(texts, greedy, proposals, table)]
+    assert [p for p, _ in miner.apply(texts, greedy, proposals, kept)] == [
+        p for p, _ in miner.apply(texts, greedy, proposals, table)
+    ]
     kept.loc[kept["trigger"] == "pizza", "accepted"] = False  # the user vetoes the edit
     assert [p for p, _ in miner.apply(texts, greedy, proposals, kept)] == greedy
     bad = pd.read_csv(tmp_path / "edits.csv", keep_default_na=False, dtype=str).assign(accepted="maybe")
@@ -155,8 +195,19 @@ def test_rft_and_self_training_run_through_the_cli(tiny_model, small_world, real
     import yaml
     from safetensors.torch import load_file
 
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({"texts": 40, "max_steps": 2, "batch_size": 4, "bf16": False, "min_texts": 2}))
-    common = ["--init", str(tiny_model), "--world", str(small_world), "--index", str(real_index), "--config", str(tmp_path / "tiny.yaml")]
+    (tmp_path / "tiny.yaml").write_text(
+        yaml.safe_dump({"texts": 40, "max_steps": 2, "batch_size": 4, "bf16": False, "min_texts": 2})
+    )
+    common = [
+        "--init",
+        str(tiny_model),
+        "--world",
+        str(small_world),
+        "--index",
+        str(real_index),
+        "--config",
+        str(tmp_path / "tiny.yaml"),
+    ]
     for name, extra in (("rft", []), ("st", ["--edits", "none"])):
         result = CliRunner().invoke(app, ["train", "rft", *common, "--out", str(tmp_path / name), *extra])
         assert result.exit_code == 0, result.output
@@ -167,11 +218,17 @@ def test_rft_and_self_training_run_through_the_cli(tiny_model, small_world, real
         assert json.loads((out / "querytune.json").read_text())["stage"] == {"rft": "rft", "st": "self_train"}[name]
         assert any(w.abs().sum() > 0 for k, w in load_file(out / "adapter_model.safetensors").items() if "lora_B" in k)
         if name == "st":
-            assert not (out / "edits.csv").exists() and all(r["edits"] == [] and r["greedy"]["intent"] == r["intent"] for r in labels)
+            assert not (out / "edits.csv").exists() and all(
+                r["edits"] == [] and r["greedy"]["intent"] == r["intent"] for r in labels
+            )
         else:
-            assert (out / "edits.csv").is_file() and json.loads((out / "evidence.json").read_text())["texts_with_clicks"] > 0
+            assert (out / "edits.csv").is_file() and json.loads((out / "evidence.json").read_text())[
+                "texts_with_clicks"
+            ] > 0
     (tmp_path / "typo.yaml").write_text(yaml.safe_dump({"alpah": 0.1}))
-    result = CliRunner().invoke(app, ["train", "rft", *common[:6], "--config", str(tmp_path / "typo.yaml"), "--out", str(tmp_path / "x")])
+    result = CliRunner().invoke(
+        app, ["train", "rft", *common[:6], "--config", str(tmp_path / "typo.yaml"), "--out", str(tmp_path / "x")]
+    )
     assert result.exit_code == 2 and "alpah" in result.output
 
 
@@ -192,12 +249,31 @@ def test_dpo_trains_on_the_miners_edits_through_the_cli(tiny_model, small_world,
     rows.append({"id": "q9", "text": "italian dinner", **greedy, "greedy": greedy, "edits": []})
     (run / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     version = ModelFolder.open(tiny_model).version
-    (run / "greedy.jsonl").write_text("".join(json.dumps({"text": r["text"], "greedy": greedy, "model_version": version}) + "\n" for r in rows))
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({"lora_r": 4, "lora_alpha": 8, "bf16": False, "max_minutes": 0, "max_steps": 1, "batch_size": 2}))
-    common = ["train", "dpo", "--init", str(tiny_model), "--world", str(small_world), "--index", str(real_index), "--config", str(tmp_path / "tiny.yaml")]
-    result = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "dpo"), "--edits-from", str(run), "--max-minutes", "0"])
+    (run / "greedy.jsonl").write_text(
+        "".join(json.dumps({"text": r["text"], "greedy": greedy, "model_version": version}) + "\n" for r in rows)
+    )
+    (tmp_path / "tiny.yaml").write_text(
+        yaml.safe_dump({"lora_r": 4, "lora_alpha": 8, "bf16": False, "max_minutes": 0, "max_steps": 1, "batch_size": 2})
+    )
+    common = [
+        "train",
+        "dpo",
+        "--init",
+        str(tiny_model),
+        "--world",
+        str(small_world),
+        "--index",
+        str(real_index),
+        "--config",
+        str(tmp_path / "tiny.yaml"),
+    ]
+    result = CliRunner().invoke(
+        app, [*common, "--out", str(tmp_path / "dpo"), "--edits-from", str(run), "--max-minutes", "0"]
+    )
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "dpo" / "train_config.json").read_text())["max_minutes"] is None  # 0: no cap (eval/compare.py's rows)
+    assert (
+        json.loads((tmp_path / "dpo" / "train_config.json").read_text())["max_minutes"] is None
+    )  # 0: no cap (eval/compare.py's rows)
     pairs = pd.read_parquet(tmp_path / "dpo" / "pairs.parquet")
     assert len(pairs) == 4 and set(pairs["chosen"]) == {json.dumps(edited, separators=(",", ":"))}
     assert json.loads((tmp_path / "dpo" / "summary.json").read_text())["steps"] == 1
@@ -220,19 +296,33 @@ def miner_run(folder: Path, world: Path, version: str) -> tuple[list[str], dict,
     greedy = {"intent": "find_business", "slots": {"category": "restaurant", "cuisine": "italian"}}
     edited = {"intent": "find_business", "slots": {"category": "restaurant", "cuisine": "pizza"}}
     edit = {"kind": "what", "trigger": "pizza", "slot": "cuisine", "old": "italian", "new": "pizza", "intent": None}
-    rows = [{"id": f"q{i}", "text": t, **(edited if i < 4 else greedy), "greedy": greedy, "edits": [edit] if i < 4 else []}
-            for i, t in enumerate(texts)]
+    rows = [
+        {"id": f"q{i}", "text": t, **(edited if i < 4 else greedy), "greedy": greedy, "edits": [edit] if i < 4 else []}
+        for i, t in enumerate(texts)
+    ]
     folder.mkdir()
     (folder / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (folder / "greedy.jsonl").write_text("".join(json.dumps({"text": t, "greedy": greedy, "model_version": version}) + "\n" for t in texts))
-    row = dict.fromkeys(TABLE_COLUMNS, "") | {"kind": "what", "trigger": "pizza", "slot": "cuisine", "old": '"italian"', "new": '"pizza"',
-                                               "route": "pooled", "effect": 0.3, "accepted": True}
+    (folder / "greedy.jsonl").write_text(
+        "".join(json.dumps({"text": t, "greedy": greedy, "model_version": version}) + "\n" for t in texts)
+    )
+    row = dict.fromkeys(TABLE_COLUMNS, "") | {
+        "kind": "what",
+        "trigger": "pizza",
+        "slot": "cuisine",
+        "old": '"italian"',
+        "new": '"pizza"',
+        "route": "pooled",
+        "effect": 0.3,
+        "accepted": True,
+    }
     pd.DataFrame([row], columns=TABLE_COLUMNS).to_csv(folder / "edits.csv", index=False)
     return texts, greedy, edited
 
 
 @pytest.mark.slow
-def test_the_evidence_reward_pays_the_accepted_edit_and_never_an_unpooled_one(tiny_model, small_world, real_index, tmp_path):
+def test_the_evidence_reward_pays_the_accepted_edit_and_never_an_unpooled_one(
+    tiny_model, small_world, real_index, tmp_path
+):
     """The label earns its edits' pooled effect, the greedy parse 0, a broken parse -1, and any other parse at most 0."""
     from querytune.runtime.model import ModelFolder
     from querytune.train.grpo import EvidenceReward, evidence_targets
@@ -241,11 +331,21 @@ def test_the_evidence_reward_pays_the_accepted_edit_and_never_an_unpooled_one(ti
     texts, greedy, edited = miner_run(tmp_path / "rft", small_world, ModelFolder.open(tiny_model).version)
     retrieval, schema = retrieval_reward(tiny_model, real_index)
     targets = evidence_targets(tmp_path / "rft", small_world, schema, anchors=1.0, max_contexts=8, seed=0)
-    assert [t["label"] != t["greedy"] for t in targets] == [True, False, True, False, True, True]  # interleaved with the anchors
+    assert [t["label"] != t["greedy"] for t in targets] == [
+        True,
+        False,
+        True,
+        False,
+        True,
+        True,
+    ]  # interleaved with the anchors
     reward = EvidenceReward(retrieval)
     other = json.dumps({"intent": "find_business", "slots": {"category": "bar"}})
     t = targets[0]
-    cols = {k: [t[k]] * 4 for k in ("query", "greedy", "label", "label_reward")} | {"fmt": ["json"] * 4, "contexts": [json.dumps(t["contexts"])] * 4}
+    cols = {k: [t[k]] * 4 for k in ("query", "greedy", "label", "label_reward")} | {
+        "fmt": ["json"] * 4,
+        "contexts": [json.dumps(t["contexts"])] * 4,
+    }
     scores = reward(completions=[json.dumps(edited), json.dumps(greedy), "{broken", other], **cols)
     assert scores[:3] == [0.3, 0.0, -1.0] and scores[3] <= 0.0
 
@@ -260,22 +360,79 @@ def test_grpo_trains_on_the_miners_verdicts_through_the_cli(tiny_model, small_wo
     from querytune.runtime.model import ModelFolder
 
     miner_run(tmp_path / "rft", small_world, ModelFolder.open(tiny_model).version)
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({"lora_r": 4, "lora_alpha": 8, "bf16": False, "max_minutes": 0, "max_steps": 2,
-                                                        "batch_size": 8, "num_generations": 4, "lr": 5e-3}))
+    (tmp_path / "tiny.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "lora_r": 4,
+                "lora_alpha": 8,
+                "bf16": False,
+                "max_minutes": 0,
+                "max_steps": 2,
+                "batch_size": 8,
+                "num_generations": 4,
+                "lr": 5e-3,
+            }
+        )
+    )
     common = ["train", "grpo", "--init", str(tiny_model), "--world", str(small_world), "--index", str(real_index)]
-    result = CliRunner().invoke(app, [*common, "--config", str(tmp_path / "tiny.yaml"), "--out", str(tmp_path / "grpo"), "--edits-from", str(tmp_path / "rft")])
+    result = CliRunner().invoke(
+        app,
+        [
+            *common,
+            "--config",
+            str(tmp_path / "tiny.yaml"),
+            "--out",
+            str(tmp_path / "grpo"),
+            "--edits-from",
+            str(tmp_path / "rft"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "grpo" / "summary.json").read_text())
-    assert summary["steps"] == 2 and summary["guided_texts"] == 4 and summary["edited_texts"] == 4 and summary["anchor_texts"] == 2
+    assert (
+        summary["steps"] == 2
+        and summary["guided_texts"] == 4
+        and summary["edited_texts"] == 4
+        and summary["anchor_texts"] == 2
+    )
     steps = [json.loads(line) for line in (tmp_path / "grpo" / "steps.jsonl").read_text().splitlines()]
     assert all(s["guided"] >= 1 for s in steps)  # each step's two texts include an edited one (they alternate)
-    assert any(w.abs().sum() > 0 for k, w in load_file(tmp_path / "grpo" / "adapter_model.safetensors").items() if "lora_B" in k)
+    assert any(
+        w.abs().sum() > 0
+        for k, w in load_file(tmp_path / "grpo" / "adapter_model.safetensors").items()
+        if "lora_B" in k
+    )
     # fewer texts (6) than a step takes (16 parses in pairs: 8) still train: TRL's sampler would drop the short batch
-    (tmp_path / "wide.yaml").write_text(yaml.safe_dump({"lora_r": 4, "lora_alpha": 8, "bf16": False, "max_minutes": 0, "max_steps": 1,
-                                                        "batch_size": 16, "num_generations": 2}))
-    result = CliRunner().invoke(app, [*common, "--config", str(tmp_path / "wide.yaml"), "--out", str(tmp_path / "wide"), "--edits-from", str(tmp_path / "rft")])
+    (tmp_path / "wide.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "lora_r": 4,
+                "lora_alpha": 8,
+                "bf16": False,
+                "max_minutes": 0,
+                "max_steps": 1,
+                "batch_size": 16,
+                "num_generations": 2,
+            }
+        )
+    )
+    result = CliRunner().invoke(
+        app,
+        [
+            *common,
+            "--config",
+            str(tmp_path / "wide.yaml"),
+            "--out",
+            str(tmp_path / "wide"),
+            "--edits-from",
+            str(tmp_path / "rft"),
+        ],
+    )
     assert result.exit_code == 0, result.output
-    assert "each repeated to fill one" in result.output and json.loads((tmp_path / "wide" / "summary.json").read_text())["steps"] == 1
+    assert (
+        "each repeated to fill one" in result.output
+        and json.loads((tmp_path / "wide" / "summary.json").read_text())["steps"] == 1
+    )
 
 
 @pytest.mark.parametrize("stage", ["sft", "rft", "dpo", "grpo"])
@@ -284,6 +441,12 @@ def test_an_unknown_config_key_fails_every_stage(stage, tmp_path):
     import yaml
 
     (tmp_path / "typo.yaml").write_text(yaml.safe_dump({"lr": 1e-3, "lerning_rate": 1e-3}))
-    where = ["--data", str(tmp_path / "seed.jsonl")] if stage == "sft" else ["--init", str(tmp_path / "m"), "--world", str(tmp_path), "--index", str(tmp_path)]
-    result = CliRunner().invoke(app, ["train", stage, *where, "--out", str(tmp_path / "out"), "--config", str(tmp_path / "typo.yaml")])
+    where = (
+        ["--data", str(tmp_path / "seed.jsonl")]
+        if stage == "sft"
+        else ["--init", str(tmp_path / "m"), "--world", str(tmp_path), "--index", str(tmp_path)]
+    )
+    result = CliRunner().invoke(
+        app, ["train", stage, *where, "--out", str(tmp_path / "out"), "--config", str(tmp_path / "typo.yaml")]
+    )
     assert result.exit_code == 2 and "lerning_rate" in result.output and "typo.yaml" in result.output, result.output

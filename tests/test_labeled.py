@@ -20,8 +20,13 @@ REPO = Path(querytune.__file__).resolve().parent.parent
 SGD_TRAIN = REPO.parent / "shared" / "datasets" / "sgd-local" / "train.jsonl"
 
 GOOD = [
-    {"id": "q1", "text": "cheap thai food in NYC", "intent": "find_business",
-     "slots": {"cuisine": "Thai", "price": "cheap", "city": "NYC"}, "source": "log"},
+    {
+        "id": "q1",
+        "text": "cheap thai food in NYC",
+        "intent": "find_business",
+        "slots": {"cuisine": "Thai", "price": "cheap", "city": "NYC"},
+        "source": "log",
+    },
     {"id": "q2", "text": "what's the weather", "intent": "out_of_scope", "slots": {}, "source": "log"},
     {"id": "q3", "text": "book a table for 4", "intent": "book", "slots": {"party_size": "4"}, "source": "manual"},
 ]
@@ -52,11 +57,14 @@ def schema():
     return load_schema()
 
 
-@pytest.mark.parametrize("fmt, writer, bad_where", [
-    ("jsonl", write_jsonl, 3),  # GOOD[0], GOOD[1], BAD: line 3
-    ("csv", write_csv, 4),  # header is line 1
-    ("parquet", write_parquet, "row 3"),
-])
+@pytest.mark.parametrize(
+    "fmt, writer, bad_where",
+    [
+        ("jsonl", write_jsonl, 3),  # GOOD[0], GOOD[1], BAD: line 3
+        ("csv", write_csv, 4),  # header is line 1
+        ("parquet", write_parquet, "row 3"),
+    ],
+)
 def test_each_format_loads_and_rejects_the_bad_row(tmp_path, schema, fmt, writer, bad_where):
     path = writer(tmp_path / f"labels.{fmt}", [GOOD[0], GOOD[1], BAD, GOOD[2]])
     rows, rejects = load_labeled(path, schema)
@@ -74,23 +82,34 @@ def test_each_format_loads_and_rejects_the_bad_row(tmp_path, schema, fmt, writer
 
 def test_jsonl_line_numbers_count_blank_lines_and_bad_json(tmp_path, schema):
     path = tmp_path / "labels.jsonl"
-    path.write_text("\n".join([
-        json.dumps(GOOD[0]),
-        "",  # line 2: blank, skipped
-        '{"text": "pizza", "intent": "find_business", "slots": {"cuisine": "pizza"',  # line 3: truncated
-        json.dumps({"text": "dentist", "intent": "find_business", "slots": {"category": "dentist"}}),  # line 4
-        json.dumps({"text": "", "intent": "book", "slots": {}}),  # line 5
-        json.dumps({"text": "x", "intent": "teleport", "slots": {}}),  # line 6
-        json.dumps({"text": "x", "intent": "book", "slots": "party_size=2"}),  # line 7
-        json.dumps({"text": "x", "intent": "book", "slots": {"colour": "red"}}),  # line 8
-        "[1, 2]",  # line 9
-        json.dumps({**GOOD[1], "id": "q1"}),  # line 10: the id of line 1 again
-    ]) + "\n")
+    path.write_text(
+        "\n".join(
+            [
+                json.dumps(GOOD[0]),
+                "",  # line 2: blank, skipped
+                '{"text": "pizza", "intent": "find_business", "slots": {"cuisine": "pizza"',  # line 3: truncated
+                json.dumps({"text": "dentist", "intent": "find_business", "slots": {"category": "dentist"}}),  # line 4
+                json.dumps({"text": "", "intent": "book", "slots": {}}),  # line 5
+                json.dumps({"text": "x", "intent": "teleport", "slots": {}}),  # line 6
+                json.dumps({"text": "x", "intent": "book", "slots": "party_size=2"}),  # line 7
+                json.dumps({"text": "x", "intent": "book", "slots": {"colour": "red"}}),  # line 8
+                "[1, 2]",  # line 9
+                json.dumps({**GOOD[1], "id": "q1"}),  # line 10: the id of line 1 again
+            ]
+        )
+        + "\n"
+    )
     rows, rejects = load_labeled(path, load_schema())
     assert [(r.id, r.line) for r in rows] == [("q1", 1), ("labels:4", 4)]
     assert [(r.line, r.reason.split(":")[0]) for r in rejects] == [
-        (3, "not valid JSON"), (5, "text"), (6, "intent"), (7, "slots"), (8, "slots.colour"), (9, "expected an object, got list"),
-        (10, "id")]
+        (3, "not valid JSON"),
+        (5, "text"),
+        (6, "intent"),
+        (7, "slots"),
+        (8, "slots.colour"),
+        (9, "expected an object, got list"),
+        (10, "id"),
+    ]
     assert rejects[0].raw.startswith('{"text": "pizza"')
     assert rejects[3].reason == "slots: expected an object, got str"
     assert rejects[6].reason == "id: 'q1' already used at line 1"
@@ -118,27 +137,36 @@ def test_csv_line_numbers_follow_multiline_fields(tmp_path, schema):
 
 
 def test_parquet_struct_slots_and_missing_text(tmp_path, schema):
-    table = pa.Table.from_pylist([
-        {"text": "nail salon near me", "intent": "find_business", "slots": {"category": "nail_salon", "near_me": True}},
-        {"text": None, "intent": "find_business", "slots": {"category": "barber", "near_me": None}},
-    ])
+    table = pa.Table.from_pylist(
+        [
+            {
+                "text": "nail salon near me",
+                "intent": "find_business",
+                "slots": {"category": "nail_salon", "near_me": True},
+            },
+            {"text": None, "intent": "find_business", "slots": {"category": "barber", "near_me": None}},
+        ]
+    )
     pq.write_table(table, tmp_path / "labels.parquet")
     rows, rejects = load_labeled(tmp_path / "labels.parquet", schema)
     assert [(r.id, r.slots) for r in rows] == [("labels:1", {"category": "nail_salon", "near_me": True})]
     assert [(r.where, r.reason) for r in rejects] == [("row 2", "text: missing or empty")]
 
 
-@pytest.mark.parametrize("name, content, message", [
-    ("empty.jsonl", "", "no rows"),
-    ("blank.jsonl", "\n\n  \n", "no rows"),
-    ("empty.csv", "", "no rows"),
-    ("header.csv", "text,intent,slots\n", "no rows"),
-    ("noslots.csv", "text,intent\nhi,book\n", "missing required column(s) slots"),
-    ("nointent.jsonl", '{"text": "hi", "slots": {}}\n', "missing required column(s) intent"),
-    ("labels.txt", "hi\n", "unknown format '.txt'"),
-    ("latin1.csv", b"text,intent,slots\ncaf\xe9,book,\n", "not UTF-8"),
-    ("broken.parquet", "not parquet", "not a readable Parquet file"),
-])
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("empty.jsonl", "", "no rows"),
+        ("blank.jsonl", "\n\n  \n", "no rows"),
+        ("empty.csv", "", "no rows"),
+        ("header.csv", "text,intent,slots\n", "no rows"),
+        ("noslots.csv", "text,intent\nhi,book\n", "missing required column(s) slots"),
+        ("nointent.jsonl", '{"text": "hi", "slots": {}}\n', "missing required column(s) intent"),
+        ("labels.txt", "hi\n", "unknown format '.txt'"),
+        ("latin1.csv", b"text,intent,slots\ncaf\xe9,book,\n", "not UTF-8"),
+        ("broken.parquet", "not parquet", "not a readable Parquet file"),
+    ],
+)
 def test_unusable_files_raise_naming_the_file(tmp_path, schema, name, content, message):
     path = tmp_path / name
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
@@ -208,10 +236,16 @@ def test_cli_validate_clean_file_and_other_schema(tmp_path):
     assert result.stderr == ""
 
 
-@pytest.mark.parametrize("args, message", [
-    (["validate", "{tmp}/nope.jsonl"], "error: {tmp}/nope.jsonl: file not found"),
-    (["validate", "{tmp}/labels.jsonl", "--schema", "{tmp}/nope.yaml"], "error: {tmp}/nope.yaml: schema file not found"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["validate", "{tmp}/nope.jsonl"], "error: {tmp}/nope.jsonl: file not found"),
+        (
+            ["validate", "{tmp}/labels.jsonl", "--schema", "{tmp}/nope.yaml"],
+            "error: {tmp}/nope.yaml: schema file not found",
+        ),
+    ],
+)
 def test_cli_validate_user_errors_exit_2(tmp_path, args, message):
     write_jsonl(tmp_path / "labels.jsonl", GOOD)
     result = CliRunner().invoke(app, ["data", *(a.format(tmp=tmp_path) for a in args)])
@@ -233,7 +267,10 @@ def test_sgd_local_loads_without_rejects():
 
 
 def test_split_is_fixed_by_id(tmp_path):
-    rows = [{"id": f"r{i}", "text": f"pizza {i}", "intent": "find_business", "slots": {"cuisine": "pizza"}} for i in range(400)]
+    rows = [
+        {"id": f"r{i}", "text": f"pizza {i}", "intent": "find_business", "slots": {"cuisine": "pizza"}}
+        for i in range(400)
+    ]
     path = write_jsonl(tmp_path / "all.jsonl", rows)
     shuffled = write_jsonl(tmp_path / "shuffled.jsonl", rows[::-1])
     for name, src in (("a", path), ("b", shuffled)):
@@ -250,12 +287,19 @@ def test_split_is_fixed_by_id(tmp_path):
 
 def test_huge_numbers_and_lone_surrogates_are_rejects_not_crashes(tmp_path, schema):
     path = tmp_path / "labels.jsonl"
-    path.write_text("\n".join([
-        json.dumps(GOOD[0]),
-        '{"text": "\\udc80 pizza", "intent": "find_business", "slots": {}}',  # line 2: a lone surrogate
-        '{"text": "x", "intent": "book", "slots": {"party_size": ' + "9" * 5000 + "}}",  # line 3: a 5,000-digit number
-        "[" * 100_000,  # line 4: nested past the parser's depth
-    ]) + "\n")
+    path.write_text(
+        "\n".join(
+            [
+                json.dumps(GOOD[0]),
+                '{"text": "\\udc80 pizza", "intent": "find_business", "slots": {}}',  # line 2: a lone surrogate
+                '{"text": "x", "intent": "book", "slots": {"party_size": '
+                + "9" * 5000
+                + "}}",  # line 3: a 5,000-digit number
+                "[" * 100_000,  # line 4: nested past the parser's depth
+            ]
+        )
+        + "\n"
+    )
     rows, rejects = load_labeled(path, schema)
     assert [r.id for r in rows] == ["q1"]
     assert [r.line for r in rejects] == [2, 3, 4]

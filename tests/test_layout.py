@@ -15,8 +15,16 @@ PACKAGE = Path(__file__).resolve().parents[1] / "querytune"
 MAY_IMPORT_WORLD = ("querytune.world", "querytune.cli.world", "querytune.testing", "querytune.demo")
 # the loop's order: a package imports its own modules and those of lower layers only; train and serving, side by
 # side, never import each other (the shared pieces: schema, catalog, labeled files, search)
-LAYERS = {"querytune.world": 1, "querytune.runtime": 1, "querytune.train": 2, "querytune.serving": 2, "querytune.evaluation": 3,
-          "querytune.cli": 4, "querytune.demo": 4, "querytune.testing": 4}
+LAYERS = {
+    "querytune.world": 1,
+    "querytune.runtime": 1,
+    "querytune.train": 2,
+    "querytune.serving": 2,
+    "querytune.evaluation": 3,
+    "querytune.cli": 4,
+    "querytune.demo": 4,
+    "querytune.testing": 4,
+}
 MAX_LINES = 300
 
 
@@ -77,7 +85,9 @@ def test_no_import_cycle(graph):
 
 
 def test_search_serving_and_training_never_import_the_simulator(graph):
-    offenders = sorted((a, b) for a, b in graph.edges if b.startswith("querytune.world") and not a.startswith(MAY_IMPORT_WORLD))
+    offenders = sorted(
+        (a, b) for a, b in graph.edges if b.startswith("querytune.world") and not a.startswith(MAY_IMPORT_WORLD)
+    )
     assert offenders == []
 
 
@@ -91,7 +101,11 @@ def test_imports_go_down_the_loop(graph):
 
 
 def test_no_module_over_the_limit():
-    long = {str(p.relative_to(PACKAGE.parent)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    long = {
+        str(p.relative_to(PACKAGE.parent)): n
+        for p in PACKAGE.rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
     assert long == {}, f"modules over {MAX_LINES} lines: split them by what they do"
 
 
@@ -103,14 +117,24 @@ def test_every_import_of_a_querytune_name_resolves():
 
     root = PACKAGE.parent
     broken = []
-    for path in sorted([*PACKAGE.rglob("*.py"), *(root / "tests").glob("*.py"), *(root / "eval").glob("*.py"), *(root / "serving").glob("*.py")]):
+    for path in sorted(
+        [
+            *PACKAGE.rglob("*.py"),
+            *(root / "tests").glob("*.py"),
+            *(root / "eval").glob("*.py"),
+            *(root / "serving").glob("*.py"),
+        ]
+    ):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] == "querytune":
                 if node.module.endswith("vllm_backend"):
                     continue  # needs vLLM, which lives in its own environment (tests/test_vllm.py imports it there)
                 module = importlib.import_module(node.module)
                 for alias in node.names:
-                    submodule = hasattr(module, "__path__") and importlib.util.find_spec(f"{node.module}.{alias.name}") is not None
+                    submodule = (
+                        hasattr(module, "__path__")
+                        and importlib.util.find_spec(f"{node.module}.{alias.name}") is not None
+                    )
                     if not hasattr(module, alias.name) and not submodule:
                         broken.append(f"{path.relative_to(root)}:{node.lineno}: {node.module}.{alias.name}")
     assert broken == []

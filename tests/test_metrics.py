@@ -63,4 +63,6 @@ def test_ranking_metrics_agree_with_ir_measures_on_random_runs():
         assert m["ndcg@10"] == pytest.approx(theirs.get((q, str(ndcg)), 0.0), abs=1e-4)
         assert m["mrr"] == pytest.approx(theirs.get((q, str(rr)), 0.0), abs=1e-4)
         # ours is capped (hits / min(10, R)); trec_eval's is hits / R
-        assert m["recall@10"] == pytest.approx(theirs.get((q, str(recall)), 0.0) * satisfying / max(min(10, satisfying), 1), abs=1e-4)
+        assert m["recall@10"] == pytest.approx(
+            theirs.get((q, str(recall)), 0.0) * satisfying / max(min(10, satisfying), 1), abs=1e-4
+        )

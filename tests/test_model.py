@@ -20,7 +20,10 @@ QUERIES = ["cheap thai near me", "24h plumber austin", "dentist"]
 
 def predict(model: Path) -> tuple[int, list[dict] | str]:
     result = CliRunner().invoke(app, ["predict", "--model", str(model), *QUERIES])
-    return (result.exit_code, [json.loads(line) for line in result.stdout.splitlines()] if result.exit_code == 0 else result.output)
+    return (
+        result.exit_code,
+        [json.loads(line) for line in result.stdout.splitlines()] if result.exit_code == 0 else result.output,
+    )
 
 
 def test_a_copied_model_predicts_the_same_under_a_fresh_cache(tiny_base, small_world_master, tmp_path, monkeypatch):
@@ -29,11 +32,31 @@ def test_a_copied_model_predicts_the_same_under_a_fresh_cache(tiny_base, small_w
     (tmp_path / "cache").mkdir()
     monkeypatch.setenv("QUERYTUNE_CACHE", str(tmp_path / "cache"))
     model = tmp_path / "train" / "sft"
-    result = CliRunner().invoke(app, ["train", "sft", "--data", str(small_world_master / "seed.jsonl"), "--out", str(model), "--base", str(base),
-                                      "--max-steps", "2", "--batch-size", "4", "--no-bf16", "--lora-r", "4"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "sft",
+            "--data",
+            str(small_world_master / "seed.jsonl"),
+            "--out",
+            str(model),
+            "--base",
+            str(base),
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--no-bf16",
+            "--lora-r",
+            "4",
+        ],
+    )
     assert result.exit_code == 0, result.output
     meta = ModelFolder.open(model).meta
-    assert meta["base"] == "tiny-base" and len(meta["base_sha256"]) == 64  # a name and a content hash, not a path to load
+    assert (
+        meta["base"] == "tiny-base" and len(meta["base_sha256"]) == 64
+    )  # a name and a content hash, not a path to load
     code, before = predict(model)
     assert code == 0, before
     assert {p["model_version"] for p in before} == {ModelFolder.open(model).version}
@@ -67,7 +90,9 @@ def test_a_folder_that_records_an_absolute_base_path_still_loads_where_it_exists
     _, new_preds = predict(tiny_model)
     assert code == 0, old_preds
     assert [p["parse"] for p in old_preds] == [p["parse"] for p in new_preds]
-    assert ModelFolder.open(old).version == ModelFolder.open(tiny_model).version  # the same base content and adapter: the same version
+    assert (
+        ModelFolder.open(old).version == ModelFolder.open(tiny_model).version
+    )  # the same base content and adapter: the same version
 
 
 def test_export_writes_a_merged_folder_that_loads_with_no_cache(tiny_model, tmp_path, monkeypatch):
@@ -77,12 +102,19 @@ def test_export_writes_a_merged_folder_that_loads_with_no_cache(tiny_model, tmp_
     result = CliRunner().invoke(app, ["export", "--model", str(work), "--out", str(out)])
     assert result.exit_code == 0, result.output
     meta = ModelFolder.open(out).meta
-    assert meta["adapter"] is False and "base" not in meta and meta["exported_from"]["model_version"] == ModelFolder.open(work).version
+    assert (
+        meta["adapter"] is False
+        and "base" not in meta
+        and meta["exported_from"]["model_version"] == ModelFolder.open(work).version
+    )
     assert (out / "model.safetensors").is_file() and not (out / "adapter_model.safetensors").exists()
     _, before = predict(work)
     shutil.rmtree(work)  # the adapters are gone and the cache is an empty path: the export alone must do
     monkeypatch.setenv("QUERYTUNE_CACHE", str(tmp_path / "no-cache"))
-    monkeypatch.setattr("querytune.runtime.model.resolve_base", lambda *a: (_ for _ in ()).throw(AssertionError("an export needs no base")))
+    monkeypatch.setattr(
+        "querytune.runtime.model.resolve_base",
+        lambda *a: (_ for _ in ()).throw(AssertionError("an export needs no base")),
+    )
     code, after = predict(out)
     assert code == 0, after
     assert [(p["parse"], p["valid"]) for p in after] == [(p["parse"], p["valid"]) for p in before]
@@ -98,12 +130,17 @@ def test_model_version_follows_the_schema_and_the_format(tiny_model, tmp_path, m
     monkeypatch.setitem(IDENTITY, meta["format"], "querytune-format-next")  # what the model reads or writes changed
     assert ModelFolder.open(copy).version != version
     monkeypatch.undo()
-    (copy / "querytune.json").write_text(json.dumps(meta | {"format": "json"}))  # the same weights read as the other format
+    (copy / "querytune.json").write_text(
+        json.dumps(meta | {"format": "json"})
+    )  # the same weights read as the other format
     assert ModelFolder.open(copy).version != version
     (copy / "querytune.json").write_text(json.dumps(meta))
     schema = (copy / "schema.yaml").read_text()
     (copy / "schema.yaml").write_text(schema.replace("description: ", "description: a ", 1))
-    assert ModelFolder.open(copy).schema.version != ModelFolder.open(tiny_model).schema.version and ModelFolder.open(copy).version != version
+    assert (
+        ModelFolder.open(copy).schema.version != ModelFolder.open(tiny_model).schema.version
+        and ModelFolder.open(copy).version != version
+    )
 
 
 def test_a_model_folder_is_read_and_hashed_once_along_the_serving_path(tiny_model, monkeypatch):
@@ -124,9 +161,15 @@ def test_a_model_folder_is_read_and_hashed_once_along_the_serving_path(tiny_mode
         return hash_files(files)
 
     monkeypatch.setattr(model_module, "_files_sha256", no_rehash)
-    monkeypatch.setattr(ModelFolder, "open", classmethod(lambda cls, f: f if isinstance(f, cls) else pytest.fail(f"{f} was read again")))
+    monkeypatch.setattr(
+        ModelFolder, "open", classmethod(lambda cls, f: f if isinstance(f, cls) else pytest.fail(f"{f} was read again"))
+    )
     backend = load_backend("transformers", folder, batch_size=4)
     assert backend.parser.folder is folder and backend.model_version == version and backend.model_dir == str(tiny_model)
     assert backend.parse(["cheap thai"])[0].raw  # it parses, on the folder it was given
     replica_copy = pickle.loads(pickle.dumps(folder))
-    assert replica_copy.version == version and replica_copy.schema == folder.schema and os.fspath(replica_copy) == str(tiny_model)
+    assert (
+        replica_copy.version == version
+        and replica_copy.schema == folder.schema
+        and os.fspath(replica_copy) == str(tiny_model)
+    )

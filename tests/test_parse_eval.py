@@ -16,7 +16,10 @@ def test_hand_made_cases():
         {"intent": "find_business", "slots": {"category": "restaurant", "cuisine": "thai", "near_me": True}},  # exact
         {"intent": "find_business", "slots": {"category": "plumber", "open": "now"}},  # one wrong value
         None,  # invalid output
-        {"intent": "find_business", "slots": {"category": "dentist", "party_size": 2.0, "city": "austin"}},  # wrong intent, extra slot
+        {
+            "intent": "find_business",
+            "slots": {"category": "dentist", "party_size": 2.0, "city": "austin"},
+        },  # wrong intent, extra slot
     ]
     m = parse_metrics(golds, preds)
     # pairs: gold 3+2+0+2 = 7; pred 3+2+0+3 = 8; tp = 3 + 1 + 0 + 2 = 6

@@ -53,7 +53,7 @@ def completion_logprob(model, tokenizer, prompt: str, completion: str) -> float:
     with torch.no_grad():
         logits = model(ids).logits[0, :-1].float().log_softmax(-1)
     target = ids[0, 1:]
-    return float(logits[n_prompt - 1:].gather(1, target[n_prompt - 1:, None]).sum())
+    return float(logits[n_prompt - 1 :].gather(1, target[n_prompt - 1 :, None]).sum())
 
 
 def lora_b_moved(folder: Path) -> bool:
@@ -63,11 +63,16 @@ def lora_b_moved(folder: Path) -> bool:
 
 def test_click_targets_come_from_the_early_log_outside_the_seed(small_world):
     targets = click_targets(small_world, 50, seed=1)
-    seed_texts = {normalize_text(json.loads(line)["text"]) for line in (small_world / "seed.jsonl").read_text().splitlines()}
+    seed_texts = {
+        normalize_text(json.loads(line)["text"]) for line in (small_world / "seed.jsonl").read_text().splitlines()
+    }
     log = pd.read_parquet(small_world / "log.parquet")
     early = log[log["period"] == "early"].assign(norm=lambda d: d["query"].map(normalize_text))
     assert len(targets) == 50 and len({normalize_text(t["query"]) for t in targets}) == 50  # distinct texts
-    assert all(normalize_text(t["query"]) in set(early["norm"]) and normalize_text(t["query"]) not in seed_texts for t in targets)
+    assert all(
+        normalize_text(t["query"]) in set(early["norm"]) and normalize_text(t["query"]) not in seed_texts
+        for t in targets
+    )
     for t in targets[:10]:  # up to 16 of its rows spread over the log, each with its city's debiased gains
         rows = early[early["norm"] == normalize_text(t["query"])]
         assert t["rows"] == len(rows)
@@ -75,13 +80,17 @@ def test_click_targets_come_from_the_early_log_outside_the_seed(small_world):
         useful = rows[rows["user_city"].isin(clicked_cities)]
         assert len(t["contexts"]) == min(16, len(useful))
         assert [c["timestamp"] for c in t["contexts"]] == sorted(c["timestamp"] for c in t["contexts"])
-        assert {(c["user_city"], c["timestamp"]) for c in t["contexts"]} <= {(u, ts.isoformat()) for u, ts in zip(useful["user_city"], useful["timestamp"])}
+        assert {(c["user_city"], c["timestamp"]) for c in t["contexts"]} <= {
+            (u, ts.isoformat()) for u, ts in zip(useful["user_city"], useful["timestamp"])
+        }
         for c in t["contexts"]:  # every business shown for the text in that city is judged; the clicked ones gain
             in_city = rows[rows["user_city"] == c["user_city"]]
             assert set(c["gains"]) == {b for s in in_city["shown"] for b in s}
             assert {b for b, g in c["gains"].items() if g > 0} == {b for k in in_city["clicked"] for b in k}
             assert all(0 <= g <= 1 for g in c["gains"].values())
-        assert (t["user_city"], t["timestamp"], t["gains"]) == tuple(t["contexts"][0][k] for k in ("user_city", "timestamp", "gains"))
+        assert (t["user_city"], t["timestamp"], t["gains"]) == tuple(
+            t["contexts"][0][k] for k in ("user_city", "timestamp", "gains")
+        )
     # by traffic: the most typed texts, more typed first; at random: a sample that reaches into the tail
     assert [t["rows"] for t in targets] == sorted((t["rows"] for t in targets), reverse=True)
     assert min(t["rows"] for t in targets) >= max(t["rows"] for t in click_targets(small_world, 10_000, seed=1)[50:])
@@ -125,9 +134,15 @@ def test_pairs_fix_the_greedy_parse_and_skip_invalid_or_unclear_ones():
 
     class ScoresWithNamed(Scores):
         def score(self, query, completion, user_city, timestamp, gains):
-            return 0.0 if "find_named_business" in completion else super().score(query, completion, user_city, timestamp, gains)
+            return (
+                0.0
+                if "find_named_business" in completion
+                else super().score(query, completion, user_city, timestamp, gains)
+            )
 
-    pairs = build_pairs(targets, [[mid, long_, short, "junk"], [short, short], [short, "junk"]], Scores(), min_gap=0.2, per_query=2)
+    pairs = build_pairs(
+        targets, [[mid, long_, short, "junk"], [short, short], [short, "junk"]], Scores(), min_gap=0.2, per_query=2
+    )
     assert len(pairs) == 2  # query 2: one distinct candidate; query 3: the best finds nothing clicked
     assert (pairs["chosen"] == long_).all()
     assert pairs["rejected"].tolist() == [mid, short]  # the greedy parse (first) before the worst; "junk" never
@@ -136,7 +151,9 @@ def test_pairs_fix_the_greedy_parse_and_skip_invalid_or_unclear_ones():
     other_intent = build_pairs(targets[:1], [[long_, named, mid]], ScoresWithNamed(), min_gap=0.2, per_query=2)
     assert other_intent["rejected"].tolist() == [mid]  # a sampled parse of another intent is never a rejected one
     oos = '{"intent":"out_of_scope","slots":{}}'
-    with_schema = build_pairs(targets[:2], [[mid, long_, short], [oos, long_, short]], Scores(), min_gap=0.2, per_query=2, schema=SCHEMA)
+    with_schema = build_pairs(
+        targets[:2], [[mid, long_, short], [oos, long_, short]], Scores(), min_gap=0.2, per_query=2, schema=SCHEMA
+    )
     # the query read as out of scope is left alone; the best parse adds a price filter the greedy one lacks, so it
     # is chosen over neither (a filter added by luck teaches adding filters): the greedy parse, better, is chosen
     assert with_schema[["chosen", "rejected"]].values.tolist() == [[mid, short]]
@@ -146,7 +163,9 @@ def test_pairs_fix_the_greedy_parse_and_skip_invalid_or_unclear_ones():
         def score(self, query, completion, user_city, timestamp, gains):
             return 0.8 if completion == no_price else super().score(query, completion, user_city, timestamp, gains)
 
-    with_both = build_pairs(targets[:1], [[mid, long_, no_price]], WithNoPrice(), min_gap=0.2, per_query=2, schema=SCHEMA)
+    with_both = build_pairs(
+        targets[:1], [[mid, long_, no_price]], WithNoPrice(), min_gap=0.2, per_query=2, schema=SCHEMA
+    )
     assert with_both[["chosen", "rejected"]].values.tolist() == [[no_price, mid]]  # the best parse that adds no filter
 
 
@@ -160,8 +179,12 @@ def test_a_chosen_parse_never_drops_what_the_query_writes():
         def score(self, query, completion, user_city, timestamp, gains):
             return {here: 0.9}.get(completion, 0.1)
 
-    pairs = build_pairs([target] * 2, [[la, here], [made_up, here]], HereWins(), min_gap=0.2, per_query=2, schema=SCHEMA)
-    assert pairs[["chosen", "rejected"]].values.tolist() == [[here, made_up]]  # "la" is written: never dropped for "near me"
+    pairs = build_pairs(
+        [target] * 2, [[la, here], [made_up, here]], HereWins(), min_gap=0.2, per_query=2, schema=SCHEMA
+    )
+    assert pairs[["chosen", "rejected"]].values.tolist() == [
+        [here, made_up]
+    ]  # "la" is written: never dropped for "near me"
 
 
 def test_anchor_pairs_keep_the_slots_the_clicks_need_within_quotas():
@@ -175,22 +198,30 @@ def test_anchor_pairs_keep_the_slots_the_clicks_need_within_quotas():
         def score(self, query, completion, user_city, timestamp, gains):
             return {full: 0.8, no_city: 0.1, no_cat: 0.7}.get(completion, 0.0)
 
-    targets = [{"query": q, "user_city": "austin", "timestamp": "2026-09-01T12:00:00", "gains": {"b": 1.0}, "rows": r}
-               for q, r in (("bars chicago", 3), ("cheap bar chicago", 9), ("bar in chicago", 1))]
+    targets = [
+        {"query": q, "user_city": "austin", "timestamp": "2026-09-01T12:00:00", "gains": {"b": 1.0}, "rows": r}
+        for q, r in (("bars chicago", 3), ("cheap bar chicago", 9), ("bar in chicago", 1))
+    ]
     quotas = dropped_slots(pd.DataFrame({"chosen": [no_city, no_city], "rejected": [full, full]}))
     assert quotas == {"city": 2}
     anchors = anchor_pairs(targets, [[full], [full], [full]], CityMatters(), 0.3, quotas, schema=SCHEMA)
     assert anchors["query"].tolist() == ["cheap bar chicago", "bars chicago"]  # most typed first, two for the city
     assert (anchors["chosen"] == full).all() and (anchors["rejected"] == no_city).all()
-    assert anchor_pairs(targets, [[full]] * 3, CityMatters(), 0.3, {"category": 5}, schema=SCHEMA).empty  # 0.1 apart: not needed
-    assert anchor_pairs(targets, [[no_city]] * 3, CityMatters(), 0.3, {"category": 5}, schema=SCHEMA).empty  # greedy scores < 0.5
+    assert anchor_pairs(
+        targets, [[full]] * 3, CityMatters(), 0.3, {"category": 5}, schema=SCHEMA
+    ).empty  # 0.1 apart: not needed
+    assert anchor_pairs(
+        targets, [[no_city]] * 3, CityMatters(), 0.3, {"category": 5}, schema=SCHEMA
+    ).empty  # greedy scores < 0.5
     picked = anchor_targets(targets, [[full]] * 3, CityMatters(), 1, 0.3, SCHEMA, skip={"cheap bar chicago"})
     assert [t["query"] for t in picked] == ["bars chicago"]
 
 
 def test_screening_keeps_queries_whose_parses_earn_different_rewards():
     a, b = '{"intent":"find_business","slots":{}}', '{"intent":"find_business","slots":{"category":"bar"}}'
-    targets = [{"query": q, "user_city": "austin", "timestamp": "2026-09-01T12:00:00", "gains": {"b": 1.0}} for q in "wxyz"]
+    targets = [
+        {"query": q, "user_city": "austin", "timestamp": "2026-09-01T12:00:00", "gains": {"b": 1.0}} for q in "wxyz"
+    ]
     kept = screen(targets, [[a, a, a], [a, b], ["", a], [b, "junk"]], ByLength())
     assert [t["query"] for t in kept] == ["x", "z"]  # w: one parse; y: an empty sample is no candidate
     improvable = screen(targets, [[a, a, a], [a, b], ["", a], [b, "junk"]], ByLength(), improvable=True)
@@ -206,18 +237,38 @@ def test_sampling_explores_only_the_queries_whose_greedy_parse_misses(tiny_sft, 
         def score(self, query, completion, user_city, timestamp, gains):
             return 0.0 if query == targets[0]["query"] else 1.0
 
-    candidates, confidence = sample_candidates(tiny_sft, targets, 3, 1.0, seed=0, say=lambda _: None, reward=MissesFirst(), explore_below=0.5)
-    assert [len(c) for c in candidates] == [4, 1, 1, 1]  # greedy + 3 samples for the miss, the greedy parse alone elsewhere
+    candidates, confidence = sample_candidates(
+        tiny_sft, targets, 3, 1.0, seed=0, say=lambda _: None, reward=MissesFirst(), explore_below=0.5
+    )
+    assert [len(c) for c in candidates] == [
+        4,
+        1,
+        1,
+        1,
+    ]  # greedy + 3 samples for the miss, the greedy parse alone elsewhere
     assert len(confidence) == 4 and all(0 < c <= 1 for c in confidence)
     everything, same = sample_candidates(tiny_sft, targets[:2], 2, 1.0, seed=0, say=lambda _: None)
-    assert [len(c) for c in everything] == [3, 3] and everything[1][0] == candidates[1][0]  # same greedy parse either way
-    assert [math.log(c) for c in same] == pytest.approx([math.log(c) for c in confidence[:2]], abs=0.1)  # bf16, other batches
+    assert [len(c) for c in everything] == [3, 3] and everything[1][0] == candidates[1][
+        0
+    ]  # same greedy parse either way
+    assert [math.log(c) for c in same] == pytest.approx(
+        [math.log(c) for c in confidence[:2]], abs=0.1
+    )  # bf16, other batches
     # the model's confidence picks the queries on its own, and together with the reward both must hold
     middle = math.sqrt(sorted(confidence)[1] * sorted(confidence)[2])  # between the 2nd and 3rd most confident
     unsure, _ = sample_candidates(tiny_sft, targets, 2, 1.0, seed=0, say=lambda _: None, explore_confidence=middle)
     assert [len(c) for c in unsure] == [3 if c < middle else 1 for c in confidence]
-    both, _ = sample_candidates(tiny_sft, targets, 2, 1.0, seed=0, say=lambda _: None, reward=MissesFirst(), explore_below=0.5,
-                                explore_confidence=middle)
+    both, _ = sample_candidates(
+        tiny_sft,
+        targets,
+        2,
+        1.0,
+        seed=0,
+        say=lambda _: None,
+        reward=MissesFirst(),
+        explore_below=0.5,
+        explore_confidence=middle,
+    )
     assert [len(c) for c in both] == [3 if i == 0 and confidence[0] < middle else 1 for i in range(4)]
 
 
@@ -236,31 +287,100 @@ def test_branching_forks_the_greedy_completion_where_the_model_hesitates(tiny_sf
             fork = next((i for i, (a, b) in enumerate(zip(g_ids, r_ids)) if a != b), min(len(g_ids), len(r_ids)))
             assert r_ids[:fork] == g_ids[:fork]  # ...after the greedy prefix, which it keeps
     for how in ("branch", "beam"):  # the greedy parse + 4 others (constrained to the schema by default)
-        candidates, _ = sample_candidates(tiny_sft, [{"query": t} for t in texts], 4, 1.0, seed=0, say=lambda _: None, explore_with=how)
+        candidates, _ = sample_candidates(
+            tiny_sft, [{"query": t} for t in texts], 4, 1.0, seed=0, say=lambda _: None, explore_with=how
+        )
         assert [len(c) for c in candidates] == [5, 5, 5], how
     beams = Parser(tiny_sft).beams(texts, 3)
     assert [len(b) for b in beams] == [3, 3, 3]  # the 3 best sequences of each
     with pytest.raises(ValueError, match="explore_with"):
-        sample_candidates(tiny_sft, [{"query": t} for t in texts], 4, 1.0, seed=0, say=lambda _: None, explore_with="greedy")
+        sample_candidates(
+            tiny_sft, [{"query": t} for t in texts], 4, 1.0, seed=0, say=lambda _: None, explore_with="greedy"
+        )
 
 
 def test_a_pair_file_with_equal_scores_is_rejected(tmp_path):
     path = tmp_path / "pairs.parquet"
-    pd.DataFrame([{"query": "q", "chosen": "a", "rejected": "b", "chosen_score": 0.5, "rejected_score": 0.5}]).to_parquet(path)
+    pd.DataFrame(
+        [{"query": "q", "chosen": "a", "rejected": "b", "chosen_score": 0.5, "rejected_score": 0.5}]
+    ).to_parquet(path)
     with pytest.raises(ValueError, match=r"row 0: chosen_score 0.5 is not above rejected_score 0.5"):
         load_pairs(path)
-    result = CliRunner().invoke(app, ["train", "dpo", "--init", "x", "--world", "w", "--index", "i", "--out", str(tmp_path / "o"),
-                                      "--pairs", str(path)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "dpo",
+            "--init",
+            "x",
+            "--world",
+            "w",
+            "--index",
+            "i",
+            "--out",
+            str(tmp_path / "o"),
+            "--pairs",
+            str(path),
+        ],
+    )
     assert result.exit_code == 2 and "not a querytune model folder" in result.output
-    result = CliRunner().invoke(app, ["train", "grpo", "--init", "x", "--world", "w", "--index", "i", "--out", str(tmp_path / "o"),
-                                      "--explore-with", "greedy"], env={"COLUMNS": "200"})
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "grpo",
+            "--init",
+            "x",
+            "--world",
+            "w",
+            "--index",
+            "i",
+            "--out",
+            str(tmp_path / "o"),
+            "--explore-with",
+            "greedy",
+        ],
+        env={"COLUMNS": "200"},
+    )
     assert result.exit_code == 2 and "'greedy' is not one of 'beam', 'branch', 'sample'" in result.output
     (tmp_path / "c.yaml").write_text("pick: head\n")  # a config file's choices are checked as the command line's are
-    result = CliRunner().invoke(app, ["train", "dpo", "--init", "x", "--world", "w", "--index", "i", "--out", str(tmp_path / "o"),
-                                      "--config", str(tmp_path / "c.yaml")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "dpo",
+            "--init",
+            "x",
+            "--world",
+            "w",
+            "--index",
+            "i",
+            "--out",
+            str(tmp_path / "o"),
+            "--config",
+            str(tmp_path / "c.yaml"),
+        ],
+    )
     assert result.exit_code == 2 and "--pick: 'head' is not one of traffic, random, novel" in result.output
-    result = CliRunner().invoke(app, ["train", "grpo", "--init", "x", "--world", "w", "--index", "i", "--out", str(tmp_path / "o"),
-                                      "--screen-k", "0", "--anchors", "1"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "grpo",
+            "--init",
+            "x",
+            "--world",
+            "w",
+            "--index",
+            "i",
+            "--out",
+            str(tmp_path / "o"),
+            "--screen-k",
+            "0",
+            "--anchors",
+            "1",
+        ],
+    )
     assert result.exit_code == 2 and "--anchors: anchor queries are picked while screening" in result.output
 
 
@@ -268,23 +388,46 @@ def thai_pairs() -> tuple[str, str, pd.DataFrame]:
     """One DPO pair eight times: a thai restaurant search chosen over out of scope, as JSON (as pair files hold it)."""
     chosen = '{"intent":"find_business","slots":{"category":"restaurant","cuisine":"thai"}}'
     rejected = '{"intent":"out_of_scope","slots":{}}'
-    return chosen, rejected, pd.DataFrame([{"query": "cheap thai near me", "chosen": chosen, "rejected": rejected, "chosen_score": 0.9,
-                                            "rejected_score": 0.0}] * 8)
+    return (
+        chosen,
+        rejected,
+        pd.DataFrame(
+            [
+                {
+                    "query": "cheap thai near me",
+                    "chosen": chosen,
+                    "rejected": rejected,
+                    "chosen_score": 0.9,
+                    "rejected_score": 0.0,
+                }
+            ]
+            * 8
+        ),
+    )
 
 
 def test_dpo_step_moves_the_policy_towards_the_chosen(tiny_sft, tmp_path):
     parser = Parser(tiny_sft)
     chosen, rejected, pairs = thai_pairs()
     prompt = parser.prompts(["cheap thai near me"])[0]
-    before = completion_logprob(parser.model, parser.tokenizer, prompt, chosen) - completion_logprob(parser.model, parser.tokenizer, prompt, rejected)
+    before = completion_logprob(parser.model, parser.tokenizer, prompt, chosen) - completion_logprob(
+        parser.model, parser.tokenizer, prompt, rejected
+    )
     out = tmp_path / "dpo"
-    summary = train_dpo(pairs, tiny_sft, out, DPORecipe() | LORA | {"max_steps": 3, "epochs": 1.0, "batch_size": 4, "lr": 5e-3, "beta": 0.1},
-                        say=lambda _: None)
+    summary = train_dpo(
+        pairs,
+        tiny_sft,
+        out,
+        DPORecipe() | LORA | {"max_steps": 3, "epochs": 1.0, "batch_size": 4, "lr": 5e-3, "beta": 0.1},
+        say=lambda _: None,
+    )
     assert summary["steps"] == 3 and lora_b_moved(out)
     meta = ModelFolder.open(out).meta
     assert meta["stage"] == "dpo" and meta["init_adapters"] == ["init/0"]
     tuned = ModelFolder.open(out).merged()
-    after = completion_logprob(tuned, parser.tokenizer, prompt, chosen) - completion_logprob(tuned, parser.tokenizer, prompt, rejected)
+    after = completion_logprob(tuned, parser.tokenizer, prompt, chosen) - completion_logprob(
+        tuned, parser.tokenizer, prompt, rejected
+    )
     assert after > before
     logged = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
     assert {"margin", "logp_chosen", "logp_rejected"} <= set(logged[-1])
@@ -298,9 +441,16 @@ def test_grpo_step_changes_lora_and_sampled_logprobs(tiny_sft, small_world, tmp_
     prompts = parser.prompts([t["query"] for t in targets[:2]])
     before = [completion_logprob(parser.model, parser.tokenizer, p, s) for p, ss in zip(prompts, samples) for s in ss]
     out = tmp_path / "grpo"
-    summary = train_grpo(targets, ByLength(), tiny_sft, out,
-                         GRPORecipe() | LORA | {"max_steps": 2, "batch_size": 4, "num_generations": 4, "temperature": 1.0, "lr": 5e-3, "beta": 0.04},
-                         say=lambda _: None)
+    summary = train_grpo(
+        targets,
+        ByLength(),
+        tiny_sft,
+        out,
+        GRPORecipe()
+        | LORA
+        | {"max_steps": 2, "batch_size": 4, "num_generations": 4, "temperature": 1.0, "lr": 5e-3, "beta": 0.04},
+        say=lambda _: None,
+    )
     assert summary["steps"] == 2 and lora_b_moved(out)
     tuned = ModelFolder.open(out).merged()
     after = [completion_logprob(tuned, parser.tokenizer, p, s) for p, ss in zip(prompts, samples) for s in ss]
@@ -314,11 +464,24 @@ def test_dpo_and_grpo_train_with_the_step_levers(tiny_sft, small_world, tmp_path
     autocast) run through TRL's real trainers, move the adapter and log where a GRPO step's time goes."""
     levers = LORA | {"bf16": True, "lr": 5e-3}  # the recipes' defaults are their levers
     _, _, pairs = thai_pairs()
-    summary = train_dpo(pairs, tiny_sft, tmp_path / "dpo", DPORecipe() | levers | {"max_steps": 2, "epochs": 1.0, "batch_size": 4, "beta": 0.1}, say=lambda _: None)
+    summary = train_dpo(
+        pairs,
+        tiny_sft,
+        tmp_path / "dpo",
+        DPORecipe() | levers | {"max_steps": 2, "epochs": 1.0, "batch_size": 4, "beta": 0.1},
+        say=lambda _: None,
+    )
     assert summary["steps"] == 2 and lora_b_moved(tmp_path / "dpo")
-    summary = train_grpo(click_targets(small_world, 8, seed=0), ByLength(), tiny_sft, tmp_path / "grpo",
-                         GRPORecipe() | levers | {"max_steps": 2, "batch_size": 4, "num_generations": 4, "temperature": 1.0, "beta": 0.04},
-                         say=lambda _: None)
+    summary = train_grpo(
+        click_targets(small_world, 8, seed=0),
+        ByLength(),
+        tiny_sft,
+        tmp_path / "grpo",
+        GRPORecipe()
+        | levers
+        | {"max_steps": 2, "batch_size": 4, "num_generations": 4, "temperature": 1.0, "beta": 0.04},
+        say=lambda _: None,
+    )
     assert summary["steps"] == 2 and lora_b_moved(tmp_path / "grpo")
     logged = [json.loads(line) for line in (tmp_path / "grpo" / "steps.jsonl").read_text().splitlines()]
     assert all(row["sampling_s"] > 0 for row in logged)
@@ -352,17 +515,28 @@ def test_dpo_on_a_compact_model_trains_the_compact_twins_of_its_json_pairs(tiny_
 
     def margin(model, fmt: str) -> float:
         c, r = (formats.completion(fmt, SCHEMA.parse(x)) for x in (chosen, rejected))
-        return completion_logprob(model, parser.tokenizer, prompt, c) - completion_logprob(model, parser.tokenizer, prompt, r)
+        return completion_logprob(model, parser.tokenizer, prompt, c) - completion_logprob(
+            model, parser.tokenizer, prompt, r
+        )
 
     before = {fmt: margin(parser.model, fmt) for fmt in formats.FORMATS}
     out = tmp_path / "dpo"
-    summary = train_dpo(pairs, tiny_compact, out, DPORecipe() | LORA | {"max_steps": 3, "epochs": 1.0, "batch_size": 4, "lr": 5e-3, "beta": 0.1},
-                        say=lambda _: None)
+    summary = train_dpo(
+        pairs,
+        tiny_compact,
+        out,
+        DPORecipe() | LORA | {"max_steps": 3, "epochs": 1.0, "batch_size": 4, "lr": 5e-3, "beta": 0.1},
+        say=lambda _: None,
+    )
     assert summary["steps"] == 3 and lora_b_moved(out)
     tuned = ModelFolder.open(out).merged()
     gain = {fmt: margin(tuned, fmt) - before[fmt] for fmt in formats.FORMATS}
-    assert gain["compact"] > max(0.0, gain["json"])  # the pair was learnt as the model writes it (trained as JSON: +1.0 against +3.2)
-    assert ModelFolder.open(out).meta["format"] == "compact" and Parser(out).format == "compact"  # the tuned folder keeps its init's format
+    assert gain["compact"] > max(
+        0.0, gain["json"]
+    )  # the pair was learnt as the model writes it (trained as JSON: +1.0 against +3.2)
+    assert (
+        ModelFolder.open(out).meta["format"] == "compact" and Parser(out).format == "compact"
+    )  # the tuned folder keeps its init's format
 
 
 class Recorder(ByLength):
@@ -379,9 +553,16 @@ class Recorder(ByLength):
 def test_grpo_on_a_compact_model_samples_from_compact_prompts_and_tells_the_reward(tiny_compact, small_world, tmp_path):
     targets = click_targets(small_world, 8, seed=0)
     reward, out = Recorder(), tmp_path / "grpo"
-    summary = train_grpo(targets, reward, tiny_compact, out,
-                         GRPORecipe() | LORA | {"max_steps": 2, "batch_size": 4, "num_generations": 4, "temperature": 1.0, "lr": 5e-3, "beta": 0.04},
-                         say=lambda _: None)
+    summary = train_grpo(
+        targets,
+        reward,
+        tiny_compact,
+        out,
+        GRPORecipe()
+        | LORA
+        | {"max_steps": 2, "batch_size": 4, "num_generations": 4, "temperature": 1.0, "lr": 5e-3, "beta": 0.04},
+        say=lambda _: None,
+    )
     assert summary["steps"] == 2 and lora_b_moved(out)
     assert len(reward.seen) == 8 and all(p == q + "\n" and f == "compact" for p, q, f in reward.seen)
     assert ModelFolder.open(out).meta["format"] == "compact" and Parser(out).format == "compact"
@@ -399,23 +580,61 @@ def test_dpo_and_grpo_train_through_the_cli(init, request, small_world, real_ind
     tiny = {"lora_r": 4, "lora_alpha": 8, "bf16": False, "max_minutes": 0}
     common = ["--init", str(init), "--world", str(small_world), "--index", str(real_index)]
     pairs = tmp_path / "pairs.parquet"
-    pd.DataFrame([{"query": "cheap thai near me", "chosen": '{"intent":"find_business","slots":{"cuisine":"thai"}}',
-                   "rejected": '{"intent":"out_of_scope","slots":{}}', "chosen_score": 0.9, "rejected_score": 0.0}] * 4).to_parquet(pairs)
+    pd.DataFrame(
+        [
+            {
+                "query": "cheap thai near me",
+                "chosen": '{"intent":"find_business","slots":{"cuisine":"thai"}}',
+                "rejected": '{"intent":"out_of_scope","slots":{}}',
+                "chosen_score": 0.9,
+                "rejected_score": 0.0,
+            }
+        ]
+        * 4
+    ).to_parquet(pairs)
     (tmp_path / "dpo.yaml").write_text(yaml.safe_dump(tiny | {"max_steps": 1, "batch_size": 2}))
-    result = CliRunner().invoke(app, ["train", "dpo", *common, "--out", str(tmp_path / "dpo"), "--pairs", str(pairs),
-                                      "--config", str(tmp_path / "dpo.yaml")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "dpo",
+            *common,
+            "--out",
+            str(tmp_path / "dpo"),
+            "--pairs",
+            str(pairs),
+            "--config",
+            str(tmp_path / "dpo.yaml"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "dpo" / "summary.json").read_text())["steps"] == 1
     fmt = ModelFolder.open(init).meta["format"]
-    (tmp_path / "grpo.yaml").write_text(yaml.safe_dump(tiny | {"queries": 8, "screen_k": 0, "max_steps": 1, "batch_size": 4, "num_generations": 4}))
-    result = CliRunner().invoke(app, ["train", "grpo", *common, "--out", str(tmp_path / "grpo"), "--config", str(tmp_path / "grpo.yaml")])
+    (tmp_path / "grpo.yaml").write_text(
+        yaml.safe_dump(tiny | {"queries": 8, "screen_k": 0, "max_steps": 1, "batch_size": 4, "num_generations": 4})
+    )
+    result = CliRunner().invoke(
+        app, ["train", "grpo", *common, "--out", str(tmp_path / "grpo"), "--config", str(tmp_path / "grpo.yaml")]
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "grpo" / "summary.json").read_text())
     assert summary["steps"] == 1 and summary["screened_queries"] is None and summary["searches"] >= 0
     assert len((tmp_path / "grpo" / "targets.jsonl").read_text().splitlines()) == 8  # what a `--resume` trains on again
     assert [ModelFolder.open(tmp_path / s).meta["format"] for s in ("dpo", "grpo")] == [fmt, fmt]
-    result = CliRunner().invoke(app, ["train", "grpo", *common, "--out", str(tmp_path / "grpo2"), "--config", str(tmp_path / "grpo.yaml"),
-                                      "--screen-k", "2"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "grpo",
+            *common,
+            "--out",
+            str(tmp_path / "grpo2"),
+            "--config",
+            str(tmp_path / "grpo.yaml"),
+            "--screen-k",
+            "2",
+        ],
+    )
     if result.exit_code == 2:
         assert "nothing for GRPO to learn" in result.output
     else:
@@ -433,13 +652,25 @@ def test_a_killed_preference_run_resumes_from_its_last_checkpoint(stage, tiny_sf
     out = tmp_path / stage
     preset = LORA | {"max_steps": 4, "batch_size": 4, "lr": 5e-3, "beta": 0.1, "save_steps": 2}
     if stage == "dpo":
-        pairs = pd.DataFrame([{"query": "cheap thai near me", "chosen": '{"intent":"find_business","slots":{"cuisine":"thai"}}',
-                               "rejected": '{"intent":"out_of_scope","slots":{}}', "chosen_score": 0.9, "rejected_score": 0.0}] * 16)
+        pairs = pd.DataFrame(
+            [
+                {
+                    "query": "cheap thai near me",
+                    "chosen": '{"intent":"find_business","slots":{"cuisine":"thai"}}',
+                    "rejected": '{"intent":"out_of_scope","slots":{}}',
+                    "chosen_score": 0.9,
+                    "rejected_score": 0.0,
+                }
+            ]
+            * 16
+        )
         train = lambda resume: train_dpo(pairs, tiny_sft, out, DPORecipe() | preset, say=lambda _: None, resume=resume)  # noqa: E731
     else:
         targets = click_targets(small_world, 8, seed=0)
         preset |= {"num_generations": 4, "temperature": 1.0}
-        train = lambda resume: train_grpo(targets, ByLength(), tiny_sft, out, GRPORecipe() | preset, say=lambda _: None, resume=resume)  # noqa: E731
+        train = lambda resume: train_grpo(
+            targets, ByLength(), tiny_sft, out, GRPORecipe() | preset, say=lambda _: None, resume=resume
+        )  # noqa: E731
     real_step = trainer_cls.training_step
 
     def killed_after_step_3(self, *a, **kw):
@@ -455,5 +686,9 @@ def test_a_killed_preference_run_resumes_from_its_last_checkpoint(stage, tiny_sf
     monkeypatch.setattr(trainer_cls, "training_step", real_step)
     summary = train(True)
     after = (out / "steps.jsonl").read_text().splitlines()
-    assert summary["steps"] == 4 and [json.loads(line)["step"] for line in after] == [1, 2, 3, 4] and after[:2] == before[:2]
+    assert (
+        summary["steps"] == 4
+        and [json.loads(line)["step"] for line in after] == [1, 2, 3, 4]
+        and after[:2] == before[:2]
+    )
     assert lora_b_moved(out) and not (out / "checkpoints").exists()

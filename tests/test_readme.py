@@ -48,7 +48,9 @@ def shell_commands(text: str) -> list[str]:
     for lang, lines in fenced_blocks(text):
         if lang not in SHELL_LANGS:
             first_words = {(line.split() or [""])[0] for line in lines}
-            assert not first_words & {"querytune", "make", "python", "$"}, f"a ```{lang} block holds commands: tag it ```bash"
+            assert not first_words & {"querytune", "make", "python", "$"}, (
+                f"a ```{lang} block holds commands: tag it ```bash"
+            )
             continue
         joined = "\n".join(lines).replace("\\\n", " ")
         for line in joined.splitlines():
@@ -111,7 +113,9 @@ def broken_links(path: Path) -> list[str]:
 
 def test_readme_is_at_most_250_lines():
     lines = len(README.read_text().splitlines())
-    assert lines <= MAX_README_LINES, f"README.md has {lines} lines; move the detail into docs/ (at most {MAX_README_LINES})"
+    assert lines <= MAX_README_LINES, (
+        f"README.md has {lines} lines; move the detail into docs/ (at most {MAX_README_LINES})"
+    )
 
 
 def test_relative_links_of_readme_and_docs_point_to_files_that_exist():
@@ -127,8 +131,10 @@ def test_relative_links_of_readme_and_docs_point_to_files_that_exist():
 def test_the_link_check_sees_a_broken_link(tmp_path):
     page = tmp_path / "page.md"
     (tmp_path / "there.md").write_text("# There\n\n## A: section's title\n")
-    page.write_text("[ok](there.md#a-sections-title) [gone](missing.md) [bad anchor](there.md#nope) "
-                    "[web](https://example.com) `[code](nowhere.md)`\n")
+    page.write_text(
+        "[ok](there.md#a-sections-title) [gone](missing.md) [bad anchor](there.md#nope) "
+        "[web](https://example.com) `[code](nowhere.md)`\n"
+    )
     assert broken_links(page) == ["missing.md: no such file", "there.md#nope: no heading #nope in there.md"]
 
 
@@ -148,9 +154,17 @@ def test_readme_cheap_commands_run_as_written(tmp_path):
     assert any(c.startswith("querytune schema show") for c in cheap), cheap
     for name in ("data", "querytune"):  # paths in the README are relative to the checkout; outputs land in tmp_path
         (tmp_path / name).symlink_to(ROOT / name)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "COLUMNS": "200", "NO_COLOR": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "COLUMNS": "200",
+        "NO_COLOR": "1",
+    }
     for command in cheap:  # in README order: `world sample` reads what `world make` wrote
-        done = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, f"`{command}` exited {done.returncode}:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+        done = subprocess.run(
+            ["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, (
+            f"`{command}` exited {done.returncode}:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+        )
         assert done.stdout.strip(), f"`{command}` printed nothing"

@@ -15,7 +15,14 @@ import pytest
 
 from querytune.evaluation import breakdowns, charts
 from querytune.evaluation.parse_eval import parse_metrics, parse_scores
-from querytune.evaluation.report import MIN_SLICE, Workspace, build_report, metric_interval, slice_table, summary_markdown
+from querytune.evaluation.report import (
+    MIN_SLICE,
+    Workspace,
+    build_report,
+    metric_interval,
+    slice_table,
+    summary_markdown,
+)
 from querytune.metrics import bootstrap
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,11 +38,15 @@ def test_bootstrap_interval_has_the_width_of_the_binomial_standard_error():
     assert bootstrap(acc, {"ok": ok}, n=2000) == (value, low, high)  # seeded: the same interval every run
     assert bootstrap(acc, {"ok": np.ones(50)})[1:] == (1.0, 1.0)  # no spread, no width
     wide = bootstrap(acc, {"ok": ok[::10]}, n=2000)  # 10x fewer queries: ~3.2x wider
-    assert (wide[2] - wide[1]) / (high - low) == pytest.approx(10 ** 0.5, rel=0.25)
+    assert (wide[2] - wide[1]) / (high - low) == pytest.approx(10**0.5, rel=0.25)
 
 
 def test_bootstrapped_slot_f1_is_parse_metrics_micro_f1():
-    golds = [{"intent": "a", "slots": {"x": "1", "y": "2"}}, {"intent": "b", "slots": {"x": "3"}}, {"intent": "a", "slots": {}}]
+    golds = [
+        {"intent": "a", "slots": {"x": "1", "y": "2"}},
+        {"intent": "b", "slots": {"x": "3"}},
+        {"intent": "a", "slots": {}},
+    ]
     preds = [{"intent": "a", "slots": {"x": "1"}}, None, {"intent": "a", "slots": {"z": "9"}}]
     scores = pd.DataFrame([parse_scores(g, p) for g, p in zip(golds, preds)])
     want = parse_metrics(golds, preds)
@@ -44,14 +55,28 @@ def test_bootstrapped_slot_f1_is_parse_metrics_micro_f1():
 
 
 def test_a_slice_with_too_few_queries_says_so_instead_of_a_number():
-    rows = [{"id": f"q{i}", "intent": "find_business", "user_city": "austin" if i < MIN_SLICE else "boston", "traffic": "head",
-             "effects": ["typo"] if i % 2 else [], "phrasing_in_seed": True} for i in range(MIN_SLICE + 5)]
+    rows = [
+        {
+            "id": f"q{i}",
+            "intent": "find_business",
+            "user_city": "austin" if i < MIN_SLICE else "boston",
+            "traffic": "head",
+            "effects": ["typo"] if i % 2 else [],
+            "phrasing_in_seed": True,
+        }
+        for i in range(MIN_SLICE + 5)
+    ]
     rng = np.random.default_rng(0)
     scores = pd.DataFrame([{"system": "raw", "id": r["id"], "ndcg@10": rng.random()} for r in rows])
     slices = slice_table(scores, rows, ["raw"])
     assert slices["user_city"]["boston"] == {"n": 5, "too_few": True}
-    assert slices["user_city"]["austin"]["n"] == MIN_SLICE and "ndcg@10" in slices["user_city"]["austin"]["systems"]["raw"]
-    assert slices["effects"]["typo"]["n"] == (MIN_SLICE + 5) // 2 and slices["effects"]["none"]["n"] == (MIN_SLICE + 6) // 2
+    assert (
+        slices["user_city"]["austin"]["n"] == MIN_SLICE and "ndcg@10" in slices["user_city"]["austin"]["systems"]["raw"]
+    )
+    assert (
+        slices["effects"]["typo"]["n"] == (MIN_SLICE + 5) // 2
+        and slices["effects"]["none"]["n"] == (MIN_SLICE + 6) // 2
+    )
     metrics = {"meta": {"test_rows": len(rows), "graded_rows": len(rows)}, "intervals": {"raw": {}}, "slices": slices}
     assert "| boston | 5 | too few queries (n=5) |" in summary_markdown(metrics)
 
@@ -60,16 +85,33 @@ def test_a_slice_with_too_few_queries_says_so_instead_of_a_number():
 def test_report_page_numbers_match_metrics_json_and_chromium_shows_the_plots(small_world, real_index, tmp_path):
     rows = [json.loads(line) for line in (small_world / "test.jsonl").read_text().splitlines()]
     ws = Workspace.at(tmp_path / "ws", world=small_world, index=real_index)
-    for stage, spoil in (("sft", lambda i, g: {"intent": g["intent"], "slots": {}} if i % 4 == 0 else g),
-                         ("dpo", lambda i, g: None if i % 7 == 0 else g)):
+    for stage, spoil in (
+        ("sft", lambda i, g: {"intent": g["intent"], "slots": {}} if i % 4 == 0 else g),
+        ("dpo", lambda i, g: None if i % 7 == 0 else g),
+    ):
         folder = ws.models / stage
         folder.mkdir(parents=True)
         shutil.copy(ROOT / "data" / "schema.yaml", folder / "schema.yaml")
         with open(folder / "predictions_test.jsonl", "w") as f:
             for i, r in enumerate(rows):
                 pred = spoil(i, {"intent": r["intent"], "slots": r["slots"]})
-                f.write(json.dumps({"id": r["id"], "text": r["text"], "pred": pred, "valid": pred is not None, "confidence": 0.5 + (i % 5) / 10}) + "\n")
-        (folder / "steps.jsonl").write_text("".join(json.dumps({"step": s, "loss": 2.0 / s, "reward": 0.1 * s, "seconds": 1.0}) + "\n" for s in range(1, 20)))
+                f.write(
+                    json.dumps(
+                        {
+                            "id": r["id"],
+                            "text": r["text"],
+                            "pred": pred,
+                            "valid": pred is not None,
+                            "confidence": 0.5 + (i % 5) / 10,
+                        }
+                    )
+                    + "\n"
+                )
+        (folder / "steps.jsonl").write_text(
+            "".join(
+                json.dumps({"step": s, "loss": 2.0 / s, "reward": 0.1 * s, "seconds": 1.0}) + "\n" for s in range(1, 20)
+            )
+        )
     metrics = build_report(ws, say=lambda _: None)
     assert list(metrics["stages"]) == ["raw", "bm25", "peer", "sft", "dpo", "oracle"]
     assert metrics["stages"]["oracle"]["slot_f1"] == 1.0 and metrics["stages"]["sft"]["slot_f1"] < 1.0
@@ -83,7 +125,9 @@ def test_report_page_numbers_match_metrics_json_and_chromium_shows_the_plots(sma
     for tr in re.findall(r"<tr>(.*?)</tr>", first_table)[1:]:
         cells = re.findall(r"<td>(.*?)</td>", tr)
         name, shown = cells[0], cells[1:]
-        for metric, cell in zip(("ndcg@10", "recall@10", "mrr", "intent_accuracy", "slot_f1", "frame_exact_match", "validity"), shown):
+        for metric, cell in zip(
+            ("ndcg@10", "recall@10", "mrr", "intent_accuracy", "slot_f1", "frame_exact_match", "validity"), shown
+        ):
             want = on_disk["intervals"][name].get(metric)
             assert (cell == "") if want is None else cell.startswith(f"{want['value']:.3f}<br>"), (name, metric, cell)
     assert page.count("data:image/png;base64,") >= 8 and "http" not in page.replace("http://", "").split("<body>")[0]
@@ -97,27 +141,49 @@ def test_report_page_numbers_match_metrics_json_and_chromium_shows_the_plots(sma
         cells = re.findall(r"<td>(.*?)</td>", tr)
         for metric, cell in zip(("ndcg@10", "intent_accuracy", "slot_f1"), cells[1:]):
             want = on_disk["paired"][cells[0]].get(metric)
-            assert (cell == "") if want is None else cell.startswith(f"{want['value']:+.3f}<br>"), (cells[0], metric, cell)
+            assert (cell == "") if want is None else cell.startswith(f"{want['value']:+.3f}<br>"), (
+                cells[0],
+                metric,
+                cell,
+            )
     sft_f1, dpo_f1 = metrics["stages"]["sft"]["slot_f1"], metrics["stages"]["dpo"]["slot_f1"]
     assert on_disk["paired"]["dpo"]["slot_f1"]["value"] == pytest.approx(dpo_f1 - sft_f1, abs=2e-4)
     confusion = np.array(on_disk["intent_confusion"]["dpo"]["counts"])
     assert confusion[:, -1].sum() == len(range(0, len(rows), 7)) and confusion.sum() == len(rows)  # the invalid column
     assert on_disk["calibration"]["sft"]["n"] == len(rows) and on_disk["cache_coverage"]["rows"] > 0
     golds = [{"intent": r["intent"], "slots": r["slots"]} for r in rows]
-    assert on_disk["slot_f1_by_slot"]["dpo"] == parse_metrics(golds, [None if i % 7 == 0 else g for i, g in enumerate(golds)])["per_slot"]
+    assert (
+        on_disk["slot_f1_by_slot"]["dpo"]
+        == parse_metrics(golds, [None if i % 7 == 0 else g for i, g in enumerate(golds)])["per_slot"]
+    )
 
     import sqlite3
 
     with sqlite3.connect(ws.report / on_disk["browser"].removeprefix("report/")) as db:
         by_system = dict(db.execute("SELECT system, count(*) FROM parses GROUP BY system"))
         invalid = db.execute("SELECT count(*) FROM parses WHERE system = 'dpo' AND intent = 'invalid'").fetchone()[0]
-    assert by_system == {"peer": len(rows), "sft": len(rows), "dpo": len(rows)} and invalid == len(range(0, len(rows), 7))
+    assert by_system == {"peer": len(rows), "sft": len(rows), "dpo": len(rows)} and invalid == len(
+        range(0, len(rows), 7)
+    )
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "headless Chromium is needed for this test (Debian: apt-get install chromium; .ci/run installs it)"
     shot = tmp_path / "shot.png"
-    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1280,2400",
-                    f"--screenshot={shot}", (ws.report / "index.html").as_uri()], check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--window-size=1280,2400",
+            f"--screenshot={shot}",
+            (ws.report / "index.html").as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     from PIL import Image
 
     img = np.asarray(Image.open(shot).convert("RGB"))
@@ -137,15 +203,24 @@ def test_demo_steps_skip_work_done_for_the_same_inputs_and_code(tmp_path):
     count = "import pathlib, sys; p = pathlib.Path(sys.argv[1]); p.write_text(str(int(p.read_text() or 0) + 1) if p.exists() else '1')"
 
     def plan(arg: str = "x") -> list[Step]:
-        return [Step("a", [[sys.executable, "-c", count, str(ws / "a.txt"), arg]], ["a.txt"]),
-                Step("b", [[sys.executable, "-c", count, str(ws / "b.txt")]], ["b.txt"], after=["a"])]
+        return [
+            Step("a", [[sys.executable, "-c", count, str(ws / "a.txt"), arg]], ["a.txt"]),
+            Step("b", [[sys.executable, "-c", count, str(ws / "b.txt")]], ["b.txt"], after=["a"]),
+        ]
 
     runs = lambda: (int((ws / "a.txt").read_text()), int((ws / "b.txt").read_text()))  # noqa: E731
     run_steps(ws, plan(), "code1", say=lambda _: None)
     assert runs() == (1, 1)
-    assert run_steps(ws, plan(), "code1", say=lambda _: None) == {"a": 0.0, "b": 0.0} and runs() == (1, 1)  # nothing to do
+    assert run_steps(ws, plan(), "code1", say=lambda _: None) == {"a": 0.0, "b": 0.0} and runs() == (
+        1,
+        1,
+    )  # nothing to do
     times = json.loads((ws / "eval" / "demo_times.json").read_text())
-    assert times["this_run"] == {"a": 0.0, "b": 0.0} and set(times["step_seconds"]) == {"a", "b"} and None not in times["step_seconds"].values()  # first run's times kept
+    assert (
+        times["this_run"] == {"a": 0.0, "b": 0.0}
+        and set(times["step_seconds"]) == {"a", "b"}
+        and None not in times["step_seconds"].values()
+    )  # first run's times kept
     run_steps(ws, plan("y"), "code1", say=lambda _: None)  # a's command changed: a and what reads it run again
     assert runs() == (2, 2)
     run_steps(ws, plan("y"), "code2", say=lambda _: None)  # the code changed: everything runs again
@@ -154,7 +229,9 @@ def test_demo_steps_skip_work_done_for_the_same_inputs_and_code(tmp_path):
     run_steps(ws, plan("y"), "code2", say=lambda _: None)
     assert runs() == (3, 1)
     with pytest.raises(SystemExit, match="step bad failed"):
-        run_steps(ws, [Step("bad", [[sys.executable, "-c", "raise SystemExit(3)"]], ["never"])], "code2", say=lambda _: None)
+        run_steps(
+            ws, [Step("bad", [[sys.executable, "-c", "raise SystemExit(3)"]], ["never"])], "code2", say=lambda _: None
+        )
 
 
 def test_a_demo_step_that_cannot_run_is_skipped_with_its_reason_and_its_stale_output_removed(tmp_path):
@@ -170,11 +247,19 @@ def test_a_demo_step_that_cannot_run_is_skipped_with_its_reason_and_its_stale_ou
     (ws / "models" / "rft").mkdir()
     (ws / "models" / "rft" / "labels.jsonl").write_text(json.dumps({"text": "pizza", "edits": []}) + "\n")
     said: list[str] = []
-    step = Step("dpo", [[sys.executable, "-c", "raise SystemExit(3)"]], ["models/dpo/summary.json"], clean=["models/dpo"], needs=miner_accepted)
+    step = Step(
+        "dpo",
+        [[sys.executable, "-c", "raise SystemExit(3)"]],
+        ["models/dpo/summary.json"],
+        clean=["models/dpo"],
+        needs=miner_accepted,
+    )
     assert run_steps(ws, [step], "code", say=said.append) == {"dpo": 0.0}
     assert "skipped: the click-evidence miner accepted no edit" in said[0] and not (ws / "models" / "dpo").exists()
     assert json.loads((ws / "eval" / "demo_times.json").read_text())["step_seconds"] == {"dpo": None}
-    (ws / "models" / "rft" / "labels.jsonl").write_text(json.dumps({"text": "pizza", "edits": [{"kind": "what"}]}) + "\n")
+    (ws / "models" / "rft" / "labels.jsonl").write_text(
+        json.dumps({"text": "pizza", "edits": [{"kind": "what"}]}) + "\n"
+    )
     assert miner_accepted(ws) is None
 
 
@@ -183,7 +268,13 @@ def test_docs_cli_reference_is_generated_from_the_current_help():
 
     text = DOC.read_text()
     assert doc_with_reference(text) == text, "docs/cli.md's CLI reference is stale: run `make readme`"
-    for command in ("querytune eval report", "querytune eval diff", "querytune demo", "querytune label INPUT", "querytune serve"):
+    for command in (
+        "querytune eval report",
+        "querytune eval diff",
+        "querytune demo",
+        "querytune label INPUT",
+        "querytune serve",
+    ):
         assert f"## `{command}" in text
 
 
@@ -193,8 +284,13 @@ def test_paired_differences_are_the_difference_of_the_two_systems_and_narrower_t
     ids = [f"q{i}" for i in range(400)]
     a = (hard > 0.5).astype(float)
     b = np.where(rng.random(400) < 0.1, 1.0, a)  # b fixes a tenth of a's misses
-    scores = pd.DataFrame([{"system": s, "id": i, "intent_accuracy": v[k], "ndcg@10": v[k], "tp": v[k], "fp": 1 - v[k], "fn": 0.0}
-                           for s, v in (("a", a), ("b", b)) for k, i in enumerate(ids)])
+    scores = pd.DataFrame(
+        [
+            {"system": s, "id": i, "intent_accuracy": v[k], "ndcg@10": v[k], "tp": v[k], "fp": 1 - v[k], "fn": 0.0}
+            for s, v in (("a", a), ("b", b))
+            for k, i in enumerate(ids)
+        ]
+    )
     d = breakdowns.paired_differences(scores, "a", ["a", "b"])["b"]
     assert set(d) == {"ndcg@10", "intent_accuracy", "slot_f1"} and d["intent_accuracy"]["n"] == 400
     assert d["intent_accuracy"]["value"] == pytest.approx(b.mean() - a.mean(), abs=1e-4)
@@ -206,8 +302,13 @@ def test_paired_differences_are_the_difference_of_the_two_systems_and_narrower_t
 
 
 def test_calibration_bins_and_expected_error():
-    records = [{"confidence": 0.95, "right": True}] * 9 + [{"confidence": 0.95, "right": False}] + \
-              [{"confidence": 0.15, "right": True}] * 5 + [{"confidence": 0.15, "right": False}] * 5 + [{"confidence": None, "right": True}]
+    records = (
+        [{"confidence": 0.95, "right": True}] * 9
+        + [{"confidence": 0.95, "right": False}]
+        + [{"confidence": 0.15, "right": True}] * 5
+        + [{"confidence": 0.15, "right": False}] * 5
+        + [{"confidence": None, "right": True}]
+    )
     c = breakdowns.calibration(records)
     assert c["n"] == 20 and [(b["n"], b["right"]) for b in c["bins"]] == [(10, 0.5), (10, 0.9)]
     assert c["ece"] == pytest.approx(0.5 * abs(0.15 - 0.5) + 0.5 * abs(0.95 - 0.9), abs=1e-4)
@@ -216,7 +317,9 @@ def test_calibration_bins_and_expected_error():
 
 def test_intent_confusion_counts_invalid_parses_in_their_own_column():
     golds = [{"intent": "a", "slots": {}}, {"intent": "a", "slots": {}}, {"intent": "b", "slots": {}}]
-    c = breakdowns.intent_confusion(golds, [{"intent": "b", "slots": {}}, None, {"intent": "b", "slots": {}}], ["a", "b"])
+    c = breakdowns.intent_confusion(
+        golds, [{"intent": "b", "slots": {}}, None, {"intent": "b", "slots": {}}], ["a", "b"]
+    )
     assert c == {"gold": ["a", "b"], "predicted": ["a", "b", "invalid"], "counts": [[0, 1, 1], [0, 1, 0]]}
 
 
@@ -226,8 +329,11 @@ def test_cache_coverage_counts_normalised_queries_and_the_later_period(tmp_path)
     pd.DataFrame({"query": queries, "period": periods}).to_parquet(tmp_path / "log.parquet")
     c = breakdowns.cache_coverage(tmp_path / "log.parquet", sizes=(1, 2))
     assert c["rows"] == 19 and c["distinct"] == 5
-    assert c["curves"]["the whole log"] == [{"top_n": 1, "coverage": round(11 / 19, 4)}, {"top_n": 2, "coverage": round(14 / 19, 4)},
-                                            {"top_n": 5, "coverage": 1.0}]
+    assert c["curves"]["the whole log"] == [
+        {"top_n": 1, "coverage": round(11 / 19, 4)},
+        {"top_n": 2, "coverage": round(14 / 19, 4)},
+        {"top_n": 5, "coverage": 1.0},
+    ]
     # filled from the early top 1 (thai), the late period asks thai 3 times of 6; its ramen was never cached
     assert c["curves"]["filled from early, asked by late"][0] == {"top_n": 1, "coverage": 0.5}
     assert c["curves"]["filled from early, asked by late"][-1] == {"top_n": 4, "coverage": 0.5}
@@ -241,28 +347,60 @@ def _overlaps(fig) -> list[str]:
     if fig._suptitle is None:
         return []
     top = fig._suptitle.get_window_extent(renderer)
-    return [ax.title.get_text() for ax in fig.axes if ax.title.get_text() and ax.title.get_window_extent(renderer).overlaps(top)]
+    return [
+        ax.title.get_text()
+        for ax in fig.axes
+        if ax.title.get_text() and ax.title.get_window_extent(renderer).overlaps(top)
+    ]
 
 
 def test_chart_titles_never_overlap_their_panel_titles():
     iv = lambda v: {"value": v, "low": v - 0.05, "high": v + 0.05, "n": 100}  # noqa: E731
-    intervals = {s: {"ndcg@10": iv(0.5), "recall@10": iv(0.6), "mrr": iv(0.4), "intent_accuracy": iv(0.9), "slot_f1": iv(0.8),
-                     "frame_exact_match": iv(0.7)} for s in ("raw", "bm25", "peer", "sft", "dpo", "grpo", "oracle")}
-    paired = {s: {"ndcg@10": iv(0.01), "intent_accuracy": iv(-0.02), "slot_f1": iv(0.0)} for s in ("raw", "dpo", "grpo")}
-    confusion = {s: {"gold": ["a", "b"], "predicted": ["a", "b", "invalid"], "counts": [[5, 1, 0], [2, 7, 1]]} for s in ("sft", "dpo")}
-    figures = {"retrieval": charts.bars(intervals, ("ndcg@10", "recall@10", "mrr"), "retrieval (95% bootstrap intervals)"),
-               "parsing": charts.bars(intervals, ("intent_accuracy", "slot_f1", "frame_exact_match"), "parsing (95% bootstrap intervals)"),
-               "forest": charts.forest(paired, "sft", ("ndcg@10", "intent_accuracy", "slot_f1")),
-               "confusion": charts.confusion(confusion)}
+    intervals = {
+        s: {
+            "ndcg@10": iv(0.5),
+            "recall@10": iv(0.6),
+            "mrr": iv(0.4),
+            "intent_accuracy": iv(0.9),
+            "slot_f1": iv(0.8),
+            "frame_exact_match": iv(0.7),
+        }
+        for s in ("raw", "bm25", "peer", "sft", "dpo", "grpo", "oracle")
+    }
+    paired = {
+        s: {"ndcg@10": iv(0.01), "intent_accuracy": iv(-0.02), "slot_f1": iv(0.0)} for s in ("raw", "dpo", "grpo")
+    }
+    confusion = {
+        s: {"gold": ["a", "b"], "predicted": ["a", "b", "invalid"], "counts": [[5, 1, 0], [2, 7, 1]]}
+        for s in ("sft", "dpo")
+    }
+    figures = {
+        "retrieval": charts.bars(intervals, ("ndcg@10", "recall@10", "mrr"), "retrieval (95% bootstrap intervals)"),
+        "parsing": charts.bars(
+            intervals, ("intent_accuracy", "slot_f1", "frame_exact_match"), "parsing (95% bootstrap intervals)"
+        ),
+        "forest": charts.forest(paired, "sft", ("ndcg@10", "intent_accuracy", "slot_f1")),
+        "confusion": charts.confusion(confusion),
+    }
     for name, fig in figures.items():
         assert fig is not None and fig._suptitle is not None, name
         assert _overlaps(fig) == [], f"{name}: the figure's title covers its panels' titles"
-    cache = {"rows": 10, "distinct": 4, "curves": {"the whole log": [{"top_n": 1, "coverage": 0.5}, {"top_n": 4, "coverage": 1.0}]}}
-    calib = {"sft": {"bins": [{"confidence": 0.2, "right": 0.3}, {"confidence": 0.9, "right": 0.85}], "ece": 0.05, "n": 10}}
+    cache = {
+        "rows": 10,
+        "distinct": 4,
+        "curves": {"the whole log": [{"top_n": 1, "coverage": 0.5}, {"top_n": 4, "coverage": 1.0}]},
+    }
+    calib = {
+        "sft": {"bins": [{"confidence": 0.2, "right": 0.3}, {"confidence": 0.9, "right": 0.85}], "ece": 0.05, "n": 10}
+    }
     slots = {"sft": {"cuisine": {"support": 10, "f1": 0.8}}, "peer": {"cuisine": {"support": 10, "f1": 0.5}}}
     for fig in (charts.coverage(cache), charts.calibration(calib), charts.slot_f1(slots)):
         assert fig is not None and fig.axes[0].get_title()
-    assert charts.forest({}, "sft", ("ndcg@10",)) is None and charts.coverage(None) is None and charts.confusion({}) is None
+    assert (
+        charts.forest({}, "sft", ("ndcg@10",)) is None
+        and charts.coverage(None) is None
+        and charts.confusion({}) is None
+    )
 
 
 def test_the_old_panel_layout_did_overlap(tmp_path):

@@ -27,7 +27,9 @@ def test_default_schema_loads(schema):
     assert schema.name == "local"
     assert {"find_business", "find_named_business", "book", "out_of_scope"} == set(schema.intents)
     assert schema.slots["city"].filter == "city"
-    assert schema.slots["kid_friendly"].filter == "attribute" and schema.slots["kid_friendly"].attribute == "kid_friendly"
+    assert (
+        schema.slots["kid_friendly"].filter == "attribute" and schema.slots["kid_friendly"].attribute == "kid_friendly"
+    )
     assert schema.intents["out_of_scope"].slots == ()
     assert len(schema.version) == 12 and int(schema.version, 16) >= 0
 
@@ -37,21 +39,24 @@ def test_normalize_text():
     assert normalize_text("\uff34\uff28\uff21\uff29") == "thai"  # NFKC folds full-width letters
 
 
-@pytest.mark.parametrize("slots, expected", [
-    ({"city": "NYC"}, {"city": "new york"}),
-    ({"city": "  New   YORK "}, {"city": "new york"}),
-    ({"city": "philly"}, {"city": "philadelphia"}),
-    ({"cuisine": "Thai"}, {"cuisine": "thai"}),
-    ({"near_me": "yes"}, {"near_me": True}),
-    ({"near_me": "True"}, {"near_me": True}),
-    ({"near_me": "no"}, {"near_me": False}),
-    ({"near_me": True}, {"near_me": True}),
-    ({"min_rating": "4.5"}, {"min_rating": 4.5}),
-    ({"min_rating": "4"}, {"min_rating": 4}),
-    ({"party_size": 3.0}, {"party_size": 3}),
-    ({"neighborhood": " The  Loop"}, {"neighborhood": "the loop"}),
-    ({"price": None}, {}),  # an explicit null means "not said"
-])
+@pytest.mark.parametrize(
+    "slots, expected",
+    [
+        ({"city": "NYC"}, {"city": "new york"}),
+        ({"city": "  New   YORK "}, {"city": "new york"}),
+        ({"city": "philly"}, {"city": "philadelphia"}),
+        ({"cuisine": "Thai"}, {"cuisine": "thai"}),
+        ({"near_me": "yes"}, {"near_me": True}),
+        ({"near_me": "True"}, {"near_me": True}),
+        ({"near_me": "no"}, {"near_me": False}),
+        ({"near_me": True}, {"near_me": True}),
+        ({"min_rating": "4.5"}, {"min_rating": 4.5}),
+        ({"min_rating": "4"}, {"min_rating": 4}),
+        ({"party_size": 3.0}, {"party_size": 3}),
+        ({"neighborhood": " The  Loop"}, {"neighborhood": "the loop"}),
+        ({"price": None}, {}),  # an explicit null means "not said"
+    ],
+)
 def test_parse_canonicalises(schema, slots, expected):
     parse = schema.parse({"intent": "find_business", "slots": slots})
     assert parse.slots == expected
@@ -63,42 +68,72 @@ def test_parse_accepts_json_and_serialises_sorted(schema):
     assert parse.to_json() == '{"intent":"book","slots":{"city":"san francisco","party_size":4}}'
 
 
-@pytest.mark.parametrize("obj, field", [
-    ({"intent": "find_business", "slots": {"cuisine": "klingon"}}, "slots.cuisine"),
-    ({"intent": "find_business", "slots": {"city": "atlantis"}}, "slots.city"),
-    ({"intent": "find_business", "slots": {"near_me": "maybe"}}, "slots.near_me"),
-    ({"intent": "find_business", "slots": {"min_rating": "lots"}}, "slots.min_rating"),
-    ({"intent": "find_business", "slots": {"min_rating": "nan"}}, "slots.min_rating"),
-    ({"intent": "find_business", "slots": {"business_name": "  "}}, "slots.business_name"),
-    ({"intent": "find_business", "slots": {"colour": "red"}}, "slots.colour"),
-    ({"intent": "out_of_scope", "slots": {"city": "nyc"}}, "slots.city"),
-    ({"intent": "find_business", "slots": ["city"]}, "slots:"),
-    ({"intent": "order_pizza", "slots": {}}, "intent:"),
-    ({"slots": {}}, "intent:"),
-    ({"intent": "book", "slots": {}, "confidence": 1}, "confidence"),
-    ("not json", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "obj, field",
+    [
+        ({"intent": "find_business", "slots": {"cuisine": "klingon"}}, "slots.cuisine"),
+        ({"intent": "find_business", "slots": {"city": "atlantis"}}, "slots.city"),
+        ({"intent": "find_business", "slots": {"near_me": "maybe"}}, "slots.near_me"),
+        ({"intent": "find_business", "slots": {"min_rating": "lots"}}, "slots.min_rating"),
+        ({"intent": "find_business", "slots": {"min_rating": "nan"}}, "slots.min_rating"),
+        ({"intent": "find_business", "slots": {"business_name": "  "}}, "slots.business_name"),
+        ({"intent": "find_business", "slots": {"colour": "red"}}, "slots.colour"),
+        ({"intent": "out_of_scope", "slots": {"city": "nyc"}}, "slots.city"),
+        ({"intent": "find_business", "slots": ["city"]}, "slots:"),
+        ({"intent": "order_pizza", "slots": {}}, "intent:"),
+        ({"slots": {}}, "intent:"),
+        ({"intent": "book", "slots": {}, "confidence": 1}, "confidence"),
+        ("not json", "not valid JSON"),
+    ],
+)
 def test_parse_errors_name_the_field(schema, obj, field):
     with pytest.raises(ParseError, match=field.replace(".", r"\.")):
         schema.parse(obj)
 
 
 def test_alias_to_mixed_case_value():
-    schema = schema_from_dict({"intents": [{"name": "find"}], "slots": [
-        {"name": "city", "type": "categorical", "values": ["New York"], "aliases": {"NYC": "New York"}}]})
+    schema = schema_from_dict(
+        {
+            "intents": [{"name": "find"}],
+            "slots": [{"name": "city", "type": "categorical", "values": ["New York"], "aliases": {"NYC": "New York"}}],
+        }
+    )
     assert schema.parse({"intent": "find", "slots": {"city": "nyc"}}).slots == {"city": "New York"}
     assert schema.parse({"intent": "find", "slots": {"city": "new york"}}).slots == {"city": "New York"}
 
 
-@pytest.mark.parametrize("slots, text, kept, dropped", [
-    ({"city": "new york", "neighborhood": "soho"}, "bars nyc soho", {"city": "new york", "neighborhood": "soho"}, {}),  # alias
-    ({"neighborhood": "la jolla"}, "restaurant in la joela", {"neighborhood": "la jolla"}, {}),  # one typo
-    ({"business_name": "the rustic fork"}, "the rustci fork hours", {"business_name": "the rustic fork"}, {}),  # swap
-    ({"city": "boston", "neighborhood": "williamsburg"}, "wellness vision bos hours", {"city": "boston"}, {"neighborhood": "williamsburg"}),
-    ({"neighborhood": "chelsea", "category": "yoga_studio"}, "need a yoga appt today chi", {"category": "yoga_studio"}, {"neighborhood": "chelsea"}),
-    ({"business_name": "tony's pizza"}, "pizza near me", {}, {"business_name": "tony's pizza"}),  # made-up name
-    ({"business_name": "joe"}, "joes bar", {}, {"business_name": "joe"}),  # short words must match exactly
-])
+@pytest.mark.parametrize(
+    "slots, text, kept, dropped",
+    [
+        (
+            {"city": "new york", "neighborhood": "soho"},
+            "bars nyc soho",
+            {"city": "new york", "neighborhood": "soho"},
+            {},
+        ),  # alias
+        ({"neighborhood": "la jolla"}, "restaurant in la joela", {"neighborhood": "la jolla"}, {}),  # one typo
+        (
+            {"business_name": "the rustic fork"},
+            "the rustci fork hours",
+            {"business_name": "the rustic fork"},
+            {},
+        ),  # swap
+        (
+            {"city": "boston", "neighborhood": "williamsburg"},
+            "wellness vision bos hours",
+            {"city": "boston"},
+            {"neighborhood": "williamsburg"},
+        ),
+        (
+            {"neighborhood": "chelsea", "category": "yoga_studio"},
+            "need a yoga appt today chi",
+            {"category": "yoga_studio"},
+            {"neighborhood": "chelsea"},
+        ),
+        ({"business_name": "tony's pizza"}, "pizza near me", {}, {"business_name": "tony's pizza"}),  # made-up name
+        ({"business_name": "joe"}, "joes bar", {}, {"business_name": "joe"}),  # short words must match exactly
+    ],
+)
 def test_ground_drops_values_the_query_does_not_write(schema, slots, text, kept, dropped):
     intent = "find_named_business" if "business_name" in slots else "find_business"
     parse, got = schema.ground(schema.parse({"intent": intent, "slots": slots}), text)
@@ -111,24 +146,47 @@ def test_ground_keeps_everything_in_ungrounded_schemas():
     assert schema.ground(parse, "a query") == (parse, {})
 
 
-@pytest.mark.parametrize("text, field", [
-    ("intents: [{name: find}]\nslots: [{name: b}]\n", r"slots\[0\] \(b\): missing field 'type'"),
-    ("intents: [{name: find}]\nslots: [{name: b, type: colour}]\n", r"slots\[0\] \(b\)\.type: 'colour'"),
-    ("intents: [{name: find}]\nslots: [{name: b, type: categorical}]\n", r"slots\[0\] \(b\): missing field 'values'"),
-    ("intents: [{name: find}]\nslots: [{name: b, type: categorical, values: []}]\n", r"slots\[0\] \(b\)\.values"),
-    ("intents: [{name: find}]\nslots: [{name: b, type: text}, {name: b, type: number}]\n", r"slots\[1\]\.name: duplicate"),
-    ("intents: [{name: find}]\nslots: [{name: b, type: categorical, values: [x], aliases: {z: w}}]\n",
-     r"slots\[0\] \(b\)\.aliases\.z: 'w'"),
-    ("intents: [{name: find}]\nslots: [{name: b, type: text, filter: colour}]\n", r"slots\[0\] \(b\)\.filter: 'colour'"),
-    ("intents: [{name: find}]\nslots: [{name: b, type: categorical, values: [X, x]}]\n", r"\(b\)\.values: duplicate"),
-    ("intents: [{name: find}]\nslots: [{name: 2b, type: text}]\n", r"slots\[0\]\.name"),
-    ("intents: [{name: find}]\nslots: [{name: b, type: boolean, grounded: true}]\n", r"\(b\)\.grounded: only categorical"),
-    ("intents: [{name: find}]\nslots: [{name: b, type: text, grounded: maybe}]\n", r"\(b\)\.grounded: expected true or false"),
-    ("intents: [{name: find, slots: [c]}]\nslots: [{name: b, type: text}]\n", r"intents\[0\] \(find\)\.slots: 'c'"),
-    ("intents: []\n", r"intents: at least one"),
-    ("slots: []\n", r"missing field 'intents'"),
-    ("intents: [{name: find}\n", r"not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        ("intents: [{name: find}]\nslots: [{name: b}]\n", r"slots\[0\] \(b\): missing field 'type'"),
+        ("intents: [{name: find}]\nslots: [{name: b, type: colour}]\n", r"slots\[0\] \(b\)\.type: 'colour'"),
+        (
+            "intents: [{name: find}]\nslots: [{name: b, type: categorical}]\n",
+            r"slots\[0\] \(b\): missing field 'values'",
+        ),
+        ("intents: [{name: find}]\nslots: [{name: b, type: categorical, values: []}]\n", r"slots\[0\] \(b\)\.values"),
+        (
+            "intents: [{name: find}]\nslots: [{name: b, type: text}, {name: b, type: number}]\n",
+            r"slots\[1\]\.name: duplicate",
+        ),
+        (
+            "intents: [{name: find}]\nslots: [{name: b, type: categorical, values: [x], aliases: {z: w}}]\n",
+            r"slots\[0\] \(b\)\.aliases\.z: 'w'",
+        ),
+        (
+            "intents: [{name: find}]\nslots: [{name: b, type: text, filter: colour}]\n",
+            r"slots\[0\] \(b\)\.filter: 'colour'",
+        ),
+        (
+            "intents: [{name: find}]\nslots: [{name: b, type: categorical, values: [X, x]}]\n",
+            r"\(b\)\.values: duplicate",
+        ),
+        ("intents: [{name: find}]\nslots: [{name: 2b, type: text}]\n", r"slots\[0\]\.name"),
+        (
+            "intents: [{name: find}]\nslots: [{name: b, type: boolean, grounded: true}]\n",
+            r"\(b\)\.grounded: only categorical",
+        ),
+        (
+            "intents: [{name: find}]\nslots: [{name: b, type: text, grounded: maybe}]\n",
+            r"\(b\)\.grounded: expected true or false",
+        ),
+        ("intents: [{name: find, slots: [c]}]\nslots: [{name: b, type: text}]\n", r"intents\[0\] \(find\)\.slots: 'c'"),
+        ("intents: []\n", r"intents: at least one"),
+        ("slots: []\n", r"missing field 'intents'"),
+        ("intents: [{name: find}\n", r"not valid YAML"),
+    ],
+)
 def test_bad_schema_names_the_field(tmp_path, text, field):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
@@ -146,7 +204,9 @@ def test_version_tracks_content_not_layout(tmp_path):
     original = DEFAULT_SCHEMA.read_text()
     raw = yaml.safe_load(original)
     reformatted = tmp_path / "reformatted.yaml"
-    reformatted.write_text("# the same schema, laid out differently\n" + yaml.safe_dump(raw, default_flow_style=True, width=60))
+    reformatted.write_text(
+        "# the same schema, laid out differently\n" + yaml.safe_dump(raw, default_flow_style=True, width=60)
+    )
     assert original != reformatted.read_text()
     assert load_schema(reformatted).version == load_schema(DEFAULT_SCHEMA).version
 
@@ -164,8 +224,18 @@ def test_json_schema_is_valid_draft(path):
 
 def test_json_schema_accepts_parses_and_rejects_bad_ones(schema):
     spec = schema.json_schema()
-    good = schema.parse({"intent": "find_business", "slots": {
-        "cuisine": "Thai", "city": "NYC", "near_me": "yes", "min_rating": "4.5", "business_name": "Joe's"}})
+    good = schema.parse(
+        {
+            "intent": "find_business",
+            "slots": {
+                "cuisine": "Thai",
+                "city": "NYC",
+                "near_me": "yes",
+                "min_rating": "4.5",
+                "business_name": "Joe's",
+            },
+        }
+    )
     jsonschema.validate(good.to_dict(), spec)
     jsonschema.validate(schema.parse({"intent": "out_of_scope"}).to_dict(), spec)
     for bad in (
@@ -205,16 +275,31 @@ def test_cli_show_bad_schema_is_a_clear_error(tmp_path):
     assert "Traceback" not in result.output
 
 
-@pytest.mark.parametrize("content, field", [
-    (b"intents: [{name: find}]\nslots: [{name: b, type: text, 1: x, y: z}]\n", r"slots\[0\] \(b\): unknown field\(s\) 1, y"),
-    (b"intents: [{name: find}]\nslots: [{name: b, type: categorical, values: [" + b"9" * 5000 + b"]}]\n", r"more than 4300 digits"),
-    (b"name: 2001-13-45\nintents: [{name: find}]\n", r"not valid YAML: month must be in 1\.\.12"),
-    (b"intents: " + b"[" * 5000 + b"]" * 5000 + b"\n", r"nested too deeply"),
-    (b"name: [a, b]\nintents: [{name: find}]\n", r": name: expected a string, got list"),
-    (b"intents: [{name: find, description: {a: 1}}]\n", r"intents\[0\] \(find\)\.description: expected a string, got dict"),
-    (b"intents: [{name: find}]\nslots: [{name: b, type: text, description: [1]}]\n", r"slots\[0\] \(b\)\.description: expected a string"),
-    (b"\xed\xa0\x80intents: []\n", r"not UTF-8 text"),
-])
+@pytest.mark.parametrize(
+    "content, field",
+    [
+        (
+            b"intents: [{name: find}]\nslots: [{name: b, type: text, 1: x, y: z}]\n",
+            r"slots\[0\] \(b\): unknown field\(s\) 1, y",
+        ),
+        (
+            b"intents: [{name: find}]\nslots: [{name: b, type: categorical, values: [" + b"9" * 5000 + b"]}]\n",
+            r"more than 4300 digits",
+        ),
+        (b"name: 2001-13-45\nintents: [{name: find}]\n", r"not valid YAML: month must be in 1\.\.12"),
+        (b"intents: " + b"[" * 5000 + b"]" * 5000 + b"\n", r"nested too deeply"),
+        (b"name: [a, b]\nintents: [{name: find}]\n", r": name: expected a string, got list"),
+        (
+            b"intents: [{name: find, description: {a: 1}}]\n",
+            r"intents\[0\] \(find\)\.description: expected a string, got dict",
+        ),
+        (
+            b"intents: [{name: find}]\nslots: [{name: b, type: text, description: [1]}]\n",
+            r"slots\[0\] \(b\)\.description: expected a string",
+        ),
+        (b"\xed\xa0\x80intents: []\n", r"not UTF-8 text"),
+    ],
+)
 def test_malformed_schema_files_raise_schema_error(tmp_path, content, field):
     """Wrong types at any level, numbers past Python's int parsing limit, impossible dates, deep nesting: a SchemaError
     naming the file and the field, never a TypeError, ValueError or RecursionError."""
@@ -242,39 +327,71 @@ def one_slot(**fields) -> dict:
     return {"intents": FIND, "slots": [{"name": "b", **fields}]}
 
 
-@pytest.mark.parametrize("raw, message", [
-    (["intents", "slots"], "s.yaml: expected a mapping with 'intents' and 'slots'"),
-    ({"intents": FIND, "version": 2, 3: 4}, "s.yaml: unknown top-level field(s) 3, version"),
-    ({"intents": {"find": {}}}, "s.yaml.intents: expected list, got dict"),
-    ({"intents": FIND, "slots": {"b": {}}}, "s.yaml: slots: expected a list"),
-    ({"intents": FIND, "slots": ["b"]}, "s.yaml: slots[0]: expected a mapping"),
-    ({"intents": FIND, "slots": [{"type": "text"}]}, "s.yaml: slots[0]: missing field 'name'"),
-    ({"intents": FIND, "slots": [{"name": 7, "type": "text"}]}, "s.yaml: slots[0].name: expected str, got int"),
-    (one_slot(type=1), "s.yaml: slots[0] (b).type: expected str, got int"),
-    (one_slot(type="categorical", values={"x": 1}), "s.yaml: slots[0] (b).values: expected list, got dict"),
-    (one_slot(type="categorical", values=None), "s.yaml: slots[0] (b).values: expected list, got NoneType"),
-    (one_slot(type="categorical", values=["x", True]), "s.yaml: slots[0] (b).values: a categorical slot needs a non-empty list of strings"),
-    (one_slot(type="text", values=None), "s.yaml: slots[0] (b).values: only categorical slots take values"),
-    (one_slot(type="categorical", values=["x"], aliases=["y"]), "s.yaml: slots[0] (b).aliases: expected a mapping alias -> value"),
-    (one_slot(type="text", aliases={"y": "x"}), "s.yaml: slots[0] (b).aliases: only categorical slots take aliases"),
-    (one_slot(type="categorical", values=["x"], aliases={"y": ["x"]}), "s.yaml: slots[0] (b).aliases.y: expected one of the slot's values, got list"),
-    (one_slot(type="categorical", values=["1"], aliases={"one": 2}), "s.yaml: slots[0] (b).aliases.one: 2 is not one of the slot's values"),
-    (one_slot(type="text", filter=["city"]), "s.yaml: slots[0] (b).filter: expected a string"),
-    (one_slot(type="text", filter="attribute:"), "s.yaml: slots[0] (b).filter: 'attribute:' needs a column name"),
-    (one_slot(type="text", grounded=None), "s.yaml: slots[0] (b).grounded: expected true or false, got NoneType"),
-    (one_slot(type="text", **{"k\ud800": 1}), "s.yaml: slots[0] (b): unknown field(s) k\ud800"),
-    ({"intents": ["find"]}, "s.yaml: intents[0]: expected a mapping"),
-    ({"intents": [{"name": 1.5}]}, "s.yaml: intents[0].name: expected str, got float"),
-    ({"intents": [{"name": "find", "colour": 1}]}, "s.yaml: intents[0] (find): unknown field(s) colour"),
-    ({"intents": [{"name": "find", "slots": [1]}]}, "s.yaml: intents[0] (find).slots: expected a list of slot names"),
-    # several errors: the first in the order the file is read; a slot's unknown fields before its type, an intent's
-    # duplicate name before its unknown fields, every slot before any intent
-    (one_slot(type="colour", colour=1), "s.yaml: slots[0] (b): unknown field(s) colour"),
-    ({"intents": [{"name": "find"}, {"name": "find", "colour": 1}]}, "s.yaml: intents[1].name: duplicate intent 'find'"),
-    ({"intents": [{"name": "find", "slots": ["c"]}, {"name": "find"}]}, "s.yaml: intents[0] (find).slots: 'c' is not a declared slot"),
-    ({"intents": [{"description": []}], "slots": [{"name": "b", "type": "text"}, {"name": "b", "type": "colour"}]},
-     "s.yaml: slots[1] (b).type: 'colour' is not one of text, categorical, boolean, number"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (["intents", "slots"], "s.yaml: expected a mapping with 'intents' and 'slots'"),
+        ({"intents": FIND, "version": 2, 3: 4}, "s.yaml: unknown top-level field(s) 3, version"),
+        ({"intents": {"find": {}}}, "s.yaml.intents: expected list, got dict"),
+        ({"intents": FIND, "slots": {"b": {}}}, "s.yaml: slots: expected a list"),
+        ({"intents": FIND, "slots": ["b"]}, "s.yaml: slots[0]: expected a mapping"),
+        ({"intents": FIND, "slots": [{"type": "text"}]}, "s.yaml: slots[0]: missing field 'name'"),
+        ({"intents": FIND, "slots": [{"name": 7, "type": "text"}]}, "s.yaml: slots[0].name: expected str, got int"),
+        (one_slot(type=1), "s.yaml: slots[0] (b).type: expected str, got int"),
+        (one_slot(type="categorical", values={"x": 1}), "s.yaml: slots[0] (b).values: expected list, got dict"),
+        (one_slot(type="categorical", values=None), "s.yaml: slots[0] (b).values: expected list, got NoneType"),
+        (
+            one_slot(type="categorical", values=["x", True]),
+            "s.yaml: slots[0] (b).values: a categorical slot needs a non-empty list of strings",
+        ),
+        (one_slot(type="text", values=None), "s.yaml: slots[0] (b).values: only categorical slots take values"),
+        (
+            one_slot(type="categorical", values=["x"], aliases=["y"]),
+            "s.yaml: slots[0] (b).aliases: expected a mapping alias -> value",
+        ),
+        (
+            one_slot(type="text", aliases={"y": "x"}),
+            "s.yaml: slots[0] (b).aliases: only categorical slots take aliases",
+        ),
+        (
+            one_slot(type="categorical", values=["x"], aliases={"y": ["x"]}),
+            "s.yaml: slots[0] (b).aliases.y: expected one of the slot's values, got list",
+        ),
+        (
+            one_slot(type="categorical", values=["1"], aliases={"one": 2}),
+            "s.yaml: slots[0] (b).aliases.one: 2 is not one of the slot's values",
+        ),
+        (one_slot(type="text", filter=["city"]), "s.yaml: slots[0] (b).filter: expected a string"),
+        (one_slot(type="text", filter="attribute:"), "s.yaml: slots[0] (b).filter: 'attribute:' needs a column name"),
+        (one_slot(type="text", grounded=None), "s.yaml: slots[0] (b).grounded: expected true or false, got NoneType"),
+        (one_slot(type="text", **{"k\ud800": 1}), "s.yaml: slots[0] (b): unknown field(s) k\ud800"),
+        ({"intents": ["find"]}, "s.yaml: intents[0]: expected a mapping"),
+        ({"intents": [{"name": 1.5}]}, "s.yaml: intents[0].name: expected str, got float"),
+        ({"intents": [{"name": "find", "colour": 1}]}, "s.yaml: intents[0] (find): unknown field(s) colour"),
+        (
+            {"intents": [{"name": "find", "slots": [1]}]},
+            "s.yaml: intents[0] (find).slots: expected a list of slot names",
+        ),
+        # several errors: the first in the order the file is read; a slot's unknown fields before its type, an intent's
+        # duplicate name before its unknown fields, every slot before any intent
+        (one_slot(type="colour", colour=1), "s.yaml: slots[0] (b): unknown field(s) colour"),
+        (
+            {"intents": [{"name": "find"}, {"name": "find", "colour": 1}]},
+            "s.yaml: intents[1].name: duplicate intent 'find'",
+        ),
+        (
+            {"intents": [{"name": "find", "slots": ["c"]}, {"name": "find"}]},
+            "s.yaml: intents[0] (find).slots: 'c' is not a declared slot",
+        ),
+        (
+            {
+                "intents": [{"description": []}],
+                "slots": [{"name": "b", "type": "text"}, {"name": "b", "type": "colour"}],
+            },
+            "s.yaml: slots[1] (b).type: 'colour' is not one of text, categorical, boolean, number",
+        ),
+    ],
+)
 def test_schema_errors_keep_their_wording(raw, message):
     """Each rule's message word for word: the item by its index, then by its name once that is valid."""
     with pytest.raises(SchemaError) as info:
@@ -291,23 +408,57 @@ class Unprintable(list):
     __str__ = __repr__
 
 
-@pytest.mark.parametrize("raw", [
-    {"intents": FIND, "name": Unprintable()}, {"intents": FIND, "extra": Unprintable()}, {"intents": [{"name": Unprintable()}]},
-    {"intents": [{"name": "find", "description": Unprintable()}]}, {"intents": [{"name": "find", "slots": [Unprintable()]}]},
-    one_slot(type=Unprintable()), one_slot(type="categorical", values=[Unprintable()]), one_slot(type="categorical", values=["x"], aliases={"y": Unprintable()}),
-    one_slot(type="text", filter=Unprintable()), one_slot(type="text", grounded=Unprintable()), one_slot(type="text", aliases=Unprintable(["x"])),
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"intents": FIND, "name": Unprintable()},
+        {"intents": FIND, "extra": Unprintable()},
+        {"intents": [{"name": Unprintable()}]},
+        {"intents": [{"name": "find", "description": Unprintable()}]},
+        {"intents": [{"name": "find", "slots": [Unprintable()]}]},
+        one_slot(type=Unprintable()),
+        one_slot(type="categorical", values=[Unprintable()]),
+        one_slot(type="categorical", values=["x"], aliases={"y": Unprintable()}),
+        one_slot(type="text", filter=Unprintable()),
+        one_slot(type="text", grounded=Unprintable()),
+        one_slot(type="text", aliases=Unprintable(["x"])),
+    ],
+)
 def test_no_schema_error_prints_a_container(raw):
     with pytest.raises(SchemaError, match=r"^s\.yaml: "):
         schema_from_dict(raw, "s.yaml")
 
 
 def test_schema_from_dict_reads_numbers_as_text_and_empty_fields_as_absent():
-    schema = schema_from_dict({"name": None, "intents": [{"name": "find", "slots": None}], "slots": [
-        {"name": "b", "type": "categorical", "values": [1, 2.5], "aliases": None, "filter": "attribute:col", "description": 3},
-        {"name": "c", "type": "text", "aliases": {}, "grounded": True}]}, "dir/local.yaml")
-    assert (schema.name, schema.intents["find"].slots, schema.slots["b"].values, schema.slots["b"].description) == ("local", None, ("1", "2.5"), "3")
-    assert (schema.slots["b"].filter, schema.slots["b"].attribute, schema.slots["c"].grounded) == ("attribute", "col", True)
+    schema = schema_from_dict(
+        {
+            "name": None,
+            "intents": [{"name": "find", "slots": None}],
+            "slots": [
+                {
+                    "name": "b",
+                    "type": "categorical",
+                    "values": [1, 2.5],
+                    "aliases": None,
+                    "filter": "attribute:col",
+                    "description": 3,
+                },
+                {"name": "c", "type": "text", "aliases": {}, "grounded": True},
+            ],
+        },
+        "dir/local.yaml",
+    )
+    assert (schema.name, schema.intents["find"].slots, schema.slots["b"].values, schema.slots["b"].description) == (
+        "local",
+        None,
+        ("1", "2.5"),
+        "3",
+    )
+    assert (schema.slots["b"].filter, schema.slots["b"].attribute, schema.slots["c"].grounded) == (
+        "attribute",
+        "col",
+        True,
+    )
     assert schema_from_dict({"intents": FIND, "slots": None}).slots == {}
 
 
@@ -318,11 +469,17 @@ def test_lone_surrogate_in_a_schema_names_its_field(tmp_path):
         load_schema(path)
 
 
-@pytest.mark.parametrize("text, field", [
-    ("intents: [{name: find}]\nslots: [{name: b, type: categorical, values: [a, 0x" + "f" * 5000 + "]}]\n", r"slots\[0\]\.values\[1\]"),
-    ("intents: [{name: find, description: 0" + "7" * 20000 + "}]\n", r"intents\[0\]\.description"),
-    ("? 0x" + "f" * 5000 + "\n: 1\nintents: [{name: find}]\n", r"bad\.yaml: a key"),
-])
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        (
+            "intents: [{name: find}]\nslots: [{name: b, type: categorical, values: [a, 0x" + "f" * 5000 + "]}]\n",
+            r"slots\[0\]\.values\[1\]",
+        ),
+        ("intents: [{name: find, description: 0" + "7" * 20000 + "}]\n", r"intents\[0\]\.description"),
+        ("? 0x" + "f" * 5000 + "\n: 1\nintents: [{name: find}]\n", r"bad\.yaml: a key"),
+    ],
+)
 def test_hex_and_octal_numbers_past_the_digit_limit_are_schema_errors(tmp_path, text, field):
     """YAML reads 0x... and 0777... (octal) without Python's decimal digit limit, so printing them later would raise ValueError."""
     path = tmp_path / "bad.yaml"
@@ -332,10 +489,26 @@ def test_hex_and_octal_numbers_past_the_digit_limit_are_schema_errors(tmp_path, 
 
 
 # (word, typed, edits) as the hand-written optimal-string-alignment distance counted them before rapidfuzz replaced it
-TYPO_TABLE = [("thai", "thia", 1), ("jolla", "joela", 1), ("rustic", "rustci", 1), ("williamsburg", "wellness", 8), ("chelsea", "chi", 5),
-              ("sushi", "suhsi", 1), ("plumber", "plumbr", 1), ("dentist", "dentsit", 1), ("a", "", 1), ("", "abc", 3), ("ca", "abc", 3),
-              ("brooklyn", "brookyln", 1), ("barbershop", "barbrshop", 1), ("koreatown", "koreatwon", 1), ("pharmacy", "phaarmacy", 1),
-              ("abcdef", "badcfe", 3), ("kitten", "sitting", 3), ("restaurant", "resturant", 1)]
+TYPO_TABLE = [
+    ("thai", "thia", 1),
+    ("jolla", "joela", 1),
+    ("rustic", "rustci", 1),
+    ("williamsburg", "wellness", 8),
+    ("chelsea", "chi", 5),
+    ("sushi", "suhsi", 1),
+    ("plumber", "plumbr", 1),
+    ("dentist", "dentsit", 1),
+    ("a", "", 1),
+    ("", "abc", 3),
+    ("ca", "abc", 3),
+    ("brooklyn", "brookyln", 1),
+    ("barbershop", "barbrshop", 1),
+    ("koreatown", "koreatwon", 1),
+    ("pharmacy", "phaarmacy", 1),
+    ("abcdef", "badcfe", 3),
+    ("kitten", "sitting", 3),
+    ("restaurant", "resturant", 1),
+]
 
 
 @pytest.mark.parametrize("word, typed, edits", TYPO_TABLE)

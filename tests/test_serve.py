@@ -27,7 +27,12 @@ from querytune.testing import free_port, start_server
 
 class FakePrediction:
     def __init__(self, text):
-        self.parse, self.valid, self.confidence, self.error = {"intent": "find_business", "slots": {"category": text.split()[0]}}, True, 0.8, None
+        self.parse, self.valid, self.confidence, self.error = (
+            {"intent": "find_business", "slots": {"category": text.split()[0]}},
+            True,
+            0.8,
+            None,
+        )
 
 
 class SlowBackend:
@@ -83,11 +88,17 @@ def sqlite_cache(tmp_path):
 
 
 def test_hit_miss_and_write_back(sqlite_cache):
-    sqlite_cache.put_many([("cheap thai", Entry({"intent": "find_business", "slots": {"cuisine": "thai"}}, True, 0.9, "m1"))], "s1")
+    sqlite_cache.put_many(
+        [("cheap thai", Entry({"intent": "find_business", "slots": {"cuisine": "thai"}}, True, 0.9, "m1"))], "s1"
+    )
     backend = SlowBackend()
     with TestClient(create_app(backend, sqlite_cache)) as client:
         hit = client.get("/v1/parse", params={"q": "  Cheap THAI "}).json()
-        assert hit["source"] == "cache" and hit["parse"]["slots"] == {"cuisine": "thai"} and hit["normalized"] == "cheap thai"
+        assert (
+            hit["source"] == "cache"
+            and hit["parse"]["slots"] == {"cuisine": "thai"}
+            and hit["normalized"] == "cheap thai"
+        )
         assert hit["model_version"] == "m1" and hit["latency_ms"] >= 0
         miss = client.get("/v1/parse", params={"q": "plumber austin"}).json()
         assert miss["source"] == "model" and miss["parse"]["slots"] == {"category": "plumber"}
@@ -97,10 +108,16 @@ def test_hit_miss_and_write_back(sqlite_cache):
         assert [r["source"] for r in body["results"]] == ["cache", "model", "model", "model"]
         assert backend.batches[-1] == ["dentist", "barber"], "one backend call, each distinct miss once"
         metrics = client.get("/metrics").text
-        assert 'querytune_answers_total{source="cache"} 3.0' in metrics and "querytune_miss_batch_size_bucket" in metrics
+        assert (
+            'querytune_answers_total{source="cache"} 3.0' in metrics and "querytune_miss_batch_size_bucket" in metrics
+        )
         health = client.get("/healthz").json()
-        assert {k: health[k] for k in ("status", "model_version", "schema_version", "backend")} == \
-            {"status": "ok", "model_version": "m1", "schema_version": "s1", "backend": "fake"}
+        assert {k: health[k] for k in ("status", "model_version", "schema_version", "backend")} == {
+            "status": "ok",
+            "model_version": "m1",
+            "schema_version": "s1",
+            "backend": "fake",
+        }
         assert health["cache"]["state"] == "ok" and health["cache"]["local_entries"] >= 1
         assert client.get("/openapi.json").status_code == 200
 
@@ -108,7 +125,10 @@ def test_hit_miss_and_write_back(sqlite_cache):
 def get_at_once(client, queries: list[str]) -> list[dict]:
     """`GET /v1/parse` for every query, each from its own thread, all in flight together."""
     out = []
-    threads = [threading.Thread(target=lambda q=q: out.append(client.get("/v1/parse", params={"q": q}).json())) for q in queries]
+    threads = [
+        threading.Thread(target=lambda q=q: out.append(client.get("/v1/parse", params={"q": q}).json()))
+        for q in queries
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -127,7 +147,9 @@ def test_concurrent_misses_share_one_backend_call(sqlite_cache):
 
 def test_a_miss_past_its_deadline_falls_back_and_is_queued(sqlite_cache, tmp_path):
     log = tmp_path / "fallback.jsonl"
-    with TestClient(create_app(SlowBackend(delay=1.0), sqlite_cache, Settings(miss_deadline_s=0.1, fallback_log=str(log)))) as client:
+    with TestClient(
+        create_app(SlowBackend(delay=1.0), sqlite_cache, Settings(miss_deadline_s=0.1, fallback_log=str(log)))
+    ) as client:
         r = client.get("/v1/parse", params={"q": "slow query"}).json()
         time.sleep(1.2)
         late = client.get("/v1/parse", params={"q": "slow query"}).json()
@@ -137,7 +159,9 @@ def test_a_miss_past_its_deadline_falls_back_and_is_queued(sqlite_cache, tmp_pat
 
 
 def test_limits_are_answered_with_4xx_and_a_reason(sqlite_cache):
-    app = create_app(SlowBackend(), sqlite_cache, Settings(max_query_chars=20, max_batch=3, max_body_bytes=300, api_key="k"))
+    app = create_app(
+        SlowBackend(), sqlite_cache, Settings(max_query_chars=20, max_batch=3, max_body_bytes=300, api_key="k")
+    )
     with TestClient(app) as client:
         assert client.get("/v1/parse", params={"q": "x"}).status_code == 401
         h = {"X-API-Key": "k"}
@@ -169,8 +193,11 @@ def redis_server(tmp_path):
     if exe is None:
         pytest.fail("redis-server is not installed (apt-get install redis-server; .ci/run does it)")
     port = free_port()
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"redis://127.0.0.1:{port}/0"
     for _ in range(100):
         try:
@@ -186,7 +213,9 @@ def redis_server(tmp_path):
 def test_redis_cache_and_redis_down_keeps_answering(redis_server):
     proc, url = redis_server
     cache = open_cache(url)
-    cache.put_many([("pizza", Entry({"intent": "find_business", "slots": {"cuisine": "pizza"}}, True, 0.9, "m1"))], "s1")
+    cache.put_many(
+        [("pizza", Entry({"intent": "find_business", "slots": {"cuisine": "pizza"}}, True, 0.9, "m1"))], "s1"
+    )
     assert cache.stats()["entries"] == 1
     backend = SlowBackend()
     with TestClient(create_app(backend, cache)) as client:
@@ -197,9 +226,15 @@ def test_redis_cache_and_redis_down_keeps_answering(redis_server):
         proc.wait()
         down = [client.get("/v1/parse", params={"q": q}) for q in ("pizza", "sushi", "ramen")]
         assert [r.status_code for r in down] == [200, 200, 200]
-        assert [r.json()["source"] for r in down] == ["cache", "cache", "model"], "hot entries answer from the in-process copy"
+        assert [r.json()["source"] for r in down] == ["cache", "cache", "model"], (
+            "hot entries answer from the in-process copy"
+        )
         health = client.get("/healthz").json()
-        assert health["status"] == "degraded" and health["cache"]["state"] == "degraded" and "ConnectionError" in health["cache"]["last_error"]
+        assert (
+            health["status"] == "degraded"
+            and health["cache"]["state"] == "degraded"
+            and "ConnectionError" in health["cache"]["last_error"]
+        )
         assert 'querytune_cache_errors_total{kind="read"}' in client.get("/metrics").text
 
 
@@ -218,7 +253,19 @@ def test_cache_cli_load_warm_promote_rollback(tiny_model, small_world_master, tm
     log.to_parquet(tmp_path / "log.parquet")
     url = f"sqlite:///{tmp_path}/cache.db"
     run = CliRunner().invoke
-    r = run(app, ["label", str(tmp_path / "log.parquet"), "--model", str(tiny_model), "--out", str(tmp_path / "labels"), "--where", "period=early"])
+    r = run(
+        app,
+        [
+            "label",
+            str(tmp_path / "log.parquet"),
+            "--model",
+            str(tiny_model),
+            "--out",
+            str(tmp_path / "labels"),
+            "--where",
+            "period=early",
+        ],
+    )
     assert r.exit_code == 0, r.output
     labeled = _json.loads(r.stdout.strip().splitlines()[-1])
     assert labeled["rows"] == int((log["period"] == "early").sum())
@@ -231,8 +278,22 @@ def test_cache_cli_load_warm_promote_rollback(tiny_model, small_world_master, tm
 
     r = run(app, ["cache", "rollback", "--cache", url])
     assert r.exit_code == 2 and "nothing to roll back to" in r.output
-    r = run(app, ["cache", "warm", str(tmp_path / "log.parquet"), "--model", str(tiny_model), "--cache", url, "--top", "20",
-                  "--work", str(tmp_path / "warm")])
+    r = run(
+        app,
+        [
+            "cache",
+            "warm",
+            str(tmp_path / "log.parquet"),
+            "--model",
+            str(tiny_model),
+            "--cache",
+            url,
+            "--top",
+            "20",
+            "--work",
+            str(tmp_path / "warm"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     warmed = _json.loads(r.stdout)
     assert warmed["head_queries"] == 20 and warmed["model_version"] == ModelFolder.open(tiny_model).version
@@ -267,6 +328,7 @@ def test_a_hit_through_the_gate_is_the_apps_answer_counted_and_logged_the_same(s
         await app(scope, receive, send)
 
     with TestClient(gate) as client:
+
         def get(q, auth=("X-API-Key", "k")):
             return client.get("/v1/parse", params={"q": q}, headers={auth[0]: auth[1], "X-Request-ID": "trace-1"})
 
@@ -288,7 +350,9 @@ def test_a_hit_through_the_gate_is_the_apps_answer_counted_and_logged_the_same(s
     assert f'querytune_answers_total{{source="cache"}} {hits}.0' in metrics
     assert f'querytune_request_seconds_count{{endpoint="get"}} {hits + 1}.0' in metrics
     lines = [json.loads(line) for line in log.read_text().splitlines()]
-    assert [(x["path"], x["status"], x["request_id"]) for x in lines[: hits + 1]] == [("/v1/parse", 200, "trace-1")] * (hits + 1)
+    assert [(x["path"], x["status"], x["request_id"]) for x in lines[: hits + 1]] == [("/v1/parse", 200, "trace-1")] * (
+        hits + 1
+    )
     assert len(lines) == hits + 2 and lines[-1]["path"] == "/metrics", "one line per request, on both paths"
 
 
@@ -317,7 +381,11 @@ def test_a_tally_adds_up_to_what_observing_each_value_writes():
 
     def metrics():
         reg = CollectorRegistry()
-        return reg, Counter("answers", "a", registry=reg), Histogram("seconds", "s", registry=reg, buckets=(0.001, 0.01, 0.1))
+        return (
+            reg,
+            Counter("answers", "a", registry=reg),
+            Histogram("seconds", "s", registry=reg, buckets=(0.001, 0.01, 0.1)),
+        )
 
     def written(reg) -> list[str]:  # but the times each metric was created
         return [line for line in generate_latest(reg).decode().splitlines() if "_created" not in line]
@@ -345,12 +413,18 @@ def test_a_missing_or_wrong_key_gets_the_apps_401_though_the_query_is_hot(sqlite
     cold_gate = create_app(SlowBackend(), None, Settings(api_key="k"))
     refused = [{}, {"X-API-Key": "j"}, {"Authorization": "Bearer j"}, {"Authorization": "Basic k"}, {"X-API-Key": ""}]
     with TestClient(gate) as client, TestClient(cold_gate) as cold_client:
-        assert client.get("/v1/parse", params={"q": "cheap thai"}, headers={"X-API-Key": "k"}).json()["source"] == "cache"
+        assert (
+            client.get("/v1/parse", params={"q": "cheap thai"}, headers={"X-API-Key": "k"}).json()["source"] == "cache"
+        )
         for headers in refused:
             hot = client.get("/v1/parse", params={"q": "cheap thai"}, headers=headers | {"X-Request-ID": "r"})
             cold = cold_client.get("/v1/parse", params={"q": "cheap thai"}, headers=headers | {"X-Request-ID": "r"})
             assert hot.status_code == 401 and hot.content == cold.content
-            assert hot.json() == {"error": "missing or wrong API key (send X-API-Key or Authorization: Bearer)", "code": "auth", "request_id": "r"}
+            assert hot.json() == {
+                "error": "missing or wrong API key (send X-API-Key or Authorization: Bearer)",
+                "code": "auth",
+                "request_id": "r",
+            }
         assert 'querytune_errors_total{reason="auth"} 5.0' in client.get("/metrics").text
 
 
@@ -359,7 +433,9 @@ def test_misses_go_straight_to_a_backend_that_batches_them_itself(sqlite_cache):
     with TestClient(create_app(backend, sqlite_cache, Settings(batch_window_ms=0))) as client:
         out = get_at_once(client, [f"query {i}" for i in range(8)])
         assert sorted(r["source"] for r in out) == ["model"] * 8
-        assert backend.most_in_flight > 1 and all(len(c) == 1 for c in backend.calls), "one call per miss, several in flight at once"
+        assert backend.most_in_flight > 1 and all(len(c) == 1 for c in backend.calls), (
+            "one call per miss, several in flight at once"
+        )
         assert client.get("/v1/parse", params={"q": "query 3"}).json()["source"] == "cache", "answers are written back"
         assert "querytune_miss_batch_size_count 8.0" in client.get("/metrics").text
 
@@ -387,9 +463,14 @@ def test_serve_help_documents_workers():
 def test_two_workers_each_with_its_model_answer_and_log_every_request(tiny_model, tmp_path):
     url = f"sqlite:///{tmp_path}/cache.db"
     open_cache(url).put_many([("cheap thai", THAI)], "s1")
-    proc, base = start_server(["--model", str(tiny_model), "--cache", url, "--workers", "2", "--deadline", "60"], tmp_path / "server.log")
+    proc, base = start_server(
+        ["--model", str(tiny_model), "--cache", url, "--workers", "2", "--deadline", "60"], tmp_path / "server.log"
+    )
     try:
-        answers = [httpx.get(f"{base}/v1/parse", params={"q": q}, timeout=60) for q in ("pizza", "cheap thai", "pizza", "dentist")]
+        answers = [
+            httpx.get(f"{base}/v1/parse", params={"q": q}, timeout=60)
+            for q in ("pizza", "cheap thai", "pizza", "dentist")
+        ]
         time.sleep(0.6)  # a worker adds its hits to the shared metrics every half second (`Tally`)
         scrapes = [httpx.get(f"{base}/metrics").text for _ in range(4)]
     finally:
@@ -399,5 +480,10 @@ def test_two_workers_each_with_its_model_answer_and_log_every_request(tiny_model
     log = (tmp_path / "server.log").read_text()
     assert len(set(re.findall(r"worker (\d+): model", log))) == 2, log
     for text in scrapes:  # whichever worker takes the scrape, it counts both workers' answers
-        assert sum(float(n) for n in re.findall(r'^querytune_answers_total{source="\w+"} ([\d.]+)$', text, re.MULTILINE)) == 4, text
-    assert sum(line.startswith('{"ts"') for line in log.splitlines()) >= 5, "the access lines of both workers reach the log"
+        assert (
+            sum(float(n) for n in re.findall(r'^querytune_answers_total{source="\w+"} ([\d.]+)$', text, re.MULTILINE))
+            == 4
+        ), text
+    assert sum(line.startswith('{"ts"') for line in log.splitlines()) >= 5, (
+        "the access lines of both workers reach the log"
+    )

@@ -48,9 +48,13 @@ def test_a_refused_write_back_never_stops_model_answers():
         assert sources == ["model"] * 8, "every miss after the first refused write is still answered by the model"
         health = client.get("/healthz").json()
         assert health["status"] == "degraded" and "NOREPLICAS" in health["cache"]["last_error"]
-        assert health["cache"]["writes"] == "open" and store.writes == 3, "the breaker stops writing to a store that refuses"
+        assert health["cache"]["writes"] == "open" and store.writes == 3, (
+            "the breaker stops writing to a store that refuses"
+        )
         assert 'querytune_cache_errors_total{kind="write"}' in client.get("/metrics").text
-        assert client.get("/v1/parse", params={"q": "plumber 3"}).json()["source"] == "cache", "the in-process copy kept it"
+        assert client.get("/v1/parse", params={"q": "plumber 3"}).json()["source"] == "cache", (
+            "the in-process copy kept it"
+        )
 
 
 def test_a_locked_sqlite_neither_blocks_the_loop_nor_stops_misses(tmp_path):
@@ -79,7 +83,10 @@ def test_a_hung_redis_costs_a_request_at_most_the_lookup_budget(redis_server):  
         os.kill(proc.pid, signal.SIGSTOP)
         try:
             t0 = time.perf_counter()
-            answers = [client.get("/v1/parse", params={"q": q}).json()["source"] for q in ["cheap thai", "sushi", "ramen", "cheap thai"]]
+            answers = [
+                client.get("/v1/parse", params={"q": q}).json()["source"]
+                for q in ["cheap thai", "sushi", "ramen", "cheap thai"]
+            ]
             assert answers == ["cache", "model", "model", "cache"] and time.perf_counter() - t0 < 2
             assert client.get("/healthz").json()["cache"]["reads"] == "open"
         finally:
@@ -111,8 +118,19 @@ def test_the_local_copy_is_bounded_and_keeps_the_most_recent():
     assert [e is not None for e in asyncio.run(go())] == [True, False, True]
 
 
-@pytest.mark.parametrize("body", ['{"queries": ["\\ud800"]}', '{"queries": [1e999]}', '{"queries": [NaN]}', '{"queries": "x"}',
-                                  '{"queries": [["a"]]}', '{"queries": ["a"', '[1, 2]', '{"queries": [' + "9" * 5000 + ']}'])
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"queries": ["\\ud800"]}',
+        '{"queries": [1e999]}',
+        '{"queries": [NaN]}',
+        '{"queries": "x"}',
+        '{"queries": [["a"]]}',
+        '{"queries": ["a"',
+        "[1, 2]",
+        '{"queries": [' + "9" * 5000 + "]}",
+    ],
+)
 def test_inputs_json_cannot_carry_back_get_400_not_500(body):
     with TestClient(create_app(SlowBackend(delay=0.0), None), raise_server_exceptions=False) as client:
         r = client.post("/v1/parse", content=body, headers={"content-type": "application/json"})
@@ -124,7 +142,10 @@ def test_a_lone_surrogate_in_get_is_400():
     with TestClient(create_app(SlowBackend(delay=0.0), None), raise_server_exceptions=False) as client:
         for q in ("caf%ED%A0%80", "caf%E9", "%C0%AF"):  # a lone surrogate and bytes that are not UTF-8
             r = client.get(f"/v1/parse?q={q}")
-            assert r.status_code in (200, 400) and r.json()["source" if r.status_code == 200 else "code"] in ("model", "bad_query")
+            assert r.status_code in (200, 400) and r.json()["source" if r.status_code == 200 else "code"] in (
+                "model",
+                "bad_query",
+            )
 
 
 def test_a_chunked_body_cannot_skip_the_size_limit():
@@ -139,10 +160,16 @@ def test_every_error_has_one_body_format_and_a_request_id(tmp_path):
     app = create_app(SlowBackend(fail=True), None, Settings(api_key="k", max_batch=2), access=access)
     with TestClient(app) as client:
         h = {"X-API-Key": "k"}
-        cases = [client.get("/v1/parse", params={"q": "x"}), client.get("/v1/parse", params={"q": "x"}, headers={"X-API-Key": "j"}),
-                 client.get("/v1/parse", params={"q": " "}, headers=h), client.get("/nowhere"), client.delete("/v1/parse", headers=h),
-                 client.post("/v1/parse", json={"queries": ["a", "b", "c"]}, headers=h),
-                 client.get("/v1/parse", params={"q": "sushi"}, headers=h), client.get("/v1/parse", headers=h)]
+        cases = [
+            client.get("/v1/parse", params={"q": "x"}),
+            client.get("/v1/parse", params={"q": "x"}, headers={"X-API-Key": "j"}),
+            client.get("/v1/parse", params={"q": " "}, headers=h),
+            client.get("/nowhere"),
+            client.delete("/v1/parse", headers=h),
+            client.post("/v1/parse", json={"queries": ["a", "b", "c"]}, headers=h),
+            client.get("/v1/parse", params={"q": "sushi"}, headers=h),
+            client.get("/v1/parse", headers=h),
+        ]
         mine = client.get("/v1/parse", params={"q": "x"}, headers={"X-Request-ID": "trace-42"})
     assert [r.status_code for r in cases] == [401, 401, 400, 404, 405, 413, 503, 400]
     for r in cases:
@@ -159,9 +186,13 @@ def test_openapi_documents_results_errors_and_the_key_and_docs_load_offline():
         docs = client.get("/docs").text
         asset = client.get(docs.split("swagger-ui-bundle.js")[0].rsplit('"', 1)[1] + "swagger-ui-bundle.js")
     post = spec["paths"]["/v1/parse"]["post"]
-    assert post["responses"]["200"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/BatchResult"}
+    assert post["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/BatchResult"
+    }
     for code in ("400", "401", "413", "503"):
-        assert post["responses"][code]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorBody"}
+        assert post["responses"][code]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/ErrorBody"
+        }
     assert {"APIKeyHeader", "HTTPBearer"} <= set(spec["components"]["securitySchemes"])
     assert "cdn" not in docs.lower() and asset.status_code == 200 and len(asset.content) > 100_000
 
@@ -195,7 +226,11 @@ def test_replicas_follow_a_promotion_and_a_rollback_without_a_restart():
 
     store.record = {"model_dir": "/models/a"}
     watchers = []
-    app = create_app(old, store, watch=lambda service: watchers.append(PromotionWatcher(service, store, load, 3600, "/models/a")) or watchers[0])
+    app = create_app(
+        old,
+        store,
+        watch=lambda service: watchers.append(PromotionWatcher(service, store, load, 3600, "/models/a")) or watchers[0],
+    )
     with TestClient(app) as client:
         assert client.get("/healthz").json()["model_version"] == "m1"
         check = watchers[0].check
@@ -204,7 +239,9 @@ def test_replicas_follow_a_promotion_and_a_rollback_without_a_restart():
         assert client.get("/healthz").json()["model_version"] == "v-b"
         assert client.get("/v1/parse", params={"q": "pizza"}).json()["model_version"] == "v-b"
         store.record = {"model_dir": "/models/broken"}
-        assert client.portal.call(check) is False and client.get("/healthz").json()["model_version"] == "v-b", "a bad promotion is not served"
+        assert client.portal.call(check) is False and client.get("/healthz").json()["model_version"] == "v-b", (
+            "a bad promotion is not served"
+        )
         store.record = {"model_dir": "/models/a"}
         assert client.portal.call(check) is True and client.get("/healthz").json()["model_version"] == "v-a"
 
@@ -216,7 +253,12 @@ def test_cache_commands_name_a_corrupt_or_missing_sqlite_file(tmp_path):
 
     (tmp_path / "junk.db").write_bytes(b"this is not a database" * 100)
     r = CliRunner().invoke(app, ["cache", "stats", "--cache", f"sqlite:///{tmp_path}/junk.db"])
-    assert r.exit_code == 2 and "junk.db" in r.output and "not a usable SQLite database" in r.output and "Traceback" not in r.output
+    assert (
+        r.exit_code == 2
+        and "junk.db" in r.output
+        and "not a usable SQLite database" in r.output
+        and "Traceback" not in r.output
+    )
     r = CliRunner().invoke(app, ["cache", "stats", "--cache", f"sqlite:///{tmp_path}/typo.db"])
     assert r.exit_code == 2 and "no such file" in r.output and not (tmp_path / "typo.db").exists()
 

@@ -18,12 +18,24 @@ from querytune.train.sft import PRESETS, SFTRecipe, train_sft
 
 SCHEMA = load_schema()
 ROWS = [
-    LabeledRow(id="a", text="cheap thai near me", intent="find_business", slots={"category": "restaurant", "cuisine": "thai", "near_me": True, "price": "cheap"}),
-    LabeledRow(id="b", text="24h plumber austin", intent="find_business", slots={"category": "plumber", "city": "austin", "open": "24h"}),
+    LabeledRow(
+        id="a",
+        text="cheap thai near me",
+        intent="find_business",
+        slots={"category": "restaurant", "cuisine": "thai", "near_me": True, "price": "cheap"},
+    ),
+    LabeledRow(
+        id="b",
+        text="24h plumber austin",
+        intent="find_business",
+        slots={"category": "plumber", "city": "austin", "open": "24h"},
+    ),
     LabeledRow(id="c", text="weather tomorrow", intent="out_of_scope", slots={}),
     LabeledRow(id="d", text="book a dentist saturday", intent="book", slots={"category": "dentist", "day": "saturday"}),
 ]
-TINY = SFTRecipe(max_steps=2, epochs=1.0, batch_size=2, lr=1e-3, lora_r=4, lora_alpha=8, warmup_steps=0, bf16=False, max_minutes=None)
+TINY = SFTRecipe(
+    max_steps=2, epochs=1.0, batch_size=2, lr=1e-3, lora_r=4, lora_alpha=8, warmup_steps=0, bf16=False, max_minutes=None
+)
 
 
 def adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -42,7 +54,14 @@ def test_a_step_changes_the_lora_parameters(tiny_base, tmp_path):
 
 
 def test_loss_falls_when_overfitting_a_handful(tiny_base, tmp_path):
-    train_sft(ROWS, SCHEMA, tmp_path / "m", str(tiny_base), TINY | {"max_steps": 40, "lr": 1e-2, "batch_size": 4, "lora_r": 8, "lora_alpha": 16}, say=lambda _: None)
+    train_sft(
+        ROWS,
+        SCHEMA,
+        tmp_path / "m",
+        str(tiny_base),
+        TINY | {"max_steps": 40, "lr": 1e-2, "batch_size": 4, "lora_r": 8, "lora_alpha": 16},
+        say=lambda _: None,
+    )
     losses = [json.loads(line)["loss"] for line in (tmp_path / "m" / "steps.jsonl").read_text().splitlines()]
     assert len(losses) == 40
     # a random 2-layer model learns slowly through LoRA alone; a clear, steady fall is what we ask
@@ -66,8 +85,26 @@ def test_parser_returns_a_defined_result_for_every_input(tiny_base, tmp_path):
 
 
 def test_report_to_reaches_the_trainer(tiny_base, small_world_master, tmp_path):
-    result = CliRunner().invoke(app, ["train", "sft", "--data", str(small_world_master / "seed.jsonl"), "--out", str(tmp_path / "sft"),
-                                      "--base", str(tiny_base), "--max-steps", "1", "--batch-size", "4", "--no-bf16", "--report-to", "nonsense"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "sft",
+            "--data",
+            str(small_world_master / "seed.jsonl"),
+            "--out",
+            str(tmp_path / "sft"),
+            "--base",
+            str(tiny_base),
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "4",
+            "--no-bf16",
+            "--report-to",
+            "nonsense",
+        ],
+    )
     assert result.exit_code == 2 and "nonsense is not supported" in result.output, result.output
 
 
@@ -84,10 +121,35 @@ def test_parser_drops_values_the_query_does_not_write():
 
 def test_train_predict_and_eval_through_the_cli(tiny_base, small_world_master, tmp_path):
     model = tmp_path / "sft"
-    result = CliRunner().invoke(app, ["train", "sft", "--data", str(small_world_master / "seed.jsonl"), "--out", str(model),
-                                      "--base", str(tiny_base), "--max-steps", "2", "--batch-size", "4", "--no-bf16", "--lora-r", "4"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "sft",
+            "--data",
+            str(small_world_master / "seed.jsonl"),
+            "--out",
+            str(model),
+            "--base",
+            str(tiny_base),
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--no-bf16",
+            "--lora-r",
+            "4",
+        ],
+    )
     assert result.exit_code == 0, result.output
-    for name in ("adapter_model.safetensors", "train_config.json", "steps.jsonl", "README.md", "schema.yaml", "querytune.json"):
+    for name in (
+        "adapter_model.safetensors",
+        "train_config.json",
+        "steps.jsonl",
+        "README.md",
+        "schema.yaml",
+        "querytune.json",
+    ):
         assert (model / name).is_file(), name
     config = json.loads((model / "train_config.json").read_text())
     assert config["max_steps"] == 2 and config["lora_r"] == 4 and config["schema_version"] == SCHEMA.version
@@ -106,12 +168,37 @@ def test_train_predict_and_eval_through_the_cli(tiny_base, small_world_master, t
     assert {line["model_version"] for line in lines} == {ModelFolder.open(model).version}
 
     out, preds = tmp_path / "parse.json", tmp_path / "preds.jsonl"
-    result = CliRunner().invoke(app, ["eval", "parse", "--model", str(model), "--data", str(small_world_master / "test.jsonl"),
-                                      "--out", str(out), "--predictions", str(preds), "--limit", "12"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "parse",
+            "--model",
+            str(model),
+            "--data",
+            str(small_world_master / "test.jsonl"),
+            "--out",
+            str(out),
+            "--predictions",
+            str(preds),
+            "--limit",
+            "12",
+        ],
+    )
     assert result.exit_code == 0, result.output
     metrics = json.loads(out.read_text())
-    for key in ("n", "intent_accuracy", "slot_precision", "slot_recall", "slot_f1", "frame_exact_match", "validity",
-                "queries_per_second", "per_intent", "per_slot"):
+    for key in (
+        "n",
+        "intent_accuracy",
+        "slot_precision",
+        "slot_recall",
+        "slot_f1",
+        "frame_exact_match",
+        "validity",
+        "queries_per_second",
+        "per_intent",
+        "per_slot",
+    ):
         assert key in metrics
     assert metrics["n"] == 12
     rows = [json.loads(line) for line in preds.read_text().splitlines()]
@@ -119,17 +206,27 @@ def test_train_predict_and_eval_through_the_cli(tiny_base, small_world_master, t
     assert {r["model_version"] for r in rows} == {metrics["model_version"]} == {ModelFolder.open(model).version}
 
 
-@pytest.mark.parametrize("args, message", [
-    (["predict", "--model", "{tmp}/nope", "pizza"], "folder not found"),
-    (["eval", "parse", "--model", "{tmp}/nope", "--data", "{tmp}/x.jsonl", "--out", "{tmp}/o.json"], "folder not found"),
-    (["train", "sft", "--data", "{tmp}/empty.jsonl", "--out", "{tmp}/m"], "empty"),
-    (["train", "sft", "--data", "{tmp}/bad.jsonl", "--out", "{tmp}/m"], "no usable labeled rows"),
-    (["train", "sft", "--data", "{tmp}/bad.jsonl", "--out", "{tmp}/m", "--preset", "huge"], "--preset"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["predict", "--model", "{tmp}/nope", "pizza"], "folder not found"),
+        (
+            ["eval", "parse", "--model", "{tmp}/nope", "--data", "{tmp}/x.jsonl", "--out", "{tmp}/o.json"],
+            "folder not found",
+        ),
+        (["train", "sft", "--data", "{tmp}/empty.jsonl", "--out", "{tmp}/m"], "empty"),
+        (["train", "sft", "--data", "{tmp}/bad.jsonl", "--out", "{tmp}/m"], "no usable labeled rows"),
+        (["train", "sft", "--data", "{tmp}/bad.jsonl", "--out", "{tmp}/m", "--preset", "huge"], "--preset"),
+    ],
+)
 def test_bad_input_gets_a_clear_error(args, message, tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
-    (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "x", "intent": "order_pizza", "slots": {}}) + "\n"
-                                        + json.dumps({"text": "y", "intent": "book", "slots": {"colour": "red"}}) + "\n")
+    (tmp_path / "bad.jsonl").write_text(
+        json.dumps({"text": "x", "intent": "order_pizza", "slots": {}})
+        + "\n"
+        + json.dumps({"text": "y", "intent": "book", "slots": {"colour": "red"}})
+        + "\n"
+    )
     result = CliRunner().invoke(app, [a.format(tmp=tmp_path) for a in args])
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
@@ -144,13 +241,22 @@ def test_presets_are_sized_for_a_laptop():
 
 def test_bf16_auto_is_measured_once_per_machine_and_recorded(tiny_base, tmp_path, monkeypatch):
     monkeypatch.setenv("QUERYTUNE_CACHE", str(tmp_path / "cache"))
-    first = train_sft(ROWS, SCHEMA, tmp_path / "a", str(tiny_base), TINY | {"bf16": "auto", "max_steps": 1}, say=lambda _: None)
+    first = train_sft(
+        ROWS, SCHEMA, tmp_path / "a", str(tiny_base), TINY | {"bf16": "auto", "max_steps": 1}, say=lambda _: None
+    )
     probe = first["dtype_probe"]
-    assert first["dtype"] == probe["dtype"] in ("fp32", "bf16") and probe["fp32_s"] > 0 and probe["bf16_s"] > 0 and not probe["cached"]
+    assert (
+        first["dtype"] == probe["dtype"] in ("fp32", "bf16")
+        and probe["fp32_s"] > 0
+        and probe["bf16_s"] > 0
+        and not probe["cached"]
+    )
     assert (probe["dtype"] == "bf16") == (probe["bf16_s"] < 0.95 * probe["fp32_s"])
     cached = json.loads((tmp_path / "cache" / "dtype_probe.json").read_text())
     assert list(cached) == [probe["hardware"]] and "threads" in probe["hardware"]
-    second = train_sft(ROWS, SCHEMA, tmp_path / "b", str(tiny_base), TINY | {"bf16": "auto", "max_steps": 1}, say=lambda _: None)
+    second = train_sft(
+        ROWS, SCHEMA, tmp_path / "b", str(tiny_base), TINY | {"bf16": "auto", "max_steps": 1}, say=lambda _: None
+    )
     assert second["dtype_probe"] == probe | {"cached": True}
     assert first["steps"] == first["schedule_steps"] == 1 and not first["gradient_checkpointing"]
 
@@ -184,8 +290,25 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tiny_base, small_world_ma
     from trl import SFTTrainer
 
     model = tmp_path / "sft"
-    args = ["train", "sft", "--data", str(small_world_master / "seed.jsonl"), "--out", str(model), "--base", str(tiny_base),
-            "--max-steps", "6", "--batch-size", "2", "--no-bf16", "--lora-r", "4", "--save-steps", "2"]
+    args = [
+        "train",
+        "sft",
+        "--data",
+        str(small_world_master / "seed.jsonl"),
+        "--out",
+        str(model),
+        "--base",
+        str(tiny_base),
+        "--max-steps",
+        "6",
+        "--batch-size",
+        "2",
+        "--no-bf16",
+        "--lora-r",
+        "4",
+        "--save-steps",
+        "2",
+    ]
     real_step = SFTTrainer.training_step
 
     def killed_after_step_3(self, *a, **kw):

@@ -34,7 +34,7 @@ def padded_loss(model, examples, tokenizer) -> torch.Tensor:
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     for i, (p, c) in enumerate(zip(prompts, completions)):
         ids[i, : len(p) + len(c)] = torch.tensor(p + c)
-        labels[i, len(p): len(p) + len(c)] = torch.tensor(c)
+        labels[i, len(p) : len(p) + len(c)] = torch.tensor(c)
         mask[i, : len(p) + len(c)] = 1
     return model(input_ids=ids, attention_mask=mask, labels=labels).loss
 
@@ -58,7 +58,9 @@ def test_padding_free_completion_loss_equals_the_padded_full_logit_loss(tiny_bas
 
 def test_bf16_weights_give_the_products_of_bf16_autocast(tiny_base, examples):
     tokenizer = AutoTokenizer.from_pretrained(tiny_base)
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    lora = LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
+    )
     torch.manual_seed(0)
     plain = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32), lora)
     stored = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32), lora)
@@ -101,12 +103,26 @@ def test_the_levers_train_the_same_adapter_through_trl(tiny_base, small_world_ma
 
     schema = load_schema()
     rows, _ = load_labeled(small_world_master / "seed.jsonl", schema)
-    preset = SFTRecipe(max_steps=6, batch_size=4, lr=1e-3, lora_r=4, lora_alpha=8, warmup_steps=0, bf16=False, max_minutes=None,
-                       padding_free=False, completion_logits=False, attention="sdpa")
+    preset = SFTRecipe(
+        max_steps=6,
+        batch_size=4,
+        lr=1e-3,
+        lora_r=4,
+        lora_alpha=8,
+        warmup_steps=0,
+        bf16=False,
+        max_minutes=None,
+        padding_free=False,
+        completion_logits=False,
+        attention="sdpa",
+    )
     levers = {"padding_free": True, "completion_logits": True, "attention": "packed"}
     for name, extra in [("before", {}), ("levers", levers)]:
         train_sft(rows[:64], schema, tmp_path / name, str(tiny_base), preset | extra, say=lambda _: None)
-    losses = {name: [json.loads(line)["loss"] for line in (tmp_path / name / "steps.jsonl").read_text().splitlines()] for name in ("before", "levers")}
+    losses = {
+        name: [json.loads(line)["loss"] for line in (tmp_path / name / "steps.jsonl").read_text().splitlines()]
+        for name in ("before", "levers")
+    }
     assert len(losses["before"]) == 6 and losses["before"] == pytest.approx(losses["levers"], rel=1e-4)
     before, after = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("before", "levers"))
     assert before.keys() == after.keys() and all(torch.allclose(before[k], after[k], atol=1e-5) for k in before)
@@ -118,7 +134,14 @@ def test_packed_attention_needs_padding_free(tiny_base, tmp_path):
     from querytune.train.sft import SFTRecipe, train_sft
 
     with pytest.raises(ValueError, match="padding_free"):
-        train_sft([], load_schema(), tmp_path / "m", str(tiny_base), SFTRecipe(attention="packed", padding_free=False), say=lambda _: None)
+        train_sft(
+            [],
+            load_schema(),
+            tmp_path / "m",
+            str(tiny_base),
+            SFTRecipe(attention="packed", padding_free=False),
+            say=lambda _: None,
+        )
 
 
 def test_labelled_positions_only_gives_trls_fused_log_probs(tiny_base, examples):
@@ -133,11 +156,18 @@ def test_labelled_positions_only_gives_trls_fused_log_probs(tiny_base, examples)
     results = []
     for compact in (False, True):
         torch.manual_seed(0)
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32),
-                               LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        model = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32),
+            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+        )
         add_fused_lm_head(model.get_base_model())
         with labelled_positions_only() if compact else torch.enable_grad():
-            out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"], fused_lm_head=True)
+            out = model(
+                input_ids=batch["input_ids"],
+                position_ids=batch["position_ids"],
+                labels=batch["labels"],
+                fused_lm_head=True,
+            )
         out.log_probs.sum().backward()
         grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
         results.append((out.log_probs.detach(), grads))
@@ -152,8 +182,10 @@ def test_merged_adapters_sample_as_unmerged_and_restore_the_weights_exactly(tiny
     from querytune.train.step import merged_adapters
 
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)).eval()
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False),
+    ).eval()
     bf16_weights(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     ids = torch.randint(0, model.config.vocab_size, (2, 12))

@@ -45,14 +45,21 @@ def _vllm_parses(model_dir: Path, texts: list[str], tmp_path: Path, engine: str 
         "            return [p for ps in await asyncio.gather(*(backend.aparse([t]) for t in todo)) for p in ps]\n"
         "        preds = asyncio.run(each())\n"
         "        backend.close()\n"
-        "    print('RESULT ' + json.dumps([{'raw': p.raw, 'valid': p.valid, 'parse': p.parse, 'error': p.error, 'confidence': p.confidence} for p in preds]))\n")
+        "    print('RESULT ' + json.dumps([{'raw': p.raw, 'valid': p.valid, 'parse': p.parse, 'error': p.error, 'confidence': p.confidence} for p in preds]))\n"
+    )
     (tmp_path / "texts.json").write_text(json.dumps(texts))
     env = os.environ | vllm_env(VLLM_PYTHON.parents[1]) | {"QUERYTUNE_CACHE": str(tmp_path / "cache")}
-    result = subprocess.run([str(VLLM_PYTHON), str(script), str(model_dir), str(tmp_path / "texts.json"), engine], capture_output=True, text=True,
-                            timeout=900, env=env, cwd=tmp_path)
+    result = subprocess.run(
+        [str(VLLM_PYTHON), str(script), str(model_dir), str(tmp_path / "texts.json"), engine],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def test_vllm_backend_gives_the_transformers_backend_greedy_parses(memorised_model, tmp_path):

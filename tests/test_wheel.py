@@ -31,23 +31,62 @@ def test_the_wheel_alone_shows_the_schema_and_predicts(tiny_model, tmp_path):
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
     quiet = os.environ | {"PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index", "-w", tmp_path / "dist", src,
-        cwd=tmp_path, env=quiet)
+    run(
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "-q",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-index",
+        "-w",
+        tmp_path / "dist",
+        src,
+        cwd=tmp_path,
+        env=quiet,
+    )
     wheel = next((tmp_path / "dist").glob("querytune-*.whl"))
 
     venv = tmp_path / "venv"
     run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=tmp_path)
-    run(sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "-q", "--no-deps", "--no-index", wheel,
-        cwd=tmp_path, env=quiet)
+    run(
+        sys.executable,
+        "-m",
+        "pip",
+        "--python",
+        venv / "bin" / "python",
+        "install",
+        "-q",
+        "--no-deps",
+        "--no-index",
+        wheel,
+        cwd=tmp_path,
+        env=quiet,
+    )
     # only now the heavy dependencies of this venv join as a plain path (its .pth files, querytune's editable finder
     # among them, are not run from there); pip above saw an empty venv
-    purelib = Path(run(venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=tmp_path).stdout.strip())
-    (purelib / "borrowed.pth").write_text("\n".join(dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])) + "\n")
+    purelib = Path(
+        run(
+            venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=tmp_path
+        ).stdout.strip()
+    )
+    (purelib / "borrowed.pth").write_text(
+        "\n".join(dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])) + "\n"
+    )
 
     away = tmp_path / "elsewhere"  # outside the checkout, no PYTHONPATH, an empty cache
     away.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")} | {"QUERYTUNE_CACHE": str(tmp_path / "cache")}
-    where = run(venv / "bin" / "python", "-c", "import querytune.schema as s; print(s.__file__); print(s.DEFAULT_SCHEMA)", cwd=away, env=env)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")} | {
+        "QUERYTUNE_CACHE": str(tmp_path / "cache")
+    }
+    where = run(
+        venv / "bin" / "python",
+        "-c",
+        "import querytune.schema as s; print(s.__file__); print(s.DEFAULT_SCHEMA)",
+        cwd=away,
+        env=env,
+    )
     assert all(line.startswith(str(purelib)) for line in where.stdout.split()), where.stdout
 
     shown = run(venv / "bin" / "querytune", "schema", "show", cwd=away, env=env)

@@ -18,8 +18,16 @@ from querytune.world.needs import sample_need
 from querytune.world.queries import render
 from tests.conftest import SMALL
 
-FILES = ["catalog.parquet", "log.parquet", "seed.jsonl", "dev.jsonl", "test.jsonl", "stats.json",
-         "audit/needs.parquet", "audit/seed_label_errors.jsonl"]
+FILES = [
+    "catalog.parquet",
+    "log.parquet",
+    "seed.jsonl",
+    "dev.jsonl",
+    "test.jsonl",
+    "stats.json",
+    "audit/needs.parquet",
+    "audit/seed_label_errors.jsonl",
+]
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -101,7 +109,9 @@ def test_seed_phrasings_do_not_cover_the_log(small_world_master):
     needs = pd.read_parquet(small_world_master / "audit" / "needs.parquet")
     seed_ids = {r["id"] for r in read_jsonl(small_world_master / "seed.jsonl")}
     assert needs.set_index("query_id").loc[sorted(seed_ids), "phrasing_in_seed"].all()
-    assert 0.12 < (~needs["phrasing_in_seed"]).mean() < 0.8  # v2 full world: 0.18 of rows typed outside the seed's phrasings
+    assert (
+        0.12 < (~needs["phrasing_in_seed"]).mean() < 0.8
+    )  # v2 full world: 0.18 of rows typed outside the seed's phrasings
     assert needs["phrasing"].nunique() >= 8
 
 
@@ -122,7 +132,9 @@ def test_renderings_keep_what_the_need_says():
 
 
 def test_world_make_cli_prints_the_figures(tmp_path):
-    result = CliRunner().invoke(app, ["world", "make", "--out", str(tmp_path / "w"), "--rows", "3000", "--per-city", "60"])
+    result = CliRunner().invoke(
+        app, ["world", "make", "--out", str(tmp_path / "w"), "--rows", "3000", "--per-city", "60"]
+    )
     assert result.exit_code == 0, result.output
     assert "log.share_traffic_top1pct_queries" in result.output
     assert (tmp_path / "w" / "test.jsonl").is_file()
@@ -142,7 +154,12 @@ def test_default_world_meets_every_requirement(tmp_path):
 
 
 # -- world v2: the mechanisms, the data contract, the profiles -------------------------------------------------------
-V2_SMALL = {"seed": 0, "rows": 12_000, "per_city": 100, "eval_rows": 200}  # the smallest world whose late log fills every quota
+V2_SMALL = {
+    "seed": 0,
+    "rows": 12_000,
+    "per_city": 100,
+    "eval_rows": 200,
+}  # the smallest world whose late log fills every quota
 
 
 @pytest.fixture(scope="module")
@@ -178,20 +195,33 @@ def test_each_mechanism_does_what_its_table_says(v2_world):
     from querytune.world.mechanisms import DRIFT_TERMS, FINE_TO_BROAD
 
     rows = read_jsonl(v2_world / "test.jsonl")
-    by = {m: [r for r in rows if m in r["mechanisms"]] for m in ("taxonomy", "drift", "generic_name", "filter_guideline")}
+    by = {
+        m: [r for r in rows if m in r["mechanisms"]] for m in ("taxonomy", "drift", "generic_name", "filter_guideline")
+    }
     for r in by["taxonomy"]:
         assert FINE_TO_BROAD[r["need"]["slots"]["cuisine"]] == r["annotation"]["slots"]["cuisine"]
     for r in by["generic_name"]:
         assert r["need"]["intent"] == "find_named_business" and r["annotation"]["intent"] == "find_business"
-        assert r["annotation"]["slots"]["category"].replace("_", " ")[:4] in r["need"]["slots"]["business_name"] or r["annotation"]["slots"]["category"]
+        assert (
+            r["annotation"]["slots"]["category"].replace("_", " ")[:4] in r["need"]["slots"]["business_name"]
+            or r["annotation"]["slots"]["category"]
+        )
     terms = set(DRIFT_TERMS.values())
     for r in by["drift"]:
         assert any(t in normalize_text(r["text"]) for t in terms)
         assert set(r["annotation"]["slots"]) < set(r["need"]["slots"])  # the guideline's gazetteer lacks the new word
     for r in by["filter_guideline"]:
         need, ann = r["need"]["slots"], r["annotation"]["slots"]
-        assert need.get("open") == "late" and ann.get("open") == "now" or need.get("price") == "affordable" and ann.get("price") == "cheap" \
-            or need.get("kid_friendly") and "kid_friendly" not in ann or need.get("min_rating") == 4.0 and "min_rating" not in ann
+        assert (
+            need.get("open") == "late"
+            and ann.get("open") == "now"
+            or need.get("price") == "affordable"
+            and ann.get("price") == "cheap"
+            or need.get("kid_friendly")
+            and "kid_friendly" not in ann
+            or need.get("min_rating") == 4.0
+            and "min_rating" not in ann
+        )
 
 
 def test_seed_is_the_guideline_on_the_first_two_weeks(v2_world):
@@ -206,7 +236,10 @@ def test_seed_is_the_guideline_on_the_first_two_weeks(v2_world):
     for r in seed:
         if r["id"] not in errors:
             assert {"intent": r["intent"], "slots": r["slots"]} == json.loads(needs.at[r["id"], "annotation"])
-        differs += json.loads(needs.at[r["id"], "annotation"]) != {"intent": needs.at[r["id"], "intent"], "slots": json.loads(needs.at[r["id"], "slots"])}
+        differs += json.loads(needs.at[r["id"], "annotation"]) != {
+            "intent": needs.at[r["id"], "intent"],
+            "slots": json.loads(needs.at[r["id"], "slots"]),
+        }
     assert differs > 0.03 * len(seed)  # the guideline's gaps reach the seed
 
 
@@ -215,7 +248,10 @@ def test_stationary_profile_has_no_gap_and_no_drift(tmp_path):
 
     make_world(tmp_path, **(V2_SMALL | {"profile": "stationary", "rows": 6000}))
     needs = pd.read_parquet(tmp_path / "audit" / "needs.parquet")
-    assert all(json.loads(a) == {"intent": i, "slots": json.loads(s)} for a, i, s in zip(needs["annotation"], needs["intent"], needs["slots"]))
+    assert all(
+        json.loads(a) == {"intent": i, "slots": json.loads(s)}
+        for a, i, s in zip(needs["annotation"], needs["intent"], needs["slots"])
+    )
     texts = pd.read_parquet(tmp_path / "log.parquet")["query"].map(normalize_text)
     assert not any(t in text.split() for text in texts for t in DRIFT_TERMS.values() if " " not in t)
 
@@ -247,7 +283,10 @@ def test_v2_log_is_realistic(v2_world):
         for a in ATTRIBUTES:
             assert not s.get(a) or s["category"] in ATTRIBUTE_CATEGORIES[a], s  # no "dog boarding that takes insurance"
         if s.get("open") == "24h":
-            assert any(len(p) == 7 and all(v == (0, 1440) for v in p.values()) for _, p in HOURS_PROFILES[CATEGORIES[s["category"]][2]])
+            assert any(
+                len(p) == 7 and all(v == (0, 1440) for v in p.values())
+                for _, p in HOURS_PROFILES[CATEGORIES[s["category"]][2]]
+            )
     lengths = [(len(a), len(b)) for a, b in zip(log["shown"], log["display_p"])]
     assert all(a == b for a, b in lengths)
     probs = np.concatenate([p for p in log["display_p"] if len(p)])

@@ -26,8 +26,16 @@ sys.path.insert(0, str(REPO))
 from querytune.schema import is_grounded, normalize_text  # noqa: E402
 
 NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
-WHAT = {"cuisine", "restaurant_name", "hotel_name", "attraction_name", "event_name", "movie_name",
-        "theater_name", "provider_name"}  # names and kinds: embedded as the search's "what" text
+WHAT = {
+    "cuisine",
+    "restaurant_name",
+    "hotel_name",
+    "attraction_name",
+    "event_name",
+    "movie_name",
+    "theater_name",
+    "provider_name",
+}  # names and kinds: embedded as the search's "what" text
 FILTERS = {"city": "city", **{s: "what" for s in WHAT}}  # price_range: SGD's levels are not our price's
 GROUNDED_SHARE, GROUNDED_MIN_ROWS = 0.98, 20
 HEADER = """\
@@ -46,8 +54,12 @@ class FlowListDumper(yaml.SafeDumper):
     """Block style, except lists of plain values (slot lists, values) on one line."""
 
 
-FlowListDumper.add_representer(list, lambda dumper, items: dumper.represent_sequence(
-    "tag:yaml.org,2002:seq", items, flow_style=all(isinstance(x, str) for x in items)))
+FlowListDumper.add_representer(
+    list,
+    lambda dumper, items: dumper.represent_sequence(
+        "tag:yaml.org,2002:seq", items, flow_style=all(isinstance(x, str) for x in items)
+    ),
+)
 
 
 def safe_name(name: str) -> str:
@@ -66,7 +78,9 @@ def build(source: dict, rows: list[dict] | None) -> tuple[dict, list[str]]:
     rename = {s["name"]: safe_name(s["name"]) for s in source["slots"]}
     for old, new in rename.items():
         if old != new:
-            notes.append(f"slot {old!r} renamed {new!r} (schema names are letters, digits, _); rows using it will reject")
+            notes.append(
+                f"slot {old!r} renamed {new!r} (schema names are letters, digits, _); rows using it will reject"
+            )
     unknown = set().union(*used.values()) - set(rename)
     if unknown:
         notes.append(f"rows use slots {sorted(unknown)} that schema.json does not declare; those rows will reject")
@@ -95,7 +109,9 @@ def build(source: dict, rows: list[dict] | None) -> tuple[dict, list[str]]:
         written = sum(is_grounded(v, text) for text, v in labels)
         if not s["is_categorical"] and len(labels) >= GROUNDED_MIN_ROWS and written >= GROUNDED_SHARE * len(labels):
             d["grounded"] = True
-            notes.append(f"slot {s['name']!r} grounded: {written} of its {len(labels)} labels are written in the request")
+            notes.append(
+                f"slot {s['name']!r} grounded: {written} of its {len(labels)} labels are written in the request"
+            )
         d["description"] = s["description"]
         if s["is_categorical"]:
             values, seen = [], {}
@@ -109,16 +125,22 @@ def build(source: dict, rows: list[dict] | None) -> tuple[dict, list[str]]:
                 values.append(v)
             d["values"] = values
         slots.append(d)
-    description = ("Schema-Guided Dialogue (SGD) local-service requests: events, hotels, house rentals, movies, "
-                   "restaurants, salons, dentists, doctors, attractions. Dates are absolute (SGD's today is "
-                   "2019-03-01), times 24-hour HH:MM, booleans the values True/False.")
+    description = (
+        "Schema-Guided Dialogue (SGD) local-service requests: events, hotels, house rentals, movies, "
+        "restaurants, salons, dentists, doctors, attractions. Dates are absolute (SGD's today is "
+        "2019-03-01), times 24-hour HH:MM, booleans the values True/False."
+    )
     return {"name": "sgd", "description": description, "intents": intents, "slots": slots}, notes
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", type=Path, default=REPO.parent / "shared/datasets/sgd-local",
-                        help="folder with schema.json (and train.jsonl)")
+    parser.add_argument(
+        "--source",
+        type=Path,
+        default=REPO.parent / "shared/datasets/sgd-local",
+        help="folder with schema.json (and train.jsonl)",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "sgd.yaml", help="YAML to write")
     args = parser.parse_args()
     if not (args.source / "schema.json").is_file():
@@ -132,8 +154,10 @@ def main() -> None:
     args.out.write_text(header + body, encoding="utf-8")
     for n in notes:
         print(f"note: {n}")
-    print(f"wrote {args.out}: {len(schema['intents'])} intents, {len(schema['slots'])} slots"
-          + (f", from {len(rows)} rows" if rows is not None else " (no train.jsonl: row checks skipped)"))
+    print(
+        f"wrote {args.out}: {len(schema['intents'])} intents, {len(schema['slots'])} slots"
+        + (f", from {len(rows)} rows" if rows is not None else " (no train.jsonl: row checks skipped)")
+    )
 
 
 if __name__ == "__main__":

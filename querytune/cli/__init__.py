@@ -17,6 +17,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+
+
 def _version(value: bool) -> None:
     if value:
         from importlib.metadata import version
@@ -26,12 +28,18 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _main(show_version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print querytune's version and exit.")) -> None:
+def _main(
+    show_version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print querytune's version and exit."
+    ),
+) -> None:
     """Query understanding for local-service search: schema, simulated world, retrieval, training, prediction, evaluation."""
     # one progress style: querytune's own bars (rich), not the libraries' tqdm bars beside them
     for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
         os.environ.setdefault(name, "1")
-    if "transformers" in sys.modules:  # imported before the command ran (a test, a notebook): it read the variable already
+    if (
+        "transformers" in sys.modules
+    ):  # imported before the command ran (a test, a notebook): it read the variable already
         sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
@@ -50,10 +58,24 @@ app.command(name="serve")(serve.serve)
 
 @app.command(name="demo")
 def demo(
-    workspace: Path = typer.Option(Path("workspace"), "--workspace", help="Where every output goes: world/, index/, models/<stage>/, labels/, eval/, report/."),
-    preset: DemoPreset = typer.Option("full", "--preset", help="full: the default world and the quick training presets (about an hour on 2 CPU cores; the README's results); tiny: a small world and a few steps per stage, the same steps and report in about 5 minutes, to see the loop before spending the hour (its figures say nothing about the method)."),
+    workspace: Path = typer.Option(
+        Path("workspace"),
+        "--workspace",
+        help="Where every output goes: world/, index/, models/<stage>/, labels/, eval/, report/.",
+    ),
+    preset: DemoPreset = typer.Option(
+        "full",
+        "--preset",
+        help="full: the default world and the quick training presets (about an hour on 2 CPU cores; the README's results); tiny: a small world and a few steps per stage, the same steps and report in about 5 minutes, to see the loop before spending the hour (its figures say nothing about the method).",
+    ),
     port: int = typer.Option(8765, "--port", help="Loopback port of the short serving check."),
-    replay: int = typer.Option(None, "--replay", min=1, help="Later log requests replayed against the server in the serving check (default: 300, tiny: 40).", show_default=False),
+    replay: int = typer.Option(
+        None,
+        "--replay",
+        min=1,
+        help="Later log requests replayed against the server in the serving check (default: 300, tiny: 40).",
+        show_default=False,
+    ),
 ) -> None:
     """Run the whole loop on the embedded default data: world, index, SFT -> self-training -> RFT -> DPO -> GRPO, test
     predictions, labeling the log's head into the cache, a short serving check, the report; then print the table.
@@ -65,7 +87,9 @@ def demo(
 
     from querytune.demo import run_demo
 
-    seconds = run_demo(workspace, serve_port=port, replay=replay, say=lambda m: typer.secho(m, bold=True), preset=preset)
+    seconds = run_demo(
+        workspace, serve_port=port, replay=replay, say=lambda m: typer.secho(m, bold=True), preset=preset
+    )
     summary = (workspace / "report" / "summary.md").read_text().split("\n## ")[0]
     typer.echo("\n" + summary)
     typer.echo(json.dumps({"seconds": seconds}))
@@ -73,8 +97,12 @@ def demo(
 
 
 # where Debian/Ubuntu (libjemalloc2), Fedora and a source build put jemalloc
-JEMALLOC = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2", "/usr/lib64/libjemalloc.so.2",
-            "/usr/local/lib/libjemalloc.so.2")
+JEMALLOC = (
+    "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib64/libjemalloc.so.2",
+    "/usr/local/lib/libjemalloc.so.2",
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,9 +112,16 @@ def main(argv: list[str] | None = None) -> None:
     same batches; eval/RESULTS.md "Training speed"). QUERYTUNE_ALLOCATOR=system keeps the system allocator."""
     argv = sys.argv[1:] if argv is None else argv
     preload = os.environ.get("LD_PRELOAD", "")
-    if argv[:1] in (["train"], ["demo"]) and os.environ.get("QUERYTUNE_ALLOCATOR", "jemalloc") != "system" and "jemalloc" not in preload:
+    if (
+        argv[:1] in (["train"], ["demo"])
+        and os.environ.get("QUERYTUNE_ALLOCATOR", "jemalloc") != "system"
+        and "jemalloc" not in preload
+    ):
         lib = next((p for p in JEMALLOC if os.path.exists(p)), None)
         if lib:  # the allocator is chosen when a process starts: start this one again with it
-            os.execve(sys.executable, [sys.executable, "-m", "querytune.cli", *argv], dict(os.environ, LD_PRELOAD=":".join(filter(None, (lib, preload)))))
+            os.execve(
+                sys.executable,
+                [sys.executable, "-m", "querytune.cli", *argv],
+                dict(os.environ, LD_PRELOAD=":".join(filter(None, (lib, preload)))),
+            )
     app(args=argv, prog_name="querytune")
-

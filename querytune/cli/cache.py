@@ -1,10 +1,10 @@
 """`querytune cache`: load labels into the parse cache, inspect it, warm it with a new model, promote, roll back.
 
-    querytune cache load runs/labels --cache sqlite:///runs/cache.db
-    querytune cache stats --cache sqlite:///runs/cache.db
-    querytune cache warm runs/world/log.parquet --model runs/dpo --cache sqlite:///runs/cache.db --share 0.5
-    querytune cache promote --model runs/dpo --cache sqlite:///runs/cache.db
-    querytune cache rollback --cache sqlite:///runs/cache.db
+querytune cache load runs/labels --cache sqlite:///runs/cache.db
+querytune cache stats --cache sqlite:///runs/cache.db
+querytune cache warm runs/world/log.parquet --model runs/dpo --cache sqlite:///runs/cache.db --share 0.5
+querytune cache promote --model runs/dpo --cache sqlite:///runs/cache.db
+querytune cache rollback --cache sqlite:///runs/cache.db
 """
 
 from __future__ import annotations
@@ -41,9 +41,13 @@ def _open(url: str, create: bool = False):
 
 @app.command()
 def load(
-    labels: Path = typer.Argument(..., help="Labeling folder written by `querytune label` (its labels/part-*.parquet)."),
+    labels: Path = typer.Argument(
+        ..., help="Labeling folder written by `querytune label` (its labels/part-*.parquet)."
+    ),
     cache: str = typer.Option(..., "--cache", envvar="QUERYTUNE_CACHE_URL", help=CACHE_HELP),
-    include_invalid: bool = typer.Option(False, "--include-invalid", help="Also cache labels the schema rejected (default: only valid parses)."),
+    include_invalid: bool = typer.Option(
+        False, "--include-invalid", help="Also cache labels the schema rejected (default: only valid parses)."
+    ),
 ) -> None:
     """Put every label of a labeling folder into the cache, keyed by normalised query, schema and model version."""
     from querytune.serving.cache import load_labels
@@ -61,7 +65,9 @@ def stats(cache: str = typer.Option(..., "--cache", envvar="QUERYTUNE_CACHE_URL"
         typer.echo(json.dumps(_open(cache).stats(), indent=2))
 
 
-def head_queries(log: Path, column: str, share: float, top: int | None, where: str | None = None) -> tuple[list[str], float]:
+def head_queries(
+    log: Path, column: str, share: float, top: int | None, where: str | None = None
+) -> tuple[list[str], float]:
     """The distinct normalised queries that carry `share` of the log's rows (most typed first), at most `top`;
     and the share of rows they carry."""
     from collections import Counter
@@ -89,11 +95,19 @@ def warm(
     log: Path = typer.Argument(..., help="Query log (CSV, JSONL, Parquet file or folder) whose head to label."),
     model: Path = typer.Option(..., "--model", help="The model about to be promoted."),
     cache: str = typer.Option(..., "--cache", envvar="QUERYTUNE_CACHE_URL", help=CACHE_HELP),
-    share: float = typer.Option(0.5, "--share", min=0.0, max=1.0, help="Label the most typed queries until they carry this share of the log's rows."),
+    share: float = typer.Option(
+        0.5,
+        "--share",
+        min=0.0,
+        max=1.0,
+        help="Label the most typed queries until they carry this share of the log's rows.",
+    ),
     top: int = typer.Option(None, "--top", min=1, help="At most this many distinct queries."),
     column: str = typer.Option("query", "--column", help="Column or field holding the query text."),
     where: str = typer.Option(None, "--where", help="Only rows whose COLUMN holds VALUE, e.g. period=early."),
-    work: Path = typer.Option(None, "--work", help="Labeling folder for the head (default: a new folder under the system temp dir)."),
+    work: Path = typer.Option(
+        None, "--work", help="Labeling folder for the head (default: a new folder under the system temp dir)."
+    ),
     backend: Backend = typer.Option("transformers", "--backend", help="transformers or vllm."),
 ) -> None:
     """Label the head of a log with a new model and load it, before `promote`, so a promotion serves hits at once."""
@@ -115,15 +129,26 @@ def warm(
         pd.DataFrame({"query": head}).to_parquet(work / "head.parquet")
         summary = run_label(work / "head.parquet", work / "labels", load_backend(backend, model))
         loaded = load_labels(target, work / "labels")
-        typer.echo(json.dumps({"head_queries": len(head), "log_share": round(carried, 4), "labeled_now": summary["labeled_now"],
-                               "model_version": summary["model_version"], **loaded}))
+        typer.echo(
+            json.dumps(
+                {
+                    "head_queries": len(head),
+                    "log_share": round(carried, 4),
+                    "labeled_now": summary["labeled_now"],
+                    "model_version": summary["model_version"],
+                    **loaded,
+                }
+            )
+        )
 
 
 @app.command()
 def promote(
     model: Path = typer.Option(..., "--model", help="Model folder to serve from now on."),
     cache: str = typer.Option(..., "--cache", envvar="QUERYTUNE_CACHE_URL", help=CACHE_HELP),
-    force: bool = typer.Option(False, "--force", help="Promote even when the cache holds no entry of this model (every request would miss)."),
+    force: bool = typer.Option(
+        False, "--force", help="Promote even when the cache holds no entry of this model (every request would miss)."
+    ),
 ) -> None:
     """Make a model the active one: servers started with `--model active` serve it and its cache entries."""
     from querytune.runtime.model import ModelFolder
@@ -134,7 +159,9 @@ def promote(
         schema, version = folder.schema, folder.version
         warm_entries = sum(v["entries"] for v in target.stats()["versions"] if v["model_version"] == version)
         if not warm_entries and not force:
-            raise UserError(f"the cache holds no entry of {model} (version {version}): run `querytune cache warm` first, or --force")
+            raise UserError(
+                f"the cache holds no entry of {model} (version {version}): run `querytune cache warm` first, or --force"
+            )
         record = target.promote(version, str(model.resolve()), schema.version)
         typer.echo(json.dumps(record | {"warm_entries": warm_entries}))
 

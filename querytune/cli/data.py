@@ -42,12 +42,18 @@ def _load(file: Path, schema: Optional[Path]):
 
 @app.command()
 def validate(
-    file: Path = typer.Argument(..., help="Labeled file: .jsonl/.json (one object a line), .csv or .parquet, "
-                                         "with columns text, intent, slots (and optionally id)."),
+    file: Path = typer.Argument(
+        ...,
+        help="Labeled file: .jsonl/.json (one object a line), .csv or .parquet, "
+        "with columns text, intent, slots (and optionally id).",
+    ),
     schema: Optional[Path] = typer.Option(None, "--schema", help="Schema YAML (default: data/schema.yaml)."),
-    rejects: Optional[Path] = typer.Option(None, "--rejects", help="Write every rejected row here as JSONL "
-                                           "(line, reason, raw) instead of failing."),
-    max_errors: int = typer.Option(20, "--max-errors", min=0, help="How many rejects to print when there is no --rejects."),
+    rejects: Optional[Path] = typer.Option(
+        None, "--rejects", help="Write every rejected row here as JSONL (line, reason, raw) instead of failing."
+    ),
+    max_errors: int = typer.Option(
+        20, "--max-errors", min=0, help="How many rejects to print when there is no --rejects."
+    ),
 ) -> None:
     """Load FILE, check every row against the schema, and summarise."""
     sch, rows, bad = _load(file, schema)

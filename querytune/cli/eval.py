@@ -21,9 +21,19 @@ def retrieval(
     out: Path = typer.Option(..., "--out", help="JSON report to write."),
     split: str = typer.Option("test", "--split", help="Which labeled file to score: test (report) or dev (tuning)."),
     k: int = typer.Option(10, "-k", min=1, help="Cut-off for NDCG@k and Recall@k."),
-    schema: Path = typer.Option(None, "--schema", help="Schema YAML of the gold labels (default: the local-service schema)."),
-    model: list[str] = typer.Option([], "--model", help="DIR, NAME=DIR or NAME=PREDICTIONS.jsonl: also score the structured search from this model's parses (repeatable; a DIR alone is named after its folder). DIR parses the rows now; a predictions file from `eval parse --predictions` is reused as is. An invalid parse falls back to the raw query."),
-    baseline: str = typer.Option(None, "--baseline", help="Compare every other system with this one (e.g. sft): mean NDCG difference with a paired bootstrap 95% interval, overall and on queries whose phrasing the seed covers / does not."),
+    schema: Path = typer.Option(
+        None, "--schema", help="Schema YAML of the gold labels (default: the local-service schema)."
+    ),
+    model: list[str] = typer.Option(
+        [],
+        "--model",
+        help="DIR, NAME=DIR or NAME=PREDICTIONS.jsonl: also score the structured search from this model's parses (repeatable; a DIR alone is named after its folder). DIR parses the rows now; a predictions file from `eval parse --predictions` is reused as is. An invalid parse falls back to the raw query.",
+    ),
+    baseline: str = typer.Option(
+        None,
+        "--baseline",
+        help="Compare every other system with this one (e.g. sft): mean NDCG difference with a paired bootstrap 95% interval, overall and on queries whose phrasing the seed covers / does not.",
+    ),
 ) -> None:
     """Score raw, bm25, oracle (gold-parse) and model retrieval: NDCG@k, Recall@k, MRR, sliced by traffic and intent."""
     from querytune.evaluation.retrieval_eval import baseline_systems, compare_to, evaluate, load_rows
@@ -44,8 +54,9 @@ def retrieval(
             systems[name] = _model_system(model_dir, [r for r in rows if r.get("relevance")], searcher, k)
         if baseline and baseline not in systems:
             raise UserError(f"--baseline {baseline}: not one of the systems ({', '.join(systems)})")
-        report = evaluate(rows, systems, k=k,
-                          progress=lambda it: track(it, description=f"searching {split}", console=out_console))
+        report = evaluate(
+            rows, systems, k=k, progress=lambda it: track(it, description=f"searching {split}", console=out_console)
+        )
         if baseline:
             report["vs_baseline"] = compare_to(report, baseline, k)
     report["meta"] |= {"split": split, "world": world.name, "index": searcher.meta, "schema_version": schema_.version}
@@ -97,7 +108,15 @@ def _print_table(report: dict, title: str) -> None:
         cells = [f"{v:.3f}" for v in report[s].values()]
         if vs:
             d = vs["systems"].get(s)
-            cells += [f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]", f"{d['covered']:+.3f}", f"{d['uncovered']:+.3f}"] if d else ["", "", ""]
+            cells += (
+                [
+                    f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]",
+                    f"{d['covered']:+.3f}",
+                    f"{d['uncovered']:+.3f}",
+                ]
+                if d
+                else ["", "", ""]
+            )
         table.add_row(s, *cells)
     out_console.print(table)
 
@@ -105,13 +124,23 @@ def _print_table(report: dict, title: str) -> None:
 @app.command()
 def parse(
     model: Path = typer.Option(..., "--model", help="Model folder made by `querytune train ...`."),
-    data: Path = typer.Option(..., "--data", help="Labeled JSONL / CSV / Parquet to score (e.g. a world's test.jsonl)."),
+    data: Path = typer.Option(
+        ..., "--data", help="Labeled JSONL / CSV / Parquet to score (e.g. a world's test.jsonl)."
+    ),
     out: Path = typer.Option(..., "--out", help="JSON metrics to write."),
     schema: Path = typer.Option(None, "--schema", help="Schema YAML (default: the one stored in the model folder)."),
-    predictions: Path = typer.Option(None, "--predictions", help="Also write one JSONL line per row: id, text, gold, pred, valid, confidence, model_version."),
+    predictions: Path = typer.Option(
+        None,
+        "--predictions",
+        help="Also write one JSONL line per row: id, text, gold, pred, valid, confidence, model_version.",
+    ),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Queries per generation batch."),
     limit: int = typer.Option(None, "--limit", min=1, help="Score only the first N rows (quick looks)."),
-    constrained: bool = typer.Option(True, "--constrained/--free", help="Decode constrained to the schema's JSON (default) or freely; use the same setting for every stage."),
+    constrained: bool = typer.Option(
+        True,
+        "--constrained/--free",
+        help="Decode constrained to the schema's JSON (default) or freely; use the same setting for every stage.",
+    ),
 ) -> None:
     """Parse metrics: intent accuracy, slot P/R/F1, frame exact match, validity, queries/s, per intent and slot."""
     import time
@@ -124,7 +153,9 @@ def parse(
     with user_errors():
         if not model.is_dir():
             raise UserError(f"--model {model}: folder not found")
-        parser = Parser(model, schema=load_schema(schema) if schema else None, batch_size=batch_size, constrained=constrained)
+        parser = Parser(
+            model, schema=load_schema(schema) if schema else None, batch_size=batch_size, constrained=constrained
+        )
         rows, rejects = load_labeled(data, parser.schema)
         for r in rejects[:10]:
             out_console.print(f"{data}:{r.where}: {r.reason} (not scored)", markup=False)
@@ -138,21 +169,49 @@ def parse(
             seconds = time.perf_counter() - start
     golds = [{"intent": r.intent, "slots": r.slots} for r in rows]
     metrics = parse_metrics(golds, [p.parse for p in preds])
-    metrics |= {"ungrounded_text_values": ungrounded_share([r.text for r in rows], [p.parse for p in preds], parser.schema),
-                "grounding_dropped": grounding_dropped(preds, parser.schema),
-                "queries_per_second": round(len(rows) / seconds, 2), "rejected_rows": len(rejects),
-                "model": str(model), "model_version": parser.model_version, "data": str(data), "schema_version": parser.schema.version,
-                "decoding": {"greedy": True, "constrained": constrained, "max_new_tokens": parser.max_new_tokens}}
+    metrics |= {
+        "ungrounded_text_values": ungrounded_share([r.text for r in rows], [p.parse for p in preds], parser.schema),
+        "grounding_dropped": grounding_dropped(preds, parser.schema),
+        "queries_per_second": round(len(rows) / seconds, 2),
+        "rejected_rows": len(rejects),
+        "model": str(model),
+        "model_version": parser.model_version,
+        "data": str(data),
+        "schema_version": parser.schema.version,
+        "decoding": {"greedy": True, "constrained": constrained, "max_new_tokens": parser.max_new_tokens},
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=2) + "\n")
     if predictions:
         with open(predictions, "w", encoding="utf-8") as f:
             for r, g, p in zip(rows, golds, preds):
-                f.write(json.dumps({"id": r.id, "text": r.text, "gold": g, "pred": p.parse, "valid": p.valid,
-                                    "confidence": round(p.confidence, 5), "model_version": parser.model_version, **({"error": p.error, "raw": p.raw} if p.error else {}),
-                                    **({"ungrounded": p.ungrounded} if p.ungrounded else {})}, ensure_ascii=False) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "id": r.id,
+                            "text": r.text,
+                            "gold": g,
+                            "pred": p.parse,
+                            "valid": p.valid,
+                            "confidence": round(p.confidence, 5),
+                            "model_version": parser.model_version,
+                            **({"error": p.error, "raw": p.raw} if p.error else {}),
+                            **({"ungrounded": p.ungrounded} if p.ungrounded else {}),
+                        },
+                        ensure_ascii=False,
+                    )
+                    + "\n"
+                )
     table = Table(title=f"parse metrics: {model.name} on {data.name} (n={metrics['n']})")
-    keys = ("intent_accuracy", "slot_precision", "slot_recall", "slot_f1", "frame_exact_match", "validity", "queries_per_second")
+    keys = (
+        "intent_accuracy",
+        "slot_precision",
+        "slot_recall",
+        "slot_f1",
+        "frame_exact_match",
+        "validity",
+        "queries_per_second",
+    )
     for key in keys:
         table.add_column(key, justify="right")
     table.add_row(*(f"{metrics[k]:.3f}" if k != "queries_per_second" else f"{metrics[k]:.1f}" for k in keys))
@@ -162,10 +221,18 @@ def parse(
 
 @app.command()
 def stages(
-    retrieval_report: Path = typer.Option(..., "--retrieval", help="JSON from `eval retrieval --baseline ...` with every stage's predictions."),
-    model: list[str] = typer.Option([], "--model", help="A stage's model folder, DIR or NAME=DIR (named as in the retrieval report), whose `parse_test.json` and `predictions_test.jsonl` exist (repeatable, in order)."),
+    retrieval_report: Path = typer.Option(
+        ..., "--retrieval", help="JSON from `eval retrieval --baseline ...` with every stage's predictions."
+    ),
+    model: list[str] = typer.Option(
+        [],
+        "--model",
+        help="A stage's model folder, DIR or NAME=DIR (named as in the retrieval report), whose `parse_test.json` and `predictions_test.jsonl` exist (repeatable, in order).",
+    ),
     stage: list[str] = typer.Option([], "--stage", hidden=True, help="Deprecated spelling of --model NAME=DIR."),
-    data: Path = typer.Option(..., "--data", help="The labeled file the stages were scored on (its phrasing_in_seed flags split the table)."),
+    data: Path = typer.Option(
+        ..., "--data", help="The labeled file the stages were scored on (its phrasing_in_seed flags split the table)."
+    ),
     out: Path = typer.Option(None, "--out", help="Also write the table as JSON here."),
 ) -> None:
     """One table with every stage: parse metrics and retrieval, overall and split by whether the seed covers the phrasing."""
@@ -185,7 +252,9 @@ def stages(
             raise UserError("give each stage's model folder: --model NAME=DIR (repeatable)")
         for name, folder in named_models(model + stage):
             if not (folder / "predictions_test.jsonl").is_file():
-                raise UserError(f"--model {name}={folder}: {folder / 'predictions_test.jsonl'} not found (run `eval parse --predictions` first)")
+                raise UserError(
+                    f"--model {name}={folder}: {folder / 'predictions_test.jsonl'} not found (run `eval parse --predictions` first)"
+                )
             if name not in report:
                 raise UserError(f"--model {name}: not a system of {retrieval_report}")
             preds = list(read_predictions(folder / "predictions_test.jsonl").values())
@@ -194,19 +263,50 @@ def stages(
             for part, want in (("all", None), ("covered", True), ("uncovered", False)):
                 sub = [p for p in preds if want is None or flags.get(p["id"]) is want]
                 m = parse_metrics([p["gold"] for p in sub], [p["pred"] if p["valid"] else None for p in sub])
-                row[part] = {"n": m["n"], "intent_accuracy": m["intent_accuracy"], "slot_f1": m["slot_f1"],
-                             "frame_exact_match": m["frame_exact_match"], "validity": m["validity"]}
-            row["ungrounded_text_values"] = ungrounded_share([p["text"] for p in preds], [p["pred"] for p in preds], schema)
+                row[part] = {
+                    "n": m["n"],
+                    "intent_accuracy": m["intent_accuracy"],
+                    "slot_f1": m["slot_f1"],
+                    "frame_exact_match": m["frame_exact_match"],
+                    "validity": m["validity"],
+                }
+            row["ungrounded_text_values"] = ungrounded_share(
+                [p["text"] for p in preds], [p["pred"] for p in preds], schema
+            )
             table_rows[name] = row
-    table = Table(title=f"every stage on {data.name}" + (f" (NDCG difference vs {vs['baseline']}, paired bootstrap 95% CI)" if vs["baseline"] else ""))
-    for col in ("stage", "intent", "slot F1", "frame EM", "F1 covered", "F1 uncovered", "ungrounded", "NDCG@10", "vs baseline [95% CI]", "covered", "uncovered"):
+    table = Table(
+        title=f"every stage on {data.name}"
+        + (f" (NDCG difference vs {vs['baseline']}, paired bootstrap 95% CI)" if vs["baseline"] else "")
+    )
+    for col in (
+        "stage",
+        "intent",
+        "slot F1",
+        "frame EM",
+        "F1 covered",
+        "F1 uncovered",
+        "ungrounded",
+        "NDCG@10",
+        "vs baseline [95% CI]",
+        "covered",
+        "uncovered",
+    ):
         table.add_column(col, justify="left" if col == "stage" else "right")
     for name, r in table_rows.items():
         d = r["vs_baseline"]
-        table.add_row(name, f"{r['all']['intent_accuracy']:.3f}", f"{r['all']['slot_f1']:.3f}", f"{r['all']['frame_exact_match']:.3f}",
-                      f"{r['covered']['slot_f1']:.3f}", f"{r['uncovered']['slot_f1']:.3f}", f"{r['ungrounded_text_values']:.3f}",
-                      f"{r['ndcg@10']:.3f}", f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" if d else "",
-                      f"{d['covered']:+.3f}" if d else "", f"{d['uncovered']:+.3f}" if d else "")
+        table.add_row(
+            name,
+            f"{r['all']['intent_accuracy']:.3f}",
+            f"{r['all']['slot_f1']:.3f}",
+            f"{r['all']['frame_exact_match']:.3f}",
+            f"{r['covered']['slot_f1']:.3f}",
+            f"{r['uncovered']['slot_f1']:.3f}",
+            f"{r['ungrounded_text_values']:.3f}",
+            f"{r['ndcg@10']:.3f}",
+            f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" if d else "",
+            f"{d['covered']:+.3f}" if d else "",
+            f"{d['uncovered']:+.3f}" if d else "",
+        )
     out_console.print(table)
     if out:
         out.write_text(json.dumps(table_rows, indent=2) + "\n")

@@ -14,12 +14,22 @@ from querytune.cli.common import UserError, out_console, user_errors
 
 
 def report(
-    workspace: Path = typer.Option(Path("workspace"), "--workspace", help="Workspace folder: world/, index/, models/<stage>/predictions_test.jsonl, and optionally labels/, eval/serving.json, real/<name>/parse_*.json."),
+    workspace: Path = typer.Option(
+        Path("workspace"),
+        "--workspace",
+        help="Workspace folder: world/, index/, models/<stage>/predictions_test.jsonl, and optionally labels/, eval/serving.json, real/<name>/parse_*.json.",
+    ),
     world: Path = typer.Option(None, "--world", help="World folder, if not WORKSPACE/world."),
     index: Path = typer.Option(None, "--index", help="Index folder, if not WORKSPACE/index."),
-    models: Path = typer.Option(None, "--models", help="Folder of model folders (one per stage), if not WORKSPACE/models."),
+    models: Path = typer.Option(
+        None, "--models", help="Folder of model folders (one per stage), if not WORKSPACE/models."
+    ),
     out: Path = typer.Option(None, "--out", help="Report folder, if not WORKSPACE/report."),
-    baseline: str = typer.Option(None, "--baseline", help="The system every other is compared with on the same queries (paired intervals, a forest plot): a stage name, raw, bm25, peer or oracle (default: self_train where the workspace has it, the fair control of the reward stages; else the first model stage, sft)."),
+    baseline: str = typer.Option(
+        None,
+        "--baseline",
+        help="The system every other is compared with on the same queries (paired intervals, a forest plot): a stage name, raw, bm25, peer or oracle (default: self_train where the workspace has it, the fair control of the reward stages; else the first model stage, sft).",
+    ),
 ) -> None:
     """Write the relevance report: report/index.html (self-contained, with plots), metrics.json, summary.md and
     parses.sqlite (every test query's parses, to browse in Datasette).
@@ -36,8 +46,12 @@ def report(
     ws = Workspace.at(workspace, world=world, index=index, models=models, report=out)
     with user_errors():
         try:
-            metrics = build_report(ws, say=out_console.print, baseline=baseline,
-                                   progress=lambda it: track(it, description="searching test queries", console=out_console))
+            metrics = build_report(
+                ws,
+                say=out_console.print,
+                baseline=baseline,
+                progress=lambda it: track(it, description="searching test queries", console=out_console),
+            )
         except (FileNotFoundError, ValueError) as e:
             raise UserError(str(e)) from e
     table = Table(title=f"every stage on {metrics['meta']['test_rows']} test queries (95% bootstrap intervals)")
@@ -59,13 +73,19 @@ def report(
 
 
 def diff(
-    a: Path = typer.Argument(None, help="The served model: a model folder, or a labeling folder of `querytune label`.", show_default=False),
+    a: Path = typer.Argument(
+        None, help="The served model: a model folder, or a labeling folder of `querytune label`.", show_default=False
+    ),
     b: Path = typer.Argument(None, help="The candidate: a model folder, or a labeling folder.", show_default=False),
     old_a: Path = typer.Option(None, "--a", hidden=True, help="Deprecated spelling of A."),
     old_b: Path = typer.Option(None, "--b", hidden=True, help="Deprecated spelling of B."),
     log: Path = typer.Option(..., "--log", help="Query log (Parquet, CSV or JSONL) whose traffic weighs each query."),
     column: str = typer.Option("query", "--column", help="The log's query column."),
-    index: Path = typer.Option(None, "--index", help="Index folder: also score each changed query's retrieval (NDCG@10 against the log's clicks, column `clicked`)."),
+    index: Path = typer.Option(
+        None,
+        "--index",
+        help="Index folder: also score each changed query's retrieval (NDCG@10 against the log's clicks, column `clicked`).",
+    ),
     top: int = typer.Option(2000, "--top", min=1, help="Model folders: parse the N most typed distinct queries."),
     show: int = typer.Option(25, "--show", min=0, help="Changed queries to print (all go to --out)."),
     out: Path = typer.Option(None, "--out", help="Write the summary and every changed query as JSON here."),
@@ -76,7 +96,9 @@ def diff(
     with user_errors():
         for name, old in (("--a", old_a), ("--b", old_b)):
             if old is not None:
-                out_console.print(f"note: {name} is deprecated: give the two folders as arguments, `querytune eval diff A B`")
+                out_console.print(
+                    f"note: {name} is deprecated: give the two folders as arguments, `querytune eval diff A B`"
+                )
         a, b = a or old_a, b or old_b
         if a is None or b is None:
             raise UserError("give the two folders to compare: `querytune eval diff A B --log LOG`")
@@ -86,6 +108,7 @@ def diff(
         if not log.is_file():
             raise UserError(f"--log {log}: file not found")
         with Progress(*Progress.get_default_columns(), console=out_console) as bar:
+
             def progress(what: str, total: int):
                 task = bar.add_task(what, total=total)
                 return lambda n: bar.advance(task, n)
@@ -96,18 +119,32 @@ def diff(
                 raise UserError(str(e)) from e
     s = result["summary"]
     scored = "reward_a" in (result["changed"][0] if result["changed"] else {})
-    table = Table(title=f"{s['changed_queries']:,} of {s['compared_queries']:,} compared queries change parse: "
-                        f"{s['changed_traffic_share']:.1%} of the log's traffic")
+    table = Table(
+        title=f"{s['changed_queries']:,} of {s['compared_queries']:,} compared queries change parse: "
+        f"{s['changed_traffic_share']:.1%} of the log's traffic"
+    )
     for col in ("query", "rows", "traffic", "change", *(("reward A", "reward B") if scored else ())):
         table.add_column(col, justify="left" if col in ("query", "change") else "right")
     for r in result["changed"][:show]:
-        table.add_row(r["query"], str(r["rows"]), f"{r['traffic_share']:.3%}", r["change"],
-                      *((f"{r['reward_a']:.3f}" if "reward_a" in r else "", f"{r['reward_b']:.3f}" if "reward_b" in r else "") if scored else ()))
+        table.add_row(
+            r["query"],
+            str(r["rows"]),
+            f"{r['traffic_share']:.3%}",
+            r["change"],
+            *(
+                (f"{r['reward_a']:.3f}" if "reward_a" in r else "", f"{r['reward_b']:.3f}" if "reward_b" in r else "")
+                if scored
+                else ()
+            ),
+        )
     out_console.print(table, markup=False)
     if "reward_change_on_changed" in s:
-        out_console.print(f"retrieval (NDCG@10 vs clicks) on the changed queries, traffic-weighted: A {s['reward_a_weighted']:.3f} -> "
-                          f"B {s['reward_b_weighted']:.3f} ({s['reward_change_on_changed']:+.3f}; {s['better']} better, {s['worse']} worse); "
-                          f"on all compared traffic {s['reward_change_on_compared_traffic']:+.4f}", markup=False)
+        out_console.print(
+            f"retrieval (NDCG@10 vs clicks) on the changed queries, traffic-weighted: A {s['reward_a_weighted']:.3f} -> "
+            f"B {s['reward_b_weighted']:.3f} ({s['reward_change_on_changed']:+.3f}; {s['better']} better, {s['worse']} worse); "
+            f"on all compared traffic {s['reward_change_on_compared_traffic']:+.4f}",
+            markup=False,
+        )
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")

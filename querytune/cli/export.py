@@ -1,6 +1,6 @@
 """`querytune export`: a model folder as one self-contained merged folder (no base model, no cache needed to load).
 
-    querytune export --model runs/sft --out runs/sft-merged
+querytune export --model runs/sft --out runs/sft-merged
 """
 
 from __future__ import annotations
@@ -13,8 +13,14 @@ from querytune.cli.common import UserError, user_errors
 
 
 def export(
-    model: Path = typer.Option(..., "--model", help="Model folder made by `querytune train ...` (adapters and their base)."),
-    out: Path = typer.Option(..., "--out", help="Folder to write: merged transformers weights, tokenizer, schema.yaml, querytune.json (replaced if it exists)."),
+    model: Path = typer.Option(
+        ..., "--model", help="Model folder made by `querytune train ...` (adapters and their base)."
+    ),
+    out: Path = typer.Option(
+        ...,
+        "--out",
+        help="Folder to write: merged transformers weights, tokenizer, schema.yaml, querytune.json (replaced if it exists).",
+    ),
 ) -> None:
     """Merge a model folder's adapters into its base and write a folder that loads anywhere with no cache."""
     from querytune.runtime.model import ModelFolder, export_merged
@@ -25,4 +31,6 @@ def export(
         if out.resolve() == model.resolve():
             raise UserError("--out must differ from --model")
         export_merged(model, out)
-    typer.echo(f"exported {model} to {out} (model_version {ModelFolder.open(out).version}; merged from {ModelFolder.open(model).version})")
+    typer.echo(
+        f"exported {model} to {out} (model_version {ModelFolder.open(out).version}; merged from {ModelFolder.open(model).version})"
+    )

@@ -20,7 +20,9 @@ out_console = Console()
 def build(
     world: Path = typer.Option(..., "--world", help="World folder holding catalog.parquet."),
     out: Path = typer.Option(..., "--out", help="Folder for index.faiss, catalog.parquet and meta.json."),
-    kind: IndexKind = typer.Option("flat", "--kind", help="flat: exact inner product (default); hnsw: approximate, for large catalogs."),
+    kind: IndexKind = typer.Option(
+        "flat", "--kind", help="flat: exact inner product (default); hnsw: approximate, for large catalogs."
+    ),
 ) -> None:
     """Embed every business text with all-MiniLM-L6-v2 and store the vectors in FAISS."""
     import pandas as pd
@@ -41,7 +43,11 @@ def search(
     index: Path = typer.Option(..., "--index", help="Folder made by `querytune index build`."),
     city: str = typer.Option("new york", "--city", help="Request context: the user's city."),
     at: str = typer.Option("2026-10-23T19:30", "--at", help="Request context: local time, ISO format."),
-    parse: str = typer.Option(None, "--parse", help='A parse as JSON ({"intent": ..., "slots": {...}}) to run as a structured search; without it the raw query is searched.'),
+    parse: str = typer.Option(
+        None,
+        "--parse",
+        help='A parse as JSON ({"intent": ..., "slots": {...}}) to run as a structured search; without it the raw query is searched.',
+    ),
     schema: Path = typer.Option(None, "--schema", help="Schema YAML for --parse (default: the local-service schema)."),
     k: int = typer.Option(10, "-k", min=1, help="Results to show."),
 ) -> None:
@@ -71,7 +77,15 @@ def search(
     for i, b in enumerate(hits, 1):
         r = cat.loc[b]
         cuisine = f" ({r['cuisine']})" if isinstance(r["cuisine"], str) else ""
-        table.add_row(str(i), f"{r['name']} [{b}]", r["category"] + cuisine, r["neighborhood"], r["city"], "$" * int(r["price_level"]), f"{r['rating']:.1f}")
+        table.add_row(
+            str(i),
+            f"{r['name']} [{b}]",
+            r["category"] + cuisine,
+            r["neighborhood"],
+            r["city"],
+            "$" * int(r["price_level"]),
+            f"{r['rating']:.1f}",
+        )
     out_console.print(table)
     if not hits:
         out_console.print(json.dumps({"results": []}))

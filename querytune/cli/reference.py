@@ -1,7 +1,7 @@
 """The CLI reference (docs/cli.md), generated from the commands' own `--help` text.
 
-    python -m querytune.cli.reference            # print it
-    python -m querytune.cli.reference --write    # replace the part of docs/cli.md between the markers (`make readme`)
+python -m querytune.cli.reference            # print it
+python -m querytune.cli.reference --write    # replace the part of docs/cli.md between the markers (`make readme`)
 """
 
 from __future__ import annotations

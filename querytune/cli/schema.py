@@ -1,6 +1,6 @@
 """`querytune schema`: show a label schema (intents, slots, version) or its JSON schema.
 
-    querytune schema show [--schema data/schemas/sgd.yaml] [--json-schema]
+querytune schema show [--schema data/schemas/sgd.yaml] [--json-schema]
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ def _group() -> None:
 @app.command()
 def show(
     schema: Optional[Path] = typer.Option(None, "--schema", help="Schema YAML (default: data/schema.yaml)."),
-    json_schema: bool = typer.Option(False, "--json-schema", help="Print the JSON schema of a parse instead "
-                                     "(what constrained decoding uses)."),
+    json_schema: bool = typer.Option(
+        False, "--json-schema", help="Print the JSON schema of a parse instead (what constrained decoding uses)."
+    ),
 ) -> None:
     """Print the schema's name, version, intents and slots."""
     try:
@@ -53,6 +54,12 @@ def show(
         slots.add_column(col, no_wrap=col != "values")
     for s in sch.slots.values():
         filter_ = f"attribute:{s.attribute}" if s.filter == "attribute" else (s.filter or "")
-        slots.add_row(Text(s.name), Text(s.type), Text(filter_), str(len(s.values)) if s.values else "", "yes" if s.grounded else "")
+        slots.add_row(
+            Text(s.name),
+            Text(s.type),
+            Text(filter_),
+            str(len(s.values)) if s.values else "",
+            "yes" if s.grounded else "",
+        )
     console.print(intents)
     console.print(slots)

@@ -10,8 +10,10 @@ from pathlib import Path
 
 from querytune.cli.common import UserError, load_config
 
-REPORT_TO_HELP = ("Where TRL also logs the training curves (beside OUT/steps.jsonl): none, tensorboard (needs tensorboard installed; "
-                  "`tensorboard --logdir OUT`), or any other of transformers' `report_to` integrations.")
+REPORT_TO_HELP = (
+    "Where TRL also logs the training curves (beside OUT/steps.jsonl): none, tensorboard (needs tensorboard installed; "
+    "`tensorboard --logdir OUT`), or any other of transformers' `report_to` integrations."
+)
 
 
 def recipe_from(presets: dict, preset: str, config: Path | None, file_cfg: dict | None, cli: dict):
@@ -41,7 +43,9 @@ def check_resume(out: Path, resume: bool) -> None:
     from transformers.trainer_utils import get_last_checkpoint
 
     if resume and not ((out / "checkpoints").is_dir() and get_last_checkpoint(str(out / "checkpoints"))):
-        raise UserError(f"--resume: no checkpoint in {out / 'checkpoints'} (a completed run removes its checkpoints); run without --resume")
+        raise UserError(
+            f"--resume: no checkpoint in {out / 'checkpoints'} (a completed run removes its checkpoints); run without --resume"
+        )
 
 
 def check_init(init: Path) -> None:
@@ -71,28 +75,64 @@ def front_matter(out: Path, stage: str) -> list[str]:
     meta = ModelFolder.open(out).meta
     base = meta.get("base", DEFAULT_BASE)
     hub = {DEFAULT_BASE: "HuggingFaceTB/SmolLM2-135M-Instruct"}.get(base, base)
-    return ["---", f"base_model: {json.dumps(hub)}", "base_model_relation: adapter" if meta.get("adapter") else "base_model_relation: finetune",
-            "library_name: peft" if meta.get("adapter") else "library_name: transformers", "pipeline_tag: text-generation",
-            f"tags: [querytune, {stage}, trl, query-understanding]", "---", ""]
+    return [
+        "---",
+        f"base_model: {json.dumps(hub)}",
+        "base_model_relation: adapter" if meta.get("adapter") else "base_model_relation: finetune",
+        "library_name: peft" if meta.get("adapter") else "library_name: transformers",
+        "pipeline_tag: text-generation",
+        f"tags: [querytune, {stage}, trl, query-understanding]",
+        "---",
+        "",
+    ]
 
 
 def write_sft_card(out: Path, summary: dict, data: Path, schema, resolved: dict, metrics: dict | None) -> None:
-    lines = [*front_matter(out, "sft"), f"# querytune model: {out.name}", "", "- stage: SFT (LoRA, TRL SFTTrainer, completion-only loss)",
-             f"- base: {summary['base']}", f"- data: {data} ({summary['examples']} training examples)",
-             f"- schema: {schema.name} (version {schema.version})", f"- config: {json.dumps(resolved)}",
-             f"- steps: {summary['steps']} of {summary['schedule_steps']}, {summary['train_seconds']} s ({summary['seconds_per_step']} s/step in "
-             f"{summary['dtype']}), final loss {summary['final_loss']}",
-             f"- tokens per example: mean {summary['tokens_mean']}, max {summary['tokens_max']} (completion mean {summary['completion_tokens_mean']})"]
+    lines = [
+        *front_matter(out, "sft"),
+        f"# querytune model: {out.name}",
+        "",
+        "- stage: SFT (LoRA, TRL SFTTrainer, completion-only loss)",
+        f"- base: {summary['base']}",
+        f"- data: {data} ({summary['examples']} training examples)",
+        f"- schema: {schema.name} (version {schema.version})",
+        f"- config: {json.dumps(resolved)}",
+        f"- steps: {summary['steps']} of {summary['schedule_steps']}, {summary['train_seconds']} s ({summary['seconds_per_step']} s/step in "
+        f"{summary['dtype']}), final loss {summary['final_loss']}",
+        f"- tokens per example: mean {summary['tokens_mean']}, max {summary['tokens_max']} (completion mean {summary['completion_tokens_mean']})",
+    ]
     if metrics:
-        keys = ("n", "intent_accuracy", "slot_precision", "slot_recall", "slot_f1", "frame_exact_match", "validity", "queries_per_second")
-        lines += ["", "## Metrics", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys), "| " + " | ".join(str(metrics[k]) for k in keys) + " |"]
+        keys = (
+            "n",
+            "intent_accuracy",
+            "slot_precision",
+            "slot_recall",
+            "slot_f1",
+            "frame_exact_match",
+            "validity",
+            "queries_per_second",
+        )
+        lines += [
+            "",
+            "## Metrics",
+            "",
+            "| " + " | ".join(keys) + " |",
+            "|" + "---|" * len(keys),
+            "| " + " | ".join(str(metrics[k]) for k in keys) + " |",
+        ]
     (out / "README.md").write_text("\n".join(lines) + "\n")
     (out / "summary.json").write_text(json.dumps(summary | ({"metrics": metrics} if metrics else {}), indent=2) + "\n")
 
 
 def write_stage_card(out: Path, summary: dict, resolved: dict, what: str) -> None:
-    lines = [*front_matter(out, summary["stage"]), f"# querytune model: {out.name}", "", f"- stage: {what}", f"- init: {summary['init']}",
-             f"- config: {json.dumps(resolved)}"]
+    lines = [
+        *front_matter(out, summary["stage"]),
+        f"# querytune model: {out.name}",
+        "",
+        f"- stage: {what}",
+        f"- init: {summary['init']}",
+        f"- config: {json.dumps(resolved)}",
+    ]
     lines += [f"- {k}: {v}" for k, v in summary.items() if k not in ("stage", "init")]
     (out / "README.md").write_text("\n".join(lines) + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -20,16 +20,25 @@ class Profile(str, Enum):
     v1 = "v1"
 
 
-app = typer.Typer(help="Make and inspect the simulated local-service world (the embedded default data).", no_args_is_help=True)
+app = typer.Typer(
+    help="Make and inspect the simulated local-service world (the embedded default data).", no_args_is_help=True
+)
 out_console = Console()
 
 # What the issue asks of the world; `world make` prints each figure next to its requirement.
 CHECKS = [
-    ("catalog.businesses", ">=", 5000), ("catalog.cities", ">=", 20), ("catalog.categories", ">=", 40),
-    ("catalog.cuisines", ">=", 15), ("log.rows", ">=", 100_000), ("log.distinct_queries", ">=", 25_000),
-    ("log.share_rows_seen_once", ">=", 0.20), ("log.share_traffic_top1pct_queries", ">=", 0.30),
-    ("log.share_clicks_not_satisfying", ">=", 0.15), ("seed.label_error_rate", "in", (0.05, 0.10)),
-    ("dev.rows", ">=", 1000), ("test.rows", ">=", 1000),
+    ("catalog.businesses", ">=", 5000),
+    ("catalog.cities", ">=", 20),
+    ("catalog.categories", ">=", 40),
+    ("catalog.cuisines", ">=", 15),
+    ("log.rows", ">=", 100_000),
+    ("log.distinct_queries", ">=", 25_000),
+    ("log.share_rows_seen_once", ">=", 0.20),
+    ("log.share_traffic_top1pct_queries", ">=", 0.30),
+    ("log.share_clicks_not_satisfying", ">=", 0.15),
+    ("seed.label_error_rate", "in", (0.05, 0.10)),
+    ("dev.rows", ">=", 1000),
+    ("test.rows", ">=", 1000),
 ]
 
 
@@ -44,12 +53,27 @@ def make(
     out: Path = typer.Option(..., "--out", help="Folder to write the world into (created if missing)."),
     seed: int = typer.Option(0, "--seed", help="Random seed: the same seed always gives byte-identical files."),
     rows: int = typer.Option(120_000, "--rows", min=1000, help="Query-log rows to simulate."),
-    per_city: int = typer.Option(280, "--per-city", min=60, help="Businesses in an average city (big cities get more)."),
-    eval_rows: int = typer.Option(1200, "--eval-rows", min=50, help="Queries in dev.jsonl and in test.jsonl (fewer when the later log holds too few distinct texts)."),
-    force: bool = typer.Option(False, "--force", help="Write into a folder that is not empty (a world made before is overwritten file by file)."),
-    profile: Profile = typer.Option(Profile.v2, "--profile", help="v2: the log knows what the annotation guideline does not "
-                                    "(taxonomy, drift, generic-word names, filter wording; docs/world.md); stationary: the v2 "
-                                    "market with guideline = need and no drift (the control world); v1: the earlier world, byte for byte."),
+    per_city: int = typer.Option(
+        280, "--per-city", min=60, help="Businesses in an average city (big cities get more)."
+    ),
+    eval_rows: int = typer.Option(
+        1200,
+        "--eval-rows",
+        min=50,
+        help="Queries in dev.jsonl and in test.jsonl (fewer when the later log holds too few distinct texts).",
+    ),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="Write into a folder that is not empty (a world made before is overwritten file by file).",
+    ),
+    profile: Profile = typer.Option(
+        Profile.v2,
+        "--profile",
+        help="v2: the log knows what the annotation guideline does not "
+        "(taxonomy, drift, generic-word names, filter wording; docs/world.md); stationary: the v2 "
+        "market with guideline = need and no drift (the control world); v1: the earlier world, byte for byte.",
+    ),
 ) -> None:
     """Make the world: catalog.parquet, log.parquet, seed/dev/test.jsonl, stats.json, audit/."""
     from querytune.world.make import make_world
@@ -57,17 +81,38 @@ def make(
     with user_errors(), out_console.status("making the world") as status:
         if out.is_dir() and any(out.iterdir()) and not force:
             held = "a world" if (out / "stats.json").is_file() else "files that are not a world"
-            raise UserError(f"--out {out}: not empty (it holds {held}); give an empty or new folder, or --force to write over it")
-        stats = make_world(out, seed=seed, rows=rows, per_city=per_city, profile=profile.value, eval_rows=eval_rows,
-                           progress=lambda phase: status.update(f"making the world: {phase}"))
+            raise UserError(
+                f"--out {out}: not empty (it holds {held}); give an empty or new folder, or --force to write over it"
+            )
+        stats = make_world(
+            out,
+            seed=seed,
+            rows=rows,
+            per_city=per_city,
+            profile=profile.value,
+            eval_rows=eval_rows,
+            progress=lambda phase: status.update(f"making the world: {phase}"),
+        )
     table = Table(title=f"world {out} (seed {seed})")
     for col in ("figure", "value", "required", "ok"):
         table.add_column(col)
     for key, op, want in CHECKS:
         value = _get(stats, key)
         ok = value >= want if op == ">=" else want[0] <= value <= want[1]
-        table.add_row(key, f"{value:,}" if isinstance(value, int) else f"{value:.3f}", f"{op} {want}", "yes" if ok else "[red]NO[/red]")
-    for key in ("dev.share_seen_in_early_log", "dev.share_phrasing_in_seed", "test.share_seen_in_early_log", "test.share_phrasing_in_seed", "seed.rows", "log.clicks"):
+        table.add_row(
+            key,
+            f"{value:,}" if isinstance(value, int) else f"{value:.3f}",
+            f"{op} {want}",
+            "yes" if ok else "[red]NO[/red]",
+        )
+    for key in (
+        "dev.share_seen_in_early_log",
+        "dev.share_phrasing_in_seed",
+        "test.share_seen_in_early_log",
+        "test.share_phrasing_in_seed",
+        "seed.rows",
+        "log.clicks",
+    ):
         value = _get(stats, key)
         table.add_row(key, f"{value:,}" if isinstance(value, int) else f"{value:.3f}", "", "")
     if "mechanisms" in stats:
@@ -76,13 +121,22 @@ def make(
             for part in ("dev", "test"):
                 value = mech[part][name]
                 ok = abs(value - want) <= 0.01 if stats["profile"] == "v2" or name != "drift" else True
-                table.add_row(f"{part} share: {name}", f"{value:.3f}", f"{want:.2f} ± 0.01" + ("" if stats["profile"] == "v2" else " (v2)"),
-                              "yes" if ok else "[red]NO[/red]")
+                table.add_row(
+                    f"{part} share: {name}",
+                    f"{value:.3f}",
+                    f"{want:.2f} ± 0.01" + ("" if stats["profile"] == "v2" else " (v2)"),
+                    "yes" if ok else "[red]NO[/red]",
+                )
             table.add_row(f"log share: {name}", f"{mech['log_share'][name]:.3f}", "", "")
         table.add_row("logging ranker NDCG@10", f"{stats['ranker']['ndcg10']:.3f}", "", "")
         table.add_row("impressions randomised", f"{stats['ranker']['share_impressions_randomised']:.3f}", "", "")
         hood = stats["neighborhood_only"]
-        table.add_row("neighbourhood-only rows unsatisfiable", f"{hood['unsatisfiable']:,} of {hood['rows']:,}", "0", "yes" if hood["unsatisfiable"] == 0 else "[red]NO[/red]")
+        table.add_row(
+            "neighbourhood-only rows unsatisfiable",
+            f"{hood['unsatisfiable']:,} of {hood['rows']:,}",
+            "0",
+            "yes" if hood["unsatisfiable"] == 0 else "[red]NO[/red]",
+        )
     out_console.print(table)
     out_console.print(f"intents in the log: {json.dumps(stats['log']['intents'])}")
 

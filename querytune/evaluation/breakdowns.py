@@ -17,7 +17,9 @@ COUNTS = ("tp", "fp", "fn")
 DRAWS = 1000  # bootstrap resamples, as for the stage table
 
 
-def paired_differences(scores: pd.DataFrame, baseline: str, systems: list[str], metrics=PAIRED, seed: int = 0) -> dict[str, dict[str, dict]]:
+def paired_differences(
+    scores: pd.DataFrame, baseline: str, systems: list[str], metrics=PAIRED, seed: int = 0
+) -> dict[str, dict[str, dict]]:
     """System -> metric -> {"value", "low", "high", "n"}: the system minus `baseline` on the queries both were scored on,
     a percentile 95% bootstrap interval with the queries resampled together (paired), so that two systems that fail on
     the same hard queries are not judged by their separate, wider intervals."""
@@ -36,9 +38,17 @@ def paired_differences(scores: pd.DataFrame, baseline: str, systems: list[str], 
             if both.empty:
                 continue
             side = lambda s: {k: both[f"{k}_{s}"].to_numpy(float) for k in cols}  # noqa: E731
-            d = (paired_f1_difference(side("a"), side("b"), n=DRAWS, seed=seed) if metric == "slot_f1"
-                 else paired_bootstrap(side("a")[metric], side("b")[metric], n=DRAWS, seed=seed))
-            entry[metric] = {"value": round(d["mean"], 4), "low": round(d["low"], 4), "high": round(d["high"], 4), "n": len(both)}
+            d = (
+                paired_f1_difference(side("a"), side("b"), n=DRAWS, seed=seed)
+                if metric == "slot_f1"
+                else paired_bootstrap(side("a")[metric], side("b")[metric], n=DRAWS, seed=seed)
+            )
+            entry[metric] = {
+                "value": round(d["mean"], 4),
+                "low": round(d["low"], 4),
+                "high": round(d["high"], 4),
+                "n": len(both),
+            }
         if entry:
             out[name] = entry
     return out
@@ -58,7 +68,15 @@ def calibration(records: list[dict], bins: int = 10) -> dict[str, Any] | None:
         mask = which == b
         if mask.any():
             c, r = float(conf[mask].mean()), float(right[mask].mean())
-            table.append({"low": b / bins, "high": (b + 1) / bins, "n": int(mask.sum()), "confidence": round(c, 4), "right": round(r, 4)})
+            table.append(
+                {
+                    "low": b / bins,
+                    "high": (b + 1) / bins,
+                    "n": int(mask.sum()),
+                    "confidence": round(c, 4),
+                    "right": round(r, 4),
+                }
+            )
             ece += mask.sum() / len(conf) * abs(c - r)
     return {"bins": table, "ece": round(float(ece), 4), "n": len(conf)}
 
@@ -93,7 +111,11 @@ def cache_coverage(log: Path, sizes: tuple[int, ...] = (10, 100, 1_000, 10_000, 
             points.append({"top_n": int(n), "coverage": round(float(covered / len(asked)), 4)})
         return points
 
-    out: dict[str, Any] = {"rows": len(frame), "distinct": int(frame["key"].nunique()), "curves": {"the whole log": curve(frame["key"], frame["key"])}}
+    out: dict[str, Any] = {
+        "rows": len(frame),
+        "distinct": int(frame["key"].nunique()),
+        "curves": {"the whole log": curve(frame["key"], frame["key"])},
+    }
     periods = list(dict.fromkeys(frame["period"])) if "period" in frame else []
     if len(periods) >= 2:
         early, late = frame[frame["period"] == periods[0]], frame[frame["period"] == periods[-1]]

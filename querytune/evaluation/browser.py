@@ -9,12 +9,33 @@ from pathlib import Path
 
 import pandas as pd
 
-COLUMNS = ("id", "text", "system", "intent", "slots", "valid", "confidence", "intent_right", "frame_right", "ndcg@10",
-           "gold_intent", "gold_slots", "traffic", "user_city", "effects", "mechanisms")
+COLUMNS = (
+    "id",
+    "text",
+    "system",
+    "intent",
+    "slots",
+    "valid",
+    "confidence",
+    "intent_right",
+    "frame_right",
+    "ndcg@10",
+    "gold_intent",
+    "gold_slots",
+    "traffic",
+    "user_city",
+    "effects",
+    "mechanisms",
+)
 
 
-def write_browser(path: Path, rows: list[dict], parses: dict[str, dict[str, dict | None]], confidences: dict[str, dict[str, float]],
-                  scores: pd.DataFrame) -> Path:
+def write_browser(
+    path: Path,
+    rows: list[dict],
+    parses: dict[str, dict[str, dict | None]],
+    confidences: dict[str, dict[str, float]],
+    scores: pd.DataFrame,
+) -> Path:
     """Write `path` (replacing it): table `parses`, one row per test query and parsing system, indexed by query text and
     system; a parse that did not validate has intent `invalid`. Returns the path."""
     score = scores.set_index(["system", "id"]).to_dict("index")  # (system, id) -> its row's scores
@@ -25,12 +46,26 @@ def write_browser(path: Path, rows: list[dict], parses: dict[str, dict[str, dict
             pred = preds.get(r["id"])
             s = score.get((system, r["id"]), {})
             got = lambda col: None if pd.isna(s.get(col, float("nan"))) else float(s[col])  # noqa: E731
-            records.append((r["id"], r["text"], system, pred["intent"] if pred else "invalid",
-                            json.dumps(pred["slots"], ensure_ascii=False, sort_keys=True) if pred else None, pred is not None,
-                            confidences.get(system, {}).get(r["id"]), got("intent_accuracy") == 1.0, got("frame_exact_match") == 1.0,
-                            None if got("ndcg@10") is None else round(got("ndcg@10"), 4),
-                            r["intent"], gold_slots, r.get("traffic"), r.get("user_city"),
-                            ", ".join(r.get("effects") or []), ", ".join(r.get("mechanisms") or [])))
+            records.append(
+                (
+                    r["id"],
+                    r["text"],
+                    system,
+                    pred["intent"] if pred else "invalid",
+                    json.dumps(pred["slots"], ensure_ascii=False, sort_keys=True) if pred else None,
+                    pred is not None,
+                    confidences.get(system, {}).get(r["id"]),
+                    got("intent_accuracy") == 1.0,
+                    got("frame_exact_match") == 1.0,
+                    None if got("ndcg@10") is None else round(got("ndcg@10"), 4),
+                    r["intent"],
+                    gold_slots,
+                    r.get("traffic"),
+                    r.get("user_city"),
+                    ", ".join(r.get("effects") or []),
+                    ", ".join(r.get("mechanisms") or []),
+                )
+            )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.unlink(missing_ok=True)

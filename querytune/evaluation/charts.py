@@ -34,13 +34,22 @@ def bars(intervals: dict[str, dict], columns: tuple[str, ...], title: str) -> Fi
     systems = [s for s, e in intervals.items() if any(c in e for c in columns)]
     if not systems:
         return None
-    fig, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 0.45 * len(systems) + 1.4), sharey=True, squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        1,
+        len(columns),
+        figsize=(4.2 * len(columns), 0.45 * len(systems) + 1.4),
+        sharey=True,
+        squeeze=False,
+        layout="constrained",
+    )
     for ax, col in zip(axes[0], columns):
         vals = [intervals[s].get(col) for s in systems]
         y = list(range(len(systems)))
         v = [iv["value"] if iv else 0 for iv in vals]
-        err = [[iv["value"] - iv["low"] if iv else 0 for iv in vals], [iv["high"] - iv["value"] if iv else 0 for iv in vals]]
+        err = [
+            [iv["value"] - iv["low"] if iv else 0 for iv in vals],
+            [iv["high"] - iv["value"] if iv else 0 for iv in vals],
+        ]
         ax.barh(y, v, xerr=err, color=[_colour(s) for s in systems], capsize=3)
         for i, iv in enumerate(vals):
             if iv:
@@ -59,15 +68,35 @@ def forest(paired: dict[str, dict[str, dict]], baseline: str, metrics: tuple[str
     if not metrics:
         return None
     systems = list(paired)
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 0.45 * len(systems) + 1.4), sharey=True, squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        1,
+        len(metrics),
+        figsize=(4.2 * len(metrics), 0.45 * len(systems) + 1.4),
+        sharey=True,
+        squeeze=False,
+        layout="constrained",
+    )
     for ax, metric in zip(axes[0], metrics):
         for i, s in enumerate(systems):
             iv = paired[s].get(metric)
             if iv:
                 colour = "#2f6fb0" if iv["low"] > 0 else "#c0392b" if iv["high"] < 0 else "#6b7785"
-                ax.errorbar(iv["value"], i, xerr=[[iv["value"] - iv["low"]], [iv["high"] - iv["value"]]], fmt="o", color=colour, capsize=3)
-                ax.annotate(f"{iv['value']:+.3f}", (iv["high"], i), xytext=(4, 0), textcoords="offset points", va="center", fontsize=8)
+                ax.errorbar(
+                    iv["value"],
+                    i,
+                    xerr=[[iv["value"] - iv["low"]], [iv["high"] - iv["value"]]],
+                    fmt="o",
+                    color=colour,
+                    capsize=3,
+                )
+                ax.annotate(
+                    f"{iv['value']:+.3f}",
+                    (iv["high"], i),
+                    xytext=(4, 0),
+                    textcoords="offset points",
+                    va="center",
+                    fontsize=8,
+                )
         ax.axvline(0, color="#1d2430", lw=0.8)
         ax.set_title(metric, fontsize=10)
         ax.set_yticks(range(len(systems)), systems)
@@ -84,7 +113,10 @@ def slice_heatmap(intervals: dict[str, dict], slices: dict[str, dict]) -> Figure
     short = {"traffic": "traffic", "effects": "effect", "phrasing_in_seed": "seen phrasing", "intent": "intent"}
     for key in short:
         for value, entry in slices.get(key, {}).items():
-            cells = [np.nan if entry.get("too_few") else entry["systems"][s].get("ndcg@10", {}).get("value", np.nan) for s in systems]
+            cells = [
+                np.nan if entry.get("too_few") else entry["systems"][s].get("ndcg@10", {}).get("value", np.nan)
+                for s in systems
+            ]
             if not entry.get("too_few") and all(np.isnan(cells)):
                 continue  # no graded query in this slice (e.g. out of scope): nothing to search for
             labels.append(f"{short[key]}: {value} (n={entry['n']})")
@@ -99,8 +131,15 @@ def slice_heatmap(intervals: dict[str, dict], slices: dict[str, dict]) -> Figure
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
     for i in range(data.shape[0]):
         for j in range(data.shape[1]):
-            ax.text(j, i, ("too few" if few[i] else "") if np.isnan(data[i, j]) else f"{data[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                    color="black" if np.isnan(data[i, j]) or data[i, j] > 0.6 else "white")
+            ax.text(
+                j,
+                i,
+                ("too few" if few[i] else "") if np.isnan(data[i, j]) else f"{data[i, j]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="black" if np.isnan(data[i, j]) or data[i, j] > 0.6 else "white",
+            )
     fig.colorbar(im, ax=ax, shrink=0.6, label="NDCG@10")
     ax.set_title("NDCG@10 by slice")
     return fig
@@ -114,7 +153,13 @@ def calibration(curves: dict[str, dict]) -> Figure | None:
     fig, ax = plt.subplots(figsize=(5.2, 4.4), layout="constrained")
     ax.plot([0, 1], [0, 1], color="#9aa3ad", lw=0.8, ls="--", label="calibrated")
     for stage, c in curves.items():
-        ax.plot([b["confidence"] for b in c["bins"]], [b["right"] for b in c["bins"]], marker="o", lw=1.2, label=f"{stage} (ECE {c['ece']:.3f})")
+        ax.plot(
+            [b["confidence"] for b in c["bins"]],
+            [b["right"] for b in c["bins"]],
+            marker="o",
+            lw=1.2,
+            label=f"{stage} (ECE {c['ece']:.3f})",
+        )
     ax.set_xlabel("parse confidence (bin mean)")
     ax.set_ylabel("share of parses right (frame exact)")
     ax.set_xlim(0, 1)
@@ -136,7 +181,15 @@ def confusion(by_stage: dict[str, dict]) -> Figure | None:
         for i in range(counts.shape[0]):
             for j in range(counts.shape[1]):
                 if counts[i, j]:
-                    ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=7, color="white" if share[i, j] > 0.6 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        int(counts[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if share[i, j] > 0.6 else "black",
+                    )
         ax.set_xticks(range(len(c["predicted"])), c["predicted"], rotation=40, ha="right", fontsize=7)
         ax.set_yticks(range(len(c["gold"])), c["gold"], fontsize=7)
         ax.set_xlabel("predicted")
@@ -162,7 +215,15 @@ def slot_f1(by_system: dict[str, dict[str, dict]]) -> Figure | None:
     for i in range(data.shape[0]):
         for j in range(data.shape[1]):
             if not np.isnan(data[i, j]):
-                ax.text(j, i, f"{data[i, j]:.2f}", ha="center", va="center", fontsize=7, color="black" if data[i, j] > 0.6 else "white")
+                ax.text(
+                    j,
+                    i,
+                    f"{data[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="black" if data[i, j] > 0.6 else "white",
+                )
     ax.set_xticks(range(len(systems)), systems, rotation=30, ha="right")
     ax.set_yticks(range(len(slots)), [f"{s} (n={support[s]})" for s in slots], fontsize=8)
     fig.colorbar(im, ax=ax, shrink=0.6, label="slot F1")
@@ -188,8 +249,14 @@ def coverage(cache: dict[str, Any] | None) -> Figure | None:
 
 def curves(steps: dict[str, list[dict]]) -> Figure | None:
     """Training curves of every stage, one panel per logged quantity."""
-    panels = [("loss", "training loss"), ("reward", "GRPO reward mean"), ("no_signal", "GRPO share of no-signal groups"),
-              ("kl", "GRPO KL to the start"), ("margin", "DPO reward margin"), ("accuracy", "DPO pair accuracy")]
+    panels = [
+        ("loss", "training loss"),
+        ("reward", "GRPO reward mean"),
+        ("no_signal", "GRPO share of no-signal groups"),
+        ("kl", "GRPO KL to the start"),
+        ("margin", "DPO reward margin"),
+        ("accuracy", "DPO pair accuracy"),
+    ]
     panels = [(k, t) for k, t in panels if any(k in row for c in steps.values() for row in c)]
     if not panels:
         return None
@@ -204,6 +271,6 @@ def curves(steps: dict[str, list[dict]]) -> Figure | None:
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     return fig

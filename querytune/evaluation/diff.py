@@ -40,19 +40,23 @@ def is_label_folder(path: Path) -> bool:
     return (path / "manifest.json").is_file() and (path / "labels").is_dir()
 
 
-def parses_of(source: Path, queries: list[str], progress: Callable[[int], None] | None = None, batch_size: int = 32) -> tuple[dict[str, dict | None], str]:
+def parses_of(
+    source: Path, queries: list[str], progress: Callable[[int], None] | None = None, batch_size: int = 32
+) -> tuple[dict[str, dict | None], str]:
     """normalised query -> canonical parse (None: invalid) from a model folder or a labeling folder, and a name."""
     if is_label_folder(source):
         from querytune.serving.label import read_labels
 
         labels = read_labels(source)
-        return {r.normalized: json.loads(r.parse) if r.valid and r.parse else None for r in labels.itertuples()}, f"labels {source}"
+        return {
+            r.normalized: json.loads(r.parse) if r.valid and r.parse else None for r in labels.itertuples()
+        }, f"labels {source}"
     from querytune.runtime.backends import TransformersBackend
 
     backend = TransformersBackend(source, batch_size=batch_size)
     out: dict[str, dict | None] = {}
     for i in range(0, len(queries), 256):
-        chunk = queries[i:i + 256]
+        chunk = queries[i : i + 256]
         for q, p in zip(chunk, backend.parse(chunk)):
             out[q] = p.parse if p.valid else None
         if progress:
@@ -63,7 +67,13 @@ def parses_of(source: Path, queries: list[str], progress: Callable[[int], None] 
 def slot_changes(a: dict | None, b: dict | None) -> str:
     """A short human reading of what changed between two parses."""
     if a is None or b is None:
-        return "invalid -> valid" if a is None and b is not None else "valid -> invalid" if b is None and a is not None else "both invalid"
+        return (
+            "invalid -> valid"
+            if a is None and b is not None
+            else "valid -> invalid"
+            if b is None and a is not None
+            else "both invalid"
+        )
     parts = [f"intent {a['intent']} -> {b['intent']}"] if a["intent"] != b["intent"] else []
     for k in sorted(set(a["slots"]) | set(b["slots"])):
         va, vb = a["slots"].get(k), b["slots"].get(k)
@@ -72,8 +82,15 @@ def slot_changes(a: dict | None, b: dict | None) -> str:
     return ", ".join(parts)
 
 
-def diff(a: Path, b: Path, log_path: Path, index: Path | None = None, top: int = 2000, column: str = "query",
-         progress: Callable[[str, int], Callable[[int], None]] | None = None) -> dict[str, Any]:
+def diff(
+    a: Path,
+    b: Path,
+    log_path: Path,
+    index: Path | None = None,
+    top: int = 2000,
+    column: str = "query",
+    progress: Callable[[str, int], Callable[[int], None]] | None = None,
+) -> dict[str, Any]:
     """The traffic-weighted parse changes from A to B on the log (see the module doc)."""
     log = read_log(log_path, column)
     traffic = Counter(log["normalized"])
@@ -81,31 +98,60 @@ def diff(a: Path, b: Path, log_path: Path, index: Path | None = None, top: int =
     head = [q for q, _ in traffic.most_common(top)]
     pa, name_a = parses_of(a, head, progress("parsing with A", len(head)) if progress else None)
     pb, name_b = parses_of(b, head, progress("parsing with B", len(head)) if progress else None)
-    compared = [q for q in (head if not (is_label_folder(a) and is_label_folder(b)) else list(traffic)) if q in pa and q in pb]
+    compared = [
+        q for q in (head if not (is_label_folder(a) and is_label_folder(b)) else list(traffic)) if q in pa and q in pb
+    ]
     changed = [q for q in compared if json.dumps(pa[q], sort_keys=True) != json.dumps(pb[q], sort_keys=True)]
     effect = _retrieval_effect(changed, pa, pb, log, index, a, b) if index else {}
-    rows = sorted(({"query": q, "rows": traffic[q], "traffic_share": round(traffic[q] / total, 6), "a": pa[q], "b": pb[q],
-                    "change": slot_changes(pa[q], pb[q]), **effect.get(q, {})} for q in changed),
-                  key=lambda r: (-r["rows"], r["query"]))
+    rows = sorted(
+        (
+            {
+                "query": q,
+                "rows": traffic[q],
+                "traffic_share": round(traffic[q] / total, 6),
+                "a": pa[q],
+                "b": pb[q],
+                "change": slot_changes(pa[q], pb[q]),
+                **effect.get(q, {}),
+            }
+            for q in changed
+        ),
+        key=lambda r: (-r["rows"], r["query"]),
+    )
     compared_rows = sum(traffic[q] for q in compared)
     changed_rows = sum(r["rows"] for r in rows)
-    summary = {"a": name_a, "b": name_b, "log": str(log_path), "log_rows": total, "distinct_queries": len(traffic),
-               "compared_queries": len(compared), "compared_traffic_share": round(compared_rows / total, 4),
-               "changed_queries": len(rows), "changed_traffic_share": round(changed_rows / total, 4)}
+    summary = {
+        "a": name_a,
+        "b": name_b,
+        "log": str(log_path),
+        "log_rows": total,
+        "distinct_queries": len(traffic),
+        "compared_queries": len(compared),
+        "compared_traffic_share": round(compared_rows / total, 4),
+        "changed_queries": len(rows),
+        "changed_traffic_share": round(changed_rows / total, 4),
+    }
     scored = [r for r in rows if "reward_a" in r]
     if scored:
         weight = sum(r["rows"] for r in scored)
-        summary |= {"changed_scored": len(scored),
-                    "reward_a_weighted": round(sum(r["rows"] * r["reward_a"] for r in scored) / weight, 4),
-                    "reward_b_weighted": round(sum(r["rows"] * r["reward_b"] for r in scored) / weight, 4),
-                    "better": sum(r["reward_b"] > r["reward_a"] for r in scored), "worse": sum(r["reward_b"] < r["reward_a"] for r in scored)}
+        summary |= {
+            "changed_scored": len(scored),
+            "reward_a_weighted": round(sum(r["rows"] * r["reward_a"] for r in scored) / weight, 4),
+            "reward_b_weighted": round(sum(r["rows"] * r["reward_b"] for r in scored) / weight, 4),
+            "better": sum(r["reward_b"] > r["reward_a"] for r in scored),
+            "worse": sum(r["reward_b"] < r["reward_a"] for r in scored),
+        }
         summary["reward_change_on_changed"] = round(summary["reward_b_weighted"] - summary["reward_a_weighted"], 4)
         # what the change does to the whole compared traffic: unchanged queries keep their reward
-        summary["reward_change_on_compared_traffic"] = round(summary["reward_change_on_changed"] * weight / compared_rows, 5)
+        summary["reward_change_on_compared_traffic"] = round(
+            summary["reward_change_on_changed"] * weight / compared_rows, 5
+        )
     return {"summary": summary, "changed": rows}
 
 
-def _retrieval_effect(changed: list[str], pa: dict, pb: dict, log: pd.DataFrame, index: Path, a: Path, b: Path) -> dict[str, dict]:
+def _retrieval_effect(
+    changed: list[str], pa: dict, pb: dict, log: pd.DataFrame, index: Path, a: Path, b: Path
+) -> dict[str, dict]:
     """Each changed query's retrieval-success reward under parse A and parse B, over its logged contexts with clicks."""
     if not {"clicked", "user_city", "timestamp"} <= set(log.columns) or not changed:
         return {}
@@ -121,7 +167,9 @@ def _retrieval_effect(changed: list[str], pa: dict, pb: dict, log: pd.DataFrame,
     schema = ModelFolder.open(folder).schema if folder else load_schema()  # labeling folders: the default schema
     reward = RetrievalReward(Searcher(index, schema), schema)
     propensity = estimate_propensity(log)  # the whole log's randomised impressions
-    contexts = contexts_by_text(log[log["normalized"].isin(set(changed))].assign(key=lambda d: d["normalized"]), propensity)
+    contexts = contexts_by_text(
+        log[log["normalized"].isin(set(changed))].assign(key=lambda d: d["normalized"]), propensity
+    )
     out = {}
     for q in changed:
         if not contexts.get(q):

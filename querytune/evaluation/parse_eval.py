@@ -73,11 +73,15 @@ def parse_metrics(golds: list[dict[str, Any]], preds: list[dict[str, Any] | None
     return {
         "n": n,
         "intent_accuracy": round(intent_ok / n, 4) if n else 0.0,
-        "slot_precision": slot["precision"], "slot_recall": slot["recall"], "slot_f1": slot["f1"],
+        "slot_precision": slot["precision"],
+        "slot_recall": slot["recall"],
+        "slot_f1": slot["f1"],
         "frame_exact_match": round(frame_ok / n, 4) if n else 0.0,
         "validity": round(valid / n, 4) if n else 0.0,
-        "per_intent": {k: {"n": v[0], "intent_accuracy": round(v[1] / v[0], 4), "frame_exact_match": round(v[2] / v[0], 4)}
-                       for k, v in sorted(per_intent.items())},
+        "per_intent": {
+            k: {"n": v[0], "intent_accuracy": round(v[1] / v[0], 4), "frame_exact_match": round(v[2] / v[0], 4)}
+            for k, v in sorted(per_intent.items())
+        },
         "per_slot": {k: {"support": v[0] + v[2], **_prf(*v)} for k, v in sorted(per_slot.items())},
     }
 
@@ -117,12 +121,23 @@ def parse_scores(gold: dict, pred: dict | None) -> dict[str, float]:
     """One row's parse outcome: intent right, frame right, valid, and its slot true/false positives/negatives."""
     g, p = slot_pairs(gold["slots"]), slot_pairs(pred["slots"]) if pred else set()
     intent_ok = bool(pred) and pred["intent"] == gold["intent"]
-    return {"intent_accuracy": float(intent_ok), "frame_exact_match": float(intent_ok and g == p), "validity": float(pred is not None),
-            "tp": float(len(g & p)), "fp": float(len(p - g)), "fn": float(len(g - p))}
+    return {
+        "intent_accuracy": float(intent_ok),
+        "frame_exact_match": float(intent_ok and g == p),
+        "validity": float(pred is not None),
+        "tp": float(len(g & p)),
+        "fp": float(len(p - g)),
+        "fn": float(len(g - p)),
+    }
 
 
-def paired_parse_difference(golds: list[dict[str, Any]], preds_a: list[dict[str, Any] | None], preds_b: list[dict[str, Any] | None],
-                            n: int = 2000, seed: int = 0) -> dict[str, dict[str, float]]:
+def paired_parse_difference(
+    golds: list[dict[str, Any]],
+    preds_a: list[dict[str, Any] | None],
+    preds_b: list[dict[str, Any] | None],
+    n: int = 2000,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
     """B - A in intent accuracy and slot F1 on the same rows, each with a 95% paired bootstrap interval (rows resampled
     together; micro slot F1 recomputed from each resample's counts).
 
@@ -131,8 +146,16 @@ def paired_parse_difference(golds: list[dict[str, Any]], preds_a: list[dict[str,
     >>> d["intent_accuracy"]["mean"], d["slot_f1"]["mean"]
     (-0.25, -0.1429)
     """
-    a, b = ({k: [parse_scores(g, p)[k] for g, p in zip(golds, preds, strict=True)] for k in ("intent_accuracy", "tp", "fp", "fn")}
-            for preds in (preds_a, preds_b))
+    a, b = (
+        {
+            k: [parse_scores(g, p)[k] for g, p in zip(golds, preds, strict=True)]
+            for k in ("intent_accuracy", "tp", "fp", "fn")
+        }
+        for preds in (preds_a, preds_b)
+    )
     intent = paired_bootstrap(a["intent_accuracy"], b["intent_accuracy"], n=n, seed=seed)
     slot = paired_f1_difference(a, b, n=n, seed=seed)
-    return {"intent_accuracy": {k: round(v, 4) for k, v in intent.items()}, "slot_f1": {k: round(v, 4) for k, v in slot.items()}}
+    return {
+        "intent_accuracy": {k: round(v, 4) for k, v in intent.items()},
+        "slot_f1": {k: round(v, 4) for k, v in slot.items()},
+    }

@@ -64,7 +64,10 @@ class Workspace:
     def stages(self) -> dict[str, Path]:
         """Model folders with saved test predictions: sft, self_train, rft, dpo, grpo first, then any other in name order."""
         found = {p.name: p for p in sorted(self.models.glob("*")) if (p / "predictions_test.jsonl").is_file()}
-        return {name: found[name] for name in sorted(found, key=lambda n: (STAGE_ORDER.index(n) if n in STAGE_ORDER else 99, n))}
+        return {
+            name: found[name]
+            for name in sorted(found, key=lambda n: (STAGE_ORDER.index(n) if n in STAGE_ORDER else 99, n))
+        }
 
 
 def _mean(name: str):
@@ -104,8 +107,13 @@ def stage_table(scores: pd.DataFrame, systems: list[str]) -> dict[str, dict[str,
     return table
 
 
-def slice_table(scores: pd.DataFrame, rows: list[dict], systems: list[str], metrics=("ndcg@10", "intent_accuracy", "slot_f1"),
-                min_n: int = MIN_SLICE) -> dict[str, dict[str, Any]]:
+def slice_table(
+    scores: pd.DataFrame,
+    rows: list[dict],
+    systems: list[str],
+    metrics=("ndcg@10", "intent_accuracy", "slot_f1"),
+    min_n: int = MIN_SLICE,
+) -> dict[str, dict[str, Any]]:
     """Per slice key and value: n and each system's metrics, or `too_few` where n < min_n."""
     frame = pd.DataFrame({"id": [r["id"] for r in rows], **{k: [r.get(k) for r in rows] for k in SLICES}})
     out: dict[str, dict[str, Any]] = {}
@@ -113,10 +121,15 @@ def slice_table(scores: pd.DataFrame, rows: list[dict], systems: list[str], metr
         if frame[key].isna().all():
             continue
         if key in LIST_SLICES:
-            groups = {e: {r["id"] for r in rows if e in (r.get(key) or [])} for e in sorted({e for r in rows for e in r.get(key) or []})}
+            groups = {
+                e: {r["id"] for r in rows if e in (r.get(key) or [])}
+                for e in sorted({e for r in rows for e in r.get(key) or []})
+            }
             groups["none"] = {r["id"] for r in rows if not r.get(key)}
         else:
-            groups = {str(v): set(frame.loc[frame[key] == v, "id"]) for v in sorted(frame[key].dropna().unique(), key=str)}
+            groups = {
+                str(v): set(frame.loc[frame[key] == v, "id"]) for v in sorted(frame[key].dropna().unique(), key=str)
+            }
         out[key] = {}
         for value, ids in groups.items():
             entry: dict[str, Any] = {"n": len(ids)}
@@ -124,8 +137,9 @@ def slice_table(scores: pd.DataFrame, rows: list[dict], systems: list[str], metr
                 entry["too_few"] = True
             else:
                 sub = scores[scores["id"].isin(ids)]
-                entry["systems"] = {name: {m: iv for m in metrics if (iv := _metric(sub[sub["system"] == name], m))}
-                                    for name in systems}
+                entry["systems"] = {
+                    name: {m: iv for m in metrics if (iv := _metric(sub[sub["system"] == name], m))} for name in systems
+                }
             out[key][value] = entry
     return out
 
@@ -137,8 +151,15 @@ def _metric(s: pd.DataFrame, metric: str) -> dict | None:
     return metric_interval(s, metric)
 
 
-def disagreements(scores: pd.DataFrame, rows: list[dict], parses: dict[str, dict], retrieved: dict[str, dict],
-                  names: dict[str, str], stages: list[str], top: int = 12) -> list[dict]:
+def disagreements(
+    scores: pd.DataFrame,
+    rows: list[dict],
+    parses: dict[str, dict],
+    retrieved: dict[str, dict],
+    names: dict[str, str],
+    stages: list[str],
+    top: int = 12,
+) -> list[dict]:
     """The test queries whose NDCG@10 differs most between model stages, with each stage's parse and top 3."""
     if len(stages) < 2:
         return []
@@ -150,9 +171,22 @@ def disagreements(scores: pd.DataFrame, rows: list[dict], parses: dict[str, dict
         if gap <= 0:
             break
         r = by_id[qid]
-        out.append({"id": qid, "text": r["text"], "gold": {"intent": r["intent"], "slots": r["slots"]}, "spread": round(float(gap), 4),
-                    "stages": {s: {"parse": parses[s][qid], "ndcg@10": round(float(ndcg.at[qid, s]), 4),
-                                   "top3": [names.get(b, b) for b in retrieved[s].get(qid, [])[:3]]} for s in stages}})
+        out.append(
+            {
+                "id": qid,
+                "text": r["text"],
+                "gold": {"intent": r["intent"], "slots": r["slots"]},
+                "spread": round(float(gap), 4),
+                "stages": {
+                    s: {
+                        "parse": parses[s][qid],
+                        "ndcg@10": round(float(ndcg.at[qid, s]), 4),
+                        "top3": [names.get(b, b) for b in retrieved[s].get(qid, [])[:3]],
+                    }
+                    for s in stages
+                },
+            }
+        )
     return out
 
 
@@ -171,7 +205,19 @@ def side_figures(ws: Workspace) -> dict[str, Any]:
     for path in sorted(ws.labels.glob("**/summary.json")) if ws.labels.is_dir() else []:
         s = json.loads(path.read_text())
         found.setdefault("labeling", {})[str(path.parent.relative_to(ws.root))] = {
-            k: s.get(k) for k in ("rows", "distinct", "rejected", "labeled_now", "seconds", "queries_per_s", "rows_per_s", "backend", "model_version")}
+            k: s.get(k)
+            for k in (
+                "rows",
+                "distinct",
+                "rejected",
+                "labeled_now",
+                "seconds",
+                "queries_per_s",
+                "rows_per_s",
+                "backend",
+                "model_version",
+            )
+        }
     if (ws.eval / "serving.json").is_file():
         found["serving"] = json.loads((ws.eval / "serving.json").read_text())
     if (ws.eval / "warm.json").is_file():
@@ -179,7 +225,9 @@ def side_figures(ws: Workspace) -> dict[str, Any]:
     for path in sorted(ws.real.glob("*/parse_*.json")) if ws.real.is_dir() else []:
         m = json.loads(path.read_text())
         found.setdefault("real", {})[f"{path.parent.name} ({path.stem.removeprefix('parse_')})"] = {
-            k: m.get(k) for k in ("n", "intent_accuracy", "slot_f1", "frame_exact_match", "validity", "schema_version", "data")}
+            k: m.get(k)
+            for k in ("n", "intent_accuracy", "slot_f1", "frame_exact_match", "validity", "schema_version", "data")
+        }
     return found
 
 
@@ -196,7 +244,9 @@ def build_report(ws: Workspace, say=print, progress: Callable = iter, baseline: 
     rows = load_rows(test)
     stages = ws.stages()
     if not stages:
-        raise FileNotFoundError(f"{ws.models}: no model folder with predictions_test.jsonl (run `querytune eval parse --predictions`)")
+        raise FileNotFoundError(
+            f"{ws.models}: no model folder with predictions_test.jsonl (run `querytune eval parse --predictions`)"
+        )
     schema = load_schema(next(iter(stages.values())) / "schema.yaml")
     searcher = Searcher(ws.index, schema)
     parses: dict[str, dict] = {}
@@ -220,25 +270,41 @@ def build_report(ws: Workspace, say=print, progress: Callable = iter, baseline: 
     table = stage_table(scores, systems)
     golds = [{"intent": r["intent"], "slots": r["slots"]} for r in rows]
     frame_right = scores.set_index(["system", "id"])["frame_exact_match"]
-    metrics = {"stages": {name: {m: iv["value"] for m, iv in entry.items() if iv} for name, entry in table.items()},
-               "intervals": table,
-               "baseline": baseline,
-               "paired": breakdowns.paired_differences(scores, baseline, systems),
-               "slot_f1_by_slot": {name: parse_metrics(golds, [parses[name][r["id"]] for r in rows])["per_slot"] for name in parses},
-               "intent_confusion": {name: breakdowns.intent_confusion(golds, [parses[name][r["id"]] for r in rows], list(schema.intents))
-                                    for name in stages},
-               "calibration": {name: breakdowns.calibration([{"confidence": confidences[name].get(r["id"]), "right": frame_right[(name, r["id"])]}
-                                                             for r in rows]) for name in stages},
-               "cache_coverage": breakdowns.cache_coverage(ws.world / "log.parquet"),
-               "slices": slice_table(scores, rows, systems),
-               "disagreements": disagreements(scores, rows, parses, retrieved, names, list(stages)),
-               "training": {name: _curve_summary(c) for name, c in training_curves(stages).items()},
-               **side_figures(ws),
-               "meta": {"test_rows": len(rows), "graded_rows": sum(bool(r.get("relevance")) for r in rows), "k": K,
-                        "bootstrap": {"draws": 1000, "interval": "percentile 95%", "unit": "test query"}, "min_slice": MIN_SLICE,
-                        "schema_version": schema.version, "index": searcher.meta.get("model", searcher.meta),
-                        "models": {name: str(folder) for name, folder in stages.items()},
-                        "created": datetime.now().isoformat(timespec="seconds")}}
+    metrics = {
+        "stages": {name: {m: iv["value"] for m, iv in entry.items() if iv} for name, entry in table.items()},
+        "intervals": table,
+        "baseline": baseline,
+        "paired": breakdowns.paired_differences(scores, baseline, systems),
+        "slot_f1_by_slot": {
+            name: parse_metrics(golds, [parses[name][r["id"]] for r in rows])["per_slot"] for name in parses
+        },
+        "intent_confusion": {
+            name: breakdowns.intent_confusion(golds, [parses[name][r["id"]] for r in rows], list(schema.intents))
+            for name in stages
+        },
+        "calibration": {
+            name: breakdowns.calibration(
+                [{"confidence": confidences[name].get(r["id"]), "right": frame_right[(name, r["id"])]} for r in rows]
+            )
+            for name in stages
+        },
+        "cache_coverage": breakdowns.cache_coverage(ws.world / "log.parquet"),
+        "slices": slice_table(scores, rows, systems),
+        "disagreements": disagreements(scores, rows, parses, retrieved, names, list(stages)),
+        "training": {name: _curve_summary(c) for name, c in training_curves(stages).items()},
+        **side_figures(ws),
+        "meta": {
+            "test_rows": len(rows),
+            "graded_rows": sum(bool(r.get("relevance")) for r in rows),
+            "k": K,
+            "bootstrap": {"draws": 1000, "interval": "percentile 95%", "unit": "test query"},
+            "min_slice": MIN_SLICE,
+            "schema_version": schema.version,
+            "index": searcher.meta.get("model", searcher.meta),
+            "models": {name: str(folder) for name, folder in stages.items()},
+            "created": datetime.now().isoformat(timespec="seconds"),
+        },
+    }
     ws.report.mkdir(parents=True, exist_ok=True)
     browser = write_browser(ws.report / "parses.sqlite", rows, parses, confidences, scores)
     metrics["browser"] = str(browser.relative_to(ws.root)) if browser.is_relative_to(ws.root) else str(browser)
@@ -258,8 +324,11 @@ def _curve_summary(curve: list[dict]) -> dict[str, Any]:
     if not curve:
         return {}
     keys = [k for k in curve[-1] if k not in ("step", "seconds", "lr", "tokens_per_s")]
-    tail = curve[-max(1, len(curve) // 10):]
-    return {"steps": curve[-1]["step"], **{f"{k}_end": round(float(np.mean([c[k] for c in tail if k in c])), 4) for k in keys}}
+    tail = curve[-max(1, len(curve) // 10) :]
+    return {
+        "steps": curve[-1]["step"],
+        **{f"{k}_end": round(float(np.mean([c[k] for c in tail if k in c])), 4) for k in keys},
+    }
 
 
 def fmt(iv: dict | None) -> str:
@@ -272,25 +341,44 @@ def signed(iv: dict | None) -> str:
 
 def summary_markdown(metrics: dict[str, Any]) -> str:
     cols = RETRIEVAL + PARSE
-    lines = ["# querytune relevance report", "",
-             f"{metrics['meta']['test_rows']} test queries ({metrics['meta']['graded_rows']} with graded relevance); "
-             "95% percentile bootstrap intervals over queries.", "",
-             "| system | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    lines = [
+        "# querytune relevance report",
+        "",
+        f"{metrics['meta']['test_rows']} test queries ({metrics['meta']['graded_rows']} with graded relevance); "
+        "95% percentile bootstrap intervals over queries.",
+        "",
+        "| system | " + " | ".join(cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
     for name, entry in metrics["intervals"].items():
         lines.append(f"| {name} | " + " | ".join(fmt(entry.get(c)) for c in cols) + " |")
     if metrics.get("paired"):
         paired = metrics["paired"]
-        lines += ["", f"## Difference from {metrics['baseline']} (paired 95% bootstrap intervals)", "",
-                  "| system | " + " | ".join(breakdowns.PAIRED) + " |", "|---|" + "---|" * len(breakdowns.PAIRED)]
+        lines += [
+            "",
+            f"## Difference from {metrics['baseline']} (paired 95% bootstrap intervals)",
+            "",
+            "| system | " + " | ".join(breakdowns.PAIRED) + " |",
+            "|---|" + "---|" * len(breakdowns.PAIRED),
+        ]
         for name, entry in paired.items():
             lines.append(f"| {name} | " + " | ".join(signed(entry.get(c)) for c in breakdowns.PAIRED) + " |")
     for key, values in metrics["slices"].items():
         systems = list(metrics["intervals"])
-        lines += ["", f"## NDCG@10 by {SLICES[key]}", "", "| slice | n | " + " | ".join(systems) + " |", "|---|---|" + "---|" * len(systems)]
+        lines += [
+            "",
+            f"## NDCG@10 by {SLICES[key]}",
+            "",
+            "| slice | n | " + " | ".join(systems) + " |",
+            "|---|---|" + "---|" * len(systems),
+        ]
         for value, entry in values.items():
             if entry.get("too_few"):
                 cells = [f"too few queries (n={entry['n']})"] + [""] * (len(systems) - 1)
             else:
-                cells = [f"{entry['systems'][s]['ndcg@10']['value']:.3f}" if "ndcg@10" in entry["systems"].get(s, {}) else "" for s in systems]
+                cells = [
+                    f"{entry['systems'][s]['ndcg@10']['value']:.3f}" if "ndcg@10" in entry["systems"].get(s, {}) else ""
+                    for s in systems
+                ]
             lines.append(f"| {value} | {entry['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

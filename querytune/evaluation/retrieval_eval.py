@@ -32,11 +32,15 @@ def baseline_systems(searcher: Searcher, schema: Schema, k: int) -> dict[str, Sy
     return {
         "raw": lambda row, ctx: searcher.raw(row["text"], ctx, k),
         "bm25": lambda row, ctx: searcher.bm25(row["text"], ctx, k),
-        "oracle": lambda row, ctx: searcher.search(schema.parse({"intent": row["intent"], "slots": row["slots"]}), ctx, k, fallback_text=row["text"]),
+        "oracle": lambda row, ctx: searcher.search(
+            schema.parse({"intent": row["intent"], "slots": row["slots"]}), ctx, k, fallback_text=row["text"]
+        ),
     }
 
 
-def evaluate(rows: list[dict], systems: dict[str, System], k: int = 10, progress: Callable[[Iterable], Iterable] = iter) -> dict:
+def evaluate(
+    rows: list[dict], systems: dict[str, System], k: int = 10, progress: Callable[[Iterable], Iterable] = iter
+) -> dict:
     """Mean metrics per system, per-row NDCG (for paired comparisons) and slices by traffic and intent."""
     rows = [r for r in rows if r.get("relevance")]
     per_row: dict[str, list[dict]] = {name: [] for name in systems}
@@ -49,11 +53,16 @@ def evaluate(rows: list[dict], systems: dict[str, System], k: int = 10, progress
     for key in ("traffic", "intent", "phrasing_in_seed"):
         values = sorted({str(r.get(key)) for r in rows})
         report["slices"][key] = {
-            v: {"n": sum(str(r.get(key)) == v for r in rows),
-                **{name: _mean([m for r, m in zip(rows, per_row[name]) if str(r.get(key)) == v]) for name in systems}}
+            v: {
+                "n": sum(str(r.get(key)) == v for r in rows),
+                **{name: _mean([m for r, m in zip(rows, per_row[name]) if str(r.get(key)) == v]) for name in systems},
+            }
             for v in values
         }
-    report["per_row"] = {"id": [r["id"] for r in rows], **{name: [m[f"ndcg@{k}"] for m in per_row[name]] for name in systems}}
+    report["per_row"] = {
+        "id": [r["id"] for r in rows],
+        **{name: [m[f"ndcg@{k}"] for m in per_row[name]] for name in systems},
+    }
     report["per_row"]["phrasing_in_seed"] = [r.get("phrasing_in_seed") for r in rows]
     report["meta"] = {"n": len(rows), "k": k}
     return report

@@ -27,7 +27,9 @@ def read_predictions(path: Path, rows: list[dict] | None = None) -> dict[str, di
             preds[p["id"]] = p
     missing = [r["id"] for r in rows or [] if r["id"] not in preds]
     if missing:
-        raise ValueError(f"{path}: no prediction for {len(missing)} test rows (first: {missing[0]}); predict the same test set")
+        raise ValueError(
+            f"{path}: no prediction for {len(missing)} test rows (first: {missing[0]}); predict the same test set"
+        )
     return preds
 
 
@@ -58,8 +60,11 @@ def peer_predictions(seed_rows: list[dict], rows: list[dict], schema: Schema, em
     for i, r in enumerate(rows):
         intent = predicted["intent"][i]
         allowed = schema.intents[intent].slots
-        slots = {h: json.loads(v[i]) for h, v in predicted.items() if h != "intent" and v[i] != "null"
-                 and (allowed is None or h in allowed)}
+        slots = {
+            h: json.loads(v[i])
+            for h, v in predicted.items()
+            if h != "intent" and v[i] != "null" and (allowed is None or h in allowed)
+        }
         slots = {k: v for k, v in slots.items() if v is not False}
         try:
             out[r["id"]] = schema.parse({"intent": intent, "slots": slots}).to_dict()
@@ -68,8 +73,9 @@ def peer_predictions(seed_rows: list[dict], rows: list[dict], schema: Schema, em
     return out
 
 
-def score_systems(rows: list[dict], parses: dict[str, dict[str, dict | None]], searcher, schema: Schema,
-                  progress: Callable = iter) -> tuple[pd.DataFrame, dict[str, dict[str, list[str]]]]:
+def score_systems(
+    rows: list[dict], parses: dict[str, dict[str, dict | None]], searcher, schema: Schema, progress: Callable = iter
+) -> tuple[pd.DataFrame, dict[str, dict[str, list[str]]]]:
     """Per-row scores of every system (long format: system, id, retrieval and parse columns) and the top-k each
     system retrieved. `parses`: system name -> row id -> canonical parse (None: invalid, searched as raw text)."""
     from querytune.search import Context
@@ -88,8 +94,11 @@ def score_systems(rows: list[dict], parses: dict[str, dict[str, dict | None]], s
                 parse_part = parse_scores(gold, pred)
                 ranked = None
                 if graded:
-                    ranked = (searcher.search(schema.parse(pred), ctx, K, fallback_text=row["text"]) if pred
-                              else searcher.raw(row["text"], ctx, K))
+                    ranked = (
+                        searcher.search(schema.parse(pred), ctx, K, fallback_text=row["text"])
+                        if pred
+                        else searcher.raw(row["text"], ctx, K)
+                    )
             rec = {"system": name, "id": row["id"], **parse_part}
             if ranked is not None:
                 retrieved[name][row["id"]] = ranked

@@ -21,7 +21,9 @@ class TransformersBackend:
 
     name = "transformers"
 
-    def __init__(self, model_dir: str | Path | ModelFolder, batch_size: int = 32, constrained: bool = True, int8: bool = False):
+    def __init__(
+        self, model_dir: str | Path | ModelFolder, batch_size: int = 32, constrained: bool = True, int8: bool = False
+    ):
         from querytune.runtime.generate import Parser
 
         self.parser = Parser(model_dir, batch_size=batch_size, constrained=constrained, int8=int8)

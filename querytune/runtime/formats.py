@@ -29,8 +29,12 @@ from querytune.schema import MAX_QUERY_CHARS, Parse, ParseError, Schema
 SYSTEM_PROMPT = "{name} parser"
 DEFAULT_FORMAT = "user-compact"
 # each format's identity, part of every model_version: bump it when what the model reads or writes changes
-IDENTITY = {"json": "querytune-format-1", "compact": "querytune-compact-1", "chat-compact": "querytune-chat-compact-1",
-            "user-compact": "querytune-user-compact-1"}
+IDENTITY = {
+    "json": "querytune-format-1",
+    "compact": "querytune-compact-1",
+    "chat-compact": "querytune-chat-compact-1",
+    "user-compact": "querytune-user-compact-1",
+}
 FORMATS = tuple(IDENTITY)
 # each format as (prompt, completion): what the model reads and what it writes are chosen apart
 PROMPT = {"json": "chat", "compact": "bare", "chat-compact": "chat", "user-compact": "user"}
@@ -42,7 +46,9 @@ def folder_format(meta: dict[str, Any]) -> str:
     """The format a model folder's `querytune.json` records (`json` for folders from before formats were named)."""
     fmt = meta.get("format", "json")
     if fmt not in IDENTITY:
-        raise ValueError(f"querytune.json: format {fmt!r} is not one of {', '.join(FORMATS)} (a newer querytune wrote this folder?)")
+        raise ValueError(
+            f"querytune.json: format {fmt!r} is not one of {', '.join(FORMATS)} (a newer querytune wrote this folder?)"
+        )
     return fmt
 
 
@@ -52,7 +58,9 @@ def prompt(fmt: str, schema: Schema, tokenizer, text: str) -> str:
     if PROMPT[fmt] == "bare":
         return text + "\n"
     system = [{"role": "system", "content": SYSTEM_PROMPT.format(name=schema.name)}]
-    chat = tokenizer.apply_chat_template(system + [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+    chat = tokenizer.apply_chat_template(
+        system + [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+    )
     if PROMPT[fmt] == "chat":
         return chat
     # the user turn alone: templates such as SmolLM2's add a default system turn when none is given, so the system
@@ -60,7 +68,7 @@ def prompt(fmt: str, schema: Schema, tokenizer, text: str) -> str:
     head = tokenizer.apply_chat_template(system, tokenize=False)
     if not chat.startswith(head):
         raise ValueError(f"format {fmt}: this tokenizer's chat template does not render the system turn as a prefix")
-    return chat[len(head):]
+    return chat[len(head) :]
 
 
 def completion(fmt: str, parse: Parse | dict[str, Any]) -> str:
@@ -72,7 +80,11 @@ def completion(fmt: str, parse: Parse | dict[str, Any]) -> str:
     >>> completion("compact", p)
     'find_business cuisine=thai min_rating=4.5 near_me neighborhood="old town"'
     """
-    d = parse.to_dict() if isinstance(parse, Parse) else {"intent": parse["intent"], "slots": dict(sorted(parse["slots"].items()))}
+    d = (
+        parse.to_dict()
+        if isinstance(parse, Parse)
+        else {"intent": parse["intent"], "slots": dict(sorted(parse["slots"].items()))}
+    )
     if WRITES[fmt] == "json":
         return json.dumps(d, ensure_ascii=False, separators=(",", ":"))
     items = [d["intent"]]
@@ -82,7 +94,9 @@ def completion(fmt: str, parse: Parse | dict[str, Any]) -> str:
         elif value is False:
             items.append(f"{name}=false")
         elif isinstance(value, str):
-            items.append(f"{name}={value}" if _BARE.fullmatch(value) else f"{name}={json.dumps(value, ensure_ascii=False)}")
+            items.append(
+                f"{name}={value}" if _BARE.fullmatch(value) else f"{name}={json.dumps(value, ensure_ascii=False)}"
+            )
         else:
             items.append(f"{name}={json.dumps(value)}")
     return " ".join(items)
@@ -103,7 +117,9 @@ def read(fmt: str, schema: Schema, raw: str) -> Parse:
     while pos < len(rest):
         m = re.compile(r"([A-Za-z][A-Za-z0-9_]*)(=?)").match(rest, pos)
         if not m:
-            raise ParseError(f"compact output: expected a slot name at char {len(intent) + 1 + pos}: {rest[pos:pos + 20]!r}")
+            raise ParseError(
+                f"compact output: expected a slot name at char {len(intent) + 1 + pos}: {rest[pos : pos + 20]!r}"
+            )
         name, pos = m.group(1), m.end()
         if name in slots:
             raise ParseError(f"slots.{name}: written twice")
@@ -123,7 +139,11 @@ def read(fmt: str, schema: Schema, raw: str) -> Parse:
             if not v:
                 raise ParseError(f"slots.{name}: empty value")
             value, pos = v.group(0), v.end()
-            slots[name] = json.loads(value) if slot is not None and slot.type in ("boolean", "number") and _is_json_scalar(value) else value
+            slots[name] = (
+                json.loads(value)
+                if slot is not None and slot.type in ("boolean", "number") and _is_json_scalar(value)
+                else value
+            )
         if pos < len(rest):
             if rest[pos] != " ":
                 raise ParseError(f"slots.{name}: expected a space after the value at char {len(intent) + 1 + pos}")

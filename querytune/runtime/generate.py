@@ -33,8 +33,15 @@ def _through_eos(tokens: list[int], eos: int) -> int:
 class Parser:
     """A trained model folder, loaded once (the LoRA adapter merged into the base for speed)."""
 
-    def __init__(self, model_dir: str | Path | ModelFolder, schema: Schema | None = None, batch_size: int = 32, device: str = "cpu",
-                 constrained: bool = False, int8: bool = False):
+    def __init__(
+        self,
+        model_dir: str | Path | ModelFolder,
+        schema: Schema | None = None,
+        batch_size: int = 32,
+        device: str = "cpu",
+        constrained: bool = False,
+        int8: bool = False,
+    ):
         import torch
         from transformers import AutoTokenizer
 
@@ -54,7 +61,9 @@ class Parser:
         self.max_new_tokens = folder.max_new_tokens
         self._grammar = None
         # transformers 5.20 renamed the forward's `past_key_values` to `cache`
-        self._cache_keyword = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        self._cache_keyword = (
+            "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        )
 
     def prompts(self, texts: list[str]) -> list[str]:
         return [prompt(self.format, self.schema, self.tokenizer, t) for t in texts]
@@ -68,7 +77,9 @@ class Parser:
             self._grammar = Constraint(self.schema, self.format, self.tokenizer, self.model.config.vocab_size)
         return self._grammar
 
-    def _constraint(self, prompt_length: int, prefixes: list[list[int]] | None = None, on: bool | None = None) -> dict[str, Any]:
+    def _constraint(
+        self, prompt_length: int, prefixes: list[list[int]] | None = None, on: bool | None = None
+    ) -> dict[str, Any]:
         """generate()'s logits_processor keeping the output inside the schema's grammar, when this parser is constrained
         (or `on`). `prefixes`: per row, completion tokens written before the prompt ends."""
         if not (self.constrained if on is None else on):
@@ -89,7 +100,7 @@ class Parser:
         ids = [self.tokenizer(p, add_special_tokens=False).input_ids for p in self.prompts([texts[i] for i in todo])]
         order = sorted(range(len(todo)), key=lambda j: len(ids[j]))
         for start in range(0, len(order), self.batch_size):
-            batch = order[start:start + self.batch_size]
+            batch = order[start : start + self.batch_size]
             for j, (tokens, logprob, finished) in zip(batch, self.greedy([ids[j] for j in batch])):
                 raw = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
                 results[todo[j]] = self._validate(texts[todo[j]], raw, logprob, finished)
@@ -115,8 +126,18 @@ class Parser:
         bitmask = grammar.bitmask(n) if grammar else None
         cache, kv = DynamicCache(), self._cache_keyword
         with torch.inference_mode():
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1,
-                                **{kv: cache}).logits[:, -1].float()
+            logits = (
+                self.model(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=position,
+                    use_cache=True,
+                    logits_to_keep=1,
+                    **{kv: cache},
+                )
+                .logits[:, -1]
+                .float()
+            )
             position = position[:, -1:]
             for step in range(self.max_new_tokens):
                 if grammar:
@@ -142,12 +163,29 @@ class Parser:
                     alive = [alive[k] for k in keep]
                 mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
                 position = position + 1
-                logits = self.model(input_ids=chosen[:, None], attention_mask=mask, position_ids=position, use_cache=True,
-                                    **{kv: cache}).logits[:, -1].float()
+                logits = (
+                    self.model(
+                        input_ids=chosen[:, None],
+                        attention_mask=mask,
+                        position_ids=position,
+                        use_cache=True,
+                        **{kv: cache},
+                    )
+                    .logits[:, -1]
+                    .float()
+                )
         return list(zip(tokens, logprob, finished))
 
-    def sample(self, texts: list[str], k: int, temperature: float = 1.0, seed: int = 0, progress=None,
-               logprobs: bool = False, constrained: bool | None = None) -> list[list[str]] | list[list[tuple[str, float]]]:
+    def sample(
+        self,
+        texts: list[str],
+        k: int,
+        temperature: float = 1.0,
+        seed: int = 0,
+        progress=None,
+        logprobs: bool = False,
+        constrained: bool | None = None,
+    ) -> list[list[str]] | list[list[tuple[str, float]]]:
         """`k` sampled completions per text (free decoding, as the policy would write them), raw strings.
         `temperature=0`: the greedy completion (k=1), in the same bf16 free decoding. `logprobs`: each completion
         comes with its log-probability under the model (the sum over its tokens up to the end of sequence), as
@@ -164,19 +202,39 @@ class Parser:
         results: list[list[str]] = [[] for _ in texts]
         per_batch = max(1, self.batch_size // k)
         for start in range(0, len(order), per_batch):
-            batch = order[start:start + per_batch]
-            enc = self.tokenizer([prompts[j] for j in batch], return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-            autocast = torch.autocast("cpu", dtype=torch.bfloat16) if self.device == "cpu" else torch.autocast("cuda", dtype=torch.bfloat16)
+            batch = order[start : start + per_batch]
+            enc = self.tokenizer(
+                [prompts[j] for j in batch], return_tensors="pt", padding=True, add_special_tokens=False
+            ).to(self.device)
+            autocast = (
+                torch.autocast("cpu", dtype=torch.bfloat16)
+                if self.device == "cpu"
+                else torch.autocast("cuda", dtype=torch.bfloat16)
+            )
             with torch.inference_mode(), autocast:  # samples need no fp32 exactness; bf16 is ~1.6x faster on CPU
-                how = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
-                out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, num_return_sequences=k, **how,
-                                          eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                                          output_scores=logprobs, return_dict_in_generate=True,
-                                          **self._constraint(enc["input_ids"].shape[1], on=constrained))
+                how = (
+                    {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+                    if temperature > 0
+                    else {"do_sample": False}
+                )
+                out = self.model.generate(
+                    **enc,
+                    max_new_tokens=self.max_new_tokens,
+                    num_return_sequences=k,
+                    **how,
+                    eos_token_id=self.tokenizer.eos_token_id,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    output_scores=logprobs,
+                    return_dict_in_generate=True,
+                    **self._constraint(enc["input_ids"].shape[1], on=constrained),
+                )
                 if logprobs:  # of the tokens as chosen, under the untempered model
-                    scores = self.model.compute_transition_scores(out.sequences, [s * temperature if temperature > 0 else s for s in out.scores],
-                                                                  normalize_logits=True).float()
-            new = out.sequences[:, enc["input_ids"].shape[1]:]
+                    scores = self.model.compute_transition_scores(
+                        out.sequences,
+                        [s * temperature if temperature > 0 else s for s in out.scores],
+                        normalize_logits=True,
+                    ).float()
+            new = out.sequences[:, enc["input_ids"].shape[1] :]
             for row in range(new.shape[0]):
                 text = self.tokenizer.decode(new[row], skip_special_tokens=True).strip()
                 if logprobs:
@@ -203,13 +261,22 @@ class Parser:
         per_batch = max(1, self.batch_size // k)
         autocast = torch.autocast("cpu" if self.device == "cpu" else "cuda", dtype=torch.bfloat16)
         for start in range(0, len(order), per_batch):
-            batch = order[start:start + per_batch]
-            enc = self.tokenizer([prompts[j] for j in batch], return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+            batch = order[start : start + per_batch]
+            enc = self.tokenizer(
+                [prompts[j] for j in batch], return_tensors="pt", padding=True, add_special_tokens=False
+            ).to(self.device)
             with torch.inference_mode(), autocast:
-                out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, num_beams=k, num_return_sequences=k, do_sample=False,
-                                          eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                                          **self._constraint(enc["input_ids"].shape[1]))
-            new = out[:, enc["input_ids"].shape[1]:]
+                out = self.model.generate(
+                    **enc,
+                    max_new_tokens=self.max_new_tokens,
+                    num_beams=k,
+                    num_return_sequences=k,
+                    do_sample=False,
+                    eos_token_id=self.tokenizer.eos_token_id,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    **self._constraint(enc["input_ids"].shape[1]),
+                )
+            new = out[:, enc["input_ids"].shape[1] :]
             for row in range(new.shape[0]):
                 results[batch[row // k]].append(self.tokenizer.decode(new[row], skip_special_tokens=True).strip())
             if progress:
@@ -239,12 +306,20 @@ class Parser:
             ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
             mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
             with torch.inference_mode(), autocast:
-                return self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
-                                           eos_token_id=eos, pad_token_id=pad, output_scores=True, return_dict_in_generate=True,
-                                           **self._constraint(width, prefixes)), width
+                return self.model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=max_new,
+                    do_sample=False,
+                    eos_token_id=eos,
+                    pad_token_id=pad,
+                    output_scores=True,
+                    return_dict_in_generate=True,
+                    **self._constraint(width, prefixes),
+                ), width
 
         for start in range(0, len(order), self.batch_size):
-            batch = order[start:start + self.batch_size]
+            batch = order[start : start + self.batch_size]
             out, width = decode_left_padded([prompt_ids[j] for j in batch], self.max_new_tokens)
             logp = torch.stack(out.scores, 1).float().log_softmax(-1)  # [batch, new tokens, vocab]
             forks: list[tuple[int, list[int]]] = []  # (text index, greedy prefix + rival token)
@@ -254,16 +329,22 @@ class Parser:
                 chosen = logp[row, torch.arange(n), torch.tensor(tokens[:n])]
                 for pos in chosen.argsort()[:positions].tolist():
                     top = logp[row, pos].topk(alternatives + 1)  # constrained: tokens the schema rules out have -inf
-                    rivals = [t for t, v in zip(top.indices.tolist(), top.values.tolist()) if t != tokens[pos] and v > float("-inf")][:alternatives]
+                    rivals = [
+                        t
+                        for t, v in zip(top.indices.tolist(), top.values.tolist())
+                        if t != tokens[pos] and v > float("-inf")
+                    ][:alternatives]
                     forks += [(j, tokens[:pos] + [t]) for t in rivals]
             for f in range(0, len(forks), self.batch_size):
-                chunk = forks[f:f + self.batch_size]
-                cont, w = decode_left_padded([prompt_ids[j] + prefix for j, prefix in chunk],
-                                             max(1, self.max_new_tokens - min(len(prefix) for _, prefix in chunk)),
-                                             [prefix for _, prefix in chunk])
+                chunk = forks[f : f + self.batch_size]
+                cont, w = decode_left_padded(
+                    [prompt_ids[j] + prefix for j, prefix in chunk],
+                    max(1, self.max_new_tokens - min(len(prefix) for _, prefix in chunk)),
+                    [prefix for _, prefix in chunk],
+                )
                 for row, (j, prefix) in enumerate(chunk):
                     tokens = prefix + cont.sequences[row, w:].tolist()
-                    tokens = tokens[:_through_eos(tokens, eos)]
+                    tokens = tokens[: _through_eos(tokens, eos)]
                     results[j].append(self.tokenizer.decode(tokens, skip_special_tokens=True).strip())
             if progress:
                 progress(len(batch))
@@ -284,7 +365,11 @@ def quantize_int8(module):
     import torch
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-    names = {name for name, layer in module.named_modules() if isinstance(layer, torch.nn.Linear) and not name.endswith("down_proj")}
+    names = {
+        name
+        for name, layer in module.named_modules()
+        if isinstance(layer, torch.nn.Linear) and not name.endswith("down_proj")
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization's notice that it moves to torchao
         return quantize_dynamic(module, dict.fromkeys(names, per_channel_dynamic_qconfig), dtype=torch.qint8)

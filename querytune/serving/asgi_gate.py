@@ -32,9 +32,21 @@ class Gate:
     `answer(scope, headers)` is asked first: the JSON body of a 200 that needs no app (the server's cache hits), or
     None, and the app answers. `headers` maps each lower-case header name to its first value, as Starlette reads it."""
 
-    def __init__(self, app, max_body_bytes: int, on_refuse: Callable[[str], None] | None = None, access: AccessLog | None = None,
-                 answer: Callable[[dict, dict[bytes, bytes]], bytes | None] | None = None):
-        self.app, self.max_body_bytes, self.on_refuse, self.access, self.answer = app, max_body_bytes, on_refuse, access, answer
+    def __init__(
+        self,
+        app,
+        max_body_bytes: int,
+        on_refuse: Callable[[str], None] | None = None,
+        access: AccessLog | None = None,
+        answer: Callable[[dict, dict[bytes, bytes]], bytes | None] | None = None,
+    ):
+        self.app, self.max_body_bytes, self.on_refuse, self.access, self.answer = (
+            app,
+            max_body_bytes,
+            on_refuse,
+            access,
+            answer,
+        )
         # ids a process hands out: random to the process, then counted (os.urandom per request costs more than a hit's lookup)
         self.ids = map(f"{os.urandom(6).hex()}{{:010x}}".format, itertools.count())
 
@@ -47,8 +59,17 @@ class Gate:
         rid = given if given and REQUEST_ID.fullmatch(given) else next(self.ids)
         body = self.answer(scope, headers) if self.answer else None
         if body is not None:  # the headers, in order, that Starlette gives a JSON response, and the id
-            await send({"type": "http.response.start", "status": 200, "headers": [
-                (b"content-length", str(len(body)).encode()), (b"content-type", b"application/json"), (b"x-request-id", rid.encode())]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [
+                        (b"content-length", str(len(body)).encode()),
+                        (b"content-type", b"application/json"),
+                        (b"x-request-id", rid.encode()),
+                    ],
+                }
+            )
             await send({"type": "http.response.body", "body": body})
             return self._log(scope, rid, 200, t0)
         scope.setdefault("state", {})["request_id"] = rid
@@ -65,7 +86,9 @@ class Gate:
             if too_big:
                 if self.on_refuse:
                     self.on_refuse("body")
-                await self._respond(send_with_id, *error_body(413, "body", f"request body over {self.max_body_bytes} bytes", rid))
+                await self._respond(
+                    send_with_id, *error_body(413, "body", f"request body over {self.max_body_bytes} bytes", rid)
+                )
                 return self._log(scope, rid, status[0], t0)
             receive = _replay(body)
         try:
@@ -92,8 +115,17 @@ class Gate:
 
     @staticmethod
     async def _respond(send, status: int, body: bytes) -> None:
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     def _log(self, scope, rid: str, status: int, t0: float) -> None:
@@ -129,11 +161,15 @@ class AccessLog(Periodic):
 
     def __init__(self, fd: int, every_s: float = 0.5):
         self.fd, self.every_s, self.pending = fd, every_s, []
-        self.paths: dict[str, str] = {}  # path -> its JSON string, for the few paths a server sees (bounded: clients choose them)
+        self.paths: dict[
+            str, str
+        ] = {}  # path -> its JSON string, for the few paths a server sees (bounded: clients choose them)
 
     def write(self, scope, rid: str, status: int, t0: float) -> None:
         # the line is formatted at the flush, many at a time: per request only what it must record now
-        self.pending.append((time.time(), rid, scope["method"], scope["path"], scope.get("client"), status, time.perf_counter() - t0))
+        self.pending.append(
+            (time.time(), rid, scope["method"], scope["path"], scope.get("client"), status, time.perf_counter() - t0)
+        )
         if len(self.pending) >= 1024:
             self.flush()
         else:
@@ -162,8 +198,10 @@ class AccessLog(Periodic):
             quoted = json.dumps(path)
             if len(self.paths) < 256:
                 self.paths[path] = quoted
-        return (f'{{"ts": {ts:.3f}, "request_id": "{rid}", "method": "{method}", "path": {quoted}, '
-                f'"status": {status}, "ms": {1000 * seconds:.3f}, "client": "{(client or ("",))[0]}"}}\n').encode()
+        return (
+            f'{{"ts": {ts:.3f}, "request_id": "{rid}", "method": "{method}", "path": {quoted}, '
+            f'"status": {status}, "ms": {1000 * seconds:.3f}, "client": "{(client or ("",))[0]}"}}\n'
+        ).encode()
 
 
 def _replay(body: bytes):

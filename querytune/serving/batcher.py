@@ -20,7 +20,13 @@ class MissBatcher:
         """`on_batch(n)` after each backend call; `on_results([(query, prediction), ...], model_version)` with every
         answer of a call, including those whose requests have given up waiting (so the cache still gets them), and
         the version of the model that answered (the backend may be swapped by a promotion while a call runs)."""
-        self.backend, self.window, self.max_batch, self.on_batch, self.on_results = backend, window_ms / 1000, max_batch, on_batch, on_results
+        self.backend, self.window, self.max_batch, self.on_batch, self.on_results = (
+            backend,
+            window_ms / 1000,
+            max_batch,
+            on_batch,
+            on_results,
+        )
         self.queue: asyncio.Queue | None = None
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self.task: asyncio.Task | None = None

@@ -56,8 +56,11 @@ class Cache(Protocol):
 
 
 def _entry_json(e: Entry) -> str:
-    return json.dumps({"parse": e.parse, "valid": e.valid, "confidence": round(e.confidence, 6), "model_version": e.model_version},
-                      ensure_ascii=False, sort_keys=True)
+    return json.dumps(
+        {"parse": e.parse, "valid": e.valid, "confidence": round(e.confidence, 6), "model_version": e.model_version},
+        ensure_ascii=False,
+        sort_keys=True,
+    )
 
 
 def _entry(s: str | bytes) -> Entry:
@@ -72,15 +75,21 @@ class SQLiteCache:
     def __init__(self, path: str | Path, url: str | None = None, busy_timeout_s: float = 30.0, create: bool = True):
         self.path, self.url, self.busy_timeout_s = Path(path), url or f"sqlite:///{path}", busy_timeout_s
         if not create and not self.path.is_file():
-            raise FileNotFoundError(f"cache {self.url}: no such file {self.path} (check the path; `cache load` creates one)")
+            raise FileNotFoundError(
+                f"cache {self.url}: no such file {self.path} (check the path; `cache load` creates one)"
+            )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         try:
             db = self._db()
             db.execute("PRAGMA journal_mode=WAL")
-            db.execute("CREATE TABLE IF NOT EXISTS entries (schema_version TEXT, model_version TEXT, query TEXT, value TEXT, "
-                       "PRIMARY KEY (schema_version, model_version, query)) WITHOUT ROWID")
-            db.execute("CREATE TABLE IF NOT EXISTS promotions (at REAL, model_version TEXT, model_dir TEXT, schema_version TEXT)")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS entries (schema_version TEXT, model_version TEXT, query TEXT, value TEXT, "
+                "PRIMARY KEY (schema_version, model_version, query)) WITHOUT ROWID"
+            )
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS promotions (at REAL, model_version TEXT, model_dir TEXT, schema_version TEXT)"
+            )
         except sqlite3.DatabaseError as e:  # not a database, or a torn one: say which file, no traceback
             raise ValueError(f"cache {self.url}: {self.path} is not a usable SQLite database ({e})") from None
 
@@ -106,10 +115,12 @@ class SQLiteCache:
         def read(db):
             found = {}
             for start in range(0, len(queries), 500):
-                chunk = queries[start:start + 500]
+                chunk = queries[start : start + 500]
                 marks = ",".join("?" * len(chunk))
-                for q, v in db.execute(f"SELECT query, value FROM entries WHERE schema_version=? AND model_version=? AND query IN ({marks})",
-                                       [schema_version, model_version, *chunk]):
+                for q, v in db.execute(
+                    f"SELECT query, value FROM entries WHERE schema_version=? AND model_version=? AND query IN ({marks})",
+                    [schema_version, model_version, *chunk],
+                ):
                     found[q] = _entry(v)
             return [found.get(q) for q in queries]
 
@@ -131,14 +142,26 @@ class SQLiteCache:
         return self._run(write)
 
     def stats(self):
-        per = self._run(lambda db: db.execute(
-            "SELECT schema_version, model_version, COUNT(*) FROM entries GROUP BY 1, 2 ORDER BY 3 DESC").fetchall())
-        return {"url": self.url, "entries": sum(n for *_, n in per), "bytes": self.path.stat().st_size,
-                "versions": [{"schema_version": s, "model_version": m, "entries": n} for s, m, n in per], "active": self.active(),
-                "promotions": len(self._history())}
+        per = self._run(
+            lambda db: db.execute(
+                "SELECT schema_version, model_version, COUNT(*) FROM entries GROUP BY 1, 2 ORDER BY 3 DESC"
+            ).fetchall()
+        )
+        return {
+            "url": self.url,
+            "entries": sum(n for *_, n in per),
+            "bytes": self.path.stat().st_size,
+            "versions": [{"schema_version": s, "model_version": m, "entries": n} for s, m, n in per],
+            "active": self.active(),
+            "promotions": len(self._history()),
+        }
 
     def _history(self) -> list[dict[str, Any]]:
-        rows = self._run(lambda db: db.execute("SELECT at, model_version, model_dir, schema_version FROM promotions ORDER BY rowid").fetchall())
+        rows = self._run(
+            lambda db: db.execute(
+                "SELECT at, model_version, model_dir, schema_version FROM promotions ORDER BY rowid"
+            ).fetchall()
+        )
         return [{"at": a, "model_version": m, "model_dir": d, "schema_version": s} for a, m, d, s in rows]
 
     def active(self):
@@ -146,7 +169,11 @@ class SQLiteCache:
         return history[-1] if history else None
 
     def promote(self, model_version, model_dir, schema_version):
-        self._run(lambda db: db.execute("INSERT INTO promotions VALUES (?, ?, ?, ?)", (time.time(), model_version, model_dir, schema_version)))
+        self._run(
+            lambda db: db.execute(
+                "INSERT INTO promotions VALUES (?, ?, ?, ?)", (time.time(), model_version, model_dir, schema_version)
+            )
+        )
         return self.active()
 
     def rollback(self):
@@ -202,16 +229,29 @@ class RedisCache:
             _, s, m, _q = k.decode().split(":", 3)
             counts[(s, m)] = counts.get((s, m), 0) + 1
         info = self._call(self.client.info, "memory")
-        return {"url": self.url, "entries": sum(counts.values()), "bytes": info.get("used_memory"),
-                "versions": [{"schema_version": s, "model_version": m, "entries": n} for (s, m), n in sorted(counts.items(), key=lambda x: -x[1])],
-                "active": self.active(), "promotions": self._call(self.client.llen, f"{PREFIX}-promotions")}
+        return {
+            "url": self.url,
+            "entries": sum(counts.values()),
+            "bytes": info.get("used_memory"),
+            "versions": [
+                {"schema_version": s, "model_version": m, "entries": n}
+                for (s, m), n in sorted(counts.items(), key=lambda x: -x[1])
+            ],
+            "active": self.active(),
+            "promotions": self._call(self.client.llen, f"{PREFIX}-promotions"),
+        }
 
     def active(self):
         last = self._call(self.client.lindex, f"{PREFIX}-promotions", -1)
         return json.loads(last) if last else None
 
     def promote(self, model_version, model_dir, schema_version):
-        record = {"at": time.time(), "model_version": model_version, "model_dir": model_dir, "schema_version": schema_version}
+        record = {
+            "at": time.time(),
+            "model_version": model_version,
+            "model_dir": model_dir,
+            "schema_version": schema_version,
+        }
         self._call(self.client.rpush, f"{PREFIX}-promotions", json.dumps(record))
         return record
 
@@ -245,7 +285,7 @@ def open_cache(url: str, busy_timeout_s: float = 30.0, create: bool = True) -> S
     """
     parsed = urlparse(url)
     if parsed.scheme == "sqlite":
-        path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
+        path = url[len("sqlite:///") :] if url.startswith("sqlite:///") else ""
         if not path:
             raise ValueError(f"cache URL {url!r}: write sqlite:///relative/path.db or sqlite:////absolute/path.db")
         return SQLiteCache(path, url, busy_timeout_s=busy_timeout_s, create=create)
@@ -265,6 +305,14 @@ def load_labels(cache, labels_dir: str | Path, only_valid: bool = True) -> dict[
     by_schema: dict[str, list] = {}
     for r in kept.itertuples():
         by_schema.setdefault(r.schema_version, []).append(
-            (r.normalized, Entry(json.loads(r.parse) if r.parse else None, bool(r.valid), float(r.confidence), r.model_version)))
+            (
+                r.normalized,
+                Entry(json.loads(r.parse) if r.parse else None, bool(r.valid), float(r.confidence), r.model_version),
+            )
+        )
     n = sum(cache.put_many(items, schema) for schema, items in by_schema.items())
-    return {"loaded": n, "skipped_invalid": len(labels) - len(kept), "model_versions": sorted(set(kept["model_version"]))}
+    return {
+        "loaded": n,
+        "skipped_invalid": len(labels) - len(kept),
+        "model_versions": sorted(set(kept["model_version"])),
+    }

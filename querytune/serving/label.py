@@ -102,7 +102,9 @@ def labeled_queries(out: str | Path, warn: Callable[[str], None] = _warn) -> pa.
             aside = shard.with_name(shard.name + ".corrupt")
             os.replace(shard, aside)
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            warn(f"warning: {shard}: unreadable label shard ({reason}); set aside as {aside.name}, its queries are labeled again")
+            warn(
+                f"warning: {shard}: unreadable label shard ({reason}); set aside as {aside.name}, its queries are labeled again"
+            )
     return pa.chunked_array(done, pa.large_string()).combine_chunks()
 
 
@@ -128,7 +130,9 @@ def lock_folder(out: str | Path) -> Iterator[None]:
         fh.seek(0)
         holder = fh.read().strip() or "?"
         fh.close()
-        raise LabelInputError(f"{out}: another run (pid {holder}) is labeling this folder; wait for it to end or use another --out") from None
+        raise LabelInputError(
+            f"{out}: another run (pid {holder}) is labeling this folder; wait for it to end or use another --out"
+        ) from None
     fh.truncate(0)
     fh.write(f"{os.getpid()}\n")
     fh.flush()
@@ -151,17 +155,32 @@ def save_accounting(acc: Accounting, out: Path) -> None:
     _write_text_atomic("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in acc.rejects), out / "rejects.jsonl")
 
 
-def label(input_path: str | Path, out: str | Path, backend: Backend, column: str = "query", shard_size: int = SHARD_QUERIES, where: str | None = None,
-          restart: bool = False, max_chars: int = MAX_QUERY_CHARS, progress: Callable[[int, int], None] | None = None,
-          stream: Callable[[list[str], int], Iterator[list[dict]]] | None = None) -> dict[str, Any]:
+def label(
+    input_path: str | Path,
+    out: str | Path,
+    backend: Backend,
+    column: str = "query",
+    shard_size: int = SHARD_QUERIES,
+    where: str | None = None,
+    restart: bool = False,
+    max_chars: int = MAX_QUERY_CHARS,
+    progress: Callable[[int, int], None] | None = None,
+    stream: Callable[[list[str], int], Iterator[list[dict]]] | None = None,
+) -> dict[str, Any]:
     """Label `input_path` into `out` (see the module doc); returns the summary. `progress(done, total)` after each
     shard. `stream(queries, shard_size)` yields label rows (`parse_rows`' shape) a shard at a time, in any order
     (default: `backend.parse` in this process; `querytune.serving.ray_engine` passes a Ray Data pipeline)."""
     t0 = time.perf_counter()
     out = Path(out)
     files = input_files(input_path)
-    manifest = {"input": str(input_path), "input_fingerprint": fingerprint(files), "column": column, "where": where,
-                "model_version": backend.model_version, "schema_version": backend.schema_version}
+    manifest = {
+        "input": str(input_path),
+        "input_fingerprint": fingerprint(files),
+        "column": column,
+        "where": where,
+        "model_version": backend.model_version,
+        "schema_version": backend.schema_version,
+    }
     with lock_folder(out):
         (out / "labels").mkdir(parents=True, exist_ok=True)
         old = out / "manifest.json"
@@ -172,21 +191,29 @@ def label(input_path: str | Path, out: str | Path, backend: Backend, column: str
                 raise LabelInputError(f"{old}: not readable; use --restart to start over") from None
             changed = [k for k in manifest if before.get(k) != manifest[k]]
             if changed:
-                raise LabelInputError(f"{out} holds labels of another run ({', '.join(f'{k}: {before.get(k)} -> {manifest[k]}' for k in changed)}); "
-                                      "use another --out or --restart to start over")
+                raise LabelInputError(
+                    f"{out} holds labels of another run ({', '.join(f'{k}: {before.get(k)} -> {manifest[k]}' for k in changed)}); "
+                    "use another --out or --restart to start over"
+                )
         if restart:
             for shard in (out / "labels").glob("part-*.parquet"):
                 shard.unlink()
         _write_text_atomic(json.dumps(manifest, indent=2) + "\n", old)
 
         prep = prepare(input_path, out, column, where, max_chars)
-        todo_table = prep.distinct.filter(pc.invert(pc.is_in(prep.distinct["normalized"], value_set=labeled_queries(out))))
+        todo_table = prep.distinct.filter(
+            pc.invert(pc.is_in(prep.distinct["normalized"], value_set=labeled_queries(out)))
+        )
         first_spelling = dict(zip(todo_table["normalized"].to_pylist(), todo_table["query"].to_pylist()))
         todo = by_length(list(first_spelling))
         resumed = prep.distinct.num_rows - len(todo)
         # numbers of set-aside shards too: a new shard never takes the name of one kept for inspection
-        next_shard = max((int(p.name.split(".")[0].split("-")[1]) + 1 for p in (out / "labels").glob("part-*")), default=0)
-        stream = stream or (lambda queries, size: (parse_rows(backend, queries[i:i + size]) for i in range(0, len(queries), size)))
+        next_shard = max(
+            (int(p.name.split(".")[0].split("-")[1]) + 1 for p in (out / "labels").glob("part-*")), default=0
+        )
+        stream = stream or (
+            lambda queries, size: (parse_rows(backend, queries[i : i + size]) for i in range(0, len(queries), size))
+        )
         t_label = time.perf_counter()
         if progress:
             progress(resumed, prep.distinct.num_rows)
@@ -194,18 +221,29 @@ def label(input_path: str | Path, out: str | Path, backend: Backend, column: str
         for labels in stream(todo, shard_size) if todo else []:
             for rec in labels:
                 rec["query"] = first_spelling[rec["normalized"]]
-            _write_atomic(pd.DataFrame(labels, columns=LABEL_COLUMNS), out / "labels" / f"part-{next_shard:05d}.parquet")
+            _write_atomic(
+                pd.DataFrame(labels, columns=LABEL_COLUMNS), out / "labels" / f"part-{next_shard:05d}.parquet"
+            )
             next_shard += 1
             written += len(labels)
             if progress:
                 progress(resumed + written, prep.distinct.num_rows)
         label_seconds = time.perf_counter() - t_label
         labels_df = read_labels(out)
-        summary = {"rows": prep.rows, "accepted": prep.accepted, "rejected": prep.rejected, "distinct": prep.distinct.num_rows,
-                   "labeled_now": len(todo), "resumed": resumed, "invalid": int((~labels_df["valid"]).sum()),
-                   "seconds": round(time.perf_counter() - t0, 2), "label_seconds": round(label_seconds, 2),
-                   "queries_per_s": round(len(todo) / label_seconds, 2) if todo and label_seconds else None,
-                   "rows_per_s": round(prep.rows / (time.perf_counter() - t0), 2), **manifest}
+        summary = {
+            "rows": prep.rows,
+            "accepted": prep.accepted,
+            "rejected": prep.rejected,
+            "distinct": prep.distinct.num_rows,
+            "labeled_now": len(todo),
+            "resumed": resumed,
+            "invalid": int((~labels_df["valid"]).sum()),
+            "seconds": round(time.perf_counter() - t0, 2),
+            "label_seconds": round(label_seconds, 2),
+            "queries_per_s": round(len(todo) / label_seconds, 2) if todo and label_seconds else None,
+            "rows_per_s": round(prep.rows / (time.perf_counter() - t0), 2),
+            **manifest,
+        }
         _write_text_atomic(json.dumps(summary, indent=2) + "\n", out / "summary.json")
     return summary
 
@@ -213,9 +251,18 @@ def label(input_path: str | Path, out: str | Path, backend: Backend, column: str
 def parse_rows(backend: Backend, queries: list[str]) -> list[dict]:
     """Label rows (without `query`) for normalised queries, through `backend.parse`."""
     preds = backend.parse(queries)
-    return [{"normalized": q, "parse": json.dumps(p.parse, ensure_ascii=False, sort_keys=True) if p.parse else None,
-             "valid": bool(p.valid), "confidence": float(p.confidence), "error": p.error,
-             "model_version": backend.model_version, "schema_version": backend.schema_version} for q, p in zip(queries, preds)]
+    return [
+        {
+            "normalized": q,
+            "parse": json.dumps(p.parse, ensure_ascii=False, sort_keys=True) if p.parse else None,
+            "valid": bool(p.valid),
+            "confidence": float(p.confidence),
+            "error": p.error,
+            "model_version": backend.model_version,
+            "schema_version": backend.schema_version,
+        }
+        for q, p in zip(queries, preds)
+    ]
 
 
 def read_labels(out: str | Path) -> pd.DataFrame:
@@ -232,4 +279,6 @@ def read_labels(out: str | Path) -> pd.DataFrame:
 def labeled_rows(out: str | Path) -> pd.DataFrame:
     """One row per accepted input row (source, line, normalized) with its label joined on."""
     out = Path(out)
-    return pd.read_parquet(out / "rows.parquet").merge(read_labels(out), on="normalized", how="left", validate="many_to_one")
+    return pd.read_parquet(out / "rows.parquet").merge(
+        read_labels(out), on="normalized", how="left", validate="many_to_one"
+    )

@@ -56,7 +56,9 @@ def parse_where(where: str | None) -> tuple[str, str] | None:
     return col.strip(), value.strip()
 
 
-def read_rows(path: str | Path, column: str = "query", where: str | None = None) -> Iterator[InputRow | tuple[InputRow, str]]:
+def read_rows(
+    path: str | Path, column: str = "query", where: str | None = None
+) -> Iterator[InputRow | tuple[InputRow, str]]:
     """Every data row of the input: an `InputRow`, or (`InputRow`, reason) for one that cannot be read
     (broken JSON, a row without the column). A file without the column at all is an error. `where`
     (`COLUMN=VALUE`) keeps only the rows whose column holds that value (compared as text)."""
@@ -81,7 +83,9 @@ def read_rows(path: str | Path, column: str = "query", where: str | None = None)
                 raise LabelInputError(f"{file}: not readable as CSV: {e}") from None
             for col in [column] + ([cond[0]] if cond else []):
                 if col not in header:
-                    raise LabelInputError(f"{file}: no column {col!r} in the header ({printable(', '.join(header))}); choose one with --column")
+                    raise LabelInputError(
+                        f"{file}: no column {col!r} in the header ({printable(', '.join(header))}); choose one with --column"
+                    )
             for line, rec, error in records:
                 if cond and not (isinstance(rec, dict) and str(rec.get(cond[0])) == cond[1]):
                     continue
@@ -104,10 +108,14 @@ def _parquet_columns(file: Path, column: str, cond: str | None) -> tuple[list[st
     """The file's column names and the values of `column` and `cond` (if the file has them). Text cells are decoded
     one by one with errors="surrogateescape", so a cell a careless writer left not UTF-8 is one bad row, not a bad
     file (`check_query` rejects it)."""
+
     def values(table: pa.Table, name: str) -> list[Any]:
         col = table.column(name)
         if pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_string_view(col.type):
-            return [None if v is None else v.decode("utf-8", "surrogateescape") for v in col.cast(pa.large_binary()).to_pylist()]
+            return [
+                None if v is None else v.decode("utf-8", "surrogateescape")
+                for v in col.cast(pa.large_binary()).to_pylist()
+            ]
         return col.to_pylist()
 
     try:
@@ -156,7 +164,9 @@ class Accounting:
     first_spelling: dict[str, str]  # each distinct normalised query -> its first spelling in the input
 
 
-def account_rows(input_path: str | Path, column: str = "query", where: str | None = None, max_chars: int = MAX_QUERY_CHARS) -> Accounting:
+def account_rows(
+    input_path: str | Path, column: str = "query", where: str | None = None, max_chars: int = MAX_QUERY_CHARS
+) -> Accounting:
     """Read and normalise every row of the input (no model), one row at a time in Python: the definition of what
     `prepare` writes as rows.parquet and rejects.jsonl, kept to hold it to (tests, eval/labeling_prepare.py)."""
     acc = Accounting(0, {"source": [], "line": [], "normalized": []}, [], {})

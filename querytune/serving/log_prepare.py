@@ -34,10 +34,14 @@ def normalize_plain(text: pa.Array, max_chars: int = MAX_QUERY_CHARS) -> tuple[p
     """
     stripped = pc.ascii_trim(text, " ")
     length = pc.binary_length(stripped)
-    plain = pc.and_(pc.and_(pc.string_is_ascii(stripped), pc.invert(pc.match_substring_regex(stripped, r"[\x00-\x1f]|  "))),
-                    pc.and_(pc.greater(length, 0), pc.less_equal(length, max_chars)))
+    plain = pc.and_(
+        pc.and_(pc.string_is_ascii(stripped), pc.invert(pc.match_substring_regex(stripped, r"[\x00-\x1f]|  "))),
+        pc.and_(pc.greater(length, 0), pc.less_equal(length, max_chars)),
+    )
     plain = pc.fill_null(plain, False)
-    return pc.if_else(plain, pc.ascii_lower(stripped), pa.scalar(None, text.type)), pc.if_else(plain, stripped, pa.scalar(None, text.type))
+    return pc.if_else(plain, pc.ascii_lower(stripped), pa.scalar(None, text.type)), pc.if_else(
+        plain, stripped, pa.scalar(None, text.type)
+    )
 
 
 def first_of_each(table: pa.Table) -> pa.Table:
@@ -56,6 +60,7 @@ def _parquet_batches(file: Path, source: str, column: str, cond: tuple[str, str]
     """A Parquet file's rows, `BATCH_ROWS` at a time, read by Arrow (see `input_batches`). Text cells stay bytes until
     `check_query` needs one, decoded with errors="surrogateescape": a cell a careless writer left not UTF-8 is one
     bad row, not a bad file."""
+
     def as_bytes(col: pa.Array) -> pa.Array | None:  # a text column's cells, UTF-8 unchecked; None for another type
         col = col.dictionary_decode() if pa.types.is_dictionary(col.type) else col
         text = pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_string_view(col.type)
@@ -65,14 +70,19 @@ def _parquet_batches(file: Path, source: str, column: str, cond: tuple[str, str]
         return LabelInputError(f"{file}: not a readable Parquet file: {printable(str(e))}")
 
     try:  # pyarrow raises several types for a file that is not (whole) Parquet
-        reader = pq.ParquetFile(file, pre_buffer=False)  # pre-buffering keeps every column chunk read: memory would grow with the file
+        reader = pq.ParquetFile(
+            file, pre_buffer=False
+        )  # pre-buffering keeps every column chunk read: memory would grow with the file
         names = reader.schema_arrow.names
     except Exception as e:
         raise unreadable(e) from None
     for col in [column] + ([cond[0]] if cond else []):
         if col not in names:
             raise LabelInputError(f"{file}: no column {col!r} (columns: {', '.join(names)})")
-    batches, first = reader.iter_batches(batch_size=BATCH_ROWS, columns=list(dict.fromkeys([column] + ([cond[0]] if cond else [])))), 1
+    batches, first = (
+        reader.iter_batches(batch_size=BATCH_ROWS, columns=list(dict.fromkeys([column] + ([cond[0]] if cond else [])))),
+        1,
+    )
     while True:
         try:
             batch = next(batches, None)
@@ -87,12 +97,16 @@ def _parquet_batches(file: Path, source: str, column: str, cond: tuple[str, str]
             if cond_bytes is None:
                 keep = pa.array([str(v) == cond[1] for v in batch.column(cond[0]).to_pylist()], pa.bool_())
             else:
-                keep = pc.fill_null(pc.equal(cond_bytes, pa.scalar(cond[1].encode("utf-8", "surrogateescape"), pa.large_binary())), cond[1] == "None")
+                keep = pc.fill_null(
+                    pc.equal(cond_bytes, pa.scalar(cond[1].encode("utf-8", "surrogateescape"), pa.large_binary())),
+                    cond[1] == "None",
+                )
             line, cells = line.filter(keep), cells.filter(keep)
         raw = as_bytes(cells)
         if raw is None:  # not a text column: every cell is a reject check_query names
             yield source, line, pa.nulls(len(cells), pa.large_string()), lambda i, cells=cells: cells[i].as_py(), {}
         else:
+
             def value(i: int, raw: pa.Array = raw) -> str | None:
                 b = raw[i].as_py()
                 return None if b is None else b.decode("utf-8", "surrogateescape")
@@ -116,8 +130,12 @@ def input_batches(input_path: str | Path, column: str = "query", where: str | No
             rows = [item[0] if isinstance(item, tuple) else item for item in chunk]
             values = [row.text for row in rows]
             errors = {i: item[1] for i, item in enumerate(chunk) if isinstance(item, tuple)}
-            text = pa.array([v if type(v) is str and v.isascii() and i not in errors else None for i, v in enumerate(values)],  # isascii is O(1)
-                            pa.large_string())
+            text = pa.array(
+                [
+                    v if type(v) is str and v.isascii() and i not in errors else None for i, v in enumerate(values)
+                ],  # isascii is O(1)
+                pa.large_string(),
+            )
             yield source, pa.array([row.line for row in rows], pa.int64()), text, values.__getitem__, errors
 
 
@@ -131,7 +149,13 @@ class Prepared:
     distinct: pa.Table  # normalized, query (the first spelling, stripped): in order of first appearance
 
 
-def prepare(input_path: str | Path, out: str | Path, column: str = "query", where: str | None = None, max_chars: int = MAX_QUERY_CHARS) -> Prepared:
+def prepare(
+    input_path: str | Path,
+    out: str | Path,
+    column: str = "query",
+    where: str | None = None,
+    max_chars: int = MAX_QUERY_CHARS,
+) -> Prepared:
     """Read, normalise and deduplicate the input (no model), a batch at a time, and write `out/rows.parquet` and
     `out/rejects.jsonl` (each under a temporary name, renamed when whole): what `account_rows` + `save_accounting`
     give, with memory for the distinct queries only."""
@@ -139,7 +163,10 @@ def prepare(input_path: str | Path, out: str | Path, column: str = "query", wher
     rows_tmp, rejects_tmp = out / ".rows.parquet.tmp", out / ".rejects.jsonl.tmp"
     counts, firsts = [0, 0], []
     try:
-        with pq.ParquetWriter(rows_tmp, ROWS_SCHEMA) as rows_out, open(rejects_tmp, "w", encoding="utf-8") as rejects_out:
+        with (
+            pq.ParquetWriter(rows_tmp, ROWS_SCHEMA) as rows_out,
+            open(rejects_tmp, "w", encoding="utf-8") as rejects_out,
+        ):
             for source, line, text, value, errors in input_batches(input_path, column, where):
                 norm, spelling = normalize_plain(text, max_chars)
                 fixed = []  # (row, normalised, stripped)
@@ -150,7 +177,13 @@ def prepare(input_path: str | Path, out: str | Path, column: str = "query", wher
                         fixed.append((i, norm_i, cell.strip()))
                         continue
                     raw = printable(cell) if isinstance(cell, str) else reprlib.repr(cell)  # as in account_rows
-                    rejects_out.write(json.dumps({"source": source, "line": line[i].as_py(), "reason": reason, "raw": raw}, ensure_ascii=False) + "\n")
+                    rejects_out.write(
+                        json.dumps(
+                            {"source": source, "line": line[i].as_py(), "reason": reason, "raw": raw},
+                            ensure_ascii=False,
+                        )
+                        + "\n"
+                    )
                 if fixed:
                     rows, fixes, stripped = zip(*fixed)
                     mask = np.zeros(len(norm), bool)
@@ -159,9 +192,16 @@ def prepare(input_path: str | Path, out: str | Path, column: str = "query", wher
                     spelling = pc.replace_with_mask(spelling, pa.array(mask), pa.array(stripped, pa.large_string()))
                 keep = pc.is_valid(norm)
                 accepted = norm.filter(keep)
-                rows_out.write_table(pa.table([pa.repeat(pa.scalar(source, pa.large_string()), len(accepted)), line.filter(keep), accepted], schema=ROWS_SCHEMA))
+                rows_out.write_table(
+                    pa.table(
+                        [pa.repeat(pa.scalar(source, pa.large_string()), len(accepted)), line.filter(keep), accepted],
+                        schema=ROWS_SCHEMA,
+                    )
+                )
                 firsts.append(first_of_each(pa.table({"normalized": accepted, "query": spelling.filter(keep)})))
-                if sum(t.num_rows for t in firsts) > 2 * firsts[0].num_rows + BATCH_ROWS:  # memory: a few times the distinct queries
+                if (
+                    sum(t.num_rows for t in firsts) > 2 * firsts[0].num_rows + BATCH_ROWS
+                ):  # memory: a few times the distinct queries
                     firsts = [first_of_each(pa.concat_tables(firsts))]
                 counts[0] += len(line)
                 counts[1] += len(accepted)
@@ -174,5 +214,7 @@ def prepare(input_path: str | Path, out: str | Path, column: str = "query", wher
         rows_tmp.unlink(missing_ok=True)
         rejects_tmp.unlink(missing_ok=True)
     none = pa.array([], pa.large_string())
-    distinct = first_of_each(pa.concat_tables([pa.table({"normalized": none, "query": none}), *firsts]))  # a query recurs across batches
+    distinct = first_of_each(
+        pa.concat_tables([pa.table({"normalized": none, "query": none}), *firsts])
+    )  # a query recurs across batches
     return Prepared(counts[0], counts[1], counts[0] - counts[1], distinct)

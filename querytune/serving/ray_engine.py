@@ -36,7 +36,9 @@ def task_queries(batch_size: int) -> int:
 class _Replica:
     """One model replica: loads the backend once, labels batches of normalised queries."""
 
-    def __init__(self, model_dir: ModelFolder, backend: str, batch_size: int, threads: int, gpus: float, int8: bool = False):
+    def __init__(
+        self, model_dir: ModelFolder, backend: str, batch_size: int, threads: int, gpus: float, int8: bool = False
+    ):
         import torch
 
         from querytune.runtime.backends import load_backend
@@ -58,13 +60,27 @@ class _Replica:
 class RayEngine:
     """`stream(queries, shard_size)` for `querytune.serving.label.label`; `model_version` / `schema_version` like a backend."""
 
-    def __init__(self, model_dir: str | Path, backend: str = "transformers", workers: int = 2, batch_size: int = 32,
-                 threads_per_worker: int = 1, gpus_per_replica: float = 0.0, int8: bool = False):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        backend: str = "transformers",
+        workers: int = 2,
+        batch_size: int = 32,
+        threads_per_worker: int = 1,
+        gpus_per_replica: float = 0.0,
+        int8: bool = False,
+    ):
         import ray
 
         # the folder, read and hashed once here, travels to every replica with its version (pickled, not recomputed)
         self.folder = ModelFolder.open(Path(model_dir).resolve())
-        self.model_dir, self.kind, self.workers, self.batch_size, self.threads = str(self.folder.path), backend, workers, batch_size, threads_per_worker
+        self.model_dir, self.kind, self.workers, self.batch_size, self.threads = (
+            str(self.folder.path),
+            backend,
+            workers,
+            batch_size,
+            threads_per_worker,
+        )
         self.gpus, self.int8 = gpus_per_replica, int8
         self.model_version, self.schema_version = self.folder.version, self.folder.schema.version
         if not ray.is_initialized():
@@ -72,7 +88,9 @@ class RayEngine:
 
             # a local cluster gets logical CPUs for every replica plus one for Ray Data's own tasks (reading, splitting):
             # with only the machine's cores, the replicas can hold them all and the pipeline waits forever
-            local = None if os.environ.get("RAY_ADDRESS") else max(os.cpu_count() or 1, workers * threads_per_worker + 1)
+            local = (
+                None if os.environ.get("RAY_ADDRESS") else max(os.cpu_count() or 1, workers * threads_per_worker + 1)
+            )
             ray.init(num_cpus=local, include_dashboard=False, log_to_driver=False, configure_logging=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
 
@@ -81,16 +99,30 @@ class RayEngine:
         its CPU threads and share of a GPU."""
         import ray
 
-        return {"fn_constructor_kwargs": {"model_dir": self.folder, "backend": self.kind, "batch_size": self.batch_size, "threads": self.threads,
-                                          "gpus": self.gpus, "int8": self.int8},
-                "batch_size": self.batch_size, "batch_format": "numpy", "num_cpus": self.threads, "num_gpus": self.gpus,
-                "compute": ray.data.ActorPoolStrategy(size=self.workers, max_tasks_in_flight_per_actor=TASKS_PER_REPLICA)}
+        return {
+            "fn_constructor_kwargs": {
+                "model_dir": self.folder,
+                "backend": self.kind,
+                "batch_size": self.batch_size,
+                "threads": self.threads,
+                "gpus": self.gpus,
+                "int8": self.int8,
+            },
+            "batch_size": self.batch_size,
+            "batch_format": "numpy",
+            "num_cpus": self.threads,
+            "num_gpus": self.gpus,
+            "compute": ray.data.ActorPoolStrategy(size=self.workers, max_tasks_in_flight_per_actor=TASKS_PER_REPLICA),
+        }
 
     def stream(self, queries: list[str], shard_size: int) -> Iterator[list[dict]]:
         import ray
 
         size = task_queries(self.batch_size)  # one block per task: from_arrow makes a block of each table
-        blocks = [pa.table({"normalized": pa.array(queries[i:i + size], pa.large_string())}) for i in range(0, len(queries), size)]
+        blocks = [
+            pa.table({"normalized": pa.array(queries[i : i + size], pa.large_string())})
+            for i in range(0, len(queries), size)
+        ]
         out = ray.data.from_arrow(blocks).map_batches(_Replica, **self.map_options())
         for batch in out.iter_batches(batch_size=shard_size, batch_format="pandas"):
             rows = batch.to_dict("records")

@@ -43,15 +43,29 @@ from typing import Callable
 import orjson
 from fastapi import Request  # at module level: FastAPI reads the dependency's annotation from here
 
-from querytune.serving.api import ApiError, Batch, BatchResult, ErrorBody, Health, Result  # Batch too: FastAPI reads the body's annotation from here
+from querytune.serving.api import (
+    ApiError,
+    Batch,
+    BatchResult,
+    ErrorBody,
+    Health,
+    Result,
+)  # Batch too: FastAPI reads the body's annotation from here
 from querytune.serving.asgi_gate import AccessLog, Gate
 from querytune.serving.service import PromotionWatcher, Service, Settings
 
 log = logging.getLogger("querytune.serving.serve")
 
 
-def create_app(backend, cache, settings: Settings | None = None, model_version: str | None = None, schema_version: str | None = None,
-               watch: Callable[[Service], PromotionWatcher] | None = None, access: AccessLog | None = None):
+def create_app(
+    backend,
+    cache,
+    settings: Settings | None = None,
+    model_version: str | None = None,
+    schema_version: str | None = None,
+    watch: Callable[[Service], PromotionWatcher] | None = None,
+    access: AccessLog | None = None,
+):
     """The ASGI app. `backend`: a model backend (`querytune.runtime.backends`) or None (every miss gets 503); `cache`: a
     `querytune.serving.cache` store or None; `watch`: builds the promotion watcher (`--model active`); `access`: where the
     access log goes (None: nowhere)."""
@@ -66,7 +80,9 @@ def create_app(backend, cache, settings: Settings | None = None, model_version: 
     from starlette.exceptions import HTTPException
 
     settings = settings or Settings()
-    service = Service(backend, cache, settings, model_version or backend.model_version, schema_version or backend.schema_version)
+    service = Service(
+        backend, cache, settings, model_version or backend.model_version, schema_version or backend.schema_version
+    )
     m = service.m
     watcher = watch(service) if watch else None
 
@@ -90,11 +106,19 @@ def create_app(backend, cache, settings: Settings | None = None, model_version: 
         if access:
             access.flush()
 
-    app = FastAPIOffline(title="querytune", version="1", lifespan=lifespan,
-                         description="Cache-first query understanding: a query in, its intent + slots parse out.")
+    app = FastAPIOffline(
+        title="querytune",
+        version="1",
+        lifespan=lifespan,
+        description="Cache-first query understanding: a query in, its intent + slots parse out.",
+    )
     app.state.service = service
-    errors = {400: "Bad query (empty, too long, control characters, not text) or a malformed body", 401: "Missing or wrong API key",
-              413: "Too many queries or too large a body", 503: "The model backend is down (cached queries still answer)"}
+    errors = {
+        400: "Bad query (empty, too long, control characters, not text) or a malformed body",
+        401: "Missing or wrong API key",
+        413: "Too many queries or too large a body",
+        503: "The model backend is down (cached queries still answer)",
+    }
     responses = {code: {"model": ErrorBody, "description": text} for code, text in errors.items()}
 
     def reply(request: Request, status: int, code: str, message: str, results: list | None = None) -> JSONResponse:
@@ -109,7 +133,9 @@ def create_app(backend, cache, settings: Settings | None = None, model_version: 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
         # the input is never echoed: it may be NaN, 1e999 or a lone surrogate, which JSON cannot carry back
-        where = "; ".join(f"{'.'.join(str(x) for x in err.get('loc', ()))}: {err.get('msg', 'invalid')}" for err in e.errors()[:3])
+        where = "; ".join(
+            f"{'.'.join(str(x) for x in err.get('loc', ()))}: {err.get('msg', 'invalid')}" for err in e.errors()[:3]
+        )
         return reply(request, 400, "bad_query", f"malformed request: {where}")
 
     @app.exception_handler(HTTPException)
@@ -126,7 +152,11 @@ def create_app(backend, cache, settings: Settings | None = None, model_version: 
     bearer = HTTPBearer(auto_error=False, description="The same key as a bearer token")
 
     # the two schemes document the key in the OpenAPI; the check is the hit path's own, on the raw headers
-    async def authorized(request: Request, _key: str | None = Depends(key_header), _token: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+    async def authorized(
+        request: Request,
+        _key: str | None = Depends(key_header),
+        _token: HTTPAuthorizationCredentials | None = Depends(bearer),
+    ) -> None:
         if not service.authorized(dict(reversed(request.scope["headers"]))):
             raise ApiError(401, "auth", "missing or wrong API key (send X-API-Key or Authorization: Bearer)")
 
@@ -136,7 +166,13 @@ def create_app(backend, cache, settings: Settings | None = None, model_version: 
     def timed(endpoint: str, t0: float) -> None:
         m["latency"].labels(endpoint).observe(time.perf_counter() - t0)
 
-    @app.get("/v1/parse", response_model=Result, responses=responses, dependencies=[Depends(authorized)], summary="Parse one query")
+    @app.get(
+        "/v1/parse",
+        response_model=Result,
+        responses=responses,
+        dependencies=[Depends(authorized)],
+        summary="Parse one query",
+    )
     async def parse_one(q: str = Query(..., description="The search-box query.")):
         t0 = time.perf_counter()
         results, status = await service.answer([q])
@@ -145,7 +181,13 @@ def create_app(backend, cache, settings: Settings | None = None, model_version: 
             raise ApiError(status, "model_down", results[0]["error"])
         return ok(results[0])
 
-    @app.post("/v1/parse", response_model=BatchResult, responses=responses, dependencies=[Depends(authorized)], summary="Parse a batch of queries")
+    @app.post(
+        "/v1/parse",
+        response_model=BatchResult,
+        responses=responses,
+        dependencies=[Depends(authorized)],
+        summary="Parse a batch of queries",
+    )
     async def parse_many(batch: Batch):
         t0 = time.perf_counter()
         if not batch.queries:
@@ -155,7 +197,9 @@ def create_app(backend, cache, settings: Settings | None = None, model_version: 
         results, status = await service.answer(batch.queries)
         timed("post", t0)
         if status == 503:
-            raise ApiError(503, "model_down", "the model backend is down; cached queries are answered in `results`", results)
+            raise ApiError(
+                503, "model_down", "the model backend is down; cached queries are answered in `results`", results
+            )
         return ok({"results": results})
 
     @app.get("/healthz", response_model=Health, summary="Liveness and state (no key needed)")
@@ -163,19 +207,32 @@ def create_app(backend, cache, settings: Settings | None = None, model_version: 
         await service.cache.probe()
         cache_health = service.cache.health()
         b = service.backend
-        return {"status": "degraded" if cache_health["state"] == "degraded" else "ok", "model_version": service.model_version,
-                "schema_version": service.schema_version, "backend": getattr(b, "name", "none") if b is not None else "down", "cache": cache_health}
+        return {
+            "status": "degraded" if cache_health["state"] == "degraded" else "ok",
+            "model_version": service.model_version,
+            "schema_version": service.schema_version,
+            "backend": getattr(b, "name", "none") if b is not None else "down",
+            "cache": cache_health,
+        }
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def metrics():
         service.hit_tally.flush()
         registry = service.registry
-        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:  # several workers (`querytune serve` sets it): a scrape sums them all
+        if (
+            "PROMETHEUS_MULTIPROC_DIR" in os.environ
+        ):  # several workers (`querytune serve` sets it): a scrape sums them all
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
         return PlainTextResponse(generate_latest(registry).decode(), media_type="text/plain; version=0.0.4")
 
-    return Gate(app, settings.max_body_bytes, on_refuse=lambda code: m["errors"].labels(code).inc(), access=access, answer=service.hit)
+    return Gate(
+        app,
+        settings.max_body_bytes,
+        on_refuse=lambda code: m["errors"].labels(code).inc(),
+        access=access,
+        answer=service.hit,
+    )
 
 
 def resolve_model(model: str, cache) -> Path:
@@ -184,7 +241,9 @@ def resolve_model(model: str, cache) -> Path:
         return Path(model)
     record = cache.active() if cache is not None else None
     if not record:
-        raise ValueError("--model active: the cache records no promotion (run `querytune cache promote --model DIR` first)")
+        raise ValueError(
+            "--model active: the cache records no promotion (run `querytune cache promote --model DIR` first)"
+        )
     return Path(record["model_dir"])
 
 
@@ -213,7 +272,13 @@ def app_from_env():
         watch = lambda service: PromotionWatcher(service, store, load, o["watch_s"], str(model_dir))  # noqa: E731
     backend = load(model_dir)
     log.warning("worker %d: model %s version %s on %s", os.getpid(), model_dir, backend.model_version, o["backend"])
-    app = create_app(backend, store, Settings(**o["settings"]), watch=watch, access=AccessLog(sys.stderr.fileno()) if o["access_log"] else None)
+    app = create_app(
+        backend,
+        store,
+        Settings(**o["settings"]),
+        watch=watch,
+        access=AccessLog(sys.stderr.fileno()) if o["access_log"] else None,
+    )
     gc.freeze()  # the model's objects live as long as the worker: no collection need walk them again
     return app
 

@@ -52,11 +52,22 @@ def _metrics():
     return reg, {
         "answers": Counter("querytune_answers", "Parsed queries answered, by source", ["source"], registry=reg),
         "errors": Counter("querytune_errors", "Requests refused or failed, by reason", ["reason"], registry=reg),
-        "cache_errors": Counter("querytune_cache_errors", "Cache store reads or writes that failed", ["kind"], registry=reg),
-        "latency": Histogram("querytune_request_seconds", "Request latency", ["endpoint"], registry=reg,
-                             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)),
-        "batch": Histogram("querytune_miss_batch_size", "Distinct queries per backend call", registry=reg,
-                           buckets=(1, 2, 4, 8, 16, 32, 64)),
+        "cache_errors": Counter(
+            "querytune_cache_errors", "Cache store reads or writes that failed", ["kind"], registry=reg
+        ),
+        "latency": Histogram(
+            "querytune_request_seconds",
+            "Request latency",
+            ["endpoint"],
+            registry=reg,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        ),
+        "batch": Histogram(
+            "querytune_miss_batch_size",
+            "Distinct queries per backend call",
+            registry=reg,
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+        ),
     }
 
 
@@ -94,10 +105,20 @@ class Service:
         self.backend, self.settings = backend, settings
         self.model_version, self.schema_version = model_version, schema_version
         self.registry, self.m = _metrics()
-        self.cache = ServingCache(cache_store, schema_version, settings.local_cache_entries, settings.lookup_timeout_s,
-                                  on_error=lambda kind: self.m["cache_errors"].labels(kind).inc())
-        self.batcher = MissBatcher(backend, settings.batch_window_ms, settings.max_miss_batch, on_batch=self.m["batch"].observe,
-                                   on_results=self.write_answers)
+        self.cache = ServingCache(
+            cache_store,
+            schema_version,
+            settings.local_cache_entries,
+            settings.lookup_timeout_s,
+            on_error=lambda kind: self.m["cache_errors"].labels(kind).inc(),
+        )
+        self.batcher = MissBatcher(
+            backend,
+            settings.batch_window_ms,
+            settings.max_miss_batch,
+            on_batch=self.m["batch"].observe,
+            on_results=self.write_answers,
+        )
         self.calls: set[asyncio.Task] = set()  # `aparse` calls in flight (they outlive a request past its deadline)
         self.fallback_lock = threading.Lock()
         self.key = (settings.api_key or "").encode()
@@ -137,7 +158,10 @@ class Service:
         if e is None:
             return None
         # latency_ms is the body's last key: all before it is the entry's, written once
-        known = [orjson.dumps(result(raw, norm, "cache", e.parse, e.valid, e.model_version))[:-len(b"0.0}")], self.model_version]
+        known = [
+            orjson.dumps(result(raw, norm, "cache", e.parse, e.valid, e.model_version))[: -len(b"0.0}")],
+            self.model_version,
+        ]
         if len(self.queries) >= self.settings.local_cache_entries:
             self.queries.clear()
         self.queries[qs] = known
@@ -211,8 +235,13 @@ class Service:
                 continue
             fut = waits[n]
             if fut.cancelled():
-                results[i] = result(raw[i], n, "fallback", model_version=version,
-                                    error=f"no model answer within {s.miss_deadline_s:g} s: search the raw text; queued for offline labeling")
+                results[i] = result(
+                    raw[i],
+                    n,
+                    "fallback",
+                    model_version=version,
+                    error=f"no model answer within {s.miss_deadline_s:g} s: search the raw text; queued for offline labeling",
+                )
                 fallbacks.append(n)
             elif fut.exception() is not None:
                 status = 503
@@ -232,7 +261,9 @@ class PromotionWatcher:
     """With `--model active`: polls the cache's promotion record and swaps the served model when it changes (a
     promotion or a rollback), loading the new one on a thread while the old one keeps answering."""
 
-    def __init__(self, service: Service, store, load: Callable[[Path], Any], every_s: float, current_dir: str | None = None):
+    def __init__(
+        self, service: Service, store, load: Callable[[Path], Any], every_s: float, current_dir: str | None = None
+    ):
         self.service, self.store, self.load, self.every_s = service, store, load, every_s
         self.current = current_dir
         self.task: asyncio.Task | None = None
@@ -257,7 +288,9 @@ class PromotionWatcher:
         try:
             backend = await loop.run_in_executor(None, self.load, Path(record["model_dir"]))
         except Exception as e:  # noqa: BLE001 - a bad promotion must not take the server down
-            log.error("promoted model %s could not be loaded, still serving %s: %s", record["model_dir"], self.current, e)
+            log.error(
+                "promoted model %s could not be loaded, still serving %s: %s", record["model_dir"], self.current, e
+            )
             self.current = record["model_dir"]  # do not retry it every poll; the next promotion is tried
             return False
         self.service.swap(backend)

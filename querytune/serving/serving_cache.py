@@ -85,8 +85,17 @@ class LocalCopy:
 
 
 class ServingCache:
-    def __init__(self, store, schema_version: str, local_entries: int = 20000, lookup_timeout_s: float = 0.25,
-                 failures_to_open: int = 3, open_s: float = 5.0, degraded_s: float = 60.0, on_error: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        store,
+        schema_version: str,
+        local_entries: int = 20000,
+        lookup_timeout_s: float = 0.25,
+        failures_to_open: int = 3,
+        open_s: float = 5.0,
+        degraded_s: float = 60.0,
+        on_error: Callable[[str], None] | None = None,
+    ):
         self.store, self.schema_version = store, schema_version
         self.local = LocalCopy(local_entries)
         self.lookup_timeout_s, self.open_s, self.degraded_s = lookup_timeout_s, open_s, degraded_s
@@ -164,8 +173,14 @@ class ServingCache:
             return {"state": "none", "local_entries": len(self.local)}
         recent = self.last_error is not None and time.monotonic() - self.last_error[0] < self.degraded_s
         degraded = recent or self.reads.state == "open" or self.writes.state == "open"
-        out = {"state": "degraded" if degraded else "ok", "reads": self.reads.state, "writes": self.writes.state,
-               "errors": dict(self.errors), "skipped_writes": self.skipped_writes, "local_entries": len(self.local)}
+        out = {
+            "state": "degraded" if degraded else "ok",
+            "reads": self.reads.state,
+            "writes": self.writes.state,
+            "errors": dict(self.errors),
+            "skipped_writes": self.skipped_writes,
+            "local_entries": len(self.local),
+        }
         if recent:
             out["last_error"] = f"{self.last_error[1]}: {self.last_error[2]}"
         return out

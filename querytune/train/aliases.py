@@ -23,14 +23,16 @@ from querytune.schema import WORD, Schema, normalize_text
 
 def ngrams(text: str, longest: int = 3) -> set[str]:
     words = WORD.findall(normalize_text(text))
-    return {" ".join(words[i:i + n]) for n in range(1, longest + 1) for i in range(len(words) - n + 1)}
+    return {" ".join(words[i : i + n]) for n in range(1, longest + 1) for i in range(len(words) - n + 1)}
 
 
 def _inside(short: str, long: str) -> bool:
     return short != long and f" {short} " in f" {long} "
 
 
-def mine_aliases(rows: list[LabeledRow], schema: Schema, min_rows: int = 2, min_precision: float = 0.8) -> dict[str, dict[str, dict[str, Any]]]:
+def mine_aliases(
+    rows: list[LabeledRow], schema: Schema, min_rows: int = 2, min_precision: float = 0.8
+) -> dict[str, dict[str, dict[str, Any]]]:
     """{slot: {alias: {"value", "rows", "precision"}}} supported by `rows` (see the module docstring).
 
     >>> from querytune.schema_file import schema_from_dict
@@ -41,7 +43,9 @@ def mine_aliases(rows: list[LabeledRow], schema: Schema, min_rows: int = 2, min_
     >>> mine_aliases([LabeledRow(t, t, "find", {"hood": v}) for t, v in pairs], s)  # "ea": once; "downtown": either
     {'hood': {'soco': {'value': 'south congress', 'rows': 3, 'precision': 1.0}}}
     """
-    forms = {normalize_text(f) for s in schema.slots.values() if s.type == "categorical" for f in [*s.values, *s.aliases]}
+    forms = {
+        normalize_text(f) for s in schema.slots.values() if s.type == "categorical" for f in [*s.values, *s.aliases]
+    }
     grams = [ngrams(r.text) for r in rows]
     candidates = set()  # (slot, value, n-gram) seen where the label holds a value its text does not write
     for r, gs in zip(rows, grams):
@@ -51,11 +55,20 @@ def mine_aliases(rows: list[LabeledRow], schema: Schema, min_rows: int = 2, min_
                 candidates |= {(name, value, g) for g in gs if g not in forms and g not in slot.aliases}
     wanted = {g for _, _, g in candidates}
     holds = Counter(g for gs in grams for g in gs & wanted)
-    both = Counter((name, value, g) for r, gs in zip(rows, grams) for name, value in r.slots.items()
-                   for g in gs & wanted if (name, value, g) in candidates)
-    accepted = {(name, g): (value, n) for (name, value, g), n in both.items() if n >= min_rows and n / holds[g] >= min_precision}
+    both = Counter(
+        (name, value, g)
+        for r, gs in zip(rows, grams)
+        for name, value in r.slots.items()
+        for g in gs & wanted
+        if (name, value, g) in candidates
+    )
+    accepted = {
+        (name, g): (value, n) for (name, value, g), n in both.items() if n >= min_rows and n / holds[g] >= min_precision
+    }
     mined: dict[str, dict[str, dict[str, Any]]] = {}
-    for (name, g), (value, n) in sorted(accepted.items(), key=lambda kv: (-len(kv[0][1].split()), kv[0])):  # longest first
+    for (name, g), (value, n) in sorted(
+        accepted.items(), key=lambda kv: (-len(kv[0][1].split()), kv[0])
+    ):  # longest first
         same = [(h, m) for (other, h), (v, m) in accepted.items() if other == name and v == value]
         if any(_inside(g, h) and m == n for h, m in same):
             continue  # only ever seen inside a longer alias ("k" of "k town"): that one stands for the value

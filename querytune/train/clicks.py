@@ -91,7 +91,9 @@ def estimate_propensity(log: pd.DataFrame, min_clicks: int = MIN_RANDOM_CLICKS) 
                 n[i] += 1
                 k[i] += b in clicked
     if k.sum() < min_clicks or np.count_nonzero(n) < 2:
-        return Propensity(DEFAULT_ETA, f"default ({int(k.sum())} clicks on {int(n.sum())} randomised impressions, need {min_clicks})")
+        return Propensity(
+            DEFAULT_ETA, f"default ({int(k.sum())} clicks on {int(n.sum())} randomised impressions, need {min_clicks})"
+        )
     return Propensity(fit_eta(n, k), f"randomised impressions ({int(k.sum())} clicks on {int(n.sum())})")
 
 
@@ -116,7 +118,9 @@ def spread(n: int, cap: int) -> list[int]:
     return list(range(n)) if n <= cap else [(2 * j + 1) * n // (2 * cap) for j in range(cap)]
 
 
-def contexts_by_text(log: pd.DataFrame, propensity: Propensity | None = None, cap: int = MAX_CONTEXTS) -> dict[str, list[dict[str, Any]]]:
+def contexts_by_text(
+    log: pd.DataFrame, propensity: Propensity | None = None, cap: int = MAX_CONTEXTS
+) -> dict[str, list[dict[str, Any]]]:
     """Text key -> its contexts, up to `cap` logged rows spread over time (`spread`), each
     `{"user_city", "timestamp" (ISO), "gains"}` with the debiased gains of the text in that city. Only rows whose
     city has a click for the text are contexts (elsewhere no parse can score). `log` holds `key` (the
@@ -132,6 +136,8 @@ def contexts_by_text(log: pd.DataFrame, propensity: Propensity | None = None, ca
     out = {}
     for key, rs in rows.items():
         rs.sort(key=lambda r: r[0])  # stable: rows at one time keep log order
-        out[key] = [{"user_city": city, "timestamp": ts.isoformat(), "gains": gains[key, city]}
-                    for ts, city in (rs[i] for i in spread(len(rs), cap))]
+        out[key] = [
+            {"user_city": city, "timestamp": ts.isoformat(), "gains": gains[key, city]}
+            for ts, city in (rs[i] for i in spread(len(rs), cap))
+        ]
     return out

@@ -70,8 +70,9 @@ PRESETS: dict[str, DPORecipe] = {
 }
 
 
-def sampled_pairs(recipe: DPORecipe, init: Path, world: Path, index: Path, out: Path, seed: int, shuffle_clicks: bool,
-                  say=print) -> dict[str, Any]:
+def sampled_pairs(
+    recipe: DPORecipe, init: Path, world: Path, index: Path, out: Path, seed: int, shuffle_clicks: bool, say=print
+) -> dict[str, Any]:
     """Parse, explore and score early-log texts; write OUT/pairs.parquet and OUT/candidates.parquet; the counts."""
     from querytune.train.pairs import build_pairs, scored_candidates
     from querytune.train.reward import retrieval_reward
@@ -83,20 +84,44 @@ def sampled_pairs(recipe: DPORecipe, init: Path, world: Path, index: Path, out: 
         raise ValueError(f"{world}: no clicked queries in the early log outside the seed set")
     how = {"beam": "beams", "branch": "rivals (branch)"}.get(recipe.explore_with, "samples")
     say(f"DPO: {len(targets):,} logged queries, {recipe.k} {how} per explored query, from {init}")
-    candidates, confidence = sample_candidates(init, targets, recipe.k, recipe.temperature, seed, say=say, reward=reward,
-                                               explore_below=recipe.explore_below, explore_confidence=recipe.explore_confidence,
-                                               explore_with=recipe.explore_with, constrained=recipe.constrained)
+    candidates, confidence = sample_candidates(
+        init,
+        targets,
+        recipe.k,
+        recipe.temperature,
+        seed,
+        say=say,
+        reward=reward,
+        explore_below=recipe.explore_below,
+        explore_confidence=recipe.explore_confidence,
+        explore_with=recipe.explore_with,
+        constrained=recipe.constrained,
+    )
     pairs = build_pairs(targets, candidates, reward, recipe.min_gap, recipe.pairs_per_query, schema=schema)
     pairs.to_parquet(out / "pairs.parquet", index=False)
     scored_candidates(targets, candidates, reward, confidence).to_parquet(out / "candidates.parquet", index=False)
-    stats = {"queries": len(targets), "candidates": sum(len(set(c)) for c in candidates),
-             "queries_with_pairs": int(pairs["query"].nunique()) if len(pairs) else 0, "searches": reward.search_calls}
-    say(f"{len(pairs):,} pairs from {stats['queries_with_pairs']:,} queries (gap >= {recipe.min_gap}); {out / 'pairs.parquet'}")
+    stats = {
+        "queries": len(targets),
+        "candidates": sum(len(set(c)) for c in candidates),
+        "queries_with_pairs": int(pairs["query"].nunique()) if len(pairs) else 0,
+        "searches": reward.search_calls,
+    }
+    say(
+        f"{len(pairs):,} pairs from {stats['queries_with_pairs']:,} queries (gap >= {recipe.min_gap}); {out / 'pairs.parquet'}"
+    )
     return stats
 
 
-def train_dpo(pairs: pd.DataFrame, init: Path, out: Path, recipe: DPORecipe, seed: int = 0, say=print,
-              resume: bool = False, report_to: str = "none") -> dict[str, Any]:
+def train_dpo(
+    pairs: pd.DataFrame,
+    init: Path,
+    out: Path,
+    recipe: DPORecipe,
+    seed: int = 0,
+    say=print,
+    resume: bool = False,
+    report_to: str = "none",
+) -> dict[str, Any]:
     import torch
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
@@ -104,34 +129,89 @@ def train_dpo(pairs: pd.DataFrame, init: Path, out: Path, recipe: DPORecipe, see
     torch.manual_seed(seed)
     tokenizer, model, lora, meta, schema = policy(init, recipe.lora_r, recipe.lora_alpha)
     fmt = formats.folder_format(meta)
-    data = Dataset.from_list([{"prompt": formats.prompt(fmt, schema, tokenizer, q), "chosen": in_format(schema, fmt, c),
-                               "rejected": in_format(schema, fmt, r)} for q, c, r in zip(pairs["query"], pairs["chosen"], pairs["rejected"])])
-    longest = max(len(tokenizer(p + max(c, r, key=len)).input_ids) for p, c, r in zip(data["prompt"], data["chosen"], data["rejected"]))
+    data = Dataset.from_list(
+        [
+            {
+                "prompt": formats.prompt(fmt, schema, tokenizer, q),
+                "chosen": in_format(schema, fmt, c),
+                "rejected": in_format(schema, fmt, r),
+            }
+            for q, c, r in zip(pairs["query"], pairs["chosen"], pairs["rejected"])
+        ]
+    )
+    longest = max(
+        len(tokenizer(p + max(c, r, key=len)).input_ids)
+        for p, c, r in zip(data["prompt"], data["chosen"], data["rejected"])
+    )
     last = start_or_resume(out, resume, say)
-    log = StepLog(out / "steps.jsonl", say, recipe.max_minutes,
-                  extra={"margin": "rewards/margins", "accuracy": "rewards/accuracies", "logp_chosen": "logps/chosen",
-                         "logp_rejected": "logps/rejected"})
+    log = StepLog(
+        out / "steps.jsonl",
+        say,
+        recipe.max_minutes,
+        extra={
+            "margin": "rewards/margins",
+            "accuracy": "rewards/accuracies",
+            "logp_chosen": "logps/chosen",
+            "logp_rejected": "logps/rejected",
+        },
+    )
     args = DPOConfig(
-        **checkpoint_args(out, recipe.save_steps), max_steps=recipe.max_steps, num_train_epochs=recipe.epochs,
-        per_device_train_batch_size=recipe.batch_size, learning_rate=recipe.lr, lr_scheduler_type="cosine",
-        warmup_steps=recipe.warmup_steps, beta=recipe.beta, max_length=longest + 2, logging_steps=1,
+        **checkpoint_args(out, recipe.save_steps),
+        max_steps=recipe.max_steps,
+        num_train_epochs=recipe.epochs,
+        per_device_train_batch_size=recipe.batch_size,
+        learning_rate=recipe.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=recipe.warmup_steps,
+        beta=recipe.beta,
+        max_length=longest + 2,
+        logging_steps=1,
         # DPO plus a likelihood term on the chosen parse (RPO): keeps the chosen parses likely, not only relatively
         loss_type=[recipe.loss_type, "sft"] if recipe.sft_weight else [recipe.loss_type],
         loss_weights=[1.0, recipe.sft_weight] if recipe.sft_weight else None,
-        **report_args(out, report_to), seed=seed, use_cpu=not torch.cuda.is_available(), bf16=recipe.bf16,
-        disable_tqdm=True, dataloader_num_workers=0,
+        **report_args(out, report_to),
+        seed=seed,
+        use_cpu=not torch.cuda.is_available(),
+        bf16=recipe.bf16,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
     )
-    trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=lora,
-                         callbacks=[log.callback])
+    trainer = DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer,
+        peft_config=lora,
+        callbacks=[log.callback],
+    )
     result, seconds, steps = train_and_save(trainer, tokenizer, init, out, schema, meta, "dpo", recipe, last)
-    return {"stage": "dpo", "init": str(init), "pairs": len(pairs), "steps": result.global_step, "train_seconds": round(seconds, 1),
-            "seconds_per_step": round(seconds / max(1, result.global_step), 2), "final_loss": steps[-1]["loss"] if steps else None,
-            "margin_start": steps[0].get("margin") if steps else None, "margin_end": steps[-1].get("margin") if steps else None}
+    return {
+        "stage": "dpo",
+        "init": str(init),
+        "pairs": len(pairs),
+        "steps": result.global_step,
+        "train_seconds": round(seconds, 1),
+        "seconds_per_step": round(seconds / max(1, result.global_step), 2),
+        "final_loss": steps[-1]["loss"] if steps else None,
+        "margin_start": steps[0].get("margin") if steps else None,
+        "margin_end": steps[-1].get("margin") if steps else None,
+    }
 
 
-def run_dpo(recipe: DPORecipe, init: Path, world: Path, index: Path, out: Path, pairs_file: Path | None = None,
-            edits_from: Path | None = None, shuffle_clicks: bool = False, seed: int = 0, say=print, resume: bool = False,
-            report_to: str = "none") -> dict[str, Any]:
+def run_dpo(
+    recipe: DPORecipe,
+    init: Path,
+    world: Path,
+    index: Path,
+    out: Path,
+    pairs_file: Path | None = None,
+    edits_from: Path | None = None,
+    shuffle_clicks: bool = False,
+    seed: int = 0,
+    say=print,
+    resume: bool = False,
+    report_to: str = "none",
+) -> dict[str, Any]:
     """Pairs (from `pairs_file`, the miner's edits in `edits_from`, or sampled), then DPO; the summary."""
     from querytune.runtime.model import ModelFolder
     from querytune.train.pairs import edit_pairs, load_pairs

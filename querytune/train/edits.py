@@ -26,8 +26,11 @@ from querytune.train.pair_rules import CORE_FILTERS
 from querytune.train.reward import NameBook, name_slots
 
 KINDS = ("what", "swap", "add", "name")
-STOP = frozenset("a an and are around at by can close do find for from get i in is it me my near nearby of on or "
-                 "place places please some that the this to where with".split())
+STOP = frozenset(
+    "a an and are around at by can close do find for from get i in is it me my near nearby of on or "
+    "place places please some that the this to where with".split()
+)
+
 
 @dataclass(frozen=True)
 class Edit:
@@ -48,7 +51,11 @@ class Edit:
     def apply(self, parse: dict[str, Any], schema: Schema) -> dict[str, Any] | None:
         """The parse with this edit made (canonical), or None where the schema refuses the result."""
         if self.kind == "name":
-            keep = {k: v for k, v in parse["slots"].items() if k in schema.slots and schema.slots[k].filter in ("city", "neighborhood")}
+            keep = {
+                k: v
+                for k, v in parse["slots"].items()
+                if k in schema.slots and schema.slots[k].filter in ("city", "neighborhood")
+            }
             obj = {"intent": self.intent, "slots": {self.slot: self.new, **keep}}
         else:
             slots = {k: v for k, v in parse["slots"].items() if k != self.slot}
@@ -73,7 +80,9 @@ class EditProposer:
     and the embedder; `seed_rows` (labeled rows: `intent`, `slots`) say which intent holds a business name and which
     numbers a number filter takes."""
 
-    def __init__(self, schema: Schema, searcher, seed_rows: list[dict[str, Any]], near: int = 2, min_similarity: float = 0.5):
+    def __init__(
+        self, schema: Schema, searcher, seed_rows: list[dict[str, Any]], near: int = 2, min_similarity: float = 0.5
+    ):
         self.schema, self.near, self.min_similarity = schema, near, min_similarity
         slots = schema.slots.values()
         self.what = [s for s in slots if s.filter == "what" and s.type == "categorical"]
@@ -82,13 +91,27 @@ class EditProposer:
         self.names = name_slots(schema)
         by_intent = Counter(r["intent"] for r in seed_rows if any(n in r["slots"] for n in self.names))
         self.name_intent = by_intent.most_common(1)[0][0] if by_intent else None
-        numbers = {s.name: Counter(r["slots"][s.name] for r in seed_rows if s.name in r["slots"]) for s in self.filters if s.type == "number"}
-        self.values = {s.name: (list(s.values) if s.type == "categorical" else [True] if s.type == "boolean"
-                                else [v for v, _ in numbers.get(s.name, Counter()).most_common(2)]) for s in self.filters}
+        numbers = {
+            s.name: Counter(r["slots"][s.name] for r in seed_rows if s.name in r["slots"])
+            for s in self.filters
+            if s.type == "number"
+        }
+        self.values = {
+            s.name: (
+                list(s.values)
+                if s.type == "categorical"
+                else [True]
+                if s.type == "boolean"
+                else [v for v, _ in numbers.get(s.name, Counter()).most_common(2)]
+            )
+            for s in self.filters
+        }
         catalog = getattr(searcher, "catalog", None)
         self.book = NameBook(catalog["name"]) if catalog is not None and "name" in catalog else None
         self.embedder = getattr(searcher, "embedder", None)
-        options = [(s.name, v) for s in self.what for v in s.values] + [(s.name, v) for s in self.filters for v in self.values[s.name]]
+        options = [(s.name, v) for s in self.what for v in s.values] + [
+            (s.name, v) for s in self.filters for v in self.values[s.name]
+        ]
         self._options = options
         self._option_vecs = self._embed([self._describe(slot, v) for slot, v in options]) if options else None
 
@@ -132,11 +155,16 @@ class EditProposer:
                 near[g] = [self._options[i] for i in top]
         out = []
         for text, parse, fs in zip(texts, greedy, free):
-            out.append(self._edits(text, parse, fs, near) if parse and parse["intent"] in self.schema.intents
-                       and self.schema.intents[parse["intent"]].slots != () else [])
+            out.append(
+                self._edits(text, parse, fs, near)
+                if parse and parse["intent"] in self.schema.intents and self.schema.intents[parse["intent"]].slots != ()
+                else []
+            )
         return out
 
-    def _edits(self, text: str, parse: dict[str, Any], free: list[str], near: dict[str, list[tuple[str, Any]]]) -> list[Edit]:
+    def _edits(
+        self, text: str, parse: dict[str, Any], free: list[str], near: dict[str, list[tuple[str, Any]]]
+    ) -> list[Edit]:
         slots, edits = parse["slots"], {}
 
         def add(edit: Edit) -> None:

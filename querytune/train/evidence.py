@@ -39,8 +39,30 @@ from querytune.train.edits import Edit, EditProposer
 from querytune.train.reward import condensed_ndcg
 
 # old and new are JSON cells ("null": absent), so a table read back from CSV keys edits as they were written
-TABLE_COLUMNS = ["kind", "trigger", "slot", "old", "new", "route", "text", "proposed", "texts", "contexts", "effect", "low",
-                 "high", "p", "screened", "confirm_texts", "confirm_effect", "confirm_low", "confirm_high", "confirm_p", "q", "accepted"]
+TABLE_COLUMNS = [
+    "kind",
+    "trigger",
+    "slot",
+    "old",
+    "new",
+    "route",
+    "text",
+    "proposed",
+    "texts",
+    "contexts",
+    "effect",
+    "low",
+    "high",
+    "p",
+    "screened",
+    "confirm_texts",
+    "confirm_effect",
+    "confirm_low",
+    "confirm_high",
+    "confirm_p",
+    "q",
+    "accepted",
+]
 
 
 def supported_diffs(reward, base, edited, contexts: list[dict[str, Any]], abstain: bool = True) -> list[float]:
@@ -76,16 +98,41 @@ class EditMiner(EditProposer):
     """Proposes (`EditProposer`), scores and decides single-slot edits (module doc). `reward` is a `RetrievalReward`
     (its searcher runs the searches and embeds n-grams)."""
 
-    def __init__(self, schema: Schema, reward, seed_rows: list[dict[str, Any]], near: int = 2, min_similarity: float = 0.5,
-                 alpha: float = 0.05, min_effect: float = 0.0, min_texts: int = 3, text_margin: float = 0.3,
-                 text_contexts: int = 0, pool: bool = True, abstain: bool = True, screen_p: float = 0.05):
+    def __init__(
+        self,
+        schema: Schema,
+        reward,
+        seed_rows: list[dict[str, Any]],
+        near: int = 2,
+        min_similarity: float = 0.5,
+        alpha: float = 0.05,
+        min_effect: float = 0.0,
+        min_texts: int = 3,
+        text_margin: float = 0.3,
+        text_contexts: int = 0,
+        pool: bool = True,
+        abstain: bool = True,
+        screen_p: float = 0.05,
+    ):
         super().__init__(schema, reward.searcher, seed_rows, near, min_similarity)
         self.reward, self.alpha, self.min_effect, self.min_texts = reward, alpha, min_effect, min_texts
-        self.text_margin, self.text_contexts, self.pool, self.abstain, self.screen_p = text_margin, text_contexts, pool, abstain, screen_p
+        self.text_margin, self.text_contexts, self.pool, self.abstain, self.screen_p = (
+            text_margin,
+            text_contexts,
+            pool,
+            abstain,
+            screen_p,
+        )
 
     # -- evidence ------------------------------------------------------------------------------------------
-    def evidence(self, texts: list[str], greedy: list[dict[str, Any] | None], proposals: list[list[Edit]],
-                 targets: dict[str, dict[str, Any]], progress=None) -> list[TextEvidence]:
+    def evidence(
+        self,
+        texts: list[str],
+        greedy: list[dict[str, Any] | None],
+        proposals: list[list[Edit]],
+        targets: dict[str, dict[str, Any]],
+        progress=None,
+    ) -> list[TextEvidence]:
         """Each proposed edit of each text with clicks, scored against the greedy parse in the text's contexts."""
         out = []
         for i, (text, parse, edits) in enumerate(zip(texts, greedy, proposals)):
@@ -96,7 +143,14 @@ class EditMiner(EditProposer):
                 for edit in edits:
                     edited = edit.apply(parse, self.schema)
                     if edited is not None:
-                        out.append(TextEvidence(i, edit, supported_diffs(self.reward, base, self.schema.parse(edited), contexts, self.abstain), len(contexts)))
+                        out.append(
+                            TextEvidence(
+                                i,
+                                edit,
+                                supported_diffs(self.reward, base, self.schema.parse(edited), contexts, self.abstain),
+                                len(contexts),
+                            )
+                        )
             if progress:
                 progress(1)
         return out
@@ -115,14 +169,29 @@ class EditMiner(EditProposer):
         out = {}
         for key, evs in by_key.items():
             effects = np.array([ev.effect for ev in evs])
-            stats = {"edit": evs[0].edit, "texts": len(evs), "contexts": sum(len(ev.diffs) for ev in evs), "effect": round(float(effects.mean()), 4),
-                     "low": None, "high": None, "p": None}
+            stats = {
+                "edit": evs[0].edit,
+                "texts": len(evs),
+                "contexts": sum(len(ev.diffs) for ev in evs),
+                "effect": round(float(effects.mean()), 4),
+                "low": None,
+                "high": None,
+                "p": None,
+            }
             if len(evs) >= self.min_texts:
                 if np.ptp(effects) == 0:
-                    stats |= {"p": 0.5 ** len(effects) if effects[0] > 0 else 1.0, "low": round(float(effects[0]), 4), "high": round(float(effects[0]), 4)}
+                    stats |= {
+                        "p": 0.5 ** len(effects) if effects[0] > 0 else 1.0,
+                        "low": round(float(effects[0]), 4),
+                        "high": round(float(effects[0]), 4),
+                    }
                 else:
                     ci = ttest_1samp(effects, 0.0).confidence_interval(0.95)
-                    stats |= {"p": float(ttest_1samp(effects, 0.0, alternative="greater").pvalue), "low": round(float(ci.low), 4), "high": round(float(ci.high), 4)}
+                    stats |= {
+                        "p": float(ttest_1samp(effects, 0.0, alternative="greater").pvalue),
+                        "low": round(float(ci.low), 4),
+                        "high": round(float(ci.high), 4),
+                    }
             out[key] = stats
         return out
 
@@ -132,10 +201,19 @@ class EditMiner(EditProposer):
         return self._screen(self._pooled(found))
 
     def _screen(self, pooled: dict[tuple, dict[str, Any]]) -> set[tuple]:
-        return {k for k, st in pooled.items() if st["p"] is not None and st["p"] <= self.screen_p and st["effect"] > 0} if self.pool else set()
+        return (
+            {k for k, st in pooled.items() if st["p"] is not None and st["p"] <= self.screen_p and st["effect"] > 0}
+            if self.pool
+            else set()
+        )
 
-    def decide(self, found: list[TextEvidence], proposals: list[list[Edit]], texts: list[str],
-               confirmation: list[TextEvidence] | None = None) -> pd.DataFrame:
+    def decide(
+        self,
+        found: list[TextEvidence],
+        proposals: list[list[Edit]],
+        texts: list[str],
+        confirmation: list[TextEvidence] | None = None,
+    ) -> pd.DataFrame:
         """The edit table (`TABLE_COLUMNS`): one pooled row per edit scored on these texts, plus one row per edit
         accepted for a single text (`route` "text"); `accepted` says which apply. Without `confirmation`, the
         pooled tests of every edit go through Benjamini-Hochberg at `alpha` together. With it (the evidence of the
@@ -160,7 +238,9 @@ class EditMiner(EditProposer):
         if tested:
             for r, q in zip(tested, false_discovery_control([r[column] for r in tested], method="bh")):
                 r["q"] = round(float(q), 5)
-                r["accepted"] = bool(q <= self.alpha and r["confirm_effect" if confirmation is not None else "effect"] > self.min_effect)
+                r["accepted"] = bool(
+                    q <= self.alpha and r["confirm_effect" if confirmation is not None else "effect"] > self.min_effect
+                )
         accepted = {(r["kind"], r["trigger"], r["slot"], r["old"], r["new"]) for r in rows if r["accepted"]}
         for ev in found:  # one text alone: a large margin in several supported contexts (text_contexts 0: never)
             if ev.edit.key in accepted or ev.effect is None:
@@ -174,24 +254,48 @@ class EditMiner(EditProposer):
                 row["accepted"] = True
                 rows.append(row)
         table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
-        return table.sort_values(["accepted", "route", "effect"], ascending=[False, True, False], kind="stable").reset_index(drop=True)
+        return table.sort_values(
+            ["accepted", "route", "effect"], ascending=[False, True, False], kind="stable"
+        ).reset_index(drop=True)
 
     @staticmethod
     def _row(edit: Edit, route: str, text: str, proposed: int, n: int, contexts: int, effect: float) -> dict[str, Any]:
-        return {"kind": edit.kind, "trigger": edit.trigger, "slot": edit.slot, "old": edit.key[3], "new": edit.key[4], "route": route,
-                "text": text, "proposed": proposed, "texts": n, "contexts": contexts, "effect": round(float(effect), 4),
-                "low": None, "high": None, "p": None, "screened": False, "confirm_texts": None, "confirm_effect": None, "confirm_low": None,
-                "confirm_high": None, "confirm_p": None, "q": None, "accepted": False}
+        return {
+            "kind": edit.kind,
+            "trigger": edit.trigger,
+            "slot": edit.slot,
+            "old": edit.key[3],
+            "new": edit.key[4],
+            "route": route,
+            "text": text,
+            "proposed": proposed,
+            "texts": n,
+            "contexts": contexts,
+            "effect": round(float(effect), 4),
+            "low": None,
+            "high": None,
+            "p": None,
+            "screened": False,
+            "confirm_texts": None,
+            "confirm_effect": None,
+            "confirm_low": None,
+            "confirm_high": None,
+            "confirm_p": None,
+            "q": None,
+            "accepted": False,
+        }
 
-    def mine(self, texts: list[str], greedy: list[dict[str, Any] | None], targets: dict[str, dict[str, Any]],
-             progress=None) -> tuple[pd.DataFrame, list[list[Edit]]]:
+    def mine(
+        self, texts: list[str], greedy: list[dict[str, Any] | None], targets: dict[str, dict[str, Any]], progress=None
+    ) -> tuple[pd.DataFrame, list[list[Edit]]]:
         """Propose, score and decide (module doc): the edit table and every text's proposals."""
         proposals = self.propose(texts, greedy)
         return self.decide(self.evidence(texts, greedy, proposals, targets, progress), proposals, texts), proposals
 
     # -- relabeling ----------------------------------------------------------------------------------------
-    def apply(self, texts: list[str], greedy: list[dict[str, Any] | None], proposals: list[list[Edit]],
-              table: pd.DataFrame) -> list[tuple[dict[str, Any] | None, list[Edit]]]:
+    def apply(
+        self, texts: list[str], greedy: list[dict[str, Any] | None], proposals: list[list[Edit]], table: pd.DataFrame
+    ) -> list[tuple[dict[str, Any] | None, list[Edit]]]:
         """Each text's greedy parse with the accepted edits it holds (pooled ones wherever proposed, single-text ones
         on their text), at most one per slot, the largest effect first; a name edit stands alone."""
         effect = {}
@@ -200,7 +304,11 @@ class EditMiner(EditProposer):
             effect[key if r.route == "pooled" else (*key, normalize_text(r.text))] = float(r.effect)
         out = []
         for text, parse, edits in zip(texts, greedy, proposals):
-            scored = [(eff, e) for e in edits if (eff := effect.get(e.key, effect.get((*e.key, normalize_text(text))))) is not None]
+            scored = [
+                (eff, e)
+                for e in edits
+                if (eff := effect.get(e.key, effect.get((*e.key, normalize_text(text))))) is not None
+            ]
             chosen = [e for _, e in sorted(scored, key=lambda x: -x[0])]
             if not parse or not chosen:
                 out.append((parse, []))
@@ -217,4 +325,3 @@ class EditMiner(EditProposer):
                     new, done = edited, done + [e]
             out.append((new, done))
         return out
-

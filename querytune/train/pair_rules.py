@@ -41,7 +41,11 @@ def pair_kind(schema: Schema, chosen: str, rejected: str) -> str:
     if set(sa.items()) < set(sb.items()):
         return "chosen only drops"
     differ = {k for k in set(sa) | set(sb) if sa.get(k) != sb.get(k)}
-    return "what/where" if any(k in schema.slots and schema.slots[k].filter in CORE_FILTERS for k in differ) else "filters only"
+    return (
+        "what/where"
+        if any(k in schema.slots and schema.slots[k].filter in CORE_FILTERS for k in differ)
+        else "filters only"
+    )
 
 
 def tells_apart(schema: Schema | None, chosen: str, rejected: str) -> bool:

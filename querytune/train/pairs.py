@@ -21,8 +21,19 @@ from querytune.train.pair_rules import CORE_FILTERS, _intent, adds_no_filter, ke
 from querytune.train.reward import INVALID, RetrievalReward, strict_parse
 from querytune.train.targets import _valid, target_score
 
-PAIR_COLUMNS = ["query", "user_city", "timestamp", "chosen", "rejected", "chosen_score", "rejected_score", "rejected_is_greedy",
-                "candidates", "rows", "contexts"]
+PAIR_COLUMNS = [
+    "query",
+    "user_city",
+    "timestamp",
+    "chosen",
+    "rejected",
+    "chosen_score",
+    "rejected_score",
+    "rejected_is_greedy",
+    "candidates",
+    "rows",
+    "contexts",
+]
 
 
 # -- DPO pairs -----------------------------------------------------------------------------------------
@@ -45,8 +56,14 @@ def _searchable(targets: list[dict], candidates: list[list[str]], schema: Schema
             yield t, cands
 
 
-def build_pairs(targets: list[dict], candidates: list[list[str]], reward: RetrievalReward, min_gap: float,
-                per_query: int, schema: Schema | None = None) -> pd.DataFrame:
+def build_pairs(
+    targets: list[dict],
+    candidates: list[list[str]],
+    reward: RetrievalReward,
+    min_gap: float,
+    per_query: int,
+    schema: Schema | None = None,
+) -> pd.DataFrame:
     """Score each query's distinct candidates (the first is the init model's greedy parse) and pair worse valid
     ones, the greedy parse first (the behaviour to fix) then the worst, each with the best scoring candidate
     that beats it by >= `min_gap` and finds something clicked (up to `per_query` pairs). Invalid candidates are counted, not paired:
@@ -69,15 +86,35 @@ def build_pairs(targets: list[dict], candidates: list[list[str]], reward: Retrie
         greedy = cands[0]
         kept = 0
         for rejected in sorted((c for c in ranked if scores[c] >= 0), key=lambda c: (c != greedy, scores[c])):
-            chosen = next((c for c in ranked if scores[c] - scores[rejected] >= min_gap and _intent(c) == _intent(rejected)
-                           and tells_apart(schema, c, rejected) and adds_no_filter(schema, c, rejected)
-                           and keeps_written(schema, t["query"], c, rejected)), None)
+            chosen = next(
+                (
+                    c
+                    for c in ranked
+                    if scores[c] - scores[rejected] >= min_gap
+                    and _intent(c) == _intent(rejected)
+                    and tells_apart(schema, c, rejected)
+                    and adds_no_filter(schema, c, rejected)
+                    and keeps_written(schema, t["query"], c, rejected)
+                ),
+                None,
+            )
             if chosen is None:
                 continue
-            rows.append({"query": t["query"], "user_city": t["user_city"], "timestamp": t["timestamp"],
-                         "chosen": chosen, "rejected": rejected, "chosen_score": scores[chosen], "rejected_score": scores[rejected],
-                         "rejected_is_greedy": rejected == greedy, "candidates": len(unique), "rows": t.get("rows", 1),
-                         "contexts": len(t.get("contexts") or [t])})
+            rows.append(
+                {
+                    "query": t["query"],
+                    "user_city": t["user_city"],
+                    "timestamp": t["timestamp"],
+                    "chosen": chosen,
+                    "rejected": rejected,
+                    "chosen_score": scores[chosen],
+                    "rejected_score": scores[rejected],
+                    "rejected_is_greedy": rejected == greedy,
+                    "candidates": len(unique),
+                    "rows": t.get("rows", 1),
+                    "contexts": len(t.get("contexts") or [t]),
+                }
+            )
             kept += 1
             if kept == per_query:
                 break
@@ -109,9 +146,16 @@ def dropped_slots(pairs: pd.DataFrame) -> Counter[str]:
     return out
 
 
-def anchor_pairs(targets: list[dict], candidates: list[list[str]], reward: RetrievalReward, min_gap: float,
-                 quotas: dict[str, int], keep_above: float = 0.5, schema: Schema | None = None,
-                 limit: int | None = None) -> pd.DataFrame:
+def anchor_pairs(
+    targets: list[dict],
+    candidates: list[list[str]],
+    reward: RetrievalReward,
+    min_gap: float,
+    quotas: dict[str, int],
+    keep_above: float = 0.5,
+    schema: Schema | None = None,
+    limit: int | None = None,
+) -> pd.DataFrame:
     """Pairs that hold what the init model already gets right: for queries whose greedy parse (the first
     candidate) scores >= `keep_above`, the greedy parse against itself with one "what"/"where" slot left out
     (`without_slot`), where the clicks say that slot matters (the greedy parse wins by >= `min_gap`); at most
@@ -125,25 +169,54 @@ def anchor_pairs(targets: list[dict], candidates: list[list[str]], reward: Retri
     (the model then adds slots and categories: 553 pairs, NDCG -0.019), so `train dpo` does not use them; GRPO
     does, through `anchor_targets`."""
     rows, left = [], Counter({k: n for k, n in quotas.items() if n > 0})
-    searchable = [(t, c) for t, c in _searchable(targets, candidates, schema) if c and (_valid(schema, c[0]) if schema else _intent(c[0]))]
+    searchable = [
+        (t, c)
+        for t, c in _searchable(targets, candidates, schema)
+        if c and (_valid(schema, c[0]) if schema else _intent(c[0]))
+    ]
     for t, cands in sorted(searchable, key=lambda tc: -tc[0].get("rows", 1)):
         if not +left or (limit is not None and len(rows) >= limit):
             break
         greedy = cands[0]
-        core = [k for k in json.loads(greedy)["slots"] if left[k] > 0 and (schema is None or (k in schema.slots and schema.slots[k].filter in CORE_FILTERS))]
+        core = [
+            k
+            for k in json.loads(greedy)["slots"]
+            if left[k] > 0 and (schema is None or (k in schema.slots and schema.slots[k].filter in CORE_FILTERS))
+        ]
         if not core or (top := target_score(reward, t, greedy)) < keep_above:
             continue
-        worst, slot, rejected = min((target_score(reward, t, r), k, r) for k, r in ((k, without_slot(greedy, k)) for k in core))
+        worst, slot, rejected = min(
+            (target_score(reward, t, r), k, r) for k, r in ((k, without_slot(greedy, k)) for k in core)
+        )
         if top - worst >= min_gap:
             left[slot] -= 1
-            rows.append({"query": t["query"], "user_city": t["user_city"], "timestamp": t["timestamp"], "chosen": greedy,
-                         "rejected": rejected, "chosen_score": top, "rejected_score": worst, "rejected_is_greedy": False,
-                         "candidates": len(core) + 1, "rows": t.get("rows", 1), "contexts": len(t.get("contexts") or [t])})
+            rows.append(
+                {
+                    "query": t["query"],
+                    "user_city": t["user_city"],
+                    "timestamp": t["timestamp"],
+                    "chosen": greedy,
+                    "rejected": rejected,
+                    "chosen_score": top,
+                    "rejected_score": worst,
+                    "rejected_is_greedy": False,
+                    "candidates": len(core) + 1,
+                    "rows": t.get("rows", 1),
+                    "contexts": len(t.get("contexts") or [t]),
+                }
+            )
     return pd.DataFrame(rows, columns=PAIR_COLUMNS)
 
 
-def anchor_targets(targets: list[dict], candidates: list[list[str]], reward: RetrievalReward, n: int, min_gap: float,
-                   schema: Schema, skip: set[str] = frozenset()) -> list[dict]:
+def anchor_targets(
+    targets: list[dict],
+    candidates: list[list[str]],
+    reward: RetrievalReward,
+    n: int,
+    min_gap: float,
+    schema: Schema,
+    skip: set[str] = frozenset(),
+) -> list[dict]:
     """Up to `n` targets (not in `skip`) that GRPO should keep answering as it does: the greedy parse scores
     well and leaving out one of its "what"/"where" slots costs >= `min_gap` (`anchor_pairs`), most typed first.
     Mixed into GRPO's queries, their groups are all equal while the policy keeps the slot, and punish the
@@ -151,7 +224,11 @@ def anchor_targets(targets: list[dict], candidates: list[list[str]], reward: Ret
     find_business queries as business names (61 and 60 test queries; NDCG -0.011)."""
     core = {k: n for k, slot in schema.slots.items() if slot.filter in CORE_FILTERS}
     pool = [(t, c) for t, c in zip(targets, candidates, strict=True) if t["query"] not in skip]
-    picked = set(anchor_pairs([t for t, _ in pool], [c[:1] for _, c in pool], reward, min_gap, core, schema=schema, limit=n)["query"])
+    picked = set(
+        anchor_pairs([t for t, _ in pool], [c[:1] for _, c in pool], reward, min_gap, core, schema=schema, limit=n)[
+            "query"
+        ]
+    )
     return [t for t, _ in pool if t["query"] in picked]
 
 
@@ -162,20 +239,35 @@ def _scores(target: dict, candidates: list[str], reward: RetrievalReward) -> dic
     return {c: target_score(reward, target, c) for c in unique}
 
 
-def scored_candidates(targets: list[dict], candidates: list[list[str]], reward: RetrievalReward,
-                      confidence: list[float] | None = None) -> pd.DataFrame:
+def scored_candidates(
+    targets: list[dict], candidates: list[list[str]], reward: RetrievalReward, confidence: list[float] | None = None
+) -> pd.DataFrame:
     """One row per distinct candidate parse of each query with its reward (`is_greedy`: the init model's own
     answer; `greedy_confidence`: the probability the model gives it): what the preference data was drawn from,
     to inspect next to the pairs."""
     confidence = confidence if confidence is not None else [None] * len(targets)
-    rows = [{"query": t["query"], "user_city": t["user_city"], "candidate": c, "is_greedy": c == cands[0], "reward": r,
-             "greedy_confidence": conf}
-            for t, cands, conf in zip(targets, candidates, confidence, strict=True) for c, r in _scores(t, cands, reward).items()]
+    rows = [
+        {
+            "query": t["query"],
+            "user_city": t["user_city"],
+            "candidate": c,
+            "is_greedy": c == cands[0],
+            "reward": r,
+            "greedy_confidence": conf,
+        }
+        for t, cands, conf in zip(targets, candidates, confidence, strict=True)
+        for c, r in _scores(t, cands, reward).items()
+    ]
     return pd.DataFrame(rows, columns=["query", "user_city", "candidate", "is_greedy", "reward", "greedy_confidence"])
 
 
-def screen(targets: list[dict], candidates: list[list[str]], reward: RetrievalReward, schema: Schema | None = None,
-           improvable: bool = False) -> list[dict]:
+def screen(
+    targets: list[dict],
+    candidates: list[list[str]],
+    reward: RetrievalReward,
+    schema: Schema | None = None,
+    improvable: bool = False,
+) -> list[dict]:
     """The targets whose sampled parses earn different rewards. A group whose rewards are all equal gives GRPO
     no advantage to learn from (most groups, once the policy is decent): screening a larger pool with a few
     samples first spends the training steps on queries that carry a signal (DAPO's dynamic sampling, done
@@ -205,14 +297,31 @@ def edit_pairs(run: str | Path, version: str | None = None) -> pd.DataFrame:
     if version is not None:
         first = json.loads(greedy.read_text(encoding="utf-8").splitlines()[0])
         if first.get("model_version") != version:
-            raise ValueError(f"{greedy}: parsed by another model than --init (model version {version}); mine with the same init")
-    as_json = lambda p: json.dumps({"intent": p["intent"], "slots": p["slots"]}, separators=(",", ":"), ensure_ascii=False)  # noqa: E731
+            raise ValueError(
+                f"{greedy}: parsed by another model than --init (model version {version}); mine with the same init"
+            )
+    as_json = lambda p: json.dumps(
+        {"intent": p["intent"], "slots": p["slots"]}, separators=(",", ":"), ensure_ascii=False
+    )  # noqa: E731
     rows = []
     for line in labels.read_text(encoding="utf-8").splitlines():
         r = json.loads(line)
         if r["edits"]:
-            rows.append({"query": r["text"], "user_city": None, "timestamp": None, "chosen": as_json(r), "rejected": as_json(r["greedy"]),
-                         "chosen_score": 1.0, "rejected_score": 0.0, "rejected_is_greedy": True, "candidates": 2, "rows": 1, "contexts": 0})
+            rows.append(
+                {
+                    "query": r["text"],
+                    "user_city": None,
+                    "timestamp": None,
+                    "chosen": as_json(r),
+                    "rejected": as_json(r["greedy"]),
+                    "chosen_score": 1.0,
+                    "rejected_score": 0.0,
+                    "rejected_is_greedy": True,
+                    "candidates": 2,
+                    "rows": 1,
+                    "contexts": 0,
+                }
+            )
     return pd.DataFrame(rows, columns=PAIR_COLUMNS)
 
 
@@ -230,6 +339,8 @@ def load_pairs(path: str | Path) -> pd.DataFrame:
     bad = pairs.index[~(pairs["chosen_score"] > pairs["rejected_score"])]
     if len(bad):
         i = int(bad[0])
-        raise ValueError(f"{path}: row {i}: chosen_score {pairs.at[i, 'chosen_score']} is not above rejected_score "
-                         f"{pairs.at[i, 'rejected_score']} ({len(bad)} such rows): a pair needs a preference")
+        raise ValueError(
+            f"{path}: row {i}: chosen_score {pairs.at[i, 'chosen_score']} is not above rejected_score "
+            f"{pairs.at[i, 'rejected_score']} ({len(bad)} such rows): a pair needs a preference"
+        )
     return pairs

@@ -34,8 +34,14 @@ def policy(init: Path, lora_r: int, lora_alpha: int):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = folder.merged(torch.float32)
-    lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
-                      target_modules=[m for m in LORA_TARGETS if any(n.endswith(m) for n, _ in model.named_modules())] or "all-linear")
+    lora = LoraConfig(
+        r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+        target_modules=[m for m in LORA_TARGETS if any(n.endswith(m) for n, _ in model.named_modules())]
+        or "all-linear",
+    )
     return tokenizer, model, lora, meta, schema
 
 
@@ -45,12 +51,32 @@ def save_stage(trainer, tokenizer, init: Path, out: Path, schema: Schema, meta: 
     trainer.model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     chain = copy_adapter_chain(init, out)
-    save_model_meta(out, schema, {"stage": stage, **{k: meta[k] for k in BASE_KEYS if k in meta}, "format": formats.folder_format(meta),
-                                  "adapter": True, "init_adapters": chain, "init": str(init), "max_new_tokens": meta.get("max_new_tokens", MAX_NEW_TOKENS)})
+    save_model_meta(
+        out,
+        schema,
+        {
+            "stage": stage,
+            **{k: meta[k] for k in BASE_KEYS if k in meta},
+            "format": formats.folder_format(meta),
+            "adapter": True,
+            "init_adapters": chain,
+            "init": str(init),
+            "max_new_tokens": meta.get("max_new_tokens", MAX_NEW_TOKENS),
+        },
+    )
 
 
-def train_and_save(trainer, tokenizer, init: Path, out: Path, schema: Schema, meta: dict, stage: str, recipe,
-                    resume_from: str | None = None):
+def train_and_save(
+    trainer,
+    tokenizer,
+    init: Path,
+    out: Path,
+    schema: Schema,
+    meta: dict,
+    stage: str,
+    recipe,
+    resume_from: str | None = None,
+):
     """Train (StepLog prints instead of the default printer; from checkpoint `resume_from`; with the preset's step
     levers: `recipe.bf16_weights`, `recipe.compact_head`), save the folder; the result, seconds and step log."""
     from transformers import PrinterCallback

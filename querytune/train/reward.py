@@ -114,7 +114,8 @@ class NameBook:
         if value not in self._seen:
             candidates = set().union(*(self.by_word.get(w, set()) for w in value.split())) if value else set()
             self._seen[value] = value in self.names or any(
-                is_grounded(value, name) and is_grounded(name, value) for name in candidates)
+                is_grounded(value, name) and is_grounded(name, value) for name in candidates
+            )
         return self._seen[value]
 
 
@@ -146,15 +147,26 @@ class RetrievalReward:
         self.searcher, self.schema, self.k, self.max_chars = searcher, schema, k, max_chars
         self.depth = depth or 2 * k
         self.names = name_slots(schema)
-        self.written = set(self.names) | {s.name for s in schema.slots.values() if s.grounded}  # values the query must write
-        self.timed = {s.name for s in schema.slots.values() if s.filter in ("open", "day")}  # slots whose search depends on the time
+        self.written = set(self.names) | {
+            s.name for s in schema.slots.values() if s.grounded
+        }  # values the query must write
+        self.timed = {
+            s.name for s in schema.slots.values() if s.filter in ("open", "day")
+        }  # slots whose search depends on the time
         catalog = getattr(searcher, "catalog", None)  # a Searcher has one; a stand-in in a doctest may not
         self.known = NameBook(catalog["name"]) if catalog is not None and "name" in catalog else None
         self._searches: dict[tuple, list[str]] = {}
         self.calls = self.search_calls = 0
 
-    def score(self, query: str, completion: str, user_city: str, timestamp: str | datetime,
-              gains: dict[str, float] | str, fmt: str = "json") -> float:
+    def score(
+        self,
+        query: str,
+        completion: str,
+        user_city: str,
+        timestamp: str | datetime,
+        gains: dict[str, float] | str,
+        fmt: str = "json",
+    ) -> float:
         """Reward of one completion (in format `fmt`) for one logged context of a query: `gains` holds the debiased
         gain of every business the log showed for the query's text in `user_city` (`querytune.train.clicks`)."""
         self.calls += 1
@@ -178,14 +190,18 @@ class RetrievalReward:
             return False
         if any(not self.schema.slots[n].written_in(v, query) for n, v in parse.slots.items() if n in self.written):
             return False
-        return self.known is None or all(n not in parse.slots or self.known.has(str(parse.slots[n])) for n in self.names)
+        return self.known is None or all(
+            n not in parse.slots or self.known.has(str(parse.slots[n])) for n in self.names
+        )
 
     def ranked(self, parse, user_city: str, timestamp: str | datetime) -> list[str]:
         """The top `depth` businesses of a parse's search in one context (cached for the life of the object)."""
         from querytune.search import Context
 
         ts = timestamp if isinstance(timestamp, datetime) else datetime.fromisoformat(str(timestamp))
-        when = ts.isoformat(timespec="minutes") if self.timed & set(parse.slots) else None  # untimed searches share one result
+        when = (
+            ts.isoformat(timespec="minutes") if self.timed & set(parse.slots) else None
+        )  # untimed searches share one result
         key = (parse.to_json(), user_city, when)
         ranked = self._searches.get(key)
         if ranked is None:
@@ -193,17 +209,32 @@ class RetrievalReward:
             ranked = self._searches[key] = self.searcher.search(parse, Context(user_city, ts), k=self.depth)
         return ranked
 
-    def __call__(self, prompts=None, completions=None, query=None, user_city=None, timestamp=None, gains=None, contexts=None,
-                 fmt=None, **_) -> list[float]:
+    def __call__(
+        self,
+        prompts=None,
+        completions=None,
+        query=None,
+        user_city=None,
+        timestamp=None,
+        gains=None,
+        contexts=None,
+        fmt=None,
+        **_,
+    ) -> list[float]:
         """TRL's reward shape. With a `contexts` column (JSON lists of {user_city, timestamp, gains}), each query is
         scored in all of them (`score_in_contexts`); otherwise in its one user_city/timestamp/gains. With an `fmt`
         column, each completion is read in that format (the one the policy writes); otherwise as JSON."""
         texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]  # plain or conversational
         fmts = fmt if fmt is not None else ["json"] * len(texts)
         if contexts is not None:
-            return [score_in_contexts(partial(self.score, fmt=f), q, c, json.loads(x) if isinstance(x, str) else x)
-                    for q, c, x, f in zip(query, texts, contexts, fmts, strict=True)]
-        return [self.score(q, c, u, t, g, f) for q, c, u, t, g, f in zip(query, texts, user_city, timestamp, gains, fmts, strict=True)]
+            return [
+                score_in_contexts(partial(self.score, fmt=f), q, c, json.loads(x) if isinstance(x, str) else x)
+                for q, c, x, f in zip(query, texts, contexts, fmts, strict=True)
+            ]
+        return [
+            self.score(q, c, u, t, g, f)
+            for q, c, u, t, g, f in zip(query, texts, user_city, timestamp, gains, fmts, strict=True)
+        ]
 
 
 def retrieval_reward(init, index) -> tuple[RetrievalReward, Schema]:

@@ -53,7 +53,9 @@ class RFTRecipe(Recipe):
     min_similarity: float = 0.5  # cosine an n-gram needs to propose a value or filter
     alpha: float = 0.05  # false-discovery rate of the pooled tests
     screen_p: float = 0.05  # an edit goes on to confirmation when its pooled p on the training texts is at most this
-    confirm_texts: int = 30  # other log texts per screened trigger its confirmation is tested on (0: one stage, every edit tested)
+    confirm_texts: int = (
+        30  # other log texts per screened trigger its confirmation is tested on (0: one stage, every edit tested)
+    )
     min_effect: float = 0.0  # mean NDCG@10 gain a pooled edit needs
     min_texts: int = 3  # texts with evidence a pooled test needs
     text_margin: float = 0.3  # single-text route: gain in each supported context
@@ -70,8 +72,15 @@ class RFTRecipe(Recipe):
 
     def sft_recipe(self) -> SFTRecipe:
         """The training step's recipe: SFT quick's step and levers, this run's steps, batch and learning rate."""
-        return dataclasses.replace(SFT_PRESETS["quick"], max_steps=self.max_steps, batch_size=self.batch_size, lr=self.lr, bf16=self.bf16,
-                                   max_minutes=self.max_minutes, save_steps=self.save_steps)
+        return dataclasses.replace(
+            SFT_PRESETS["quick"],
+            max_steps=self.max_steps,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            bf16=self.bf16,
+            max_minutes=self.max_minutes,
+            save_steps=self.save_steps,
+        )
 
 
 PRESETS = {
@@ -99,7 +108,9 @@ def self_labels(init: Path, texts: list[str], say=print) -> list[dict[str, Any] 
         parser.constrained = True
         for i, p in zip(redo, parser.parse([texts[i] for i in redo])):
             preds[i] = p
-    say(f"greedy parses of {len(texts):,} log texts in {time.perf_counter() - t0:.0f}s ({len(redo)} decoded again inside the grammar)")
+    say(
+        f"greedy parses of {len(texts):,} log texts in {time.perf_counter() - t0:.0f}s ({len(redo)} decoded again inside the grammar)"
+    )
     return [p.parse if p.valid else None for p in preds]
 
 
@@ -113,7 +124,9 @@ def load_edit_table(path: Path) -> pd.DataFrame:
         raise ValueError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
     bad = table.index[~table["accepted"].str.lower().isin(["true", "false"])]
     if len(bad):
-        raise ValueError(f"{path}: line {int(bad[0]) + 2}: accepted must be true or false, got {table.at[bad[0], 'accepted']!r}")
+        raise ValueError(
+            f"{path}: line {int(bad[0]) + 2}: accepted must be true or false, got {table.at[bad[0], 'accepted']!r}"
+        )
     table["accepted"] = table["accepted"].str.lower() == "true"
     table["effect"] = pd.to_numeric(table["effect"])
     return table
@@ -131,20 +144,41 @@ def reuse_greedy(path: Path, texts: list[str], version: str) -> list[dict[str, A
     return [r["greedy"] for r in rows]
 
 
-def confirm(miner: EditMiner, screened: set[tuple], init: Path, world: Path, texts: list[str], config: RFTRecipe, seed: int, say=print):
+def confirm(
+    miner: EditMiner,
+    screened: set[tuple],
+    init: Path,
+    world: Path,
+    texts: list[str],
+    config: RFTRecipe,
+    seed: int,
+    say=print,
+):
     """The screened edits' evidence on other log texts: up to `confirm_texts` clicked early-log texts per trigger, outside
     the training texts and the seed, parsed by the init model; only the screened edits are scored there."""
     triggers = {key[1] for key in screened}
     others = texts_with(world, triggers, {normalize_text(t) for t in texts}, config.confirm_texts)
-    say(f"{len(screened)} edits pass the screen (p <= {config.screen_p}); confirming them on {len(others):,} other log texts")
+    say(
+        f"{len(screened)} edits pass the screen (p <= {config.screen_p}); confirming them on {len(others):,} other log texts"
+    )
     greedy = self_labels(init, others, say)
-    targets = text_targets(world, others, seed=seed + 1, shuffle_clicks=config.shuffle_clicks, max_contexts=config.max_contexts)
+    targets = text_targets(
+        world, others, seed=seed + 1, shuffle_clicks=config.shuffle_clicks, max_contexts=config.max_contexts
+    )
     proposals = [[e for e in edits if e.key in screened] for edits in miner.propose(others, greedy)]
     return miner.evidence(others, greedy, proposals, targets), len(others)
 
 
-def build_labels(config: RFTRecipe, init: Path, world: Path, index: Path, out: Path, seed: int = 0, say=print,
-                 greedy_from: Path | None = None) -> dict[str, Any]:
+def build_labels(
+    config: RFTRecipe,
+    init: Path,
+    world: Path,
+    index: Path,
+    out: Path,
+    seed: int = 0,
+    say=print,
+    greedy_from: Path | None = None,
+) -> dict[str, Any]:
     """Write OUT/labels.jsonl (and greedy.jsonl, edits.csv, evidence.json): the log texts with the labels this stage
     trains on. `greedy_from`: another run's greedy.jsonl of the same model and texts, reused instead of parsing again."""
     from rich.progress import Progress
@@ -157,16 +191,37 @@ def build_labels(config: RFTRecipe, init: Path, world: Path, index: Path, out: P
     texts = [r["text"] for r in rows]
     greedy = reuse_greedy(greedy_from, texts, folder.version) if greedy_from else self_labels(init, texts, say)
     with open(out / "greedy.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps({"text": t, "greedy": g, "model_version": folder.version}, ensure_ascii=False) + "\n" for t, g in zip(texts, greedy))
-    stats: dict[str, Any] = {"texts": len(texts), "greedy_invalid": sum(g is None for g in greedy), "edits": config.edits}
+        f.writelines(
+            json.dumps({"text": t, "greedy": g, "model_version": folder.version}, ensure_ascii=False) + "\n"
+            for t, g in zip(texts, greedy)
+        )
+    stats: dict[str, Any] = {
+        "texts": len(texts),
+        "greedy_invalid": sum(g is None for g in greedy),
+        "edits": config.edits,
+    }
     labels, made = greedy, [[] for _ in texts]
     if config.edits != "none":
         reward, _ = retrieval_reward(init, index)
         seed_rows = [{"intent": r.intent, "slots": r.slots} for r in load_labeled(world / "seed.jsonl", schema)[0]]
-        miner = EditMiner(schema, reward, seed_rows, near=config.near, min_similarity=config.min_similarity, alpha=config.alpha,
-                          min_effect=config.min_effect, min_texts=config.min_texts, text_margin=config.text_margin,
-                          text_contexts=config.text_contexts, pool=config.pool, abstain=config.abstain, screen_p=config.screen_p)
-        targets = text_targets(world, texts, seed=seed, shuffle_clicks=config.shuffle_clicks, max_contexts=config.max_contexts)
+        miner = EditMiner(
+            schema,
+            reward,
+            seed_rows,
+            near=config.near,
+            min_similarity=config.min_similarity,
+            alpha=config.alpha,
+            min_effect=config.min_effect,
+            min_texts=config.min_texts,
+            text_margin=config.text_margin,
+            text_contexts=config.text_contexts,
+            pool=config.pool,
+            abstain=config.abstain,
+            screen_p=config.screen_p,
+        )
+        targets = text_targets(
+            world, texts, seed=seed, shuffle_clicks=config.shuffle_clicks, max_contexts=config.max_contexts
+        )
         t0 = time.perf_counter()
         proposals = miner.propose(texts, greedy)
         found, confirmation = [], None
@@ -183,26 +238,55 @@ def build_labels(config: RFTRecipe, init: Path, world: Path, index: Path, out: P
             table = load_edit_table(Path(config.edits))
         relabeled = miner.apply(texts, greedy, proposals, table)
         labels, made = [p for p, _ in relabeled], [e for _, e in relabeled]
-        stats |= {"texts_with_clicks": len(targets), "proposed": sum(map(len, proposals)), "scored": len(found),
-                  "unknown": sum(ev.effect is None for ev in found), "tested": int(pd.to_numeric(table["q"], errors="coerce").notna().sum()),
-                  "accepted_pooled": int((table["accepted"] & (table["route"] == "pooled")).sum()) if len(table) else 0,
-                  "accepted_single_text": int((table["accepted"] & (table["route"] == "text")).sum()) if len(table) else 0,
-                  "texts_edited": sum(bool(e) for e in made), "searches": reward.search_calls,
-                  "mining_seconds": round(time.perf_counter() - t0, 1)}
-        say(f"{stats['proposed']:,} edits proposed, {stats['scored']:,} scored against the clicks ({stats['unknown']:,} unknown: no supported "
+        stats |= {
+            "texts_with_clicks": len(targets),
+            "proposed": sum(map(len, proposals)),
+            "scored": len(found),
+            "unknown": sum(ev.effect is None for ev in found),
+            "tested": int(pd.to_numeric(table["q"], errors="coerce").notna().sum()),
+            "accepted_pooled": int((table["accepted"] & (table["route"] == "pooled")).sum()) if len(table) else 0,
+            "accepted_single_text": int((table["accepted"] & (table["route"] == "text")).sum()) if len(table) else 0,
+            "texts_edited": sum(bool(e) for e in made),
+            "searches": reward.search_calls,
+            "mining_seconds": round(time.perf_counter() - t0, 1),
+        }
+        say(
+            f"{stats['proposed']:,} edits proposed, {stats['scored']:,} scored against the clicks ({stats['unknown']:,} unknown: no supported "
             f"context), {stats['accepted_pooled']} accepted pooled and {stats['accepted_single_text']} for one text; {stats['texts_edited']:,} "
-            f"texts relabeled (table: {out / 'edits.csv'})")
+            f"texts relabeled (table: {out / 'edits.csv'})"
+        )
     with open(out / "labels.jsonl", "w", encoding="utf-8") as f:
         for r, label, g, edits in zip(rows, labels, greedy, made):
             if label is not None:
-                f.write(json.dumps({"id": r["query_id"], "text": r["text"], **label, "greedy": g,
-                                    "edits": [dataclasses.asdict(e) for e in edits]}, ensure_ascii=False) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "id": r["query_id"],
+                            "text": r["text"],
+                            **label,
+                            "greedy": g,
+                            "edits": [dataclasses.asdict(e) for e in edits],
+                        },
+                        ensure_ascii=False,
+                    )
+                    + "\n"
+                )
     (out / "evidence.json").write_text(json.dumps(stats, indent=2) + "\n")
     return stats
 
 
-def train_rft(config: RFTRecipe, init: Path, world: Path, index: Path, out: Path, seed: int = 0, say=print, resume: bool = False,
-              report_to: str = "none", greedy_from: Path | None = None) -> dict[str, Any]:
+def train_rft(
+    config: RFTRecipe,
+    init: Path,
+    world: Path,
+    index: Path,
+    out: Path,
+    seed: int = 0,
+    say=print,
+    resume: bool = False,
+    report_to: str = "none",
+    greedy_from: Path | None = None,
+) -> dict[str, Any]:
     """Labels (reused when OUT/labels.jsonl exists and `resume`), then SFT from `init` on the seed plus them; the summary."""
     out.mkdir(parents=True, exist_ok=True)
     stats = json.loads((out / "evidence.json").read_text()) if resume and (out / "labels.jsonl").is_file() else None
@@ -216,9 +300,28 @@ def train_rft(config: RFTRecipe, init: Path, world: Path, index: Path, out: Path
     mixed: list[LabeledRow] = seed_rows + added
     random.Random(seed).shuffle(mixed)
     stage = "self_train" if config.edits == "none" else "rft"
-    say(f"{stage}: SFT from {init} on {len(seed_rows):,} seed rows + {len(added):,} labeled log texts, {config.max_steps} steps x {config.batch_size}")
-    summary = train_sft(mixed, schema, out, None, config.sft_recipe(), seed=seed, say=say, init=init, resume=resume, stage=stage,
-                        report_to=report_to)
+    say(
+        f"{stage}: SFT from {init} on {len(seed_rows):,} seed rows + {len(added):,} labeled log texts, {config.max_steps} steps x {config.batch_size}"
+    )
+    summary = train_sft(
+        mixed,
+        schema,
+        out,
+        None,
+        config.sft_recipe(),
+        seed=seed,
+        say=say,
+        init=init,
+        resume=resume,
+        stage=stage,
+        report_to=report_to,
+    )
     edited = sum(bool(json.loads(line)["edits"]) for line in (out / "labels.jsonl").read_text().splitlines())
-    return summary | {"stage": stage, "init": str(init), "log_texts": len(added), "texts_edited": edited, "evidence": stats,
-                      "seed_texts": len({normalize_text(r.text) for r in seed_rows})}
+    return summary | {
+        "stage": stage,
+        "init": str(init),
+        "log_texts": len(added),
+        "texts_edited": edited,
+        "evidence": stats,
+        "seed_texts": len({normalize_text(r.text) for r in seed_rows}),
+    }

@@ -67,16 +67,29 @@ def sft_examples(rows: list[LabeledRow], schema: Schema, tokenizer, fmt: str = D
     """Prompt/completion strings in format `fmt` (`querytune.runtime.formats`); the completion ends with the tokenizer's end-of-turn token."""
     seen = {r.intent for r in rows}
     pairs = [(r.text, {"intent": r.intent, "slots": r.slots}) for r in rows]
-    pairs += [(i.description.lower(), {"intent": i.name, "slots": {}}) for i in schema.intents.values()
-              if i.name not in seen and i.description] * 2  # intents the data never shows, from their descriptions
-    return [{"prompt": prompt(fmt, schema, tokenizer, text), "completion": completion(fmt, label) + tokenizer.eos_token} for text, label in pairs]
+    pairs += [
+        (i.description.lower(), {"intent": i.name, "slots": {}})
+        for i in schema.intents.values()
+        if i.name not in seen and i.description
+    ] * 2  # intents the data never shows, from their descriptions
+    return [
+        {"prompt": prompt(fmt, schema, tokenizer, text), "completion": completion(fmt, label) + tokenizer.eos_token}
+        for text, label in pairs
+    ]
 
 
 class StepLog:
     """TrainerCallback body: one JSONL line and one dense progress line per optimisation step."""
 
-    def __init__(self, path: Path, say, max_minutes: float | None = None, extra: dict[str, str] | None = None, watch=None,
-                 quiet: set[str] = frozenset()):
+    def __init__(
+        self,
+        path: Path,
+        say,
+        max_minutes: float | None = None,
+        extra: dict[str, str] | None = None,
+        watch=None,
+        quiet: set[str] = frozenset(),
+    ):
         """`extra`: column name -> trainer log key, logged and printed when present (`quiet` ones only logged).
         `watch(row)` sees every row (e.g. to warn about a trend) and may return a line to print."""
         from transformers import TrainerCallback
@@ -92,20 +105,31 @@ class StepLog:
                     return
                 now = time.perf_counter()
                 tokens = state.num_input_tokens_seen or 0
-                row = {"step": state.global_step, "loss": round(float(logs["loss"]), 5),
-                       "lr": float(logs.get("learning_rate", 0.0)), "seconds": round(now - log.t0, 2),
-                       "tokens_per_s": round((tokens - log.tokens) / max(now - log.t0, 1e-9), 1)}
+                row = {
+                    "step": state.global_step,
+                    "loss": round(float(logs["loss"]), 5),
+                    "lr": float(logs.get("learning_rate", 0.0)),
+                    "seconds": round(now - log.t0, 2),
+                    "tokens_per_s": round((tokens - log.tokens) / max(now - log.t0, 1e-9), 1),
+                }
                 row |= {name: round(float(logs[key]), 5) for name, key in log.extra.items() if key in logs}
                 log.t0, log.tokens = now, tokens
                 with open(log.path, "a") as f:
                     f.write(json.dumps(row) + "\n")
-                shown = "".join(f"  {name} {row[name]:.3f}" for name in log.extra if name in row and name not in log.quiet)
-                log.say(f"step {row['step']}/{state.max_steps}  loss {row['loss']:.4f}{shown}  lr {row['lr']:.2e}  "
-                        f"{row['seconds']:.1f}s/step" + (f"  {row['tokens_per_s']:.0f} tok/s" if row["tokens_per_s"] else ""))
+                shown = "".join(
+                    f"  {name} {row[name]:.3f}" for name in log.extra if name in row and name not in log.quiet
+                )
+                log.say(
+                    f"step {row['step']}/{state.max_steps}  loss {row['loss']:.4f}{shown}  lr {row['lr']:.2e}  "
+                    f"{row['seconds']:.1f}s/step"
+                    + (f"  {row['tokens_per_s']:.0f} tok/s" if row["tokens_per_s"] else "")
+                )
                 if log.watch and (line := log.watch(row)):
                     log.say(line)
                 if log.max_seconds and now - log.start > log.max_seconds:
-                    log.say(f"time budget of {log.max_seconds / 60:.0f} min reached: stopping at step {state.global_step}")
+                    log.say(
+                        f"time budget of {log.max_seconds / 60:.0f} min reached: stopping at step {state.global_step}"
+                    )
                     control.should_training_stop = True
                     control.should_save = True  # a checkpoint, so `--resume` can finish the schedule
 
@@ -124,18 +148,26 @@ def start_or_resume(out: Path, resume: bool, say=print) -> str | None:
         return None
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     if last is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {checkpoints} (a completed run removes its checkpoints); run without --resume")
+        raise FileNotFoundError(
+            f"--resume: no checkpoint in {checkpoints} (a completed run removes its checkpoints); run without --resume"
+        )
     step = int(Path(last).name.rsplit("-", 1)[1])
     if log.is_file():  # steps after the checkpoint are trained again
-        log.write_text("".join(line + "\n" for line in log.read_text().splitlines() if json.loads(line)["step"] <= step))
+        log.write_text(
+            "".join(line + "\n" for line in log.read_text().splitlines() if json.loads(line)["step"] <= step)
+        )
     say(f"resuming from step {step} ({last})")
     return last
 
 
 def checkpoint_args(out: Path, save_steps: int) -> dict[str, Any]:
     """Trainer arguments for checkpoints in out/checkpoints every `save_steps` steps, the last two kept."""
-    return {"output_dir": str(out / "checkpoints"), "save_strategy": "steps", "save_steps": int(save_steps),
-            "save_total_limit": 2}
+    return {
+        "output_dir": str(out / "checkpoints"),
+        "save_strategy": "steps",
+        "save_steps": int(save_steps),
+        "save_total_limit": 2,
+    }
 
 
 def report_args(out: Path, report_to: str) -> dict[str, Any]:
@@ -152,9 +184,20 @@ def finish_checkpoints(out: Path, trainer) -> None:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
 
 
-def train_sft(rows: list[LabeledRow], schema: Schema, out: Path, base: str | None, recipe: SFTRecipe,
-              seed: int = 0, say=print, init: Path | None = None, resume: bool = False, fmt: str = DEFAULT_FORMAT,
-              report_to: str = "none", stage: str = "sft") -> dict[str, Any]:
+def train_sft(
+    rows: list[LabeledRow],
+    schema: Schema,
+    out: Path,
+    base: str | None,
+    recipe: SFTRecipe,
+    seed: int = 0,
+    say=print,
+    init: Path | None = None,
+    resume: bool = False,
+    fmt: str = DEFAULT_FORMAT,
+    report_to: str = "none",
+    stage: str = "sft",
+) -> dict[str, Any]:
     """Train and save; returns a summary (steps, seconds, final loss, token lengths, dtype). `stage`: what the folder
     records it is (`querytune.train.rft` trains through here too). `fmt`: the format the
     model reads and writes (`querytune.runtime.formats`). `init`: a model folder to continue from (its adapters merged, a new
@@ -187,38 +230,76 @@ def train_sft(rows: list[LabeledRow], schema: Schema, out: Path, base: str | Non
     schema = merge_aliases(schema, mined)
     lengths = [len(tokenizer(e["prompt"] + e["completion"]).input_ids) for e in examples]
     completion_lengths = [len(tokenizer(e["completion"], add_special_tokens=False).input_ids) for e in examples]
-    model = init_folder.merged(torch.float32) if init_folder else AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = (
+        init_folder.merged(torch.float32)
+        if init_folder
+        else AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    )
     if recipe.attention == "packed" and not recipe.padding_free:
         raise ValueError("attention 'packed' needs padding_free: it reads the sequences of one padding-free row")
     model.set_attn_implementation(recipe.attention)
-    lora = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout, task_type="CAUSAL_LM",
-                      target_modules=[m for m in LORA_TARGETS if any(n.endswith(m) for n, _ in model.named_modules())] or "all-linear")
+    lora = LoraConfig(
+        r=recipe.lora_r,
+        lora_alpha=recipe.lora_alpha,
+        lora_dropout=recipe.lora_dropout,
+        task_type="CAUSAL_LM",
+        target_modules=[m for m in LORA_TARGETS if any(n.endswith(m) for n, _ in model.named_modules())]
+        or "all-linear",
+    )
     probe = None
     if recipe.bf16 == "auto":
-        probe = pick_dtype(model, lora, packed_batch(examples, tokenizer, recipe.batch_size, seed), say=say,
-                           weights_in_bf16=recipe.bf16_weights)
+        probe = pick_dtype(
+            model,
+            lora,
+            packed_batch(examples, tokenizer, recipe.batch_size, seed),
+            say=say,
+            weights_in_bf16=recipe.bf16_weights,
+        )
     bf16 = probe["dtype"] == "bf16" if probe else bool(recipe.bf16)
     out.mkdir(parents=True, exist_ok=True)
     last = start_or_resume(out, resume, say)
     padding_free, completion_logits = recipe.padding_free, recipe.completion_logits
-    counts = {"step_tokens": "step_tokens", "step_targets": "step_targets", "step_sum_sq": "step_sum_sq"} if completion_logits else {}
+    counts = (
+        {"step_tokens": "step_tokens", "step_targets": "step_targets", "step_sum_sq": "step_sum_sq"}
+        if completion_logits
+        else {}
+    )
     step_log = StepLog(out / "steps.jsonl", say, recipe.max_minutes, extra=counts, quiet=set(counts))
     args = SFTConfig(
-        **checkpoint_args(out, recipe.save_steps), max_steps=recipe.max_steps, num_train_epochs=recipe.epochs,
-        per_device_train_batch_size=recipe.batch_size, learning_rate=recipe.lr, lr_scheduler_type="cosine",
-        warmup_steps=recipe.warmup_steps, logging_steps=1, **report_args(out, report_to), seed=seed,
+        **checkpoint_args(out, recipe.save_steps),
+        max_steps=recipe.max_steps,
+        num_train_epochs=recipe.epochs,
+        per_device_train_batch_size=recipe.batch_size,
+        learning_rate=recipe.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=recipe.warmup_steps,
+        logging_steps=1,
+        **report_args(out, report_to),
+        seed=seed,
         # padding-free does not truncate (TRL asks for max_length None); the longest example fits either way
-        max_length=None if padding_free else max(lengths) + 1, padding_free=padding_free, completion_only_loss=True,
-        packing=False, use_cpu=not torch.cuda.is_available(),
-        bf16=bf16, activation_checkpointing=recipe.gradient_checkpointing,  # TRL turns it on by default
-        include_num_input_tokens_seen="all", disable_tqdm=True, dataloader_num_workers=0,
+        max_length=None if padding_free else max(lengths) + 1,
+        padding_free=padding_free,
+        completion_only_loss=True,
+        packing=False,
+        use_cpu=not torch.cuda.is_available(),
+        bf16=bf16,
+        activation_checkpointing=recipe.gradient_checkpointing,  # TRL turns it on by default
+        include_num_input_tokens_seen="all",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
         # not train_sampling_strategy="group_by_length": measured 13% faster per step, but batches of one length
         # reweight the completion-only loss toward short parses and the model learned to stop after the
         # first slot (world seed 0 test: slot F1 0.727 against 0.870, 2026-11-24). Grouping by prompt length only,
         # within mega-batches, would still do so: prompt and completion lengths correlate (r 0.58, world seed).
     )
-    trainer = (CompletionSFTTrainer if completion_logits else SFTTrainer)(model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=tokenizer,
-                         peft_config=lora, callbacks=[step_log.callback])
+    trainer = (CompletionSFTTrainer if completion_logits else SFTTrainer)(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(examples),
+        processing_class=tokenizer,
+        peft_config=lora,
+        callbacks=[step_log.callback],
+    )
     if bf16 and recipe.bf16_weights:
         bf16_weights(trainer.model)
     trainer.remove_callback(PrinterCallback)  # StepLog prints one dense line per step instead
@@ -229,17 +310,38 @@ def train_sft(rows: list[LabeledRow], schema: Schema, out: Path, base: str | Non
     trainer.model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     max_new = int(max(completion_lengths) * 1.5) + 8
-    summary = {"stage": stage, "format": fmt, "base": base or "smollm2-135m-instruct", "base_path": base_dir, "examples": len(examples),
-               "steps": result.global_step, "train_seconds": round(seconds, 1),
-               "seconds_per_step": round(seconds / max(1, result.global_step), 2),
-               "final_loss": json.loads((out / "steps.jsonl").read_text().splitlines()[-1])["loss"],
-               "tokens_mean": round(sum(lengths) / len(lengths), 1), "tokens_max": max(lengths),
-               "completion_tokens_mean": round(sum(completion_lengths) / len(completion_lengths), 1),
-               "max_new_tokens": max_new, "schedule_steps": trainer.state.max_steps, "dtype": "bf16" if bf16 else "fp32",
-               "dtype_probe": probe, "gradient_checkpointing": bool(args.activation_checkpointing),
-               "mined_aliases": sum(map(len, mined.values()))}
-    mined_all = {n: init_meta.get("mined_aliases", {}).get(n, {}) | mined.get(n, {}) for n in sorted({*init_meta.get("mined_aliases", {}), *mined})}
-    meta = {"stage": stage, **base_meta, "format": fmt, "adapter": True, "max_new_tokens": max_new, "mined_aliases": mined_all}
+    summary = {
+        "stage": stage,
+        "format": fmt,
+        "base": base or "smollm2-135m-instruct",
+        "base_path": base_dir,
+        "examples": len(examples),
+        "steps": result.global_step,
+        "train_seconds": round(seconds, 1),
+        "seconds_per_step": round(seconds / max(1, result.global_step), 2),
+        "final_loss": json.loads((out / "steps.jsonl").read_text().splitlines()[-1])["loss"],
+        "tokens_mean": round(sum(lengths) / len(lengths), 1),
+        "tokens_max": max(lengths),
+        "completion_tokens_mean": round(sum(completion_lengths) / len(completion_lengths), 1),
+        "max_new_tokens": max_new,
+        "schedule_steps": trainer.state.max_steps,
+        "dtype": "bf16" if bf16 else "fp32",
+        "dtype_probe": probe,
+        "gradient_checkpointing": bool(args.activation_checkpointing),
+        "mined_aliases": sum(map(len, mined.values())),
+    }
+    mined_all = {
+        n: init_meta.get("mined_aliases", {}).get(n, {}) | mined.get(n, {})
+        for n in sorted({*init_meta.get("mined_aliases", {}), *mined})
+    }
+    meta = {
+        "stage": stage,
+        **base_meta,
+        "format": fmt,
+        "adapter": True,
+        "max_new_tokens": max_new,
+        "mined_aliases": mined_all,
+    }
     if init:
         meta |= {"init_adapters": copy_adapter_chain(init, out), "init": str(init)}
     save_model_meta(out, schema, meta)

@@ -29,7 +29,9 @@ from trl import GRPOTrainer, SFTTrainer
 from querytune.runtime.model import cache_dir, hardware
 
 
-def completion_loss(model, inputs: dict, num_items: int | torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def completion_loss(
+    model, inputs: dict, num_items: int | torch.Tensor | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean cross-entropy over the completion tokens of `inputs` (labels -100 elsewhere), the LM head applied only
     at the positions that predict one. `num_items`: the divisor (the trainer's count over gradient accumulation);
     by default this batch's completion tokens. Returns the loss and the step's counts (tokens, sum of squared sequence lengths, targets, correct)."""
@@ -47,8 +49,12 @@ def completion_loss(model, inputs: dict, num_items: int | torch.Tensor | None = 
     else:  # one padding-free row: a sequence starts where its position is 0
         starts = (inputs["position_ids"][0] == 0).nonzero().flatten().tolist() + [inputs["position_ids"].shape[1]]
         lengths = torch.tensor([b - a for a, b in zip(starts, starts[1:])])
-    return loss, {"tokens": lengths.sum(), "sum_sq": (lengths ** 2).sum(), "targets": count,
-                  "correct": (logits.detach().argmax(-1) == wanted).sum()}
+    return loss, {
+        "tokens": lengths.sum(),
+        "sum_sq": (lengths**2).sum(),
+        "targets": count,
+        "correct": (logits.detach().argmax(-1) == wanted).sum(),
+    }
 
 
 class CompletionSFTTrainer(SFTTrainer):
@@ -63,8 +69,17 @@ class CompletionSFTTrainer(SFTTrainer):
         return (loss, None) if return_outputs else loss
 
 
-def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
-                     position_ids: torch.Tensor | None = None, **kwargs):
+def packed_attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    position_ids: torch.Tensor | None = None,
+    **kwargs,
+):
     """Attention for one padding-free row (`attn_implementation="packed"`): the row's sequences, found where
     `position_ids` restart at 0, are laid side by side padded at their ends, and each attends causally within
     itself. Masked sdpa or eager over the row would score all T^2 pairs through a T x T block-diagonal mask; this
@@ -80,14 +95,18 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     kept = (slots < lengths[:, None]).flatten().nonzero().flatten()
     n, longest = len(starts), len(slots)
     # index_select, not advanced indexing: its backward is an index_add, several times cheaper than an index_put
-    q, k, v = (t[0].index_select(1, index.flatten()).unflatten(1, (n, longest)).transpose(0, 1) for t in (query, key, value))
+    q, k, v = (
+        t[0].index_select(1, index.flatten()).unflatten(1, (n, longest)).transpose(0, 1) for t in (query, key, value)
+    )
     if q.shape[1] != k.shape[1]:  # grouped-query attention: each key/value head serves a group of query heads
         k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
     scores = torch.matmul(q, k.transpose(-1, -2)) * (scaling if scaling is not None else q.shape[-1] ** -0.5)
     causal = torch.ones(len(slots), len(slots), dtype=torch.bool, device=q.device).triu(1)
     weights = torch.softmax(scores.masked_fill(causal, float("-inf")), dim=-1, dtype=torch.float32).to(q.dtype)
     out = torch.matmul(F.dropout(weights, p=dropout, training=module.training), v)
-    return out.transpose(1, 2).flatten(0, 1).index_select(0, kept).unsqueeze(0), None  # [1, T, heads, head_dim], what the model's attention reshapes
+    return out.transpose(1, 2).flatten(0, 1).index_select(0, kept).unsqueeze(
+        0
+    ), None  # [1, T, heads, head_dim], what the model's attention reshapes
 
 
 AttentionInterface.register("packed", packed_attention)
@@ -104,7 +123,9 @@ def bf16_weights(model) -> None:
             module.to(torch.bfloat16)
         if hasattr(module, "cast_input_dtype_enabled"):
             module.cast_input_dtype_enabled = False
-    copy = torch.nn.Linear(head.in_features, head.out_features, bias=False, dtype=torch.bfloat16, device=head.weight.device)
+    copy = torch.nn.Linear(
+        head.in_features, head.out_features, bias=False, dtype=torch.bfloat16, device=head.weight.device
+    )
     copy.weight.data.copy_(head.weight.detach())
     copy.requires_grad_(False)
     model.get_base_model().set_output_embeddings(copy)
@@ -153,7 +174,9 @@ class SamplingGRPOTrainer(GRPOTrainer):
     `guides` (prompt token ids -> completion token ids): the first sample of each such prompt's group is replaced by
     its guide, so the group holds a parse the policy would not sample (`querytune.train.grpo`)."""
 
-    def __init__(self, *args, merged_sampling: bool = False, guides: dict[tuple[int, ...], list[int]] | None = None, **kwargs):
+    def __init__(
+        self, *args, merged_sampling: bool = False, guides: dict[tuple[int, ...], list[int]] | None = None, **kwargs
+    ):
         super().__init__(*args, **kwargs)
         self.merged_sampling, self.guides = merged_sampling, guides or {}
 
@@ -161,7 +184,10 @@ class SamplingGRPOTrainer(GRPOTrainer):
         on_cpu = not self.use_vllm
         merged = merged_adapters(self.model) if self.merged_sampling and on_cpu else contextlib.nullcontext()
         start = time.perf_counter()
-        with merged, torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16, enabled=bool(self.args.bf16) and on_cpu):
+        with (
+            merged,
+            torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16, enabled=bool(self.args.bf16) and on_cpu),
+        ):
             completion_ids, logprobs = super()._generate_single_turn(prompt_ids, *args, **kwargs)
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["sampling_seconds"].append(time.perf_counter() - start)
@@ -186,15 +212,23 @@ def packed_batch(examples: list[dict[str, str]], tokenizer, size: int, seed: int
         ids += p + c
         labels += [-100] * len(p) + c
         positions += list(range(len(p) + len(c)))
-    return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]), "labels": torch.tensor([labels])}
+    return {
+        "input_ids": torch.tensor([ids]),
+        "position_ids": torch.tensor([positions]),
+        "labels": torch.tensor([labels]),
+    }
 
 
 def lora_parameters(model, lora) -> int:
     """Adapter parameters a LoRA config adds to `model`: r x (in + out) for every linear it targets."""
     targets = lora.target_modules
-    return sum(lora.r * (m.in_features + m.out_features) for name, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and m is not model.get_output_embeddings()
-               and (targets == "all-linear" or any(name.endswith(t) for t in targets)))
+    return sum(
+        lora.r * (m.in_features + m.out_features)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear)
+        and m is not model.get_output_embeddings()
+        and (targets == "all-linear" or any(name.endswith(t) for t in targets))
+    )
 
 
 def step_flops(model, n_lora: int, tokens: int, targets: int, sum_sq_lengths: int) -> float:
@@ -209,9 +243,15 @@ def step_flops(model, n_lora: int, tokens: int, targets: int, sum_sq_lengths: in
     config = model.config.get_text_config()
     head = model.get_output_embeddings()
     frozen = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
-    d_q = config.num_attention_heads * (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
-    return (4 * frozen * tokens + 6 * n_lora * tokens + 4 * head.weight.numel() * targets
-            + 6 * config.num_hidden_layers * d_q * sum_sq_lengths)
+    d_q = config.num_attention_heads * (
+        getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    )
+    return (
+        4 * frozen * tokens
+        + 6 * n_lora * tokens
+        + 4 * head.weight.numel() * targets
+        + 6 * config.num_hidden_layers * d_q * sum_sq_lengths
+    )
 
 
 def pick_dtype(model, lora, batch: dict, steps: int = 3, say=print, weights_in_bf16: bool = True) -> dict[str, Any]:
@@ -225,13 +265,19 @@ def pick_dtype(model, lora, batch: dict, steps: int = 3, say=print, weights_in_b
     from peft import get_peft_model
 
     size = f"{model.config.model_type} {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M"
-    key = f"{hardware()} | {size} | {model.config._attn_implementation} | packed {batch['input_ids'].shape[1]} tokens" + (" | bf16 weights" if weights_in_bf16 else "")
+    key = (
+        f"{hardware()} | {size} | {model.config._attn_implementation} | packed {batch['input_ids'].shape[1]} tokens"
+        + (" | bf16 weights" if weights_in_bf16 else "")
+    )
     path = cache_dir() / "dtype_probe.json"
     known = json.loads(path.read_text()) if path.is_file() else {}
     if key in known:
         return known[key] | {"cached": True}
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    probes = {dtype: get_peft_model(copy.deepcopy(model), copy.deepcopy(lora)).to(device).train() for dtype in ("fp32", "bf16")}
+    probes = {
+        dtype: get_peft_model(copy.deepcopy(model), copy.deepcopy(lora)).to(device).train()
+        for dtype in ("fp32", "bf16")
+    }
     if weights_in_bf16:
         bf16_weights(probes["bf16"])
     batch = {k: v.to(device) for k, v in batch.items()}
@@ -249,9 +295,15 @@ def pick_dtype(model, lora, batch: dict, steps: int = 3, say=print, weights_in_b
                 times[dtype].append(time.perf_counter() - start)
     del probes
     seconds = {dtype: round(min(t), 3) for dtype, t in times.items()}  # the least disturbed step of each
-    result = {"dtype": "bf16" if seconds["bf16"] < 0.95 * seconds["fp32"] else "fp32", "fp32_s": seconds["fp32"],
-              "bf16_s": seconds["bf16"], "hardware": key}
+    result = {
+        "dtype": "bf16" if seconds["bf16"] < 0.95 * seconds["fp32"] else "fp32",
+        "fp32_s": seconds["fp32"],
+        "bf16_s": seconds["bf16"],
+        "hardware": key,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(known | {key: result}, indent=2) + "\n")
-    say(f"dtype probe ({key}): fp32 {seconds['fp32']:.2f} s, bf16 {seconds['bf16']:.2f} s per step: training in {result['dtype']}")
+    say(
+        f"dtype probe ({key}): fp32 {seconds['fp32']:.2f} s, bf16 {seconds['bf16']:.2f} s per step: training in {result['dtype']}"
+    )
     return result | {"cached": False}

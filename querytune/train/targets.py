@@ -31,8 +31,15 @@ PICKS = ("traffic", "random", "novel")  # how `click_targets` picks the logged t
 
 
 # -- training queries from the click log ---------------------------------------------------------------
-def click_targets(world: str | Path, n: int, seed: int = 0, exclude: set[str] | None = None,
-                  shuffle_clicks: bool = False, pick: str = "traffic", max_contexts: int = MAX_CONTEXTS) -> list[dict[str, Any]]:
+def click_targets(
+    world: str | Path,
+    n: int,
+    seed: int = 0,
+    exclude: set[str] | None = None,
+    shuffle_clicks: bool = False,
+    pick: str = "traffic",
+    max_contexts: int = MAX_CONTEXTS,
+) -> list[dict[str, Any]]:
     """`n` distinct query texts (normalised) from the early log that have clicks. Each target holds the text
     (`query`, its latest spelling), `rows` (how often it was typed) and `contexts`: up to `max_contexts` of its
     logged rows spread over the log, each `{user_city, timestamp, gains}` with the position-debiased gains of
@@ -69,15 +76,22 @@ def early_log(world: str | Path, exclude: set[str] | None = None) -> tuple[pd.Da
     log = pd.read_parquet(world / "log.parquet")  # display_p may be missing (a v1 world): read as all 1.0
     log = log[log["period"] == "early"].reset_index(drop=True)
     propensity = estimate_propensity(log)  # from every early row: the randomisation, not the labels, is what it reads
-    seed_texts = [normalize_text(json.loads(line)["text"]) for line in (world / "seed.jsonl").read_text().splitlines() if line.strip()]
+    seed_texts = [
+        normalize_text(json.loads(line)["text"])
+        for line in (world / "seed.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
     exclude = exclude if exclude is not None else set(seed_texts)
     log["key"] = log["query"].map(normalize_text)
     return log[(log["key"] != "") & ~log["key"].isin(exclude)], propensity, seed_texts
 
 
-def _with_contexts(log: pd.DataFrame, propensity, keys: list[str], rng: random.Random, shuffle_clicks: bool,
-                   max_contexts: int) -> list[dict[str, Any]]:
-    latest = log.sort_values("timestamp", kind="stable").groupby("key").tail(1).set_index("key")["query"]  # its latest spelling
+def _with_contexts(
+    log: pd.DataFrame, propensity, keys: list[str], rng: random.Random, shuffle_clicks: bool, max_contexts: int
+) -> list[dict[str, Any]]:
+    latest = (
+        log.sort_values("timestamp", kind="stable").groupby("key").tail(1).set_index("key")["query"]
+    )  # its latest spelling
     rows = log["key"].value_counts().to_dict()
     contexts = contexts_by_text(log[log["key"].isin(set(keys))], propensity, max_contexts)
     keys = [k for k in keys if k in contexts]
@@ -93,14 +107,20 @@ def early_texts(world: str | Path, n: int, seed: int = 0) -> list[dict[str, Any]
     of eval/compare.py all add to the seed."""
     world = Path(world)
     log = pd.read_parquet(world / "log.parquet", columns=["query_id", "query", "period", "timestamp", "user_city"])
-    seen = {normalize_text(json.loads(line)["text"]) for line in (world / "seed.jsonl").read_text().splitlines() if line.strip()}
+    seen = {
+        normalize_text(json.loads(line)["text"])
+        for line in (world / "seed.jsonl").read_text().splitlines()
+        if line.strip()
+    }
     out = []
     for r in log[log["period"] == "early"].sample(frac=1.0, random_state=seed).itertuples():
         text = normalize_text(r.query)
         if not text or text in seen:
             continue
         seen.add(text)
-        out.append({"query_id": r.query_id, "text": r.query, "timestamp": r.timestamp.isoformat(), "user_city": r.user_city})
+        out.append(
+            {"query_id": r.query_id, "text": r.query, "timestamp": r.timestamp.isoformat(), "user_city": r.user_city}
+        )
         if len(out) >= n:
             break
     return out
@@ -122,13 +142,16 @@ def texts_with(world: str | Path, triggers: set[str], exclude: set[str], per_tri
     return list(out)
 
 
-def text_targets(world: str | Path, texts: list[str], seed: int = 0, shuffle_clicks: bool = False,
-                 max_contexts: int = MAX_CONTEXTS) -> dict[str, dict[str, Any]]:
+def text_targets(
+    world: str | Path, texts: list[str], seed: int = 0, shuffle_clicks: bool = False, max_contexts: int = MAX_CONTEXTS
+) -> dict[str, dict[str, Any]]:
     """Normalised text -> its target (as `click_targets` builds them) for those of `texts` with clicks in the
     early log; `shuffle_clicks` deals their contexts out at random among them (the placebo)."""
     log, propensity, _ = early_log(world, exclude=set())
     keys = sorted({normalize_text(t) for t in texts})
-    targets = _with_contexts(log[log["key"].isin(set(keys))], propensity, keys, random.Random(seed), shuffle_clicks, max_contexts)
+    targets = _with_contexts(
+        log[log["key"].isin(set(keys))], propensity, keys, random.Random(seed), shuffle_clicks, max_contexts
+    )
     return {normalize_text(t["query"]): t for t in targets}
 
 
@@ -155,7 +178,7 @@ def novel_first(keys: list[str], rows: dict[str, int], seed_texts: list[str], n:
     queues = [by_word[w] for w in sorted(by_word, key=lambda w: (-typed[w], w))]
     out: list[str] = []
     for depth in range(max(map(len, queues), default=0)):
-        out += [q[depth] for q in queues if depth < len(q)][:n - len(out)]
+        out += [q[depth] for q in queues if depth < len(q)][: n - len(out)]
         if len(out) >= n:
             break
     return out
@@ -167,10 +190,19 @@ def target_score(reward, target: dict[str, Any], completion: str) -> float:
 
 
 # -- candidate parses of the training queries ----------------------------------------------------------
-def sample_candidates(init: Path, targets: list[dict], k: int, temperature: float, seed: int, say=print,
-                      reward: RetrievalReward | None = None, explore_below: float | None = None,
-                      explore_confidence: float | None = None, explore_with: str = "sample",
-                      constrained: bool = True) -> tuple[list[list[str]], list[float]]:
+def sample_candidates(
+    init: Path,
+    targets: list[dict],
+    k: int,
+    temperature: float,
+    seed: int,
+    say=print,
+    reward: RetrievalReward | None = None,
+    explore_below: float | None = None,
+    explore_confidence: float | None = None,
+    explore_with: str = "sample",
+    constrained: bool = True,
+) -> tuple[list[list[str]], list[float]]:
     """The init model's greedy parse plus `k` other parses per query (bf16 decoding: the policy as it is), and
     the confidence of each greedy parse (the probability the model gives it).
 
@@ -213,21 +245,31 @@ def sample_candidates(init: Path, targets: list[dict], k: int, temperature: floa
         if reward is not None and explore_below is not None:
             explore = [i for i in explore if target_score(reward, targets[i], greedy[i]) < explore_below]
         if len(explore) < len(texts):
-            why = [f"score below {explore_below}" if reward is not None and explore_below is not None else "",
-                   f"have confidence below {explore_confidence}" if explore_confidence is not None else ""]
-            say(f"{len(explore):,} of {len(texts):,} greedy parses {' and '.join(w for w in why if w)}: exploring those ({explore_with})")
+            why = [
+                f"score below {explore_below}" if reward is not None and explore_below is not None else "",
+                f"have confidence below {explore_confidence}" if explore_confidence is not None else "",
+            ]
+            say(
+                f"{len(explore):,} of {len(texts):,} greedy parses {' and '.join(w for w in why if w)}: exploring those ({explore_with})"
+            )
         task = bar.add_task(f"{explore_with}: {k} per query", total=len(explore))
         advance = lambda n: bar.advance(task, n)  # noqa: E731
         if not explore:
             sampled = []
         elif explore_with == "branch":
-            sampled = parser.branch([texts[i] for i in explore], positions=2, alternatives=max(1, k // 2), progress=advance)
+            sampled = parser.branch(
+                [texts[i] for i in explore], positions=2, alternatives=max(1, k // 2), progress=advance
+            )
         elif explore_with == "beam":
             sampled = parser.beams([texts[i] for i in explore], k, progress=advance)
         else:
-            sampled = parser.sample([texts[i] for i in explore], k, temperature=temperature, seed=seed, progress=advance)
+            sampled = parser.sample(
+                [texts[i] for i in explore], k, temperature=temperature, seed=seed, progress=advance
+            )
     extra = dict(zip(explore, ([as_json(parser.schema, parser.format, r) for r in raws] for raws in sampled)))
-    say(f"greedy parses of {len(texts):,} queries, {k} {explore_with} candidates of {len(explore):,}, in {time.perf_counter() - t0:.0f}s")
+    say(
+        f"greedy parses of {len(texts):,} queries, {k} {explore_with} candidates of {len(explore):,}, in {time.perf_counter() - t0:.0f}s"
+    )
     return [[g, *extra.get(i, [])] for i, g in enumerate(greedy)], confidence
 
 

@@ -34,7 +34,9 @@ class LoggingRanker:
     def __init__(self, catalog: pd.DataFrame, city_rows: dict, synonyms: dict[str, str] | None = None):
         self.bm25 = Bm25(catalog["text"].tolist())
         self.city_rows, self.rating = city_rows, catalog["rating"].to_numpy()
-        self.gazetteer = sorted(((f" {n} ", c) for c, (_, _, al) in CITIES.items() for n in [c, *al]), key=lambda x: -len(x[0]))
+        self.gazetteer = sorted(
+            ((f" {n} ", c) for c, (_, _, al) in CITIES.items() for n in [c, *al]), key=lambda x: -len(x[0])
+        )
         self.synonyms = sorted(((f" {k} ", v) for k, v in (synonyms or {}).items()), key=lambda x: -len(x[0]))
         self.cache: dict = {}
 
@@ -43,14 +45,18 @@ class LoggingRanker:
         for surface, label in self.synonyms:
             if surface in padded and label not in labels:
                 labels.append(label)
-        return " ".join([norm_query] + [f"{label} {label}" for label in labels])  # twice: the label outweighs a stray word
+        return " ".join(
+            [norm_query] + [f"{label} {label}" for label in labels]
+        )  # twice: the label outweighs a stray word
 
-    def randomised(self, rng: random.Random, norm_query: str, user_city: str, k: int = 10) -> tuple[np.ndarray, list[float]]:
+    def randomised(
+        self, rng: random.Random, norm_query: str, user_city: str, k: int = 10
+    ) -> tuple[np.ndarray, list[float]]:
         """The shown list with each of positions 1..k-1 swapped, with probability SWAP_P, for a business drawn from
         ranks SWAP_POOL; and each shown business's probability of being displayed at its position."""
         ranked = self.shown(norm_query, user_city, SWAP_POOL[1])
         shown, probs = list(ranked[:k]), [1.0] + [1.0 - SWAP_P] * (min(k, len(ranked)) - 1)
-        pool = list(ranked[SWAP_POOL[0]:])
+        pool = list(ranked[SWAP_POOL[0] :])
         for pos in range(1, len(shown)):
             if pool and rng.random() < SWAP_P:
                 shown[pos] = pool.pop(rng.randrange(len(pool)))
@@ -70,7 +76,7 @@ class LoggingRanker:
         if key not in self.cache:
             idx = self.city_rows[city]
             scores = self.bm25.scores(self.expand(norm_query))[idx] + 0.15 * self.rating[idx]
-            self.cache[key] = idx[np.lexsort((idx, -scores))[:max(k, SWAP_POOL[1] if self.synonyms else k)]]
+            self.cache[key] = idx[np.lexsort((idx, -scores))[: max(k, SWAP_POOL[1] if self.synonyms else k)]]
         return self.cache[key][:k]
 
 
@@ -104,7 +110,11 @@ def user_context(rng: random.Random, cities: list[str], weights: list[float]) ->
 def drifted(rng: random.Random, r, need: dict, day: float):
     """The rendering with each drift-able value's surface replaced by its new term at the day's drift rate."""
     p = drift_rate(day)
-    terms = [(slot, DRIFT_TERMS[(slot, v)]) for slot, v in need["slots"].items() if (slot, v) in DRIFT_TERMS and slot in r.surfaces]
+    terms = [
+        (slot, DRIFT_TERMS[(slot, v)])
+        for slot, v in need["slots"].items()
+        if (slot, v) in DRIFT_TERMS and slot in r.surfaces
+    ]
     if not p or not terms:
         return r
     text, used = r.text, dict(r.surfaces)

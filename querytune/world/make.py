@@ -61,7 +61,11 @@ class Profile:
     drift: bool  # new terms ramp into the log after the seed's two weeks
 
 
-PROFILES = {"v2": Profile("v2", V2, True, True), "stationary": Profile("stationary", V2, False, False), "v1": Profile("v1", V1, False, False)}
+PROFILES = {
+    "v2": Profile("v2", V2, True, True),
+    "stationary": Profile("stationary", V2, False, False),
+    "v1": Profile("v1", V1, False, False),
+}
 
 
 def catalog_arrays(catalog: pd.DataFrame) -> dict:
@@ -74,8 +78,15 @@ def catalog_arrays(catalog: pd.DataFrame) -> dict:
     return cat
 
 
-def make_world(out: str | Path, seed: int = 0, rows: int = 120_000, per_city: int = 280, progress=None, profile: str = "v2",
-               eval_rows: int = EVAL_ROWS) -> dict:
+def make_world(
+    out: str | Path,
+    seed: int = 0,
+    rows: int = 120_000,
+    per_city: int = 280,
+    progress=None,
+    profile: str = "v2",
+    eval_rows: int = EVAL_ROWS,
+) -> dict:
     """Build the world into `out` and return its stats. `progress(description)` is called per phase; `eval_rows`:
     the size of dev and of test (fewer when the late log has too few distinct texts)."""
     if profile not in PROFILES:
@@ -99,7 +110,9 @@ def make_world(out: str | Path, seed: int = 0, rows: int = 120_000, per_city: in
     cities, weights = list(CITIES), [CITIES[c][0] for c in CITIES]
 
     def need_for(user_city: str, simple: bool) -> dict:
-        need = sample_need(rng, user_city, (0.55, 0.3, 0.12, 0.03) if simple else (0.3, 0.35, 0.23, 0.12), market=prof.market)
+        need = sample_need(
+            rng, user_city, (0.55, 0.3, 0.12, 0.03) if simple else (0.3, 0.35, 0.23, 0.12), market=prof.market
+        )
         if need["intent"] == "find_named_business":
             home = user_city if rng.random() < 0.8 else rng.choices(cities, weights)[0]
             need = named_need(rng, user_city, by_city[home][rng.randrange(len(by_city[home]))])
@@ -148,15 +161,37 @@ def make_world(out: str | Path, seed: int = 0, rows: int = 120_000, per_city: in
             shown = np.array([], dtype=int)
         clicked = cascade_clicks(rng, shown, rel)
         qid = f"q{i:06d}"
-        log.append({"query_id": qid, "timestamp": ts, "user_city": user_city, "query": r.text,
-                    "shown": [str(ids[b]) for b in shown], **({"display_p": display_p} if v2 else {}),
-                    "clicked": [str(ids[b]) for b in clicked],
-                    "period": "early" if ts < START + timedelta(days=EARLY_DAYS) else "late"})
-        needs_audit.append({"query_id": qid, "intent": need["intent"], "slots": json.dumps(need["slots"], sort_keys=True),
-                            "phrasing": r.family, "phrasing_in_seed": r.covered, "effects": ",".join(r.effects),
-                            "satisfying_clicks": sum(rel.get(int(b), 0) == 2 for b in clicked),
-                            **({"annotation": json.dumps(annotation if prof.guideline_gap else need, sort_keys=True),
-                                "mechanisms": ",".join(tags)} if v2 else {})})
+        log.append(
+            {
+                "query_id": qid,
+                "timestamp": ts,
+                "user_city": user_city,
+                "query": r.text,
+                "shown": [str(ids[b]) for b in shown],
+                **({"display_p": display_p} if v2 else {}),
+                "clicked": [str(ids[b]) for b in clicked],
+                "period": "early" if ts < START + timedelta(days=EARLY_DAYS) else "late",
+            }
+        )
+        needs_audit.append(
+            {
+                "query_id": qid,
+                "intent": need["intent"],
+                "slots": json.dumps(need["slots"], sort_keys=True),
+                "phrasing": r.family,
+                "phrasing_in_seed": r.covered,
+                "effects": ",".join(r.effects),
+                "satisfying_clicks": sum(rel.get(int(b), 0) == 2 for b in clicked),
+                **(
+                    {
+                        "annotation": json.dumps(annotation if prof.guideline_gap else need, sort_keys=True),
+                        "mechanisms": ",".join(tags),
+                    }
+                    if v2
+                    else {}
+                ),
+            }
+        )
         rels.append((rel, shown) if v2 else rel)
     log_df = pd.DataFrame(log).sort_values(["timestamp", "query_id"], kind="stable").reset_index(drop=True)
     audit_df = pd.DataFrame(needs_audit).set_index("query_id").loc[log_df["query_id"]].reset_index()
@@ -176,8 +211,14 @@ def make_world(out: str | Path, seed: int = 0, rows: int = 120_000, per_city: in
     def labeled_row(j: int, label: dict | None = None) -> dict:
         row, a = log_df.iloc[j], audit_df.iloc[j]
         label = label or {"intent": a["intent"], "slots": json.loads(a["slots"])}
-        return {"id": row["query_id"], "text": row["query"], "intent": label["intent"], "slots": label["slots"],
-                "timestamp": row["timestamp"].isoformat(), "user_city": row["user_city"]}
+        return {
+            "id": row["query_id"],
+            "text": row["query"],
+            "intent": label["intent"],
+            "slots": label["slots"],
+            "timestamp": row["timestamp"].isoformat(),
+            "user_city": row["user_city"],
+        }
 
     early_idx = np.flatnonzero((log_df["period"] == "early").to_numpy())
     if v2:  # the seed is annotated from the first two weeks, by the guideline
@@ -192,13 +233,20 @@ def make_world(out: str | Path, seed: int = 0, rows: int = 120_000, per_city: in
 
     def eval_row(j: int) -> dict:
         row = labeled_row(j)
-        row |= {"relevance": {str(ids[b]): g for b, g in sorted(rels[j].items())},
-                "seen_in_early_log": norm.iat[j] in early_texts, "traffic": bucket[norm.iat[j]],
-                "phrasing": audit_df.at[j, "phrasing"], "phrasing_in_seed": bool(audit_df.at[j, "phrasing_in_seed"]),
-                "effects": [e for e in audit_df.at[j, "effects"].split(",") if e]}
+        row |= {
+            "relevance": {str(ids[b]): g for b, g in sorted(rels[j].items())},
+            "seen_in_early_log": norm.iat[j] in early_texts,
+            "traffic": bucket[norm.iat[j]],
+            "phrasing": audit_df.at[j, "phrasing"],
+            "phrasing_in_seed": bool(audit_df.at[j, "phrasing_in_seed"]),
+            "effects": [e for e in audit_df.at[j, "effects"].split(",") if e],
+        }
         if v2:
-            row |= {"need": {"intent": row["intent"], "slots": row["slots"]}, "annotation": json.loads(audit_df.at[j, "annotation"]),
-                    "mechanisms": tags_of[j]}
+            row |= {
+                "need": {"intent": row["intent"], "slots": row["slots"]},
+                "annotation": json.loads(audit_df.at[j, "annotation"]),
+                "mechanisms": tags_of[j],
+            }
         return row
 
     def gradable(j: int) -> bool:  # something satisfies this need at that time and place
@@ -226,7 +274,11 @@ def make_world(out: str | Path, seed: int = 0, rows: int = 120_000, per_city: in
             for j in late_order:
                 if bool(tags_of[j]) != tagged or norm.iat[j] in used or not gradable(j):
                     continue
-                room = [n for n in eval_sets if len(eval_sets[n]) < size and all(counts[n][t] < quota[t] for t in tags_of[j])]
+                room = [
+                    n
+                    for n in eval_sets
+                    if len(eval_sets[n]) < size and all(counts[n][t] < quota[t] for t in tags_of[j])
+                ]
                 if not room:
                     continue
                 name = min(room, key=lambda n: (len(eval_sets[n]), n))

@@ -21,8 +21,16 @@ MECHANISMS = ("taxonomy", "drift", "generic_name", "filter_guideline")
 TEST_SHARES = {"taxonomy": 0.05, "drift": 0.06, "generic_name": 0.03, "filter_guideline": 0.05}
 
 # -- taxonomy: fine cuisine (as the catalogue and the schema spell it) -> the guideline's broad cuisine ----------
-FINE_TO_BROAD = {"pizza": "italian", "ramen": "japanese", "sushi": "japanese", "tacos": "mexican", "pho": "vietnamese",
-                 "burgers": "american", "bbq": "american", "dim_sum": "chinese"}
+FINE_TO_BROAD = {
+    "pizza": "italian",
+    "ramen": "japanese",
+    "sushi": "japanese",
+    "tacos": "mexican",
+    "pho": "vietnamese",
+    "burgers": "american",
+    "bbq": "american",
+    "dim_sum": "chinese",
+}
 # v2's cuisines: weight, surfaces, slang; v1's (vocab.CUISINES) where not listed here. The dish words that were slang
 # of broad cuisines in v1 ("tacos" for mexican, "pho" for vietnamese, "dim sum" for chinese) are fine cuisines here.
 _V2_CHANGED: dict[str, tuple[float, list[str], list[str]]] = {
@@ -34,21 +42,54 @@ _V2_CHANGED: dict[str, tuple[float, list[str], list[str]]] = {
     "pho": (1.0, ["pho", "pho shop"], ["pho spot", "noodle house"]),
     "dim_sum": (1.0, ["dim sum", "dumplings"], ["yum cha", "dumpling house"]),
 }
-_V2_ORDER = ["thai", "mexican", "italian", "chinese", "japanese", "sushi", "indian", "vietnamese", "korean", "bbq", "pizza", "burgers",
-             "tacos", "pho", "dim_sum", "mediterranean", "greek", "french", "american", "seafood", "vegan", "ramen", "middle_eastern", "brunch"]
+_V2_ORDER = [
+    "thai",
+    "mexican",
+    "italian",
+    "chinese",
+    "japanese",
+    "sushi",
+    "indian",
+    "vietnamese",
+    "korean",
+    "bbq",
+    "pizza",
+    "burgers",
+    "tacos",
+    "pho",
+    "dim_sum",
+    "mediterranean",
+    "greek",
+    "french",
+    "american",
+    "seafood",
+    "vegan",
+    "ramen",
+    "middle_eastern",
+    "brunch",
+]
 V2_CUISINES = {c: _V2_CHANGED.get(c) or CUISINES[c] for c in _V2_ORDER}
 # the catalogue's restaurants draw their cuisine from these weights: fine cuisines are 17.2 of 48.2 (36%)
 CATALOG_CUISINE_WEIGHTS = {c: w for c, (w, _, _) in V2_CUISINES.items()}
 
 # -- drift: (slot, canonical value) -> the new term, and when it enters the log ----------------------------------
 DRIFT_TERMS: dict[tuple[str, str], str] = {
-    ("neighborhood", "south congress"): "soco", ("neighborhood", "williamsburg"): "wburg",
-    ("neighborhood", "koreatown"): "ktown", ("neighborhood", "jamaica plain"): "jp",
-    ("neighborhood", "old fourth ward"): "o4w", ("neighborhood", "north park"): "nopo",
-    ("neighborhood", "french quarter"): "the quarter", ("neighborhood", "pearl district"): "the pearl",
-    ("cuisine", "mexican"): "birria", ("cuisine", "chinese"): "hot pot", ("cuisine", "thai"): "khao soi",
-    ("cuisine", "japanese"): "katsu", ("cuisine", "seafood"): "poke",
-    ("category", "laundromat"): "washeteria", ("category", "barber"): "fade shop", ("category", "pharmacy"): "pharm",
+    ("neighborhood", "south congress"): "soco",
+    ("neighborhood", "williamsburg"): "wburg",
+    ("neighborhood", "koreatown"): "ktown",
+    ("neighborhood", "jamaica plain"): "jp",
+    ("neighborhood", "old fourth ward"): "o4w",
+    ("neighborhood", "north park"): "nopo",
+    ("neighborhood", "french quarter"): "the quarter",
+    ("neighborhood", "pearl district"): "the pearl",
+    ("cuisine", "mexican"): "birria",
+    ("cuisine", "chinese"): "hot pot",
+    ("cuisine", "thai"): "khao soi",
+    ("cuisine", "japanese"): "katsu",
+    ("cuisine", "seafood"): "poke",
+    ("category", "laundromat"): "washeteria",
+    ("category", "barber"): "fade shop",
+    ("category", "pharmacy"): "pharm",
     ("category", "tattoo_parlor"): "ink shop",
 }
 SEED_DAYS = 14  # the seed set is annotated from the log's first two weeks only
@@ -66,7 +107,18 @@ def drift_rate(day: float) -> float:
 
 # -- generic_name: catalogue names made of generic words -----------------------------------------------------------
 GENERIC_NAME_SHARE = 0.10  # of the catalogue's non-restaurant businesses
-GENERIC_PREFIXES = ["the", "reliable", "city", "quality", "friendly", "downtown", "family", "classic", "original", "best"]
+GENERIC_PREFIXES = [
+    "the",
+    "reliable",
+    "city",
+    "quality",
+    "friendly",
+    "downtown",
+    "family",
+    "classic",
+    "original",
+    "best",
+]
 
 
 def generic_name(prefix: str, category_surface: str) -> str:
@@ -95,22 +147,86 @@ V2_PRICES: dict[str, tuple[float, list[str]]] = {
 
 # -- realism: which constraints occur for which categories (v2's catalogue draws attributes from this table) ----
 FOOD = ("restaurant", "cafe", "bakery", "ice_cream_shop", "food_truck", "juice_bar")
-HEALTH = ("dentist", "pediatrician", "urgent_care", "pharmacy", "optometrist", "chiropractor", "physical_therapist", "dermatologist")
+HEALTH = (
+    "dentist",
+    "pediatrician",
+    "urgent_care",
+    "pharmacy",
+    "optometrist",
+    "chiropractor",
+    "physical_therapist",
+    "dermatologist",
+)
 ATTRIBUTE_CATEGORIES: dict[str, tuple[str, ...]] = {
-    "kid_friendly": FOOD + ("movie_theater", "bowling_alley", "escape_room", "museum", "pediatrician", "dentist", "optometrist",
-                            "hair_salon", "barber", "hotel"),
+    "kid_friendly": FOOD
+    + (
+        "movie_theater",
+        "bowling_alley",
+        "escape_room",
+        "museum",
+        "pediatrician",
+        "dentist",
+        "optometrist",
+        "hair_salon",
+        "barber",
+        "hotel",
+    ),
     "outdoor_seating": ("restaurant", "cafe", "bar", "brewery", "food_truck", "ice_cream_shop", "juice_bar"),
     "delivery": ("restaurant", "cafe", "bakery", "juice_bar", "pharmacy"),
     "vegan_options": ("restaurant", "cafe", "bakery", "juice_bar", "food_truck", "ice_cream_shop"),
     "accepts_insurance": HEALTH + ("veterinarian",),
-    "emergency_service": ("plumber", "electrician", "locksmith", "hvac", "roofer", "pest_control", "urgent_care", "veterinarian",
-                          "towing", "dentist", "auto_repair"),
-    "pet_friendly": ("restaurant", "cafe", "bar", "brewery", "hotel", "motel", "bed_and_breakfast", "laundromat", "pet_store"),
-    "wheelchair_accessible": FOOD + HEALTH + ("bar", "brewery", "movie_theater", "bowling_alley", "museum", "hotel", "motel", "gym",
-                                              "yoga_studio", "comedy_club", "karaoke"),
+    "emergency_service": (
+        "plumber",
+        "electrician",
+        "locksmith",
+        "hvac",
+        "roofer",
+        "pest_control",
+        "urgent_care",
+        "veterinarian",
+        "towing",
+        "dentist",
+        "auto_repair",
+    ),
+    "pet_friendly": (
+        "restaurant",
+        "cafe",
+        "bar",
+        "brewery",
+        "hotel",
+        "motel",
+        "bed_and_breakfast",
+        "laundromat",
+        "pet_store",
+    ),
+    "wheelchair_accessible": FOOD
+    + HEALTH
+    + (
+        "bar",
+        "brewery",
+        "movie_theater",
+        "bowling_alley",
+        "museum",
+        "hotel",
+        "motel",
+        "gym",
+        "yoga_studio",
+        "comedy_club",
+        "karaoke",
+    ),
     "free_wifi": ("restaurant", "cafe", "bakery", "hotel", "motel", "bed_and_breakfast", "laundromat"),
-    "walk_ins": ("hair_salon", "barber", "nail_salon", "massage", "tattoo_parlor", "urgent_care", "optometrist", "auto_repair",
-                 "tire_shop", "car_wash"),
+    "walk_ins": (
+        "hair_salon",
+        "barber",
+        "nail_salon",
+        "massage",
+        "tattoo_parlor",
+        "urgent_care",
+        "optometrist",
+        "auto_repair",
+        "tire_shop",
+        "car_wash",
+    ),
 }
 
 # -- the logging ranker's randomisation --------------------------------------------------------------------------

@@ -16,8 +16,23 @@ from querytune.world.catalog import HOURS_PROFILES
 from querytune.world.mechanisms import ATTRIBUTE_CATEGORIES, V2_CUISINES, V2_PRICES
 from querytune.world.vocab import ATTRIBUTES, CATEGORIES, CITIES, CUISINES, DAYS, PRICES
 
-BOOKABLE = ("restaurant", "hair_salon", "barber", "nail_salon", "spa", "massage", "dentist", "optometrist",
-            "chiropractor", "veterinarian", "pet_groomer", "hotel", "escape_room", "yoga_studio", "auto_repair")
+BOOKABLE = (
+    "restaurant",
+    "hair_salon",
+    "barber",
+    "nail_salon",
+    "spa",
+    "massage",
+    "dentist",
+    "optometrist",
+    "chiropractor",
+    "veterinarian",
+    "pet_groomer",
+    "hotel",
+    "escape_room",
+    "yoga_studio",
+    "auto_repair",
+)
 CATEGORY_NAMES = [c for c in CATEGORIES]
 _CAT_W = [CATEGORIES[c][1] if c != "restaurant" else 18.0 for c in CATEGORY_NAMES]  # cuisines add restaurant demand
 CITY_NAMES = list(CITIES)
@@ -49,13 +64,15 @@ class Market:
         return ["now"] + (["late"] if late else []) + (["24h"] if always else [])
 
 
-V1 = Market("v1", CUISINES, {k: (w, PRICES[k][1]) for k, w in zip(("cheap", "moderate", "expensive"), (0.6, 0.15, 0.25))}, False)
+V1 = Market(
+    "v1", CUISINES, {k: (w, PRICES[k][1]) for k, w in zip(("cheap", "moderate", "expensive"), (0.6, 0.15, 0.25))}, False
+)
 V2 = Market("v2", V2_CUISINES, V2_PRICES, True)
 
 
-
-
-def sample_need(rng: random.Random, user_city: str, n_constraints_p=(0.35, 0.35, 0.2, 0.1), market: Market = V1) -> dict:
+def sample_need(
+    rng: random.Random, user_city: str, n_constraints_p=(0.35, 0.35, 0.2, 0.1), market: Market = V1
+) -> dict:
     """A hidden need for a user in `user_city`: {"intent", "slots"} with canonical values."""
     u = rng.random()
     if u < 0.09:
@@ -150,7 +167,9 @@ def constraint_masks(need: dict, cat: dict, idx: np.ndarray, user_city: str, wee
     return base, others
 
 
-def graded_relevance(need: dict, cat: dict, city_rows: dict, user_city: str, weekday: int, minute: int) -> dict[int, int]:
+def graded_relevance(
+    need: dict, cat: dict, city_rows: dict, user_city: str, weekday: int, minute: int
+) -> dict[int, int]:
     """Row index -> grade. 2: satisfies every constraint; 1: right kind and place, misses exactly one
     other constraint; unlisted: 0. Named-business needs: the named business (grade 2)."""
     s = need["slots"]

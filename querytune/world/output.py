@@ -27,25 +27,42 @@ def v2_stats(prof, catalog, log_df, audit_df, rels, shown_lists, tags_of, eval_s
     hood_only = [(json.loads(s), c) for s, c in zip(audit_df["slots"], log_df["user_city"])]
     hood_only = [(s, c) for s, c in hood_only if "neighborhood" in s and "city" not in s]
     gradable = [j for j, rel in enumerate(rels) if 2 in rel.values()]
-    ndcg = [ndcg_at_k([str(ids[b]) for b in shown_lists[j]], {str(ids[b]): g for b, g in rels[j].items()}) for j in gradable]
+    ndcg = [
+        ndcg_at_k([str(ids[b]) for b in shown_lists[j]], {str(ids[b]): g for b, g in rels[j].items()}) for j in gradable
+    ]
     n_shown = sum(len(p) for p in log_df["display_p"])
-    seed_diff = sum(json.loads(a) != {"intent": i, "slots": json.loads(s)} for a, i, s in
-                    zip(audit_df["annotation"], audit_df["intent"], audit_df["slots"]))
+    seed_diff = sum(
+        json.loads(a) != {"intent": i, "slots": json.loads(s)}
+        for a, i, s in zip(audit_df["annotation"], audit_df["intent"], audit_df["slots"])
+    )
     fine = catalog["cuisine"].isin(list(FINE_TO_BROAD))
     return {
         "profile": prof.name,
         "mechanisms": {
             "required_test_share": TEST_SHARES,
             "log_share": {m: round(sum(m in t for t in tags_of) / len(tags_of), 4) for m in MECHANISMS},
-            **{name: {m: round(sum(m in r["mechanisms"] for r in rows) / max(1, len(rows)), 4) for m in MECHANISMS}
-               for name, rows in eval_sets.items()},
+            **{
+                name: {m: round(sum(m in r["mechanisms"] for r in rows) / max(1, len(rows)), 4) for m in MECHANISMS}
+                for name, rows in eval_sets.items()
+            },
             "log_share_annotation_differs": round(seed_diff / len(audit_df), 4),
         },
-        "catalog_v2": {"restaurants_with_fine_cuisine": int(fine.sum()), "restaurants": int(catalog["cuisine"].notna().sum()),
-                       "generic_names": len(generic)},
-        "ranker": {"ndcg10": round(float(np.mean(ndcg)), 4), "gradable_rows": len(gradable),
-                   "share_impressions_randomised": round(sum(p < 1 - SWAP_P for ps in log_df["display_p"] for p in ps) / max(1, n_shown), 4)},
-        "neighborhood_only": {"rows": len(hood_only), "unsatisfiable": sum((c, s["neighborhood"]) not in hoods for s, c in hood_only)},
+        "catalog_v2": {
+            "restaurants_with_fine_cuisine": int(fine.sum()),
+            "restaurants": int(catalog["cuisine"].notna().sum()),
+            "generic_names": len(generic),
+        },
+        "ranker": {
+            "ndcg10": round(float(np.mean(ndcg)), 4),
+            "gradable_rows": len(gradable),
+            "share_impressions_randomised": round(
+                sum(p < 1 - SWAP_P for ps in log_df["display_p"] for p in ps) / max(1, n_shown), 4
+            ),
+        },
+        "neighborhood_only": {
+            "rows": len(hood_only),
+            "unsatisfiable": sum((c, s["neighborhood"]) not in hoods for s, c in hood_only),
+        },
     }
 
 
@@ -63,9 +80,22 @@ def corrupt_labels(rng: random.Random, rows: list[dict], schema, allowed: dict[s
             row["slots"].pop(rng.choice(sorted(row["slots"])))
         elif kind == "value" and any(schema.slots[k].type == "categorical" for k in row["slots"]):
             k = rng.choice(sorted(k for k in row["slots"] if schema.slots[k].type == "categorical"))
-            row["slots"][k] = rng.choice([v for v in schema.slots[k].values if v != row["slots"][k] and (not allowed or k not in allowed or v in allowed[k])])
-        elif kind == "extra_slot" and row["intent"] != "out_of_scope" and (
-                extra := [k for k in ("near_me", "kid_friendly", "delivery", "outdoor_seating") if k not in row["slots"]]):
+            row["slots"][k] = rng.choice(
+                [
+                    v
+                    for v in schema.slots[k].values
+                    if v != row["slots"][k] and (not allowed or k not in allowed or v in allowed[k])
+                ]
+            )
+        elif (
+            kind == "extra_slot"
+            and row["intent"] != "out_of_scope"
+            and (
+                extra := [
+                    k for k in ("near_me", "kid_friendly", "delivery", "outdoor_seating") if k not in row["slots"]
+                ]
+            )
+        ):
             row["slots"][rng.choice(extra)] = True
         else:
             kind = "intent"
@@ -73,7 +103,9 @@ def corrupt_labels(rng: random.Random, rows: list[dict], schema, allowed: dict[s
             if row["intent"] == "out_of_scope":
                 row["slots"] = {}
         row["slots"] = dict(sorted(row["slots"].items()))
-        errors.append({"id": row["id"], "kind": kind, "true": true, "given": {"intent": row["intent"], "slots": row["slots"]}})
+        errors.append(
+            {"id": row["id"], "kind": kind, "true": true, "given": {"intent": row["intent"], "slots": row["slots"]}}
+        )
     return errors
 
 
@@ -84,21 +116,40 @@ def world_stats(catalog, log_df, audit_df, rels, seed_rows, errors, eval_sets, f
     top = freq.iloc[: max(1, len(freq) // 100)].sum()
     stat = lambda rows, key: round(float(np.mean([r[key] for r in rows])), 4)  # noqa: E731
     return {
-        "catalog": {"businesses": len(catalog), "cities": catalog["city"].nunique(),
-                    "neighborhoods": int(catalog[["city", "neighborhood"]].drop_duplicates().shape[0]),
-                    "categories": catalog["category"].nunique(), "cuisines": catalog["cuisine"].nunique()},
-        "log": {"rows": len(log_df), "distinct_queries": int(len(freq)),
-                "share_rows_seen_once": round(float((freq == 1).sum() / len(log_df)), 4),
-                "share_traffic_top1pct_queries": round(float(top / len(log_df)), 4),
-                "clicks": len(clicks), "share_clicks_not_satisfying": round(unsatisfying / max(1, len(clicks)), 4),
-                "rows_early": int((log_df["period"] == "early").sum()), "rows_late": int((log_df["period"] == "late").sum()),
-                "intents": {k: int(v) for k, v in audit_df["intent"].value_counts().sort_index().items()},
-                "share_phrasing_in_seed_style": round(float(audit_df["phrasing_in_seed"].mean()), 4)},
-        "seed": {"rows": len(seed_rows), "label_errors": len(errors), "label_error_rate": round(len(errors) / max(1, len(seed_rows)), 4)},
-        **{name: {"rows": len(rows), "share_seen_in_early_log": stat(rows, "seen_in_early_log"),
-                  "share_phrasing_in_seed": stat(rows, "phrasing_in_seed"),
-                  "traffic": dict(sorted(Counter(r["traffic"] for r in rows).items())),
-                  "effects": dict(sorted(Counter(e for r in rows for e in r["effects"]).items()))} for name, rows in eval_sets.items()},
+        "catalog": {
+            "businesses": len(catalog),
+            "cities": catalog["city"].nunique(),
+            "neighborhoods": int(catalog[["city", "neighborhood"]].drop_duplicates().shape[0]),
+            "categories": catalog["category"].nunique(),
+            "cuisines": catalog["cuisine"].nunique(),
+        },
+        "log": {
+            "rows": len(log_df),
+            "distinct_queries": int(len(freq)),
+            "share_rows_seen_once": round(float((freq == 1).sum() / len(log_df)), 4),
+            "share_traffic_top1pct_queries": round(float(top / len(log_df)), 4),
+            "clicks": len(clicks),
+            "share_clicks_not_satisfying": round(unsatisfying / max(1, len(clicks)), 4),
+            "rows_early": int((log_df["period"] == "early").sum()),
+            "rows_late": int((log_df["period"] == "late").sum()),
+            "intents": {k: int(v) for k, v in audit_df["intent"].value_counts().sort_index().items()},
+            "share_phrasing_in_seed_style": round(float(audit_df["phrasing_in_seed"].mean()), 4),
+        },
+        "seed": {
+            "rows": len(seed_rows),
+            "label_errors": len(errors),
+            "label_error_rate": round(len(errors) / max(1, len(seed_rows)), 4),
+        },
+        **{
+            name: {
+                "rows": len(rows),
+                "share_seen_in_early_log": stat(rows, "seen_in_early_log"),
+                "share_phrasing_in_seed": stat(rows, "phrasing_in_seed"),
+                "traffic": dict(sorted(Counter(r["traffic"] for r in rows).items())),
+                "effects": dict(sorted(Counter(e for r in rows for e in r["effects"]).items())),
+            }
+            for name, rows in eval_sets.items()
+        },
     }
 
 

@@ -27,7 +27,17 @@ from querytune.world.vocab import (
 )
 
 # The seed annotators saw every framing but two: slang ("pho spot rn") and telegraphic (shuffled, no connectors).
-SEED_FAMILIES = ("keyword", "need_statement", "reversed", "question", "book_formal", "book_casual", "named_plain", "named_info", "oos")
+SEED_FAMILIES = (
+    "keyword",
+    "need_statement",
+    "reversed",
+    "question",
+    "book_formal",
+    "book_casual",
+    "named_plain",
+    "named_info",
+    "oos",
+)
 ALL_FAMILIES = SEED_FAMILIES + ("slang", "telegraphic")
 SURFACE_ZIPF = 1.5  # people use a slot's common forms far more often than its rare ones
 
@@ -74,14 +84,22 @@ def _article(phrase: str) -> str:
 # ("tmrw", "appt", "nyc", "sat"); slang: a slang surface or the slang framing; near_me: "near me" and its kin;
 # dropped_words: the telegraphic framing (connectors and "open" dropped, words shuffled).
 PHRASING_EFFECTS = ("typo", "abbreviation", "slang", "near_me", "dropped_words")
-ABBREVIATIONS = frozenset(["rn", "tmrw", "ppl", "appt", "24h", "24/7", "4+", "til", "thats", "wheres"]
-                          + [d[:3] for d in DAYS] + [s for c in CITIES.values() for s in c[2] if len(s) <= 4 and " " not in s])
+ABBREVIATIONS = frozenset(
+    ["rn", "tmrw", "ppl", "appt", "24h", "24/7", "4+", "til", "thats", "wheres"]
+    + [d[:3] for d in DAYS]
+    + [s for c in CITIES.values() for s in c[2] if len(s) <= 4 and " " not in s]
+)
 
 
 def _effects(text: str, family: str, slang: bool, near_me: bool, typo: bool) -> tuple[str, ...]:
     words = set(text.lower().replace("?", "").split())
-    found = {"typo": typo, "abbreviation": bool(words & ABBREVIATIONS), "slang": slang or family == "slang",
-             "near_me": near_me, "dropped_words": family == "telegraphic"}
+    found = {
+        "typo": typo,
+        "abbreviation": bool(words & ABBREVIATIONS),
+        "slang": slang or family == "slang",
+        "near_me": near_me,
+        "dropped_words": family == "telegraphic",
+    }
     return tuple(e for e in PHRASING_EFFECTS if found[e])
 
 
@@ -89,15 +107,17 @@ def _typo(rng: random.Random, word: str) -> str:
     i = rng.randrange(1, len(word) - 1)
     op = rng.randrange(4)
     if op == 0:
-        return word[:i] + word[i + 1:]  # drop
+        return word[:i] + word[i + 1 :]  # drop
     if op == 1:
-        return word[:i] + word[i + 1] + word[i] + word[i + 2:]  # swap
+        return word[:i] + word[i + 1] + word[i] + word[i + 2 :]  # swap
     if op == 2:
         return word[:i] + word[i] + word[i:]  # double
-    return word[:i] + "aeiou"[rng.randrange(5)] + word[i + 1:]  # wrong vowel
+    return word[:i] + "aeiou"[rng.randrange(5)] + word[i + 1 :]  # wrong vowel
 
 
-def render(rng: random.Random, need: dict, seed_style: bool = False, noise: float = 0.0, market: Market = V1) -> Rendered:
+def render(
+    rng: random.Random, need: dict, seed_style: bool = False, noise: float = 0.0, market: Market = V1
+) -> Rendered:
     """Turn a need into the text a person types. `seed_style` keeps to the seed annotators' phrasings."""
     s = need["slots"]
     intent = need["intent"]
@@ -106,10 +126,13 @@ def render(rng: random.Random, need: dict, seed_style: bool = False, noise: floa
     if intent == "out_of_scope":
         template = rng.choice(OUT_OF_SCOPE)
         text = template.format(
-            day=rng.choice(["today", "tomorrow", "this weekend"]), city=rng.choice(CITY_NAMES),
+            day=rng.choice(["today", "tomorrow", "this weekend"]),
+            city=rng.choice(CITY_NAMES),
             cuisine_word=rng.choice(sum((v[1][:1] + v[2][:1] for v in market.cuisines.values()), [])),
-            cat_word=rng.choice(sum((CATEGORIES[c][4][:1] for c in CATEGORY_NAMES), [])), song=rng.choice(SONGS),
-            person=rng.choice(PEOPLE), n=rng.choice([3, 5, 10, 26, 100]),
+            cat_word=rng.choice(sum((CATEGORIES[c][4][:1] for c in CATEGORY_NAMES), [])),
+            song=rng.choice(SONGS),
+            person=rng.choice(PEOPLE),
+            n=rng.choice([3, 5, 10, 26, 100]),
         )
         text, typo = _noise(rng, text, noise)
         return Rendered(text, "oos", True, _effects(text, "oos", False, False, typo))
@@ -146,7 +169,9 @@ def render(rng: random.Random, need: dict, seed_style: bool = False, noise: floa
         pre.append(used.setdefault("min_rating", sf.pick(RATING[s["min_rating"]])))
     for a in ATTRIBUTES:
         if s.get(a):
-            (pre if rng.random() < 0.3 and len(ATTRIBUTES[a][2][0].split()) <= 2 else post).append(used.setdefault(a, sf.pick(ATTRIBUTES[a][2])))
+            (pre if rng.random() < 0.3 and len(ATTRIBUTES[a][2][0].split()) <= 2 else post).append(
+                used.setdefault(a, sf.pick(ATTRIBUTES[a][2]))
+            )
     loc = []
     if s.get("near_me"):
         loc.append(sf.pick(NEAR_ME))
@@ -165,22 +190,39 @@ def render(rng: random.Random, need: dict, seed_style: bool = False, noise: floa
         fam = "book_formal" if rng.random() < 0.5 else "book_casual"
         n = s.get("party_size")
         if fam == "book_formal":
-            verb = rng.choice(["book", "reserve", "make a reservation at"] if s["category"] in ("restaurant", "escape_room", "hotel")
-                else ["book an appointment at", "schedule an appointment with", "book"])
+            verb = rng.choice(
+                ["book", "reserve", "make a reservation at"]
+                if s["category"] in ("restaurant", "escape_room", "hotel")
+                else ["book an appointment at", "schedule an appointment with", "book"]
+            )
             head = f"{verb} {_article(what)}{what}" + (f" for {n}" if n else "")
             text = " ".join([head] + loc + when)
         else:
-            head = rng.choice(["table for {n} {what}", "{what} for {n} ppl", "need a {what} appt", "{what} appointment", "get me in at {a}{what}", "{what} reservation"])
+            head = rng.choice(
+                [
+                    "table for {n} {what}",
+                    "{what} for {n} ppl",
+                    "need a {what} appt",
+                    "{what} appointment",
+                    "get me in at {a}{what}",
+                    "{what} reservation",
+                ]
+            )
             if "{n}" in head and not n:
                 head = "{what} reservation"
             text = " ".join([head.format(n=n, what=what, a=_article(what))] + when + loc)
         text, typo = _noise(rng, text, noise)
-        return Rendered(text, fam, sf.covered and not slang, _effects(text, fam, slang, bool(s.get("near_me")), typo), used)
+        return Rendered(
+            text, fam, sf.covered and not slang, _effects(text, fam, slang, bool(s.get("near_me")), typo), used
+        )
 
     if seed_style:
         fam = rng.choices(["keyword", "need_statement", "reversed", "question"], [0.4, 0.2, 0.2, 0.2])[0]
     else:
-        fam = rng.choices(["keyword", "need_statement", "reversed", "question", "slang", "telegraphic"], [0.36, 0.14, 0.16, 0.14, 0.1, 0.1])[0]
+        fam = rng.choices(
+            ["keyword", "need_statement", "reversed", "question", "slang", "telegraphic"],
+            [0.36, 0.14, 0.16, 0.14, 0.1, 0.1],
+        )[0]
     post_txt = [("that is " if fam == "need_statement" and rng.random() < 0.5 else "") + p for p in post]
     if fam == "keyword":
         words = pre + [what] + post_txt + loc + when
@@ -190,18 +232,35 @@ def render(rng: random.Random, need: dict, seed_style: bool = False, noise: floa
     elif fam == "reversed":
         words = [w.removeprefix("in ") for w in loc] + when + pre + [what] + post
     elif fam == "question":
-        lead = rng.choice(["where can i get", "wheres a good", "any", "is there " + _article(what).strip(), "who has the best", "what are some"])
+        lead = rng.choice(
+            [
+                "where can i get",
+                "wheres a good",
+                "any",
+                "is there " + _article(what).strip(),
+                "who has the best",
+                "what are some",
+            ]
+        )
         words = [lead] + pre + [what] + post + loc + when
         words[-1] += "?" if rng.random() < 0.5 else ""
     elif fam == "slang":
         words = pre + [what, rng.choice(["spot", "joint", "place", "grub"])] + post + loc + when
         words = [w.replace("right now", "rn").replace("tomorrow", "tmrw") for w in words]
     else:  # telegraphic: dropped words, abbreviations, no connectors
-        words = [w.removeprefix("in ").removeprefix("that ").replace("open ", "") for w in pre + [what] + post + loc + when]
+        words = [
+            w.removeprefix("in ").removeprefix("that ").replace("open ", "") for w in pre + [what] + post + loc + when
+        ]
         rng.shuffle(words)
     text = " ".join(w for w in words if w)
     text, typo = _noise(rng, text, noise)
-    return Rendered(text, fam, fam in SEED_FAMILIES and sf.covered and not slang, _effects(text, fam, slang, bool(s.get("near_me")), typo), used)
+    return Rendered(
+        text,
+        fam,
+        fam in SEED_FAMILIES and sf.covered and not slang,
+        _effects(text, fam, slang, bool(s.get("near_me")), typo),
+        used,
+    )
 
 
 def _noise(rng: random.Random, text: str, noise: float) -> tuple[str, bool]:
