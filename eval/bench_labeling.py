@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python eval/bench_labeling.py` from a checkout
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 
-from querytune.runtime.model import cpu_model  # noqa: E402
+from querytune.machine import cpu_model  # noqa: E402
 
 
 def child_vllm(args) -> None:
@@ -219,9 +219,9 @@ def main() -> None:
     import pandas as pd
     import torch
 
+    from querytune.query import check_query
     from querytune.runtime.formats import folder_format
     from querytune.runtime.generate import Parser
-    from querytune.serving.log_input import check_query
 
     if folder_format(json.loads((compact / "querytune.json").read_text())) == "json":
         sys.exit(f"{compact} is a JSON-format model (trained before the compact format): retrain it with `make demo`")

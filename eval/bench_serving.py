@@ -46,7 +46,7 @@ from urllib.parse import quote
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python eval/bench_serving.py` from a checkout
 
-from querytune.runtime.model import cpu_model  # noqa: E402
+from querytune.machine import cpu_model  # noqa: E402
 from querytune.testing import free_port  # noqa: E402
 
 KEY = "bench-key"
@@ -346,10 +346,10 @@ def main() -> None:
         sys.exit("bench_serving: wrk is not installed: apt-get install wrk (Debian, Ubuntu) or brew install wrk")
     import orjson
 
+    from querytune.query import check_query
     from querytune.runtime.model import ModelFolder
     from querytune.serving.api import result
     from querytune.serving.cache import Entry, open_cache
-    from querytune.serving.log_input import check_query
 
     rows = [json.loads(line) for line in test.read_text(encoding="utf-8").splitlines()]
     by_norm = {}

@@ -6,7 +6,7 @@ Half the files are schema files, mutations of data/schema.yaml and data/schemas/
 deleted field, deep nesting, a 5,000-digit number, a lone surrogate, bytes that are not UTF-8, a cut, an alias bomb,
 odd YAML scalars, random bytes, a document that is not a mapping), each given to `load_schema`: it must load (and
 give a version and a JSON schema) or raise a SchemaError that names the file. The other half are query logs (CSV,
-JSONL, Parquet) of good rows mixed with junk rows of known lines, given to `querytune.serving.log_input.account_rows` and
+JSONL, Parquet) of good rows mixed with junk rows of known lines, given to `querytune.labeling.log_input.account_rows` and
 `save_accounting` (what `querytune label` does before the model): each junk row must be a reject with its file and
 line, each good row accepted, and a file that cannot be read at all may only raise LabelInputError. Prints counts per
 mutation kind and a last line of JSON; exits 1 if anything else was raised or a row was misplaced. The files are
@@ -32,10 +32,10 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python eval/fuzz_files.py` from a checkout
 
+from querytune.labeling.label import save_accounting  # noqa: E402
+from querytune.labeling.log_input import LabelInputError, account_rows  # noqa: E402
 from querytune.schema import SchemaError  # noqa: E402
 from querytune.schema_file import load_schema  # noqa: E402
-from querytune.serving.label import save_accounting  # noqa: E402
-from querytune.serving.log_input import LabelInputError, account_rows  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMAS = [REPO / "data" / "schema.yaml", REPO / "data" / "schemas" / "sgd.yaml"]

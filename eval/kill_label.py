@@ -37,8 +37,8 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python eval/kill_label.py` from a checkout
 
+from querytune.labeling.label import read_labels  # noqa: E402
 from querytune.schema import normalize_text  # noqa: E402
-from querytune.serving.label import read_labels  # noqa: E402
 
 SMALL = {"seed": 0, "rows": 4000, "per_city": 60}  # the tests' small world (tests/conftest.py)
 

@@ -2,7 +2,7 @@
 
     python eval/labeling_prepare.py [--log runs/w0/log.parquet] [--rows N] [--replicate-to 1200000]
 
-Times `querytune.serving.log_input.account_rows` + `save_accounting` (the per-row Python definition) and `querytune.serving.log_prepare.prepare`
+Times `querytune.labeling.log_input.account_rows` + `save_accounting` (the per-row Python definition) and `querytune.labeling.log_prepare.prepare`
 (Arrow, a batch at a time), wall and CPU time (all threads) per row, on the same input: the world's log (its first
 `--rows` rows), and that log repeated to about `--replicate-to` rows so per-row costs show over start-up. Each run is
 a fresh Python process, so its peak RSS growth (ru_maxrss after the step less before it) is its own; Arrow runs once
@@ -30,14 +30,14 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python eval/labeling_prepare.py` from a checkout
 
-from querytune.runtime.model import cpu_model  # noqa: E402
+from querytune.machine import cpu_model  # noqa: E402
 
 
 def _measure(path: str, way: str, out: str) -> dict:
     """One run of one way on `path` in this process: seconds and peak RSS growth."""
-    from querytune.serving.label import save_accounting
-    from querytune.serving.log_input import account_rows
-    from querytune.serving.log_prepare import prepare
+    from querytune.labeling.label import save_accounting
+    from querytune.labeling.log_input import account_rows
+    from querytune.labeling.log_prepare import prepare
 
     start = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
@@ -88,7 +88,7 @@ def _compare(path: Path, work: Path) -> dict:
 def prepare_figures(log_path: str, rows: int | None = None, replicate_to: int = 1_200_000) -> dict:
     """Per-row driver time and peak RSS growth of both ways on the log (its first `rows`) and on the log repeated to
     about `replicate_to` rows; the distinct share at growing prefixes of the log."""
-    from querytune.serving.log_prepare import prepare
+    from querytune.labeling.log_prepare import prepare
 
     queries = pq.read_table(log_path, columns=["query"])
     if rows:

@@ -159,7 +159,7 @@ def main() -> None:
 
     import pandas as pd
 
-    from querytune.serving.log_input import check_query
+    from querytune.query import check_query
     from querytune.world.make import make_world
 
     args.out.mkdir(parents=True, exist_ok=True)

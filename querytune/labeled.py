@@ -11,12 +11,14 @@ Each row is validated and canonicalised with ``Schema.parse``; a row that does n
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from querytune.query import lone_surrogate
 from querytune.schema import Parse, ParseError, Schema
 
 REQUIRED = ("text", "intent", "slots")
@@ -70,22 +72,6 @@ def json_loads(text: str) -> tuple[Any, str | None]:
         return None, "not valid JSON: nested too deeply"
 
 
-def lone_surrogate(value: Any) -> str | None:
-    """Why `value` (text, or JSON-like data) cannot be written as UTF-8, or None. A lone surrogate comes from a JSON
-    "\\ud800" escape, or stands for a byte that was not UTF-8 when a file is read with errors="surrogateescape".
-
-    >>> lone_surrogate({"q": "caf\\udce9"})
-    'invalid UTF-8 or lone surrogate U+DCE9'
-    """
-    try:
-        (value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)).encode("utf-8")
-    except UnicodeEncodeError as e:
-        return f"invalid UTF-8 or lone surrogate U+{ord(e.object[e.start]):04X}"
-    except (ValueError, RecursionError):  # a cycle or depth only a Python caller can build: not a surrogate
-        return None
-    return None
-
-
 def printable(text: str) -> str:
     """`text` that UTF-8 can hold: a byte read with errors="surrogateescape" shows as `\\xe9`, any other lone
     surrogate as `\\ud800`, so a reject's raw text says what was wrong with it.
@@ -99,11 +85,41 @@ def printable(text: str) -> str:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+MAX_LINE_CHARS = 1 << 20  # a longer line is a bad line, read past in pieces: memory never holds it whole
+EXCERPT_CHARS = 200  # what a reject keeps of a bad line
+
+
+def bounded_lines(f, overlong: dict[int, str]) -> Iterator[str]:
+    """The lines of text file `f`, but a line over `MAX_LINE_CHARS` characters is read past in pieces and given as an empty
+    line, its number and first characters put in `overlong` (a 1 GB line costs the memory of the limit, not of 1 GB)."""
+    limit = MAX_LINE_CHARS
+    for n in itertools.count(1):
+        line = f.readline(limit + 1)
+        if not line:
+            return
+        if len(line) > limit and not line.endswith("\n"):
+            excerpt, size = line[:EXCERPT_CHARS], len(line)
+            while (piece := f.readline(1 << 20)) and not piece.endswith("\n"):
+                size += len(piece)
+            size += len(piece)
+            overlong[n] = f"{excerpt}... ({size:,} characters)"
+            line = "\n"
+        yield line
+
+
+def too_long() -> str:
+    return f"line longer than {MAX_LINE_CHARS:,} characters"
+
+
 def jsonl_records(path: Path, errors: str = "strict") -> Iterator[tuple[int, Any, str | None]]:
     """(line, record or raw text, error) for each non-blank line. `errors="surrogateescape"` makes a line that is not
-    UTF-8 a bad line instead of a bad file."""
+    UTF-8 a bad line instead of a bad file; a line over `MAX_LINE_CHARS` is a bad line with an excerpt."""
+    overlong: dict[int, str] = {}
     with path.open(encoding="utf-8-sig", errors=errors) as f:
-        for n, line in enumerate(f, 1):
+        for n, line in enumerate(bounded_lines(f, overlong), 1):
+            if n in overlong:
+                yield n, overlong.pop(n), too_long()
+                continue
             if not line.strip():
                 continue
             raw = line.rstrip("\r\n")
@@ -116,10 +132,12 @@ def csv_records(path: Path, errors: str = "strict") -> tuple[list[str], list[tup
     """Header and (first physical line, cells by column, error) for each non-blank row. A row the csv module cannot
     read (a field past its size limit) is a bad row. With `errors="surrogateescape"` a byte that is not UTF-8 becomes
     a lone surrogate in its cell (see `lone_surrogate`) instead of failing the file."""
-    out = []
+    out, overlong = [], {}
     with path.open(encoding="utf-8-sig", newline="", errors=errors) as f:
-        reader = csv.reader(f)
+        reader = csv.reader(bounded_lines(f, overlong))
         header = next(reader, None) or []
+        if 1 in overlong:
+            raise csv.Error(f"the header is a {too_long()}")
         end = reader.line_num
         while True:
             try:
@@ -131,6 +149,8 @@ def csv_records(path: Path, errors: str = "strict") -> tuple[list[str], list[tup
                 out.append((start, None, f"not readable as CSV: {e}"))
                 continue
             start, end = end + 1, reader.line_num  # a quoted field may span several lines
+            for n in [n for n in overlong if n <= end]:
+                out.append((n, overlong.pop(n), too_long()))
             if not cells:
                 continue
             if len(cells) != len(header):

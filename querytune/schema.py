@@ -23,9 +23,6 @@ from typing import Any
 
 from rapidfuzz.distance import OSA
 
-MAX_QUERY_CHARS = (
-    256  # longest query accepted (labeling, serving) and put in a prompt: longer "queries" are pasted documents
-)
 DEFAULT_SCHEMA = Path(__file__).resolve().parent / "data" / "schema.yaml"  # package data; data/schema.yaml links here
 SLOT_TYPES = ("text", "categorical", "boolean", "number")
 # Filters the structured search knows (querytune.search). `what` slots are embedded, the rest filter.

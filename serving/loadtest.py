@@ -78,7 +78,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.wait:
         wait_healthy(args.url.rstrip("/"), args.wait)
-    from querytune.serving.log_input import read_rows
+    from querytune.labeling.log_input import read_rows
 
     queries = []
     for item in read_rows(args.log, args.column, args.where):

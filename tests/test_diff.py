@@ -95,7 +95,7 @@ def test_diff_lists_exactly_the_changed_queries_by_traffic(two_models, real_inde
 
 
 def test_diff_of_labeling_folders_and_clear_errors(tmp_path):
-    from querytune.serving.label import LABEL_COLUMNS
+    from querytune.labeling.label import LABEL_COLUMNS
 
     def folder(name: str, parses: dict[str, dict]) -> Path:
         d = tmp_path / name

@@ -17,8 +17,8 @@ import pytest
 from typer.testing import CliRunner
 
 from querytune.cli import app
-from querytune.serving.label import label, labeled_rows, read_labels
-from querytune.serving.log_input import LabelInputError
+from querytune.labeling.label import label, labeled_rows, read_labels
+from querytune.labeling.log_input import LabelInputError
 
 
 @dataclass
@@ -190,7 +190,7 @@ def test_ray_engine_labels_like_the_local_engine(tiny_model, small_world_master,
     queries travel in blocks of whole batches, each replica `TASKS_PER_REPLICA` blocks ahead, on no GPU."""
     import ray
 
-    from querytune.serving import ray_engine
+    from querytune.labeling import ray_engine
 
     log = pd.read_parquet(small_world_master / "log.parquet", columns=["query"]).head(150)
     log.to_parquet(tmp_path / "log.parquet")
@@ -349,7 +349,7 @@ def test_a_second_run_on_a_locked_folder_is_refused(tiny_model, tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys, time\nfrom querytune.serving.label import lock_folder\n"
+            "import sys, time\nfrom querytune.labeling.label import lock_folder\n"
             f"with lock_folder({str(out)!r}):\n    print('locked', flush=True)\n    time.sleep(120)",
         ],
         stdout=subprocess.PIPE,
@@ -411,3 +411,72 @@ def test_int8_labels_with_a_quantised_decoder_and_only_on_transformers(tiny_mode
         ],
     )
     assert refused.exit_code == 2 and "--int8: only the transformers backend" in refused.output
+
+
+@pytest.mark.parametrize(
+    "make, out, message",
+    [
+        (lambda t: (t / "f").write_text("x"), "f", "exists and is not a folder"),
+        (lambda t: (t / "o" / "labels").parent.mkdir() or (t / "o" / "labels").write_text("x"), "o", "is a file"),
+        (lambda t: None, "", "--out: give a folder"),
+    ],
+    ids=["out-is-a-file", "labels-is-a-file", "out-empty"],
+)
+def test_an_unusable_out_folder_is_one_line_and_writes_nothing(make, out, message, tiny_model, tmp_path, monkeypatch):
+    write_inputs(tmp_path / "in")
+    make(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = CliRunner().invoke(app, ["label", "in", "--model", str(tiny_model), "--out", out])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_restart_never_deletes_through_a_linked_labels_folder(tmp_path):
+    """`--restart` deletes shards: a `labels/` that is a link to a folder elsewhere is refused, and what it points
+    at is left as it was."""
+    write_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    label(tmp_path / "in", out, EchoBackend())
+    elsewhere = tmp_path / "elsewhere"
+    (out / "labels").rename(elsewhere)
+    (out / "labels").symlink_to(elsewhere)
+    kept = sorted(p.name for p in elsewhere.iterdir())
+    with pytest.raises(LabelInputError, match="symbolic link"):
+        label(tmp_path / "in", out, EchoBackend(), restart=True)
+    assert sorted(p.name for p in elsewhere.iterdir()) == kept and kept
+
+
+@pytest.mark.parametrize("torn", [lambda b: b[: len(b) // 2], lambda b: b"", lambda b: b"[]", lambda b: b"\xff\xfe"])
+def test_an_unreadable_manifest_is_rebuilt_from_the_shards_keeping_every_label(torn, tmp_path, capsys):
+    write_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    label(tmp_path / "in", out, EchoBackend(), shard_size=2)
+    (out / "manifest.json").write_bytes(torn((out / "manifest.json").read_bytes()))
+    again = EchoBackend()
+    summary = label(tmp_path / "in", out, again, shard_size=2)
+    assert summary["labeled_now"] == 0 and summary["resumed"] == 5 and again.seen == []
+    assert "rebuilt from the shards" in capsys.readouterr().err
+    assert json.loads((out / "manifest.json").read_text())["model_version"] == "m1"
+    other = EchoBackend()
+    other.model_version = "m2"
+    (out / "manifest.json").write_text("{")
+    with pytest.raises(LabelInputError, match="another run .*model m1"):
+        label(tmp_path / "in", out, other)
+
+
+def test_a_line_too_long_is_a_reject_with_an_excerpt_read_in_pieces(tmp_path, monkeypatch):
+    """A line over the limit is never held whole: it is read past in pieces and rejected with a short excerpt."""
+    import querytune.labeled as labeled
+
+    monkeypatch.setattr(labeled, "MAX_LINE_CHARS", 1000)
+    (tmp_path / "in").mkdir()
+    long_line = json.dumps({"query": "x" * 50_000})
+    (tmp_path / "in" / "a.jsonl").write_text(f'{{"query": "pizza"}}\n{long_line}\n{{"query": "sushi"}}\n')
+    (tmp_path / "in" / "b.csv").write_text(f"query\nramen\n{'y' * 50_000}\ntacos\n")
+    summary = label(tmp_path / "in", tmp_path / "out", EchoBackend())
+    assert summary["accepted"] == 4 and summary["rejected"] == 2
+    rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["source"], r["line"]) for r in rejects] == [("a.jsonl", 2), ("b.csv", 3)]
+    assert all("longer than 1,000 characters" in r["reason"] and len(json.dumps(r)) < 600 for r in rejects)

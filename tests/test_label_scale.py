@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from querytune.serving import label as labeling
-from querytune.serving import log_input, log_prepare
+from querytune.labeling import label as labeling
+from querytune.labeling import log_input, log_prepare
 
 AWKWARD = [
     "Cheap Thai",
@@ -240,10 +240,10 @@ def test_ray_replicas_reserve_their_share_of_a_gpu(tiny_model, small_world_maste
     transformers backend on CPU), hold half the GPU while they label, and label as the local engine does."""
     import ray
 
+    from querytune.labeling import ray_engine
+    from querytune.labeling.label import parse_rows
+    from querytune.query import check_query
     from querytune.runtime.backends import load_backend
-    from querytune.serving import ray_engine
-    from querytune.serving.label import parse_rows
-    from querytune.serving.log_input import check_query
 
     log = pd.read_parquet(small_world_master / "log.parquet", columns=["query"])["query"].head(80)
     queries = sorted({check_query(q)[0] for q in log})

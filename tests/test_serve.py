@@ -21,7 +21,8 @@ from fastapi.testclient import TestClient
 from querytune.serving.asgi_gate import AccessLog
 from querytune.serving.cache import Entry, RedisCache, open_cache
 from querytune.serving.serve import create_app
-from querytune.serving.service import Settings, Tally
+from querytune.serving.service import Tally
+from querytune.serving.settings import Settings
 from querytune.testing import free_port, start_server
 
 
@@ -148,7 +149,7 @@ def test_concurrent_misses_share_one_backend_call(sqlite_cache):
 def test_a_miss_past_its_deadline_falls_back_and_is_queued(sqlite_cache, tmp_path):
     log = tmp_path / "fallback.jsonl"
     with TestClient(
-        create_app(SlowBackend(delay=1.0), sqlite_cache, Settings(miss_deadline_s=0.1, fallback_log=str(log)))
+        create_app(SlowBackend(delay=1.0), sqlite_cache, Settings(deadline=0.1, fallback_log=str(log)))
     ) as client:
         r = client.get("/v1/parse", params={"q": "slow query"}).json()
         time.sleep(1.2)
@@ -441,7 +442,7 @@ def test_misses_go_straight_to_a_backend_that_batches_them_itself(sqlite_cache):
 
 
 def test_a_batching_backend_past_the_deadline_or_down(sqlite_cache, tmp_path):
-    with TestClient(create_app(AsyncBackend(delay=0.5), sqlite_cache, Settings(miss_deadline_s=0.1))) as client:
+    with TestClient(create_app(AsyncBackend(delay=0.5), sqlite_cache, Settings(deadline=0.1))) as client:
         r = client.get("/v1/parse", params={"q": "slow query"}).json()
         time.sleep(0.6)
         late = client.get("/v1/parse", params={"q": "slow query"}).json()

@@ -16,8 +16,9 @@ from test_serve import AsyncBackend, SlowBackend, access_log, redis_server  # no
 
 from querytune.serving.cache import CacheUnavailable, Entry, open_cache
 from querytune.serving.serve import create_app
-from querytune.serving.service import PromotionWatcher, Settings
+from querytune.serving.service import PromotionWatcher
 from querytune.serving.serving_cache import Breaker, ServingCache
+from querytune.serving.settings import Settings
 
 HIT = Entry({"intent": "find_business", "slots": {"cuisine": "thai"}}, True, 0.9, "m1")
 
@@ -78,7 +79,7 @@ def test_a_hung_redis_costs_a_request_at_most_the_lookup_budget(redis_server):  
     proc, url = redis_server
     store = open_cache(url)
     store.put_many([("cheap thai", HIT)], "s1")
-    with TestClient(create_app(SlowBackend(delay=0.0), store, Settings(lookup_timeout_s=0.1))) as client:
+    with TestClient(create_app(SlowBackend(delay=0.0), store, Settings(lookup_timeout=0.1))) as client:
         assert client.get("/v1/parse", params={"q": "cheap thai"}).json()["source"] == "cache"
         os.kill(proc.pid, signal.SIGSTOP)
         try:

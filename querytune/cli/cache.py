@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -50,7 +51,6 @@ def load(
     ),
 ) -> None:
     """Put every label of a labeling folder into the cache, keyed by normalised query, schema and model version."""
-    from querytune.serving.cache import load_labels
 
     with user_errors():
         if not labels.is_dir():
@@ -72,7 +72,8 @@ def head_queries(
     and the share of rows they carry."""
     from collections import Counter
 
-    from querytune.serving.log_input import check_query, read_rows
+    from querytune.labeling.log_input import read_rows
+    from querytune.query import check_query
 
     counts: Counter[str] = Counter()
     for item in read_rows(log, column, where):
@@ -115,9 +116,8 @@ def warm(
 
     import pandas as pd
 
+    from querytune.labeling.label import label as run_label
     from querytune.runtime.backends import load_backend
-    from querytune.serving.cache import load_labels
-    from querytune.serving.label import label as run_label
 
     with user_errors():
         target = _open(cache, create=True)
@@ -171,3 +171,28 @@ def rollback(cache: str = typer.Option(..., "--cache", envvar="QUERYTUNE_CACHE_U
     """Return to the model that was active before the last promotion."""
     with user_errors():
         typer.echo(json.dumps(_open(cache).rollback()))
+
+
+def load_labels(cache, labels_dir: str | Path, only_valid: bool = True) -> dict[str, Any]:
+    """Put a labeling folder's labels (`querytune label`) into the cache; returns counts."""
+    from querytune.labeling.label import read_labels
+    from querytune.serving.cache import Entry
+
+    labels = read_labels(labels_dir)
+    if labels.empty:
+        raise ValueError(f"{labels_dir}: no labels (run `querytune label` first)")
+    kept = labels[labels["valid"]] if only_valid else labels
+    by_schema: dict[str, list] = {}
+    for r in kept.itertuples():
+        by_schema.setdefault(r.schema_version, []).append(
+            (
+                r.normalized,
+                Entry(json.loads(r.parse) if r.parse else None, bool(r.valid), float(r.confidence), r.model_version),
+            )
+        )
+    n = sum(cache.put_many(items, schema) for schema, items in by_schema.items())
+    return {
+        "loaded": n,
+        "skipped_invalid": len(labels) - len(kept),
+        "model_versions": sorted(set(kept["model_version"])),
+    }

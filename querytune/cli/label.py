@@ -1,6 +1,7 @@
 """`querytune label`: label a query log offline, one parse per distinct normalised query, every row accounted for.
 
-querytune label runs/world/log.parquet --model runs/sft --out runs/labels [--column query] [--backend transformers|vllm] [--engine local|ray]
+querytune label runs/world/log.parquet --model runs/sft --out runs/labels [--column query]
+        [--backend transformers|vllm] [--engine local|ray]
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from rich.progress import (
 )
 
 from querytune.cli.common import Backend, Engine, UserError, user_errors
-from querytune.schema import MAX_QUERY_CHARS
+from querytune.query import MAX_QUERY_CHARS
 
 
 def label(
@@ -30,7 +31,7 @@ def label(
         ..., help="Query log: a .csv, .jsonl or .parquet file, or a folder of them (read in name order)."
     ),
     model: Path = typer.Option(..., "--model", help="Model folder made by `querytune train ...`."),
-    out: Path = typer.Option(
+    out: str = typer.Option(
         ...,
         "--out",
         help="Output folder: labels/part-*.parquet, rows.parquet (row -> label), rejects.jsonl, summary.json.",
@@ -45,20 +46,23 @@ def label(
     engine: Engine = typer.Option(
         "local",
         "--engine",
-        help="local (this process) or ray (a Ray Data pipeline, one model replica per worker; RAY_ADDRESS joins a cluster).",
+        help="local (this process) or ray (a Ray Data pipeline, one model replica per worker; RAY_ADDRESS joins a "
+        "cluster).",
     ),
     workers: int = typer.Option(2, "--workers", min=1, help="--engine ray: model replicas (Ray actors)."),
     cpus_per_replica: int = typer.Option(
         1,
         "--cpus-per-replica",
         min=1,
-        help="--engine ray: CPU cores each replica reserves and computes on (a vLLM CPU replica binds its node's cores: give it the node's count).",
+        help="--engine ray: CPU cores each replica reserves and computes on (a vLLM CPU replica binds its node's "
+        "cores: give it the node's count).",
     ),
     gpus_per_replica: float = typer.Option(
         0.0,
         "--gpus-per-replica",
         min=0.0,
-        help="--engine ray --backend vllm on GPU nodes: the share of a GPU each replica reserves (0.25: four per GPU). 0 on CPU-only clusters.",
+        help="--engine ray --backend vllm on GPU nodes: the share of a GPU each replica reserves (0.25: four per "
+        "GPU). 0 on CPU-only clusters.",
     ),
     int8: bool = typer.Option(
         False,
@@ -80,11 +84,14 @@ def label(
     ),
 ) -> None:
     """Normalise, deduplicate and label every query of INPUT with a model; killed and run again, it resumes."""
-    from querytune.serving.label import label as run_label
-    from querytune.serving.log_input import LabelInputError
+    from querytune.labeling.label import label as run_label
+    from querytune.labeling.log_input import LabelInputError
 
     console = Console(stderr=True)
     with user_errors(), ExitStack() as held:
+        if not out.strip():
+            raise UserError("--out: give a folder for the labels (an empty path would write into the current one)")
+        out = Path(out)
         if not model.is_dir():
             raise UserError(f"--model {model}: folder not found")
         if int8 and backend != "transformers":
@@ -93,9 +100,9 @@ def label(
             raise UserError(
                 "--gpus-per-replica needs --engine ray --backend vllm (the transformers backend runs on CPU)"
             )
+        from querytune.labeling.label import lock_folder
+        from querytune.labeling.log_input import input_files
         from querytune.runtime.backends import load_backend
-        from querytune.serving.label import lock_folder
-        from querytune.serving.log_input import input_files
 
         try:
             input_files(input)  # a missing or empty input fails before the model loads
@@ -104,7 +111,7 @@ def label(
             raise UserError(str(e)) from e
         stream = None
         if engine == "ray":
-            from querytune.serving.ray_engine import RayEngine
+            from querytune.labeling.ray_engine import RayEngine
 
             model_backend = RayEngine(
                 model,
@@ -161,8 +168,9 @@ def label(
                     model_backend.shutdown()
         console.print(
             f"rows {summary['rows']:,}  accepted {summary['accepted']:,}  rejected {summary['rejected']:,}"
-            f"  distinct {summary['distinct']:,}  labeled now {summary['labeled_now']:,} (resumed {summary['resumed']:,})"
-            f"  invalid {summary['invalid']:,}  {summary['queries_per_s'] or 0:.1f} queries/s  {summary['rows_per_s']:.1f} rows/s"
+            f"  distinct {summary['distinct']:,}  labeled now {summary['labeled_now']:,}"
+            f" (resumed {summary['resumed']:,})  invalid {summary['invalid']:,}"
+            f"  {summary['queries_per_s'] or 0:.1f} queries/s  {summary['rows_per_s']:.1f} rows/s"
         )
         if summary["rejected"]:
             console.print(f"rejected rows (file, line, reason): {out / 'rejects.jsonl'}")

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from querytune.serving.log_input import check_query
+from querytune.query import check_query
 
 
 def read_log(path: str | Path, column: str = "query") -> pd.DataFrame:
@@ -45,7 +45,7 @@ def parses_of(
 ) -> tuple[dict[str, dict | None], str]:
     """normalised query -> canonical parse (None: invalid) from a model folder or a labeling folder, and a name."""
     if is_label_folder(source):
-        from querytune.serving.label import read_labels
+        from querytune.labeling.label import read_labels
 
         labels = read_labels(source)
         return {

@@ -24,7 +24,8 @@ import json
 import re
 from typing import Any
 
-from querytune.schema import MAX_QUERY_CHARS, Parse, ParseError, Schema
+from querytune.query import MAX_QUERY_CHARS
+from querytune.schema import Parse, ParseError, Schema
 
 SYSTEM_PROMPT = "{name} parser"
 DEFAULT_FORMAT = "user-compact"
@@ -47,7 +48,7 @@ def folder_format(meta: dict[str, Any]) -> str:
     fmt = meta.get("format", "json")
     if fmt not in IDENTITY:
         raise ValueError(
-            f"querytune.json: format {fmt!r} is not one of {', '.join(FORMATS)} (a newer querytune wrote this folder?)"
+            f"format: {fmt!r} is not one of {', '.join(FORMATS)} (a newer querytune wrote this folder?)"
         )
     return fmt
 

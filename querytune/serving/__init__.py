@@ -1,1 +1,1 @@
-"""Labeling and serving: batch labeling of query logs (local or Ray), the parse cache stores, the HTTP server and its gate."""
+"""Serving parses over HTTP: the gate, the service and its miss batcher, the server, and the parse cache stores."""

@@ -1,4 +1,5 @@
-"""The pure-ASGI gate in front of the server's app: request ids, the body-size limit, the access log, the hit path.
+"""The pure-ASGI gate in front of the server's app: request ids, the key check, the body's size and time limits, the
+access log, the hit path.
 
 It sits outside FastAPI so that a body over the limit is refused while it is being received (a chunked body has no
 Content-Length to trust, and the app would otherwise read all of it), so that every request, the refused ones too,
@@ -26,10 +27,11 @@ REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 class Gate:
-    """Pure ASGI middleware in front of the app: a request id for every request, the body-size limit enforced on the
-    bytes actually received (a chunked body has no Content-Length to trust), and the access log.
+    """Pure ASGI middleware in front of the app: a request id for every request, the one key check of a `/v1/` request
+    (`authorized(headers)`), the body-size limit enforced on the bytes actually received (a chunked body has no
+    Content-Length to trust), a body that does not arrive within `body_timeout_s` answered 408, and the access log.
 
-    `answer(scope, headers)` is asked first: the JSON body of a 200 that needs no app (the server's cache hits), or
+    `answer(scope, headers)` is asked next: the JSON body of a 200 that needs no app (the server's cache hits), or
     None, and the app answers. `headers` maps each lower-case header name to its first value, as Starlette reads it."""
 
     def __init__(
@@ -39,15 +41,13 @@ class Gate:
         on_refuse: Callable[[str], None] | None = None,
         access: AccessLog | None = None,
         answer: Callable[[dict, dict[bytes, bytes]], bytes | None] | None = None,
+        authorized: Callable[[dict[bytes, bytes]], bool] | None = None,
+        body_timeout_s: float = 10.0,
     ):
-        self.app, self.max_body_bytes, self.on_refuse, self.access, self.answer = (
-            app,
-            max_body_bytes,
-            on_refuse,
-            access,
-            answer,
-        )
-        # ids a process hands out: random to the process, then counted (os.urandom per request costs more than a hit's lookup)
+        self.app, self.max_body_bytes, self.on_refuse, self.access = app, max_body_bytes, on_refuse, access
+        self.answer, self.authorized, self.body_timeout_s = answer, authorized, body_timeout_s
+        # ids a process hands out: random to the process, then counted (os.urandom per request costs more than a
+        # hit's lookup)
         self.ids = map(f"{os.urandom(6).hex()}{{:010x}}".format, itertools.count())
 
     async def __call__(self, scope, receive, send):
@@ -57,6 +57,9 @@ class Gate:
         headers = dict(reversed(scope["headers"]))
         given = headers.get(b"x-request-id", b"").decode("latin-1")
         rid = given if given and REQUEST_ID.fullmatch(given) else next(self.ids)
+        if self.authorized and scope["path"].startswith("/v1/") and not self.authorized(headers):
+            message = "missing or wrong API key (send X-API-Key or Authorization: Bearer)"
+            return await self._refuse(send, scope, rid, t0, 401, "auth", message)
         body = self.answer(scope, headers) if self.answer else None
         if body is not None:  # the headers, in order, that Starlette gives a JSON response, and the id
             await send(
@@ -82,19 +85,27 @@ class Gate:
             await send(message)
 
         if scope["method"] in ("POST", "PUT", "PATCH"):
-            body, too_big = await self._read_body(headers.get(b"content-length"), receive)
-            if too_big:
-                if self.on_refuse:
-                    self.on_refuse("body")
-                await self._respond(
-                    send_with_id, *error_body(413, "body", f"request body over {self.max_body_bytes} bytes", rid)
+            try:
+                body, too_big = await asyncio.wait_for(
+                    self._read_body(headers.get(b"content-length"), receive), self.body_timeout_s
                 )
-                return self._log(scope, rid, status[0], t0)
+            except asyncio.TimeoutError:  # a slow or stalled client must not hold the connection
+                message = f"request body not received within {self.body_timeout_s:g} s"
+                return await self._refuse(send, scope, rid, t0, 408, "timeout", message)
+            if too_big:
+                message = f"request body over {self.max_body_bytes} bytes"
+                return await self._refuse(send, scope, rid, t0, 413, "body", message)
             receive = _replay(body)
         try:
             await self.app(scope, receive, send_with_id)
         finally:
             self._log(scope, rid, status[0], t0)
+
+    async def _refuse(self, send, scope, rid: str, t0: float, status: int, code: str, message: str) -> None:
+        if self.on_refuse:
+            self.on_refuse(code)
+        await self._respond(send, *error_body(status, code, message, rid), rid)
+        self._log(scope, rid, status, t0)
 
     async def _read_body(self, declared: bytes | None, receive) -> tuple[bytes, bool]:
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
@@ -114,7 +125,7 @@ class Gate:
         return b"".join(chunks), False
 
     @staticmethod
-    async def _respond(send, status: int, body: bytes) -> None:
+    async def _respond(send, status: int, body: bytes, rid: str) -> None:
         await send(
             {
                 "type": "http.response.start",
@@ -123,6 +134,7 @@ class Gate:
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),
                     (b"connection", b"close"),
+                    (b"x-request-id", rid.encode()),
                 ],
             }
         )

@@ -88,7 +88,8 @@ class SQLiteCache:
                 "PRIMARY KEY (schema_version, model_version, query)) WITHOUT ROWID"
             )
             db.execute(
-                "CREATE TABLE IF NOT EXISTS promotions (at REAL, model_version TEXT, model_dir TEXT, schema_version TEXT)"
+                "CREATE TABLE IF NOT EXISTS promotions "
+                "(at REAL, model_version TEXT, model_dir TEXT, schema_version TEXT)"
             )
         except sqlite3.DatabaseError as e:  # not a database, or a torn one: say which file, no traceback
             raise ValueError(f"cache {self.url}: {self.path} is not a usable SQLite database ({e})") from None
@@ -118,7 +119,8 @@ class SQLiteCache:
                 chunk = queries[start : start + 500]
                 marks = ",".join("?" * len(chunk))
                 for q, v in db.execute(
-                    f"SELECT query, value FROM entries WHERE schema_version=? AND model_version=? AND query IN ({marks})",
+                    "SELECT query, value FROM entries WHERE schema_version=? AND model_version=? "
+                    f"AND query IN ({marks})",
                     [schema_version, model_version, *chunk],
                 ):
                     found[q] = _entry(v)
@@ -292,27 +294,3 @@ def open_cache(url: str, busy_timeout_s: float = 30.0, create: bool = True) -> S
     if parsed.scheme in ("redis", "rediss"):
         return RedisCache(url)
     raise ValueError(f"cache URL {url!r}: use sqlite:///path.db or redis://host:port/db")
-
-
-def load_labels(cache, labels_dir: str | Path, only_valid: bool = True) -> dict[str, Any]:
-    """Put a labeling folder's labels (`querytune label`) into the cache; returns counts."""
-    from querytune.serving.label import read_labels
-
-    labels = read_labels(labels_dir)
-    if labels.empty:
-        raise ValueError(f"{labels_dir}: no labels (run `querytune label` first)")
-    kept = labels[labels["valid"]] if only_valid else labels
-    by_schema: dict[str, list] = {}
-    for r in kept.itertuples():
-        by_schema.setdefault(r.schema_version, []).append(
-            (
-                r.normalized,
-                Entry(json.loads(r.parse) if r.parse else None, bool(r.valid), float(r.confidence), r.model_version),
-            )
-        )
-    n = sum(cache.put_many(items, schema) for schema, items in by_schema.items())
-    return {
-        "loaded": n,
-        "skipped_invalid": len(labels) - len(kept),
-        "model_versions": sorted(set(kept["model_version"])),
-    }

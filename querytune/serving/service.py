@@ -1,4 +1,4 @@
-"""What the server's routes share: its settings, the model (swappable on promotion), the cache, the miss batcher and the
+"""What the server's routes share: the model (swappable on promotion), the cache, the miss batcher and the
 metrics (`Service`, with the hit path `hit` and the answer to any query `answer`); the Prometheus flush of cache hits
 (`Tally`); and the watcher that follows promotions (`PromotionWatcher`).
 """
@@ -12,37 +12,21 @@ import logging
 import threading
 import time
 from bisect import bisect_left
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import unquote_plus
 
 import orjson
 
-from querytune.schema import MAX_QUERY_CHARS
+from querytune.query import check_query
 from querytune.serving.api import ApiError, given_key, result
 from querytune.serving.asgi_gate import Periodic
 from querytune.serving.batcher import BackendDown, MissBatcher
 from querytune.serving.cache import Entry
-from querytune.serving.log_input import check_query
 from querytune.serving.serving_cache import ServingCache
+from querytune.serving.settings import Settings
 
 log = logging.getLogger("querytune.serving.serve")  # the server's one logger: its lines keep the name they had
-
-
-@dataclass
-class Settings:
-    max_query_chars: int = MAX_QUERY_CHARS
-    max_batch: int = 64  # queries per POST
-    max_body_bytes: int = 64 * 1024
-    miss_deadline_s: float = 2.0  # past it a miss answers `source: fallback`
-    batch_window_ms: float = 5.0  # how long the first miss waits for others to join its backend call
-    max_miss_batch: int = 32
-    api_key: str | None = None
-    fallback_log: str | None = None  # JSONL file: queries answered by the fallback, for offline labeling
-    local_cache_entries: int = 20000  # the in-process copy of hot entries that answers while the store is down
-    lookup_timeout_s: float = 0.25  # a hung store costs a request at most this
-    watch_promotions_s: float = 0.0  # > 0 with `--model active`: follow promotions this often
 
 
 def _metrics():
@@ -109,7 +93,8 @@ class Service:
             cache_store,
             schema_version,
             settings.local_cache_entries,
-            settings.lookup_timeout_s,
+            settings.lookup_timeout,
+            pending_writes=settings.pending_writes,
             on_error=lambda kind: self.m["cache_errors"].labels(kind).inc(),
         )
         self.batcher = MissBatcher(
@@ -120,7 +105,7 @@ class Service:
             on_results=self.write_answers,
         )
         self.calls: set[asyncio.Task] = set()  # `aparse` calls in flight (they outlive a request past its deadline)
-        self.fallback_lock = threading.Lock()
+        self.fallback = FallbackLog(settings.fallback_log) if settings.fallback_log else None
         self.key = (settings.api_key or "").encode()
         # a hit's query string -> [its body up to latency_ms, the model version]: a hit's work, done once (`_known`)
         self.queries: dict[bytes, list] = {}
@@ -131,29 +116,33 @@ class Service:
         return not self.key or hmac.compare_digest(given_key(headers), self.key)
 
     def hit(self, scope: dict, headers: dict[bytes, bytes]) -> bytes | None:
-        """The body of `GET /v1/parse?q=` when the key is right and the in-process copy holds the query: what the
-        route would answer, counted and timed the same, without entering FastAPI (the gate asks this first). None
-        for anything else (another route, a second parameter, a bad query or key, a miss): the app answers it."""
-        if scope["method"] != "GET" or scope["path"] != "/v1/parse" or not self.authorized(headers):
+        """The body of `GET /v1/parse?q=` when the in-process copy holds the query: what the route would answer,
+        counted and timed the same, without entering FastAPI (the gate asks this first, after the key check). None
+        for anything else (another route, a second parameter, a bad query, a miss): the app answers it, with the
+        query's normalised form left in `scope["state"]["checked"]` so that it is not checked twice."""
+        if scope["method"] != "GET" or scope["path"] != "/v1/parse":
             return None
         t0 = time.perf_counter()
         known = self.queries.get(scope["query_string"])
         if known is None or known[1] != self.model_version:
-            known = self._known(scope["query_string"])
+            known = self._known(scope)
             if known is None:
                 return None
         seconds = time.perf_counter() - t0
         self.hit_tally.add(seconds)
         return b"%s%.3f}" % (known[0], 1000 * seconds)  # the same number as round(ms, 3), at a third of its cost
 
-    def _known(self, qs: bytes) -> list | None:
+    def _known(self, scope: dict) -> list | None:
         """[the hit's body up to latency_ms, the model version it was written for] of a query string the in-process
         copy holds, kept for the next hit of it: entries never change within a model version, so that body stays
         right until a promotion changes the version."""
+        qs = scope["query_string"]
         if qs[:2] != b"q=" or b"&" in qs:
             return None
         raw = unquote_plus(qs[2:].decode("latin-1"), errors="replace")  # how Starlette reads a query parameter
-        norm, _ = check_query(raw, self.settings.max_query_chars)
+        checked = check_query(raw, self.settings.max_query_chars)
+        scope.setdefault("state", {})["checked"] = (raw, *checked)
+        norm = checked[0]
         e = self.cache.local.get((self.model_version, norm)) if norm else None
         if e is None:
             return None
@@ -200,18 +189,13 @@ class Service:
     def write_answers(self, answers: list[tuple[str, Any]], version: str) -> None:
         self.cache.write_back([(q, Entry(p.parse, True, float(p.confidence), version)) for q, p in answers if p.valid])
 
-    def queue_fallback(self, queries: list[str]) -> None:
-        if self.settings.fallback_log and queries:
-            with self.fallback_lock, open(self.settings.fallback_log, "a", encoding="utf-8") as f:
-                for q in queries:
-                    f.write(json.dumps({"query": q, "at": time.time()}) + "\n")
-
-    async def answer(self, raw: list[str]) -> tuple[list[dict], int]:
-        """Each query's result in order, and 200, or 503 when a miss found the model down. Bad input: ApiError 400."""
+    async def answer(self, raw: list[str], checked: tuple | None = None) -> tuple[list[dict], int]:
+        """Each query's result in order, and 200, or 503 when a miss found the model down. Bad input: ApiError 400.
+        `checked`: (query, normalised, reason) of a query the hit path has already checked."""
         t0, s, version = time.perf_counter(), self.settings, self.model_version
         norms = []
         for q in raw:
-            norm, reason = check_query(q, s.max_query_chars)
+            norm, reason = checked[1:] if checked and checked[0] == q else check_query(q, s.max_query_chars)
             if reason:
                 raise ApiError(400, "bad_query", f"query {q[:40]!r}: {reason}")
             norms.append(norm)
@@ -226,7 +210,7 @@ class Service:
                 waits[n] = self.submit(n)
         status, fallbacks = 200, []
         if waits:
-            done, _ = await asyncio.wait(waits.values(), timeout=s.miss_deadline_s)
+            done, _ = await asyncio.wait(waits.values(), timeout=s.deadline)
             for fut in waits.values():
                 if fut not in done:
                     fut.cancel()
@@ -240,7 +224,7 @@ class Service:
                     n,
                     "fallback",
                     model_version=version,
-                    error=f"no model answer within {s.miss_deadline_s:g} s: search the raw text; queued for offline labeling",
+                    error=f"no model answer within {s.deadline:g} s: search the raw text; queued for offline labeling",
                 )
                 fallbacks.append(n)
             elif fut.exception() is not None:
@@ -249,12 +233,39 @@ class Service:
             else:
                 p = fut.result()
                 results[i] = result(raw[i], n, "model", p.parse, bool(p.valid), version, p.error)
-        self.queue_fallback(list(dict.fromkeys(fallbacks)))
+        if self.fallback and fallbacks:
+            self.fallback.append(list(dict.fromkeys(fallbacks)))
         ms = round(1000 * (time.perf_counter() - t0), 3)
         for r in results:
             r["latency_ms"] = ms
             self.m["answers"].labels(r["source"]).inc()
         return results, status  # type: ignore[return-value]
+
+
+class FallbackLog:
+    """The JSONL file of queries the fallback answered, for offline labeling: opened when the server starts (a path
+    that cannot be written stops it there with one line), and a write that fails later (a full disk) is logged and
+    counted, never a failed request."""
+
+    def __init__(self, path: str):
+        self.path, self.lock, self.failed = path, threading.Lock(), 0
+        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - held for the server's life, closed by `close`
+
+    def append(self, queries: list[str]) -> None:
+        lines = "".join(json.dumps({"query": q, "at": time.time()}) + "\n" for q in queries)
+        try:
+            with self.lock:
+                self.file.write(lines)
+                self.file.flush()
+        except (OSError, ValueError) as e:  # ValueError: the file was closed under us at shutdown
+            self.failed += len(queries)
+            log.warning("fallback log %s: %d queries not written (%s)", self.path, len(queries), e)
+
+    def close(self) -> None:
+        try:
+            self.file.close()
+        except OSError as e:  # what a full disk refuses at the last flush
+            log.warning("fallback log %s: %s", self.path, e)
 
 
 class PromotionWatcher:

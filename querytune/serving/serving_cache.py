@@ -7,12 +7,15 @@
 - reads and writes each have a circuit breaker: after `failures_to_open` failures in a row the store is skipped for
   `open_s` seconds, then one call tries it again;
 - every store error is counted, logged at most once per `open_s`, and shows as `degraded` in `health()` for
-  `degraded_s` seconds; none ever reaches the model's batcher.
+  `degraded_s` seconds; none ever reaches the model's batcher;
+- answers the store refused (or that the open breaker kept from it) wait, up to `pending_writes` of them, and are
+  written once it takes writes again (tried every `retry_s`), so those queries do not stay misses after it recovers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
@@ -26,7 +29,8 @@ log = logging.getLogger("querytune.serving.cache")
 
 
 class Breaker:
-    """Closed until `failures_to_open` failures in a row; then open (calls skipped) for `open_s`; then one trial call."""
+    """Closed until `failures_to_open` failures in a row; then open (calls skipped) for `open_s`; then one trial
+    call."""
 
     def __init__(self, failures_to_open: int = 3, open_s: float = 5.0, clock: Callable[[], float] = time.monotonic):
         self.failures_to_open, self.open_s, self.clock = failures_to_open, open_s, clock
@@ -91,6 +95,8 @@ class ServingCache:
         schema_version: str,
         local_entries: int = 20000,
         lookup_timeout_s: float = 0.25,
+        pending_writes: int = 10000,
+        retry_s: float = 2.0,
         failures_to_open: int = 3,
         open_s: float = 5.0,
         degraded_s: float = 60.0,
@@ -104,9 +110,12 @@ class ServingCache:
         self.on_error = on_error
         self.errors = {"read": 0, "write": 0}
         self.last_error: tuple[float, str, str] | None = None  # (time, kind, message)
-        self.skipped_writes = 0
+        self.refused: OrderedDict[tuple[str, str], Entry] = OrderedDict()  # (model version, query) -> entry
+        self.max_refused, self.retry_s, self.refused_lock = pending_writes, retry_s, threading.Lock()
+        self.dropped_writes = self.rewritten = 0
         self._last_logged = 0.0
         self.pending: set[asyncio.Future] = set()
+        self.retrier: asyncio.Task | None = None
 
     def _failed(self, kind: str, message: str) -> None:
         self.errors[kind] += 1
@@ -125,6 +134,7 @@ class ServingCache:
             return found
         loop = asyncio.get_running_loop()
         call = loop.run_in_executor(self.pool, self.store.get_many, todo, self.schema_version, model_version)
+        call.add_done_callback(_retrieve)  # a lookup given up on may still fail later: its error is counted below
         try:
             fetched = await asyncio.wait_for(asyncio.shield(call), self.lookup_timeout_s)
         except Exception as e:  # noqa: BLE001 - CacheUnavailable, a timeout, or a corrupt entry: the model answers instead
@@ -148,16 +158,48 @@ class ServingCache:
         self.pending.add(fut)
         fut.add_done_callback(self.pending.discard)
 
-    def _write(self, items: list[tuple[str, Entry]]) -> None:
+    def _write(self, items: list[tuple[str, Entry]]) -> bool:
+        """Write `items` to the store, or keep them for a later try; True when the store took them."""
         if not self.writes.allow():
-            self.skipped_writes += 1  # the breaker is open: the answer stays in the in-process copy only
-            return
+            self._keep(items)
+            return False
         try:
             self.store.put_many(items, self.schema_version)
             self.writes.ok()
+            return True
         except Exception as e:  # noqa: BLE001 - a failed write-back must never reach the batcher
             self.writes.fail()
             self._failed("write", str(e) if isinstance(e, CacheUnavailable) else f"{type(e).__name__}: {e}")
+            self._keep(items)
+            return False
+
+    def _keep(self, items: list[tuple[str, Entry]]) -> None:
+        with self.refused_lock:
+            for q, e in items:
+                self.refused[(e.model_version, q)] = e
+            while len(self.refused) > self.max_refused:
+                self.refused.popitem(last=False)
+                self.dropped_writes += 1
+
+    def retry_refused(self) -> int:
+        """One try to write the answers the store refused (on the cache's pool); how many it took."""
+        with self.refused_lock:
+            items = [(q, self.refused.pop((v, q))) for v, q in list(itertools.islice(self.refused, 1000))]
+        if not items or not self._write(items):
+            return 0
+        self.rewritten += len(items)
+        return len(items)
+
+    def start(self) -> None:
+        """Retry refused writes every `retry_s` while the server runs."""
+        self.retrier = asyncio.get_running_loop().create_task(self._retry_loop())
+
+    async def _retry_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.retry_s)
+            while self.refused and await loop.run_in_executor(self.pool, self.retry_refused):
+                pass
 
     async def probe(self) -> None:
         """One read of the store through the breaker (for /healthz, so a dead store shows without traffic)."""
@@ -178,7 +220,9 @@ class ServingCache:
             "reads": self.reads.state,
             "writes": self.writes.state,
             "errors": dict(self.errors),
-            "skipped_writes": self.skipped_writes,
+            "pending_writes": len(self.refused),
+            "rewritten": self.rewritten,
+            "dropped_writes": self.dropped_writes,
             "local_entries": len(self.local),
         }
         if recent:
@@ -186,4 +230,11 @@ class ServingCache:
         return out
 
     def close(self) -> None:
+        if self.retrier:
+            self.retrier.cancel()
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()  # marks it retrieved: asyncio would log "Future exception was never retrieved"

@@ -1,4 +1,4 @@
-"""The input log, row by row: its files, `--where`, each row's cell (`read_rows`), what a query is (`check_query`), and
+"""The input log, row by row: its files, `--where`, each row's cell (`read_rows`), and
 every row accepted or rejected (`account_rows`: the per-row definition `log_prepare.prepare` is held to)."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from querytune.labeled import FORMATS, csv_records, jsonl_records, lone_surrogate, printable
-from querytune.schema import MAX_QUERY_CHARS, normalize_text
+from querytune.labeled import FORMATS, csv_records, jsonl_records, printable
+from querytune.query import MAX_QUERY_CHARS, check_query
 
 
 class LabelInputError(ValueError):
@@ -84,7 +84,8 @@ def read_rows(
             for col in [column] + ([cond[0]] if cond else []):
                 if col not in header:
                     raise LabelInputError(
-                        f"{file}: no column {col!r} in the header ({printable(', '.join(header))}); choose one with --column"
+                        f"{file}: no column {col!r} in the header ({printable(', '.join(header))}); "
+                        "choose one with --column"
                     )
             for line, rec, error in records:
                 if cond and not (isinstance(rec, dict) and str(rec.get(cond[0])) == cond[1]):
@@ -125,33 +126,6 @@ def _parquet_columns(file: Path, column: str, cond: str | None) -> tuple[list[st
         return names, values(table, column) if column in names else [], values(table, cond) if cond in names else []
     except Exception as e:  # pyarrow raises several types for a file that is not (whole) Parquet
         raise LabelInputError(f"{file}: not a readable Parquet file: {printable(str(e))}") from None
-
-
-def check_query(value: Any, max_chars: int = MAX_QUERY_CHARS) -> tuple[str | None, str | None]:
-    """(normalised query, None) or (None, reason).
-
-    >>> check_query("  Cheap\\u00a0THAI  near me ")
-    ('cheap thai near me', None)
-    >>> check_query("   ")
-    (None, 'empty query')
-    >>> check_query(42)
-    (None, 'not text: int')
-    """
-    if value is None:
-        return None, "missing query"
-    if not isinstance(value, str):
-        return None, f"not text: {type(value).__name__}"
-    bad = lone_surrogate(value)
-    if bad:
-        return None, bad
-    norm = normalize_text(value)
-    if not norm:
-        return None, "empty query"
-    if len(norm) > max_chars:
-        return None, f"longer than {max_chars} characters ({len(norm)})"
-    if any(ord(c) < 32 for c in norm):
-        return None, "control characters"
-    return norm, None
 
 
 @dataclass

@@ -17,8 +17,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from querytune.labeled import FORMATS, printable
-from querytune.schema import MAX_QUERY_CHARS
-from querytune.serving.log_input import LabelInputError, check_query, input_files, parse_where, read_rows
+from querytune.labeling.log_input import LabelInputError, input_files, parse_where, read_rows
+from querytune.query import MAX_QUERY_CHARS, check_query
 
 BATCH_ROWS = 1 << 17  # input rows normalised at a time: memory stays flat however long the log
 ROWS_SCHEMA = pa.schema([("source", pa.large_string()), ("line", pa.int64()), ("normalized", pa.large_string())])
@@ -29,7 +29,8 @@ def normalize_plain(text: pa.Array, max_chars: int = MAX_QUERY_CHARS) -> tuple[p
     character, no run of spaces once the ends are trimmed, 1 to `max_chars` long. There NFKC changes nothing and
     lower case is ASCII's. Null for every other cell (missing, not ASCII, tabs, ...): `check_query` decides those.
 
-    >>> [a.to_pylist() for a in normalize_plain(pa.array([" Cheap THAI  ", "cheap  thai", "caf\\u00e9", "a\\tb", " ", None]))]
+    >>> cells = pa.array([" Cheap THAI  ", "cheap  thai", "caf\\u00e9", "a\\tb", " ", None])
+    >>> [a.to_pylist() for a in normalize_plain(cells)]
     [['cheap thai', None, None, None, None, None], ['Cheap THAI', None, None, None, None, None]]
     """
     stripped = pc.ascii_trim(text, " ")
@@ -161,6 +162,8 @@ def prepare(
     give, with memory for the distinct queries only."""
     out = Path(out)
     rows_tmp, rejects_tmp = out / ".rows.parquet.tmp", out / ".rejects.jsonl.tmp"
+    for tmp in (rows_tmp, rejects_tmp):
+        tmp.unlink(missing_ok=True)  # a link left there is removed, never written through
     counts, firsts = [0, 0], []
     try:
         with (

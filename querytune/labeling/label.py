@@ -9,7 +9,8 @@ batch at a time, so memory follows the distinct queries, not the rows: plain ASC
 compute, the rare others by `check_query`, the per-row definition (`account_rows` applies it row by row;
 tests/test_label_scale.py holds the two equal). The output folder holds:
 
-    labels/part-00000.parquet ...  query, normalized, parse (JSON), valid, confidence, error, model_version, schema_version
+    labels/part-00000.parquet ...  query, normalized, parse (JSON), valid, confidence, error, model_version,
+                                   schema_version
     rows.parquet                   source file, line, normalized: one row per accepted input row (the row-to-label map)
     rejects.jsonl                  source file, line, reason, raw: one row per rejected input row
     manifest.json                  model and schema versions, the input's fingerprint
@@ -42,9 +43,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from querytune.schema import MAX_QUERY_CHARS
-from querytune.serving.log_input import Accounting, LabelInputError, input_files
-from querytune.serving.log_prepare import prepare
+from querytune.labeling.log_input import Accounting, LabelInputError, input_files
+from querytune.labeling.log_prepare import prepare
+from querytune.query import MAX_QUERY_CHARS
 
 SHARD_QUERIES = 1024  # distinct queries per shard: the most a kill can cost
 LOCK = "label.lock"
@@ -75,6 +76,7 @@ def fingerprint(files: list[Path]) -> str:
 
 def _write_atomic(df: pd.DataFrame, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)  # a link left there is removed, never written through
     df.to_parquet(tmp, index=False)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
@@ -83,6 +85,7 @@ def _write_atomic(df: pd.DataFrame, path: Path) -> None:
 
 def _write_text_atomic(text: str, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
@@ -103,7 +106,8 @@ def labeled_queries(out: str | Path, warn: Callable[[str], None] = _warn) -> pa.
             os.replace(shard, aside)
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             warn(
-                f"warning: {shard}: unreadable label shard ({reason}); set aside as {aside.name}, its queries are labeled again"
+                f"warning: {shard}: unreadable label shard ({reason}); set aside as {aside.name}, "
+                "its queries are labeled again"
             )
     return pa.chunked_array(done, pa.large_string()).combine_chunks()
 
@@ -122,6 +126,7 @@ def lock_folder(out: str | Path) -> Iterator[None]:
     if key in _HELD:
         yield
         return
+    check_out_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     fh = open(out / LOCK, "a+")
     try:
@@ -142,6 +147,45 @@ def lock_folder(out: str | Path) -> Iterator[None]:
     finally:
         _HELD.discard(key)
         fh.close()  # closing the file drops the lock; the file stays, so no run ever locks a file another just unlinked
+
+
+OWN = ("labels", "manifest.json", "summary.json", "rows.parquet", "rejects.jsonl", LOCK)  # what a run writes in `out`
+
+
+def check_out_folder(out: Path) -> None:
+    """A labeling folder a run may write: `out` a folder (or not there yet), and nothing it writes inside a link or
+    of the wrong kind, so that no file outside `out` is ever written or deleted (`--restart` deletes shards)."""
+    if out.exists() and not out.is_dir():
+        raise LabelInputError(f"--out {out}: exists and is not a folder")
+    for name in OWN:
+        path = out / name
+        if path.is_symlink():
+            raise LabelInputError(f"{path}: a symbolic link; a labeling folder writes only inside itself (remove it)")
+        if path.exists() and (path.is_dir() != (name == "labels")):
+            kind = "a folder" if path.is_dir() else "a file"
+            raise LabelInputError(
+                f"{path}: is {kind}, where a run writes its {'labels folder' if name == 'labels' else 'file'}"
+            )
+
+
+def rebuilt_manifest(out: Path, manifest: dict, warn: Callable[[str], None]) -> None:
+    """`out/manifest.json` cannot be read (torn by a crash or a copy): the shards say which model and schema labeled
+    them. Theirs are this run's: the manifest is written anew and every intact label is kept. Any other: refused."""
+    versions = set()
+    for shard in sorted((out / "labels").glob("part-*.parquet")):
+        try:
+            table = pq.read_table(shard, columns=["model_version", "schema_version"])
+        except Exception:  # noqa: BLE001 - a torn shard is set aside later (`labeled_queries`)
+            continue
+        versions |= set(zip(table["model_version"].to_pylist(), table["schema_version"].to_pylist()))
+    others = versions - {(manifest["model_version"], manifest["schema_version"])}
+    if others:
+        found = ", ".join(f"model {m} schema {s}" for m, s in sorted(others))
+        raise LabelInputError(
+            f"{out / 'manifest.json'}: not readable, and the shards hold labels of another run ({found}); "
+            "use another --out or --restart to start over"
+        )
+    warn(f"warning: {out / 'manifest.json'}: not readable; rebuilt from the shards' model and schema versions")
 
 
 def by_length(queries: list[str]) -> list[str]:
@@ -165,11 +209,12 @@ def label(
     restart: bool = False,
     max_chars: int = MAX_QUERY_CHARS,
     progress: Callable[[int, int], None] | None = None,
+    warn: Callable[[str], None] = _warn,
     stream: Callable[[list[str], int], Iterator[list[dict]]] | None = None,
 ) -> dict[str, Any]:
     """Label `input_path` into `out` (see the module doc); returns the summary. `progress(done, total)` after each
     shard. `stream(queries, shard_size)` yields label rows (`parse_rows`' shape) a shard at a time, in any order
-    (default: `backend.parse` in this process; `querytune.serving.ray_engine` passes a Ray Data pipeline)."""
+    (default: `backend.parse` in this process; `querytune.labeling.ray_engine` passes a Ray Data pipeline)."""
     t0 = time.perf_counter()
     out = Path(out)
     files = input_files(input_path)
@@ -187,22 +232,25 @@ def label(
         if old.exists() and not restart:
             try:
                 before = json.loads(old.read_text(encoding="utf-8"))
-            except ValueError:
-                raise LabelInputError(f"{old}: not readable; use --restart to start over") from None
+                if not isinstance(before, dict):
+                    raise ValueError("not an object")
+            except ValueError:  # UnicodeDecodeError too
+                rebuilt_manifest(out, manifest, warn)
+                before = manifest
             changed = [k for k in manifest if before.get(k) != manifest[k]]
             if changed:
+                diff = ", ".join(f"{k}: {before.get(k)} -> {manifest[k]}" for k in changed)
                 raise LabelInputError(
-                    f"{out} holds labels of another run ({', '.join(f'{k}: {before.get(k)} -> {manifest[k]}' for k in changed)}); "
-                    "use another --out or --restart to start over"
+                    f"{out} holds labels of another run ({diff}); use another --out or --restart to start over"
                 )
-        if restart:
+        if restart:  # check_out_folder has refused a linked labels folder: these are all inside `out`
             for shard in (out / "labels").glob("part-*.parquet"):
                 shard.unlink()
         _write_text_atomic(json.dumps(manifest, indent=2) + "\n", old)
 
         prep = prepare(input_path, out, column, where, max_chars)
         todo_table = prep.distinct.filter(
-            pc.invert(pc.is_in(prep.distinct["normalized"], value_set=labeled_queries(out)))
+            pc.invert(pc.is_in(prep.distinct["normalized"], value_set=labeled_queries(out, warn)))
         )
         first_spelling = dict(zip(todo_table["normalized"].to_pylist(), todo_table["query"].to_pylist()))
         todo = by_length(list(first_spelling))

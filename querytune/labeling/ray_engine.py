@@ -51,14 +51,15 @@ class _Replica:
         self.backend = load_backend(backend, model_dir, batch_size=batch_size, **options)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        from querytune.serving.label import parse_rows
+        from querytune.labeling.label import parse_rows
 
         rows = parse_rows(self.backend, [str(q) for q in batch["normalized"]])
         return {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
 
 
 class RayEngine:
-    """`stream(queries, shard_size)` for `querytune.serving.label.label`; `model_version` / `schema_version` like a backend."""
+    """`stream(queries, shard_size)` for `querytune.labeling.label.label`; `model_version` / `schema_version` like a
+    backend."""
 
     def __init__(
         self,
@@ -86,7 +87,8 @@ class RayEngine:
         if not ray.is_initialized():
             import os
 
-            # a local cluster gets logical CPUs for every replica plus one for Ray Data's own tasks (reading, splitting):
+            # a local cluster gets logical CPUs for every replica plus one for Ray Data's own tasks (reading,
+            # splitting):
             # with only the machine's cores, the replicas can hold them all and the pipeline waits forever
             local = (
                 None if os.environ.get("RAY_ADDRESS") else max(os.cpu_count() or 1, workers * threads_per_worker + 1)
