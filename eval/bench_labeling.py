@@ -93,7 +93,8 @@ def ensure_json_twin(compact: Path, twin: Path) -> None:
     config = json.loads((compact / "train_config.json").read_text())
     steps = json.loads((compact / "summary.json").read_text())["steps"]
     print(
-        f"training the JSON-format twin of {compact} ({steps} steps, --format json) into {twin}: about 15-20 minutes on 2 cores",
+        f"training the JSON-format twin of {compact} ({steps} steps, --format json) into {twin}: "
+        "about 15-20 minutes on 2 cores",
         flush=True,
     )
     subprocess.run(
@@ -191,7 +192,8 @@ def main() -> None:
         type=Path,
         nargs="*",
         default=[],
-        help="more model folders trained like models/sft in other formats (one lever each): vLLM queries/s and accuracy against the JSON twin",
+        help="more model folders trained like models/sft in other formats (one lever each): "
+        "vLLM queries/s and accuracy against the JSON twin",
     )
     ap.add_argument("--queries", type=int, default=1000, help="distinct log queries each throughput figure parses")
     ap.add_argument(
@@ -282,7 +284,8 @@ def main() -> None:
     )
     del parser
     print(
-        f"transformers backend --int8 (querytune.runtime.generate.quantize_int8), {len(queries)} queries and the whole test set ...",
+        "transformers backend --int8 (querytune.runtime.generate.quantize_int8), "
+        f"{len(queries)} queries and the whole test set ...",
         flush=True,
     )
     int8 = Parser(compact, batch_size=args.batch_size, constrained=True, int8=True)
@@ -358,7 +361,8 @@ def main() -> None:
     if "accuracy_json_to_compact" in result:
         a = result["accuracy_json_to_compact"]
         print(
-            f"compact - json (vLLM, test): intent {a['b_minus_a']['intent_accuracy']}, slot F1 {a['b_minus_a']['slot_f1']}"
+            f"compact - json (vLLM, test): intent {a['b_minus_a']['intent_accuracy']}, "
+            f"slot F1 {a['b_minus_a']['slot_f1']}"
         )
         print(f"parity: {result['parity_same_parse']} / {result['parity_rows']} test parses the same on both backends")
     print(json.dumps(result))

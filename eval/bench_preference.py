@@ -4,8 +4,8 @@ their levers, in one run, with each lever alone on request.
     python eval/bench_preference.py [--init workspace/models/sft] [--world workspace/world] [--index workspace/index]
                                     [--stage both] [--steps 6] [--rounds 2] [--levers]
 
-Runs the real stages (`querytune.train.dpo.train_dpo` / `querytune.train.grpo.train_grpo`) for `--steps` timed optimizer steps
-(after one warm-up step), `--rounds` times in alternating order, for `now` (the preset) and `before` (fp32 weight
+Runs the real stages (`querytune.train.dpo.train_dpo` / `querytune.train.grpo.train_grpo`) for `--steps` timed optimizer
+steps (after one warm-up step), `--rounds` times in alternating order, for `now` (the preset) and `before` (fp32 weight
 storage under bf16 autocast, the LM head at every position, sampling with unmerged adapters outside autocast: the
 steps up to 2026-12-05). DPO trains on pairs built from the world's labeled seed rows (chosen: the row's parse;
 rejected: the parse of another row with the same intent): the shapes of real pairs (a prompt and two parses),
@@ -27,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from querytune.runtime.model import cpu_model
+from querytune.machine import cpu_model
 from querytune.train.dpo import PRESETS as DPO_PRESETS
 from querytune.train.dpo import train_dpo  # noqa: E402
 from querytune.train.grpo import PRESETS as GRPO_PRESETS  # noqa: E402
@@ -132,7 +132,8 @@ def main() -> None:
                     timed[name] += [s["seconds"] for s in steps]
                     sampling[name] += [s["sampling_s"] for s in steps if "sampling_s" in s]
                     print(
-                        f"  round {round_ + 1}: {stage} {name}: median {statistics.median(s['seconds'] for s in steps):.2f} s/step",
+                        f"  round {round_ + 1}: {stage} {name}: median "
+                        f"{statistics.median(s['seconds'] for s in steps):.2f} s/step",
                         flush=True,
                     )
             for name in settings:
@@ -158,7 +159,8 @@ def main() -> None:
         for r in rows:
             r["speedup_vs_before"] = round(before / r["total_s"], 2)
             print(
-                f"| {stage} | {r['setting']} | {r['s_per_step']:.2f} | {r.get('sampling_s_per_step', '')} | {r['speedup_vs_before']:.2f}x |"
+                f"| {stage} | {r['setting']} | {r['s_per_step']:.2f} | {r.get('sampling_s_per_step', '')} | "
+                f"{r['speedup_vs_before']:.2f}x |"
             )
         speedups[stage] = next(r for r in rows if r["setting"] == "now")["speedup_vs_before"]
     print(

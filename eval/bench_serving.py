@@ -259,12 +259,14 @@ async def miss_load(
         await asyncio.gather(*(client(http) for _ in range(clients)))
     if ran_out and not warm_up:
         sys.exit(
-            f"bench_serving: the distinct queries ran out after {min(ran_out):.1f} s of {seconds:g}: lower --miss-seconds"
+            f"bench_serving: the distinct queries ran out after {min(ran_out):.1f} s of {seconds:g}: "
+            "lower --miss-seconds"
         )
     counted = sorted(latency for at, latency in done if ramp_s <= at <= seconds)
     if not counted and not warm_up:
         sys.exit(
-            f"bench_serving: no answer arrived between {ramp_s:g} s and {seconds:g} s of the miss run: raise --miss-seconds"
+            f"bench_serving: no answer arrived between {ramp_s:g} s and {seconds:g} s of the miss run: "
+            "raise --miss-seconds"
         )
     return {
         "requests_per_s": round(len(counted) / (seconds - ramp_s), 2),
@@ -279,7 +281,8 @@ async def miss_load(
 def engine_alone(model: str, queries_file: str) -> None:
     """(b)'s reference without the server, in the vLLM environment: `LLM.generate` on 6 batches of 32 distinct queries
     against 24 queries one at a time, after a warm-up batch, and on 2 batches of 256 (the same queries again: the
-    engine caches nothing) for what more in flight than 32 clients can send would give; prints one line `ENGINE {json}`."""
+    engine caches nothing) for what more in flight than 32 clients can send would give; prints one line
+    `ENGINE {json}`."""
     from querytune.runtime.vllm_backend import VLLMBackend
 
     queries = json.loads(Path(queries_file).read_text(encoding="utf-8"))
@@ -340,7 +343,8 @@ def main() -> None:
     for need in (model / "querytune.json", test):
         if not need.is_file():
             sys.exit(
-                f"bench_serving: {need} not found: run `make demo` first (it builds ./workspace), or pass --workspace DIR"
+                f"bench_serving: {need} not found: run `make demo` first (it builds ./workspace), "
+                "or pass --workspace DIR"
             )
     if not shutil.which("wrk"):
         sys.exit("bench_serving: wrk is not installed: apt-get install wrk (Debian, Ubuntu) or brew install wrk")
@@ -360,7 +364,8 @@ def main() -> None:
     norms = list(by_norm)
     if args.miss_seconds <= args.ramp_seconds:
         sys.exit(
-            f"bench_serving: --miss-seconds {args.miss_seconds:g} must be longer than --ramp-seconds {args.ramp_seconds:g}"
+            f"bench_serving: --miss-seconds {args.miss_seconds:g} must be longer than --ramp-seconds "
+            f"{args.ramp_seconds:g}"
         )
     if len(norms) < 64 + WARM_MISSES + 64:
         sys.exit(f"bench_serving: {test} has {len(norms)} distinct queries; it needs at least {64 + WARM_MISSES + 64}")

@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from querytune.labeled import load_labeled
-from querytune.runtime.model import cpu_model, resolve_base
+from querytune.machine import cpu_model
+from querytune.runtime.model import resolve_base
 from querytune.schema_file import load_schema
 from querytune.train.sft import LORA_TARGETS, PRESETS, train_sft
 
@@ -127,7 +128,8 @@ def main() -> None:
     runs: dict[str, list[dict]] = {name: [] for name in settings}
     summaries: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        os.environ["QUERYTUNE_CACHE"] = tmp  # the dtype probes measured in this run, not this machine's cached ones
+        # the dtype probes measured in this run, not this machine's cached ones
+        os.environ["QUERYTUNE_MODEL_CACHE"] = tmp
         names = list(settings)
         for round_ in range(args.rounds):  # alternate the order, so a busy spell on a shared machine hits every setting
             for name in names if round_ % 2 == 0 else names[::-1]:
@@ -183,21 +185,23 @@ def main() -> None:
     now = results["now"]
     cpu = cpu_model()
     print(
-        f"\nSFT step, {Path(base).name}, preset {args.preset} (batch {preset.batch_size}), {args.rounds} x {args.steps} steps per setting, "
-        f"{len(rows):,} rows of {args.data}\nCPU: {cpu}; {torch.get_num_threads()} threads; torch {torch.__version__}\n"
+        f"\nSFT step, {Path(base).name}, preset {args.preset} (batch {preset.batch_size}), "
+        f"{args.rounds} x {args.steps} steps per setting, {len(rows):,} rows of {args.data}\nCPU: {cpu}; "
+        f"{torch.get_num_threads()} threads; torch {torch.__version__}\n"
     )
     print("| setting | dtype | s/step (median) | trained tokens/s | model GFLOP/s |\n|---|---|---|---|---|")
     for r in results.values():
         print(
-            f"| {r['setting']} | {r['dtype']} | {r['s_per_step']:.3f} | {r['tokens_per_s']:.0f} | {r['achieved_gflop_s']:.1f} |"
+            f"| {r['setting']} | {r['dtype']} | {r['s_per_step']:.3f} | {r['tokens_per_s']:.0f} | "
+            f"{r['achieved_gflop_s']:.1f} |"
         )
     ratio = now["achieved_gflop_s"] / ceiling
     speedup = sum(s["seconds"] for run in runs["before"] for s in run) / sum(
         s["seconds"] for run in runs["now"] for s in run
     )
     print(
-        f"\nmatmul ceiling of the step's shapes ({summaries['now']['dtype']}): {ceiling:.0f} GFLOP/s; now at {ratio:.2f} of it; "
-        f"{speedup:.2f}x the step before its levers"
+        f"\nmatmul ceiling of the step's shapes ({summaries['now']['dtype']}): {ceiling:.0f} GFLOP/s; "
+        f"now at {ratio:.2f} of it; {speedup:.2f}x the step before its levers"
     )
     print(
         json.dumps(

@@ -1,6 +1,7 @@
-"""The comparison table: every source of labels and every reward stage, from one SFT model, in one run.
+r"""The comparison table: every source of labels and every reward stage, from one SFT model, in one run.
 
-    python eval/compare.py --world runs/w0 --index runs/w0_index --sft runs/w0_sft --out runs/compare_w0 [--split test] [--rows self_train,rft]
+    python eval/compare.py --world runs/w0 --index runs/w0_index --sft runs/w0_sft --out runs/compare_w0 \
+        [--split test] [--rows self_train,rft]
 
 Rows (NDCG@10 on the split's graded queries, overall and per world mechanism, each with a paired 95% bootstrap
 interval against self-training, or against the control where self-training is not among the rows):
@@ -11,7 +12,8 @@ interval against self-training, or against the control where self-training is no
   (`querytune train rft --edits none`): the fair control of every reward stage;
 - rft: the same texts relabeled by the edits the clicks support (`querytune train rft`); rft_placebo: with each text
   judged on another text's clicks; rft_no_pool, rft_no_abstain: without pooled tests, without abstention;
-- dpo: DPO from the SFT model on rft's accepted edits (edited label chosen, greedy parse rejected; `train dpo --edits-from`);
+- dpo: DPO from the SFT model on rft's accepted edits (edited label chosen, greedy parse rejected;
+  `train dpo --edits-from`);
 - grpo: GRPO from the SFT model on the miner's abstaining, pooled reward, each edited label in its text's group
   (`train grpo --edits-from`);
 - label_ceiling: the same steps on the seed plus the true parses (the world's hidden needs) of the same texts:
@@ -44,8 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python eval/
 
 from querytune.evaluation.retrieval_eval import load_rows  # noqa: E402
 from querytune.evaluation.scores import load_predictions, peer_predictions, score_systems  # noqa: E402
+from querytune.machine import hardware  # noqa: E402
 from querytune.metrics import paired_bootstrap  # noqa: E402
-from querytune.runtime.model import hardware  # noqa: E402
 from querytune.schema_file import load_schema  # noqa: E402
 from querytune.search import Searcher  # noqa: E402
 from querytune.train.targets import early_texts  # noqa: E402
@@ -58,9 +60,9 @@ REWARD_ROWS = {
     "rft_no_pool": ["--no-pool"],
     "rft_no_abstain": ["--no-abstain"],
 }  # `querytune train rft` options of each reward row
-# the learners on rft's accepted edits, with their own steps and no time cap: DPO six passes over the pairs (its mined preset); GRPO
-# --grpo-steps (60: about one pass over seed 0's edited texts and as many anchors, 4 texts a step), at a learning rate
-# set before any run, not tuned
+# the learners on rft's accepted edits, with their own steps and no time cap: DPO six passes over the pairs (its mined
+# preset); GRPO --grpo-steps (60: about one pass over seed 0's edited texts and as many anchors, 4 texts a step), at a
+# learning rate set before any run, not tuned
 LEARNER_ROWS = {"dpo": ["--preset", "mined"], "grpo": ["--lr", "5e-4", "--max-minutes", "0"]}
 
 
@@ -216,8 +218,8 @@ def main() -> None:
     ap.add_argument(
         "--rows",
         default=",".join((*TRAINED, *REWARD_ROWS, *LEARNER_ROWS)),
-        help=f"Training rows to run, comma-separated (default: all of {', '.join((*TRAINED, *REWARD_ROWS, *LEARNER_ROWS))}); "
-        "rows trained before stay in the table.",
+        help="Training rows to run, comma-separated (default: all of "
+        f"{', '.join((*TRAINED, *REWARD_ROWS, *LEARNER_ROWS))}); rows trained before stay in the table.",
     )
     args = ap.parse_args()
 
@@ -353,7 +355,8 @@ def main() -> None:
             )
         else:
             print(
-                f"compare: {name} skipped: rft's miner accepted no edit (or rft was not trained): nothing to learn from",
+                f"compare: {name} skipped: rft's miner accepted no edit (or rft was not trained): "
+                "nothing to learn from",
                 flush=True,
             )
     models = {"sft": args.sft} | {
@@ -464,7 +467,8 @@ def ceiling_table(scores: pd.DataFrame, rows: list[dict], systems: list[str], ba
 def distance(a: dict, b: dict) -> int:
     """How many of the intent and the slot values two parses disagree on.
 
-    >>> distance({"intent": "find_business", "slots": {"cuisine": "italian"}}, {"intent": "find_business", "slots": {"cuisine": "pizza"}})
+    >>> distance({"intent": "find_business", "slots": {"cuisine": "italian"}},
+    ...          {"intent": "find_business", "slots": {"cuisine": "pizza"}})
     1
     """
     return (a["intent"] != b["intent"]) + sum(
@@ -502,9 +506,10 @@ def markdown(result: dict) -> str:
     table, meta = result["table"], result["meta"]
     systems = [k for k in table["all"] if k != "n"]
     lines = [
-        f"NDCG@10 on {meta['split']} ({meta['graded_rows']} graded queries), {meta['world']}; in brackets: the paired difference "
-        f"from {meta['bootstrap']['paired_with']} with its 95% interval; training rows: {meta['steps']} steps x "
-        f"{meta['batch_size']}, {meta['dtype']}, {meta['threads']} threads, from {meta['sft']}; {meta['hardware']}."
+        f"NDCG@10 on {meta['split']} ({meta['graded_rows']} graded queries), {meta['world']}; in brackets: "
+        f"the paired difference from {meta['bootstrap']['paired_with']} with its 95% interval; training rows: "
+        f"{meta['steps']} steps x {meta['batch_size']}, {meta['dtype']}, {meta['threads']} threads, "
+        f"from {meta['sft']}; {meta['hardware']}."
         + "".join(f" {a} is {b}'s model (the same training data)." for a, b in meta.get("same_data_as", {}).items()),
         "",
         "| system | " + " | ".join(f"{g} (n={table[g]['n']})" for g in table) + " |",
@@ -522,8 +527,9 @@ def markdown(result: dict) -> str:
     for name, audit in result.get("edit_audit", {}).items():
         if audit:
             lines.append(
-                f"\n{name}: {audit['texts_edited']} log texts relabeled; against the hidden need the edited label is closer than the "
-                f"greedy parse for {audit['closer']}, farther for {audit['farther']}, as far for {audit['same']}."
+                f"\n{name}: {audit['texts_edited']} log texts relabeled; against the hidden need the edited label is "
+                f"closer than the greedy parse for {audit['closer']}, farther for {audit['farther']}, "
+                f"as far for {audit['same']}."
             )
     return "\n".join(lines) + "\n"
 

@@ -1,6 +1,7 @@
-"""Coverage@K: how often each way of proposing parses holds the true one, per world mechanism, before any training.
+r"""Coverage@K: how often each way of proposing parses holds the true one, per world mechanism, before any training.
 
-    python eval/coverage.py --world runs/w0 --index runs/w0_index --sft runs/w0_sft --out runs/coverage_w0.json [--per-mechanism 100]
+    python eval/coverage.py --world runs/w0 --index runs/w0_index --sft runs/w0_sft --out runs/coverage_w0.json \
+        [--per-mechanism 100]
 
 For the early-log texts that the reward stages add to the seed (`querytune.train.targets.early_texts`), up to
 `--per-mechanism` of each mechanism's texts (and of those no mechanism touches): the share whose true parse (the
@@ -23,8 +24,9 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python eval/coverage.py` from a checkout
 
 from querytune.labeled import load_labeled  # noqa: E402
+from querytune.machine import hardware  # noqa: E402
 from querytune.runtime.generate import Parser  # noqa: E402
-from querytune.runtime.model import ModelFolder, hardware  # noqa: E402
+from querytune.runtime.model import ModelFolder  # noqa: E402
 from querytune.schema import ParseError, Schema  # noqa: E402
 from querytune.train.evidence import EditMiner  # noqa: E402
 from querytune.train.reward import retrieval_reward, strict_parse  # noqa: E402

@@ -6,11 +6,12 @@ Half the files are schema files, mutations of data/schema.yaml and data/schemas/
 deleted field, deep nesting, a 5,000-digit number, a lone surrogate, bytes that are not UTF-8, a cut, an alias bomb,
 odd YAML scalars, random bytes, a document that is not a mapping), each given to `load_schema`: it must load (and
 give a version and a JSON schema) or raise a SchemaError that names the file. The other half are query logs (CSV,
-JSONL, Parquet) of good rows mixed with junk rows of known lines, given to `querytune.labeling.log_input.account_rows` and
-`save_accounting` (what `querytune label` does before the model): each junk row must be a reject with its file and
-line, each good row accepted, and a file that cannot be read at all may only raise LabelInputError. Prints counts per
-mutation kind and a last line of JSON; exits 1 if anything else was raised or a row was misplaced. The files are
-written under a temporary folder (`--keep DIR` keeps them, with the failing ones listed in DIR/failures.jsonl).
+JSONL, Parquet) of good rows mixed with junk rows of known lines, given to
+`querytune.labeling.log_input.account_rows` and `save_accounting` (what `querytune label` does before the model):
+each junk row must be a reject with its file and line, each good row accepted, and a file that cannot be read at all
+may only raise LabelInputError. Prints counts per mutation kind and a last line of JSON; exits 1 if anything else was
+raised or a row was misplaced. The files are written under a temporary folder (`--keep DIR` keeps them, with the
+failing ones listed in DIR/failures.jsonl).
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ from querytune.schema_file import load_schema  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 SCHEMAS = [REPO / "data" / "schema.yaml", REPO / "data" / "schemas" / "sgd.yaml"]
 HOLE = "HOLEZQXJ"  # a plain YAML scalar no schema holds: where a raw YAML snippet goes
-WORDS = "cheap thai pizza near me open now dentist saturday barber plumber 24h sushi brooklyn austin kid friendly vegan".split()
+WORDS = (
+    "cheap thai pizza near me open now dentist saturday barber plumber 24h sushi brooklyn austin kid friendly vegan"
+).split()
 
 
 # ---- schema files -------------------------------------------------------------------------------------------------
@@ -407,13 +410,15 @@ def main() -> None:
     for kind in SCHEMA_KINDS:
         c = schema_counts[kind]
         print(
-            f"{kind:<16} {sum(c.values()):>6} {c['loaded']:>7} {c['rejected']:>9} {c['unhandled']:>10} {c['misnamed']:>9}"
+            f"{kind:<16} {sum(c.values()):>6} {c['loaded']:>7} {c['rejected']:>9}"
+            f" {c['unhandled']:>10} {c['misnamed']:>9}"
         )
     print(f"\n{'log (format/file)':<22} {'files':>6} {'ok':>6} {'input_error':>12} {'unhandled':>10} {'misplaced':>10}")
     for kind in sorted(log_counts):
         c = log_counts[kind]
         print(
-            f"{kind:<22} {sum(c.values()):>6} {c['ok']:>6} {c['input_error']:>12} {c['unhandled']:>10} {c['misplaced']:>10}"
+            f"{kind:<22} {sum(c.values()):>6} {c['ok']:>6} {c['input_error']:>12}"
+            f" {c['unhandled']:>10} {c['misplaced']:>10}"
         )
     if args.keep:
         (root / "failures.jsonl").write_text("".join(json.dumps(f) + "\n" for f in failures))

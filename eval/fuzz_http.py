@@ -267,7 +267,7 @@ def main() -> None:
     access = [json.loads(line) for line in text.splitlines() if line.startswith('{"ts"')]
     statuses = Counter(a["status"] for a in access)
     unhandled = text.count("unhandled error") + text.count("Traceback")
-    from querytune.runtime.model import hardware
+    from querytune.machine import hardware
 
     summary = {
         "requests_logged": len(access),

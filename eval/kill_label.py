@@ -213,7 +213,8 @@ def main() -> None:
             else:  # the first run had finished: nothing to refuse (a log too small for this check)
                 stats["concurrent_inconclusive"] += 1
             print(
-                f"  second run beside a labeling one: exit {second.returncode} in {time.perf_counter() - t:.1f}s: {second.stderr.strip()[-160:]}"
+                f"  second run beside a labeling one: exit {second.returncode} in {time.perf_counter() - t:.1f}s: "
+                f"{second.stderr.strip()[-160:]}"
             )
         killed = kill(proc)
         stats["kills"] += killed
@@ -235,7 +236,8 @@ def main() -> None:
             damaged.add(victim.name)
             note = f"; emptied {victim.name}"
         print(
-            f"kill {stats['kills']:2d}/{args.kills}, attempt {k + 1} ({'mid-labeling' if mid else 'random time'}): {'killed' if killed else 'had ended'}, "
+            f"kill {stats['kills']:2d}/{args.kills}, attempt {k + 1} ({'mid-labeling' if mid else 'random time'}): "
+            f"{'killed' if killed else 'had ended'}, "
             f"{len(now)} shards{note}",
             flush=True,
         )

@@ -2,14 +2,14 @@
 
     python eval/labeling_prepare.py [--log runs/w0/log.parquet] [--rows N] [--replicate-to 1200000]
 
-Times `querytune.labeling.log_input.account_rows` + `save_accounting` (the per-row Python definition) and `querytune.labeling.log_prepare.prepare`
-(Arrow, a batch at a time), wall and CPU time (all threads) per row, on the same input: the world's log (its first
-`--rows` rows), and that log repeated to about `--replicate-to` rows so per-row costs show over start-up. Each run is
-a fresh Python process, so its peak RSS growth (ru_maxrss after the step less before it) is its own; Arrow runs once
-more on 5 times as many rows (its memory must stay flat). CPU time is the steadier figure on a shared machine. Also
-the distinct share (distinct normalised queries / rows) at growing prefixes of the log: it falls as the log grows.
-Prints the figures as one JSON line; `prepare_figures(log_path, rows)` returns them (eval/bench_labeling.py calls
-it). About a minute on 2 cores.
+Times `querytune.labeling.log_input.account_rows` + `save_accounting` (the per-row Python definition) and
+`querytune.labeling.log_prepare.prepare` (Arrow, a batch at a time), wall and CPU time (all threads) per row, on the
+same input: the world's log (its first `--rows` rows), and that log repeated to about `--replicate-to` rows so per-row
+costs show over start-up. Each run is a fresh Python process, so its peak RSS growth (ru_maxrss after the step less
+before it) is its own; Arrow runs once more on 5 times as many rows (its memory must stay flat). CPU time is the
+steadier figure on a shared machine. Also the distinct share (distinct normalised queries / rows) at growing prefixes of
+the log: it falls as the log grows. Prints the figures as one JSON line; `prepare_figures(log_path, rows)` returns them
+(eval/bench_labeling.py calls it). About a minute on 2 cores.
 """
 
 from __future__ import annotations

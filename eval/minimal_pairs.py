@@ -1,4 +1,4 @@
-"""Minimal DPO pairs: rebuild a run's pairs so chosen and rejected differ only in the "what" and "where".
+r"""Minimal DPO pairs: rebuild a run's pairs so chosen and rejected differ only in the "what" and "where".
 
 For each query of a `train dpo` run's `candidates.parquet`, the best candidate and each worse one are mapped onto
 the greedy parse: the greedy parse's other slots (price, hours, attributes...) with the candidate's "what"/"where"
@@ -6,7 +6,8 @@ slots (`CORE_FILTERS`). The two are scored again and kept as a pair when the gap
 clicks can tell them apart (`tells_apart`). The experiment behind eval/RESULTS.md's "minimal pairs" rows: train on the
 result with `querytune train dpo --pairs OUT ...`, and audit it with `eval/pair_audit.py`.
 
-    python eval/minimal_pairs.py --run runs/dpo --world runs/world --index runs/index --queries 2000 --out runs/dpo/pairs_minimal.parquet
+    python eval/minimal_pairs.py --run runs/dpo --world runs/world --index runs/index --queries 2000 \
+        --out runs/dpo/pairs_minimal.parquet
 """
 
 from __future__ import annotations

@@ -146,7 +146,8 @@ def main() -> None:
         "--model",
         type=Path,
         default=None,
-        help="Model folder whose schema (with its aliases) the reward reads; default: the shipped schema plus aliases mined from the needs.",
+        help="Model folder whose schema (with its aliases) the reward reads; default: "
+        "the shipped schema plus aliases mined from the needs.",
     )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -200,7 +201,8 @@ def main() -> None:
                 added = next(k for k in json.loads(rival)["slots"] if k not in need["slots"])
                 by_filter[added].append(pair)
     print(
-        f"{len(targets)} texts with >= {MIN_CONTEXTS} logged contexts; skipped: {dict(skipped) or 'none'}; aliases: {aliases}"
+        f"{len(targets)} texts with >= {MIN_CONTEXTS} logged contexts; skipped: {dict(skipped) or 'none'}; aliases: "
+        f"{aliases}"
     )
     print(f"{'true parse vs':<28} {'n':>5} {'above':>7} {'tie':>7} {'below':>7} {'threshold':>10}")
     summary = {}
@@ -221,7 +223,8 @@ def main() -> None:
             else "NOT met"
         )
         print(
-            f"{kind:<28} {r['n']:>5} {fmt(r['above']):>7} {fmt(r['tie']):>7} {fmt(r['below']):>7} {'>= ' + str(bar) if bar else '':>10}  {verdict}"
+            f"{kind:<28} {r['n']:>5} {fmt(r['above']):>7} {fmt(r['tie']):>7} {fmt(r['below']):>7} "
+            f"{'>= ' + str(bar) if bar else '':>10}  {verdict}"
         )
     for label, groups in (("guideline", by_tag), ("made_up_filter", by_filter)):
         for key in sorted(groups):

@@ -229,7 +229,8 @@ def main() -> None:
     idle_mb = rss_mb(server.pid)
     share = sum(q in cached for q in traffic) / len(traffic)
     print(
-        f"soak: {len(cached)} cached queries carry {share:.1%} of the log's {len(traffic):,} rows; {args.clients} clients, "
+        f"soak: {len(cached)} cached queries carry {share:.1%} of the log's {len(traffic):,} rows; "
+        f"{args.clients} clients, "
         f"{args.minutes:g} min, server RSS {idle_mb:.0f} MB idle",
         flush=True,
     )
@@ -261,8 +262,9 @@ def main() -> None:
             r["health"] = httpx.get(f"{url}/healthz", timeout=10).json()
             results.append(r)
             print(
-                f"  {phase:16} {r['requests']:7,} requests {r['requests_per_s']:8.1f}/s  hits ok {r.get('hit_ok', 0):7,} failed "
-                f"{r.get('hit_failed', 0):3}  misses ok {r.get('miss_ok', 0):6,} failed {r.get('miss_failed', 0):3}  p99 {r['p99_ms']} ms  "
+                f"  {phase:16} {r['requests']:7,} requests {r['requests_per_s']:8.1f}/s"
+                f"  hits ok {r.get('hit_ok', 0):7,} failed {r.get('hit_failed', 0):3}"
+                f"  misses ok {r.get('miss_ok', 0):6,} failed {r.get('miss_failed', 0):3}  p99 {r['p99_ms']} ms  "
                 f"health {r['health']['status']}",
                 flush=True,
             )
@@ -307,7 +309,7 @@ def main() -> None:
 
 
 def _cpu() -> str:
-    from querytune.runtime.model import hardware
+    from querytune.machine import hardware
 
     return hardware()
 

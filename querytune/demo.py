@@ -32,10 +32,10 @@ PACKAGE = Path(__file__).resolve().parent
 STAGES = ("sft", "self_train", "rft", "dpo", "grpo")
 LEARNERS = ("dpo", "grpo")  # train on the miner's edits in models/rft
 # Each step's sizes. full: the quick training presets (SFT 600 steps; ST and RFT 4,000 log texts and 280 steps; DPO
-# six passes over the miner's pairs (its mined preset); GRPO 60 steps of 4 texts, about one pass over seed 0's edited texts and as many
-# anchors, at lr 5e-4 as eval/compare.py's grpo row); measured stage times: README. tiny: the same steps and report on a
-# small world (6,000 log rows, 150 test queries) with a few optimizer steps per stage, to see the loop in minutes;
-# its models are barely trained and its figures say nothing about the method.
+# six passes over the miner's pairs (its mined preset); GRPO 60 steps of 4 texts, about one pass over seed 0's edited
+# texts and as many anchors, at lr 5e-4 as eval/compare.py's grpo row); measured stage times: README. tiny: the same
+# steps and report on a small world (6,000 log rows, 150 test queries) with a few optimizer steps per stage, to see the
+# loop in minutes; its models are barely trained and its figures say nothing about the method.
 PRESETS: dict[str, dict[str, list[str]]] = {
     "full": {
         "world": [],
@@ -270,7 +270,8 @@ def model_made(stage: str) -> Callable[[Path], str | None]:
 
 
 def serving_check(ws: Path, cli: str, py: str, port: int, replay: int) -> None:
-    """Serve the promoted model over the warmed cache and replay later log traffic; the load test's JSON -> eval/serving.json."""
+    """Serve the promoted model over the warmed cache and replay later log traffic;
+    the load test's JSON -> eval/serving.json."""
     server = subprocess.Popen(
         [
             cli,

@@ -1,5 +1,7 @@
-"""What search and the simulated world both know of a business catalog: weekly opening hours (stored per business as
-JSON, read into an array, asked "open at t?"), the price levels each price value means, and the days a day value names.
+"""Opening hours, day values and price levels: what search and the simulated world both know of a business catalog.
+
+Weekly opening hours are stored per business as JSON, read into an array and asked "open at t?"; each price value
+means some price levels, and each day value names some days.
 
 The catalog's file (catalog.parquet: id, name, city, neighborhood, category, cuisine, price, rating, attributes, hours)
 is written by `querytune.world` and read by `querytune.search`; neither imports the other's code for it.

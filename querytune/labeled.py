@@ -90,8 +90,9 @@ EXCERPT_CHARS = 200  # what a reject keeps of a bad line
 
 
 def bounded_lines(f, overlong: dict[int, str]) -> Iterator[str]:
-    """The lines of text file `f`, but a line over `MAX_LINE_CHARS` characters is read past in pieces and given as an empty
-    line, its number and first characters put in `overlong` (a 1 GB line costs the memory of the limit, not of 1 GB)."""
+    """The lines of text file `f`, but a line over `MAX_LINE_CHARS` characters is read past in pieces and given as
+    an empty line, its number and first characters put in `overlong` (a 1 GB line costs the memory of the limit, not
+    of 1 GB)."""
     limit = MAX_LINE_CHARS
     for n in itertools.count(1):
         line = f.readline(limit + 1)

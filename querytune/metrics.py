@@ -62,7 +62,8 @@ def ranking_metrics(ranked: list[str], relevance: dict[str, int], k: int = 10) -
 
 
 def micro_f1(tp, fp, fn):
-    """F1 from summed counts, 2tp / (2tp + fp + fn) (= 2PR / (P + R)), elementwise over arrays; 0 where nothing is counted.
+    """F1 from summed counts, 2tp / (2tp + fp + fn) (= 2PR / (P + R)), elementwise over arrays;
+    0 where nothing is counted.
 
     >>> round(float(micro_f1(3, 1, 2)), 4), float(micro_f1(0, 0, 0))
     (0.6667, 0.0)

@@ -1,7 +1,8 @@
 """The label schema: intents and slots from a YAML file, and everything derived from it.
 
 A schema file declares intents (name, description, optionally the slots each takes) and slots
-(name, type, description, the retrieval filter it drives); `querytune.schema_file` reads and validates one. From it come:
+(name, type, description, the retrieval filter it drives); `querytune.schema_file` reads and validates one.
+From it come:
 
 * ``Schema.parse(obj)`` -> a validated, canonicalised ``Parse`` (intent + slots), or ``ParseError``
   naming the offending field;

@@ -1,6 +1,7 @@
 """Reading and validating a schema file: YAML in, a `Schema` out, or a `SchemaError` naming the file and the field.
 
-The shape is checked by pydantic models (`SchemaSpec`, its `SlotSpec`s and `IntentSpec`s); the first error in reading order is the message.
+The shape is checked by pydantic models (`SchemaSpec`, its `SlotSpec`s and `IntentSpec`s); the first error in reading
+order is the message.
 
     >>> schema_from_dict({"intents": [{"name": "find"}], "slots": [{"name": "b"}]}, "x.yaml")
     Traceback (most recent call last):
@@ -39,7 +40,8 @@ def _is_text(value: Any) -> bool:
 
 
 def _shown(value: Any) -> str:
-    """A scalar's repr, anything else's type: never the repr of a container, which an alias bomb makes too big to print."""
+    """A scalar's repr, anything else's type: never the repr of a container,
+    which an alias bomb makes too big to print."""
     return repr(value) if _is_text(value) else type(value).__name__
 
 
@@ -60,7 +62,8 @@ class _Spec(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _readable_keys(cls, data: Any) -> Any:
-        # pydantic reads string keys only, and stops at one holding a lone surrogate; an unknown field either way, listed from the file
+        # pydantic reads string keys only, and stops at one holding a lone surrogate; an unknown field either way,
+        # listed from the file
         if isinstance(data, dict):
             return {k if isinstance(k, str) and k.isascii() else f"<{type(k).__name__}>": v for k, v in data.items()}
         return data
@@ -319,6 +322,14 @@ def schema_from_dict(raw: Any, source: str = "<schema>") -> Schema:
     return schema
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line, what and where: PyYAML's own text spans several, with a drawing of the spot."""
+    mark = getattr(e, "problem_mark", None)
+    if getattr(e, "problem", None) and mark:
+        return f"{e.problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(e).split())
+
+
 def load_schema(path: str | Path | None = None) -> Schema:
     """Load a schema YAML file (default: the local-service schema in data/)."""
     path = Path(path) if path else DEFAULT_SCHEMA
@@ -327,7 +338,7 @@ def load_schema(path: str | Path | None = None) -> Schema:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        raise SchemaError(f"{path}: not valid YAML: {e}") from None
+        raise SchemaError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
     except UnicodeDecodeError:
         raise SchemaError(f"{path}: not UTF-8 text") from None
     except ValueError as e:  # YAML's int and date constructors: a 5,000-digit number, 2001-13-45

@@ -28,7 +28,7 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from querytune.catalog import DAY_VALUES, MIN, PRICE_LEVELS, always_open, hours_array, open_at, open_on, resolve_weekday  # noqa: E402
+from querytune.hours import DAY_VALUES, MIN, PRICE_LEVELS, always_open, hours_array, open_at, open_on, resolve_weekday  # noqa: E402
 from querytune.schema import Parse, Schema, normalize_text  # noqa: E402
 
 INDEX_KINDS = ("flat", "hnsw")

@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 
 CHATML = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
+    "'\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
 
@@ -67,7 +67,8 @@ def tiny_base(seed_jsonl: Path, out: Path) -> Path:
 
 
 def tiny_model(seed_jsonl: Path, base: Path, out: Path, fmt: str = "user-compact") -> Path:
-    """A model folder (querytune.json, schema, adapter) of the tiny Llama after two SFT steps on the seed, in format `fmt`."""
+    """A model folder (querytune.json, schema, adapter) of the tiny Llama after two SFT steps on the seed,
+    in format `fmt`."""
     from querytune.labeled import load_labeled
     from querytune.schema_file import load_schema
     from querytune.train.sft import SFTRecipe, train_sft

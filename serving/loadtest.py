@@ -89,7 +89,8 @@ def main() -> None:
     result = asyncio.run(replay(args.url.rstrip("/"), queries, args.concurrency, args.api_key))
     print(
         f"replayed {result['requests']:,} requests in {result['seconds']} s: hit rate {result['hit_rate']:.1%}, "
-        f"{result['requests_per_s']:.1f} requests/s, p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, sources {result['sources']}"
+        f"{result['requests_per_s']:.1f} requests/s, p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, "
+        f"sources {result['sources']}"
     )
     print(json.dumps(result))
 

@@ -1,4 +1,5 @@
-"""eval/compare.py end to end on the small world and the tiny model: every row of the table, paired with self-training, resumable."""
+"""eval/compare.py end to end on the small world and the tiny model: every row of the table, paired with self-training,
+resumable."""
 
 from __future__ import annotations
 

@@ -111,7 +111,7 @@ def test_the_server_as_composed_follows_a_promotion_without_a_restart(tiny_model
         )
         server_env |= {
             "QUERYTUNE_FALLBACK_LOG": str(tmp_path / "fallback.jsonl"),
-            "QUERYTUNE_CACHE": str(tmp_path / "qtcache"),
+            "QUERYTUNE_MODEL_CACHE": str(tmp_path / "qtcache"),
             "QUERYTUNE_WATCH_S": "0.5",
             "OMP_NUM_THREADS": "1",
         }

@@ -1,5 +1,6 @@
 """The click-evidence miner on a hand-built log: a planted edit is accepted, a planted null is not, an unsupported
-text stays unknown, a vetoed table is what relabels; and `train rft` (and self-training) end to end on the tiny model."""
+text stays unknown, a vetoed table is what relabels; and `train rft` (and self-training) end to end on the
+tiny model."""
 
 from __future__ import annotations
 
@@ -323,7 +324,8 @@ def miner_run(folder: Path, world: Path, version: str) -> tuple[list[str], dict,
 def test_the_evidence_reward_pays_the_accepted_edit_and_never_an_unpooled_one(
     tiny_model, small_world, real_index, tmp_path
 ):
-    """The label earns its edits' pooled effect, the greedy parse 0, a broken parse -1, and any other parse at most 0."""
+    """The label earns its edits' pooled effect, the greedy parse 0, a broken parse -1,
+    and any other parse at most 0."""
     from querytune.runtime.model import ModelFolder
     from querytune.train.grpo import EvidenceReward, evidence_targets
     from querytune.train.reward import retrieval_reward

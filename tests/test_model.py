@@ -30,7 +30,7 @@ def test_a_copied_model_predicts_the_same_under_a_fresh_cache(tiny_base, small_w
     base = tmp_path / "tiny-base"
     shutil.copytree(tiny_base, base)
     (tmp_path / "cache").mkdir()
-    monkeypatch.setenv("QUERYTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("QUERYTUNE_MODEL_CACHE", str(tmp_path / "cache"))
     model = tmp_path / "train" / "sft"
     result = CliRunner().invoke(
         app,
@@ -67,11 +67,11 @@ def test_a_copied_model_predicts_the_same_under_a_fresh_cache(tiny_base, small_w
     shutil.rmtree(model)
     (tmp_path / "cache").rename(tmp_path / "cache-away")
     fresh = tmp_path / "fresh-cache"
-    monkeypatch.setenv("QUERYTUNE_CACHE", str(fresh))
+    monkeypatch.setenv("QUERYTUNE_MODEL_CACHE", str(fresh))
     base.rename(tmp_path / "base-away")
     code, output = predict(moved)
     assert code == 2 and len(output.strip().splitlines()) == 1, output  # one line naming where to put the base
-    assert str(fresh / "bases" / "tiny-base") in output and "QUERYTUNE_CACHE" in output
+    assert str(fresh / "bases" / "tiny-base") in output and "QUERYTUNE_MODEL_CACHE" in output
 
     shutil.copytree(tmp_path / "base-away", fresh / "bases" / "tiny-base")
     code, after = predict(moved)
@@ -110,7 +110,7 @@ def test_export_writes_a_merged_folder_that_loads_with_no_cache(tiny_model, tmp_
     assert (out / "model.safetensors").is_file() and not (out / "adapter_model.safetensors").exists()
     _, before = predict(work)
     shutil.rmtree(work)  # the adapters are gone and the cache is an empty path: the export alone must do
-    monkeypatch.setenv("QUERYTUNE_CACHE", str(tmp_path / "no-cache"))
+    monkeypatch.setenv("QUERYTUNE_MODEL_CACHE", str(tmp_path / "no-cache"))
     monkeypatch.setattr(
         "querytune.runtime.model.resolve_base",
         lambda *a: (_ for _ in ()).throw(AssertionError("an export needs no base")),
@@ -145,7 +145,8 @@ def test_model_version_follows_the_schema_and_the_format(tiny_model, tmp_path, m
 
 def test_a_model_folder_is_read_and_hashed_once_along_the_serving_path(tiny_model, monkeypatch):
     """The server and the Ray engine open a folder once and hand the object on: the parser behind the backend
-    neither re-reads querytune.json nor re-hashes the weights, and a replica gets the version with the pickled folder."""
+    neither re-reads querytune.json nor re-hashes the weights, and a replica gets the version with the
+    pickled folder."""
     import pickle
 
     import querytune.runtime.model as model_module
@@ -173,3 +174,79 @@ def test_a_model_folder_is_read_and_hashed_once_along_the_serving_path(tiny_mode
         and replica_copy.schema == folder.schema
         and os.fspath(replica_copy) == str(tiny_model)
     )
+
+
+def _edit_meta(**changes):
+    def edit(folder: Path) -> None:
+        meta = json.loads((folder / "querytune.json").read_text())
+        for key, value in changes.items():
+            if value is None:
+                del meta[key]
+            else:
+                meta[key] = value
+        (folder / "querytune.json").write_text(json.dumps(meta))
+
+    return edit
+
+
+def _truncate(folder: Path) -> None:
+    weights = folder / "adapter_model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+
+
+# (what is wrong, how to break a copy of the tiny model, the file the error must name, the field it must name)
+BROKEN_FOLDERS = [
+    ("json-unclosed", lambda d: (d / "querytune.json").write_text("{"), "querytune.json", ""),
+    ("json-list", lambda d: (d / "querytune.json").write_text("[]"), "querytune.json", "object"),
+    ("json-null", lambda d: (d / "querytune.json").write_text("null"), "querytune.json", "object"),
+    ("json-empty", lambda d: (d / "querytune.json").write_text("{}"), "querytune.json", "adapter"),
+    ("json-no-base", _edit_meta(base=None), "querytune.json", "base"),
+    ("json-wrong-type", _edit_meta(adapter="yes"), "querytune.json", "adapter"),
+    ("schema-not-yaml", lambda d: (d / "schema.yaml").write_text("intents: [\n"), "schema.yaml", ""),
+    ("schema-wrong-type", lambda d: (d / "schema.yaml").write_text("intents: 3\n"), "schema.yaml", "intents"),
+    ("schema-missing", lambda d: (d / "schema.yaml").unlink(), "schema.yaml", ""),
+    ("weights-truncated", _truncate, "adapter_model.safetensors", ""),
+    ("weights-missing", lambda d: (d / "adapter_model.safetensors").unlink(), "adapter_model.safetensors", ""),
+    ("adapter-config-unclosed", lambda d: (d / "adapter_config.json").write_text("{"), "adapter_config.json", ""),
+    ("tokenizer-missing", lambda d: (d / "tokenizer.json").unlink(), "tokenizer.json", ""),
+]
+
+
+@pytest.mark.parametrize(
+    "break_it, file, field", [case[1:] for case in BROKEN_FOLDERS], ids=[c[0] for c in BROKEN_FOLDERS]
+)
+def test_a_broken_model_folder_is_one_line_naming_the_file_and_exit_2(tiny_model, tmp_path, break_it, file, field):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    break_it(folder)
+    code, output = predict(folder)
+    assert code == 2 and "Traceback" not in output, output
+    assert output.strip().count("\n") == 0 and output.startswith(f"error: {folder / file}"), output
+    assert field in output, output
+
+
+@pytest.mark.parametrize("break_it, file", [case[1:3] for case in BROKEN_FOLDERS], ids=[c[0] for c in BROKEN_FOLDERS])
+def test_load_backend_raises_model_folder_error_for_a_broken_folder(tiny_model, tmp_path, break_it, file):
+    """What the server relies on at start-up: one exception type, its message naming the file."""
+    from querytune.runtime.backends import load_backend
+    from querytune.runtime.model import ModelFolderError
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    break_it(folder)
+    with pytest.raises(ModelFolderError) as raised:
+        load_backend("transformers", folder, batch_size=4)
+    assert str(raised.value).startswith(str(folder / file)) and "\n" not in str(raised.value)
+
+
+def test_the_old_cache_variable_still_works_with_one_warning_naming_the_new_one(tmp_path, monkeypatch, capsys):
+    import querytune.runtime.model as model_module
+
+    model_module._warn_old_cache_variable.cache_clear()
+    monkeypatch.delenv("QUERYTUNE_MODEL_CACHE", raising=False)
+    monkeypatch.setenv("QUERYTUNE_CACHE", str(tmp_path / "old"))
+    assert model_module.cache_dir() == model_module.cache_dir() == tmp_path / "old"
+    warning = capsys.readouterr().err
+    assert warning.count("\n") == 1 and "QUERYTUNE_MODEL_CACHE" in warning, warning
+    monkeypatch.setenv("QUERYTUNE_MODEL_CACHE", str(tmp_path / "new"))  # the new name wins
+    assert model_module.cache_dir() == tmp_path / "new"

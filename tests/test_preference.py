@@ -664,13 +664,18 @@ def test_a_killed_preference_run_resumes_from_its_last_checkpoint(stage, tiny_sf
             ]
             * 16
         )
-        train = lambda resume: train_dpo(pairs, tiny_sft, out, DPORecipe() | preset, say=lambda _: None, resume=resume)  # noqa: E731
+
+        def train(resume):
+            return train_dpo(pairs, tiny_sft, out, DPORecipe() | preset, say=lambda _: None, resume=resume)
     else:
         targets = click_targets(small_world, 8, seed=0)
         preset |= {"num_generations": 4, "temperature": 1.0}
-        train = lambda resume: train_grpo(
-            targets, ByLength(), tiny_sft, out, GRPORecipe() | preset, say=lambda _: None, resume=resume
-        )  # noqa: E731
+
+        def train(resume):
+            return train_grpo(
+                targets, ByLength(), tiny_sft, out, GRPORecipe() | preset, say=lambda _: None, resume=resume
+            )
+
     real_step = trainer_cls.training_step
 
     def killed_after_step_3(self, *a, **kw):

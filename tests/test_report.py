@@ -200,7 +200,10 @@ def test_demo_steps_skip_work_done_for_the_same_inputs_and_code(tmp_path):
     from querytune.demo import Step, run_steps
 
     ws = tmp_path / "ws"
-    count = "import pathlib, sys; p = pathlib.Path(sys.argv[1]); p.write_text(str(int(p.read_text() or 0) + 1) if p.exists() else '1')"
+    count = (
+        "import pathlib, sys; p = pathlib.Path(sys.argv[1]); "
+        "p.write_text(str(int(p.read_text() or 0) + 1) if p.exists() else '1')"
+    )
 
     def plan(arg: str = "x") -> list[Step]:
         return [

@@ -481,7 +481,8 @@ def test_lone_surrogate_in_a_schema_names_its_field(tmp_path):
     ],
 )
 def test_hex_and_octal_numbers_past_the_digit_limit_are_schema_errors(tmp_path, text, field):
-    """YAML reads 0x... and 0777... (octal) without Python's decimal digit limit, so printing them later would raise ValueError."""
+    """YAML reads 0x... and 0777... (octal) without Python's decimal digit limit,
+    so printing them later would raise ValueError."""
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     with pytest.raises(SchemaError, match=field + r".*a number with more than 4300 digits"):

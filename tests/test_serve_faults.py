@@ -38,6 +38,28 @@ def test_a_fallback_log_that_cannot_be_opened_stops_serve_at_start_with_one_line
     assert result.stderr.strip().startswith("error: --fallback-log") and len(result.stderr.strip().splitlines()) == 1
 
 
+def test_every_serve_option_is_a_settings_field_and_reaches_the_settings(tiny_model, tmp_path, monkeypatch):
+    """The command's parameters carry the settings' field names (a parameter named otherwise would be dropped
+    silently), and what the command line gives is what the server runs with."""
+    import inspect
+
+    import querytune.cli.serve as serve_cli
+
+    assert set(inspect.signature(serve_cli.serve).parameters) == set(Settings.model_fields) - {
+        "threads",
+        "supervisor_pid",
+    }
+    ran = {}
+    monkeypatch.setattr(serve_cli, "run", lambda settings, store, backend: ran.update(settings=settings, store=store))
+    url = f"sqlite:///{tmp_path}/c.db"
+    args = ["serve", "--model", str(tiny_model), "--cache", url, "--workers", "1", "--deadline", "0.5"]
+    result = CliRunner().invoke(cli, [*args, "--watch-promotions", "3", "--body-timeout", "4", "--no-access-log"])
+    assert result.exit_code == 0, result.output
+    s = ran["settings"]
+    assert (s.cache_url, s.deadline, s.watch_s, s.body_timeout, s.access_log) == (url, 0.5, 3.0, 4.0, False)
+    assert ran["store"].url == url
+
+
 def test_a_fallback_log_on_a_full_disk_costs_lines_not_answers():
     settings = Settings(deadline=0.001, fallback_log="/dev/full")  # opens, and every write fails with ENOSPC
     with TestClient(create_app(SlowBackend(delay=0.5), None, settings)) as client:
@@ -156,9 +178,9 @@ def test_a_store_that_fails_after_its_lookup_was_given_up_leaves_no_unretrieved_
     assert [c.get("message") for c in reported] == []
 
 
-def http_get(port: int, query: str, half_close: bool = False, timeout: float = 20.0) -> bytes:
+def http_get(port: int, query: str, half_close: bool = False, timeout: float = 20.0, path: str = "") -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(f"GET /v1/parse?q={query} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        s.sendall(f"GET {path or f'/v1/parse?q={query}'} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         if half_close:
             s.shutdown(socket.SHUT_WR)
         data = b""
@@ -182,9 +204,20 @@ def test_slow_half_closed_and_stopped_clients_of_a_real_server(tiny_model, tmp_p
     """One real server (two workers): a client that half-closes after its request gets the answer to a miss; a
     connection that sends a body too slowly is closed with 408 after --body-timeout, one that sends no headers is
     closed; SIGTERM answers every request that reached an open connection."""
-    proc, base = start_server(["--model", str(tiny_model), "--workers", "2", "--body-timeout", "1"], tmp_path / "log")
+    args = [
+        "--model",
+        str(tiny_model),
+        "--workers",
+        "2",
+        "--body-timeout",
+        "1",
+        "--cache",
+        f"sqlite:///{tmp_path}/c.db",
+    ]
+    proc, base = start_server(args, tmp_path / "log")
     port = int(base.rsplit(":", 1)[1])
     try:
+        assert b'"state":"ok"' in http_get(port, "", path="/healthz")
         assert http_get(port, "sushi+downtown", half_close=True).startswith(b"HTTP/1.1 200")
 
         stalled = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]

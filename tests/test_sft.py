@@ -240,7 +240,7 @@ def test_presets_are_sized_for_a_laptop():
 
 
 def test_bf16_auto_is_measured_once_per_machine_and_recorded(tiny_base, tmp_path, monkeypatch):
-    monkeypatch.setenv("QUERYTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("QUERYTUNE_MODEL_CACHE", str(tmp_path / "cache"))
     first = train_sft(
         ROWS, SCHEMA, tmp_path / "a", str(tiny_base), TINY | {"bf16": "auto", "max_steps": 1}, say=lambda _: None
     )
@@ -267,7 +267,7 @@ def test_default_base_converts_once_trains_and_predicts(tmp_path_factory, monkey
     from querytune.runtime.model import resolve_base
 
     cache = tmp_path_factory.mktemp("cache")
-    monkeypatch.setenv("QUERYTUNE_CACHE", str(cache))
+    monkeypatch.setenv("QUERYTUNE_MODEL_CACHE", str(cache))
     base = resolve_base()
     assert (Path(base) / "config.json").is_file() and (Path(base) / "model.safetensors").is_file()
     assert resolve_base() == base  # converted once
@@ -280,7 +280,7 @@ def test_default_base_converts_once_trains_and_predicts(tmp_path_factory, monkey
     meta = ModelFolder.open(out).meta
     assert meta["base"] == "smollm2-135m-instruct" and len(meta["base_sha256"]) == 64 and "base_path" not in meta
     # another machine: a fresh cache converts the GGUF again; the folder loads by the base's name, same version
-    monkeypatch.setenv("QUERYTUNE_CACHE", str(tmp_path_factory.mktemp("fresh-cache")))
+    monkeypatch.setenv("QUERYTUNE_MODEL_CACHE", str(tmp_path_factory.mktemp("fresh-cache")))
     again = Parser(out)
     assert again.model_version == parser.model_version and again.parse(["cheap thai near me"])[0] == pred
 

@@ -32,23 +32,17 @@ def _vllm_parses(model_dir: Path, texts: list[str], tmp_path: Path, engine: str 
 
     script = tmp_path / "run_vllm.py"
     script.write_text(
-        "import asyncio, json, sys\n"
-        "from querytune.runtime.vllm_backend import VLLMBackend\n"
-        "if __name__ == '__main__':\n"
-        "    texts = json.loads(open(sys.argv[2]).read())\n"
-        "    backend = VLLMBackend(sys.argv[1], dtype='float32', engine=sys.argv[3])\n"
-        "    todo = texts + ['', '   ']\n"
-        "    if sys.argv[3] == 'sync':\n"
-        "        preds = backend.parse(todo)\n"
-        "    else:  # every query its own request, all in flight at once: the server's misses\n"
-        "        async def each():\n"
-        "            return [p for ps in await asyncio.gather(*(backend.aparse([t]) for t in todo)) for p in ps]\n"
-        "        preds = asyncio.run(each())\n"
-        "        backend.close()\n"
-        "    print('RESULT ' + json.dumps([{'raw': p.raw, 'valid': p.valid, 'parse': p.parse, 'error': p.error, 'confidence': p.confidence} for p in preds]))\n"
+        "import asyncio, json, sys\nfrom querytune.runtime.vllm_backend import VLLMBackend\nif __name__ == "
+        "'__main__':\n    texts = json.loads(open(sys.argv[2]).read())\n    backend = VLLMBackend(sys.argv[1], "
+        "dtype='float32', engine=sys.argv[3])\n    todo = texts + ['', '   ']\n    if sys.argv[3] == 'sync':\n        "
+        "preds = backend.parse(todo)\n    else:  # every query its own request, all in flight at once: "
+        "the server's misses\n        async def each():\n            return [p for ps in await "
+        "asyncio.gather(*(backend.aparse([t]) for t in todo)) for p in ps]\n        preds = asyncio.run(each())\n     "
+        "   backend.close()\n    print('RESULT ' + json.dumps([{'raw': p.raw, 'valid': p.valid, 'parse': p.parse, "
+        "'error': p.error, 'confidence': p.confidence} for p in preds]))\n"
     )
     (tmp_path / "texts.json").write_text(json.dumps(texts))
-    env = os.environ | vllm_env(VLLM_PYTHON.parents[1]) | {"QUERYTUNE_CACHE": str(tmp_path / "cache")}
+    env = os.environ | vllm_env(VLLM_PYTHON.parents[1]) | {"QUERYTUNE_MODEL_CACHE": str(tmp_path / "cache")}
     result = subprocess.run(
         [str(VLLM_PYTHON), str(script), str(model_dir), str(tmp_path / "texts.json"), engine],
         capture_output=True,
@@ -78,7 +72,8 @@ def test_vllm_backend_gives_the_transformers_backend_greedy_parses(memorised_mod
 
 
 def test_the_async_engine_gives_the_same_parses(memorised_model, tmp_path):
-    """`aparse` (vLLM's async engine, continuous batching: what the server's misses go through) parses as `parse` does."""
+    """`aparse` (vLLM's async engine, continuous batching: what the server's misses go through)
+    parses as `parse` does."""
     if not VLLM_PYTHON.is_file():
         pytest.fail(f"{VLLM_PYTHON} not found: the vLLM environment is built by `make vllm-env` (make test does it)")
     from querytune.runtime.backends import TransformersBackend

@@ -78,7 +78,7 @@ def test_the_wheel_alone_shows_the_schema_and_predicts(tiny_model, tmp_path):
     away = tmp_path / "elsewhere"  # outside the checkout, no PYTHONPATH, an empty cache
     away.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")} | {
-        "QUERYTUNE_CACHE": str(tmp_path / "cache")
+        "QUERYTUNE_MODEL_CACHE": str(tmp_path / "cache")
     }
     where = run(
         venv / "bin" / "python",

@@ -257,7 +257,8 @@ def test_stationary_profile_has_no_gap_and_no_drift(tmp_path):
 
 
 def test_v1_profile_is_the_earlier_world_unchanged(tmp_path):
-    """The digest of a small v1 world made by the code before world v2 (commit 6db573f): every earlier figure can be rerun."""
+    """The digest of a small v1 world made by the code before world v2 (commit 6db573f):
+    every earlier figure can be rerun."""
     import hashlib
 
     make_world(tmp_path, seed=0, rows=3000, per_city=60, profile="v1")

@@ -13,7 +13,8 @@ from querytune.cli.common import DemoPreset
 
 app = typer.Typer(
     name="querytune",
-    help="Query understanding for local-service search: schema, simulated world, retrieval, training, prediction, evaluation.",
+    help="Query understanding for local-service search: schema, simulated world, retrieval, training, prediction, "
+    "evaluation.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
@@ -33,7 +34,8 @@ def _main(
         False, "--version", callback=_version, is_eager=True, help="Print querytune's version and exit."
     ),
 ) -> None:
-    """Query understanding for local-service search: schema, simulated world, retrieval, training, prediction, evaluation."""
+    """Query understanding for local-service search: schema, simulated world, retrieval, training, prediction,
+    evaluation."""
     # one progress style: querytune's own bars (rich), not the libraries' tqdm bars beside them
     for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
         os.environ.setdefault(name, "1")
@@ -66,7 +68,10 @@ def demo(
     preset: DemoPreset = typer.Option(
         "full",
         "--preset",
-        help="full: the default world and the quick training presets (about an hour on 2 CPU cores; the README's results); tiny: a small world and a few steps per stage, the same steps and report in about 5 minutes, to see the loop before spending the hour (its figures say nothing about the method).",
+        help="full: the default world and the quick training presets (about an hour on 2 CPU cores; "
+        "the README's results); tiny: a small world and a few steps per stage, "
+        "the same steps and report in about 5 minutes, to see the loop before spending the hour (its figures say "
+        "nothing about the method).",
     ),
     port: int = typer.Option(8765, "--port", help="Loopback port of the short serving check."),
     replay: int = typer.Option(

@@ -27,12 +27,16 @@ def retrieval(
     model: list[str] = typer.Option(
         [],
         "--model",
-        help="DIR, NAME=DIR or NAME=PREDICTIONS.jsonl: also score the structured search from this model's parses (repeatable; a DIR alone is named after its folder). DIR parses the rows now; a predictions file from `eval parse --predictions` is reused as is. An invalid parse falls back to the raw query.",
+        help="DIR, NAME=DIR or NAME=PREDICTIONS.jsonl: also score the structured search from this model's parses "
+        "(repeatable; a DIR alone is named after its folder). DIR parses the rows now; "
+        "a predictions file from `eval parse --predictions` is reused as is. An invalid parse falls back to the raw "
+        "query.",
     ),
     baseline: str = typer.Option(
         None,
         "--baseline",
-        help="Compare every other system with this one (e.g. sft): mean NDCG difference with a paired bootstrap 95% interval, overall and on queries whose phrasing the seed covers / does not.",
+        help="Compare every other system with this one (e.g. sft): mean NDCG difference with a paired bootstrap 95% "
+        "interval, overall and on queries whose phrasing the seed covers / does not.",
     ),
 ) -> None:
     """Score raw, bm25, oracle (gold-parse) and model retrieval: NDCG@k, Recall@k, MRR, sliced by traffic and intent."""
@@ -227,7 +231,8 @@ def stages(
     model: list[str] = typer.Option(
         [],
         "--model",
-        help="A stage's model folder, DIR or NAME=DIR (named as in the retrieval report), whose `parse_test.json` and `predictions_test.jsonl` exist (repeatable, in order).",
+        help="A stage's model folder, DIR or NAME=DIR (named as in the retrieval report), "
+        "whose `parse_test.json` and `predictions_test.jsonl` exist (repeatable, in order).",
     ),
     stage: list[str] = typer.Option([], "--stage", hidden=True, help="Deprecated spelling of --model NAME=DIR."),
     data: Path = typer.Option(
@@ -235,7 +240,8 @@ def stages(
     ),
     out: Path = typer.Option(None, "--out", help="Also write the table as JSON here."),
 ) -> None:
-    """One table with every stage: parse metrics and retrieval, overall and split by whether the seed covers the phrasing."""
+    """One table with every stage: parse metrics and retrieval, overall and split by whether the seed covers the
+    phrasing."""
     from querytune.evaluation.parse_eval import parse_metrics, ungrounded_share
     from querytune.evaluation.retrieval_eval import load_rows
     from querytune.evaluation.scores import read_predictions
@@ -253,7 +259,8 @@ def stages(
         for name, folder in named_models(model + stage):
             if not (folder / "predictions_test.jsonl").is_file():
                 raise UserError(
-                    f"--model {name}={folder}: {folder / 'predictions_test.jsonl'} not found (run `eval parse --predictions` first)"
+                    f"--model {name}={folder}: {folder / 'predictions_test.jsonl'} not found (run `eval parse "
+                    "--predictions` first)"
                 )
             if name not in report:
                 raise UserError(f"--model {name}: not a system of {retrieval_report}")

@@ -17,7 +17,8 @@ def report(
     workspace: Path = typer.Option(
         Path("workspace"),
         "--workspace",
-        help="Workspace folder: world/, index/, models/<stage>/predictions_test.jsonl, and optionally labels/, eval/serving.json, real/<name>/parse_*.json.",
+        help="Workspace folder: world/, index/, models/<stage>/predictions_test.jsonl, and optionally labels/, "
+        "eval/serving.json, real/<name>/parse_*.json.",
     ),
     world: Path = typer.Option(None, "--world", help="World folder, if not WORKSPACE/world."),
     index: Path = typer.Option(None, "--index", help="Index folder, if not WORKSPACE/index."),
@@ -28,7 +29,9 @@ def report(
     baseline: str = typer.Option(
         None,
         "--baseline",
-        help="The system every other is compared with on the same queries (paired intervals, a forest plot): a stage name, raw, bm25, peer or oracle (default: self_train where the workspace has it, the fair control of the reward stages; else the first model stage, sft).",
+        help="The system every other is compared with on the same queries (paired intervals, a forest plot): "
+        "a stage name, raw, bm25, peer or oracle (default: self_train where the workspace has it, "
+        "the fair control of the reward stages; else the first model stage, sft).",
     ),
 ) -> None:
     """Write the relevance report: report/index.html (self-contained, with plots), metrics.json, summary.md and
@@ -84,7 +87,8 @@ def diff(
     index: Path = typer.Option(
         None,
         "--index",
-        help="Index folder: also score each changed query's retrieval (NDCG@10 against the log's clicks, column `clicked`).",
+        help="Index folder: also score each changed query's retrieval (NDCG@10 against the log's clicks, "
+        "column `clicked`).",
     ),
     top: int = typer.Option(2000, "--top", min=1, help="Model folders: parse the N most typed distinct queries."),
     show: int = typer.Option(25, "--show", min=0, help="Changed queries to print (all go to --out)."),
@@ -140,9 +144,10 @@ def diff(
     out_console.print(table, markup=False)
     if "reward_change_on_changed" in s:
         out_console.print(
-            f"retrieval (NDCG@10 vs clicks) on the changed queries, traffic-weighted: A {s['reward_a_weighted']:.3f} -> "
-            f"B {s['reward_b_weighted']:.3f} ({s['reward_change_on_changed']:+.3f}; {s['better']} better, {s['worse']} worse); "
-            f"on all compared traffic {s['reward_change_on_compared_traffic']:+.4f}",
+            "retrieval (NDCG@10 vs clicks) on the changed queries, traffic-weighted: "
+            f"A {s['reward_a_weighted']:.3f} -> B {s['reward_b_weighted']:.3f} ({s['reward_change_on_changed']:+.3f}; "
+            f"{s['better']} better, {s['worse']} worse); on all compared traffic "
+            f"{s['reward_change_on_compared_traffic']:+.4f}",
             markup=False,
         )
     if out:

@@ -19,7 +19,8 @@ def export(
     out: Path = typer.Option(
         ...,
         "--out",
-        help="Folder to write: merged transformers weights, tokenizer, schema.yaml, querytune.json (replaced if it exists).",
+        help="Folder to write: merged transformers weights, tokenizer, schema.yaml, "
+        "querytune.json (replaced if it exists).",
     ),
 ) -> None:
     """Merge a model folder's adapters into its base and write a folder that loads anywhere with no cache."""
@@ -32,5 +33,6 @@ def export(
             raise UserError("--out must differ from --model")
         export_merged(model, out)
     typer.echo(
-        f"exported {model} to {out} (model_version {ModelFolder.open(out).version}; merged from {ModelFolder.open(model).version})"
+        f"exported {model} to {out} (model_version {ModelFolder.open(out).version}; "
+        f"merged from {ModelFolder.open(model).version})"
     )

@@ -46,7 +46,8 @@ def search(
     parse: str = typer.Option(
         None,
         "--parse",
-        help='A parse as JSON ({"intent": ..., "slots": {...}}) to run as a structured search; without it the raw query is searched.',
+        help='A parse as JSON ({"intent": ..., "slots": {...}}) to run as a structured search; '
+        "without it the raw query is searched.",
     ),
     schema: Path = typer.Option(None, "--schema", help="Schema YAML for --parse (default: the local-service schema)."),
     k: int = typer.Option(10, "-k", min=1, help="Results to show."),

@@ -40,7 +40,7 @@ def option(field: str, *flags: str, **kw):
 
 def serve(
     model: str = option("model", "--model"),
-    cache: str = option("cache_url", "--cache"),
+    cache_url: str = option("cache_url", "--cache"),
     host: str = option("host"),
     port: int = option("port", min=0, max=65535),
     workers: int = option("workers", min=1, show_default=False),
@@ -143,36 +143,46 @@ def _open_files_for(connections: int) -> None:
 
 def run(settings: Settings, store, backend) -> None:
     import uvicorn
+    from uvicorn.supervisors import Multiprocess
 
     from querytune.serving import serve as server
     from querytune.serving.protocol import Protocol
 
+    class Supervisor(Multiprocess):
+        def terminate_all(self) -> None:
+            # the port stops taking connections now: none waits in the listen queue for workers that are stopping
+            for sock in self.sockets:
+                sock.close()
+            super().terminate_all()
+
     installed = importlib.util.find_spec
+    config = uvicorn.Config(
+        "querytune.serving.serve:app_from_env",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        log_level="warning",
+        access_log=False,
+        loop="uvloop" if installed("uvloop") else "asyncio",
+        http=Protocol if installed("httptools") else "h11",
+        limit_concurrency=settings.max_connections,
+        # a miss in flight at shutdown gets its answer or its fallback
+        timeout_graceful_shutdown=int(settings.deadline + Protocol.drain_s + 5),
+    )
+    Protocol.header_timeout_s = settings.body_timeout
     if settings.workers == 1:  # in this process: the checked store and model serve as they are
         server.PRELOADED.update(settings=settings, store=store, backend=backend)
-    else:  # each worker reads the settings from the environment, and writes its metrics into one shared folder
-        for key, value in settings.env().items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="querytune-metrics-")
-    Protocol.header_timeout_s = settings.body_timeout
+        uvicorn.Server(config).run()
+        return
+    # each worker reads the settings from the environment, and writes its metrics into one shared folder
+    for key, value in settings.env().items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="querytune-metrics-")
     try:
-        uvicorn.run(
-            "querytune.serving.serve:app_from_env",
-            factory=True,
-            host=settings.host,
-            port=settings.port,
-            workers=settings.workers,
-            log_level="warning",
-            access_log=False,
-            loop="uvloop" if installed("uvloop") else "asyncio",
-            http=Protocol if installed("httptools") else "h11",
-            limit_concurrency=settings.max_connections,
-            # a miss in flight at shutdown gets its answer or its fallback
-            timeout_graceful_shutdown=int(settings.deadline + Protocol.drain_s + 5),
-        )
+        Supervisor(config, sockets=[config.bind_socket()]).run()
     finally:
-        if settings.workers > 1:
-            shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

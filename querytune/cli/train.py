@@ -55,7 +55,8 @@ def sft(
     preset: Preset = typer.Option(
         "quick",
         "--preset",
-        help="quick (600 steps x 8: ~1.1 passes over 4,300 rows, ~10 min on 2 CPU cores) or full (4 epochs x 8: ~34 min for 4,300 rows).",
+        help="quick (600 steps x 8: ~1.1 passes over 4,300 rows, ~10 min on 2 CPU cores) or full (4 epochs x 8: "
+        "~34 min for 4,300 rows).",
     ),
     config: Path = typer.Option(None, "--config", help="YAML with any of the options below; the command line wins."),
     max_steps: int = typer.Option(
@@ -68,7 +69,8 @@ def sft(
     bf16: bool = typer.Option(
         None,
         "--bf16/--no-bf16",
-        help="bf16 autocast or fp32 (default: whichever a short measurement on this machine finds faster, cached per machine).",
+        help="bf16 autocast or fp32 (default: whichever a short measurement on this machine finds faster, "
+        "cached per machine).",
     ),
     max_minutes: float = typer.Option(
         None,
@@ -86,23 +88,26 @@ def sft(
     resume: bool = typer.Option(
         False,
         "--resume",
-        help="Continue a stopped run from the last checkpoint in OUT/checkpoints (same options; the step log continues).",
+        help="Continue a stopped run from the last checkpoint in OUT/checkpoints (same options; "
+        "the step log continues).",
     ),
     report_to: str = typer.Option("none", "--report-to", help=REPORT_TO_HELP),
     save_steps: int = typer.Option(
         None,
         "--save-steps",
         min=1,
-        help="Write a checkpoint every N optimizer steps into OUT/checkpoints (the last 2 kept, removed when the schedule completes).",
+        help="Write a checkpoint every N optimizer steps into OUT/checkpoints (the last 2 kept, "
+        "removed when the schedule completes).",
     ),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     fmt: Format = typer.Option(
         DEFAULT_FORMAT,
         "--format",
-        help="What the model reads and writes (files and the API hold JSON either way): "
-        "user-compact (the default: the chat template's user turn, then `find_business cuisine=thai near_me`, ~14 tokens), "
-        "chat-compact (the same after a one-line system turn), json (the system and user turns, then the schema's JSON, "
-        "~25 tokens), or compact (the bare query: fastest, but less accurate after the quick preset). With --init, the init's format.",
+        help="What the model reads and writes (files and the API hold JSON either way): user-compact (the default: "
+        "the chat template's user turn, then `find_business cuisine=thai near_me`, ~14 tokens), "
+        "chat-compact (the same after a one-line system turn), json (the system and user turns, "
+        "then the schema's JSON, ~25 tokens), or compact (the bare query: fastest, "
+        "but less accurate after the quick preset). With --init, the init's format.",
     ),
 ) -> None:
     """SFT: LoRA on a compact causal LM with TRL, completion-only loss, query -> schema parse."""
@@ -135,7 +140,8 @@ def sft(
             out.mkdir(parents=True, exist_ok=True)
             write_rejects(rejects, out / "rejects.jsonl")
             out_console.print(
-                f"{len(rejects)} rows of {data} do not fit the schema; see {out / 'rejects.jsonl'} (first: line {rejects[0].where}: {rejects[0].reason})"
+                f"{len(rejects)} rows of {data} do not fit the schema; see {out / 'rejects.jsonl'} (first: "
+                f"line {rejects[0].where}: {rejects[0].reason})"
             )
         if not rows:
             raise UserError(f"{data}: no usable labeled rows")
@@ -176,7 +182,8 @@ def sft(
     write_sft_card(out, summary, data, schema_, resolved, metrics)
     out_console.print(
         f"trained {summary['steps']} of {summary['schedule_steps']} steps in {summary['train_seconds']:.0f}s "
-        f"({summary['seconds_per_step']:.2f} s/step in {summary['dtype']}, {summary['tokens_mean']:.0f} tokens/example); model in {out}"
+        f"({summary['seconds_per_step']:.2f} s/step in {summary['dtype']}, {summary['tokens_mean']:.0f} "
+        f"tokens/example); model in {out}"
         + (f"; {summary['mined_aliases']} aliases mined from the labels" if summary["mined_aliases"] else "")
     )
 
@@ -209,7 +216,8 @@ def dpo(
     config: Path = typer.Option(
         None,
         "--config",
-        help="YAML with any preset key (queries, k, temperature, min_gap, pairs_per_query, lr, beta, ...); the command line wins.",
+        help="YAML with any preset key (queries, k, temperature, min_gap, pairs_per_query, lr, beta, ...); "
+        "the command line wins.",
     ),
     queries: int = typer.Option(
         None,
@@ -219,7 +227,9 @@ def dpo(
     pick: Pick = typer.Option(
         None,
         "--pick",
-        help="Which logged query texts to draw: 'traffic' (the most typed first: the head of the log, judged on many users' clicks), 'random' (a uniform sample) or 'novel' (texts with words the seed set never uses, spread over those words).",
+        help="Which logged query texts to draw: 'traffic' (the most typed first: the head of the log, "
+        "judged on many users' clicks), 'random' (a uniform sample) or 'novel' (texts with words the seed set never "
+        "uses, spread over those words).",
     ),
     k: int = typer.Option(
         None,
@@ -236,12 +246,14 @@ def dpo(
     explore_confidence: float = typer.Option(
         None,
         "--explore-confidence",
-        help="Explore only queries whose greedy parse has a probability under the model below this (1.01: every query).",
+        help="Explore only queries whose greedy parse has a probability under the model below this (1.01: "
+        "every query).",
     ),
     explore_with: ExploreWith = typer.Option(
         None,
         "--explore-with",
-        help="How to find other parses of an explored query: 'beam' (the model's k most likely parses, beam search), 'branch' (the greedy parse's rivals at its least likely tokens) or 'sample' (samples at --temperature).",
+        help="How to find other parses of an explored query: 'beam' (the model's k most likely parses, beam search), "
+        "'branch' (the greedy parse's rivals at its least likely tokens) or 'sample' (samples at --temperature).",
     ),
     temperature: float = typer.Option(None, "--temperature", help="Sampling temperature of the candidate parses."),
     lr: float = typer.Option(None, "--lr", help="Peak learning rate of the new LoRA."),
@@ -262,7 +274,8 @@ def dpo(
     edits_from: Path = typer.Option(
         None,
         "--edits-from",
-        help="Pairs from the click-evidence miner instead of sampling: a `train rft` output folder of the same --init; each log text its accepted edits changed (chosen) against the greedy parse (rejected).",
+        help="Pairs from the click-evidence miner instead of sampling: a `train rft` output folder of the same "
+        "--init; each log text its accepted edits changed (chosen) against the greedy parse (rejected).",
     ),
     shuffle_clicks: bool = typer.Option(
         False, "--shuffle-clicks", help="Control run: score each query against another query's clicks."
@@ -270,18 +283,21 @@ def dpo(
     resume: bool = typer.Option(
         False,
         "--resume",
-        help="Continue a stopped run from the last checkpoint in OUT/checkpoints and OUT/pairs.parquet (same options; the step log continues).",
+        help="Continue a stopped run from the last checkpoint in OUT/checkpoints and OUT/pairs.parquet (same options; "
+        "the step log continues).",
     ),
     report_to: str = typer.Option("none", "--report-to", help=REPORT_TO_HELP),
     save_steps: int = typer.Option(
         None,
         "--save-steps",
         min=1,
-        help="Write a checkpoint every N optimizer steps into OUT/checkpoints (the last 2 kept, removed when the schedule completes).",
+        help="Write a checkpoint every N optimizer steps into OUT/checkpoints (the last 2 kept, "
+        "removed when the schedule completes).",
     ),
     seed: int = typer.Option(0, "--seed", help="Random seed (query choice, sampling, training)."),
 ) -> None:
-    """DPO on retrieval success: pairs of parses the clicks tell apart (sampled from --init, or the click-evidence miner's edits), TRL's DPOTrainer."""
+    """DPO on retrieval success: pairs of parses the clicks tell apart (sampled from --init,
+    or the click-evidence miner's edits), TRL's DPOTrainer."""
     from querytune.train.dpo import PRESETS, run_dpo
 
     with user_errors():
@@ -377,12 +393,17 @@ def grpo(
     pick: Pick = typer.Option(
         None,
         "--pick",
-        help="Which logged query texts to draw: 'traffic' (the most typed first: the head of the log, judged on many users' clicks), 'random' (a uniform sample) or 'novel' (texts with words the seed set never uses, spread over those words).",
+        help="Which logged query texts to draw: 'traffic' (the most typed first: the head of the log, "
+        "judged on many users' clicks), 'random' (a uniform sample) or 'novel' (texts with words the seed set never "
+        "uses, spread over those words).",
     ),
     screen_k: int = typer.Option(
         None,
         "--screen-k",
-        help="Screen the queries first with this many samples each (plus the greedy parse) and train only on those with a learning signal (preset key improvable: a sample beats the greedy parse in a way the clicks can decide; otherwise: parses earn different rewards); 0: no screening.",
+        help="Screen the queries first with this many samples each (plus the greedy parse) "
+        "and train only on those with a learning signal (preset key improvable: "
+        "a sample beats the greedy parse in a way the clicks can decide; otherwise: parses earn different rewards); "
+        "0: no screening.",
     ),
     explore_below: float = typer.Option(
         None,
@@ -397,12 +418,15 @@ def grpo(
     explore_with: ExploreWith = typer.Option(
         None,
         "--explore-with",
-        help="How screening finds other parses: 'beam' (the model's k most likely parses, beam search), 'branch' (the greedy parse's rivals at its least likely tokens) or 'sample' (samples at --temperature).",
+        help="How screening finds other parses: 'beam' (the model's k most likely parses, beam search), "
+        "'branch' (the greedy parse's rivals at its least likely tokens) or 'sample' (samples at --temperature).",
     ),
     anchors: float = typer.Option(
         None,
         "--anchors",
-        help="After screening, add this many anchor queries per improvable one: queries the model already answers well whose clicks need one of its 'what'/'where' slots; they hold the policy where it is right (0: none).",
+        help="After screening, add this many anchor queries per improvable one: "
+        "queries the model already answers well whose clicks need one of its 'what'/'where' slots; "
+        "they hold the policy where it is right (0: none).",
     ),
     temperature: float = typer.Option(
         None, "--temperature", help="Sampling temperature (screening and training groups)."
@@ -428,28 +452,34 @@ def grpo(
     edits_from: Path = typer.Option(
         None,
         "--edits-from",
-        help="Train on the click-evidence miner's verdicts instead of screening samples: a `train rft` output folder of the same --init; the texts its accepted edits changed (plus --anchors x as many it left alone), rewarded by the pooled, abstaining evidence.",
+        help="Train on the click-evidence miner's verdicts instead of screening samples: "
+        "a `train rft` output folder of the same --init; the texts its accepted edits changed (plus --anchors x as "
+        "many it left alone), rewarded by the pooled, abstaining evidence.",
     ),
     guide: bool = typer.Option(
         None,
         "--guide/--no-guide",
-        help="With --edits-from: the miner's edited parse is one member of its text's group (the policy's samples rarely reach it).",
+        help="With --edits-from: the miner's edited parse is one member of its text's group (the policy's samples "
+        "rarely reach it).",
     ),
     resume: bool = typer.Option(
         False,
         "--resume",
-        help="Continue a stopped run from the last checkpoint in OUT/checkpoints with the queries it began with, OUT/targets.jsonl (same options; the step log continues).",
+        help="Continue a stopped run from the last checkpoint in OUT/checkpoints with the queries it began with, "
+        "OUT/targets.jsonl (same options; the step log continues).",
     ),
     report_to: str = typer.Option("none", "--report-to", help=REPORT_TO_HELP),
     save_steps: int = typer.Option(
         None,
         "--save-steps",
         min=1,
-        help="Write a checkpoint every N optimizer steps into OUT/checkpoints (the last 2 kept, removed when the schedule completes).",
+        help="Write a checkpoint every N optimizer steps into OUT/checkpoints (the last 2 kept, "
+        "removed when the schedule completes).",
     ),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
 ) -> None:
-    """GRPO with a retrieval reward online: groups of parses per logged text (with --edits-from, the click-evidence miner's reward and its edited parse in each group)."""
+    """GRPO with a retrieval reward online: groups of parses per logged text (with --edits-from,
+    the click-evidence miner's reward and its edited parse in each group)."""
     from querytune.train.grpo import PRESETS, run_grpo
 
     with user_errors():
@@ -514,5 +544,6 @@ def grpo(
     write_stage_card(out, summary, recipe.as_dict(), f"GRPO (LoRA on the merged init model, TRL GRPOTrainer, {how})")
     out_console.print(
         f"GRPO: {summary['steps']} steps, reward {summary['reward_start']} -> {summary['reward_end']}, "
-        f"no-signal groups {summary['no_signal_start']} -> {summary['no_signal_end']}, {summary['total_seconds']:.0f}s; model in {out}"
+        f"no-signal groups {summary['no_signal_start']} -> {summary['no_signal_end']}, "
+        f"{summary['total_seconds']:.0f}s; model in {out}"
     )

@@ -44,7 +44,8 @@ def check_resume(out: Path, resume: bool) -> None:
 
     if resume and not ((out / "checkpoints").is_dir() and get_last_checkpoint(str(out / "checkpoints"))):
         raise UserError(
-            f"--resume: no checkpoint in {out / 'checkpoints'} (a completed run removes its checkpoints); run without --resume"
+            f"--resume: no checkpoint in {out / 'checkpoints'} (a completed run removes its checkpoints); "
+            "run without --resume"
         )
 
 
@@ -97,9 +98,10 @@ def write_sft_card(out: Path, summary: dict, data: Path, schema, resolved: dict,
         f"- data: {data} ({summary['examples']} training examples)",
         f"- schema: {schema.name} (version {schema.version})",
         f"- config: {json.dumps(resolved)}",
-        f"- steps: {summary['steps']} of {summary['schedule_steps']}, {summary['train_seconds']} s ({summary['seconds_per_step']} s/step in "
-        f"{summary['dtype']}), final loss {summary['final_loss']}",
-        f"- tokens per example: mean {summary['tokens_mean']}, max {summary['tokens_max']} (completion mean {summary['completion_tokens_mean']})",
+        f"- steps: {summary['steps']} of {summary['schedule_steps']}, {summary['train_seconds']} s "
+        f"({summary['seconds_per_step']} s/step in {summary['dtype']}), final loss {summary['final_loss']}",
+        f"- tokens per example: mean {summary['tokens_mean']}, max {summary['tokens_max']} (completion mean "
+        f"{summary['completion_tokens_mean']})",
     ]
     if metrics:
         keys = (

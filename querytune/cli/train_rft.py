@@ -1,5 +1,5 @@
-"""`querytune train rft`: self-training and RFT on the click-evidence miner's edits (`querytune.train.rft`); registered in
-`querytune.cli.train`."""
+"""`querytune train rft`: self-training and RFT on the click-evidence miner's edits (`querytune.train.rft`); registered
+in `querytune.cli.train`."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ def rft(
     world: Path = typer.Option(
         ...,
         "--world",
-        help="World folder: the log texts and their clicks come from the early part of its log.parquet, minus seed.jsonl; seed.jsonl joins the training rows.",
+        help="World folder: the log texts and their clicks come from the early part of its log.parquet, "
+        "minus seed.jsonl; seed.jsonl joins the training rows.",
     ),
     index: Path = typer.Option(
         ..., "--index", help="Index folder (`querytune index build`): the searches the click evidence scores."
@@ -30,7 +31,8 @@ def rft(
     out: Path = typer.Option(
         ...,
         "--out",
-        help="Model folder to write (adapter + init chain, labels.jsonl, edits.csv, evidence.json, config, step log, card).",
+        help="Model folder to write (adapter + init chain, labels.jsonl, edits.csv, evidence.json, config, step log, "
+        "card).",
     ),
     preset: Preset = typer.Option(
         "quick", "--preset", help="quick (4,000 log texts, 280 steps: ~15 min on 2 CPU cores) or full (8,000, 600)."
@@ -38,17 +40,20 @@ def rft(
     config: Path = typer.Option(
         None,
         "--config",
-        help="YAML with any field of querytune.train.rft.RFTRecipe (alpha, min_texts, text_margin, near, ...); the command line wins; an unknown key is an error.",
+        help="YAML with any field of querytune.train.rft.RFTRecipe (alpha, min_texts, text_margin, near, ...); "
+        "the command line wins; an unknown key is an error.",
     ),
     texts: int = typer.Option(
         None,
         "--texts",
-        help="Distinct early-log texts added to the seed (drawn by traffic, the same ones for every stage of one world and seed).",
+        help="Distinct early-log texts added to the seed (drawn by traffic, the same ones for every stage of one "
+        "world and seed).",
     ),
     edits: str = typer.Option(
         None,
         "--edits",
-        help="'mined' (the clicks' accepted edits, the default), 'none' (self-training: the model's own parses, the fair control), or an edit table to train on (an edits.csv you vetoed).",
+        help="'mined' (the clicks' accepted edits, the default), 'none' (self-training: the model's own parses, "
+        "the fair control), or an edit table to train on (an edits.csv you vetoed).",
     ),
     alpha: float = typer.Option(
         None, "--alpha", help="False-discovery rate of the pooled tests (Benjamini-Hochberg across every tested edit)."
@@ -59,7 +64,8 @@ def rft(
     abstain: bool = typer.Option(
         None,
         "--abstain/--no-abstain",
-        help="--no-abstain: the ablation that scores a context whose result lists hold no logged business as 0 instead of unknown.",
+        help="--no-abstain: the ablation that scores a context whose result lists hold no logged business as 0 "
+        "instead of unknown.",
     ),
     shuffle_clicks: bool = typer.Option(
         None, "--shuffle-clicks", help="The placebo: judge each text on another text's clicks."
@@ -76,7 +82,8 @@ def rft(
     greedy_from: Path = typer.Option(
         None,
         "--greedy-from",
-        help="Reuse the greedy parses another run of the same --init wrote for the same texts (its OUT/greedy.jsonl) instead of parsing them again.",
+        help="Reuse the greedy parses another run of the same --init wrote for the same texts (its OUT/greedy.jsonl) "
+        "instead of parsing them again.",
     ),
     eval_data: Path = typer.Option(
         None, "--eval-data", help="Labeled file to evaluate on after training (metrics go into the model card)."
@@ -89,7 +96,8 @@ def rft(
     report_to: str = typer.Option("none", "--report-to", help=REPORT_TO_HELP),
     seed: int = typer.Option(0, "--seed", help="Random seed (text draw, mixture order, training)."),
 ) -> None:
-    """RFT: SFT on the seed plus log texts labeled by --init's own parses, with the single-slot edits the clicks support (--edits none: self-training)."""
+    """RFT: SFT on the seed plus log texts labeled by --init's own parses,
+    with the single-slot edits the clicks support (--edits none: self-training)."""
     import dataclasses
 
     from querytune.train.rft import PRESETS, train_rft
@@ -148,6 +156,6 @@ def rft(
     )
     write_stage_card(out, summary, dataclasses.asdict(resolved), what)
     out_console.print(
-        f"{summary['stage']}: {summary['steps']} steps on {summary['log_texts']:,} log texts ({summary['texts_edited']:,} "
-        f"relabeled by the clicks), {summary['total_seconds']:.0f}s in all; model in {out}"
+        f"{summary['stage']}: {summary['steps']} steps on {summary['log_texts']:,} log texts "
+        f"({summary['texts_edited']:,} relabeled by the clicks), {summary['total_seconds']:.0f}s in all; model in {out}"
     )

@@ -20,9 +20,9 @@ DRAWS = 1000  # bootstrap resamples, as for the stage table
 def paired_differences(
     scores: pd.DataFrame, baseline: str, systems: list[str], metrics=PAIRED, seed: int = 0
 ) -> dict[str, dict[str, dict]]:
-    """System -> metric -> {"value", "low", "high", "n"}: the system minus `baseline` on the queries both were scored on,
-    a percentile 95% bootstrap interval with the queries resampled together (paired), so that two systems that fail on
-    the same hard queries are not judged by their separate, wider intervals."""
+    """System -> metric -> {"value", "low", "high", "n"}: the system minus `baseline` on the queries both were scored
+    on, a percentile 95% bootstrap interval with the queries resampled together (paired), so that two systems that fail
+    on the same hard queries are not judged by their separate, wider intervals."""
     out: dict[str, dict[str, dict]] = {}
     base = scores[scores["system"] == baseline].set_index("id")
     for name in systems:
@@ -82,7 +82,8 @@ def calibration(records: list[dict], bins: int = 10) -> dict[str, Any] | None:
 
 
 def intent_confusion(golds: list[dict], preds: list[dict | None], intents: list[str]) -> dict[str, Any]:
-    """Counts of gold intent (rows) against predicted intent (columns, with `invalid` for a parse that did not validate)."""
+    """Counts of gold intent (rows) against predicted intent (columns, with `invalid` for a parse that did not
+    validate)."""
     cols = [*intents, "invalid"]
     counts = np.zeros((len(intents), len(cols)), dtype=int)
     for gold, pred in zip(golds, preds, strict=True):

@@ -5,11 +5,11 @@ the change does to retrieval.
 
 A and B are model folders (the `--top` most typed distinct queries of the log are parsed by each) or labeling
 folders of `querytune label` (their labels are compared as they are, on the queries both hold). Queries are
-compared after the labeler's normalisation (`log_input.check_query`, the cache's key), so "Thai  food" and "thai food" are one query with their traffic
-summed. With `--index` and a log that has clicks (`clicked`, a list of business ids; `shown` and `display_p`
-where the log records them), each changed query's retrieval effect is the retrieval-success reward of each
-parse, as in training: NDCG@10 of its structured search against the position-debiased clicks, over up to 16
-of the query's logged contexts (`clicks.contexts_by_text`, `reward.score_in_contexts`).
+compared after the labeler's normalisation (`log_input.check_query`, the cache's key), so "Thai  food" and "thai food"
+are one query with their traffic summed. With `--index` and a log that has clicks (`clicked`, a list of business ids;
+`shown` and `display_p` where the log records them), each changed query's retrieval effect is the retrieval-success
+reward of each parse, as in training: NDCG@10 of its structured search against the position-debiased clicks, over up to
+16 of the query's logged contexts (`clicks.contexts_by_text`, `reward.score_in_contexts`).
 """
 
 from __future__ import annotations

@@ -38,7 +38,8 @@ def _prf(tp: int, fp: int, fn: int) -> dict[str, float]:
 def parse_metrics(golds: list[dict[str, Any]], preds: list[dict[str, Any] | None]) -> dict[str, Any]:
     """`golds`: canonical {"intent", "slots"}; `preds`: canonical parses, None where the output was invalid.
 
-    >>> m = parse_metrics([{"intent": "a", "slots": {"x": "Thai"}}], [{"intent": "a", "slots": {"x": "thai", "y": True}}])
+    >>> m = parse_metrics([{"intent": "a", "slots": {"x": "Thai"}}],
+    ...                   [{"intent": "a", "slots": {"x": "thai", "y": True}}])
     >>> m["intent_accuracy"], m["slot_precision"], m["slot_recall"], m["frame_exact_match"]
     (1.0, 0.5, 1.0, 0.0)
     """
@@ -92,7 +93,8 @@ def ungrounded_share(texts: list[str], preds: list[dict[str, Any] | None], schem
 
     >>> from querytune.schema_file import load_schema
     >>> ungrounded_share(["joe's pizza soho", "pizza"],
-    ...                  [{"intent": "find_named_business", "slots": {"business_name": "joe's pizza", "neighborhood": "soho"}},
+    ...                  [{"intent": "find_named_business",
+    ...                    "slots": {"business_name": "joe's pizza", "neighborhood": "soho"}},
     ...                   {"intent": "find_named_business", "slots": {"business_name": "tony's"}}], load_schema())
     0.5
     """

@@ -62,7 +62,8 @@ class Workspace:
         return cls(root, **{n: Path(parts[n]) if parts.get(n) else root / n for n in names})
 
     def stages(self) -> dict[str, Path]:
-        """Model folders with saved test predictions: sft, self_train, rft, dpo, grpo first, then any other in name order."""
+        """Model folders with saved test predictions: sft, self_train, rft, dpo, grpo first,
+        then any other in name order."""
         found = {p.name: p for p in sorted(self.models.glob("*")) if (p / "predictions_test.jsonl").is_file()}
         return {
             name: found[name]

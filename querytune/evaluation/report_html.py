@@ -24,9 +24,11 @@ LIST_SLICES = ("effects", "mechanisms")  # a row may carry several values, or no
 
 
 CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1200px;color:#1d2430;padding:0 1rem}
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1200px;color:#1d2430;
+padding:0 1rem}
 h1{margin-bottom:.2rem} h2{margin-top:2.2rem;border-bottom:1px solid #dde3ea;padding-bottom:.3rem}
-table{border-collapse:collapse;margin:.6rem 0;font-size:.88rem} th,td{padding:.3rem .6rem;border-bottom:1px solid #e8ecf1;text-align:right}
+table{border-collapse:collapse;margin:.6rem 0;font-size:.88rem}
+th,td{padding:.3rem .6rem;border-bottom:1px solid #e8ecf1;text-align:right}
 th:first-child,td:first-child{text-align:left} th{background:#f4f6f9} .ci{color:#6b7785;font-size:.78rem}
 .few{color:#9aa3ad;font-style:italic} img{max-width:100%;border:1px solid #e8ecf1;margin:.5rem 0}
 code,pre{font-size:.8rem;background:#f6f8fa;padding:.1rem .3rem;border-radius:3px} .muted{color:#6b7785}
@@ -43,13 +45,14 @@ def _against_baseline(metrics: dict[str, Any]) -> list[str]:
     if not paired:
         return []
     cols = [m for m in ("ndcg@10", "intent_accuracy", "slot_f1") if any(m in e for e in paired.values())]
-    signed = lambda iv: (
-        "" if not iv else f"{iv['value']:+.3f}<br><span class=ci>[{iv['low']:+.3f}, {iv['high']:+.3f}]</span>"
-    )  # noqa: E731
+
+    def signed(iv):
+        return "" if not iv else f"{iv['value']:+.3f}<br><span class=ci>[{iv['low']:+.3f}, {iv['high']:+.3f}]</span>"
+
     return [
-        f"<h2>Against {html.escape(baseline)}</h2><p class=muted>Each system minus {html.escape(baseline)} on the same test "
-        "queries, with a paired bootstrap interval (queries resampled together): an interval that excludes zero is a "
-        "difference this test set can tell.</p>",
+        f"<h2>Against {html.escape(baseline)}</h2><p class=muted>Each system minus {html.escape(baseline)} on the same "
+        "test queries, with a paired bootstrap interval (queries resampled together): "
+        "an interval that excludes zero is a difference this test set can tell.</p>",
         _table(
             ["system", *cols], [[name, *(signed(e.get(c)) for c in cols)] for name, e in paired.items()], raw_html=True
         ),
@@ -88,19 +91,22 @@ def write_html(path: Path, metrics: dict[str, Any], curves: dict[str, list[dict]
     meta = metrics["meta"]
     cols = RETRIEVAL + PARSE
     parts = [
-        f"<!doctype html><html><head><meta charset=utf-8><title>querytune report</title><style>{CSS}</style></head><body>",
+        "<!doctype html><html><head><meta charset=utf-8><title>querytune report</title>"
+        f"<style>{CSS}</style></head><body>",
         "<h1>querytune relevance report</h1>",
-        f"<p class=muted>{meta['test_rows']} test queries ({meta['graded_rows']} with graded relevance), NDCG@{meta['k']}; "
-        f"intervals: {meta['bootstrap']['interval']} bootstrap over test queries ({meta['bootstrap']['draws']} draws); "
-        f"slices with fewer than {meta['min_slice']} queries say so. Written {meta['created']}.</p>",
+        f"<p class=muted>{meta['test_rows']} test queries ({meta['graded_rows']} with graded relevance), "
+        f"NDCG@{meta['k']}; intervals: {meta['bootstrap']['interval']} bootstrap over test queries "
+        f"({meta['bootstrap']['draws']} draws); slices with fewer than {meta['min_slice']} queries say so. Written "
+        f"{meta['created']}.</p>",
         "<h2>Every stage side by side</h2>",
         _table(
             ["system"] + list(cols),
             [[name] + [_cell(e.get(c)) for c in cols] for name, e in metrics["intervals"].items()],
             raw_html=True,
         ),
-        "<p class=muted>raw / bm25: the query text searched with no understanding. peer: frozen MiniLM embeddings + logistic "
-        "regression heads trained on the seed set. oracle: the gold parse, the ceiling of this search.</p>",
+        "<p class=muted>raw / bm25: the query text searched with no understanding. peer: "
+        "frozen MiniLM embeddings + logistic regression heads trained on the seed set. oracle: the gold parse, "
+        "the ceiling of this search.</p>",
     ]
     parts += _figure(
         charts.bars(metrics["intervals"], RETRIEVAL, "retrieval (95% bootstrap intervals)"), "retrieval by system"
@@ -173,17 +179,19 @@ def write_html(path: Path, metrics: dict[str, Any], curves: dict[str, list[dict]
     if metrics.get("disagreements"):
         stages = list(metrics["disagreements"][0]["stages"])
         parts.append(
-            "<h2>Where the stages disagree most</h2><p class=muted>Test queries with the largest NDCG@10 spread across model "
-            "stages: each stage's parse, its NDCG@10 and the top 3 businesses it retrieved.</p>"
+            "<h2>Where the stages disagree most</h2><p class=muted>Test queries with the largest NDCG@10 spread "
+            "across model stages: each stage's parse, its NDCG@10 and the top 3 businesses it retrieved.</p>"
         )
         body = []
         for d in metrics["disagreements"]:
             body.append(
                 [
-                    f"<b>{html.escape(d['text'])}</b><br><span class=ci>gold {html.escape(json.dumps(d['gold']['slots']))}</span>"
+                    f"<b>{html.escape(d['text'])}</b><br><span class=ci>gold "
+                    f"{html.escape(json.dumps(d['gold']['slots']))}</span>"
                 ]
                 + [
-                    f"{s['ndcg@10']:.2f} &nbsp;<code>{html.escape(json.dumps(s['parse']['slots'] if s['parse'] else 'invalid'))}</code>"
+                    f"{s['ndcg@10']:.2f} &nbsp;<code>"
+                    f"{html.escape(json.dumps(s['parse']['slots'] if s['parse'] else 'invalid'))}</code>"
                     f"<br><span class=ci>{html.escape(' · '.join(s['top3']))}</span>"
                     for s in d["stages"].values()
                 ]
@@ -222,11 +230,12 @@ def write_html(path: Path, metrics: dict[str, Any], curves: dict[str, list[dict]
         parts += ["<h2>Labeling and serving</h2>", *side]
     if browser := metrics.get("browser"):
         parts.append(
-            f"<h2>Browse the parses</h2><p>Every test query with its gold parse and each system's parse, validity, confidence and "
-            f"NDCG@10 is in <code>{html.escape(browser)}</code> (SQLite, table <code>parses</code>): "
+            "<h2>Browse the parses</h2><p>Every test query with its gold parse and each system's parse, validity, "
+            f"confidence and NDCG@10 is in <code>{html.escape(browser)}</code> (SQLite, table <code>parses</code>): "
             f"<code>datasette {html.escape(browser)}</code> opens it in a browser, <code>sqlite3</code> queries it.</p>"
         )
     parts.append(
-        f"<p class=muted>metrics.json holds every number on this page. Models: {html.escape(json.dumps(meta['models']))}</p></body></html>"
+        "<p class=muted>metrics.json holds every number on this page. Models: "
+        f"{html.escape(json.dumps(meta['models']))}</p></body></html>"
     )
     path.write_text("\n".join(parts), encoding="utf-8")

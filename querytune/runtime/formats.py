@@ -6,7 +6,8 @@ are `json`). The API, label files and caches always hold JSON parses: a format i
     user-compact  (the default) prompt: the tokenizer's chat template over [user: <query>], without a system turn
                   completion: find_business cuisine=thai near_me
     chat-compact  prompt: the chat template over [system: "<schema name> parser", user: <query>]; the compact completion
-    json          the chat-compact prompt; completion: {"intent":"find_business","slots":{"cuisine":"thai","near_me":true}}
+    json          the chat-compact prompt
+                  completion: {"intent":"find_business","slots":{"cuisine":"thai","near_me":true}}
     compact       prompt: <query> and a newline, no template; the compact completion
 
 Compact completions, slot by slot in name order: `name=value`; a true boolean is its bare name, a false one
@@ -47,9 +48,7 @@ def folder_format(meta: dict[str, Any]) -> str:
     """The format a model folder's `querytune.json` records (`json` for folders from before formats were named)."""
     fmt = meta.get("format", "json")
     if fmt not in IDENTITY:
-        raise ValueError(
-            f"format: {fmt!r} is not one of {', '.join(FORMATS)} (a newer querytune wrote this folder?)"
-        )
+        raise ValueError(f"format: {fmt!r} is not one of {', '.join(FORMATS)} (a newer querytune wrote this folder?)")
     return fmt
 
 
@@ -75,7 +74,8 @@ def prompt(fmt: str, schema: Schema, tokenizer, text: str) -> str:
 def completion(fmt: str, parse: Parse | dict[str, Any]) -> str:
     """The completion for a parse (without the end-of-sequence token), slots in name order.
 
-    >>> p = {"intent": "find_business", "slots": {"near_me": True, "cuisine": "thai", "neighborhood": "old town", "min_rating": 4.5}}
+    >>> p = {"intent": "find_business",
+    ...      "slots": {"near_me": True, "cuisine": "thai", "neighborhood": "old town", "min_rating": 4.5}}
     >>> completion("json", p)
     '{"intent":"find_business","slots":{"cuisine":"thai","min_rating":4.5,"near_me":true,"neighborhood":"old town"}}'
     >>> completion("compact", p)

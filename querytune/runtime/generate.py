@@ -5,10 +5,10 @@
 `parse` decodes greedily in its own loop: batches sorted by prompt length, left padding, a KV cache from which
 finished rows are dropped (a batch costs its rows' own lengths, not its longest row's times its size), only the last
 position's logits, and only the chosen token's log-probability kept. Constrained (`constrained=True`), each step's
-token mask comes from the schema's grammar compiled by xgrammar (`querytune.runtime.grammar`, the grammar the vLLM backend
-decodes under). Every output is read in the model's format (`querytune.runtime.formats`) and validated against the schema: an
-invalid output is returned as invalid (with the reason), never raised; values of the schema's `grounded` slots that
-the query does not write are dropped (and kept in `Prediction.ungrounded`). The confidence of a parse is the
+token mask comes from the schema's grammar compiled by xgrammar (`querytune.runtime.grammar`, the grammar the vLLM
+backend decodes under). Every output is read in the model's format (`querytune.runtime.formats`) and validated against
+the schema: an invalid output is returned as invalid (with the reason), never raised; values of the schema's `grounded`
+slots that the query does not write are dropped (and kept in `Prediction.ungrounded`). The confidence of a parse is the
 probability of the whole generated sequence, exp(sum of token log-probabilities), among the tokens it was allowed.
 `sample`, `beams` and `branch` (preference tuning) go through transformers' `generate`.
 """
@@ -70,7 +70,8 @@ class Parser:
 
     @property
     def grammar(self):
-        """The schema's grammar in this model's format, compiled for its tokenizer once (`querytune.runtime.grammar.Constraint`)."""
+        """The schema's grammar in this model's format, compiled for its tokenizer once
+        (`querytune.runtime.grammar.Constraint`)."""
         if self._grammar is None:
             from querytune.runtime.grammar import Constraint
 

@@ -1,7 +1,7 @@
 """The output language of a schema in a format, as one EBNF grammar that both backends decode under.
 
-`ebnf(schema, fmt)` writes the completions `querytune.runtime.formats.completion` can write: an intent, then each slot the
-intent takes at most once and in name order (a repeated slot would let a model loop until the token cap), each value
+`ebnf(schema, fmt)` writes the completions `querytune.runtime.formats.completion` can write: an intent, then each slot
+the intent takes at most once and in name order (a repeated slot would let a model loop until the token cap), each value
 shaped by its slot's type (a categorical value from its list, a short string, true/false, a number). The
 transformers backend compiles it with xgrammar (`Constraint`); the vLLM backend hands the same text to vLLM's
 structured outputs, whose default engine is xgrammar too, so both backends mask the same tokens at every step.
@@ -52,9 +52,11 @@ def ebnf(schema: Schema, fmt: str) -> str:
 
     >>> import xgrammar as xgr
     >>> from querytune.schema_file import schema_from_dict
-    >>> s = schema_from_dict({"intents": [{"name": "a"}], "slots": [{"name": "n", "type": "number"}, {"name": "b", "type": "boolean"}]})
+    >>> s = schema_from_dict({"intents": [{"name": "a"}],
+    ...                       "slots": [{"name": "n", "type": "number"}, {"name": "b", "type": "boolean"}]})
     >>> ok = lambda fmt, text: xgr.testing._is_grammar_accept_string(ebnf(s, fmt), text)
-    >>> [ok("json", '{"intent":"a","slots":{%s}}' % body) for body in ('"b":true,"n":2', '"n":2', '"n":2,"n":2', '"n":2,"b":true')]
+    >>> [ok("json", '{"intent":"a","slots":{%s}}' % body)
+    ...  for body in ('"b":true,"n":2', '"n":2', '"n":2,"n":2', '"n":2,"b":true')]
     [True, True, False, False]
     >>> [ok("compact", text) for text in ("a b n=2", "a n=2", "a n=2 n=2", "a n=2 b", "a b=false")]
     [True, True, False, False, True]

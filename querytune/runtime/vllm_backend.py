@@ -1,10 +1,10 @@
-"""vLLM backend: greedy parses from vLLM, decoded under the schema's grammar (`querytune.runtime.grammar.ebnf`, the grammar
-the transformers backend compiles; vLLM's structured outputs run it on xgrammar, as that backend does).
+"""vLLM backend: greedy parses from vLLM, decoded under the schema's grammar (`querytune.runtime.grammar.ebnf`, the
+grammar the transformers backend compiles; vLLM's structured outputs run it on xgrammar, as that backend does).
 
 `parse(texts)` hands a whole batch to `vllm.LLM` (labeling); `aparse(texts)` submits to vLLM's async engine, which
 batches whatever requests are in flight at each step (continuous batching: the server's misses join a running batch
 instead of waiting for one). The model folder's adapter chain is merged into full weights once (cached under
-`$QUERYTUNE_CACHE/merged/<model version>`): on CPU, vLLM's LoRA path is about 4x slower than merged weights, and
+`$QUERYTUNE_MODEL_CACHE/merged/<model version>`): on CPU, vLLM's LoRA path is about 4x slower than merged weights, and
 merging serves any chain (SFT, SFT + DPO, ...) the same way. Prefix caching is off: the CPU build caches 128-token
 blocks and prompts are a few dozen tokens, so it never hits.
 

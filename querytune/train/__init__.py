@@ -1,1 +1,2 @@
-"""The training recipes (SFT, DPO, GRPO, reward-ranked fine-tuning) and what they learn from: click evidence, the retrieval reward, alias tables."""
+"""The training recipes (SFT, DPO, GRPO, reward-ranked fine-tuning) and what they learn from: click evidence,
+the retrieval reward, alias tables."""

@@ -38,8 +38,9 @@ def mine_aliases(
     >>> from querytune.schema_file import schema_from_dict
     >>> s = schema_from_dict({"intents": [{"name": "find"}], "slots": [
     ...     {"name": "hood", "type": "categorical", "values": ["south congress", "east austin"], "grounded": True}]})
-    >>> pairs = [("tacos soco", "south congress"), ("soco bars", "south congress"), ("late coffee soco", "south congress"),
-    ...          ("ea tacos", "east austin"), ("bars downtown", "south congress"), ("bars downtown", "east austin")]
+    >>> pairs = [("tacos soco", "south congress"), ("soco bars", "south congress"),
+    ...          ("late coffee soco", "south congress"), ("ea tacos", "east austin"),
+    ...          ("bars downtown", "south congress"), ("bars downtown", "east austin")]
     >>> mine_aliases([LabeledRow(t, t, "find", {"hood": v}) for t, v in pairs], s)  # "ea": once; "downtown": either
     {'hood': {'soco': {'value': 'south congress', 'rows': 3, 'precision': 1.0}}}
     """

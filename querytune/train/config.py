@@ -1,6 +1,7 @@
 """The typed config every training stage reads (`SFTRecipe`, `RFTRecipe`, `DPORecipe`, `GRPORecipe`): a frozen
 dataclass whose presets are instances (`PRESETS["quick"] | {"max_steps": 2}` is a checked copy); a config file's keys
-and then the command line's options replace fields, and a key the stage does not know is an error naming the known ones."""
+and then the command line's options replace fields, and a key the stage does not know is an error naming
+the known ones."""
 
 from __future__ import annotations
 

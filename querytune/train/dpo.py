@@ -3,10 +3,10 @@
     querytune train dpo --init runs/sft --world runs/world --index runs/index --out runs/dpo
     querytune train dpo --init runs/sft --world runs/world --index runs/index --out runs/dpo --edits-from runs/rft
 
-recipe (`DPORecipe`) -> pairs: with `edits_from`, the click-evidence miner's (`querytune.train.pairs.edit_pairs`: each log
-text an accepted edit changed, the edited parse chosen, the greedy parse rejected); otherwise the init model's parses
-of the most typed early-log texts, its rivals where it doubts a parse the clicks reject, scored in every context the
-text was typed in (`querytune.train.pairs.build_pairs`) -> DPOTrainer (sigmoid loss plus `sft_weight` x the chosen
+recipe (`DPORecipe`) -> pairs: with `edits_from`, the click-evidence miner's (`querytune.train.pairs.edit_pairs`: each
+log text an accepted edit changed, the edited parse chosen, the greedy parse rejected); otherwise the init model's
+parses of the most typed early-log texts, its rivals where it doubts a parse the clicks reject, scored in every context
+the text was typed in (`querytune.train.pairs.build_pairs`) -> DPOTrainer (sigmoid loss plus `sft_weight` x the chosen
 parse's likelihood, RPO) on a fresh LoRA over the merged init model, which is the reference -> the model folder.
 
 Writes into OUT: pairs.parquet (and candidates.parquet when it sampled), the step log, checkpoints, the model. A
@@ -107,7 +107,8 @@ def sampled_pairs(
         "searches": reward.search_calls,
     }
     say(
-        f"{len(pairs):,} pairs from {stats['queries_with_pairs']:,} queries (gap >= {recipe.min_gap}); {out / 'pairs.parquet'}"
+        f"{len(pairs):,} pairs from {stats['queries_with_pairs']:,} queries (gap >= {recipe.min_gap}); "
+        f"{out / 'pairs.parquet'}"
     )
     return stats
 

@@ -128,7 +128,8 @@ class EditProposer:
         return None if self.embedder is None else self.embedder.encode(texts)
 
     def free_ngrams(self, text: str, parse: dict[str, Any]) -> list[str]:
-        """The n-grams (1-2 words) of `text` whose words no "what"/"where" value of the parse writes, not all stop words."""
+        """The n-grams (1-2 words) of `text` whose words no "what"/"where" value of the parse writes,
+        not all stop words."""
         words = WORD.findall(normalize_text(text))
         written = set()
         for k, v in parse["slots"].items():

@@ -1,8 +1,8 @@
 """Click evidence for single-slot edits of the model's own parses, pooled over every text that holds the same trigger.
 
     miner = EditMiner(schema, reward, seed_rows)
-    table = miner.mine(texts, greedy, targets)        # one row per tested edit: trigger, support, effect, interval, verdict
-    relabeled = miner.apply(texts, greedy, table)     # each text's greedy parse with its accepted edits
+    table = miner.mine(texts, greedy, targets)  # one row per tested edit: trigger, support, effect, interval, verdict
+    relabeled = miner.apply(texts, greedy, table)  # each text's greedy parse with its accepted edits
 
 `querytune train rft` writes the table as OUT/edits.csv before it trains, for a user to read and veto (`--edits FILE`
 trains on a vetoed copy); eval/compare.py audits it against the world's hidden needs.
@@ -18,8 +18,8 @@ Verdict (`decide`): an edit (kind, trigger, slot, old value, new value) is accep
 when its mean effect over the texts with evidence is positive under Benjamini-Hochberg false-discovery control
 (scipy's `false_discovery_control`). A single-text route (off by default, `text_contexts=0`: where the log holds
 no evidence it lets noise through; eval/RESULTS.md) also accepts an edit for one text alone that shows a margin of
-`text_margin` in each of at least `text_contexts` supported contexts. `pool=False` is the ablation that accepts any edit a single
-text's clicks prefer. In two stages (`screened`, then `decide`'s `confirmation`): the training texts screen the
+`text_margin` in each of at least `text_contexts` supported contexts. `pool=False` is the ablation that accepts any edit
+a single text's clicks prefer. In two stages (`screened`, then `decide`'s `confirmation`): the training texts screen the
 edits (pooled p at most `screen_p`), and only those are tested, on other log texts that hold their triggers: a
 thousand edits tested at once leave a real one (pizza, p 2e-4 over 14 texts) above the corrected threshold.
 """

@@ -148,8 +148,8 @@ class EvidenceReward:
 def evidence_targets(
     edits_from: Path, world: Path, schema: Schema, anchors: float, max_contexts: int, seed: int
 ) -> list[dict]:
-    """The texts the miner's accepted edits changed (`edits_from`/labels.jsonl), each with its greedy parse, its label and
-    the label's reward (the pooled effects of its edits, from edits.csv), interleaved with `anchors` x as many texts
+    """The texts the miner's accepted edits changed (`edits_from`/labels.jsonl), each with its greedy parse, its label
+    and the label's reward (the pooled effects of its edits, from edits.csv), interleaved with `anchors` x as many texts
     it left alone; only texts with clicks, each with its contexts."""
     from querytune.train.rft import load_edit_table
     from querytune.train.targets import text_targets
@@ -251,7 +251,8 @@ def sampled_targets(
             skip={t["query"] for t in kept},
         )
         say(
-            f"GRPO: + {len(anchors):,} anchor queries (answered well, and a 'what'/'where' slot matters to their clicks)"
+            f"GRPO: + {len(anchors):,} anchor queries (answered well, and a 'what'/'where' slot matters to their "
+            "clicks)"
         )
         stats["anchor_queries"] = len(anchors)
         kept = [t for pair in zip_longest(kept, anchors) for t in pair if t is not None]
@@ -318,8 +319,8 @@ def train_grpo(
         if len(recent) >= 10 and sum(window) / len(window) > NO_SIGNAL_WARN and not warned:
             warned.append(row["step"])
             return (
-                f"warning: {sum(window) / len(window):.0%} of groups over the last 10 steps had equal rewards (no learning "
-                f"signal): raise --temperature or --num-generations, or start from a weaker model"
+                f"warning: {sum(window) / len(window):.0%} of groups over the last 10 steps had equal rewards (no "
+                "learning signal): raise --temperature or --num-generations, or start from a weaker model"
             )
         return None
 
@@ -421,7 +422,8 @@ def run_grpo(
         edits_from and recipe.guide and recipe.use_vllm
     ):  # vLLM's sampling log-probabilities would not describe the guides
         raise ValueError(
-            "guide: the miner's parses join their groups in transformers' sampling only; set use_vllm false or guide false"
+            "guide: the miner's parses join their groups in transformers' sampling only; "
+            "set use_vllm false or guide false"
         )
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -439,7 +441,8 @@ def run_grpo(
             "evidence_from": str(edits_from),
         }
         say(
-            f"GRPO: {stats['edited_texts']:,} texts the miner's edits changed (in {edits_from}) + {stats['anchor_texts']:,} it left alone"
+            f"GRPO: {stats['edited_texts']:,} texts the miner's edits changed (in {edits_from}) "
+            f"+ {stats['anchor_texts']:,} it left alone"
         )
     else:
         targets, stats = sampled_targets(recipe, init, world, retrieval, schema, out, seed, say)

@@ -66,8 +66,8 @@ def build_pairs(
 ) -> pd.DataFrame:
     """Score each query's distinct candidates (the first is the init model's greedy parse) and pair worse valid
     ones, the greedy parse first (the behaviour to fix) then the worst, each with the best scoring candidate
-    that beats it by >= `min_gap` and finds something clicked (up to `per_query` pairs). Invalid candidates are counted, not paired:
-    constrained decoding rules them out at inference, and pairing them would teach "say less" rather than
+    that beats it by >= `min_gap` and finds something clicked (up to `per_query` pairs). Invalid candidates are counted,
+    not paired: constrained decoding rules them out at inference, and pairing them would teach "say less" rather than
     "retrieve better". Both parses of a pair have the same intent: the intent is the labeled seed's job. Pairs
     across intents are few and shift whole classes: with samples of another intent as rejected ones (mostly
     sampling accidents, the query copied into a business name) a run read 81 of 85 out-of-scope and 72 of 137
@@ -300,9 +300,10 @@ def edit_pairs(run: str | Path, version: str | None = None) -> pd.DataFrame:
             raise ValueError(
                 f"{greedy}: parsed by another model than --init (model version {version}); mine with the same init"
             )
-    as_json = lambda p: json.dumps(
-        {"intent": p["intent"], "slots": p["slots"]}, separators=(",", ":"), ensure_ascii=False
-    )  # noqa: E731
+
+    def as_json(p):
+        return json.dumps({"intent": p["intent"], "slots": p["slots"]}, separators=(",", ":"), ensure_ascii=False)
+
     rows = []
     for line in labels.read_text(encoding="utf-8").splitlines():
         r = json.loads(line)

@@ -2,10 +2,10 @@
 merge its adapters into the base and train a new LoRA on top, so the adapter-free model is the init policy and
 serves as the reference (KL anchor) of both losses; both save the folder with its adapter chain.
 
-The model reads and writes its init folder's format (`querytune.runtime.formats`), and the tuned folder keeps it. Candidates,
-pairs (pairs.parquet) and audits hold canonical JSON whatever the format, so pair files and eval scripts read alike:
-a completion becomes JSON where the parser returns it (`as_json`) and goes back to the model's format where a
-trainer's dataset is built (`in_format`); GRPO's reward reads the policy's own completions in its format.
+The model reads and writes its init folder's format (`querytune.runtime.formats`), and the tuned folder keeps it.
+Candidates, pairs (pairs.parquet) and audits hold canonical JSON whatever the format, so pair files and eval scripts
+read alike: a completion becomes JSON where the parser returns it (`as_json`) and goes back to the model's format where
+a trainer's dataset is built (`in_format`); GRPO's reward reads the policy's own completions in its format.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@
 (`reward(prompts=..., completions=..., **dataset_columns) -> list[float]`), used as is by GRPO and, through
 `score`, to rank the sampled parses that become DPO pairs.
 
-A completion is read in the format it was written in (`querytune.runtime.formats`: JSON unless told; GRPO's policy writes
-its folder's format, and DPO's candidates and pairs are held as JSON). It earns:
+A completion is read in the format it was written in (`querytune.runtime.formats`: JSON unless told; GRPO's policy
+writes its folder's format, and DPO's candidates and pairs are held as JSON). It earns:
 - `INVALID` (-1.0, below any valid parse) when it is not one strict parse that fits the schema: broken JSON or
   compact text, repeated keys (two "intent"s, a slot twice), an intent or slot the schema lacks, a value outside
   a slot's list, text after the parse, or more than `max_chars` characters;
@@ -137,7 +137,8 @@ class RetrievalReward:
     [1.0, 0.63093]
     >>> reward.score("thai food", '{"intent":"find_business","intent":"book","slots":{}}', **ctx)
     -1.0
-    >>> reward.score("thai food", "find_business category=restaurant cuisine=thai", **ctx, fmt="compact")  # good, compact
+    >>> reward.score("thai food", "find_business category=restaurant cuisine=thai", **ctx,
+    ...              fmt="compact")  # good, compact
     1.0
     """
 
@@ -238,7 +239,8 @@ class RetrievalReward:
 
 
 def retrieval_reward(init, index) -> tuple[RetrievalReward, Schema]:
-    """The reward over an index for a model folder's schema (every stage scores parses in its init's schema), and that schema."""
+    """The reward over an index for a model folder's schema (every stage scores parses in its init's schema),
+    and that schema."""
     from querytune.runtime.model import ModelFolder
     from querytune.search import Searcher
 

@@ -2,7 +2,8 @@
 that the clicks support.
 
     querytune train rft --init runs/sft --world runs/world --index runs/index --out runs/rft
-    querytune train rft --init runs/sft --world runs/world --index runs/index --out runs/st --edits none   # self-training
+    # self-training:
+    querytune train rft --init runs/sft --world runs/world --index runs/index --out runs/st --edits none
 
 texts (`early_texts`: the log texts every reward stage and eval/compare.py's ceiling rows add) -> the init model's
 constrained greedy parse of each, as `querytune label` writes it -> click evidence for single-slot edits of those
@@ -84,7 +85,8 @@ class RFTRecipe(Recipe):
 
 
 PRESETS = {
-    # quick: the 4,000 texts and 280 steps of eval/compare.py's rows; ~6 min of greedy parses and ~5 of training on 2 cores
+    # quick: the 4,000 texts and 280 steps of eval/compare.py's rows;
+    # ~6 min of greedy parses and ~5 of training on 2 cores
     "quick": RFTRecipe(),
     "full": RFTRecipe(texts=8000, max_steps=600),
 }
@@ -109,13 +111,15 @@ def self_labels(init: Path, texts: list[str], say=print) -> list[dict[str, Any] 
         for i, p in zip(redo, parser.parse([texts[i] for i in redo])):
             preds[i] = p
     say(
-        f"greedy parses of {len(texts):,} log texts in {time.perf_counter() - t0:.0f}s ({len(redo)} decoded again inside the grammar)"
+        f"greedy parses of {len(texts):,} log texts in {time.perf_counter() - t0:.0f}s ({len(redo)} decoded again "
+        "inside the grammar)"
     )
     return [p.parse if p.valid else None for p in preds]
 
 
 def load_edit_table(path: Path) -> pd.DataFrame:
-    """An edit table written by a run (`edits.csv`), perhaps vetoed by hand (rows removed or `accepted` set to false)."""
+    """An edit table written by a run (`edits.csv`), perhaps vetoed by hand (rows removed or `accepted` set to
+    false)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: edit table not found")
     table = pd.read_csv(path, keep_default_na=False, dtype=str)  # "null" and "true" stay the JSON cells they are
@@ -154,12 +158,13 @@ def confirm(
     seed: int,
     say=print,
 ):
-    """The screened edits' evidence on other log texts: up to `confirm_texts` clicked early-log texts per trigger, outside
-    the training texts and the seed, parsed by the init model; only the screened edits are scored there."""
+    """The screened edits' evidence on other log texts: up to `confirm_texts` clicked early-log texts per trigger,
+    outside the training texts and the seed, parsed by the init model; only the screened edits are scored there."""
     triggers = {key[1] for key in screened}
     others = texts_with(world, triggers, {normalize_text(t) for t in texts}, config.confirm_texts)
     say(
-        f"{len(screened)} edits pass the screen (p <= {config.screen_p}); confirming them on {len(others):,} other log texts"
+        f"{len(screened)} edits pass the screen (p <= {config.screen_p}); confirming them on {len(others):,} other log "
+        "texts"
     )
     greedy = self_labels(init, others, say)
     targets = text_targets(
@@ -180,7 +185,8 @@ def build_labels(
     greedy_from: Path | None = None,
 ) -> dict[str, Any]:
     """Write OUT/labels.jsonl (and greedy.jsonl, edits.csv, evidence.json): the log texts with the labels this stage
-    trains on. `greedy_from`: another run's greedy.jsonl of the same model and texts, reused instead of parsing again."""
+    trains on. `greedy_from`: another run's greedy.jsonl of the same model and texts, reused instead of
+    parsing again."""
     from rich.progress import Progress
 
     from querytune.train.reward import retrieval_reward
@@ -251,9 +257,10 @@ def build_labels(
             "mining_seconds": round(time.perf_counter() - t0, 1),
         }
         say(
-            f"{stats['proposed']:,} edits proposed, {stats['scored']:,} scored against the clicks ({stats['unknown']:,} unknown: no supported "
-            f"context), {stats['accepted_pooled']} accepted pooled and {stats['accepted_single_text']} for one text; {stats['texts_edited']:,} "
-            f"texts relabeled (table: {out / 'edits.csv'})"
+            f"{stats['proposed']:,} edits proposed, {stats['scored']:,} scored against the clicks "
+            f"({stats['unknown']:,} unknown: no supported context), {stats['accepted_pooled']} accepted pooled and "
+            f"{stats['accepted_single_text']} for one text; {stats['texts_edited']:,} texts relabeled (table: "
+            f"{out / 'edits.csv'})"
         )
     with open(out / "labels.jsonl", "w", encoding="utf-8") as f:
         for r, label, g, edits in zip(rows, labels, greedy, made):
@@ -287,7 +294,8 @@ def train_rft(
     report_to: str = "none",
     greedy_from: Path | None = None,
 ) -> dict[str, Any]:
-    """Labels (reused when OUT/labels.jsonl exists and `resume`), then SFT from `init` on the seed plus them; the summary."""
+    """Labels (reused when OUT/labels.jsonl exists and `resume`), then SFT from `init` on the seed plus them;
+    the summary."""
     out.mkdir(parents=True, exist_ok=True)
     stats = json.loads((out / "evidence.json").read_text()) if resume and (out / "labels.jsonl").is_file() else None
     if stats is None:
@@ -301,7 +309,8 @@ def train_rft(
     random.Random(seed).shuffle(mixed)
     stage = "self_train" if config.edits == "none" else "rft"
     say(
-        f"{stage}: SFT from {init} on {len(seed_rows):,} seed rows + {len(added):,} labeled log texts, {config.max_steps} steps x {config.batch_size}"
+        f"{stage}: SFT from {init} on {len(seed_rows):,} seed rows + {len(added):,} labeled log texts, "
+        f"{config.max_steps} steps x {config.batch_size}"
     )
     summary = train_sft(
         mixed,

@@ -1,6 +1,7 @@
-"""SFT: teach a compact causal LM (LoRA) to map a query to the schema's JSON parse.
+r"""SFT: teach a compact causal LM (LoRA) to map a query to the schema's JSON parse.
 
-    querytune train sft --data runs/world/seed.jsonl --out runs/sft [--schema data/schema.yaml] [--preset quick] [--resume]
+    querytune train sft --data runs/world/seed.jsonl --out runs/sft \
+        [--schema data/schema.yaml] [--preset quick] [--resume]
 
 setup (labeled rows -> prompt/completion pairs) -> TRL SFTTrainer with a peft LoRA and completion-only
 loss -> save adapter + tokenizer + schema + resolved config + step log + model card. Intents the schema
@@ -64,7 +65,8 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 def sft_examples(rows: list[LabeledRow], schema: Schema, tokenizer, fmt: str = DEFAULT_FORMAT) -> list[dict[str, str]]:
-    """Prompt/completion strings in format `fmt` (`querytune.runtime.formats`); the completion ends with the tokenizer's end-of-turn token."""
+    """Prompt/completion strings in format `fmt` (`querytune.runtime.formats`);
+    the completion ends with the tokenizer's end-of-turn token."""
     seen = {r.intent for r in rows}
     pairs = [(r.text, {"intent": r.intent, "slots": r.slots}) for r in rows]
     pairs += [
@@ -200,10 +202,10 @@ def train_sft(
 ) -> dict[str, Any]:
     """Train and save; returns a summary (steps, seconds, final loss, token lengths, dtype). `stage`: what the folder
     records it is (`querytune.train.rft` trains through here too). `fmt`: the format the
-    model reads and writes (`querytune.runtime.formats`). `init`: a model folder to continue from (its adapters merged, a new
-    LoRA on top, its format kept) instead of the bare base. The folder's schema
-    carries the aliases its labels support (`querytune.train.aliases`), plus those of `init`. `resume`: continue from the
-    last checkpoint in out/checkpoints (`start_or_resume`). `report_to`: transformers' logging integrations
+    model reads and writes (`querytune.runtime.formats`). `init`: a model folder to continue from (its adapters merged,
+    a new LoRA on top, its format kept) instead of the bare base. The folder's schema
+    carries the aliases its labels support (`querytune.train.aliases`), plus those of `init`. `resume`: continue from
+    the last checkpoint in out/checkpoints (`start_or_resume`). `report_to`: transformers' logging integrations
     (tensorboard, ...) besides out/steps.jsonl."""
     import torch
     from datasets import Dataset

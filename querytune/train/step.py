@@ -8,8 +8,8 @@ compact path needs Triton), and the head (vocabulary x hidden) is a fifth of Smo
 completions are a third of the tokens. Both are numerics-neutral: the same examples give the same loss.
 Measured by `python eval/bench_sft.py` (eval/RESULTS.md, "Training speed").
 
-The DPO and GRPO steps (`querytune.train.dpo`, `querytune.train.grpo`) take the levers that pay there: TRL's fused LM head on the
-scored positions only (`labelled_positions_only`) and GRPO's sampling in bf16 with merged adapters
+The DPO and GRPO steps (`querytune.train.dpo`, `querytune.train.grpo`) take the levers that pay there: TRL's fused LM
+head on the scored positions only (`labelled_positions_only`) and GRPO's sampling in bf16 with merged adapters
 (`SamplingGRPOTrainer`); measured by `python eval/bench_preference.py`.
 """
 
@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from trl import GRPOTrainer, SFTTrainer
 
-from querytune.runtime.model import cache_dir, hardware
+from querytune.machine import hardware
+from querytune.runtime.model import cache_dir
 
 
 def completion_loss(
@@ -34,7 +35,8 @@ def completion_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean cross-entropy over the completion tokens of `inputs` (labels -100 elsewhere), the LM head applied only
     at the positions that predict one. `num_items`: the divisor (the trainer's count over gradient accumulation);
-    by default this batch's completion tokens. Returns the loss and the step's counts (tokens, sum of squared sequence lengths, targets, correct)."""
+    by default this batch's completion tokens. Returns the loss and the step's counts (tokens, sum of squared
+    sequence lengths, targets, correct)."""
     targets = inputs["labels"][:, 1:]
     positions = (targets != -100).any(0).nonzero().flatten()  # union over rows; a padding-free batch is one row
     forward = {k: v for k, v in inputs.items() if k != "labels"}
@@ -304,6 +306,7 @@ def pick_dtype(model, lora, batch: dict, steps: int = 3, say=print, weights_in_b
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(known | {key: result}, indent=2) + "\n")
     say(
-        f"dtype probe ({key}): fp32 {seconds['fp32']:.2f} s, bf16 {seconds['bf16']:.2f} s per step: training in {result['dtype']}"
+        f"dtype probe ({key}): fp32 {seconds['fp32']:.2f} s, bf16 {seconds['bf16']:.2f} s per step: "
+        f"training in {result['dtype']}"
     )
     return result | {"cached": False}

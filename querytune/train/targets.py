@@ -250,7 +250,8 @@ def sample_candidates(
                 f"have confidence below {explore_confidence}" if explore_confidence is not None else "",
             ]
             say(
-                f"{len(explore):,} of {len(texts):,} greedy parses {' and '.join(w for w in why if w)}: exploring those ({explore_with})"
+                f"{len(explore):,} of {len(texts):,} greedy parses {' and '.join(w for w in why if w)}: "
+                f"exploring those ({explore_with})"
             )
         task = bar.add_task(f"{explore_with}: {k} per query", total=len(explore))
         advance = lambda n: bar.advance(task, n)  # noqa: E731
@@ -268,7 +269,8 @@ def sample_candidates(
             )
     extra = dict(zip(explore, ([as_json(parser.schema, parser.format, r) for r in raws] for raws in sampled)))
     say(
-        f"greedy parses of {len(texts):,} queries, {k} {explore_with} candidates of {len(explore):,}, in {time.perf_counter() - t0:.0f}s"
+        f"greedy parses of {len(texts):,} queries, {k} {explore_with} candidates of {len(explore):,}, "
+        f"in {time.perf_counter() - t0:.0f}s"
     )
     return [[g, *extra.get(i, [])] for i, g in enumerate(greedy)], confidence
 
@@ -301,7 +303,8 @@ def as_json(schema: Schema, fmt: str, raw: str) -> str:
     does not read stays as written, so it still scores INVALID (compact text never starts with "{").
 
     >>> from querytune.schema_file import load_schema
-    >>> as_json(load_schema(), "compact", 'find_business near_me cuisine=thai'), as_json(load_schema(), "compact", "thai?")
+    >>> schema = load_schema()
+    >>> as_json(schema, "compact", 'find_business near_me cuisine=thai'), as_json(schema, "compact", "thai?")
     ('{"intent":"find_business","slots":{"cuisine":"thai","near_me":true}}', 'thai?')
     """
     if formats.WRITES[fmt] == "json":

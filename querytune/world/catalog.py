@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pandas as pd
 
-from querytune.catalog import MIN
+from querytune.hours import MIN
 from querytune.world.mechanisms import (
     ATTRIBUTE_CATEGORIES,
     CATALOG_CUISINE_WEIGHTS,

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from querytune.catalog import hours_array
+from querytune.hours import hours_array
 from querytune.schema import normalize_text
 from querytune.schema_file import load_schema
 from querytune.world.catalog import make_catalog

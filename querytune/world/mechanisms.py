@@ -238,7 +238,8 @@ def annotate(need: dict, surfaces: dict[str, str], generic: dict[str, str]) -> t
     """What the guideline labels for a need typed with `surfaces` (slot -> the surface the text uses), and the
     mechanisms that make it differ. `generic`: lower-cased generic business name -> its category.
 
-    >>> annotate({"intent": "find_business", "slots": {"category": "restaurant", "cuisine": "pizza"}}, {"cuisine": "pizza"}, {})
+    >>> annotate({"intent": "find_business", "slots": {"category": "restaurant", "cuisine": "pizza"}},
+    ...          {"cuisine": "pizza"}, {})
     ({'intent': 'find_business', 'slots': {'category': 'restaurant', 'cuisine': 'italian'}}, ['taxonomy'])
     >>> annotate({"intent": "find_named_business", "slots": {"business_name": "reliable laundromat", "city": "austin"}},
     ...          {}, {"reliable laundromat": "laundromat"})

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from querytune.catalog import MIN, always_open, open_at, open_on, resolve_weekday
+from querytune.hours import MIN, always_open, open_at, open_on, resolve_weekday
 from querytune.world.catalog import HOURS_PROFILES
 from querytune.world.mechanisms import ATTRIBUTE_CATEGORIES, V2_CUISINES, V2_PRICES
 from querytune.world.vocab import ATTRIBUTES, CATEGORIES, CITIES, CUISINES, DAYS, PRICES

@@ -264,7 +264,8 @@ def render(
 
 
 def _noise(rng: random.Random, text: str, noise: float) -> tuple[str, bool]:
-    """The text with, at rate `noise`, a typo in one long word, and sometimes title or sentence casing; whether a typo went in."""
+    """The text with, at rate `noise`, a typo in one long word, and sometimes title or sentence casing;
+    whether a typo went in."""
     typo = False
     if noise and rng.random() < noise:
         words = text.split()

@@ -3,7 +3,7 @@ many ways people type each of them. Canonical values here are the default schema
 
 from __future__ import annotations
 
-from querytune.catalog import DAYS, PRICE_LEVELS
+from querytune.hours import DAYS, PRICE_LEVELS
 
 # city -> (population weight, neighbourhoods, aliases people type)
 CITIES: dict[str, tuple[float, list[str], list[str]]] = {
