@@ -3,19 +3,19 @@
     querytune serve --model runs/sft --cache sqlite:///runs/cache.db [--host 127.0.0.1] [--port 8000]
         [--backend transformers|vllm] [--workers N]
 
-One worker process per core by default (`app_from_env` builds each worker's app; each loads its own model;
-`/metrics` sums them all through prometheus_client's multiprocess folder). A request's queries are normalised and
-looked up in the cache (exact match on normalised query, schema and model version): first an in-process copy of the
-hot entries, then the store, off the event loop and behind a circuit breaker (`querytune.serving.serving_cache`). `GET
-/v1/parse?q=` whose query the in-process copy holds is answered by the gate without entering FastAPI
-(`Service.hit`): the same body, headers, key check, metrics and log line. Misses from concurrent requests are
-gathered for a few milliseconds into one backend call (`MissBatcher`), or, for a backend that batches concurrent
-calls itself (`async def aparse(texts) -> list[Prediction]`, e.g. vLLM's async engine), sent to it one request at a
-time; the valid parses are written back in the background. A miss that the model does not answer within the deadline
-gets a defined degraded answer, `source: fallback` (no parse: search the raw text), and is appended to the fallback
-queue for offline labeling. The store down, hung or refusing writes: hot queries still hit the in-process copy, the
-rest go to the model, and `/healthz` says `degraded`. The model down: hits still answer, misses get 503 with the
-reason. With `--model active` the server follows `cache promote` / `rollback` without a restart
+One worker process per core by default (`app_from_env` builds each worker's app; each loads its own model; `/metrics`
+sums them all through prometheus_client's multiprocess folder). A request's queries are normalised and looked up in the
+cache (exact match on normalised query, schema and model version): first an in-process copy of the hot entries, then the
+store, off the event loop and behind a circuit breaker (`querytune.serving.serving_cache`). The gate checks the key of
+every `/v1/` request once; a `GET /v1/parse?q=` whose query the in-process copy holds it answers without entering
+FastAPI (`Service.hit`): the same body, headers, metrics and log line. Misses from concurrent requests are gathered for
+a few milliseconds into one backend call (`MissBatcher`), or, for a backend that batches concurrent calls itself (`async
+def aparse(texts) -> list[Prediction]`, e.g. vLLM's async engine), sent to it one request at a time; the valid parses
+are written back in the background. A miss that the model does not answer within the deadline gets a defined degraded
+answer, `source: fallback` (no parse: search the raw text), and is appended to the fallback log for offline labeling.
+The store down, hung or refusing writes: hot queries still hit the in-process copy, the rest go to the model, the
+answers it refused are written once it is back, and `/healthz` says `degraded`. The model down: hits still answer,
+misses get 503 with the reason. With `--model active` the server follows `cache promote` / `rollback` without a restart
 (`PromotionWatcher`).
 
 Every error, of any status, has one body: `{"error": message, "code": reason, "request_id": id}`. Every response
