@@ -203,7 +203,8 @@ def _length(data: bytes) -> int:
 def test_slow_half_closed_and_stopped_clients_of_a_real_server(tiny_model, tmp_path):
     """One real server (two workers): a client that half-closes after its request gets the answer to a miss; a
     connection that sends a body too slowly is closed with 408 after --body-timeout, one that sends no headers is
-    closed; SIGTERM answers every request that reached an open connection."""
+    closed; connections past --max-connections get 503 at once; SIGTERM answers every request that reached an open
+    connection."""
     args = [
         "--model",
         str(tiny_model),
@@ -211,6 +212,8 @@ def test_slow_half_closed_and_stopped_clients_of_a_real_server(tiny_model, tmp_p
         "2",
         "--body-timeout",
         "1",
+        "--max-connections",
+        "20",
         "--cache",
         f"sqlite:///{tmp_path}/c.db",
     ]
@@ -220,7 +223,7 @@ def test_slow_half_closed_and_stopped_clients_of_a_real_server(tiny_model, tmp_p
         assert b'"state":"ok"' in http_get(port, "", path="/healthz")
         assert http_get(port, "sushi+downtown", half_close=True).startswith(b"HTTP/1.1 200")
 
-        stalled = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
+        stalled = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]  # within each worker's 20
         for s in stalled[:10]:
             s.sendall(b"POST /v1/parse HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
         for s in stalled[10:]:
@@ -236,6 +239,18 @@ def test_slow_half_closed_and_stopped_clients_of_a_real_server(tiny_model, tmp_p
             s.close()
         assert all(e.startswith(b"HTTP/1.1 408") for e in ends[:10]), ends[:10]
         assert all(e == b"" or e == b"ConnectionResetError" for e in ends[10:]), ends[10:]
+
+        crowd = [socket.create_connection(("127.0.0.1", port)) for _ in range(60)]  # 2 workers, 20 each at most
+        time.sleep(0.5)
+        busy = 0
+        for s in crowd:
+            s.settimeout(0.2)
+            try:
+                busy += s.recv(65536).startswith(b"HTTP/1.1 503")
+            except socket.timeout:
+                pass
+            s.close()
+        assert busy >= 20, busy
 
         results, stop = [], threading.Event()
 

@@ -166,11 +166,10 @@ def run(settings: Settings, store, backend) -> None:
         access_log=False,
         loop="uvloop" if installed("uvloop") else "asyncio",
         http=Protocol if installed("httptools") else "h11",
-        limit_concurrency=settings.max_connections,
         # a miss in flight at shutdown gets its answer or its fallback
         timeout_graceful_shutdown=int(settings.deadline + Protocol.drain_s + 5),
     )
-    Protocol.header_timeout_s = settings.body_timeout
+    Protocol.header_timeout_s, Protocol.max_connections = settings.body_timeout, settings.max_connections
     if settings.workers == 1:  # in this process: the checked store and model serve as they are
         server.PRELOADED.update(settings=settings, store=store, backend=backend)
         uvicorn.Server(config).run()

@@ -41,7 +41,9 @@ class ErrorBody(BaseModel):
     """The body of every error response (4xx and 5xx)."""
 
     error: str = Field(description="What went wrong, in one line")
-    code: str = Field(description="auth, bad_query, batch, body, not_found, method, model_down, internal")
+    code: str = Field(
+        description="auth, bad_query, batch, body, timeout, busy, not_found, method, model_down, internal"
+    )
     request_id: str
     results: list[Result] | None = Field(
         None, description="POST with the model down: every query's result (hits still answer)"

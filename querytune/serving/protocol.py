@@ -1,43 +1,59 @@
-"""The server's HTTP connections: uvicorn's httptools protocol with three changes an operator needs.
+"""The server's HTTP connections: uvicorn's httptools protocol with four changes an operator needs.
 
 - A client that sends its request and half-closes (shuts down its writing side) still gets the answer: uvicorn
   closes on end-of-file, which loses the answer to any miss.
 - A connection must send a request's headers within `header_timeout_s` of opening or of its previous answer; a
   slowloris that trickles headers, or opens and sends nothing, is closed. (A body too slow is the gate's 408.)
+- A connection past `max_connections` open in this worker is answered 503 at once, in the server's one error body,
+  and closed (uvicorn's own limit answers in plain text, and only once the request has arrived).
 - At shutdown an idle keep-alive connection is kept open for `drain_s`, not closed at once: a request already on its
   way is answered, with `Connection: close`, instead of meeting a closed socket.
 """
 
 from __future__ import annotations
 
-import asyncio
+import json
+import time
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+_BUSY = json.dumps({"error": "too many connections; try again", "code": "busy", "request_id": ""}).encode()
+BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
+    b"content-length: %d\r\n\r\n%s" % (len(_BUSY), _BUSY)
+)
+
 
 class Protocol(HttpToolsProtocol):
-    header_timeout_s = 10.0  # set from the settings' body_timeout by the worker (querytune.serving.serve)
+    # set from the settings by the worker (querytune.serving.serve)
+    header_timeout_s = 10.0
+    max_connections = 1024
     drain_s = 1.0
     closing = False
-    header_timer: asyncio.TimerHandle | None = None
+    waiting_since: float | None = None  # when the connection began to owe its request's headers
+    # one sweep a second per event loop closes the late ones: a timer armed per request costs every hit a heap push
+    swept_loop = None
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm()
+        if len(self.connections) > self.max_connections:
+            transport.write(BUSY)
+            transport.close()
+            return
+        self.waiting_since = time.monotonic()
+        if Protocol.swept_loop is not self.loop:
+            Protocol.swept_loop = self.loop
+            self.loop.call_later(1.0, _sweep, self.connections, self.loop)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._arm()
+        self.waiting_since = time.monotonic()
 
     def on_headers_complete(self) -> None:
-        self._disarm()
+        self.waiting_since = None
         super().on_headers_complete()
         if self.closing and self.cycle is not None:
             self.cycle.keep_alive = False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        super().connection_lost(exc)
 
     def eof_received(self) -> bool | None:
         cycle = self.cycle
@@ -57,16 +73,12 @@ class Protocol(HttpToolsProtocol):
         if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
             self.transport.close()
 
-    def _arm(self) -> None:
-        self._disarm()
-        self.header_timer = self.loop.call_later(self.header_timeout_s, self._no_headers)
 
-    def _disarm(self) -> None:
-        if self.header_timer is not None:
-            self.header_timer.cancel()
-            self.header_timer = None
-
-    def _no_headers(self) -> None:
-        self.header_timer = None
-        if not self.transport.is_closing():
-            self.transport.close()
+def _sweep(connections: set, loop) -> None:
+    """Close the connections that have owed their request's headers for longer than the timeout; again in a second."""
+    late = time.monotonic() - Protocol.header_timeout_s
+    for conn in list(connections):
+        since = getattr(conn, "waiting_since", None)
+        if since is not None and since < late and not conn.transport.is_closing():
+            conn.transport.close()
+    loop.call_later(1.0, _sweep, connections, loop)

@@ -289,7 +289,7 @@ def app_from_env():
         _exit_with(settings.supervisor_pid)
     if settings.threads:
         torch.set_num_threads(settings.threads)  # the workers share the cores
-    Protocol.header_timeout_s = settings.body_timeout
+    Protocol.header_timeout_s, Protocol.max_connections = settings.body_timeout, settings.max_connections
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
     store = PRELOADED.get("store")
     if store is None and settings.cache_url:

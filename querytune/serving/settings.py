@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         1024,
         ge=1,
-        description="Open connections a worker serves at once; a request on one past it gets 503.",
+        description="Open connections a worker serves at once; one past it is answered 503 and closed.",
     )
     local_cache_entries: int = Field(
         20000,
