@@ -162,6 +162,13 @@ def test_report_page_numbers_match_metrics_json_and_chromium_shows_the_plots(sma
     with sqlite3.connect(ws.report / on_disk["browser"].removeprefix("report/")) as db:
         by_system = dict(db.execute("SELECT system, count(*) FROM parses GROUP BY system"))
         invalid = db.execute("SELECT count(*) FROM parses WHERE system = 'dpo' AND intent = 'invalid'").fetchone()[0]
+        # Datasette binds a filter's value as text (`?frame_right=0`, `?valid=1`, `?ndcg@10__lt=0.5`): the counts
+        # must be those of the numbers
+        for where, value, number in [("frame_right = ?", "0", 0), ("valid = ?", "1", 1), ('"ndcg@10" < ?', "0.5", 0.5)]:
+            as_text, as_number = (
+                db.execute(f"SELECT count(*) FROM parses WHERE {where}", [v]).fetchone()[0] for v in (value, number)
+            )
+            assert as_text == as_number > 0, where
     assert by_system == {"peer": len(rows), "sft": len(rows), "dpo": len(rows)} and invalid == len(
         range(0, len(rows), 7)
     )

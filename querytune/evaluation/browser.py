@@ -9,24 +9,26 @@ from pathlib import Path
 
 import pandas as pd
 
-COLUMNS = (
-    "id",
-    "text",
-    "system",
-    "intent",
-    "slots",
-    "valid",
-    "confidence",
-    "intent_right",
-    "frame_right",
-    "ndcg@10",
-    "gold_intent",
-    "gold_slots",
-    "traffic",
-    "user_city",
-    "effects",
-    "mechanisms",
-)
+# each column's SQLite type: Datasette passes a filter's value as text (`?frame_right=0`), and only a typed column
+# compares text with numbers as numbers
+COLUMNS = {
+    "id": "TEXT",
+    "text": "TEXT",
+    "system": "TEXT",
+    "intent": "TEXT",
+    "slots": "TEXT",
+    "valid": "INTEGER",
+    "confidence": "REAL",
+    "intent_right": "INTEGER",
+    "frame_right": "INTEGER",
+    "ndcg@10": "REAL",
+    "gold_intent": "TEXT",
+    "gold_slots": "TEXT",
+    "traffic": "TEXT",
+    "user_city": "TEXT",
+    "effects": "TEXT",
+    "mechanisms": "TEXT",
+}
 
 
 def write_browser(
@@ -70,7 +72,7 @@ def write_browser(
     tmp = path.with_suffix(".tmp")
     tmp.unlink(missing_ok=True)
     with sqlite3.connect(tmp) as db:
-        db.execute("CREATE TABLE parses (" + ", ".join(f'"{c}"' for c in COLUMNS) + ")")
+        db.execute("CREATE TABLE parses (" + ", ".join(f'"{c}" {kind}' for c, kind in COLUMNS.items()) + ")")
         db.executemany(f"INSERT INTO parses VALUES ({', '.join('?' * len(COLUMNS))})", records)
         db.execute("CREATE INDEX parses_text ON parses (text)")
         db.execute("CREATE INDEX parses_system ON parses (system, frame_right)")
