@@ -28,7 +28,7 @@ def test_the_wheel_alone_shows_the_schema_and_predicts(tiny_model, tmp_path):
 
     src = tmp_path / "src"  # a copy: the build leaves nothing in the shared checkout, and sees only what ships
     shutil.copytree(ROOT / "querytune", src / "querytune", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, src / name)
     quiet = os.environ | {"PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     run(
@@ -47,6 +47,12 @@ def test_the_wheel_alone_shows_the_schema_and_predicts(tiny_model, tmp_path):
         env=quiet,
     )
     wheel = next((tmp_path / "dist").glob("querytune-*.whl"))
+    import zipfile
+
+    shipped = zipfile.ZipFile(wheel).namelist()
+    assert "querytune/py.typed" in shipped and any(
+        n.endswith(".dist-info/licenses/LICENSE") or n.endswith(".dist-info/LICENSE") for n in shipped
+    ), [n for n in shipped if "dist-info" in n]
 
     venv = tmp_path / "venv"
     run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=tmp_path)
