@@ -53,16 +53,16 @@ demo-tiny: venv
 # the two controls of the reward stages (after `make demo`), beside self-training, the fair one the demo trains: SFT
 # continued on the seed alone for self-training's steps, and RFT on clicks shuffled across texts (the placebo: it
 # should relabel almost nothing and gain nothing). The report then shows them as rows (every model folder under
-# workspace/models with test predictions is one).
+# workspace/models with test predictions is one). Run again, it trains both anew (--force) and rewrites the report.
 controls: venv
-	$(BIN)/querytune train sft --init $(M)/sft --data $(WS)/world/seed.jsonl --out $(M)/control --preset quick --max-minutes 0 \
+	$(BIN)/querytune train sft --init $(M)/sft --data $(WS)/world/seed.jsonl --out $(M)/control --force --preset quick --max-minutes 0 \
 	  --max-steps $$($(BIN)/python -c "import json; print(json.load(open('$(M)/self_train/summary.json'))['steps'])")
-	$(BIN)/querytune train rft --init $(M)/sft --world $(WS)/world --index $(WS)/index --out $(M)/rft_placebo --shuffle-clicks \
+	$(BIN)/querytune train rft --init $(M)/sft --world $(WS)/world --index $(WS)/index --out $(M)/rft_placebo --force --shuffle-clicks \
 	  --greedy-from $(M)/self_train/greedy.jsonl
 	for stage in control rft_placebo; do \
 	  $(BIN)/querytune eval parse --model $(M)/$$stage --data $(WS)/world/test.jsonl --out $(M)/$$stage/parse_test.json \
 	    --predictions $(M)/$$stage/predictions_test.jsonl --batch-size 48 || exit 1; done
-	$(BIN)/querytune eval report --workspace $(WS)
+	$(BIN)/querytune eval report --workspace $(WS) --force
 
 # every row of the preference comparison (eval/compare.py; resumable) on the demo's world and SFT model, after `make demo`:
 # self-training, the reward stages, the placebo, the ablations and the references, paired with self-training, per
@@ -91,9 +91,10 @@ test-wheel: venv
 test-fast: venv
 	$(BIN)/python -m pytest -m "not slow"
 
-# the CLI reference in docs/cli.md (linked from the README), regenerated from --help
+# the CLI reference in docs/cli.md (linked from the README), generated from --help by typer's own docs command
+# (tests/test_report.py runs the same command and checks the file is current)
 readme: venv
-	$(BIN)/python -m querytune.cli.reference --write
+	$(BIN)/typer querytune.cli utils docs --name querytune --title "CLI reference" --output docs/cli.md
 
 clean:
 	rm -rf $(VENV) $(VVENV) runs $(WS)

@@ -4,31 +4,14 @@ opens as a searchable, sortable table (`datasette report/parses.sqlite`) and any
 from __future__ import annotations
 
 import json
-import sqlite3
 from pathlib import Path
 
 import pandas as pd
+import sqlite_utils
 
-# each column's SQLite type: Datasette passes a filter's value as text (`?frame_right=0`), and only a typed column
-# compares text with numbers as numbers
-COLUMNS = {
-    "id": "TEXT",
-    "text": "TEXT",
-    "system": "TEXT",
-    "intent": "TEXT",
-    "slots": "TEXT",
-    "valid": "INTEGER",
-    "confidence": "REAL",
-    "intent_right": "INTEGER",
-    "frame_right": "INTEGER",
-    "ndcg@10": "REAL",
-    "gold_intent": "TEXT",
-    "gold_slots": "TEXT",
-    "traffic": "TEXT",
-    "user_city": "TEXT",
-    "effects": "TEXT",
-    "mechanisms": "TEXT",
-}
+# the numeric columns' SQLite types, given because a batch of NULLs would otherwise make them TEXT: Datasette passes a
+# filter's value as text (`?frame_right=0`), and only a typed column compares text with numbers as numbers
+NUMERIC = {"valid": int, "confidence": float, "intent_right": int, "frame_right": int, "ndcg@10": float}
 
 
 def write_browser(
@@ -38,8 +21,9 @@ def write_browser(
     confidences: dict[str, dict[str, float]],
     scores: pd.DataFrame,
 ) -> Path:
-    """Write `path` (replacing it): table `parses`, one row per test query and parsing system, indexed by query text and
-    system; a parse that did not validate has intent `invalid`. Returns the path."""
+    """Write `path` (replacing it): table `parses`, one row per test query and parsing system (primary key id, system),
+    indexed by query text and system, its text full-text searchable; a parse that did not validate has intent
+    `invalid`. Returns the path."""
     score = scores.set_index(["system", "id"]).to_dict("index")  # (system, id) -> its row's scores
     records = []
     for r in rows:
@@ -49,32 +33,33 @@ def write_browser(
             s = score.get((system, r["id"]), {})
             got = lambda col: None if pd.isna(s.get(col, float("nan"))) else float(s[col])  # noqa: E731
             records.append(
-                (
-                    r["id"],
-                    r["text"],
-                    system,
-                    pred["intent"] if pred else "invalid",
-                    json.dumps(pred["slots"], ensure_ascii=False, sort_keys=True) if pred else None,
-                    pred is not None,
-                    confidences.get(system, {}).get(r["id"]),
-                    got("intent_accuracy") == 1.0,
-                    got("frame_exact_match") == 1.0,
-                    None if got("ndcg@10") is None else round(got("ndcg@10"), 4),
-                    r["intent"],
-                    gold_slots,
-                    r.get("traffic"),
-                    r.get("user_city"),
-                    ", ".join(r.get("effects") or []),
-                    ", ".join(r.get("mechanisms") or []),
-                )
+                {
+                    "id": r["id"],
+                    "text": r["text"],
+                    "system": system,
+                    "intent": pred["intent"] if pred else "invalid",
+                    "slots": json.dumps(pred["slots"], ensure_ascii=False, sort_keys=True) if pred else None,
+                    "valid": pred is not None,
+                    "confidence": confidences.get(system, {}).get(r["id"]),
+                    "intent_right": got("intent_accuracy") == 1.0,
+                    "frame_right": got("frame_exact_match") == 1.0,
+                    "ndcg@10": None if got("ndcg@10") is None else round(got("ndcg@10"), 4),
+                    "gold_intent": r["intent"],
+                    "gold_slots": gold_slots,
+                    "traffic": r.get("traffic"),
+                    "user_city": r.get("user_city"),
+                    "effects": ", ".join(r.get("effects") or []),
+                    "mechanisms": ", ".join(r.get("mechanisms") or []),
+                }
             )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.unlink(missing_ok=True)
-    with sqlite3.connect(tmp) as db:
-        db.execute("CREATE TABLE parses (" + ", ".join(f'"{c}" {kind}' for c, kind in COLUMNS.items()) + ")")
-        db.executemany(f"INSERT INTO parses VALUES ({', '.join('?' * len(COLUMNS))})", records)
-        db.execute("CREATE INDEX parses_text ON parses (text)")
-        db.execute("CREATE INDEX parses_system ON parses (system, frame_right)")
+    db = sqlite_utils.Database(tmp)
+    table = db["parses"].insert_all(records, pk=("id", "system"), columns=NUMERIC)
+    table.create_index(["text"])
+    table.create_index(["system", "frame_right"])
+    table.enable_fts(["text"])  # Datasette's search box over the query text
+    db.close()
     tmp.replace(path)  # a reader never sees half a file
     return path

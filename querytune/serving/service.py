@@ -74,7 +74,8 @@ class Tally(Periodic):
         self.disarm()
         counts, total, self.counts, self.total = self.counts, self.total, [0] * len(self.bounds), 0.0
         if any(counts):
-            # what `observe` does once per value (prometheus_client keeps no public way to add many at once)
+            # what `observe` does per value, via private attributes: there is no public bulk add, `observe` per hit
+            # costs 3-6 us in multiprocess mode (0.3 us here), a custom collector is not summed across workers
             self.counter.inc(sum(counts))
             self.histogram._sum.inc(total)
             for bucket, n in zip(self.histogram._buckets, counts):
