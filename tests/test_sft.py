@@ -254,10 +254,17 @@ def test_bf16_auto_is_measured_once_per_machine_and_recorded(tiny_base, tmp_path
     assert (probe["dtype"] == "bf16") == (probe["bf16_s"] < 0.95 * probe["fp32_s"])
     cached = json.loads((tmp_path / "cache" / "dtype_probe.json").read_text())
     assert list(cached) == [probe["hardware"]] and "threads" in probe["hardware"]
-    second = train_sft(
-        ROWS, SCHEMA, tmp_path / "b", str(tiny_base), TINY | {"bf16": "auto", "max_steps": 1}, say=lambda _: None
+    said = []
+    second = train_sft(  # other data and batch size: still the machine's one answer, said
+        ROWS[:1],
+        SCHEMA,
+        tmp_path / "b",
+        str(tiny_base),
+        TINY | {"bf16": "auto", "max_steps": 1, "batch_size": 1},
+        say=said.append,
     )
-    assert second["dtype_probe"] == probe | {"cached": True}
+    assert second["dtype_probe"] == probe | {"cached": True} and second["dtype"] == first["dtype"]
+    assert any(f"training in {probe['dtype']}: the dtype probe of {probe['measured']}" in m for m in said)
     assert first["steps"] == first["schedule_steps"] == 1 and not first["gradient_checkpointing"]
 
 

@@ -259,22 +259,27 @@ def step_flops(model, n_lora: int, tokens: int, targets: int, sum_sq_lengths: in
 def pick_dtype(model, lora, batch: dict, steps: int = 3, say=print, weights_in_bf16: bool = True) -> dict[str, Any]:
     """fp32 or bf16 autocast, whichever runs a LoRA training step (`completion_loss`, forward and backward) of `model`
     on `batch` faster on this machine (bf16 only when >= 5% faster: fp32 is exact; with `weights_in_bf16`, the bf16
-    arm stores its weights as training will, `bf16_weights`). Measured once per machine,
-    model size and batch, and cached in cache_dir()/dtype_probe.json. Returns {"dtype", "fp32_s", "bf16_s",
-    "hardware", "cached"}."""
+    arm stores its weights as training will, `bf16_weights`). Measured once per machine and model (not per batch
+    size: the ratio barely moves with it, and one answer per machine keeps a command's dtype from depending on its
+    data or on a busy moment), cached in cache_dir()/dtype_probe.json and said either way. Returns {"dtype",
+    "fp32_s", "bf16_s", "hardware", "measured", "cached"}."""
     import copy
 
     from peft import get_peft_model
 
     size = f"{model.config.model_type} {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M"
-    key = (
-        f"{hardware()} | {size} | {model.config._attn_implementation} | packed {batch['input_ids'].shape[1]} tokens"
-        + (" | bf16 weights" if weights_in_bf16 else "")
+    key = f"{hardware()} | {size} | {model.config._attn_implementation}" + (
+        " | bf16 weights" if weights_in_bf16 else ""
     )
     path = cache_dir() / "dtype_probe.json"
     known = json.loads(path.read_text()) if path.is_file() else {}
     if key in known:
-        return known[key] | {"cached": True}
+        result = known[key]
+        say(
+            f"training in {result['dtype']}: the dtype probe of {result.get('measured', 'an earlier run')} "
+            f"(fp32 {result['fp32_s']:.2f} s, bf16 {result['bf16_s']:.2f} s a step; {path}; --bf16/--no-bf16 to choose)"
+        )
+        return result | {"cached": True}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     probes = {
         dtype: get_peft_model(copy.deepcopy(model), copy.deepcopy(lora)).to(device).train()
@@ -302,11 +307,12 @@ def pick_dtype(model, lora, batch: dict, steps: int = 3, say=print, weights_in_b
         "fp32_s": seconds["fp32"],
         "bf16_s": seconds["bf16"],
         "hardware": key,
+        "measured": time.strftime("%Y-%m-%d"),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(known | {key: result}, indent=2) + "\n")
     say(
         f"dtype probe ({key}): fp32 {seconds['fp32']:.2f} s, bf16 {seconds['bf16']:.2f} s per step: "
-        f"training in {result['dtype']}"
+        f"training in {result['dtype']} (kept for this machine in {path}; --bf16/--no-bf16 to choose)"
     )
     return result | {"cached": False}
