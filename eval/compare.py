@@ -280,6 +280,7 @@ def main() -> None:
                     str(data[name]),
                     "--out",
                     str(every[name]),
+                    "--force",  # rows with no finished model (`todo`): a stopped run's folder is replaced
                     *fixed,
                 ],
                 None,
@@ -310,6 +311,7 @@ def main() -> None:
                         str(args.index),
                         "--out",
                         str(every[name]),
+                        "--force",
                         "--texts",
                         str(args.texts),
                         *fixed,
@@ -342,6 +344,7 @@ def main() -> None:
                             str(args.index),
                             "--out",
                             str(every[name]),
+                            "--force",
                             "--edits-from",
                             str(every["rft"]),
                             *LEARNER_ROWS[name],

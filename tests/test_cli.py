@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from importlib.metadata import version
+from pathlib import Path
 from typing import get_args
 
 import pytest
@@ -90,13 +91,6 @@ def test_help_lists_the_choices_and_a_wrong_one_exits_2_naming_them(command, opt
     assert r.exit_code == 2 and "'nonsense' is not one of" in r.output
 
 
-def test_world_make_refuses_a_folder_that_is_not_empty_without_force(tmp_path):
-    (tmp_path / "notes.txt").write_text("mine")
-    r = run(["world", "make", "--out", str(tmp_path), "--rows", "1000", "--per-city", "60"])
-    assert r.exit_code == 2 and "not empty" in r.output and "--force" in r.output
-    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"], "nothing is written"
-
-
 def test_eval_diff_takes_a_and_b_as_arguments_and_the_old_options_still_work(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
@@ -174,3 +168,186 @@ def test_demo_tiny_runs_the_full_demos_steps_smaller_with_options_each_command_h
                 shown = run([*sub, "--help"]).output
                 for option in (w for w in command if re.fullmatch(r"--[a-z-]+", w)):
                     assert option in shown, f"{' '.join(sub)}: no {option}"
+
+
+# No command writes into a folder that holds results unless told: refused in one line naming the folder and the flag
+# that replaces it (nothing in it touched), and with that flag no earlier output stays beside the new ones.
+
+
+def stale_folder(path) -> dict[str, bytes]:
+    """A folder holding a trained model's test results, as `make demo` leaves beside the weights."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "predictions_test.jsonl").write_text('{"id": "old"}\n')
+    (path / "parse_test.json").write_text("{}\n")
+    return files(path)
+
+
+def files(path) -> dict[str, bytes]:
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def assert_refused(args: list[str], out, flag: str = "--force", option: str = "--out") -> None:
+    before = files(out)
+    r = run(args)
+    errors = [line for line in r.output.splitlines() if line.startswith("error:")]
+    assert r.exit_code == 2 and len(errors) == 1, r.output
+    assert errors[0].startswith(f"error: {option} {out}: not empty") and flag in errors[0], errors[0]
+    assert files(out) == before, "a refused command changes nothing"
+
+
+def test_world_make_refuses_a_folder_that_is_not_empty_without_force(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    args = ["world", "make", "--out", str(tmp_path), "--rows", "1000", "--per-city", "60", "--eval-rows", "50"]
+    assert_refused(args, tmp_path)
+    r = run([*args, "--force"])
+    assert r.exit_code == 0, r.output
+    assert not (tmp_path / "notes.txt").exists() and (tmp_path / "stats.json").is_file()
+
+
+def test_train_sft_refuses_a_trained_folder_and_force_leaves_no_stale_output(tiny_base, small_world_master, tmp_path):
+    out = tmp_path / "sft"
+    stale_folder(out)
+    (out / "adapter_model.safetensors").write_bytes(b"old weights")
+    args = [
+        "train",
+        "sft",
+        "--data",
+        str(small_world_master / "seed.jsonl"),
+        "--out",
+        str(out),
+        "--base",
+        str(tiny_base),
+    ]
+    args += ["--max-steps", "1", "--batch-size", "2", "--no-bf16", "--lora-r", "4"]
+    assert_refused(args, out)
+    r = run([*args, "--force"])
+    assert r.exit_code == 0, r.output
+    assert not (out / "predictions_test.jsonl").exists() and not (out / "parse_test.json").exists()
+    assert (out / "adapter_model.safetensors").read_bytes() != b"old weights" and (out / "summary.json").is_file()
+
+
+@pytest.mark.parametrize("stage", ["rft", "dpo", "grpo"])
+def test_train_stages_refuse_a_trained_folder_and_force_empties_it_first(stage, tiny_model, tmp_path):
+    """The refusal comes before any work; with --force the stale results are gone before the run starts (here it
+    stops at once on an empty world: what is left is the new run's config alone)."""
+    out, empty = tmp_path / stage, tmp_path / "empty"
+    stale_folder(out)
+    empty.mkdir()
+    args = ["train", stage, "--init", str(tiny_model), "--world", str(empty), "--index", str(empty), "--out", str(out)]
+    assert_refused(args, out)
+    r = run([*args, "--force"])
+    assert r.exit_code == 2 and "--force" not in r.output, r.output
+    assert set(files(out)) == {"train_config.json"}
+
+
+def test_train_force_refuses_to_empty_a_folder_holding_an_input(tiny_model, tmp_path):
+    import shutil
+
+    out = tmp_path / "models"
+    init = Path(shutil.copytree(tiny_model, out / "sft"))
+    kept = files(out)
+    args = ["train", "dpo", "--init", str(init), "--world", str(tmp_path), "--index", str(tmp_path)]
+    r = run([*args, "--out", str(out), "--force"])
+    assert r.exit_code == 2 and f"holds {init}; --force would remove it" in r.output and files(out) == kept
+
+
+def test_export_refuses_a_folder_that_is_not_empty_and_force_replaces_it(tiny_model, tmp_path):
+    out = tmp_path / "exported"
+    stale_folder(out)
+    args = ["export", "--model", str(tiny_model), "--out", str(out)]
+    assert_refused(args, out)
+    r = run([*args, "--force"])
+    assert r.exit_code == 0, r.output
+    assert not (out / "predictions_test.jsonl").exists() and (out / "querytune.json").is_file()
+
+
+def test_index_build_refuses_a_folder_that_is_not_empty_and_force_replaces_it(
+    small_world_master, hash_embedder, tmp_path, monkeypatch
+):
+    monkeypatch.setattr("querytune.search.Embedder", lambda: hash_embedder)  # no MiniLM download at this edge
+    out = tmp_path / "index"
+    stale_folder(out)
+    args = ["index", "build", "--world", str(small_world_master), "--out", str(out)]
+    assert_refused(args, out)
+    r = run([*args, "--force"])
+    assert r.exit_code == 0, r.output
+    assert set(files(out)) == {"index.faiss", "catalog.parquet", "meta.json"}
+
+
+def test_eval_report_refuses_a_folder_that_is_not_empty_and_force_empties_it(tmp_path):
+    ws = tmp_path / "ws"
+    for part in ("world", "index", "models"):
+        (ws / part).mkdir(parents=True)
+    stale_folder(ws / "report")
+    assert_refused(["eval", "report", "--workspace", str(ws)], ws / "report")
+    r = run(["eval", "report", "--workspace", str(ws), "--force"])
+    assert r.exit_code == 2 and "--force" not in r.output  # the empty world then stops the report, with one line
+    assert files(ws / "report") == {}
+
+
+def test_cache_warm_refuses_a_work_folder_that_is_not_empty_and_force_replaces_it(
+    tiny_model, small_world_master, tmp_path
+):
+    import pandas as pd
+
+    pd.read_parquet(small_world_master / "log.parquet", columns=["query"]).head(40).to_parquet(tmp_path / "log.parquet")
+    work = tmp_path / "work"
+    stale_folder(work)
+    args = ["cache", "warm", str(tmp_path / "log.parquet"), "--model", str(tiny_model), "--top", "5"]
+    args += ["--cache", f"sqlite:///{tmp_path / 'cache.db'}", "--work", str(work)]
+    assert_refused(args, work, option="--work")
+    r = run([*args, "--force"])
+    assert r.exit_code == 0, r.output
+    assert not (work / "predictions_test.jsonl").exists() and (work / "labels" / "summary.json").is_file()
+
+
+def test_label_resumes_its_own_folder_and_empties_any_other_only_with_restart(tiny_model, small_world_master, tmp_path):
+    import pandas as pd
+
+    pd.read_parquet(small_world_master / "log.parquet", columns=["query"]).head(20).to_parquet(tmp_path / "log.parquet")
+    out = tmp_path / "labels"
+    stale_folder(out)
+    args = ["label", str(tmp_path / "log.parquet"), "--model", str(tiny_model), "--out", str(out)]
+    assert_refused(args, out, flag="--restart")
+    r = run([*args, "--restart"])
+    assert r.exit_code == 0, r.output
+    assert not (out / "predictions_test.jsonl").exists() and (out / "summary.json").is_file()
+    r = run(args)  # a finished labeling folder is resumed: nothing labeled twice, nothing removed
+    assert r.exit_code == 0 and '"labeled_now": 0' in r.output, r.output
+
+
+def test_data_split_refuses_a_folder_that_is_not_empty_and_force_replaces_it(small_world_master, tmp_path):
+    out = tmp_path / "split"
+    stale_folder(out)
+    args = ["data", "split", str(small_world_master / "seed.jsonl"), "--out", str(out)]
+    assert_refused(args, out)
+    r = run([*args, "--force"])
+    assert r.exit_code == 0, r.output
+    assert set(files(out)) == {"train.jsonl", "heldout.jsonl"}
+
+
+def test_force_never_follows_a_link_nor_empties_a_link_the_temp_folder_or_one_holding_an_input(tmp_path, monkeypatch):
+    import tempfile
+
+    from querytune.cli.common import UserError, prepare_out
+
+    elsewhere, out = tmp_path / "elsewhere", tmp_path / "out"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("kept")
+    (out / "sub").mkdir(parents=True)
+    (out / "sub" / "data.jsonl").write_text("{}\n")
+    (out / "dir-link").symlink_to(elsewhere, target_is_directory=True)
+    (out / "file-link").symlink_to(elsewhere / "keep.txt")
+    with pytest.raises(UserError, match="holds .*data.jsonl; --force would remove it"):
+        prepare_out(out, True, inputs=[out / "sub" / "data.jsonl"])
+    with pytest.raises(UserError, match="a symbolic link"):
+        prepare_out(out / "dir-link", True)
+    monkeypatch.setattr(tempfile, "tempdir", str(elsewhere))  # the temp folder itself is never emptied
+    with pytest.raises(UserError, match="a system folder"):
+        prepare_out(elsewhere, True)
+    monkeypatch.chdir(out / "sub")  # nor the folder a command runs in, or one above it
+    with pytest.raises(UserError, match="holds .*sub; --force would remove it"):
+        prepare_out(out, True)
+    monkeypatch.chdir(tmp_path)
+    prepare_out(out, True)
+    assert list(out.iterdir()) == [] and (elsewhere / "keep.txt").read_text() == "kept"

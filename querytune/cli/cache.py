@@ -15,7 +15,7 @@ from typing import Any
 
 import typer
 
-from querytune.cli.common import Backend, UserError, user_errors
+from querytune.cli.common import Backend, UserError, prepare_out, user_errors
 
 app = typer.Typer(help="The parse cache (SQLite or Redis): load, stats, warm, promote, rollback.", no_args_is_help=True)
 
@@ -110,6 +110,11 @@ def warm(
         None, "--work", help="Labeling folder for the head (default: a new folder under the system temp dir)."
     ),
     backend: Backend = typer.Option("transformers", "--backend", help="transformers or vllm."),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="Replace a --work folder that is not empty: its contents are removed first (default: refuse it).",
+    ),
 ) -> None:
     """Label the head of a log with a new model and load it, before `promote`, so a promotion serves hits at once."""
     import tempfile
@@ -124,6 +129,8 @@ def warm(
         head, carried = head_queries(log, column, share, top, where)
         if not head:
             raise UserError(f"{log}: no usable queries in column {column!r}")
+        if work:
+            prepare_out(work, force, inputs=[log, model], option="--work")
         work = work or Path(tempfile.mkdtemp(prefix="querytune-warm-"))
         work.mkdir(parents=True, exist_ok=True)
         pd.DataFrame({"query": head}).to_parquet(work / "head.parquet")

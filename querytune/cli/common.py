@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
 import typer
 import yaml
@@ -27,6 +29,9 @@ Format = Literal["user-compact", "chat-compact", "json", "compact"]  # querytune
 IndexKind = Literal["flat", "hnsw"]  # querytune.search.INDEX_KINDS
 Pick = Literal["traffic", "random", "novel"]  # querytune.train.targets.PICKS
 ExploreWith = Literal["beam", "branch", "sample"]  # querytune.train.targets.EXPLORE_WITH
+
+
+FORCE_HELP = "Replace an output folder that is not empty: its contents are removed first (default: refuse it)."
 
 
 class UserError(Exception):
@@ -69,6 +74,49 @@ def load_config(path: Path | None) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"--config {path}: expected a mapping of option names to values")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def prepare_out(
+    out: Path,
+    force: bool,
+    resume: bool = False,
+    *,
+    inputs: Iterable[Path | None] = (),
+    option: str = "--out",
+    force_flag: str = "--force",
+    resumable: bool = False,
+) -> None:
+    """Make sure writing into `out` mixes nothing: a missing or empty folder is fine, and so is any with `resume`; one
+    that holds anything is refused in one line naming it and `force_flag` (and `--resume` where `resumable`), and with
+    `force` its contents are removed first, so no output of an earlier run stays beside the new ones. Removing never
+    follows a link out of `out`, and is refused where `out` is a link, a top-level or the temp folder, or holds the
+    current folder, home or an input."""
+    if force and resume:
+        raise UserError(f"{force_flag} and --resume: give one (replace {out}, or continue the run in it)")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{option} {out}: exists and is not a folder")
+    held = sorted(out.iterdir()) if out.is_dir() else []
+    if not held or resume:
+        return
+    if not force:
+        names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in held[:3]) + (", ..." if held[3:] else "")
+        again = ", or --resume to continue it" if resumable else ""
+        raise UserError(
+            f"{option} {out}: not empty (it holds {names}); give an empty or new folder, "
+            f"or {force_flag} to replace it{again}"
+        )
+    if out.is_symlink():
+        raise UserError(f"{option} {out}: a symbolic link; {force_flag} empties only a folder itself (give its path)")
+    if len(out.resolve().parts) <= 2 or out.resolve() == Path(tempfile.gettempdir()).resolve():
+        raise UserError(f"{option} {out}: a system folder; {force_flag} empties only a folder of your own")
+    for kept in (Path.cwd(), Path.home(), *(p for p in inputs if p is not None)):
+        if kept.resolve().is_relative_to(out.resolve()):
+            raise UserError(f"{option} {out}: holds {kept}; {force_flag} would remove it (give another folder)")
+    for p in held:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)  # links inside are removed, never followed
+        else:
+            p.unlink()
 
 
 def write_resolved(config: dict[str, Any], path: Path) -> None:

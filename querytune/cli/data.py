@@ -17,7 +17,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from querytune.labeled import LabeledDataError, in_train_split, load_labeled, write_labeled, write_rejects
+from querytune.cli.common import FORCE_HELP, prepare_out, user_errors
+from querytune.labeled import (
+    LabeledDataError,
+    in_train_split,
+    load_labeled,
+    schema_hint,
+    write_labeled,
+    write_rejects,
+)
 from querytune.schema import SchemaError
 from querytune.schema_file import load_schema
 
@@ -66,14 +74,19 @@ def validate(
         Console().print(table)
     if not bad:
         return
+    hint = schema_hint(bad, schema is not None)
     if rejects is None:
         for r in bad[:max_errors]:
             typer.echo(f"{file}:{r.where}: {r.reason}", err=True)
         if len(bad) > max_errors:
             typer.echo(f"... and {len(bad) - max_errors} more (--rejects FILE writes them all)", err=True)
+        if hint:
+            typer.echo(hint, err=True)
         raise typer.Exit(1)
     write_rejects(bad, rejects)
     typer.echo(f"wrote {len(bad)} rejects to {rejects}")
+    if hint:
+        typer.echo(hint, err=True)
     if not rows:
         raise typer.Exit(1)
 
@@ -84,6 +97,7 @@ def split(
     out: Path = typer.Option(..., "--out", help="Folder for train.jsonl and heldout.jsonl."),
     schema: Optional[Path] = typer.Option(None, "--schema", help="Schema YAML (default: data/schema.yaml)."),
     train_share: float = typer.Option(0.8, "--train-share", min=0.01, max=0.99, help="Share of rows for train.jsonl."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Split a labeled file by a hash of each row's id: fixed, whatever the order or size of the file."""
     sch, rows, bad = _load(file, schema)
@@ -91,7 +105,11 @@ def split(
         for r in bad[:20]:
             typer.echo(f"{file}:{r.where}: {r.reason}", err=True)
         typer.echo(f"error: {len(bad)} rows do not fit the schema (fix them or drop them first)", err=True)
+        if hint := schema_hint(bad, schema is not None):
+            typer.echo(hint, err=True)
         raise typer.Exit(1)
+    with user_errors():
+        prepare_out(out, force, inputs=[file, schema])
     out.mkdir(parents=True, exist_ok=True)
     train = [r for r in rows if in_train_split(r.id, train_share)]
     heldout = [r for r in rows if not in_train_split(r.id, train_share)]

@@ -10,7 +10,7 @@ import typer
 from rich.progress import Progress, track
 from rich.table import Table
 
-from querytune.cli.common import UserError, out_console, user_errors
+from querytune.cli.common import FORCE_HELP, UserError, out_console, prepare_out, user_errors
 
 
 def report(
@@ -33,6 +33,7 @@ def report(
         "a stage name, raw, bm25, peer or oracle (default: self_train where the workspace has it, "
         "the fair control of the reward stages; else the first model stage, sft).",
     ),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Write the relevance report: report/index.html (self-contained, with plots), metrics.json, summary.md and
     parses.sqlite (every test query's parses, to browse in Datasette).
@@ -48,6 +49,7 @@ def report(
 
     ws = Workspace.at(workspace, world=world, index=index, models=models, report=out)
     with user_errors():
+        prepare_out(ws.report, force, inputs=[ws.world, ws.index, ws.models, ws.labels, ws.eval, ws.real])
         try:
             metrics = build_report(
                 ws,

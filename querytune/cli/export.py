@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from querytune.cli.common import UserError, user_errors
+from querytune.cli.common import FORCE_HELP, UserError, prepare_out, user_errors
 
 
 def export(
@@ -19,9 +19,9 @@ def export(
     out: Path = typer.Option(
         ...,
         "--out",
-        help="Folder to write: merged transformers weights, tokenizer, schema.yaml, "
-        "querytune.json (replaced if it exists).",
+        help="Folder to write: merged transformers weights, tokenizer, schema.yaml, querytune.json.",
     ),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Merge a model folder's adapters into its base and write a folder that loads anywhere with no cache."""
     from querytune.runtime.model import ModelFolder, export_merged
@@ -31,8 +31,9 @@ def export(
             raise UserError(f"--model {model}: folder not found")
         if out.resolve() == model.resolve():
             raise UserError("--out must differ from --model")
+        prepare_out(out, force, inputs=[model])
         export_merged(model, out)
     typer.echo(
-        f"exported {model} to {out} (model_version {ModelFolder.open(out).version}; "
-        f"merged from {ModelFolder.open(model).version})"
+        f"exported {model} to {out} with a model card (model_version {ModelFolder.open(out).version}, the same as "
+        f"{model}'s: the same weights, so cache entries and labels made with either match)"
     )

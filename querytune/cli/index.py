@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from querytune.cli.common import IndexKind, UserError, user_errors
+from querytune.cli.common import FORCE_HELP, IndexKind, UserError, prepare_out, user_errors
 
 app = typer.Typer(help="Build the FAISS index of businesses and run searches on it.", no_args_is_help=True)
 out_console = Console()
@@ -23,6 +23,7 @@ def build(
     kind: IndexKind = typer.Option(
         "flat", "--kind", help="flat: exact inner product (default); hnsw: approximate, for large catalogs."
     ),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Embed every business text with all-MiniLM-L6-v2 and store the vectors in FAISS."""
     import pandas as pd
@@ -33,6 +34,7 @@ def build(
         if not (world / "catalog.parquet").is_file():
             raise UserError(f"{world}: no catalog.parquet here (run `querytune world make --out {world}`)")
         catalog = pd.read_parquet(world / "catalog.parquet")
+        prepare_out(out, force, inputs=[world])
         build_index(catalog, out, Embedder(), kind=kind, progress=True)
     out_console.print(f"indexed {len(catalog):,} businesses ({kind}) into {out}")
 

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from querytune.cli.common import (
+    FORCE_HELP,
     DPOPreset,
     ExploreWith,
     Format,
@@ -16,6 +17,7 @@ from querytune.cli.common import (
     Preset,
     UserError,
     load_config,
+    prepare_out,
     user_errors,
     write_resolved,
 )
@@ -91,6 +93,7 @@ def sft(
         help="Continue a stopped run from the last checkpoint in OUT/checkpoints (same options; "
         "the step log continues).",
     ),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     report_to: str = typer.Option("none", "--report-to", help=REPORT_TO_HELP),
     save_steps: int = typer.Option(
         None,
@@ -111,7 +114,7 @@ def sft(
     ),
 ) -> None:
     """SFT: LoRA on a compact causal LM with TRL, completion-only loss, query -> schema parse."""
-    from querytune.labeled import load_labeled, write_rejects
+    from querytune.labeled import load_labeled, schema_hint, write_rejects
     from querytune.schema_file import load_schema
     from querytune.train.sft import PRESETS, train_sft
 
@@ -136,15 +139,24 @@ def sft(
         check_resume(out, resume)
         schema_ = load_schema(schema)
         rows, rejects = load_labeled(data, schema_)
+        prepare_out(
+            out, force, resume, inputs=[data, init, eval_data, schema, config], resumable=(out / "checkpoints").is_dir()
+        )
+        hint = schema_hint(rejects, schema is not None)
         if rejects:
             out.mkdir(parents=True, exist_ok=True)
             write_rejects(rejects, out / "rejects.jsonl")
             out_console.print(
                 f"{len(rejects)} rows of {data} do not fit the schema; see {out / 'rejects.jsonl'} (first: "
-                f"line {rejects[0].where}: {rejects[0].reason})"
+                f"{data} line {rejects[0].where}: {rejects[0].reason})",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
             )
         if not rows:
-            raise UserError(f"{data}: no usable labeled rows")
+            raise UserError(f"{data}: no usable labeled rows" + (f"; {hint}" if hint else ""))
+        if hint:
+            out_console.print(hint, markup=False, highlight=False, soft_wrap=True)
         config_out = {
             "command": "train sft",
             "data": str(data),
@@ -286,6 +298,7 @@ def dpo(
         help="Continue a stopped run from the last checkpoint in OUT/checkpoints and OUT/pairs.parquet (same options; "
         "the step log continues).",
     ),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     report_to: str = typer.Option("none", "--report-to", help=REPORT_TO_HELP),
     save_steps: int = typer.Option(
         None,
@@ -326,6 +339,13 @@ def dpo(
         )
         check_init(init)
         check_resume(out, resume)
+        prepare_out(
+            out,
+            force,
+            resume,
+            inputs=[init, world, index, pairs_file, edits_from, config],
+            resumable=(out / "checkpoints").is_dir(),
+        )
         out.mkdir(parents=True, exist_ok=True)
         write_resolved(
             {
@@ -468,6 +488,7 @@ def grpo(
         help="Continue a stopped run from the last checkpoint in OUT/checkpoints with the queries it began with, "
         "OUT/targets.jsonl (same options; the step log continues).",
     ),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     report_to: str = typer.Option("none", "--report-to", help=REPORT_TO_HELP),
     save_steps: int = typer.Option(
         None,
@@ -514,6 +535,13 @@ def grpo(
             )
         check_init(init)
         check_resume(out, resume)
+        prepare_out(
+            out,
+            force,
+            resume,
+            inputs=[init, world, index, edits_from, config],
+            resumable=(out / "checkpoints").is_dir(),
+        )
         out.mkdir(parents=True, exist_ok=True)
         write_resolved(
             {

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from querytune.cli.common import Preset, UserError, user_errors, write_resolved
+from querytune.cli.common import FORCE_HELP, Preset, UserError, prepare_out, user_errors, write_resolved
 from querytune.cli.train_common import REPORT_TO_HELP, check_init, check_resume, evaluate, recipe_from, write_stage_card
 
 out_console = Console()
@@ -93,6 +93,7 @@ def rft(
         "--resume",
         help="Reuse OUT/labels.jsonl and continue training from the last checkpoint in OUT/checkpoints.",
     ),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     report_to: str = typer.Option("none", "--report-to", help=REPORT_TO_HELP),
     seed: int = typer.Option(0, "--seed", help="Random seed (text draw, mixture order, training)."),
 ) -> None:
@@ -121,6 +122,14 @@ def rft(
             raise UserError(f"--edits: {resolved.edits!r} is neither 'mined', 'none' nor an edit table (edits.csv)")
         check_init(init)
         check_resume(out, resume)
+        edit_table = Path(resolved.edits) if resolved.edits not in ("mined", "none") else None
+        prepare_out(
+            out,
+            force,
+            resume,
+            inputs=[init, world, index, greedy_from, eval_data, edit_table, config],
+            resumable=(out / "checkpoints").is_dir(),
+        )
         out.mkdir(parents=True, exist_ok=True)
         config_out = {
             "command": "train rft",

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from querytune.cli.common import UserError, user_errors
+from querytune.cli.common import FORCE_HELP, prepare_out, user_errors
 
 
 class Profile(str, Enum):
@@ -62,11 +62,7 @@ def make(
         min=50,
         help="Queries in dev.jsonl and in test.jsonl (fewer when the later log holds too few distinct texts).",
     ),
-    force: bool = typer.Option(
-        False,
-        "--force",
-        help="Write into a folder that is not empty (a world made before is overwritten file by file).",
-    ),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     profile: Profile = typer.Option(
         Profile.v2,
         "--profile",
@@ -79,11 +75,7 @@ def make(
     from querytune.world.make import make_world
 
     with user_errors(), out_console.status("making the world") as status:
-        if out.is_dir() and any(out.iterdir()) and not force:
-            held = "a world" if (out / "stats.json").is_file() else "files that are not a world"
-            raise UserError(
-                f"--out {out}: not empty (it holds {held}); give an empty or new folder, or --force to write over it"
-            )
+        prepare_out(out, force)
         stats = make_world(
             out,
             seed=seed,
