@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from querytune.evaluation.parse_eval import parse_metrics, parse_scores
 from querytune.evaluation.report import (
     MIN_SLICE,
     Workspace,
+    barely_trained,
     build_report,
     metric_interval,
     slice_table,
@@ -52,6 +54,26 @@ def test_bootstrapped_slot_f1_is_parse_metrics_micro_f1():
     want = parse_metrics(golds, preds)
     for metric in ("slot_f1", "intent_accuracy", "frame_exact_match", "validity"):
         assert metric_interval(scores, metric)["value"] == pytest.approx(want[metric], abs=1e-4)
+
+
+def test_barely_trained_names_each_stage_that_is_and_only_those(tmp_path):
+    for name, summary, batch in (
+        ("sft", {"stage": "sft", "steps": 600, "examples": 2000}, 8),  # 2.4 passes: trained
+        ("tiny_sft", {"stage": "sft", "steps": 24, "examples": 875}, 8),
+        ("dpo", {"stage": "dpo", "steps": 28}, 8),  # the full demo's DPO: few steps, but enough
+        ("grpo", {"stage": "grpo", "steps": 2}, 16),
+        ("no_summary", None, None),
+    ):
+        (tmp_path / name).mkdir()
+        if summary:
+            (tmp_path / name / "summary.json").write_text(json.dumps(summary))
+            (tmp_path / name / "train_config.json").write_text(json.dumps({"batch_size": batch}))
+    why = barely_trained({p.name: p for p in sorted(tmp_path.iterdir())})
+    assert why == [
+        "grpo: 2 optimizer steps",
+        "tiny_sft: 24 steps x 8 = 192 examples, 0.22 of one pass over its 875 labeled rows",
+    ]
+    assert barely_trained({"sft": tmp_path / "sft", "dpo": tmp_path / "dpo"}) == []
 
 
 def test_a_slice_with_too_few_queries_says_so_instead_of_a_number():
@@ -112,6 +134,8 @@ def test_report_page_numbers_match_metrics_json_and_chromium_shows_the_plots(sma
                 json.dumps({"step": s, "loss": 2.0 / s, "reward": 0.1 * s, "seconds": 1.0}) + "\n" for s in range(1, 20)
             )
         )
+    (ws.models / "sft" / "summary.json").write_text(json.dumps({"stage": "sft", "steps": 24, "examples": 875}))
+    (ws.models / "sft" / "train_config.json").write_text(json.dumps({"batch_size": 8}))
     metrics = build_report(ws, say=lambda _: None)
     assert list(metrics["stages"]) == ["raw", "bm25", "peer", "sft", "dpo", "oracle"]
     assert metrics["stages"]["oracle"]["slot_f1"] == 1.0 and metrics["stages"]["sft"]["slot_f1"] < 1.0
@@ -121,6 +145,9 @@ def test_report_page_numbers_match_metrics_json_and_chromium_shows_the_plots(sma
     assert on_disk["stages"] == metrics["stages"] and (ws.report / "summary.md").is_file()
 
     page = (ws.report / "index.html").read_text()
+    # a barely trained run says so on top of both pages, before any figure
+    warning = "These models are barely trained (sft: 24 steps x 8 = 192 examples, 0.22 of one pass"
+    assert warning in page.split("<table>")[0] and warning in (ws.report / "summary.md").read_text().split("|")[0]
     first_table = page.split("<table>")[1].split("</table>")[0]
     for tr in re.findall(r"<tr>(.*?)</tr>", first_table)[1:]:
         cells = re.findall(r"<td>(.*?)</td>", tr)
@@ -273,19 +300,26 @@ def test_a_demo_step_that_cannot_run_is_skipped_with_its_reason_and_its_stale_ou
     assert miner_accepted(ws) is None
 
 
-def test_docs_cli_reference_is_generated_from_the_current_help():
-    from querytune.cli.reference import DOC, doc_with_reference
-
-    text = DOC.read_text()
-    assert doc_with_reference(text) == text, "docs/cli.md's CLI reference is stale: run `make readme`"
+def test_docs_cli_reference_is_generated_from_the_current_help(tmp_path):
+    # the command of `make readme`: typer's own Markdown generator
+    out = tmp_path / "cli.md"
+    subprocess.run(
+        [sys.executable, "-m", "typer", "querytune.cli", "utils", "docs", "--name", "querytune"]
+        + ["--title", "CLI reference", "--output", str(out)],
+        check=True,
+        capture_output=True,
+    )
+    text = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    assert out.read_text() == text, "docs/cli.md's CLI reference is stale: run `make readme`"
     for command in (
         "querytune eval report",
         "querytune eval diff",
         "querytune demo",
-        "querytune label INPUT",
+        "querytune label",
         "querytune serve",
     ):
-        assert f"## `{command}" in text
+        assert re.search(rf"^#+ `{command}`$", text, flags=re.M), command
+    assert "[env var: QUERYTUNE_CACHE_URL]" in text and "[default: transformers]" in text
 
 
 def test_paired_differences_are_the_difference_of_the_two_systems_and_narrower_than_apart():

@@ -8,7 +8,7 @@ A workspace is what `make demo` writes (every part can live elsewhere and be nam
     index/      the FAISS index of the catalog
     models/<stage>/   predictions_test.jsonl from `querytune eval parse --predictions`, steps.jsonl, summary.json
     labels/     summary.json of `querytune label` / `cache warm` (optional)
-    eval/       serving.json of `serving/loadtest.py` (optional); the report's per-row scores
+    eval/       serving.json of `python -m querytune.evaluation.loadtest` (optional); the report's per-row scores
     real/<name>/parse_*.json   a real-data check on another schema (optional)
     report/     index.html (self-contained), metrics.json, summary.md
 
@@ -33,7 +33,7 @@ import pandas as pd
 from querytune.evaluation import breakdowns
 from querytune.evaluation.browser import write_browser
 from querytune.evaluation.parse_eval import parse_metrics
-from querytune.evaluation.report_html import LIST_SLICES, PARSE, RETRIEVAL, SLICES, write_html
+from querytune.evaluation.report_html import LIST_SLICES, PARSE, RETRIEVAL, SLICES, barely_trained_note, write_html
 from querytune.evaluation.scores import K, peer_predictions, read_predictions, score_systems
 from querytune.metrics import bootstrap, micro_f1
 from querytune.schema_file import load_schema
@@ -200,6 +200,30 @@ def training_curves(stages: dict[str, Path]) -> dict[str, list[dict]]:
     return curves
 
 
+MIN_STEPS = 10  # a stage with fewer optimizer steps than this has barely moved from where it started
+
+
+def barely_trained(stages: dict[str, Path]) -> list[str]:
+    """Why these models' figures say little about the method, one reason per stage (none: they are trained): an SFT
+    that saw less than one pass over its labeled rows, a stage with fewer than MIN_STEPS optimizer steps."""
+    why = []
+    for name, folder in stages.items():
+        summary, config = (folder / "summary.json"), (folder / "train_config.json")
+        if not summary.is_file():
+            continue
+        s = json.loads(summary.read_text())
+        steps = s.get("steps")
+        batch = json.loads(config.read_text()).get("batch_size") if config.is_file() else None
+        if s.get("stage") == "sft" and steps and batch and s.get("examples") and steps * batch < s["examples"]:
+            why.append(
+                f"{name}: {steps} steps x {batch} = {steps * batch:,} examples, "
+                f"{steps * batch / s['examples']:.2f} of one pass over its {s['examples']:,} labeled rows"
+            )
+        elif steps is not None and steps < MIN_STEPS:
+            why.append(f"{name}: {steps} optimizer step{'s' * (steps != 1)}")
+    return why
+
+
 def side_figures(ws: Workspace) -> dict[str, Any]:
     """Labeling, serving and real-data figures found in the workspace (each optional)."""
     found: dict[str, Any] = {}
@@ -293,6 +317,7 @@ def build_report(ws: Workspace, say=print, progress: Callable = iter, baseline: 
         "slices": slice_table(scores, rows, systems),
         "disagreements": disagreements(scores, rows, parses, retrieved, names, list(stages)),
         "training": {name: _curve_summary(c) for name, c in training_curves(stages).items()},
+        "barely_trained": barely_trained(stages),
         **side_figures(ws),
         "meta": {
             "test_rows": len(rows),
@@ -342,9 +367,11 @@ def signed(iv: dict | None) -> str:
 
 def summary_markdown(metrics: dict[str, Any]) -> str:
     cols = RETRIEVAL + PARSE
+    note = barely_trained_note(metrics)
     lines = [
         "# querytune relevance report",
         "",
+        *([f"> **{note}**", ""] if note else []),
         f"{metrics['meta']['test_rows']} test queries ({metrics['meta']['graded_rows']} with graded relevance); "
         "95% percentile bootstrap intervals over queries.",
         "",

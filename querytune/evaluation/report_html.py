@@ -33,7 +33,21 @@ th:first-child,td:first-child{text-align:left} th{background:#f4f6f9} .ci{color:
 .few{color:#9aa3ad;font-style:italic} img{max-width:100%;border:1px solid #e8ecf1;margin:.5rem 0}
 code,pre{font-size:.8rem;background:#f6f8fa;padding:.1rem .3rem;border-radius:3px} .muted{color:#6b7785}
 td.parse{text-align:left;font-family:ui-monospace,monospace;font-size:.75rem;max-width:28rem}
+.scroll{overflow-x:auto;max-width:100%}
+.warn{background:#fff4e5;border-left:4px solid #e8a33d;padding:.7rem 1rem;margin:1rem 0}
 """
+
+
+def barely_trained_note(metrics: dict[str, Any]) -> str | None:
+    """The warning a report of barely trained models opens with (None when its models are trained)."""
+    if not metrics.get("barely_trained"):
+        return None
+    return (
+        "These models are barely trained (" + "; ".join(metrics["barely_trained"]) + f"), on "
+        f"{metrics['meta']['test_rows']} test queries: a smoke test of the loop, whose figures say nothing about the "
+        "method (raw text may beat every model; a stage may predict one intent for everything). For real figures "
+        "run `make demo` (the quick presets, about an hour on 2 CPU cores) or train with `--preset quick`."
+    )
 
 
 def _figure(fig, alt: str) -> list[str]:
@@ -80,7 +94,7 @@ def _table(headers: list[str], body: list[list[str]], raw_html: bool = False) ->
     rows = "".join(
         "<tr>" + "".join(f"<td>{c if raw_html else html.escape(str(c))}</td>" for c in r) + "</tr>" for r in body
     )
-    return f"<table><tr>{head}</tr>{rows}</table>"
+    return f"<div class=scroll><table><tr>{head}</tr>{rows}</table></div>"  # a wide table scrolls, not the page
 
 
 def _cell(iv: dict | None) -> str:
@@ -94,6 +108,7 @@ def write_html(path: Path, metrics: dict[str, Any], curves: dict[str, list[dict]
         "<!doctype html><html><head><meta charset=utf-8><title>querytune report</title>"
         f"<style>{CSS}</style></head><body>",
         "<h1>querytune relevance report</h1>",
+        *([f"<p class=warn><b>{html.escape(note)}</b></p>"] if (note := barely_trained_note(metrics)) else []),
         f"<p class=muted>{meta['test_rows']} test queries ({meta['graded_rows']} with graded relevance), "
         f"NDCG@{meta['k']}; intervals: {meta['bootstrap']['interval']} bootstrap over test queries "
         f"({meta['bootstrap']['draws']} draws); slices with fewer than {meta['min_slice']} queries say so. Written "
@@ -171,10 +186,11 @@ def write_html(path: Path, metrics: dict[str, Any], curves: dict[str, list[dict]
         ]
     parts.append("<h2>Training</h2>")
     parts += _figure(charts.curves(curves), "training curves")
-    if metrics.get("training"):
+    if metrics.get("training"):  # one column per stage: the stages are few, their logged keys many
         keys = sorted({k for t in metrics["training"].values() for k in t})
+        stages = list(metrics["training"])
         parts.append(
-            _table(["stage"] + keys, [[s] + [str(t.get(k, "")) for k in keys] for s, t in metrics["training"].items()])
+            _table(["", *stages], [[k, *(str(metrics["training"][s].get(k, "")) for s in stages)] for k in keys])
         )
     if metrics.get("disagreements"):
         stages = list(metrics["disagreements"][0]["stages"])
