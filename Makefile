@@ -83,8 +83,9 @@ test: system-deps venv vllm-env
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -rA
 
-# the wheel alone carries the package and its data: built, installed in a fresh venv, run outside the checkout
-# (tests/test_wheel.py; `make test` runs it too)
+# the wheel alone carries the package and its data: built, installed in fresh venvs, run outside the checkout; with
+# [runtime] alone each command runs or names its missing extra, and the tiny demo starts (tests/test_wheel.py; `make
+# test` runs it too)
 test-wheel: venv
 	$(BIN)/python -m pytest -rA tests/test_wheel.py
 

@@ -295,7 +295,8 @@ def serving_check(ws: Path, cli: str, py: str, port: int, replay: int) -> None:
         load = subprocess.run(
             [
                 py,
-                str(PACKAGE.parent / "serving" / "loadtest.py"),
+                "-m",
+                "querytune.evaluation.loadtest",
                 "--url",
                 f"http://127.0.0.1:{port}",
                 "--wait",
@@ -364,7 +365,7 @@ def run_steps(ws: Path, plan: list[Step], code: str, say=print) -> dict[str, flo
             seconds[step.name] = 0.0
             continue
         say(f"[{i}/{len(plan)}] {step.name} ({_clock(time.perf_counter() - t_all)} elapsed)")
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), _child_cpu()
         stamp.unlink(missing_ok=True)
         for rel in step.clean:
             path = ws / rel
@@ -385,11 +386,19 @@ def run_steps(ws: Path, plan: list[Step], code: str, say=print) -> dict[str, flo
         if missing:
             raise SystemExit(f"step {step.name} finished without writing {', '.join(missing)}")
         seconds[step.name] = round(time.perf_counter() - t0, 1)
+        cpu = round(_child_cpu() - cpu0, 1)  # CPU seconds of the step's processes: what it costs, busy machine or not
         stamp.write_text(
-            json.dumps({"key": key, "seconds": seconds[step.name], "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            json.dumps(
+                {
+                    "key": key,
+                    "seconds": seconds[step.name],
+                    "cpu_seconds": cpu,
+                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                }
+            )
             + "\n"
         )
-        say(f"    {step.name} took {_clock(seconds[step.name])}")
+        say(f"    {step.name} took {_clock(seconds[step.name])} ({cpu:.0f} CPU s)")
     # what each step took when it last ran (its stamp), and this run's seconds (0: skipped)
     made = {
         name: json.loads(p.read_text()).get("seconds") if (p := ws / ".stamps" / f"{name}.json").is_file() else None
@@ -403,6 +412,13 @@ def run_steps(ws: Path, plan: list[Step], code: str, say=print) -> dict[str, flo
         + "\n"
     )
     return seconds
+
+
+def _child_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _clock(s: float) -> str:

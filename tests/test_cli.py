@@ -351,3 +351,30 @@ def test_force_never_follows_a_link_nor_empties_a_link_the_temp_folder_or_one_ho
     monkeypatch.chdir(tmp_path)
     prepare_out(out, True)
     assert list(out.iterdir()) == [] and (elsewhere / "keep.txt").read_text() == "kept"
+
+
+def test_a_command_whose_extra_is_missing_stops_in_one_line_naming_it(monkeypatch, capsys, tmp_path):
+    """The console script turns a missing module of an extra (pyproject's optional-dependencies) into one line and exit
+    code 2; a missing module of no extra is a bug and keeps its traceback. The demo checks its extras before its first
+    step. (tests/test_wheel.py runs the real commands from a wheel installed without their extras.)"""
+    import sys
+
+    import querytune.cli as cli
+
+    monkeypatch.setitem(sys.modules, "trl", None)  # None: `import trl` fails, and find_spec says it is not installed
+    r = run(["demo", "--workspace", str(tmp_path / "ws")])
+    assert r.exit_code == 2 and "querytune demo needs the 'train' extra: pip install 'querytune[train]'" in r.output
+    assert not (tmp_path / "ws").exists()
+
+    monkeypatch.setitem(sys.modules, "orjson", None)
+    # `serve` imports querytune.serving.serve again, which imports orjson
+    monkeypatch.delitem(sys.modules, "querytune.serving.serve", raising=False)
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["serve", "--model", str(tmp_path)])
+    said = capsys.readouterr().err
+    assert stopped.value.code == 2 and said == (
+        "error: querytune serve needs the 'serve' extra (no module named 'orjson'): pip install 'querytune[serve]'\n"
+    )
+    monkeypatch.setitem(sys.modules, "querytune.serving.serve", None)
+    with pytest.raises(ModuleNotFoundError):
+        cli.main(["serve", "--model", str(tmp_path)])

