@@ -423,7 +423,8 @@ def test_dpo_step_moves_the_policy_towards_the_chosen(tiny_sft, tmp_path):
     )
     assert summary["steps"] == 3 and lora_b_moved(out)
     meta = ModelFolder.open(out).meta
-    assert meta["stage"] == "dpo" and meta["init_adapters"] == ["init/0"]
+    assert meta["stage"] == "dpo" and meta["init_model_version"] == ModelFolder.open(tiny_sft).version
+    assert ModelFolder.open(out).adapters == [out]  # the init's adapter and the new one, combined
     tuned = ModelFolder.open(out).merged()
     after = completion_logprob(tuned, parser.tokenizer, prompt, chosen) - completion_logprob(
         tuned, parser.tokenizer, prompt, rejected

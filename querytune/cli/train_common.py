@@ -1,5 +1,5 @@
 """Helpers the `querytune train` commands share: preset and config resolution, the checks made before any work, the
-evaluation after SFT, and the model card and summary written into each model folder."""
+evaluation after SFT, and the model card (`querytune.runtime.card`) and summary written into each model folder."""
 
 from __future__ import annotations
 
@@ -69,30 +69,10 @@ def evaluate(model_dir: Path, data: Path) -> dict:
     return metrics
 
 
-def front_matter(out: Path, stage: str) -> list[str]:
-    """The Hugging Face model card's YAML header of a model folder: its base model, that it is a PEFT adapter, tags."""
-    from querytune.runtime.model import DEFAULT_BASE, ModelFolder
-
-    meta = ModelFolder.open(out).meta
-    base = meta.get("base", DEFAULT_BASE)
-    hub = {DEFAULT_BASE: "HuggingFaceTB/SmolLM2-135M-Instruct"}.get(base, base)
-    return [
-        "---",
-        f"base_model: {json.dumps(hub)}",
-        "base_model_relation: adapter" if meta.get("adapter") else "base_model_relation: finetune",
-        "library_name: peft" if meta.get("adapter") else "library_name: transformers",
-        "pipeline_tag: text-generation",
-        f"tags: [querytune, {stage}, trl, query-understanding]",
-        "---",
-        "",
-    ]
-
-
 def write_sft_card(out: Path, summary: dict, data: Path, schema, resolved: dict, metrics: dict | None) -> None:
+    from querytune.runtime.card import write_card
+
     lines = [
-        *front_matter(out, "sft"),
-        f"# querytune model: {out.name}",
-        "",
         "- stage: SFT (LoRA, TRL SFTTrainer, completion-only loss)",
         f"- base: {summary['base']}",
         f"- data: {data} ({summary['examples']} training examples)",
@@ -122,19 +102,18 @@ def write_sft_card(out: Path, summary: dict, data: Path, schema, resolved: dict,
             "|" + "---|" * len(keys),
             "| " + " | ".join(str(metrics[k]) for k in keys) + " |",
         ]
-    (out / "README.md").write_text("\n".join(lines) + "\n")
+    write_card(out, lines)
     (out / "summary.json").write_text(json.dumps(summary | ({"metrics": metrics} if metrics else {}), indent=2) + "\n")
 
 
 def write_stage_card(out: Path, summary: dict, resolved: dict, what: str) -> None:
+    from querytune.runtime.card import write_card
+
     lines = [
-        *front_matter(out, summary["stage"]),
-        f"# querytune model: {out.name}",
-        "",
         f"- stage: {what}",
         f"- init: {summary['init']}",
         f"- config: {json.dumps(resolved)}",
     ]
     lines += [f"- {k}: {v}" for k, v in summary.items() if k not in ("stage", "init")]
-    (out / "README.md").write_text("\n".join(lines) + "\n")
+    write_card(out, lines)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -31,8 +31,8 @@ def rft(
     out: Path = typer.Option(
         ...,
         "--out",
-        help="Model folder to write (adapter + init chain, labels.jsonl, edits.csv, evidence.json, config, step log, "
-        "card).",
+        help="Model folder to write (one adapter: init and new LoRA combined, labels.jsonl, edits.csv, evidence.json, "
+        "config, step log, card).",
     ),
     preset: Preset = typer.Option(
         "quick", "--preset", help="quick (4,000 log texts, 280 steps: ~15 min on 2 CPU cores) or full (8,000, 600)."

@@ -11,7 +11,13 @@ A model folder holds the LoRA adapter (or merged weights), the tokenizer, `schem
 alone: `{"base": "smollm2-135m-instruct", "base_sha256": <the GGUF's>}` for the default (converted into the cache
 wherever the folder goes), a hub id as is, or a folder's name, its weights' sha256 and where it was (`base_path`):
 a folder base that is not there on another machine is looked for in `$QUERYTUNE_MODEL_CACHE/bases/<name>`.
-`querytune export` writes a merged folder that needs no base at all.
+`querytune export` writes a merged folder that needs no base at all, and keeps the source's `model_version`.
+
+A stage trained from another folder (RFT, DPO, GRPO, SFT with `--init`) merges that folder's adapter into the base and
+trains a new LoRA on top; it saves both as one adapter (`combine_adapters`: merging LoRAs adds their deltas, so the
+ranks add up), whose adapter_config.json names the base on this machine. So plain peft,
+`AutoPeftModelForCausalLM.from_pretrained(folder)`, loads the model querytune serves. Folders written before kept the
+chain as separate adapters (`init/<i>`, `init_adapters`), merged in order; they still load in querytune.
 """
 
 from __future__ import annotations
@@ -184,6 +190,7 @@ META_FIELDS = {
     "format": str,
     "max_new_tokens": int,
     "init_adapters": list,
+    "exported_from": dict,
 }
 _JSON_TYPES = {dict: "an object", list: "a list", str: "a string", bool: "true or false", int: "an integer"}
 
@@ -309,12 +316,22 @@ class ModelFolder:
     def max_new_tokens(self) -> int:
         return int(self.meta.get("max_new_tokens", MAX_NEW_TOKENS))
 
+    @property
+    def adapters(self) -> list[Path]:
+        """The adapter folders the model is made of, in merge order: the chain a folder written before adapters were
+        combined keeps (`init_adapters`), then its own (the folder itself); none for a merged folder."""
+        if not self.meta.get("adapter"):
+            return []
+        return [self.path / sub for sub in self.meta.get("init_adapters", [])] + [self.path]
+
     @functools.cached_property
     def version(self) -> str:
         """A short hash of what decides the folder's outputs, wherever it lies: the prompt/output format
         (`querytune.runtime.formats.IDENTITY`), the schema's version, the base's identity (its recorded sha256, or its
         hub id) and the bytes of every adapter of its chain (or of its weights, for a merged folder). Never a path: a
-        copied folder keeps its version, and so its labels and cache entries, which carry it.
+        copied folder keeps its version, and so its labels and cache entries, which carry it. A folder made by
+        `querytune export` carries its source's version (the same weights, so the same parses) while its own files
+        still hash to what the export recorded (`exported_from.content_version`).
 
         >>> import tempfile, json as _json, shutil
         >>> from querytune.schema import DEFAULT_SCHEMA
@@ -325,10 +342,17 @@ class ModelFolder:
         >>> len(v), ModelFolder.open(e).version == v
         (12, True)
         """
+        own, exported = self.content_version(), self.meta.get("exported_from", {})
+        return (
+            exported["model_version"] if exported.get("content_version") == own and "model_version" in exported else own
+        )
+
+    def content_version(self) -> str:
+        """`version` from the folder's own files, whatever it records."""
         meta = self.meta
         if meta.get("adapter"):
             base = meta.get("base_sha256") or _legacy_base_identity(meta)
-            files = [self.path / sub / "adapter_model.safetensors" for sub in [*meta.get("init_adapters", []), "."]]
+            files = [a / "adapter_model.safetensors" for a in self.adapters]
         else:
             base, files = None, sorted(self.path.glob("*.safetensors"))
         h = hashlib.sha256(
@@ -346,8 +370,8 @@ class ModelFolder:
         return h.hexdigest()[:12]
 
     def merged(self, dtype=None):
-        """The folder's model as one plain transformers model: the base with every adapter of its chain merged in
-        order (`init_adapters`, the stages it was tuned from, then its own adapter)."""
+        """The folder's model as one plain transformers model: the base with its adapter merged in (every adapter of
+        its chain, in order, for a folder that keeps one: `adapters`)."""
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -356,26 +380,80 @@ class ModelFolder:
         from peft import PeftModel
 
         model = AutoModelForCausalLM.from_pretrained(base_path(self.meta), dtype=dtype or torch.float32)
-        for sub in [*self.meta.get("init_adapters", []), "."]:
-            model = PeftModel.from_pretrained(model, str(self.path / sub)).merge_and_unload()
+        for adapter in self.adapters:
+            model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
         return model
 
 
-def copy_adapter_chain(init_dir: str | Path, out: str | Path) -> list[str]:
-    """Copy the adapters `init_dir` is made of into `out/init/<i>`, so a tuned folder is self-contained;
-    returns their paths relative to `out`, in merge order."""
-    import shutil
+def save_adapter(out: str | Path, meta: dict[str, Any], init: str | Path | None = None) -> dict[str, Any]:
+    """Finish the adapter a stage saved in `out` (trained on `meta`'s base, or on `init`'s model merged): with `init`,
+    its adapters and `out`'s become one (`combine_adapters`), so the folder holds the whole model in one adapter;
+    adapter_config.json names the base as this machine has it. Returns what querytune.json records of `init`."""
+    out = Path(out)
+    base = base_path(meta)
+    base = str(Path(base).resolve()) if Path(base).exists() else base  # plain peft loads it from any folder
+    if init is None:
+        combine_adapters([out], out, base)
+        return {}
+    folder = ModelFolder.open(init)
+    combine_adapters([*folder.adapters, out], out, base)
+    return {"init": str(init), "init_stage": folder.meta.get("stage"), "init_model_version": folder.version}
 
-    init_dir, out = Path(init_dir), Path(out)
-    sources = [init_dir / s for s in ModelFolder.open(init_dir).meta.get("init_adapters", [])] + [init_dir]
-    chain = []
-    for i, src in enumerate(sources):
-        dest = out / "init" / str(i)
-        dest.mkdir(parents=True, exist_ok=True)
-        for name in ADAPTER_FILES:
-            shutil.copy2(src / name, dest / name)
-        chain.append(f"init/{i}")
-    return chain
+
+LORA_UNSUPPORTED = ("use_dora", "modules_to_save", "rank_pattern", "alpha_pattern", "layers_to_transform")
+
+
+def combine_adapters(sources: list[Path], out: Path, base: str) -> None:
+    """Write the LoRA adapters in `sources` (trained in this order, each on the model the ones before make) as one
+    adapter in `out` on `base`. Merging LoRAs adds their deltas: W + s1·B1A1 + s2·B2A2 = W + [s1·B1 | s2·B2]·[A1; A2],
+    so the ranks add up, each scaling is folded into its B (the new alpha is the new rank: scaling 1) and a module one
+    adapter leaves alone gets zero blocks there. Exact up to float rounding. Only plain LoRA on linear layers combines
+    (no DoRA, no per-module ranks, no modules_to_save): anything else is a ValueError naming the adapter. One source
+    keeps its weights; its config only gets `base`."""
+    import math
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    configs = [json.loads((src / ADAPTER_FILES[0]).read_text()) for src in sources]
+    if len(sources) == 1:
+        (out / ADAPTER_FILES[0]).write_text(json.dumps(configs[0] | {"base_model_name_or_path": base}, indent=2))
+        return
+    ranks, scales, weights, modules = [], [], [], {}
+    for src, config in zip(sources, configs):
+        if config.get("peft_type") != "LORA" or config.get("bias", "none") != "none":
+            raise ValueError(f"{src}: only LoRA adapters without bias terms combine with other adapters")
+        if extra := [k for k in LORA_UNSUPPORTED if config.get(k)]:
+            raise ValueError(f"{src}: LoRA with {', '.join(extra)} does not combine with other adapters")
+        tensors = {}
+        for key, w in load_file(src / ADAPTER_FILES[1]).items():
+            module, _, part = key.rpartition(".lora_")
+            if part not in ("A.weight", "B.weight"):
+                raise ValueError(f"{src}: {key}: only LoRA weights of linear layers (lora_A, lora_B) combine")
+            tensors[module, part[0]] = w.float()
+            modules[module] = None  # an ordered set: the modules any adapter targets
+        r = config["r"]
+        ranks.append(r)
+        scales.append(config["lora_alpha"] / (math.sqrt(r) if config.get("use_rslora") else r))
+        weights.append(tensors)
+    combined = {}
+    for module in modules:
+        n_in = next(t[module, "A"].shape[1] for t in weights if (module, "A") in t)
+        n_out = next(t[module, "B"].shape[0] for t in weights if (module, "B") in t)
+        a = [t.get((module, "A"), torch.zeros(r, n_in)) for t, r in zip(weights, ranks)]
+        b = [s * t.get((module, "B"), torch.zeros(n_out, r)) for t, r, s in zip(weights, ranks, scales)]
+        combined[f"{module}.lora_A.weight"] = torch.cat(a, dim=0).contiguous()
+        combined[f"{module}.lora_B.weight"] = torch.cat(b, dim=1).contiguous()
+    rank = sum(ranks)
+    config = configs[-1] | {
+        "r": rank,
+        "lora_alpha": rank,
+        "use_rslora": False,
+        "target_modules": sorted({m.rpartition(".")[2] for m in modules}),
+        "base_model_name_or_path": base,
+    }
+    save_file(combined, out / ADAPTER_FILES[1], metadata={"format": "pt"})
+    (out / ADAPTER_FILES[0]).write_text(json.dumps(config, indent=2))
 
 
 def _legacy_base_identity(meta: dict[str, Any]) -> str:
@@ -389,8 +467,9 @@ def _legacy_base_identity(meta: dict[str, Any]) -> str:
 
 def export_merged(model_dir: str | Path | ModelFolder, out: str | Path) -> dict[str, Any]:
     """Write `model_dir` as a self-contained folder: the merged weights (what `Parser` computes at load), its
-    tokenizer, schema and a querytune.json with `adapter: false` that names where it came from. It needs no base,
-    no cache and no adapter files to load. Returns the new folder's meta."""
+    tokenizer, schema and a querytune.json with `adapter: false` that names where it came from and keeps its
+    `model_version` (`querytune export` adds a model card). It needs no base, no cache and no adapter files to load.
+    Returns the new folder's meta."""
     import shutil
 
     import torch
@@ -405,10 +484,16 @@ def export_merged(model_dir: str | Path | ModelFolder, out: str | Path) -> dict[
     kept = {
         k: v for k, v in meta.items() if k not in (*BASE_KEYS, "adapter", "init_adapters", "init", "schema_version")
     }
-    new = kept | {
-        "adapter": False,
-        "exported_from": {"model_version": folder.version, **{k: meta[k] for k in BASE_KEYS if k in meta}},
+    source = {
+        "model_version": folder.version,
+        "stage": meta.get("stage"),
+        **{k: v for k, v in (meta if meta["adapter"] else meta.get("exported_from", {})).items() if k in BASE_KEYS},
     }
+    new = kept | {"adapter": False, "exported_from": source}
+    save_model_meta(tmp, schema, new)
+    # the same weights as the source computes at load, so the same parses: the export carries the source's version
+    # (cache entries and labels made with either match) while its files hash to this
+    source["content_version"] = ModelFolder.open(tmp).content_version()
     save_model_meta(tmp, schema, new)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # a half-written export is never mistaken for a finished one

@@ -1,6 +1,7 @@
 """What DPO and GRPO share (`querytune.train.dpo`, `querytune.train.grpo`): both start from a tuned model folder (SFT),
 merge its adapters into the base and train a new LoRA on top, so the adapter-free model is the init policy and
-serves as the reference (KL anchor) of both losses; both save the folder with its adapter chain.
+serves as the reference (KL anchor) of both losses; both save the init's adapter and the new one as one adapter
+(`querytune.runtime.model.save_adapter`), so plain peft loads the tuned model.
 
 The model reads and writes its init folder's format (`querytune.runtime.formats`), and the tuned folder keeps it.
 Candidates, pairs (pairs.parquet) and audits hold canonical JSON whatever the format, so pair files and eval scripts
@@ -16,7 +17,8 @@ import time
 from pathlib import Path
 
 from querytune.runtime import formats
-from querytune.runtime.model import BASE_KEYS, MAX_NEW_TOKENS, ModelFolder, copy_adapter_chain
+from querytune.runtime.card import write_card
+from querytune.runtime.model import BASE_KEYS, MAX_NEW_TOKENS, ModelFolder, save_adapter
 from querytune.schema import Schema
 from querytune.train.sft import LORA_TARGETS, finish_checkpoints
 
@@ -50,20 +52,20 @@ def save_stage(trainer, tokenizer, init: Path, out: Path, schema: Schema, meta: 
 
     trainer.model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    chain = copy_adapter_chain(init, out)
+    base = {k: meta[k] for k in BASE_KEYS if k in meta}
     save_model_meta(
         out,
         schema,
         {
             "stage": stage,
-            **{k: meta[k] for k in BASE_KEYS if k in meta},
+            **base,
             "format": formats.folder_format(meta),
             "adapter": True,
-            "init_adapters": chain,
-            "init": str(init),
+            **save_adapter(out, base, init),  # init's adapters and the new one as one: what plain peft loads
             "max_new_tokens": meta.get("max_new_tokens", MAX_NEW_TOKENS),
         },
     )
+    write_card(out)
 
 
 def train_and_save(

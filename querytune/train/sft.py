@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from querytune.labeled import LabeledRow
+from querytune.runtime.card import write_card
 from querytune.runtime.formats import DEFAULT_FORMAT, completion, folder_format, prompt
-from querytune.runtime.model import BASE_KEYS, ModelFolder, base_path, base_record, copy_adapter_chain, save_model_meta
+from querytune.runtime.model import BASE_KEYS, ModelFolder, base_path, base_record, save_adapter, save_model_meta
 from querytune.schema import Schema
 from querytune.train.aliases import merge_aliases, mine_aliases
 from querytune.train.config import Recipe
@@ -80,8 +81,19 @@ def sft_examples(rows: list[LabeledRow], schema: Schema, tokenizer, fmt: str = D
     ]
 
 
+def clock(seconds: float) -> str:
+    """A duration at a glance, as a progress line's ETA shows it.
+
+    >>> clock(42.4), clock(185), clock(3720)
+    ('42s', '3m05s', '1h02m')
+    """
+    s = round(seconds)
+    return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 class StepLog:
-    """TrainerCallback body: one JSONL line and one dense progress line per optimisation step."""
+    """TrainerCallback body: one JSONL line and one dense progress line per optimisation step, ending with the
+    run's ETA (the steps left at this run's pace so far, or the time budget left if that ends it sooner)."""
 
     def __init__(
         self,
@@ -99,6 +111,7 @@ class StepLog:
         self.path, self.say, self.t0, self.tokens = path, say, time.perf_counter(), 0
         self.start, self.max_seconds = self.t0, 60 * max_minutes if max_minutes else None
         self.extra, self.watch, self.quiet = extra or {}, watch, quiet
+        self.first: tuple[int, float] | None = None  # (step, time) of this run's first logged step, the ETA's origin
         log = self
 
         class _Callback(TrainerCallback):
@@ -125,6 +138,7 @@ class StepLog:
                     f"step {row['step']}/{state.max_steps}  loss {row['loss']:.4f}{shown}  lr {row['lr']:.2e}  "
                     f"{row['seconds']:.1f}s/step"
                     + (f"  {row['tokens_per_s']:.0f} tok/s" if row["tokens_per_s"] else "")
+                    + log.eta(state.global_step, state.max_steps, now, row["seconds"])
                 )
                 if log.watch and (line := log.watch(row)):
                     log.say(line)
@@ -136,6 +150,15 @@ class StepLog:
                     control.should_save = True  # a checkpoint, so `--resume` can finish the schedule
 
         self.callback = _Callback()
+
+    def eta(self, step: int, max_steps: int, now: float, step_seconds: float) -> str:
+        """`  eta 3m05s` for the steps left, or "" after the last."""
+        self.first = self.first or (step, now)
+        done, since = step - self.first[0], now - self.first[1]
+        left = (max_steps - step) * (since / done if done else step_seconds)
+        if self.max_seconds:
+            left = min(left, max(0.0, self.max_seconds - (now - self.start)))
+        return f"  eta {clock(left)}" if step < max_steps else ""
 
 
 def start_or_resume(out: Path, resume: bool, say=print) -> str | None:
@@ -344,7 +367,7 @@ def train_sft(
         "max_new_tokens": max_new,
         "mined_aliases": mined_all,
     }
-    if init:
-        meta |= {"init_adapters": copy_adapter_chain(init, out), "init": str(init)}
+    meta |= save_adapter(out, base_meta, init)  # one adapter on the base, init's folded in: what plain peft loads
     save_model_meta(out, schema, meta)
+    write_card(out)  # the CLI adds the run's facts
     return summary
