@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from importlib.metadata import version
 from pathlib import Path
 from typing import get_args
@@ -259,6 +260,12 @@ def test_export_refuses_a_folder_that_is_not_empty_and_force_replaces_it(tiny_mo
     r = run([*args, "--force"])
     assert r.exit_code == 0, r.output
     assert not (out / "predictions_test.jsonl").exists() and (out / "querytune.json").is_file()
+    # a merged export records no base for a new LoRA: training from it is one line, not a crash after training
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"text": "thai food", "intent": "find_business", "slots": {"cuisine": "thai"}}) + "\n")
+    r = run(["train", "sft", "--init", str(out), "--data", str(data), "--out", str(tmp_path / "again")])
+    assert r.exit_code == 2 and "a merged folder (querytune export)" in r.output, r.output
+    assert not (tmp_path / "again").exists()
 
 
 def test_index_build_refuses_a_folder_that_is_not_empty_and_force_replaces_it(

@@ -52,7 +52,12 @@ def check_resume(out: Path, resume: bool) -> None:
 def check_init(init: Path) -> None:
     from querytune.runtime.model import ModelFolder
 
-    ModelFolder.open(init)  # names the folder when it is not a model
+    folder = ModelFolder.open(init)  # names the folder when it is not a model
+    if not folder.meta.get("adapter"):  # a stage adds a LoRA on the init's base, and a merged export records none
+        raise UserError(
+            f"--init {init}: a merged folder (querytune export) cannot be trained further; "
+            "give the adapter folder it was exported from"
+        )
 
 
 def evaluate(model_dir: Path, data: Path) -> dict:
