@@ -246,6 +246,19 @@ def load_labeled(path: str | Path, schema: Schema) -> tuple[list[LabeledRow], li
     return ok, rejects
 
 
+def schema_hint(rejects: list[Reject], schema_given: bool) -> str | None:
+    """A hint when labels name intents or slots the default schema lacks and no `--schema` was given: the likely
+    cause is a forgotten `--schema`, not bad labels (a bad value of a known slot gets no hint).
+
+    >>> schema_hint([Reject(3, "intent: 'play_song' is not an intent of schema 'local' (one of: ...)", {})], False)
+    'hint: the labels do not fit the default schema (data/schema.yaml): give yours with --schema FILE'
+    """
+    unknown = ("is not an intent of schema", ": not a slot of schema")
+    if schema_given or not any(u in r.reason for r in rejects for u in unknown):
+        return None
+    return "hint: the labels do not fit the default schema (data/schema.yaml): give yours with --schema FILE"
+
+
 def write_rejects(rejects: list[Reject], path: str | Path) -> None:
     """One JSON object per reject: ``{"line", "reason", "raw"}`` (``line`` is the row for Parquet)."""
     path = Path(path)

@@ -190,7 +190,11 @@ class Schema:
             raise ParseError(f"unexpected top-level field(s): {', '.join(sorted(extra))}")
         intent = obj.get("intent")
         if not isinstance(intent, str) or intent not in self.intents:
-            raise ParseError(f"intent: {intent!r} is not an intent of schema {self.name!r}")
+            names = list(self.intents)
+            shown = f"(one of: {', '.join(names[:12])}{', ...' if len(names) > 12 else ''})"
+            if intent in (None, ""):
+                raise ParseError(f"intent: missing {shown}")
+            raise ParseError(f"intent: {intent!r} is not an intent of schema {self.name!r} {shown}")
         slots_in = obj.get("slots", {})
         if slots_in is None:
             slots_in = {}

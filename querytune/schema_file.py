@@ -136,6 +136,8 @@ class SlotSpec(_Item):
     @field_validator("filter")
     @classmethod
     def _filter(cls, filter_: str | None) -> str | None:
+        if filter_ == "none":  # drives no retrieval filter: the same as leaving `filter` out
+            return None
         if filter_ == "attribute:":
             raise PydanticCustomError("filter_column", "'attribute:' needs a column name")
         if filter_ is not None and not filter_.startswith("attribute:") and filter_ not in FILTERS:
@@ -224,7 +226,7 @@ _ITEM_MESSAGES = {
     ("slots", "string_type"): _SLOT_NAMES,
     "alias_value": "{where}.aliases.{alias}: {shown} is not one of the slot's values",
     ("filter", "string_type"): "{where}.filter: expected a string",
-    "filter_value": "{where}.filter: {shown} is not one of " + ", ".join(FILTERS),
+    "filter_value": "{where}.filter: {shown} is not one of " + ", ".join(FILTERS) + ":<column>, none",
     "filter_column": "{where}.filter: 'attribute:' needs a column name",
     "bool_type": "{where}.grounded: expected true or false, got {shown}",
     "grounded_type": "{where}.grounded: only categorical and text slots can be grounded",

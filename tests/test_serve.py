@@ -83,6 +83,15 @@ def access_log(tmp_path: Path) -> tuple[AccessLog, Path]:
     return AccessLog(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)), path
 
 
+def warmed(client: TestClient) -> TestClient:
+    """`client` once /healthz says ready (the server's warm-up parse has ended), as a load balancer waits."""
+    for _ in range(500):
+        if client.get("/healthz").status_code == 200:
+            return client
+        time.sleep(0.02)
+    raise AssertionError("/healthz still warming after 10 s")
+
+
 @pytest.fixture()
 def sqlite_cache(tmp_path):
     return open_cache(f"sqlite:///{tmp_path}/cache.db")
@@ -123,6 +132,38 @@ def test_hit_miss_and_write_back(sqlite_cache):
         assert client.get("/openapi.json").status_code == 200
 
 
+def test_healthz_says_warming_until_the_model_has_answered_its_warm_up_parse(sqlite_cache):
+    cold = threading.Event()
+
+    class ColdBackend(SlowBackend):  # its first call waits, as a real model's compiles its grammar
+        def parse(self, texts):
+            cold.wait(10)
+            return super().parse(texts)
+
+    backend = ColdBackend(delay=0.0)
+    with TestClient(create_app(backend, sqlite_cache)) as client:
+        health = client.get("/healthz")
+        assert health.status_code == 503 and health.json()["status"] == "warming", "not ready before the warm-up"
+        assert health.json()["model_version"] == "m1"
+        cold.set()
+        assert warmed(client).get("/healthz").json()["status"] == "ok"
+        assert backend.batches == [["warm-up query"]], "the server warmed the model at start, once"
+        assert client.get("/v1/parse", params={"q": "warm-up query"}).json()["source"] == "model", "not cached"
+        metrics = client.get("/metrics").text
+        assert 'querytune_answers_total{source="model"} 1.0' in metrics, "not counted: only the query after it"
+        assert "querytune_miss_batch_size_count 1.0" in metrics
+
+
+def test_each_row_of_a_batch_carries_its_own_latency(sqlite_cache):
+    sqlite_cache.put_many([("cheap thai", THAI)], "s1")
+    with TestClient(create_app(SlowBackend(delay=0.3), sqlite_cache)) as client:
+        hit, miss = client.post("/v1/parse", json={"queries": ["cheap thai", "dentist"]}).json()["results"]
+    assert (hit["source"], miss["source"]) == ("cache", "model")
+    assert miss["latency_ms"] >= 300 and hit["latency_ms"] < miss["latency_ms"] - 200, (
+        "a hit's time is its lookup, not the miss's model call beside it"
+    )
+
+
 def get_at_once(client, queries: list[str]) -> list[dict]:
     """`GET /v1/parse` for every query, each from its own thread, all in flight together."""
     out = []
@@ -151,6 +192,7 @@ def test_a_miss_past_its_deadline_falls_back_and_is_queued(sqlite_cache, tmp_pat
     with TestClient(
         create_app(SlowBackend(delay=1.0), sqlite_cache, Settings(deadline=0.1, fallback_log=str(log)))
     ) as client:
+        warmed(client)  # the warm-up parse holds the slow model for its first second
         r = client.get("/v1/parse", params={"q": "slow query"}).json()
         time.sleep(1.2)
         late = client.get("/v1/parse", params={"q": "slow query"}).json()
@@ -459,6 +501,22 @@ def test_serve_help_documents_workers():
 
     r = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "200"})
     assert r.exit_code == 0 and "--workers" in r.output and "QUERYTUNE_WORKERS" in r.output
+
+
+def test_serve_help_at_80_columns_shows_every_option_and_variable_whole():
+    from typer.main import get_command
+    from typer.testing import CliRunner
+
+    from querytune.cli import app
+
+    r = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "80"})
+    assert r.exit_code == 0 and max(map(len, r.output.splitlines())) <= 80
+    words = set(re.findall(r"[\w-]+", r.output))
+    params = get_command(app).commands["serve"].params
+    names = [n for p in params for n in p.opts + p.secondary_opts] + [p.envvar for p in params if p.envvar]
+    assert len(names) > 40 and not [n for n in names if n not in words], (
+        "each name whole, none cut to `--local-cache-en…`"
+    )
 
 
 def test_two_workers_each_with_its_model_answer_and_log_every_request(tiny_model, tmp_path):

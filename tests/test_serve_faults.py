@@ -56,8 +56,28 @@ def test_every_serve_option_is_a_settings_field_and_reaches_the_settings(tiny_mo
     result = CliRunner().invoke(cli, [*args, "--watch-promotions", "3", "--body-timeout", "4", "--no-access-log"])
     assert result.exit_code == 0, result.output
     s = ran["settings"]
-    assert (s.cache_url, s.deadline, s.watch_s, s.body_timeout, s.access_log) == (url, 0.5, 3.0, 4.0, False)
+    assert (s.cache_url, s.deadline, s.watch_promotions, s.body_timeout, s.access_log) == (url, 0.5, 3.0, 4.0, False)
     assert ran["store"].url == url
+
+
+def test_watch_promotions_reads_its_own_variable_and_the_old_name_with_a_warning(tiny_model, monkeypatch):
+    import querytune.cli.serve as serve_cli
+
+    ran = {}
+    monkeypatch.setattr(serve_cli, "run", lambda settings, store, backend: ran.update(settings=settings))
+    args = ["serve", "--model", str(tiny_model), "--workers", "1"]
+    for env, extra, seconds, warned in (
+        ({"QUERYTUNE_WATCH_PROMOTIONS": "2"}, [], 2.0, False),
+        ({"QUERYTUNE_WATCH_S": "3"}, [], 3.0, True),  # the old name still works, said in one line
+        ({"QUERYTUNE_WATCH_S": "3", "QUERYTUNE_WATCH_PROMOTIONS": "4"}, [], 4.0, False),
+        ({"QUERYTUNE_WATCH_S": "3"}, ["--watch-promotions", "5"], 5.0, False),
+    ):
+        result = CliRunner().invoke(cli, args + extra, env=env)
+        assert result.exit_code == 0, result.output
+        assert ran["settings"].watch_promotions == seconds, env
+        assert ("QUERYTUNE_WATCH_S is now QUERYTUNE_WATCH_PROMOTIONS" in result.stderr) == warned, env
+    result = CliRunner().invoke(cli, args, env={"QUERYTUNE_WATCH_S": "soon", "COLUMNS": "200"})
+    assert result.exit_code == 2 and "QUERYTUNE_WATCH_S: 'soon' is not a number" in result.output
 
 
 def test_a_fallback_log_on_a_full_disk_costs_lines_not_answers():

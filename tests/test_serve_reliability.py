@@ -198,6 +198,18 @@ def test_openapi_documents_results_errors_and_the_key_and_docs_load_offline():
     assert "cdn" not in docs.lower() and asset.status_code == 200 and len(asset.content) > 100_000
 
 
+def test_openapi_lists_only_the_statuses_the_api_sends():
+    with TestClient(create_app(SlowBackend(delay=0.0), None, Settings(api_key="k"))) as client:
+        spec = client.get("/openapi.json").json()
+        malformed = client.post("/v1/parse", json={"queries": "not a list"}, headers={"X-API-Key": "k"})
+    codes = {(path, method): set(op["responses"]) for path, ops in spec["paths"].items() for method, op in ops.items()}
+    assert codes[("/v1/parse", "get")] == {"200", "400", "401", "408", "503"}
+    assert codes[("/v1/parse", "post")] == {"200", "400", "401", "408", "413", "503"}
+    assert codes[("/healthz", "get")] == {"200", "503"} and codes[("/metrics", "get")] == {"200"}
+    assert not {"HTTPValidationError", "ValidationError"} & set(spec["components"]["schemas"])
+    assert malformed.status_code == 400 and malformed.json()["code"] == "bad_query", "what FastAPI would answer 422"
+
+
 class Promotions:
     """At the edge: a store that only answers the promotion record."""
 

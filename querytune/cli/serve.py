@@ -19,11 +19,21 @@ import tempfile
 from pathlib import Path
 
 import typer
+from typer.core import TyperCommand
 
 from querytune.cli.common import Backend, UserError, user_errors
 from querytune.serving.settings import Settings, env_name
 
 FIELDS = Settings.model_fields
+
+
+class PlainHelp(TyperCommand):
+    """`serve --help` in click's plain layout: its two dozen options, each with an environment variable, do not fit
+    rich's table at 80 columns (names and variables were cut to `--local-cache-en…`, `QUERYTUNE_MAX_CON…`); click
+    writes each name whole and wraps the help between words."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "rich_markup_mode": None})
 
 
 def usable_cores() -> int:
@@ -36,6 +46,23 @@ def option(field: str, *flags: str, **kw):
     f = FIELDS[field]
     names = flags or (f"--{field.replace('_', '-')}",)
     return typer.Option(f.default, *names, envvar=env_name(field), help=f.description, **kw)
+
+
+def _old_watch_variable(ctx: typer.Context, value: float) -> float:
+    """--watch-promotions from QUERYTUNE_WATCH_S, its variable's old name, when neither the option nor its variable
+    is given: the old name still works, said in one line (as runtime/model.py's QUERYTUNE_CACHE)."""
+    old = os.environ.get("QUERYTUNE_WATCH_S")
+    if old is None or ctx.get_parameter_source("watch_promotions").name != "DEFAULT":  # typer's own click's enum
+        return value
+    typer.echo(
+        "warning: QUERYTUNE_WATCH_S is now QUERYTUNE_WATCH_PROMOTIONS; using QUERYTUNE_WATCH_S's value", err=True
+    )
+    try:
+        return float(old)
+    except ValueError:
+        raise typer.BadParameter(
+            f"QUERYTUNE_WATCH_S: {old!r} is not a number", param_hint="--watch-promotions"
+        ) from None
 
 
 def serve(
@@ -57,7 +84,7 @@ def serve(
     local_cache_entries: int = option("local_cache_entries", min=0),
     pending_writes: int = option("pending_writes", min=0),
     lookup_timeout: float = option("lookup_timeout", min=0.001),
-    watch_s: float = option("watch_s", "--watch-promotions", min=0.0),
+    watch_promotions: float = option("watch_promotions", min=0.0, callback=_old_watch_variable),
     api_key: str = option("api_key"),
     fallback_log: Path = option("fallback_log"),
     access_log: bool = option("access_log", "--access-log/--no-access-log"),
@@ -74,7 +101,7 @@ def serve(
     with user_errors():
         settings = Settings(**given)
         store, model_dir, preloaded = check_resources(settings)
-    following = settings.model == "active" and settings.watch_s > 0
+    following = settings.model == "active" and settings.watch_promotions > 0
     n = settings.workers
     typer.echo(
         f"querytune serving http://{host}:{port} (docs /docs): model {model_dir} on {backend}"

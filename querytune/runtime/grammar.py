@@ -16,6 +16,8 @@ from querytune.runtime.formats import WRITES, completion
 from querytune.schema import Schema
 
 TEXT_CHARS = 80  # the longest string value a model may write
+# what ends a bare value: control characters and every character Python's \s matches (the reader's `_BARE`)
+BARE_STOPS = "\\x00-\\x20\\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000"
 
 
 def _lit(s: str) -> str:
@@ -24,7 +26,8 @@ def _lit(s: str) -> str:
 
 def _value(slot, fmt: str) -> str:
     number = '"-"? [0-9]{1,6} ("." [0-9]{1,3})?'
-    quoted = '"\\"" [^"\\\\\\n]{1,%d} "\\""' % TEXT_CHARS
+    # no control character: JSON's strings hold none, so the quoted value reads back (`formats.read`)
+    quoted = '"\\"" [^"\\\\\\x00-\\x1f]{1,%d} "\\""' % TEXT_CHARS
     if slot.type == "number":
         return number
     if slot.type == "boolean":
@@ -44,7 +47,7 @@ def _value(slot, fmt: str) -> str:
             )
             + ")"
         )
-    return '([^ \\t\\r\\n"=\\\\]{1,%d} | %s)' % (TEXT_CHARS, quoted)
+    return '([^"=\\\\%s]{1,%d} | %s)' % (BARE_STOPS, TEXT_CHARS, quoted)
 
 
 def ebnf(schema: Schema, fmt: str) -> str:

@@ -51,7 +51,10 @@ class ErrorBody(BaseModel):
 
 
 class Health(BaseModel):
-    status: str = Field(description="ok, or degraded (the cache store failing; answers go on)")
+    status: str = Field(
+        description="ok; degraded (the cache store failing; answers go on); or warming (503: the model has not yet "
+        "answered its warm-up parse)"
+    )
     model_version: str
     schema_version: str
     backend: str

@@ -22,8 +22,9 @@ Every error, of any status, has one body: `{"error": message, "code": reason, "r
 carries `X-Request-ID`; the access log (`querytune.serving.asgi_gate.AccessLog`, on stderr) writes one JSON line per
 request.
 
-Endpoints: `GET /v1/parse?q=...`, `POST /v1/parse {"queries": [...]}`, `/healthz`, `/metrics` (Prometheus), `/docs`
-(Swagger UI, served locally).
+Endpoints: `GET /v1/parse?q=...`, `POST /v1/parse {"queries": [...]}`, `/healthz` (503 `warming` until the model has
+answered the warm-up parse each worker sends it at start), `/metrics` (Prometheus), `/docs` (Swagger UI, served
+locally).
 
 Here: the routes (module level, the `Service` a dependency), the app (`create_app`) and the worker factory
 (`app_from_env`); the settings in `querytune.serving.settings`, what the routes share (`Service`, `PromotionWatcher`)
@@ -34,6 +35,7 @@ in `querytune.serving.service`, the miss batcher in `querytune.serving.batcher`,
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
@@ -66,7 +68,9 @@ ERRORS = {
     413: "Too many queries or too large a body",
     503: "The model backend is down (cached queries still answer), or too many connections",
 }
+# what each route answers besides 200: no 422 (a malformed request is a 400, `invalid`), no 413 for a GET's lone query
 RESPONSES = {code: {"model": ErrorBody, "description": text} for code, text in ERRORS.items()}
+GET_RESPONSES = {code: r for code, r in RESPONSES.items() if code != 413}
 
 # the key is checked once, by the gate, on the raw headers; these two only document it in the OpenAPI
 key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="The server's API key (`--api-key`)")
@@ -93,7 +97,7 @@ def ok(body) -> Response:  # what the hit path writes too (orjson: a twentieth o
 @router.get(
     "/v1/parse",
     response_model=Result,
-    responses=RESPONSES,
+    responses=GET_RESPONSES,
     dependencies=[Depends(documented_key)],
     summary="Parse one query",
 )
@@ -132,18 +136,25 @@ async def parse_many(batch: Batch, service: Service = Depends(get_service)):
     return ok({"results": results})
 
 
-@router.get("/healthz", response_model=Health, summary="Liveness and state (no key needed)")
+@router.get(
+    "/healthz",
+    response_model=Health,
+    responses={503: {"model": Health, "description": "`warming`: the model has not answered its warm-up parse yet"}},
+    summary="Liveness and state (no key needed)",
+)
 async def healthz(service: Service = Depends(get_service)):
     await service.cache.probe()
     cache_health = service.cache.health()
     b = service.backend
-    return {
-        "status": "degraded" if cache_health["state"] == "degraded" else "ok",
+    warm = service.warm_s is not None
+    body = {
+        "status": "warming" if not warm else "degraded" if cache_health["state"] == "degraded" else "ok",
         "model_version": service.model_version,
         "schema_version": service.schema_version,
         "backend": getattr(b, "name", "none") if b is not None else "down",
         "cache": cache_health,
     }
+    return body if warm else JSONResponse(body, status_code=503)  # not ready: a load balancer sends it nothing yet
 
 
 @router.get("/metrics", summary="Prometheus metrics")
@@ -210,9 +221,11 @@ def create_app(
     async def lifespan(_app: FastAPI):
         service.batcher.start()
         service.cache.start()
+        warming = asyncio.get_running_loop().create_task(service.warm_up())  # /healthz says `warming` until it ends
         if watcher:
             watcher.start()
         yield
+        warming.cancel()
         if watcher:
             await watcher.stop()
         await service.batcher.stop()
@@ -237,6 +250,7 @@ def create_app(
     )
     app.state.service = service
     app.include_router(router)
+    app.openapi = lambda: without_422(app)
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(HTTPException, http_error)
@@ -250,6 +264,19 @@ def create_app(
         authorized=service.authorized,
         body_timeout_s=settings.body_timeout,
     )
+
+
+def without_422(app: FastAPI) -> dict:
+    """The app's OpenAPI document without the 422 FastAPI adds to every route that validates its input: this app
+    answers such a request 400 (`invalid`), as `RESPONSES` documents."""
+    if app.openapi_schema is None:
+        doc = type(app).openapi(app)
+        for route in doc["paths"].values():
+            for operation in route.values():
+                operation["responses"].pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            doc.get("components", {}).get("schemas", {}).pop(name, None)
+    return app.openapi_schema
 
 
 def resolve_model(model: str, cache) -> Path:
@@ -297,10 +324,12 @@ def app_from_env():
         store = open_cache(settings.cache_url, busy_timeout_s=0.05)
     model_dir = resolve_model(settings.model, store)
     watch = None
-    if settings.model == "active" and settings.watch_s > 0:
+    if settings.model == "active" and settings.watch_promotions > 0:
 
         def watch(service: Service) -> PromotionWatcher:
-            return PromotionWatcher(service, store, lambda path: load(settings, path), settings.watch_s, str(model_dir))
+            return PromotionWatcher(
+                service, store, lambda path: load(settings, path), settings.watch_promotions, str(model_dir)
+            )
 
     backend = PRELOADED.pop("backend", None) or load(settings, model_dir)
     log.warning("worker %d: model %s version %s on %s", os.getpid(), model_dir, backend.model_version, settings.backend)

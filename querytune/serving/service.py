@@ -27,6 +27,7 @@ from querytune.serving.serving_cache import ServingCache
 from querytune.serving.settings import Settings
 
 log = logging.getLogger("querytune.serving.serve")  # the server's one logger: its lines keep the name they had
+WARM_UP_QUERY = "warm-up query"  # any text: its answer is thrown away
 
 
 def _metrics():
@@ -53,6 +54,15 @@ def _metrics():
             buckets=(1, 2, 4, 8, 16, 32, 64),
         ),
     }
+
+
+async def warm(backend, executor=None) -> None:
+    """One parse of a throwaway query: a model's first call compiles the grammar and runs its first forward pass
+    (seconds on CPU), which the first real query would otherwise pay, past its deadline."""
+    if hasattr(backend, "aparse"):
+        await backend.aparse([WARM_UP_QUERY])
+    elif backend is not None:
+        await asyncio.get_running_loop().run_in_executor(executor, backend.parse, [WARM_UP_QUERY])
 
 
 class Tally(Periodic):
@@ -111,6 +121,17 @@ class Service:
         # a hit's query string -> [its body up to latency_ms, the model version]: a hit's work, done once (`_known`)
         self.queries: dict[bytes, list] = {}
         self.hit_tally = Tally(self.m["answers"].labels("cache"), self.m["latency"].labels("get"))
+        self.warm_s: float | None = None  # seconds the warm-up parse took; None until it has answered (`warm_up`)
+
+    async def warm_up(self) -> None:
+        """The model's first parse, at start-up, before /healthz says ok (`warm`). Not counted, not cached; a failure
+        is logged and each miss will report it (503)."""
+        t0 = time.perf_counter()
+        try:
+            await warm(self.backend, self.batcher.pool)  # on the model's own thread, where the misses run
+        except Exception as e:  # noqa: BLE001 - any backend failure
+            log.error("warm-up parse failed: %s: %s", type(e).__name__, e)
+        self.warm_s = time.perf_counter() - t0
 
     def authorized(self, headers: dict[bytes, bytes]) -> bool:
         # constant time: the comparison leaks nothing about the key
@@ -202,13 +223,16 @@ class Service:
             norms.append(norm)
 
         found = await self.cache.get_many(norms, version)
+        looked_up = time.perf_counter()
         results: list[dict | None] = [None] * len(raw)
         waits: dict[str, asyncio.Future] = {}
+        answered: dict[str, float] = {}  # each miss's answer (or its fallback at the deadline): when it came
         for i, (n, e) in enumerate(zip(norms, found)):
             if e is not None:
                 results[i] = result(raw[i], n, "cache", e.parse, e.valid, e.model_version)
             elif n not in waits:
                 waits[n] = self.submit(n)
+                waits[n].add_done_callback(lambda _, n=n: answered.setdefault(n, time.perf_counter()))
         status, fallbacks = 200, []
         if waits:
             done, _ = await asyncio.wait(waits.values(), timeout=s.deadline)
@@ -236,9 +260,9 @@ class Service:
                 results[i] = result(raw[i], n, "model", p.parse, bool(p.valid), version, p.error)
         if self.fallback and fallbacks:
             self.fallback.append(list(dict.fromkeys(fallbacks)))
-        ms = round(1000 * (time.perf_counter() - t0), 3)
-        for r in results:
-            r["latency_ms"] = ms
+        end = time.perf_counter()
+        for n, r in zip(norms, results):  # each row's own time: a hit's is the lookup, a miss's until its answer
+            r["latency_ms"] = round(1000 * ((looked_up if r["source"] == "cache" else answered.get(n, end)) - t0), 3)
             self.m["answers"].labels(r["source"]).inc()
         return results, status  # type: ignore[return-value]
 
@@ -299,6 +323,7 @@ class PromotionWatcher:
             return False
         try:
             backend = await loop.run_in_executor(None, self.load, Path(record["model_dir"]))
+            await warm(backend)  # before it serves, on a thread of its own while the old model answers
         except Exception as e:  # noqa: BLE001 - a bad promotion must not take the server down
             log.error(
                 "promoted model %s could not be loaded, still serving %s: %s", record["model_dir"], self.current, e

@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     lookup_timeout: float = Field(
         0.25, ge=0.001, description="Seconds a request waits for the cache store before asking the model."
     )
-    watch_s: float = Field(
+    watch_promotions: float = Field(
         10.0,
         ge=0.0,
         description="With --model active: check the cache's promotion this often (seconds; 0: never).",
