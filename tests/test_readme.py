@@ -15,7 +15,7 @@ MAX_README_LINES = 250
 
 # Commands of the README's shell blocks that this test does not run, each with why (the whole loop, the whole suite).
 EXPENSIVE = {
-    "make demo": "the whole loop: about 53 minutes on 2 cores",
+    "make demo": "the whole loop: about 58 minutes on 2 cores (eval/demo_full.json)",
     "make demo-tiny": "the loop on a small world: about 5 minutes (tests/test_cli.py checks its commands' options)",
     "make test": "the whole test suite, its environments built first",
 }
