@@ -452,3 +452,43 @@ def test_an_unknown_config_key_fails_every_stage(stage, tmp_path):
         app, ["train", stage, *where, "--out", str(tmp_path / "out"), "--config", str(tmp_path / "typo.yaml")]
     )
     assert result.exit_code == 2 and "lerning_rate" in result.output and "typo.yaml" in result.output, result.output
+
+
+class Laundromats:
+    """A stand-in search over a four-business catalogue: category laundromat finds the laundromats (l1, l2) first,
+    any other parse the city's best rated (x1, x2)."""
+
+    catalog = pd.DataFrame(
+        {
+            "business_id": ["l1", "l2", "x1", "x2"],
+            "name": ["Suds", "Spin City", "Cafe Uno", "Bistro Dos"],
+            "category": ["laundromat", "laundromat", "cafe", "restaurant"],
+            "cuisine": [None, None, None, "french"],
+        }
+    )
+    embedder, k = None, 10
+
+    def ranked(self, parse, user_city, timestamp):
+        return ["l1", "l2", "x1"] if parse.slots.get("category") == "laundromat" else ["x1", "x2", "l1"]
+
+
+def test_a_word_no_embedding_places_gets_the_value_its_users_clicked():
+    """What an exploration bucket leaves in the log for a new word: the laundromats it showed were clicked."""
+    texts = ["washeteria near me", "washeteria open now", "washeteria downtown", "cheap washeteria", "washeteria 24h",
+             "washeteria with parking"]  # fmt: skip
+    greedy = [{"intent": "find_business", "slots": {"near_me": True}} for _ in texts]
+    targets = {t: {"query": t, "contexts": [ctx(c, {"l1": 0.8, "l2": 0.3, "x1": 0.1}) for c in ("austin", "miami")]}
+               for t in texts}  # fmt: skip
+    reward = Reward()
+    reward.searcher = Laundromats()
+    reward.ranked = reward.searcher.ranked
+    plain = EditMiner(SCHEMA, reward, seed_rows=[])
+    assert not any(e.new == "laundromat" for edits in plain.propose(texts, greedy) for e in edits)
+    miner = EditMiner(SCHEMA, reward, seed_rows=[], click_values=True)
+    table, proposals = miner.mine(texts, greedy, targets)
+    row = table[(table["trigger"] == "washeteria") & (table["new"] == '"laundromat"')]
+    assert len(row) == 1 and bool(row["accepted"].iloc[0]) and row["texts"].iloc[0] == len(texts)
+    assert all(p["slots"]["category"] == "laundromat" for p, _ in miner.apply(texts, greedy, proposals, table))
+    # clicks split between kinds propose nothing: a value needs at least half of the text's click gains
+    split = {"query": "x", "contexts": [ctx("austin", {"l1": 0.4, "x1": 0.3, "x2": 0.3})]}
+    assert miner.clicked_values(greedy[0], split) == []

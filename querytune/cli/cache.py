@@ -156,6 +156,12 @@ def promote(
     force: bool = typer.Option(
         False, "--force", help="Promote even when the cache holds no entry of this model (every request would miss)."
     ),
+    offpolicy_log: Path = typer.Option(
+        None,
+        "--offpolicy-log",
+        help="A log with an exploration bucket: promote only if this model's off-policy click estimate on it "
+        "(`querytune eval offpolicy`) beats the active model's, on the same requests.",
+    ),
 ) -> None:
     """Make a model the active one: servers started with `--model active` serve it and its cache entries."""
     from querytune.runtime.model import ModelFolder
@@ -169,8 +175,36 @@ def promote(
             raise UserError(
                 f"the cache holds no entry of {model} (version {version}): run `querytune cache warm` first, or --force"
             )
+        checked = _offpolicy_gate(offpolicy_log, target.active(), model) if offpolicy_log else {}
         record = target.promote(version, str(model.resolve()), schema.version)
-        typer.echo(json.dumps(record | {"warm_entries": warm_entries}))
+        typer.echo(json.dumps(record | {"warm_entries": warm_entries} | checked))
+
+
+def _offpolicy_gate(log: Path, active: dict[str, Any] | None, model: Path) -> dict[str, Any]:
+    """The off-policy check of `promote --offpolicy-log`: the candidate against the active model on the bucket's
+    requests; a candidate that does not beat it is refused with both estimates."""
+    from querytune.evaluation.offpolicy import estimate, model_parses, read_bucket
+    from querytune.runtime.backends import load_backend
+
+    if not active:
+        raise UserError("--offpolicy-log: the cache has no active model to beat (promote one without the check first)")
+    bucket = read_bucket(log)
+    parses = {
+        name: model_parses(load_backend("transformers", path), bucket)
+        for name, path in (("active", Path(active["model_dir"])), ("candidate", model))
+    }
+    result = estimate(bucket, parses)
+    a, c = result["models"]["active"], result["models"]["candidate"]
+    d = c["vs_first"]
+    said = (
+        f"off-policy ctr on {result['requests']:,} bucket requests: candidate {c['estimate']:.4f} (support "
+        f"{c['support']:.2f}), active {a['estimate']:.4f} (support {a['support']:.2f}); difference "
+        f"{d['difference']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
+    )
+    if d["difference"] <= 0:
+        raise UserError(f"not promoted: {model} does not beat the active model: {said}")
+    typer.echo(said, err=True)
+    return {"offpolicy": {"log": str(log), "difference": d, "candidate": c, "active": a}}
 
 
 @app.command()

@@ -324,3 +324,52 @@ from querytune.cli.eval_report import diff, report  # noqa: E402  (after the com
 
 app.command()(report)
 app.command()(diff)
+
+
+@app.command()
+def offpolicy(
+    log: Path = typer.Option(
+        ..., "--log", help="A log with an exploration bucket (`querytune world traffic --explore-share`'s log.parquet)."
+    ),
+    model: list[str] = typer.Option(
+        ..., "--model", help="DIR or NAME=DIR (repeatable): estimate each; the others are compared with the first."
+    ),
+    metric: str = typer.Option("ctr", "--metric", help="Click reward: ctr (a click or not) or clicks (how many)."),
+    out: Path = typer.Option(None, "--out", help="Also write the estimates here (JSON)."),
+) -> None:
+    """Estimate each model's click reward from the bucket's logged answers, before it serves: self-normalised inverse
+    propensity scoring with a 95% bootstrap interval, and the share of requests the bucket can judge (support)."""
+    from querytune.evaluation.offpolicy import estimate, model_parses, read_bucket
+    from querytune.runtime.backends import load_backend
+
+    with user_errors():
+        bucket = read_bucket(log)
+        models = named_models(model)
+        parses = {}
+        for name, model_dir in models:
+            if not model_dir.is_dir():
+                raise UserError(f"--model {model_dir}: folder not found")
+            backend = load_backend("transformers", model_dir)
+            with Progress(*Progress.get_default_columns(), console=out_console) as bar:
+                task = bar.add_task(f"parsing with {name}", total=bucket["query"].nunique())
+                parses[name] = model_parses(backend, bucket, lambda n, task=task: bar.advance(task, n))
+        result = estimate(bucket, parses, metric)
+    table = Table(title=f"{metric} on {result['requests']:,} bucket requests of {log} (logged: {result['logged']:.4f})")
+    for col in ("model", "estimate", "95% interval", "support", "matched", "effective n", "vs first"):
+        table.add_column(col)
+    for name, m in result["models"].items():
+        d = m.get("vs_first")
+        table.add_row(
+            name,
+            f"{m['estimate']:.4f}",
+            f"[{m['low']:.4f}, {m['high']:.4f}]",
+            f"{m['support']:.3f}",
+            f"{m['matched']:,}",
+            f"{m['effective_n']:,.1f}",
+            f"{d['difference']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" if d else "",
+        )
+    out_console.print(table)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        out_console.print(f"wrote {out}")

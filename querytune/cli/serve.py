@@ -87,6 +87,11 @@ def serve(
     watch_promotions: float = option("watch_promotions", min=0.0, callback=_old_watch_variable),
     api_key: str = option("api_key"),
     fallback_log: Path = option("fallback_log"),
+    explore_share: float = option("explore_share", min=0.0, max=1.0),
+    explore_index: Path = option("explore_index"),
+    explore_salt: str = option("explore_salt"),
+    explore_bucket_s: int = option("explore_bucket_s", min=1),
+    explore_log: Path = option("explore_log"),
     access_log: bool = option("access_log", "--access-log/--no-access-log"),
     allow_no_key: bool = option("allow_no_key"),
 ) -> None:
@@ -95,6 +100,8 @@ def serve(
     if not model:
         raise typer.BadParameter("give --model DIR (or `active`), or set QUERYTUNE_MODEL", param_hint="--model")
     given["fallback_log"] = str(fallback_log) if fallback_log else None
+    given["explore_index"] = str(explore_index) if explore_index else None
+    given["explore_log"] = str(explore_log) if explore_log else None
     given["workers"] = workers or (1 if backend == "vllm" else usable_cores())
     given["threads"] = max(1, usable_cores() // given["workers"])
     given["supervisor_pid"] = os.getpid()
@@ -107,7 +114,8 @@ def serve(
         f"querytune serving http://{host}:{port} (docs /docs): model {model_dir} on {backend}"
         f"{' (following promotions)' if following else ''}, {n} worker{'s' if n > 1 else ''}; "
         f"cache {store.url if store else 'none'}{f', {local_cache_entries} entries in process' if store else ''}; "
-        f"API key {'required' if api_key else 'off'}",
+        f"API key {'required' if api_key else 'off'}"
+        f"{f'; exploring {explore_share:.1%} of requests' if settings.explore_share > 0 else ''}",
         err=True,
     )
     run(settings, store, preloaded)
@@ -126,14 +134,22 @@ def check_resources(settings: Settings):
             f"--host {settings.host} without an API key would serve anyone who can reach it: set QUERYTUNE_API_KEY "
             "(or --api-key), or pass --allow-no-key"
         )
-    if settings.fallback_log:
-        try:
-            with open(settings.fallback_log, "a", encoding="utf-8"):
-                pass
-        except OSError as e:
+    for flag, path in (("--fallback-log", settings.fallback_log), ("--explore-log", settings.explore_log)):
+        if path:
+            try:
+                with open(path, "a", encoding="utf-8"):
+                    pass
+            except OSError as e:
+                raise UserError(f"{flag} {path}: cannot append to it ({e.strerror or e})") from None
+    if settings.explore_share > 0:
+        if not settings.explore_index:
             raise UserError(
-                f"--fallback-log {settings.fallback_log}: cannot append to it ({e.strerror or e})"
-            ) from None
+                "--explore-share needs --explore-index INDEX: its catalogue and embedder propose the answers"
+            )
+        if not (Path(settings.explore_index) / "catalog.parquet").is_file():
+            raise UserError(
+                f"--explore-index {settings.explore_index}: no catalog.parquet here (run `querytune index build`)"
+            )
     store = open_cache(settings.cache_url, busy_timeout_s=0.05) if settings.cache_url else None
     try:
         model_dir = resolve_model(settings.model, store)

@@ -70,6 +70,12 @@ def rft(
     shuffle_clicks: bool = typer.Option(
         None, "--shuffle-clicks", help="The placebo: judge each text on another text's clicks."
     ),
+    click_values: bool = typer.Option(
+        None,
+        "--click-values/--no-click-values",
+        help="Also propose, on a text's free n-grams, the category or cuisine its users clicked (the closed loop's "
+        "rounds: what an exploration bucket showed for a new word); the pooled test decides as for every edit.",
+    ),
     max_steps: int = typer.Option(None, "--max-steps", help="SFT steps on the seed plus the labeled log texts."),
     batch_size: int = typer.Option(None, "--batch-size", help="Examples per step."),
     lr: float = typer.Option(None, "--lr", help="Peak learning rate of the new LoRA (cosine schedule with warm-up)."),
@@ -111,6 +117,7 @@ def rft(
             "pool": pool,
             "abstain": abstain,
             "shuffle_clicks": shuffle_clicks,
+            "click_values": click_values,
             "max_steps": max_steps,
             "batch_size": batch_size,
             "lr": lr,

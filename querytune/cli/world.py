@@ -161,3 +161,92 @@ def sample(
         r = log.iloc[i]
         table.add_row(r["query"], r["user_city"], str(r["timestamp"]), str(len(r["clicked"])))
     out_console.print(table)
+
+
+@app.command()
+def traffic(
+    world: Path = typer.Option(..., "--world", help="A folder made by `querytune world make`."),
+    model: Path = typer.Option(..., "--model", help="The model folder the service serves."),
+    index: Path = typer.Option(..., "--index", help="The world's index (`querytune index build`): the search."),
+    days: str = typer.Option(
+        ..., "--days", help="A-B: replay the log's requests of days A to B (since its first day, both included)."
+    ),
+    out: Path = typer.Option(..., "--out", help="Folder for log.parquet and audit/regret.json."),
+    explore_share: float = typer.Option(
+        0.0, "--explore-share", min=0.0, max=1.0, help="Share of requests in the exploration bucket (as `serve`'s)."
+    ),
+    explore_salt: str = typer.Option("querytune", "--explore-salt", help="Salt of the bucket's hash."),
+    explore_bucket_s: int = typer.Option(3600, "--explore-bucket-s", min=1, help="The hash's time bucket (seconds)."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+) -> None:
+    """Replay the world's requests of some days through the serving service (with its exploration bucket), search
+    with each served parse and let the world's users click: a log like the world's, plus each answer's policy and
+    probability (docs/loop.md). The regret of exploring goes to OUT/audit/regret.json (evaluation only)."""
+    from rich.progress import Progress
+
+    with user_errors():
+        from querytune.runtime.backends import load_backend
+        from querytune.search import Searcher
+        from querytune.serving.explore import Explorer
+        from querytune.world.traffic import parse_days, replay
+
+        span = parse_days(days)
+        for flag, path, inside in (("--world", world, "log.parquet"), ("--index", index, "index.faiss")):
+            if not (path / inside).is_file():
+                raise FileNotFoundError(f"{flag} {path}: no {inside} here")
+        if not (world / "audit" / "needs.parquet").is_file():
+            raise FileNotFoundError(f"--world {world}: no audit/needs.parquet: the world's users need their needs")
+        prepare_out(out, force, inputs=[world, model, index])
+        backend = load_backend("transformers", model)
+        searcher = Searcher(index, backend.schema)
+        seed = world / "seed.jsonl"
+        explorer = Explorer.for_index(
+            backend.schema,
+            index,
+            explore_share,
+            embedder=searcher.embedder,
+            seed_rows=[json.loads(line) for line in seed.read_text().splitlines()] if seed.is_file() else None,
+            salt=explore_salt,
+            bucket_s=explore_bucket_s,
+        )
+        with Progress(*Progress.get_default_columns(), console=out_console) as bar:
+
+            def progress(what: str, total: int):
+                task = bar.add_task(what, total=total)
+                return lambda n: bar.advance(task, n)
+
+            regret = replay(world, backend, searcher, explorer, span, out, progress)
+    a, b = regret["all"], regret["bucket"]
+    out_console.print(
+        f"{regret['requests']:,} requests of days {span[0]}-{span[1]} served by {model}; {b['requests']:,} graded in "
+        f"the bucket. True NDCG@10 (evaluation only, {out / 'audit' / 'regret.json'}): served {a['served_ndcg10']}, "
+        f"greedy {a['greedy_ndcg10']}, regret {a['regret']}"
+    )
+    out_console.print(f"log: {out / 'log.parquet'}")
+
+
+@app.command()
+def extend(
+    world: Path = typer.Option(..., "--world", help="A folder made by `querytune world make`."),
+    traffic: list[Path] = typer.Option(
+        ..., "--traffic", help="A log from `querytune world traffic` (repeatable): its rows join the world's log."
+    ),
+    out: Path = typer.Option(..., "--out", help="The next round's world folder (every file but audit/)."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+) -> None:
+    """The next training round's world: the world's files without audit/, its log followed by the served traffic's
+    rows (shown lists, display probabilities, clicks; the bucket's left out of the position-bias fit)."""
+    from querytune.world.traffic import extend as extend_world
+
+    with user_errors():
+        if not (world / "log.parquet").is_file():
+            raise FileNotFoundError(f"--world {world}: no log.parquet here")
+        for path in traffic:
+            if not path.is_file():
+                raise FileNotFoundError(f"--traffic {path}: file not found")
+        prepare_out(out, force, inputs=[world, *traffic])
+        counts = extend_world(world, traffic, out)
+    out_console.print(
+        f"{out}: the log's {counts.pop('log'):,} rows and "
+        + ", ".join(f"{n:,} from {path}" for path, n in counts.items())
+    )

@@ -23,6 +23,14 @@ class Result(BaseModel):
     model_version: str
     latency_ms: float
     error: str | None = None
+    policy: str | None = Field(
+        None, description="`explore` on a request in the exploration bucket (`--explore-share`); absent otherwise"
+    )
+    propensity: float | None = Field(None, description="Exploration: the probability this parse had of being served")
+    candidates: list[dict[str, Any]] | None = Field(
+        None,
+        description="Exploration: every candidate `parse` with its probability `p` (they sum to one), greedy first",
+    )
 
 
 class Batch(BaseModel):

@@ -16,7 +16,9 @@ answer, `source: fallback` (no parse: search the raw text), and is appended to t
 The store down, hung or refusing writes: hot queries still hit the in-process copy, the rest go to the model, the
 answers it refused are written once it is back, and `/healthz` says `degraded`. The model down: hits still answer,
 misses get 503 with the reason. With `--model active` the server follows `cache promote` / `rollback` without a restart
-(`PromotionWatcher`).
+(`PromotionWatcher`). With `--explore-share`, a hash-chosen share of requests is answered with a parse drawn from the
+greedy parse and its candidate edits, with the probabilities in the body and the exploration log, and never cached
+(`querytune.serving.explore`).
 
 Every error, of any status, has one body: `{"error": message, "code": reason, "request_id": id}`. Every response
 carries `X-Request-ID`; the access log (`querytune.serving.asgi_gate.AccessLog`, on stderr) writes one JSON line per
@@ -205,15 +207,21 @@ def create_app(
     schema_version: str | None = None,
     watch: Callable[[Service], PromotionWatcher] | None = None,
     access: AccessLog | None = None,
+    explorer=None,
 ):
     """The ASGI app. `backend`: a model backend (`querytune.runtime.backends`) or None (every miss gets 503); `cache`: a
     `querytune.serving.cache` store or None; `watch`: builds the promotion watcher (`--model active`); `access`: where
-    the access log goes (None: nowhere)."""
+    the access log goes (None: nowhere); `explorer`: the exploration bucket (`querytune.serving.explore.Explorer`)."""
     from fastapi_offline import FastAPIOffline
 
     settings = settings or Settings()
     service = Service(
-        backend, cache, settings, model_version or backend.model_version, schema_version or backend.schema_version
+        backend,
+        cache,
+        settings,
+        model_version or backend.model_version,
+        schema_version or backend.schema_version,
+        explorer,
     )
     watcher = watch(service) if watch else None
 
@@ -234,8 +242,9 @@ def create_app(
         service.hit_tally.flush()
         await service.cache.drain()
         service.cache.close()
-        if service.fallback:
-            service.fallback.close()
+        for jsonl in (service.fallback, service.explore_log):
+            if jsonl:
+                jsonl.close()
         close = getattr(service.backend, "close", None)  # vLLM's engine runs in processes of its own
         if close:
             close()
@@ -334,9 +343,24 @@ def app_from_env():
     backend = PRELOADED.pop("backend", None) or load(settings, model_dir)
     log.warning("worker %d: model %s version %s on %s", os.getpid(), model_dir, backend.model_version, settings.backend)
     access = AccessLog(sys.stderr.fileno()) if settings.access_log else None
-    app = create_app(backend, store, settings, watch=watch, access=access)
+    app = create_app(backend, store, settings, watch=watch, access=access, explorer=explorer_for(settings, backend))
     gc.freeze()  # the model's objects live as long as the worker: no collection need walk them again
     return app
+
+
+def explorer_for(settings: Settings, backend):
+    """The exploration bucket the settings ask for, or None (`--explore-share 0`)."""
+    if settings.explore_share <= 0:
+        return None
+    from querytune.serving.explore import Explorer
+
+    return Explorer.for_index(
+        backend.schema,
+        settings.explore_index,
+        settings.explore_share,
+        salt=settings.explore_salt,
+        bucket_s=settings.explore_bucket_s,
+    )
 
 
 def _exit_with(supervisor: int) -> None:

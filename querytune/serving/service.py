@@ -1,6 +1,7 @@
-"""What the server's routes share: the model (swappable on promotion), the cache, the miss batcher and the
-metrics (`Service`, with the hit path `hit` and the answer to any query `answer`); the Prometheus flush of cache hits
-(`Tally`); and the watcher that follows promotions (`PromotionWatcher`).
+"""What the server's routes share: the model (swappable on promotion), the cache, the miss batcher, the exploration
+bucket and the metrics (`Service`, with the hit path `hit` and the answer to any query `answer`); the Prometheus flush
+of cache hits (`Tally`); the JSONL files of fallback and exploratory answers (`JsonlLog`); and the watcher that follows
+promotions (`PromotionWatcher`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from querytune.serving.api import ApiError, given_key, result
 from querytune.serving.asgi_gate import Periodic
 from querytune.serving.batcher import BackendDown, MissBatcher
 from querytune.serving.cache import Entry
+from querytune.serving.explore import Explorer
 from querytune.serving.serving_cache import ServingCache
 from querytune.serving.settings import Settings
 
@@ -96,7 +98,15 @@ class Tally(Periodic):
 class Service:
     """What the routes share: the model (swappable on promotion), the cache, the batcher and the metrics."""
 
-    def __init__(self, backend, cache_store, settings: Settings, model_version: str, schema_version: str):
+    def __init__(
+        self,
+        backend,
+        cache_store,
+        settings: Settings,
+        model_version: str,
+        schema_version: str,
+        explorer: Explorer | None = None,
+    ):
         self.backend, self.settings = backend, settings
         self.model_version, self.schema_version = model_version, schema_version
         self.registry, self.m = _metrics()
@@ -116,9 +126,12 @@ class Service:
             on_results=self.write_answers,
         )
         self.calls: set[asyncio.Task] = set()  # `aparse` calls in flight (they outlive a request past its deadline)
-        self.fallback = FallbackLog(settings.fallback_log) if settings.fallback_log else None
+        self.fallback = JsonlLog(settings.fallback_log, "fallback log") if settings.fallback_log else None
+        # None with the bucket off: the hit path then pays nothing for it
+        self.explorer = explorer if explorer is not None and explorer.share > 0 else None
+        self.explore_log = JsonlLog(settings.explore_log, "explore log") if settings.explore_log else None
         self.key = (settings.api_key or "").encode()
-        # a hit's query string -> [its body up to latency_ms, the model version]: a hit's work, done once (`_known`)
+        # a hit's query string -> [its body up to latency_ms, the model version, the normalised query] (`_known`)
         self.queries: dict[bytes, list] = {}
         self.hit_tally = Tally(self.m["answers"].labels("cache"), self.m["latency"].labels("get"))
         self.warm_s: float | None = None  # seconds the warm-up parse took; None until it has answered (`warm_up`)
@@ -150,14 +163,16 @@ class Service:
             known = self._known(scope)
             if known is None:
                 return None
+        if self.explorer is not None and self.explorer.chosen(known[2], time.time()):
+            return None  # in the exploration bucket: the app draws its answer
         seconds = time.perf_counter() - t0
         self.hit_tally.add(seconds)
         return b"%s%.3f}" % (known[0], 1000 * seconds)  # the same number as round(ms, 3), at a third of its cost
 
     def _known(self, scope: dict) -> list | None:
-        """[the hit's body up to latency_ms, the model version it was written for] of a query string the in-process
-        copy holds, kept for the next hit of it: entries never change within a model version, so that body stays
-        right until a promotion changes the version."""
+        """[the hit's body up to latency_ms, the model version it was written for, the normalised query] of a query
+        string the in-process copy holds, kept for the next hit of it: entries never change within a model version, so
+        that body stays right until a promotion changes the version."""
         qs = scope["query_string"]
         if qs[:2] != b"q=" or b"&" in qs:
             return None
@@ -172,6 +187,7 @@ class Service:
         known = [
             orjson.dumps(result(raw, norm, "cache", e.parse, e.valid, e.model_version))[: -len(b"0.0}")],
             self.model_version,
+            norm,
         ]
         if len(self.queries) >= self.settings.local_cache_entries:
             self.queries.clear()
@@ -211,10 +227,14 @@ class Service:
     def write_answers(self, answers: list[tuple[str, Any]], version: str) -> None:
         self.cache.write_back([(q, Entry(p.parse, True, float(p.confidence), version)) for q, p in answers if p.valid])
 
-    async def answer(self, raw: list[str], checked: tuple | None = None) -> tuple[list[dict], int]:
+    async def answer(
+        self, raw: list[str], checked: tuple | None = None, at: float | None = None
+    ) -> tuple[list[dict], int]:
         """Each query's result in order, and 200, or 503 when a miss found the model down. Bad input: ApiError 400.
-        `checked`: (query, normalised, reason) of a query the hit path has already checked."""
+        `checked`: (query, normalised, reason) of a query the hit path has already checked; `at`: the request's time
+        (epoch seconds, default now), which with the query picks the exploration bucket."""
         t0, s, version = time.perf_counter(), self.settings, self.model_version
+        at = time.time() if at is None else at
         norms = []
         for q in raw:
             norm, reason = checked[1:] if checked and checked[0] == q else check_query(q, s.max_query_chars)
@@ -259,38 +279,79 @@ class Service:
                 p = fut.result()
                 results[i] = result(raw[i], n, "model", p.parse, bool(p.valid), version, p.error)
         if self.fallback and fallbacks:
-            self.fallback.append(list(dict.fromkeys(fallbacks)))
+            now = time.time()
+            self.fallback.append([{"query": q, "at": now} for q in dict.fromkeys(fallbacks)])
+        if self.explorer is not None:
+            await self._explore(results, norms, at)
         end = time.perf_counter()
         for n, r in zip(norms, results):  # each row's own time: a hit's is the lookup, a miss's until its answer
             r["latency_ms"] = round(1000 * ((looked_up if r["source"] == "cache" else answered.get(n, end)) - t0), 3)
             self.m["answers"].labels(r["source"]).inc()
         return results, status  # type: ignore[return-value]
 
+    async def _explore(self, results: list[dict], norms: list[str], at: float) -> None:
+        """Answer the bucket's rows with their draw (`querytune.serving.explore`), logged before the response goes
+        out. Only rows with a valid greedy parse explore; the cache keeps the greedy parse."""
+        explorer, draws = self.explorer, {}
+        rows = [
+            i
+            for i, (r, n) in enumerate(zip(results, norms))
+            if r["source"] in ("cache", "model") and r["valid"] and r["parse"] and explorer.chosen(n, at)
+        ]
+        if not rows:
+            return
+        loop = asyncio.get_running_loop()
+        for i in rows:
+            n = norms[i]
+            if n not in draws:  # the proposal embeds the text's free n-grams: off the event loop
+                draws[n] = await loop.run_in_executor(
+                    self.batcher.pool, explorer.draw, n, results[i]["query"], results[i]["parse"], at
+                )
+            results[i]["parse"] = draws[n].parse
+            results[i].update(draws[n].fields())
+        if self.explore_log:
+            self.explore_log.append(
+                [
+                    {
+                        "at": at,
+                        "query": results[i]["query"],
+                        "normalized": norms[i],
+                        "model_version": results[i]["model_version"],
+                        "parse": results[i]["parse"],
+                        "share": explorer.share,
+                        "salt": explorer.salt,
+                        **draws[norms[i]].fields(),
+                    }
+                    for i in rows
+                ]
+            )
 
-class FallbackLog:
-    """The JSONL file of queries the fallback answered, for offline labeling: opened when the server starts (a path
-    that cannot be written stops it there with one line), and a write that fails later (a full disk) is logged and
-    counted, never a failed request."""
 
-    def __init__(self, path: str):
-        self.path, self.lock, self.failed = path, threading.Lock(), 0
+class JsonlLog:
+    """A JSONL file the server appends to (`--fallback-log`: queries the fallback answered, for offline labeling;
+    `--explore-log`: every exploratory answer): opened when the server starts (a path that cannot be written stops it
+    there with one line); each append is written and flushed before the response goes out, so a killed server loses
+    no row it answered; a write that fails later (a full disk) is logged and counted, never a failed request."""
+
+    def __init__(self, path: str, what: str):
+        self.path, self.what, self.lock, self.failed = path, what, threading.Lock(), 0
         self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - held for the server's life, closed by `close`
 
-    def append(self, queries: list[str]) -> None:
-        lines = "".join(json.dumps({"query": q, "at": time.time()}) + "\n" for q in queries)
+    def append(self, rows: list[dict]) -> None:
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         try:
             with self.lock:
                 self.file.write(lines)
                 self.file.flush()
         except (OSError, ValueError) as e:  # ValueError: the file was closed under us at shutdown
-            self.failed += len(queries)
-            log.warning("fallback log %s: %d queries not written (%s)", self.path, len(queries), e)
+            self.failed += len(rows)
+            log.warning("%s %s: %d rows not written (%s)", self.what, self.path, len(rows), e)
 
     def close(self) -> None:
         try:
             self.file.close()
         except OSError as e:  # what a full disk refuses at the last flush
-            log.warning("fallback log %s: %s", self.path, e)
+            log.warning("%s %s: %s", self.what, self.path, e)
 
 
 class PromotionWatcher:

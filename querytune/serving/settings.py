@@ -89,6 +89,28 @@ class Settings(BaseSettings):
         None,
         description="Append queries answered by the fallback here (JSONL) for offline labeling; opened at start-up.",
     )
+    explore_share: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of requests in the exploration bucket (chosen by a hash of query, hour and salt), answered "
+        "with a parse drawn from the greedy parse and its candidate edits and logged with its probability "
+        "(docs/loop.md); never cached. 0: off, every answer as without it.",
+    )
+    explore_index: str | None = Field(
+        None,
+        description="Index folder whose catalogue names and embedder propose the bucket's candidate edits (needed "
+        "with --explore-share).",
+    )
+    explore_salt: str = Field("querytune", description="Salt of the bucket's hash: another salt, another bucket.")
+    explore_bucket_s: int = Field(
+        3600, ge=1, description="The hash's time bucket (seconds): a query retyped within it gets the same answer."
+    )
+    explore_log: str | None = Field(
+        None,
+        description="Append every exploratory answer here (JSONL: query, time, parse, propensity, candidates), "
+        "written before the response goes out.",
+    )
     access_log: bool = Field(
         True,
         description="One JSON line per request on stderr (request id, status, ms), written every 0.5 s or 1,024 lines.",

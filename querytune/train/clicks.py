@@ -11,7 +11,9 @@ Intrusive Interventions", WSDM 2019). `estimate_propensity` fits the power law p
 (p(0) = 1, i 0-based) to those counts by maximum likelihood, so that a rarely swapped position is not noise. A
 log without randomised impressions (the v1 world: no `display_p`; read as all 1.0) or with fewer than
 `MIN_RANDOM_CLICKS` clicks on them falls back to eta = `DEFAULT_ETA` = 1, the examination curve of Joachims et
-al.'s simulations (p(i) = 1/rank). Where users stop after a satisfying click (a cascade), the fitted curve is the
+al.'s simulations (p(i) = 1/rank). Rows of an exploration bucket (`policy` "explore", `querytune world traffic`)
+are left out of the fit: a business a drawn parse shows low in the list is there because of what it is, not by
+chance. Where users stop after a satisfying click (a cascade), the fitted curve is the
 average examination of each position over the log, steeper than any one user's: the average is what the gains
 below need.
 
@@ -83,6 +85,8 @@ def _rows(log: pd.DataFrame):
 
 def estimate_propensity(log: pd.DataFrame, min_clicks: int = MIN_RANDOM_CLICKS) -> Propensity:
     """The examination curve of a log (columns `shown`, `clicked`, optional `display_p`): see the module doc."""
+    if "policy" in log:  # an exploration bucket's rows: what a drawn parse shows depends on relevance, not chance
+        log = log[log["policy"].fillna("") != "explore"]
     depth = max((len(s) for s in log["shown"] if s is not None), default=10)
     n, k = np.zeros(max(depth, 1)), np.zeros(max(depth, 1))
     for shown, probs, clicked in _rows(log):

@@ -10,6 +10,12 @@ Candidates (`propose`): for each text, single-slot edits of the greedy parse, ea
 - `add`: a filter the parse lacks, on a free n-gram that embeds near the filter ("for kids" -> kid friendly);
 - `name`: the named-business intent with a catalogue name that the text writes ("the gym" as one business, not a
   category). A free n-gram is one whose words no "what"/"where" value of the parse writes, and not all stop words.
+
+With the text's click evidence (`propose(..., targets)`, RFT's `click_values`), also a `what` edit to the value users
+clicked (`clicked_values`): per closed-list "what" slot, the value whose businesses hold at least half of the text's
+debiased click gains (summed over its logged contexts), where the parse says otherwise, on each free n-gram. This is
+how a word no embedding places ("fade shop", 27th nearest to barber) gets its value once an exploration bucket has
+shown the right businesses for it; the miner's pooled test still decides.
 """
 
 from __future__ import annotations
@@ -108,6 +114,12 @@ class EditProposer:
         }
         catalog = getattr(searcher, "catalog", None)
         self.book = NameBook(catalog["name"]) if catalog is not None and "name" in catalog else None
+        # business id -> its value of each closed-list "what" slot the catalogue holds (`clicked_values`)
+        self.business_values = {
+            s.name: {str(b): v for b, v in zip(catalog["business_id"], catalog[s.name]) if isinstance(v, str) and v}
+            for s in self.what
+            if catalog is not None and "business_id" in catalog and s.name in catalog
+        }
         self.embedder = getattr(searcher, "embedder", None)
         options = [(s.name, v) for s in self.what for v in s.values] + [
             (s.name, v) for s in self.filters for v in self.values[s.name]
@@ -144,8 +156,36 @@ class EditProposer:
                 run.append(w)
         return [g for span in spans for g in ngrams(span, 2) if not set(g.split()) <= STOP]
 
-    def propose(self, texts: list[str], greedy: list[dict[str, Any] | None]) -> list[list[Edit]]:
-        """Every text's candidate edits (module doc); a text without a valid greedy parse gets none."""
+    def clicked_values(self, parse: dict[str, Any], target: dict[str, Any] | None) -> list[tuple[str, Any]]:
+        """(slot, value) of each closed-list "what" slot whose clicked value (module doc) the parse lacks."""
+        if not target:
+            return []
+        gains: dict[str, float] = {}
+        for c in target.get("contexts") or [target]:
+            g = json.loads(c["gains"]) if isinstance(c["gains"], str) else c["gains"]
+            for b, v in g.items():
+                gains[b] = gains.get(b, 0.0) + v
+        total = sum(gains.values())
+        out = []
+        for slot, of in self.business_values.items():
+            by_value: Counter = Counter()
+            for b, v in gains.items():
+                if v > 0 and b in of:
+                    by_value[of[b]] += v
+            if total > 0 and by_value:
+                value, weight = by_value.most_common(1)[0]
+                if weight >= total / 2 and parse["slots"].get(slot) != value:
+                    out.append((slot, value))
+        return out
+
+    def propose(
+        self,
+        texts: list[str],
+        greedy: list[dict[str, Any] | None],
+        targets: dict[str, dict[str, Any]] | None = None,
+    ) -> list[list[Edit]]:
+        """Every text's candidate edits (module doc); a text without a valid greedy parse gets none. `targets`
+        (normalised text -> its click evidence, `querytune.train.targets.text_targets`): also the clicked values."""
         free = [self.free_ngrams(t, p) if p else [] for t, p in zip(texts, greedy)]
         grams = sorted({g for fs in free for g in fs})
         near: dict[str, list[tuple[str, Any]]] = {}
@@ -156,11 +196,21 @@ class EditProposer:
                 near[g] = [self._options[i] for i in top]
         out = []
         for text, parse, fs in zip(texts, greedy, free):
-            out.append(
-                self._edits(text, parse, fs, near)
-                if parse and parse["intent"] in self.schema.intents and self.schema.intents[parse["intent"]].slots != ()
-                else []
-            )
+            if not (
+                parse and parse["intent"] in self.schema.intents and self.schema.intents[parse["intent"]].slots != ()
+            ):
+                out.append([])
+                continue
+            edits = self._edits(text, parse, fs, near)
+            if targets is not None:
+                have = {e.key for e in edits}
+                for slot, value in self.clicked_values(parse, targets.get(normalize_text(text))):
+                    for g in fs:
+                        e = Edit("what", g, slot, parse["slots"].get(slot), value)
+                        if e.key not in have:
+                            have.add(e.key)
+                            edits.append(e)
+            out.append(edits)
         return out
 
     def _edits(

@@ -113,8 +113,10 @@ class EditMiner(EditProposer):
         pool: bool = True,
         abstain: bool = True,
         screen_p: float = 0.05,
+        click_values: bool = False,
     ):
         super().__init__(schema, reward.searcher, seed_rows, near, min_similarity)
+        self.click_values = click_values  # also propose the values a text's clicks point to (`EditProposer.propose`)
         self.reward, self.alpha, self.min_effect, self.min_texts = reward, alpha, min_effect, min_texts
         self.text_margin, self.text_contexts, self.pool, self.abstain, self.screen_p = (
             text_margin,
@@ -289,7 +291,7 @@ class EditMiner(EditProposer):
         self, texts: list[str], greedy: list[dict[str, Any] | None], targets: dict[str, dict[str, Any]], progress=None
     ) -> tuple[pd.DataFrame, list[list[Edit]]]:
         """Propose, score and decide (module doc): the edit table and every text's proposals."""
-        proposals = self.propose(texts, greedy)
+        proposals = self.propose(texts, greedy, targets if self.click_values else None)
         return self.decide(self.evidence(texts, greedy, proposals, targets, progress), proposals, texts), proposals
 
     # -- relabeling ----------------------------------------------------------------------------------------

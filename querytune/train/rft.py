@@ -52,6 +52,7 @@ class RFTRecipe(Recipe):
     max_contexts: int = 8  # logged contexts per text the evidence is scored in
     near: int = 2  # closed-list values / filters an n-gram proposes by embedding
     min_similarity: float = 0.5  # cosine an n-gram needs to propose a value or filter
+    click_values: bool = False  # also propose the "what" value a text's clicks point to (the closed loop's round)
     alpha: float = 0.05  # false-discovery rate of the pooled tests
     screen_p: float = 0.05  # an edit goes on to confirmation when its pooled p on the training texts is at most this
     confirm_texts: int = (
@@ -170,7 +171,10 @@ def confirm(
     targets = text_targets(
         world, others, seed=seed + 1, shuffle_clicks=config.shuffle_clicks, max_contexts=config.max_contexts
     )
-    proposals = [[e for e in edits if e.key in screened] for edits in miner.propose(others, greedy)]
+    proposals = [
+        [e for e in edits if e.key in screened]
+        for edits in miner.propose(others, greedy, targets if miner.click_values else None)
+    ]
     return miner.evidence(others, greedy, proposals, targets), len(others)
 
 
@@ -224,12 +228,13 @@ def build_labels(
             pool=config.pool,
             abstain=config.abstain,
             screen_p=config.screen_p,
+            click_values=config.click_values,
         )
         targets = text_targets(
             world, texts, seed=seed, shuffle_clicks=config.shuffle_clicks, max_contexts=config.max_contexts
         )
         t0 = time.perf_counter()
-        proposals = miner.propose(texts, greedy)
+        proposals = miner.propose(texts, greedy, targets if miner.click_values else None)
         found, confirmation = [], None
         if config.edits == "mined":
             with Progress(*Progress.get_default_columns()) as bar:

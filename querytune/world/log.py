@@ -88,14 +88,20 @@ def synonym_table(market: Market) -> dict[str, str]:
     return table
 
 
-def cascade_clicks(rng: random.Random, shown: np.ndarray, rel: dict[int, int]) -> list[int]:
+def cascade_clicks(
+    rng: random.Random | None, shown: np.ndarray, rel: dict[int, int], draws: np.ndarray | None = None
+) -> list[int]:
+    """The shown businesses (row indices) a user clicks, in order. `draws` (positions x 3 uniforms: examine, click,
+    stop) replace `rng`'s stream: a user who decides the same at each position whatever is shown there
+    (`world traffic`, where the policy changes what is shown but must not change the user)."""
+    u = (lambda pos, j: draws[pos, j]) if draws is not None else (lambda pos, j: rng.random())
     out = []
     for pos, b in enumerate(shown):
-        if rng.random() < 1.0 / (pos + 1) ** EXAMINE_POWER:
+        if u(pos, 0) < 1.0 / (pos + 1) ** EXAMINE_POWER:
             grade = rel.get(int(b), 0)
-            if rng.random() < CLICK_P[grade]:
+            if u(pos, 1) < CLICK_P[grade]:
                 out.append(int(b))
-                if grade == 2 and rng.random() < STOP_P:
+                if grade == 2 and u(pos, 2) < STOP_P:
                     break
     return out
 

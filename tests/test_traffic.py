@@ -1,0 +1,122 @@
+"""`querytune world traffic`: the world's requests replayed through the serving service and clicked by its users;
+the same bytes for the same inputs, and users whose choices do not depend on what the policy shows."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from querytune.cli import app
+
+DAYS = "30-33"
+
+
+def traffic(world, model, index, out, share: float) -> pd.DataFrame:
+    result = CliRunner().invoke(
+        app,
+        [
+            "world", "traffic", "--world", str(world), "--model", str(model), "--index", str(index),
+            "--days", DAYS, "--explore-share", str(share), "--out", str(out),
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "regret" in result.output
+    return pd.read_parquet(out / "log.parquet")
+
+
+@pytest.mark.slow
+def test_traffic_is_deterministic_logs_propensities_and_its_users_ignore_the_policy(
+    tiny_model, small_world_master, real_index, tmp_path
+):
+    explored = traffic(small_world_master, tiny_model, real_index, tmp_path / "a", 0.5)
+    again = traffic(small_world_master, tiny_model, real_index, tmp_path / "b", 0.5)
+    assert (tmp_path / "a" / "log.parquet").read_bytes() == (tmp_path / "b" / "log.parquet").read_bytes()
+    assert (tmp_path / "a" / "audit" / "regret.json").read_text() == (
+        tmp_path / "b" / "audit" / "regret.json"
+    ).read_text()
+    assert explored.equals(again)
+
+    log = pd.read_parquet(small_world_master / "log.parquet")
+    day = (log["timestamp"] - log["timestamp"].min().normalize()).dt.days
+    assert explored["query_id"].tolist() == log.loc[day.between(30, 33), "query_id"].tolist()
+
+    bucket = explored[explored["policy"] == "explore"]
+    assert 0.3 * len(explored) < len(bucket) < 0.6 * len(explored)
+    moved = 0
+    for row in bucket.itertuples():
+        candidates = json.loads(row.candidates)
+        assert sum(c["p"] for c in candidates) == pytest.approx(1.0)
+        assert row.propensity == next(c["p"] for c in candidates if json.dumps(c["parse"], sort_keys=True) == row.parse)
+        assert all(0 < p <= 1 for p in row.display_p)
+        moved += len(candidates) > 1
+    assert moved > 0, "some bucket request had a candidate besides its greedy parse"
+    greedy = explored[explored["policy"] == "greedy"]
+    assert (greedy["propensity"] == 1.0).all() and greedy["candidates"].isna().all()
+
+    # the same rows served greedily: outside the bucket every shown list and click is the same
+    plain = traffic(small_world_master, tiny_model, real_index, tmp_path / "c", 0.0).set_index("query_id")
+    assert (plain["policy"] == "greedy").all()
+    same = plain.loc[greedy["query_id"]]
+    assert [list(x) for x in same["shown"]] == [list(x) for x in greedy["shown"]]
+    assert [list(x) for x in same["clicked"]] == [list(x) for x in greedy["clicked"]]
+    # the served model judged on its own bucket: its greedy parse is always a candidate
+    result = CliRunner().invoke(
+        app,
+        ["eval", "offpolicy", "--log", str(tmp_path / "a" / "log.parquet"), "--model", f"served={tiny_model}",
+         "--model", f"again={tiny_model}", "--out", str(tmp_path / "ope.json")],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    ope = json.loads((tmp_path / "ope.json").read_text())
+    assert ope["models"]["served"]["support"] == 1.0
+    greedy_served = sum(
+        json.loads(c)[0]["parse"] == json.loads(p) for c, p in zip(bucket["candidates"], bucket["parse"])
+    )
+    assert ope["models"]["served"]["matched"] == greedy_served
+    assert ope["models"]["again"]["vs_first"]["difference"] == 0.0
+    # a promotion gated on the bucket: the served model again does not beat itself
+    from querytune.serving.cache import open_cache
+
+    cache = f"sqlite:///{tmp_path}/cache.db"
+    open_cache(cache, create=True)  # promote opens only a cache that exists
+    first = CliRunner().invoke(app, ["cache", "promote", "--model", str(tiny_model), "--cache", cache, "--force"])
+    assert first.exit_code == 0, first.output
+    gated = CliRunner().invoke(
+        app,
+        ["cache", "promote", "--model", str(tiny_model), "--cache", cache, "--force",
+         "--offpolicy-log", str(tmp_path / "a" / "log.parquet")],
+    )  # fmt: skip
+    assert gated.exit_code == 2
+    assert "not promoted" in gated.output and "does not beat the active model" in gated.output
+    regret = json.loads((tmp_path / "a" / "audit" / "regret.json").read_text())
+    assert regret["all"]["requests"] > 0 and regret["bucket"]["requests"] > 0
+    assert json.loads((tmp_path / "c" / "audit" / "regret.json").read_text())["all"]["regret"] == 0.0
+
+    # the next round's world: the log and the traffic, no audit/, and the bucket outside the position-bias fit
+    result = CliRunner().invoke(
+        app,
+        ["world", "extend", "--world", str(small_world_master), "--traffic", str(tmp_path / "a" / "log.parquet"),
+         "--out", str(tmp_path / "next")],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "next" / "audit").exists()
+    assert (tmp_path / "next" / "seed.jsonl").read_bytes() == (small_world_master / "seed.jsonl").read_bytes()
+    merged = pd.read_parquet(tmp_path / "next" / "log.parquet")
+    assert len(merged) == len(log) + len(explored) and merged["query_id"].is_unique
+    from querytune.train.clicks import estimate_propensity
+
+    assert estimate_propensity(merged) == estimate_propensity(
+        pd.concat([log, explored[explored["policy"] != "explore"]])
+    )
+
+
+def test_traffic_names_a_bad_day_span(tmp_path):
+    result = CliRunner().invoke(
+        app,
+        ["world", "traffic", "--world", str(tmp_path), "--model", str(tmp_path), "--index", str(tmp_path),
+         "--days", "9-3", "--out", str(tmp_path / "out")],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert "--days '9-3': A-B with 0 <= A <= B" in result.output
