@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 WS     ?= workspace
 M      := $(WS)/models
 
-.PHONY: demo demo-tiny controls compare test test-fast test-wheel system-deps venv vllm-env readme clean
+.PHONY: demo demo-tiny controls compare loop test test-fast test-wheel system-deps venv vllm-env readme clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -73,6 +73,15 @@ SPLIT ?= test
 compare: venv
 	$(BIN)/python eval/compare.py --world $(WS)/world --index $(WS)/index --sft $(M)/sft --out $(WS)/compare --split $(SPLIT) --models-from $(M) \
 	  $(if $(ROWS),--rows $(ROWS))
+
+# one round of the closed loop (eval/loop.py; resumable), on the demo's world, index and SFT model after `make demo`:
+# round 1 (RFT, click values) serves days DAYS with an exploration bucket of EXPLORE_SHARE, round 2 trains on the log +
+# that traffic, its placebo and self-training beside it, the off-policy estimate and its truth; workspace/loop/loop.json
+DAYS          ?= 35-41
+EXPLORE_SHARE ?= 0.2
+loop: venv
+	$(BIN)/python eval/loop.py --world $(WS)/world --index $(WS)/index --sft $(M)/sft --out $(WS)/loop --days $(DAYS) \
+	  --explore-share $(EXPLORE_SHARE) --controls --validate
 
 # the system packages the tests need, checked first: installed with apt-get when root or sudo allows, else one line
 system-deps:

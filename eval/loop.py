@@ -10,7 +10,9 @@ is not redone):
 5. `eval offpolicy`: round 1 and round 2 estimated on the bucket;
 6. test NDCG@10 of SFT, round 1 and round 2, overall and per world mechanism, each paired with round 1
    (`eval/compare.py`'s table);
-7. with --validate, the truth the off-policy estimate is checked against: each round served greedily over the same
+7. with --controls, two more rows: round 2's placebo (`world extend --placebo-seed`: the bucket's clicks permuted
+   within each text and city, then the same RFT) and self-training on the log + traffic texts (`--edits none`);
+8. with --validate, the truth the off-policy estimate is checked against: each round served greedily over the same
    days (`world traffic --explore-share 0`), its click rate on the bucket's requests (the same users: their clicks
    depend on what is shown, not on the policy) and its true NDCG@10 over the window.
 
@@ -52,7 +54,8 @@ def main() -> None:
     ap.add_argument("--explore-share", type=float, default=0.2, help="The bucket's share of the served requests.")
     ap.add_argument("--texts", type=int, default=4000, help="Log texts each RFT round labels (its --texts).")
     ap.add_argument("--split", default="test", choices=["dev", "test"], help="Tune on dev; report test once.")
-    ap.add_argument("--validate", action="store_true", help="Also serve each round greedily (step 7).")
+    ap.add_argument("--controls", action="store_true", help="Also the placebo and self-training rows (step 7).")
+    ap.add_argument("--validate", action="store_true", help="Also serve each round greedily (step 8).")
     args = ap.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -93,6 +96,26 @@ def main() -> None:
         out / "round2" / "summary.json",
         [*rft, "--world", str(rounds["round2"]), "--out", str(out / "round2")],
     )
+    controls = {}
+    if args.controls:
+        placebo_world = out / "world_round2_placebo"
+        step(
+            "extend_placebo",
+            placebo_world / "log.parquet",
+            ["world", "extend", "--world", str(world), "--traffic", str(traffic / "log.parquet"),
+             "--placebo-seed", "0", "--out", str(placebo_world)],
+        )  # fmt: skip
+        step(
+            "round2_placebo",
+            out / "round2_placebo" / "summary.json",
+            [*rft, "--world", str(placebo_world), "--out", str(out / "round2_placebo")],
+        )
+        step(
+            "self_train2",
+            out / "self_train2" / "summary.json",
+            [*rft, "--edits", "none", "--world", str(rounds["round2"]), "--out", str(out / "self_train2")],
+        )
+        controls = {"round2_placebo": out / "round2_placebo", "self_train2": out / "self_train2"}
     step(
         "offpolicy",
         out / "offpolicy.json",
@@ -100,7 +123,7 @@ def main() -> None:
          "--model", f"round2={out / 'round2'}", "--out", str(out / "offpolicy.json")],
     )  # fmt: skip
     split = world / f"{args.split}.jsonl"
-    models = {"sft": sft, "round1": out / "round1", "round2": out / "round2"}
+    models = {"sft": sft, "round1": out / "round1", "round2": out / "round2", **controls}
     for name, folder in models.items():
         preds = out / "predictions" / f"{name}_{args.split}.jsonl"
         step(
@@ -143,7 +166,9 @@ def main() -> None:
         "truth": truth,
         "regret": json.loads((traffic / "audit" / "regret.json").read_text()),
         "edits_accepted": {
-            name: int(pd.read_csv(out / name / "edits.csv")["accepted"].sum()) for name in ("round1", "round2")
+            name: int(pd.read_csv(models[name] / "edits.csv")["accepted"].sum())
+            for name in models
+            if (models[name] / "edits.csv").is_file()
         },
         "meta": {
             "world": str(world),

@@ -199,8 +199,12 @@ def _row(rec: Any, line: int, stem: str, schema: Schema, slots_as_json: bool) ->
     )
 
 
-def load_labeled(path: str | Path, schema: Schema) -> tuple[list[LabeledRow], list[Reject]]:
-    """Read a labeled file; return the rows that fit the schema and the rejects, in file order."""
+def read_records(
+    path: str | Path, required: tuple[str, ...] = REQUIRED
+) -> tuple[str, str, list[tuple[int, Any, str | None]]]:
+    """A JSONL, CSV or Parquet file as (kind, unit, [(line or row, record, error)]): the one reader of every user
+    file with rows (labels, search logs, catalogues). A file that cannot be read at all, or lacks a `required`
+    column, is a LabeledDataError naming it."""
     path = Path(path)
     kind = FORMATS.get(path.suffix.lower())
     if kind is None:
@@ -225,9 +229,16 @@ def load_labeled(path: str | Path, schema: Schema) -> tuple[list[LabeledRow], li
         raise LabeledDataError(f"{path}: not readable as CSV: {e}") from None
     if not records:
         raise LabeledDataError(f"{path}: no rows")
-    missing = [c for c in REQUIRED if columns is not None and c not in columns]
+    missing = [c for c in required if columns is not None and c not in columns]
     if missing:
-        raise LabeledDataError(f"{path}: missing required column(s) {', '.join(missing)} (need {', '.join(REQUIRED)})")
+        raise LabeledDataError(f"{path}: missing required column(s) {', '.join(missing)} (need {', '.join(required)})")
+    return kind, unit, records
+
+
+def load_labeled(path: str | Path, schema: Schema) -> tuple[list[LabeledRow], list[Reject]]:
+    """Read a labeled file; return the rows that fit the schema and the rejects, in file order."""
+    path = Path(path)
+    kind, unit, records = read_records(path)
     ok: list[LabeledRow] = []
     rejects: list[Reject] = []
     seen: dict[str, int] = {}

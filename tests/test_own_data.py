@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import jsonschema
+import pytest
 import xgrammar as xgr
 from typer.testing import CliRunner
 
@@ -110,3 +111,80 @@ def test_a_forgotten_schema_gets_a_hint(tmp_path):
     )
     assert result.exit_code == 2 and "no usable labeled rows; hint:" in result.output
     assert "give yours with --schema FILE" in result.output and "Traceback" not in result.output
+
+
+OWN = Path(__file__).resolve().parents[1] / "data" / "examples" / "own-log"
+
+
+def test_the_own_log_example_is_what_make_py_writes_and_the_docs_say(tmp_path):
+    import pandas as pd
+
+    assert len(pd.read_csv(OWN / "catalog.csv")) == 50 and len(pd.read_csv(OWN / "searches.csv")) == 200
+    copy = tmp_path / "own-log"
+    shutil.copytree(OWN, copy)
+    subprocess.run([sys.executable, str(copy / "make.py")], check=True, cwd=tmp_path)
+    for name in ("catalog.csv", "searches.csv", "seed.jsonl"):
+        assert (copy / name).read_bytes() == (OWN / name).read_bytes(), f"{name}: run data/examples/own-log/make.py"
+
+
+def test_a_world_of_ones_own_files_names_every_bad_row(tmp_path):
+    import pandas as pd
+
+    searches = pd.read_csv(OWN / "searches.csv")
+    bad = searches.head(5).copy()
+    bad.loc[0, "clicked"] = '["nowhere"]'
+    bad.loc[1, "timestamp"] = "yesterday-ish"
+    bad.loc[2, "display_p"] = "[0.5]"
+    bad.loc[3, "shown"] = '["b99999", "b00287"]'
+    bad.loc[3, "display_p"] = "[1.0, 0.95]"
+    bad.loc[3, "clicked"] = '["b99999"]'
+    log = tmp_path / "searches.csv"
+    pd.concat([bad, searches.iloc[5:]]).to_csv(log, index=False)
+    catalog = pd.read_csv(OWN / "catalog.csv")
+    catalog.loc[0, "category"] = "spaceport"
+    catalog.loc[1, "rating"] = 7
+    shops = tmp_path / "catalog.csv"
+    catalog.to_csv(shops, index=False)
+    out = tmp_path / "world"
+    result = CliRunner().invoke(
+        app, ["data", "world", "--seed", str(OWN / "seed.jsonl"), "--log", str(log), "--catalog", str(shops),
+              "--out", str(out)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    reasons = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    said = {r["where"]: r["reason"] for r in reasons}
+    assert said[f"{shops}:2"] == "category: 'spaceport' is not one of the schema's category values"
+    assert said[f"{shops}:3"] == "price_level: 1 to 4 (0: unknown); rating: 0 to 5"
+    assert said[f"{log}:2"] == "clicked: 'nowhere' was not shown"
+    assert said[f"{log}:3"] == "timestamp: 'yesterday-ish' is not an ISO time"
+    assert said[f"{log}:4"] == "display_p: one probability in (0, 1] per shown business"
+    assert said[f"{log}: shown b99999"] == "not in catalog.csv: taken off the 1 pages that show it"
+    assert said[f"{log}: shown b00282"].startswith("not in catalog.csv: taken off the ")  # a rejected business
+    kept = pd.read_parquet(out / "log.parquet").set_index("query_id")
+    lines = [r["where"][len(str(log)) + 1 :] for r in reasons if r["where"].startswith(f"{log}:")]
+    assert len(kept) + sum(w.isdigit() for w in lines) == 200, "every search kept or rejected"
+    row = kept.loc[bad.loc[3, "query_id"]]
+    assert (list(row["shown"]), list(row["display_p"]), list(row["clicked"])) == (["b00287"], [0.95], [])
+    assert (kept["period"] == "early").all() and set(kept.columns) >= {"query", "shown", "display_p", "clicked"}
+    assert len(pd.read_parquet(out / "catalog.parquet")) == 48
+
+
+@pytest.mark.slow
+def test_rft_runs_from_ones_own_log_and_catalogue(tiny_model, tmp_path):
+    """The own-log example (200 searches, 50 businesses) as a world: indexed, mined and trained on by RFT."""
+    out, index = tmp_path / "world", tmp_path / "index"
+    runner = CliRunner()
+    made = runner.invoke(
+        app, ["data", "world", "--seed", str(OWN / "seed.jsonl"), "--log", str(OWN / "searches.csv"),
+              "--catalog", str(OWN / "catalog.csv"), "--out", str(out)],
+    )  # fmt: skip
+    assert made.exit_code == 0, made.output
+    assert runner.invoke(app, ["index", "build", "--world", str(out), "--out", str(index)]).exit_code == 0
+    rft = runner.invoke(
+        app, ["train", "rft", "--init", str(tiny_model), "--world", str(out), "--index", str(index),
+              "--out", str(tmp_path / "rft"), "--texts", "40", "--max-steps", "2", "--click-values"],
+    )  # fmt: skip
+    assert rft.exit_code == 0, rft.output
+    assert (tmp_path / "rft" / "edits.csv").is_file() and (tmp_path / "rft" / "labels.jsonl").is_file()
+    evidence = json.loads((tmp_path / "rft" / "evidence.json").read_text())
+    assert evidence["texts_with_clicks"] > 0, "the user's clicks reached the miner"

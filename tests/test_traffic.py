@@ -120,3 +120,27 @@ def test_traffic_names_a_bad_day_span(tmp_path):
     )  # fmt: skip
     assert result.exit_code == 2
     assert "--days '9-3': A-B with 0 <= A <= B" in result.output
+
+
+def test_the_placebo_moves_bucket_clicks_within_a_text_and_city_and_nothing_else():
+    from querytune.world.traffic import permuted_clicks
+
+    rows = [
+        ("washeteria", "austin", "explore", ["a", "b", "c"], ["a"]),
+        ("Washeteria", "austin", "explore", ["d", "e", "f"], ["e", "f"]),
+        ("washeteria", "austin", "explore", ["g", "h", "i"], []),
+        ("washeteria", "miami", "explore", ["j", "k"], ["k"]),  # alone in its city: nothing to swap with
+        ("washeteria", "austin", "greedy", ["l", "m"], ["m"]),  # outside the bucket: untouched
+    ]
+    log = pd.DataFrame(rows, columns=["query", "user_city", "policy", "shown", "clicked"])
+    moved_any = False
+    for seed in range(6):
+        placebo, moved = permuted_clicks(log, seed)
+        positions = sorted(
+            tuple(list(s).index(b) for b in c) for s, c in zip(placebo["shown"][:3], placebo["clicked"][:3])
+        )
+        assert positions == [(), (0,), (1, 2)], "the group's click positions, redistributed"
+        assert all(set(c) <= set(s) for s, c in zip(placebo["shown"], placebo["clicked"]))
+        assert list(placebo["clicked"][3:]) == [["k"], ["m"]]
+        moved_any |= moved > 0
+    assert moved_any

@@ -116,3 +116,45 @@ def split(
     write_labeled(train, out / "train.jsonl")
     write_labeled(heldout, out / "heldout.jsonl")
     typer.echo(f"{len(train)} rows -> {out / 'train.jsonl'}, {len(heldout)} rows -> {out / 'heldout.jsonl'}")
+
+
+@app.command()
+def world(
+    seed: Path = typer.Option(
+        ..., "--seed", help="Your labeled rows (text, intent, slots): what SFT and RFT start from."
+    ),
+    log: Path = typer.Option(
+        ...,
+        "--log",
+        help="Your search log: query, timestamp, user_city, shown, clicked (optional display_p, policy, query_id).",
+    ),
+    catalog: Path = typer.Option(
+        ..., "--catalog", help="Your businesses: business_id, name, city (optional category, cuisine, ..., text)."
+    ),
+    out: Path = typer.Option(..., "--out", help="The world folder to write (then `index build --world OUT`)."),
+    schema: Optional[Path] = typer.Option(None, "--schema", help="Schema YAML (default: data/schema.yaml)."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+) -> None:
+    """Make a world folder of your own seed rows, search log and catalogue (docs/data.md): every reward stage and
+    the miner then read it as they read the simulated world's; bad rows go to OUT/rejects.jsonl with file and line."""
+    import json
+
+    from querytune.own_world import assemble
+
+    with user_errors():
+        sch = load_schema(schema)
+        for flag, path in (("--seed", seed), ("--log", log), ("--catalog", catalog)):
+            if not path.is_file():
+                raise FileNotFoundError(f"{flag} {path}: file not found")
+        prepare_out(out, force, inputs=[seed, log, catalog])
+        try:
+            counts = assemble(seed, log, catalog, out, sch)
+        except LabeledDataError as e:
+            raise ValueError(str(e)) from None
+    rejected = counts["rejected"]
+    Console().print(
+        f"{out}: {counts['seed_rows']:,} seed rows, {counts['log_rows']:,} searches, {counts['businesses']:,} "
+        f"businesses; rejected: {json.dumps(rejected)}; businesses shown but not in the catalogue: "
+        f"{counts['shown_not_in_catalog']}"
+        + (f" (reasons in {out / 'rejects.jsonl'})" if any(rejected.values()) or counts["shown_not_in_catalog"] else "")
+    )

@@ -232,6 +232,12 @@ def extend(
         ..., "--traffic", help="A log from `querytune world traffic` (repeatable): its rows join the world's log."
     ),
     out: Path = typer.Option(..., "--out", help="The next round's world folder (every file but audit/)."),
+    placebo_seed: int = typer.Option(
+        None,
+        "--placebo-seed",
+        help="The placebo round: permute the bucket's clicks within each text and city with this seed (pages and "
+        "click counts kept, the information of which page was right removed).",
+    ),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """The next training round's world: the world's files without audit/, its log followed by the served traffic's
@@ -245,8 +251,7 @@ def extend(
             if not path.is_file():
                 raise FileNotFoundError(f"--traffic {path}: file not found")
         prepare_out(out, force, inputs=[world, *traffic])
-        counts = extend_world(world, traffic, out)
+        counts = extend_world(world, traffic, out, placebo_seed)
     out_console.print(
-        f"{out}: the log's {counts.pop('log'):,} rows and "
-        + ", ".join(f"{n:,} from {path}" for path, n in counts.items())
+        f"{out}: the log's {counts.pop('log'):,} rows and " + ", ".join(f"{path}: {n:,}" for path, n in counts.items())
     )

@@ -216,10 +216,14 @@ def regret_record(scores: list[dict], days: tuple[int, int], explorer, model_ver
     }
 
 
-def extend(world: str | Path, traffic: list[str | Path], out: str | Path) -> dict[str, int]:
+def extend(world: str | Path, traffic: list[str | Path], out: str | Path, placebo_seed: int | None = None) -> dict:
     """A world folder for the next training round: `world`'s files but audit/ (training never reads it), its
     log.parquet followed by every `traffic` log's rows (what the served model showed and the users clicked, each
-    id suffixed with its file's number so that no id repeats). Returns rows per source."""
+    id suffixed with its file's number so that no id repeats). Returns rows per source.
+
+    `placebo_seed`: the placebo round: among the bucket's rows of one text in one city, the clicks are permuted
+    (each row gets another row's clicked positions on its own shown list), so the bucket keeps its texts, pages and
+    click counts but its clicks no longer say which page was right."""
     import shutil
 
     world, out = Path(world), Path(out)
@@ -234,8 +238,31 @@ def extend(world: str | Path, traffic: list[str | Path], out: str | Path) -> dic
         missing = [c for c in log.columns if c not in extra.columns]
         if missing:
             raise ValueError(f"--traffic {path}: no column {', '.join(missing)} (a log from `querytune world traffic`)")
+        if placebo_seed is not None:
+            extra, counts[f"{path}: bucket rows whose clicks moved"] = permuted_clicks(extra, placebo_seed + i)
         parts.append(extra.assign(query_id=extra["query_id"] + f"-t{i}"))
         counts[str(path)] = len(extra)
     merged = pd.concat(parts, ignore_index=True).sort_values(["timestamp", "query_id"], kind="stable")
     write_parquet(merged.reset_index(drop=True), out / "log.parquet")
     return counts
+
+
+def permuted_clicks(log: pd.DataFrame, seed: int) -> tuple[pd.DataFrame, int]:
+    """`log` with the bucket's click positions permuted within each (normalised text, city) (`extend`'s placebo),
+    and how many rows got other clicks."""
+    rng = np.random.default_rng(seed)
+    log = log.copy()
+    clicked = log["clicked"].map(list).tolist()
+    bucket = log.index[log["policy"] == "explore"]
+    groups = log.loc[bucket].groupby([log.loc[bucket, "query"].map(normalize_text), log.loc[bucket, "user_city"]])
+    moved = 0
+    for _, rows in groups.groups.items():
+        rows = list(rows)
+        positions = [[list(log.at[r, "shown"]).index(b) for b in clicked[r]] for r in rows]
+        for r, pos in zip(rows, [positions[j] for j in rng.permutation(len(rows))]):
+            shown = list(log.at[r, "shown"])
+            new = [shown[p] for p in pos if p < len(shown)]
+            moved += new != clicked[r]
+            clicked[r] = new
+    log["clicked"] = clicked
+    return log, moved
