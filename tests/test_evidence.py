@@ -488,6 +488,7 @@ def test_a_word_no_embedding_places_gets_the_value_its_users_clicked():
     table, proposals = miner.mine(texts, greedy, targets)
     row = table[(table["trigger"] == "washeteria") & (table["new"] == '"laundromat"')]
     assert len(row) == 1 and bool(row["accepted"].iloc[0]) and row["texts"].iloc[0] == len(texts)
+    assert row["kind"].iloc[0] == "click"
     assert all(p["slots"]["category"] == "laundromat" for p, _ in miner.apply(texts, greedy, proposals, table))
     # clicks split between kinds propose nothing: a value needs at least half of the text's click gains
     split = {"query": "x", "contexts": [ctx("austin", {"l1": 0.4, "x1": 0.3, "x2": 0.3})]}

@@ -172,6 +172,8 @@ def test_a_world_of_ones_own_files_names_every_bad_row(tmp_path):
 @pytest.mark.slow
 def test_rft_runs_from_ones_own_log_and_catalogue(tiny_model, tmp_path):
     """The own-log example (200 searches, 50 businesses) as a world: indexed, mined and trained on by RFT."""
+    import pandas as pd
+
     out, index = tmp_path / "world", tmp_path / "index"
     runner = CliRunner()
     made = runner.invoke(
@@ -188,3 +190,6 @@ def test_rft_runs_from_ones_own_log_and_catalogue(tiny_model, tmp_path):
     assert (tmp_path / "rft" / "edits.csv").is_file() and (tmp_path / "rft" / "labels.jsonl").is_file()
     evidence = json.loads((tmp_path / "rft" / "evidence.json").read_text())
     assert evidence["texts_with_clicks"] > 0, "the user's clicks reached the miner"
+    meta = json.loads((tmp_path / "rft" / "querytune.json").read_text())
+    accepted = pd.read_csv(tmp_path / "rft" / "edits.csv").query("kind == 'click' and accepted")
+    assert [a["trigger"] for a in meta["click_aliases"]] == list(accepted["trigger"])

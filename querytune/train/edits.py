@@ -11,11 +11,12 @@ Candidates (`propose`): for each text, single-slot edits of the greedy parse, ea
 - `name`: the named-business intent with a catalogue name that the text writes ("the gym" as one business, not a
   category). A free n-gram is one whose words no "what"/"where" value of the parse writes, and not all stop words.
 
-With the text's click evidence (`propose(..., targets)`, RFT's `click_values`), also a `what` edit to the value users
+With the text's click evidence (`propose(..., targets)`, RFT's `click_values`), also a `click` edit to the value users
 clicked (`clicked_values`): per closed-list "what" slot, the value whose businesses hold at least half of the text's
-debiased click gains (summed over its logged contexts), where the parse says otherwise, on each free n-gram. This is
-how a word no embedding places ("fade shop", 27th nearest to barber) gets its value once an exploration bucket has
-shown the right businesses for it; the miner's pooled test still decides.
+debiased click gains (summed over its logged contexts), where the parse says otherwise, on each free n-gram (none
+where a `what` edit already proposes the same). This is how a word no embedding places ("fade shop", 27th nearest to
+barber) gets its value once an exploration bucket has shown the right businesses for it; the miner's pooled test
+still decides, and RFT writes the accepted ones to the model folder's `click_aliases` with their evidence.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from querytune.schema import WORD, ParseError, Schema, normalize_text
 from querytune.train.pair_rules import CORE_FILTERS
 from querytune.train.reward import NameBook, name_slots
 
-KINDS = ("what", "swap", "add", "name")
+KINDS = ("what", "swap", "add", "name", "click")
 STOP = frozenset(
     "a an and are around at by can close do find for from get i in is it me my near nearby of on or "
     "place places please some that the this to where with".split()
@@ -203,12 +204,12 @@ class EditProposer:
                 continue
             edits = self._edits(text, parse, fs, near)
             if targets is not None:
-                have = {e.key for e in edits}
+                have = {e.key[1:] for e in edits}  # (trigger, slot, old, new), whatever proposed it
                 for slot, value in self.clicked_values(parse, targets.get(normalize_text(text))):
                     for g in fs:
-                        e = Edit("what", g, slot, parse["slots"].get(slot), value)
-                        if e.key not in have:
-                            have.add(e.key)
+                        e = Edit("click", g, slot, parse["slots"].get(slot), value)
+                        if e.key[1:] not in have:
+                            have.add(e.key[1:])
                             edits.append(e)
             out.append(edits)
         return out

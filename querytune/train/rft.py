@@ -287,6 +287,29 @@ def build_labels(
     return stats
 
 
+def write_click_aliases(out: Path) -> list[dict[str, Any]]:
+    """The accepted `click` edits of OUT/edits.csv (a word's value that its users' clicks chose, through the pooled
+    test), written to the model folder's querytune.json as `click_aliases` with their evidence."""
+    table = load_edit_table(out / "edits.csv")
+    rows = table[(table["kind"] == "click") & table["accepted"].astype(bool)]
+    aliases = [
+        {
+            "trigger": r.trigger,
+            "slot": r.slot,
+            "value": json.loads(r.new),
+            "texts": int(r.texts),
+            "effect": float(r.effect),
+            "q": float(r.q) if r.q not in ("", None) else None,
+        }
+        for r in rows.itertuples()
+    ]
+    meta_file = out / "querytune.json"
+    meta = json.loads(meta_file.read_text())
+    meta["click_aliases"] = aliases
+    meta_file.write_text(json.dumps(meta, indent=2) + "\n")
+    return aliases
+
+
 def train_rft(
     config: RFTRecipe,
     init: Path,
@@ -331,6 +354,8 @@ def train_rft(
         report_to=report_to,
     )
     edited = sum(bool(json.loads(line)["edits"]) for line in (out / "labels.jsonl").read_text().splitlines())
+    if (out / "edits.csv").is_file():
+        write_click_aliases(out)
     return summary | {
         "stage": stage,
         "init": str(init),
