@@ -109,11 +109,7 @@ def estimate(bucket: pd.DataFrame, models: dict[str, dict[str, dict | None]], me
 
 def model_parses(backend, bucket: pd.DataFrame, progress=None) -> dict[str, dict | None]:
     """A model's greedy parse of each distinct normalised text of the bucket."""
+    from querytune.runtime.backends import parse_many
+
     texts = list(dict.fromkeys(normalize_text(q) for q in bucket["query"]))
-    out: dict[str, dict | None] = {}
-    for i in range(0, len(texts), 256):
-        chunk = texts[i : i + 256]
-        out.update((t, p.parse if p.valid else None) for t, p in zip(chunk, backend.parse(chunk)))
-        if progress:
-            progress(len(chunk))
-    return out
+    return {t: p.parse if p.valid else None for t, p in parse_many(backend, texts, progress).items()}

@@ -9,7 +9,7 @@ Both carry `model_version` (a hash of the model's weights, `querytune.runtime.mo
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from querytune.runtime.model import ModelFolder
 
@@ -45,3 +45,28 @@ def load_backend(kind: str, model_dir: str | Path | ModelFolder, **options: Any)
 
         return VLLMBackend(model_dir, **options)
     raise ValueError(f"unknown backend {kind!r} (choose from {', '.join(BACKENDS)})")
+
+
+def parse_many(backend, texts: list[str], step: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Each text's greedy answer (a Prediction) from a backend, in chunks of 256 (`step(n)` after each). On the
+    transformers backend decoded freely first and inside the grammar only where that is invalid (as RFT's
+    `self_labels`: a valid free output used only tokens the grammar allows, so the constrained decoding the server
+    runs writes the same), in about half the time."""
+    parser = getattr(backend, "parser", None)
+    out: dict[str, Any] = {}
+    free = parser is not None and parser.constrained
+    if free:
+        parser.constrained = False
+    try:
+        for i in range(0, len(texts), 256):
+            chunk = texts[i : i + 256]
+            out.update(zip(chunk, backend.parse(chunk)))
+            if step:
+                step(len(chunk))
+    finally:
+        if free:
+            parser.constrained = True
+    redo = [t for t, p in out.items() if not p.valid] if free else []
+    for i in range(0, len(redo), 256):
+        out.update(zip(redo[i : i + 256], backend.parse(redo[i : i + 256])))
+    return out

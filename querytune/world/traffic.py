@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from querytune.metrics import ndcg_at_k
+from querytune.runtime.backends import parse_many
 from querytune.schema import normalize_text
 from querytune.world.log import START, cascade_clicks
 from querytune.world.make import catalog_arrays
@@ -57,30 +58,6 @@ class Answers:
 
     def parse(self, texts: list[str]) -> list[Any]:
         return [self.predictions[t] for t in texts]
-
-
-def model_answers(backend, texts: list[str], step: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """The served model's answer to each text, computed once. On the transformers backend decoded freely first and
-    inside the grammar only where that is invalid (as RFT's `self_labels`: a valid free output used only tokens the
-    grammar allows, so the constrained decoding the server runs writes the same), in about half the time."""
-    parser = getattr(backend, "parser", None)
-    out: dict[str, Any] = {}
-    free = parser is not None and parser.constrained
-    if free:
-        parser.constrained = False
-    try:
-        for i in range(0, len(texts), 256):
-            chunk = texts[i : i + 256]
-            out.update(zip(chunk, backend.parse(chunk)))
-            if step:
-                step(len(chunk))
-    finally:
-        if free:
-            parser.constrained = True
-    redo = [t for t, p in out.items() if not p.valid] if free else []
-    for i in range(0, len(redo), 256):
-        out.update(zip(redo[i : i + 256], backend.parse(redo[i : i + 256])))
-    return out
 
 
 def parse_days(days: str) -> tuple[int, int]:
@@ -126,7 +103,7 @@ def replay(
     schema = backend.schema
 
     texts = list(dict.fromkeys(normalize_text(q) for q in rows["query"]))
-    predictions = model_answers(backend, texts, progress("parsing", len(texts)) if progress else None)
+    predictions = parse_many(backend, texts, progress("parsing", len(texts)) if progress else None)
 
     settings = Settings(local_cache_entries=len(texts) + 1, deadline=3600.0, batch_window_ms=0.0)
     service = Service(
