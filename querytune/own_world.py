@@ -81,25 +81,35 @@ def _log_row(rec: Any) -> dict[str, Any]:
     return row
 
 
-def read_search_log(path: str | Path) -> tuple[pd.DataFrame, list[Reject]]:
-    """The log's rows (module doc) in time order, and its rejects."""
-    _, unit, records = read_records(path, LOG_REQUIRED)
+def _checked_rows(path: str | Path, required: tuple[str, ...], make, key: str) -> tuple[list[dict], list[Reject]]:
+    """Each record of a user's file as `make(record, line)`, or a reject with its reason; `key` must not repeat."""
+    _, unit, records = read_records(path, required)
     rows, rejects, ids = [], [], set()
     for n, rec, err in records:
         try:
             if err:
                 raise ValueError(err)
-            row = _log_row(rec)
-            qid = str(rec.get("query_id") or f"{Path(path).stem}:{n}")
-            if qid in ids:
-                raise ValueError(f"query_id: {qid!r} used twice")
+            row = make(rec, n)
+            if row[key] in ids:
+                raise ValueError(f"{key}: {row[key]!r} used twice")
         except ValueError as e:
             rejects.append(Reject(n, str(e), rec, unit))
             continue
-        ids.add(qid)
-        rows.append({"query_id": qid, **row})
+        ids.add(row[key])
+        rows.append(row)
     if not rows:
         raise LabeledDataError(f"{path}: no usable row ({len(rejects)} rejected; first: {rejects[0].reason})")
+    return rows, rejects
+
+
+def read_search_log(path: str | Path) -> tuple[pd.DataFrame, list[Reject]]:
+    """The log's rows (module doc) in time order, and its rejects."""
+
+    def make(rec: Any, n: int) -> dict[str, Any]:
+        row = _log_row(rec)
+        return {"query_id": str(rec.get("query_id") or f"{Path(path).stem}:{n}"), **row}
+
+    rows, rejects = _checked_rows(path, LOG_REQUIRED, make, "query_id")
     log = pd.DataFrame(rows)
     if "display_p" in log:  # a row without it is the logging policy's own order
         log["display_p"] = [
@@ -174,22 +184,7 @@ def _business(rec: Any, schema: Schema) -> dict[str, Any]:
 
 def read_catalog(path: str | Path, schema: Schema) -> tuple[pd.DataFrame, list[Reject]]:
     """The catalogue's businesses (module doc) and its rejects."""
-    _, unit, records = read_records(path, CATALOG_REQUIRED)
-    rows, rejects, ids = [], [], set()
-    for n, rec, err in records:
-        try:
-            if err:
-                raise ValueError(err)
-            row = _business(rec, schema)
-            if row["business_id"] in ids:
-                raise ValueError(f"business_id: {row['business_id']!r} used twice")
-        except ValueError as e:
-            rejects.append(Reject(n, str(e), rec, unit))
-            continue
-        ids.add(row["business_id"])
-        rows.append(row)
-    if not rows:
-        raise LabeledDataError(f"{path}: no usable business ({len(rejects)} rejected; first: {rejects[0].reason})")
+    rows, rejects = _checked_rows(path, CATALOG_REQUIRED, lambda rec, _n: _business(rec, schema), "business_id")
     return pd.DataFrame(rows), rejects
 
 
