@@ -210,8 +210,6 @@ def trim_pages(searches: pd.DataFrame, known: set[str]) -> tuple[pd.DataFrame, d
 def assemble(seed: Path, log: Path, catalog: Path, out: Path, schema: Schema) -> dict[str, Any]:
     """Write the world folder (module doc); returns the counts. A business the log shows but the catalogue lacks is
     taken off every page (`trim_pages`), said once in the rejects with the number of pages."""
-    from querytune.world.output import write_parquet
-
     labeled, seed_rejects = load_labeled(seed, schema)
     if not labeled:
         raise LabeledDataError(f"{seed}: no row fits the schema ({len(seed_rejects)} rejected)")
@@ -220,8 +218,8 @@ def assemble(seed: Path, log: Path, catalog: Path, out: Path, schema: Schema) ->
     searches, gone = trim_pages(searches, set(businesses["business_id"]))
     out.mkdir(parents=True, exist_ok=True)
     write_labeled(labeled, out / "seed.jsonl")
-    write_parquet(searches, out / "log.parquet")
-    write_parquet(businesses, out / "catalog.parquet")
+    searches.to_parquet(out / "log.parquet", index=False)
+    businesses.to_parquet(out / "catalog.parquet", index=False)
     lines = [(f"{file}:{r.where}", r.reason) for file, rs in ((seed, seed_rejects), (catalog, catalog_rejects),
                                                              (log, log_rejects)) for r in rs]  # fmt: skip
     lines += [

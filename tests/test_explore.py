@@ -9,12 +9,12 @@ from collections import Counter
 import pytest
 from fastapi.testclient import TestClient
 
+from querytune.edits import Edit
 from querytune.schema_file import load_schema
 from querytune.serving.cache import Entry, open_cache
 from querytune.serving.explore import Explorer, canonical
 from querytune.serving.serve import create_app
 from querytune.serving.settings import Settings
-from querytune.train.edits import Edit
 
 SCHEMA = load_schema()
 THAI = {"intent": "find_business", "slots": {"cuisine": "thai"}}

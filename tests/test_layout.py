@@ -16,6 +16,7 @@ MAY_IMPORT_WORLD = ("querytune.world", "querytune.cli.world", "querytune.testing
 # the loop's order: a package imports its own modules and those of lower layers only; train, labeling and serving,
 # side by side, never import each other (the shared pieces: schema, query, hours, labeled files, search)
 LAYERS = {
+    "querytune.world.traffic": 4,  # the world's users on the product: runs the serving service in process
     "querytune.world": 1,
     "querytune.runtime": 1,
     "querytune.train": 2,

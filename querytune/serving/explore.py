@@ -7,7 +7,7 @@ the first below `share` puts the request in the bucket, the second draws its ans
 time bucket gets the same answer (a user who types it again sees the same page); another salt draws another bucket.
 
 The proposal (`Explorer.proposal`): the greedy parse keeps probability `keep`; the rest is spread evenly over the
-greedy parse's single-slot candidate edits that give another valid parse (`querytune.train.edits.EditProposer`, the
+greedy parse's single-slot candidate edits that give another valid parse (`querytune.edits.EditProposer`, the
 miner's own candidates: a "what" value a free n-gram of the text embeds near, another value of a filter the parse
 holds, a filter a free n-gram embeds near, a catalogue name the text writes), with a wider neighbourhood than the
 miner's (`near`, `min_similarity`: a new word such as "washeteria" sits at cosine 0.44 from "laundromat"). With no
@@ -85,9 +85,8 @@ class Explorer:
         intent the schema alone gives the name slot, if one does (else no name candidates)."""
         import pandas as pd
 
+        from querytune.edits import EditProposer, name_slots
         from querytune.search import Embedder
-        from querytune.train.edits import EditProposer
-        from querytune.train.reward import name_slots
 
         path = Path(index_dir) / "catalog.parquet"
         if not path.is_file():

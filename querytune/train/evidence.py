@@ -7,7 +7,7 @@
 `querytune train rft` writes the table as OUT/edits.csv before it trains, for a user to read and veto (`--edits FILE`
 trains on a vetoed copy); eval/compare.py audits it against the world's hidden needs.
 
-Candidates: `querytune.train.edits` (`EditProposer.propose`).
+Candidates: `querytune.edits` (`EditProposer.propose`).
 
 Evidence (`TextEvidence`): in each logged context of a text (`querytune.train.targets.text_targets`), the edited
 parse's condensed NDCG@10 minus the greedy parse's (`querytune.train.reward.condensed_ndcg`). The reward abstains:
@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from querytune.edits import Edit, EditProposer
 from querytune.schema import Schema, normalize_text
-from querytune.train.edits import Edit, EditProposer
 from querytune.train.reward import condensed_ndcg
 
 # old and new are JSON cells ("null": absent), so a table read back from CSV keys edits as they were written

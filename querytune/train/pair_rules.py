@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import json
 
+from querytune.edits import CORE_FILTERS
 from querytune.schema import Schema
-
-CORE_FILTERS = ("what", "city", "neighborhood", "near_me")  # slots that choose which businesses are candidates at all
 
 
 def _intent(completion: str) -> str | None:

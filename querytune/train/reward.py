@@ -34,8 +34,9 @@ from datetime import datetime
 from functools import partial
 from typing import Any
 
+from querytune.edits import NameBook, name_slots
 from querytune.runtime.formats import WRITES, read
-from querytune.schema import ParseError, Schema, is_grounded, normalize_text
+from querytune.schema import ParseError, Schema
 
 INVALID = -1.0
 
@@ -84,39 +85,6 @@ def strict_parse(schema: Schema, completion: str, max_chars: int = 400, fmt: str
     if not isinstance(obj, dict) or not isinstance(obj.get("intent"), str) or not isinstance(obj.get("slots"), dict):
         raise ParseError('expected {"intent": "<one intent>", "slots": {...}}')
     return schema.parse(obj)
-
-
-def name_slots(schema: Schema) -> list[str]:
-    """Free-text slots that drive the "what" of the search: their values must come from the query."""
-    return [s.name for s in schema.slots.values() if s.type == "text" and s.filter == "what"]
-
-
-class NameBook:
-    """The business names of a catalog, to tell a name from a query copied into a name slot.
-
-    >>> book = NameBook(["The Golden Collective", "Urban Escape Room"])
-    >>> book.has("the golden collective"), book.has("the goldn collective"), book.has("escape room")
-    (True, True, False)
-    """
-
-    def __init__(self, names):
-        self.names = {normalize_text(str(n)) for n in names}
-        self.by_word: dict[str, set[str]] = {}
-        for name in self.names:
-            for word in name.split():
-                self.by_word.setdefault(word, set()).add(name)
-        self._seen: dict[str, bool] = {}
-
-    def has(self, value: str) -> bool:
-        """Whether `value` is a catalog name, up to the typos `is_grounded` allows (both ways: every word
-        of the value is in the name and every word of the name in the value)."""
-        value = normalize_text(value)
-        if value not in self._seen:
-            candidates = set().union(*(self.by_word.get(w, set()) for w in value.split())) if value else set()
-            self._seen[value] = value in self.names or any(
-                is_grounded(value, name) and is_grounded(name, value) for name in candidates
-            )
-        return self._seen[value]
 
 
 class RetrievalReward:

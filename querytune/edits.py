@@ -1,5 +1,6 @@
-"""Candidate edits of a model's greedy parse: single-slot changes, each tied to the n-gram of the text that motivates
-it (its trigger), which the click-evidence miner (`querytune.train.evidence`) scores and decides.
+"""Candidate edits of a model's greedy parse (shared by the miner in training and the exploration bucket in
+serving): single-slot changes, each tied to the n-gram of the text that motivates it (its trigger), which the
+click-evidence miner (`querytune.train.evidence`) scores and decides.
 
 Candidates (`propose`): for each text, single-slot edits of the greedy parse, each tied to the n-gram of the text
 (its trigger) that motivates it:
@@ -28,15 +29,47 @@ from typing import Any
 
 import numpy as np
 
-from querytune.schema import WORD, ParseError, Schema, normalize_text
-from querytune.train.pair_rules import CORE_FILTERS
-from querytune.train.reward import NameBook, name_slots
+from querytune.schema import WORD, ParseError, Schema, is_grounded, normalize_text
 
+CORE_FILTERS = ("what", "city", "neighborhood", "near_me")  # slots that choose which businesses are candidates at all
 KINDS = ("what", "swap", "add", "name", "click")
 STOP = frozenset(
     "a an and are around at by can close do find for from get i in is it me my near nearby of on or "
     "place places please some that the this to where with".split()
 )
+
+
+def name_slots(schema: Schema) -> list[str]:
+    """Free-text slots that drive the "what" of the search: their values must come from the query."""
+    return [s.name for s in schema.slots.values() if s.type == "text" and s.filter == "what"]
+
+
+class NameBook:
+    """The business names of a catalog, to tell a name from a query copied into a name slot.
+
+    >>> book = NameBook(["The Golden Collective", "Urban Escape Room"])
+    >>> book.has("the golden collective"), book.has("the goldn collective"), book.has("escape room")
+    (True, True, False)
+    """
+
+    def __init__(self, names):
+        self.names = {normalize_text(str(n)) for n in names}
+        self.by_word: dict[str, set[str]] = {}
+        for name in self.names:
+            for word in name.split():
+                self.by_word.setdefault(word, set()).add(name)
+        self._seen: dict[str, bool] = {}
+
+    def has(self, value: str) -> bool:
+        """Whether `value` is a catalog name, up to the typos `is_grounded` allows (both ways: every word
+        of the value is in the name and every word of the name in the value)."""
+        value = normalize_text(value)
+        if value not in self._seen:
+            candidates = set().union(*(self.by_word.get(w, set()) for w in value.split())) if value else set()
+            self._seen[value] = value in self.names or any(
+                is_grounded(value, name) and is_grounded(name, value) for name in candidates
+            )
+        return self._seen[value]
 
 
 @dataclass(frozen=True)
