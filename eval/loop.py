@@ -175,6 +175,9 @@ def main() -> None:
             "days": args.days,
             "explore_share": args.explore_share,
             "texts": args.texts,
+            "commit": subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+            ).stdout.strip(),
             "split": args.split,
             "seconds_this_run": seconds,
             "hardware": hardware(),

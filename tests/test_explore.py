@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from querytune.edits import Edit
 from querytune.schema_file import load_schema
 from querytune.serving.cache import Entry, open_cache
-from querytune.serving.explore import Explorer, canonical
+from querytune.serving.explore import Explorer, canonical, known_words
 from querytune.serving.serve import create_app
 from querytune.serving.settings import Settings
 
@@ -63,6 +63,23 @@ def test_the_proposal_sums_to_one_keeps_the_greedy_parse_first_and_only_valid_di
     assert explorer.proposal("dentist", {"intent": "find_business", "slots": {"category": "dentist"}}) == [
         {"parse": {"intent": "find_business", "slots": {"category": "dentist"}}, "p": 1.0}
     ], "no candidate edit: the greedy parse, with probability one"
+
+
+def test_with_known_words_only_edits_on_a_word_the_labels_never_wrote_are_proposed():
+    words = known_words(["cheap pizza", "thai food"])
+    assert Explorer(SCHEMA, 0.5, Proposer(EDITS), known=words).proposal("cheap thai", THAI) == [
+        {"parse": THAI, "p": 1.0}
+    ], "both triggers are known words: the greedy parse, with probability one"
+    edits = {
+        "birria": [
+            Edit("what", "birria", "cuisine", "thai", "mexican"),
+            Edit("swap", "birria", "price", "cheap", "affordable"),
+        ]
+    }
+    candidates = Explorer(SCHEMA, 0.5, Proposer(edits), known=words).proposal("birria", THAI)
+    assert [c["parse"]["slots"] for c in candidates] == [{"cuisine": "thai"}, {"cuisine": "mexican"}]
+    assert [c["p"] for c in candidates] == [0.5, 0.5], "a filter's other value is no drift candidate"
+    assert len(Explorer(SCHEMA, 0.5, Proposer(EDITS)).proposal("cheap thai", THAI)) == 3, "no known words: every word"
 
 
 def test_draws_follow_the_propensities_they_log():

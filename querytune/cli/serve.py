@@ -89,6 +89,7 @@ def serve(
     fallback_log: Path = option("fallback_log"),
     explore_share: float = option("explore_share", min=0.0, max=1.0),
     explore_index: Path = option("explore_index"),
+    explore_seed: Path = option("explore_seed"),
     explore_salt: str = option("explore_salt"),
     explore_bucket_s: int = option("explore_bucket_s", min=1),
     explore_log: Path = option("explore_log"),
@@ -101,6 +102,7 @@ def serve(
         raise typer.BadParameter("give --model DIR (or `active`), or set QUERYTUNE_MODEL", param_hint="--model")
     given["fallback_log"] = str(fallback_log) if fallback_log else None
     given["explore_index"] = str(explore_index) if explore_index else None
+    given["explore_seed"] = str(explore_seed) if explore_seed else None
     given["explore_log"] = str(explore_log) if explore_log else None
     given["workers"] = workers or (1 if backend == "vllm" else usable_cores())
     given["threads"] = max(1, usable_cores() // given["workers"])
@@ -150,6 +152,8 @@ def check_resources(settings: Settings):
             raise UserError(
                 f"--explore-index {settings.explore_index}: no catalog.parquet here (run `querytune index build`)"
             )
+        if settings.explore_seed and not Path(settings.explore_seed).is_file():
+            raise UserError(f"--explore-seed {settings.explore_seed}: file not found")
     store = open_cache(settings.cache_url, busy_timeout_s=0.05) if settings.cache_url else None
     try:
         model_dir = resolve_model(settings.model, store)

@@ -8,10 +8,14 @@ time bucket gets the same answer (a user who types it again sees the same page);
 
 The proposal (`Explorer.proposal`): the greedy parse keeps probability `keep`; the rest is spread evenly over the
 greedy parse's single-slot candidate edits that give another valid parse (`querytune.edits.EditProposer`, the
-miner's own candidates: a "what" value a free n-gram of the text embeds near, another value of a filter the parse
-holds, a filter a free n-gram embeds near, a catalogue name the text writes), with a wider neighbourhood than the
-miner's (`near`, `min_similarity`: a new word such as "washeteria" sits at cosine 0.44 from "laundromat"). With no
-candidate the greedy parse is served with probability one. The probabilities sum to one and are logged with the
+miner's own candidates: a "what" value a free n-gram of the text embeds near, a filter a free n-gram embeds near, a
+catalogue name the text writes), with a wider neighbourhood than the miner's (`near`, `min_similarity`: a new word
+such as "washeteria" sits at cosine 0.44 from "laundromat"). Given the labeled texts the model was taught from
+(`known`: their words), only edits whose trigger holds a word none of them writes are proposed: the bucket is spent
+on the words a human label never taught (drift, slang), not on re-checking what the guideline already says, and a
+request without such a word is served its greedy parse (on world v2 a quarter of requests hold one). Without
+`known`, every candidate edit but a filter's other value. With no candidate the greedy parse is served with
+probability one. The probabilities sum to one and are logged with the
 answer (`policy: explore`, `propensity`, `candidates`). An exploratory answer is never written to the parse cache:
 the cache only ever holds greedy parses, so nothing exploratory can be warmed or promoted.
 """
@@ -25,7 +29,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from querytune.schema import Schema
+from querytune.edits import STOP
+from querytune.schema import WORD, Schema, normalize_text
 
 EXPLORE_NEAR, EXPLORE_MIN_SIMILARITY = 3, 0.3
 
@@ -48,9 +53,15 @@ def canonical(parse: dict[str, Any]) -> str:
     return json.dumps(parse, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
 
+def known_words(texts) -> frozenset[str]:
+    """The words a set of texts writes (normalised as the edits' triggers are)."""
+    return frozenset(w for t in texts for w in WORD.findall(normalize_text(t)))
+
+
 class Explorer:
     """Chooses the bucket's requests and draws their answers (module doc). `proposer` is an `EditProposer` (see
-    `for_index`); None proposes nothing, so every bucket request is served its greedy parse with probability one."""
+    `for_index`); None proposes nothing, so every bucket request is served its greedy parse with probability one.
+    `known`: the words of the labeled texts the model learned from (None: explore every word)."""
 
     def __init__(
         self,
@@ -60,6 +71,7 @@ class Explorer:
         salt: str = "querytune",
         bucket_s: int = 3600,
         keep: float = 0.5,
+        known: frozenset[str] | None = None,
     ):
         if not 0.0 <= share <= 1.0:
             raise ValueError(f"explore share: {share} is not between 0 and 1")
@@ -69,6 +81,7 @@ class Explorer:
             raise ValueError(f"explore bucket: {bucket_s} s; give at least 1")
         self.schema, self.share, self.proposer = schema, share, proposer
         self.salt, self.bucket_s, self.keep = salt, int(bucket_s), keep
+        self.known = None if known is None else frozenset(known) | STOP
 
     @classmethod
     def for_index(
@@ -81,8 +94,9 @@ class Explorer:
         **options,
     ) -> Explorer:
         """An explorer whose candidates come from an index's catalogue (its names) and the index's embedder.
-        `seed_rows` (labeled rows) say which intent names a business, as they do for the miner; without them, the
-        intent the schema alone gives the name slot, if one does (else no name candidates)."""
+        `seed_rows` (labeled rows) say which intent names a business, as they do for the miner, and their texts' words
+        are the known ones (class doc); without them, the intent the schema alone gives the name slot, if one does
+        (else no name candidates), and every word is explored."""
         import pandas as pd
 
         from querytune.edits import EditProposer, name_slots
@@ -102,6 +116,8 @@ class Explorer:
             names = set(name_slots(schema))
             takes = [i.name for i in schema.intents.values() if i.slots and names & set(i.slots)]
             proposer.name_intent = takes[0] if len(takes) == 1 else None
+        if seed_rows and "known" not in options:
+            options["known"] = known_words(r["text"] for r in seed_rows if r.get("text"))
         return cls(schema, share, proposer, **options)
 
     def uniforms(self, norm: str, at: float) -> tuple[float, float]:
@@ -119,6 +135,8 @@ class Explorer:
         edited: dict[str, dict[str, Any]] = {}
         if self.proposer is not None:
             for edit in self.proposer.propose([text], [greedy])[0]:
+                if edit.kind == "swap" or (self.known is not None and set(edit.trigger.split()) <= self.known):
+                    continue
                 parse = edit.apply(greedy, self.schema)
                 if parse is not None and canonical(parse) != canonical(greedy):
                     edited.setdefault(canonical(parse), parse)

@@ -352,12 +352,15 @@ def explorer_for(settings: Settings, backend):
     """The exploration bucket the settings ask for, or None (`--explore-share 0`)."""
     if settings.explore_share <= 0:
         return None
+    from querytune.labeled import load_labeled
     from querytune.serving.explore import Explorer
 
+    seed = load_labeled(settings.explore_seed, backend.schema)[0] if settings.explore_seed else []
     return Explorer.for_index(
         backend.schema,
         settings.explore_index,
         settings.explore_share,
+        seed_rows=[{"text": r.text, "intent": r.intent, "slots": r.slots} for r in seed],
         salt=settings.explore_salt,
         bucket_s=settings.explore_bucket_s,
     )

@@ -102,6 +102,11 @@ class Settings(BaseSettings):
         description="Index folder whose catalogue names and embedder propose the bucket's candidate edits (needed "
         "with --explore-share).",
     )
+    explore_seed: str | None = Field(
+        None,
+        description="The labeled file the model was trained from (`train sft --data`): the bucket explores only "
+        "requests with a word its texts never write (docs/loop.md); without it, every request in the bucket.",
+    )
     explore_salt: str = Field("querytune", description="Salt of the bucket's hash: another salt, another bucket.")
     explore_bucket_s: int = Field(
         3600, ge=1, description="The hash's time bucket (seconds): a query retyped within it gets the same answer."
