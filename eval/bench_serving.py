@@ -1,6 +1,7 @@
 """Serving benchmark: cache hits against bare endpoints, misses at 32 clients against one at a time.
 
     python eval/bench_serving.py [--workspace workspace] [--seconds 10] [--rounds 2] [--miss-seconds 30]
+                                 [--reference-commit SHA] [--explore-share EPS]
 
 Runs on what `make demo` leaves in the workspace: models/sft (the served model) and world/test.jsonl (the queries).
 (a) wrk, 64 connections, every run sending the same requests (`GET /v1/parse?q=` over 64 queries, with the API key):
@@ -12,7 +13,12 @@ Runs on what `make demo` leaves in the workspace: models/sft (the served model) 
     (iv)  the least a hit path written in Python can do on that stack (`least_hit`): the key compared, a body built
           beforehand looked up by the query string, a request id, the latency written in, one access-log line; what
           (iii) could reach with nothing of its own beyond that.
-    The five take turns for `--rounds` rounds (the machine may be shared); each figure is the mean of its runs. Beside
+    (v)   with `--reference-commit SHA`: (iii) as that commit's code serves it (a git worktree of it run with this
+          environment), the same run's reference for a change to the hit path (the exploration bucket, off, must
+          cost nothing: `hit_vs_reference`);
+    (vi)  with `--explore-share EPS` (and the workspace's index/ and world/seed.jsonl): (iii) with the exploration
+          bucket on, its answers drawn and logged (docs/loop.md): what exploring costs the hit path.
+    They take turns for `--rounds` rounds (the machine may be shared); each figure is the mean of its runs. Beside
     requests/s, each run reports the CPU time its server's processes used per request (`server_us`), which other
     work on the machine disturbs less.
 (b) misses: `querytune serve --workers 1`, every query distinct and never cached, 32 concurrent clients against one
@@ -337,6 +343,13 @@ def main() -> None:
         "--miss-seconds", type=float, default=30, help="how long each miss run (32 clients, then one) lasts"
     )
     ap.add_argument("--ramp-seconds", type=float, default=5, help="the first seconds of each miss run, not counted")
+    ap.add_argument(
+        "--reference-commit",
+        help="also serve the hits with this commit's code (a git worktree of it), the reference of (v)",
+    )
+    ap.add_argument(
+        "--explore-share", type=float, default=0.0, help="also serve the hits with the bucket at this share, (vi)"
+    )
     args = ap.parse_args()
     ws = args.workspace.resolve()
     model, test = ws / "models" / "sft", ws / "world" / "test.jsonl"
@@ -409,6 +422,23 @@ def main() -> None:
         "least_hit": uvicorn
         + ["bench_serving:least_hit", "--factory", "--loop", "uvloop", "--http", "httptools", "--workers", w],
     }
+    envs = {name: {} for name in servers}
+    if args.reference_commit:
+        tree = work / "reference"
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.reference_commit],
+            check=True,
+            capture_output=True,
+        )
+        servers["hits_reference"] = [py, "-m", "querytune.cli", *product[1:]]
+        envs["hits_reference"] = {"PYTHONPATH": str(tree)}  # the commit's package before this checkout's
+    if args.explore_share > 0:
+        servers["hits_explore"] = [
+            *product,
+            "--explore-share", str(args.explore_share), "--explore-index", str(ws / "index"),
+            "--explore-seed", str(ws / "world" / "seed.jsonl"), "--explore-log", str(work / "explore.jsonl"),
+        ]  # fmt: skip
+        envs["hits_explore"] = {}
     urls, procs, runs = {}, {}, {name: [] for name in servers}
     try:
         for name, cmd in servers.items():
@@ -418,7 +448,7 @@ def main() -> None:
                 [*cmd, "--port", str(port)],
                 f"{urls[name]}?q={quote(hits[0], safe='')}",
                 work / f"{name}.log",
-                {"BENCH_HIT_BODIES": str(bodies)},
+                {"BENCH_HIT_BODIES": str(bodies), **envs[name]},
             )
             wrk(urls[name], 3, args.connections, lua)  # warm-up: every worker's in-process copy holds the hits after it
         for _ in range(args.rounds):
@@ -505,6 +535,14 @@ def main() -> None:
         "access_log_cost": round(1 - rps["hits"] / rps["hits_no_access_log"], 3),
         "server_us_per_request": us,
         "hit_vs_bare_asgi_cpu": round(us["bare_asgi"] / us["hits"], 3),
+        "reference_commit": args.reference_commit,
+        "hit_vs_reference": round(rps["hits"] / rps["hits_reference"], 3) if "hits_reference" in rps else None,
+        "hit_vs_reference_cpu": round(us["hits_reference"] / us["hits"], 3) if "hits_reference" in us else None,
+        "hit_rounds_rps": [r["requests_per_s"] for r in runs["hits"]],
+        "reference_rounds_rps": [r["requests_per_s"] for r in runs.get("hits_reference", [])],
+        "explore_share": args.explore_share,
+        "explore_rps": rps.get("hits_explore"),
+        "explore_vs_hit": round(rps["hits_explore"] / rps["hits"], 3) if "hits_explore" in rps else None,
         "hit_p50_ms": mean(runs["hits"], "p50_ms"),
         "hit_p99_ms": mean(runs["hits"], "p99_ms"),
         "hit_non_2xx": sum(r["non_2xx"] for r in runs["hits"]),
@@ -528,6 +566,8 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
     }
     print(json.dumps(summary))
+    if args.reference_commit:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(work / "reference")], check=False)
     shutil.rmtree(
         work, ignore_errors=True
     )  # the servers' logs (the hits' access log is ~150 bytes a request); kept when a run fails

@@ -169,3 +169,36 @@ def test_serve_refuses_a_bucket_without_an_index(tmp_path):
     result = CliRunner().invoke(cli, ["serve", "--model", str(tmp_path), "--explore-share", "0.1"])
     assert result.exit_code == 2
     assert "--explore-share needs --explore-index" in result.output
+
+
+@pytest.mark.slow
+def test_a_server_killed_mid_traffic_has_logged_every_exploratory_answer_it_sent(
+    tiny_model, real_index, small_world_master, tmp_path
+):
+    """The real server with the whole traffic in the bucket, killed with SIGKILL right after its last answer."""
+    import os
+    import signal
+
+    import httpx
+
+    from querytune.testing import start_server
+
+    texts = [json.loads(line)["text"] for line in (small_world_master / "test.jsonl").read_text().splitlines()][:40]
+    log = tmp_path / "explore.jsonl"
+    proc, base = start_server(
+        ["--model", str(tiny_model), "--cache", f"sqlite:///{tmp_path}/cache.db", "--workers", "1",
+         "--deadline", "60", "--explore-share", "1", "--explore-index", str(real_index),
+         "--explore-seed", str(small_world_master / "seed.jsonl"), "--explore-log", str(log)],
+        tmp_path / "server.log",
+    )  # fmt: skip
+    try:
+        answers = [httpx.get(f"{base}/v1/parse", params={"q": q}, timeout=60).json() for q in texts]
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    explored = [a for a in answers if a.get("policy") == "explore"]
+    assert len(explored) >= 10, (tmp_path / "server.log").read_text()
+    logged = Counter((r["query"], canonical(r["parse"])) for r in map(json.loads, log.read_text().splitlines()))
+    sent = Counter((a["query"], canonical(a["parse"])) for a in explored)
+    assert sent <= logged, "an answer the user saw is missing from the explore log"
+    assert any(len(a["candidates"]) > 1 for a in explored), "some request was served from a real proposal"
