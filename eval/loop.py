@@ -12,9 +12,9 @@ is not redone):
    (`eval/compare.py`'s table);
 7. with --controls, two more rows: round 2's placebo (`world extend --placebo-seed`: the bucket's clicks permuted
    within each text and city, then the same RFT) and self-training on the log + traffic texts (`--edits none`);
-8. with --validate, the truth the off-policy estimate is checked against: each round served greedily over the same
-   days (`world traffic --explore-share 0`), its click rate on the bucket's requests (the same users: their clicks
-   depend on what is shown, not on the policy) and its true NDCG@10 over the window.
+8. with --validate, the truth the off-policy estimate is checked against: each round served greedily to the
+   bucket's requests (`world traffic --explore-share 0 --bucket-of`), their click rate (the same users: their clicks
+   depend on what is shown, not on the policy) and true NDCG@10.
 
 Writes OUT/loop.json and prints it. Reads the world's audit only for the evaluation (the test slices, the regret and
 the truth of step 7); the training steps never see it.
@@ -142,16 +142,17 @@ def main() -> None:
                 f"truth_{name}",
                 served / "log.parquet",
                 ["world", "traffic", "--world", str(world), "--model", str(models[name]), "--index", str(index),
-                 "--days", args.days, "--explore-share", "0", "--out", str(served)],
+                 "--days", args.days, "--explore-share", "0", "--bucket-of", str(traffic / "log.parquet"),
+                 "--out", str(served)],
             )  # fmt: skip
             log = pd.read_parquet(served / "log.parquet", columns=["query_id", "clicked"])
-            on_bucket = log[log["query_id"].isin(ids)]
+            assert set(log["query_id"]) == ids, f"{served}: not the bucket's requests"
             regret = json.loads((served / "audit" / "regret.json").read_text())
             truth[name] = {
-                "bucket_ctr": round(float(on_bucket["clicked"].map(len).gt(0).mean()), 6),
-                "bucket_requests": len(on_bucket),
-                "window_ctr": round(float(log["clicked"].map(len).gt(0).mean()), 6),
-                "window_ndcg10": regret["all"]["served_ndcg10"],
+                "bucket_ctr": round(float(log["clicked"].map(len).gt(0).mean()), 6),
+                "bucket_clicks": round(float(log["clicked"].map(len).mean()), 6),
+                "bucket_requests": len(log),
+                "bucket_ndcg10": regret["all"]["served_ndcg10"],
             }
 
     rows = load_rows(split)

@@ -14,12 +14,12 @@ from querytune.cli import app
 DAYS = "30-33"
 
 
-def traffic(world, model, index, out, share: float) -> pd.DataFrame:
+def traffic(world, model, index, out, share: float, *extra: str) -> pd.DataFrame:
     result = CliRunner().invoke(
         app,
         [
             "world", "traffic", "--world", str(world), "--model", str(model), "--index", str(index),
-            "--days", DAYS, "--explore-share", str(share), "--out", str(out),
+            "--days", DAYS, "--explore-share", str(share), "--out", str(out), *extra,
         ],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -62,6 +62,22 @@ def test_traffic_is_deterministic_logs_propensities_and_its_users_ignore_the_pol
     same = plain.loc[greedy["query_id"]]
     assert [list(x) for x in same["shown"]] == [list(x) for x in greedy["shown"]]
     assert [list(x) for x in same["clicked"]] == [list(x) for x in greedy["clicked"]]
+    # the truth an off-policy estimate is checked against: the bucket's requests alone, served greedily
+    truth = traffic(
+        small_world_master,
+        tiny_model,
+        real_index,
+        tmp_path / "d",
+        0.0,
+        "--bucket-of",
+        str(tmp_path / "a" / "log.parquet"),
+    )
+    assert truth["query_id"].tolist() == bucket["query_id"].tolist()
+    assert (
+        truth.set_index("query_id")[["shown", "clicked"]]
+        .map(list)
+        .equals(plain.loc[bucket["query_id"], ["shown", "clicked"]].map(list))
+    )
     # the served model judged on its own bucket: its greedy parse is always a candidate
     result = CliRunner().invoke(
         app,

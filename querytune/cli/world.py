@@ -177,6 +177,11 @@ def traffic(
     ),
     explore_salt: str = typer.Option("querytune", "--explore-salt", help="Salt of the bucket's hash."),
     explore_bucket_s: int = typer.Option(3600, "--explore-bucket-s", min=1, help="The hash's time bucket (seconds)."),
+    bucket_of: Path = typer.Option(
+        None,
+        "--bucket-of",
+        help="A traffic log.parquet: replay only its bucket's requests (the truth `eval offpolicy` is checked on).",
+    ),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Replay the world's requests of some days through the serving service (with its exploration bucket), search
@@ -196,6 +201,16 @@ def traffic(
                 raise FileNotFoundError(f"{flag} {path}: no {inside} here")
         if not (world / "audit" / "needs.parquet").is_file():
             raise FileNotFoundError(f"--world {world}: no audit/needs.parquet: the world's users need their needs")
+        only = None
+        if bucket_of is not None:
+            import pandas as pd
+
+            if not bucket_of.is_file():
+                raise FileNotFoundError(f"--bucket-of {bucket_of}: file not found")
+            taken = pd.read_parquet(bucket_of, columns=["query_id", "policy"])
+            only = set(taken.loc[taken["policy"] == "explore", "query_id"])
+            if not only:
+                raise ValueError(f"--bucket-of {bucket_of}: no request in the bucket (policy explore)")
         prepare_out(out, force, inputs=[world, model, index])
         backend = load_backend("transformers", model)
         searcher = Searcher(index, backend.schema)
@@ -215,7 +230,7 @@ def traffic(
                 task = bar.add_task(what, total=total)
                 return lambda n: bar.advance(task, n)
 
-            regret = replay(world, backend, searcher, explorer, span, out, progress)
+            regret = replay(world, backend, searcher, explorer, span, out, progress, only)
     a, b = regret["all"], regret["bucket"]
     out_console.print(
         f"{regret['requests']:,} requests of days {span[0]}-{span[1]} served by {model}; {b['requests']:,} graded in "

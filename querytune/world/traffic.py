@@ -79,18 +79,21 @@ def replay(
     days: tuple[int, int],
     out: str | Path,
     progress: Callable[[str, int], Callable[[int], None]] | None = None,
+    only: set[str] | None = None,
 ) -> dict[str, Any]:
     """Replay the world's requests of `days` (module doc) and write OUT; returns the regret record. `backend`: a
     model backend (its parses computed once here); `searcher`: a `querytune.search.Searcher` over the world's
     catalogue; `explorer`: a `querytune.serving.explore.Explorer` (share 0: greedy only); `progress(phase, total)`
-    gives a callback advanced per item."""
+    gives a callback advanced per item; `only`: replay just these request ids (a bucket's, for the truth an
+    off-policy estimate is checked against: each user clicks as in any other replay)."""
     from querytune.serving.service import Service
     from querytune.serving.settings import Settings
 
     world, out = Path(world), Path(out)
     log = pd.read_parquet(world / "log.parquet")
     day = ((log["timestamp"] - pd.Timestamp(START)) // pd.Timedelta(days=1)).to_numpy()
-    rows = log[(day >= days[0]) & (day <= days[1])].reset_index(drop=True)
+    rows = log[(day >= days[0]) & (day <= days[1])]
+    rows = (rows if only is None else rows[rows["query_id"].isin(only)]).reset_index(drop=True)
     if rows.empty:
         raise ValueError(f"--days {days[0]}-{days[1]}: no logged request on those days (the log has {day.max() + 1})")
     needs = pd.read_parquet(world / "audit" / "needs.parquet", columns=["query_id", "intent", "slots"])
