@@ -160,3 +160,34 @@ def test_the_placebo_moves_bucket_clicks_within_a_text_and_city_and_nothing_else
         assert list(placebo["clicked"][3:]) == [["k"], ["m"]]
         moved_any |= moved > 0
     assert moved_any
+
+
+def test_the_next_round_labels_the_texts_the_bucket_explored_first(small_world_master, tmp_path):
+    """`early_texts` on a world whose log holds bucket rows: the explored texts lead, the most explored first, then
+    the draw by rows as without a bucket."""
+    import shutil
+
+    from querytune.schema import normalize_text
+    from querytune.train.targets import early_texts
+
+    world = tmp_path / "w"
+    shutil.copytree(small_world_master, world, ignore=shutil.ignore_patterns("audit"))
+    log = pd.read_parquet(world / "log.parquet")
+    plain = early_texts(world, 50)
+    seed = {normalize_text(json.loads(line)["text"]) for line in (world / "seed.jsonl").read_text().splitlines()}
+    drawn = {normalize_text(r["text"]) for r in plain}
+    early = log.loc[log["period"] == "early", "query"]
+    tail = [t for t in dict.fromkeys(early) if normalize_text(t) not in seed | drawn]
+    two = json.dumps([{"p": 0.5, "parse": {}}, {"p": 0.5, "parse": {"intent": "x"}}])
+    one = json.dumps([{"p": 1.0, "parse": {}}])
+    first_row = log.drop_duplicates("query").set_index("query")
+    bucket = [(tail[0], two), (tail[0], two), (tail[0], two), (tail[1], two), (tail[2], one), (tail[2], one)]
+    rows = first_row.loc[[q for q, _ in bucket]].reset_index()
+    rows["policy"], rows["candidates"] = "explore", [c for _, c in bucket]
+    rows["query_id"] = [f"{i}-t1" for i in rows["query_id"] + rows.index.astype(str)]
+    log["policy"], log["candidates"] = "greedy", None
+    pd.concat([log, rows]).to_parquet(world / "log.parquet")
+    first = [r["text"] for r in early_texts(world, 50)]
+    assert first[:2] == [tail[0], tail[1]], "explored texts first, most explored first"
+    assert tail[2] not in first[:2], "a bucket text served its greedy parse alone was not explored"
+    assert len(set(map(normalize_text, first))) == 50, "then the draw by rows, as without a bucket"

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow.parquet as pq
 
 from querytune.runtime import formats
 from querytune.schema import WORD, ParseError, Schema, normalize_text
@@ -104,16 +105,31 @@ def _with_contexts(
 def early_texts(world: str | Path, n: int, seed: int = 0) -> list[dict[str, Any]]:
     """`n` distinct early-log texts outside the seed, drawn by rows (so by traffic), each as its first drawn row
     (`query_id`, `text`, `timestamp`, `user_city`): the log texts that self-training, RFT and the ceiling rows
-    of eval/compare.py all add to the seed."""
+    of eval/compare.py all add to the seed. Where the log holds an exploration bucket's rows (`world extend`), the
+    texts the bucket explored (served with more than one candidate) come first, most explored first: the next round
+    is there to learn from them, and a draw by rows would leave most of them out (they are the tail)."""
     world = Path(world)
-    log = pd.read_parquet(world / "log.parquet", columns=["query_id", "query", "period", "timestamp", "user_city"])
+    columns = pq.read_schema(world / "log.parquet").names
+    wanted = ["query_id", "query", "period", "timestamp", "user_city"] + [
+        c for c in ("policy", "candidates") if c in columns
+    ]
+    log = pd.read_parquet(world / "log.parquet", columns=wanted)
     seen = {
         normalize_text(json.loads(line)["text"])
         for line in (world / "seed.jsonl").read_text().splitlines()
         if line.strip()
     }
+    early = log[log["period"] == "early"].sample(frac=1.0, random_state=seed)
+    if "candidates" in early:
+        explored = early["policy"].eq("explore") & early["candidates"].map(
+            lambda c: isinstance(c, str) and len(json.loads(c)) > 1
+        )
+        key = early["query"].map(normalize_text)
+        count = key[explored].value_counts()
+        rank = key.map(count).fillna(0)
+        early = early.assign(_rank=-rank, _key=key.where(rank > 0, "")).sort_values(["_rank", "_key"], kind="stable")
     out = []
-    for r in log[log["period"] == "early"].sample(frac=1.0, random_state=seed).itertuples():
+    for r in early.itertuples():
         text = normalize_text(r.query)
         if not text or text in seen:
             continue
