@@ -181,13 +181,14 @@ def test_the_next_round_labels_the_texts_the_bucket_explored_first(small_world_m
     two = json.dumps([{"p": 0.5, "parse": {}}, {"p": 0.5, "parse": {"intent": "x"}}])
     one = json.dumps([{"p": 1.0, "parse": {}}])
     first_row = log.drop_duplicates("query").set_index("query")
-    bucket = [(tail[0], two), (tail[0], two), (tail[0], two), (tail[1], two), (tail[2], one), (tail[2], one)]
+    bucket = [(tail[0], two)] * 3 + [(tail[1], two)] * 2 + [(tail[3], two)] + [(tail[2], one)] * 2
     rows = first_row.loc[[q for q, _ in bucket]].reset_index()
     rows["policy"], rows["candidates"] = "explore", [c for _, c in bucket]
     rows["query_id"] = [f"{i}-t1" for i in rows["query_id"] + rows.index.astype(str)]
     log["policy"], log["candidates"] = "greedy", None
     pd.concat([log, rows]).to_parquet(world / "log.parquet")
     first = [r["text"] for r in early_texts(world, 50)]
-    assert first[:2] == [tail[0], tail[1]], "explored texts first, most explored first"
+    assert first[:2] == [tail[0], tail[3]], "explored texts first, most explored first, every other one"
+    assert tail[1] not in first, "the others are left for the miner's confirmation sample"
     assert tail[2] not in first[:2], "a bucket text served its greedy parse alone was not explored"
     assert len(set(map(normalize_text, first))) == 50, "then the draw by rows, as without a bucket"

@@ -106,8 +106,10 @@ def early_texts(world: str | Path, n: int, seed: int = 0) -> list[dict[str, Any]
     """`n` distinct early-log texts outside the seed, drawn by rows (so by traffic), each as its first drawn row
     (`query_id`, `text`, `timestamp`, `user_city`): the log texts that self-training, RFT and the ceiling rows
     of eval/compare.py all add to the seed. Where the log holds an exploration bucket's rows (`world extend`), the
-    texts the bucket explored (served with more than one candidate) come first, most explored first: the next round
-    is there to learn from them, and a draw by rows would leave most of them out (they are the tail)."""
+    texts the bucket explored (served with more than one candidate) come first, most explored first, every other
+    one: the next round is there to learn from them, and a draw by rows would leave most of them out (they are the
+    tail); the others are left out of this draw, for the miner's confirmation sample (`texts_with`), so an edit only
+    the bucket can show is screened and confirmed on different texts."""
     world = Path(world)
     columns = pq.read_schema(world / "log.parquet").names
     wanted = ["query_id", "query", "period", "timestamp", "user_city"] + [
@@ -128,6 +130,8 @@ def early_texts(world: str | Path, n: int, seed: int = 0) -> list[dict[str, Any]
         count = key[explored].value_counts()
         rank = key.map(count).fillna(0)
         early = early.assign(_rank=-rank, _key=key.where(rank > 0, "")).sort_values(["_rank", "_key"], kind="stable")
+        order = sorted(count.index, key=lambda k: (-count[k], k))
+        seen |= set(order[1::2])  # left for the confirmation sample
     out = []
     for r in early.itertuples():
         text = normalize_text(r.query)
