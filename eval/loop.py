@@ -98,6 +98,8 @@ def main() -> None:
     )
     controls = {}
     if args.controls:
+        # the same model's greedy parses of the same texts (a placebo keeps every text): parsed once, in round 2
+        reuse = ["--greedy-from", str(out / "round2" / "greedy.jsonl")]
         placebo_world = out / "world_round2_placebo"
         step(
             "extend_placebo",
@@ -108,12 +110,12 @@ def main() -> None:
         step(
             "round2_placebo",
             out / "round2_placebo" / "summary.json",
-            [*rft, "--world", str(placebo_world), "--out", str(out / "round2_placebo")],
+            [*rft, "--world", str(placebo_world), "--out", str(out / "round2_placebo"), *reuse],
         )
         step(
             "self_train2",
             out / "self_train2" / "summary.json",
-            [*rft, "--edits", "none", "--world", str(rounds["round2"]), "--out", str(out / "self_train2")],
+            [*rft, "--edits", "none", "--world", str(rounds["round2"]), "--out", str(out / "self_train2"), *reuse],
         )
         controls = {"round2_placebo": out / "round2_placebo", "self_train2": out / "self_train2"}
     step(
