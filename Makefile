@@ -78,7 +78,7 @@ compare: venv
 # round 1 (RFT, click values) serves days DAYS with an exploration bucket of EXPLORE_SHARE, round 2 trains on the log +
 # that traffic, its placebo and self-training beside it, the off-policy estimate and its truth; workspace/loop/loop.json
 DAYS          ?= 35-41
-EXPLORE_SHARE ?= 0.2
+EXPLORE_SHARE ?= 0.5
 loop: venv
 	$(BIN)/python eval/loop.py --world $(WS)/world --index $(WS)/index --sft $(M)/sft --out $(WS)/loop --days $(DAYS) \
 	  --explore-share $(EXPLORE_SHARE) --controls --validate

@@ -1,7 +1,7 @@
 r"""One round of the closed loop on a world, every step a `querytune` command, resumable (a step whose output exists
 is not redone):
 
-    python eval/loop.py --out runs/loop_w0 [--seed 0] [--days 35-41] [--explore-share 0.2] [--validate]
+    python eval/loop.py --out runs/loop_w0 [--seed 0] [--days 35-41] [--explore-share 0.5] [--validate]
 
 1. `world make`, `index build`, `train sft --preset quick` (skipped where --world/--index/--sft are given);
 2. round 1: `train rft --click-values` from SFT on the world's log;
@@ -51,7 +51,12 @@ def main() -> None:
     ap.add_argument("--index", type=Path, help="An existing index of that world (default: built in OUT/index).")
     ap.add_argument("--sft", type=Path, help="An existing SFT model (default: trained in OUT/sft, quick preset).")
     ap.add_argument("--days", default="35-41", help="The served window, days of the log (the early part: 0-41).")
-    ap.add_argument("--explore-share", type=float, default=0.2, help="The bucket's share of the served requests.")
+    ap.add_argument(
+        "--explore-share",
+        type=float,
+        default=0.5,
+        help="The bucket's share of the served requests (0.5: regret 0.012 on world v2 seed 0).",
+    )
     ap.add_argument("--texts", type=int, default=4000, help="Log texts each RFT round labels (its --texts).")
     ap.add_argument("--split", default="test", choices=["dev", "test"], help="Tune on dev; report test once.")
     ap.add_argument("--controls", action="store_true", help="Also the placebo and self-training rows (step 7).")

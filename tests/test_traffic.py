@@ -138,7 +138,7 @@ def test_traffic_names_a_bad_day_span(tmp_path):
     assert "--days '9-3': A-B with 0 <= A <= B" in result.output
 
 
-def test_the_placebo_moves_bucket_clicks_within_a_text_and_city_and_nothing_else():
+def test_the_placebo_moves_bucket_clicks_within_a_term_and_city_and_nothing_else():
     from querytune.world.traffic import permuted_clicks
 
     rows = [
@@ -160,6 +160,16 @@ def test_the_placebo_moves_bucket_clicks_within_a_text_and_city_and_nothing_else
         assert list(placebo["clicked"][3:]) == [["k"], ["m"]]
         moved_any |= moved > 0
     assert moved_any
+    # with the seed's words known, a new word's texts are one term: typed once each, their clicks still move
+    texts = pd.DataFrame(
+        [("washeteria near me", ["a", "b"], ["a"]), ("cheap washeteria", ["c", "d"], ["d"]), ("pizza", ["e"], ["e"])],
+        columns=["query", "shown", "clicked"],
+    ).assign(user_city="austin", policy="explore")
+    known = frozenset({"cheap", "pizza"})
+    assert permuted_clicks(texts, 0)[1] == 0, "each text alone in its group: nothing moves"
+    moves = [permuted_clicks(texts, seed, known) for seed in range(8)]
+    assert any(n == 2 for _, n in moves), "the two washeteria texts swap their click positions"
+    assert all(list(p["clicked"][2:]) == [["e"]] for p, _ in moves), "pizza, a known word, is a term of its own"
 
 
 def test_the_next_round_labels_the_texts_the_bucket_explored_first(small_world_master, tmp_path):

@@ -250,8 +250,8 @@ def extend(
     placebo_seed: int = typer.Option(
         None,
         "--placebo-seed",
-        help="The placebo round: permute the bucket's clicks within each text and city with this seed (pages and "
-        "click counts kept, the information of which page was right removed).",
+        help="The placebo round: permute the bucket's clicks within each term (a text's words the seed never "
+        "writes) and city with this seed (pages and click counts kept, which page was right removed).",
     ),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:

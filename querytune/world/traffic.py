@@ -32,9 +32,11 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
+from querytune.edits import STOP
 from querytune.metrics import ndcg_at_k
 from querytune.runtime.backends import parse_many
-from querytune.schema import normalize_text
+from querytune.schema import WORD, normalize_text
+from querytune.serving.explore import known_words
 from querytune.world.log import START, cascade_clicks
 from querytune.world.make import catalog_arrays
 from querytune.world.needs import graded_relevance
@@ -219,9 +221,11 @@ def extend(world: str | Path, traffic: list[str | Path], out: str | Path, placeb
     log.parquet followed by every `traffic` log's rows (what the served model showed and the users clicked, each
     id suffixed with its file's number so that no id repeats). Returns rows per source.
 
-    `placebo_seed`: the placebo round: among the bucket's rows of one text in one city, the clicks are permuted
+    `placebo_seed`: the placebo round: among the bucket's rows of one term in one city, the clicks are permuted
     (each row gets another row's clicked positions on its own shown list), so the bucket keeps its texts, pages and
-    click counts but its clicks no longer say which page was right."""
+    click counts but its clicks no longer say which page was right. A text's term: the words of it that the seed's
+    texts never write (what the bucket explores, `querytune.serving.explore`), else the whole text; within one text
+    alone, most of a new word's texts are typed once in a city and would keep their clicks."""
     import shutil
 
     world, out = Path(world), Path(out)
@@ -231,13 +235,17 @@ def extend(world: str | Path, traffic: list[str | Path], out: str | Path, placeb
             shutil.copy2(path, out / path.name)
     log = pd.read_parquet(world / "log.parquet")
     parts, counts = [log], {"log": len(log)}
+    seed = world / "seed.jsonl"
+    known = known_words(
+        json.loads(line)["text"] for line in (seed.read_text().splitlines() if seed.is_file() else []) if line.strip()
+    )
     for i, path in enumerate(traffic, 1):
         extra = pd.read_parquet(path)
         missing = [c for c in log.columns if c not in extra.columns]
         if missing:
             raise ValueError(f"--traffic {path}: no column {', '.join(missing)} (a log from `querytune world traffic`)")
         if placebo_seed is not None:
-            extra, counts[f"{path}: bucket rows whose clicks moved"] = permuted_clicks(extra, placebo_seed + i)
+            extra, counts[f"{path}: bucket rows whose clicks moved"] = permuted_clicks(extra, placebo_seed + i, known)
         parts.append(extra.assign(query_id=extra["query_id"] + f"-t{i}"))
         counts[str(path)] = len(extra)
     merged = pd.concat(parts, ignore_index=True).sort_values(["timestamp", "query_id"], kind="stable")
@@ -245,14 +253,20 @@ def extend(world: str | Path, traffic: list[str | Path], out: str | Path, placeb
     return counts
 
 
-def permuted_clicks(log: pd.DataFrame, seed: int) -> tuple[pd.DataFrame, int]:
-    """`log` with the bucket's click positions permuted within each (normalised text, city) (`extend`'s placebo),
-    and how many rows got other clicks."""
+def permuted_clicks(log: pd.DataFrame, seed: int, known: frozenset[str] = frozenset()) -> tuple[pd.DataFrame, int]:
+    """`log` with the bucket's click positions permuted within each (term, city) (`extend`'s placebo; a text's term:
+    its words outside `known`, else the normalised text), and how many rows got other clicks."""
+
+    def term(text: str) -> str:
+        norm = normalize_text(text)
+        new = sorted({w for w in WORD.findall(norm) if w not in known | STOP})
+        return " ".join(new) if known and new else norm
+
     rng = np.random.default_rng(seed)
     log = log.copy()
     clicked = log["clicked"].map(list).tolist()
     bucket = log.index[log["policy"] == "explore"]
-    groups = log.loc[bucket].groupby([log.loc[bucket, "query"].map(normalize_text), log.loc[bucket, "user_city"]])
+    groups = log.loc[bucket].groupby([log.loc[bucket, "query"].map(term), log.loc[bucket, "user_city"]])
     moved = 0
     for _, rows in groups.groups.items():
         rows = list(rows)
