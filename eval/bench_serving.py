@@ -17,7 +17,8 @@ Runs on what `make demo` leaves in the workspace: models/sft (the served model) 
           environment), the same run's reference for a change to the hit path (the exploration bucket, off, must
           cost nothing: `hit_vs_reference`);
     (vi)  with `--explore-share EPS` (and the workspace's index/ and world/seed.jsonl): (iii) with the exploration
-          bucket on, its answers drawn and logged (docs/loop.md): what exploring costs the hit path.
+          bucket on, its answers drawn and logged (docs/loop.md): what exploring costs the hit path; with
+          `--reference-commit` too, also the reference commit's server with the bucket on (`explore_vs_reference`).
     They take turns for `--rounds` rounds (the machine may be shared); each figure is the mean of its runs. Beside
     requests/s, each run reports the CPU time its server's processes used per request (`server_us`), which other
     work on the machine disturbs less.
@@ -439,6 +440,9 @@ def main() -> None:
             "--explore-seed", str(ws / "world" / "seed.jsonl"), "--explore-log", str(work / "explore.jsonl"),
         ]  # fmt: skip
         envs["hits_explore"] = {}
+        if args.reference_commit:  # and the bucket as the reference commit's code draws it
+            servers["hits_explore_reference"] = [py, "-m", "querytune.cli", *servers["hits_explore"][1:]]
+            envs["hits_explore_reference"] = envs["hits_reference"]
     urls, procs, runs = {}, {}, {name: [] for name in servers}
     try:
         for name, cmd in servers.items():
@@ -543,6 +547,9 @@ def main() -> None:
         "explore_share": args.explore_share,
         "explore_rps": rps.get("hits_explore"),
         "explore_vs_hit": round(rps["hits_explore"] / rps["hits"], 3) if "hits_explore" in rps else None,
+        "explore_vs_reference": (
+            round(rps["hits_explore"] / rps["hits_explore_reference"], 3) if "hits_explore_reference" in rps else None
+        ),
         "hit_p50_ms": mean(runs["hits"], "p50_ms"),
         "hit_p99_ms": mean(runs["hits"], "p99_ms"),
         "hit_non_2xx": sum(r["non_2xx"] for r in runs["hits"]),
