@@ -142,16 +142,18 @@ def sample(
     """Show random seed rows (with labels) and random log queries, to judge the world's realism."""
     import pandas as pd
 
+    from querytune.world.output import seed_rows
+
     with user_errors():
         if not (world / "seed.jsonl").is_file():
             raise FileNotFoundError(f"{world}: no seed.jsonl here (run `querytune world make --out {world}`)")
-        seed_rows = [json.loads(line) for line in (world / "seed.jsonl").read_text().splitlines()]
+        labeled = seed_rows(world)
         log = pd.read_parquet(world / "log.parquet", columns=["query", "user_city", "timestamp", "clicked"])
     rng = random.Random(seed)
     table = Table(title=f"{n} random seed rows")
     for col in ("text", "intent", "slots"):
         table.add_column(col)
-    for row in rng.sample(seed_rows, min(n, len(seed_rows))):
+    for row in rng.sample(labeled, min(n, len(labeled))):
         table.add_row(row["text"], row["intent"], json.dumps(row["slots"]))
     out_console.print(table)
     table = Table(title=f"{n} random log rows")
@@ -193,6 +195,7 @@ def traffic(
         from querytune.runtime.backends import load_backend
         from querytune.search import Searcher
         from querytune.serving.explore import Explorer
+        from querytune.world.output import seed_rows
         from querytune.world.traffic import parse_days, replay
 
         span = parse_days(days)
@@ -214,13 +217,12 @@ def traffic(
         prepare_out(out, force, inputs=[world, model, index])
         backend = load_backend("transformers", model)
         searcher = Searcher(index, backend.schema)
-        seed = world / "seed.jsonl"
         explorer = Explorer.for_index(
             backend.schema,
             index,
             explore_share,
             embedder=searcher.embedder,
-            seed_rows=[json.loads(line) for line in seed.read_text().splitlines()] if seed.is_file() else None,
+            seed_rows=seed_rows(world) or None,
             salt=explore_salt,
             bucket_s=explore_bucket_s,
         )

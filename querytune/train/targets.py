@@ -26,6 +26,7 @@ from querytune.runtime import formats
 from querytune.schema import WORD, ParseError, Schema, normalize_text
 from querytune.train.clicks import MAX_CONTEXTS, contexts_by_text, estimate_propensity
 from querytune.train.reward import RetrievalReward, score_in_contexts, strict_parse
+from querytune.world.output import seed_rows
 
 EXPLORE_WITH = ("beam", "branch", "sample")  # how `sample_candidates` finds other parses of an explored query
 PICKS = ("traffic", "random", "novel")  # how `click_targets` picks the logged texts to train on
@@ -77,11 +78,7 @@ def early_log(world: str | Path, exclude: set[str] | None = None) -> tuple[pd.Da
     log = pd.read_parquet(world / "log.parquet")  # display_p may be missing (a v1 world): read as all 1.0
     log = log[log["period"] == "early"].reset_index(drop=True)
     propensity = estimate_propensity(log)  # from every early row: the randomisation, not the labels, is what it reads
-    seed_texts = [
-        normalize_text(json.loads(line)["text"])
-        for line in (world / "seed.jsonl").read_text().splitlines()
-        if line.strip()
-    ]
+    seed_texts = [normalize_text(r["text"]) for r in seed_rows(world)]
     exclude = exclude if exclude is not None else set(seed_texts)
     log["key"] = log["query"].map(normalize_text)
     return log[(log["key"] != "") & ~log["key"].isin(exclude)], propensity, seed_texts
@@ -116,11 +113,7 @@ def early_texts(world: str | Path, n: int, seed: int = 0) -> list[dict[str, Any]
         c for c in ("policy", "candidates") if c in columns
     ]
     log = pd.read_parquet(world / "log.parquet", columns=wanted)
-    seen = {
-        normalize_text(json.loads(line)["text"])
-        for line in (world / "seed.jsonl").read_text().splitlines()
-        if line.strip()
-    }
+    seen = {normalize_text(r["text"]) for r in seed_rows(world)}
     early = log[log["period"] == "early"].sample(frac=1.0, random_state=seed)
     if "candidates" in early:
         explored = early["policy"].eq("explore") & early["candidates"].map(

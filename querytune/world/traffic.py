@@ -40,7 +40,7 @@ from querytune.serving.explore import known_words
 from querytune.world.log import START, cascade_clicks
 from querytune.world.make import catalog_arrays
 from querytune.world.needs import graded_relevance
-from querytune.world.output import write_parquet
+from querytune.world.output import seed_rows, write_parquet
 from querytune.world.vocab import CITIES
 
 K = 10
@@ -235,10 +235,7 @@ def extend(world: str | Path, traffic: list[str | Path], out: str | Path, placeb
             shutil.copy2(path, out / path.name)
     log = pd.read_parquet(world / "log.parquet")
     parts, counts = [log], {"log": len(log)}
-    seed = world / "seed.jsonl"
-    known = known_words(
-        json.loads(line)["text"] for line in (seed.read_text().splitlines() if seed.is_file() else []) if line.strip()
-    )
+    known = known_words(r["text"] for r in seed_rows(world))
     for i, path in enumerate(traffic, 1):
         extra = pd.read_parquet(path)
         missing = [c for c in log.columns if c not in extra.columns]
