@@ -93,27 +93,6 @@ def test_draws_follow_the_propensities_they_log():
     assert all(d.propensity == next(c["p"] for c in d.candidates if c["parse"] == d.parse) for d in draws)
 
 
-def test_a_proposal_is_computed_once_per_text_and_parse_and_the_memo_stays_bounded():
-    class Counting(Proposer):
-        calls = 0
-
-        def propose(self, texts, greedy):
-            Counting.calls += 1
-            return super().propose(texts, greedy)
-
-    explorer = Explorer(SCHEMA, 1.0, Counting(EDITS), proposals=2)
-    fresh = Explorer(SCHEMA, 1.0, Proposer(EDITS))
-    assert not explorer.remembers("cheap thai", THAI)
-    draws = [explorer.draw("cheap thai", "cheap thai", THAI, 3600.0 * i) for i in range(50)]
-    assert Counting.calls == 1 and explorer.remembers("cheap thai", THAI)
-    assert draws == [fresh.draw("cheap thai", "cheap thai", THAI, 3600.0 * i) for i in range(50)], "same draws"
-    other = {"intent": "find_business", "slots": {"cuisine": "chinese"}}
-    assert not explorer.remembers("cheap thai", other), "another greedy parse is another proposal"
-    explorer.proposal("cheap thai", other)
-    explorer.proposal("dentist", THAI)
-    assert Counting.calls == 3 and not explorer.remembers("cheap thai", THAI), "the oldest of 3 is evicted at 2"
-
-
 class Backend:
     """At the edge: a model that answers "cheap thai" with the Thai parse."""
 

@@ -17,17 +17,13 @@ request without such a word is served its greedy parse (on world v2 a quarter of
 `known`, every candidate edit but a filter's other value. With no candidate the greedy parse is served with
 probability one. The probabilities sum to one and are logged with the
 answer (`policy: explore`, `propensity`, `candidates`). An exploratory answer is never written to the parse cache:
-the cache only ever holds greedy parses, so nothing exploratory can be warmed or promoted. A proposal is a function
-of (text, greedy parse) alone, so the last `proposals` of them are kept in memory: a popular query's bucket requests
-embed its n-grams once, not at every request.
+the cache only ever holds greedy parses, so nothing exploratory can be warmed or promoted.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -76,7 +72,6 @@ class Explorer:
         bucket_s: int = 3600,
         keep: float = 0.5,
         known: frozenset[str] | None = None,
-        proposals: int = 65536,
     ):
         if not 0.0 <= share <= 1.0:
             raise ValueError(f"explore share: {share} is not between 0 and 1")
@@ -87,10 +82,6 @@ class Explorer:
         self.schema, self.share, self.proposer = schema, share, proposer
         self.salt, self.bucket_s, self.keep = salt, int(bucket_s), keep
         self.known = None if known is None else frozenset(known) | STOP
-        self.proposals = proposals
-        # the service draws from its worker threads: the memo's reads and evictions are locked
-        self._memo: OrderedDict[tuple[str, str], list[dict[str, Any]]] = OrderedDict()
-        self._memo_lock = threading.Lock()
 
     @classmethod
     def for_index(
@@ -139,28 +130,8 @@ class Explorer:
         """Whether this request is in the bucket."""
         return self.share > 0.0 and self.uniforms(norm, at)[0] < self.share
 
-    def remembers(self, text: str, greedy: dict[str, Any]) -> bool:
-        """Whether the proposal for (text, greedy) is in memory, so that a draw costs two hashes and no embedding."""
-        with self._memo_lock:
-            return (text, canonical(greedy)) in self._memo
-
     def proposal(self, text: str, greedy: dict[str, Any]) -> list[dict[str, Any]]:
-        """The candidates (`parse`, `p`) for a text whose greedy parse is `greedy`: greedy first (module doc). The
-        list is shared with later calls for the same pair: read it, do not change it."""
-        key = (text, canonical(greedy))
-        with self._memo_lock:
-            candidates = self._memo.get(key)
-            if candidates is not None:
-                self._memo.move_to_end(key)
-                return candidates
-        candidates = self._propose(text, greedy)
-        with self._memo_lock:
-            self._memo[key] = candidates
-            while len(self._memo) > self.proposals:
-                self._memo.popitem(last=False)
-        return candidates
-
-    def _propose(self, text: str, greedy: dict[str, Any]) -> list[dict[str, Any]]:
+        """The candidates (`parse`, `p`) for a text whose greedy parse is `greedy`: greedy first (module doc)."""
         edited: dict[str, dict[str, Any]] = {}
         if self.proposer is not None:
             for edit in self.proposer.propose([text], [greedy])[0]:

@@ -303,11 +303,10 @@ class Service:
         loop = asyncio.get_running_loop()
         for i in rows:
             n = norms[i]
-            text, greedy = results[i]["query"], results[i]["parse"]
-            if n not in draws and explorer.remembers(text, greedy):  # two hashes: no need to leave the event loop
-                draws[n] = explorer.draw(n, text, greedy, at)
-            elif n not in draws:  # the proposal embeds the text's free n-grams: off the event loop
-                draws[n] = await loop.run_in_executor(self.batcher.pool, explorer.draw, n, text, greedy, at)
+            if n not in draws:  # the proposal embeds the text's free n-grams: off the event loop
+                draws[n] = await loop.run_in_executor(
+                    self.batcher.pool, explorer.draw, n, results[i]["query"], results[i]["parse"], at
+                )
             results[i]["parse"] = draws[n].parse
             results[i].update(draws[n].fields())
         if self.explore_log:
