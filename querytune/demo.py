@@ -31,7 +31,7 @@ from typing import Callable
 PACKAGE = Path(__file__).resolve().parent
 STAGES = ("sft", "self_train", "rft", "dpo", "grpo")
 LEARNERS = ("dpo", "grpo")  # train on the miner's edits in models/rft
-# Each step's sizes. full: the quick training presets (SFT 600 steps; ST and RFT 4,000 log texts and 280 steps; DPO
+# Each step's sizes. full: the quick training presets (SFT 720 steps; ST and RFT 4,000 log texts and 280 steps; DPO
 # six passes over the miner's pairs (its mined preset); GRPO 60 steps of 4 texts, about one pass over seed 0's edited
 # texts and as many anchors, at lr 5e-4 as eval/compare.py's grpo row); measured stage times: README. tiny: the same
 # steps and report on a small world (6,000 log rows, 150 test queries) with a few optimizer steps per stage, to see the

@@ -57,7 +57,7 @@ def sft(
     preset: Preset = typer.Option(
         "quick",
         "--preset",
-        help="quick (600 steps x 8: ~1.1 passes over 4,300 rows, ~10 min on 2 CPU cores) or full (4 epochs x 8: "
+        help="quick (720 steps x 8: ~1.35 passes over 4,300 rows, ~11.5 min on 2 CPU cores) or full (4 epochs x 8: "
         "~34 min for 4,300 rows).",
     ),
     config: Path = typer.Option(None, "--config", help="YAML with any of the options below; the command line wins."),
