@@ -77,7 +77,7 @@ def sft(
     max_minutes: float = typer.Option(
         None,
         "--max-minutes",
-        help="Cap: stop training after this many minutes (presets: 60 / 120, so the schedule completes; 0: no cap).",
+        help="Cap: stop training after this many minutes (presets: 75 / 120, so the schedule completes; 0: no cap).",
     ),
     init: Path = typer.Option(
         None,

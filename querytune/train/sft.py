@@ -47,7 +47,7 @@ class SFTRecipe(Recipe):
     warmup_steps: int = 16
     bf16: bool | str = "auto"  # "auto": measured once per machine (`querytune.train.step.pick_dtype`)
     gradient_checkpointing: bool = False  # recomputes activations to save memory a 135M model does not need
-    max_minutes: float | None = 60.0
+    max_minutes: float | None = 75.0  # a cap against a runaway: 720 steps at 6 s a step
     save_steps: int = 100
     padding_free: bool = True
     completion_logits: bool = True
