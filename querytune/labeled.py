@@ -302,3 +302,13 @@ def write_labeled(rows: list[LabeledRow], path: str | Path) -> None:
                 )
                 + "\n"
             )
+
+
+def seed_rows(world: str | Path) -> list[dict]:
+    """The rows of a world folder's seed.jsonl as written (text, intent, slots), unvalidated; [] where the folder has
+    none (a user's own world may label no seed). What the bucket and the next round call the texts the labels taught
+    (training validates the same file against its schema: `load_labeled`)."""
+    path = Path(world) / "seed.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -142,7 +142,7 @@ def sample(
     """Show random seed rows (with labels) and random log queries, to judge the world's realism."""
     import pandas as pd
 
-    from querytune.world.output import seed_rows
+    from querytune.labeled import seed_rows
 
     with user_errors():
         if not (world / "seed.jsonl").is_file():
@@ -192,10 +192,10 @@ def traffic(
     from rich.progress import Progress
 
     with user_errors():
+        from querytune.labeled import seed_rows
         from querytune.runtime.backends import load_backend
         from querytune.search import Searcher
         from querytune.serving.explore import Explorer
-        from querytune.world.output import seed_rows
         from querytune.world.traffic import parse_days, replay
 
         span = parse_days(days)

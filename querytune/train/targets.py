@@ -22,11 +22,11 @@ from typing import Any
 import pandas as pd
 import pyarrow.parquet as pq
 
+from querytune.labeled import seed_rows
 from querytune.runtime import formats
 from querytune.schema import WORD, ParseError, Schema, normalize_text
 from querytune.train.clicks import MAX_CONTEXTS, contexts_by_text, estimate_propensity
 from querytune.train.reward import RetrievalReward, score_in_contexts, strict_parse
-from querytune.world.output import seed_rows
 
 EXPLORE_WITH = ("beam", "branch", "sample")  # how `sample_candidates` finds other parses of an explored query
 PICKS = ("traffic", "random", "novel")  # how `click_targets` picks the logged texts to train on

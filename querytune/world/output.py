@@ -1,6 +1,5 @@
 """What a world's folder holds beside the simulation itself: the seed's random label errors, the figures of
-stats.json (every profile's, and v2's mechanism shares and logging-ranker NDCG), the Parquet/JSONL writers and the
-seed's reader.
+stats.json (every profile's, and v2's mechanism shares and logging-ranker NDCG), and the Parquet/JSONL writers.
 """
 
 from __future__ import annotations
@@ -162,13 +161,3 @@ def write_jsonl(rows: list[dict], path: Path) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False, sort_keys=False) + "\n")
-
-
-def seed_rows(world: str | Path) -> list[dict]:
-    """The rows of a world folder's seed.jsonl as written (text, intent, slots), unvalidated; [] where the folder has
-    none (a user's own world may label no seed). What the bucket and the next round call the texts the labels taught
-    (training validates the same file against its schema through `querytune.labeled.load_labeled`)."""
-    path = Path(world) / "seed.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from querytune.edits import STOP
+from querytune.labeled import seed_rows
 from querytune.metrics import ndcg_at_k
 from querytune.runtime.backends import parse_many
 from querytune.schema import WORD, normalize_text
@@ -40,7 +41,7 @@ from querytune.serving.explore import known_words
 from querytune.world.log import START, cascade_clicks
 from querytune.world.make import catalog_arrays
 from querytune.world.needs import graded_relevance
-from querytune.world.output import seed_rows, write_parquet
+from querytune.world.output import write_parquet
 from querytune.world.vocab import CITIES
 
 K = 10
