@@ -92,6 +92,15 @@ def test_traffic_is_deterministic_logs_propensities_and_its_users_ignore_the_pol
     )
     assert ope["models"]["served"]["matched"] == greedy_served
     assert ope["models"]["again"]["vs_first"]["difference"] == 0.0
+    # the served model's parses are read from the log's candidates; decoding them again gives the same ones
+    from querytune.evaluation.offpolicy import model_parses, read_bucket
+    from querytune.runtime.backends import load_backend, parse_many
+
+    logged = read_bucket(tmp_path / "a" / "log.parquet")
+    backend = load_backend("transformers", tiny_model)
+    texts = list(model_parses(backend, logged))
+    decoded = {t: p.parse if p.valid else None for t, p in parse_many(backend, texts).items()}
+    assert model_parses(backend, logged) == decoded
     # a promotion gated on the bucket: the served model again does not beat itself
     from querytune.serving.cache import open_cache
 

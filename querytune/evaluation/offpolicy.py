@@ -108,8 +108,15 @@ def estimate(bucket: pd.DataFrame, models: dict[str, dict[str, dict | None]], me
 
 
 def model_parses(backend, bucket: pd.DataFrame, progress=None) -> dict[str, dict | None]:
-    """A model's greedy parse of each distinct normalised text of the bucket."""
+    """A model's greedy parse of each distinct normalised text of the bucket. Where the bucket was served by this
+    very model (its `model_version` on every row), the log holds them already: a bucket row's first candidate is the
+    serving model's greedy parse (only valid greedy parses explore), so they are read, not decoded again."""
     from querytune.runtime.backends import parse_many
 
     texts = list(dict.fromkeys(normalize_text(q) for q in bucket["query"]))
+    if "model_version" in bucket and set(bucket["model_version"]) == {backend.model_version}:
+        logged = {normalize_text(r.query): _json(r.candidates)[0]["parse"] for r in bucket.itertuples(index=False)}
+        if progress:
+            progress(len(texts))
+        return {t: logged[t] for t in texts}
     return {t: p.parse if p.valid else None for t, p in parse_many(backend, texts, progress).items()}
