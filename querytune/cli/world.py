@@ -182,7 +182,8 @@ def traffic(
     bucket_of: Path = typer.Option(
         None,
         "--bucket-of",
-        help="A traffic log.parquet: replay only its bucket's requests (the truth `eval offpolicy` is checked on).",
+        help="A traffic log.parquet: replay only its bucket's requests (the truth `eval offpolicy` is checked on); "
+        "where --model served that log, its greedy parses are read from it, not decoded again.",
     ),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
@@ -210,12 +211,17 @@ def traffic(
 
             if not bucket_of.is_file():
                 raise FileNotFoundError(f"--bucket-of {bucket_of}: file not found")
-            taken = pd.read_parquet(bucket_of, columns=["query_id", "policy"])
+            taken = pd.read_parquet(bucket_of)
             only = set(taken.loc[taken["policy"] == "explore", "query_id"])
             if not only:
                 raise ValueError(f"--bucket-of {bucket_of}: no request in the bucket (policy explore)")
         prepare_out(out, force, inputs=[world, model, index])
         backend = load_backend("transformers", model)
+        parsed = None
+        if bucket_of is not None and {"candidates", "model_version"} <= set(taken.columns):
+            from querytune.evaluation.offpolicy import logged_greedy
+
+            parsed = logged_greedy(taken[taken["policy"] == "explore"], backend.model_version)
         searcher = Searcher(index, backend.schema)
         explorer = Explorer.for_index(
             backend.schema,
@@ -232,7 +238,7 @@ def traffic(
                 task = bar.add_task(what, total=total)
                 return lambda n: bar.advance(task, n)
 
-            regret = replay(world, backend, searcher, explorer, span, out, progress, only)
+            regret = replay(world, backend, searcher, explorer, span, out, progress, only, parsed)
     a, b = regret["all"], regret["bucket"]
     out_console.print(
         f"{regret['requests']:,} requests of days {span[0]}-{span[1]} served by {model}; {b['requests']:,} graded in "

@@ -107,15 +107,23 @@ def estimate(bucket: pd.DataFrame, models: dict[str, dict[str, dict | None]], me
     return out
 
 
+def logged_greedy(bucket: pd.DataFrame, model_version: str) -> dict[str, dict[str, Any]] | None:
+    """The greedy parse of each normalised text of a bucket served by the model `model_version` names (that version on
+    every row), read from the log: a bucket row's first candidate is the serving model's greedy parse (only valid
+    greedy parses explore). None where another model served it."""
+    if "model_version" not in bucket or set(bucket["model_version"]) != {model_version}:
+        return None
+    return {normalize_text(r.query): _json(r.candidates)[0]["parse"] for r in bucket.itertuples(index=False)}
+
+
 def model_parses(backend, bucket: pd.DataFrame, progress=None) -> dict[str, dict | None]:
-    """A model's greedy parse of each distinct normalised text of the bucket. Where the bucket was served by this
-    very model (its `model_version` on every row), the log holds them already: a bucket row's first candidate is the
-    serving model's greedy parse (only valid greedy parses explore), so they are read, not decoded again."""
+    """A model's greedy parse of each distinct normalised text of the bucket: read from the log where this very model
+    served it (`logged_greedy`), else decoded."""
     from querytune.runtime.backends import parse_many
 
     texts = list(dict.fromkeys(normalize_text(q) for q in bucket["query"]))
-    if "model_version" in bucket and set(bucket["model_version"]) == {backend.model_version}:
-        logged = {normalize_text(r.query): _json(r.candidates)[0]["parse"] for r in bucket.itertuples(index=False)}
+    logged = logged_greedy(bucket, backend.model_version)
+    if logged is not None:
         if progress:
             progress(len(texts))
         return {t: logged[t] for t in texts}

@@ -36,6 +36,7 @@ from querytune.edits import STOP
 from querytune.labeled import seed_rows
 from querytune.metrics import ndcg_at_k
 from querytune.runtime.backends import parse_many
+from querytune.runtime.prediction import Prediction
 from querytune.schema import WORD, normalize_text
 from querytune.serving.explore import known_words
 from querytune.world.log import START, cascade_clicks
@@ -83,12 +84,15 @@ def replay(
     out: str | Path,
     progress: Callable[[str, int], Callable[[int], None]] | None = None,
     only: set[str] | None = None,
+    parsed: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Replay the world's requests of `days` (module doc) and write OUT; returns the regret record. `backend`: a
     model backend (its parses computed once here); `searcher`: a `querytune.search.Searcher` over the world's
     catalogue; `explorer`: a `querytune.serving.explore.Explorer` (share 0: greedy only); `progress(phase, total)`
     gives a callback advanced per item; `only`: replay just these request ids (a bucket's, for the truth an
-    off-policy estimate is checked against: each user clicks as in any other replay)."""
+    off-policy estimate is checked against: each user clicks as in any other replay); `parsed`: normalised text ->
+    this model's valid greedy parse where already known (the bucket's own log, `offpolicy.logged_greedy`), not
+    decoded again."""
     from querytune.serving.service import Service
     from querytune.serving.settings import Settings
 
@@ -109,7 +113,10 @@ def replay(
     schema = backend.schema
 
     texts = list(dict.fromkeys(normalize_text(q) for q in rows["query"]))
-    predictions = parse_many(backend, texts, progress("parsing", len(texts)) if progress else None)
+    parsed = parsed or {}
+    predictions = {t: Prediction(t, parsed[t], True, float("nan"), "") for t in texts if t in parsed}
+    todo = [t for t in texts if t not in parsed]
+    predictions |= parse_many(backend, todo, progress("parsing", len(todo)) if progress else None)
 
     settings = Settings(local_cache_entries=len(texts) + 1, deadline=3600.0, batch_window_ms=0.0)
     service = Service(
